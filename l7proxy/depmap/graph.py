@@ -1,0 +1,327 @@
+"""Aggregate Hubble-shaped flow dicts into a service dependency graph.
+
+Pure: no I/O, no clock, no asyncio. The live map, `/map.json` and `l7proxy map` all feed flow
+dicts (docs/contracts.md, "Flow shape") into one `DepMap` and read its `to_dict()`.
+
+- A node is a group of identities: the endpoints with the same namespace and app label share one
+  node, as Hubble UI's service cards do; an endpoint without an app label is its own node, keyed
+  by its identity. Every world identity (reserved world, world-ipv4/6, CIDR identities) folds into
+  one `world` node and the host into one `host` node.
+- An edge is (source node, destination node, protocol, port) and counts forwarded, dropped,
+  error and redirected flows, with a bounded ring of the most recent flows and their L7 details.
+- Each node and edge remembers the map version that last changed it, so a live client asks only
+  for what changed since the version it has (`changes_since`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+HOST_ID = 1
+WORLD_IDS = frozenset({2, 9, 10})
+LOCAL_SCOPE_MIN = 1 << 24  # CIDR identities live in the local scope
+NAMESPACE_KEY = "io.kubernetes.pod.namespace"
+# The label keys that name an app, first match wins (Hubble UI reads the same kind of list).
+APP_KEYS = ("app", "k8s-app", "app.kubernetes.io/name", "name", "class")
+
+DEFAULT_RECENT = 20
+DEFAULT_MAX_EDGES = 5000
+MAX_NODE_LABELS = 32
+MAX_NODE_IDENTITIES = 64
+MAX_PENDING_REQUESTS = 4096
+
+FORWARDED, DROPPED, ERROR, REDIRECTED = "FORWARDED", "DROPPED", "ERROR", "REDIRECTED"
+
+
+def split_label(text: str) -> tuple[str, str, str]:
+    """`k8s:app=web` -> ("k8s", "app", "web"); `reserved:world` -> ("reserved", "world", "")."""
+    head, _, value = text.partition("=")
+    source, sep, key = head.partition(":")
+    if not sep or "/" in source or "." in source:
+        source, key = "", head
+    return source, key, value
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Where a node comes from: its key and how it is shown."""
+
+    key: str
+    kind: str  # "endpoint" | "world" | "host"
+    name: str
+    namespace: str
+
+
+def classify(identity: int, labels: list[str]) -> Peer:
+    """Map one side of a flow (identity and labels) to the node it belongs to."""
+    parsed = [split_label(label) for label in labels]
+    sources_keys = {(s, k) for s, k, _ in parsed}
+    if identity == HOST_ID or ("reserved", "host") in sources_keys:
+        return Peer("host", "host", "host", "")
+    world = (
+        identity in WORLD_IDS
+        or identity >= LOCAL_SCOPE_MIN
+        or any(s == "reserved" and k.startswith("world") for s, k in sources_keys)
+        or (not labels and identity == 0)
+    )
+    if world:
+        return Peer("world", "world", "world", "")
+    values = {}
+    for _, key, value in parsed:
+        values.setdefault(key, value)
+    namespace = values.get(NAMESPACE_KEY, "")
+    for key in APP_KEYS:
+        if values.get(key):
+            app = values[key]
+            return Peer(f"{namespace}/{app}" if namespace else app, "endpoint", app, namespace)
+    shown = ",".join(f"{k}={v}" if v else k for _, k, v in parsed if k != NAMESPACE_KEY)
+    return Peer(f"id:{identity}", "endpoint", shown or f"identity {identity}", namespace)
+
+
+@dataclass(slots=True)
+class Node:
+    peer: Peer
+    version: int
+    identities: set[int] = field(default_factory=set)
+    labels: set[str] = field(default_factory=set)
+
+    def absorb(self, identity: int, labels: list[str]) -> bool:
+        """Add an identity and its labels (bounded); True when something was new."""
+        changed = False
+        if identity not in self.identities and len(self.identities) < MAX_NODE_IDENTITIES:
+            self.identities.add(identity)
+            changed = True
+        for label in labels:
+            if label not in self.labels and len(self.labels) < MAX_NODE_LABELS:
+                self.labels.add(label)
+                changed = True
+        return changed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.peer.key,
+            "kind": self.peer.kind,
+            "name": self.peer.name,
+            "namespace": self.peer.namespace,
+            "identities": sorted(self.identities),
+            "labels": sorted(self.labels),
+        }
+
+
+@dataclass(slots=True)
+class Edge:
+    source: str
+    target: str
+    protocol: str
+    port: int
+    version: int
+    recent: deque
+    forwarded: int = 0
+    dropped: int = 0
+    errors: int = 0
+    redirected: int = 0
+    last_seen: str = ""
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return edge_id(self.source, self.target, self.protocol, self.port)
+
+    def to_dict(self, with_recent: bool = True) -> dict[str, Any]:
+        out = {
+            "id": self.key,
+            "source": self.source,
+            "target": self.target,
+            "protocol": self.protocol,
+            "port": self.port,
+            "forwarded": self.forwarded,
+            "dropped": self.dropped,
+            "errors": self.errors,
+            "redirected": self.redirected,
+            "last_seen": self.last_seen,
+            "drop_reasons": dict(sorted(self.drop_reasons.items())),
+        }
+        if with_recent:
+            out["recent"] = list(reversed(self.recent))  # newest first
+        return out
+
+
+def edge_id(source: str, target: str, protocol: str, port: int) -> str:
+    return f"{source}->{target}:{protocol}/{port}"
+
+
+def _l4_ports(flow: dict) -> tuple[str, int, int]:
+    """(protocol, source port, destination port) from the `l4` member."""
+    l4 = flow.get("l4") or {}
+    for proto, body in l4.items():
+        if isinstance(body, dict):
+            return (
+                proto.lower(),
+                int(body.get("source_port") or 0),
+                int(body.get("destination_port") or 0),
+            )
+    return "", 0, 0
+
+
+def _protocol(flow: dict, l4_proto: str) -> str:
+    l7 = flow.get("l7") or {}
+    for name in ("http", "kafka", "dns"):
+        if l7.get(name):
+            return name
+    return l4_proto or "unknown"
+
+
+def summarize(flow: dict) -> dict[str, Any]:
+    """The compact record kept in an edge's ring of recent flows: the L7 details that matter."""
+    src = flow.get("source") or {}
+    dst = flow.get("destination") or {}
+    _, sport, dport = _l4_ports(flow)
+    rec: dict[str, Any] = {
+        "time": flow.get("time", ""),
+        "verdict": flow.get("verdict", ""),
+        "summary": flow.get("Summary", ""),
+        "source": f"{src.get('ip', '')}:{sport}" if src.get("ip") else "",
+        "destination": f"{dst.get('ip', '')}:{dport}" if dst.get("ip") else "",
+    }
+    if flow.get("drop_reason_desc"):
+        rec["drop_reason"] = flow["drop_reason_desc"]
+    l7 = flow.get("l7") or {}
+    if l7:
+        rec["type"] = l7.get("type", "")
+        if l7.get("latency_ns"):
+            rec["latency_ns"] = l7["latency_ns"]
+    http = l7.get("http")
+    if http:
+        rec["http"] = {
+            k: http[k] for k in ("method", "url", "code", "protocol") if http.get(k) is not None
+        }
+    kafka = l7.get("kafka")
+    if kafka:
+        rec["kafka"] = {
+            k: kafka[k]
+            for k in ("api_key", "api_version", "topic", "error_code", "correlation_id")
+            if kafka.get(k) is not None
+        }
+    return rec
+
+
+class DepMap:
+    """The graph. Feed it with `add(flow)`; read it with `to_dict()` or `changes_since(v)`."""
+
+    def __init__(self, recent: int = DEFAULT_RECENT, max_edges: int = DEFAULT_MAX_EDGES):
+        self.recent = recent
+        self.max_edges = max_edges
+        self.version = 0
+        self.flows_seen = 0
+        self.flows_ignored = 0  # malformed, or over max_edges
+        self.nodes: dict[str, Node] = {}
+        self.edges: dict[str, Edge] = {}
+        # Requests seen per client connection whose response flow is still to come, so that a
+        # sink emitting both a REQUEST and a RESPONSE flow counts each request once.
+        self._pending: OrderedDict[tuple, int] = OrderedDict()
+
+    def add(self, flow: dict) -> bool:
+        """Aggregate one flow. False when it was ignored (malformed or over the edge limit)."""
+        self.flows_seen += 1
+        try:
+            return self._add(flow)
+        except (TypeError, ValueError, AttributeError):
+            self.flows_ignored += 1
+            return False
+
+    def add_all(self, flows) -> int:
+        return sum(1 for flow in flows if self.add(flow))
+
+    def _add(self, flow: dict) -> bool:
+        src = flow.get("source") or {}
+        dst = flow.get("destination") or {}
+        l4_proto, sport, dport = _l4_ports(flow)
+        if flow.get("is_reply"):
+            # A reply travels server -> client; the edge belongs to the client -> server direction.
+            src, dst, sport, dport = dst, src, dport, sport
+        src_peer = classify(int(src.get("identity") or 0), list(src.get("labels") or ()))
+        dst_peer = classify(int(dst.get("identity") or 0), list(dst.get("labels") or ()))
+        protocol = _protocol(flow, l4_proto)
+        key = edge_id(src_peer.key, dst_peer.key, protocol, dport)
+        edge = self.edges.get(key)
+        if edge is None and len(self.edges) >= self.max_edges:
+            self.flows_ignored += 1
+            return False
+
+        self.version += 1
+        version = self.version
+        for peer, side in ((src_peer, src), (dst_peer, dst)):
+            node = self.nodes.get(peer.key)
+            if node is None:
+                node = self.nodes[peer.key] = Node(peer, version)
+            if node.absorb(int(side.get("identity") or 0), list(side.get("labels") or ())):
+                node.version = version
+        if edge is None:
+            edge = Edge(
+                src_peer.key, dst_peer.key, protocol, dport, version, deque(maxlen=self.recent)
+            )
+            self.edges[key] = edge
+
+        if self._counts(flow, (src.get("ip"), sport, dst.get("ip"), dport)):
+            verdict = flow.get("verdict", "")
+            if verdict == FORWARDED:
+                edge.forwarded += 1
+            elif verdict == DROPPED:
+                edge.dropped += 1
+                reason = flow.get("drop_reason_desc") or "UNKNOWN"
+                edge.drop_reasons[reason] = edge.drop_reasons.get(reason, 0) + 1
+            elif verdict == ERROR:
+                edge.errors += 1
+            elif verdict == REDIRECTED:
+                edge.redirected += 1
+        edge.recent.append(summarize(flow))
+        edge.last_seen = flow.get("time", "") or edge.last_seen
+        edge.version = version
+        return True
+
+    def _counts(self, flow: dict, conn: tuple) -> bool:
+        """Whether this flow adds to the counts: each L7 request once, each L3/L4 event once.
+
+        A REQUEST flow counts and leaves a pending mark on its connection; a RESPONSE flow counts
+        only when no request on that connection is waiting for it (sinks that emit one flow per
+        request at response time). The pending table is bounded: the oldest marks go first.
+        """
+        l7_type = (flow.get("l7") or {}).get("type")
+        if l7_type == "REQUEST":
+            self._pending[conn] = self._pending.get(conn, 0) + 1
+            self._pending.move_to_end(conn)
+            while len(self._pending) > MAX_PENDING_REQUESTS:
+                self._pending.popitem(last=False)
+            return True
+        if l7_type == "RESPONSE":
+            waiting = self._pending.get(conn, 0)
+            if waiting:
+                if waiting == 1:
+                    del self._pending[conn]
+                else:
+                    self._pending[conn] = waiting - 1
+                return False
+        return True
+
+    def to_dict(self, with_recent: bool = True) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "flows_seen": self.flows_seen,
+            "flows_ignored": self.flows_ignored,
+            "nodes": [n.to_dict() for n in sorted(self.nodes.values(), key=lambda n: n.peer.key)],
+            "edges": [
+                e.to_dict(with_recent) for e in sorted(self.edges.values(), key=lambda e: e.key)
+            ],
+        }
+
+    def changes_since(self, version: int) -> dict[str, Any]:
+        """Nodes and edges changed after `version` (all of them for version 0)."""
+        return {
+            "version": self.version,
+            "flows_seen": self.flows_seen,
+            "flows_ignored": self.flows_ignored,
+            "nodes": [n.to_dict() for n in self.nodes.values() if n.version > version],
+            "edges": [e.to_dict() for e in self.edges.values() if e.version > version],
+        }
