@@ -1,0 +1,170 @@
+"""Every limit and timeout of the proxy, in one place, with unit constants.
+
+`ProxyConfig` is what a protocol session reads (frozen, shared by all connections of a worker).
+`GatewayConfig` / `ListenerConfig` describe what the gateway runs; they come from the command line
+or from a YAML file (`-c CONFIG.yaml`), and the two can be mixed (flags win).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+KiB = 1024
+MiB = 1024 * KiB
+SECOND = 1.0
+MILLISECOND = SECOND / 1000
+MINUTE = 60 * SECOND
+
+DEFAULT_DENY_MESSAGE = "Access denied\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    # HTTP/1 request head: the whole head (request line + headers), the header count, the URI.
+    max_header_bytes: int = 64 * KiB
+    max_header_count: int = 100
+    max_uri_bytes: int = 8 * KiB
+    # Kafka and other length-prefixed protocols: a frame larger than this closes the connection.
+    max_frame_bytes: int = 8 * MiB
+    # Time to receive a complete request head once its first byte arrived (408 after).
+    header_timeout: float = 10 * SECOND
+    # A client connection with no request in flight is closed after this long.
+    idle_timeout: float = 5 * MINUTE
+    upstream_connect_timeout: float = 5 * SECOND
+    # Time to the first byte of the upstream's response (504 after); 0 disables it.
+    upstream_response_timeout: float = 60 * SECOND
+    max_connections: int = 10_000
+    # SIGTERM: requests in flight get this long to finish before connections are closed.
+    drain_time: float = 10 * SECOND
+    # Backpressure: a transport buffering more than `write_high_water` bytes pauses the peer's
+    # reading until it drains to `write_low_water`.
+    write_high_water: int = 256 * KiB
+    write_low_water: int = 64 * KiB
+    # Idle upstream keep-alive connections kept per destination.
+    upstream_pool_size: int = 256
+    deny_message: str = DEFAULT_DENY_MESSAGE
+
+    def replace(self, **changes) -> ProxyConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        host, sep, port = str(text).rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        host = host.strip("[]") or "0.0.0.0"
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    listen: HostPort
+    upstream: HostPort
+    protocol: str = "http"  # http | http2 | kafka | auto
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    cidr: str
+    labels: str  # "k=v,k=v" as given; parsed by the policy adapter
+
+    @classmethod
+    def parse(cls, text: str) -> PeerConfig:
+        cidr, sep, labels = text.partition("=")
+        if not sep or not labels:
+            raise ValueError(f"expected CIDR=k=v[,k=v...], got {text!r}")
+        return cls(cidr.strip(), labels.strip())
+
+
+PROTOCOLS = ("http", "http2", "kafka", "auto")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    listeners: tuple[ListenerConfig, ...]
+    policy_paths: tuple[str, ...]
+    labels: str
+    peers: tuple[PeerConfig, ...] = ()
+    admin: HostPort | None = None
+    flow_log: str | None = None
+    workers: int = 1
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+
+    def validate(self) -> None:
+        if not self.listeners:
+            raise ValueError("no listener: give --listen and --upstream or listeners: in -c")
+        if not self.policy_paths:
+            raise ValueError("no policy: give --policy FILE")
+        if not self.labels:
+            raise ValueError("no endpoint labels: give --labels k=v")
+        for lst in self.listeners:
+            if lst.protocol not in PROTOCOLS:
+                raise ValueError(f"protocol {lst.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+
+
+_PROXY_FIELDS = {f.name for f in dataclasses.fields(ProxyConfig)}
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a gateway config file into plain keyword arguments for `build_gateway_config`.
+
+    Shape (every key optional; flags given on the command line win):
+      listeners: [{listen: HOST:PORT, upstream: HOST:PORT, protocol: http}]
+      policy: [FILE, ...]        labels: k=v,k=v        peers: ["CIDR=k=v", ...]
+      admin: HOST:PORT           flow_log: FILE|-        workers: N       deny_message: TEXT
+      limits: {max_header_bytes: 65536, header_timeout: 10, ...}   (ProxyConfig fields)
+    """
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    unknown = set(data) - {
+        "listeners",
+        "policy",
+        "labels",
+        "peers",
+        "admin",
+        "flow_log",
+        "workers",
+        "deny_message",
+        "limits",
+    }
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    limits = data.get("limits") or {}
+    bad = set(limits) - _PROXY_FIELDS
+    if bad:
+        raise ValueError(f"{path}: unknown limits {sorted(bad)}")
+    policy = data.get("policy") or []
+    return {
+        "listeners": [
+            ListenerConfig(
+                HostPort.parse(item["listen"]),
+                HostPort.parse(item["upstream"]),
+                item.get("protocol", "http"),
+            )
+            for item in data.get("listeners") or []
+        ],
+        "policy_paths": [policy] if isinstance(policy, str) else list(policy),
+        "labels": data.get("labels") or "",
+        "peers": [PeerConfig.parse(p) for p in data.get("peers") or []],
+        "admin": HostPort.parse(data["admin"]) if data.get("admin") else None,
+        "flow_log": data.get("flow_log"),
+        "workers": int(data.get("workers", 1)),
+        "deny_message": data.get("deny_message"),
+        "limits": limits,
+    }

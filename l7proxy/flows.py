@@ -1,0 +1,134 @@
+"""Flow records in Hubble's JSON shape: one line per L7 request, fanned out to subscribers.
+
+`FlowSink.emit` writes to the flow log (a file or stdout) and hands the dict to every subscriber
+queue (the live dependency map, `observe`). A slow subscriber loses flows rather than slowing the
+proxy: its queue is bounded and full queues drop. Writes are buffered and flushed once per event
+loop turn, so a burst of requests costs one write(2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import IO
+
+FORWARDED = "FORWARDED"
+DROPPED = "DROPPED"
+REDIRECTED = "REDIRECTED"
+ERROR = "ERROR"
+
+SUBSCRIBER_QUEUE_SIZE = 10_000
+
+
+def rfc3339_nano(ns: int | None = None) -> str:
+    ns = time.time_ns() if ns is None else ns
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+
+
+def endpoint(identity: int, labels, ip: str | None = None) -> dict:
+    out = {"identity": int(identity), "labels": [str(lb) for lb in labels]}
+    if ip is not None:
+        out["ip"] = ip
+    return out
+
+
+def build_flow(
+    *,
+    verdict: str,
+    source: dict,
+    destination: dict,
+    source_port: int,
+    destination_port: int,
+    l7: dict | None,
+    summary: str,
+    direction: str = "INGRESS",
+    drop_reason: str | None = None,
+    event_type: str = "L7",
+    time_ns: int | None = None,
+) -> dict:
+    flow = {
+        "time": rfc3339_nano(time_ns),
+        "verdict": verdict,
+        "traffic_direction": direction,
+        "source": source,
+        "destination": destination,
+        "l4": {"TCP": {"source_port": source_port, "destination_port": destination_port}},
+        "Summary": summary,
+        "node_name": "l7proxy",
+        "event_type": event_type,
+    }
+    if drop_reason:
+        flow["drop_reason_desc"] = drop_reason
+    if l7 is not None:
+        flow["l7"] = l7
+    return flow
+
+
+class FlowSink:
+    """Writes flows as JSON lines (to `path`, "-" for stdout, None for nowhere) and fans out."""
+
+    def __init__(self, path: str | None = None, stream: IO[str] | None = None) -> None:
+        self._own = False
+        if stream is not None:
+            self._out = stream
+        elif path == "-":
+            self._out = sys.stdout
+        elif path:
+            self._out = open(path, "a", buffering=1 << 16)  # noqa: SIM115 (closed in close())
+            self._own = True
+        else:
+            self._out = None
+        self._subscribers: list[asyncio.Queue] = []
+        self._flush_pending = False
+
+    @property
+    def active(self) -> bool:
+        """False when nobody would see a flow: sessions then skip building it."""
+        return self._out is not None or bool(self._subscribers)
+
+    def emit(self, flow: dict) -> None:
+        if self._out is not None:
+            self._out.write(json.dumps(flow, separators=(",", ":")) + "\n")
+            self._schedule_flush()
+        for queue in self._subscribers:
+            try:
+                queue.put_nowait(flow)
+            except asyncio.QueueFull:
+                pass
+
+    def subscribe(self, maxsize: int = SUBSCRIBER_QUEUE_SIZE) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(maxsize)
+        self._subscribers.append(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        if queue in self._subscribers:
+            self._subscribers.remove(queue)
+
+    def _schedule_flush(self) -> None:
+        if self._flush_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_pending = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        if self._out is not None:
+            try:
+                self._out.flush()
+            except (OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        self.flush()
+        if self._own and self._out is not None:
+            self._out.close()
+        self._out = None
