@@ -78,4 +78,24 @@ if [ "$WITH_BENCH" = 1 ]; then
     step "benchmark peers installed"
   fi
 fi
+# The live dependency map's renderer (docs/depmap.md): cytoscape.js, pinned and checksummed, from
+# the npm registry into a git-ignored vendor dir. Without it the /map page lists nodes and edges as HTML.
+CYTO_VERSION=3.35.0
+CYTO_SHA256=71fa9ebec21a7ca2c40cff6aacc30d1f6464e363662ad4b2c197e1adc770cd94
+CYTO_DIR=l7proxy/depmap/static/vendor
+if [ -f "$CYTO_DIR/cytoscape.min.js" ]; then
+  step "map renderer present: $CYTO_DIR/cytoscape.min.js"
+elif command -v npm >/dev/null; then
+  step "fetching cytoscape@$CYTO_VERSION (map renderer) with npm pack"
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && npm pack -q "cytoscape@$CYTO_VERSION" >/dev/null && tar xzf "cytoscape-$CYTO_VERSION.tgz" package/dist/cytoscape.min.js package/LICENSE); then
+    echo "$CYTO_SHA256  $tmp/package/dist/cytoscape.min.js" | sha256sum -c --quiet || die "cytoscape.min.js checksum mismatch"
+    mkdir -p "$CYTO_DIR" && cp "$tmp/package/dist/cytoscape.min.js" "$tmp/package/LICENSE" "$CYTO_DIR/"
+  else
+    step "WARNING: npm pack cytoscape failed; the map page falls back to HTML lists"
+  fi
+  rm -rf "$tmp"
+else
+  step "no npm: the map page falls back to HTML lists (install nodejs/npm for the drawn graph)"
+fi
 step "done"
