@@ -1,0 +1,426 @@
+"""The node agent: endpoints, identities, the policy repository, the datapath and the proxy.
+
+Every mutation takes the agent lock, does its netlink or compile work in a worker thread, stores
+the result, and then recompiles the policy for the new endpoint and rule set and hands it to the
+datapath and the proxy. Reads (list, status, observe) never take the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import policies
+from l7proxy.agent import netdev, policy_repo
+from l7proxy.agent.api import ApiError, ApiServer
+from l7proxy.agent.datapath import make_datapath
+from l7proxy.agent.flowlog import FlowFilter, FlowLog
+from l7proxy.agent.ipam import IPPool
+from l7proxy.agent.store import EndpointRow, Store
+from l7proxy.agent.telemetry import AgentMetrics
+
+log = logging.getLogger("l7proxy.agent")
+
+NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace"
+
+
+@dataclass
+class AgentConfig:
+    state_dir: Path = Path("/var/lib/l7proxy")
+    socket: Path = Path("/var/run/l7proxy/agent.sock")
+    pool: str = "10.200.0.0/16"
+    netns_prefix: str = ""
+    mode: str = "node"
+    admin: tuple[str, int] | None = None
+    bpf: bool = True
+    bpf_dir: str | None = None
+    flow_capacity: int = 10_000
+    extra: dict = field(default_factory=dict)
+
+
+def normalize_labels(text: str | list[str]) -> list[str]:
+    """`org=empire,class=x` -> sorted `k8s:` labels plus the default namespace label."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = set()
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        label = policies.parse_labels(item)
+        for lb in label:
+            source = lb.source if lb.source not in ("", "unspec", "any") else "k8s"
+            out.add(f"{source}:{lb.key}={lb.value}" if lb.value else f"{source}:{lb.key}")
+    if not any(lb.startswith(NAMESPACE_LABEL + "=") for lb in out):
+        out.add(f"{NAMESPACE_LABEL}=default")
+    return sorted(out)
+
+
+def labelset(labels) -> policies.LabelSet:
+    return policies.parse_labels(",".join(labels))
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.store = Store(config.state_dir / "state.db")
+        self.pool = IPPool(config.pool)
+        self.allocator = policies.IdentityAllocator(self.store.get("identities"))
+        self.ipcache = policies.IPCache()
+        self.flows = FlowLog(config.flow_capacity)
+        self.metrics = AgentMetrics(self)
+        self.flows.add_enricher(self._enrich)
+        self.flows.add_observer(self.metrics.count_flow)
+        self.datapath = make_datapath(config.bpf, config.bpf_dir)
+        self.compiled = None
+        self.proxy = None  # the node or sidecar proxy workers, once started
+        self.api = ApiServer()
+        self.admin = None
+        self.admin_addr: tuple[str, int] | None = None
+        self.started = time.time()
+        self._lock = asyncio.Lock()
+        self._by_ip: dict[str, EndpointRow] = {}
+        self._stopping = asyncio.Event()
+
+    # life cycle
+
+    async def start(self) -> None:
+        netdev.enable_forwarding()
+        await asyncio.to_thread(self._restore_endpoints)
+        self.datapath.start(self._emit_threadsafe(asyncio.get_running_loop()))
+        await self._start_proxy()
+        await asyncio.to_thread(self._recompile, self.store.revision())
+        self._register_ops()
+        await self.api.start(self.config.socket)
+        if self.config.admin:
+            await self._start_admin(*self.config.admin)
+        log.info("agent ready on %s", self.config.socket)
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self.start()
+        print(f"l7proxy agent: ready, API on {self.config.socket}", flush=True)
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop the agent; endpoints, pinned maps and attached programs stay (restart-safe)."""
+        await self.api.close()
+        if self.admin is not None:
+            await self.admin.close()
+        if self.proxy is not None:
+            await self.proxy.close()
+        self.datapath.close()
+        self.store.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.socket.unlink()
+
+    def _restore_endpoints(self) -> None:
+        for ep in self.store.endpoints():
+            if not (netdev.netns_exists(ep.netns) and netdev.link_exists(ep.host_if)):
+                # A reboot took the namespace away: rebuild its plumbing with the same address.
+                netdev.delete(ep.netns, ep.host_if)
+                netdev.create(ep.netns, ep.host_if, ep.ip, ep.prefixlen, self.pool.router)
+            self._index(ep)
+            self.datapath.endpoint_added(ep.name, ep.host_if, ep.ip, ep.identity)
+
+    def _index(self, ep: EndpointRow) -> None:
+        self._by_ip[ep.ip] = ep
+        self.ipcache.upsert(f"{ep.ip}/32", ep.identity)
+
+    # policy compile: one CompiledPolicy for everything, handed to datapath and proxy
+
+    def _recompile(self, revision: int, docs=None) -> object:
+        docs = self.store.policies() if docs is None else docs
+        rules = policy_repo.load_rules(docs)
+        return self._compile_rules(rules, revision)
+
+    def _compile_rules(self, rules, revision: int):
+        endpoints = {ep.name: labelset(ep.labels) for ep in self.store.endpoints()}
+        compiled = policies.compile_policy(rules, endpoints, self.allocator, self.ipcache, revision)
+        return compiled
+
+    def _install(self, compiled) -> None:
+        old, self.compiled = self.compiled, compiled
+        self.store.put("identities", self.allocator.to_state())
+        proxy_port = self.proxy.port if self.proxy is not None else None
+        self.datapath.apply(compiled, self._ipcache_entries(), proxy_port)
+        if self.proxy is not None:
+            self.proxy.update(compiled, old)
+
+    def _ipcache_entries(self) -> dict[str, int]:
+        return {f"{ip}/32": ep.identity for ip, ep in self._by_ip.items()}
+
+    # operations
+
+    def _register_ops(self) -> None:
+        api = self.api
+        api.op("status", self.op_status)
+        api.op("endpoint.create", self.op_endpoint_create)
+        api.op("endpoint.list", self.op_endpoint_list)
+        api.op("endpoint.delete", self.op_endpoint_delete)
+        api.op("identity.list", self.op_identity_list)
+        api.op("policy.import", self.op_policy_import)
+        api.op("policy.get", self.op_policy_get)
+        api.op("policy.delete", self.op_policy_delete)
+        api.op("policy.live", self.op_policy_live)
+        api.op("metrics", self.op_metrics)
+        api.op("observe", self.op_observe)
+        api.stream("observe.follow", self.stream_observe)
+
+    async def op_status(self, args: dict) -> dict:
+        return self.status()
+
+    def status(self) -> dict:
+        eps = self.store.endpoints()
+        proxy = (
+            self.proxy.status()
+            if self.proxy is not None
+            else {"state": "not running", "detail": "no proxy workers in this mode"}
+        )
+        return {
+            "mode": self.config.mode,
+            "uptime_s": round(time.time() - self.started, 1),
+            "state_dir": str(self.config.state_dir),
+            "pool": str(self.pool.network),
+            "router": self.pool.router,
+            "parts": {
+                "store": {"state": "ok", "detail": str(self.store.path)},
+                "api": {"state": "ok", "detail": str(self.config.socket)},
+                "datapath": self.datapath.status(),
+                "proxy": proxy,
+                "admin": {
+                    "state": "ok" if self.admin_addr else "off",
+                    "detail": f"{self.admin_addr[0]}:{self.admin_addr[1]}"
+                    if self.admin_addr
+                    else "",
+                },
+            },
+            "counts": {
+                "endpoints": len(eps),
+                "identities": len(self.identities()),
+                "policies": len(self.store.policies()),
+                "flows": self.flows.total,
+            },
+            "policy_revision": self.store.revision(),
+        }
+
+    async def op_endpoint_create(self, args: dict) -> dict:
+        name = str(args.get("name") or "")
+        if not name or "/" in name or len(name) > 200:
+            raise ApiError(f"bad endpoint name {name!r}")
+        labels = normalize_labels(args.get("labels") or "")
+        async with self._lock:
+            if self.store.endpoint(name):
+                raise ApiError(f"endpoint {name} already exists")
+            used = [ep.ip for ep in self.store.endpoints()]
+            if args.get("ip"):
+                ip, _, plen = str(args["ip"]).partition("/")
+                ip = self.pool.validate(ip, used)
+                prefixlen = int(plen or 32)
+            else:
+                ip, prefixlen = self.pool.allocate(used), 32
+            netns_name = self.config.netns_prefix + name
+            host_if = netdev.host_ifname(netns_name)
+            identity = self.allocator.allocate(labelset(labels))
+            row = EndpointRow(
+                name, netns_name, host_if, ip, prefixlen, tuple(labels), identity, time.time()
+            )
+            await asyncio.to_thread(
+                netdev.create, netns_name, host_if, ip, prefixlen, self.pool.router
+            )
+            try:
+                self.store.add_endpoint(row, self.allocator.to_state())
+                self._index(row)
+                self.datapath.endpoint_added(name, host_if, ip, identity)
+                compiled = await asyncio.to_thread(self._recompile, self.store.revision())
+                self._install(compiled)
+            except BaseException:
+                self.store.delete_endpoint(name)
+                self._by_ip.pop(ip, None)
+                await asyncio.to_thread(netdev.delete, netns_name, host_if)
+                raise
+        return row.to_json()
+
+    async def op_endpoint_list(self, args: dict) -> list[dict]:
+        out = []
+        for ep in self.store.endpoints():
+            item = ep.to_json()
+            item["policy"] = self._enforcement(ep.name)
+            out.append(item)
+        return out
+
+    def _enforcement(self, name: str) -> dict:
+        ep = (self.compiled.endpoints.get(name) if self.compiled is not None else None) or None
+        if ep is None:
+            return {"ingress": False, "egress": False}
+        return {"ingress": bool(ep.ingress_enforced), "egress": bool(ep.egress_enforced)}
+
+    async def op_endpoint_delete(self, args: dict) -> dict:
+        name = str(args.get("name") or "")
+        async with self._lock:
+            ep = self.store.endpoint(name)
+            if ep is None:
+                raise ApiError(f"no endpoint named {name}")
+            self.datapath.endpoint_removed(ep.name, ep.host_if, ep.ip)
+            await asyncio.to_thread(netdev.delete, ep.netns, ep.host_if)
+            self.store.delete_endpoint(name)
+            self._by_ip.pop(ep.ip, None)
+            self.ipcache = self._rebuild_ipcache()
+            compiled = await asyncio.to_thread(self._recompile, self.store.revision())
+            self._install(compiled)
+        return {"deleted": name}
+
+    def _rebuild_ipcache(self):
+        cache = policies.IPCache()
+        for ep in self._by_ip.values():
+            cache.upsert(f"{ep.ip}/32", ep.identity)
+        return cache
+
+    def identities(self) -> list[dict]:
+        """Reserved, endpoint and CIDR identities, with the endpoints that carry each."""
+        users: dict[int, list[str]] = {}
+        for ep in self.store.endpoints():
+            users.setdefault(ep.identity, []).append(ep.name)
+        out = []
+        for number, labels in sorted(self.allocator.identities().items()):
+            out.append(
+                {
+                    "id": number,
+                    "labels": [str(lb) for lb in labels],
+                    "endpoints": users.get(number, []),
+                }
+            )
+        return out
+
+    async def op_identity_list(self, args: dict) -> list[dict]:
+        return self.identities()
+
+    async def op_policy_import(self, args: dict) -> dict:
+        files = args.get("files") or []
+        if not files:
+            raise ApiError("no policy files given")
+        async with self._lock:
+            revision = self.store.revision() + 1
+            new = []
+            for f in files:
+                new.extend(policy_repo.split_documents(f["name"], f["text"], revision))
+            merged = policy_repo.merge(self.store.policies(), new)
+            compiled = await asyncio.to_thread(self._recompile, revision, merged)
+            self.store.policy_replace(merged, revision)
+            self._install(compiled)
+        return {"revision": revision, "imported": [d.key for d in new]}
+
+    async def op_policy_get(self, args: dict) -> dict:
+        docs = self.store.policies()
+        out = policy_repo.to_json(docs, self.store.revision())
+        out["yaml"] = policy_repo.render_yaml(docs)
+        return out
+
+    async def op_policy_delete(self, args: dict) -> dict:
+        async with self._lock:
+            current = self.store.policies()
+            if args.get("all"):
+                keep, gone = [], [d.key for d in current]
+            else:
+                keep, gone = policy_repo.remove(current, str(args.get("name") or ""))
+                if not gone:
+                    raise ApiError(f"no policy named {args.get('name')!r}")
+            revision = self.store.revision() + 1
+            compiled = await asyncio.to_thread(self._recompile, revision, keep)
+            self.store.policy_replace(keep, revision)
+            self._install(compiled)
+        return {"revision": revision, "deleted": gone}
+
+    async def op_policy_live(self, args: dict) -> dict:
+        """What `policy trace --src-endpoint/--dst-endpoint` needs: the documents and endpoints."""
+        return {
+            "revision": self.store.revision(),
+            "documents": [{"key": d.key, "text": d.text} for d in self.store.policies()],
+            "endpoints": {
+                ep.name: {"labels": list(ep.labels), "ip": ep.ip, "identity": ep.identity}
+                for ep in self.store.endpoints()
+            },
+        }
+
+    async def op_metrics(self, args: dict) -> str:
+        return self.metrics.render()
+
+    async def op_observe(self, args: dict) -> list[dict]:
+        flt = FlowFilter.from_json(args.get("filter"))
+        last = args.get("last")
+        return self.flows.last(int(last) if last is not None else None, flt)
+
+    async def stream_observe(self, args: dict):
+        flt = FlowFilter.from_json(args.get("filter"))
+        last = args.get("last")
+        queue = self.flows.subscribe(flt)
+        try:
+            for flow in self.flows.last(int(last) if last is not None else 0, flt):
+                yield {"flow": flow}
+            while True:
+                yield {"flow": await queue.get()}
+        finally:
+            self.flows.unsubscribe(queue)
+
+    # flows
+
+    def _emit_threadsafe(self, loop: asyncio.AbstractEventLoop):
+        def emit(flow: dict) -> None:
+            loop.call_soon_threadsafe(self.flows.ingest, flow)
+
+        return emit
+
+    def _enrich(self, flow: dict) -> None:
+        for side in ("source", "destination"):
+            peer = flow.get(side)
+            if not isinstance(peer, dict):
+                continue
+            ep = self._by_ip.get(peer.get("ip") or "")
+            if ep is not None:
+                peer.setdefault("pod_name", ep.name)
+                peer.setdefault("namespace", "default")
+                if not peer.get("labels"):
+                    peer["labels"] = list(ep.labels)
+                if not peer.get("identity"):
+                    peer["identity"] = ep.identity
+
+    # proxy and admin
+
+    async def _start_proxy(self) -> None:
+        try:
+            from l7proxy.agent.proxy_workers import start_proxy
+        except ImportError:
+            return
+        self.proxy = await start_proxy(self)
+
+    async def _start_admin(self, host: str, port: int) -> None:
+        from l7proxy.admin import AdminRequest, AdminResponse, AdminServer, install_core_routes
+
+        self.admin = AdminServer()
+
+        def policy_info() -> dict:
+            return {
+                "revision": self.store.revision(),
+                "files": sorted({d.source for d in self.store.policies()}),
+                "policies": [d.key for d in self.store.policies()],
+            }
+
+        install_core_routes(self.admin, self.metrics, policy_info)
+
+        async def status_route(request: AdminRequest) -> AdminResponse:
+            return AdminResponse.json(self.status())
+
+        self.admin.add_route("/status", status_route)
+        with contextlib.suppress(ImportError):
+            from l7proxy.depmap import routes as depmap_routes  # the live map, when present
+
+            mount = getattr(depmap_routes, "mount", None)
+            if mount is not None:
+                mount(self.admin, self.flows)
+        self.admin_addr = await self.admin.start(host, port)

@@ -1,0 +1,67 @@
+"""The agent's view of the kernel datapath.
+
+`NullDatapath` is what runs when BPF is off (`--no-bpf`, no root, no bcc): the agent still owns
+endpoints, identities and policy, and says plainly in `status` that nothing is enforced in the
+kernel. The BPF-backed implementation adapts `redirect_bpf`'s API to the same four calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+class NullDatapath:
+    name = "disabled"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def start(self, emit: Callable[[dict], None]) -> None:
+        pass
+
+    def endpoint_added(self, name: str, host_if: str, ip: str, identity: int) -> None:
+        pass
+
+    def endpoint_removed(self, name: str, host_if: str, ip: str) -> None:
+        pass
+
+    def apply(self, compiled, ipcache_entries: dict[str, int], proxy_port: int | None) -> None:
+        pass
+
+    def status(self) -> dict:
+        return {"state": "disabled", "detail": self.reason}
+
+    def counters(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def bpf_problem() -> str | None:
+    """Why BPF cannot run here, or None."""
+    import os
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        return "not root"
+    if not Path("/sys/fs/bpf").is_dir():
+        return "no /sys/fs/bpf (kernel without BPF filesystem)"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc is not importable (run make setup)"
+    return None
+
+
+def make_datapath(enabled: bool, pin_dir: str | None):
+    if not enabled:
+        return NullDatapath("BPF turned off (--no-bpf)")
+    problem = bpf_problem()
+    if problem:
+        return NullDatapath(problem)
+    try:
+        from l7proxy.agent.bpf_datapath import BpfDatapath
+    except ImportError as exc:
+        return NullDatapath(f"the BPF datapath is not available: {exc}")
+    return BpfDatapath(pin_dir)

@@ -1,0 +1,202 @@
+"""The agent's flow log: L3/L4 events from BPF and L7 flows from the proxy, in one stream.
+
+Flows are Hubble-shaped dicts (docs/contracts.md). The log keeps the last `capacity` flows for
+`observe --last N`, fans new ones out to `observe --follow` subscribers, and enriches each flow
+with the endpoint names it knows (Hubble's `pod_name`). Filters and the compact one-line form
+live here so the CLI and the demo print flows the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+VERDICTS = ("FORWARDED", "DROPPED", "REDIRECTED", "ERROR")
+PROTOCOLS = ("http", "kafka", "tcp", "udp")
+
+
+@dataclass(frozen=True, slots=True)
+class FlowFilter:
+    verdict: str | None = None
+    from_labels: tuple[str, ...] = ()
+    to_labels: tuple[str, ...] = ()
+    protocol: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: dict | None) -> FlowFilter:
+        obj = obj or {}
+        return cls(
+            verdict=obj.get("verdict"),
+            from_labels=tuple(obj.get("from_labels") or ()),
+            to_labels=tuple(obj.get("to_labels") or ()),
+            protocol=obj.get("protocol"),
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "verdict": self.verdict,
+            "from_labels": list(self.from_labels),
+            "to_labels": list(self.to_labels),
+            "protocol": self.protocol,
+        }
+
+    def matches(self, flow: dict) -> bool:
+        if self.verdict and flow.get("verdict") != self.verdict:
+            return False
+        if self.protocol and not _has_protocol(flow, self.protocol):
+            return False
+        src = (flow.get("source") or {}).get("labels") or ()
+        dst = (flow.get("destination") or {}).get("labels") or ()
+        return all(_label_in(want, src) for want in self.from_labels) and all(
+            _label_in(want, dst) for want in self.to_labels
+        )
+
+
+def _strip_source(label: str) -> str:
+    head, sep, value = label.partition("=")
+    key = head.split(":", 1)[1] if ":" in head and "/" not in head.split(":", 1)[0] else head
+    return f"{key}{sep}{value}"
+
+
+def _label_in(want: str, labels: Iterable[str]) -> bool:
+    """`k=v` matches `k8s:k=v` (a filter without a source matches any source, like selectors)."""
+    want_bare = _strip_source(want)
+    has_source = _strip_source(want) != want
+    for label in labels:
+        if label == want or (not has_source and _strip_source(label) == want_bare):
+            return True
+    return False
+
+
+def _has_protocol(flow: dict, protocol: str) -> bool:
+    l7 = flow.get("l7") or {}
+    l4 = flow.get("l4") or {}
+    if protocol == "http":
+        return "http" in l7
+    if protocol == "kafka":
+        return "kafka" in l7
+    return protocol.upper() in l4
+
+
+class FlowLog:
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._flows: deque[dict] = deque(maxlen=capacity)
+        self._subscribers: list[tuple[FlowFilter, asyncio.Queue]] = []
+        self._enrichers: list[Callable[[dict], None]] = []
+        self._observers: list[Callable[[dict], None]] = []
+        self.total = 0
+
+    def add_enricher(self, fn: Callable[[dict], None]) -> None:
+        self._enrichers.append(fn)
+
+    def add_observer(self, fn: Callable[[dict], None]) -> None:
+        """Called once per flow after enrichment (metrics count flows here)."""
+        self._observers.append(fn)
+
+    def ingest(self, flow: dict) -> None:
+        for enrich in self._enrichers:
+            enrich(flow)
+        self._flows.append(flow)
+        self.total += 1
+        for observe in self._observers:
+            observe(flow)
+        for flt, queue in self._subscribers:
+            if flt.matches(flow):
+                try:
+                    queue.put_nowait(flow)
+                except asyncio.QueueFull:
+                    pass  # a slow observer loses flows; the datapath never waits for it
+
+    def last(self, n: int | None, flt: FlowFilter) -> list[dict]:
+        matched = [f for f in self._flows if flt.matches(f)]
+        return matched if n is None else matched[-n:] if n > 0 else []
+
+    def subscribe(self, flt: FlowFilter, maxsize: int = 10_000) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(maxsize)
+        self._subscribers.append((flt, queue))
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._subscribers = [(f, q) for f, q in self._subscribers if q is not queue]
+
+
+# Compact output, one line per flow like `hubble observe`.
+
+
+def _peer(ep: dict, port: int | None) -> str:
+    name = ep.get("pod_name") or ep.get("ip") or "?"
+    where = f"{name}:{port}" if port else name
+    ident = ep.get("identity")
+    return f"{where} (ID:{ident})" if ident is not None else where
+
+
+def _ports(flow: dict) -> tuple[int | None, int | None]:
+    for proto in ("TCP", "UDP"):
+        l4 = (flow.get("l4") or {}).get(proto)
+        if l4:
+            return l4.get("source_port"), l4.get("destination_port")
+    return None, None
+
+
+def _stamp(flow: dict) -> str:
+    text = flow.get("time") or ""
+    try:
+        secs = time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")
+        frac = text[20:23] if len(text) > 22 else "000"
+        return time.strftime("%b %d %H:%M:%S", secs) + f".{frac}"
+    except ValueError:
+        return text
+
+
+def kind(flow: dict) -> str:
+    l7 = flow.get("l7")
+    if l7:
+        proto = "http" if "http" in l7 else "kafka" if "kafka" in l7 else "l7"
+        return f"{proto}-{str(l7.get('type', 'request')).lower()}"
+    if flow.get("verdict") == "DROPPED":
+        return f"policy-verdict:none {flow.get('traffic_direction', '')}".strip()
+    if flow.get("verdict") == "REDIRECTED":
+        return "to-proxy"
+    return "to-endpoint"
+
+
+def compact(flow: dict) -> str:
+    sport, dport = _ports(flow)
+    verdict = flow.get("verdict", "?")
+    if verdict == "DROPPED" and not flow.get("l7"):
+        verdict = "DENIED"
+    detail = flow.get("Summary") or ""
+    reason = flow.get("drop_reason_desc")
+    if reason and reason not in detail:
+        detail = f"{detail}; {reason}" if detail else reason
+    return (
+        f"{_stamp(flow)}: {_peer(flow.get('source') or {}, sport)} -> "
+        f"{_peer(flow.get('destination') or {}, dport)} {kind(flow)} {verdict} ({detail})"
+    )
+
+
+def table(flows: list[dict]) -> str:
+    """A fixed-width table for the end of the demo."""
+    rows = [("SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY")]
+    for flow in flows:
+        sport, dport = _ports(flow)
+        src = flow.get("source") or {}
+        dst = flow.get("destination") or {}
+        rows.append(
+            (
+                str(src.get("pod_name") or src.get("ip") or "?"),
+                f"{dst.get('pod_name') or dst.get('ip') or '?'}:{dport or ''}",
+                kind(flow),
+                str(flow.get("verdict", "?")),
+                str(flow.get("Summary") or flow.get("drop_reason_desc") or ""),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    out = []
+    for row in rows:
+        cells = [row[i].ljust(widths[i]) for i in range(4)]
+        out.append("  ".join(cells) + "  " + row[4])
+    return "\n".join(out)

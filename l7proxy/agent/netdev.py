@@ -1,0 +1,92 @@
+"""Endpoint plumbing with pyroute2 (IPRoute and NetNS, never IPDB).
+
+An endpoint is a named network namespace with `eth0` inside, a veth peer on the host, the
+endpoint's address as a /32 (or the prefix the user gave), a link route to the router address and
+a default route via it. The host side carries the router address and a /32 route back to the
+endpoint. Every step is undone if a later one fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+from pyroute2 import IPRoute, NetNS, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+SCOPE_LINK = 253
+NETNS_DIR = Path("/var/run/netns")
+
+
+def host_ifname(netns_name: str) -> str:
+    """A stable 15-byte interface name derived from the namespace name (IFNAMSIZ is 16)."""
+    return "l7" + hashlib.sha1(netns_name.encode()).hexdigest()[:11]
+
+
+def netns_exists(name: str) -> bool:
+    return (NETNS_DIR / name).exists()
+
+
+def link_exists(ifname: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
+def enable_forwarding() -> None:
+    # Endpoints talk to each other through the host: the node must route.
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+
+
+def create(netns_name: str, host_if: str, ip: str, prefixlen: int, router: str) -> None:
+    if netns_exists(netns_name):
+        raise FileExistsError(f"network namespace {netns_name} already exists")
+    peer_tmp = "t" + host_if[1:]
+    netns.create(netns_name)
+    try:
+        with IPRoute() as ipr:
+            ipr.link(
+                "add",
+                ifname=host_if,
+                kind="veth",
+                peer={"ifname": peer_tmp, "net_ns_fd": netns_name},
+            )
+            idx = ipr.link_lookup(ifname=host_if)[0]
+            ipr.addr("add", index=idx, address=router, prefixlen=32)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("replace", dst=f"{ip}/32", oif=idx)
+        with NetNS(netns_name) as ns:
+            (eth,) = ns.link_lookup(ifname=peer_tmp)
+            ns.link("set", index=eth, ifname="eth0")
+            ns.addr("add", index=eth, address=ip, prefixlen=prefixlen)
+            ns.link("set", index=eth, state="up")
+            (lo,) = ns.link_lookup(ifname="lo")
+            ns.link("set", index=lo, state="up")
+            ns.route("add", dst=f"{router}/32", oif=eth, scope=SCOPE_LINK)
+            ns.route("add", dst="0.0.0.0/0", gateway=router, oif=eth)
+    except BaseException:
+        delete(netns_name, host_if)
+        raise
+
+
+def delete(netns_name: str, host_if: str) -> None:
+    """Remove the veth (its peer and the host route go with it) and the namespace; idempotent."""
+    with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+        for idx in ipr.link_lookup(ifname=host_if):
+            ipr.link("del", index=idx)
+    if netns_exists(netns_name):
+        with contextlib.suppress(OSError):
+            netns.remove(netns_name)
+
+
+def ifindex(ifname: str) -> int:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise LookupError(f"no such interface: {ifname}")
+    return found[0]
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0

@@ -1,0 +1,147 @@
+"""Run an agent as a child process with its own state, socket, pool and namespace prefix.
+
+The demo and the end-to-end tests use this: everything the agent creates is named with a unique
+prefix, and `close()` removes it all (endpoints, namespaces, veths, the state directory) even when
+the agent died or the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from l7proxy.agent import netdev
+from l7proxy.agent.client import SOCKET_ENV, AgentUnavailable, Client
+
+READY_TIMEOUT = 30.0
+
+
+class AgentProcess:
+    def __init__(
+        self,
+        *,
+        pool: str,
+        prefix: str | None = None,
+        mode: str = "node",
+        bpf: bool = False,
+        admin: bool = True,
+        state_dir: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.prefix = prefix if prefix is not None else f"l7a{uuid.uuid4().hex[:5]}-"
+        self._own_dir = state_dir is None
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="l7proxy-agent-"))
+        self.socket = str(self.state_dir / "agent.sock")
+        self.pool, self.mode, self.bpf, self.admin = pool, mode, bpf, admin
+        self.extra_args = extra_args
+        self.log_path = self.state_dir / "agent.log"
+        self.proc: subprocess.Popen | None = None
+        self.client = Client(self.socket)
+
+    @property
+    def env(self) -> dict:
+        return {**os.environ, SOCKET_ENV: self.socket}
+
+    def start(self) -> AgentProcess:
+        args = [
+            sys.executable,
+            "-m",
+            "l7proxy",
+            "agent",
+            "--state-dir",
+            str(self.state_dir),
+            "--socket",
+            self.socket,
+            "--pool",
+            self.pool,
+            "--netns-prefix",
+            self.prefix,
+            "--mode",
+            self.mode,
+            *(["--admin", "127.0.0.1:0"] if self.admin else []),
+            *([] if self.bpf else ["--no-bpf"]),
+            *self.extra_args,
+        ]
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the agent exited early:\n{self.log()}")
+            with contextlib.suppress(AgentUnavailable, OSError):
+                self.client.call("status")
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"the agent did not answer within {READY_TIMEOUT}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def cli(
+        self, *args: str, check: bool = False, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "l7proxy", *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            check=check,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Stop the process only: endpoints and state stay, as on a real agent restart."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> AgentProcess:
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Remove everything this agent made, whatever state it is in."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                for ep in self.client.call("endpoint.list"):
+                    self.client.call("endpoint.delete", name=ep["name"])
+        self.stop()
+        sweep_namespaces(self.prefix)
+        if self._own_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def sweep_namespaces(prefix: str) -> list[str]:
+    """Delete every namespace named PREFIX* (and its host veth); returns what was removed."""
+    if not prefix:
+        raise ValueError("refusing to sweep namespaces without a prefix")
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(netdev.NETNS_DIR.iterdir()):
+            if entry.name.startswith(prefix):
+                netdev.delete(entry.name, netdev.host_ifname(entry.name))
+                removed.append(entry.name)
+    return removed

@@ -1,0 +1,79 @@
+"""Agent metrics with Cilium's names, in the same registry the proxy workers count into.
+
+Gauges that describe state (endpoints, identities, redirects, revision) are computed when
+scraped, so they can never drift from the store. Counters of datapath verdicts come from the
+flow stream (every L3/L4 event the BPF programs report passes through the flow log).
+"""
+
+from __future__ import annotations
+
+from l7proxy.metrics import ProxyMetrics, Registry
+
+
+class AgentMetrics:
+    def __init__(self, agent) -> None:
+        self.agent = agent
+        self.registry = Registry()
+        r = self.registry
+        # The proxy workers share this registry: policy_l7_total and friends land here too.
+        self.proxy = ProxyMetrics(r)
+        self.drop_count = r.counter(
+            "drop_count_total", "Packets dropped, by reason and direction", ("reason", "direction")
+        )
+        self.forward_count = r.counter(
+            "forward_count_total", "Packets forwarded, by direction", ("direction",)
+        )
+        self.proxy_redirects = r.gauge(
+            "proxy_redirects", "Policy entries redirecting to the proxy, by protocol", ("protocol",)
+        )
+        self.policy_change = r.counter(
+            "policy_change_total", "Policy repository changes (imports and deletes)"
+        )
+        self.policy_revision = r.gauge("policy_max_revision", "Highest policy revision in force")
+        self.policy_count = r.gauge("policy_count", "Policy documents in the repository")
+        self.endpoint_count = r.gauge("endpoint_count", "Endpoints managed by this agent")
+        self.identity_count = r.gauge(
+            "identity_count", "Security identities (reserved and allocated)"
+        )
+
+    def count_flow(self, flow: dict) -> None:
+        if flow.get("event_type") == "L7":
+            return  # L7 outcomes are counted by the proxy in policy_l7_total
+        direction = flow.get("traffic_direction") or "UNKNOWN"
+        verdict = flow.get("verdict")
+        if verdict == "DROPPED":
+            reason = flow.get("drop_reason_desc") or "POLICY_DENIED"
+            self.drop_count.labels(reason=reason, direction=direction).inc()
+        elif verdict in ("FORWARDED", "REDIRECTED"):
+            self.forward_count.labels(direction=direction).inc()
+
+    def _refresh(self) -> None:
+        agent = self.agent
+        store = agent.store
+        self.endpoint_count.set(len(store.endpoints()))
+        self.identity_count.set(len(agent.identities()))
+        self.policy_revision.set(store.revision())
+        self.policy_count.set(len(store.policies()))
+        self.policy_change.labels().set(int(store.get("policy_change_total", 0)))
+        counts: dict[str, int] = {"http": 0, "kafka": 0}
+        compiled = agent.compiled
+        if compiled is not None:
+            for ep in compiled.endpoints.values():
+                for entry in _entries(ep.map_state):
+                    if entry.l7_id and not entry.deny:
+                        rules = compiled.l7.get(entry.l7_id)
+                        proto = getattr(rules, "parser", "http") or "http"
+                        counts[proto] = counts.get(proto, 0) + 1
+        for proto, n in counts.items():
+            self.proxy_redirects.labels(protocol=proto).set(n)
+
+    def render(self) -> str:
+        self._refresh()
+        return self.registry.render()
+
+
+def _entries(map_state):
+    values = getattr(map_state, "values", None)
+    if values is not None:
+        return list(values())
+    return [map_state[k] for k in map_state]

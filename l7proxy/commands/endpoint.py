@@ -1,0 +1,75 @@
+"""`l7proxy endpoint create|list|delete`: endpoints are namespaces with a veth, an IP and labels."""
+
+from __future__ import annotations
+
+import json
+
+from l7proxy.agent.client import Client, add_socket_arg, run
+
+
+def register(sub) -> None:
+    p = sub.add_parser("endpoint", help="create, list and delete endpoints (via the agent)")
+    esub = p.add_subparsers(dest="endpoint_command", metavar="ACTION", required=True)
+
+    c = esub.add_parser("create", help="create a namespace NAME with a veth, an IP and labels")
+    c.add_argument("name")
+    c.add_argument("--labels", required=True, help="k=v[,k=v...] (source k8s: unless given)")
+    c.add_argument("--ip", help="A.B.C.D[/NN] instead of the next free address of the pool")
+    add_socket_arg(c)
+    c.set_defaults(func=lambda a: run(lambda: _create(a)))
+
+    ls = esub.add_parser("list", help="list endpoints")
+    ls.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    add_socket_arg(ls)
+    ls.set_defaults(func=lambda a: run(lambda: _list(a)))
+
+    d = esub.add_parser("delete", help="delete an endpoint and its namespace")
+    d.add_argument("name")
+    add_socket_arg(d)
+    d.set_defaults(func=lambda a: run(lambda: _delete(a)))
+
+
+def _create(args) -> int:
+    ep = Client(args.socket).call("endpoint.create", name=args.name, labels=args.labels, ip=args.ip)
+    print(
+        f"endpoint {ep['name']} created: netns {ep['netns']}, ip {ep['ip']}/{ep['prefixlen']}, "
+        f"identity {ep['identity']}, host veth {ep['host_if']}"
+    )
+    return 0
+
+
+def _list(args) -> int:
+    eps = Client(args.socket).call("endpoint.list")
+    if args.output == "json":
+        print(json.dumps(eps, indent=2))
+        return 0
+    rows = [("NAME", "IP", "IDENTITY", "INGRESS", "EGRESS", "HOST-IF", "LABELS")]
+    for ep in eps:
+        pol = ep.get("policy") or {}
+        rows.append(
+            (
+                ep["name"],
+                ep["ip"],
+                str(ep["identity"]),
+                "Enabled" if pol.get("ingress") else "Disabled",
+                "Enabled" if pol.get("egress") else "Disabled",
+                ep["host_if"],
+                ",".join(lb for lb in ep["labels"] if "io.kubernetes.pod.namespace" not in lb),
+            )
+        )
+    print(_table(rows))
+    return 0
+
+
+def _delete(args) -> int:
+    Client(args.socket).call("endpoint.delete", name=args.name)
+    print(f"endpoint {args.name} deleted")
+    return 0
+
+
+def _table(rows) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        for r in rows
+    )
