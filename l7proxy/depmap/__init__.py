@@ -1,6 +1,11 @@
-"""The service dependency map: flows -> graph -> `/map`, `/map.json`, `/map/events`, DOT."""
+"""The service dependency map: flows -> graph -> `/map`, `/map.json`, `/map/events`, DOT.
+
+Start-up paths call `mount(admin, flow_sink)`; `make demo` calls `hold(url)` or `hold_async(url)`.
+"""
 
 from l7proxy.depmap.dot import to_dot
 from l7proxy.depmap.graph import DepMap
+from l7proxy.depmap.hold import hold, hold_async
+from l7proxy.depmap.web import MapService, mount
 
-__all__ = ["DepMap", "to_dot"]
+__all__ = ["DepMap", "MapService", "hold", "hold_async", "mount", "to_dot"]

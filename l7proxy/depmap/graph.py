@@ -235,8 +235,10 @@ class DepMap:
         return sum(1 for flow in flows if self.add(flow))
 
     def _add(self, flow: dict) -> bool:
-        src = flow.get("source") or {}
-        dst = flow.get("destination") or {}
+        src, dst = flow.get("source"), flow.get("destination")
+        if not isinstance(src, dict) or not isinstance(dst, dict):
+            self.flows_ignored += 1
+            return False
         l4_proto, sport, dport = _l4_ports(flow)
         if flow.get("is_reply"):
             # A reply travels server -> client; the edge belongs to the client -> server direction.

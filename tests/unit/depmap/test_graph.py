@@ -101,13 +101,14 @@ def test_world_sources_share_one_node_and_malformed_flows_are_ignored():
     m = DepMap()
     m.add(http_flow(WORLD, DEATHSTAR))
     m.add(http_flow(((1 << 24) + 1, ["cidr:192.0.2.0/24"]), DEATHSTAR, verdict="DROPPED"))
-    assert m.add({"source": {"identity": "x"}}) is False
+    assert m.add({"source": {"identity": "x"}, "destination": {}}) is False
+    assert m.add({"verdict": "FORWARDED"}) is False
     g = m.to_dict()
     e = edge(g, "world", "deathstar")
     assert (e["forwarded"], e["dropped"]) == (1, 1)
     world = next(n for n in g["nodes"] if n["id"] == "world")
     assert world["kind"] == "world" and world["identities"] == [2, (1 << 24) + 1]
-    assert g["flows_ignored"] == 1
+    assert g["flows_ignored"] == 2
 
 
 def test_edge_limit_drops_new_edges_but_keeps_counting_old_ones():
