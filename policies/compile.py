@@ -1,0 +1,458 @@
+"""Compile rules + endpoints + identities into one MapState per endpoint and shared L7 rule sets.
+
+Order of work for one endpoint (Cilium's semantics):
+1. the rules that select it decide whether ingress/egress are enforced (default deny);
+2. every allow/deny peer rule becomes keys (peer identity, direction, proto, port prefix);
+3. L7 closure: wherever an L7 key and another allow key overlap, the overlap gets a redirect whose
+   rule set is the union of every allow covering it; a plain L4 allow covering it adds allow-all;
+4. deny closure: wherever a deny and an allow overlap, the overlap is written as deny, so the most
+   specific key always carries the right answer (the BPF side does a most-specific lookup);
+5. a direction that is not enforced but has entries gets a wildcard allow, so denies still work.
+Endpoints selected by the same rules share one MapState object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from policies import identity as ids
+from policies.diagnostics import WARNING, Diagnostic
+from policies.l7 import HttpRuleSet, KafkaRuleSet
+from policies.labels import LabelSet, Selector
+from policies.mapstate import (
+    EGRESS,
+    INGRESS,
+    MapChanges,
+    MapState,
+    PolicyEntry,
+    PolicyKey,
+    diff_maps,
+    port_prefixes,
+)
+from policies.model import (
+    PROTO_ANY,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
+    PeerRule,
+    PortProto,
+    Rule,
+)
+from policies.selectors import Universe
+
+ALL_PORTS = PortProto(0, 0, PROTO_ANY)
+
+
+@dataclass(slots=True)
+class EndpointPolicy:
+    identity: int
+    ingress_enforced: bool
+    egress_enforced: bool
+    map_state: MapState
+    rules: tuple[str, ...] = ()  # idents of the rules that select this endpoint
+
+
+@dataclass(slots=True)
+class CompiledPolicy:
+    revision: int
+    endpoints: dict[str, EndpointPolicy]
+    l7: dict[int, HttpRuleSet | KafkaRuleSet]
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    rules: tuple[Rule, ...] = ()
+
+    def endpoint(self, name: str) -> EndpointPolicy:
+        return self.endpoints[name]
+
+
+@dataclass(slots=True)
+class L4Verdict:
+    action: str  # "deny" | "allow" | "redirect"
+    l7_id: int
+    reason: str
+    entry: PolicyEntry | None
+
+
+class _Acc:
+    """What the rules put on one key before closure."""
+
+    __slots__ = ("deny", "plain", "parser", "l7", "sources")
+
+    def __init__(self):
+        self.deny = False
+        self.plain = False
+        self.parser = ""
+        self.l7: list[tuple[str, object]] = []  # (source rule ident, rule)
+        self.sources: set[str] = set()
+
+
+def _is_host(labels: LabelSet) -> bool:
+    return any(label.source == "reserved" and label.key == "host" for label in labels)
+
+
+def selects(rule: Rule, labels: LabelSet) -> bool:
+    if _is_host(labels):
+        return rule.node_selector is not None and rule.node_selector.matches(labels)
+    return rule.selector is not None and rule.selector.matches(labels)
+
+
+def _proto_keys(proto: int) -> tuple[int, ...]:
+    return (PROTO_TCP, PROTO_UDP, PROTO_SCTP) if proto == PROTO_ANY else (proto,)
+
+
+def _port_keys(pp: PortProto) -> list[tuple[int, int, int]]:
+    """(proto, port, prefix_len) keys for one port/protocol entry."""
+    if pp.port == 0:
+        return [(pp.proto, 0, 0)]
+    blocks = port_prefixes(pp.port, pp.end_port)
+    return [(proto, port, plen) for proto in _proto_keys(pp.proto) for port, plen in blocks]
+
+
+class _Compiler:
+    def __init__(self, rules, universe: Universe, named_ports, diagnostics):
+        self.rules = rules
+        self.universe = universe
+        self.named_ports = named_ports or {}
+        self.diagnostics = diagnostics
+        self.l7_sets: dict[tuple, int] = {}
+        self.l7: dict[int, HttpRuleSet | KafkaRuleSet] = {}
+        self.reported: set[tuple] = set()
+
+    def _warn_once(self, rule: Rule, line: int, field: str, reason: str) -> None:
+        key = (rule.file, line, field, reason)
+        if key not in self.reported:
+            self.reported.add(key)
+            self.diagnostics.append(Diagnostic(rule.file, line, field, reason, WARNING))
+
+    def _resolve_named(self, pp: PortProto, rule: Rule, pr: PeerRule, direction: int, own: str):
+        if not pp.name:
+            return [pp]
+        if direction == INGRESS:
+            tables = [self.named_ports.get(own, {})]
+        else:
+            tables = list(self.named_ports.values())
+        numbers = sorted({t[pp.name] for t in tables if pp.name in t})
+        if not numbers:
+            self._warn_once(
+                rule,
+                pr.line,
+                "toPorts.ports.port",
+                f"named port {pp.name!r} is not known for the {'selected' if direction == INGRESS else 'peer'} "
+                "endpoints: nothing is allowed on it",
+            )
+            return []
+        return [PortProto(n, n, pp.proto) for n in numbers]
+
+    def endpoint_map(
+        self, selecting: list[Rule], own_name: str, enforced: tuple[bool, bool]
+    ) -> MapState:
+        acc: dict[PolicyKey, _Acc] = {}
+        for direction in (INGRESS, EGRESS):
+            requires: list[Selector] = []
+            for rule in selecting:
+                allow, deny = rule.sections(direction)
+                for pr in (*allow, *deny):
+                    requires.extend(pr.requires)
+            req = tuple(requires)
+            for rule in selecting:
+                allow, deny = rule.sections(direction)
+                for pr in deny:
+                    self._add_peer_rule(acc, rule, pr, direction, True, (), own_name)
+                for pr in allow:
+                    self._add_peer_rule(acc, rule, pr, direction, False, req, own_name)
+        entries = self._close(acc)
+        for direction in (INGRESS, EGRESS):
+            if not enforced[direction] and any(k.direction == direction for k in entries):
+                key = PolicyKey(0, direction, 0, 0, 0)
+                if key not in entries:
+                    entries[key] = PolicyEntry(False, 0, ("default-allow",))
+        return MapState(entries)
+
+    def _add_peer_rule(self, acc, rule, pr: PeerRule, direction, deny, requires, own_name):
+        peers = self.universe.resolve(pr.peers, requires)
+        if not peers:
+            return
+        ident = rule.ident
+        port_entries: list[tuple[int, int, int, object]] = []  # proto, port, plen, L7Rules|None
+        if pr.icmps:
+            for f in pr.icmps:
+                proto = PROTO_ICMP if f.family == "IPv4" else PROTO_ICMPV6
+                port_entries.append((proto, f.type, 16, None))
+        elif not pr.ports:
+            port_entries.append((0, 0, 0, None))
+        else:
+            for port_rule in pr.ports:
+                for pp in port_rule.ports or (ALL_PORTS,):
+                    for resolved in self._resolve_named(pp, rule, pr, direction, own_name):
+                        for proto, port, plen in _port_keys(resolved):
+                            port_entries.append((proto, port, plen, port_rule.l7))
+        for peer in sorted(peers):
+            for proto, port, plen, l7 in port_entries:
+                key = PolicyKey(peer, direction, proto, port, plen)
+                a = acc.get(key)
+                if a is None:
+                    a = acc[key] = _Acc()
+                a.sources.add(ident)
+                if deny:
+                    a.deny = True
+                elif l7 is None:
+                    a.plain = True
+                else:
+                    if a.parser and a.parser != l7.parser:
+                        self._warn_once(
+                            rule,
+                            pr.line,
+                            "toPorts.rules",
+                            f"port {key.port_text()} already has {a.parser} rules from another "
+                            f"policy; {l7.parser} on the same port is a conflict: the port is denied",
+                        )
+                        a.deny = True
+                    a.parser = a.parser or l7.parser
+                    a.l7.extend((ident, r) for r in l7.rules)
+                    if not l7.rules and l7.parser == "http":
+                        pass  # an empty http list denies everything, like an empty kafka list
+
+    def _close(self, acc: dict[PolicyKey, _Acc]) -> dict[PolicyKey, PolicyEntry]:
+        keys = list(acc)
+        allow_keys = [k for k in keys if not acc[k].deny]
+        deny_keys = [k for k in keys if acc[k].deny]
+        l7_keys = [k for k in allow_keys if acc[k].parser]
+        candidates = set(allow_keys)
+        for c in l7_keys:
+            for a in allow_keys:
+                if a is not c:
+                    inter = _intersect(a, c)
+                    if inter is not None:
+                        candidates.add(inter)
+        out: dict[PolicyKey, PolicyEntry] = {}
+        by_peer = _group(allow_keys)
+        for key in sorted(candidates):
+            covering = [
+                b for b in by_peer.get((key.identity, key.direction), ()) if _covers(b, key)
+            ]
+            if key.identity:
+                covering += [b for b in by_peer.get((0, key.direction), ()) if _covers(b, key)]
+            parsers = {acc[b].parser for b in covering if acc[b].parser}
+            sources = tuple(sorted({s for b in covering for s in acc[b].sources}))
+            if not parsers:
+                out[key] = PolicyEntry(False, 0, sources)
+                continue
+            if len(parsers) > 1:
+                out[key] = PolicyEntry(True, 0, (*sources, "l7-parser-conflict"))
+                continue
+            parser = parsers.pop()
+            plain = any(acc[b].plain for b in covering)
+            l7_rules = sorted(
+                {(src, r) for b in covering for src, r in acc[b].l7},
+                key=lambda sr: (sr[0], str(sr[1]), repr(sr[1])),
+            )
+            out[key] = PolicyEntry(False, self._l7_id(parser, l7_rules, plain), sources)
+        # deny closure: a deny wins everywhere it overlaps an allow
+        for d in deny_keys:
+            dsrc = tuple(sorted(acc[d].sources))
+            out[d] = PolicyEntry(True, 0, dsrc)
+        for d in deny_keys:
+            for a in list(out):
+                if out[a].deny or a.direction != d.direction:
+                    continue
+                inter = _intersect(a, d)
+                if inter is None:
+                    continue
+                prev = out.get(inter)
+                if prev is None or not prev.deny:
+                    out[inter] = PolicyEntry(True, 0, tuple(sorted(acc[d].sources)))
+        return out
+
+    def _l7_id(self, parser: str, l7_rules, allow_all: bool) -> int:
+        rules = tuple(r for _, r in l7_rules)
+        sources = tuple(s for s, _ in l7_rules)
+        content = (parser, rules, sources, allow_all)
+        known = self.l7_sets.get(content)
+        if known is not None:
+            return known
+        digest = hashlib.blake2b(repr(content).encode(), digest_size=4).digest()
+        number = int.from_bytes(digest, "big") & 0x7FFFFFFF or 1
+        while number in self.l7:
+            number = number % 0x7FFFFFFF + 1
+        cls = HttpRuleSet if parser == "http" else KafkaRuleSet
+        self.l7[number] = cls(rules, allow_all=allow_all, sources=sources)
+        self.l7_sets[content] = number
+        return number
+
+
+def _group(keys: Iterable[PolicyKey]) -> dict[tuple[int, int], list[PolicyKey]]:
+    out: dict[tuple[int, int], list[PolicyKey]] = {}
+    for k in keys:
+        out.setdefault((k.identity, k.direction), []).append(k)
+    return out
+
+
+def _covers(b: PolicyKey, k: PolicyKey) -> bool:
+    """b's key space contains k's."""
+    if b.direction != k.direction:
+        return False
+    if b.identity not in (0, k.identity):
+        return False
+    if b.proto not in (0, k.proto):
+        return False
+    if b.prefix_len > k.prefix_len:
+        return False
+    shift = 16 - b.prefix_len
+    return (k.port >> shift) == (b.port >> shift)
+
+
+def _intersect(a: PolicyKey, b: PolicyKey) -> PolicyKey | None:
+    if a.direction != b.direction:
+        return None
+    if a.identity and b.identity and a.identity != b.identity:
+        return None
+    if a.proto and b.proto and a.proto != b.proto:
+        return None
+    narrow, wide = (a, b) if a.prefix_len >= b.prefix_len else (b, a)
+    shift = 16 - wide.prefix_len
+    if (narrow.port >> shift) != (wide.port >> shift):
+        return None
+    return PolicyKey(
+        a.identity or b.identity, a.direction, a.proto or b.proto, narrow.port, narrow.prefix_len
+    )
+
+
+def _cidrs(rules: Iterable[Rule]):
+    for rule in rules:
+        for section in (rule.ingress, rule.ingress_deny, rule.egress, rule.egress_deny):
+            for pr in section:
+                for c in pr.peers.cidrs:
+                    yield c.cidr
+                    yield from c.excepts
+
+
+def compile_policy(
+    rules: Iterable[Rule],
+    endpoints: Mapping[str, LabelSet],
+    allocator: ids.IdentityAllocator,
+    ipcache: ids.IPCache,
+    revision: int,
+    *,
+    named_ports: Mapping[str, Mapping[str, int]] | None = None,
+) -> CompiledPolicy:
+    """Deterministic: the same rules, endpoints and allocator state give the same result."""
+    rules = tuple(rules)
+    diagnostics: list[Diagnostic] = []
+    endpoint_ids = {name: allocator.allocate(labels) for name, labels in sorted(endpoints.items())}
+    for net in sorted(
+        set(_cidrs(rules)), key=lambda n: (n.version, int(n.network_address), n.prefixlen)
+    ):
+        number = allocator.allocate_cidr(net)
+        if ipcache.get(net) is None:
+            ipcache.upsert(net, number)
+    universe = Universe(allocator.identities())
+    compiler = _Compiler(rules, universe, named_ports, diagnostics)
+    cache: dict[tuple, MapState] = {}
+    out: dict[str, EndpointPolicy] = {}
+    for name, labels in sorted(endpoints.items()):
+        selecting = [r for r in rules if selects(r, labels)]
+        enforced = (
+            any(r.has_ingress and r.default_deny_ingress for r in selecting),
+            any(r.has_egress and r.default_deny_egress for r in selecting),
+        )
+        uses_named = named_ports and any(_has_named_ports(r) for r in selecting)
+        cache_key = (tuple(map(id, selecting)), enforced, name if uses_named else None)
+        state = cache.get(cache_key)
+        if state is None:
+            state = cache[cache_key] = compiler.endpoint_map(selecting, name, enforced)
+        out[name] = EndpointPolicy(
+            endpoint_ids[name], enforced[0], enforced[1], state, tuple(r.ident for r in selecting)
+        )
+    return CompiledPolicy(revision, out, compiler.l7, diagnostics, rules)
+
+
+def _has_named_ports(rule: Rule) -> bool:
+    for section in (rule.ingress, rule.egress):
+        for pr in section:
+            for port_rule in pr.ports:
+                if any(pp.name for pp in port_rule.ports):
+                    return True
+    return False
+
+
+def diff(old: CompiledPolicy | None, new: CompiledPolicy) -> dict[str, MapChanges]:
+    """Per endpoint: the adds and deletes that turn old's MapState into new's.
+
+    Endpoints gone from `new` get all their keys deleted; unchanged endpoints are left out.
+    """
+    out: dict[str, MapChanges] = {}
+    memo: dict[tuple[int, int], MapChanges] = {}
+    old_eps = old.endpoints if old is not None else {}
+    for name, ep in new.endpoints.items():
+        prev = old_eps.get(name)
+        prev_state = prev.map_state if prev is not None else None
+        if prev_state is ep.map_state:
+            continue
+        pair = (id(prev_state), id(ep.map_state))
+        changes = memo.get(pair)
+        if changes is None:
+            changes = memo[pair] = diff_maps(prev_state, ep.map_state)
+        if changes:
+            out[name] = changes
+    for name, ep in old_eps.items():
+        if name not in new.endpoints:
+            out[name] = MapChanges({}, tuple(sorted(ep.map_state.keys())))
+    return out
+
+
+def l4_verdict(
+    compiled: CompiledPolicy,
+    endpoint: str,
+    peer_identity: int,
+    direction: int,
+    proto: int,
+    port: int,
+) -> L4Verdict:
+    ep = compiled.endpoints.get(endpoint)
+    if ep is None:
+        return L4Verdict("allow", 0, f"endpoint {endpoint!r} is not managed by policy", None)
+    entry = ep.map_state.lookup(peer_identity, direction, proto, port)
+    enforced = ep.ingress_enforced if direction == INGRESS else ep.egress_enforced
+    dname = "ingress" if direction == INGRESS else "egress"
+    if entry is None:
+        if enforced:
+            return L4Verdict("deny", 0, f"{dname} is default-deny and no rule allows it", None)
+        return L4Verdict(
+            "allow", 0, f"{dname} is not enforced (no selecting rule has an {dname} section)", None
+        )
+    by = ", ".join(entry.derived_from)
+    if entry.deny:
+        return L4Verdict("deny", 0, f"denied by {by}", entry)
+    if entry.l7_id:
+        return L4Verdict(
+            "redirect",
+            entry.l7_id,
+            f"redirected to the proxy (L7 rule set {entry.l7_id}) by {by}",
+            entry,
+        )
+    return L4Verdict("allow", 0, f"allowed by {by}", entry)
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = [
+    "CompiledPolicy",
+    "EndpointPolicy",
+    "L4Verdict",
+    "compile_policy",
+    "diff",
+    "l4_verdict",
+    "selects",
+    "EGRESS",
+    "INGRESS",
+]

@@ -1,0 +1,224 @@
+"""Numeric security identities and the IP -> identity cache.
+
+Identities are allocated from identity-relevant labels and survive restarts through
+`to_state()`/`IdentityAllocator(state)`; the caller persists the dict (a JSON file today).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+from collections.abc import Iterable
+
+from policies.labels import Label, LabelSet
+
+HOST = 1
+WORLD = 2
+UNMANAGED = 3
+HEALTH = 4
+INIT = 5
+REMOTE_NODE = 6
+KUBE_APISERVER = 7
+INGRESS = 8
+WORLD_IPV4 = 9
+WORLD_IPV6 = 10
+
+RESERVED = {
+    HOST: "host",
+    WORLD: "world",
+    UNMANAGED: "unmanaged",
+    HEALTH: "health",
+    INIT: "init",
+    REMOTE_NODE: "remote-node",
+    KUBE_APISERVER: "kube-apiserver",
+    INGRESS: "ingress",
+    WORLD_IPV4: "world-ipv4",
+    WORLD_IPV6: "world-ipv6",
+}
+RESERVED_BY_NAME = {name: number for number, name in RESERVED.items()}
+
+FIRST_CLUSTER_ID = 256  # Cilium's first cluster-scope identity
+LOCAL_SCOPE = 1 << 24  # CIDR identities live here
+STATE_VERSION = 1
+
+# Only these label sources say who an endpoint is; others (e.g. container runtime) do not.
+_IRRELEVANT_PREFIXES = ("io.kubernetes.pod.uid", "controller-revision-hash", "pod-template-hash")
+
+
+def reserved_labels(identity: int) -> LabelSet:
+    return LabelSet([Label("reserved", RESERVED[identity], "")])
+
+
+def cidr_labels(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> LabelSet:
+    world = "world-ipv4" if net.version == 4 else "world-ipv6"
+    return LabelSet([Label("cidr", str(net), ""), Label("reserved", world, "")])
+
+
+def identity_relevant(labels: LabelSet) -> LabelSet:
+    return LabelSet(lab for lab in labels if not lab.key.startswith(_IRRELEVANT_PREFIXES))
+
+
+def reserved_of(labels: LabelSet) -> int | None:
+    """`reserved:host` alone (or with other reserved labels of the same name) -> its number."""
+    reserved = [lab for lab in labels if lab.source == "reserved"]
+    if len(reserved) == 1 and len(labels) == 1:
+        return RESERVED_BY_NAME.get(reserved[0].key)
+    return None
+
+
+class IdentityAllocator:
+    """Label set <-> numeric identity. Deterministic: the same allocation order gives the same ids,
+    and a restored state keeps every previous id."""
+
+    def __init__(self, state: dict | None = None):
+        self._by_labels: dict[LabelSet, int] = {}
+        self._by_id: dict[int, LabelSet] = {}
+        self._next_cluster = FIRST_CLUSTER_ID
+        self._next_local = LOCAL_SCOPE + 1
+        for number in RESERVED:
+            self._by_id[number] = reserved_labels(number)
+            self._by_labels[reserved_labels(number)] = number
+        if state:
+            self._restore(state)
+
+    def _restore(self, state: dict) -> None:
+        for entry in state.get("identities", []):
+            number = int(entry["id"])
+            labels = LabelSet(_label_from_str(s) for s in entry["labels"])
+            self._by_id[number] = labels
+            self._by_labels[labels] = number
+            if number >= LOCAL_SCOPE:
+                self._next_local = max(self._next_local, number + 1)
+            elif number >= FIRST_CLUSTER_ID:
+                self._next_cluster = max(self._next_cluster, number + 1)
+        self._next_cluster = max(self._next_cluster, int(state.get("next_cluster", 0)))
+        self._next_local = max(self._next_local, int(state.get("next_local", 0)))
+
+    def allocate(self, labels: LabelSet) -> int:
+        labels = identity_relevant(labels)
+        known = self._by_labels.get(labels)
+        if known is not None:
+            return known
+        reserved = reserved_of(labels)
+        if reserved is not None:
+            return reserved
+        if any(lab.source == "cidr" for lab in labels):
+            number = self._next_local
+            self._next_local += 1
+        else:
+            number = self._next_cluster
+            self._next_cluster += 1
+            if number >= LOCAL_SCOPE:
+                raise OverflowError("cluster identity space exhausted")
+        self._by_labels[labels] = number
+        self._by_id[number] = labels
+        return number
+
+    def allocate_cidr(self, net) -> int:
+        return self.allocate(cidr_labels(ipaddress.ip_network(net)))
+
+    def lookup(self, labels: LabelSet) -> int | None:
+        return self._by_labels.get(identity_relevant(labels))
+
+    def labels_of(self, identity: int) -> LabelSet | None:
+        return self._by_id.get(identity)
+
+    def release(self, identity: int) -> None:
+        if identity in RESERVED:
+            return
+        labels = self._by_id.pop(identity, None)
+        if labels is not None:
+            self._by_labels.pop(labels, None)
+
+    def identities(self) -> dict[int, LabelSet]:
+        """Every known identity (reserved, cluster and local), by number."""
+        return dict(self._by_id)
+
+    def to_state(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "next_cluster": self._next_cluster,
+            "next_local": self._next_local,
+            "identities": [
+                {"id": number, "labels": labels.to_strings()}
+                for number, labels in sorted(self._by_id.items())
+                if number not in RESERVED
+            ],
+        }
+
+
+def _label_from_str(text: str) -> Label:
+    head, _, value = text.partition("=")
+    source, sep, key = head.partition(":")
+    if not sep:
+        return Label("unspec", head, value)
+    if source == "cidr":
+        # cidr:10.0.0.0/8 has ':' inside IPv6 prefixes; keep everything after the source.
+        return Label("cidr", key, value)
+    return Label(source, key, value)
+
+
+class IPCache:
+    """IP prefix -> identity with longest-prefix lookup; unknown addresses are WORLD."""
+
+    def __init__(self, entries: Iterable[tuple[str, int]] = ()):
+        # per (version, prefix_len): {network_int: identity}
+        self._tables: dict[tuple[int, int], dict[int, int]] = {}
+        self._lengths: dict[int, list[int]] = {4: [], 6: []}
+        for cidr, identity in entries:
+            self.upsert(cidr, identity)
+
+    def upsert(self, cidr, identity: int) -> None:
+        net = _net(cidr)
+        key = (net.version, net.prefixlen)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = {}
+            lengths = self._lengths[net.version]
+            bisect.insort(lengths, -net.prefixlen)  # longest first
+        table[int(net.network_address)] = identity
+
+    def get(self, cidr) -> int | None:
+        net = _net(cidr)
+        table = self._tables.get((net.version, net.prefixlen))
+        return table.get(int(net.network_address)) if table else None
+
+    def delete(self, cidr) -> None:
+        net = _net(cidr)
+        table = self._tables.get((net.version, net.prefixlen))
+        if table:
+            table.pop(int(net.network_address), None)
+
+    def lookup(self, ip) -> int:
+        return self.lookup_prefix(ip)[0]
+
+    def lookup_prefix(self, ip) -> tuple[int, str | None]:
+        addr = ipaddress.ip_address(ip)
+        bits = addr.max_prefixlen
+        value = int(addr)
+        for neg in self._lengths[addr.version]:
+            length = -neg
+            masked = value >> (bits - length) << (bits - length) if length else 0
+            identity = self._tables[(addr.version, length)].get(masked)
+            if identity is not None:
+                return identity, f"{_addr(addr.version, masked)}/{length}"
+        return WORLD, None
+
+    def items(self) -> list[tuple[str, int]]:
+        out = []
+        for (version, length), table in sorted(self._tables.items()):
+            for value, identity in sorted(table.items()):
+                out.append((f"{_addr(version, value)}/{length}", identity))
+        return out
+
+
+def _net(cidr):
+    text = str(cidr)
+    if "/" not in text:
+        addr = ipaddress.ip_address(text)
+        return ipaddress.ip_network(f"{addr}/{addr.max_prefixlen}")
+    return ipaddress.ip_network(text, strict=False)
+
+
+def _addr(version: int, value: int):
+    return ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)

@@ -1,0 +1,150 @@
+"""Selector cache: which numeric identities a peer description selects.
+
+Identities are indexed by label key so a selector only scans the identities that carry its first
+`In`/`Exists` key; results are memoized per selector for one compilation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from policies import identity as ids
+from policies.labels import LabelSet, Selector
+from policies.model import CIDRRule, Peers
+
+_CLUSTER_RESERVED = frozenset(
+    {
+        ids.HOST,
+        ids.UNMANAGED,
+        ids.HEALTH,
+        ids.INIT,
+        ids.REMOTE_NODE,
+        ids.KUBE_APISERVER,
+        ids.INGRESS,
+    }
+)
+_ENTITY_RESERVED = {
+    "host": {ids.HOST},
+    "remote-node": {ids.REMOTE_NODE},
+    "init": {ids.INIT},
+    "health": {ids.HEALTH},
+    "unmanaged": {ids.UNMANAGED},
+    "kube-apiserver": {ids.KUBE_APISERVER},
+    "ingress": {ids.INGRESS},
+    "none": set(),
+}
+ANY = frozenset({0})
+
+
+class Universe:
+    """Every identity the compilation knows, with indexes for selectors, CIDRs and entities."""
+
+    def __init__(self, identities: dict[int, LabelSet]):
+        self.identities = identities
+        self.by_key: dict[str, list[int]] = {}
+        self.cidr: list[tuple[int, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
+        self.cluster: set[int] = set()
+        for number, labels in sorted(identities.items()):
+            net = None
+            for label in labels:
+                self.by_key.setdefault(label.key, []).append(number)
+                if label.source == "cidr":
+                    net = ipaddress.ip_network(label.key)
+            if net is not None:
+                self.cidr.append((number, net))
+            elif number >= ids.FIRST_CLUSTER_ID or number in _CLUSTER_RESERVED:
+                self.cluster.add(number)
+        self._endpoint_cache: dict[Selector, frozenset[int]] = {}
+        self._cidr_cache: dict[CIDRRule, frozenset[int]] = {}
+
+    def select_endpoints(self, sel: Selector) -> frozenset[int]:
+        found = self._endpoint_cache.get(sel)
+        if found is not None:
+            return found
+        candidates = None
+        for req in sel.requirements:
+            if req.operator in ("In", "Exists"):
+                candidates = self.by_key.get(req.key, ())
+                break
+        if candidates is None:
+            candidates = self.identities.keys()
+        identities = self.identities
+        found = frozenset(
+            n
+            for n in candidates
+            if n < ids.LOCAL_SCOPE and n != ids.WORLD and sel.matches(identities[n])
+        )
+        self._endpoint_cache[sel] = found
+        return found
+
+    def select_cidr(self, rule: CIDRRule) -> frozenset[int]:
+        found = self._cidr_cache.get(rule)
+        if found is not None:
+            return found
+        out = set()
+        for number, net in self.cidr:
+            if net.version != rule.cidr.version or not net.subnet_of(rule.cidr):
+                continue
+            if any(net.subnet_of(ex) for ex in rule.excepts):
+                continue
+            out.add(number)
+        if rule.cidr.prefixlen == 0 and not rule.excepts:
+            out |= {ids.WORLD, ids.WORLD_IPV4 if rule.cidr.version == 4 else ids.WORLD_IPV6}
+        found = frozenset(out)
+        self._cidr_cache[rule] = found
+        return found
+
+    def select_entity(self, entity: str) -> frozenset[int]:
+        if entity == "all":
+            return ANY
+        if entity in ("world", "world-ipv4", "world-ipv6"):
+            version = {"world": 0, "world-ipv4": 4, "world-ipv6": 6}[entity]
+            out = {ids.WORLD}
+            if version in (0, 4):
+                out.add(ids.WORLD_IPV4)
+            if version in (0, 6):
+                out.add(ids.WORLD_IPV6)
+            out |= {n for n, net in self.cidr if version in (0, net.version)}
+            return frozenset(out)
+        if entity == "cluster":
+            return frozenset(self.cluster)
+        return frozenset(_ENTITY_RESERVED[entity])
+
+    def select_nodes(self, sel: Selector) -> frozenset[int]:
+        out = set()
+        for number in (ids.HOST, ids.REMOTE_NODE):
+            labels = self.identities.get(number)
+            if sel.is_wildcard or (labels is not None and sel.matches(labels)):
+                out.add(number)
+        return frozenset(out)
+
+    def resolve(self, peers: Peers, requires: tuple[Selector, ...] = ()) -> frozenset[int]:
+        """Identities selected by a peer description; {0} means any peer."""
+        if peers.unresolved and not (
+            peers.endpoints or peers.cidrs or peers.entities or peers.nodes
+        ):
+            return frozenset()
+        if peers.wildcard:
+            if not requires:
+                return ANY
+            return self.select_endpoints(_and(Selector(), requires))
+        out: set[int] = set()
+        for sel in peers.endpoints:
+            out |= self.select_endpoints(_and(sel, requires) if requires else sel)
+        for rule in peers.cidrs:
+            out |= self.select_cidr(rule)
+        for entity in peers.entities:
+            found = self.select_entity(entity)
+            if found is ANY:
+                return ANY
+            out |= found
+        for sel in peers.nodes:
+            out |= self.select_nodes(sel)
+        return frozenset(out)
+
+
+def _and(sel: Selector, requires: tuple[Selector, ...]) -> Selector:
+    reqs = list(sel.requirements)
+    for r in requires:
+        reqs.extend(r.requirements)
+    return Selector(tuple(reqs))
