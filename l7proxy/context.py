@@ -60,6 +60,7 @@ class ConnContext:
         "proto_metrics",
         "direction",
         "upstreams",
+        "sweeper",
         "_source_dict",
         "_destination_dict",
     )
@@ -97,6 +98,9 @@ class ConnContext:
         self.direction = direction
         # Shared upstream connection pool (l7proxy.http1.upstream.UpstreamPool) or None.
         self.upstreams = upstreams
+        # The worker's DeadlineSweeper (l7proxy.server): sessions that want timeouts add
+        # themselves and expose `deadline`, `deadline_kind`, `on_deadline()`, `drain()`.
+        self.sweeper = None
         self._source_dict = None
         self._destination_dict = None
 

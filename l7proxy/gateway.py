@@ -1,0 +1,182 @@
+"""Gateway mode: protect one endpoint (`--labels`) in front of fixed upstreams.
+
+The policy port is the listener's port; the source identity comes from the client address through
+the `--peer` table (longest prefix, else world). One worker runs: the policy, the flow sink, the
+metrics, the admin server (worker 0 only), one `Listener` per configured port, the deadline
+sweeper, the SIGHUP/file-change reload and the SIGTERM drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from l7proxy.admin import AdminServer, install_core_routes
+from l7proxy.config import GatewayConfig
+from l7proxy.flows import FlowSink
+from l7proxy.http1.upstream import UpstreamPool
+from l7proxy.metrics import ProxyMetrics
+from l7proxy.policy_view import GatewayPolicy
+from l7proxy.server import (
+    DeadlineSweeper,
+    Gate,
+    Listener,
+    bind,
+    install_uvloop,
+    log,
+    run_forked,
+    static_destination,
+)
+
+WATCH_INTERVAL = 1.0
+
+
+class GatewayWorker:
+    def __init__(self, cfg: GatewayConfig, policy: GatewayPolicy) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.flows = FlowSink(cfg.flow_log)
+        self.metrics = ProxyMetrics()
+        self.sweeper = DeadlineSweeper()
+        self.pool = UpstreamPool(cfg.proxy.upstream_pool_size, cfg.proxy.upstream_connect_timeout)
+        self.admin: AdminServer | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.stopping: asyncio.Event | None = None
+
+    def _listener(self, lc, port: int) -> Listener:
+        policy = self.policy
+
+        def classify(ip: str):
+            return policy.current.l4(ip, port)
+
+        def rules_for(ip: str):
+            return lambda: policy.current.rules_for(ip, port)
+
+        def endpoint():
+            snap = policy.current
+            return snap.endpoint_identity, snap.endpoint_labels
+
+        return Listener(
+            port=port,
+            protocol=lc.protocol,
+            destination=static_destination(lc.upstream.host, lc.upstream.port),
+            classify=classify,
+            rules_for=rules_for,
+            endpoint=endpoint,
+            config=self.cfg.proxy,
+            flows=self.flows,
+            metrics=self.metrics,
+            sweeper=self.sweeper,
+            upstreams=self.pool,
+        )
+
+    async def run(self, sockets, admin_sock, on_listening) -> int:
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        self.metrics.policy_revision.set(self.policy.current.revision)
+        for lc, sock in zip(self.cfg.listeners, sockets, strict=True):
+            port = sock.getsockname()[1]
+            lst = self._listener(lc, port)
+            server = await loop.create_server(lambda lst=lst: Gate(lst), sock=sock, backlog=4096)
+            self.servers.append(server)
+        if admin_sock is not None:
+            self.admin = AdminServer()
+            install_core_routes(self.admin, self.metrics, self._policy_info)
+            await self.admin.start(None, None, sock=admin_sock)
+        self.sweeper.start()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        watcher = loop.create_task(self._watch())
+        on_listening()
+        await self.stopping.wait()
+        watcher.cancel()
+        await self.drain()
+        return 0
+
+    def _policy_info(self) -> dict:
+        info = self.policy.current.info()
+        info["last_error"] = self.policy.last_error
+        info["pid"] = os.getpid()
+        return info
+
+    def reload(self) -> None:
+        ok, msg = self.policy.reload()
+        if ok:
+            self.metrics.policy_revision.set(self.policy.current.revision)
+            log(f"policy reloaded: {msg}")
+        else:
+            self.metrics.policy_reload_errors.inc()
+            log(f"policy reload rejected, keeping revision {self.policy.current.revision}: {msg}")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if self.policy.changed_on_disk():
+                self.reload()
+
+    async def drain(self) -> None:
+        """Stop accepting, let requests in flight finish (up to drain_time), then close."""
+        for server in self.servers:
+            server.close()
+        for session in list(self.sweeper.sessions):
+            session.drain()
+        deadline = asyncio.get_running_loop().time() + self.cfg.proxy.drain_time
+        while self.sweeper.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sweeper.sessions):
+            session.close()
+        self.sweeper.stop()
+        if self.admin is not None:
+            await self.admin.close()
+        self.pool.close()
+        self.flows.close()
+        log("drained, exiting")
+
+
+def run_gateway(cfg: GatewayConfig) -> int:
+    cfg.validate()
+    policy = GatewayPolicy(cfg.policy_paths, cfg.labels, cfg.peers)
+    try:
+        policy.load()
+    except Exception as exc:
+        diags = getattr(exc, "diagnostics", None)
+        for d in diags or [exc]:
+            log(f"invalid policy: {d}")
+        return 2
+    multi = cfg.workers > 1
+    sockets = [bind(lc.listen.host, lc.listen.port, listen=not multi) for lc in cfg.listeners]
+    admin_sock = bind(cfg.admin.host, cfg.admin.port, listen=not multi) if cfg.admin else None
+
+    def announce() -> None:
+        for lc, sock in zip(cfg.listeners, sockets, strict=True):
+            host, port = sock.getsockname()[:2]
+            log(f"listening {lc.protocol} {host}:{port} -> {lc.upstream}")
+        if admin_sock is not None:
+            host, port = admin_sock.getsockname()[:2]
+            log(f"admin {host}:{port}")
+        log(f"ready: {cfg.workers} worker(s), policy revision {policy.current.revision}")
+
+    if not multi:
+        install_uvloop()
+        return asyncio.run(GatewayWorker(cfg, policy).run(sockets, admin_sock, announce))
+
+    def child(index: int, ready_fd: int) -> int:
+        own = [bind(*s.getsockname()[:2], listen=True) for s in sockets]
+        own_admin = None
+        if admin_sock is not None and index == 0:
+            own_admin = bind(*admin_sock.getsockname()[:2], listen=True)
+        for s in sockets:
+            s.close()
+        if admin_sock is not None:
+            admin_sock.close()
+        install_uvloop()
+
+        def ready() -> None:
+            os.write(ready_fd, b"r")
+            os.close(ready_fd)
+
+        return asyncio.run(GatewayWorker(cfg, policy).run(own, own_admin, ready))
+
+    return run_forked(cfg.workers, child, announce)

@@ -1,0 +1,553 @@
+"""The HTTP/1.1 client session: parse, ask the policy, forward or answer, in order.
+
+One `Http1Session` per client connection. Requests are handled one at a time towards the
+upstream: pipelined requests wait in `queue` (with their bodies, bounded by pausing the client),
+so responses — including a 403 in place of a denied request — go back in request order without
+ever splitting an upstream read. Response bytes go to the client unchanged; request heads are
+rebuilt from the parsed form (so nothing ambiguous reaches the upstream) and chunked bodies are
+re-framed.
+
+Backpressure: each transport pauses the other side's reading when its write buffer passes the
+high water mark (`pause_client_reading(reason)` with reasons as bits, so several causes combine).
+Timeouts: one deadline per session, checked by the worker's `DeadlineSweeper`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from l7proxy.flows import DROPPED, ERROR, FORWARDED
+from l7proxy.http1.upstream import UpstreamConn, UpstreamPool
+from l7proxy.http1.verdicts import decide
+from parsers.http1 import (
+    Data,
+    EndOfMessage,
+    ParseError,
+    Request,
+    RequestParser,
+    Upgrade,
+    encode_chunk,
+    last_chunk,
+    simple_response,
+)
+
+# Client read-pause reasons (bits).
+PAUSE_UPSTREAM_FULL = 1
+PAUSE_PIPELINE = 2
+PAUSE_UPGRADE = 4
+PAUSE_CONNECTING = 8
+
+MAX_PIPELINE = 32
+
+# Deadline kinds.
+NO_DEADLINE, IDLE, HEAD, RESPONSE = 0, 1, 2, 3
+
+_monotonic = time.monotonic
+
+
+class Exchange:
+    """One request and the state of its answer."""
+
+    __slots__ = (
+        "req",
+        "allowed",
+        "raw",
+        "complete",
+        "keep_alive",
+        "started",
+        "sent",
+        "answered",
+        "pending",
+        "status",
+        "start",
+        "error",
+        "trailers",
+    )
+
+    def __init__(self, req: Request | None, allowed: bool, raw: bytes | None, start: float):
+        self.req = req
+        self.allowed = allowed
+        self.raw = raw
+        self.complete = False
+        self.keep_alive = True
+        self.started = False  # became the front of the queue
+        self.sent = False  # head written upstream; body goes straight through
+        self.answered = False  # the proxy wrote its own response (deny, error)
+        self.pending: list[bytes] = []
+        self.status = 0
+        self.start = start
+        self.error: ParseError | None = None
+        self.trailers = ()
+
+
+class Http1Session(asyncio.Protocol):
+    def __init__(self, ctx, pool: UpstreamPool | None = None, sweeper=None) -> None:
+        self.ctx = ctx
+        cfg = ctx.config
+        self.cfg = cfg
+        self.pm = ctx.proto_metrics
+        self.pool = pool if pool is not None else (ctx.upstreams or UpstreamPool())
+        self.sweeper = sweeper
+        self.parser = RequestParser(cfg.max_header_bytes, cfg.max_header_count, cfg.max_uri_bytes)
+        self.queue: deque[Exchange] = deque()
+        self.parsing: Exchange | None = None
+        self.upstream: UpstreamConn | None = None
+        self.transport: asyncio.Transport | None = None
+        self.paused = 0
+        self.closed = False
+        self.tunnel = False
+        self.upgrade_wait: Exchange | None = None  # upgrade asked, answer not seen yet
+        self.upgrade_buffer: list[bytes] = []
+        self.connecting: asyncio.Task | None = None
+        self.deadline = 0.0
+        self.deadline_kind = NO_DEADLINE
+        self.draining = False
+        deny = cfg.deny_message.encode()
+        self.deny_bytes = simple_response(403, deny)
+        self.deny_close_bytes = simple_response(403, deny, close=True)
+
+    # ---- asyncio: client side ----------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(self.cfg.write_high_water, self.cfg.write_low_water)
+        if self.sweeper is not None:
+            self.sweeper.add(self)
+        self._set_deadline(IDLE, self.cfg.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            self.upstream.transport.write(data)
+            return
+        if self.upgrade_wait is not None:
+            self.upgrade_buffer.append(data)
+            return
+        self._handle(self.parser.receive_data(data))
+        if self.parser.in_head and self.deadline_kind != HEAD and not self.closed:
+            self._set_deadline(HEAD, self.cfg.header_timeout)
+
+    def _handle(self, events) -> None:
+        for ev in events:
+            cls = ev.__class__
+            if cls is Request:
+                self._on_request(ev)
+            elif cls is Data:
+                self._on_data(ev.data)
+            elif cls is EndOfMessage:
+                self._on_end(ev)
+            elif cls is ParseError:
+                self._on_parse_error(ev)
+            elif cls is Upgrade:
+                self._on_upgrade(ev.rest)
+            if self.closed:
+                return
+
+    def eof_received(self):
+        # Half-close from the client: finish what is queued, then close (no keep-alive).
+        if not self.queue:
+            return False
+        for ex in self.queue:
+            ex.keep_alive = False
+        return True
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.pm.active.dec()
+        if self.sweeper is not None:
+            self.sweeper.discard(self)
+        if self.connecting is not None:
+            self.connecting.cancel()
+        up = self.upstream
+        self.upstream = None
+        if up is not None:
+            if not self.queue and not self.tunnel and not up.closed:
+                self.pool.release(up)
+            else:
+                up.close()
+
+    def pause_writing(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None and not up.closed:
+            up.transport.resume_reading()
+
+    def pause_client_reading(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume_client_reading(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def _on_request(self, req: Request) -> None:
+        self.pm.received.inc()
+        decision = decide(self.ctx.rules(), req)
+        ex = Exchange(req, decision.allowed, decision.raw, _monotonic())
+        self.parsing = ex
+        queue = self.queue
+        queue.append(ex)
+        if len(queue) == 1:
+            self._start(ex)
+        elif len(queue) > MAX_PIPELINE:
+            self.pause_client_reading(PAUSE_PIPELINE)
+
+    def _on_data(self, data: bytes) -> None:
+        ex = self.parsing
+        if ex is None or not ex.allowed:
+            return  # a denied request's body is read and dropped
+        chunks = encode_chunk(data) if ex.req.chunked else (data,)
+        if ex.sent:
+            up = self.upstream
+            if up is not None:
+                up.transport.writelines(chunks)
+        else:
+            ex.pending.extend(chunks)
+
+    def _on_end(self, ev: EndOfMessage) -> None:
+        ex = self.parsing
+        if ex is None:
+            return
+        ex.complete = True
+        ex.keep_alive = ev.keep_alive and not self.draining
+        if ex.allowed and ex.req.chunked:
+            tail = last_chunk(ev.trailers)
+            if ex.sent and self.upstream is not None:
+                self.upstream.transport.write(tail)
+            else:
+                ex.pending.append(tail)
+        if not ex.keep_alive:
+            # Nothing after a closing request is read; the connection ends with its answer.
+            self.pause_client_reading(PAUSE_PIPELINE)
+        if ex.answered and self.queue and self.queue[0] is ex:
+            self._finish(ex)
+
+    def _on_parse_error(self, err: ParseError) -> None:
+        self.pm.parse_errors.inc()
+        ex = Exchange(None, False, None, _monotonic())
+        ex.error = err
+        ex.complete = True
+        ex.keep_alive = False
+        self.parsing = None
+        self.queue.append(ex)
+        self.pause_client_reading(PAUSE_PIPELINE)
+        if len(self.queue) == 1:
+            self._start(ex)
+
+    def _on_upgrade(self, rest: bytes) -> None:
+        ex = self.parsing
+        if ex is not None and ex.allowed and not ex.answered:
+            # Hold everything after the head until the upstream says 101 (or 2xx to CONNECT).
+            self.upgrade_wait = ex
+            if rest:
+                self.upgrade_buffer.append(rest)
+            return
+        # Denied (answered in place): keep speaking HTTP.
+        self._handle(self.parser.resume(rest))
+
+    # ---- driving the queue -------------------------------------------------------------------
+
+    def _start(self, ex: Exchange) -> None:
+        ex.started = True
+        if ex.error is not None:
+            err = ex.error
+            body = f"{err.status} {err.reason}\r\n".encode("latin-1", "replace")
+            self.transport.write(simple_response(err.status, body, close=True))
+            ex.answered = True
+            self._emit_error_flow(ex, err.status, "PARSE_ERROR")
+            self._close()
+            return
+        if not ex.allowed:
+            self.pm.denied.inc()
+            ex.answered = True
+            ex.status = 403
+            if ex.req.expect_continue and not ex.complete:
+                # The client waits for 100-continue; it will not send the body we would need to
+                # skip to keep framing, so this connection ends with the 403.
+                ex.keep_alive = False
+                self.transport.write(self.deny_close_bytes)
+            else:
+                self.transport.write(self.deny_bytes)
+            if ex.complete or not ex.keep_alive:
+                self._finish(ex)
+            return
+        self.pm.forwarded.inc()
+        up = self.upstream
+        if up is None or up.closed:
+            up = self.upstream = self.pool.acquire(self.ctx.destination)
+            if up is None:
+                self._connect(ex)
+                return
+            up.session = self
+        self._send(ex, up)
+
+    def _send(self, ex: Exchange, up: UpstreamConn) -> None:
+        ex.sent = True
+        up.parser.expect(ex.req.method)
+        up.got_bytes = False
+        head = ex.raw or ex.req.raw
+        if ex.pending:
+            up.transport.writelines([head, *ex.pending])
+            ex.pending = []
+        else:
+            up.transport.write(head)
+        timeout = self.cfg.upstream_response_timeout
+        if timeout:
+            self._set_deadline(RESPONSE, timeout)
+        else:
+            self.deadline_kind = NO_DEADLINE
+
+    def _connect(self, ex: Exchange) -> None:
+        self.pause_client_reading(PAUSE_CONNECTING)
+        self.connecting = asyncio.get_running_loop().create_task(self._open_upstream(ex))
+
+    async def _open_upstream(self, ex: Exchange) -> None:
+        cfg = self.cfg
+        try:
+            up = await self.pool.connect(
+                self.ctx.destination, cfg.write_high_water, cfg.write_low_water
+            )
+        except TimeoutError:
+            self._upstream_failed(ex, 504, "timeout")
+            return
+        except OSError:
+            self._upstream_failed(ex, 503, "refused")
+            return
+        finally:
+            self.connecting = None
+        if self.closed:
+            self.pool.release(up)
+            return
+        up.session = self
+        self.upstream = up
+        self.resume_client_reading(PAUSE_CONNECTING)
+        if self.queue and self.queue[0] is ex:
+            self._send(ex, up)
+
+    def _upstream_failed(self, ex: Exchange, status: int, kind: str) -> None:
+        getattr(self.pm, f"upstream_{kind}").inc()
+        self.resume_client_reading(PAUSE_CONNECTING)
+        if self.closed:
+            return
+        msg = b"upstream connect error\r\n" if status == 503 else b"upstream timeout\r\n"
+        self.transport.write(simple_response(status, msg, close=not ex.complete))
+        ex.answered = True
+        ex.status = status
+        self._emit_error_flow(ex, status, f"UPSTREAM_{kind.upper()}")
+        if not ex.complete:
+            self._close()
+            return
+        self.queue.popleft()
+        self._next()
+
+    # ---- responses (called by UpstreamConn) --------------------------------------------------
+
+    def on_response_head(self, status: int) -> None:
+        if self.queue:
+            self.queue[0].status = status
+        if self.deadline_kind == RESPONSE:
+            self.deadline_kind = NO_DEADLINE  # the first byte came; the body may take its time
+
+    def on_response_end(self, ev) -> None:
+        if not self.queue:
+            return
+        ex = self.queue.popleft()
+        ex.status = ev.status
+        now = _monotonic()
+        self.pm.duration.observe(now - ex.start)
+        if self.ctx.flows.active:
+            self._emit_flow(ex, FORWARDED, now)
+        up = self.upstream
+        if not ev.keep_alive or not ex.complete:
+            # The upstream closes, or answered before the request body ended: the rest of that
+            # body can't be delivered in sync, so neither connection is reused.
+            if up is not None:
+                up.close()
+                self.upstream = None
+            if not ex.complete:
+                ex.keep_alive = False
+        if not ex.keep_alive:
+            self._close()
+            return
+        if self.upgrade_wait is ex:
+            # The upstream refused the upgrade: go back to parsing what the client sent.
+            self.upgrade_wait = None
+            buffered = b"".join(self.upgrade_buffer)
+            self.upgrade_buffer = []
+            self._handle(self.parser.resume(buffered))
+        self._next()
+
+    def on_tunnel(self) -> None:
+        """101 Switching Protocols (or 2xx to CONNECT): from now on both sides are raw bytes."""
+        ex = self.queue.popleft() if self.queue else None
+        self.tunnel = True
+        self.deadline_kind = NO_DEADLINE
+        self.upgrade_wait = None
+        if ex is not None and self.ctx.flows.active:
+            self._emit_flow(ex, FORWARDED, _monotonic())
+        if self.upgrade_buffer:
+            self.upstream.transport.writelines(self.upgrade_buffer)
+            self.upgrade_buffer = []
+        self.resume_client_reading(PAUSE_PIPELINE | PAUSE_UPGRADE)
+
+    def on_upstream_lost(self, up: UpstreamConn, why: str) -> None:
+        if up is not self.upstream:
+            return
+        self.upstream = None
+        if self.closed:
+            return
+        if self.tunnel:
+            self._close()
+            return
+        ex = self.queue[0] if self.queue else None
+        if ex is None or not ex.sent:
+            return  # an idle keep-alive connection went away: the next request opens another
+        if up.got_bytes:
+            # Mid-response (or a close-delimited body, whose end is the close): the client
+            # can't tell the difference from us either, so its connection ends too.
+            self.pm.upstream_reset.inc()
+            ex.status = ex.status or 502
+            if self.ctx.flows.active:
+                self._emit_error_flow(ex, ex.status, "UPSTREAM_RESET")
+            self._close()
+            return
+        if up.reused and ex.req.method in (b"GET", b"HEAD", b"OPTIONS") and not ex.req.has_body:
+            # A pooled connection closed by the upstream as we reused it: retry once, fresh.
+            ex.sent = False
+            self._connect(ex)
+            return
+        self._upstream_failed(ex, 503, "reset")
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _finish(self, ex: Exchange) -> None:
+        """A request the proxy answered itself is done."""
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        if ex.req is not None and ex.status == 403:
+            self._emit_flow(ex, DROPPED, _monotonic())
+        if not ex.keep_alive:
+            self._close()
+            return
+        self._next()
+
+    def _next(self) -> None:
+        if self.closed:
+            return
+        if self.queue:
+            self._start(self.queue[0])
+        else:
+            self._set_deadline(IDLE, self.cfg.idle_timeout)
+            if self.draining:
+                self._close()
+                return
+        if len(self.queue) <= MAX_PIPELINE // 2 and self.upgrade_wait is None:
+            last = self.parsing
+            if last is None or last.keep_alive:
+                self.resume_client_reading(PAUSE_PIPELINE)
+
+    def _set_deadline(self, kind: int, seconds: float) -> None:
+        self.deadline_kind = kind
+        self.deadline = _monotonic() + seconds
+
+    def on_deadline(self) -> None:
+        """Called by the sweeper when `deadline` passed."""
+        kind = self.deadline_kind
+        self.deadline_kind = NO_DEADLINE
+        if self.closed:
+            return
+        if kind == HEAD:
+            self.pm.parse_errors.inc()
+            self.transport.write(simple_response(408, b"request timeout\r\n", close=True))
+            self._close()
+        elif kind == RESPONSE:
+            ex = self.queue[0] if self.queue else None
+            up = self.upstream
+            if ex is not None and (up is None or not up.got_bytes):
+                self.pm.upstream_timeout.inc()
+                self.transport.write(simple_response(504, b"upstream timeout\r\n", close=True))
+                ex.status = 504
+                self._emit_error_flow(ex, 504, "UPSTREAM_TIMEOUT")
+            self._close()
+        elif kind == IDLE:
+            self._close()
+
+    def drain(self) -> None:
+        """SIGTERM: finish the request in flight, then close; idle connections close now."""
+        self.draining = True
+        if not self.queue and self.parser.idle and not self.tunnel:
+            self._close()
+
+    def close(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.deadline_kind = NO_DEADLINE
+        up = self.upstream
+        self.upstream = None
+        if up is not None:
+            if not self.queue and not self.tunnel and not up.closed and not self.upgrade_wait:
+                self.pool.release(up)
+            else:
+                up.close()
+        self.transport.close()
+
+    # ---- flows -------------------------------------------------------------------------------
+
+    def _emit_flow(self, ex: Exchange, verdict: str, now: float) -> None:
+        flows = self.ctx.flows
+        if not flows.active:
+            return
+        req = ex.req
+        method = req.method.decode("latin-1")
+        url = req.target.decode("latin-1")
+        latency = int((now - ex.start) * 1e9)
+        l7 = {
+            "type": "RESPONSE" if verdict == FORWARDED else "REQUEST",
+            "latency_ns": latency,
+            "http": {
+                "code": ex.status,
+                "method": method,
+                "url": url,
+                "protocol": "HTTP/" + req.version.decode(),
+                "headers": [],
+            },
+        }
+        summary = (
+            f"HTTP/{req.version.decode()} {ex.status} {latency // 1_000_000}ms ({method} {url})"
+        )
+        drop = "POLICY_DENIED" if verdict == DROPPED else None
+        flows.emit(self.ctx.flow(verdict, l7, summary, drop_reason=drop))
+
+    def _emit_error_flow(self, ex: Exchange, status: int, reason: str) -> None:
+        flows = self.ctx.flows
+        if not flows.active:
+            return
+        req = ex.req
+        http = {"code": status, "protocol": "HTTP/1.1", "headers": []}
+        if req is not None:
+            http["method"] = req.method.decode("latin-1")
+            http["url"] = req.target.decode("latin-1")
+        latency = int((_monotonic() - ex.start) * 1e9)
+        l7 = {"type": "RESPONSE", "latency_ns": latency, "http": http}
+        verdict = DROPPED if reason == "PARSE_ERROR" else ERROR
+        summary = f"HTTP/1.1 {status} {reason}"
+        flows.emit(self.ctx.flow(verdict, l7, summary, drop_reason=reason))
+
+
+def make_session(ctx, first_bytes: bytes = b"") -> Http1Session:
+    """Protocol-registry entry point (see l7proxy/protocols.py)."""
+    return Http1Session(ctx, sweeper=getattr(ctx, "sweeper", None))

@@ -1,0 +1,134 @@
+"""Upstream HTTP/1 connections and the per-worker keep-alive pool.
+
+An `UpstreamConn` belongs to at most one client session at a time (`attach`). Its bytes go to the
+session unchanged; its `ResponseParser` only finds where each response ends, so the session knows
+when the next pipelined request may go and when the connection may return to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from parsers.http1 import Response, ResponseEnd, ResponseParser, Upgrade
+
+
+class UpstreamConn(asyncio.Protocol):
+    __slots__ = (
+        "transport",
+        "parser",
+        "session",
+        "dest",
+        "closed",
+        "reused",
+        "tunnel",
+        "got_bytes",
+    )
+
+    def __init__(self, dest) -> None:
+        self.dest = dest
+        self.transport: asyncio.Transport | None = None
+        self.parser = ResponseParser()
+        self.session = None
+        self.closed = False
+        self.reused = False
+        self.tunnel = False
+        self.got_bytes = False  # of the response in flight
+
+    # -- asyncio --
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None:  # an idle pooled connection must stay silent
+            self.close()
+            return
+        session.transport.write(data)
+        if self.tunnel:
+            return
+        self.got_bytes = True
+        for event in self.parser.receive_data(data):
+            cls = event.__class__
+            if cls is ResponseEnd:
+                session.on_response_end(event)
+            elif cls is Response:
+                session.on_response_head(event.status)
+            elif cls is Upgrade:
+                self.tunnel = True
+                session.on_tunnel()
+        if self.parser.error is not None and not self.closed:
+            session.on_upstream_lost(self, "invalid")
+
+    def eof_received(self):
+        return False  # close our side too
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        session = self.session
+        if session is not None:
+            session.on_upstream_lost(self, "reset" if exc else "closed")
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_client_reading(1)
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.resume_client_reading(1)
+
+    # -- for the session --
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.session = None
+            if self.transport is not None:
+                self.transport.close()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per destination (bounded), reused newest first."""
+
+    def __init__(self, max_idle: int = 256, connect_timeout: float = 5.0) -> None:
+        self.max_idle = max_idle
+        self.connect_timeout = connect_timeout
+        self._idle: dict[object, deque[UpstreamConn]] = {}
+
+    def acquire(self, dest) -> UpstreamConn | None:
+        idle = self._idle.get(dest)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and not conn.transport.is_closing():
+                conn.reused = True
+                return conn
+        return None
+
+    def release(self, conn: UpstreamConn) -> None:
+        conn.session = None
+        if conn.closed or conn.tunnel or conn.parser.error is not None:
+            conn.close()
+            return
+        idle = self._idle.setdefault(conn.dest, deque())
+        if len(idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.got_bytes = False
+        idle.append(conn)
+
+    async def connect(self, dest, high: int, low: int) -> UpstreamConn:
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: UpstreamConn(dest), dest.host, dest.port),
+            self.connect_timeout,
+        )
+        conn.transport.set_write_buffer_limits(high, low)
+        return conn
+
+    def idle_count(self) -> int:
+        return sum(len(q) for q in self._idle.values())
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()

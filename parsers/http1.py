@@ -1,0 +1,390 @@
+"""Sans-IO HTTP/1.1 parsing on llhttp (httptools), strict, with limits and error hints.
+
+`RequestParser.receive_data(bytes) -> list[event]` and `ResponseParser.receive_data(bytes)`.
+llhttp in its default (non-lenient) mode already rejects ambiguous framing (Content-Length with
+Transfer-Encoding, duplicate Content-Length, a final coding other than chunked, bad chunk sizes),
+obs-fold, whitespace before the colon, control characters, bare CR/LF and unknown methods. This
+module adds what llhttp leaves to the application: header size/count and URI limits (431/414),
+the HTTP version (505), a missing or repeated Host in HTTP/1.1 (400), and trailers kept apart from
+headers. Every error event carries the status to answer; the parser is dead after one.
+
+Not thread-safe, no I/O. Bytes in, frozen events out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httptools
+
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_HEADER_COUNT = 100
+DEFAULT_MAX_URI_BYTES = 8 * 1024
+
+
+# ---- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A complete request head. `raw` is the head as it goes upstream (request line + headers +
+    blank line), rebuilt from the parsed parts so nothing ambiguous is ever forwarded."""
+
+    method: bytes
+    target: bytes
+    version: bytes  # b"1.1" or b"1.0"
+    headers: tuple[tuple[bytes, bytes], ...]
+    host: bytes
+    chunked: bool
+    has_body: bool
+    expect_continue: bool
+    upgrade: bool  # Upgrade requested or CONNECT: bytes after the head may be a tunnel
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfMessage:
+    trailers: tuple[tuple[bytes, bytes], ...]
+    keep_alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """The head asked to switch protocols (or CONNECT); `rest` are the bytes that followed it.
+    The parser stops here; call `resume(rest)` if the upstream refused the switch."""
+
+    rest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ParseError:
+    status: int  # what to answer: 400, 408, 414, 431, 505
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseEnd:
+    status: int
+    keep_alive: bool
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+REASONS = {
+    100: "Continue",
+    101: "Switching Protocols",
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+def simple_response(status: int, body: bytes, content_type=b"text/plain", close=False) -> bytes:
+    """A complete response with a body, for answers the proxy makes itself."""
+    reason = REASONS.get(status, "Unknown").encode()
+    head = b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncontent-type: %s\r\n" % (
+        status,
+        reason,
+        len(body),
+        content_type,
+    )
+    if close:
+        head += b"connection: close\r\n"
+    return head + b"\r\n" + body
+
+
+def encode_chunk(data: bytes) -> list[bytes]:
+    return [b"%x\r\n" % len(data), data, b"\r\n"]
+
+
+def last_chunk(trailers=()) -> bytes:
+    return b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n"
+
+
+def build_head(method: bytes, target: bytes, version: bytes, headers) -> bytes:
+    parts = [method, b" ", target, b" HTTP/", version, b"\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _error_status(exc: Exception) -> tuple[int, str]:
+    return 400, str(exc) or type(exc).__name__
+
+
+# ---- request parser -------------------------------------------------------------------------
+
+_IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
+
+
+class RequestParser:
+    """Client side. Feed bytes, get Request, Data*, EndOfMessage per request, in order.
+    After ParseError or Upgrade it returns no more events (see `resume`)."""
+
+    __slots__ = (
+        "_parser",
+        "_events",
+        "_state",
+        "_url",
+        "_headers",
+        "_trailers",
+        "_head_bytes",
+        "_host",
+        "_host_count",
+        "_chunked",
+        "_content_length",
+        "_expect",
+        "_error",
+        "_upgraded",
+        "_pending",
+        "max_header_bytes",
+        "max_header_count",
+        "max_uri_bytes",
+    )
+
+    def __init__(
+        self,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
+        max_uri_bytes: int = DEFAULT_MAX_URI_BYTES,
+    ) -> None:
+        self.max_header_bytes = max_header_bytes
+        self.max_header_count = max_header_count
+        self.max_uri_bytes = max_uri_bytes
+        self._parser = httptools.HttpRequestParser(self)
+        self._events: list = []
+        self._state = _IDLE
+        self._error: ParseError | None = None
+        self._upgraded = False
+        self._pending = 0
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._host = b""
+        self._host_count = 0
+        self._chunked = False
+        self._content_length = False
+        self._expect = False
+
+    @property
+    def in_head(self) -> bool:
+        """True while a request head has begun but is not complete (the 408 timer runs)."""
+        return self._state == _HEAD
+
+    @property
+    def idle(self) -> bool:
+        return self._state in (_IDLE, _DONE)
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def receive_data(self, data: bytes) -> list:
+        if self._error is not None or self._upgraded:
+            return []
+        events = self._events = []
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded = True
+            events.append(Upgrade(bytes(data[exc.args[0] :])))
+            return events
+        except _Limit as exc:
+            return self._fail(events, exc.status, exc.reason)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Limit):
+                return self._fail(events, cause.status, cause.reason)
+            return self._fail(events, *_error_status(exc))
+        if self._state == _HEAD:
+            # llhttp reports a header only once it is complete: count the bytes of a head still
+            # in progress (an over-estimate by at most one read) so a slow huge header is caught.
+            self._pending += len(data)
+            if self._pending > self.max_header_bytes + len(self._url):
+                return self._fail(events, 431, "request header too large")
+        else:
+            self._pending = 0
+        return events
+
+    def resume(self, rest: bytes = b"") -> list:
+        """The upgrade was refused (no 101): parse `rest` and later bytes as HTTP again."""
+        self._parser = httptools.HttpRequestParser(self)
+        self._upgraded = False
+        self._state = _IDLE
+        self._reset_message()
+        return self.receive_data(rest) if rest else []
+
+    def _fail(self, events: list, status: int, reason: str) -> list:
+        self._error = ParseError(status, reason)
+        events.append(self._error)
+        return events
+
+    # -- llhttp callbacks --
+
+    def on_message_begin(self) -> None:
+        self._state = _HEAD
+        self._reset_message()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.max_uri_bytes:
+            raise _Limit(414, "request URI too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._state == _BODY:
+            self._trailers.append((name, value))
+            if len(self._trailers) > self.max_header_count:
+                raise _Limit(431, "too many trailer fields")
+            return
+        self._head_bytes += len(name) + len(value) + 4
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > self.max_header_count:
+            raise _Limit(431, "too many header fields")
+        if self._head_bytes > self.max_header_bytes:
+            raise _Limit(431, "request header too large")
+        if len(name) == 4 and name.lower() == b"host":
+            self._host = value
+            self._host_count += 1
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            self._chunked = True  # llhttp accepts only a final `chunked`
+        elif len(name) == 14 and name.lower() == b"content-length":
+            self._content_length = value != b"0"
+        elif len(name) == 6 and name.lower() == b"expect":
+            self._expect = value.lower() == b"100-continue"
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        if version == "1.1":
+            if self._host_count != 1:
+                raise _Limit(400, "HTTP/1.1 request needs exactly one Host header")
+        elif version != "1.0":
+            raise _Limit(505, f"HTTP/{version} is not supported")
+        if self._head_bytes + len(self._url) > self.max_header_bytes:
+            raise _Limit(431, "request header too large")
+        method = parser.get_method()
+        headers = tuple(self._headers)
+        self._state = _BODY
+        self._events.append(
+            Request(
+                method,
+                self._url,
+                version.encode(),
+                headers,
+                self._host,
+                self._chunked,
+                self._chunked or self._content_length,
+                self._expect,
+                parser.should_upgrade() or method == b"CONNECT",
+                build_head(method, self._url, version.encode(), headers),
+            )
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Data(body))
+
+    def on_message_complete(self) -> None:
+        self._state = _DONE
+        self._events.append(EndOfMessage(tuple(self._trailers), self._parser.should_keep_alive()))
+
+
+class _Limit(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+# ---- response parser ------------------------------------------------------------------------
+
+
+class _StopBody(Exception):
+    """Raised from on_headers_complete when the response has no body by request semantics."""
+
+
+class ResponseParser:
+    """Upstream side. Only finds message boundaries and statuses: the bytes themselves are
+    forwarded to the client unchanged. Call `expect(method)` before each response."""
+
+    __slots__ = ("_parser", "_events", "_no_body", "_connect", "_status", "_error", "_tunnel")
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._events: list = []
+        self._no_body = False
+        self._connect = False
+        self._status = 0
+        self._error: str | None = None
+        self._tunnel = False
+
+    def expect(self, method: bytes) -> None:
+        self._no_body = method == b"HEAD"
+        self._connect = method == b"CONNECT"
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    @property
+    def tunnel(self) -> bool:
+        return self._tunnel
+
+    def receive_data(self, data: bytes) -> list:
+        if self._error is not None or self._tunnel:
+            return []
+        events = self._events = []
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._tunnel = True
+            events.append(Upgrade(b""))
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _StopBody):
+                # HEAD, or a 2xx to CONNECT: the head ends the message. llhttp cannot be told,
+                # so this parser is replaced for the next response.
+                self._parser = httptools.HttpResponseParser(self)
+                if self._connect:
+                    self._tunnel = True
+                    events.append(Upgrade(b""))
+                else:
+                    events.append(ResponseEnd(self._status, True))
+            else:
+                self._error = str(exc) or "invalid response"
+        return events
+
+    def on_headers_complete(self) -> None:
+        status = self._status = self._parser.get_status_code()
+        self._events.append(Response(status))
+        if status >= 200 and (self._no_body or (self._connect and status < 300)):
+            raise _StopBody()
+
+    def on_message_complete(self) -> None:
+        status = self._status
+        if status >= 200:
+            self._events.append(ResponseEnd(status, self._parser.should_keep_alive()))
