@@ -1,0 +1,186 @@
+"""HTTP/1.1 numbers of issue 4, side by side: direct nginx, Envoy, HAProxy and the project.
+
+Every proxy runs one worker with the rule "GET /public/.*, else 403" (the upload scenario also
+allows POST /upload/.*). Each scenario starts its proxies fresh, checks that each enforces the rule,
+then measures them one after another.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.bench import harness, peers
+from tests.bench.harness import DIRECT, ENVOY, HAPROXY, Row, ScenarioResult, Target
+from tests.bench.peers import PUBLIC_GET, UPLOAD_POST, Endpoint, PeerSet
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(900)]
+
+ALLOWED = "/public/index.html"
+DENIED = "/private/x"
+CONNECTIONS = 50
+UPLOAD_CONNECTIONS = 8
+FIXED_RATE = 1000
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def backend(nginx) -> Endpoint:
+    proc, http_port, _ = nginx
+    return Endpoint(DIRECT, http_port, proc)
+
+
+def _checked(endpoint: Endpoint) -> None:
+    peers.check_rule(endpoint, ALLOWED, DENIED, direct=endpoint.peer == DIRECT)
+
+
+def _wrk(endpoint: Endpoint, path: str, duration: float, **kw) -> peers.WrkResult:
+    url = endpoint.url_base + path
+    peers.run_wrk(url, 1, **kw)  # warm-up: connections, caches, the allocator
+    return peers.run_wrk(url, duration, **kw)
+
+
+def _finish(record, result: ScenarioResult, failures: list[str]) -> None:
+    record(result)
+    assert not failures, "; ".join(failures)
+
+
+def test_keepalive_get(backend, workdir, duration, record):
+    def measure(ep: Endpoint) -> Row:
+        _checked(ep)
+        res = _wrk(ep, ALLOWED, duration, connections=CONNECTIONS)
+        if res.non_2xx or res.socket_errors:
+            raise peers.PeerError(f"{res.non_2xx} non-2xx, {res.socket_errors} socket errors")
+        return Row(ep.peer, res.req_s, res.p50_ms, res.p99_ms, ep.proc.rss_mib())
+
+    with PeerSet(workdir, backend, [PUBLIC_GET], http2=False) as peer_set:
+        rows, failures = harness.measure_rows(peer_set.endpoints, measure)
+    result = ScenarioResult(
+        "HTTP/1.1 GET",
+        f"wrk -t1 -c{CONNECTIONS} -d{duration:g}s keep-alive GET {ALLOWED}, rule GET /public/.*",
+        harness.REQ_S,
+        rows,
+        targets=(Target(ENVOY, 2.0), Target(HAPROXY, 0.8)),
+    )
+    _finish(record, result, failures)
+
+
+def test_deny_path(backend, workdir, duration, record):
+    def measure(ep: Endpoint) -> Row:
+        _checked(ep)
+        res = _wrk(ep, DENIED, duration, connections=CONNECTIONS)
+        if res.requests == 0 or res.non_2xx < res.requests:
+            raise peers.PeerError(f"only {res.non_2xx} of {res.requests} answers were denials")
+        note = "404s: nginx has no policy (reference)" if ep.peer == DIRECT else ""
+        return Row(ep.peer, res.req_s, res.p50_ms, res.p99_ms, ep.proc.rss_mib(), note)
+
+    with PeerSet(workdir, backend, [PUBLIC_GET], http2=False) as peer_set:
+        rows, failures = harness.measure_rows(peer_set.endpoints, measure)
+    result = ScenarioResult(
+        "HTTP/1.1 deny",
+        f"wrk -t1 -c{CONNECTIONS} -d{duration:g}s keep-alive GET {DENIED} (403 from each proxy)",
+        harness.DENIED_S,
+        rows,
+    )
+    _finish(record, result, failures)
+
+
+def test_upload_1mib(backend, workdir, duration, record):
+    script = workdir / "upload.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.body = string.rep("u", {MIB})\n'
+        'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+    )
+
+    def measure(ep: Endpoint) -> Row:
+        _checked(ep)
+        status = peers.curl_status(ep.url_base + "/upload/probe", "POST", data="probe")
+        if status != 200:
+            raise peers.PeerError(f"POST /upload/probe got {status or 'no answer'}, expected 200")
+        res = _wrk(ep, "/upload/blob", duration, connections=UPLOAD_CONNECTIONS, script=script)
+        if res.non_2xx or res.socket_errors or res.requests == 0:
+            raise peers.PeerError(f"{res.non_2xx} non-2xx, {res.socket_errors} socket errors")
+        return Row(ep.peer, res.req_s, res.p50_ms, res.p99_ms, ep.proc.rss_mib())
+
+    with PeerSet(workdir, backend, [PUBLIC_GET, UPLOAD_POST], http2=False) as peer_set:
+        rows, failures = harness.measure_rows(peer_set.endpoints, measure)
+    result = ScenarioResult(
+        "HTTP/1.1 1 MiB upload",
+        f"wrk -t1 -c{UPLOAD_CONNECTIONS} -d{duration:g}s POST /upload/blob with a 1 MiB body; "
+        "nginx reads the whole body before it answers; MiB/s = requests/s",
+        harness.MIB_S,
+        rows,
+    )
+    _finish(record, result, failures)
+
+
+def test_p99_added_at_fixed_rate(backend, workdir, duration, record):
+    baseline: dict[str, float] = {}
+
+    def measure(ep: Endpoint) -> Row:
+        _checked(ep)
+        res = peers.run_rate(ep.port, ALLOWED, FIXED_RATE, duration)
+        if res["errors"] or set(res["statuses"]) != {"200"}:
+            raise peers.PeerError(f"statuses {res['statuses']}, errors {res['errors']}")
+        if res["achieved_rate"] < 0.9 * FIXED_RATE:
+            raise peers.PeerError(f"only {res['achieved_rate']:.0f} req/s of {FIXED_RATE}")
+        p99 = res["p99_ms"]
+        if ep.peer == DIRECT:
+            baseline["p99"] = p99
+            return Row(ep.peer, 0.0, res["p50_ms"], p99, ep.proc.rss_mib(), "the baseline")
+        if "p99" not in baseline:
+            raise peers.PeerError("no baseline: the direct run failed")
+        return Row(ep.peer, p99 - baseline["p99"], res["p50_ms"], p99, ep.proc.rss_mib())
+
+    with PeerSet(workdir, backend, [PUBLIC_GET], http2=False) as peer_set:
+        rows, failures = harness.measure_rows(peer_set.endpoints, measure)
+    result = ScenarioResult(
+        "HTTP/1.1 at 1,000 req/s",
+        f"open-loop {FIXED_RATE} req/s for {duration:g}s over 16 keep-alive connections "
+        "(tests/bench/loadgen.py; latency from the due time); value = p99 minus direct p99",
+        harness.ADDED_P99,
+        rows,
+        targets=(Target(ENVOY, 1.0),),
+    )
+    _finish(record, result, failures)
+
+
+def test_rss_idle_keepalive(backend, workdir, nofile, record):
+    count = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
+
+    def measure(ep: Endpoint) -> Row:
+        if ep.peer == HAPROXY and peers.haproxy_maxconn(nofile) < count:
+            return harness.not_available(
+                ep.peer,
+                f"the fd limit {nofile} caps HAProxy's maxconn at {peers.haproxy_maxconn(nofile)}",
+            )
+        _checked(ep)
+        before = ep.proc.rss_mib()
+        with peers.IdleConnections(ep.port, ALLOWED, count) as idle:
+            if idle.report["open"] < count:
+                raise peers.PeerError(
+                    f"only {idle.report['open']} of {count} opened: {idle.report}"
+                )
+            time.sleep(1.0)
+            rss = ep.proc.rss_mib()
+            closed = idle.closed_meanwhile()
+        if closed:
+            raise peers.PeerError(f"closed {closed} of {count} idle connections")
+        per_conn = (rss - before) * 1024 / count
+        note = f"{before:.1f} MiB before; {per_conn:.1f} KiB per connection"
+        return Row(ep.peer, rss, rss_mib=rss, note=note)
+
+    with PeerSet(workdir, backend, [PUBLIC_GET], http2=False) as peer_set:
+        rows, failures = harness.measure_rows(peer_set.endpoints, measure)
+    result = ScenarioResult(
+        f"HTTP/1.1 {count:,} idle",
+        f"{count:,} keep-alive connections, one GET {ALLOWED} each, then idle; VmRSS of the "
+        f"process tree (fd limit {nofile})",
+        harness.IDLE_RSS,
+        rows,
+        targets=(Target(ENVOY, 1.0),),
+    )
+    _finish(record, result, failures)
