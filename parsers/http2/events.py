@@ -1,0 +1,103 @@
+"""What the HTTP/2 relay reports to its session, and the limits it enforces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from parsers.http2.headers import Request
+
+
+@dataclass(frozen=True, slots=True)
+class H2Limits:
+    """Every bound of one relayed HTTP/2 connection (built from ProxyConfig by the session)."""
+
+    # Streams a client may have open through the proxy; advertised as MAX_CONCURRENT_STREAMS
+    # (the smaller of this and the server's value), excess streams get REFUSED_STREAM.
+    max_concurrent_streams: int = 256
+    # Largest frame accepted or relayed; SETTINGS_MAX_FRAME_SIZE is capped to it both ways.
+    max_frame_size: int = 64 * 1024
+    # One header block (HEADERS + CONTINUATION), compressed bytes and frame count.
+    max_header_block: int = 64 * 1024
+    max_continuation_frames: int = 32
+    # Decoded request header list (RFC 9113 6.5.2 accounting): above the soft limit the stream
+    # gets 431, above the hard limit (an HPACK bomb) the connection is closed.
+    max_header_list_size: int = 64 * 1024
+    hard_header_list_size: int = 256 * 1024
+    max_header_count: int = 128
+    # Largest HPACK dynamic table either peer may use (SETTINGS_HEADER_TABLE_SIZE is capped).
+    max_header_table_size: int = 64 * 1024
+    # Flood budgets: token buckets refilled by `tick()` (once per second by the session).
+    # Client resets of streams still in flight (rapid reset, CVE-2023-44487) and refused streams:
+    reset_burst: int = 400
+    reset_refill: int = 200
+    # PING, SETTINGS, PRIORITY, empty DATA without END_STREAM, unknown frames:
+    control_burst: int = 1000
+    control_refill: int = 1000
+    # Server DATA held back while the client's connection window is owed bytes the proxy
+    # injected itself (local 403 bodies): bounded by those bodies, this is a safety cap.
+    max_held_bytes: int = 1024 * 1024
+    deny_body: bytes = b"Access denied\r\n"
+    grpc_deny_message: str = "Access denied"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's answer for one request. `headers` replaces the forwarded header list when a
+    rule rewrote it (header_actions); None forwards the request's own headers."""
+
+    allowed: bool
+    headers: tuple[tuple[str, str], ...] | None = None
+    note: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefaceReceived:
+    """A valid client connection preface: the session may open the upstream connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    stream_id: int
+    request: Request
+    decision: Decision
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    """A request answered by the proxy without asking the policy (malformed, too large, refused)."""
+
+    stream_id: int
+    reason: str
+    error_code: int  # RST_STREAM code, or 0 when answered with a status
+    status: int  # HTTP status sent, or 0
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived:
+    stream_id: int
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    stream_id: int
+    grpc_status: str | None = None
+    grpc_message: str | None = None
+    reset_code: int | None = None
+    reset_by: str | None = None  # "client", "server", "proxy"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed:
+    """The relay closed the connection: `side` broke the protocol (or abused it)."""
+
+    side: str  # "client" or "server"
+    error_code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GoawayReceived:
+    side: str
+    last_stream_id: int
+    error_code: int
