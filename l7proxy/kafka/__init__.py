@@ -1,0 +1,1 @@
+"""Kafka protocol session for the proxy (layer.py: logic, session.py: asyncio glue)."""

@@ -1,0 +1,249 @@
+"""The Kafka protocol session: one client connection, one upstream connection, a KafkaLayer
+in between. This module only moves bytes and carries out the layer's commands.
+
+Backpressure: when either transport's write buffer passes the high water mark, reading from the
+other side pauses until it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from l7proxy.flows import DROPPED, ERROR, FORWARDED
+from l7proxy.kafka.layer import Close, KafkaLayer, KafkaSettings, Record, ToClient, ToUpstream
+from l7proxy.kafka.settings import settings_for
+from parsers.kafka.apis import api_name
+
+_VERDICTS = {"FORWARDED": FORWARDED, "DROPPED": DROPPED, "ERROR": ERROR}
+
+
+class _KafkaMetrics:
+    """Kafka-only metrics next to the shared policy_l7_total{proto="kafka"}."""
+
+    __slots__ = ("latency", "frame_errors", "_by_key")
+
+    def __init__(self, registry) -> None:
+        self.latency = registry.histogram(
+            "l7proxy_kafka_request_duration_seconds",
+            "Kafka request latency through the proxy, by API key",
+            ("api_key",),
+        )
+        self.frame_errors = registry.counter(
+            "l7proxy_kafka_connection_errors_total",
+            "Kafka connections closed by the proxy, by reason (frame_too_large, ...)",
+            ("reason",),
+        )
+        self._by_key: dict[int, object] = {}
+
+    def observe(self, api_key: int, seconds: float) -> None:
+        child = self._by_key.get(api_key)
+        if child is None:
+            child = self._by_key[api_key] = self.latency.labels(api_key=api_name(api_key))
+        child.observe(seconds)
+
+
+_metrics_by_registry: dict[int, _KafkaMetrics] = {}
+
+
+def _kafka_metrics(ctx) -> _KafkaMetrics:
+    registry = ctx.metrics.registry
+    metrics = _metrics_by_registry.get(id(registry))
+    if metrics is None:
+        metrics = _metrics_by_registry[id(registry)] = _KafkaMetrics(registry)
+    return metrics
+
+
+class _Upstream(asyncio.Protocol):
+    def __init__(self, session: KafkaSession) -> None:
+        self.session = session
+
+    def data_received(self, data: bytes) -> None:
+        self.session.upstream_data(data)
+
+    def connection_lost(self, exc) -> None:
+        self.session.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.session.pause_client()
+
+    def resume_writing(self) -> None:
+        self.session.resume_client()
+
+
+class KafkaSession(asyncio.Protocol):
+    def __init__(self, ctx, settings: KafkaSettings | None = None) -> None:
+        self.ctx = ctx
+        self.layer = KafkaLayer(ctx.rules, settings or settings_for(ctx), time.monotonic_ns)
+        self.kmetrics = _kafka_metrics(ctx)
+        self.client = None
+        self.upstream = None
+        self._queued: list[bytes] = []  # for upstream, until it is connected
+        self._queued_bytes = 0
+        self._connect_task = None
+        self._closed = False
+        self._last_counted = None
+
+    # ---- client side --------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.client = transport
+        cfg = self.ctx.config
+        transport.set_write_buffer_limits(cfg.write_high_water, cfg.write_low_water)
+        self._connect_task = asyncio.ensure_future(self._connect())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            commands = self.layer.client_data(data)
+        except Exception as exc:  # a bug in a layer closes this connection, never the process
+            self._close("internal_error", repr(exc))
+            return
+        self._run(commands)
+
+    def eof_received(self):
+        if self.upstream is not None and not self._closed:
+            self.upstream.write_eof()
+        return True
+
+    def connection_lost(self, exc) -> None:
+        if not self._closed:
+            self._closed = True
+            if self.upstream is not None:
+                self.upstream.close()
+            if self._connect_task is not None:
+                self._connect_task.cancel()
+        self.ctx.proto_metrics.active.dec()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and not self._closed:
+            self.upstream.resume_reading()
+
+    # ---- upstream side ------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        dest = self.ctx.destination
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _Upstream(self), dest.host, dest.port),
+                self.ctx.config.upstream_connect_timeout,
+            )
+        except asyncio.CancelledError:
+            raise
+        except (TimeoutError, OSError) as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                self.ctx.proto_metrics.upstream_timeout.inc()
+            else:
+                self.ctx.proto_metrics.upstream_refused.inc()
+            self._close("upstream_unreachable", f"{dest.host}:{dest.port}: {exc}")
+            return
+        if self._closed:
+            transport.close()
+            return
+        cfg = self.ctx.config
+        transport.set_write_buffer_limits(cfg.write_high_water, cfg.write_low_water)
+        self.upstream = transport
+        if self._queued:
+            transport.writelines(self._queued)
+            self._queued.clear()
+            self._queued_bytes = 0
+            self.client.resume_reading()
+
+    def upstream_data(self, data: bytes) -> None:
+        try:
+            commands = self.layer.upstream_data(data)
+        except Exception as exc:
+            self._close("internal_error", repr(exc))
+            return
+        self._run(commands)
+
+    def upstream_lost(self, exc) -> None:
+        if self._closed:
+            return
+        if exc is not None:
+            self.ctx.proto_metrics.upstream_reset.inc()
+        # Requests still in flight will never be answered: tell the client by closing.
+        self._closed = True
+        self.client.close()
+
+    def pause_client(self) -> None:
+        self.client.pause_reading()
+
+    def resume_client(self) -> None:
+        if not self._closed:
+            self.client.resume_reading()
+
+    # ---- commands -----------------------------------------------------------------------
+
+    def _run(self, commands: list) -> None:
+        for cmd in commands:
+            if self._closed:
+                return
+            kind = type(cmd)
+            if kind is ToUpstream:
+                if self.upstream is not None:
+                    self.upstream.write(cmd.data)
+                else:
+                    self._queued.append(cmd.data)
+                    self._queued_bytes += len(cmd.data)
+                    if self._queued_bytes > self.ctx.config.write_high_water:
+                        self.client.pause_reading()
+            elif kind is ToClient:
+                self.client.write(cmd.data)
+            elif kind is Record:
+                self._record(cmd)
+            elif kind is Close:
+                self._close(cmd.reason, cmd.detail)
+
+    def _record(self, rec: Record) -> None:
+        pm = self.ctx.proto_metrics
+        if rec.kind == "RESPONSE":
+            seconds = rec.latency_ns / 1e9
+            pm.duration.observe(seconds)
+            self.kmetrics.observe(rec.api_key, seconds)
+        elif self._last_counted != rec.correlation_id or rec.verdict == "ERROR":
+            # One count per request, though a request yields one record per topic.
+            self._last_counted = rec.correlation_id
+            pm.received.inc()
+            if rec.verdict == "FORWARDED":
+                pm.forwarded.inc()
+            elif rec.verdict == "DROPPED":
+                pm.denied.inc()
+            else:
+                pm.parse_errors.inc()
+                self.kmetrics.frame_errors.labels(reason=rec.reason or "error").inc()
+        if not self.ctx.flows.active:
+            return
+        name = api_name(rec.api_key) if rec.api_key >= 0 else "unknown"
+        kafka = {
+            "api_key": name,
+            "api_version": rec.api_version,
+            "correlation_id": rec.correlation_id,
+            "topic": rec.topic or "",
+            "error_code": rec.error_code,
+        }
+        l7 = {"type": rec.kind, "latency_ns": rec.latency_ns, "kafka": kafka}
+        summary = f"Kafka {rec.kind.lower()} {name} v{rec.api_version}"
+        if rec.topic:
+            summary += f" topic {rec.topic}"
+        if rec.reason and rec.verdict == "ERROR":
+            summary += f" ({rec.reason})"
+        drop = rec.reason if rec.verdict != "FORWARDED" else None
+        self.ctx.flows.emit(self.ctx.flow(_VERDICTS[rec.verdict], l7, summary, drop_reason=drop))
+
+    def _close(self, reason: str, detail: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.client is not None:
+            self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
+
+
+def make_session(ctx, first_bytes: bytes = b"") -> KafkaSession:
+    return KafkaSession(ctx.for_proto("kafka") if hasattr(ctx, "for_proto") else ctx)

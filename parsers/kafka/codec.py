@@ -1,0 +1,347 @@
+"""Interpret the schema tables: compile (fields, version, flexible) into a decoder and an encoder.
+
+Values are plain dicts keyed by snake_case field names. Tagged fields are kept raw under "_tags"
+as a list of (tag, bytes) so that a decoded message re-encodes byte for byte; fields the caller
+leaves out are written with the spec default. Record batches ("records") are never decoded: the
+decoder hands back a memoryview slice and the encoder writes it through unchanged.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+OPEN = 0x7FFF
+_I8 = struct.Struct(">b")
+_I16 = struct.Struct(">h")
+_U16 = struct.Struct(">H")
+_I32 = struct.Struct(">i")
+_I64 = struct.Struct(">q")
+_F64 = struct.Struct(">d")
+ZERO_UUID = bytes(16)
+
+
+class DecodeError(ValueError):
+    """The bytes do not match the schema (truncated, negative length, bad varint)."""
+
+
+Decoder = Callable[[memoryview, int], tuple[Any, int]]
+Encoder = Callable[[bytearray, Any], None]
+
+
+def read_uvarint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = 0
+    shift = 0
+    while True:
+        if pos >= len(buf):
+            raise DecodeError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 28:
+            raise DecodeError("varint longer than 5 bytes")
+
+
+def write_uvarint(out: bytearray, value: int) -> None:
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _in(rng: tuple[int, int] | None, version: int) -> bool:
+    return rng is not None and rng[0] <= version <= rng[1]
+
+
+def _fixed(st: struct.Struct) -> tuple[Decoder, Encoder]:
+    size = st.size
+    unpack, pack = st.unpack_from, st.pack
+
+    def dec(buf, pos):
+        if pos + size > len(buf):
+            raise DecodeError("truncated")
+        return unpack(buf, pos)[0], pos + size
+
+    def enc(out, value):
+        out += pack(value)
+
+    return dec, enc
+
+
+def _bool() -> tuple[Decoder, Encoder]:
+    def dec(buf, pos):
+        if pos >= len(buf):
+            raise DecodeError("truncated")
+        return buf[pos] != 0, pos + 1
+
+    def enc(out, value):
+        out.append(1 if value else 0)
+
+    return dec, enc
+
+
+def _uuid() -> tuple[Decoder, Encoder]:
+    def dec(buf, pos):
+        if pos + 16 > len(buf):
+            raise DecodeError("truncated uuid")
+        return bytes(buf[pos : pos + 16]), pos + 16
+
+    def enc(out, value):
+        out += value or ZERO_UUID
+
+    return dec, enc
+
+
+def _length_reader(flexible: bool, wide: bool) -> Decoder:
+    """Read a length prefix; -1 means null. Compact lengths are stored as N+1."""
+    if flexible:
+
+        def read(buf, pos):
+            n, pos = read_uvarint(buf, pos)
+            return n - 1, pos
+
+        return read
+    return _fixed(_I32 if wide else _I16)[0]
+
+
+def _length_writer(flexible: bool, wide: bool) -> Encoder:
+    if flexible:
+        return lambda out, n: write_uvarint(out, n + 1)
+    return _fixed(_I32 if wide else _I16)[1]
+
+
+def _blob(kind: str, flexible: bool, nullable: bool) -> tuple[Decoder, Encoder]:
+    """string, bytes and records share one shape: a length then that many bytes."""
+    read_len = _length_reader(flexible, wide=kind != "string")
+    write_len = _length_writer(flexible, wide=kind != "string")
+    as_text = kind == "string"
+
+    def dec(buf, pos):
+        n, pos = read_len(buf, pos)
+        if n < 0:
+            if not nullable and n != -1:
+                raise DecodeError(f"negative {kind} length")
+            return None, pos
+        end = pos + n
+        if end > len(buf):
+            raise DecodeError(f"truncated {kind}")
+        if as_text:
+            return str(buf[pos:end], "utf-8"), end
+        if kind == "bytes":
+            return bytes(buf[pos:end]), end
+        return buf[pos:end], end
+
+    def enc(out, value):
+        if value is None:
+            write_len(out, -1)
+            return
+        data = value.encode() if as_text else value
+        write_len(out, len(data))
+        out += data
+
+    return dec, enc
+
+
+def _array(item: tuple[Decoder, Encoder], flexible: bool) -> tuple[Decoder, Encoder]:
+    read_len = _length_reader(flexible, wide=True)
+    write_len = _length_writer(flexible, wide=True)
+    item_dec, item_enc = item
+
+    def dec(buf, pos):
+        n, pos = read_len(buf, pos)
+        if n < 0:
+            return None, pos
+        if n > len(buf) - pos:
+            raise DecodeError("array count exceeds the frame")
+        items = []
+        append = items.append
+        for _ in range(n):
+            value, pos = item_dec(buf, pos)
+            append(value)
+        return items, pos
+
+    def enc(out, value):
+        if value is None:
+            write_len(out, -1)
+            return
+        write_len(out, len(value))
+        for v in value:
+            item_enc(out, v)
+
+    return dec, enc
+
+
+_PRIMITIVE_DEFAULTS = {
+    "bool": False,
+    "int8": 0,
+    "int16": 0,
+    "uint16": 0,
+    "int32": 0,
+    "int64": 0,
+    "float64": 0.0,
+    "uuid": ZERO_UUID,
+    "string": "",
+    "bytes": b"",
+    "records": None,
+}
+
+
+def _field_codec(field: tuple, version: int, flexible: bool) -> tuple[Decoder, Encoder, Any]:
+    name, kind, _versions, nullable_versions, _tag, _tv, default, children = field
+    nullable = _in(nullable_versions, version)
+    if kind == "{}" or kind == "[]":
+        sub = compile_struct(children, version, flexible)
+        item = (sub.decode, sub.encode)
+        if kind == "[]":
+            dec, enc = _array(item, flexible)
+            return dec, enc, None if default == "null" else []
+        if nullable:
+            return (*_nullable_struct(item), None)
+        return item[0], item[1], sub.defaults()
+    if kind.startswith("[]"):
+        inner = kind[2:]
+        dec, enc = _array(_primitive(inner, flexible, False), flexible)
+        return dec, enc, None if default == "null" else []
+    dec, enc = _primitive(kind, flexible, nullable)
+    if default == "null":
+        value = None
+    elif default is None:
+        value = _PRIMITIVE_DEFAULTS[kind]
+    elif kind == "uuid":
+        value = ZERO_UUID
+    else:
+        value = default
+    return dec, enc, value
+
+
+def _nullable_struct(item: tuple[Decoder, Encoder]) -> tuple[Decoder, Encoder]:
+    item_dec, item_enc = item
+
+    def dec(buf, pos):
+        marker, pos = _fixed(_I8)[0](buf, pos)
+        if marker < 0:
+            return None, pos
+        return item_dec(buf, pos)
+
+    def enc(out, value):
+        if value is None:
+            out += _I8.pack(-1)
+            return
+        out += _I8.pack(1)
+        item_enc(out, value)
+
+    return dec, enc
+
+
+@cache
+def _primitive(kind: str, flexible: bool, nullable: bool) -> tuple[Decoder, Encoder]:
+    if kind == "int8":
+        return _fixed(_I8)
+    if kind == "int16":
+        return _fixed(_I16)
+    if kind == "uint16":
+        return _fixed(_U16)
+    if kind == "int32":
+        return _fixed(_I32)
+    if kind == "int64":
+        return _fixed(_I64)
+    if kind == "float64":
+        return _fixed(_F64)
+    if kind == "bool":
+        return _bool()
+    if kind == "uuid":
+        return _uuid()
+    if kind in ("string", "bytes", "records"):
+        return _blob(kind, flexible, nullable)
+    raise ValueError(f"unknown field kind {kind!r}")
+
+
+def read_tags(buf: memoryview, pos: int) -> tuple[list[tuple[int, bytes]], int]:
+    count, pos = read_uvarint(buf, pos)
+    tags = []
+    for _ in range(count):
+        tag, pos = read_uvarint(buf, pos)
+        size, pos = read_uvarint(buf, pos)
+        if pos + size > len(buf):
+            raise DecodeError("truncated tagged field")
+        tags.append((tag, bytes(buf[pos : pos + size])))
+        pos += size
+    return tags, pos
+
+
+def write_tags(out: bytearray, tags: list[tuple[int, bytes]] | None) -> None:
+    if not tags:
+        out.append(0)
+        return
+    write_uvarint(out, len(tags))
+    for tag, data in sorted(tags):
+        write_uvarint(out, tag)
+        write_uvarint(out, len(data))
+        out += data
+
+
+class StructCodec:
+    """One struct at one version: `decode(buf, pos) -> (dict, pos)`, `encode(out, dict)`."""
+
+    __slots__ = ("decode", "encode", "names", "_defaults")
+
+    def __init__(self, fields: tuple, version: int, flexible: bool):
+        plan = []
+        for field in fields:
+            name, _kind, versions, _nv, tag, tagged_versions, _d, _c = field
+            if not _in(versions, version):
+                continue
+            if tag is not None and _in(tagged_versions, version):
+                continue  # tagged fields travel raw in "_tags"
+            dec, enc, default = _field_codec(field, version, flexible)
+            plan.append((name, dec, enc, default))
+        self.names = tuple(p[0] for p in plan)
+        self._defaults = {p[0]: p[3] for p in plan}
+        decoders = tuple((p[0], p[1]) for p in plan)
+        encoders = tuple((p[0], p[2], p[3]) for p in plan)
+
+        def decode(buf, pos):
+            value = {}
+            for name, dec in decoders:
+                value[name], pos = dec(buf, pos)
+            if flexible:
+                value["_tags"], pos = read_tags(buf, pos)
+            return value, pos
+
+        def encode(out, value):
+            get = value.get
+            for name, enc, default in encoders:
+                v = get(name, default)
+                enc(out, _fresh(default) if v is default else v)
+            if flexible:
+                write_tags(out, get("_tags"))
+
+        self.decode = decode
+        self.encode = encode
+
+    def defaults(self) -> dict:
+        return {k: _fresh(v) for k, v in self._defaults.items()}
+
+
+def _fresh(value):
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+_cache: dict[tuple[int, int, bool], StructCodec] = {}
+
+
+def compile_struct(fields: tuple, version: int, flexible: bool) -> StructCodec:
+    key = (id(fields), version, flexible)
+    codec = _cache.get(key)
+    if codec is None:
+        codec = _cache[key] = StructCodec(fields, version, flexible)
+    return codec

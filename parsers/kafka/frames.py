@@ -1,0 +1,158 @@
+"""Kafka framing (int32 size prefix) and the request/response headers.
+
+`FrameDecoder.receive_data(bytes)` returns the complete frames (without the size prefix) that the
+bytes finished; a frame larger than `max_frame_size` or a negative size raises `FrameError`, whose
+`hint` says what the proxy should do (always "close": Kafka has no way to answer a bad frame).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+DEFAULT_MAX_FRAME_SIZE = 8 * 1024 * 1024
+_SIZE = struct.Struct(">i")
+_HEADER = struct.Struct(">hhi")  # api_key, api_version, correlation_id
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+
+API_VERSIONS = 18
+CONTROLLED_SHUTDOWN = 7
+
+
+class FrameError(ValueError):
+    """A frame that must close the connection. `reason` is a short machine-friendly word."""
+
+    hint = "close"
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames. Keeps at most one partial frame buffered."""
+
+    __slots__ = ("max_frame_size", "_buf")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def receive_data(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        frames = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            size = _SIZE.unpack_from(buf, pos)[0]
+            check_size(size, self.max_frame_size)
+            if end - pos - 4 < size:
+                break
+            frames.append(bytes(buf[pos + 4 : pos + 4 + size]))
+            pos += 4 + size
+        if pos:
+            del buf[:pos]
+        return frames
+
+
+def check_size(size: int, max_frame_size: int) -> None:
+    if size < 0:
+        raise FrameError("negative_frame_size", f"negative frame size {size}")
+    if size > max_frame_size:
+        raise FrameError(
+            "frame_too_large", f"frame of {size} bytes exceeds the limit of {max_frame_size}"
+        )
+
+
+def frame(payload: bytes | bytearray) -> bytes:
+    return _SIZE.pack(len(payload)) + payload
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHeader:
+    api_key: int
+    api_version: int
+    correlation_id: int
+    client_id: str | None
+    flexible: bool  # request header v2 (tagged fields) and a flexible body
+    body_offset: int  # where the request body starts in the frame
+
+
+def request_header_flexible(api_key: int, api_version: int, flexible_min: int | None) -> bool:
+    return flexible_min is not None and api_version >= flexible_min
+
+
+def parse_request_header(frame_bytes: bytes, flexible_min: int | None) -> RequestHeader:
+    """Parse a request header; `flexible_min` is the API's first flexible version (None: never).
+
+    The client id stays a classic int16 string even in header v2; only v2 adds tagged fields.
+    """
+    if len(frame_bytes) < 8:
+        raise FrameError("short_header", "request shorter than its header")
+    api_key, api_version, correlation_id = _HEADER.unpack_from(frame_bytes, 0)
+    if api_key == CONTROLLED_SHUTDOWN and api_version == 0:
+        return RequestHeader(api_key, api_version, correlation_id, None, False, 8)
+    if len(frame_bytes) < 10:
+        raise FrameError("short_header", "request header has no client id")
+    n = _I16.unpack_from(frame_bytes, 8)[0]
+    pos = 10
+    client_id = None
+    if n >= 0:
+        if pos + n > len(frame_bytes):
+            raise FrameError("short_header", "client id runs past the frame")
+        client_id = frame_bytes[pos : pos + n].decode("utf-8", "replace")
+        pos += n
+    flexible = request_header_flexible(api_key, api_version, flexible_min)
+    if flexible:
+        pos = _skip_tags(frame_bytes, pos)
+    return RequestHeader(api_key, api_version, correlation_id, client_id, flexible, pos)
+
+
+def response_header_size(api_key: int, flexible: bool, payload: bytes, pos: int = 4) -> int:
+    """Offset of the response body: correlation id, plus tagged fields in header v1.
+
+    ApiVersions responses always use header v0 so that any client can read the version list.
+    """
+    if flexible and api_key != API_VERSIONS:
+        return _skip_tags(payload, pos)
+    return pos
+
+
+def encode_response_header(correlation_id: int, api_key: int, flexible: bool) -> bytes:
+    if flexible and api_key != API_VERSIONS:
+        return _I32.pack(correlation_id) + b"\x00"
+    return _I32.pack(correlation_id)
+
+
+def _skip_tags(data: bytes, pos: int) -> int:
+    count, pos = _uvarint(data, pos)
+    for _ in range(count):
+        _tag, pos = _uvarint(data, pos)
+        size, pos = _uvarint(data, pos)
+        pos += size
+    if pos > len(data):
+        raise FrameError("short_header", "tagged fields run past the frame")
+    return pos
+
+
+def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 28:
+            raise FrameError("short_header", "bad varint in header")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def correlation_id_of(response: bytes) -> int:
+    return _I32.unpack_from(response, 0)[0]

@@ -1,0 +1,195 @@
+"""Start and stop a real Kafka-protocol broker (noida-db) for the tests, and run the Kafka proxy
+session in a background event loop in front of it.
+
+`KafkaBroker` picks a free port, runs `noida-db start --only kafka` in the foreground in its own
+process group and waits until the port answers an ApiVersions request.
+`ProxyThread` serves `l7proxy.kafka.session.make_session` on 127.0.0.1:0 with a swappable rule set
+and records every flow, exactly as the gateway would wire it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api_versions_ok(host: str, port: int) -> bool:
+    body = struct.pack(">hhih", 18, 0, 1, 5) + b"probe"
+    try:
+        with socket.create_connection((host, port), timeout=1) as s:
+            s.sendall(struct.pack(">i", len(body)) + body)
+            s.settimeout(2)
+            head = s.recv(4)
+            return len(head) == 4
+    except OSError:
+        return False
+
+
+def noida_binary() -> str:
+    path = shutil.which("noida-db") or str(VENV_BIN / "noida-db")
+    if not Path(path).exists():
+        pytest.fail("noida-db is not installed (make setup installs the test extra)")
+    return path
+
+
+class KafkaBroker:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.data_dir = tempfile.mkdtemp(prefix="l7proxy-kafka-")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> KafkaBroker:
+        self.log = open(Path(self.data_dir) / "broker.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                noida_binary(),
+                "start",
+                "--only",
+                "kafka",
+                "--kafka-port",
+                str(self.port),
+                "--data-dir",
+                self.data_dir,
+            ],  # fmt: skip
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"noida-db exited: {Path(self.log.name).read_text()}")
+            if api_versions_ok(self.host, self.port):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("noida-db did not answer on its Kafka port")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+        if getattr(self, "log", None):
+            self.log.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class _Lines(io.TextIOBase):
+    """A FlowSink stream that keeps the flows as dicts."""
+
+    def __init__(self) -> None:
+        self.flows: list[dict] = []
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line:
+                self.flows.append(json.loads(line))
+        return len(text)
+
+
+class ProxyThread:
+    """The Kafka session behind a listener, in its own thread and uvloop event loop."""
+
+    def __init__(self, upstream: tuple[str, int], rules=None, brokers: dict | None = None,
+                 max_frame_bytes: int | None = None) -> None:  # fmt: skip
+        from l7proxy.config import ProxyConfig
+        from l7proxy.flows import FlowSink
+        from l7proxy.metrics import ProxyMetrics
+
+        self.upstream = upstream
+        self.rules = rules
+        self.brokers = brokers
+        config = ProxyConfig()
+        if max_frame_bytes:
+            config = config.replace(max_frame_bytes=max_frame_bytes)
+        self.config = config
+        self.stream = _Lines()
+        self.sink = FlowSink(stream=self.stream)
+        self.metrics = ProxyMetrics()
+        self.port = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def flows(self) -> list[dict]:
+        return list(self.stream.flows)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ProxyThread:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("proxy thread did not start")
+        return self
+
+    def _run(self) -> None:
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._serve())
+        self._ready.set()
+        self.loop.run_forever()
+        self.server.close()
+        self.loop.run_until_complete(self.server.wait_closed())
+        self.loop.close()
+
+    async def _serve(self) -> None:
+        from l7proxy.context import ConnContext, OriginalDestination
+        from l7proxy.kafka.layer import KafkaSettings
+        from l7proxy.kafka.session import KafkaSession
+
+        dest = OriginalDestination(*self.upstream)
+        settings = KafkaSettings(self.config.max_frame_bytes, self.brokers)
+
+        def factory():
+            ctx = ConnContext(
+                config=self.config, client=("127.0.0.1", 0), listener_port=self.port,
+                destination=dest, source_identity=1000, source_labels=("k8s:app=client",),
+                destination_identity=2000, destination_labels=("k8s:app=kafka",),
+                rules=lambda: self.rules, flows=self.sink, metrics=self.metrics, proto="kafka",
+            )  # fmt: skip
+            ctx.proto_metrics.active.inc()
+            return KafkaSession(ctx, settings)
+
+        self.server = await self.loop.create_server(factory, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)

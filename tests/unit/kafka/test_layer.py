@@ -1,0 +1,229 @@
+"""KafkaLayer playbooks: bytes in, commands out, no sockets."""
+
+from __future__ import annotations
+
+import struct
+
+from l7proxy.kafka.layer import Close, KafkaLayer, KafkaSettings, Record, ToClient, ToUpstream
+from parsers.kafka.apis import API_TABLE
+from parsers.kafka.frames import encode_response_header, frame
+from policies.l7 import KafkaRuleSet
+from policies.model import KafkaRule
+from tests.unit.kafka.samples import kafka_python_classes
+
+_, RESPONSES = kafka_python_classes()
+# role=produce, topic=t1: Metadata and ApiVersions naming no topic pass, t1 is the only topic.
+PRODUCE_ONLY_T1 = KafkaRuleSet([KafkaRule(api_keys=(0, 3, 18), topic="t1")])
+
+
+def request(key, version, cid, body, client_id="app"):
+    spec = API_TABLE[key]
+    cid_bytes = client_id.encode()
+    out = bytearray(struct.pack(">hhih", key, version, cid, len(cid_bytes)) + cid_bytes)
+    if spec.flexible(version):
+        out.append(0)
+    spec.request_codec(version).encode(out, body)
+    return frame(out)
+
+
+def response(key, version, cid, body):
+    spec = API_TABLE[key]
+    out = bytearray(encode_response_header(cid, key, spec.flexible(version)))
+    spec.response_codec(version).encode(out, body)
+    return frame(out)
+
+
+def produce(topics, acks=1):
+    return {
+        "acks": acks,
+        "timeout_ms": 1000,
+        "topic_data": [
+            {"name": t, "partition_data": [{"index": 0, "records": b"R" * 100}]} for t in topics
+        ],
+    }
+
+
+def layer(rules=PRODUCE_ONLY_T1, **kw):
+    return KafkaLayer(
+        lambda: rules, KafkaSettings(**kw), clock_ns=iter(range(0, 10**12, 1000)).__next__
+    )
+
+
+def of(kind, commands):
+    return [c for c in commands if isinstance(c, kind)]
+
+
+def test_allowed_produce_is_forwarded_byte_for_byte():
+    lay = layer()
+    raw = request(0, 9, 1, produce(["t1"]))
+    out = lay.client_data(raw)
+    assert of(ToUpstream, out) == [ToUpstream(raw)]
+    (rec,) = of(Record, out)
+    assert (rec.verdict, rec.topic, rec.api_key, rec.api_version) == ("FORWARDED", "t1", 0, 9)
+
+
+def test_produce_to_two_topics_one_denied_answers_29_for_every_partition():
+    for version in (3, 8, 9, 11):
+        lay = layer()
+        out = lay.client_data(request(0, version, 7, produce(["t1", "secret"])))
+        assert not of(ToUpstream, out)
+        (answer,) = of(ToClient, out)
+        decoded = RESPONSES[0].decode(answer.data[4:], version=version, header=True)
+        assert decoded._header.correlation_id == 7
+        codes = {(t.name, p.error_code) for t in decoded.responses for p in t.partition_responses}
+        assert codes == {("t1", 29), ("secret", 29)}
+        assert {(r.topic, r.verdict) for r in of(Record, out)} == {
+            ("t1", "DROPPED"),
+            ("secret", "DROPPED"),
+        }
+
+
+def test_denial_waits_behind_earlier_forwarded_requests():
+    lay = layer()
+    allowed = request(0, 9, 1, produce(["t1"]))
+    denied = request(0, 9, 2, produce(["secret"]))
+    out = lay.client_data(allowed + denied)
+    assert len(of(ToUpstream, out)) == 1 and not of(ToClient, out)
+    resp = response(0, 9, 1, {"responses": []})
+    out = lay.upstream_data(resp[:3]) + lay.upstream_data(resp[3:])
+    sent = b"".join(bytes(c.data) for c in of(ToClient, out))
+    assert sent.startswith(resp)
+    assert struct.unpack(">i", sent[len(resp) + 4 : len(resp) + 8])[0] == 2
+    latency = [r for r in of(Record, out) if r.kind == "RESPONSE"]
+    assert latency and latency[0].latency_ns > 0
+
+
+def test_responses_stream_through_in_pieces():
+    lay = layer(rules=None)
+    lay.client_data(request(1, 11, 5, {"topics": [], "rack_id": ""}))
+    big = response(1, 11, 5, {"responses": [{"topic": "t1", "partitions": [
+        {"partition_index": 0, "records": b"x" * 50_000}]}]})  # fmt: skip
+    out = []
+    for i in range(0, len(big), 4096):
+        out += lay.upstream_data(big[i : i + 4096])
+    assert b"".join(bytes(c.data) for c in of(ToClient, out)) == big
+    assert lay.in_flight == 0
+
+
+def test_acks_zero_denied_closes_instead_of_answering():
+    lay = layer()
+    out = lay.client_data(request(0, 9, 3, produce(["secret"], acks=0)))
+    assert of(Close, out) and not of(ToClient, out)
+
+
+def test_acks_zero_allowed_expects_no_response():
+    lay = layer()
+    lay.client_data(request(0, 9, 3, produce(["t1"], acks=0)))
+    assert lay.in_flight == 0
+
+
+def test_api_key_rule_denies_group_api_with_30():
+    lay = layer()
+    out = lay.client_data(
+        request(12, 4, 9, {"group_id": "g", "generation_id": 1, "member_id": "m"})
+    )
+    (answer,) = of(ToClient, out)
+    decoded = RESPONSES[12].decode(answer.data[4:], version=4, header=True)
+    assert decoded.error_code == 30
+
+
+def test_client_id_and_api_version_rules():
+    rules = KafkaRuleSet([KafkaRule(api_keys=(0,), client_id="good", api_version=9)])
+    ok = layer(rules).client_data(request(0, 9, 1, produce(["t"]), client_id="good"))
+    assert of(ToUpstream, ok)
+    for client, version in (("bad", 9), ("good", 8)):
+        out = layer(rules).client_data(request(0, version, 1, produce(["t"]), client_id=client))
+        assert not of(ToUpstream, out) and of(ToClient, out)
+
+
+def test_oversized_and_negative_frames_close_with_a_record():
+    for data, reason in ((struct.pack(">i", 1 << 20), "frame_too_large"),
+                         (struct.pack(">i", -1), "negative_frame_size")):  # fmt: skip
+        out = layer(max_frame_size=1024).client_data(data)
+        (close,) = of(Close, out)
+        assert close.reason == reason
+        assert of(Record, out)[0].verdict == "ERROR"
+
+
+def _metadata_response(version, topics, brokers=(("127.0.0.1", 9092),)):
+    return response(3, version, 4, {
+        "brokers": [{"node_id": i, "host": h, "port": p} for i, (h, p) in enumerate(brokers)],
+        "controller_id": 0,
+        "topics": [{"name": t, "topic_id": bytes([i + 1]) * 16,
+                    "partitions": [{"partition_index": 0, "leader_id": 0}]}
+                   for i, t in enumerate(topics)],
+    })  # fmt: skip
+
+
+def test_metadata_all_topics_filtered_and_brokers_rewritten():
+    lay = layer(brokers={("127.0.0.1", 9092): ("10.0.0.9", 19092)})
+    out = lay.client_data(request(3, 12, 4, {"topics": None}))
+    assert of(ToUpstream, out)
+    out = lay.upstream_data(_metadata_response(12, ["t1", "secret"]))
+    data = b"".join(bytes(c.data) for c in of(ToClient, out))
+    decoded = RESPONSES[3].decode(data[4:], version=12, header=True)
+    assert [t.name for t in decoded.topics] == ["t1"]
+    assert [(b.host, b.port) for b in decoded.brokers] == [("10.0.0.9", 19092)]
+    assert lay.topic_names == {bytes([1]) * 16: "t1"}
+
+
+def test_metadata_named_topics_forwards_allowed_and_answers_denied():
+    lay = layer()
+    out = lay.client_data(request(3, 9, 4, {"topics": [{"name": "t1"}, {"name": "secret"}]}))
+    (up,) = of(ToUpstream, out)
+    sent = API_TABLE[3].request_codec(9).decode(memoryview(up.data), 4 + 2 + 2 + 4 + 2 + 3 + 1)[0]
+    assert [t["name"] for t in sent["topics"]] == ["t1"]
+    out = lay.upstream_data(_metadata_response(9, ["t1"]))
+    data = b"".join(bytes(c.data) for c in of(ToClient, out))
+    decoded = RESPONSES[3].decode(data[4:], version=9, header=True)
+    assert {(t.name, t.error_code) for t in decoded.topics} == {("t1", 0), ("secret", 29)}
+
+
+def test_fetch_by_topic_id_resolves_through_metadata():
+    lay = layer(KafkaRuleSet([KafkaRule(api_keys=(1, 3, 18), topic="t1")]))
+    lay.client_data(request(3, 12, 4, {"topics": None}))
+    lay.upstream_data(_metadata_response(12, ["t1", "secret"]))
+
+    def fetch(topic_id):
+        return request(1, 13, 8, {"max_wait_ms": 1, "topics": [
+            {"topic_id": topic_id, "partitions": [{"partition": 0}]}], "rack_id": ""})  # fmt: skip
+
+    assert of(ToUpstream, layer(None).client_data(fetch(bytes([1]) * 16)))
+    denied = lay.client_data(fetch(bytes([2]) * 16))
+    # Metadata filtered "secret" out, so its id stayed unknown: fail closed with 29.
+    (answer,) = of(ToClient, denied)
+    decoded = RESPONSES[1].decode(answer.data[4:], version=13, header=True)
+    assert decoded.responses[0].partitions[0].error_code == 29
+    assert of(ToUpstream, lay.client_data(fetch(bytes([1]) * 16)))
+
+
+def test_api_versions_capped_to_what_the_proxy_parses():
+    lay = layer(rules=None, brokers={("h", 1): ("g", 2)})
+    lay.client_data(
+        request(18, 3, 1, {"client_software_name": "x", "client_software_version": "1"})
+    )
+    advertised = [
+        {"api_key": 0, "min_version": 0, "max_version": 99},
+        {"api_key": 1, "min_version": 0, "max_version": 99},
+        {"api_key": 999, "min_version": 0, "max_version": 1},
+    ]
+    out = lay.upstream_data(response(18, 3, 1, {"api_keys": advertised}))
+    data = b"".join(bytes(c.data) for c in of(ToClient, out))
+    decoded = RESPONSES[18].decode(data[4:], version=3, header=True)
+    got = {k.api_key: (k.min_version, k.max_version) for k in decoded.api_keys}
+    # A gateway caps Produce/Fetch below the versions that carry broker endpoints (KIP-951).
+    assert got == {0: (0, 9), 1: (0, 15)}
+
+
+def test_unknown_api_with_restrictive_policy_closes():
+    raw = frame(struct.pack(">hhih", 90, 0, 1, 0))
+    out = layer().client_data(raw)
+    assert of(Close, out)[0].reason == "unsupported_api"
+    assert of(ToUpstream, layer(rules=None).client_data(raw))
+
+
+def test_upstream_correlation_mismatch_closes():
+    lay = layer(rules=None)
+    lay.client_data(request(12, 4, 1, {"group_id": "g", "generation_id": 1, "member_id": "m"}))
+    out = lay.upstream_data(response(12, 4, 99, {}))
+    assert of(Close, out)[0].reason == "correlation_mismatch"
