@@ -41,8 +41,8 @@
       style: [
         { selector: "node", style: {
           "label": "data(label)", "text-valign": "center", "text-halign": "center",
-          "shape": "round-rectangle", "width": "label", "height": 28, "padding": "8px",
-          "background-color": "#e3f2fd", "border-width": 1, "border-color": "#1565c0", "font-size": 12 } },
+          "shape": "round-rectangle", "width": "label", "height": 32, "padding": "10px",
+          "background-color": "#e3f2fd", "border-width": 1, "border-color": "#1565c0", "font-size": 16 } },
         { selector: "node[kind = 'world']", style: { "shape": "ellipse", "background-color": "#fff3e0", "border-color": "#ef6c00" } },
         { selector: "node[kind = 'host']", style: { "shape": "hexagon", "background-color": "#eceff1", "border-color": "#37474f" } },
         { selector: "node[kind = 'namespace']", style: {
@@ -50,7 +50,7 @@
           "text-valign": "top", "color": "#666" } },
         { selector: "edge", style: {
           "label": "data(label)", "curve-style": "bezier", "target-arrow-shape": "triangle",
-          "width": 2, "line-color": "#90a4ae", "target-arrow-color": "#90a4ae", "font-size": 10,
+          "width": 2, "line-color": "#90a4ae", "target-arrow-color": "#90a4ae", "font-size": 13,
           "text-background-color": "#fff", "text-background-opacity": 0.85, "text-background-padding": "2px" } },
         { selector: "edge[dropped > 0]", style: { "line-color": "#c62828", "target-arrow-color": "#c62828", "color": "#c62828", "width": 3 } },
         { selector: "edge:selected", style: { "line-color": "#1565c0", "target-arrow-color": "#1565c0", "width": 4 } },
@@ -95,8 +95,14 @@
   function relayout() {
     if (!cy || !layoutPending) return;
     layoutPending = false;
-    cy.layout({ name: "cose", animate: false, padding: 30, nodeRepulsion: () => 80000,
-                idealEdgeLength: () => 160, randomize: false }).run();
+    cy.layout({ name: "cose", animate: false, padding: 40, randomize: true,
+                nodeDimensionsIncludeLabels: true, nodeRepulsion: () => 400000,
+                idealEdgeLength: () => 140, edgeElasticity: () => 100, nodeOverlap: 40 }).run();
+    // A few nodes would otherwise be fitted at a huge zoom.
+    if (cy.zoom() > 1.25) {
+      cy.zoom(1.25);
+      cy.center();
+    }
   }
 
   // ---- HTML lists (always) ----
@@ -167,7 +173,8 @@
                                       `(${e.protocol}/${e.port})`;
     for (const f of e.recent || []) {
       const tr = el("tr", { "data-flow": "", "data-verdict": f.verdict });
-      tr.append(el("td", {}, f.time), el("td", { class: "verdict-" + f.verdict }, f.verdict),
+      const time = el("td", { title: f.time }, (f.time || "").replace(/^.*T/, "").replace(/(\.\d{3})\d*/, "$1"));
+      tr.append(time, el("td", { class: "verdict-" + f.verdict }, f.verdict),
                 el("td", { "data-col": "request" }, request(f)), el("td", { "data-col": "result" }, result(f)),
                 el("td", {}, f.source));
       body.append(tr);
