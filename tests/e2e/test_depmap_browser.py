@@ -272,3 +272,35 @@ def test_page_draws_flows_from_a_followed_flow_log_and_updates_live(tmp_path, br
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_page_degrades_to_html_lists_without_the_vendored_renderer(tmp_path, browser):
+    """A machine where setup could not fetch cytoscape.js still gets a usable, live page."""
+    log = tmp_path / "flows.jsonl"
+    append(log, [http_flow(TIEFIGHTER, DEATHSTAR), l4_flow(XWING, DEATHSTAR)])
+    server, url = start_map_server(log)
+    try:
+        browser.send("Network.enable")
+        browser.send("Network.setBlockedURLs", urls=["*cytoscape.min.js"])
+        browser.navigate(url)
+        browser.wait_for("document.querySelectorAll('#edge-list tr[data-edge-id]').length === 2")
+        assert browser.eval("document.body.dataset.renderer") == "html"
+        assert browser.eval("typeof window.cytoscape") == "undefined"
+        assert browser.nodes() == {"deathstar", "tiefighter", "xwing"}
+        xw = browser.edge_row("xwing", "deathstar", "tcp")
+        assert (xw["dropped"], xw["drops"]) == (1, True)
+        red = browser.eval(
+            "getComputedStyle(document.querySelector('.has-drops [data-count=dropped]')).color"
+        )
+        assert red == "rgb(198, 40, 40)"
+        tie = browser.edge_row("tiefighter", "deathstar", "http")
+        browser.eval(f"document.querySelector('tr[data-edge-id={json.dumps(tie['id'])}]').click()")
+        assert browser.flows_shown()[0]["request"] == "POST /v1/request-landing"
+        append(log, [http_flow(TIEFIGHTER, DEATHSTAR, sport=7)])
+        browser.wait_for(
+            f"+document.querySelector('tr[data-edge-id={json.dumps(tie['id'])}]').dataset.forwarded === 2"
+        )
+        browser.screenshot("depmap-html-fallback.png")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
