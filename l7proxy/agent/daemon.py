@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -101,8 +102,17 @@ class Agent:
 
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        me = os.getpid()
+
+        def on_signal(signum, frame) -> None:
+            # pyroute2 forks helpers (netns create, NetNS) that share the loop's wakeup fd; a
+            # signal delivered to one of them must not stop the agent, so check the pid here
+            # instead of using loop.add_signal_handler (which trusts the wakeup fd).
+            if os.getpid() == me:
+                loop.call_soon_threadsafe(self._stopping.set)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+            signal.signal(sig, on_signal)
         await self.start()
         print(f"l7proxy agent: ready, API on {self.config.socket}", flush=True)
         await self._stopping.wait()
@@ -112,6 +122,7 @@ class Agent:
         """Stop the agent; endpoints, pinned maps and attached programs stay (restart-safe)."""
         await self.api.close()
         if self.admin is not None:
+            await self.map_service.close()
             await self.admin.close()
         if self.proxy is not None:
             await self.proxy.close()
@@ -417,10 +428,7 @@ class Agent:
             return AdminResponse.json(self.status())
 
         self.admin.add_route("/status", status_route)
-        with contextlib.suppress(ImportError):
-            from l7proxy.depmap import routes as depmap_routes  # the live map, when present
+        from l7proxy.depmap import mount
 
-            mount = getattr(depmap_routes, "mount", None)
-            if mount is not None:
-                mount(self.admin, self.flows)
+        self.map_service = mount(self.admin, self.flows)  # /map, /map.json, /map/events
         self.admin_addr = await self.admin.start(host, port)

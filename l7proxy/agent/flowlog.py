@@ -114,9 +114,10 @@ class FlowLog:
         matched = [f for f in self._flows if flt.matches(f)]
         return matched if n is None else matched[-n:] if n > 0 else []
 
-    def subscribe(self, flt: FlowFilter, maxsize: int = 10_000) -> asyncio.Queue:
+    def subscribe(self, flt: FlowFilter | None = None, maxsize: int = 10_000) -> asyncio.Queue:
+        """A bounded queue of new flows (FlowSink-compatible, so the live map can attach)."""
         queue: asyncio.Queue = asyncio.Queue(maxsize)
-        self._subscribers.append((flt, queue))
+        self._subscribers.append((flt or FlowFilter(), queue))
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:

@@ -63,11 +63,14 @@ def run(args) -> int:
         bpf=not args.no_bpf,
         bpf_dir=args.bpf_dir,
     )
+    # uvloop runs the agent's own loop, but the global policy stays asyncio's: pyroute2 opens
+    # its own loops in worker threads for netlink sockets, which uvloop cannot handle.
     try:
         import uvloop
 
-        uvloop.install()
+        factory = uvloop.new_event_loop
     except ImportError:
-        pass
-    asyncio.run(Agent(config).run_forever())
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(Agent(config).run_forever())
     return 0

@@ -1,0 +1,247 @@
+"""The agent through its CLI: endpoints on real namespaces, identities, the policy repository,
+persistence across restarts, status and metrics. BPF is off here (tests/e2e/test_agent_*.py
+with the datapath cover kernel enforcement)."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from l7proxy.agent.runner import AgentProcess
+
+pytestmark = [pytest.mark.root, pytest.mark.e2e, pytest.mark.timeout(120)]
+
+REPO = Path(__file__).resolve().parents[2]
+L3L4 = str(REPO / "demo" / "sw_l3_l4_policy.yaml")
+L7 = str(REPO / "demo" / "sw_l3_l4_l7_policy.yaml")
+
+
+def _pool() -> str:
+    return f"10.251.{random.randint(100, 249)}.0/24"
+
+
+@pytest.fixture
+def agent():
+    with AgentProcess(pool=_pool()) as a:
+        yield a
+
+
+def ok(a: AgentProcess, *args: str) -> str:
+    r = a.cli(*args)
+    assert r.returncode == 0, f"l7proxy {' '.join(args)} failed: {r.stderr}\n{a.log()}"
+    return r.stdout
+
+
+def ns_run(netns: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", netns, *args], capture_output=True, text=True)
+
+
+def test_endpoint_create_list_delete_with_real_namespaces(agent):
+    out = ok(agent, "endpoint", "create", "deathstar", "--labels", "org=empire,class=deathstar")
+    assert "created" in out
+    ok(agent, "endpoint", "create", "xwing", "--labels", "org=alliance,class=xwing")
+    eps = {e["name"]: e for e in json.loads(ok(agent, "endpoint", "list", "-o", "json"))}
+    assert set(eps) == {"deathstar", "xwing"}
+    star, xwing = eps["deathstar"], eps["xwing"]
+    router = agent.pool.split("/")[0].rsplit(".", 1)[0] + ".1"
+    assert star["ip"] != xwing["ip"] and star["identity"] != xwing["identity"]
+    assert "k8s:org=empire" in star["labels"]
+    assert "k8s:io.kubernetes.pod.namespace=default" in star["labels"]
+    assert star["netns"] == agent.prefix + "deathstar"
+    routes = ns_run(star["netns"], "ip", "-4", "route").stdout
+    assert f"default via {router} dev eth0" in routes
+    assert f"{star['ip']}/32" in ns_run(star["netns"], "ip", "-4", "addr", "show", "eth0").stdout
+
+    # Real traffic between the two namespaces, through the host's routes.
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", star["netns"], "python3", "-c", ECHO, star["ip"], "80"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        r = ns_run(xwing["netns"], "python3", "-c", CLIENT, star["ip"], "80")
+        assert r.stdout.strip() == f"echo from {xwing['ip']}", r.stderr
+    finally:
+        server.kill()
+        server.wait()
+
+    table = ok(agent, "endpoint", "list")
+    assert table.splitlines()[0].split()[:3] == ["NAME", "IP", "IDENTITY"]
+    ok(agent, "endpoint", "delete", "xwing")
+    assert not Path(f"/var/run/netns/{xwing['netns']}").exists()
+    assert subprocess.run(["ip", "link", "show", xwing["host_if"]], capture_output=True).returncode
+    names = [e["name"] for e in json.loads(ok(agent, "endpoint", "list", "-o", "json"))]
+    assert names == ["deathstar"]
+    r = agent.cli("endpoint", "create", "deathstar", "--labels", "a=b")
+    assert r.returncode == 1 and "already exists" in r.stderr
+
+
+ECHO = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(); print("listening", flush=True)
+    while True:
+        c, addr = s.accept(); c.sendall(f"echo from {addr[0]}\\n".encode()); c.close()
+    """
+)
+CLIENT = textwrap.dedent(
+    """
+    import socket, sys
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    print(c.makefile().readline().strip())
+    """
+)
+
+
+def test_user_given_ip_and_identity_sharing(agent):
+    base = agent.pool.split("/")[0].rsplit(".", 1)[0]
+    a = json.loads(
+        ok(agent, "endpoint", "create", "a", "--labels", "app=web", "--ip", f"{base}.77/32")
+        and ok(agent, "endpoint", "list", "-o", "json")
+    )[0]
+    assert a["ip"] == f"{base}.77"
+    ok(agent, "endpoint", "create", "b", "--labels", "app=web")
+    eps = {e["name"]: e for e in json.loads(ok(agent, "endpoint", "list", "-o", "json"))}
+    assert eps["a"]["identity"] == eps["b"]["identity"], "same labels, same identity"
+    r = agent.cli("endpoint", "create", "c", "--labels", "app=x", "--ip", f"{base}.77")
+    assert r.returncode == 1 and "already used" in r.stderr
+    ids = json.loads(ok(agent, "identity", "list", "-o", "json"))
+    web = [i for i in ids if "k8s:app=web" in i["labels"]]
+    assert len(web) == 1 and sorted(web[0]["endpoints"]) == ["a", "b"]
+    assert {i["id"] for i in ids} >= set(range(1, 11)), "reserved identities are listed"
+    assert "reserved:world" in ok(agent, "identity", "list")
+
+
+def test_policy_import_is_atomic_and_prints_revisions(agent, tmp_path):
+    ok(agent, "endpoint", "create", "deathstar", "--labels", "org=empire,class=deathstar")
+    assert ok(agent, "policy", "import", L3L4).strip() == "Revision: 1"
+    ep = json.loads(ok(agent, "endpoint", "list", "-o", "json"))[0]
+    assert ep["policy"] == {"ingress": True, "egress": False}
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: bad}\n"
+        "spec:\n  endpointSelector: {matchLabels: {a: b}}\n  ingress:\n"
+        '  - toPorts:\n    - ports:\n      - port: "99999"\n        protocol: XTP\n'
+    )
+    before = json.loads(ok(agent, "policy", "get", "-o", "json"))
+    r = agent.cli("policy", "import", L7, str(bad))
+    assert r.returncode == 1
+    assert str(bad) in r.stderr and "nothing changed" in r.stderr
+    after = json.loads(ok(agent, "policy", "get", "-o", "json"))
+    assert after == before and after["revision"] == 1
+    assert not after["policies"][0]["document"]["spec"]["ingress"][0]["toPorts"][0].get("rules")
+
+    # Same name: the L7 version replaces the L3/L4 one.
+    assert ok(agent, "policy", "import", L7).strip() == "Revision: 2"
+    got = json.loads(ok(agent, "policy", "get", "-o", "json"))
+    assert [p["key"] for p in got["policies"]] == ["cnp/default/deathstar-landing"]
+    assert got["policies"][0]["document"]["spec"]["ingress"][0]["toPorts"][0]["rules"]
+    assert "POST" in ok(agent, "policy", "get")
+
+    r = agent.cli("policy", "delete", "no-such-policy")
+    assert r.returncode == 1 and "no policy" in r.stderr
+    out = ok(agent, "policy", "delete", "deathstar-landing")
+    assert "deleted cnp/default/deathstar-landing" in out and "Revision: 3" in out
+    assert json.loads(ok(agent, "policy", "get", "-o", "json"))["policies"] == []
+    ep = json.loads(ok(agent, "endpoint", "list", "-o", "json"))[0]
+    assert ep["policy"] == {"ingress": False, "egress": False}
+
+
+def test_restart_keeps_endpoints_identities_and_policy(tmp_path):
+    with AgentProcess(pool=_pool(), state_dir=tmp_path) as agent:
+        ok(agent, "endpoint", "create", "tiefighter", "--labels", "org=empire,class=tiefighter")
+        ok(agent, "policy", "import", L3L4)
+        before = json.loads(ok(agent, "endpoint", "list", "-o", "json"))
+        ids_before = json.loads(ok(agent, "identity", "list", "-o", "json"))
+
+        # Traffic keeps flowing into the endpoint while the agent restarts.
+        ep = before[0]
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ep["netns"], "python3", "-c", ECHO, ep["ip"], "7000"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout.readline().strip() == "listening"
+        failures, stop = [], threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    with socket.create_connection((ep["ip"], 7000), timeout=2) as c:
+                        if not c.makefile().readline().startswith("echo from"):
+                            failures.append("bad answer")
+                except OSError as exc:
+                    failures.append(str(exc))
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        try:
+            agent.restart()
+        finally:
+            stop.set()
+            loader.join()
+            server.kill()
+            server.wait()
+        assert failures == []
+        after = json.loads(ok(agent, "endpoint", "list", "-o", "json"))
+        assert [(e["name"], e["ip"], e["identity"]) for e in after] == [
+            (e["name"], e["ip"], e["identity"]) for e in before
+        ]
+        assert json.loads(ok(agent, "identity", "list", "-o", "json")) == ids_before
+        assert json.loads(ok(agent, "policy", "get", "-o", "json"))["revision"] == 1
+        # A new endpoint with new labels gets a new number, never a reused one.
+        ok(agent, "endpoint", "create", "xwing", "--labels", "org=alliance")
+        xwing = [
+            e
+            for e in json.loads(ok(agent, "endpoint", "list", "-o", "json"))
+            if e["name"] == "xwing"
+        ]
+        assert xwing[0]["identity"] not in {i["id"] for i in ids_before}
+
+
+def test_status_and_metrics_report_counts_and_revision(agent):
+    ok(agent, "endpoint", "create", "deathstar", "--labels", "org=empire,class=deathstar")
+    ok(agent, "endpoint", "create", "tiefighter", "--labels", "org=empire,class=tiefighter")
+    ok(agent, "policy", "import", L7)
+    status = json.loads(ok(agent, "status", "-o", "json"))
+    assert status["counts"]["endpoints"] == 2 and status["policy_revision"] == 1
+    assert status["parts"]["datapath"]["state"] == "disabled"
+    assert status["parts"]["store"]["state"] == "ok"
+    text = ok(agent, "status")
+    assert "Policy revision: 1" in text and "Endpoints:       2" in text
+    metrics = ok(agent, "metrics")
+    assert "endpoint_count 2" in metrics
+    assert "policy_change_total 1" in metrics
+    assert f"identity_count {status['counts']['identities']}" in metrics
+    # One redirect entry per empire identity (deathstar and tiefighter) on port 80.
+    assert 'proxy_redirects{protocol="http"} 2' in metrics
+    # The admin port serves the same metrics plus health and policy.
+    host, port = status["parts"]["admin"]["detail"].rsplit(":", 1)
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+    assert "endpoint_count 2" in body
+    assert urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=5).status == 200
+    pol = json.loads(urllib.request.urlopen(f"http://{host}:{port}/policy", timeout=5).read())
+    assert pol["revision"] == 1 and pol["policies"] == ["cnp/default/deathstar-landing"]
+
+
+def test_cli_without_agent_says_how_to_start_it(tmp_path):
+    import os
+    import sys
+
+    env = {**os.environ, "L7PROXY_SOCKET": str(tmp_path / "none.sock")}
+    r = subprocess.run(
+        [sys.executable, "-m", "l7proxy", "status"], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 1 and "l7proxy agent" in r.stderr
