@@ -421,6 +421,17 @@ def gateway_missing() -> str | None:
     return None
 
 
+def protocol_missing(name: str) -> str | None:
+    """Why the gateway has no session for protocol `name` yet, or None (contract: protocols.py)."""
+    try:
+        from l7proxy.protocols import factory_for
+
+        factory_for(name)
+    except (ImportError, LookupError, AttributeError) as e:
+        return f"the gateway has no {name!r} protocol session yet ({type(e).__name__}: {e})"
+    return None
+
+
 @dataclass
 class Endpoint:
     """One place to send load: a peer's listener, the process to read RSS from, or why it is absent."""
@@ -531,7 +542,7 @@ class PeerSet:
         return [binary, "-db", "-f", str(conf)]
 
     def _project(self, port: int) -> list[str] | str:
-        missing = gateway_missing()
+        missing = gateway_missing() or protocol_missing("http2" if self.http2 else "http")
         if missing:
             return missing
         policy = self.workdir / f"policy-{port}.yaml"
