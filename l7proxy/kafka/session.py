@@ -83,6 +83,11 @@ class KafkaSession(asyncio.Protocol):
         self._connect_task = None
         self._closed = False
         self._last_counted = None
+        self._draining = False
+        # The core's DeadlineSweeper (gateway/agent) tracks sessions for idle timeouts and drain.
+        self.sweeper = getattr(ctx, "sweeper", None)
+        self.deadline = 0.0
+        self.deadline_kind = 0
 
     # ---- client side --------------------------------------------------------------------
 
@@ -90,7 +95,33 @@ class KafkaSession(asyncio.Protocol):
         self.client = transport
         cfg = self.ctx.config
         transport.set_write_buffer_limits(cfg.write_high_water, cfg.write_low_water)
+        if self.sweeper is not None:
+            self.sweeper.add(self)
+        self._arm_idle()
         self._connect_task = asyncio.ensure_future(self._connect())
+
+    # ---- sweeper interface: idle timeout and drain -------------------------------------
+
+    def _arm_idle(self) -> None:
+        """Idle = no request in flight; the sweeper closes the connection after idle_timeout."""
+        if self.layer.in_flight:
+            self.deadline_kind = 0
+        else:
+            self.deadline_kind = 1
+            self.deadline = time.monotonic() + self.ctx.config.idle_timeout
+            if self._draining:
+                self._close("drained", "gateway draining")
+
+    def on_deadline(self) -> None:
+        self._close("idle_timeout", "no request within the idle timeout")
+
+    def drain(self) -> None:
+        self._draining = True
+        if not self.layer.in_flight:
+            self._close("drained", "gateway draining")
+
+    def close(self) -> None:
+        self._close("closed", "closed by the proxy")
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -99,6 +130,7 @@ class KafkaSession(asyncio.Protocol):
             self._close("internal_error", repr(exc))
             return
         self._run(commands)
+        self._arm_idle()
 
     def eof_received(self):
         if self.upstream is not None and not self._closed:
@@ -106,6 +138,8 @@ class KafkaSession(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc) -> None:
+        if self.sweeper is not None:
+            self.sweeper.discard(self)
         if not self._closed:
             self._closed = True
             if self.upstream is not None:
@@ -160,6 +194,7 @@ class KafkaSession(asyncio.Protocol):
             self._close("internal_error", repr(exc))
             return
         self._run(commands)
+        self._arm_idle()
 
     def upstream_lost(self, exc) -> None:
         if self._closed:
@@ -238,6 +273,9 @@ class KafkaSession(asyncio.Protocol):
     def _close(self, reason: str, detail: str) -> None:
         if self._closed:
             return
+        if reason in ("internal_error", "upstream_unreachable"):
+            # The layer records its own closes; these two come from here and need a flow too.
+            self._record(Record("REQUEST", "ERROR", -1, -1, -1, reason=reason))
         self._closed = True
         if self.client is not None:
             self.client.close()
