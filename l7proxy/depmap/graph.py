@@ -286,12 +286,16 @@ class DepMap:
     def _counts(self, flow: dict, conn: tuple) -> bool:
         """Whether this flow adds to the counts: each L7 request once, each L3/L4 event once.
 
-        A REQUEST flow counts and leaves a pending mark on its connection; a RESPONSE flow counts
-        only when no request on that connection is waiting for it (sinks that emit one flow per
-        request at response time). The pending table is bounded: the oldest marks go first.
+        A REQUEST flow counts; a forwarded one also leaves a pending mark on its connection, since
+        its response flow may follow. A RESPONSE flow counts only when no forwarded request on that
+        connection is waiting for it (a sink that emits one flow per request at response time, as
+        the gateway does; a denied request is a DROPPED REQUEST flow with no response flow). The
+        pending table is bounded: the oldest marks go first.
         """
         l7_type = (flow.get("l7") or {}).get("type")
         if l7_type == "REQUEST":
+            if flow.get("verdict") != FORWARDED:
+                return True
             self._pending[conn] = self._pending.get(conn, 0) + 1
             self._pending.move_to_end(conn)
             while len(self._pending) > MAX_PENDING_REQUESTS:

@@ -83,9 +83,13 @@ def test_request_and_response_flows_count_one_request():
     # A sink that emits only the response flow still counts each request.
     m.add(http_flow(sport=42001, l7_type="RESPONSE"))
     m.add(http_flow(sport=42001, l7_type="RESPONSE"))
+    # As the gateway does on one keep-alive connection: a denied request (a DROPPED REQUEST flow,
+    # no response flow), then an allowed one (a RESPONSE flow only). Both count.
+    m.add(http_flow(sport=42002, l7_type="REQUEST", verdict="DROPPED", code=403))
+    m.add(http_flow(sport=42002, l7_type="RESPONSE"))
     e = m.to_dict()["edges"][0]
-    assert e["forwarded"] == 3
-    assert len(e["recent"]) == 4
+    assert (e["forwarded"], e["dropped"]) == (4, 1)
+    assert len(e["recent"]) == 6
 
 
 def test_reply_flows_are_turned_to_the_client_to_server_edge():
