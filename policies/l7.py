@@ -133,7 +133,7 @@ class HttpRuleSet:
         if not hits:
             return _HTTP_DENY
         if not self._needs_headers:
-            return HttpVerdict(True, tuple(hits))
+            return HttpVerdict(True, tuple(sorted(hits)) if len(hits) > 1 else tuple(hits))
         return self._check_headers(hits, headers)
 
     def _slow_hits(self, method, path, host, indexes) -> list[int]:

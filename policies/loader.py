@@ -39,17 +39,16 @@ def load_text(text: str, name: str = "<string>", *, strict: bool = False) -> Loa
 
 def _load_into(result: LoadResult, text: str, name: str) -> None:
     ctx = _Ctx(name, result.diagnostics)
-    try:
-        docs = load_documents(text, name)
-    except DocumentError as exc:
-        result.diagnostics.append(Diagnostic(name, exc.line, "document", exc.message, ERROR))
-        return
+    docs = load_documents(text, name)
     if not docs:
         result.diagnostics.append(
             Diagnostic(name, 1, "document", "no policy documents found", ERROR)
         )
         return
     for doc, line in docs:
+        if isinstance(doc, DocumentError):
+            result.diagnostics.append(Diagnostic(name, doc.line, doc.field, doc.message, ERROR))
+            continue
         result.rules.extend(parse_document(doc, line, ctx))
 
 

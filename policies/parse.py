@@ -65,6 +65,8 @@ HTTP_KEYS = {"method", "path", "host", "headers", "headerMatches"}
 KAFKA_KEYS = {"role", "apiKey", "apiVersion", "clientID", "topic"}
 MISMATCH_ACTIONS = {"", "LOG", "ADD", "DELETE", "REPLACE"}
 NAMED_PORT = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+_QUIET = re2.Options()
+_QUIET.log_errors = False
 KAFKA_TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,255}$")
 
 
@@ -505,6 +507,9 @@ def _parse_peer_rule(item, field, line, direction, deny, ctx: _Ctx) -> PeerRule 
         if key in item and item[key] is not None and not item[key] and key != req_key:
             # `fromEndpoints: []` is present but selects nobody (Cilium: no peer).
             has_l3 = True
+    if not has_l3 and not requires and "toPorts" not in item and "icmps" not in item:
+        # `- {}`: no L3 and no L4 selects nobody; it only turns on default deny (Cilium).
+        has_l3 = True
     peers = Peers(
         endpoints=tuple(endpoints),
         cidrs=tuple(cidrs),
@@ -805,9 +810,12 @@ def _check_regex(ctx, value, field, line) -> str | None:
         ctx.error(line, field, f"must be a string (an RE2 regular expression), got {value!r}")
         return None
     try:
-        re2.compile(value)
+        re2.compile(value, options=_QUIET)
     except re2.error as exc:
-        ctx.error(line, field, f"invalid RE2 regular expression {value!r}: {exc}")
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        ctx.error(line, field, f"invalid RE2 regular expression {value!r}: {reason}")
         return None
     return value
 

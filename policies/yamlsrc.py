@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 
@@ -50,10 +51,12 @@ def _convert(node: yaml.Node):
         out = LDict(line)
         for key_node, value_node in node.value:
             key = _convert(key_node)
-            if isinstance(key, (LDict, LList)):
-                key = str(key)
-            out[key if isinstance(key, str) else str(key)] = _convert(value_node)
-            out.key_lines[key if isinstance(key, str) else str(key)] = key_node.start_mark.line + 1
+            key = key if isinstance(key, str) else str(key)
+            key_line = key_node.start_mark.line + 1
+            if key in out:
+                raise DocumentError(key_line, f"duplicate key {key!r}", key)
+            out[key] = _convert(value_node)
+            out.key_lines[key] = key_line
         return out
     if isinstance(node, yaml.SequenceNode):
         out = LList(line)
@@ -64,33 +67,68 @@ def _convert(node: yaml.Node):
     return _scalar(node)
 
 
-def load_documents(text: str, name: str = "<string>") -> list[tuple[object, int]]:
-    """Every document in a YAML stream (JSON is accepted too) with its first line.
+_DOC_START = re.compile(r"^---(\s|$)")
 
-    Raises ValueError(line, message) style errors as `DocumentError`.
+
+def _split(text: str) -> list[tuple[int, str]]:
+    """The stream cut at `---` lines, each chunk with the 0-based line it starts on, so one
+    broken document does not hide the problems of the others."""
+    chunks: list[tuple[int, str]] = []
+    start, lines = 0, []
+    for i, raw in enumerate(text.splitlines(keepends=True)):
+        if _DOC_START.match(raw):
+            chunks.append((start, "".join(lines)))
+            # keep the '---' line (it may carry content) but blank so line numbers stay right
+            start, lines = i, [raw]
+        else:
+            lines.append(raw)
+    chunks.append((start, "".join(lines)))
+    return [(s, c) for s, c in chunks if c.strip()]
+
+
+def load_documents(text: str, name: str = "<string>") -> list[tuple[object, int]]:
+    """Every document of a YAML stream (JSON is accepted too) with its first line (1-based).
+
+    A document that does not parse gives a DocumentError entry instead of a value.
     """
-    try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        if text.lstrip().startswith(("{", "[")):
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            pass
+        else:
             try:
-                data = json.loads(text)
-            except ValueError:
-                pass
-            else:
+                node = yaml.compose(text, Loader=yaml.SafeLoader)
+                return [(_convert(node), node.start_mark.line + 1)]
+            except (yaml.YAMLError, DocumentError):
                 return [(data, 1)]
-        line = mark.line + 1 if mark is not None else 1
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise DocumentError(line, f"invalid YAML: {problem}") from None
-    return [(_convert(n), n.start_mark.line + 1) for n in nodes if n is not None]
+    out: list[tuple[object, int]] = []
+    for start, chunk in _split(text):
+        padded = "\n" * start + chunk
+        try:
+            nodes = list(yaml.compose_all(padded, Loader=yaml.SafeLoader))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+            line = mark.line + 1 if mark is not None else start + 1
+            problem = getattr(exc, "problem", None) or str(exc)
+            out.append((DocumentError(line, f"invalid YAML: {problem}"), line))
+            continue
+        for node in nodes:
+            if node is None:
+                continue
+            try:
+                out.append((_convert(node), node.start_mark.line + 1))
+            except DocumentError as exc:
+                out.append((exc, exc.line))
+    return out
 
 
 class DocumentError(Exception):
-    def __init__(self, line: int, message: str):
+    def __init__(self, line: int, message: str, field: str = "document"):
         super().__init__(message)
         self.line = line
         self.message = message
+        self.field = field
 
 
 def line_of(container, key, default: int) -> int:
