@@ -52,3 +52,55 @@ def attached(
         finally:
             with contextlib.suppress(NetlinkError):
                 ipr.tc("del", "clsact", ifindex)
+
+
+def _ifindex(ipr: IPRoute, ifname: str) -> int:
+    links = ipr.link_lookup(ifname=ifname)
+    if not links:
+        raise LookupError(f"no such interface: {ifname}")
+    return links[0]
+
+
+def attach(ifname: str, *, ingress_fd: int, egress_fd: int, name: str = "l7proxy") -> int:
+    """Attach for the life of the interface (the datapath outlives the agent); see detach()."""
+    with IPRoute() as ipr:
+        ifindex = _ifindex(ipr, ifname)
+        _ensure_clsact(ipr, ifindex)
+        for parent, fd in ((INGRESS, ingress_fd), (EGRESS, egress_fd)):
+            ipr.tc(
+                "add-filter",
+                "bpf",
+                ifindex,
+                ":1",
+                fd=fd,
+                name=name,
+                parent=parent,
+                classid=1,
+                direct_action=True,
+            )
+        return ifindex
+
+
+def detach(ifname: str) -> None:
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=ifname)
+        if links:
+            with contextlib.suppress(NetlinkError):
+                ipr.tc("del", "clsact", links[0])
+
+
+def has_filters(ifname: str) -> bool:
+    """True when both clsact hooks of the interface carry a BPF filter."""
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=ifname)
+        if not links:
+            return False
+        found = 0
+        for parent in (INGRESS, EGRESS):
+            try:
+                filters = ipr.get_filters(links[0], parent=parent)
+            except NetlinkError:
+                return False
+            if any(f.get_attr("TCA_KIND") == "bpf" for f in filters):
+                found += 1
+        return found == 2

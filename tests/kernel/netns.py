@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import random
+import socket
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +33,17 @@ class Pod:
         return subprocess.Popen(["ip", "netns", "exec", self.netns, *args], **kw)
 
 
+def free_octets(n: int) -> list[int]:
+    """n third octets of 10.250.N.0 that no interface on this host uses (parallel runs)."""
+    used = set()
+    out = sh("ip", "-4", "-o", "addr", "show").stdout
+    for word in out.split():
+        if word.startswith("10.250."):
+            used.add(int(word.split(".")[2]))
+    choices = [o for o in range(10, 200) if o not in used]
+    return random.sample(choices, n)
+
+
 @contextlib.contextmanager
 def pod(subnet_octet: int) -> Iterator[Pod]:
     """A namespace with a /30 veth to the host: host 10.250.N.1, pod 10.250.N.2."""
@@ -50,3 +65,115 @@ def pod(subnet_octet: int) -> Iterator[Pod]:
     finally:
         sh("ip", "link", "del", host_if, check=False)
         sh("ip", "netns", "del", netns, check=False)
+
+
+# --- sockets inside a namespace, from this process ------------------------------------------
+# A network namespace is per thread: a short-lived thread joins the namespace, makes the socket
+# and exits; the socket keeps its namespace wherever it is used afterwards.
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def in_netns(netns: str, fn, *args):
+    result: dict = {}
+
+    def run():
+        try:
+            with open(f"/run/netns/{netns}") as f:
+                if _libc.setns(f.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            result["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller
+            result["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def sock_in(netns: str | None, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    if netns is None:
+        return socket.socket(socket.AF_INET, kind)
+    return in_netns(netns, socket.socket, socket.AF_INET, kind)
+
+
+class EchoServer:
+    """TCP and UDP echo on one port of an address, served by daemon threads."""
+
+    def __init__(self, netns: str | None, ip: str, port: int = 0):
+        self.tcp = sock_in(netns)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind((ip, port))
+        self.port = self.tcp.getsockname()[1]
+        self.tcp.listen(64)
+        self.udp = sock_in(netns, socket.SOCK_DGRAM)
+        self.udp.bind((ip, self.port))
+        self.peers: list[tuple[str, int]] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._udp, daemon=True).start()
+
+    def _accept(self):
+        while not self._closed:
+            try:
+                conn, peer = self.tcp.accept()
+            except OSError:
+                return
+            self.peers.append(peer)
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn):
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def _udp(self):
+        while not self._closed:
+            try:
+                data, peer = self.udp.recvfrom(65536)
+                if peer is None:
+                    return
+                self.udp.sendto(data, peer)
+            except OSError:
+                return
+
+    def close(self):
+        self._closed = True
+        for s in (self.tcp, self.udp):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def tcp_ok(netns: str | None, ip: str, port: int, timeout: float = 0.6) -> bool:
+    """A TCP connect plus one echoed message from inside netns."""
+    s = sock_in(netns)
+    s.settimeout(timeout)
+    try:
+        s.connect((ip, port))
+        s.sendall(b"ping")
+        return s.recv(16) == b"ping"
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def udp_ok(netns: str | None, ip: str, port: int, timeout: float = 0.4) -> bool:
+    s = sock_in(netns, socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    try:
+        s.sendto(b"ping", (ip, port))
+        return s.recvfrom(16)[0] == b"ping"
+    except OSError:
+        return False
+    finally:
+        s.close()

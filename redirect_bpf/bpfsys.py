@@ -1,0 +1,120 @@
+"""Thin ctypes access to libbpf's low-level calls: pin/get objects, map element ops, cgroup attach,
+ring buffers, and the kernel's fdinfo for maps and programs.
+
+bcc only compiles and loads; everything a restarted agent needs (pinned maps and programs) works
+through here without compiling anything.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+from functools import cache
+from pathlib import Path
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+SAMPLE_FN = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+
+
+@cache
+def lib() -> ct.CDLL:
+    so = ct.CDLL("libbpf.so.1", use_errno=True)
+    vp, i, u32, u64, cp = ct.c_void_p, ct.c_int, ct.c_uint32, ct.c_uint64, ct.c_char_p
+    sigs = {
+        "bpf_obj_pin": (i, [i, cp]),
+        "bpf_obj_get": (i, [cp]),
+        "bpf_map_update_elem": (i, [i, vp, vp, u64]),
+        "bpf_map_lookup_elem": (i, [i, vp, vp]),
+        "bpf_map_delete_elem": (i, [i, vp]),
+        "bpf_map_get_next_key": (i, [i, vp, vp]),
+        "bpf_prog_attach": (i, [i, i, i, ct.c_uint]),
+        "bpf_prog_detach2": (i, [i, i, i]),
+        "ring_buffer__new": (vp, [i, SAMPLE_FN, vp, vp]),
+        "ring_buffer__poll": (i, [vp, i]),
+        "ring_buffer__free": (None, [vp]),
+        "bpf_map_update_batch": (i, [i, vp, vp, ct.POINTER(u32), vp]),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(so, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return so
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ct.get_errno() or -ret
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def obj_pin(fd: int, path: str | Path) -> None:
+    _check(lib().bpf_obj_pin(fd, str(path).encode()), f"pin {path}")
+
+
+def obj_get(path: str | Path) -> int:
+    return _check(lib().bpf_obj_get(str(path).encode()), f"open pinned {path}")
+
+
+def map_update(fd: int, key: ct.Structure, value, flags: int = BPF_ANY) -> None:
+    _check(lib().bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags), "map update")
+
+
+def map_lookup(fd: int, key, value) -> bool:
+    if lib().bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value)) == 0:
+        return True
+    if ct.get_errno() == errno.ENOENT:
+        return False
+    _check(-ct.get_errno(), "map lookup")
+    return False
+
+
+def map_delete(fd: int, key) -> bool:
+    if lib().bpf_map_delete_elem(fd, ct.byref(key)) == 0:
+        return True
+    if ct.get_errno() == errno.ENOENT:
+        return False
+    _check(-ct.get_errno(), "map delete")
+    return False
+
+
+def map_next_key(fd: int, key, next_key) -> bool:
+    """Fill next_key with the key after `key` (None: the first key); False at the end."""
+    ptr = ct.byref(key) if key is not None else None
+    if lib().bpf_map_get_next_key(fd, ptr, ct.byref(next_key)) == 0:
+        return True
+    if ct.get_errno() == errno.ENOENT:
+        return False
+    _check(-ct.get_errno(), "map next key")
+    return False
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
+    _check(lib().bpf_prog_attach(prog_fd, target_fd, attach_type, flags), "prog attach")
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    _check(lib().bpf_prog_detach2(prog_fd, target_fd, attach_type), "prog detach")
+
+
+def fdinfo(fd: int) -> dict[str, str]:
+    """The kernel's description of a BPF map or program fd (type, sizes, run_time_ns...)."""
+    out = {}
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@cache
+def possible_cpus() -> int:
+    """Per-CPU map values hold one slot per possible CPU."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count

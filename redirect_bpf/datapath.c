@@ -1,0 +1,538 @@
+// l7proxy datapath: identity-based L3/L4 policy at the host side of each endpoint veth,
+// conntrack, fail-closed redirection to the proxy (bpf_sk_assign), verdict events, and the
+// sidecar-mode connect() redirection. Loaded by redirect_bpf/loader.py with bcc.
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+
+#include "datapath.h"
+
+BPF_LPM_TRIE(policy_deny, struct policy_key, struct policy_value, POLICY_MAP_SIZE);
+BPF_LPM_TRIE(policy_allow, struct policy_key, struct policy_value, POLICY_MAP_SIZE);
+BPF_LPM_TRIE(ipcache, struct ipcache_key, struct ipcache_value, IPCACHE_SIZE);
+BPF_TABLE("lru_hash", struct ct_key, struct ct_entry, conntrack, CT_MAP_SIZE);
+BPF_HASH(ep_by_ifindex, __u32, struct endpoint_info, ENDPOINT_MAP_SIZE);
+BPF_HASH(ep_by_ip, __be32, struct endpoint_info, ENDPOINT_MAP_SIZE);
+BPF_HASH(ep_by_cgroup, __u64, struct endpoint_info, ENDPOINT_MAP_SIZE);
+BPF_ARRAY(config, struct dp_config, 1);
+BPF_PERCPU_ARRAY(counters, struct counter, 2 * 3 * REASONS);
+BPF_RINGBUF_OUTPUT(events, EVENT_RING_SIZE / 4096);
+BPF_TABLE("lru_hash", __u64, struct sidecar_orig, sidecar_by_cookie, SIDECAR_MAP_SIZE);
+BPF_TABLE("lru_hash", struct sidecar_addr, struct sidecar_orig, sidecar_by_addr, SIDECAR_MAP_SIZE);
+
+#define NSEC 1000000000ULL
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+
+struct tuple {
+    __be32 saddr;
+    __be32 daddr;
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 tcp_flags;
+};
+
+struct verdict {
+    struct policy_value value;
+    __u32 match_identity;
+    __u8 match;
+    __u8 found;
+};
+
+static __always_inline void count(__u8 direction, __u8 verdict, __u8 reason, __u32 len)
+{
+    int slot = (direction * 3 + verdict) * REASONS + reason;
+    struct counter *c = counters.lookup(&slot);
+    if (c) {
+        c->packets += 1;
+        c->bytes += len;
+    }
+}
+
+static __always_inline __u32 identity_of(__be32 addr)
+{
+    struct ipcache_key key = {.prefixlen = 32, .addr = addr};
+    struct ipcache_value *v = ipcache.lookup(&key);
+    return v ? v->identity : IDENTITY_WORLD;
+}
+
+static __always_inline int parse(struct __sk_buff *skb, struct tuple *t)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return -1;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > data_end)
+        return -1;
+    t->saddr = ip->saddr;
+    t->daddr = ip->daddr;
+    t->proto = ip->protocol;
+    t->sport = 0;
+    t->dport = 0;
+    t->tcp_flags = 0;
+    if (ip->frag_off & bpf_htons(0x1fff))
+        return 0;  // non-first fragment: no ports
+    __u32 ihl = (ip->ihl & 0xf) * 4;
+    void *l4 = (void *)ip + ihl;
+    if (ip->protocol == IPPROTO_TCP) {
+        struct tcphdr *tcp = l4;
+        if ((void *)tcp + 14 > data_end)
+            return -1;
+        t->sport = tcp->source;
+        t->dport = tcp->dest;
+        t->tcp_flags = ((__u8 *)tcp)[13];
+    } else if (ip->protocol == IPPROTO_UDP) {
+        struct udphdr *udp = l4;
+        if ((void *)(udp + 1) > data_end)
+            return -1;
+        t->sport = udp->source;
+        t->dport = udp->dest;
+    } else if (ip->protocol == IPPROTO_ICMP) {
+        __u8 *icmp = l4;
+        if ((void *)icmp + 8 > data_end)
+            return -1;
+        // Policy port = ICMP type; the echo id keeps flows apart.
+        t->dport = bpf_htons(icmp[0] == 0 ? 8 : icmp[0]);
+        t->sport = *(__be16 *)(icmp + 4);
+    }
+    return 0;
+}
+
+// Cilium's precedence, one lookup after another: any deny (identity-specific, then L4-only)
+// wins; then an identity-specific allow beats an L4-only one; within one trie the longest
+// port prefix wins.
+static __always_inline void policy_lookup(__u32 endpoint_id, __u32 identity, __u8 direction,
+                                          __u8 proto, __be16 dport, struct verdict *out)
+{
+    struct policy_key key = {
+        .prefixlen = 96,
+        .endpoint_id = endpoint_id,
+        .identity = identity,
+        .direction = direction,
+        .proto = proto,
+        .dport = dport,
+    };
+    struct policy_value *v = policy_deny.lookup(&key);
+    out->match = MATCH_L3;
+    out->match_identity = identity;
+    if (!v) {
+        key.identity = IDENTITY_ANY;
+        v = policy_deny.lookup(&key);
+        out->match = MATCH_L4;
+        out->match_identity = IDENTITY_ANY;
+    }
+    if (!v) {
+        key.identity = identity;
+        v = policy_allow.lookup(&key);
+        out->match = MATCH_L3;
+        out->match_identity = identity;
+    }
+    if (!v) {
+        key.identity = IDENTITY_ANY;
+        v = policy_allow.lookup(&key);
+        out->match = MATCH_L4;
+        out->match_identity = IDENTITY_ANY;
+    }
+    if (v) {
+        out->value = *v;
+        out->found = 1;
+    } else {
+        out->match = MATCH_NONE;
+        out->match_identity = 0;
+        out->found = 0;
+    }
+}
+
+// Verdict for a new flow: VERDICT_* and the reason.
+static __always_inline __u8 decide(struct endpoint_info *ep, __u8 direction, struct verdict *v,
+                                   __u8 *reason)
+{
+    __u8 enforced = direction == DIR_INGRESS ? (ep->flags & EP_INGRESS_ENFORCED)
+                                             : (ep->flags & EP_EGRESS_ENFORCED);
+    if (!v->found) {
+        *reason = enforced ? REASON_POLICY_DENIED : REASON_NEW_FLOW;
+        return enforced ? VERDICT_DROPPED : VERDICT_FORWARDED;
+    }
+    if (v->value.deny) {
+        *reason = REASON_POLICY_DENY;
+        return VERDICT_DROPPED;
+    }
+    *reason = REASON_NEW_FLOW;
+    return v->value.redirect ? VERDICT_REDIRECTED : VERDICT_FORWARDED;
+}
+
+static __always_inline void emit(struct tuple *t, __u32 src_id, __u32 dst_id, __u32 ep_id,
+                                 __u8 direction, __u8 verdict, __u8 reason, struct verdict *v)
+{
+    struct flow_event *e = events.ringbuf_reserve(sizeof(struct flow_event));
+    if (!e)
+        return;
+    e->ts_ns = bpf_ktime_get_ns();
+    e->src_identity = src_id;
+    e->dst_identity = dst_id;
+    e->saddr = t->saddr;
+    e->daddr = t->daddr;
+    e->sport = t->sport;
+    e->dport = t->dport;
+    e->endpoint_id = ep_id;
+    e->proto = t->proto;
+    e->direction = direction;
+    e->verdict = verdict;
+    e->reason = reason;
+    e->proxy_port = 0;
+    e->match = MATCH_NONE;
+    e->match_prefix_len = 0;
+    e->match_identity = 0;
+    e->match_proto = 0;
+    e->match_deny = 0;
+    e->match_port = 0;
+    if (v && v->found) {
+        __u8 plen = v->value.key_prefix_len;
+        __u16 port = bpf_ntohs(t->dport);
+        e->proxy_port = v->value.proxy_port;
+        e->match = v->match;
+        e->match_identity = v->match_identity;
+        e->match_proto = v->value.key_proto;
+        e->match_deny = v->value.deny;
+        e->match_prefix_len = plen;
+        e->match_port = plen >= 16 ? port : (plen == 0 ? 0 : port & (0xffff << (16 - plen)));
+    }
+    events.ringbuf_submit(e, 0);
+}
+
+// Hand the packet to the proxy's transparent socket in this (host) namespace: an existing
+// accepted connection by the original tuple, else the listener on 127.0.0.1:proxy_port.
+// Fails (returns -1) when no proxy socket exists; the caller then drops ("no proxy").
+static __always_inline int assign_to_proxy(struct __sk_buff *skb, struct tuple *t,
+                                           __u16 proxy_port)
+{
+    struct bpf_sock_tuple st = {};
+    struct bpf_sock *sk;
+    long ret;
+
+    if (t->proto != IPPROTO_TCP || proxy_port == 0)
+        return -1;
+    st.ipv4.saddr = t->saddr;
+    st.ipv4.daddr = t->daddr;
+    st.ipv4.sport = t->sport;
+    st.ipv4.dport = t->dport;
+    // A bare SYN opens a new connection: go to the listener (skip TIME_WAIT leftovers).
+    if ((t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
+        sk = bpf_skc_lookup_tcp(skb, &st, sizeof(st.ipv4), BPF_F_CURRENT_NETNS, 0);
+        if (sk) {
+            if (sk->state != BPF_TCP_LISTEN)
+                goto assign;
+            bpf_sk_release(sk);
+        }
+    }
+    st.ipv4.daddr = bpf_htonl(0x7f000001);
+    st.ipv4.dport = bpf_htons(proxy_port);
+    sk = bpf_skc_lookup_tcp(skb, &st, sizeof(st.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return -1;
+    if (sk->state != BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        return -1;
+    }
+assign:
+    ret = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (ret != 0)
+        return -1;
+    skb->mark = MARK_TO_PROXY;  // ip rule: local delivery for the assigned socket
+    return 0;
+}
+
+static __always_inline __u64 ct_lifetime(struct dp_config *cfg, struct tuple *t, __u8 flags)
+{
+    if (t->proto == IPPROTO_TCP) {
+        if (flags & CT_CLOSING)
+            return cfg->ct_tcp_close_s * NSEC;
+        if (flags & CT_SEEN_REPLY)
+            return cfg->ct_tcp_established_s * NSEC;
+        return cfg->ct_tcp_syn_s * NSEC;
+    }
+    if (t->proto == IPPROTO_UDP)
+        return cfg->ct_udp_s * NSEC;
+    return cfg->ct_other_s * NSEC;
+}
+
+static __always_inline void ct_touch(struct ct_entry *ct, struct dp_config *cfg, struct tuple *t,
+                                     __u8 reply)
+{
+    __u8 flags = ct->flags;
+    if (reply)
+        flags |= CT_SEEN_REPLY;
+    if (t->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+        flags |= CT_CLOSING;
+    else if ((t->tcp_flags & TCP_FLAG_SYN) && !reply && (flags & CT_CLOSING))
+        flags &= ~CT_CLOSING;  // tuple reused by a new connection
+    if (flags != ct->flags)
+        ct->flags = flags;
+    if ((ct->tcp_flags | t->tcp_flags) != ct->tcp_flags)
+        ct->tcp_flags |= t->tcp_flags;
+    __u64 expires = bpf_ktime_get_ns() + ct_lifetime(cfg, t, flags);
+    // Write only when it moves by more than a second: keeps the cache line mostly read-only.
+    if (expires > ct->expires_ns + NSEC || (flags & CT_CLOSING))
+        ct->expires_ns = expires;
+}
+
+// Ingress policy of a local destination endpoint, checked at the source's from-endpoint so an
+// ingress L7 redirect can still use bpf_sk_assign (only possible at tc ingress).
+static __always_inline int local_ingress_redirect(struct tuple *t, __u32 src_id,
+                                                  struct verdict *v, __u32 *dst_ep_id)
+{
+    __be32 daddr = t->daddr;
+    struct endpoint_info *dst = ep_by_ip.lookup(&daddr);
+    if (!dst)
+        return 0;
+    struct verdict in = {};
+    policy_lookup(dst->endpoint_id, src_id, DIR_INGRESS, t->proto, t->dport, &in);
+    if (in.found && !in.value.deny && in.value.redirect) {
+        *v = in;
+        *dst_ep_id = dst->endpoint_id;
+        return 1;
+    }
+    return 0;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, struct endpoint_info *ep, __u8 dir)
+{
+    struct tuple t;
+    struct verdict v = {};
+    __u8 verdict, reason;
+    __u32 zero = 0;
+    __u32 len = skb->len;
+
+    if (parse(skb, &t) < 0)
+        return TC_ACT_OK;  // not IPv4: outside this datapath's scope (documented)
+    struct dp_config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return TC_ACT_SHOT;
+
+    __u32 mark_identity = 0;
+    __u8 from_proxy = 0;
+    if (dir == DIR_INGRESS && (skb->mark & MARK_MAGIC_MASK) == MARK_FROM_PROXY) {
+        from_proxy = 1;
+        mark_identity = skb->mark & MARK_IDENTITY_MASK;
+    }
+
+    struct ct_key key = {
+        .saddr = t.saddr,
+        .daddr = t.daddr,
+        .sport = t.sport,
+        .dport = t.dport,
+        .proto = t.proto,
+        .direction = dir,
+    };
+    struct ct_entry *ct = conntrack.lookup(&key);
+    if (ct) {
+        if (ct->policy_gen != cfg->policy_gen) {
+            // Policy changed since this flow was allowed: re-check it once.
+            policy_lookup(ep->endpoint_id, dir == DIR_INGRESS ? ct->src_identity : ct->dst_identity,
+                          dir, t.proto, t.dport, &v);
+            verdict = decide(ep, dir, &v, &reason);
+            if (verdict == VERDICT_REDIRECTED && from_proxy)
+                verdict = VERDICT_FORWARDED;
+            if (verdict == VERDICT_DROPPED ||
+                (verdict == VERDICT_REDIRECTED) != ((ct->flags & CT_REDIRECTED) != 0)) {
+                // Denied now, or moved in/out of the proxy mid-stream: cut the flow.
+                if (verdict != VERDICT_DROPPED)
+                    reason = REASON_POLICY_DENIED;
+                __u32 src = ct->src_identity, dst = ct->dst_identity;
+                conntrack.delete(&key);
+                count(dir, VERDICT_DROPPED, reason, len);
+                emit(&t, src, dst, ep->endpoint_id, dir, VERDICT_DROPPED, reason, &v);
+                return TC_ACT_SHOT;
+            }
+            ct->policy_gen = cfg->policy_gen;
+        }
+        ct_touch(ct, cfg, &t, 0);
+        if (ct->flags & CT_REDIRECTED) {
+            if (assign_to_proxy(skb, &t, ct->proxy_port) < 0) {
+                count(dir, VERDICT_DROPPED, REASON_NO_PROXY, len);
+                emit(&t, ct->src_identity, ct->dst_identity, ep->endpoint_id, dir,
+                     VERDICT_DROPPED, REASON_NO_PROXY, 0);
+                return TC_ACT_SHOT;
+            }
+            count(dir, VERDICT_REDIRECTED, REASON_CT_ESTABLISHED, len);
+            return TC_ACT_OK;
+        }
+        count(dir, VERDICT_FORWARDED, REASON_CT_ESTABLISHED, len);
+        return TC_ACT_OK;
+    }
+
+    struct ct_key rkey = {
+        .saddr = t.daddr,
+        .daddr = t.saddr,
+        .sport = t.dport,
+        .dport = t.sport,
+        .proto = t.proto,
+        .direction = dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS,
+    };
+    if (t.proto == IPPROTO_ICMP) {
+        // parse() folds echo replies onto the request: same id, type 8 as the port.
+        rkey.sport = t.sport;
+        rkey.dport = t.dport;
+    }
+    ct = conntrack.lookup(&rkey);
+    if (ct) {
+        ct_touch(ct, cfg, &t, 1);
+        count(dir, VERDICT_FORWARDED, REASON_CT_REPLY, len);
+        return TC_ACT_OK;
+    }
+
+    // A new flow: look up the peer's identity and the endpoint's policy.
+    __u32 peer = dir == DIR_INGRESS ? (from_proxy ? mark_identity : identity_of(t.saddr))
+                                    : identity_of(t.daddr);
+    __u32 src_id = dir == DIR_INGRESS ? peer : ep->identity;
+    __u32 dst_id = dir == DIR_INGRESS ? ep->identity : peer;
+    __u32 event_ep = ep->endpoint_id;
+    policy_lookup(ep->endpoint_id, peer, dir, t.proto, t.dport, &v);
+    verdict = decide(ep, dir, &v, &reason);
+    if (verdict == VERDICT_REDIRECTED && dir == DIR_INGRESS) {
+        if (from_proxy) {
+            verdict = VERDICT_FORWARDED;  // the proxy already applied the L7 rules
+        } else {
+            // Ingress redirects happen at the source's from-endpoint; anything else that
+            // needs the proxy cannot reach it from here: fail closed.
+            verdict = VERDICT_DROPPED;
+            reason = REASON_NO_PROXY;
+        }
+    }
+    if (verdict == VERDICT_FORWARDED && dir == DIR_EGRESS &&
+        local_ingress_redirect(&t, src_id, &v, &event_ep)) {
+        verdict = VERDICT_REDIRECTED;
+    }
+    if (verdict == VERDICT_REDIRECTED && assign_to_proxy(skb, &t, v.value.proxy_port) < 0) {
+        verdict = VERDICT_DROPPED;
+        reason = REASON_NO_PROXY;
+    }
+    if (verdict == VERDICT_DROPPED) {
+        count(dir, verdict, reason, len);
+        emit(&t, src_id, dst_id, event_ep, dir, verdict, reason, &v);
+        return TC_ACT_SHOT;
+    }
+
+    // Only a SYN opens a TCP flow. A mid-stream packet without an entry (a flow cut by a policy
+    // change, or one that predates the datapath) is checked packet by packet; creating an entry
+    // for it would let the cut flow's other direction pass as "replies".
+    if (t.proto == IPPROTO_TCP && (t.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
+        count(dir, verdict, reason, len);
+        return TC_ACT_OK;
+    }
+
+    struct ct_entry entry = {
+        .src_identity = src_id,
+        .dst_identity = dst_id,
+        .policy_gen = cfg->policy_gen,
+        .endpoint_id = ep->endpoint_id,
+        .proxy_port = verdict == VERDICT_REDIRECTED ? v.value.proxy_port : 0,
+        .flags = verdict == VERDICT_REDIRECTED ? CT_REDIRECTED : 0,
+        .tcp_flags = t.tcp_flags,
+    };
+    if (t.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+        entry.flags |= CT_CLOSING;
+    entry.expires_ns = bpf_ktime_get_ns() + ct_lifetime(cfg, &t, entry.flags);
+    conntrack.update(&key, &entry);
+    count(dir, verdict, reason, len);
+    if (verdict == VERDICT_REDIRECTED || (cfg->flags & CFG_EVENTS_FORWARDED))
+        emit(&t, src_id, dst_id, event_ep, dir, verdict, reason, &v);
+    return TC_ACT_OK;
+}
+
+// tc ingress of the host-side veth: packets leaving the endpoint (its egress policy).
+int from_endpoint(struct __sk_buff *skb)
+{
+    __u32 ifindex = skb->ifindex;
+    struct endpoint_info *ep = ep_by_ifindex.lookup(&ifindex);
+    if (!ep)
+        return TC_ACT_OK;
+    return handle(skb, ep, DIR_EGRESS);
+}
+
+// tc egress of the host-side veth: packets entering the endpoint (its ingress policy).
+int to_endpoint(struct __sk_buff *skb)
+{
+    __u32 ifindex = skb->ifindex;
+    struct endpoint_info *ep = ep_by_ifindex.lookup(&ifindex);
+    if (!ep)
+        return TC_ACT_OK;
+    return handle(skb, ep, DIR_INGRESS);
+}
+
+// Sidecar mode, cgroup/connect4: an L7-marked connect() goes to the sidecar proxy on
+// 127.0.0.1:sidecar_port; the original destination is kept by socket cookie.
+int sidecar_connect4(struct bpf_sock_addr *ctx)
+{
+    if (ctx->protocol != IPPROTO_TCP)
+        return 1;
+    __u64 cgroup = bpf_get_current_cgroup_id();
+    struct endpoint_info *ep = ep_by_cgroup.lookup(&cgroup);
+    if (!ep || ep->sidecar_port == 0)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (sk && (sk->mark & MARK_MAGIC_MASK) == MARK_FROM_PROXY)
+        return 1;  // the proxy's own upstream connection
+    __be32 daddr = ctx->user_ip4;
+    __be16 dport = (__be16)ctx->user_port;
+    if (daddr == bpf_htonl(0x7f000001) && dport == bpf_htons(ep->sidecar_port))
+        return 1;
+    __u32 dst_id = identity_of(daddr);
+    struct verdict v = {};
+    __u8 reason;
+    policy_lookup(ep->endpoint_id, dst_id, DIR_EGRESS, IPPROTO_TCP, dport, &v);
+    __u8 verdict = decide(ep, DIR_EGRESS, &v, &reason);
+    struct tuple t = {.saddr = 0, .daddr = daddr, .sport = 0, .dport = dport,
+                      .proto = IPPROTO_TCP};
+    if (verdict == VERDICT_DROPPED) {
+        count(DIR_EGRESS, verdict, reason, 0);
+        emit(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, verdict, reason, &v);
+        return 0;  // connect() fails with EPERM
+    }
+    if (verdict != VERDICT_REDIRECTED)
+        return 1;
+    struct sidecar_orig orig = {
+        .daddr = daddr,
+        .dport = dport,
+        .src_identity = ep->identity,
+        .dst_identity = dst_id,
+    };
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    sidecar_by_cookie.update(&cookie, &orig);
+    ctx->user_ip4 = bpf_htonl(0x7f000001);
+    ctx->user_port = bpf_htons(ep->sidecar_port);
+    count(DIR_EGRESS, VERDICT_REDIRECTED, REASON_NEW_FLOW, 0);
+    emit(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, VERDICT_REDIRECTED,
+         REASON_NEW_FLOW, &v);
+    return 1;
+}
+
+// Sidecar mode, sock_ops: once the local port is chosen, re-key the original destination by
+// the client's address so the proxy can find it from its accepted socket's peer address.
+int sidecar_sockops(struct bpf_sock_ops *skops)
+{
+    if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB || skops->family != 2 /* AF_INET */)
+        return 1;
+    __u64 cookie = bpf_get_socket_cookie(skops);
+    struct sidecar_orig *orig = sidecar_by_cookie.lookup(&cookie);
+    if (!orig)
+        return 1;
+    struct sidecar_addr addr = {
+        .ip = skops->local_ip4,
+        .port = bpf_htons((__u16)skops->local_port),
+    };
+    struct sidecar_orig copy = *orig;
+    sidecar_by_addr.update(&addr, &copy);
+    sidecar_by_cookie.delete(&cookie);
+    return 1;
+}

@@ -1,0 +1,183 @@
+// Shared definitions of the l7proxy datapath: constants, map key/value structs, event record.
+// Every struct here has exactly one Python mirror in redirect_bpf/structs.py; the kernel test
+// tests/kernel/test_struct_layout.py checks sizes and offsets against what bcc reports.
+#ifndef L7PROXY_DATAPATH_H
+#define L7PROXY_DATAPATH_H
+
+// Sizes only (-D may override them); everything switchable at runtime lives in the config map.
+#ifndef POLICY_MAP_SIZE
+#define POLICY_MAP_SIZE 65536
+#endif
+#ifndef IPCACHE_SIZE
+#define IPCACHE_SIZE 65536
+#endif
+#ifndef CT_MAP_SIZE
+#define CT_MAP_SIZE 262144
+#endif
+#ifndef ENDPOINT_MAP_SIZE
+#define ENDPOINT_MAP_SIZE 1024
+#endif
+#ifndef EVENT_RING_SIZE
+#define EVENT_RING_SIZE (1 << 20)
+#endif
+#ifndef SIDECAR_MAP_SIZE
+#define SIDECAR_MAP_SIZE 65536
+#endif
+
+#define DIR_INGRESS 0
+#define DIR_EGRESS 1
+
+#define IDENTITY_ANY 0
+#define IDENTITY_HOST 1
+#define IDENTITY_WORLD 2
+
+// skb/socket marks. The proxy marks its upstream sockets FROM_PROXY | source identity so the
+// destination's ingress check sees the real source and the packets are never redirected again.
+// TO_PROXY is set on packets assigned to a proxy socket; an ip rule routes it to the local table.
+#define MARK_MAGIC_MASK 0xFF000000
+#define MARK_IDENTITY_MASK 0x00FFFFFF
+#define MARK_FROM_PROXY 0x7A000000
+#define MARK_TO_PROXY 0x7B000000
+
+#define VERDICT_FORWARDED 0
+#define VERDICT_DROPPED 1
+#define VERDICT_REDIRECTED 2
+
+#define REASON_NONE 0
+#define REASON_POLICY_DENIED 1  // no allowing entry and the direction is enforced
+#define REASON_POLICY_DENY 2    // an explicit deny entry matched
+#define REASON_NO_PROXY 3       // redirect wanted but no proxy socket is listening
+#define REASON_CT_REPLY 4       // forwarded as the reply of a tracked flow
+#define REASON_CT_ESTABLISHED 5 // forwarded as part of a tracked flow
+#define REASON_NEW_FLOW 6       // forwarded after a policy lookup
+#define REASONS 8               // counter slots per verdict
+
+#define MATCH_NONE 0
+#define MATCH_L3 1  // identity-specific entry
+#define MATCH_L4 2  // L4-only entry (identity 0)
+
+#define EP_INGRESS_ENFORCED 1
+#define EP_EGRESS_ENFORCED 2
+
+#define CT_REDIRECTED 1
+#define CT_SEEN_REPLY 2
+#define CT_CLOSING 4
+
+#define CFG_EVENTS_FORWARDED 1  // emit an event for every new forwarded/redirected flow
+
+// Policy keys are LPM trie keys: endpoint, identity and direction always match in full,
+// proto 0 is "any" (prefix stops before it), the port (big endian) matches on prefixlen - 80 bits.
+struct policy_key {
+    __u32 prefixlen;
+    __u32 endpoint_id;
+    __u32 identity;
+    __u8 direction;
+    __u8 proto;
+    __be16 dport;
+};
+
+struct policy_value {
+    __u16 proxy_port;      // host order; redirect with port 0 = no proxy (fail closed)
+    __u8 deny;
+    __u8 redirect;
+    __u8 key_proto;        // of the stored key, reported in events
+    __u8 key_prefix_len;   // port prefix of the stored key, 0..16
+    __u16 pad;
+    __u32 l7_id;
+};
+
+struct ipcache_key {
+    __u32 prefixlen;
+    __be32 addr;
+};
+
+struct ipcache_value {
+    __u32 identity;
+    __u32 pad;
+};
+
+struct endpoint_info {
+    __u32 endpoint_id;
+    __u32 identity;
+    __u32 ifindex;
+    __be32 ipv4;
+    __u8 flags;            // EP_*_ENFORCED
+    __u8 pad;
+    __u16 sidecar_port;    // host order; 0 = node mode
+};
+
+struct ct_key {
+    __be32 saddr;
+    __be32 daddr;
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 direction;        // the hook that created it: DIR_EGRESS at from-endpoint, DIR_INGRESS at to-endpoint
+    __u16 pad;
+};
+
+struct ct_entry {
+    __u64 expires_ns;      // CLOCK_MONOTONIC, compared by the userspace GC
+    __u32 src_identity;
+    __u32 dst_identity;
+    __u32 policy_gen;      // config.policy_gen when last checked; a change re-checks the flow
+    __u32 endpoint_id;
+    __u16 proxy_port;
+    __u8 flags;            // CT_*
+    __u8 tcp_flags;        // union of TCP flags seen
+    __u32 pad;
+};
+
+struct dp_config {
+    __u32 policy_gen;
+    __u32 flags;           // CFG_*
+    __u32 ct_tcp_syn_s;
+    __u32 ct_tcp_established_s;
+    __u32 ct_tcp_close_s;
+    __u32 ct_udp_s;
+    __u32 ct_other_s;
+    __u32 pad;
+};
+
+struct counter {
+    __u64 packets;
+    __u64 bytes;
+};
+
+struct flow_event {
+    __u64 ts_ns;
+    __u32 src_identity;
+    __u32 dst_identity;
+    __be32 saddr;
+    __be32 daddr;
+    __be16 sport;
+    __be16 dport;
+    __u32 endpoint_id;
+    __u8 proto;
+    __u8 direction;
+    __u8 verdict;
+    __u8 reason;
+    __u16 proxy_port;
+    __u8 match;            // MATCH_*
+    __u8 match_prefix_len;
+    __u32 match_identity;
+    __u8 match_proto;
+    __u8 match_deny;
+    __u16 match_port;      // host order, already masked to the prefix
+};
+
+struct sidecar_addr {
+    __be32 ip;
+    __be16 port;
+    __u16 pad;
+};
+
+struct sidecar_orig {
+    __be32 daddr;
+    __be16 dport;
+    __u16 pad;
+    __u32 src_identity;
+    __u32 dst_identity;
+};
+
+#endif

@@ -1,0 +1,148 @@
+"""Verdict events from the ring buffer as Hubble-shaped flow dicts.
+
+The reader polls on its own thread (never on the event loop) and hands each flow over through a
+callback or a thread-safe queue. For asyncio: pass
+`lambda f: loop.call_soon_threadsafe(queue.put_nowait, f)` as the callback.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import datetime as dt
+import ipaddress
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from redirect_bpf import bpfsys, structs
+from redirect_bpf.structs import FlowEvent
+
+LabelsOf = Callable[[int], list[str]]
+
+
+def _ip(addr_be: int) -> str:
+    return str(ipaddress.IPv4Address(socket.ntohl(addr_be)))
+
+
+def _rfc3339(ts_ns: int) -> str:
+    secs, nanos = divmod(ts_ns, 1_000_000_000)
+    base = dt.datetime.fromtimestamp(secs, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{nanos:09d}Z"
+
+
+def to_flow(e: FlowEvent, *, node_name: str = "l7proxy", labels_of: LabelsOf | None = None) -> dict:
+    """One kernel event as a flow dict (docs/contracts.md), with the matched policy key."""
+    labels_of = labels_of or (lambda _identity: [])
+    # Kernel time is CLOCK_MONOTONIC; shift it onto the wall clock.
+    wall_ns = time.time_ns() - (time.monotonic_ns() - e.ts_ns)
+    proto = structs.PROTO_NAMES.get(e.proto, str(e.proto))
+    sport, dport = socket.ntohs(e.sport), socket.ntohs(e.dport)
+    verdict = structs.VERDICT_NAMES.get(e.verdict, "ERROR")
+    direction = structs.DIRECTION_NAMES.get(e.direction, "UNKNOWN")
+    l4 = (
+        {"ICMPv4": {"type": dport}}
+        if e.proto == 1
+        else {proto: {"source_port": sport, "destination_port": dport}}
+    )
+    flow = {
+        "time": _rfc3339(wall_ns),
+        "verdict": verdict,
+        "drop_reason_desc": structs.REASON_NAMES.get(e.reason, "") if e.verdict == 1 else "",
+        "traffic_direction": direction,
+        "source": {
+            "identity": e.src_identity,
+            "labels": labels_of(e.src_identity),
+            "ip": _ip(e.saddr) if e.saddr else "",
+        },
+        "destination": {
+            "identity": e.dst_identity,
+            "labels": labels_of(e.dst_identity),
+            "ip": _ip(e.daddr),
+        },
+        "l4": l4,
+        "Summary": f"{proto} {verdict.lower()} {direction.lower()}"
+        + (f" ({structs.REASON_NAMES[e.reason]})" if e.verdict == 1 else ""),
+        "node_name": node_name,
+        "event_type": "L3_L4",
+        "endpoint_id": e.endpoint_id,
+        "reason": structs.REASON_NAMES.get(e.reason, str(e.reason)),
+        "proxy_port": e.proxy_port,
+        "policy_match": None,
+    }
+    if e.match != structs.MATCH_NONE:
+        flow["policy_match"] = {
+            "kind": structs.MATCH_NAMES[e.match],
+            "identity": e.match_identity,
+            "direction": e.direction,
+            "proto": e.match_proto,
+            "port": e.match_port,
+            "prefix_len": e.match_prefix_len,
+            "deny": bool(e.match_deny),
+        }
+    return flow
+
+
+class EventReader:
+    """Reads the ring buffer on a daemon thread until stop()."""
+
+    def __init__(
+        self,
+        ringbuf_fd: int,
+        on_flow: Callable[[dict], None] | None = None,
+        *,
+        node_name: str = "l7proxy",
+        labels_of: LabelsOf | None = None,
+        poll_ms: int = 100,
+    ):
+        self.queue: queue.Queue[dict] = queue.Queue(maxsize=100_000)
+        self.dropped = 0  # flows the queue had no room for
+        self._on_flow = on_flow or self._enqueue
+        self._node_name = node_name
+        self._labels_of = labels_of
+        self._poll_ms = poll_ms
+        self._stop = threading.Event()
+        self._cb = bpfsys.SAMPLE_FN(self._sample)  # keep a reference: C holds only the pointer
+        self._rb = bpfsys.lib().ring_buffer__new(ringbuf_fd, self._cb, None, None)
+        if not self._rb:
+            raise OSError(ct.get_errno(), "ring_buffer__new failed")
+        self._thread = threading.Thread(target=self._run, name="bpf-events", daemon=True)
+
+    def _enqueue(self, flow: dict) -> None:
+        try:
+            self.queue.put_nowait(flow)
+        except queue.Full:
+            self.dropped += 1
+
+    def _sample(self, _ctx, data, size) -> int:
+        if size >= ct.sizeof(FlowEvent):
+            event = FlowEvent.from_buffer_copy(ct.string_at(data, ct.sizeof(FlowEvent)))
+            try:
+                self._on_flow(to_flow(event, node_name=self._node_name, labels_of=self._labels_of))
+            except Exception:  # a consumer bug must not kill the reader
+                self.dropped += 1
+        return 0
+
+    def _run(self) -> None:
+        lib = bpfsys.lib()
+        while not self._stop.is_set():
+            lib.ring_buffer__poll(self._rb, self._poll_ms)
+
+    def start(self) -> EventReader:
+        self._thread.start()
+        return self
+
+    def get(self, timeout: float = 1.0) -> dict | None:
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2)
+        if self._rb:
+            bpfsys.lib().ring_buffer__free(self._rb)
+            self._rb = None

@@ -1,0 +1,121 @@
+"""Load the datapath once with bcc and pin it, or re-open what an earlier agent pinned.
+
+Layout under the pin directory (one per node, e.g. /sys/fs/bpf/l7proxy/node1/):
+  map_<name>   every map in structs.MAPS plus the ring buffer map_events
+  prog_<name>  every program in structs.PROGRAMS
+Programs stay attached to the tc hooks and cgroups while no agent runs; maps keep conntrack and
+policy, so a restarted agent only re-opens the pins and established connections never notice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redirect_bpf import bpfsys, structs
+from redirect_bpf.maps import BpfMap
+
+SRC_DIR = Path(__file__).resolve().parent
+SOURCE = SRC_DIR / "datapath.c"
+BPF_FS = Path("/sys/fs/bpf")
+PIN_ROOT = BPF_FS / "l7proxy"
+
+BPF_CGROUP_INET4_CONNECT = 10  # bcc.BPFAttachType.CGROUP_INET4_CONNECT
+BPF_CGROUP_SOCK_OPS = 3
+
+
+@dataclass
+class Loaded:
+    pin_dir: Path
+    maps: dict[str, BpfMap]
+    ringbuf_fd: int
+    progs: dict[str, int]
+    reused: bool
+    bpf: object | None = None  # the bcc module when freshly compiled (the layout test reads it)
+    extra_fds: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Drop this process's fds; pinned objects and attachments stay in the kernel."""
+        for m in self.maps.values():
+            m.close()
+        for fd in [self.ringbuf_fd, *self.progs.values(), *self.extra_fds]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.maps, self.progs, self.ringbuf_fd = {}, {}, -1
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def pin_dir_for(node: str) -> Path:
+    return PIN_ROOT / node
+
+
+def _pins_complete(pin_dir: Path) -> bool:
+    names = [f"map_{n}" for n in (*structs.MAPS, structs.RINGBUF)]
+    names += [f"prog_{n}" for n in structs.PROGRAMS]
+    return all((pin_dir / n).exists() for n in names)
+
+
+def open_pinned(pin_dir: Path) -> Loaded:
+    maps = {}
+    try:
+        for name, (key, value, percpu) in structs.MAPS.items():
+            maps[name] = BpfMap(name, bpfsys.obj_get(pin_dir / f"map_{name}"), key, value, percpu)
+        ringbuf = bpfsys.obj_get(pin_dir / f"map_{structs.RINGBUF}")
+        progs = {n: bpfsys.obj_get(pin_dir / f"prog_{n}") for n in structs.PROGRAMS}
+    except Exception:
+        for m in maps.values():
+            m.close()
+        raise
+    return Loaded(pin_dir, maps, ringbuf, progs, reused=True)
+
+
+def compile_and_pin(pin_dir: Path, cflags: tuple[str, ...] = ()) -> Loaded:
+    from bcc import BPF
+
+    bpf = BPF(src_file=str(SOURCE), cflags=[f"-I{SRC_DIR}", *cflags])
+    progs = {}
+    for name in structs.PROGRAMS:
+        if name == "sidecar_connect4":
+            fn = bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=BPF_CGROUP_INET4_CONNECT)
+        elif name == "sidecar_sockops":
+            fn = bpf.load_func(name, BPF.SOCK_OPS)
+        else:
+            fn = bpf.load_func(name, BPF.SCHED_CLS)
+        progs[name] = fn.fd
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    maps = {}
+    for name, (key, value, percpu) in structs.MAPS.items():
+        fd = os.dup(bpf[name.encode()].get_fd())
+        maps[name] = BpfMap(name, fd, key, value, percpu)
+        bpfsys.obj_pin(fd, pin_dir / f"map_{name}")
+    ringbuf = os.dup(bpf[structs.RINGBUF.encode()].get_fd())
+    bpfsys.obj_pin(ringbuf, pin_dir / f"map_{structs.RINGBUF}")
+    own_progs = {}
+    for name, fd in progs.items():
+        own_progs[name] = os.dup(fd)
+        bpfsys.obj_pin(fd, pin_dir / f"prog_{name}")
+    return Loaded(pin_dir, maps, ringbuf, own_progs, reused=False, bpf=bpf)
+
+
+def load(pin_dir: Path, cflags: tuple[str, ...] = ()) -> Loaded:
+    """Re-open a complete set of pins, else compile, load and pin a fresh datapath."""
+    if _pins_complete(pin_dir):
+        return open_pinned(pin_dir)
+    unpin(pin_dir)  # a half-written set from a crash: start clean
+    return compile_and_pin(pin_dir, cflags)
+
+
+def unpin(pin_dir: Path) -> None:
+    if not pin_dir.exists():
+        return
+    for entry in pin_dir.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+    with contextlib.suppress(OSError):
+        pin_dir.rmdir()
+    with contextlib.suppress(OSError):
+        pin_dir.parent.rmdir()  # only when no other node's pins remain

@@ -1,0 +1,209 @@
+"""The one Python mirror of every C struct in datapath.h, plus its constants.
+
+tests/kernel/test_struct_layout.py checks each size and field offset against the types bcc
+builds from the compiled C, so a drift between the two fails a test instead of corrupting maps.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+
+u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
+
+DIR_INGRESS = 0
+DIR_EGRESS = 1
+DIRECTION_NAMES = {DIR_INGRESS: "INGRESS", DIR_EGRESS: "EGRESS"}
+
+IDENTITY_ANY = 0
+IDENTITY_HOST = 1
+IDENTITY_WORLD = 2
+
+MARK_MAGIC_MASK = 0xFF000000
+MARK_IDENTITY_MASK = 0x00FFFFFF
+MARK_FROM_PROXY = 0x7A000000
+MARK_TO_PROXY = 0x7B000000
+
+VERDICT_FORWARDED = 0
+VERDICT_DROPPED = 1
+VERDICT_REDIRECTED = 2
+VERDICT_NAMES = {0: "FORWARDED", 1: "DROPPED", 2: "REDIRECTED"}
+
+REASON_NONE = 0
+REASON_POLICY_DENIED = 1
+REASON_POLICY_DENY = 2
+REASON_NO_PROXY = 3
+REASON_CT_REPLY = 4
+REASON_CT_ESTABLISHED = 5
+REASON_NEW_FLOW = 6
+REASONS = 8
+# Hubble's drop_reason_desc names where one exists (POLICY_DENIED, POLICY_DENY).
+REASON_NAMES = {
+    REASON_NONE: "",
+    REASON_POLICY_DENIED: "POLICY_DENIED",
+    REASON_POLICY_DENY: "POLICY_DENY",
+    REASON_NO_PROXY: "NO_PROXY",
+    REASON_CT_REPLY: "CT_REPLY",
+    REASON_CT_ESTABLISHED: "CT_ESTABLISHED",
+    REASON_NEW_FLOW: "NEW_FLOW",
+}
+
+MATCH_NONE = 0
+MATCH_L3 = 1
+MATCH_L4 = 2
+MATCH_NAMES = {MATCH_NONE: "none", MATCH_L3: "L3", MATCH_L4: "L4-only"}
+
+EP_INGRESS_ENFORCED = 1
+EP_EGRESS_ENFORCED = 2
+
+CT_REDIRECTED = 1
+CT_SEEN_REPLY = 2
+CT_CLOSING = 4
+
+CFG_EVENTS_FORWARDED = 1
+
+PROTO_NAMES = {1: "ICMPv4", 6: "TCP", 17: "UDP", 132: "SCTP"}
+
+# Bits of a policy key after its prefixlen field that always match: endpoint, identity, direction.
+POLICY_FIXED_BITS = 32 + 32 + 8
+
+
+class PolicyKey(ct.Structure):
+    _fields_ = [
+        ("prefixlen", u32),
+        ("endpoint_id", u32),
+        ("identity", u32),
+        ("direction", u8),
+        ("proto", u8),
+        ("dport", u16),  # network byte order
+    ]
+
+
+class PolicyValue(ct.Structure):
+    _fields_ = [
+        ("proxy_port", u16),
+        ("deny", u8),
+        ("redirect", u8),
+        ("key_proto", u8),
+        ("key_prefix_len", u8),
+        ("pad", u16),
+        ("l7_id", u32),
+    ]
+
+
+class IpcacheKey(ct.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u32)]  # addr in network byte order
+
+
+class IpcacheValue(ct.Structure):
+    _fields_ = [("identity", u32), ("pad", u32)]
+
+
+class EndpointInfo(ct.Structure):
+    _fields_ = [
+        ("endpoint_id", u32),
+        ("identity", u32),
+        ("ifindex", u32),
+        ("ipv4", u32),
+        ("flags", u8),
+        ("pad", u8),
+        ("sidecar_port", u16),
+    ]
+
+
+class CtKey(ct.Structure):
+    _fields_ = [
+        ("saddr", u32),
+        ("daddr", u32),
+        ("sport", u16),
+        ("dport", u16),
+        ("proto", u8),
+        ("direction", u8),
+        ("pad", u16),
+    ]
+
+
+class CtEntry(ct.Structure):
+    _fields_ = [
+        ("expires_ns", u64),
+        ("src_identity", u32),
+        ("dst_identity", u32),
+        ("policy_gen", u32),
+        ("endpoint_id", u32),
+        ("proxy_port", u16),
+        ("flags", u8),
+        ("tcp_flags", u8),
+        ("pad", u32),
+    ]
+
+
+class DpConfig(ct.Structure):
+    _fields_ = [
+        ("policy_gen", u32),
+        ("flags", u32),
+        ("ct_tcp_syn_s", u32),
+        ("ct_tcp_established_s", u32),
+        ("ct_tcp_close_s", u32),
+        ("ct_udp_s", u32),
+        ("ct_other_s", u32),
+        ("pad", u32),
+    ]
+
+
+class Counter(ct.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+class FlowEvent(ct.Structure):
+    _fields_ = [
+        ("ts_ns", u64),
+        ("src_identity", u32),
+        ("dst_identity", u32),
+        ("saddr", u32),
+        ("daddr", u32),
+        ("sport", u16),
+        ("dport", u16),
+        ("endpoint_id", u32),
+        ("proto", u8),
+        ("direction", u8),
+        ("verdict", u8),
+        ("reason", u8),
+        ("proxy_port", u16),
+        ("match", u8),
+        ("match_prefix_len", u8),
+        ("match_identity", u32),
+        ("match_proto", u8),
+        ("match_deny", u8),
+        ("match_port", u16),
+    ]
+
+
+class SidecarAddr(ct.Structure):
+    _fields_ = [("ip", u32), ("port", u16), ("pad", u16)]
+
+
+class SidecarOrig(ct.Structure):
+    _fields_ = [
+        ("daddr", u32),
+        ("dport", u16),
+        ("pad", u16),
+        ("src_identity", u32),
+        ("dst_identity", u32),
+    ]
+
+
+# Map name -> (key mirror, value mirror, per-CPU). The loader pins exactly these maps.
+MAPS: dict[str, tuple[type, type, bool]] = {
+    "policy_deny": (PolicyKey, PolicyValue, False),
+    "policy_allow": (PolicyKey, PolicyValue, False),
+    "ipcache": (IpcacheKey, IpcacheValue, False),
+    "conntrack": (CtKey, CtEntry, False),
+    "ep_by_ifindex": (u32, EndpointInfo, False),
+    "ep_by_ip": (u32, EndpointInfo, False),
+    "ep_by_cgroup": (u64, EndpointInfo, False),
+    "config": (u32, DpConfig, False),
+    "counters": (u32, Counter, True),
+    "sidecar_by_cookie": (u64, SidecarOrig, False),
+    "sidecar_by_addr": (SidecarAddr, SidecarOrig, False),
+}
+RINGBUF = "events"
+PROGRAMS = ("from_endpoint", "to_endpoint", "sidecar_connect4", "sidecar_sockops")
