@@ -54,8 +54,11 @@ class Peer:
     namespace: str
 
 
-def classify(identity: int, labels: list[str]) -> Peer:
-    """Map one side of a flow (identity and labels) to the node it belongs to."""
+def classify(identity: int, labels: list[str], namespace: str = "") -> Peer:
+    """Map one side of a flow (identity and labels) to the node it belongs to.
+
+    The namespace comes from the namespace label, else from Hubble's `namespace` field.
+    """
     parsed = [split_label(label) for label in labels]
     sources_keys = {(s, k) for s, k, _ in parsed}
     if identity == HOST_ID or ("reserved", "host") in sources_keys:
@@ -71,7 +74,7 @@ def classify(identity: int, labels: list[str]) -> Peer:
     values = {}
     for _, key, value in parsed:
         values.setdefault(key, value)
-    namespace = values.get(NAMESPACE_KEY, "")
+    namespace = values.get(NAMESPACE_KEY) or namespace
     for key in APP_KEYS:
         if values.get(key):
             app = values[key]
@@ -150,6 +153,14 @@ class Edge:
 
 def edge_id(source: str, target: str, protocol: str, port: int) -> str:
     return f"{source}->{target}:{protocol}/{port}"
+
+
+def _side(side: dict) -> tuple[int, list[str], str]:
+    return (
+        int(side.get("identity") or 0),
+        [str(label) for label in side.get("labels") or ()],
+        str(side.get("namespace") or ""),
+    )
 
 
 def _l4_ports(flow: dict) -> tuple[str, int, int]:
@@ -243,8 +254,8 @@ class DepMap:
         if flow.get("is_reply"):
             # A reply travels server -> client; the edge belongs to the client -> server direction.
             src, dst, sport, dport = dst, src, dport, sport
-        src_peer = classify(int(src.get("identity") or 0), list(src.get("labels") or ()))
-        dst_peer = classify(int(dst.get("identity") or 0), list(dst.get("labels") or ()))
+        src_peer = classify(*_side(src))
+        dst_peer = classify(*_side(dst))
         protocol = _protocol(flow, l4_proto)
         key = edge_id(src_peer.key, dst_peer.key, protocol, dport)
         edge = self.edges.get(key)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from l7proxy.admin import AdminRequest, AdminResponse
 from l7proxy.depmap.dot import to_dot
+from l7proxy.depmap.follow import follow
 from l7proxy.depmap.graph import DepMap
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -100,6 +101,12 @@ class MapService:
         self._queue = flow_sink.subscribe()
         self._task = asyncio.get_running_loop().create_task(self.consume(self._queue))
 
+    def attach_log(self, path: str) -> None:
+        """Follow a flow log that other processes append to (several gateway workers)."""
+        self._task = asyncio.get_running_loop().create_task(
+            follow(path, self.feed, from_start=False)
+        )
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -170,11 +177,18 @@ class MapService:
             self.streams -= 1
 
 
-def mount(admin, flow_sink=None, depmap: DepMap | None = None, **kw) -> MapService:
-    """Add the map routes to an AdminServer and feed the map from `flow_sink` (on the running loop).
+def mount(
+    admin, flow_sink=None, depmap: DepMap | None = None, follow_log: str | None = None, **kw
+) -> MapService:
+    """Add the map routes to an AdminServer and feed the map (on the running loop).
 
-    Call it from gateway/agent start-up inside the event loop; `await service.close()` on stop.
+    The feed is `flow_sink` (a FlowSink or anything with subscribe/unsubscribe), or, when the
+    flows come from several processes (`--workers N` with one admin), `follow_log`: the shared
+    flow log file, read from its current end. Call it from gateway/agent start-up inside the
+    event loop; `await service.close()` on stop.
     """
+    if flow_sink is not None and follow_log is not None:
+        raise ValueError("feed the map from a flow sink or a flow log, not both")
     service = MapService(depmap, **kw)
     admin.add_route("/map", service.page)
     admin.add_route("/map/", service.page)
@@ -185,4 +199,6 @@ def mount(admin, flow_sink=None, depmap: DepMap | None = None, **kw) -> MapServi
         admin.add_route(f"/map/static/{name}", service.asset_handler(name))
     if flow_sink is not None:
         service.attach(flow_sink)
+    elif follow_log is not None:
+        service.attach_log(follow_log)
     return service

@@ -30,6 +30,8 @@ def test_classify_folds_world_and_host_and_groups_by_namespace_and_app():
         == web
     )
     assert classify(302, ["k8s:app=web"]).key == "web"
+    # Hubble's `namespace` field stands in when no namespace label is there.
+    assert classify(303, ["k8s:app=db"], "shop").key == "shop/db"
     anon = classify(400, ["k8s:team=a"])
     assert (anon.key, anon.name) == ("id:400", "team=a")
 

@@ -166,3 +166,24 @@ def test_hold_waits_for_enter_on_a_terminal_and_not_otherwise():
     out = io.StringIO()
     hold("http://x/map", stdin=io.StringIO(), env={}, out=out)
     assert "press Enter" not in out.getvalue()
+
+
+def test_mount_can_follow_a_shared_flow_log_from_its_end(tmp_path):
+    log = tmp_path / "flows.jsonl"
+    log.write_text(json.dumps(http_flow(url="/before")) + "\n")
+
+    async def scenario():
+        admin = AdminServer()
+        service = mount(admin, follow_log=str(log))
+        await asyncio.sleep(0.05)
+        with log.open("a") as fh:
+            fh.write(json.dumps(http_flow(url="/after", sport=5)) + "\n")
+        for _ in range(100):
+            if service.map.flows_seen:
+                break
+            await asyncio.sleep(0.05)
+        graph = json.loads((await admin.dispatch(get("/map.json"))).body)
+        assert [r["http"]["url"] for r in graph["edges"][0]["recent"]] == ["/after"]
+        await service.close()
+
+    asyncio.run(scenario())
