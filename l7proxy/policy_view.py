@@ -126,7 +126,9 @@ class GatewayPolicy:
         endpoint = parse_labels(_with_namespace(self.endpoint_labels))
         ipcache = IPCache()
         for peer in self.peers:
-            ipcache.upsert(peer.cidr, allocator.allocate(parse_labels(peer.labels)))
+            ipcache.upsert(
+                peer.cidr, allocator.allocate(parse_labels(_with_namespace(peer.labels)))
+            )
         self._revision += 1
         compiled = compile_policy(
             result.rules, {ENDPOINT: endpoint}, allocator, ipcache, self._revision

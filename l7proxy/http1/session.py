@@ -234,6 +234,20 @@ class Http1Session(asyncio.Protocol):
 
     def _on_parse_error(self, err: ParseError) -> None:
         self.pm.parse_errors.inc()
+        front = self.queue[0] if self.queue else None
+        if front is not None and front is self.parsing and not front.complete:
+            # The body of the request in flight broke (say, a bad chunk size): what went
+            # upstream stays a cut-off request on a connection that is closed now.
+            up = self.upstream
+            self.upstream = None
+            if self.connecting is not None:
+                self.connecting.cancel()
+            if up is not None:
+                up.close()
+                if up.got_bytes:
+                    self._close()
+                    return
+            self.queue.popleft()
         ex = Exchange(None, False, None, _monotonic())
         ex.error = err
         ex.complete = True
