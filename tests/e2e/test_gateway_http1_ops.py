@@ -1,0 +1,204 @@
+"""Operating the gateway: reload under load, invalid reloads, SIGTERM drain, workers, admin,
+protocol sniffing and the config file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tests.e2e.peers import Gateway, free_port, policy_yaml, raw_exchange
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+
+def fetch(port: int, path: str) -> bytes:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).read()
+
+
+def status_of(port: int, path: str) -> int:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+class Load(threading.Thread):
+    """Keep-alive GETs on a few connections; records every status and every failure."""
+
+    def __init__(self, port: int, path: str, conns: int = 4) -> None:
+        super().__init__(daemon=True)
+        self.port, self.path, self.conns = port, path, conns
+        self.statuses: list[int] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+
+    def _one(self) -> None:
+        req = b"GET %s HTTP/1.1\r\nHost: web\r\n\r\n" % self.path.encode()
+        try:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            buf = b""
+            while not self.stop.is_set():
+                s.sendall(req)
+                while b"\r\n\r\n" not in buf:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        raise ConnectionError("closed")
+                    buf += chunk
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                length = int(
+                    next(
+                        ln.split(b":")[1]
+                        for ln in head.split(b"\r\n")
+                        if ln.lower().startswith(b"content-length")
+                    )
+                )
+                while len(rest) < length:
+                    rest += s.recv(65536)
+                self.statuses.append(int(head[9:12]))
+                buf = rest[length:]
+            s.close()
+        except Exception as exc:
+            self.failures.append(repr(exc))
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._one) for _ in range(self.conns)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def test_reload_under_load_no_failed_request_and_invalid_policy_kept_out(start_gateway, nginx):
+    gw = start_gateway(nginx.port)
+    load = Load(gw.port, "/public/index.html")
+    load.start()
+    time.sleep(0.5)
+    # New revision: GET /public/.* and /private.html; applied by SIGHUP.
+    text = gw.policy_path.read_text().replace(
+        'path: "/public/.*"',
+        'path: "/public/.*"\n        - method: GET\n          path: "/private.html"',
+    )
+    gw.policy_path.write_text(text)
+    gw.signal(signal.SIGHUP)
+    time.sleep(0.7)
+    assert status_of(gw.port, "/private.html") == 200
+    # An invalid file (by mtime watch, no signal) is rejected; the old policy stays.
+    gw.policy_path.write_text(text.replace("toPorts:", "toPortz:"))
+    time.sleep(2.0)
+    assert status_of(gw.port, "/private.html") == 200
+    assert status_of(gw.port, "/nope") == 403
+    info = json.loads(fetch(gw.admin_port, "/policy"))
+    assert info["revision"] == 2 and info["last_error"]
+    load.stop.set()
+    load.join(10)
+    assert load.failures == [] and len(load.statuses) > 50
+    assert set(load.statuses) == {200}
+    assert "policy reload rejected" in gw.log()
+    metrics = fetch(gw.admin_port, "/metrics").decode()
+    assert "l7proxy_policy_reload_errors_total 1" in metrics
+    assert "l7proxy_policy_revision 2" in metrics
+
+
+def test_sigterm_drains_requests_in_flight(start_gateway, pybackend):
+    gw = start_gateway(pybackend.port, policy_yaml(0, '- path: "/.*"').replace('"0"', '"{port}"'))
+    result = {}
+
+    def slow():
+        result["out"] = raw_exchange(gw.port, b"GET /slow/1 HTTP/1.1\r\nHost: a\r\n\r\n", 10)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.4)
+    idle = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    time.sleep(0.1)
+    gw.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", gw.port), timeout=1).recv(1) or (
+            _ for _ in ()
+        ).throw(OSError())
+    assert idle.recv(10) == b""  # idle keep-alive connections are closed at once
+    t.join(10)
+    assert result["out"].startswith(b"HTTP/1.1 200") and result["out"].endswith(b"slow done\n")
+    assert gw.proc.wait(10) == 0
+    assert "drained" in gw.log()
+
+
+def test_workers_share_the_port(start_gateway, nginx):
+    gw = start_gateway(nginx.port, None, "--workers", "2")
+    pids = set()
+    for _ in range(40):
+        out = raw_exchange(
+            gw.port, b"GET /public/index.html HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        assert out.startswith(b"HTTP/1.1 200")
+    for _ in range(10):
+        pids.add(json.loads(fetch(gw.admin_port, "/policy"))["pid"])
+    assert gw.proc.pid not in pids  # the admin answers from a worker
+    assert status_of(gw.port, "/x") == 403
+    assert gw.stop() == 0
+
+
+def test_admin_endpoints(start_gateway, nginx):
+    gw = start_gateway(nginx.port)
+    fetch(gw.port, "/public/index.html")
+    status_of(gw.port, "/private.html")
+    assert fetch(gw.admin_port, "/healthz") == b"ok\n"
+    info = json.loads(fetch(gw.admin_port, "/policy"))
+    assert info["revision"] == 1 and info["files"] == [str(gw.policy_path)]
+    m = fetch(gw.admin_port, "/metrics").decode()
+    for line in (
+        'policy_l7_total{rule="received",proto="http"} 2',
+        'policy_l7_total{rule="forwarded",proto="http"} 1',
+        'policy_l7_total{rule="denied",proto="http"} 1',
+        'l7proxy_request_duration_seconds_count{proto="http"} 1',
+        'l7proxy_active_connections{proto="http"}',
+    ):
+        assert line in m
+
+
+def test_auto_protocol_sniffs_http_and_config_file(nginx, tmp_path):
+    port = free_port()
+    policy = tmp_path / "p.yaml"
+    policy.write_text(policy_yaml(port))
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        f"listeners:\n- {{listen: '127.0.0.1:{port}', upstream: '127.0.0.1:{nginx.port}', "
+        f'protocol: auto}}\npolicy: [{policy}]\nlabels: app=web\ndeny_message: "no\\n"\n'
+    )
+    gw = Gateway(["-c", str(cfg)], flow_log=str(tmp_path / "f.log"))
+    try:
+        assert gw.port == port
+        assert fetch(port, "/public/index.html") == b"hello from nginx\n"
+        out = raw_exchange(port, b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert out.endswith(b"\r\n\r\nno\n")
+        # Bytes that are neither HTTP/1, HTTP/2 nor Kafka are dropped.
+        assert raw_exchange(port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc" + b"\x00" * 60) == b""
+    finally:
+        assert gw.stop() == 0
+
+
+def test_invalid_policy_at_start_is_an_error(tmp_path):
+    policy = tmp_path / "bad.yaml"
+    policy.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nspec: 3\n")
+    with pytest.raises(RuntimeError, match="invalid policy"):
+        Gateway(
+            [
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "127.0.0.1:1",
+                "--policy",
+                str(policy),
+                "--labels",
+                "app=web",
+            ]  # fmt: skip
+        )
+    assert os.path.exists(policy)
