@@ -16,6 +16,7 @@ dicts (docs/contracts.md, "Flow shape") into one `DepMap` and read its `to_dict(
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,8 @@ NAMESPACE_KEY = "io.kubernetes.pod.namespace"
 APP_KEYS = ("app", "k8s-app", "app.kubernetes.io/name", "name", "class")
 
 DEFAULT_RECENT = 20
-DEFAULT_MAX_EDGES = 5000
+DEFAULT_MAX_EDGES = 2000
+CLASSIFY_CACHE = 4096
 MAX_NODE_LABELS = 32
 MAX_NODE_IDENTITIES = 64
 MAX_PENDING_REQUESTS = 4096
@@ -54,7 +56,7 @@ class Peer:
     namespace: str
 
 
-def classify(identity: int, labels: list[str], namespace: str = "") -> Peer:
+def classify(identity: int, labels: Sequence[str], namespace: str = "") -> Peer:
     """Map one side of a flow (identity and labels) to the node it belongs to.
 
     The namespace comes from the namespace label, else from Hubble's `namespace` field.
@@ -90,12 +92,14 @@ class Node:
     identities: set[int] = field(default_factory=set)
     labels: set[str] = field(default_factory=set)
 
-    def absorb(self, identity: int, labels: list[str]) -> bool:
+    def absorb(self, identity: int, labels: Sequence[str]) -> bool:
         """Add an identity and its labels (bounded); True when something was new."""
-        changed = False
-        if identity not in self.identities and len(self.identities) < MAX_NODE_IDENTITIES:
-            self.identities.add(identity)
-            changed = True
+        if identity in self.identities:
+            return False  # an identity's labels never change
+        if len(self.identities) >= MAX_NODE_IDENTITIES:
+            return False
+        self.identities.add(identity)
+        changed = True
         for label in labels:
             if label not in self.labels and len(self.labels) < MAX_NODE_LABELS:
                 self.labels.add(label)
@@ -147,7 +151,7 @@ class Edge:
             "drop_reasons": dict(sorted(self.drop_reasons.items())),
         }
         if with_recent:
-            out["recent"] = list(reversed(self.recent))  # newest first
+            out["recent"] = [summarize(flow) for flow in reversed(self.recent)]  # newest first
         return out
 
 
@@ -155,10 +159,10 @@ def edge_id(source: str, target: str, protocol: str, port: int) -> str:
     return f"{source}->{target}:{protocol}/{port}"
 
 
-def _side(side: dict) -> tuple[int, list[str], str]:
+def _side(side: dict) -> tuple[int, tuple[str, ...], str]:
     return (
         int(side.get("identity") or 0),
-        [str(label) for label in side.get("labels") or ()],
+        tuple(str(label) for label in side.get("labels") or ()),
         str(side.get("namespace") or ""),
     )
 
@@ -232,6 +236,7 @@ class DepMap:
         # Requests seen per client connection whose response flow is still to come, so that a
         # sink emitting both a REQUEST and a RESPONSE flow counts each request once.
         self._pending: OrderedDict[tuple, int] = OrderedDict()
+        self._peers: dict[tuple, Peer] = {}  # classify() results; identities repeat a lot
 
     def add(self, flow: dict) -> bool:
         """Aggregate one flow. False when it was ignored (malformed or over the edge limit)."""
@@ -254,8 +259,8 @@ class DepMap:
         if flow.get("is_reply"):
             # A reply travels server -> client; the edge belongs to the client -> server direction.
             src, dst, sport, dport = dst, src, dport, sport
-        src_peer = classify(*_side(src))
-        dst_peer = classify(*_side(dst))
+        src_peer, src_side = self._classify(src)
+        dst_peer, dst_side = self._classify(dst)
         protocol = _protocol(flow, l4_proto)
         key = edge_id(src_peer.key, dst_peer.key, protocol, dport)
         edge = self.edges.get(key)
@@ -265,11 +270,11 @@ class DepMap:
 
         self.version += 1
         version = self.version
-        for peer, side in ((src_peer, src), (dst_peer, dst)):
+        for peer, (identity, labels, _) in ((src_peer, src_side), (dst_peer, dst_side)):
             node = self.nodes.get(peer.key)
             if node is None:
                 node = self.nodes[peer.key] = Node(peer, version)
-            if node.absorb(int(side.get("identity") or 0), list(side.get("labels") or ())):
+            if node.absorb(identity, labels):
                 node.version = version
         if edge is None:
             edge = Edge(
@@ -289,10 +294,21 @@ class DepMap:
                 edge.errors += 1
             elif verdict == REDIRECTED:
                 edge.redirected += 1
-        edge.recent.append(summarize(flow))
+        # The flow itself, summarized when read: the hot path stays cheap. Emitters hand over
+        # a flow and never change it afterwards.
+        edge.recent.append(flow)
         edge.last_seen = flow.get("time", "") or edge.last_seen
         edge.version = version
         return True
+
+    def _classify(self, side: dict) -> tuple[Peer, tuple]:
+        key = _side(side)
+        peer = self._peers.get(key)
+        if peer is None:
+            if len(self._peers) >= CLASSIFY_CACHE:
+                self._peers.clear()
+            peer = self._peers[key] = classify(*key)
+        return peer, key
 
     def _counts(self, flow: dict, conn: tuple) -> bool:
         """Whether this flow adds to the counts: each L7 request once, each L3/L4 event once.
