@@ -1,0 +1,137 @@
+"""Linux socket plumbing for the transparent modes, in one place: IP_TRANSPARENT listeners,
+SO_MARK on upstream sockets, and the original destination of an accepted connection.
+
+Node mode: the tc program hands the client's packets to a listener with bpf_sk_assign, so the
+accepted socket's local address *is* the original destination (`getsockname`). Its upstream
+socket carries SO_MARK = MARK_FROM_PROXY | source identity, so the destination's ingress check
+sees the real source identity and the datapath never redirects the proxy's own traffic.
+
+Sidecar mode: cgroup/connect4 rewrote the client's connect() to 127.0.0.1:sidecar_port and kept
+the original destination in a pinned map keyed by the client's address; `SidecarDestination`
+reads (and removes) it. `original_dst_nat` covers iptables REDIRECT setups (SO_ORIGINAL_DST).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from l7proxy.context import OriginalDestination
+
+IP_TRANSPARENT = 19
+SO_ORIGINAL_DST = 80
+MARK_FROM_PROXY = 0x7A000000  # keep equal to redirect_bpf/datapath.h
+MARK_IDENTITY_MASK = 0x00FFFFFF
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """Needed by a node-mode listener: its accepted sockets answer from the original destination."""
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
+def proxy_mark(source_identity: int) -> int:
+    if not 0 <= source_identity <= MARK_IDENTITY_MASK:
+        raise ValueError(f"identity {source_identity} does not fit the 24-bit mark")
+    return MARK_FROM_PROXY | source_identity
+
+
+def set_mark(sock: socket.socket, mark: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+
+
+def mark_upstream(sock: socket.socket, source_identity: int) -> None:
+    """Before connect(): the datapath reads the source identity back from the mark."""
+    set_mark(sock, proxy_mark(source_identity))
+
+
+def transparent_listener(
+    port: int = 0, host: str = "127.0.0.1", backlog: int = 1024
+) -> socket.socket:
+    """A TCP listener the datapath can assign redirected connections to (needs CAP_NET_ADMIN).
+    The tc program looks listeners up on 127.0.0.1:port, which also finds 0.0.0.0:port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        set_transparent(sock)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def original_dst_transparent(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return host, port
+
+
+def original_dst_nat(sock: socket.socket) -> tuple[str, int]:
+    """SO_ORIGINAL_DST of a connection NATed by iptables REDIRECT/DNAT."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntoa(packed), port
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarOrigin:
+    ip: str
+    port: int
+    source_identity: int
+    destination_identity: int
+
+
+class SidecarMap:
+    """The pinned sidecar_by_addr map of a node's datapath, read by the sidecar proxy."""
+
+    def __init__(self, pin_dir: str | Path):
+        from redirect_bpf import bpfsys
+        from redirect_bpf.maps import BpfMap
+        from redirect_bpf.structs import SidecarAddr, SidecarOrig
+
+        self._key = SidecarAddr
+        self._map = BpfMap(
+            "sidecar_by_addr",
+            bpfsys.obj_get(Path(pin_dir) / "map_sidecar_by_addr"),
+            SidecarAddr,
+            SidecarOrig,
+        )
+
+    def pop(self, client_ip: str, client_port: int) -> SidecarOrigin | None:
+        key = self._key(
+            ip=int.from_bytes(socket.inet_aton(client_ip), "little"), port=socket.htons(client_port)
+        )
+        value = self._map.get(key)
+        if value is None:
+            return None
+        self._map.delete(key)
+        ip = str(ipaddress.IPv4Address(socket.ntohl(value.daddr)))
+        return SidecarOrigin(ip, socket.ntohs(value.dport), value.src_identity, value.dst_identity)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class TransparentDestination:
+    """Node mode resolver for ConnContext: the accepted socket's local address."""
+
+    def __call__(self, transport) -> OriginalDestination:
+        host, port = transport.get_extra_info("sockname")[:2]
+        return OriginalDestination(host, port)
+
+
+class SidecarDestination:
+    """Sidecar mode resolver: the original destination the connect4 hook stored."""
+
+    def __init__(self, pin_dir: str | Path):
+        self.map = SidecarMap(pin_dir)
+
+    def __call__(self, transport) -> OriginalDestination:
+        host, port = transport.get_extra_info("peername")[:2]
+        origin = self.map.pop(host, port)
+        if origin is None:
+            raise LookupError(f"no original destination for {host}:{port}")
+        return OriginalDestination(origin.ip, origin.port)
