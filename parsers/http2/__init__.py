@@ -8,7 +8,6 @@ from parsers.http2.events import (
     PrefaceReceived,
     RequestReceived,
     RequestRejected,
-    ResponseReceived,
     StreamEnded,
 )
 from parsers.http2.headers import Request, encode_fields, upgrade_request_headers
@@ -24,7 +23,6 @@ __all__ = [
     "Request",
     "RequestReceived",
     "RequestRejected",
-    "ResponseReceived",
     "StreamEnded",
     "encode_fields",
     "upgrade_request_headers",

@@ -24,8 +24,14 @@ class H2Limits:
     max_header_list_size: int = 64 * 1024
     hard_header_list_size: int = 256 * 1024
     max_header_count: int = 128
-    # Largest HPACK dynamic table either peer may use (SETTINGS_HEADER_TABLE_SIZE is capped).
+    # Largest HPACK dynamic table the client may use for requests (SETTINGS_HEADER_TABLE_SIZE
+    # from the server is capped to it).
     max_header_table_size: int = 64 * 1024
+    # HPACK dynamic table the server may use for responses. 0 (the default) makes every response
+    # block a pure function of its bytes, so the relay decodes each distinct block once instead of
+    # Huffman-decoding every response in Python; the price is response header compression
+    # between server and client (measured in docs/http2.md).
+    response_header_table_size: int = 0
     # Flood budgets: token buckets refilled by `tick()` (once per second by the session).
     # Client resets of streams still in flight (rapid reset, CVE-2023-44487) and refused streams:
     reset_burst: int = 400
@@ -73,14 +79,12 @@ class RequestRejected:
 
 
 @dataclass(frozen=True, slots=True)
-class ResponseReceived:
-    stream_id: int
-    status: int
-
-
-@dataclass(frozen=True, slots=True)
 class StreamEnded:
+    """A stream the server answered is done (both sides ended, or it was reset). `status` is the
+    final response status (0 when none came)."""
+
     stream_id: int
+    status: int = 0
     grpc_status: str | None = None
     grpc_message: str | None = None
     reset_code: int | None = None

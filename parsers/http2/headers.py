@@ -161,7 +161,9 @@ class CachingDecoder:
         except (HPACKError, IndexError, ValueError) as exc:
             raise HeaderBlockError(f"{type(exc).__name__}: {exc}") from exc
         headers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in raw)
-        if block_mutates_table(block):
+        # With a zero-size table (the relay asks the server for one) literals with incremental
+        # indexing are evicted at once: the block is still a pure function of its bytes.
+        if self._decoder.header_table_size and block_mutates_table(block):
             self._cache.clear()
             self.generation += 1
         else:

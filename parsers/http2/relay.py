@@ -36,7 +36,6 @@ from parsers.http2.events import (
     PrefaceReceived,
     RequestReceived,
     RequestRejected,
-    ResponseReceived,
     StreamEnded,
 )
 from parsers.http2.grpc import denied_trailers_only
@@ -58,13 +57,13 @@ _NO_EVENTS: list = []
 class _Stream:
     """One client-initiated stream the relay still tracks."""
 
-    __slots__ = ("forwarded", "client_open", "server_open", "responded", "body", "window")
+    __slots__ = ("forwarded", "client_open", "server_open", "status", "body", "window")
 
     def __init__(self, forwarded: bool, client_open: bool) -> None:
         self.forwarded = forwarded
         self.client_open = client_open  # the client may still send on it
         self.server_open = forwarded  # the server (or the proxy's local answer) is not done
-        self.responded = False
+        self.status = 0  # final response status once the server's response head came
         self.body = b""  # a local response body waiting for flow-control window
         self.window = 0
 
@@ -95,8 +94,10 @@ class H2Relay:
         self._epoch: object = object()
         self._entries: dict[bytes, _Entry] = {}
         self._entries_generation = 0
+        self._response_summaries: dict[bytes, tuple] = {}
         self._requests = CachingDecoder(limits.hard_header_list_size)
         self._responses = CachingDecoder(max(limits.hard_header_list_size, 1 << 20))
+        self._responses.allow_table_size(max(limits.response_header_table_size, 4096))
         self._deny_http_block = encode_fields(
             (
                 (":status", "403"),
@@ -274,6 +275,10 @@ class H2Relay:
             data = self._receive_preface(data)
             if not data:
                 return self._take_events()
+        epoch = self._policy_epoch()  # once per read: a reload applies from the next read on
+        if epoch is not self._epoch:
+            self._epoch = epoch
+            self._entries.clear()
         buf = self._cbuf + data if self._cbuf else data
         end = len(buf)
         pos = 0
@@ -308,6 +313,21 @@ class H2Relay:
             if run >= 0:
                 out.append(buf[run:pos])
                 run = -1
+            if (
+                ftype == 1
+                and flags & 0x2C == 4  # END_HEADERS, no padding, no priority
+                and sid > self._max_client_sid
+                and sid & 1
+                and self._cblock is None
+                and self._client_settings_seen
+            ):
+                # The common case, a new request in one HEADERS frame.
+                self._max_client_sid = sid
+                self._new_request(sid, flags & 1, buf[pos + 9 : fend])
+                if self.closed:
+                    break
+                pos = fend
+                continue
             self._client_frame(ftype, flags, sid, buf[pos + 9 : fend], buf, pos, fend)
             if self.closed:
                 break
@@ -478,13 +498,11 @@ class H2Relay:
             self._to_server.append(f.rst_stream(sid, f.CANCEL))
         self._streams.pop(sid, None)
         self._waiting_bodies.discard(sid)
-        self._events.append(StreamEnded(sid, reset_code=code, reset_by="proxy"))
+        self._events.append(StreamEnded(sid, stream.status, reset_code=code, reset_by="proxy"))
 
     def _new_request(self, sid: int, end_stream: bool, block: bytes) -> None:
-        epoch = self._policy_epoch()
         generation = self._requests.generation
-        if epoch is not self._epoch or generation != self._entries_generation:
-            self._epoch = epoch
+        if generation != self._entries_generation:
             self._entries_generation = generation
             self._entries.clear()
         entry = self._entries.get(block)
@@ -626,10 +644,10 @@ class H2Relay:
             return None
         self._waiting_bodies.discard(sid)
         code = int.from_bytes(payload, "big")
-        self._events.append(StreamEnded(sid, reset_code=code, reset_by="client"))
+        self._events.append(StreamEnded(sid, stream.status, reset_code=code, reset_by="client"))
         if stream.forwarded:
             self._to_server.append(buf[pos:fend])
-            if stream.server_open and not stream.responded:
+            if stream.server_open and not stream.status:
                 self._spend_reset()
         return None
 
@@ -655,7 +673,7 @@ class H2Relay:
         """Validate the client's SETTINGS and rewrite them for the server."""
         lim = self.limits
         out = []
-        push_seen = False
+        push_seen = table_seen = False
         for key, value in f.parse_settings(payload):
             if key == f.SETTINGS_ENABLE_PUSH:
                 if value > 1:
@@ -678,11 +696,13 @@ class H2Relay:
                 value = min(value, lim.max_frame_size)
                 self._client_max_frame = value
             elif key == f.SETTINGS_HEADER_TABLE_SIZE:
-                value = min(value, lim.max_header_table_size)
-                self._responses.allow_table_size(value)
+                table_seen = True
+                value = min(value, lim.response_header_table_size)
             out.append((key, value))
         if not push_seen:
             out.append((f.SETTINGS_ENABLE_PUSH, 0))
+        if not table_seen and lim.response_header_table_size < 4096:
+            out.append((f.SETTINGS_HEADER_TABLE_SIZE, lim.response_header_table_size))
         return f.settings_frame(out)
 
     # ----------------------------------------------------------------- server -> client
@@ -723,13 +743,8 @@ class H2Relay:
                         run = pos
                     pos = fend
                     continue
-            elif ftype == 1 and flags & 4:
-                payload = buf[pos + 9 : fend]
-                block = f.strip_headers_payload(flags, payload)
-                if block is None:
-                    self._fail("server", f.PROTOCOL_ERROR, "HEADERS padding")
-                    break
-                self._server_block(sid, flags & 1, block)
+            elif ftype == 1 and flags & 0x2C == 4:
+                self._server_block(sid, flags & 1, buf[pos + 9 : fend])
                 if self.closed:
                     break
                 if run < 0:
@@ -842,7 +857,9 @@ class H2Relay:
             stream = self._streams.pop(sid, None)
             if stream is not None:
                 code = int.from_bytes(payload, "big")
-                self._events.append(StreamEnded(sid, reset_code=code, reset_by="server"))
+                self._events.append(
+                    StreamEnded(sid, stream.status, reset_code=code, reset_by="server")
+                )
             return self._emit_to_client(raw)
         if ftype == f.PING:
             if len(payload) != 8 or sid:
@@ -868,31 +885,49 @@ class H2Relay:
         return None  # PRIORITY and unknown types are dropped
 
     def _server_block(self, sid: int, end_stream: int, block: bytes) -> None:
-        try:
-            headers = self._responses.decode(block)
-        except HeaderBlockError as exc:
-            return self._fail("server", f.COMPRESSION_ERROR, str(exc))
+        summary = self._response_summaries.get(block)
+        if summary is None:
+            summary = self._summarize_response(block)
+            if summary is None:
+                return None
         stream = self._streams.get(sid)
         if stream is None:
             return None
-        grpc_status = grpc_message = None
-        if not stream.responded:
-            for name, value in headers:
-                if name == ":status":
-                    if value[:1] != "1":
-                        stream.responded = True
-                        self._events.append(
-                            ResponseReceived(sid, int(value) if value.isdigit() else 0)
-                        )
-                    break
+        status = summary[0]
+        if status and not stream.status:
+            stream.status = status
         if end_stream:
-            for name, value in headers:
-                if name == "grpc-status":
-                    grpc_status = value
-                elif name == "grpc-message":
-                    grpc_message = value
-            self._server_stream_done(sid, stream, grpc_status, grpc_message)
+            self._server_stream_done(sid, stream, summary[1], summary[2])
         return None
+
+    def _summarize_response(self, block: bytes) -> tuple | None:
+        """(final status or 0, grpc-status, grpc-message) of a server header block, memoized
+        while the response decoder's table stays unchanged (always, with a zero-size table)."""
+        generation = self._responses.generation
+        try:
+            headers = self._responses.decode(block)
+        except HeaderBlockError as exc:
+            self._fail("server", f.COMPRESSION_ERROR, str(exc))
+            return None
+        status = 0
+        grpc_status = grpc_message = None
+        for name, value in headers:
+            if name == ":status":
+                if value[:1] != "1" and value.isdigit():
+                    status = int(value)
+            elif name == "grpc-status":
+                grpc_status = value
+            elif name == "grpc-message":
+                grpc_message = value
+        summary = (status, grpc_status, grpc_message)
+        summaries = self._response_summaries
+        if self._responses.generation != generation:
+            summaries.clear()
+        else:
+            if len(summaries) >= 512:
+                summaries.clear()
+            summaries[block] = summary
+        return summary
 
     def _server_stream_done(
         self, sid: int, stream: _Stream, grpc_status: str | None, grpc_message: str | None = None
@@ -900,7 +935,7 @@ class H2Relay:
         stream.server_open = False
         if not stream.client_open:
             del self._streams[sid]
-        self._events.append(StreamEnded(sid, grpc_status, grpc_message))
+        self._events.append(StreamEnded(sid, stream.status, grpc_status, grpc_message))
         if self.draining and not self._streams:
             self.closed = True
 

@@ -1,0 +1,84 @@
+"""The HTTP/2 relay's view of the L7 policy: one `HttpRuleSet.check` per distinct request.
+
+Same rule semantics as HTTP/1 (docs/contracts.md): `:method`, `:path` with its query,
+`:authority` (or Host) as the host, and the regular headers. The relay memoizes decisions per raw
+header block for as long as `epoch()` returns the same rule-set object, so a policy reload applies
+to the very next request.
+"""
+
+from __future__ import annotations
+
+from parsers.http2 import Decision, H2Limits, Request
+
+ALLOW = Decision(True)
+DENY = Decision(False)
+
+
+def limits_from_config(cfg) -> H2Limits:
+    """The relay's limits, derived from the proxy's one config object where it has a knob."""
+    return H2Limits(
+        max_header_list_size=cfg.max_header_bytes,
+        hard_header_list_size=max(4 * cfg.max_header_bytes, cfg.max_header_bytes),
+        max_header_block=cfg.max_header_bytes,
+        max_header_count=max(cfg.max_header_count, 16),
+        deny_body=cfg.deny_message.encode("utf-8"),
+    )
+
+
+class H2Policy:
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
+
+    def epoch(self) -> object:
+        return self.ctx.rules()
+
+    def decide(self, request: Request) -> Decision:
+        rules = self.ctx.rules()
+        if rules is None:
+            return ALLOW
+        regular = [(n, v) for n, v in request.headers if n[:1] != ":"]
+        verdict = rules.check(request.method, request.path, request.authority, regular)
+        if not verdict.allowed:
+            return DENY
+        actions = tuple(getattr(verdict, "header_actions", ()) or ())
+        if not actions:
+            return ALLOW
+        edited, logged = apply_header_actions(request.headers, actions)
+        return Decision(True, edited, logged or None)
+
+
+def _action_parts(act) -> tuple[str, str, str | None]:
+    if isinstance(act, tuple):
+        kind, name, value = (tuple(act) + (None,))[:3]
+    else:
+        kind = getattr(act, "action", None) or getattr(act, "mismatch", None)
+        name = act.name
+        value = getattr(act, "value", None)
+    kind = str(getattr(kind, "value", kind) or "").upper()
+    return kind, str(name), None if value is None else str(value)
+
+
+def apply_header_actions(headers, actions) -> tuple[tuple[tuple[str, str], ...] | None, tuple]:
+    """Cilium headerMatches mismatch actions on an HTTP/2 header list (names are lowercase in
+    HTTP/2). Returns (the edited list or None when unchanged, the LOGged header names)."""
+    edited = list(headers)
+    logged: list[str] = []
+    changed = False
+    for act in actions:
+        kind, name, value = _action_parts(act)
+        lname = name.lower()
+        if kind == "LOG":
+            logged.append(name)
+            continue
+        if kind in ("DELETE", "REPLACE"):
+            kept = [(n, v) for n, v in edited if n != lname]
+            changed |= len(kept) != len(edited)
+            edited = kept
+        if kind in ("ADD", "REPLACE"):
+            if kind == "ADD" and any(n == lname for n, _ in edited):
+                continue
+            edited.append((lname, value or ""))
+            changed = True
+    return (tuple(edited) if changed else None), tuple(logged)
