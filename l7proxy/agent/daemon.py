@@ -71,6 +71,7 @@ class Agent:
         self.pool = IPPool(config.pool)
         self.allocator = policies.IdentityAllocator(self.store.get("identities"))
         self.ipcache = policies.IPCache()
+        self.ipcache.upsert(f"{self.pool.router}/32", policies.HOST)
         self.flows = FlowLog(config.flow_capacity)
         self.metrics = AgentMetrics(self)
         self.flows.add_enricher(self._enrich)
@@ -84,6 +85,11 @@ class Agent:
         self.started = time.time()
         self._lock = asyncio.Lock()
         self._by_ip: dict[str, EndpointRow] = {}
+        # Endpoint ids key each endpoint's entries in the BPF policy maps; stable across restarts.
+        self.endpoint_ids: dict[str, int] = dict(self.store.get("endpoint_ids", {}))
+        if hasattr(self.datapath, "ids"):
+            self.datapath.ids = self.endpoint_ids
+            self.datapath.labels_of = self._labels_of
         self._stopping = asyncio.Event()
 
     # life cycle
@@ -93,7 +99,8 @@ class Agent:
         await asyncio.to_thread(self._restore_endpoints)
         self.datapath.start(self._emit_threadsafe(asyncio.get_running_loop()))
         await self._start_proxy()
-        await asyncio.to_thread(self._recompile, self.store.revision())
+        compiled = await asyncio.to_thread(self._recompile, self.store.revision())
+        await asyncio.to_thread(self._install, compiled)
         self._register_ops()
         await self.api.start(self.config.socket)
         if self.config.admin:
@@ -138,7 +145,26 @@ class Agent:
                 netdev.delete(ep.netns, ep.host_if)
                 netdev.create(ep.netns, ep.host_if, ep.ip, ep.prefixlen, self.pool.router)
             self._index(ep)
+            self._endpoint_id(ep.name)
             self.datapath.endpoint_added(ep.name, ep.host_if, ep.ip, ep.identity)
+
+    def _endpoint_id(self, name: str) -> int:
+        if name not in self.endpoint_ids:
+            self.endpoint_ids[name] = max(self.endpoint_ids.values(), default=0) + 1
+            self.store.put("endpoint_ids", self.endpoint_ids)
+        return self.endpoint_ids[name]
+
+    def _labels_of(self, identity: int) -> list[str]:
+        labels = self.allocator.labels_of(identity)
+        return [str(lb) for lb in labels] if labels is not None else []
+
+    def peer(self, ip: str) -> tuple[int, list[str], str | None]:
+        """(identity, labels, endpoint name or None) of an address, as the ipcache sees it."""
+        ep = self._by_ip.get(ip)
+        if ep is not None:
+            return ep.identity, list(ep.labels), ep.name
+        identity = self.ipcache.lookup(ip)
+        return identity, self._labels_of(identity), None
 
     def _index(self, ep: EndpointRow) -> None:
         self._by_ip[ep.ip] = ep
@@ -159,13 +185,20 @@ class Agent:
     def _install(self, compiled) -> None:
         old, self.compiled = self.compiled, compiled
         self.store.put("identities", self.allocator.to_state())
-        proxy_port = self.proxy.port if self.proxy is not None else None
-        self.datapath.apply(compiled, self._ipcache_entries(), proxy_port)
+        # No proxy: no ports, and the datapath drops redirected flows ("no proxy"), fail-closed.
+        ports = self.proxy.l7_ports(compiled) if self.proxy is not None else {}
+        self.datapath.apply(compiled, self._ipcache_entries(), ports)
         if self.proxy is not None:
             self.proxy.update(compiled, old)
 
     def _ipcache_entries(self) -> dict[str, int]:
-        return {f"{ip}/32": ep.identity for ip, ep in self._by_ip.items()}
+        """Endpoints, CIDR identities from the policy, and the node's router address as host."""
+        entries = {
+            str(cidr): int(identity) for cidr, identity in self.ipcache.items() if ":" not in cidr
+        }
+        entries[f"{self.pool.router}/32"] = policies.HOST
+        entries.update({f"{ip}/32": ep.identity for ip, ep in self._by_ip.items()})
+        return entries
 
     # operations
 
@@ -248,12 +281,16 @@ class Agent:
             try:
                 self.store.add_endpoint(row, self.allocator.to_state())
                 self._index(row)
-                self.datapath.endpoint_added(name, host_if, ip, identity)
+                self._endpoint_id(name)
+                # Datapath calls run in threads: pyroute2 cannot share the agent's uvloop.
+                await asyncio.to_thread(self.datapath.endpoint_added, name, host_if, ip, identity)
                 compiled = await asyncio.to_thread(self._recompile, self.store.revision())
-                self._install(compiled)
+                await asyncio.to_thread(self._install, compiled)
             except BaseException:
                 self.store.delete_endpoint(name)
                 self._by_ip.pop(ip, None)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.datapath.endpoint_removed, name, host_if, ip)
                 await asyncio.to_thread(netdev.delete, netns_name, host_if)
                 raise
         return row.to_json()
@@ -278,17 +315,20 @@ class Agent:
             ep = self.store.endpoint(name)
             if ep is None:
                 raise ApiError(f"no endpoint named {name}")
-            self.datapath.endpoint_removed(ep.name, ep.host_if, ep.ip)
+            await asyncio.to_thread(self.datapath.endpoint_removed, ep.name, ep.host_if, ep.ip)
             await asyncio.to_thread(netdev.delete, ep.netns, ep.host_if)
             self.store.delete_endpoint(name)
             self._by_ip.pop(ep.ip, None)
+            self.endpoint_ids.pop(name, None)
+            self.store.put("endpoint_ids", self.endpoint_ids)
             self.ipcache = self._rebuild_ipcache()
             compiled = await asyncio.to_thread(self._recompile, self.store.revision())
-            self._install(compiled)
+            await asyncio.to_thread(self._install, compiled)
         return {"deleted": name}
 
     def _rebuild_ipcache(self):
         cache = policies.IPCache()
+        cache.upsert(f"{self.pool.router}/32", policies.HOST)
         for ep in self._by_ip.values():
             cache.upsert(f"{ep.ip}/32", ep.identity)
         return cache
@@ -324,7 +364,7 @@ class Agent:
             merged = policy_repo.merge(self.store.policies(), new)
             compiled = await asyncio.to_thread(self._recompile, revision, merged)
             self.store.policy_replace(merged, revision)
-            self._install(compiled)
+            await asyncio.to_thread(self._install, compiled)
         return {"revision": revision, "imported": [d.key for d in new]}
 
     async def op_policy_get(self, args: dict) -> dict:
@@ -345,7 +385,7 @@ class Agent:
             revision = self.store.revision() + 1
             compiled = await asyncio.to_thread(self._recompile, revision, keep)
             self.store.policy_replace(keep, revision)
-            self._install(compiled)
+            await asyncio.to_thread(self._install, compiled)
         return {"revision": revision, "deleted": gone}
 
     async def op_policy_live(self, args: dict) -> dict:

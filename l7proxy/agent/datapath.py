@@ -25,7 +25,7 @@ class NullDatapath:
     def endpoint_removed(self, name: str, host_if: str, ip: str) -> None:
         pass
 
-    def apply(self, compiled, ipcache_entries: dict[str, int], proxy_port: int | None) -> None:
+    def apply(self, compiled, ipcache_entries: dict[str, int], proxy_ports: dict[int, int]) -> None:
         pass
 
     def status(self) -> dict:

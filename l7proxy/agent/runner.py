@@ -42,6 +42,7 @@ class AgentProcess:
         self.socket = str(self.state_dir / "agent.sock")
         self.pool, self.mode, self.bpf, self.admin = pool, mode, bpf, admin
         self.extra_args = extra_args
+        self.pin_dir = Path("/sys/fs/bpf/l7proxy") / self.prefix.strip("-")
         self.log_path = self.state_dir / "agent.log"
         self.proc: subprocess.Popen | None = None
         self.client = Client(self.socket)
@@ -67,7 +68,7 @@ class AgentProcess:
             "--mode",
             self.mode,
             *(["--admin", "127.0.0.1:0"] if self.admin else []),
-            *([] if self.bpf else ["--no-bpf"]),
+            *(["--bpf-dir", str(self.pin_dir)] if self.bpf else ["--no-bpf"]),
             *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
@@ -123,7 +124,10 @@ class AgentProcess:
                 for ep in self.client.call("endpoint.list"):
                     self.client.call("endpoint.delete", name=ep["name"])
         self.stop()
-        sweep_namespaces(self.prefix)
+        sweep_namespaces(self.prefix)  # the veths go, and their tc programs with them
+        if self.bpf:
+            # Unpinned and detached, the programs and maps are freed by the kernel.
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
         if self._own_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 

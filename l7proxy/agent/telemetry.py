@@ -39,6 +39,8 @@ class AgentMetrics:
     def count_flow(self, flow: dict) -> None:
         if flow.get("event_type") == "L7":
             return  # L7 outcomes are counted by the proxy in policy_l7_total
+        if self.agent.datapath.name == "bpf":
+            return  # packet counts come from the per-CPU counters at scrape time
         direction = flow.get("traffic_direction") or "UNKNOWN"
         verdict = flow.get("verdict")
         if verdict == "DROPPED":
@@ -47,8 +49,26 @@ class AgentMetrics:
         elif verdict in ("FORWARDED", "REDIRECTED"):
             self.forward_count.labels(direction=direction).inc()
 
+    def _refresh_datapath(self) -> None:
+        for (direction, verdict, reason), (
+            packets,
+            _bytes,
+        ) in self.agent.datapath.counters().items():
+            if verdict == "DROPPED":
+                self.drop_count.labels(reason=reason or "UNKNOWN", direction=direction).set(packets)
+            else:
+                # REDIRECTED packets are forwarded too (to the proxy); Cilium counts them so.
+                key = (direction,)
+                totals = self._forward_totals
+                totals[key] = totals.get(key, 0) + packets
+
     def _refresh(self) -> None:
         agent = self.agent
+        if agent.datapath.name == "bpf":
+            self._forward_totals: dict[tuple[str], int] = {}
+            self._refresh_datapath()
+            for (direction,), packets in self._forward_totals.items():
+                self.forward_count.labels(direction=direction).set(packets)
         store = agent.store
         self.endpoint_count.set(len(store.endpoints()))
         self.identity_count.set(len(agent.identities()))

@@ -1,0 +1,192 @@
+"""Node mode: one shared transparent proxy for every endpoint on the node.
+
+The tc programs hand a redirected connection to the listener on 127.0.0.1:PORT with
+bpf_sk_assign, so the accepted socket's local address is the original destination. Per
+connection the gate looks up both peers in the agent's tables, asks the compiled policy which L7
+rule set applies (the destination's ingress, else the source's egress) and hands the connection
+to the protocol session. The upstream connection carries the source identity in SO_MARK
+(MARK_FROM_PROXY | identity), so the destination's ingress check sees the real source and the
+proxy's own traffic is never redirected again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from dataclasses import dataclass
+
+import policies
+from l7proxy.config import ProxyConfig
+from l7proxy.context import OriginalDestination
+from l7proxy.flows import FlowSink
+from l7proxy.http1.upstream import UpstreamConn, UpstreamPool
+from l7proxy.policy_view import L4Decision
+from l7proxy.server import DeadlineSweeper, Gate, Listener
+
+IP_TRANSPARENT = 19
+MARK_FROM_PROXY = 0x7A000000
+MARK_IDENTITY_MASK = 0x00FFFFFF
+PROTO_TCP = 6
+
+
+@dataclass(frozen=True, slots=True)
+class MarkedDestination(OriginalDestination):
+    """An upstream address plus the SO_MARK its connection must carry (part of the pool key)."""
+
+    mark: int = 0
+
+
+class MarkedUpstreamPool(UpstreamPool):
+    async def connect(self, dest, high: int, low: int) -> UpstreamConn:
+        mark = getattr(dest, "mark", 0)
+        if not mark:
+            return await super().connect(dest, high, low)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            sock.setblocking(False)
+            await asyncio.wait_for(
+                loop.sock_connect(sock, (dest.host, dest.port)), self.connect_timeout
+            )
+            _, conn = await loop.create_connection(lambda: UpstreamConn(dest), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        conn.transport.set_write_buffer_limits(high, low)
+        return conn
+
+
+class NodeGate(Gate):
+    """A Gate whose listener view is built per connection from the original destination."""
+
+    __slots__ = ("proxy",)
+
+    def __init__(self, proxy: NodeProxy) -> None:
+        super().__init__(proxy.base)
+        self.proxy = proxy
+
+    def connection_made(self, transport) -> None:
+        local = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
+        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        self.lst = self.proxy.view(peer[0], local[0], local[1])
+        super().connection_made(transport)
+
+
+class NodeProxy:
+    def __init__(self, agent, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.agent = agent
+        self.config = ProxyConfig()
+        self.flows = FlowSink(None)
+        self.metrics = agent.metrics.proxy
+        self.sweeper = DeadlineSweeper()
+        self.pool = MarkedUpstreamPool(
+            self.config.upstream_pool_size, self.config.upstream_connect_timeout
+        )
+        self.host, self.port = host, port
+        self.server: asyncio.AbstractServer | None = None
+        self._pump: asyncio.Task | None = None
+        self.base = self._listener(0, None, lambda: None, (0, ()), None)
+        self.connections = 0
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((self.host, self.port))
+        sock.listen(4096)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: NodeGate(self), sock=sock, backlog=4096)
+        queue = self.flows.subscribe()
+        self._pump = loop.create_task(self._pump_flows(queue))
+        self.sweeper.start()
+
+    async def _pump_flows(self, queue: asyncio.Queue) -> None:
+        while True:
+            self.agent.flows.ingest(await queue.get())
+
+    def _listener(self, port, decision, rules, endpoint, dest) -> Listener:
+        return Listener(
+            port=port,
+            protocol="auto",
+            destination=lambda transport: dest,
+            classify=lambda ip: decision,
+            rules_for=lambda ip: rules,
+            endpoint=lambda: endpoint,
+            config=self.config,
+            flows=self.flows,
+            metrics=self.metrics,
+            sweeper=self.sweeper,
+            upstreams=self.pool,
+        )
+
+    def view(self, src_ip: str, dst_ip: str, dport: int) -> Listener:
+        """The listener as this one connection sees it: its peers, its port, its rules."""
+        self.connections += 1
+        agent = self.agent
+        compiled = agent.compiled
+        src_id, src_labels, src_ep = agent.peer(src_ip)
+        dst_id, dst_labels, dst_ep = agent.peer(dst_ip)
+        verdict, direction = None, "INGRESS"
+        if compiled is not None and dst_ep is not None:
+            verdict = policies.l4_verdict(
+                compiled, dst_ep, src_id, policies.INGRESS, PROTO_TCP, dport
+            )
+        if (verdict is None or verdict.action != "redirect") and compiled and src_ep:
+            egress = policies.l4_verdict(
+                compiled, src_ep, dst_id, policies.EGRESS, PROTO_TCP, dport
+            )
+            if egress.action == "redirect" or verdict is None:
+                verdict, direction = egress, "EGRESS"
+        if verdict is None:
+            verdict = policies.L4Verdict("allow", 0, "no policy for these peers", None)
+        rule_set = compiled.l7.get(verdict.l7_id) if compiled and verdict.l7_id else None
+
+        def rules():
+            # Re-read per request: a new revision's rule set applies to the next request.
+            current = agent.compiled
+            if current is not None and verdict.l7_id in current.l7:
+                return current.l7[verdict.l7_id]
+            return rule_set
+
+        decision = L4Decision(verdict.action, src_id, tuple(src_labels), verdict.reason)
+        mark = MARK_FROM_PROXY | (src_id & MARK_IDENTITY_MASK)
+        dest = MarkedDestination(dst_ip, dport, mark)
+        lst = self._listener(dport, decision, rules, (dst_id, tuple(dst_labels)), dest)
+        lst.direction = direction
+        return lst
+
+    def l7_ports(self, compiled) -> dict[int, int]:
+        return {l7_id: self.port for l7_id in compiled.l7} if compiled is not None else {}
+
+    def update(self, compiled, old) -> None:
+        pass  # rules() reads agent.compiled per request
+
+    def status(self) -> dict:
+        return {
+            "state": "ok",
+            "detail": f"node proxy on {self.host}:{self.port}, {self.connections} connections",
+        }
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for session in list(self.sweeper.sessions):
+            with contextlib.suppress(Exception):
+                session.close()
+        self.sweeper.stop()
+        if self._pump is not None:
+            self._pump.cancel()
+        self.pool.close()
+        self.flows.close()
+
+
+async def start_proxy(agent):
+    if agent.config.mode != "node":
+        return None
+    proxy = NodeProxy(agent)
+    await proxy.start()
+    return proxy
