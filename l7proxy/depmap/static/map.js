@@ -233,9 +233,11 @@
     source.addEventListener("open", () => { status.dataset.state = "live"; status.textContent = "live"; });
     source.addEventListener("changes", (msg) => apply(JSON.parse(msg.data)));
     source.addEventListener("error", () => {
-      // EventSource reconnects by itself, sending Last-Event-ID (the version) so no change is lost.
+      // EventSource reconnects by itself, sending Last-Event-ID (the version) so no change is
+      // lost; after an error answer (say 503, too many streams) it gives up, so we retry.
       status.dataset.state = "error";
       status.textContent = "reconnecting";
+      if (source.readyState === EventSource.CLOSED) setTimeout(listen, 5000);
     });
   }
 
