@@ -256,6 +256,8 @@ class RequestParser:
             raise _Limit(414, "request URI too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if value[-1:] in (b" ", b"\t"):
+            value = value.rstrip(b" \t")  # trailing OWS is not part of the value (RFC 9110 5.5)
         if self._state == _BODY:
             self._trailers.append((name, value))
             if len(self._trailers) > self.max_header_count:
@@ -272,7 +274,11 @@ class RequestParser:
             self._host = value
             self._host_count += 1
         elif len(name) == 17 and name.lower() == b"transfer-encoding":
-            self._chunked = True  # llhttp accepts only a final `chunked`
+            # llhttp accepts any coding list ending in chunked, over several fields; codings
+            # are where proxies disagree (smuggling), so only one plain `chunked` passes.
+            if self._chunked or value.lower() != b"chunked":
+                raise _Limit(400, "only a single Transfer-Encoding: chunked is accepted")
+            self._chunked = True
         elif len(name) == 14 and name.lower() == b"content-length":
             self._content_length = value != b"0"
         elif len(name) == 6 and name.lower() == b"expect":
@@ -281,6 +287,8 @@ class RequestParser:
     def on_headers_complete(self) -> None:
         parser = self._parser
         version = parser.get_http_version()
+        if self._host_count > 1:
+            raise _Limit(400, "more than one Host header")
         if version == "1.1":
             if self._host_count != 1:
                 raise _Limit(400, "HTTP/1.1 request needs exactly one Host header")
