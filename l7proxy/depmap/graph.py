@@ -182,7 +182,10 @@ def _l4_ports(flow: dict) -> tuple[str, int, int]:
 
 def _protocol(flow: dict, l4_proto: str) -> str:
     l7 = flow.get("l7") or {}
-    for name in ("http", "kafka", "dns"):
+    http = l7.get("http")
+    if http:
+        return "grpc" if http.get("grpc") else "http"
+    for name in ("kafka", "dns"):
         if l7.get(name):
             return name
     return l4_proto or "unknown"
@@ -210,7 +213,9 @@ def summarize(flow: dict) -> dict[str, Any]:
     http = l7.get("http")
     if http:
         rec["http"] = {
-            k: http[k] for k in ("method", "url", "code", "protocol") if http.get(k) is not None
+            k: http[k]
+            for k in ("method", "url", "code", "protocol", "grpc", "reset")
+            if http.get(k) is not None
         }
     kafka = l7.get("kafka")
     if kafka:

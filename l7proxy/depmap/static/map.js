@@ -156,6 +156,7 @@
   }
 
   function result(f) {
+    if (f.http && f.http.grpc && f.http.grpc.status) return f.http.code + " grpc " + f.http.grpc.status;
     if (f.http && f.http.code !== undefined) return String(f.http.code);
     if (f.kafka && f.kafka.error_code !== undefined) return "error_code " + f.kafka.error_code;
     return f.drop_reason || "";

@@ -152,3 +152,19 @@ def test_dot_output_has_clusters_labels_and_red_drops():
     assert '"world" [label="world", shape=ellipse];' in dot
     assert '"tiefighter" -> "shop/web" [label="http/80\\nforwarded 0\\ndropped 1", color=red' in dot
     assert '"world" -> "shop/web" [label="http/80\\nforwarded 1\\ndropped 0", color=black' in dot
+
+
+def test_grpc_flows_make_a_grpc_edge_with_method_and_status():
+    m = DepMap()
+    flow = http_flow(method="POST", url="/deathstar.Exhaust/Fire", code=200, port=50051)
+    flow["l7"]["http"]["protocol"] = "HTTP/2"
+    flow["l7"]["http"]["grpc"] = {
+        "method": "/deathstar.Exhaust/Fire",
+        "status_code": 7,
+        "status": "PERMISSION_DENIED",
+    }
+    m.add(flow)
+    e = m.to_dict()["edges"][0]
+    assert (e["protocol"], e["port"]) == ("grpc", 50051)
+    assert e["recent"][0]["http"]["grpc"]["status"] == "PERMISSION_DENIED"
+    assert e["recent"][0]["http"]["protocol"] == "HTTP/2"
