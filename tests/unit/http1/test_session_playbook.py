@@ -1,0 +1,158 @@
+from l7proxy.config import ProxyConfig
+from l7proxy.http1 import session as session_mod
+from tests.unit.http1.playbook import PathRules, Play
+
+DENY = (
+    b"HTTP/1.1 403 Forbidden\r\ncontent-length: 15\r\ncontent-type: text/plain\r\n\r\n"
+    b"Access denied\r\n"
+)
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def req(path: str, extra: bytes = b"") -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: web\r\n%s\r\n" % (path.encode(), extra)
+
+
+def test_allowed_request_goes_up_and_response_comes_back_unchanged():
+    p = Play()
+    p.client_sends(req("/public/a"))
+    assert p.upstream_got() == req("/public/a")
+    p.upstream_sends(OK)
+    assert p.client_got() == OK
+    (flow,) = p.flows()
+    assert flow["verdict"] == "FORWARDED" and flow["l7"]["http"]["code"] == 200
+    assert flow["l4"]["TCP"] == {"source_port": 5555, "destination_port": 80}
+    assert 'policy_l7_total{rule="forwarded",proto="http"} 1' in p.metrics.render()
+
+
+def test_pipelined_deny_is_answered_in_place():
+    p = Play()
+    p.client_sends(req("/public/1") + req("/secret") + req("/public/3"))
+    assert p.upstream_got() == req("/public/1")  # one at a time
+    assert p.client_got() == b""  # the 403 waits for the first response
+    p.upstream_sends(OK)
+    assert p.client_got() == OK + DENY
+    assert p.upstream_got() == req("/public/3")
+    p.upstream_sends(OK)
+    assert p.client_got() == OK
+    assert [f["verdict"] for f in p.flows()] == ["FORWARDED", "DROPPED", "FORWARDED"]
+
+
+def test_denied_body_is_skipped_and_connection_stays_usable():
+    p = Play()
+    p.client_sends(b"POST /public/a HTTP/1.1\r\nHost: w\r\nContent-Length: 4\r\n\r\nbo")
+    assert p.client_got() == DENY
+    p.client_sends(b"dy" + req("/public/b"))
+    assert p.upstream_got() == req("/public/b")
+    assert not p.client.closed
+
+
+def test_chunked_body_is_reframed_without_extensions_and_with_trailers():
+    p = Play(PathRules(method="POST"))
+    p.client_sends(b"POST /public/u HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n")
+    p.client_sends(b"3;evil=1\r\nabc\r\n0\r\nX-T: 1\r\n\r\n")
+    assert p.upstream_got() == (
+        b"POST /public/u HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"
+    )
+
+
+def test_backpressure_both_ways():
+    p = Play(PathRules(method="POST"))
+    p.client_sends(b"POST /public/u HTTP/1.1\r\nHost: w\r\nContent-Length: 10\r\n\r\n12345")
+    p.up.pause_writing()  # upstream buffer full: stop reading the client
+    assert not p.client.reading
+    p.up.resume_writing()
+    assert p.client.reading
+    p.session.pause_writing()  # client buffer full: stop reading the upstream
+    assert not p.up.transport.reading
+    p.session.resume_writing()
+    assert p.up.transport.reading
+
+
+def test_upstream_reset_mid_response_closes_client_with_flow():
+    p = Play()
+    p.client_sends(req("/public/a"))
+    p.upstream_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
+    p.up.connection_lost(ConnectionResetError())
+    assert p.client.closed and p.client_got().endswith(b"part")
+    assert p.flows()[-1]["drop_reason_desc"] == "UPSTREAM_RESET"
+
+
+def test_head_response_ends_at_its_head_and_next_request_follows():
+    p = Play(PathRules(method="HEAD"))
+    p.client_sends(b"HEAD /public/a HTTP/1.1\r\nHost: w\r\n\r\n")
+    p.upstream_got()
+    p.upstream_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")
+    p.client_sends(b"HEAD /public/b HTTP/1.1\r\nHost: w\r\n\r\n")
+    assert p.upstream_got() == b"HEAD /public/b HTTP/1.1\r\nHost: w\r\n\r\n"
+
+
+def test_upgrade_tunnels_after_101_only():
+    p = Play()
+    up_req = req("/public/ws", b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    p.client_sends(up_req + b"early")
+    assert p.upstream_got() == up_req  # tunnel bytes held until the 101
+    p.upstream_sends(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    assert p.upstream_got() == b"early"
+    p.client_sends(b"\x81\x00 not http")
+    assert p.upstream_got() == b"\x81\x00 not http"
+    p.upstream_sends(b"\x00\x01 server frames")
+    assert p.client_got().endswith(b"\x00\x01 server frames")
+
+
+def test_header_actions_rewrite_the_forwarded_head():
+    rules = PathRules(actions=(("ADD", "X-Add", "1"), ("DELETE", "X-Del", ""), ("LOG", "X-L", "s")))
+    p = Play(rules)
+    p.client_sends(req("/public/a", b"X-Del: x\r\nX-L: secret\r\n"))
+    assert p.upstream_got() == (
+        b"GET /public/a HTTP/1.1\r\nHost: web\r\nX-L: secret\r\nX-Add: 1\r\n\r\n"
+    )
+
+
+def test_header_timeout_answers_408_and_idle_closes():
+    p = Play(config=ProxyConfig(header_timeout=5))
+    p.client_sends(b"GET /public/a HTTP/1.1\r\nHo")
+    assert p.session.deadline_kind == session_mod.HEAD
+    p.session.on_deadline()
+    assert p.client_got().startswith(b"HTTP/1.1 408 Request Timeout") and p.client.closed
+    q = Play()
+    assert q.session.deadline_kind == session_mod.IDLE
+    q.session.on_deadline()
+    assert q.client.closed and q.client_got() == b""
+
+
+def test_response_timeout_answers_504():
+    p = Play()
+    p.client_sends(req("/public/a"))
+    assert p.session.deadline_kind == session_mod.RESPONSE
+    p.session.on_deadline()
+    assert p.client_got().startswith(b"HTTP/1.1 504 Gateway Timeout")
+    assert p.flows()[-1]["drop_reason_desc"] == "UPSTREAM_TIMEOUT"
+
+
+def test_parse_error_after_pipelined_request_waits_its_turn():
+    p = Play()
+    p.client_sends(req("/public/a") + b"BAD REQUEST LINE\r\n\r\n")
+    assert p.client_got() == b""
+    p.upstream_sends(OK)
+    out = p.client_got()
+    assert out.startswith(OK + b"HTTP/1.1 400 Bad Request") and p.client.closed
+
+
+def test_connection_close_request_ends_connection_and_keeps_upstream_pooled():
+    p = Play()
+    p.client_sends(req("/public/a", b"Connection: close\r\n"))
+    p.upstream_sends(OK)
+    assert p.client.closed and p.pool.released == [p.up]
+
+
+def test_drain_closes_after_the_request_in_flight():
+    p = Play()
+    p.client_sends(req("/public/a"))
+    p.session.drain()
+    assert not p.client.closed
+    p.upstream_sends(OK)
+    assert p.client_got() == OK and p.client.closed
