@@ -269,6 +269,11 @@ def test_page_draws_flows_from_a_followed_flow_log_and_updates_live(tmp_path, br
         assert browser.eval("window.__noReload") == "still here"
         assert browser.flows_shown()[0]["request"] == "POST /v1/late"  # the open panel follows too
         assert browser.eval("document.getElementById('totals').dataset.forwarded") == "6"
+        # A new service appears live, in the list and in the drawing.
+        append(log, [http_flow((1099, ["k8s:app=probe"]), DEATHSTAR)])
+        browser.wait_for("!!document.querySelector('#node-list li[data-node-id=\"probe\"]')")
+        assert browser.eval("depmap.cy.getElementById('n:probe').nonempty()")
+        assert browser.eval("window.__noReload") == "still here"
     finally:
         server.terminate()
         server.wait(timeout=10)

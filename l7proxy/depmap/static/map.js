@@ -9,6 +9,7 @@
   const $ = (sel) => document.querySelector(sel);
   let cy = null;
   let layoutPending = false;
+  let laidOut = false; // after the first layout, keep positions so a live update doesn't jump
 
   function el(tag, attrs, text) {
     const node = document.createElement(tag);
@@ -72,7 +73,12 @@
     }
     const existing = cy.getElementById(data.id);
     if (existing.empty()) {
-      cy.add({ group: "nodes", data });
+      const added = cy.add({ group: "nodes", data });
+      if (laidOut) {
+        // Start a newcomer somewhere inside the drawing; the layout then settles it.
+        const box = cy.elements().boundingBox();
+        added.position({ x: box.x1 + Math.random() * box.w, y: box.y1 + Math.random() * box.h });
+      }
       layoutPending = true;
     } else {
       existing.data(data);
@@ -95,9 +101,10 @@
   function relayout() {
     if (!cy || !layoutPending) return;
     layoutPending = false;
-    cy.layout({ name: "cose", animate: false, padding: 40, randomize: true,
+    cy.layout({ name: "cose", animate: false, padding: 40, randomize: !laidOut,
                 nodeDimensionsIncludeLabels: true, nodeRepulsion: () => 400000,
                 idealEdgeLength: () => 140, edgeElasticity: () => 100, nodeOverlap: 40 }).run();
+    laidOut = true;
     // A few nodes would otherwise be fitted at a huge zoom.
     if (cy.zoom() > 1.25) {
       cy.zoom(1.25);
