@@ -64,6 +64,14 @@ class CompiledPolicy:
     l7: dict[int, HttpRuleSet | KafkaRuleSet]
     diagnostics: list[Diagnostic] = field(default_factory=list)
     rules: tuple[Rule, ...] = ()
+    # reuse state for `compile_policy(..., previous=...)`: identities seen, MapState per
+    # (selecting rules by value, enforcement, named-port owner), L7 content -> id
+    _universe: dict = field(default_factory=dict, repr=False)
+    _maps: dict = field(default_factory=dict, repr=False)
+    _l7_sets: dict = field(default_factory=dict, repr=False)
+    _named_ports: object = field(default=None, repr=False)
+    _endpoints: dict = field(default_factory=dict, repr=False)
+    _selected: dict = field(default_factory=dict, repr=False)
 
     def endpoint(self, name: str) -> EndpointPolicy:
         return self.endpoints[name]
@@ -338,8 +346,14 @@ def compile_policy(
     revision: int,
     *,
     named_ports: Mapping[str, Mapping[str, int]] | None = None,
+    previous: CompiledPolicy | None = None,
 ) -> CompiledPolicy:
-    """Deterministic: the same rules, endpoints and allocator state give the same result."""
+    """Deterministic: the same rules, endpoints and allocator state give the same result.
+
+    With `previous` (the last compilation with the same allocator), endpoints whose selecting
+    rules are unchanged (by value) keep their MapState object, L7 rule sets keep their ids, and
+    only the rest is recompiled; the result equals a full compilation.
+    """
     rules = tuple(rules)
     diagnostics: list[Diagnostic] = []
     endpoint_ids = {name: allocator.allocate(labels) for name, labels in sorted(endpoints.items())}
@@ -349,25 +363,112 @@ def compile_policy(
         number = allocator.allocate_cidr(net)
         if ipcache.get(net) is None:
             ipcache.upsert(net, number)
-    universe = Universe(allocator.identities())
+    identities = allocator.identities()
+    universe = Universe(identities)
     compiler = _Compiler(rules, universe, named_ports, diagnostics)
-    cache: dict[tuple, MapState] = {}
+    reuse: dict = {}
+    reuse_selected = None
+    if previous is not None and previous._endpoints == dict(endpoints):
+        reuse_selected = previous._selected
+    if (
+        previous is not None
+        and previous._universe == identities
+        and previous._named_ports == named_ports
+    ):
+        reuse = previous._maps
+        compiler.l7_sets.update(previous._l7_sets)
+        compiler.l7.update(previous.l7)
+        diagnostics.extend(previous.diagnostics)
+        compiler.reported.update((d.file, d.line, d.field, d.reason) for d in previous.diagnostics)
+    selecting_by_ep, selected = _selecting(rules, endpoints, reuse_selected)
+    maps: dict[tuple, MapState] = {}
     out: dict[str, EndpointPolicy] = {}
-    for name, labels in sorted(endpoints.items()):
-        selecting = [r for r in rules if selects(r, labels)]
+    for name in sorted(endpoints):
+        selecting = selecting_by_ep[name]
         enforced = (
             any(r.has_ingress and r.default_deny_ingress for r in selecting),
             any(r.has_egress and r.default_deny_egress for r in selecting),
         )
         uses_named = named_ports and any(_has_named_ports(r) for r in selecting)
-        cache_key = (tuple(map(id, selecting)), enforced, name if uses_named else None)
-        state = cache.get(cache_key)
+        cache_key = (tuple(selecting), enforced, name if uses_named else None)
+        state = maps.get(cache_key)
         if state is None:
-            state = cache[cache_key] = compiler.endpoint_map(selecting, name, enforced)
+            state = reuse.get(cache_key)
+            if state is None:
+                state = compiler.endpoint_map(selecting, name, enforced)
+            maps[cache_key] = state
         out[name] = EndpointPolicy(
             endpoint_ids[name], enforced[0], enforced[1], state, tuple(r.ident for r in selecting)
         )
-    return CompiledPolicy(revision, out, compiler.l7, diagnostics, rules)
+    used = {e.l7_id for state in maps.values() for e in state.values() if e.l7_id}
+    l7 = {number: rs for number, rs in sorted(compiler.l7.items()) if number in used}
+    l7_sets = {content: number for content, number in compiler.l7_sets.items() if number in used}
+    if reuse:
+        live_files = {r.file for r in rules}
+        diagnostics[:] = [d for d in dict.fromkeys(diagnostics) if d.file in live_files]
+    return CompiledPolicy(
+        revision,
+        out,
+        l7,
+        diagnostics,
+        rules,
+        _universe=identities,
+        _maps=maps,
+        _l7_sets=l7_sets,
+        _named_ports=named_ports,
+        _endpoints=dict(endpoints),
+        _selected=selected,
+    )
+
+
+def _selecting(
+    rules: tuple[Rule, ...], endpoints: Mapping[str, LabelSet], reuse: dict | None = None
+) -> tuple[dict[str, list[Rule]], dict[Rule, tuple[str, ...]]]:
+    """For each endpoint, the rules that select it (in rule order), via a label index so a rule
+    only tests the endpoints that carry its first `In` label. `reuse` holds the endpoints each
+    rule selected last time (valid when the endpoints did not change)."""
+    out: dict[str, list[Rule]] = {name: [] for name in endpoints}
+    selected: dict[Rule, tuple[str, ...]] = {}
+    hosts = [name for name, labels in endpoints.items() if _is_host(labels)]
+    host_set = set(hosts)
+    index: dict[tuple[str, str], list[str]] = {}
+    by_key: dict[str, list[str]] = {}
+    for name, labels in endpoints.items():
+        if name in host_set:
+            continue
+        for label in labels:
+            index.setdefault((label.key, label.value), []).append(name)
+            by_key.setdefault(label.key, []).append(name)
+    pods = [name for name in endpoints if name not in host_set]
+    for rule in rules:
+        known = reuse.get(rule) if reuse else None
+        if known is not None:
+            for name in known:
+                out[name].append(rule)
+            selected[rule] = known
+            continue
+        sel = rule.selector
+        if sel is not None:
+            candidates = pods
+            for req in sel.requirements:
+                if req.operator == "In":
+                    found: list[str] = []
+                    for value in req.values:
+                        found.extend(index.get((req.key, value), ()))
+                    candidates = found
+                    break
+                if req.operator == "Exists":
+                    candidates = by_key.get(req.key, [])
+                    break
+            names = [name for name in dict.fromkeys(candidates) if sel.matches(endpoints[name])]
+        else:
+            names = []
+        if rule.node_selector is not None:
+            names += [name for name in hosts if rule.node_selector.matches(endpoints[name])]
+        for name in names:
+            out[name].append(rule)
+        selected[rule] = tuple(names)
+    return out, selected
 
 
 def _has_named_ports(rule: Rule) -> bool:

@@ -100,7 +100,10 @@ class HttpRuleSet:
         self.sources = tuple(sources) or ("",) * len(self.rules)
         self.allow_all = allow_all or any(_is_any(r) for r in self.rules)
         self._compiled = tuple(_CompiledHttpRule(r) for r in self.rules)
-        self._needs_headers = any(c.required or c.actions for c in self._compiled)
+        self._header_rules = frozenset(
+            i for i, c in enumerate(self._compiled) if c.required or c.actions
+        )
+        self._needs_headers = bool(self._header_rules)
         self._slow = tuple(i for i, c in enumerate(self._compiled) if not c.in_set)
         self._set_index: list[int] = []
         self._set = None
@@ -132,9 +135,12 @@ class HttpRuleSet:
                     hits = sorted((hits or []) + extra)
         if not hits:
             return _HTTP_DENY
-        if not self._needs_headers:
-            return HttpVerdict(True, tuple(sorted(hits)) if len(hits) > 1 else tuple(hits))
-        return self._check_headers(hits, headers)
+        if self._needs_headers:
+            header_rules = self._header_rules
+            for i in hits:
+                if i in header_rules:
+                    return self._check_headers(hits, headers)
+        return HttpVerdict(True, tuple(sorted(hits)) if len(hits) > 1 else tuple(hits))
 
     def _slow_hits(self, method, path, host, indexes) -> list[int]:
         compiled = self._compiled

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from policies.labels import Selector
 
@@ -167,7 +167,7 @@ class PeerRule:
     ports: tuple[PortRule, ...] = ()  # empty = all ports (L3 only)
     icmps: tuple[ICMPField, ...] = ()
     requires: tuple[Selector, ...] = ()  # fromRequires / toRequires
-    line: int = 0
+    line: int = field(default=0, compare=False)  # moving a rule in its file changes nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,9 +190,17 @@ class Rule:
     description: str = ""
     labels: tuple[str, ...] = ()
     file: str = ""
-    line: int = 0
+    line: int = field(default=0, compare=False)
     index: int = 0  # position among the specs of one document
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    _hash: int = field(default=0, compare=False, repr=False, init=False)
+
+    def __post_init__(self) -> None:
+        # Rules are compared and hashed a lot when recompiling (cache keys); hash once.
+        object.__setattr__(self, "_hash", hash(_fields_of(self)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def ident(self) -> str:
@@ -204,3 +212,7 @@ class Rule:
         if direction == INGRESS:
             return self.ingress, self.ingress_deny
         return self.egress, self.egress_deny
+
+
+def _fields_of(rule: Rule) -> tuple:
+    return tuple(getattr(rule, f.name) for f in fields(rule) if f.compare)

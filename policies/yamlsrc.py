@@ -39,30 +39,32 @@ class LList(list):
 
 
 _CONSTRUCTOR = yaml.SafeLoader("")
+# libyaml's parser when present (much faster); both give nodes with start marks.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _scalar(node: yaml.ScalarNode):
     return _CONSTRUCTOR.construct_object(node, deep=True)
 
 
-def _convert(node: yaml.Node):
-    line = node.start_mark.line + 1
+def _convert(node: yaml.Node, offset: int = 0):
+    line = node.start_mark.line + 1 + offset
     if isinstance(node, yaml.MappingNode):
         out = LDict(line)
         for key_node, value_node in node.value:
-            key = _convert(key_node)
+            key = _convert(key_node, offset)
             key = key if isinstance(key, str) else str(key)
-            key_line = key_node.start_mark.line + 1
+            key_line = key_node.start_mark.line + 1 + offset
             if key in out:
                 raise DocumentError(key_line, f"duplicate key {key!r}", key)
-            out[key] = _convert(value_node)
+            out[key] = _convert(value_node, offset)
             out.key_lines[key] = key_line
         return out
     if isinstance(node, yaml.SequenceNode):
         out = LList(line)
         for item in node.value:
-            out.append(_convert(item))
-            out.item_lines.append(item.start_mark.line + 1)
+            out.append(_convert(item, offset))
+            out.item_lines.append(item.start_mark.line + 1 + offset)
         return out
     return _scalar(node)
 
@@ -98,18 +100,17 @@ def load_documents(text: str, name: str = "<string>") -> list[tuple[object, int]
             pass
         else:
             try:
-                node = yaml.compose(text, Loader=yaml.SafeLoader)
+                node = yaml.compose(text, Loader=_LOADER)
                 return [(_convert(node), node.start_mark.line + 1)]
             except (yaml.YAMLError, DocumentError):
                 return [(data, 1)]
     out: list[tuple[object, int]] = []
     for start, chunk in _split(text):
-        padded = "\n" * start + chunk
         try:
-            nodes = list(yaml.compose_all(padded, Loader=yaml.SafeLoader))
+            nodes = list(yaml.compose_all(chunk, Loader=_LOADER))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-            line = mark.line + 1 if mark is not None else start + 1
+            line = mark.line + 1 + start if mark is not None else start + 1
             problem = getattr(exc, "problem", None) or str(exc)
             out.append((DocumentError(line, f"invalid YAML: {problem}"), line))
             continue
@@ -117,7 +118,7 @@ def load_documents(text: str, name: str = "<string>") -> list[tuple[object, int]
             if node is None:
                 continue
             try:
-                out.append((_convert(node), node.start_mark.line + 1))
+                out.append((_convert(node, start), node.start_mark.line + 1 + start))
             except DocumentError as exc:
                 out.append((exc, exc.line))
     return out

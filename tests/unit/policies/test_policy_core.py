@@ -112,3 +112,29 @@ def test_diagnostic_format_and_strict_loading_raises():
         assert exc.diagnostics[0].line == 7
     else:
         raise AssertionError("strict load did not raise")
+
+
+def test_incremental_compile_equals_full_and_keeps_shared_objects():
+    from .helpers import rules
+
+    two = SW + "---\n" + SW.replace("name: rule1", "name: rule2").replace("deathstar", "tiefighter")
+    changed = two.replace(
+        "/v1/request-landing\n",
+        "/v1/request-landing\n        - method: GET\n          path: /health\n",
+        1,
+    )
+    eps = {name: labels(spec) for name, spec in EPS.items()}
+    alloc, cache = P.IdentityAllocator(), P.IPCache()
+    old = P.compile_policy(rules(two), eps, alloc, cache, 1)
+    new = P.compile_policy(rules(changed), eps, alloc, cache, 2, previous=old)
+    full = P.compile_policy(rules(changed), eps, alloc, cache, 2)
+    for name in eps:
+        assert new.endpoints[name].map_state == full.endpoints[name].map_state
+    # the untouched endpoint keeps its MapState object and its L7 rule-set id
+    assert new.endpoints["tiefighter"].map_state is old.endpoints["tiefighter"].map_state
+    assert set(new.l7) == set(full.l7)
+    d = P.diff(old, new)
+    assert set(d) == {"deathstar"}
+    (entry,) = {e.l7_id for e in d["deathstar"].adds.values()}
+    assert new.l7[entry].check("GET", "/health", "", []).allowed
+    assert old.l7.get(entry) is None
