@@ -88,17 +88,25 @@ class ScenarioResult:
         return _ratio(self.row(PROJECT), self.row(peer), "rss_mib")
 
     def target_status(self, target: Target) -> str:
-        ratio = self.ratio(target.peer)
-        if ratio is None:
+        """Compare values, not the ratio: a latency delta may be zero or negative (noise)."""
+        mine, theirs = self.row(PROJECT), self.row(target.peer)
+        if mine is None or theirs is None or mine.value is None or theirs.value is None:
             return "unknown"
-        if self.metric.higher_is_better:
-            return "met" if ratio >= target.factor else "not met"
-        return "met" if ratio <= target.factor else "not met"
+        goal = target.factor * theirs.value
+        met = mine.value >= goal if self.metric.higher_is_better else mine.value <= goal
+        return "met" if met else "not met"
 
     def describe_target(self, target: Target) -> str:
         op = ">=" if self.metric.higher_is_better else "<="
+        mine, theirs = self.row(PROJECT), self.row(target.peer)
         ratio = self.ratio(target.peer)
-        got = "no project number" if ratio is None else f"got {ratio:.2f}x"
+        if mine is None or mine.value is None:
+            got = "no project number"
+        elif ratio is not None:
+            got = f"got {ratio:.2f}x"
+        else:
+            theirs_value = theirs.value if theirs else None
+            got = f"{fmt_value(mine.value)} vs {fmt_value(theirs_value)} {self.metric.unit}"
         return (
             f"{self.name}: {self.metric.name} {op} {target.factor:g}x {target.peer}: "
             f"{self.target_status(target)} ({got})"
@@ -109,8 +117,8 @@ def _ratio(mine: Row | None, theirs: Row | None, attr: str) -> float | None:
     if mine is None or theirs is None or mine is theirs:
         return None
     a, b = getattr(mine, attr), getattr(theirs, attr)
-    if a is None or b is None or b <= 0:
-        return None
+    if a is None or b is None or a < 0 or b <= 0:
+        return None  # a ratio of deltas around zero (latency noise) means nothing
     return a / b
 
 

@@ -8,6 +8,7 @@ then measures them one after another.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import pytest
@@ -23,6 +24,7 @@ DENIED = "/private/x"
 CONNECTIONS = 50
 UPLOAD_CONNECTIONS = 8
 FIXED_RATE = 1000
+RATE_ROUNDS = 5
 MIB = 1024 * 1024
 
 
@@ -117,30 +119,42 @@ def test_upload_1mib(backend, workdir, duration, record):
     _finish(record, result, failures)
 
 
+def _rate(ep: Endpoint, seconds: float) -> dict:
+    res = peers.run_rate(ep.port, ALLOWED, FIXED_RATE, seconds)
+    if res["errors"] or set(res["statuses"]) != {"200"}:
+        raise peers.PeerError(f"statuses {res['statuses']}, errors {res['errors']}")
+    if res["achieved_rate"] < 0.8 * FIXED_RATE:  # the client itself starved of CPU
+        raise peers.PeerError(f"only {res['achieved_rate']:.0f} req/s of {FIXED_RATE}")
+    return res
+
+
 def test_p99_added_at_fixed_rate(backend, workdir, duration, record):
-    baseline: dict[str, float] = {}
+    """Alternating short rounds, direct then proxy; the median round wins.
+
+    On a shared machine one stall of another job moves a whole run's p99 by tens of ms; the median
+    over rounds of (proxy p99 - direct p99 just before) keeps what the proxy itself adds.
+    """
+    seconds = max(2.0, duration / RATE_ROUNDS)
 
     def measure(ep: Endpoint) -> Row:
         _checked(ep)
-        res = peers.run_rate(ep.port, ALLOWED, FIXED_RATE, duration)
-        if res["errors"] or set(res["statuses"]) != {"200"}:
-            raise peers.PeerError(f"statuses {res['statuses']}, errors {res['errors']}")
-        if res["achieved_rate"] < 0.9 * FIXED_RATE:
-            raise peers.PeerError(f"only {res['achieved_rate']:.0f} req/s of {FIXED_RATE}")
-        p99 = res["p99_ms"]
-        if ep.peer == DIRECT:
-            baseline["p99"] = p99
-            return Row(ep.peer, 0.0, res["p50_ms"], p99, ep.proc.rss_mib(), "the baseline")
-        if "p99" not in baseline:
-            raise peers.PeerError("no baseline: the direct run failed")
-        return Row(ep.peer, p99 - baseline["p99"], res["p50_ms"], p99, ep.proc.rss_mib())
+        runs, added = [], []
+        for _ in range(RATE_ROUNDS):
+            base = None if ep.peer == DIRECT else _rate(backend, seconds)["p99_ms"]
+            runs.append(_rate(ep, seconds))
+            added.append(0.0 if base is None else runs[-1]["p99_ms"] - base)
+        p50 = statistics.median(r["p50_ms"] for r in runs)
+        p99 = statistics.median(r["p99_ms"] for r in runs)
+        note = "rounds p99 " + " ".join(f"{r['p99_ms']:.2f}" for r in runs)
+        return Row(ep.peer, statistics.median(added), p50, p99, ep.proc.rss_mib(), note)
 
     with PeerSet(workdir, backend, [PUBLIC_GET], http2=False) as peer_set:
         rows, failures = harness.measure_rows(peer_set.endpoints, measure)
     result = ScenarioResult(
         "HTTP/1.1 at 1,000 req/s",
-        f"open-loop {FIXED_RATE} req/s for {duration:g}s over 16 keep-alive connections "
-        "(tests/bench/loadgen.py; latency from the due time); value = p99 minus direct p99",
+        f"open-loop {FIXED_RATE} req/s over 16 keep-alive connections (tests/bench/loadgen.py, "
+        f"latency from the due time), {RATE_ROUNDS} rounds of {seconds:g}s; value = median over "
+        "rounds of (p99 - p99 of a direct round just before)",
         harness.ADDED_P99,
         rows,
         targets=(Target(ENVOY, 1.0),),
@@ -148,8 +162,21 @@ def test_p99_added_at_fixed_rate(backend, workdir, duration, record):
     _finish(record, result, failures)
 
 
+def idle_count(nofile: int) -> tuple[int, str]:
+    """10,000 (or BENCH_IDLE_CONNS), capped so a proxy holding a client and an upstream socket per
+    connection fits the fd limit (raising the hard limit needs CAP_SYS_RESOURCE)."""
+    wanted = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
+    fits = (nofile - 200) // 2
+    if wanted <= fits:
+        return wanted, ""
+    return (
+        fits,
+        f"{wanted:,} wanted; the fd limit {nofile} fits {fits:,} (client + upstream socket)",
+    )
+
+
 def test_rss_idle_keepalive(backend, workdir, nofile, record):
-    count = int(os.environ.get("BENCH_IDLE_CONNS", "10000"))
+    count, capped = idle_count(nofile)
 
     def measure(ep: Endpoint) -> Row:
         if ep.peer == HAPROXY and peers.haproxy_maxconn(nofile) < count:
@@ -182,5 +209,6 @@ def test_rss_idle_keepalive(backend, workdir, nofile, record):
         harness.IDLE_RSS,
         rows,
         targets=(Target(ENVOY, 1.0),),
+        notes=(capped,) if capped else (),
     )
     _finish(record, result, failures)
