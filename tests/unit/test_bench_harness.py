@@ -203,3 +203,15 @@ def test_cilium_policy_allows_the_rules_on_the_listener_port():
     port_rule = ingress["toPorts"][0]
     assert port_rule["ports"] == [{"port": "8080", "protocol": "TCP"}]
     assert port_rule["rules"]["http"] == [{"method": "GET", "path": "/public/.*"}]
+
+
+def test_negative_latency_delta_meets_target_without_a_ratio():
+    rows = (Row(ENVOY, 9.09), Row(PROJECT, -15.0), Row(DIRECT, 0.0))
+    res = ScenarioResult("rate", "loadgen", harness.ADDED_P99, rows, (Target(ENVOY, 1.0),))
+    assert res.ratio(ENVOY) is None and res.ratio(DIRECT) is None
+    assert res.target_status(res.targets[0]) == "met"
+    assert "(-15.0 vs 9.09 ms)" in res.describe_target(res.targets[0])
+    worse = ScenarioResult(
+        "rate", "loadgen", harness.ADDED_P99, (Row(ENVOY, 2.0), Row(PROJECT, 3.0))
+    )
+    assert worse.target_status(Target(ENVOY, 1.0)) == "not met"
