@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from policies.conflicts import parser_conflicts
 from policies.diagnostics import ERROR, Diagnostic, PolicyError
 from policies.model import Rule
 from policies.parse import _Ctx, parse_document
@@ -32,6 +33,7 @@ def load_text(text: str, name: str = "<string>", *, strict: bool = False) -> Loa
     """Parse one YAML/JSON stream (pure; used by load_paths and by tests)."""
     result = LoadResult()
     _load_into(result, text, name)
+    result.diagnostics.extend(parser_conflicts(result.rules))
     if strict and result.errors:
         raise PolicyError(result.diagnostics)
     return result
@@ -75,6 +77,7 @@ def load_paths(paths: Iterable[str | Path], *, strict: bool = False) -> LoadResu
             result.diagnostics.append(Diagnostic(name, 0, "file", f"cannot read: {exc}", ERROR))
             continue
         _load_into(result, text, name)
+    result.diagnostics.extend(parser_conflicts(result.rules))
     if strict and result.errors:
         raise PolicyError(result.diagnostics)
     return result

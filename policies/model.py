@@ -168,6 +168,7 @@ class PeerRule:
     icmps: tuple[ICMPField, ...] = ()
     requires: tuple[Selector, ...] = ()  # fromRequires / toRequires
     line: int = field(default=0, compare=False)  # moving a rule in its file changes nothing
+    path: str = field(default="", compare=False)  # e.g. "spec.ingress[1]", for diagnostics
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,9 @@ from policies.model import (
     ENTITIES,
     PROTO_ANY,
     PROTO_NUMBERS,
+    PROTO_SCTP,
     PROTO_TCP,
+    PROTO_UDP,
     CIDRRule,
     HeaderMatch,
     HttpRule,
@@ -315,8 +317,6 @@ def _parse_spec(spec, field, line, name, kind, index, ctx: _Ctx) -> Rule | None:
             )
             is not None
         )
-    _check_parser_conflicts(sections["ingress"], f"{field}.ingress", ctx)
-    _check_parser_conflicts(sections["egress"], f"{field}.egress", ctx)
 
     dd_in = dd_out = True
     dd = spec.get("enableDefaultDeny")
@@ -371,24 +371,6 @@ def _parse_spec(spec, field, line, name, kind, index, ctx: _Ctx) -> Rule | None:
         line=line,
         index=index,
     )
-
-
-def _check_parser_conflicts(section: tuple[PeerRule, ...], field: str, ctx: _Ctx) -> None:
-    """Two L7 parser types on one port (within one rule) cannot both be enforced."""
-    seen: dict[tuple[int, int, int], str] = {}
-    for pr in section:
-        for port_rule in pr.ports:
-            if port_rule.l7 is None:
-                continue
-            for pp in port_rule.ports or (PortProto(0, 0, PROTO_ANY),):
-                key = (pp.port, pp.end_port, pp.proto)
-                other = seen.setdefault(key, port_rule.l7.parser)
-                if other != port_rule.l7.parser:
-                    ctx.error(
-                        pr.line,
-                        f"{field}.toPorts",
-                        f"port {pp} has two L7 parser types ({other} and {port_rule.l7.parser})",
-                    )
 
 
 def _parse_peer_rule(item, field, line, direction, deny, ctx: _Ctx) -> PeerRule | None:
@@ -544,7 +526,12 @@ def _parse_peer_rule(item, field, line, direction, deny, ctx: _Ctx) -> PeerRule 
         peers = Peers(unresolved=True)
         ports = ()
     return PeerRule(
-        peers=peers, ports=ports, icmps=tuple(icmps), requires=tuple(requires), line=line
+        peers=peers,
+        ports=ports,
+        icmps=tuple(icmps),
+        requires=tuple(requires),
+        line=line,
+        path=field,
     )
 
 
@@ -735,6 +722,10 @@ def _parse_to_ports(item, field, line, deny, ctx: _Ctx) -> tuple[PortRule, ...] 
                     entry["rules"], f"{pfield}.rules", _ln(entry, "rules", pline), ctx
                 )
                 drop = drop or drop_l7
+                if l7 is not None:
+                    ports = _l7_ports(ports, l7.parser, pfield, pline, entry, ctx)
+                    if ports is None:
+                        continue
         if drop:
             dropped += 1
             continue
@@ -742,6 +733,35 @@ def _parse_to_ports(item, field, line, deny, ctx: _Ctx) -> tuple[PortRule, ...] 
     if dropped and not out:
         return None
     return tuple(out)
+
+
+def _l7_ports(ports, parser, field, line, entry, ctx: _Ctx) -> list[PortProto] | None:
+    """L7 rules are enforced by a TCP proxy: they need a port, and TCP."""
+    pline = _ln(entry, "ports", line)
+    if not ports:
+        ctx.error(pline, f"{field}.ports", f"{parser} rules need a port")
+        return None
+    out = []
+    for j, pp in enumerate(ports):
+        if pp.port == 0 and not pp.name:
+            ctx.error(pline, f"{field}.ports[{j}].port", f"{parser} rules need a non-zero port")
+            return None
+        if pp.proto in (PROTO_UDP, PROTO_SCTP):
+            proto = "UDP" if pp.proto == PROTO_UDP else "SCTP"
+            ctx.error(
+                pline, f"{field}.ports[{j}].protocol", f"{parser} rules apply to TCP, not {proto}"
+            )
+            return None
+        if pp.proto == PROTO_ANY:
+            ctx.warn(
+                pline,
+                f"{field}.ports[{j}].protocol",
+                f"{parser} rules apply to TCP only: UDP and SCTP on port {pp.port} are not "
+                "allowed by this rule",
+            )
+            pp = PortProto(pp.port, pp.end_port, PROTO_TCP, pp.name)
+        out.append(pp)
+    return out
 
 
 def _parse_l7(node, field, line, ctx: _Ctx) -> tuple[L7Rules | None, bool]:

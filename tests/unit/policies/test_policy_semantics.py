@@ -444,3 +444,127 @@ spec:
 """
     w = World(text, EPS)
     assert w.action("db", P.WORLD, 80) == "allow" and w.action("db", P.WORLD, 81) == "deny"
+
+
+def test_parser_clash_across_policies_with_the_same_selector_is_an_error():
+    from .helpers import load
+
+    a = cnp(
+        "endpointSelector: {matchLabels: {app: db}}\ningress:\n- toPorts:\n  - ports: [{port: '8000', endPort: 8010, protocol: TCP}]\n    rules: {http: [{method: GET}]}",
+        "a",
+    )
+    b = cnp(
+        "endpointSelector: {matchLabels: {app: db}}\ningress:\n- fromEndpoints: [{}]\n  toPorts:\n  - ports: [{port: '8005', protocol: TCP}]\n    rules: {kafka: [{role: produce}]}",
+        "b",
+    )
+    result = load(a + "---\n" + b)
+    (err,) = result.errors
+    assert err.line == 21 and err.field == "spec.ingress[0].toPorts"
+    assert "two L7 parser types (http and kafka) (other rule: default/a)" in err.reason
+    other_port = load(a + "---\n" + b.replace("8005", "9000"))
+    assert other_port.ok
+
+
+def test_parser_clash_between_differently_selected_policies_is_denied_at_compile_time():
+    a = cnp(
+        "endpointSelector: {matchLabels: {app: db}}\ningress:\n- toPorts:\n  - ports: [{port: '80', protocol: TCP}]\n    rules: {http: [{}]}",
+        "a",
+    )
+    b = cnp(
+        "endpointSelector: {matchExpressions: [{key: app, operator: Exists}]}\ningress:\n- toPorts:\n  - ports: [{port: '80', protocol: TCP}]\n    rules: {kafka: [{}]}",
+        "b",
+    )
+    w = World(a + "---\n" + b, EPS)
+    assert w.action("db", "web", 80) == "deny"
+    assert any("conflict" in d.reason for d in w.compiled.diagnostics)
+    assert w.action("web", "db", 80) == "redirect"  # web only has the kafka rule
+
+
+def test_l7_rules_need_a_tcp_port():
+    from .helpers import load
+
+    udp = load(
+        cnp(
+            "endpointSelector: {}\ningress:\n- toPorts:\n  - ports: [{port: '53', protocol: UDP}]\n    rules: {http: [{}]}"
+        )
+    )
+    assert [d.reason for d in udp.errors] == ["http rules apply to TCP, not UDP"]
+    anyp = load(
+        cnp(
+            "endpointSelector: {}\ningress:\n- toPorts:\n  - ports: [{port: '80'}]\n    rules: {http: [{}]}"
+        )
+    )
+    assert anyp.ok and "TCP only" in anyp.diagnostics[0].reason
+    w = World(anyp.rules, EPS)
+    assert (
+        w.action("db", "web", 80, proto=6) == "redirect"
+        and w.action("db", "web", 80, proto=17) == "deny"
+    )
+
+
+def test_host_policy_with_node_selector_selects_the_host_endpoint_only():
+    spec = "nodeSelector: {}\ningress:\n- fromEntities: [cluster]\n  toPorts: [{ports: [{port: '22', protocol: TCP}]}]"
+    w = World(
+        cnp(spec, namespace="", kind="CiliumClusterwideNetworkPolicy"),
+        {**EPS, "node": "reserved:host"},
+    )
+    assert w.compiled.endpoints["node"].ingress_enforced
+    assert not w.compiled.endpoints["web"].ingress_enforced
+    assert w.action("node", "web", 22) == "allow" and w.action("node", P.WORLD, 22) == "deny"
+
+
+def test_ipv6_cidr_rules():
+    spec = "endpointSelector: {matchLabels: {app: db}}\negress:\n- toCIDRSet: [{cidr: 'fd00::/16', except: ['fd00:1::/32']}]"
+    w = World(cnp(spec), EPS)
+    assert w.action("db", w.ipcache.lookup("fd00:2::1"), 80, direction=P.EGRESS) == "allow"
+    assert w.action("db", w.ipcache.lookup("fd00:1::1"), 80, direction=P.EGRESS) == "deny"
+    assert w.action("db", w.ipcache.lookup("2001:db8::1"), 80, direction=P.EGRESS) == "deny"
+
+
+def test_world_deny_beats_all_entity_allow():
+    spec = "endpointSelector: {}\ningressDeny:\n- fromEntities: [world]\ningress:\n- fromEntities: [all]"
+    w = World(cnp(spec, namespace="", kind="CiliumClusterwideNetworkPolicy"), EPS)
+    assert w.action("db", P.WORLD, 80) == "deny"
+    assert w.action("db", "web", 80) == "allow"
+    assert w.action("db", P.HOST, 80) == "allow"
+
+
+def test_empty_rule_selects_nobody_but_enables_default_deny_for_egress():
+    w = World(cnp("endpointSelector: {matchLabels: {app: db}}\negress:\n- {}"), EPS)
+    assert w.compiled.endpoints["db"].egress_enforced
+    assert w.action("db", "web", 53, proto=17, direction=P.EGRESS) == "deny"
+    assert len(w.compiled.endpoints["db"].map_state) == 0
+
+
+def test_most_specific_key_alone_gives_the_same_answer_as_the_lookup():
+    """The BPF side does a most-specific lookup; compile writes denies where they must win."""
+    import itertools
+
+    spec = """
+endpointSelector: {matchLabels: {app: db}}
+ingress:
+- fromEndpoints: [{matchLabels: {app: web}}]
+- toPorts: [{ports: [{port: '80', endPort: 90, protocol: TCP}]}]
+- fromEndpoints: [{matchLabels: {app: cli}}]
+  toPorts:
+  - ports: [{port: '85', protocol: TCP}]
+    rules: {http: [{method: GET}]}
+ingressDeny:
+- toPorts: [{ports: [{port: '84', endPort: 86}]}]
+- fromEndpoints: [{matchLabels: {app: web}}]
+  toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+"""
+    w = World(cnp(spec), EPS)
+    ms = w.compiled.endpoints["db"].map_state
+    for peer, port, proto in itertools.product(
+        [w.id("web"), w.id("cli"), P.WORLD], [22, 80, 84, 85, 86, 90, 91, 443], [6, 17]
+    ):
+        keys = ms.matches(peer, P.INGRESS, proto, port)
+        best = max(keys, key=lambda k: (k.identity != 0, k.prefix_len, k.proto != 0), default=None)
+        assert (ms[best] if best else None) == ms.lookup(peer, P.INGRESS, proto, port), (
+            peer,
+            port,
+            proto,
+        )
+    assert w.action("db", "web", 85) == "deny" and w.action("db", "web", 443) == "deny"
+    assert w.action("db", "web", 444) == "allow" and w.action("db", "cli", 80) == "allow"
