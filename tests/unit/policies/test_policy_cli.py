@@ -200,3 +200,154 @@ def test_trace_kafka(capsys):
 def test_trace_bad_input_exits_2(capsys, argv):
     code, _, err = run(capsys, "policy", "trace", "-p", SW, *argv)
     assert code == 2 and "policy trace:" in err
+
+
+def test_trace_world_destination_by_ip_uses_cidr_rules(capsys, tmp_path):
+    pol = tmp_path / "egress.yaml"
+    pol.write_text(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: e}\nspec:\n"
+        "  endpointSelector: {matchLabels: {app: crawler}}\n  egress:\n"
+        "  - toCIDRSet: [{cidr: 20.1.0.0/16, except: [20.1.9.0/24]}]\n"
+        "    toPorts: [{ports: [{port: '443', protocol: TCP}]}]\n"
+    )
+
+    def t(ip, port="443"):
+        code, out, err = run(
+            capsys,
+            "policy",
+            "trace",
+            "-p",
+            str(pol),
+            "--src",
+            "app=crawler",
+            "--dst",
+            "reserved:world",
+            "--dst-ip",
+            ip,
+            "--dport",
+            port,
+            "-o",
+            "json",
+        )
+        assert code == 0, err
+        return json.loads(out)
+
+    ok = t("20.1.1.1")
+    assert ok["verdict"] == "ALLOWED" and ok["egress"]["peer_identity"] >= 1 << 24
+    assert ok["ingress"]["verdict"] == "ALLOWED"  # the world has no ingress policy
+    assert t("20.1.9.9")["verdict"] == "DENIED"
+    assert t("8.8.8.8")["egress"]["peer_identity"] == 2
+    assert t("20.1.1.1", "80")["verdict"] == "DENIED"
+
+
+def test_trace_host_destination_with_node_selector(capsys, tmp_path):
+    pol = tmp_path / "host.yaml"
+    pol.write_text(
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: h}\nspec:\n"
+        "  nodeSelector: {}\n  ingress:\n  - fromEntities: [cluster]\n"
+        "    toPorts: [{ports: [{port: '22', protocol: TCP}]}]\n"
+    )
+    code, out, _ = run(
+        capsys,
+        "policy",
+        "trace",
+        "-p",
+        str(pol),
+        "--src",
+        "app=ops",
+        "--dst",
+        "reserved:host",
+        "--dport",
+        "22",
+        "-o",
+        "json",
+    )
+    assert code == 0 and json.loads(out)["verdict"] == "ALLOWED"
+    code, out, _ = run(
+        capsys,
+        "policy",
+        "trace",
+        "-p",
+        str(pol),
+        "--src",
+        "reserved:world",
+        "--src-ip",
+        "1.2.3.4",
+        "--dst",
+        "reserved:host",
+        "--dport",
+        "22",
+        "-o",
+        "json",
+    )
+    assert code == 0 and json.loads(out)["verdict"] == "DENIED"
+
+
+def test_trace_http_headers_and_header_actions(capsys):
+    pol = str(CORPUS / "valid" / "http-headers.yaml")
+    base = [
+        "policy",
+        "trace",
+        "-p",
+        pol,
+        "--src",
+        "app=frontend,k8s:io.kubernetes.pod.namespace=shop",
+        "--dst",
+        "app=api,k8s:io.kubernetes.pod.namespace=shop",
+        "--dport",
+        "8080",
+        "-o",
+        "json",
+    ]
+    code, out, _ = run(
+        capsys,
+        *base,
+        "--http",
+        "POST",
+        "/v1/orders",
+        "--header",
+        "X-Auth-Token: 42",
+        "--header",
+        "X-Request-Id: 7",
+        "--header",
+        "X-Tenant: red",
+    )
+    r = json.loads(out)
+    assert code == 0 and r["verdict"] == "ALLOWED"
+    assert ["REPLACE", "X-Tenant", "blue"] in r["l7"]["rule_sets"][0]["header_actions"]
+    code, out, _ = run(
+        capsys,
+        *base,
+        "--http",
+        "POST",
+        "/v1/orders",
+        "--header",
+        "X-Auth-Token: 41",
+        "--header",
+        "X-Request-Id: 7",
+    )
+    assert json.loads(out)["verdict"] == "DENIED"
+    code, out, _ = run(capsys, *base, "--http", "GET", "/v1/items/12", "--host", "api.shop.example")
+    assert json.loads(out)["verdict"] == "ALLOWED"
+    code, out, _ = run(
+        capsys, *base[:-2], "--http", "GET", "/v1/items/12", "--host", "evil.example"
+    )
+    assert "host 'evil.example' does not match" in out and "verdict: DENIED" in out
+
+
+def test_trace_policy_file_with_errors_exits_2(capsys):
+    bad = sorted((CORPUS / "invalid").glob("*.yaml"))[0]
+    code, _, err = run(
+        capsys,
+        "policy",
+        "trace",
+        "-p",
+        str(bad),
+        "--src",
+        "app=a",
+        "--dst",
+        "app=b",
+        "--dport",
+        "80",
+    )
+    assert code == 2 and f"{bad}:" in err
