@@ -280,7 +280,8 @@ static __always_inline void ct_touch(struct ct_entry *ct, struct dp_config *cfg,
         ct->flags = flags;
     if ((ct->tcp_flags | t->tcp_flags) != ct->tcp_flags)
         ct->tcp_flags |= t->tcp_flags;
-    __u64 expires = bpf_ktime_get_ns() + ct_lifetime(cfg, t, flags);
+    // The coarse clock (tick resolution) is all a timeout needs and costs less per packet.
+    __u64 expires = bpf_ktime_get_coarse_ns() + ct_lifetime(cfg, t, flags);
     // Write only when it moves by more than a second: keeps the cache line mostly read-only.
     if (expires > ct->expires_ns + NSEC || (flags & CT_CLOSING))
         ct->expires_ns = expires;
@@ -305,8 +306,10 @@ static __always_inline int local_ingress_redirect(struct tuple *t, __u32 src_id,
     return 0;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, struct endpoint_info *ep, __u8 dir)
+static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
+    struct endpoint_info *ep;
+    __u32 ifindex = skb->ifindex;
     struct tuple t;
     struct verdict v = {};
     __u8 verdict, reason;
@@ -338,11 +341,18 @@ static __always_inline int handle(struct __sk_buff *skb, struct endpoint_info *e
     if (ct) {
         if (ct->policy_gen != cfg->policy_gen) {
             // Policy changed since this flow was allowed: re-check it once.
+            ep = ep_by_ifindex.lookup(&ifindex);
+            if (!ep)
+                return TC_ACT_OK;  // not an endpoint (any more)
             policy_lookup(ep->endpoint_id, dir == DIR_INGRESS ? ct->src_identity : ct->dst_identity,
                           dir, t.proto, t.dport, &v);
             verdict = decide(ep, dir, &v, &reason);
             if (verdict == VERDICT_REDIRECTED && from_proxy)
                 verdict = VERDICT_FORWARDED;
+            __u32 unused_ep;
+            if (verdict == VERDICT_FORWARDED && dir == DIR_EGRESS &&
+                local_ingress_redirect(&t, ct->src_identity, &v, &unused_ep))
+                verdict = VERDICT_REDIRECTED;
             if (verdict == VERDICT_DROPPED ||
                 (verdict == VERDICT_REDIRECTED) != ((ct->flags & CT_REDIRECTED) != 0)) {
                 // Denied now, or moved in/out of the proxy mid-stream: cut the flow.
@@ -360,7 +370,7 @@ static __always_inline int handle(struct __sk_buff *skb, struct endpoint_info *e
         if (ct->flags & CT_REDIRECTED) {
             if (assign_to_proxy(skb, &t, ct->proxy_port) < 0) {
                 count(dir, VERDICT_DROPPED, REASON_NO_PROXY, len);
-                emit(&t, ct->src_identity, ct->dst_identity, ep->endpoint_id, dir,
+                emit(&t, ct->src_identity, ct->dst_identity, ct->endpoint_id, dir,
                      VERDICT_DROPPED, REASON_NO_PROXY, 0);
                 return TC_ACT_SHOT;
             }
@@ -391,7 +401,11 @@ static __always_inline int handle(struct __sk_buff *skb, struct endpoint_info *e
         return TC_ACT_OK;
     }
 
-    // A new flow: look up the peer's identity and the endpoint's policy.
+    // A new flow: look up the endpoint, the peer's identity and the endpoint's policy.
+    // (Tracked packets above never need the endpoint: one lookup less per packet.)
+    ep = ep_by_ifindex.lookup(&ifindex);
+    if (!ep)
+        return TC_ACT_OK;
     __u32 peer = dir == DIR_INGRESS ? (from_proxy ? mark_identity : identity_of(t.saddr))
                                     : identity_of(t.daddr);
     __u32 src_id = dir == DIR_INGRESS ? peer : ep->identity;
@@ -442,7 +456,7 @@ static __always_inline int handle(struct __sk_buff *skb, struct endpoint_info *e
     };
     if (t.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
         entry.flags |= CT_CLOSING;
-    entry.expires_ns = bpf_ktime_get_ns() + ct_lifetime(cfg, &t, entry.flags);
+    entry.expires_ns = bpf_ktime_get_coarse_ns() + ct_lifetime(cfg, &t, entry.flags);
     conntrack.update(&key, &entry);
     count(dir, verdict, reason, len);
     if (verdict == VERDICT_REDIRECTED || (cfg->flags & CFG_EVENTS_FORWARDED))
@@ -453,21 +467,13 @@ static __always_inline int handle(struct __sk_buff *skb, struct endpoint_info *e
 // tc ingress of the host-side veth: packets leaving the endpoint (its egress policy).
 int from_endpoint(struct __sk_buff *skb)
 {
-    __u32 ifindex = skb->ifindex;
-    struct endpoint_info *ep = ep_by_ifindex.lookup(&ifindex);
-    if (!ep)
-        return TC_ACT_OK;
-    return handle(skb, ep, DIR_EGRESS);
+    return handle(skb, DIR_EGRESS);
 }
 
 // tc egress of the host-side veth: packets entering the endpoint (its ingress policy).
 int to_endpoint(struct __sk_buff *skb)
 {
-    __u32 ifindex = skb->ifindex;
-    struct endpoint_info *ep = ep_by_ifindex.lookup(&ifindex);
-    if (!ep)
-        return TC_ACT_OK;
-    return handle(skb, ep, DIR_INGRESS);
+    return handle(skb, DIR_INGRESS);
 }
 
 // Sidecar mode, cgroup/connect4: an L7-marked connect() goes to the sidecar proxy on

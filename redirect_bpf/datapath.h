@@ -117,7 +117,7 @@ struct ct_key {
 };
 
 struct ct_entry {
-    __u64 expires_ns;      // CLOCK_MONOTONIC, compared by the userspace GC
+    __u64 expires_ns;      // CLOCK_MONOTONIC (coarse), compared by the userspace GC
     __u32 src_identity;
     __u32 dst_identity;
     __u32 policy_gen;      // config.policy_gen when last checked; a change re-checks the flow

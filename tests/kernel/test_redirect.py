@@ -160,6 +160,26 @@ def test_ingress_redirect_of_a_local_destination(clean):
         assert tcp_ok(a.netns, b.pod_ip, server.port, timeout=2)
         assert proxy.accepted and proxy.accepted[0][1] == (b.pod_ip, server.port)
         assert not tcp_ok(c.netns, b.pod_ip, server.port)  # C has no entry at all
+        # A redirected flow survives an unrelated policy change (it is re-checked, not cut).
+        s = sock_in(a.netns)
+        s.settimeout(2)
+        s.connect((b.pod_ip, server.port))
+        s.sendall(b"before")
+        assert s.recv(16) == b"before"
+        t.dp.sync_endpoint(
+            t.ids[1],
+            {
+                PolicyKey(t.identities[0], INGRESS, TCP, server.port, 16): REDIRECT(9),
+                PolicyKey(t.identities[2], INGRESS, 17, 0, 0): ALLOW,
+            },
+            ingress_enforced=True,
+            egress_enforced=False,
+            proxy_ports={9: proxy.port},
+        )
+        s.sendall(b"after")
+        assert s.recv(16) == b"after"
+        s.close()
+        assert len(proxy.accepted) == 2
     finally:
         proxy.close()
 
