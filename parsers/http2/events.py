@@ -39,6 +39,9 @@ class H2Limits:
     # PING, SETTINGS, PRIORITY, empty DATA without END_STREAM, unknown frames:
     control_burst: int = 1000
     control_refill: int = 1000
+    # Request body of a denied stream read and dropped (and credited back) before the relay
+    # resets the stream with NO_ERROR.
+    max_discarded_body: int = 64 * 1024 * 1024
     # Server DATA held back while the client's connection window is owed bytes the proxy
     # injected itself (local 403 bodies): bounded by those bodies, this is a safety cap.
     max_held_bytes: int = 1024 * 1024

@@ -57,7 +57,7 @@ _NO_EVENTS: list = []
 class _Stream:
     """One client-initiated stream the relay still tracks."""
 
-    __slots__ = ("forwarded", "client_open", "server_open", "status", "body", "window")
+    __slots__ = ("forwarded", "client_open", "server_open", "status", "body", "window", "discarded")
 
     def __init__(self, forwarded: bool, client_open: bool) -> None:
         self.forwarded = forwarded
@@ -66,6 +66,7 @@ class _Stream:
         self.status = 0  # final response status once the server's response head came
         self.body = b""  # a local response body waiting for flow-control window
         self.window = 0
+        self.discarded = 0  # request body bytes of a denied stream dropped so far
 
 
 class _Entry:
@@ -152,6 +153,10 @@ class H2Relay:
     # ----------------------------------------------------------------- outputs
 
     def data_to_client(self) -> bytes:
+        if not self._server_settings_seen and not self.closed:
+            # The server's SETTINGS must be the first frame the client sees (the server
+            # connection preface): the proxy's own answers wait behind it.
+            return b""
         if self._credit:
             self._to_client.append(f.window_update(0, self._credit))
             self._credit = 0
@@ -209,8 +214,6 @@ class H2Relay:
     def upstream_failed(self, reason: str) -> list:
         """The upstream connection could not be opened: refuse everything."""
         if not self.closed:
-            if not self._server_settings_seen:
-                self._to_client.append(f.settings_frame())
             # Last stream 0: nothing was processed, the client may retry every request.
             self._fail("server", f.INTERNAL_ERROR, reason, last_stream_id=0)
         return self._take_events()
@@ -224,6 +227,8 @@ class H2Relay:
         debug = reason.encode("ascii", "replace")[:128]
         client_code = code if side == "client" else f.INTERNAL_ERROR
         last = self._max_client_sid if last_stream_id < 0 else last_stream_id
+        if not self._server_settings_seen:
+            self._to_client.insert(0, f.settings_frame())
         self._to_client.append(f.goaway(last, client_code, debug))
         self._to_server.append(f.goaway(0, code if side == "server" else f.NO_ERROR, debug))
         self._events.append(ConnectionFailed(side, code, reason))
@@ -341,7 +346,6 @@ class H2Relay:
         want = self._preface_left
         chunk = data[: len(want)]
         if not want.startswith(chunk):
-            self._to_client.append(f.settings_frame())
             self._fail("client", f.PROTOCOL_ERROR, "invalid connection preface")
             return b""
         self._preface_left = want[len(chunk) :]
@@ -402,19 +406,33 @@ class H2Relay:
         return None
 
     def _client_data_dropped(self, flags: int, sid: int, length: int) -> None:
-        """DATA the server must not see: a denied or closed stream, or a protocol error."""
+        """DATA the server must not see: a denied or closed stream, or a protocol error. The
+        bytes still count against the client's windows, so the relay returns them itself."""
         if not sid:
             return self._fail("client", f.PROTOCOL_ERROR, "DATA on stream 0")
         if sid > self._max_client_sid:
             return self._fail("client", f.PROTOCOL_ERROR, "DATA on an idle stream")
-        stream = self._streams.get(sid)
-        if stream is not None and not stream.client_open:
-            self._to_client.append(f.rst_stream(sid, f.STREAM_CLOSED))
-        elif stream is not None and flags & f.FLAG_END_STREAM:
-            stream.client_open = False
-        if not length and not flags & f.FLAG_END_STREAM:
-            self._spend_control()
+        if not length and not flags & f.FLAG_END_STREAM and not self._spend_control():
+            return None
         self._credit += length
+        stream = self._streams.get(sid)
+        if stream is None:
+            return None  # a stream already closed or reset: in-flight data is dropped
+        if not stream.client_open:
+            return self._reset_both(sid, stream, f.STREAM_CLOSED)
+        if flags & f.FLAG_END_STREAM:
+            stream.client_open = False
+            if not stream.body:
+                del self._streams[sid]
+            return None
+        # The body of a denied request is read and dropped (like HTTP/1), up to a limit.
+        stream.discarded += length
+        if stream.discarded > self.limits.max_discarded_body:
+            self._to_client.append(f.rst_stream(sid, f.NO_ERROR))
+            self._streams.pop(sid)
+            self._waiting_bodies.discard(sid)
+        elif length:
+            self._to_client.append(f.window_update(sid, length))
         return None
 
     def _client_headers(self, flags: int, sid: int, payload: bytes) -> None:
@@ -571,7 +589,9 @@ class H2Relay:
         return None
 
     def _respond_locally(self, sid: int, block: bytes, body: bytes, end_stream: bool) -> None:
-        """Answer a stream without the server; the block uses no HPACK dynamic table."""
+        """Answer a stream without the server; the block uses no HPACK dynamic table. A request
+        still sending its body keeps the stream until it ends (its DATA is credited back): some
+        clients (curl) treat RST_STREAM(NO_ERROR) after a complete response as a failure."""
         self._to_client.append(f.headers_frames(sid, block, not body, self._client_max_frame))
         stream = _Stream(False, not end_stream)
         if body:
@@ -580,7 +600,7 @@ class H2Relay:
             self._streams[sid] = stream
             self._send_local_body(sid, stream)
         elif stream.client_open:
-            self._to_client.append(f.rst_stream(sid, f.NO_ERROR))
+            self._streams[sid] = stream
 
     def _send_local_body(self, sid: int, stream: _Stream) -> None:
         size = len(stream.body)
@@ -592,10 +612,8 @@ class H2Relay:
         self._debt += size
         self._waiting_bodies.discard(sid)
         stream.body = b""
-        if stream.client_open:
-            # The request body is not wanted (RFC 9113 section 8.1).
-            self._to_client.append(f.rst_stream(sid, f.NO_ERROR))
-        del self._streams[sid]
+        if not stream.client_open:
+            del self._streams[sid]
 
     def _client_window_update(self, sid, payload, buf, pos, fend) -> None:
         if len(payload) != 4:
@@ -845,8 +863,11 @@ class H2Relay:
                 return self._emit_to_client(raw)
             if len(payload) % 6:
                 return self._fail("server", f.FRAME_SIZE_ERROR, "SETTINGS length")
+            first = not self._server_settings_seen
             settings = self._server_settings(payload)
-            if settings:
+            if settings and first:
+                self._to_client.insert(0, settings)  # before anything the proxy queued
+            elif settings:
                 self._emit_to_client(settings)
             return None
         if ftype == f.WINDOW_UPDATE:
