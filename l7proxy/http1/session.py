@@ -29,6 +29,7 @@ from parsers.http1 import (
     RequestParser,
     Upgrade,
     encode_chunk,
+    head_bytes,
     last_chunk,
     simple_response,
 )
@@ -124,8 +125,17 @@ class Http1Session(asyncio.Protocol):
         if self.upgrade_wait is not None:
             self.upgrade_buffer.append(data)
             return
-        self._handle(self.parser.receive_data(data))
-        if self.parser.in_head and self.deadline_kind != HEAD and not self.closed:
+        parser = self.parser
+        events = parser.receive_data(data)
+        if len(events) == 2 and events[0].__class__ is Request and parser.idle:
+            # The common case: this read is exactly one request without a body. Its bytes
+            # passed the strict parser whole, so they go upstream as they came.
+            req = events[0]
+            self._on_request(req, data if data.startswith(req.method) else None)
+            self._on_end(events[1])
+            return
+        self._handle(events)
+        if parser.in_head and self.deadline_kind != HEAD and not self.closed:
             self._set_deadline(HEAD, self.cfg.header_timeout)
 
     def _handle(self, events) -> None:
@@ -190,10 +200,10 @@ class Http1Session(asyncio.Protocol):
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def _on_request(self, req: Request) -> None:
+    def _on_request(self, req: Request, raw: bytes | None = None) -> None:
         self.pm.received.inc()
         decision = decide(self.ctx.rules(), req)
-        ex = Exchange(req, decision.allowed, decision.raw, _monotonic())
+        ex = Exchange(req, decision.allowed, decision.raw or raw, _monotonic())
         self.parsing = ex
         queue = self.queue
         queue.append(ex)
@@ -309,7 +319,7 @@ class Http1Session(asyncio.Protocol):
         ex.sent = True
         up.parser.expect(ex.req.method)
         up.got_bytes = False
-        head = ex.raw or ex.req.raw
+        head = ex.raw or head_bytes(ex.req)
         if ex.pending:
             up.transport.writelines([head, *ex.pending])
             ex.pending = []
@@ -317,7 +327,8 @@ class Http1Session(asyncio.Protocol):
             up.transport.write(head)
         timeout = self.cfg.upstream_response_timeout
         if timeout:
-            self._set_deadline(RESPONSE, timeout)
+            self.deadline_kind = RESPONSE
+            self.deadline = ex.start + timeout
         else:
             self.deadline_kind = NO_DEADLINE
 
@@ -366,12 +377,6 @@ class Http1Session(asyncio.Protocol):
 
     # ---- responses (called by UpstreamConn) --------------------------------------------------
 
-    def on_response_head(self, status: int) -> None:
-        if self.queue:
-            self.queue[0].status = status
-        if self.deadline_kind == RESPONSE:
-            self.deadline_kind = NO_DEADLINE  # the first byte came; the body may take its time
-
     def on_response_end(self, ev) -> None:
         if not self.queue:
             return
@@ -399,7 +404,7 @@ class Http1Session(asyncio.Protocol):
             buffered = b"".join(self.upgrade_buffer)
             self.upgrade_buffer = []
             self._handle(self.parser.resume(buffered))
-        self._next()
+        self._next(now)
 
     def on_tunnel(self) -> None:
         """101 Switching Protocols (or 2xx to CONNECT): from now on both sides are raw bytes."""
@@ -455,13 +460,14 @@ class Http1Session(asyncio.Protocol):
             return
         self._next()
 
-    def _next(self) -> None:
+    def _next(self, now: float = 0.0) -> None:
         if self.closed:
             return
         if self.queue:
             self._start(self.queue[0])
         else:
-            self._set_deadline(IDLE, self.cfg.idle_timeout)
+            self.deadline_kind = IDLE
+            self.deadline = (now or _monotonic()) + self.cfg.idle_timeout
             if self.draining:
                 self._close()
                 return
@@ -487,7 +493,9 @@ class Http1Session(asyncio.Protocol):
         elif kind == RESPONSE:
             ex = self.queue[0] if self.queue else None
             up = self.upstream
-            if ex is not None and (up is None or not up.got_bytes):
+            if up is not None and up.got_bytes:
+                return  # the response started in time; its body may take as long as it takes
+            if ex is not None:
                 self.pm.upstream_timeout.inc()
                 self.transport.write(simple_response(504, b"upstream timeout\r\n", close=True))
                 ex.status = 504

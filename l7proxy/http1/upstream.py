@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from parsers.http1 import Response, ResponseEnd, ResponseParser, Upgrade
+from parsers.http1 import ResponseEnd, ResponseParser, Upgrade
 
 
 class UpstreamConn(asyncio.Protocol):
@@ -52,8 +52,6 @@ class UpstreamConn(asyncio.Protocol):
             cls = event.__class__
             if cls is ResponseEnd:
                 session.on_response_end(event)
-            elif cls is Response:
-                session.on_response_head(event.status)
             elif cls is Upgrade:
                 self.tunnel = True
                 session.on_tunnel()

@@ -12,6 +12,7 @@ from parsers.http1 import (
     Upgrade,
     build_head,
     encode_chunk,
+    head_bytes,
     last_chunk,
     simple_response,
 )
@@ -27,7 +28,7 @@ def test_pipelined_requests_and_rebuilt_head():
         b"GET /a HTTP/1.1\r\nHost: x\r\nX-Pad: v  \r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
     )
     assert kinds(ev) == ["Request", "EndOfMessage", "Request", "EndOfMessage"]
-    assert ev[0].raw == b"GET /a HTTP/1.1\r\nHost: x\r\nX-Pad: v\r\n\r\n"
+    assert head_bytes(ev[0]) == b"GET /a HTTP/1.1\r\nHost: x\r\nX-Pad: v\r\n\r\n"
     assert ev[0].host == b"x" and ev[1].keep_alive and ev[2].target == b"/b"
     assert p.idle
 
@@ -130,7 +131,7 @@ def test_http10_and_connection_close_are_not_keep_alive():
 
 
 def test_response_parser_boundaries():
-    r = ResponseParser()
+    r = ResponseParser(report_heads=True)
     r.expect(b"GET")
     assert r.receive_data(
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nab"
@@ -150,6 +151,10 @@ def test_response_parser_boundaries():
         -1
     ] == Upgrade(b"")
     assert r.tunnel
+    fast = ResponseParser()  # without heads: one callback per response
+    assert fast.receive_data(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 No\r\nContent-Length: 0\r\n\r\n"
+    ) == [ResponseEnd(404, True)]
     c = ResponseParser()
     c.expect(b"CONNECT")
     assert c.receive_data(b"HTTP/1.1 200 Connection established\r\n\r\nserver-first")[-1] == (
