@@ -41,8 +41,20 @@ FIRST_CLUSTER_ID = 256  # Cilium's first cluster-scope identity
 LOCAL_SCOPE = 1 << 24  # CIDR identities live here
 STATE_VERSION = 1
 
-# Only these label sources say who an endpoint is; others (e.g. container runtime) do not.
-_IRRELEVANT_PREFIXES = ("io.kubernetes.pod.uid", "controller-revision-hash", "pod-template-hash")
+# Labels that change per pod or per rollout say nothing about who an endpoint is (Cilium's
+# default identity-relevant filter drops the same kinds); keeping them would give every pod of a
+# deployment its own identity.
+_IRRELEVANT_PREFIXES = (
+    "io.kubernetes.pod.uid",
+    "controller-revision-hash",
+    "pod-template-hash",
+    "pod-template-generation",
+    "controller-uid",
+    "job-name",
+    "batch.kubernetes.io/",
+    "statefulset.kubernetes.io/pod-name",
+    "annotation.",
+)
 
 
 def reserved_labels(identity: int) -> LabelSet:

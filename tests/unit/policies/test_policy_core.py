@@ -138,3 +138,11 @@ def test_incremental_compile_equals_full_and_keeps_shared_objects():
     (entry,) = {e.l7_id for e in d["deathstar"].adds.values()}
     assert new.l7[entry].check("GET", "/health", "", []).allowed
     assert old.l7.get(entry) is None
+
+
+def test_identity_ignores_per_pod_labels():
+    a = P.IdentityAllocator()
+    one = a.allocate(labels("k8s:app=web,k8s:pod-template-hash=abc,k8s:io.kubernetes.pod.uid=1"))
+    two = a.allocate(labels("k8s:app=web,k8s:pod-template-hash=def,k8s:io.kubernetes.pod.uid=2"))
+    assert one == two
+    assert "pod-template-hash" not in str(a.labels_of(one))
