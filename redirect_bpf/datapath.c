@@ -25,6 +25,7 @@ BPF_TABLE("lru_hash", __u64, struct sidecar_orig, sidecar_by_cookie, SIDECAR_MAP
 BPF_TABLE("lru_hash", struct sidecar_addr, struct sidecar_orig, sidecar_by_addr, SIDECAR_MAP_SIZE);
 
 #define NSEC 1000000000ULL
+#define PARSE_IPV6 1
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
@@ -68,8 +69,17 @@ static __always_inline int parse(struct __sk_buff *skb, struct tuple *t)
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+    if ((void *)(eth + 1) > data_end)
         return -1;
+    if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        __u8 *ip6 = (void *)(eth + 1);
+        if ((void *)ip6 + 40 > data_end)
+            return -1;
+        t->proto = ip6[6];  // next header
+        return PARSE_IPV6;
+    }
+    if (eth->h_proto != bpf_htons(ETH_P_IP))
+        return -1;  // ARP and friends
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > data_end)
         return -1;
@@ -105,6 +115,24 @@ static __always_inline int parse(struct __sk_buff *skb, struct tuple *t)
         t->sport = *(__be16 *)(icmp + 4);
     }
     return 0;
+}
+
+// IPv6 is outside this datapath's policy (IPv4 only): neighbour discovery passes, anything else
+// is dropped in a direction the endpoint enforces, so IPv6 can never bypass the IPv4 policy.
+static __always_inline int ipv6_default(struct __sk_buff *skb, __u8 dir, __u8 nexthdr)
+{
+    if (nexthdr == 58)  // ICMPv6
+        return TC_ACT_OK;
+    __u32 ifindex = skb->ifindex;
+    struct endpoint_info *ep = ep_by_ifindex.lookup(&ifindex);
+    if (!ep)
+        return TC_ACT_OK;
+    __u8 enforced = dir == DIR_INGRESS ? (ep->flags & EP_INGRESS_ENFORCED)
+                                       : (ep->flags & EP_EGRESS_ENFORCED);
+    if (!enforced)
+        return TC_ACT_OK;
+    count(dir, VERDICT_DROPPED, REASON_POLICY_DENIED, skb->len);
+    return TC_ACT_SHOT;
 }
 
 // Cilium's precedence, one lookup after another: any deny (identity-specific, then L4-only)
@@ -316,8 +344,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
     __u32 zero = 0;
     __u32 len = skb->len;
 
-    if (parse(skb, &t) < 0)
-        return TC_ACT_OK;  // not IPv4: outside this datapath's scope (documented)
+    int parsed = parse(skb, &t);
+    if (parsed == PARSE_IPV6)
+        return ipv6_default(skb, dir, t.proto);
+    if (parsed < 0)
+        return TC_ACT_OK;  // not IP (ARP) or truncated
     struct dp_config *cfg = config.lookup(&zero);
     if (!cfg)
         return TC_ACT_SHOT;

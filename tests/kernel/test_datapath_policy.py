@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from policies import EGRESS, INGRESS, PolicyEntry, PolicyKey
 from redirect_bpf.structs import IDENTITY_HOST, IDENTITY_WORLD
 from tests.kernel.conftest import host_addresses
-from tests.kernel.netns import EchoServer, sock_in, tcp_ok, udp_ok
+from tests.kernel.netns import EchoServer, in_netns, sh, sock_in, tcp_ok, udp_ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(60)]
 
@@ -289,3 +290,36 @@ def test_per_cpu_counters_count_verdicts(clean):
     assert delta(("INGRESS", "FORWARDED", "NEW_FLOW")) >= 1
     assert delta(("INGRESS", "FORWARDED", "CT_ESTABLISHED")) >= 2
     assert delta(("EGRESS", "FORWARDED", "CT_REPLY")) >= 2
+
+
+def test_ipv6_cannot_bypass_an_enforced_ipv4_policy(clean):
+    t = clean
+    a = t.pods[0]
+    sh("ip", "addr", "add", "fd00:250::1/64", "dev", a.host_if, "nodad")
+    a.run("ip", "addr", "add", "fd00:250::2/64", "dev", a.host_if.replace("l7h", "l7p"), "nodad")
+    server = socket.create_server(("fd00:250::1", 0), family=socket.AF_INET6)
+    port = server.getsockname()[1]
+
+    def v6_ok():
+        s = in_netns(a.netns, socket.socket, socket.AF_INET6, socket.SOCK_STREAM)
+        s.settimeout(0.5)
+        try:
+            s.connect(("fd00:250::1", port))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    try:
+        assert v6_ok()  # no policy on A: IPv6 flows like IPv4
+        t.dp.sync_endpoint(
+            t.ids[0],
+            {K(IDENTITY_WORLD, EGRESS): ALLOW},
+            ingress_enforced=False,
+            egress_enforced=True,
+        )
+        assert not v6_ok()  # egress enforced (IPv4-only policy): IPv6 is dropped
+    finally:
+        server.close()
+        sh("ip", "addr", "del", "fd00:250::1/64", "dev", a.host_if, check=False)
