@@ -75,7 +75,11 @@ class Peers:
         parts += [f"cidr {c}" for c in self.cidrs]
         parts += [f"entity {e}" for e in self.entities]
         parts += [f"nodes {s}" for s in self.nodes]
-        return "; ".join(parts) or "no peer"
+        if parts:
+            return "; ".join(parts)
+        if self.unresolved:
+            return "no peer (its unsupported fields are not enforced; see the warnings)"
+        return "no peer (an empty rule only turns on default deny)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,12 +170,18 @@ class _Tracer:
             f"{'default-deny' if enforced else 'not enforced (default-allow)'}"
         )
         explained = []
+        others = []
         for rule in self.rules:
             if not selects(rule, subject.labels):
+                others.append(rule)
                 continue
             explained.append(self._explain_rule(rule, direction, peer_id))
         if not explained:
             self.log.append(f"  no rule selects the {who}")
+        if others:
+            shown = ", ".join(f"{r.ident} {r.selector or r.node_selector}" for r in others[:5])
+            more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+            self.log.append(f"  rules that do not select the {who}: {shown}{more}")
         v = l4_verdict(self.compiled, subject_key, peer_id, direction, self.proto, self.port)
         verdict = "DENIED" if v.action == "deny" else "ALLOWED"
         self.log.append(f"  => {name} {verdict}: {v.reason}")
@@ -204,11 +210,13 @@ class _Tracer:
             for i, pr in enumerate(section):
                 peers = self.universe.resolve(pr.peers, requires if section is allow else ())
                 l3 = 0 in peers or peer_id in peers
-                l3_why = (
-                    f"peer matches {pr.peers.describe()}"
-                    if l3
-                    else f"peer is not selected by {pr.peers.describe()}"
-                )
+                described = pr.peers.describe()
+                if l3:
+                    l3_why = f"peer matches {described}"
+                elif described.startswith("no peer"):
+                    l3_why = f"the rule selects {described}"
+                else:
+                    l3_why = f"peer is not selected by {described}"
                 l4, l4_why, l7 = self._l4(pr)
                 entry = {
                     "section": f"{section_name}[{i}]",
