@@ -281,6 +281,8 @@ def trace(
         f"flow: {src.labels}{f' [{src.ip}]' if src.ip else ''} -> {dst.labels}"
         f"{f' [{dst.ip}]' if dst.ip else ''} port {port}/{PROTO_NAMES.get(proto, proto)}"
     )
+    for diag in t.compiled.diagnostics:
+        t.log.append(f"note: {diag}")
     egress, egress_l7 = t.side(EGRESS)
     ingress, ingress_l7 = t.side(INGRESS)
     l3l4_ok = egress["verdict"] == "ALLOWED" and ingress["verdict"] == "ALLOWED"
