@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from parsers.kafka import denials
 from parsers.kafka.apis import API_TABLE, TOPIC_AUTHORIZATION_FAILED, expects_response, topics_of
 from parsers.kafka.codec import DecodeError
+from parsers.kafka.fastpath import produce_topics
 from parsers.kafka.frames import (
     FrameDecoder,
     FrameError,
@@ -122,6 +123,9 @@ class KafkaLayer:
         self._resp_left = 0
         self._resp_buffer: bytearray | None = None
         self._resp_size = 0
+        self._view: memoryview | None = None
+        self._run_start = self._run_stop = -1  # pass-through bytes of the current read
+        self._pending_slices: list[tuple[int, int]] = []
         self.closed = False
 
     @property
@@ -138,18 +142,19 @@ class KafkaLayer:
             frames = self._requests.receive_data(data)
         except FrameError as exc:
             return self._close(out, exc.reason, str(exc))
-        for payload in frames:
-            self._request(payload, out)
+        for framed in frames:
+            self._request(framed, out)
             if self.closed:
                 break
         return out
 
-    def _request(self, payload: bytes, out: list) -> None:
+    def _request(self, framed: bytes, out: list) -> None:
+        """One request frame (size prefix included): parse, decide, forward or answer."""
         now = self._clock()
-        key = int.from_bytes(payload[0:2], "big", signed=True) if len(payload) >= 2 else -1
+        key = int.from_bytes(framed[4:6], "big", signed=True) if len(framed) >= 6 else -1
         spec = API_TABLE.get(key)
         try:
-            header = parse_request_header(payload, spec.flexible_min if spec else None)
+            header = parse_request_header(framed, spec.flexible_min if spec else None, 4)
         except FrameError as exc:
             self._close(out, exc.reason, str(exc))
             return
@@ -158,7 +163,7 @@ class KafkaLayer:
         if spec is None or not spec.versions[0] <= version <= spec.versions[1]:
             # No parser: only a policy without L7 restrictions lets it through.
             if rules is None or rules.allow_all:
-                out.append(ToUpstream(frame(payload)))
+                out.append(ToUpstream(framed))
                 self._pending.append(_Pending(header.correlation_id, key, version, False, now))
                 out.append(Record("REQUEST", "FORWARDED", key, version, header.correlation_id,
                                   header.client_id))  # fmt: skip
@@ -167,48 +172,69 @@ class KafkaLayer:
                         f"api {key} v{version} has no parser and the policy restricts Kafka",
                         header)  # fmt: skip
             return
+        flexible = spec.flexible(version)
+        all_topics = False
+        request = None
         try:
-            request, _ = spec.request_codec(version).decode(memoryview(payload), header.body_offset)
-        except (DecodeError, KeyError, UnicodeDecodeError) as exc:
+            if key == PRODUCE:
+                # Hot path: topic names and acks only; records are skipped by length.
+                acks, names, ids = produce_topics(memoryview(framed), header.body_offset,
+                                                  version, flexible)  # fmt: skip
+                request = {"acks": acks}
+            else:
+                request = self._decode(spec, header, framed)
+                refs = topics_of(key, version, request)
+                names, ids, all_topics = list(refs.names), refs.ids, refs.all_topics
+        except (DecodeError, KeyError, UnicodeDecodeError, IndexError) as exc:
             self._close(out, "malformed_request", f"{spec.spec_name} v{version}: {exc}", header)
             return
-        refs = topics_of(key, version, request)
-        names = list(refs.names)
         unknown_ids = []
-        for topic_id in refs.ids:
+        for topic_id in ids:
             name = self.topic_names.get(topic_id)
             if name is None:
                 unknown_ids.append(topic_id)
             else:
                 names.append(name)
-        pending = _Pending(header.correlation_id, key, version, spec.flexible(version), now)
+        pending = _Pending(header.correlation_id, key, version, flexible, now)
         if rules is None or rules.allow_all:
-            self._forward(payload, header, request, pending, names, out)
+            self._forward(framed, header, request, pending, names, out)
             return
         verdict = rules.check(key, version, header.client_id, names)
-        if unknown_ids and verdict.allowed and not _topic_free(rules, key, version, header):
-            # A topic id no Metadata response on this connection named: fail closed.
-            self._deny(spec, header, request, pending, names, out, topic_denied=True,
-                       denied=tuple(t.hex() for t in unknown_ids))  # fmt: skip
+        allowed = verdict.allowed
+        if unknown_ids and allowed and not _topic_free(rules, key, version, header):
+            # A topic id that no Metadata response on this connection named: fail closed.
+            allowed = False
+        if allowed:
+            self._forward(framed, header, request, pending, names, out)
             return
-        if verdict.allowed:
-            self._forward(payload, header, request, pending, names, out)
+        if key == PRODUCE:
+            try:
+                full = self._decode(spec, header, framed)
+            except (DecodeError, KeyError, UnicodeDecodeError) as exc:
+                self._close(out, "malformed_request", f"Produce v{version}: {exc}", header)
+                return
+            request = {**full, "acks": request["acks"]}
+        if key == METADATA and verdict.denied_topics and not all_topics:
+            self._metadata_subset(framed, header, request, pending, rules, out)
             return
-        if key == METADATA and verdict.denied_topics and not refs.all_topics:
-            self._metadata_subset(payload, header, request, pending, rules, out)
-            return
-        self._deny(spec, header, request, pending, names, out,
-                   topic_denied=bool(verdict.denied_topics), denied=verdict.denied_topics)  # fmt: skip
+        topic_denied = bool(verdict.denied_topics) or (verdict.allowed and bool(unknown_ids))
+        self._deny(spec, header, request, pending, names, out, topic_denied=topic_denied)
 
-    def _forward(self, payload, header: RequestHeader, request, pending, names, out) -> None:
-        out.append(ToUpstream(frame(payload)))
+    @staticmethod
+    def _decode(spec, header: RequestHeader, framed: bytes) -> dict:
+        return spec.request_codec(header.api_version).decode(
+            memoryview(framed), header.body_offset
+        )[0]
+
+    def _forward(self, framed, header: RequestHeader, request, pending, names, out) -> None:
+        out.append(ToUpstream(framed))
         if expects_response(header.api_key, request):
             self._pending.append(pending)
         for topic in names or (None,):
             out.append(Record("REQUEST", "FORWARDED", header.api_key, header.api_version,
                               header.correlation_id, header.client_id, topic))  # fmt: skip
 
-    def _deny(self, spec, header, request, pending, names, out, topic_denied, denied) -> None:
+    def _deny(self, spec, header, request, pending, names, out, topic_denied) -> None:
         code = denials.code_for(spec, topic_denied, request)
         for topic in names or (None,):
             out.append(Record("REQUEST", "DROPPED", header.api_key, header.api_version,
@@ -228,7 +254,7 @@ class KafkaLayer:
         self._pending.append(pending)
         self._flush_synthetic(out)
 
-    def _metadata_subset(self, payload, header, request, pending, rules, out) -> None:
+    def _metadata_subset(self, framed, header, request, pending, rules, out) -> None:
         """Forward Metadata for the allowed topics only; the denied ones come back as 29."""
         allowed, denied = [], []
         for topic in request["topics"]:
@@ -239,7 +265,7 @@ class KafkaLayer:
         if not allowed and header.api_version == 0:
             # v0 reads an empty list as "all topics": answer it here instead.
             names = [t.get("name") for t in denied]
-            self._deny(API_TABLE[METADATA], header, request, pending, names, out, True, ())
+            self._deny(API_TABLE[METADATA], header, request, pending, names, out, True)
             return
         for topic in allowed:
             out.append(Record("REQUEST", "FORWARDED", METADATA, header.api_version,
@@ -248,7 +274,7 @@ class KafkaLayer:
             out.append(Record("REQUEST", "DROPPED", METADATA, header.api_version,
                               header.correlation_id, header.client_id, topic.get("name"),
                               TOPIC_AUTHORIZATION_FAILED, reason="POLICY_DENIED"))  # fmt: skip
-        body = bytearray(payload[: header.body_offset])
+        body = bytearray(framed[4 : header.body_offset])
         API_TABLE[METADATA].request_codec(header.api_version).encode(
             body, {**request, "topics": allowed}
         )
@@ -259,15 +285,17 @@ class KafkaLayer:
     # ---- upstream -> client -------------------------------------------------------------
 
     def upstream_data(self, data: bytes) -> list:
+        """Splice responses through; consecutive pass-through bytes of one read go out as one
+        slice (one write), so many small responses in a read cost a single send."""
         if self.closed:
             return []
         out: list = []
-        view = memoryview(data)
+        view = self._view = memoryview(data)
         pos, end = 0, len(data)
         while pos < end and not self.closed:
             if self._resp_left:
                 n = min(self._resp_left, end - pos)
-                out.append(ToClient(view[pos : pos + n]))
+                self._emit(pos, pos + n)
                 pos += n
                 self._resp_left -= n
                 if not self._resp_left:
@@ -280,43 +308,79 @@ class KafkaLayer:
                 if len(self._resp_buffer) == self._resp_size:
                     self._rewrite_response(out)
                 continue
-            need = 8 - len(self._resp_head)
-            self._resp_head += view[pos : pos + need]
-            pos += min(need, end - pos)
-            if len(self._resp_head) == 8:
-                self._response_start(out)
+            if not self._resp_head and end - pos >= 8:
+                head_at = pos  # the common case: the size and correlation id are in this read
+            else:
+                need = 8 - len(self._resp_head)
+                self._resp_head += view[pos : pos + need]
+                pos += min(need, end - pos)
+                if len(self._resp_head) < 8:
+                    continue
+                head_at = -1
+            pos = self._response_start(out, head_at, pos)
+        self._flush_run(out)
+        self._view = None
         return out
 
-    def _response_start(self, out: list) -> None:
-        size, correlation_id = _SIZE_CID.unpack(self._resp_head)
-        head = bytes(self._resp_head)
-        self._resp_head.clear()
+    def _emit(self, start: int, stop: int) -> None:
+        if self._run_stop == start:
+            self._run_stop = stop
+            return
+        if self._run_stop >= 0:
+            self._pending_slices.append((self._run_start, self._run_stop))
+        self._run_start, self._run_stop = start, stop
+
+    def _flush_run(self, out: list) -> None:
+        """Put the pass-through bytes gathered so far ahead of any other command."""
+        view = self._view
+        for a, b in self._pending_slices:
+            out.append(ToClient(view[a:b]))
+        self._pending_slices.clear()
+        if self._run_stop >= 0:
+            out.append(ToClient(view[self._run_start : self._run_stop]))
+            self._run_start = self._run_stop = -1
+
+    def _response_start(self, out: list, head_at: int, pos: int) -> int:
+        """Read a response's size + correlation id (in the read at `head_at`, or buffered when
+        -1); return where reading continues."""
+        if head_at >= 0:
+            size, correlation_id = _SIZE_CID.unpack_from(self._view, head_at)
+            pos = head_at + 8
+        else:
+            size, correlation_id = _SIZE_CID.unpack(self._resp_head)
         try:
             check_size(size, MAX_RESPONSE_BYTES)
             if size < 4:
                 raise FrameError("short_response", f"response of {size} bytes")
         except FrameError as exc:
             self._close(out, exc.reason, f"upstream: {exc}")
-            return
+            return pos
         if not self._pending or self._pending[0].synthetic is not None:
             self._close(out, "unexpected_response",
                         f"upstream sent correlation id {correlation_id} with none pending")  # fmt: skip
-            return
+            return pos
         pending = self._pending[0]
         if pending.correlation_id != correlation_id:
             self._close(out, "correlation_mismatch",
                         f"upstream answered {correlation_id}, expected {pending.correlation_id}")  # fmt: skip
-            return
+            return pos
+        head = bytes(self._view[head_at:pos]) if head_at >= 0 else bytes(self._resp_head)
+        self._resp_head.clear()
         if self._rewrites(pending):
             self._resp_size = size + 4
             self._resp_buffer = bytearray(head)
             if size == 4:
                 self._rewrite_response(out)
-            return
-        out.append(ToClient(head))
+            return pos
+        if head_at >= 0:
+            self._emit(head_at, pos)
+        else:
+            self._flush_run(out)
+            out.append(ToClient(head))
         self._resp_left = size - 4
         if not self._resp_left:
             self._response_done(out)
+        return pos
 
     def _rewrites(self, pending: _Pending) -> bool:
         key = pending.api_key
@@ -335,6 +399,7 @@ class KafkaLayer:
         except (DecodeError, FrameError, KeyError, UnicodeDecodeError) as exc:
             self._close(out, "malformed_response", f"api {pending.api_key}: {exc}")
             return
+        self._flush_run(out)
         out.append(ToClient(framed if body is None else frame(payload[:start] + body)))
         self._response_done(out)
 
@@ -360,9 +425,13 @@ class KafkaLayer:
     def _flush_synthetic(self, out: list) -> None:
         """Send denials whose turn has come (no forwarded request ahead of them)."""
         while self._pending and self._pending[0].synthetic is not None:
+            if self._view is not None:
+                self._flush_run(out)
             out.append(ToClient(self._pending.popleft().synthetic))
 
     def _close(self, out: list, reason: str, detail: str, header: RequestHeader | None = None):
+        if self._view is not None:
+            self._flush_run(out)
         self.closed = True
         if header is not None:
             out.append(Record("REQUEST", "ERROR", header.api_key, header.api_version,

@@ -31,34 +31,61 @@ class FrameError(ValueError):
 
 
 class FrameDecoder:
-    """Splits a byte stream into frames. Keeps at most one partial frame buffered."""
+    """Splits a byte stream into frames, each returned *with* its 4-byte size prefix so that a
+    forwarded frame is the same bytes object that came in.
 
-    __slots__ = ("max_frame_size", "_buf")
+    Copies are kept to at most one per byte: frames wholly inside one read are sliced out of it
+    (no copy at all when the read is exactly one frame); a frame spread over reads is joined once
+    when its last byte arrives.
+    """
+
+    __slots__ = ("max_frame_size", "_chunks", "_have", "_need")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
         self.max_frame_size = max_frame_size
-        self._buf = bytearray()
+        self._chunks: list[bytes] = []
+        self._have = 0
+        self._need = -1  # bytes of the partial frame incl. prefix; -1 = size not known yet
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return self._have
 
     def receive_data(self, data: bytes) -> list[bytes]:
-        buf = self._buf
-        buf += data
+        if self._chunks:
+            self._chunks.append(data)
+            self._have += len(data)
+            if self._need < 0:
+                if self._have < 4:
+                    return []
+                head = b"".join(self._chunks)
+                self._chunks = [head]
+                self._need = 4 + self._size_at(head, 0)
+            if self._have < self._need:
+                return []
+            data = b"".join(self._chunks)
+            self._chunks, self._have, self._need = [], 0, -1
+        return self._split(data)
+
+    def _split(self, data: bytes) -> list[bytes]:
         frames = []
-        pos = 0
-        end = len(buf)
-        while end - pos >= 4:
-            size = _SIZE.unpack_from(buf, pos)[0]
-            check_size(size, self.max_frame_size)
-            if end - pos - 4 < size:
+        pos, n = 0, len(data)
+        while n - pos >= 4:
+            end = pos + 4 + self._size_at(data, pos)
+            if end > n:
+                self._need = end - pos
                 break
-            frames.append(bytes(buf[pos + 4 : pos + 4 + size]))
-            pos += 4 + size
-        if pos:
-            del buf[:pos]
+            frames.append(data if pos == 0 and end == n else data[pos:end])
+            pos = end
+        if pos < n:
+            self._chunks = [data[pos:]]
+            self._have = n - pos
         return frames
+
+    def _size_at(self, data: bytes, pos: int) -> int:
+        size = _SIZE.unpack_from(data, pos)[0]
+        check_size(size, self.max_frame_size)
+        return size
 
 
 def check_size(size: int, max_frame_size: int) -> None:
@@ -88,25 +115,28 @@ def request_header_flexible(api_key: int, api_version: int, flexible_min: int | 
     return flexible_min is not None and api_version >= flexible_min
 
 
-def parse_request_header(frame_bytes: bytes, flexible_min: int | None) -> RequestHeader:
-    """Parse a request header; `flexible_min` is the API's first flexible version (None: never).
+def parse_request_header(
+    frame_bytes: bytes, flexible_min: int | None, start: int = 0
+) -> RequestHeader:
+    """Parse a request header at `start` (4 for a frame with its size prefix); `flexible_min` is
+    the API's first flexible version (None: never). `body_offset` counts from the same origin.
 
     The client id stays a classic int16 string even in header v2; only v2 adds tagged fields.
     """
-    if len(frame_bytes) < 8:
+    if len(frame_bytes) < start + 8:
         raise FrameError("short_header", "request shorter than its header")
-    api_key, api_version, correlation_id = _HEADER.unpack_from(frame_bytes, 0)
+    api_key, api_version, correlation_id = _HEADER.unpack_from(frame_bytes, start)
     if api_key == CONTROLLED_SHUTDOWN and api_version == 0:
-        return RequestHeader(api_key, api_version, correlation_id, None, False, 8)
-    if len(frame_bytes) < 10:
+        return RequestHeader(api_key, api_version, correlation_id, None, False, start + 8)
+    if len(frame_bytes) < start + 10:
         raise FrameError("short_header", "request header has no client id")
-    n = _I16.unpack_from(frame_bytes, 8)[0]
-    pos = 10
+    n = _I16.unpack_from(frame_bytes, start + 8)[0]
+    pos = start + 10
     client_id = None
     if n >= 0:
         if pos + n > len(frame_bytes):
             raise FrameError("short_header", "client id runs past the frame")
-        client_id = frame_bytes[pos : pos + n].decode("utf-8", "replace")
+        client_id = str(frame_bytes[pos : pos + n], "utf-8", "replace")
         pos += n
     flexible = request_header_flexible(api_key, api_version, flexible_min)
     if flexible:

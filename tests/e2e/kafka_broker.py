@@ -124,7 +124,7 @@ class ProxyThread:
     """The Kafka session behind a listener, in its own thread and uvloop event loop."""
 
     def __init__(self, upstream: tuple[str, int], rules=None, brokers: dict | None = None,
-                 max_frame_bytes: int | None = None) -> None:  # fmt: skip
+                 max_frame_bytes: int | None = None, flows: bool = True) -> None:  # fmt: skip
         from l7proxy.config import ProxyConfig
         from l7proxy.flows import FlowSink
         from l7proxy.metrics import ProxyMetrics
@@ -137,7 +137,8 @@ class ProxyThread:
             config = config.replace(max_frame_bytes=max_frame_bytes)
         self.config = config
         self.stream = _Lines()
-        self.sink = FlowSink(stream=self.stream)
+        # Without flows the sink is inactive, as in a gateway run without --flow-log.
+        self.sink = FlowSink(stream=self.stream) if flows else FlowSink(None)
         self.metrics = ProxyMetrics()
         self.port = 0
         self._ready = threading.Event()
@@ -193,3 +194,34 @@ class ProxyThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+def _serve_main(argv: list[str]) -> int:
+    """`python -m tests.e2e.kafka_broker HOST:PORT [TOPIC]`: run the proxy in front of a broker
+    in this process (for benchmarks: its own core, like the gateway). Prints the port, then
+    serves until SIGTERM. With TOPIC, the policy allows produce and consume on that topic only."""
+    from policies.l7 import KafkaRuleSet
+    from policies.model import KafkaRule
+
+    host, port = argv[0].rsplit(":", 1)
+    rules = None
+    if len(argv) > 1:
+        consume = (1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18)
+        rules = KafkaRuleSet(
+            [
+                KafkaRule(api_keys=(0, 3, 18), topic=argv[1]),
+                KafkaRule(api_keys=consume, topic=argv[1]),
+            ]
+        )
+    proxy = ProxyThread((host, int(port)), rules=rules, brokers={}, flows=False).start()
+    proxy.brokers[(host, int(port))] = ("127.0.0.1", proxy.port)
+    print(proxy.port, flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    proxy.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve_main(sys.argv[1:]))

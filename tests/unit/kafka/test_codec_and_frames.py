@@ -8,6 +8,7 @@ import pytest
 
 from parsers.kafka.apis import API_TABLE, topics_of
 from parsers.kafka.codec import DecodeError
+from parsers.kafka.fastpath import produce_topics
 from parsers.kafka.frames import FrameDecoder, FrameError, frame, parse_request_header
 from tests.unit.kafka.gen_schemas import render
 from tests.unit.kafka.samples import TOPIC_ID, kafka_python_classes, sample
@@ -50,6 +51,26 @@ def test_request_roundtrip_matches_kafka_python(key, version):
     assert again == ours
 
 
+@pytest.mark.parametrize("version", range(0, API_TABLE[0].versions[1] + 1))
+def test_produce_fast_path_agrees_with_the_codec(version):
+    spec = API_TABLE[0]
+    value = sample(spec.request_fields, version)
+    value["topic_data"] = [
+        {"name": f"t{i}", "topic_id": bytes([i + 1]) * 16,
+         "partition_data": [{"index": p, "records": b"r" * (10 * p)} for p in range(3)]}
+        for i in range(3)
+    ]  # fmt: skip
+    out = bytearray(b"HEAD")
+    spec.request_codec(version).encode(out, value)
+    acks, names, ids = produce_topics(memoryview(bytes(out)), 4, version, spec.flexible(version))
+    refs = topics_of(0, version, spec.request_codec(version).decode(memoryview(bytes(out)), 4)[0])
+    assert acks == value["acks"]
+    assert (tuple(names), tuple(ids)) == (refs.names, refs.ids)
+    assert len(names) + len(ids) == 3
+    with pytest.raises(DecodeError):
+        produce_topics(memoryview(bytes(out[:-7])), 4, version, spec.flexible(version))
+
+
 def test_truncated_body_is_a_decode_error():
     codec = API_TABLE[0].request_codec(9)
     out = bytearray()
@@ -72,8 +93,17 @@ def test_frames_split_across_reads():
     got = []
     for i in range(len(data)):
         got += dec.receive_data(data[i : i + 1])
-    assert got == [b"a" * 10, b"b" * 3]
+    assert got == [frame(b"a" * 10), frame(b"b" * 3)]
     assert dec.buffered == 0
+    # Frames inside one read come out of it; a read that is exactly one frame is not copied.
+    assert FrameDecoder(1024).receive_data(data) == [frame(b"a" * 10), frame(b"b" * 3)]
+    one = frame(b"c" * 100)
+    assert FrameDecoder(1024).receive_data(one)[0] is one
+    # A frame over three reads, the size prefix itself split.
+    dec = FrameDecoder(1024)
+    assert dec.receive_data(one[:2]) == [] and dec.receive_data(one[2:50]) == []
+    assert dec.receive_data(one[50:] + frame(b"d")[:3]) == [one]
+    assert dec.receive_data(frame(b"d")[3:]) == [frame(b"d")]
 
 
 def test_oversized_frame_closes():

@@ -227,3 +227,39 @@ def test_upstream_correlation_mismatch_closes():
     lay.client_data(request(12, 4, 1, {"group_id": "g", "generation_id": 1, "member_id": "m"}))
     out = lay.upstream_data(response(12, 4, 99, {}))
     assert of(Close, out)[0].reason == "correlation_mismatch"
+
+
+def test_many_small_responses_in_one_read_go_out_as_one_write():
+    lay = layer(rules=None)
+    for cid in range(1, 6):
+        lay.client_data(
+            request(12, 4, cid, {"group_id": "g", "generation_id": 1, "member_id": "m"})
+        )
+    data = b"".join(response(12, 4, cid, {}) for cid in range(1, 6))
+    out = lay.upstream_data(data)
+    (write,) = of(ToClient, out)
+    assert bytes(write.data) == data
+    assert len([r for r in of(Record, out) if r.kind == "RESPONSE"]) == 5
+
+
+def test_any_split_of_mixed_responses_gives_the_same_bytes():
+    """Streamed (Produce), rewritten (Metadata) and synthesised (denied) answers, in order,
+    whatever the read boundaries."""
+    import random
+
+    rnd = random.Random(6)
+    for _ in range(30):
+        lay = layer()
+        lay.client_data(request(3, 9, 4, {"topics": None}))
+        lay.client_data(request(0, 9, 2, produce(["t1"])))
+        out = lay.client_data(request(0, 9, 3, produce(["secret"])))
+        assert not of(ToClient, out)  # the denial waits for responses 1 and 2
+        meta = _metadata_response(9, ["t1"])
+        prod = response(0, 9, 2, {"responses": []})
+        stream = meta + prod
+        cuts = sorted(rnd.sample(range(1, len(stream)), 5))
+        pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+        got = b"".join(bytes(c.data) for p in pieces for c in of(ToClient, lay.upstream_data(p)))
+        assert got.startswith(meta) and got[len(meta) : len(meta) + len(prod)] == prod
+        tail = got[len(meta) + len(prod) :]
+        assert struct.unpack(">i", tail[4:8])[0] == 3 and lay.in_flight == 0

@@ -1,0 +1,77 @@
+"""Produce without the generic codec: the hot request only needs acks and its topic names/ids.
+
+Record batches are skipped by their length, never read. The generic decoder still runs when a
+Produce is denied (the error response mirrors every partition), which is the cold path.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from parsers.kafka.codec import DecodeError, read_uvarint
+
+_I16 = struct.Struct(">h").unpack_from
+_I32 = struct.Struct(">i").unpack_from
+
+
+def produce_topics(buf, pos: int, version: int, flexible: bool) -> tuple[int, list, list]:
+    """(acks, topic names, topic ids) of a Produce request body starting at `pos`."""
+    end = len(buf)
+    try:
+        if version >= 3:
+            if flexible:
+                n, pos = read_uvarint(buf, pos)
+                pos += max(n - 1, 0)
+            else:
+                pos += 2 + max(_I16(buf, pos)[0], 0)
+        acks = _I16(buf, pos)[0]
+        pos += 6  # acks, timeout_ms
+        if flexible:
+            count, pos = read_uvarint(buf, pos)
+            count -= 1
+        else:
+            count = _I32(buf, pos)[0]
+            pos += 4
+        names, ids = [], []
+        for _ in range(max(count, 0)):
+            if version >= 13:
+                ids.append(bytes(buf[pos : pos + 16]))
+                pos += 16
+            elif flexible:
+                n, pos = read_uvarint(buf, pos)
+                names.append(str(buf[pos : pos + n - 1], "utf-8"))
+                pos += n - 1
+            else:
+                n = _I16(buf, pos)[0]
+                names.append(str(buf[pos + 2 : pos + 2 + n], "utf-8"))
+                pos += 2 + n
+            if flexible:
+                parts, pos = read_uvarint(buf, pos)
+                parts -= 1
+            else:
+                parts = _I32(buf, pos)[0]
+                pos += 4
+            for _ in range(max(parts, 0)):
+                pos += 4  # partition index
+                if flexible:
+                    n, pos = read_uvarint(buf, pos)
+                    pos += max(n - 1, 0)
+                    pos = _skip_tags(buf, pos)
+                else:
+                    pos += 4 + max(_I32(buf, pos)[0], 0)
+            if flexible:
+                pos = _skip_tags(buf, pos)
+            if pos > end:
+                raise DecodeError("produce request runs past its frame")
+    except struct.error as exc:
+        raise DecodeError(f"truncated produce request: {exc}") from None
+    return acks, names, ids
+
+
+def _skip_tags(buf, pos: int) -> int:
+    count, pos = read_uvarint(buf, pos)
+    for _ in range(count):
+        _tag, pos = read_uvarint(buf, pos)
+        size, pos = read_uvarint(buf, pos)
+        pos += size
+    return pos

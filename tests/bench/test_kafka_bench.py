@@ -1,0 +1,223 @@
+"""Kafka numbers of issue 6: produce throughput and added p99 latency through the proxy, and
+consume throughput, each against the same broker (noida-db) direct.
+
+The proxy runs in its own process (tests/e2e/kafka_broker.py as a script) with a policy that
+allows produce and consume on the bench topic only, and advertises itself in Metadata so the
+clients never go around it. The load generators are separate processes too:
+- throughput: confluent-kafka (librdkafka) producing 1 KiB records with acks=1;
+- latency: one raw connection sending one 1 KiB Produce (acks=1) at a fixed rate and timing each
+  response, so the client adds the same small cost on both paths;
+- consume: confluent-kafka reading the topic from the beginning.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from tests.bench import harness
+from tests.bench.conftest import bench_duration
+from tests.bench.harness import PROJECT, Metric, Row, ScenarioResult, Target
+from tests.e2e.kafka_broker import KafkaBroker
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(900)]
+
+DIRECT = "direct noida-db"
+RECORD = 1024
+LATENCY_RATE = 200  # produce requests per second, one at a time
+MSG_S = Metric("produce", "msg/s", True)
+CONSUME_S = Metric("consume", "msg/s", True)
+P99_ADDED = harness.ADDED_P99
+
+PRODUCER = textwrap.dedent(
+    """
+    import json, sys, time
+    from confluent_kafka import Producer
+    addr, topic, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    p = Producer({"bootstrap.servers": addr, "acks": 1, "linger.ms": 5,
+                  "batch.size": 262144, "queue.buffering.max.messages": 200000})
+    payload = b"x" * 1024
+    done = [0, 0]
+    def cb(err, msg):
+        done[0 if err is None else 1] += 1
+    p.produce(topic, payload, on_delivery=cb); p.flush(10)
+    done[0] = 0
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        for _ in range(1000):
+            try:
+                p.produce(topic, payload, on_delivery=cb)
+            except BufferError:
+                p.poll(0.01)
+        p.poll(0)
+    p.flush(60)
+    elapsed = time.monotonic() - start
+    print(json.dumps({"ok": done[0], "errors": done[1], "seconds": elapsed}))
+    """
+)
+
+CONSUMER = textwrap.dedent(
+    """
+    import json, sys, time, uuid
+    from confluent_kafka import Consumer
+    addr, topic, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    c = Consumer({"bootstrap.servers": addr, "group.id": "bench-" + uuid.uuid4().hex,
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                  "fetch.max.bytes": 52428800})
+    c.subscribe([topic])
+    got, start = 0, None
+    deadline = time.monotonic() + 120
+    while got < count and time.monotonic() < deadline:
+        for m in c.consume(1000, 0.5):
+            if m.error() is None:
+                if start is None:
+                    start = time.monotonic()
+                got += 1
+    elapsed = time.monotonic() - (start or time.monotonic())
+    c.close()
+    print(json.dumps({"got": got, "seconds": elapsed}))
+    """
+)
+
+LATENCY = textwrap.dedent(
+    """
+    import json, socket, struct, sys, time
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+    host, port, topic, rate, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+    b = DefaultRecordBatchBuilder(2, 0, False, -1, -1, -1, 1 << 20)
+    b.append(0, int(time.time() * 1000), None, b"x" * 1024, [])
+    batch = bytes(b.build())
+    t = topic.encode()
+    def produce(cid):
+        body = struct.pack(">hhi", -1, 1, 5000)  # v3: transactional_id null, acks, timeout
+        body += struct.pack(">i", 1) + struct.pack(">h", len(t)) + t
+        body += struct.pack(">i", 1) + struct.pack(">i", 0) + struct.pack(">i", len(batch)) + batch
+        head = struct.pack(">hhih", 0, 3, cid, 5) + b"bench"
+        return struct.pack(">i", len(head) + len(body)) + head + body
+    s = socket.create_connection((host, port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def recv(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = s.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        return buf
+    def once(cid):
+        t0 = time.perf_counter()
+        s.sendall(produce(cid))
+        size = struct.unpack(">i", recv(4))[0]
+        resp = recv(size)
+        assert struct.unpack(">i", resp[:4])[0] == cid
+        return time.perf_counter() - t0, resp
+    for cid in range(50):  # warm up (auto-creates the topic)
+        once(cid)
+    lat = []
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    n = int(rate * seconds)
+    for i in range(n):
+        target = start + i * interval
+        delay = target - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        d, resp = once(1000 + i)
+        lat.append(d)
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
+    print(json.dumps({"n": n, "p50": q(0.5), "p99": q(0.99)}))
+    """
+)
+
+
+def _script(code: str, *args: str, timeout: float) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def broker():
+    b = KafkaBroker().start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def topic() -> str:
+    return f"bench-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def proxy(broker, topic):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.e2e.kafka_broker", broker.address, topic],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    port = int(proc.stdout.readline())
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_produce_throughput(broker, proxy, topic, record):
+    seconds = bench_duration()
+    rows, results = [], {}
+    for peer, addr in ((DIRECT, broker.address), (PROJECT, proxy)):
+        res = _script(PRODUCER, addr, topic, str(seconds), timeout=seconds + 120)
+        results[peer] = res
+        rows.append(Row(peer, res["ok"] / res["seconds"], note=f"{res['errors']} errors"))
+    result = ScenarioResult(
+        "kafka produce", f"confluent-kafka, 1 KiB records, acks=1, {seconds:g}s", MSG_S,
+        tuple(rows), (Target(DIRECT, 0.9),),
+    )  # fmt: skip
+    record(result)
+    assert all(r["errors"] == 0 and r["ok"] > 0 for r in results.values())
+
+
+def test_produce_p99_added_latency(broker, proxy, topic, record):
+    seconds = bench_duration()
+    rows, p99 = [], {}
+    for peer, addr in ((DIRECT, broker.address), (PROJECT, proxy)):
+        host, port = addr.rsplit(":", 1)
+        res = _script(LATENCY, host, port, topic, str(LATENCY_RATE), str(seconds),
+                      timeout=seconds + 60)  # fmt: skip
+        p99[peer] = res["p99"]
+        rows.append(Row(peer, None, res["p50"], res["p99"], note=f"{res['n']} requests"))
+    added = p99[PROJECT] - p99[DIRECT]
+    rows[1] = Row(PROJECT, added, rows[1].p50_ms, rows[1].p99_ms, note=rows[1].note)
+    rows[0] = Row(DIRECT, 0.0, rows[0].p50_ms, rows[0].p99_ms, note=rows[0].note)
+    result = ScenarioResult(
+        "kafka produce latency", f"{LATENCY_RATE} produce/s, 1 KiB, acks=1, one connection",
+        P99_ADDED, tuple(rows), (),
+        notes=(f"p99 added by the proxy: {added:.3f} ms (target <= 1 ms)",),
+    )  # fmt: skip
+    record(result)
+    assert p99[PROJECT] > 0
+
+
+def test_consume_throughput(broker, proxy, topic, record):
+    # Enough records for a few seconds of reading (the produce scenario wrote more).
+    count = 200_000
+    _script(PRODUCER, broker.address, topic, "3", timeout=120)
+    rows = []
+    for peer, addr in ((DIRECT, broker.address), (PROJECT, proxy)):
+        res = _script(CONSUMER, addr, topic, str(count), timeout=180)
+        rows.append(Row(peer, res["got"] / max(res["seconds"], 1e-9), note=f"{res['got']} msgs"))
+    result = ScenarioResult(
+        "kafka consume", "confluent-kafka group consumer from the beginning, 1 KiB records",
+        CONSUME_S, tuple(rows), (Target(DIRECT, 0.9),),
+    )  # fmt: skip
+    record(result)
+    assert all(r.value and r.value > 0 for r in rows)
+    time.sleep(0)
