@@ -277,6 +277,15 @@ class H2Session(asyncio.Protocol):
             self.deadline_kind = TICKING
             self.deadline = now + TICK
 
+    def start_upgraded(self, headers, body: bytes, settings_payload: bytes) -> None:
+        """h2c Upgrade: the HTTP/1.1 request is stream 1 (see l7proxy/http2/upgrade.py)."""
+        self.activity = True
+        events = self.relay.start_upgraded(headers, body, settings_payload)
+        self._connect()
+        if events:
+            self._handle(events)
+        self._flush()
+
     def drain(self) -> None:
         """SIGTERM: GOAWAY to the client; streams in flight finish, then the connection closes."""
         if not self.closed:
