@@ -225,7 +225,12 @@ class Agent:
         proxy = (
             self.proxy.status()
             if self.proxy is not None
-            else {"state": "not running", "detail": "no proxy workers in this mode"}
+            else {
+                "state": "not running",
+                "detail": "sidecar mode needs the BPF datapath"
+                if self.config.mode == "sidecar"
+                else "no proxy workers",
+            }
         )
         return {
             "mode": self.config.mode,
@@ -284,6 +289,8 @@ class Agent:
                 self._endpoint_id(name)
                 # Datapath calls run in threads: pyroute2 cannot share the agent's uvloop.
                 await asyncio.to_thread(self.datapath.endpoint_added, name, host_if, ip, identity)
+                if hasattr(self.proxy, "endpoint_added"):
+                    await self.proxy.endpoint_added(row)
                 compiled = await asyncio.to_thread(self._recompile, self.store.revision())
                 await asyncio.to_thread(self._install, compiled)
             except BaseException:
@@ -300,6 +307,10 @@ class Agent:
         for ep in self.store.endpoints():
             item = ep.to_json()
             item["policy"] = self._enforcement(ep.name)
+            if self.config.mode == "sidecar":
+                from l7proxy.agent.sidecar import cgroup_path
+
+                item["cgroup"] = str(cgroup_path(ep.netns))
             out.append(item)
         return out
 
@@ -315,6 +326,8 @@ class Agent:
             ep = self.store.endpoint(name)
             if ep is None:
                 raise ApiError(f"no endpoint named {name}")
+            if hasattr(self.proxy, "endpoint_removed"):
+                await self.proxy.endpoint_removed(ep)
             await asyncio.to_thread(self.datapath.endpoint_removed, ep.name, ep.host_if, ep.ip)
             await asyncio.to_thread(netdev.delete, ep.netns, ep.host_if)
             self.store.delete_endpoint(name)

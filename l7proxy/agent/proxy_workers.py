@@ -16,18 +16,16 @@ import contextlib
 import socket
 from dataclasses import dataclass
 
-import policies
+from l7proxy.agent.l7view import connection_policy
 from l7proxy.config import ProxyConfig
 from l7proxy.context import OriginalDestination
 from l7proxy.flows import FlowSink
 from l7proxy.http1.upstream import UpstreamConn, UpstreamPool
-from l7proxy.policy_view import L4Decision
 from l7proxy.server import DeadlineSweeper, Gate, Listener
 
 IP_TRANSPARENT = 19
 MARK_FROM_PROXY = 0x7A000000
 MARK_IDENTITY_MASK = 0x00FFFFFF
-PROTO_TCP = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,37 +124,12 @@ class NodeProxy:
     def view(self, src_ip: str, dst_ip: str, dport: int) -> Listener:
         """The listener as this one connection sees it: its peers, its port, its rules."""
         self.connections += 1
-        agent = self.agent
-        compiled = agent.compiled
-        src_id, src_labels, src_ep = agent.peer(src_ip)
-        dst_id, dst_labels, dst_ep = agent.peer(dst_ip)
-        verdict, direction = None, "INGRESS"
-        if compiled is not None and dst_ep is not None:
-            verdict = policies.l4_verdict(
-                compiled, dst_ep, src_id, policies.INGRESS, PROTO_TCP, dport
-            )
-        if (verdict is None or verdict.action != "redirect") and compiled and src_ep:
-            egress = policies.l4_verdict(
-                compiled, src_ep, dst_id, policies.EGRESS, PROTO_TCP, dport
-            )
-            if egress.action == "redirect" or verdict is None:
-                verdict, direction = egress, "EGRESS"
-        if verdict is None:
-            verdict = policies.L4Verdict("allow", 0, "no policy for these peers", None)
-        rule_set = compiled.l7.get(verdict.l7_id) if compiled and verdict.l7_id else None
-
-        def rules():
-            # Re-read per request: a new revision's rule set applies to the next request.
-            current = agent.compiled
-            if current is not None and verdict.l7_id in current.l7:
-                return current.l7[verdict.l7_id]
-            return rule_set
-
-        decision = L4Decision(verdict.action, src_id, tuple(src_labels), verdict.reason)
-        mark = MARK_FROM_PROXY | (src_id & MARK_IDENTITY_MASK)
-        dest = MarkedDestination(dst_ip, dport, mark)
-        lst = self._listener(dport, decision, rules, (dst_id, tuple(dst_labels)), dest)
-        lst.direction = direction
+        cp = connection_policy(self.agent, src_ip, dst_ip, dport)
+        dest = MarkedDestination(
+            dst_ip, dport, MARK_FROM_PROXY | (cp.src_identity & MARK_IDENTITY_MASK)
+        )
+        lst = self._listener(dport, cp.decision, cp.rules, (cp.dst_identity, cp.dst_labels), dest)
+        lst.direction = cp.direction
         return lst
 
     def l7_ports(self, compiled) -> dict[int, int]:
@@ -185,8 +158,13 @@ class NodeProxy:
 
 
 async def start_proxy(agent):
-    if agent.config.mode != "node":
-        return None
-    proxy = NodeProxy(agent)
+    if agent.config.mode == "sidecar":
+        if agent.datapath.name != "bpf":
+            return None  # connect() redirection needs the BPF datapath; status says so
+        from l7proxy.agent.sidecar import SidecarProxy
+
+        proxy = SidecarProxy(agent)
+    else:
+        proxy = NodeProxy(agent)
     await proxy.start()
     return proxy

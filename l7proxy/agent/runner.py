@@ -148,4 +148,10 @@ def sweep_namespaces(prefix: str) -> list[str]:
             if entry.name.startswith(prefix):
                 netdev.delete(entry.name, netdev.host_ifname(entry.name))
                 removed.append(entry.name)
+    cgroups = Path("/sys/fs/cgroup/unified/l7proxy")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(cgroups.iterdir()):
+            if entry.name.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    entry.rmdir()
     return removed

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import sys
+from pathlib import Path
 
 from l7proxy.agent.client import Client, add_socket_arg, run
 
@@ -22,6 +26,15 @@ def register(sub) -> None:
     ls.add_argument("-o", "--output", choices=("table", "json"), default="table")
     add_socket_arg(ls)
     ls.set_defaults(func=lambda a: run(lambda: _list(a)))
+
+    x = esub.add_parser(
+        "exec",
+        help="run a command in the endpoint (its namespace, and its cgroup in sidecar mode)",
+    )
+    x.add_argument("name")
+    x.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    add_socket_arg(x)
+    x.set_defaults(func=lambda a: run(lambda: _exec(a)))
 
     d = esub.add_parser("delete", help="delete an endpoint and its namespace")
     d.add_argument("name")
@@ -59,6 +72,24 @@ def _list(args) -> int:
         )
     print(_table(rows))
     return 0
+
+
+def _exec(args) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("error: no command given (endpoint exec NAME -- CMD...)", file=sys.stderr)
+        return 2
+    eps = {e["name"]: e for e in Client(args.socket).call("endpoint.list")}
+    ep = eps.get(args.name)
+    if ep is None:
+        print(f"error: no endpoint named {args.name}", file=sys.stderr)
+        return 1
+    if ep.get("cgroup"):
+        # Join the endpoint's cgroup first: the connect() hook of sidecar mode works per cgroup,
+        # and children (ip netns exec, then the command) inherit it.
+        Path(ep["cgroup"], "cgroup.procs").write_text(str(os.getpid()))
+    os.execvp("ip", ["ip", "netns", "exec", ep["netns"], *cmd])
+    return 127
 
 
 def _delete(args) -> int:

@@ -1,0 +1,103 @@
+"""Which L7 rules apply to one proxied connection, from the agent's live state.
+
+A connection between two peers can meet L7 rules twice: the source endpoint's egress policy and
+the destination endpoint's ingress policy. Cilium applies both; so does `Both`, which passes a
+request only when each side's rule set passes it. Rules are re-read from the agent's current
+CompiledPolicy on every request, so a new revision applies to the next request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import policies
+from l7proxy.policy_view import L4Decision
+
+PROTO_TCP = 6
+
+
+class Both:
+    """Two rule sets of the same parser, ANDed (egress of the source, ingress of the destination)."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+        self.parser = first.parser
+        self.allow_all = first.allow_all and second.allow_all
+
+    def check(self, *args, **kw):
+        a = self.first.check(*args, **kw)
+        if not a.allowed:
+            return a
+        b = self.second.check(*args, **kw)
+        if not b.allowed:
+            return b
+        if self.parser == "http":
+            return policies.HttpVerdict(True, a.matched, a.header_actions + b.header_actions)
+        return a
+
+    def topic_visible(self, topic: str) -> bool:
+        return self.first.topic_visible(topic) and self.second.topic_visible(topic)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnPolicy:
+    decision: L4Decision
+    rules: object  # callable returning the rule set (or None = allow all)
+    direction: str
+    src_identity: int
+    dst_identity: int
+    dst_labels: tuple[str, ...]
+
+
+def connection_policy(agent, src_ip: str, dst_ip: str, dport: int) -> ConnPolicy:
+    src_id, src_labels, src_ep = agent.peer(src_ip)
+    dst_id, dst_labels, dst_ep = agent.peer(dst_ip)
+    compiled = agent.compiled
+    sides = []  # (endpoint, peer identity, direction)
+    if src_ep is not None:
+        sides.append((src_ep, dst_id, policies.EGRESS))
+    if dst_ep is not None:
+        sides.append((dst_ep, src_id, policies.INGRESS))
+    verdicts = []
+    for ep, peer, direction in sides:
+        if compiled is not None:
+            verdicts.append(
+                (policies.l4_verdict(compiled, ep, peer, direction, PROTO_TCP, dport), direction)
+            )
+    denied = [v for v, _ in verdicts if v.action == "deny"]
+    redirects = [(v, d) for v, d in verdicts if v.action == "redirect"]
+    if denied:
+        action, reason = "deny", denied[0].reason
+    elif redirects:
+        action, reason = "redirect", "; ".join(v.reason for v, _ in redirects)
+    else:
+        action, reason = "allow", verdicts[0][0].reason if verdicts else "no policy for these peers"
+    l7_ids = tuple(v.l7_id for v, _ in redirects)
+    captured = tuple(compiled.l7.get(i) for i in l7_ids) if compiled is not None else ()
+
+    def rules():
+        current = agent.compiled
+        sets = [
+            current.l7.get(i, old) if current is not None else old
+            for i, old in zip(l7_ids, captured, strict=True)
+        ]
+        sets = [s for s in sets if s is not None]
+        if not sets:
+            return None
+        if len(sets) == 2 and sets[0].parser == sets[1].parser:
+            return Both(sets[0], sets[1])
+        return sets[0]
+
+    direction = (
+        "INGRESS"
+        if dst_ep is not None and (not redirects or redirects[-1][1] == policies.INGRESS)
+        else "EGRESS"
+    )
+    return ConnPolicy(
+        L4Decision(action, src_id, tuple(src_labels), reason),
+        rules,
+        direction,
+        src_id,
+        dst_id,
+        tuple(dst_labels),
+    )

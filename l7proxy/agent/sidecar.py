@@ -1,0 +1,160 @@
+"""Sidecar mode: one proxy listener per endpoint, fed by cgroup connect() redirection.
+
+Each endpoint gets a cgroup (`<cgroup root>/l7proxy/<netns>`); processes started with
+`l7proxy endpoint exec` run in it. The datapath's cgroup/connect4 program rewrites a connect()
+that the endpoint's egress policy marks for L7 to 127.0.0.1:<sidecar port> *inside the endpoint's
+namespace*, where this module listens; sock_ops stores the original destination by the client's
+address, and the sidecar pops it per connection. The node proxy keeps serving ingress L7
+redirects from tc, so the same policy files work unchanged. The sidecar's upstream sockets live
+in the host namespace and carry the source identity in SO_MARK like the node proxy's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import threading
+from pathlib import Path
+
+from l7proxy.agent.l7view import connection_policy
+from l7proxy.agent.proxy_workers import (
+    MARK_FROM_PROXY,
+    MARK_IDENTITY_MASK,
+    MarkedDestination,
+    NodeProxy,
+)
+from l7proxy.server import Gate
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
+CLONE_NEWNET = 0x40000000
+
+
+def cgroup_path(netns_name: str) -> Path:
+    return CGROUP_ROOT / "l7proxy" / netns_name
+
+
+def listen_in_netns(netns_name: str, host: str = "127.0.0.1") -> socket.socket:
+    """A listening socket created inside a named namespace (setns on a short-lived thread:
+    the namespace switch is per thread, and the socket keeps its namespace afterwards)."""
+    result: dict = {}
+
+    def work() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        try:
+            fd = os.open(f"/var/run/netns/{netns_name}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns({netns_name}) failed")
+            finally:
+                os.close(fd)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, 0))
+            sock.listen(1024)
+            sock.setblocking(False)
+            result["sock"] = sock
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, name=f"netns-{netns_name}")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["sock"]
+
+
+class SidecarGate(Gate):
+    __slots__ = ("proxy", "endpoint")
+
+    def __init__(self, proxy: SidecarProxy, endpoint) -> None:
+        super().__init__(proxy.base)
+        self.proxy, self.endpoint = proxy, endpoint
+
+    def connection_made(self, transport) -> None:
+        peer = transport.get_extra_info("peername") or ("127.0.0.1", 0)
+        origin = self.proxy.sidecar_map.pop(peer[0], peer[1])
+        if origin is None:  # not sent by the connect4 hook: nothing to proxy to
+            transport.abort()
+            return
+        self.lst = self.proxy.sidecar_view(self.endpoint, origin)
+        super().connection_made(transport)
+
+
+class SidecarProxy(NodeProxy):
+    """The node proxy (ingress L7 from tc) plus one sidecar listener per endpoint (egress L7)."""
+
+    def __init__(self, agent) -> None:
+        super().__init__(agent)
+        from l7proxy.platform import SidecarMap
+
+        self.sidecar_map = SidecarMap(agent.datapath.pin_dir)
+        self.sidecars: dict[str, tuple[object, int]] = {}
+        self.sidecar_connections: dict[str, int] = {}
+
+    async def start(self) -> None:
+        await super().start()
+        for ep in self.agent.store.endpoints():
+            await self.endpoint_added(ep)
+
+    async def endpoint_added(self, ep) -> None:
+        import asyncio
+
+        sock = await asyncio.to_thread(listen_in_netns, ep.netns)
+        port = sock.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: SidecarGate(self, ep), sock=sock)
+        cg = cgroup_path(ep.netns)
+        cg.mkdir(parents=True, exist_ok=True)
+        ep_id = self.agent.endpoint_ids[ep.name]
+        dp = self.agent.datapath.dp
+
+        def attach() -> None:
+            # After an agent restart the programs are still attached to the cgroup (pinned);
+            # attaching again fails with EEXIST, but the new sidecar port is already stored.
+            with contextlib.suppress(OSError):
+                dp.attach_cgroup(cg, ep_id, ep.identity, sidecar_port=port)
+
+        await asyncio.to_thread(attach)
+        self.sidecars[ep.name] = (server, port)
+
+    async def endpoint_removed(self, ep) -> None:
+        import asyncio
+
+        entry = self.sidecars.pop(ep.name, None)
+        if entry is not None:
+            entry[0].close()
+        cg = cgroup_path(ep.netns)
+        await asyncio.to_thread(self.agent.datapath.dp.detach_cgroup, cg)
+        with contextlib.suppress(OSError):
+            cg.rmdir()
+
+    def sidecar_view(self, ep, origin):
+        self.sidecar_connections[ep.name] = self.sidecar_connections.get(ep.name, 0) + 1
+        cp = connection_policy(self.agent, ep.ip, origin.ip, origin.port)
+        mark = MARK_FROM_PROXY | (cp.src_identity & MARK_IDENTITY_MASK)
+        dest = MarkedDestination(origin.ip, origin.port, mark)
+        lst = self._listener(
+            origin.port, cp.decision, cp.rules, (cp.dst_identity, cp.dst_labels), dest
+        )
+        lst.direction = "EGRESS"
+        return lst
+
+    def status(self) -> dict:
+        ports = ", ".join(
+            f"{n}:{p} ({self.sidecar_connections.get(n, 0)} conns)"
+            for n, (_, p) in sorted(self.sidecars.items())
+        )
+        return {
+            "state": "ok",
+            "detail": f"node proxy on {self.host}:{self.port}; sidecars {ports or 'none'}; "
+            f"{self.connections} node-proxy connections",
+        }
+
+    async def close(self) -> None:
+        for server, _ in self.sidecars.values():
+            server.close()
+        self.sidecar_map.close()
+        await super().close()
