@@ -12,6 +12,8 @@ only that the measurements are real (traffic flowed, programs ran, the diff was 
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import subprocess
 import time
 import uuid
@@ -63,6 +65,44 @@ def sysctl(name: str, value: str | None = None) -> str:
     if value is not None:
         path.write_text(value)
     return old
+
+
+def tcp_packet(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, flags, 65535, 0, 0)
+    payload = b"x" * 1000
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 0, 0, 64, 6, 0,
+        socket.inet_aton(src), socket.inet_aton(dst),
+    )  # fmt: skip
+    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + tcp + payload
+
+
+def isolated_costs(dp) -> dict[str, int]:
+    """ns per run of a tracked forward packet, its reply, and a new denied flow."""
+    from redirect_bpf import bpfsys, structs
+
+    info = structs.EndpointInfo(endpoint_id=9, identity=7009, ifindex=1, flags=3)
+    dp.maps["ep_by_ifindex"].put(structs.u32(1), info)  # lo: what test runs see
+    dp.ipcache_upsert("10.79.0.2/32", 7010)
+    dp.sync_endpoint(
+        9, {PolicyKey(7010, 1, 6, 0, 0): ALLOW}, ingress_enforced=True, egress_enforced=True
+    )
+    fe, te = dp.prog_fds["from_endpoint"], dp.prog_fds["to_endpoint"]
+    n = 500_000
+    bpfsys.test_run_skb(fe, tcp_packet("10.79.0.1", "10.79.0.2", 1000, 80, 0x02))
+    out = {
+        "tracked_forward": bpfsys.test_run_skb(
+            fe, tcp_packet("10.79.0.1", "10.79.0.2", 1000, 80, 0x10), repeat=n
+        )[1],
+        "tracked_reply": bpfsys.test_run_skb(
+            te, tcp_packet("10.79.0.2", "10.79.0.1", 80, 1000, 0x10), repeat=n
+        )[1],
+        "new_flow_denied": bpfsys.test_run_skb(
+            fe, tcp_packet("10.79.0.1", "10.79.0.3", 1001, 80, 0x02), repeat=n // 10
+        )[1],
+    }
+    dp.maps["ep_by_ifindex"].delete(structs.u32(1))
+    return out
 
 
 def status(ok: bool) -> str:
@@ -123,6 +163,9 @@ def test_datapath_numbers():
                 "ns_per_packet": per_packet,
             }
 
+            # -- the same programs in isolation (BPF_PROG_TEST_RUN, no stats overhead)
+            results["test_run_ns"] = isolated_costs(dp)
+
             # -- sync 10,000 entries, then one rule
             state = {
                 PolicyKey(100_000 + i, INGRESS, 6, 1000 + i % 50000, 16): ALLOW
@@ -151,7 +194,8 @@ def test_datapath_numbers():
     print(
         f"\ndatapath: iperf3 without {max(bare):.2f} Gbit/s, with {max(prog):.2f} Gbit/s "
         f"(ratio {ratio:.3f}, runs {bare} / {prog})\n"
-        f"datapath: {per_packet:.1f} ns per program run over {cnt} runs\n"
+        f"datapath: {per_packet:.1f} ns per program run over {cnt} runs (bpf_stats, in-stream)\n"
+        f"datapath: isolated test runs (ns): {results['test_run_ns']}\n"
         f"datapath: sync 10,000 entries {full_s * 1000:.1f} ms, one-rule change "
         f"{one.seconds * 1e6:.0f} us touching {one.touched} entry\n"
         + "\n".join(f"  {k}: {v}" for k, v in targets.items()),
