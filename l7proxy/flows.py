@@ -77,11 +77,12 @@ class FlowSink:
         elif path == "-":
             self._out = sys.stdout
         elif path:
-            self._out = open(path, "a", buffering=1 << 16)  # noqa: SIM115 (closed in close())
+            self._out = open(path, "a", buffering=1 << 20)  # noqa: SIM115 (closed in close())
             self._own = True
         else:
             self._out = None
         self._subscribers: list[asyncio.Queue] = []
+        self._lines: list[str] = []
         self._flush_pending = False
 
     @property
@@ -91,7 +92,7 @@ class FlowSink:
 
     def emit(self, flow: dict) -> None:
         if self._out is not None:
-            self._out.write(json.dumps(flow, separators=(",", ":")) + "\n")
+            self._lines.append(json.dumps(flow, separators=(",", ":")) + "\n")
             self._schedule_flush()
         for queue in self._subscribers:
             try:
@@ -120,9 +121,14 @@ class FlowSink:
         loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        """One write of whole lines: several workers appending to one file never interleave
+        inside a line (O_APPEND writes are atomic for a regular file)."""
         self._flush_pending = False
-        if self._out is not None:
+        if self._out is not None and self._lines:
+            data = "".join(self._lines)
+            self._lines.clear()
             try:
+                self._out.write(data)
                 self._out.flush()
             except (OSError, ValueError):
                 pass

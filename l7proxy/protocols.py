@@ -87,6 +87,10 @@ def sniff(data: bytes) -> str | None:
     length = int.from_bytes(data[0:4], "big", signed=True)
     api_key = int.from_bytes(data[4:6], "big", signed=True)
     api_version = int.from_bytes(data[6:8], "big", signed=True)
-    if 8 <= length <= MAX_KAFKA_SNIFF_FRAME and 0 <= api_key < MAX_KAFKA_API_KEY and 0 <= api_version < 100:
+    if (
+        8 <= length <= MAX_KAFKA_SNIFF_FRAME
+        and 0 <= api_key < MAX_KAFKA_API_KEY
+        and 0 <= api_version < 100
+    ):
         return "kafka"
     raise ValueError("not HTTP/1, HTTP/2 or Kafka")

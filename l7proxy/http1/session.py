@@ -65,6 +65,7 @@ class Exchange:
         "start",
         "error",
         "trailers",
+        "logged",
     )
 
     def __init__(self, req: Request | None, allowed: bool, raw: bytes | None, start: float):
@@ -81,6 +82,7 @@ class Exchange:
         self.start = start
         self.error: ParseError | None = None
         self.trailers = ()
+        self.logged: tuple[str, ...] = ()
 
 
 class Http1Session(asyncio.Protocol):
@@ -204,6 +206,8 @@ class Http1Session(asyncio.Protocol):
         self.pm.received.inc()
         decision = decide(self.ctx.rules(), req)
         ex = Exchange(req, decision.allowed, decision.raw or raw, _monotonic())
+        if decision.logged:
+            ex.logged = decision.logged
         self.parsing = ex
         queue = self.queue
         queue.append(ex)
@@ -545,7 +549,8 @@ class Http1Session(asyncio.Protocol):
                 "method": method,
                 "url": url,
                 "protocol": "HTTP/" + req.version.decode(),
-                "headers": [],
+                # LOG mismatches name the header; its value may be a secret and is never logged.
+                "headers": [{"key": name, "value": "[mismatch]"} for name in ex.logged],
             },
         }
         summary = (
