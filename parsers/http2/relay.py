@@ -340,6 +340,8 @@ class H2Relay:
         if run >= 0 and not self.closed:
             out.append(buf[run:pos])
         self._cbuf = buf[pos:] if pos < end and not self.closed else b""
+        if self.draining and not self._streams:
+            self.closed = True  # graceful: the last stream finished after GOAWAY
         return self._take_events()
 
     def _receive_preface(self, data: bytes) -> bytes:
@@ -779,6 +781,8 @@ class H2Relay:
         if run >= 0 and not self.closed:
             out.append(buf[run:pos])
         self._sbuf = buf[pos:] if pos < end and not self.closed else b""
+        if self.draining and not self._streams:
+            self.closed = True  # graceful: the last stream finished after GOAWAY
         return self._take_events()
 
     def _emit_to_client(self, raw: bytes, data_length: int = -1) -> None:
@@ -957,8 +961,6 @@ class H2Relay:
         if not stream.client_open:
             del self._streams[sid]
         self._events.append(StreamEnded(sid, stream.status, grpc_status, grpc_message))
-        if self.draining and not self._streams:
-            self.closed = True
 
     def _server_settings(self, payload: bytes) -> bytes:
         lim = self.limits

@@ -262,3 +262,53 @@ def test_flows_carry_protocol_and_grpc_method(gateways, echo):
     assert denied[-1]["drop_reason_desc"] == "POLICY_DENIED"
     assert denied[-1]["l7"]["http"]["grpc"]["status"] == "PERMISSION_DENIED"
     assert json.dumps(denied[-1])  # JSON-serializable as written
+
+
+def _gateway_with_limits(tmp_path, upstream: int, limits: dict) -> Gateway:
+    port = free_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(grpc_policy(port, ALLOW_SERVICE))
+    config = tmp_path / "limits.yaml"
+    config.write_text("limits:\n" + "".join(f"  {k}: {v}\n" for k, v in limits.items()))
+    return Gateway(
+        [
+            "--listen", f"127.0.0.1:{port}",
+            "--upstream", f"127.0.0.1:{upstream}",
+            "--policy", str(policy),
+            "--labels", "app=grpc",
+            "--protocol", "http2",
+            "-c", str(config),
+        ],
+    )  # fmt: skip
+
+
+def test_silent_long_call_is_not_cut_by_the_idle_timer(echo, tmp_path):
+    pb2, pb2_grpc, server = echo
+    gw = _gateway_with_limits(tmp_path, server.port, {"idle_timeout": 1})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{gw.port}", options=OPTIONS) as channel:
+            stub = pb2_grpc.EchoStub(channel)
+            # 3 s without a single frame on the connection, idle timeout 1 s
+            assert stub.Sleep(pb2.Msg(seconds=3), timeout=10).text == "woke up"
+            stream = stub.ServerStream(pb2.Msg(text="t", count=4, seconds=1.2), timeout=20)
+            assert [m.text for m in stream] == ["t-0", "t-1", "t-2", "t-3"]
+    finally:
+        gw.stop()
+
+
+def test_sigterm_drains_with_goaway_and_calls_in_flight_finish(echo, tmp_path):
+    pb2, pb2_grpc, server = echo
+    gw = _gateway_with_limits(tmp_path, server.port, {"drain_time": 10})
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{gw.port}", options=OPTIONS)
+        stub = pb2_grpc.EchoStub(channel)
+        assert stub.Unary(pb2.Msg(text="warm"), timeout=10).text == "warm"
+        future = stub.Sleep.future(pb2.Msg(seconds=1.5), timeout=10)
+        time.sleep(0.3)
+        gw.signal(15)
+        assert future.result().text == "woke up"  # the call in flight finished
+        assert gw.proc.wait(15) == 0
+        assert "drained" in gw.log()
+        channel.close()
+    finally:
+        gw.stop()

@@ -197,6 +197,8 @@ def test_drain_sends_goaway_and_closes_when_streams_finish():
     events = relay.receive_server(f.headers_frames(1, encode_fields([(":status", "204")]), True))
     assert any(isinstance(e, StreamEnded) and e.status == 204 for e in events)
     assert relay.closed
+    # the last response is still delivered before the connection closes
+    assert [(t, s) for t, _, s, _ in frames_of(relay.data_to_client())] == [(f.HEADERS, 1)]
 
 
 def test_upstream_failure_and_server_protocol_errors():
