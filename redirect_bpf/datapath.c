@@ -573,3 +573,29 @@ int sidecar_sockops(struct bpf_sock_ops *skops)
     sidecar_by_cookie.delete(&cookie);
     return 1;
 }
+
+// Sidecar mode, cgroup/getsockopt on the proxy's cgroup: getsockopt(SOL_IP, SO_ORIGINAL_DST)
+// on an accepted connection answers with the destination connect4 rewrote, so proxies that ask
+// the standard question (as behind iptables REDIRECT) work unmodified.
+int sidecar_getsockopt(struct bpf_sockopt *ctx)
+{
+    if (ctx->level != 0 /* SOL_IP */ || ctx->optname != 80 /* SO_ORIGINAL_DST */)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    struct sidecar_addr key = {.ip = sk->dst_ip4, .port = (__be16)sk->dst_port};
+    struct sidecar_orig *orig = sidecar_by_addr.lookup(&key);
+    if (!orig)
+        return 1;
+    struct sockaddr_in *sin = ctx->optval;
+    if ((void *)(sin + 1) > ctx->optval_end)
+        return 1;
+    sin->sin_family = 2;  // AF_INET
+    sin->sin_port = orig->dport;
+    sin->sin_addr.s_addr = orig->daddr;
+    ctx->optlen = sizeof(*sin);
+    asm volatile("" ::: "memory");  // two 4-byte stores: the verifier rejects a merged 8-byte one
+    ctx->retval = 0;
+    return 1;
+}

@@ -105,6 +105,7 @@ class Datapath:
         # What the kernel holds now; a restarted agent starts from the pinned state.
         self._installed = sync.read_back(self._tries)
         self._cgroup_fds: dict[str, int] = {}
+        self._proxy_cgroup_fds: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -124,10 +125,10 @@ class Datapath:
 
     def close(self) -> None:
         """Agent exit: drop our fds; programs, maps and attachments keep working."""
-        for fd in self._cgroup_fds.values():
+        for fd in [*self._cgroup_fds.values(), *self._proxy_cgroup_fds.values()]:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._cgroup_fds = {}
+        self._cgroup_fds, self._proxy_cgroup_fds = {}, {}
         self._loaded.close()
 
     def detach_all(self) -> None:
@@ -138,6 +139,8 @@ class Datapath:
             self.maps["ep_by_cgroup"].delete(cg_id)
         for path in list(self._cgroup_fds):
             self.detach_cgroup(path)
+        for path in list(self._proxy_cgroup_fds):
+            self.detach_proxy_cgroup(path)
 
     def destroy(self) -> None:
         """Detach everything, remove the pins (and the proxy routing if no node is left)."""
@@ -258,6 +261,30 @@ class Datapath:
             raise
         self._cgroup_fds[path] = fd
         return cg_id
+
+    def attach_proxy_cgroup(self, cgroup_path: str | Path) -> None:
+        """Sidecar mode: processes in this cgroup (the sidecar proxy) get the original
+        destination from getsockopt(SOL_IP, SO_ORIGINAL_DST) on their accepted sockets."""
+        path = str(cgroup_path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            bpfsys.prog_attach(
+                self._loaded.progs["sidecar_getsockopt"], fd, loader.BPF_CGROUP_GETSOCKOPT, 2
+            )
+        except OSError:
+            os.close(fd)
+            raise
+        self._proxy_cgroup_fds[path] = fd
+
+    def detach_proxy_cgroup(self, cgroup_path: str | Path) -> None:
+        fd = self._proxy_cgroup_fds.pop(str(cgroup_path), None)
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            bpfsys.prog_detach(
+                self._loaded.progs["sidecar_getsockopt"], fd, loader.BPF_CGROUP_GETSOCKOPT
+            )
+        os.close(fd)
 
     def detach_cgroup(self, cgroup_path: str | Path) -> None:
         path = str(cgroup_path)

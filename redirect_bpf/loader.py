@@ -24,6 +24,8 @@ PIN_ROOT = BPF_FS / "l7proxy"
 
 BPF_CGROUP_INET4_CONNECT = 10  # bcc.BPFAttachType.CGROUP_INET4_CONNECT
 BPF_CGROUP_SOCK_OPS = 3
+BPF_CGROUP_GETSOCKOPT = 21
+BPF_PROG_TYPE_CGROUP_SOCKOPT = 25  # not among bcc 0.26's BPF.* constants
 
 
 @dataclass
@@ -83,6 +85,10 @@ def compile_and_pin(pin_dir: Path, cflags: tuple[str, ...] = ()) -> Loaded:
             fn = bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=BPF_CGROUP_INET4_CONNECT)
         elif name == "sidecar_sockops":
             fn = bpf.load_func(name, BPF.SOCK_OPS)
+        elif name == "sidecar_getsockopt":
+            fn = bpf.load_func(
+                name, BPF_PROG_TYPE_CGROUP_SOCKOPT, attach_type=BPF_CGROUP_GETSOCKOPT
+            )
         else:
             fn = bpf.load_func(name, BPF.SCHED_CLS)
         progs[name] = fn.fd

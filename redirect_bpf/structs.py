@@ -206,4 +206,10 @@ MAPS: dict[str, tuple[type, type, bool]] = {
     "sidecar_by_addr": (SidecarAddr, SidecarOrig, False),
 }
 RINGBUF = "events"
-PROGRAMS = ("from_endpoint", "to_endpoint", "sidecar_connect4", "sidecar_sockops")
+PROGRAMS = (
+    "from_endpoint",
+    "to_endpoint",
+    "sidecar_connect4",
+    "sidecar_sockops",
+    "sidecar_getsockopt",
+)

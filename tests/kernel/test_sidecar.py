@@ -137,3 +137,59 @@ def test_sidecar_redirects_unmodified_curl_and_spares_the_proxy(clean):
                 real.close()
             sidecar_map.close()
     assert len(origins) == 1
+
+
+GETSOCKOPT_PROXY = """
+import socket, struct, sys
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.recv(4096)
+raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST, as behind iptables REDIRECT
+port, addr = struct.unpack_from("!2xH4s", raw)
+body = f"orig={socket.inet_ntoa(addr)}:{port}".encode()
+conn.sendall(b"HTTP/1.1 200 OK\\r\\nConnection: close\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
+conn.close()
+"""
+
+
+def test_sidecar_proxy_asks_so_original_dst_unmodified(clean):
+    t = clean
+    curl = need_binary("curl")
+    net = f"10.250.{t.spare_octet}"
+    dest, dest_id, ep_id, identity = f"{net}.9", 3002, 202, 2002
+    with cgroup() as app, cgroup() as proxy_cg:
+        t.dp.attach_proxy_cgroup(proxy_cg)
+
+        def enter():
+            (proxy_cg / "cgroup.procs").write_text(str(os.getpid()))
+
+        proxy = subprocess.Popen(
+            [sys.executable, "-c", GETSOCKOPT_PROXY],
+            preexec_fn=enter,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            port = int(proxy.stdout.readline())
+            t.dp.ipcache_upsert(f"{net}.0/24", dest_id)
+            t.dp.attach_cgroup(app, ep_id, identity, sidecar_port=port)
+            t.dp.sync_endpoint(
+                ep_id,
+                {PolicyKey(dest_id, EGRESS, TCP, 8080, 16): PolicyEntry(False, 6, ("t",))},
+                ingress_enforced=False,
+                egress_enforced=False,
+                proxy_ports={6: port},
+            )
+            got = run_in(app, curl, "-s", "--max-time", "5", f"http://{dest}:8080/x")
+            assert got.returncode == 0, (got.stderr, proxy.stderr.read())
+            assert got.stdout == f"orig={dest}:8080"
+        finally:
+            if proxy.poll() is None:
+                proxy.kill()
+            proxy.wait()
+            t.dp.detach_cgroup(app)
+            t.dp.detach_proxy_cgroup(proxy_cg)
+            t.dp.ipcache_delete(f"{net}.0/24")
+            t.dp.sync_endpoint(ep_id, {}, ingress_enforced=False, egress_enforced=False)

@@ -76,4 +76,5 @@ def test_loaded_programs_are_the_expected_types(fresh):
         "to_endpoint": 3,
         "sidecar_connect4": 18,  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR
         "sidecar_sockops": 13,  # BPF_PROG_TYPE_SOCK_OPS
+        "sidecar_getsockopt": 25,  # BPF_PROG_TYPE_CGROUP_SOCKOPT
     }
