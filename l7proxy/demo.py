@@ -411,6 +411,18 @@ def gateway_demo(story: Story) -> None:
         story.step("Clean up: gateway and deathstar stopped")
 
 
+def extras(story: Story) -> None:
+    """The Kafka and gRPC parts (gateway mode; see l7proxy/demo_l7parts.py for why)."""
+    from l7proxy import demo_l7parts
+
+    for part in (demo_l7parts.kafka_part, demo_l7parts.grpc_part):
+        try:
+            part(story, run_cli, dict(os.environ))
+        except (RuntimeError, OSError) as exc:
+            story.failures.append(f"{part.__name__}: {exc}")
+            print(f"    UNEXPECTED: {exc}", flush=True)
+
+
 def _why_no_kernel() -> str | None:
     from l7proxy.agent.datapath import bpf_problem
 
@@ -423,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="leave the agent and namespaces running")
     p.add_argument("--pool", default=os.environ.get("L7PROXY_DEMO_POOL", "10.251.10.0/24"))
     p.add_argument("--prefix", default=os.environ.get("L7PROXY_DEMO_PREFIX", "l7demo-"))
+    p.add_argument("--no-extras", action="store_true", help="skip the Kafka and gRPC parts")
     p.add_argument("--serve-deathstar", metavar="IP", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_deathstar:
@@ -445,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("Root and BPF present: real namespaces, BPF on the veths, node-mode proxy.")
             node_demo(story, args.pool, args.prefix, args.keep)
+        if not args.no_extras:
+            extras(story)
     except KeyboardInterrupt:
         print("\ninterrupted; cleaned up", file=sys.stderr)
         return 130

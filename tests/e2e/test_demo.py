@@ -67,7 +67,14 @@ def test_make_demo_runs_the_star_wars_story_with_bpf():
     table = out.split("=== Flows seen by `l7proxy observe`")[1]
     assert "POLICY_DENIED" in table and "REDIRECTED" in table
     assert "http-request                 DROPPED" in table and "PUT /v1/exhaust-port" in table
-    assert "0 unexpected" in out
+    # The Kafka and gRPC parts: roles per topic, one rule per gRPC method.
+    assert "-> empire-outpost produces to empire-announce: refused: TopicAuthorization" in out
+    assert (
+        "-> empire-outpost consumes empire-announce: read ['the deathstar is operational']" in out
+    )
+    assert "-> public-terminal SetAccessCode: PERMISSION_DENIED" in out
+    assert "-> public-terminal GetName: Door 42" in out
+    assert "16 checks, 0 unexpected" in out
     assert _leftovers(prefix) == []
 
 
@@ -86,7 +93,8 @@ def test_demo_gateway_part_runs_without_kernel_parts():
     assert "tiefighter PUT /v1/exhaust-port: HTTP 403 Access denied" in out
     assert "-> xwing: connection refused or reset" in out
     assert "http-request DROPPED (HTTP/1.1 403" in out, "observe --file shows the L7 deny"
-    assert "3 checks, 0 unexpected" in out
+    assert "kafka-request DROPPED" in out and "SetAccessCode: PERMISSION_DENIED" in out
+    assert "11 checks, 0 unexpected" in out
 
 
 @pytest.mark.root
