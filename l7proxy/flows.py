@@ -84,11 +84,12 @@ class FlowSink:
         self._subscribers: list[asyncio.Queue] = []
         self._lines: list[str] = []
         self._flush_pending = False
+        self._update_active()
 
-    @property
-    def active(self) -> bool:
-        """False when nobody would see a flow: sessions then skip building it."""
-        return self._out is not None or bool(self._subscribers)
+    def _update_active(self) -> None:
+        # `active` is False when nobody would see a flow: sessions then skip building it.
+        # A plain attribute, read once per request.
+        self.active = self._out is not None or bool(self._subscribers)
 
     def emit(self, flow: dict) -> None:
         if self._out is not None:
@@ -103,11 +104,13 @@ class FlowSink:
     def subscribe(self, maxsize: int = SUBSCRIBER_QUEUE_SIZE) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(maxsize)
         self._subscribers.append(queue)
+        self._update_active()
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         if queue in self._subscribers:
             self._subscribers.remove(queue)
+        self._update_active()
 
     def _schedule_flush(self) -> None:
         if self._flush_pending:
@@ -138,3 +141,4 @@ class FlowSink:
         if self._own and self._out is not None:
             self._out.close()
         self._out = None
+        self._update_active()

@@ -32,6 +32,25 @@ from l7proxy.server import (
 WATCH_INTERVAL = 1.0
 
 
+class RuleRef:
+    """`ctx.rules()` for one connection: the rule set of the policy in force, looked up again
+    only when a reload brought a new snapshot (so a reload applies to the next request)."""
+
+    __slots__ = ("policy", "ip", "port", "snapshot", "rules")
+
+    def __init__(self, policy: GatewayPolicy, ip: str, port: int) -> None:
+        self.policy, self.ip, self.port = policy, ip, port
+        self.snapshot = None
+        self.rules = None
+
+    def __call__(self):
+        snap = self.policy.current
+        if snap is not self.snapshot:
+            self.rules = snap.rules_for(self.ip, self.port)
+            self.snapshot = snap
+        return self.rules
+
+
 class GatewayWorker:
     def __init__(self, cfg: GatewayConfig, policy: GatewayPolicy) -> None:
         self.cfg = cfg
@@ -51,7 +70,7 @@ class GatewayWorker:
             return policy.current.l4(ip, port)
 
         def rules_for(ip: str):
-            return lambda: policy.current.rules_for(ip, port)
+            return RuleRef(policy, ip, port)
 
         def endpoint():
             snap = policy.current

@@ -140,6 +140,8 @@ def _error_status(exc: Exception) -> tuple[int, str]:
 # ---- request parser -------------------------------------------------------------------------
 
 _IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
+# Lengths of host, expect, content-length, transfer-encoding: other names skip the compares.
+_FRAMING_NAME_LENGTHS = frozenset((4, 6, 14, 17))
 
 
 class RequestParser:
@@ -251,8 +253,7 @@ class RequestParser:
     # -- llhttp callbacks --
 
     def on_message_begin(self) -> None:
-        self._state = _HEAD
-        self._reset_message()
+        self._state = _HEAD  # the per-message fields were reset when the last one completed
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -267,25 +268,28 @@ class RequestParser:
             if len(self._trailers) > self.max_header_count:
                 raise _Limit(431, "too many trailer fields")
             return
-        self._head_bytes += len(name) + len(value) + 4
+        n = len(name)
+        self._head_bytes += n + len(value) + 4
         headers = self._headers
         headers.append((name, value))
         if len(headers) > self.max_header_count:
             raise _Limit(431, "too many header fields")
         if self._head_bytes > self.max_header_bytes:
             raise _Limit(431, "request header too large")
-        if len(name) == 4 and name.lower() == b"host":
+        if n not in _FRAMING_NAME_LENGTHS:
+            return
+        if n == 4 and name.lower() == b"host":
             self._host = value
             self._host_count += 1
-        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+        elif n == 17 and name.lower() == b"transfer-encoding":
             # llhttp accepts any coding list ending in chunked, over several fields; codings
             # are where proxies disagree (smuggling), so only one plain `chunked` passes.
             if self._chunked or value.lower() != b"chunked":
                 raise _Limit(400, "only a single Transfer-Encoding: chunked is accepted")
             self._chunked = True
-        elif len(name) == 14 and name.lower() == b"content-length":
+        elif n == 14 and name.lower() == b"content-length":
             self._content_length = value != b"0"
-        elif len(name) == 6 and name.lower() == b"expect":
+        elif n == 6 and name.lower() == b"expect":
             self._expect = value.lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
@@ -322,7 +326,9 @@ class RequestParser:
 
     def on_message_complete(self) -> None:
         self._state = _DONE
-        self._events.append(EndOfMessage(tuple(self._trailers), self._parser.should_keep_alive()))
+        trailers = tuple(self._trailers) if self._trailers else ()
+        self._events.append(EndOfMessage(trailers, self._parser.should_keep_alive()))
+        self._reset_message()
 
 
 class _Limit(Exception):

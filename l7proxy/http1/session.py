@@ -64,7 +64,6 @@ class Exchange:
         "status",
         "start",
         "error",
-        "trailers",
         "logged",
     )
 
@@ -77,11 +76,10 @@ class Exchange:
         self.started = False  # became the front of the queue
         self.sent = False  # head written upstream; body goes straight through
         self.answered = False  # the proxy wrote its own response (deny, error)
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] | None = None  # body bytes waiting for the head to go
         self.status = 0
         self.start = start
         self.error: ParseError | None = None
-        self.trailers = ()
         self.logged: tuple[str, ...] = ()
 
 
@@ -226,6 +224,8 @@ class Http1Session(asyncio.Protocol):
             if up is not None:
                 up.transport.writelines(chunks)
         else:
+            if ex.pending is None:
+                ex.pending = []
             ex.pending.extend(chunks)
 
     def _on_end(self, ev: EndOfMessage) -> None:
@@ -239,6 +239,8 @@ class Http1Session(asyncio.Protocol):
             if ex.sent and self.upstream is not None:
                 self.upstream.transport.write(tail)
             else:
+                if ex.pending is None:
+                    ex.pending = []
                 ex.pending.append(tail)
         if not ex.keep_alive:
             # Nothing after a closing request is read; the connection ends with its answer.
@@ -326,7 +328,7 @@ class Http1Session(asyncio.Protocol):
         head = ex.raw or head_bytes(ex.req)
         if ex.pending:
             up.transport.writelines([head, *ex.pending])
-            ex.pending = []
+            ex.pending = None
         else:
             up.transport.write(head)
         timeout = self.cfg.upstream_response_timeout
