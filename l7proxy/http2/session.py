@@ -27,7 +27,7 @@ from parsers.http2 import (
     RequestRejected,
     StreamEnded,
 )
-from parsers.http2.frames import ERROR_NAMES
+from parsers.http2.frames import ERROR_NAMES, REFUSED_STREAM
 from parsers.http2.grpc import STATUS_NAMES
 
 # Read-pause reasons (bits) for the client side.
@@ -324,6 +324,8 @@ class H2Session(asyncio.Protocol):
             elif cls is RequestRejected:
                 pm.received.inc()
                 pm.parse_errors.inc()
+                if self.ctx.flows.active:
+                    self._emit_rejected(ev)
             elif cls is ConnectionFailed:
                 if ev.side == "client":
                     pm.parse_errors.inc()
@@ -364,6 +366,17 @@ class H2Session(asyncio.Protocol):
         }
         drop = "POLICY_DENIED" if verdict == DROPPED else None
         self.ctx.flows.emit(self.ctx.flow(verdict, l7, summary, drop_reason=drop))
+
+    def _emit_rejected(self, ev: RequestRejected) -> None:
+        """A stream the proxy refused before the policy (malformed, too large, over the limit)."""
+        refused = ev.error_code == REFUSED_STREAM
+        reason = "REFUSED_STREAM" if refused else "PARSE_ERROR"
+        http = {"code": ev.status, "protocol": "HTTP/2", "headers": []}
+        l7 = {"type": "REQUEST", "latency_ns": 0, "http": http}
+        summary = f"HTTP/2 {ev.status or ERROR_NAMES.get(ev.error_code, ev.error_code)} {ev.reason}"
+        self.ctx.flows.emit(
+            self.ctx.flow(ERROR if refused else DROPPED, l7, summary, drop_reason=reason)
+        )
 
     def _emit_connection_error(self, reason: str) -> None:
         if self.ctx.flows.active:

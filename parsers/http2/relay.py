@@ -147,6 +147,7 @@ class H2Relay:
         # Flood budgets.
         self._reset_budget = limits.reset_burst
         self._control_budget = limits.control_burst
+        self._server_goaway_last: int | None = None
         self.draining = False
         self.closed = False
 
@@ -197,19 +198,37 @@ class H2Relay:
         if self.closed or self.draining:
             return
         self.draining = True
-        self._to_client.append(f.goaway(self._max_client_sid, f.NO_ERROR))
+        self._to_client.append(f.goaway(self._last_stream_id(), f.NO_ERROR))
         if not self._streams:
             self.closed = True
 
     def server_closed(self) -> list:
         """The upstream connection ended (EOF or error)."""
-        if not self.closed:
-            if self._streams or self._preface_left:
-                self._fail("server", f.INTERNAL_ERROR, "upstream connection closed")
-            else:
+        if self.closed:
+            return self._take_events()
+        last = self._server_goaway_last
+        if last is not None:
+            # The server announced it: streams above its last ID were never processed, and the
+            # client, which saw that GOAWAY, may retry them.
+            for sid in [s for s in self._streams if s > last and self._streams[s].forwarded]:
+                stream = self._streams.pop(sid)
+                self._events.append(
+                    StreamEnded(sid, stream.status, reset_code=f.REFUSED_STREAM, reset_by="server")
+                )
+        if any(stream.forwarded for stream in self._streams.values()) or self._preface_left:
+            self._fail("server", f.INTERNAL_ERROR, "upstream connection closed")
+        else:
+            if last is None:
                 self._to_client.append(f.goaway(self._max_client_sid, f.NO_ERROR))
-                self.closed = True
+            self.closed = True
         return self._take_events()
+
+    def _last_stream_id(self) -> int:
+        """For a GOAWAY to the client: never higher than one already relayed (RFC 9113 6.8)."""
+        last = self._max_client_sid
+        if self._server_goaway_last is not None:
+            last = min(last, self._server_goaway_last)
+        return last
 
     def upstream_failed(self, reason: str) -> list:
         """The upstream connection could not be opened: refuse everything."""
@@ -226,7 +245,7 @@ class H2Relay:
         self.closed = True
         debug = reason.encode("ascii", "replace")[:128]
         client_code = code if side == "client" else f.INTERNAL_ERROR
-        last = self._max_client_sid if last_stream_id < 0 else last_stream_id
+        last = self._last_stream_id() if last_stream_id < 0 else last_stream_id
         if not self._server_settings_seen:
             self._to_client.insert(0, f.settings_frame())
         self._to_client.append(f.goaway(last, client_code, debug))
@@ -707,8 +726,9 @@ class H2Relay:
                     return b""
                 delta = value - self._client_initial_window
                 self._client_initial_window = value
-                for waiting in self._waiting_bodies:
+                for waiting in sorted(self._waiting_bodies):
                     self._streams[waiting].window += delta
+                    self._send_local_body(waiting, self._streams[waiting])
             elif key == f.SETTINGS_MAX_FRAME_SIZE:
                 if not f.DEFAULT_MAX_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE_LIMIT:
                     self._fail("client", f.PROTOCOL_ERROR, "MAX_FRAME_SIZE value")
@@ -895,13 +915,10 @@ class H2Relay:
         if ftype == f.GOAWAY:
             if sid or len(payload) < 8:
                 return self._fail("server", f.PROTOCOL_ERROR, "malformed GOAWAY")
-            self._events.append(
-                GoawayReceived(
-                    "server",
-                    int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
-                    int.from_bytes(payload[4:8], "big"),
-                )
-            )
+            last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+            if self._server_goaway_last is None or last < self._server_goaway_last:
+                self._server_goaway_last = last
+            self._events.append(GoawayReceived("server", last, int.from_bytes(payload[4:8], "big")))
             return self._emit_to_client(raw)
         if ftype == f.PUSH_PROMISE:
             return self._fail("server", f.PROTOCOL_ERROR, "PUSH_PROMISE although push is off")

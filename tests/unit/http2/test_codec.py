@@ -242,3 +242,17 @@ def test_frame_too_large_and_bad_first_frame():
     assert relay.closed
     goaway = frames_of(relay.data_to_client())[-1]
     assert int.from_bytes(goaway[3][4:8], "big") == f.FRAME_SIZE_ERROR
+
+
+def test_server_goaway_then_close_refuses_only_unprocessed_streams():
+    relay = started()
+    relay.receive_client(f.headers_frames(1, get("/public"), True))
+    relay.receive_client(f.headers_frames(3, get("/public"), True))
+    relay.data_to_server()
+    relay.receive_server(f.goaway(1, f.NO_ERROR))
+    relay.receive_server(f.headers_frames(1, encode_fields([(":status", "200")]), True))
+    assert [t for t, *_ in frames_of(relay.data_to_client())] == [f.GOAWAY, f.HEADERS]
+    events = relay.server_closed()
+    assert [(e.stream_id, e.reset_code) for e in events] == [(3, f.REFUSED_STREAM)]
+    assert relay.closed
+    assert relay.data_to_client() == b""  # no second GOAWAY with a higher last stream ID
