@@ -50,6 +50,8 @@ def _parse_knp(doc, name, line, ctx: _Ctx) -> list[Rule]:
     types = spec.get("policyTypes")
     if types is None:
         types = ["Ingress"] + (["Egress"] if "egress" in spec else [])
+    elif not isinstance(types, list):
+        types = _as_list(ctx, types, "spec.policyTypes", _ln(spec, "policyTypes", sline))
     for i, t in enumerate(
         _as_list(ctx, types, "spec.policyTypes", _ln(spec, "policyTypes", sline))
     ):

@@ -68,7 +68,7 @@ def parse_document(doc, line: int, ctx: _Ctx) -> list[Rule]:
         for i, item in enumerate(items):
             rules.extend(parse_document(item, _ln(items, i, line), ctx))
         return rules
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         ctx.error(
             _ln(doc, "kind", line),
             "kind",

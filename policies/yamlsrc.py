@@ -47,26 +47,50 @@ def _scalar(node: yaml.ScalarNode):
     return _CONSTRUCTOR.construct_object(node, deep=True)
 
 
-def _convert(node: yaml.Node, offset: int = 0):
+MAX_NODES = 200_000  # aliases can expand a small file exponentially ("billion laughs")
+MAX_DEPTH = 100
+
+
+class _Budget:
+    __slots__ = ("nodes", "path")
+
+    def __init__(self):
+        self.nodes = 0
+        self.path: set[int] = set()
+
+
+def _convert(node: yaml.Node, offset: int = 0, budget: _Budget | None = None, depth: int = 0):
+    budget = budget or _Budget()
     line = node.start_mark.line + 1 + offset
-    if isinstance(node, yaml.MappingNode):
-        out = LDict(line)
-        for key_node, value_node in node.value:
-            key = _convert(key_node, offset)
-            key = key if isinstance(key, str) else str(key)
-            key_line = key_node.start_mark.line + 1 + offset
-            if key in out:
-                raise DocumentError(key_line, f"duplicate key {key!r}", key)
-            out[key] = _convert(value_node, offset)
-            out.key_lines[key] = key_line
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        out = LList(line)
+    budget.nodes += 1
+    if budget.nodes > MAX_NODES:
+        raise DocumentError(line, f"document too large (more than {MAX_NODES} nodes after aliases)")
+    if depth > MAX_DEPTH:
+        raise DocumentError(line, f"document nested deeper than {MAX_DEPTH} levels")
+    if isinstance(node, yaml.ScalarNode):
+        return _scalar(node)
+    if id(node) in budget.path:
+        raise DocumentError(line, "recursive YAML alias")
+    budget.path.add(id(node))
+    try:
+        if isinstance(node, yaml.MappingNode):
+            out = LDict(line)
+            for key_node, value_node in node.value:
+                key = _convert(key_node, offset, budget, depth + 1)
+                key = key if isinstance(key, str) else str(key)
+                key_line = key_node.start_mark.line + 1 + offset
+                if key in out:
+                    raise DocumentError(key_line, f"duplicate key {key!r}", key)
+                out[key] = _convert(value_node, offset, budget, depth + 1)
+                out.key_lines[key] = key_line
+            return out
+        seq = LList(line)
         for item in node.value:
-            out.append(_convert(item, offset))
-            out.item_lines.append(item.start_mark.line + 1 + offset)
-        return out
-    return _scalar(node)
+            seq.append(_convert(item, offset, budget, depth + 1))
+            seq.item_lines.append(item.start_mark.line + 1 + offset)
+        return seq
+    finally:
+        budget.path.discard(id(node))
 
 
 _DOC_START = re.compile(r"^---(\s|$)")
