@@ -143,17 +143,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\nX-Checksum: 42\r\n\r\n")
             return
         if path.startswith("/ws"):
-            if self.headers.get("Upgrade", "").lower() != "websocket":
+            upgrade = self.headers.get("Upgrade", "")
+            if not upgrade:
                 self._reply(400, b"need upgrade\n")
                 return
             self.send_response(101)
-            self.send_header("Upgrade", "websocket")
+            self.send_header("Upgrade", upgrade)
             self.send_header("Connection", "Upgrade")
             self.end_headers()
             self.wfile.flush()
-            while data := self.connection.recv(65536):  # echo, upper-cased
-                self.connection.sendall(data.upper())
-            self.close_connection = True
+            self._echo_upper()
             return
         if path.startswith("/noupgrade"):
             self._reply(200, b"no upgrade for you\n")
@@ -162,6 +161,17 @@ class _Handler(BaseHTTPRequestHandler):
         text = f"{self.command} {path} len={len(body)}\n".encode()
         headers = "".join(f"{k.lower()}: {v}\n" for k, v in self.headers.items())
         self._reply(200, text + headers.encode() + b"\n" + body)
+
+    def _echo_upper(self) -> None:
+        while data := self.connection.recv(65536):
+            self.connection.sendall(data.upper())
+        self.close_connection = True
+
+    def do_CONNECT(self) -> None:
+        self.server.requests.append((self.command, self.path, dict(self.headers.items())))
+        self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.wfile.flush()
+        self._echo_upper()
 
     do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _handle
 

@@ -197,6 +197,39 @@ def test_websocket_upgrade_tunnels_and_refused_upgrade_keeps_http(start_gateway,
     assert b"no upgrade for you" in out and b"GET /after len=0" in out
 
 
+def test_h2c_upgrade_tunnels_and_connect_follows_policy(start_gateway, pybackend):
+    rules = (
+        '- method: GET\n          path: "/ws.*"\n'
+        "        - method: CONNECT\n          host: 'db.internal:5432'\n"
+        "          path: 'db.internal:5432'"
+    )
+    gw = start_gateway(pybackend.port, _policy_all(rules))
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                  b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")  # fmt: skip
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101") and b"Upgrade: h2c" in head
+        s.sendall(preface)
+        got = head.split(b"\r\n\r\n", 1)[1]
+        while len(got) < len(preface):
+            got += s.recv(4096)
+        assert got == preface.upper()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\nping")
+        got = b""
+        while not got.endswith(b"PING"):
+            chunk = s.recv(4096)
+            assert chunk, got
+            got += chunk
+        assert got == b"HTTP/1.1 200 Connection established\r\n\r\nPING"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(b"CONNECT other:22 HTTP/1.1\r\nHost: other:22\r\n\r\n")
+        assert read_response(s, bytearray()) == DENY
+
+
 def test_denied_upgrade_is_not_tunnelled(start_gateway, pybackend):
     gw = start_gateway(pybackend.port)
     before = len(pybackend.requests)
