@@ -395,6 +395,16 @@ class ResponseParser:
     def tunnel(self) -> bool:
         return self._tunnel
 
+    @property
+    def status(self) -> int:
+        """Status of the response in progress (0 before its status line)."""
+        return self._parser.get_status_code()
+
+    @property
+    def ends_at_close(self) -> bool:
+        """The response in progress has no length: the upstream's close is its end."""
+        return not self._parser.should_keep_alive()
+
     def receive_data(self, data: bytes) -> list:
         if self._error is not None or self._tunnel:
             return []

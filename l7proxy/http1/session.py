@@ -15,6 +15,7 @@ Timeouts: one deadline per session, checked by the worker's `DeadlineSweeper`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 
@@ -46,6 +47,7 @@ MAX_PIPELINE = 32
 NO_DEADLINE, IDLE, HEAD, RESPONSE = 0, 1, 2, 3
 
 _monotonic = time.monotonic
+log = logging.getLogger("l7proxy.http1")
 
 
 class Exchange:
@@ -119,6 +121,16 @@ class Http1Session(asyncio.Protocol):
         self._set_deadline(IDLE, self.cfg.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._received(data)
+        except Exception as exc:  # a bug in one session closes that connection, not the worker
+            self.pm.parse_errors.inc()
+            log.error(
+                "http1 session %s:%s failed: %r", self.ctx.client_ip, self.ctx.client_port, exc
+            )
+            self._close()
+
+    def _received(self, data: bytes) -> None:
         if self.tunnel:
             self.upstream.transport.write(data)
             return
@@ -438,10 +450,19 @@ class Http1Session(asyncio.Protocol):
         if ex is None or not ex.sent:
             return  # an idle keep-alive connection went away: the next request opens another
         if up.got_bytes:
-            # Mid-response (or a close-delimited body, whose end is the close): the client
-            # can't tell the difference from us either, so its connection ends too.
+            status = up.parser.status
+            if why == "closed" and up.parser.ends_at_close:
+                # A body delimited by the close is complete; the client's end is a close too.
+                self.queue.popleft()
+                ex.status = status
+                now = _monotonic()
+                self.pm.duration.observe(now - ex.start)
+                self._emit_flow(ex, FORWARDED, now)
+                self._close()
+                return
+            # Mid-response: the client's connection ends too, so it sees the response cut.
             self.pm.upstream_reset.inc()
-            ex.status = ex.status or 502
+            ex.status = status or 502
             if self.ctx.flows.active:
                 self._emit_error_flow(ex, ex.status, "UPSTREAM_RESET")
             self._close()

@@ -40,6 +40,16 @@ class UpstreamConn(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._received(data)
+        except Exception:  # a bug while relaying closes both connections, never the worker
+            session = self.session
+            self.close()
+            if session is not None:
+                session.close()
+            raise
+
+    def _received(self, data: bytes) -> None:
         session = self.session
         if session is None:  # an idle pooled connection must stay silent
             self.close()

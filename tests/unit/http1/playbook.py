@@ -132,6 +132,10 @@ class Play:
     def client_got(self) -> bytes:
         return self.client.take()
 
+    def flows_text(self) -> str:
+        self.session.ctx.flows.flush()
+        return self.flow_out.getvalue()
+
     def flows(self):
         import json
 

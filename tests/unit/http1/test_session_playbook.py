@@ -156,3 +156,21 @@ def test_drain_closes_after_the_request_in_flight():
     assert not p.client.closed
     p.upstream_sends(OK)
     assert p.client_got() == OK and p.client.closed
+
+
+def test_close_delimited_response_completes_at_upstream_close():
+    p = Play()
+    p.client_sends(req("/public/a"))
+    p.upstream_sends(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+    p.up.connection_lost(None)
+    assert p.client_got().endswith(b"until the end") and p.client.closed
+    flow = p.flows()[-1]
+    assert flow["verdict"] == "FORWARDED" and flow["l7"]["http"]["code"] == 200
+    assert "UPSTREAM_RESET" not in p.flows_text()
+
+
+def test_a_failing_session_closes_its_connection_only():
+    p = Play()
+    p.session.parser = None  # any bug inside the session
+    p.client_sends(req("/public/a"))
+    assert p.client.closed
