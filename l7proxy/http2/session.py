@@ -118,10 +118,13 @@ class H2Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.activity = True
-        events = self.relay.receive_client(data)
-        if events:
-            self._handle(events)
-        self._flush()
+        try:
+            events = self.relay.receive_client(data)
+            if events:
+                self._handle(events)
+            self._flush()
+        except Exception as exc:  # a bug closes this connection, never the worker
+            self._crash(exc)
 
     def eof_received(self):
         self._close()
@@ -204,10 +207,25 @@ class H2Session(asyncio.Protocol):
 
     def upstream_data(self, data: bytes) -> None:
         self.activity = True
-        events = self.relay.receive_server(data)
-        if events:
-            self._handle(events)
-        self._flush()
+        try:
+            events = self.relay.receive_server(data)
+            if events:
+                self._handle(events)
+            self._flush()
+        except Exception as exc:
+            self._crash(exc)
+
+    def _crash(self, exc: Exception) -> None:
+        log(f"http2 {self.ctx.client_ip}:{self.ctx.client_port}: closing after {exc!r}")
+        self.pm.parse_errors.inc()
+        self.closed = True
+        up = self.upstream
+        self.upstream = None
+        if up is not None and not up.closed:
+            up.closed = True
+            up.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
 
     def upstream_lost(self, exc) -> None:
         self.upstream = None

@@ -256,3 +256,41 @@ def test_server_goaway_then_close_refuses_only_unprocessed_streams():
     assert [(e.stream_id, e.reset_code) for e in events] == [(3, f.REFUSED_STREAM)]
     assert relay.closed
     assert relay.data_to_client() == b""  # no second GOAWAY with a higher last stream ID
+
+
+def test_a_failing_policy_closes_only_that_connection(capsys):
+    from types import SimpleNamespace
+
+    from l7proxy.config import ProxyConfig
+    from l7proxy.http2.session import H2Session
+    from l7proxy.metrics import ProxyMetrics
+
+    class Transport:
+        aborted = False
+
+        def set_write_buffer_limits(self, *a):
+            pass
+
+        def write(self, data):
+            pass
+
+        def abort(self):
+            self.aborted = True
+
+    def broken_rules():
+        raise RuntimeError("policy bug")
+
+    ctx = SimpleNamespace(
+        config=ProxyConfig(),
+        proto_metrics=ProxyMetrics().for_proto("http2"),
+        rules=broken_rules,
+        client_ip="127.0.0.1",
+        client_port=1,
+    )
+    session = H2Session(ctx)
+    transport = Transport()
+    session.connection_made(transport)
+    session.data_received(f.PREFACE + f.settings_frame() + f.headers_frames(1, get("/x"), True))
+    assert transport.aborted and session.closed
+    assert ctx.proto_metrics.parse_errors.value == 1
+    assert "policy bug" in capsys.readouterr().err
