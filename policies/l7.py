@@ -47,7 +47,17 @@ def _full(pattern: str):
 
 
 class _CompiledHttpRule:
-    __slots__ = ("rule", "method", "path", "host", "required", "actions", "in_set")
+    __slots__ = (
+        "rule",
+        "method",
+        "path",
+        "host",
+        "required",
+        "actions",
+        "in_set",
+        "required_keys",
+        "action_keys",
+    )
 
     def __init__(self, rule: HttpRule):
         self.rule = rule
@@ -56,6 +66,10 @@ class _CompiledHttpRule:
         self.host = _full(rule.host)
         self.required = tuple(h for h in rule.headers if not h.mismatch)
         self.actions = tuple(h for h in rule.headers if h.mismatch)
+        self.required_keys = tuple((h.name.lower(), h.value) for h in self.required)
+        self.action_keys = tuple(
+            (h.name.lower(), h.value, (h.mismatch, h.name, h.value or "")) for h in self.actions
+        )
         self.in_set = not any(
             _UNSAFE_FOR_SET.search(p) for p in (rule.method, rule.path, rule.host)
         )
@@ -81,7 +95,12 @@ class _CompiledHttpRule:
 def _header_values(headers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
     table: dict[str, list[str]] = {}
     for name, value in headers:
-        table.setdefault(name.lower(), []).append(value)
+        key = name.lower()
+        values = table.get(key)
+        if values is None:
+            table[key] = [value]
+        else:
+            values.append(value)
     return table
 
 
@@ -104,6 +123,7 @@ class HttpRuleSet:
             i for i, c in enumerate(self._compiled) if c.required or c.actions
         )
         self._needs_headers = bool(self._header_rules)
+        self._verdicts: dict[tuple[int, ...], HttpVerdict] = {}  # hits -> shared verdict
         self._slow = tuple(i for i, c in enumerate(self._compiled) if not c.in_set)
         self._set_index: list[int] = []
         self._set = None
@@ -140,7 +160,13 @@ class HttpRuleSet:
             for i in hits:
                 if i in header_rules:
                     return self._check_headers(hits, headers)
-        return HttpVerdict(True, tuple(sorted(hits)) if len(hits) > 1 else tuple(hits))
+        key = tuple(hits)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = HttpVerdict(True, tuple(sorted(key)))
+            if len(self._verdicts) < 4096:
+                self._verdicts[key] = verdict
+        return verdict
 
     def _slow_hits(self, method, path, host, indexes) -> list[int]:
         compiled = self._compiled
@@ -150,15 +176,23 @@ class HttpRuleSet:
         table = _header_values(headers)
         passed = []
         actions: list[tuple[str, str, str]] = []
-        for i in sorted(hits):
+        for i in sorted(hits) if len(hits) > 1 else hits:
             c = self._compiled[i]
-            if all(_header_ok(h, table) for h in c.required):
-                passed.append(i)
-                for h in c.actions:
-                    if not _header_ok(h, table):
-                        action = (h.mismatch, h.name, h.value or "")
-                        if action not in actions:
-                            actions.append(action)
+            ok = True
+            for lname, value in c.required_keys:
+                values = table.get(lname)
+                if values is None or (value is not None and value not in values):
+                    ok = False
+                    break
+            if not ok:
+                continue
+            passed.append(i)
+            for lname, value, action in c.action_keys:
+                values = table.get(lname)
+                if (values is None or (value is not None and value not in values)) and (
+                    action not in actions
+                ):
+                    actions.append(action)
         if not passed:
             return _HTTP_DENY
         return HttpVerdict(True, tuple(passed), tuple(actions))
@@ -200,6 +234,31 @@ def _is_any(rule: HttpRule) -> bool:
     return not (rule.method or rule.path or rule.host or rule.headers)
 
 
+class _KafkaKeyIndex:
+    """The rules for one API key: unconditional ones indexed by topic, the rest (apiVersion or
+    clientID constraints) kept in a short list checked per request."""
+
+    __slots__ = ("any_topic", "topics", "conditional", "any_topic_verdict", "first_verdict")
+
+    def __init__(self, rules: Sequence[KafkaRule], indexes: Sequence[int]):
+        self.any_topic: int | None = None
+        self.topics: dict[str, int] = {}
+        conditional = []
+        for i in indexes:
+            r = rules[i]
+            if r.api_version is not None or r.client_id:
+                conditional.append(i)
+            elif not r.topic:
+                if self.any_topic is None:
+                    self.any_topic = i
+            else:
+                self.topics.setdefault(r.topic, i)
+        self.conditional = tuple(conditional)
+        self.any_topic_verdict = KafkaVerdict(True, (), (self.any_topic,))
+        first = min(self.topics.values(), default=-1)
+        self.first_verdict = KafkaVerdict(True, (), (first,))
+
+
 class KafkaRuleSet:
     parser = "kafka"
 
@@ -210,48 +269,63 @@ class KafkaRuleSet:
             not (r.api_keys or r.api_version is not None or r.client_id or r.topic)
             for r in self.rules
         )
-        any_key = tuple(i for i, r in enumerate(self.rules) if not r.api_keys)
+        any_key = [i for i, r in enumerate(self.rules) if not r.api_keys]
         by_key: dict[int, list[int]] = {}
         for i, r in enumerate(self.rules):
             for k in r.api_keys:
                 by_key.setdefault(k, []).append(i)
-        self._any_key = any_key
-        self._by_key = {k: tuple(sorted(set(v) | set(any_key))) for k, v in by_key.items()}
+        self._keys = {
+            k: _KafkaKeyIndex(self.rules, sorted(set(v) | set(any_key))) for k, v in by_key.items()
+        }
+        self._other_keys = _KafkaKeyIndex(self.rules, any_key)
         visible = [r for r in self.rules if not r.api_keys or METADATA in r.api_keys]
         self._all_visible = self.allow_all or any(not r.topic for r in visible)
         self._visible = frozenset(r.topic for r in visible if r.topic)
-
-    def _candidates(self, api_key: int, api_version: int, client_id: str | None) -> list[int]:
-        rules = self.rules
-        out = []
-        for i in self._by_key.get(api_key, self._any_key):
-            r = rules[i]
-            if r.api_version is not None and r.api_version != api_version:
-                continue
-            if r.client_id and r.client_id != client_id:
-                continue
-            out.append(i)
-        return out
 
     def check(
         self, api_key: int, api_version: int, client_id: str | None, topics: Sequence[str] = ()
     ) -> KafkaVerdict:
         if self.allow_all:
             return _KAFKA_ALLOW_ALL
-        cands = self._candidates(api_key, api_version, client_id)
-        if not cands:
-            return KafkaVerdict(False, tuple(dict.fromkeys(topics)))
+        index = self._keys.get(api_key, self._other_keys)
+        rules = self.rules
+        cond = ()
+        if index.conditional:
+            cond = [
+                i
+                for i in index.conditional
+                if (rules[i].api_version is None or rules[i].api_version == api_version)
+                and (not rules[i].client_id or rules[i].client_id == client_id)
+            ]
+        if index.any_topic is not None:
+            return index.any_topic_verdict
         if not topics:
             # Cilium: a request that names no topic passes on any rule for its key/version/client.
-            return KafkaVerdict(True, (), tuple(cands))
-        rules = self.rules
-        if any(not rules[i].topic for i in cands):
-            return KafkaVerdict(True, (), tuple(i for i in cands if not rules[i].topic))
-        allowed = {rules[i].topic: i for i in cands}
-        denied = tuple(t for t in dict.fromkeys(topics) if t not in allowed)
+            if index.topics:
+                return index.first_verdict
+            return KafkaVerdict(True, (), tuple(cond)) if cond else _KAFKA_DENY
+        cond_any = [i for i in cond if not rules[i].topic]
+        if cond_any:
+            return KafkaVerdict(True, (), tuple(cond_any))
+        by_topic = index.topics
+        if len(topics) == 1:
+            found = by_topic.get(topics[0])
+            if found is not None:
+                return KafkaVerdict(True, (), (found,))
+        matched: set[int] = set()
+        denied: list[str] = []
+        for topic in topics:
+            found = by_topic.get(topic)
+            if found is None:
+                found = next((i for i in cond if rules[i].topic == topic), None)
+            if found is None:
+                if topic not in denied:
+                    denied.append(topic)
+            else:
+                matched.add(found)
         if denied:
-            return KafkaVerdict(False, denied)
-        return KafkaVerdict(True, (), tuple(sorted({allowed[t] for t in topics})))
+            return KafkaVerdict(False, tuple(denied))
+        return KafkaVerdict(True, (), tuple(sorted(matched)))
 
     def topic_visible(self, topic: str) -> bool:
         """Whether an all-topics Metadata response may show this topic (extension)."""

@@ -144,3 +144,52 @@ def test_kafka_metadata_for_all_topics_is_allowed_and_filtered():
     assert not rs.topic_visible("deathstar-plans")
     assert kafka(KafkaRule((3,))).topic_visible("anything")
     assert not kafka(KafkaRule((0,), topic="t")).topic_visible("t")  # produce-only key 0
+
+
+def cilium_matches(rules, api_key, version, client, topics):
+    """Cilium's reading: every topic needs a rule that matches key, version and client."""
+
+    def rule_ok(r):
+        return (
+            (not r.api_keys or api_key in r.api_keys)
+            and (r.api_version is None or r.api_version == version)
+            and (not r.client_id or r.client_id == client)
+        )
+
+    if not topics:
+        return any(rule_ok(r) for r in rules)
+    return all(any(rule_ok(r) and (not r.topic or r.topic == t) for r in rules) for t in topics)
+
+
+def test_kafka_index_agrees_with_the_plain_reading():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(400):
+        rules = [
+            KafkaRule(
+                rng.choice([(), ROLES["produce"], ROLES["consume"], (18,), (0,)]),
+                rng.choice([None, None, 3, 9]),
+                rng.choice(["", "", "hq"]),
+                rng.choice(["", "a", "b", "c"]),
+            )
+            for _ in range(rng.randrange(0, 5))
+        ]
+        rules = [
+            r for r in rules if r.api_keys or r.api_version is not None or r.client_id or r.topic
+        ]
+        rs = kafka(*rules)
+        for _ in range(30):
+            key, ver = rng.choice([0, 1, 3, 18, 19]), rng.choice([3, 9])
+            client = rng.choice([None, "hq", "x"])
+            topics = rng.sample(["a", "b", "c", "d"], rng.randrange(0, 3))
+            v = rs.check(key, ver, client, topics)
+            assert v.allowed == cilium_matches(rules, key, ver, client, topics), (
+                rules,
+                key,
+                ver,
+                client,
+                topics,
+            )
+            if not v.allowed:
+                assert set(v.denied_topics) <= set(topics)
