@@ -140,12 +140,18 @@ class GatewayWorker:
         for server in self.servers:
             server.close()
         for session in list(self.sweeper.sessions):
-            session.drain()
+            drain = getattr(session, "drain", None)
+            if drain is not None:
+                drain()
         deadline = asyncio.get_running_loop().time() + self.cfg.proxy.drain_time
         while self.sweeper.sessions and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         for session in list(self.sweeper.sessions):
-            session.close()
+            close = getattr(session, "close", None)
+            if close is not None:
+                close()
+            elif getattr(session, "transport", None) is not None:
+                session.transport.close()
         self.sweeper.stop()
         if self.admin is not None:
             await self.admin.close()
