@@ -19,6 +19,7 @@ SUFFIXES = (".yaml", ".yml", ".json")
 class LoadResult:
     rules: list[Rule] = field(default_factory=list)
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Diagnostic]:
@@ -71,6 +72,7 @@ def load_paths(paths: Iterable[str | Path], *, strict: bool = False) -> LoadResu
     result = LoadResult()
     for path in _expand(paths):
         name = str(path)
+        result.files.append(name)
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

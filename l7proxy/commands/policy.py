@@ -86,7 +86,7 @@ def _validate(args) -> int:
         elif not args.quiet:
             print(f"{diag} (warning)")
     if result.ok:
-        print(f"{len(args.files)} file(s) valid, {len(result.rules)} rule(s)", file=sys.stderr)
+        print(f"{len(result.files)} file(s) valid, {len(result.rules)} rule(s)", file=sys.stderr)
         return 0
     print(f"{len(result.errors)} error(s)", file=sys.stderr)
     return 1
