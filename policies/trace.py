@@ -89,6 +89,9 @@ def parse_peer(text: str, ip: str | None) -> Peer:
             return Peer(labels, ip, "world")
         if name == "host":
             return Peer(labels, ip, "host")
+        if name in ("ingress", "init", "health"):
+            # local endpoints with reserved identities: policies select them by these labels
+            return Peer(labels, ip, "endpoint")
         return Peer(labels, ip, "reserved")
     if labels.namespace() is None:
         labels = labels.with_labels([Label("k8s", NAMESPACE_KEY, "default")])

@@ -351,3 +351,32 @@ def test_trace_policy_file_with_errors_exits_2(capsys):
         "80",
     )
     assert code == 2 and f"{bad}:" in err
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared is not present (it is in CI)")
+def test_trace_reserved_ingress_endpoint_with_cidr_source(capsys):
+    pol = str(SHARED / "examples__kubernetes__servicemesh__policy__allow-ingress-cidr.yaml")
+
+    def t(ip):
+        code, out, _ = run(
+            capsys,
+            "policy",
+            "trace",
+            "-p",
+            pol,
+            "--src",
+            "reserved:world",
+            "--src-ip",
+            ip,
+            "--dst",
+            "reserved:ingress",
+            "--dport",
+            "80",
+            "-o",
+            "json",
+        )
+        assert code == 0
+        return json.loads(out)
+
+    assert t("172.18.0.1")["verdict"] == "ALLOWED"
+    assert t("172.18.0.2")["verdict"] == "DENIED"
