@@ -296,6 +296,10 @@ def trace(
         l7 = _l7_section(t, redirects, http, kafka)
         if l7["verdict"] == "DENIED":
             verdict = "DENIED"
+    elif (http is not None or kafka is not None) and l3l4_ok:
+        t.log.append("l7: no L7 rules apply to this port: the request is not inspected")
+    elif http is not None or kafka is not None:
+        t.log.append("l7: the connection is dropped at L3/L4 before any request is seen")
     t.log.append(f"verdict: {verdict}")
     return TraceResult(verdict, egress, ingress, l7, t.log)
 
