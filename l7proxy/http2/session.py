@@ -102,7 +102,7 @@ class H2Session(asyncio.Protocol):
         self.upstream_paused = False
         self.closed = False
         self.activity = True
-        self.idle_since = _monotonic()
+        self.idle_since = self.started = _monotonic()
         self.deadline = 0.0
         self.deadline_kind = NO_DEADLINE
 
@@ -284,6 +284,9 @@ class H2Session(asyncio.Protocol):
                 self.transport.abort()
             return
         self.relay.tick()
+        if self.relay.awaiting_preface and now - self.started >= self.cfg.header_timeout:
+            self._close()  # a client that never completes its preface (slowloris)
+            return
         if self.activity or self.relay.active_streams:
             # Streams in flight are never cut by the idle timer (long-lived gRPC streams).
             self.activity = False

@@ -178,6 +178,10 @@ class H2Relay:
     def active_streams(self) -> int:
         return len(self._streams)
 
+    @property
+    def awaiting_preface(self) -> bool:
+        return bool(self._preface_left)
+
     def _take_events(self) -> list:
         if not self._events:
             return _NO_EVENTS
@@ -198,6 +202,9 @@ class H2Relay:
         if self.closed or self.draining:
             return
         self.draining = True
+        if not self._server_settings_seen:
+            self._to_client.insert(0, f.settings_frame())  # the server preface comes first
+            self._server_settings_seen = True
         self._to_client.append(f.goaway(self._last_stream_id(), f.NO_ERROR))
         if not self._streams:
             self.closed = True

@@ -249,3 +249,17 @@ def test_stream_id_reuse_gets_protocol_error(gw):
     # HEADERS again on a stream the client half-closed: STREAM_CLOSED (RFC 9113 5.1)
     assert code == f.PROTOCOL_ERROR or resets == [f.STREAM_CLOSED.to_bytes(4, "big")]
     assert_still_serving(gw.port)
+
+
+def test_slow_preface_is_cut_after_the_header_timeout(nginx_h2, tmp_path):  # noqa: F811
+    gateway = start_h2_gateway(tmp_path, nginx_h2.port, limits={"header_timeout": 1})
+    try:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(f.PREFACE[:10])  # and nothing more
+            start = time.monotonic()
+            frames = read_frames(sock)
+            took = time.monotonic() - start
+        assert frames == [] and 0.5 <= took <= 5.0
+        assert_still_serving(gateway.port)
+    finally:
+        gateway.stop()
