@@ -139,6 +139,7 @@ class GatewayWorker:
         """Stop accepting, let requests in flight finish (up to drain_time), then close."""
         for server in self.servers:
             server.close()
+        log(f"draining: stopped accepting, {len(self.sweeper.sessions)} connection(s) open")
         for session in list(self.sweeper.sessions):
             drain = getattr(session, "drain", None)
             if drain is not None:

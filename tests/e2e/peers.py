@@ -243,6 +243,19 @@ class Gateway:
             return []
         return [json.loads(line) for line in Path(self.flow_log).read_text().splitlines() if line]
 
+    def wait_flows(self, count: int, timeout: float = 10.0) -> list[dict]:
+        """The flows once at least `count` are written (flows are flushed asynchronously)."""
+        end = time.monotonic() + timeout
+        while len(flows := self.flows()) < count and time.monotonic() < end:
+            time.sleep(0.05)
+        return flows
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        end = time.monotonic() + timeout
+        while text not in (log := self.log()) and time.monotonic() < end:
+            time.sleep(0.05)
+        return log
+
     def stop(self) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -279,6 +292,16 @@ spec:
         http:
         {http_rules}
 """
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.05):
+    """Poll `condition()` until it is truthy (then return it) or `timeout` passes (None)."""
+    end = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > end:
+            return value
+        time.sleep(interval)
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0, until_close=True) -> bytes:

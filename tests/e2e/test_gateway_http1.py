@@ -70,8 +70,7 @@ def test_allow_and_deny_exact_bytes_connection_stays_usable(start_gateway, nginx
     assert b"200 OK" in r.stdout and r.stdout.endswith(b"hello from nginx\n")
     r = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{gw.port}/x")
     assert r.stdout == b"403"
-    time.sleep(0.3)
-    flows = gw.flows()
+    flows = gw.wait_flows(4)
     verdicts = [(f["verdict"], f["l7"]["http"]["url"], f["l7"]["http"]["code"]) for f in flows]
     assert ("FORWARDED", "/public/index.html", 200) in verdicts
     assert ("DROPPED", "/private.html", 403) in verdicts
@@ -293,7 +292,7 @@ def test_slow_headers_get_408(start_gateway, pybackend, tmp_path):
         while chunk := s.recv(4096):
             out += chunk
     assert out.startswith(b"HTTP/1.1 408 Request Timeout")
-    assert 0.4 < time.monotonic() - t0 < 3
+    assert 0.4 < time.monotonic() - t0 < 10
 
 
 def test_upstream_refused_503_timeout_504_reset_closes(start_gateway, pybackend, tmp_path):
@@ -310,8 +309,7 @@ def test_upstream_refused_503_timeout_504_reset_closes(start_gateway, pybackend,
     assert r.stdout == b"504"
     out = raw_exchange(gw2.port, b"GET /reset HTTP/1.1\r\nHost: a\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200 OK") and out.endswith(b"partial")  # then closed
-    time.sleep(0.3)
-    reasons = {f.get("drop_reason_desc") for f in gw.flows() + gw2.flows()}
+    reasons = {f.get("drop_reason_desc") for f in gw.wait_flows(1) + gw2.wait_flows(2)}
     assert {"UPSTREAM_REFUSED", "UPSTREAM_TIMEOUT", "UPSTREAM_RESET"} <= reasons
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw2.admin_port}/metrics").read().decode()
     assert 'l7proxy_upstream_errors_total{proto="http",kind="timeout"} 1' in metrics
@@ -354,9 +352,8 @@ def test_l3l4_denied_source_is_reset_with_dropped_flow(start_gateway, pybackend)
         with pytest.raises((ConnectionResetError, BrokenPipeError)):
             s.sendall(get(gw.port, "/public/l4-denied"))
             s.recv(100)
-    time.sleep(0.3)
+    flow = gw.wait_flows(1)[-1]
     assert "/public/l4-denied" not in [r[1] for r in pybackend.requests]
-    flow = gw.flows()[-1]
     assert flow["verdict"] == "DROPPED" and flow["event_type"] == "L3_L4", flow
     assert flow["drop_reason_desc"] == "POLICY_DENIED" and flow["source"]["identity"] == 2
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics").read().decode()
@@ -376,8 +373,7 @@ def test_peer_cidr_gives_the_source_identity(start_gateway, pybackend):
         gw.port, get(gw.port, "/private").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
     )
     assert out == DENY
-    time.sleep(0.3)
-    flow = gw.flows()[0]
+    flow = gw.wait_flows(2)[0]
     assert flow["source"]["identity"] > 255 and any(
         "app=client" in lb for lb in flow["source"]["labels"]
     )
@@ -412,7 +408,6 @@ def test_header_match_actions_edit_the_forwarded_request(start_gateway, pybacken
     lower = {k.lower(): v for k, v in seen.items()}
     assert lower["x-added"] == "yes" and lower["x-token"] == "right" and "x-gone" not in lower
     assert lower["x-watched"] == "other"  # LOG only logs
-    time.sleep(0.3)
-    flows = json.dumps(gw.flows())
+    flows = json.dumps(gw.wait_flows(1))
     assert "secret-value" not in flows and "other" not in flows
     assert gw.flows()[-1]["l7"]["http"]["headers"] == [{"key": "X-Watched", "value": "[mismatch]"}]
