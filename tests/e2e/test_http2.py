@@ -310,3 +310,23 @@ def test_idle_connection_closed_but_busy_stream_kept(nginx_h2, tmp_path):
         assert b"\x00\x00\x08\x07" in data or data[-17:-8] != b""  # a GOAWAY came before close
     finally:
         gw.stop()
+
+
+def test_policy_reload_applies_to_the_next_stream_of_an_open_connection(nginx_h2, tmp_path):
+    gw = start_h2_gateway(tmp_path, nginx_h2.port)
+    client = H2Client(gw.port)
+    try:
+        first = client.request("/private.html")
+        assert client.wait(first)["status"] == "403"
+        policy = next(tmp_path.glob("policy-*.yaml"))
+        policy.write_text(policy_yaml(gw.port, '- method: GET\n          path: "/.*"'))
+        gw.signal(signal.SIGHUP)
+        end = time.monotonic() + 10
+        while "policy reloaded" not in gw.log() and time.monotonic() < end:
+            time.sleep(0.05)
+        again = client.request("/private.html")  # same connection, same header block bytes
+        assert client.wait(again)["status"] == "200"
+        assert client.streams[again]["body"] == b"secret\n"
+    finally:
+        client.close()
+        gw.stop()
