@@ -205,7 +205,7 @@ ADMIN_RE = re.compile(r"admin [\d.]+:(\d+)")
 class Gateway:
     """`l7proxy gateway` as a subprocess; waits for its `ready` line on stderr."""
 
-    def __init__(self, args: list[str], flow_log: str | None = None, timeout=15.0) -> None:
+    def __init__(self, args: list[str], flow_log: str | None = None, timeout=30.0) -> None:
         self.flow_log = flow_log
         cmd = [sys.executable, "-m", "l7proxy", "gateway", *args]
         if flow_log:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.e2e.peers import Gateway, free_port, policy_yaml, raw_exchange, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
 
 def fetch(port: int, path: str) -> bytes:
