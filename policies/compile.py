@@ -220,9 +220,8 @@ class _Compiler:
                         )
                         a.deny = True
                     a.parser = a.parser or l7.parser
+                    # an empty list adds no rule: alone, the port denies every request
                     a.l7.extend((ident, r) for r in l7.rules)
-                    if not l7.rules and l7.parser == "http":
-                        pass  # an empty http list denies everything, like an empty kafka list
 
     def _close(self, acc: dict[PolicyKey, _Acc]) -> dict[PolicyKey, PolicyEntry]:
         keys = list(acc)
