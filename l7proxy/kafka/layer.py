@@ -100,6 +100,10 @@ class _Pending:
 @dataclass(frozen=True, slots=True)
 class KafkaSettings:
     max_frame_size: int = 8 * 1024 * 1024
+    # Kafka frames run to megabytes; with the HTTP-sized 256 KiB mark every produce request would
+    # pause the client and throttle a pipelining producer. Buffers stay bounded by these marks.
+    write_high_water: int = 4 * 1024 * 1024
+    write_low_water: int = 1024 * 1024
     # Gateway mode: broker address seen in responses -> gateway listener to advertise instead.
     brokers: Mapping[Address, Address] | None = None
 

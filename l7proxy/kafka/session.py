@@ -74,7 +74,8 @@ class _Upstream(asyncio.Protocol):
 class KafkaSession(asyncio.Protocol):
     def __init__(self, ctx, settings: KafkaSettings | None = None) -> None:
         self.ctx = ctx
-        self.layer = KafkaLayer(ctx.rules, settings or settings_for(ctx), time.monotonic_ns)
+        self.settings = settings or settings_for(ctx)
+        self.layer = KafkaLayer(ctx.rules, self.settings, time.monotonic_ns)
         self.kmetrics = _kafka_metrics(ctx)
         self.client = None
         self.upstream = None
@@ -93,8 +94,8 @@ class KafkaSession(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.client = transport
-        cfg = self.ctx.config
-        transport.set_write_buffer_limits(cfg.write_high_water, cfg.write_low_water)
+        st = self.settings
+        transport.set_write_buffer_limits(st.write_high_water, st.write_low_water)
         if self.sweeper is not None:
             self.sweeper.add(self)
         self._arm_idle()
@@ -178,8 +179,8 @@ class KafkaSession(asyncio.Protocol):
         if self._closed:
             transport.close()
             return
-        cfg = self.ctx.config
-        transport.set_write_buffer_limits(cfg.write_high_water, cfg.write_low_water)
+        st = self.settings
+        transport.set_write_buffer_limits(st.write_high_water, st.write_low_water)
         self.upstream = transport
         if self._queued:
             transport.writelines(self._queued)
@@ -225,7 +226,7 @@ class KafkaSession(asyncio.Protocol):
                 else:
                     self._queued.append(cmd.data)
                     self._queued_bytes += len(cmd.data)
-                    if self._queued_bytes > self.ctx.config.write_high_water:
+                    if self._queued_bytes > self.settings.write_high_water:
                         self.client.pause_reading()
             elif kind is ToClient:
                 self.client.write(cmd.data)

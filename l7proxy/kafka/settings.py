@@ -41,7 +41,11 @@ def set_broker_map(mapping: dict[Address, Address]) -> None:
 
 
 def settings_for(ctx) -> KafkaSettings:
+    cfg = ctx.config
+    base = KafkaSettings()
     return KafkaSettings(
-        max_frame_size=ctx.config.max_frame_bytes,
+        max_frame_size=cfg.max_frame_bytes,
         brokers=dict(_broker_map) if _broker_map else None,
+        write_high_water=max(cfg.write_high_water, base.write_high_water),
+        write_low_water=max(cfg.write_low_water, base.write_low_water),
     )

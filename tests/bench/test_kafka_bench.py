@@ -13,10 +13,10 @@ clients never go around it. The load generators are separate processes too:
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 
 import pytest
@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.bench, pytest.mark.timeout(900)]
 DIRECT = "direct noida-db"
 RECORD = 1024
 LATENCY_RATE = 200  # produce requests per second, one at a time
+ROUNDS = 3
 MSG_S = Metric("produce", "msg/s", True)
 CONSUME_S = Metric("consume", "msg/s", True)
 P99_ADDED = harness.ADDED_P99
@@ -89,20 +90,24 @@ LATENCY = textwrap.dedent(
     """
     import json, socket, struct, sys, time
     from kafka.record.default_records import DefaultRecordBatchBuilder
-    host, port, topic, rate, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+    direct, proxied, topic = sys.argv[1], sys.argv[2], sys.argv[3]
+    rate, seconds = float(sys.argv[4]), float(sys.argv[5])
     b = DefaultRecordBatchBuilder(2, 0, False, -1, -1, -1, 1 << 20)
     b.append(0, int(time.time() * 1000), None, b"x" * 1024, [])
     batch = bytes(b.build())
     t = topic.encode()
     def produce(cid):
-        body = struct.pack(">hhi", -1, 1, 5000)  # v3: transactional_id null, acks, timeout
-        body += struct.pack(">i", 1) + struct.pack(">h", len(t)) + t
-        body += struct.pack(">i", 1) + struct.pack(">i", 0) + struct.pack(">i", len(batch)) + batch
+        body = struct.pack(">hhi", -1, 1, 5000)  # v3: transactional_id null, acks=1, timeout
+        body += struct.pack(">ih", 1, len(t)) + t
+        body += struct.pack(">iii", 1, 0, len(batch)) + batch
         head = struct.pack(">hhih", 0, 3, cid, 5) + b"bench"
         return struct.pack(">i", len(head) + len(body)) + head + body
-    s = socket.create_connection((host, port))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    def recv(n):
+    def connect(addr):
+        host, port = addr.rsplit(":", 1)
+        s = socket.create_connection((host, int(port)))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+    def recv(s, n):
         buf = b""
         while len(buf) < n:
             chunk = s.recv(n - len(buf))
@@ -110,29 +115,52 @@ LATENCY = textwrap.dedent(
                 raise ConnectionError("closed")
             buf += chunk
         return buf
-    def once(cid):
+    def once(s, cid):
         t0 = time.perf_counter()
         s.sendall(produce(cid))
-        size = struct.unpack(">i", recv(4))[0]
-        resp = recv(size)
+        size = struct.unpack(">i", recv(s, 4))[0]
+        resp = recv(s, size)
         assert struct.unpack(">i", resp[:4])[0] == cid
-        return time.perf_counter() - t0, resp
-    for cid in range(50):  # warm up (auto-creates the topic)
-        once(cid)
-    lat = []
+        return time.perf_counter() - t0
+    socks = [connect(direct), connect(proxied)]
+    for cid in range(50):  # warm up both paths
+        for s in socks:
+            once(s, cid)
+    lat = ([], [])
     interval = 1.0 / rate
-    start = time.perf_counter()
     n = int(rate * seconds)
+    start = time.perf_counter()
     for i in range(n):
-        target = start + i * interval
-        delay = target - time.perf_counter()
+        delay = start + i * interval - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        d, resp = once(1000 + i)
-        lat.append(d)
-    lat.sort()
-    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
-    print(json.dumps({"n": n, "p50": q(0.5), "p99": q(0.99)}))
+        # Alternate which path goes first so neither always meets a warmer broker.
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for which in order:
+            lat[which].append(once(socks[which], 1000 + i))
+    def q(values, p):
+        values = sorted(values)
+        return values[min(len(values) - 1, int(p * len(values)))] * 1000
+    print(json.dumps({"n": n, "direct": [q(lat[0], 0.5), q(lat[0], 0.99)],
+                      "proxy": [q(lat[1], 0.5), q(lat[1], 0.99)]}))
+    """
+)
+
+FILL = textwrap.dedent(
+    """
+    import sys
+    from confluent_kafka import Producer
+    addr, topic, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    p = Producer({"bootstrap.servers": addr, "acks": 1, "linger.ms": 5})
+    for _ in range(count):
+        while True:
+            try:
+                p.produce(topic, b"x" * 1024)
+                break
+            except BufferError:
+                p.poll(0.01)
+    assert p.flush(60) == 0
+    print("{}")
     """
 )
 
@@ -170,54 +198,66 @@ def proxy(broker, topic):
     proc.wait(10)
 
 
-def test_produce_throughput(broker, proxy, topic, record):
-    seconds = bench_duration()
-    rows, results = [], {}
-    for peer, addr in ((DIRECT, broker.address), (PROJECT, proxy)):
-        res = _script(PRODUCER, addr, topic, str(seconds), timeout=seconds + 120)
-        results[peer] = res
-        rows.append(Row(peer, res["ok"] / res["seconds"], note=f"{res['errors']} errors"))
-    result = ScenarioResult(
-        "kafka produce", f"confluent-kafka, 1 KiB records, acks=1, {seconds:g}s", MSG_S,
-        tuple(rows), (Target(DIRECT, 0.9),),
-    )  # fmt: skip
-    record(result)
-    assert all(r["errors"] == 0 and r["ok"] > 0 for r in results.values())
-
-
-def test_produce_p99_added_latency(broker, proxy, topic, record):
-    seconds = bench_duration()
-    rows, p99 = [], {}
-    for peer, addr in ((DIRECT, broker.address), (PROJECT, proxy)):
-        host, port = addr.rsplit(":", 1)
-        res = _script(LATENCY, host, port, topic, str(LATENCY_RATE), str(seconds),
-                      timeout=seconds + 60)  # fmt: skip
-        p99[peer] = res["p99"]
-        rows.append(Row(peer, None, res["p50"], res["p99"], note=f"{res['n']} requests"))
-    added = p99[PROJECT] - p99[DIRECT]
-    rows[1] = Row(PROJECT, added, rows[1].p50_ms, rows[1].p99_ms, note=rows[1].note)
-    rows[0] = Row(DIRECT, 0.0, rows[0].p50_ms, rows[0].p99_ms, note=rows[0].note)
-    result = ScenarioResult(
-        "kafka produce latency", f"{LATENCY_RATE} produce/s, 1 KiB, acks=1, one connection",
-        P99_ADDED, tuple(rows), (),
-        notes=(f"p99 added by the proxy: {added:.3f} ms (target <= 1 ms)",),
-    )  # fmt: skip
-    record(result)
-    assert p99[PROJECT] > 0
-
-
 def test_consume_throughput(broker, proxy, topic, record):
-    # Enough records for a few seconds of reading (the produce scenario wrote more).
-    count = 200_000
-    _script(PRODUCER, broker.address, topic, "3", timeout=120)
+    count = 50_000
+    _script(FILL, broker.address, topic, str(count), timeout=180)
     rows = []
     for peer, addr in ((DIRECT, broker.address), (PROJECT, proxy)):
         res = _script(CONSUMER, addr, topic, str(count), timeout=180)
         rows.append(Row(peer, res["got"] / max(res["seconds"], 1e-9), note=f"{res['got']} msgs"))
     result = ScenarioResult(
-        "kafka consume", "confluent-kafka group consumer from the beginning, 1 KiB records",
+        "kafka consume", f"confluent-kafka group consumer, {count} x 1 KiB from the beginning",
         CONSUME_S, tuple(rows), (Target(DIRECT, 0.9),),
     )  # fmt: skip
     record(result)
     assert all(r.value and r.value > 0 for r in rows)
-    time.sleep(0)
+
+
+def test_produce_throughput(broker, proxy, topic, record):
+    """Alternating rounds (direct, proxy, direct, proxy, ...), median of each: the machine is
+    shared, and a single pair of runs mostly measures what the neighbours were doing."""
+    seconds = bench_duration() / ROUNDS
+    rates: dict[str, list[float]] = {DIRECT: [], PROJECT: []}
+    errors = 0
+    for _ in range(ROUNDS):
+        for peer, addr in ((DIRECT, broker.address), (PROJECT, proxy)):
+            res = _script(PRODUCER, addr, topic, f"{seconds:g}", timeout=seconds + 120)
+            rates[peer].append(res["ok"] / res["seconds"])
+            errors += res["errors"]
+    rows = tuple(
+        Row(
+            peer,
+            statistics.median(values),
+            note="rounds: " + ", ".join(f"{v:,.0f}" for v in values),
+        )
+        for peer, values in rates.items()
+    )
+    result = ScenarioResult(
+        "kafka produce",
+        f"confluent-kafka, 1 KiB records, acks=1, {ROUNDS} alternating rounds of {seconds:g}s, median",
+        MSG_S, rows, (Target(DIRECT, 0.9),),
+    )  # fmt: skip
+    record(result)
+    assert errors == 0 and all(r.value > 0 for r in rows)
+
+
+def test_produce_p99_added_latency(broker, proxy, topic, record):
+    """Both paths measured in one run, request by request alternating, so machine noise (the
+    2 cores are shared) lands on both; the added p99 is their difference."""
+    seconds = bench_duration()
+    res = _script(LATENCY, broker.address, proxy, topic, str(LATENCY_RATE), str(seconds),
+                  timeout=seconds * 3 + 60)  # fmt: skip
+    (d50, d99), (p50, p99) = res["direct"], res["proxy"]
+    added = p99 - d99
+    rows = (
+        Row(DIRECT, 0.0, d50, d99, note=f"{res['n']} requests"),
+        Row(PROJECT, added, p50, p99, note=f"{res['n']} requests, p50 added {p50 - d50:.3f} ms"),
+    )
+    result = ScenarioResult(
+        "kafka produce latency",
+        f"{LATENCY_RATE} produce/s per path, 1 KiB, acks=1, alternating direct/proxy",
+        P99_ADDED, rows, (),
+        notes=(f"p99 added by the proxy: {added:.3f} ms (target <= 1 ms)",),
+    )  # fmt: skip
+    record(result)
+    assert p99 > 0 and d99 > 0

@@ -176,7 +176,7 @@ class ProxyThread:
         from l7proxy.kafka.session import KafkaSession
 
         dest = OriginalDestination(*self.upstream)
-        settings = KafkaSettings(self.config.max_frame_bytes, self.brokers)
+        settings = KafkaSettings(max_frame_size=self.config.max_frame_bytes, brokers=self.brokers)
 
         def factory():
             ctx = ConnContext(
