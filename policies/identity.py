@@ -71,10 +71,13 @@ def identity_relevant(labels: LabelSet) -> LabelSet:
 
 
 def reserved_of(labels: LabelSet) -> int | None:
-    """`reserved:host` alone (or with other reserved labels of the same name) -> its number."""
-    reserved = [lab for lab in labels if lab.source == "reserved"]
-    if len(reserved) == 1 and len(labels) == 1:
-        return RESERVED_BY_NAME.get(reserved[0].key)
+    """The reserved identity of a label set that carries a `reserved:` label (and no `cidr:`
+    label): `reserved:host` alone or with node labels is HOST."""
+    if any(lab.source == "cidr" for lab in labels):
+        return None
+    for lab in labels:
+        if lab.source == "reserved" and lab.key in RESERVED_BY_NAME:
+            return RESERVED_BY_NAME[lab.key]
     return None
 
 

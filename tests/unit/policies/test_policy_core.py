@@ -146,3 +146,9 @@ def test_identity_ignores_per_pod_labels():
     two = a.allocate(labels("k8s:app=web,k8s:pod-template-hash=def,k8s:io.kubernetes.pod.uid=2"))
     assert one == two
     assert "pod-template-hash" not in str(a.labels_of(one))
+
+
+def test_host_with_node_labels_is_still_the_host_identity():
+    a = P.IdentityAllocator()
+    assert a.allocate(P.parse_labels("reserved:host,k8s:kubernetes.io/hostname=n1")) == P.HOST
+    assert a.allocate_cidr("192.0.2.0/24") >= P.LOCAL_SCOPE
