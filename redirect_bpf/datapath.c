@@ -1,6 +1,10 @@
 // l7proxy datapath: identity-based L3/L4 policy at the host side of each endpoint veth,
 // conntrack, fail-closed redirection to the proxy (bpf_sk_assign), verdict events, and the
 // sidecar-mode connect() redirection. Loaded by redirect_bpf/loader.py with bcc.
+//
+// One file on purpose: bcc rewrites map syntax (map.lookup()) and finds programs only in the
+// main source file, so only plain definitions (datapath.h) can live in headers. Sections:
+// maps, shared helpers (identity, policy lookup, verdict, events), tc programs, sidecar programs.
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/if_ether.h>

@@ -108,10 +108,17 @@ def compile_and_pin(pin_dir: Path, cflags: tuple[str, ...] = ()) -> Loaded:
 
 
 def load(pin_dir: Path, cflags: tuple[str, ...] = ()) -> Loaded:
-    """Re-open a complete set of pins, else compile, load and pin a fresh datapath."""
+    """Re-open a complete set of pins, else compile, load and pin a fresh datapath.
+
+    Endpoints attached by an older build keep its programs until attach_endpoint() replaces
+    them; tracked flows whose conntrack entry is lost are checked packet by packet (no SYN,
+    no new entry), so connections the policy allows survive even that."""
     if _pins_complete(pin_dir):
-        return open_pinned(pin_dir)
-    unpin(pin_dir)  # a half-written set from a crash: start clean
+        try:
+            return open_pinned(pin_dir)
+        except ValueError:
+            pass  # pinned by a build with another struct layout: rebuild (conntrack is lost)
+    unpin(pin_dir)  # a half-written set from a crash, or an old layout: start clean
     return compile_and_pin(pin_dir, cflags)
 
 
