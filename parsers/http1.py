@@ -227,6 +227,8 @@ class RequestParser:
             if isinstance(cause, _Limit):
                 return self._fail(events, cause.status, cause.reason)
             return self._fail(events, *_error_status(exc))
+        if not events and data and self._state != _BODY:
+            self._state = _HEAD  # bytes of a new message that has not reached its URL yet
         if self._state == _HEAD:
             # llhttp reports a header only once it is complete: count the bytes of a head still
             # in progress (an over-estimate by at most one read) so a slow huge header is caught.
@@ -252,10 +254,11 @@ class RequestParser:
 
     # -- llhttp callbacks --
 
-    def on_message_begin(self) -> None:
-        self._state = _HEAD  # the per-message fields were reset when the last one completed
+    # No on_message_begin (one Python call less per request): the URL is the first span of a
+    # message, and a read that ends inside the method is caught in receive_data.
 
     def on_url(self, url: bytes) -> None:
+        self._state = _HEAD  # the per-message fields were reset when the last one completed
         self._url += url
         if len(self._url) > self.max_uri_bytes:
             raise _Limit(414, "request URI too long")

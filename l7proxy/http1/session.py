@@ -15,7 +15,6 @@ Timeouts: one deadline per session, checked by the worker's `DeadlineSweeper`.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 
@@ -47,7 +46,6 @@ MAX_PIPELINE = 32
 NO_DEADLINE, IDLE, HEAD, RESPONSE = 0, 1, 2, 3
 
 _monotonic = time.monotonic
-log = logging.getLogger("l7proxy.http1")
 
 
 class Exchange:
@@ -121,16 +119,8 @@ class Http1Session(asyncio.Protocol):
         self._set_deadline(IDLE, self.cfg.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self._received(data)
-        except Exception as exc:  # a bug in one session closes that connection, not the worker
-            self.pm.parse_errors.inc()
-            log.error(
-                "http1 session %s:%s failed: %r", self.ctx.client_ip, self.ctx.client_port, exc
-            )
-            self._close()
-
-    def _received(self, data: bytes) -> None:
+        # An exception here is caught by the loop, which closes this transport only (and
+        # connection_lost releases the upstream): one bad connection never stops a worker.
         if self.tunnel:
             self.upstream.transport.write(data)
             return

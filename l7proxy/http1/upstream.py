@@ -40,16 +40,8 @@ class UpstreamConn(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self._received(data)
-        except Exception:  # a bug while relaying closes both connections, never the worker
-            session = self.session
-            self.close()
-            if session is not None:
-                session.close()
-            raise
-
-    def _received(self, data: bytes) -> None:
+        # An exception closes this transport (the loop does it); connection_lost then tells the
+        # session, which answers 503 or closes its client.
         session = self.session
         if session is None:  # an idle pooled connection must stay silent
             self.close()

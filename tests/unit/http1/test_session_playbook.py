@@ -170,7 +170,29 @@ def test_close_delimited_response_completes_at_upstream_close():
 
 
 def test_a_failing_session_closes_its_connection_only():
-    p = Play()
-    p.session.parser = None  # any bug inside the session
-    p.client_sends(req("/public/a"))
-    assert p.client.closed
+    """uvloop closes the transport whose protocol raised; the server keeps serving."""
+    import asyncio
+
+    import uvloop
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: None)
+        plays = []
+
+        def factory():
+            play = Play()
+            play.session.parser = None  # any bug inside the session
+            plays.append(play)
+            return play.session
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(req("/public/a"))
+        assert await reader.read() == b""  # that connection is closed
+        assert server.is_serving()
+        assert plays[0].session.closed
+        server.close()
+
+    uvloop.run(run())
