@@ -577,7 +577,10 @@ def curl_status(url: str, method: str = "GET", http2: bool = False, data: str | 
         argv.append("--http2-prior-knowledge")
     if data is not None:
         argv += ["--data-binary", data]
-    out = subprocess.run([*argv, url], capture_output=True, text=True, timeout=15)
+    try:
+        out = subprocess.run([*argv, url], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return 0
     try:
         return int(out.stdout.strip() or 0)
     except ValueError:
@@ -587,11 +590,19 @@ def curl_status(url: str, method: str = "GET", http2: bool = False, data: str | 
 def check_rule(
     endpoint: Endpoint, allowed: str, denied: str, http2: bool = False, direct: bool = False
 ) -> None:
-    """Before measuring: the allowed path gets 200 and, through a proxy, the denied one 403."""
-    ok = curl_status(endpoint.url_base + allowed, http2=http2)
+    """Before measuring: the allowed path gets 200 and, through a proxy, the denied one 403.
+
+    A probe without any answer is retried twice: on a loaded shared machine one can stall.
+    """
+    for _ in range(3):
+        ok = curl_status(endpoint.url_base + allowed, http2=http2)
+        if ok:
+            break
+        time.sleep(1.0)
     no = curl_status(endpoint.url_base + denied, http2=http2)
     if ok != 200:
-        raise PeerError(f"GET {allowed} got {ok or 'no answer'}, expected 200")
+        tail = f"; its log: {endpoint.proc.tail()}" if endpoint.proc else ""
+        raise PeerError(f"GET {allowed} got {ok or 'no answer'}, expected 200{tail}")
     if not direct and no != 403:
         raise PeerError(f"GET {denied} got {no or 'no answer'}, expected 403: rule not enforced")
 
