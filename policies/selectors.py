@@ -6,6 +6,7 @@ Identities are indexed by label key so a selector only scans the identities that
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 
 from policies import identity as ids
@@ -43,6 +44,7 @@ class Universe:
         self.identities = identities
         self.by_key: dict[str, list[int]] = {}
         self.cidr: list[tuple[int, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
+        by_len: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self.cluster: set[int] = set()
         for number, labels in sorted(identities.items()):
             net = None
@@ -52,8 +54,14 @@ class Universe:
                     net = ipaddress.ip_network(label.key)
             if net is not None:
                 self.cidr.append((number, net))
+                fam, plen, value = _bits(net)
+                by_len.setdefault((fam, plen), []).append((value, number))
             elif number >= ids.FIRST_CLUSTER_ID or number in _CLUSTER_RESERVED:
                 self.cluster.add(number)
+        self._cidr_index = {
+            key: ([v for v, _ in sorted(items)], [n for _, n in sorted(items)])
+            for key, items in by_len.items()
+        }
         self._endpoint_cache: dict[Selector, frozenset[int]] = {}
         self._cidr_cache: dict[CIDRRule, frozenset[int]] = {}
 
@@ -82,12 +90,21 @@ class Universe:
         if found is not None:
             return found
         out = set()
-        for number, net in self.cidr:
-            if net.version != rule.cidr.version or not net.subnet_of(rule.cidr):
+        bits, length, value = _bits(rule.cidr)
+        excepts = [_bits(ex) for ex in rule.excepts]
+        first = value
+        last = value | ((1 << (bits - length)) - 1)
+        # CIDR identities sorted by network per (family, prefix length): the ones inside the rule's
+        # prefix are one bisected range at each longer-or-equal length.
+        for (fam, plen), (values, numbers) in self._cidr_index.items():
+            if fam != bits or plen < length:
                 continue
-            if any(net.subnet_of(ex) for ex in rule.excepts):
-                continue
-            out.add(number)
+            lo = bisect.bisect_left(values, first)
+            hi = bisect.bisect_right(values, last)
+            for j in range(lo, hi):
+                inner = (fam, plen, values[j])
+                if not any(_inside(inner, ex) for ex in excepts):
+                    out.add(numbers[j])
         if rule.cidr.prefixlen == 0 and not rule.excepts:
             out |= {ids.WORLD, ids.WORLD_IPV4 if rule.cidr.version == 4 else ids.WORLD_IPV6}
         found = frozenset(out)
@@ -148,3 +165,16 @@ def _and(sel: Selector, requires: tuple[Selector, ...]) -> Selector:
     for r in requires:
         reqs.extend(r.requirements)
     return Selector(tuple(reqs))
+
+
+def _bits(net) -> tuple[int, int, int]:
+    """(family bits, prefix length, network as an int): containment with two shifts."""
+    return net.max_prefixlen, net.prefixlen, int(net.network_address)
+
+
+def _inside(inner: tuple[int, int, int], outer: tuple[int, int, int]) -> bool:
+    bits, length, value = outer
+    if inner[0] != bits or inner[1] < length:
+        return False
+    shift = bits - length
+    return (inner[2] >> shift) == (value >> shift)
