@@ -33,6 +33,10 @@ def lib() -> ct.CDLL:
         "bpf_map_get_next_key": (i, [i, vp, vp]),
         "bpf_prog_attach": (i, [i, i, i, ct.c_uint]),
         "bpf_prog_detach2": (i, [i, i, i]),
+        "bpf_prog_query": (
+            i,
+            [i, i, u32, ct.POINTER(u32), ct.POINTER(u32), ct.POINTER(u32)],
+        ),
         "ring_buffer__new": (vp, [i, SAMPLE_FN, vp, vp]),
         "ring_buffer__poll": (i, [vp, i]),
         "ring_buffer__free": (None, [vp]),
@@ -98,6 +102,22 @@ def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) 
 
 def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _check(lib().bpf_prog_detach2(prog_fd, target_fd, attach_type), "prog detach")
+
+
+def attached_prog_ids(target_fd: int, attach_type: int) -> set[int]:
+    """Ids of the programs attached to a cgroup for one attach type."""
+    ids = (ct.c_uint32 * 64)()
+    count = ct.c_uint32(64)
+    flags = ct.c_uint32(0)
+    _check(
+        lib().bpf_prog_query(target_fd, attach_type, 0, ct.byref(flags), ids, ct.byref(count)),
+        "prog query",
+    )
+    return set(ids[: count.value])
+
+
+def prog_id(fd: int) -> int:
+    return int(fdinfo(fd)["prog_id"])
 
 
 def fdinfo(fd: int) -> dict[str, str]:

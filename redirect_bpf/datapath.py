@@ -35,6 +35,7 @@ from redirect_bpf.structs import (
 )
 
 PROXY_ROUTE_TABLE = 2004
+BPF_F_ALLOW_MULTI = 2
 PROXY_RULE_PRIORITY = 90
 
 DEFAULT_CONFIG = {
@@ -250,17 +251,26 @@ class Datapath:
         self.maps["ep_by_cgroup"].put(structs.u64(cg_id), info)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            bpfsys.prog_attach(
-                self._loaded.progs["sidecar_connect4"], fd, loader.BPF_CGROUP_INET4_CONNECT, 2
-            )
-            bpfsys.prog_attach(
-                self._loaded.progs["sidecar_sockops"], fd, loader.BPF_CGROUP_SOCK_OPS, 2
-            )
+            for prog, kind in (
+                ("sidecar_connect4", loader.BPF_CGROUP_INET4_CONNECT),
+                ("sidecar_sockops", loader.BPF_CGROUP_SOCK_OPS),
+            ):
+                self._attach_once(self._loaded.progs[prog], fd, kind)
         except OSError:
             os.close(fd)
             raise
+        old_fd = self._cgroup_fds.pop(path, None)
+        if old_fd is not None:
+            os.close(old_fd)
         self._cgroup_fds[path] = fd
         return cg_id
+
+    @staticmethod
+    def _attach_once(prog_fd: int, cgroup_fd: int, kind: int) -> None:
+        # A restarted agent finds its pinned programs still attached: attaching the same
+        # program twice is an error (EINVAL), so look first.
+        if bpfsys.prog_id(prog_fd) not in bpfsys.attached_prog_ids(cgroup_fd, kind):
+            bpfsys.prog_attach(prog_fd, cgroup_fd, kind, BPF_F_ALLOW_MULTI)
 
     def attach_proxy_cgroup(self, cgroup_path: str | Path) -> None:
         """Sidecar mode: processes in this cgroup (the sidecar proxy) get the original
@@ -268,12 +278,15 @@ class Datapath:
         path = str(cgroup_path)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            bpfsys.prog_attach(
-                self._loaded.progs["sidecar_getsockopt"], fd, loader.BPF_CGROUP_GETSOCKOPT, 2
+            self._attach_once(
+                self._loaded.progs["sidecar_getsockopt"], fd, loader.BPF_CGROUP_GETSOCKOPT
             )
         except OSError:
             os.close(fd)
             raise
+        old_fd = self._proxy_cgroup_fds.pop(path, None)
+        if old_fd is not None:
+            os.close(old_fd)
         self._proxy_cgroup_fds[path] = fd
 
     def detach_proxy_cgroup(self, cgroup_path: str | Path) -> None:

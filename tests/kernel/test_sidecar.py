@@ -128,6 +128,11 @@ def test_sidecar_redirects_unmodified_curl_and_spares_the_proxy(clean):
             # A denied destination port: connect() fails (EPERM), curl exits 7.
             denied = run_in(cg, curl, "-s", "--max-time", "5", f"http://{dest}:81/")
             assert denied.returncode == 7
+            # Attaching again (as a restarted agent does) is idempotent; detaching detaches.
+            t.dp.attach_cgroup(cg, ep_id, identity, sidecar_port=proxy.getsockname()[1])
+            t.dp.detach_cgroup(cg)
+            after = run_in(cg, curl, "-s", "--max-time", "5", f"http://{dest}/")
+            assert after.stdout == "real-server"
         finally:
             t.dp.detach_cgroup(cg)
             t.dp.ipcache_delete(f"{net}.0/24")
