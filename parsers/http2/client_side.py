@@ -1,0 +1,409 @@
+"""Frames from the client: requests through the policy, local answers, client control frames.
+
+A mixin of `H2Relay` (relay.py holds the state, the hot loops and the connection-level control);
+every method here runs inside `receive_client` or `start_upgraded`.
+"""
+
+from __future__ import annotations
+
+from parsers.http2 import frames as f
+from parsers.http2.events import (
+    GoawayReceived,
+    PrefaceReceived,
+    RequestReceived,
+    RequestRejected,
+    StreamEnded,
+)
+from parsers.http2.headers import (
+    HeaderBlockError,
+    MalformedRequest,
+    check_trailers,
+    encode_fields,
+    header_list_size,
+    parse_request,
+)
+from parsers.http2.streams import ALLOW, DENY, MALFORMED, TOO_LARGE, Evaluation, Stream
+
+
+class ClientSide:
+    def _receive_preface(self, data: bytes) -> bytes:
+        want = self._preface_left
+        chunk = data[: len(want)]
+        if not want.startswith(chunk):
+            self._fail("client", f.PROTOCOL_ERROR, "invalid connection preface")
+            return b""
+        self._preface_left = want[len(chunk) :]
+        if not self._preface_left:
+            if not self._upgraded:
+                self._to_server.append(f.PREFACE)
+            self._events.append(PrefaceReceived())
+        return data[len(chunk) :]
+
+    def _client_frame(self, ftype, flags, sid, payload, buf, pos, fend) -> None:
+        if self._cblock is not None and ftype != f.CONTINUATION:
+            return self._fail("client", f.PROTOCOL_ERROR, "frame inside a header block")
+        if not self._client_settings_seen and (ftype != f.SETTINGS or flags & f.FLAG_ACK):
+            return self._fail("client", f.PROTOCOL_ERROR, "first frame is not SETTINGS")
+        if ftype == f.HEADERS:
+            return self._client_headers(flags, sid, payload)
+        if ftype == f.DATA:
+            return self._client_data_dropped(flags, sid, len(payload))
+        if ftype == f.CONTINUATION:
+            return self._client_continuation(flags, sid, payload)
+        if ftype == f.WINDOW_UPDATE:
+            return self._client_window_update(sid, payload, buf, pos, fend)
+        if ftype == f.RST_STREAM:
+            return self._client_rst(sid, payload, buf, pos, fend)
+        if ftype == f.SETTINGS:
+            return self._client_settings_frame(flags, sid, payload, buf, pos, fend)
+        if ftype == f.PING:
+            if len(payload) != 8:
+                return self._fail("client", f.FRAME_SIZE_ERROR, "PING length")
+            if sid:
+                return self._fail("client", f.PROTOCOL_ERROR, "PING on a stream")
+            if not flags & f.FLAG_ACK and self._spend_control():
+                self._to_client.append(f.ping_ack(payload))
+            return None
+        if ftype == f.PRIORITY:
+            if not sid:
+                return self._fail("client", f.PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:
+                self._to_client.append(f.rst_stream(sid, f.FRAME_SIZE_ERROR))
+                return None
+            self._spend_control()
+            return None
+        if ftype == f.GOAWAY:
+            if sid or len(payload) < 8:
+                return self._fail("client", f.PROTOCOL_ERROR, "malformed GOAWAY")
+            self._to_server.append(buf[pos:fend])
+            self._events.append(
+                GoawayReceived(
+                    "client",
+                    int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
+                    int.from_bytes(payload[4:8], "big"),
+                )
+            )
+            return None
+        if ftype == f.PUSH_PROMISE:
+            return self._fail("client", f.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+        self._spend_control()  # unknown frame types are ignored (RFC 9113 section 4.1)
+        return None
+
+    def _client_data_dropped(self, flags: int, sid: int, length: int) -> None:
+        """DATA the server must not see: a denied or closed stream, or a protocol error. The
+        bytes still count against the client's windows, so the relay returns them itself."""
+        if not sid:
+            return self._fail("client", f.PROTOCOL_ERROR, "DATA on stream 0")
+        if sid > self._max_client_sid:
+            return self._fail("client", f.PROTOCOL_ERROR, "DATA on an idle stream")
+        if not length and not flags & f.FLAG_END_STREAM and not self._spend_control():
+            return None
+        self._credit += length
+        stream = self._streams.get(sid)
+        if stream is None:
+            return None  # a stream already closed or reset: in-flight data is dropped
+        if not stream.client_open:
+            return self._reset_both(sid, stream, f.STREAM_CLOSED)
+        if flags & f.FLAG_END_STREAM:
+            stream.client_open = False
+            if not stream.body:
+                del self._streams[sid]
+            return None
+        # The body of a denied request is read and dropped (like HTTP/1), up to a limit.
+        stream.discarded += length
+        if stream.discarded > self.limits.max_discarded_body:
+            self._to_client.append(f.rst_stream(sid, f.NO_ERROR))
+            self._streams.pop(sid)
+            self._waiting_bodies.discard(sid)
+        elif length:
+            self._to_client.append(f.window_update(sid, length))
+        return None
+
+    def _client_headers(self, flags: int, sid: int, payload: bytes) -> None:
+        fragment = f.strip_headers_payload(flags, payload)
+        if fragment is None:
+            return self._fail("client", f.PROTOCOL_ERROR, "HEADERS padding")
+        if not sid or not sid & 1:
+            return self._fail("client", f.PROTOCOL_ERROR, f"HEADERS on stream {sid}")
+        end_stream = bool(flags & f.FLAG_END_STREAM)
+        if flags & f.FLAG_END_HEADERS:
+            return self._client_block(sid, end_stream, fragment)
+        self._cblock = [fragment]
+        self._cblock_sid = sid
+        self._cblock_end_stream = end_stream
+        self._cblock_size = len(fragment)
+        self._cblock_frames = 0
+        if self._cblock_size > self.limits.max_header_block:
+            return self._fail("client", f.ENHANCE_YOUR_CALM, "header block too large")
+        return None
+
+    def _client_continuation(self, flags: int, sid: int, payload: bytes) -> None:
+        if self._cblock is None or sid != self._cblock_sid:
+            return self._fail("client", f.PROTOCOL_ERROR, "unexpected CONTINUATION")
+        self._cblock_frames += 1
+        self._cblock_size += len(payload)
+        if self._cblock_frames > self.limits.max_continuation_frames:
+            return self._fail("client", f.ENHANCE_YOUR_CALM, "CONTINUATION flood")
+        if self._cblock_size > self.limits.max_header_block:
+            return self._fail("client", f.ENHANCE_YOUR_CALM, "header block too large")
+        self._cblock.append(payload)
+        if flags & f.FLAG_END_HEADERS:
+            block = b"".join(self._cblock)
+            self._cblock = None
+            return self._client_block(sid, self._cblock_end_stream, block)
+        return None
+
+    def _decode_request_block(self, block: bytes) -> tuple | None:
+        try:
+            return self._requests.decode(block)
+        except HeaderBlockError as exc:
+            too_big = "larger than" in str(exc)
+            code = f.ENHANCE_YOUR_CALM if too_big else f.COMPRESSION_ERROR
+            self._fail("client", code, "header list too large" if too_big else str(exc))
+            return None
+
+    def _client_block(self, sid: int, end_stream: bool, block: bytes) -> None:
+        if sid > self._max_client_sid:
+            self._max_client_sid = sid
+            return self._new_request(sid, end_stream, block)
+        headers = self._decode_request_block(block)  # always: keeps the decoder in sync
+        if headers is None:
+            return None
+        stream = self._streams.get(sid)
+        if stream is None:
+            if any(name[:1] == ":" for name, _ in headers):
+                return self._fail("client", f.PROTOCOL_ERROR, f"stream {sid} reused")
+            return None  # trailers racing a reset: ignored
+        if not stream.client_open or not end_stream:
+            code = f.STREAM_CLOSED if not stream.client_open else f.PROTOCOL_ERROR
+            return self._reset_both(sid, stream, code)
+        stream.client_open = False
+        if not stream.forwarded:
+            if not stream.server_open and not stream.body:
+                del self._streams[sid]
+            return None
+        try:
+            check_trailers(headers)
+        except MalformedRequest:
+            return self._reset_both(sid, stream, f.PROTOCOL_ERROR)
+        self._to_server.append(
+            f.headers_frames(sid, encode_fields(headers), True, self._server_max_frame)
+        )
+        if not stream.server_open:
+            del self._streams[sid]
+        return None
+
+    def _reset_both(self, sid: int, stream: Stream, code: int) -> None:
+        """A stream error: RST_STREAM to the client, and to the server if it knows the stream."""
+        self._to_client.append(f.rst_stream(sid, code))
+        if stream.forwarded and stream.server_open:
+            self._to_server.append(f.rst_stream(sid, f.CANCEL))
+        self._streams.pop(sid, None)
+        self._waiting_bodies.discard(sid)
+        self._events.append(StreamEnded(sid, stream.status, reset_code=code, reset_by="proxy"))
+
+    def _new_request(self, sid: int, end_stream: bool, block: bytes) -> None:
+        generation = self._requests.generation
+        if generation != self._entries_generation:
+            self._entries_generation = generation
+            self._entries.clear()
+        entry = self._entries.get(block)
+        if entry is None:
+            headers = self._decode_request_block(block)
+            if headers is None:
+                return None
+            entry = self._evaluate(headers)
+            if self._requests.generation == generation:
+                if len(self._entries) >= 512:
+                    self._entries.clear()
+                self._entries[block] = entry
+            else:
+                self._entries_generation = self._requests.generation
+                self._entries.clear()
+        return self._open_stream(sid, entry, end_stream)
+
+    def _evaluate(self, headers: tuple[tuple[str, str], ...]) -> Evaluation:
+        lim = self.limits
+        if len(headers) > lim.max_header_count or header_list_size(headers) > (
+            lim.max_header_list_size
+        ):
+            return Evaluation(TOO_LARGE, reason="request header list too large")
+        try:
+            request = parse_request(headers)
+        except MalformedRequest as exc:
+            return Evaluation(MALFORMED, reason=str(exc))
+        decision = self._decide(request)
+        if not decision.allowed:
+            return Evaluation(DENY, request, decision)
+        return Evaluation(ALLOW, request, decision, encode_fields(decision.headers or headers))
+
+    def _open_stream(self, sid: int, entry: Evaluation, end_stream: bool) -> None:
+        if len(self._streams) >= self.limits.max_concurrent_streams or self.draining:
+            self._to_client.append(f.rst_stream(sid, f.REFUSED_STREAM))
+            self._events.append(RequestRejected(sid, "too many streams", f.REFUSED_STREAM, 0))
+            self._spend_reset()
+            return None
+        kind = entry.kind
+        if kind == ALLOW:
+            block = entry.block
+            stream = Stream(True, not end_stream)
+            self._streams[sid] = stream
+            flags = f.FLAG_END_HEADERS | f.FLAG_END_STREAM if end_stream else f.FLAG_END_HEADERS
+            if len(block) <= self._server_max_frame:
+                self._to_server.append(f.frame_header(len(block), f.HEADERS, flags, sid) + block)
+            else:
+                self._to_server.append(
+                    f.headers_frames(sid, block, end_stream, self._server_max_frame)
+                )
+            self._events.append(RequestReceived(sid, entry.request, entry.decision))
+            return None
+        if kind == DENY:
+            self._events.append(RequestReceived(sid, entry.request, entry.decision))
+            if entry.request.is_grpc:
+                self._respond_locally(sid, self._deny_grpc_block, b"", end_stream)
+            else:
+                self._respond_locally(sid, self._deny_http_block, self.limits.deny_body, end_stream)
+            return None
+        if kind == TOO_LARGE:
+            self._events.append(RequestRejected(sid, entry.reason, 0, 431))
+            self._respond_locally(sid, self._too_large_block, b"", end_stream)
+            return None
+        self._events.append(RequestRejected(sid, entry.reason, f.PROTOCOL_ERROR, 0))
+        self._to_client.append(f.rst_stream(sid, f.PROTOCOL_ERROR))
+        return None
+
+    def _respond_locally(self, sid: int, block: bytes, body: bytes, end_stream: bool) -> None:
+        """Answer a stream without the server; the block uses no HPACK dynamic table. A request
+        still sending its body keeps the stream until it ends (its DATA is credited back): some
+        clients (curl) treat RST_STREAM(NO_ERROR) after a complete response as a failure."""
+        self._to_client.append(f.headers_frames(sid, block, not body, self._client_max_frame))
+        stream = Stream(False, not end_stream)
+        if body:
+            stream.body = body
+            stream.window = self._client_initial_window
+            self._streams[sid] = stream
+            self._send_local_body(sid, stream)
+        elif stream.client_open:
+            self._streams[sid] = stream
+
+    def _send_local_body(self, sid: int, stream: Stream) -> None:
+        size = len(stream.body)
+        if size > stream.window or size > self._client_conn_window:
+            self._waiting_bodies.add(sid)
+            return
+        self._to_client.append(f.data_frame(sid, stream.body, True))
+        self._client_conn_window -= size
+        self._debt += size
+        self._waiting_bodies.discard(sid)
+        stream.body = b""
+        if not stream.client_open:
+            del self._streams[sid]
+
+    def _client_window_update(self, sid, payload, buf, pos, fend) -> None:
+        if len(payload) != 4:
+            return self._fail("client", f.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if not sid:
+            if not increment:
+                return self._fail("client", f.PROTOCOL_ERROR, "zero WINDOW_UPDATE")
+            self._client_conn_window += increment
+            if self._client_conn_window > f.MAX_WINDOW:
+                return self._fail("client", f.FLOW_CONTROL_ERROR, "connection window overflow")
+            if self._debt:
+                taken = min(self._debt, increment)
+                self._debt -= taken
+                if increment - taken:
+                    self._to_server.append(f.window_update(0, increment - taken))
+            else:
+                self._to_server.append(buf[pos:fend])
+            if self._held:
+                self._release_held()
+            if self._waiting_bodies:
+                for waiting in sorted(self._waiting_bodies):
+                    self._send_local_body(waiting, self._streams[waiting])
+            return None
+        if sid > self._max_client_sid:
+            return self._fail("client", f.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
+        stream = self._streams.get(sid)
+        if stream is None:
+            return None
+        if not increment:
+            return self._reset_both(sid, stream, f.PROTOCOL_ERROR)
+        if stream.forwarded:
+            self._to_server.append(buf[pos:fend])
+        elif stream.body:
+            stream.window += increment
+            self._send_local_body(sid, stream)
+        return None
+
+    def _client_rst(self, sid, payload, buf, pos, fend) -> None:
+        if len(payload) != 4:
+            return self._fail("client", f.FRAME_SIZE_ERROR, "RST_STREAM length")
+        if not sid or sid > self._max_client_sid:
+            return self._fail("client", f.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+        stream = self._streams.pop(sid, None)
+        if stream is None:
+            return None
+        self._waiting_bodies.discard(sid)
+        code = int.from_bytes(payload, "big")
+        self._events.append(StreamEnded(sid, stream.status, reset_code=code, reset_by="client"))
+        if stream.forwarded:
+            self._to_server.append(buf[pos:fend])
+            if stream.server_open and not stream.status:
+                self._spend_reset()
+        return None
+
+    def _client_settings_frame(self, flags, sid, payload, buf, pos, fend) -> None:
+        if sid:
+            return self._fail("client", f.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & f.FLAG_ACK:
+            if payload:
+                return self._fail("client", f.FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
+            self._to_server.append(buf[pos:fend])
+            return None
+        if len(payload) % 6:
+            return self._fail("client", f.FRAME_SIZE_ERROR, "SETTINGS length")
+        if self._client_settings_seen and not self._spend_control():
+            return None
+        self._client_settings_seen = True
+        rewritten = self._client_settings(payload)
+        if rewritten:
+            self._to_server.append(rewritten)
+        return None
+
+    def _client_settings(self, payload: bytes) -> bytes:
+        """Validate the client's SETTINGS and rewrite them for the server."""
+        lim = self.limits
+        out = []
+        push_seen = table_seen = False
+        for key, value in f.parse_settings(payload):
+            if key == f.SETTINGS_ENABLE_PUSH:
+                if value > 1:
+                    self._fail("client", f.PROTOCOL_ERROR, "ENABLE_PUSH value")
+                    return b""
+                value = 0
+                push_seen = True
+            elif key == f.SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > f.MAX_WINDOW:
+                    self._fail("client", f.FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE value")
+                    return b""
+                delta = value - self._client_initial_window
+                self._client_initial_window = value
+                for waiting in sorted(self._waiting_bodies):
+                    self._streams[waiting].window += delta
+                    self._send_local_body(waiting, self._streams[waiting])
+            elif key == f.SETTINGS_MAX_FRAME_SIZE:
+                if not f.DEFAULT_MAX_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE_LIMIT:
+                    self._fail("client", f.PROTOCOL_ERROR, "MAX_FRAME_SIZE value")
+                    return b""
+                value = min(value, lim.max_frame_size)
+                self._client_max_frame = value
+            elif key == f.SETTINGS_HEADER_TABLE_SIZE:
+                table_seen = True
+                value = min(value, lim.response_header_table_size)
+            out.append((key, value))
+        if not push_seen:
+            out.append((f.SETTINGS_ENABLE_PUSH, 0))
+        if not table_seen and lim.response_header_table_size < 4096:
+            out.append((f.SETTINGS_HEADER_TABLE_SIZE, lim.response_header_table_size))
+        return f.settings_frame(out)
