@@ -331,6 +331,9 @@ class H2Relay(ClientSide, ServerSide):
     def receive_server(self, data: bytes) -> list:
         if self.closed:
             return _NO_EVENTS
+        if not self._server_settings_seen and (self._sbuf + data)[:5] == b"HTTP/":
+            self._fail("server", f.PROTOCOL_ERROR, "upstream answered in HTTP/1, not HTTP/2")
+            return self._take_events()
         buf = self._sbuf + data if self._sbuf else data
         end = len(buf)
         pos = 0

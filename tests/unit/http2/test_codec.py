@@ -294,3 +294,30 @@ def test_a_failing_policy_closes_only_that_connection(capsys):
     assert transport.aborted and session.closed
     assert ctx.proto_metrics.parse_errors.value == 1
     assert "policy bug" in capsys.readouterr().err
+
+
+def test_upgraded_request_body_goes_upstream_as_data():
+    relay = H2Relay(lambda r: Decision(True))
+    post = (
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "a"),
+        (":path", "/up"),
+        ("content-length", "20000"),
+    )
+    relay.start_upgraded(post, b"b" * 20000, b"")
+    upstream = frames_of(relay.data_to_server()[len(f.PREFACE) :])
+    assert [(t, fl & 1) for t, fl, _, _ in upstream] == [
+        (f.SETTINGS, 0),
+        (f.HEADERS, 0),
+        (f.DATA, 0),
+        (f.DATA, 1),
+    ]
+    assert b"".join(p for t, _, _, p in upstream if t == f.DATA) == b"b" * 20000
+
+
+def test_http1_upstream_is_reported_as_such():
+    relay = H2Relay(lambda r: Decision(True))
+    relay.receive_client(f.PREFACE + f.settings_frame())
+    events = relay.receive_server(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    assert relay.closed and "HTTP/1" in events[0].reason
