@@ -52,6 +52,18 @@ def _be32(ip: str) -> int:
     return int.from_bytes(socket.inet_aton(ip), "little")
 
 
+CGROUP_V2_ROOT = Path("/sys/fs/cgroup/unified")
+
+
+def _cgroup_path_of(cgroup_id: int) -> str | None:
+    """The cgroup v2 directory whose inode number is this cgroup id."""
+    for dirpath, _dirs, _files in os.walk(CGROUP_V2_ROOT):
+        with contextlib.suppress(OSError):
+            if os.stat(dirpath).st_ino == cgroup_id:
+                return dirpath
+    return None
+
+
 def ensure_proxy_routing() -> None:
     """Packets the tc program assigned to a proxy socket (MARK_TO_PROXY) are delivered locally."""
     with IPRoute() as ipr:
@@ -133,10 +145,18 @@ class Datapath:
         self._loaded.close()
 
     def detach_all(self) -> None:
-        for ep in list(self.endpoints().values()):
-            with contextlib.suppress(LookupError, OSError):
-                self.detach_endpoint(socket.if_indextoname(ep.ifindex))
+        for ifindex, ep in list(self.endpoints().items()):
+            try:
+                self.detach_endpoint(socket.if_indextoname(ifindex))
+            except OSError:  # the interface is gone: only the map entries are left
+                self.maps["ep_by_ifindex"].delete(structs.u32(ifindex))
+                self.maps["ep_by_ip"].delete(structs.u32(ep.ipv4))
+                self._delete_policy_of(ep.endpoint_id)
+        # cgroups attached by an earlier agent are known only by id: find their paths
+        known = {os.stat(p).st_ino for p in self._cgroup_fds if os.path.exists(p)}
         for cg_id, _ in list(self.maps["ep_by_cgroup"].items()):
+            if cg_id.value not in known and (path := _cgroup_path_of(cg_id.value)):
+                self.detach_cgroup(path)
             self.maps["ep_by_cgroup"].delete(cg_id)
         for path in list(self._cgroup_fds):
             self.detach_cgroup(path)
@@ -291,8 +311,11 @@ class Datapath:
 
     def detach_proxy_cgroup(self, cgroup_path: str | Path) -> None:
         fd = self._proxy_cgroup_fds.pop(str(cgroup_path), None)
-        if fd is None:
-            return
+        if fd is None:  # attached by an earlier agent
+            try:
+                fd = os.open(str(cgroup_path), os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                return
         with contextlib.suppress(OSError):
             bpfsys.prog_detach(
                 self._loaded.progs["sidecar_getsockopt"], fd, loader.BPF_CGROUP_GETSOCKOPT
@@ -302,8 +325,11 @@ class Datapath:
     def detach_cgroup(self, cgroup_path: str | Path) -> None:
         path = str(cgroup_path)
         fd = self._cgroup_fds.pop(path, None)
-        if fd is None:
-            return
+        if fd is None:  # attached by an earlier agent
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                return
         for prog, kind in (
             ("sidecar_connect4", loader.BPF_CGROUP_INET4_CONNECT),
             ("sidecar_sockops", loader.BPF_CGROUP_SOCK_OPS),

@@ -5,15 +5,18 @@ its first sync is a no-op, and the stream never notices."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from policies import INGRESS, PolicyEntry, PolicyKey
+from redirect_bpf import bpfsys, loader
 from tests.conftest import REPO
 from tests.kernel.netns import EchoServer, free_octets, pod, sock_in, tcp_ok
 
@@ -27,6 +30,7 @@ cfg = json.loads(sys.argv[1])
 dp = Datapath(cfg["pin_dir"], node="restart")
 for ifname, ep_id, identity, ip in cfg["endpoints"]:
     dp.attach_endpoint(ifname, ep_id, identity, ip)
+dp.attach_cgroup(cfg["cgroup"], 21, 5021, sidecar_port=15999)
 state = {PolicyKey(*k): PolicyEntry(False, 0, ("restart",)) for k in cfg["allow"]}
 dp.sync_endpoint(cfg["target"], state, ingress_enforced=True, egress_enforced=False)
 print("ready", dp.reused, flush=True)
@@ -82,6 +86,8 @@ def test_agent_restart_keeps_enforcing_and_loses_no_connection():
 
     pin_dir = f"/sys/fs/bpf/l7proxy/restart-{uuid.uuid4().hex[:8]}"
     o = free_octets(3)
+    cg = Path("/sys/fs/cgroup/unified") / f"l7t-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
     with pod(o[0]) as a, pod(o[1]) as b, pod(o[2]) as c:
         server = EchoServer(b.netns, b.pod_ip)
         cfg = {
@@ -93,6 +99,7 @@ def test_agent_restart_keeps_enforcing_and_loses_no_connection():
             ],
             "allow": [[5011, INGRESS, 6, 0, 0]],
             "target": 12,
+            "cgroup": str(cg),
         }
         agent = subprocess.Popen(
             [sys.executable, "-c", AGENT, json.dumps(cfg)],
@@ -145,4 +152,11 @@ def test_agent_restart_keeps_enforcing_and_loses_no_connection():
             server.close()
             if dp is None:
                 dp = Datapath(pin_dir, node="restart")
-            dp.destroy()
+            dp.destroy()  # also finds the cgroup the first agent attached
+            fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                assert not bpfsys.attached_prog_ids(fd, loader.BPF_CGROUP_INET4_CONNECT)
+                assert not bpfsys.attached_prog_ids(fd, loader.BPF_CGROUP_SOCK_OPS)
+            finally:
+                os.close(fd)
+                cg.rmdir()
