@@ -40,6 +40,7 @@ from parsers.kafka.responses import (
     METADATA,
     Address,
     cap_api_versions,
+    error_codes,
     rewrite_brokers,
     rewrite_metadata,
     supported_versions,
@@ -52,6 +53,8 @@ PRODUCE, FETCH = 0, 1
 GATEWAY_CAPS = {PRODUCE: 9, FETCH: 15}
 # Largest response streamed through; far above any fetch.max.bytes a client asks for.
 MAX_RESPONSE_BYTES = 1 << 30
+# Responses up to this size (other than Fetch) are read for their error codes.
+INSPECT_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,7 @@ class _Pending:
     started_ns: int
     synthetic: bytes | None = None  # a denial waiting its turn
     denied_topics: tuple = ()  # Metadata: (name, id) answered with 29 in the response
+    error_code: int = 0  # first non-zero error code seen in the response
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,14 +372,22 @@ class KafkaLayer:
             self._close(out, "correlation_mismatch",
                         f"upstream answered {correlation_id}, expected {pending.correlation_id}")  # fmt: skip
             return pos
-        head = bytes(self._view[head_at:pos]) if head_at >= 0 else bytes(self._resp_head)
-        self._resp_head.clear()
-        if self._rewrites(pending):
+        if self._rewrites(pending) or self._inspects(pending, size):
+            frame_end = head_at + 4 + size
+            if head_at >= 0 and frame_end <= len(self._view):
+                # The whole response is in this read: look at it in place.
+                self._resp_head.clear()
+                self._finish_read_response(out, self._view[head_at:frame_end], head_at)
+                return frame_end
+            head = bytes(self._view[head_at:pos]) if head_at >= 0 else bytes(self._resp_head)
+            self._resp_head.clear()
             self._resp_size = size + 4
             self._resp_buffer = bytearray(head)
             if size == 4:
                 self._rewrite_response(out)
             return pos
+        head = bytes(self._view[head_at:pos]) if head_at >= 0 else bytes(self._resp_head)
+        self._resp_head.clear()
         if head_at >= 0:
             self._emit(head_at, pos)
         else:
@@ -392,19 +404,36 @@ class KafkaLayer:
             return True
         return bool(self._settings.brokers) and key in (FIND_COORDINATOR, DESCRIBE_CLUSTER)
 
+    def _inspects(self, pending: _Pending, size: int) -> bool:
+        """Small responses are buffered to read their error codes (the flows and metrics carry
+        them); Fetch and anything large stream through unread."""
+        return (
+            size <= INSPECT_LIMIT
+            and pending.api_key != FETCH
+            and pending.api_key in API_TABLE
+            and pending.api_version <= API_TABLE[pending.api_key].versions[1]
+        )
+
     def _rewrite_response(self, out: list) -> None:
         framed = bytes(self._resp_buffer)
         self._resp_buffer = None
+        self._finish_read_response(out, framed, -1)
+
+    def _finish_read_response(self, out: list, framed, at: int) -> None:
+        """A response read whole: rewrite or inspect it, then send it (in place when `at` is its
+        offset in the current read and nothing changed)."""
         pending = self._pending[0]
-        payload = framed[4:]
         try:
-            start = response_header_size(pending.api_key, pending.flexible, payload)
-            body = self._new_body(pending, payload[start:])
+            start = response_header_size(pending.api_key, pending.flexible, framed, 8)
+            body = self._new_body(pending, bytes(framed[start:]))
         except (DecodeError, FrameError, KeyError, UnicodeDecodeError) as exc:
             self._close(out, "malformed_response", f"api {pending.api_key}: {exc}")
             return
-        self._flush_run(out)
-        out.append(ToClient(framed if body is None else frame(payload[:start] + body)))
+        if body is None and at >= 0:
+            self._emit(at, at + len(framed))
+        else:
+            self._flush_run(out)
+            out.append(ToClient(framed if body is None else frame(bytes(framed[4:start]) + body)))
         self._response_done(out)
 
     def _new_body(self, pending: _Pending, body: bytes) -> bytes | None:
@@ -418,12 +447,21 @@ class KafkaLayer:
             result = rewrite_metadata(body, version, visible, pending.denied_topics, brokers)
             self.topic_names.update(result.topic_ids)
             return result.body
-        return rewrite_brokers(key, body, version, brokers)
+        if brokers and key in (FIND_COORDINATOR, DESCRIBE_CLUSTER):
+            return rewrite_brokers(key, body, version, brokers)
+        try:
+            value, _ = API_TABLE[key].response_codec(version).decode(memoryview(body), 0)
+        except (DecodeError, KeyError, UnicodeDecodeError):
+            return None  # inspection is best effort; the bytes go through as they are
+        codes = error_codes(value)
+        pending.error_code = codes[0] if codes else 0
+        return None
 
     def _response_done(self, out: list) -> None:
         pending = self._pending.popleft()
         out.append(Record("RESPONSE", "FORWARDED", pending.api_key, pending.api_version,
-                          pending.correlation_id, latency_ns=self._clock() - pending.started_ns))  # fmt: skip
+                          pending.correlation_id, error_code=pending.error_code,
+                          latency_ns=self._clock() - pending.started_ns))  # fmt: skip
         self._flush_synthetic(out)
 
     def _flush_synthetic(self, out: list) -> None:

@@ -137,3 +137,20 @@ def _rewrite(entry: dict, brokers: BrokerMap) -> bool:
         return False
     entry["host"], entry["port"] = target
     return True
+
+
+def error_codes(value) -> list[int]:
+    """Every non-zero error code in a decoded message, in order (top level first)."""
+    found: list[int] = []
+    stack = [value]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for name, field_value in item.items():
+                if name.endswith("error_code") and field_value:
+                    found.append(field_value)
+                elif isinstance(field_value, list | dict):
+                    stack.append(field_value)
+    return found

@@ -146,6 +146,17 @@ class ProxyThread:
 
     @property
     def flows(self) -> list[dict]:
+        """The flows so far. The sink flushes once per loop turn, so flush on the proxy's loop
+        first: everything the proxy did before this call is then visible."""
+        done = threading.Event()
+
+        def flush():
+            self.sink.flush()
+            done.set()
+
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(flush)
+            done.wait(5)
         return list(self.stream.flows)
 
     @property

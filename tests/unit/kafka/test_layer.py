@@ -263,3 +263,14 @@ def test_any_split_of_mixed_responses_gives_the_same_bytes():
         assert got.startswith(meta) and got[len(meta) : len(meta) + len(prod)] == prod
         tail = got[len(meta) + len(prod) :]
         assert struct.unpack(">i", tail[4:8])[0] == 3 and lay.in_flight == 0
+
+
+def test_response_error_codes_are_recorded_and_bytes_untouched():
+    lay = layer(rules=None)
+    lay.client_data(request(0, 9, 1, produce(["t1"])))
+    resp = response(0, 9, 1, {"responses": [{"name": "t1", "partition_responses": [
+        {"index": 0, "error_code": 6}]}]})  # fmt: skip
+    out = lay.upstream_data(resp[:10]) + lay.upstream_data(resp[10:])
+    assert b"".join(bytes(c.data) for c in of(ToClient, out)) == resp
+    (done,) = [r for r in of(Record, out) if r.kind == "RESPONSE"]
+    assert done.error_code == 6  # NOT_LEADER_OR_FOLLOWER, seen by the proxy
