@@ -166,12 +166,19 @@ class _Compiler:
                 for pr in (*allow, *deny):
                     requires.extend(pr.requires)
             req = tuple(requires)
+            # The same peer rule often appears in many policies (a shared "deny world" say):
+            # compute its keys once and credit every policy it came from.
+            groups: dict[tuple[PeerRule, bool], list[Rule]] = {}
             for rule in selecting:
                 allow, deny = rule.sections(direction)
                 for pr in deny:
-                    self._add_peer_rule(acc, rule, pr, direction, True, (), own_name)
+                    groups.setdefault((pr, True), []).append(rule)
                 for pr in allow:
-                    self._add_peer_rule(acc, rule, pr, direction, False, req, own_name)
+                    groups.setdefault((pr, False), []).append(rule)
+            for (pr, is_deny), rules in groups.items():
+                self._add_peer_rule(
+                    acc, rules, pr, direction, is_deny, () if is_deny else req, own_name
+                )
         entries = self._close(acc)
         for direction in (INGRESS, EGRESS):
             if not enforced[direction] and any(k.direction == direction for k in entries):
@@ -180,11 +187,12 @@ class _Compiler:
                     entries[key] = PolicyEntry(False, 0, ("default-allow",))
         return MapState(entries)
 
-    def _add_peer_rule(self, acc, rule, pr: PeerRule, direction, deny, requires, own_name):
+    def _add_peer_rule(self, acc, rules, pr: PeerRule, direction, deny, requires, own_name):
         peers = self.universe.resolve(pr.peers, requires)
         if not peers:
             return
-        ident = rule.ident
+        rule = rules[0]
+        idents = {r.ident for r in rules}
         port_entries: list[tuple[int, int, int, object]] = []  # proto, port, plen, L7Rules|None
         if pr.icmps:
             for f in pr.icmps:
@@ -204,7 +212,7 @@ class _Compiler:
                 a = acc.get(key)
                 if a is None:
                     a = acc[key] = _Acc()
-                a.sources.add(ident)
+                a.sources |= idents
                 if deny:
                     a.deny = True
                 elif l7 is None:
@@ -221,7 +229,7 @@ class _Compiler:
                         a.deny = True
                     a.parser = a.parser or l7.parser
                     # an empty list adds no rule: alone, the port denies every request
-                    a.l7.extend((ident, r) for r in l7.rules)
+                    a.l7.extend((ident, r) for ident in idents for r in l7.rules)
 
     def _close(self, acc: dict[PolicyKey, _Acc]) -> dict[PolicyKey, PolicyEntry]:
         keys = list(acc)
@@ -229,14 +237,15 @@ class _Compiler:
         deny_keys = [k for k in keys if acc[k].deny]
         l7_keys = [k for k in allow_keys if acc[k].parser]
         candidates = set(allow_keys)
+        by_peer = _group(allow_keys)
+        by_dir = _group_dir(allow_keys)
         for c in l7_keys:
-            for a in allow_keys:
+            for a in _overlap_candidates(c, by_peer, by_dir):
                 if a is not c:
                     inter = _intersect(a, c)
                     if inter is not None:
                         candidates.add(inter)
         out: dict[PolicyKey, PolicyEntry] = {}
-        by_peer = _group(allow_keys)
         for key in sorted(candidates):
             covering = [
                 b for b in by_peer.get((key.identity, key.direction), ()) if _covers(b, key)
@@ -262,10 +271,10 @@ class _Compiler:
         for d in deny_keys:
             dsrc = tuple(sorted(acc[d].sources))
             out[d] = PolicyEntry(True, 0, dsrc)
+        allowed = [k for k, e in out.items() if not e.deny]
+        allow_by_peer, allow_by_dir = _group(allowed), _group_dir(allowed)
         for d in deny_keys:
-            for a in list(out):
-                if out[a].deny or a.direction != d.direction:
-                    continue
+            for a in _overlap_candidates(d, allow_by_peer, allow_by_dir):
                 inter = _intersect(a, d)
                 if inter is None:
                     continue
@@ -296,6 +305,20 @@ def _group(keys: Iterable[PolicyKey]) -> dict[tuple[int, int], list[PolicyKey]]:
     for k in keys:
         out.setdefault((k.identity, k.direction), []).append(k)
     return out
+
+
+def _group_dir(keys: Iterable[PolicyKey]) -> dict[int, list[PolicyKey]]:
+    out: dict[int, list[PolicyKey]] = {}
+    for k in keys:
+        out.setdefault(k.direction, []).append(k)
+    return out
+
+
+def _overlap_candidates(key: PolicyKey, by_peer, by_dir) -> list[PolicyKey]:
+    """Keys that can overlap `key`: same peer or any-peer keys; every key for an any-peer key."""
+    if key.identity == 0:
+        return by_dir.get(key.direction, [])
+    return by_peer.get((key.identity, key.direction), []) + by_peer.get((0, key.direction), [])
 
 
 def _covers(b: PolicyKey, k: PolicyKey) -> bool:

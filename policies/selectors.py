@@ -64,6 +64,7 @@ class Universe:
         }
         self._endpoint_cache: dict[Selector, frozenset[int]] = {}
         self._cidr_cache: dict[CIDRRule, frozenset[int]] = {}
+        self._entity_cache: dict[str, frozenset[int]] = {}
 
     def select_endpoints(self, sel: Selector) -> frozenset[int]:
         found = self._endpoint_cache.get(sel)
@@ -112,6 +113,12 @@ class Universe:
         return found
 
     def select_entity(self, entity: str) -> frozenset[int]:
+        found = self._entity_cache.get(entity)
+        if found is None:
+            found = self._entity_cache[entity] = self._select_entity(entity)
+        return found
+
+    def _select_entity(self, entity: str) -> frozenset[int]:
         if entity == "all":
             return ANY
         if entity in ("world", "world-ipv4", "world-ipv6"):
