@@ -26,6 +26,8 @@ from parsers.http2.streams import ALLOW, DENY, MALFORMED, TOO_LARGE, Evaluation,
 
 
 class ClientSide:
+    """Client-to-server handling of `H2Relay` (state attributes live in `H2Relay.__init__`)."""
+
     def _receive_preface(self, data: bytes) -> bytes:
         want = self._preface_left
         chunk = data[: len(want)]

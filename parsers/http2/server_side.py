@@ -13,6 +13,8 @@ from parsers.http2.streams import Stream
 
 
 class ServerSide:
+    """Server-to-client handling of `H2Relay` (state attributes live in `H2Relay.__init__`)."""
+
     def _emit_to_client(self, raw: bytes, data_length: int = -1) -> None:
         """Server bytes towards the client, in order, behind anything held back."""
         if (
