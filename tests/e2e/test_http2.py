@@ -292,6 +292,10 @@ def test_auto_protocol_sniffs_h2_and_http1(nginx_h2, tmp_path):
         assert h2.stdout == b"hello from nginx\n 2"
         denied = curl("--http2-prior-knowledge", "-w", "%{http_code}", base + "/private.html")
         assert denied.stdout.endswith(b"403")
+        # HTTP/1.1 on the same port goes to the HTTP/1 session (answered there: the upstream
+        # speaks only HTTP/2, so only the proxy's own 403 can be checked end to end)
+        h1 = curl("--http1.1", "-w", " %{http_version} %{http_code}", base + "/private.html")
+        assert h1.stdout == b"Access denied\r\n 1.1 403"
     finally:
         gw.stop()
 
