@@ -21,7 +21,7 @@ _VERDICTS = {"FORWARDED": FORWARDED, "DROPPED": DROPPED, "ERROR": ERROR}
 class _KafkaMetrics:
     """Kafka-only metrics next to the shared policy_l7_total{proto="kafka"}."""
 
-    __slots__ = ("latency", "frame_errors", "_by_key")
+    __slots__ = ("latency", "frame_errors", "response_errors", "_by_key")
 
     def __init__(self, registry) -> None:
         self.latency = registry.histogram(
@@ -33,6 +33,11 @@ class _KafkaMetrics:
             "l7proxy_kafka_connection_errors_total",
             "Kafka connections closed by the proxy, by reason (frame_too_large, ...)",
             ("reason",),
+        )
+        self.response_errors = registry.counter(
+            "l7proxy_kafka_response_errors_total",
+            "Non-zero error codes in broker responses (first per response), by API key and code",
+            ("api_key", "error_code"),
         )
         self._by_key: dict[int, object] = {}
 
@@ -241,6 +246,10 @@ class KafkaSession(asyncio.Protocol):
             seconds = rec.latency_ns / 1e9
             pm.duration.observe(seconds)
             self.kmetrics.observe(rec.api_key, seconds)
+            if rec.error_code:
+                self.kmetrics.response_errors.labels(
+                    api_key=api_name(rec.api_key), error_code=str(rec.error_code)
+                ).inc()
         elif self._last_counted != rec.correlation_id or rec.verdict == "ERROR":
             # One count per request, though a request yields one record per topic.
             self._last_counted = rec.correlation_id
