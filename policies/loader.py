@@ -48,11 +48,18 @@ def _load_into(result: LoadResult, text: str, name: str) -> None:
             Diagnostic(name, 1, "document", "no policy documents found", ERROR)
         )
         return
+    before = len(result.rules)
+    errors_before = sum(1 for d in result.diagnostics if d.is_error)
     for doc, line in docs:
         if isinstance(doc, DocumentError):
             result.diagnostics.append(Diagnostic(name, doc.line, doc.field, doc.message, ERROR))
             continue
         result.rules.extend(parse_document(doc, line, ctx))
+    errors_now = sum(1 for d in result.diagnostics if d.is_error)
+    if len(result.rules) == before and errors_now == errors_before:
+        result.diagnostics.append(
+            Diagnostic(name, 1, "document", "no network policy in this file", ERROR)
+        )
 
 
 def _expand(paths: Iterable[str | Path]) -> list[Path]:

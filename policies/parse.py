@@ -69,6 +69,15 @@ def parse_document(doc, line: int, ctx: _Ctx) -> list[Rule]:
             rules.extend(parse_document(item, _ln(items, i, line), ctx))
         return rules
     if not isinstance(kind, str) or kind not in KINDS:
+        api = str(doc.get("apiVersion") or "")
+        if isinstance(kind, str) and kind and _other_manifest(api, kind):
+            # a Deployment or Service next to the policies (as in Cilium's demo manifests)
+            ctx.warn(
+                _ln(doc, "kind", line),
+                "kind",
+                f"{api} {kind} is not a network policy: skipped",
+            )
+            return []
         ctx.error(
             _ln(doc, "kind", line),
             "kind",
@@ -121,6 +130,15 @@ def parse_document(doc, line: int, ctx: _Ctx) -> list[Rule]:
 
 # ---------------------------------------------------------------------------------------------
 # Rules
+
+
+def _other_manifest(api: str, kind: str) -> bool:
+    """A well-formed Kubernetes object that is plainly not a policy (a typo of a policy kind, or
+    any other kind in Cilium's API group, stays an error)."""
+    group = api.rpartition("/")[0]
+    if not api or group.startswith("cilium.io") or "Policy" in kind or "Polic" in kind:
+        return False
+    return kind[:1].isupper() and kind.isalnum()
 
 
 def _parse_spec(spec, field, line, name, kind, index, ctx: _Ctx) -> Rule | None:

@@ -152,3 +152,17 @@ def test_host_with_node_labels_is_still_the_host_identity():
     a = P.IdentityAllocator()
     assert a.allocate(P.parse_labels("reserved:host,k8s:kubernetes.io/hostname=n1")) == P.HOST
     assert a.allocate_cidr("192.0.2.0/24") >= P.LOCAL_SCOPE
+
+
+def test_other_kubernetes_objects_are_skipped_with_a_warning_but_policy_typos_are_errors():
+    mixed = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n---\n" + SW
+    result = load(mixed, "m.yaml")
+    assert result.ok and len(result.rules) == 1
+    assert (
+        str(result.diagnostics[0])
+        == "m.yaml:2: kind: apps/v1 Deployment is not a network policy: skipped"
+    )
+    typo = load(SW.replace("kind: CiliumNetworkPolicy", "kind: CiliumNetworkPolcy"), "t.yaml")
+    assert not typo.ok
+    crd = load(SW.replace("kind: CiliumNetworkPolicy", "kind: CiliumEndpoint"), "c.yaml")
+    assert not crd.ok
