@@ -38,7 +38,7 @@ def nofile() -> int:
 
 @pytest.fixture(scope="session")
 def nginx(nofile):
-    """The static backend: (process, HTTP/1.1 port, h2c port).
+    """The nginx backend of the whole run (`peers.Nginx`).
 
     Its directory sits right under /tmp (mode 0755): nginx workers run unprivileged and must be able
     to reach the static files, which pytest's private tmp dirs do not allow.
@@ -46,9 +46,9 @@ def nginx(nofile):
     for tool in ("nginx", "wrk", "h2load", "curl"):
         need_binary(tool)
     directory = Path(tempfile.mkdtemp(prefix="l7proxy-bench-nginx-"))
-    proc, http_port, h2_port = peers.start_nginx(directory)
-    yield proc, http_port, h2_port
-    proc.stop()
+    backend = peers.start_nginx(directory)
+    yield backend
+    backend.proc.stop()
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -189,7 +189,6 @@ http {{
     scgi_temp_path {w}/scgi;
     keepalive_requests 1000000;
     keepalive_timeout 600s;
-    http2_max_requests 1000000;
     http2_max_concurrent_streams 256;
     client_max_body_size 4m;
     client_body_buffer_size 2m;
@@ -207,6 +206,19 @@ http {{
             proxy_set_header Content-Length "";
         }}
         location = /sink {{ return 200 "stored\\n"; }}
+        # A canned gRPC answer for the gRPC ceiling: POST to a static file is 405 in nginx, and
+        # error_page turns that into a GET of the reply frame with a grpc-status trailer.
+        location ~ ^/l7bench\\.Bench/ {{
+            alias {w}/grpc/reply.grpc;
+            error_page 405 =200 /grpc-reply;
+        }}
+        location = /grpc-reply {{
+            internal;
+            etag off;
+            default_type application/grpc;
+            add_trailer grpc-status 0 always;
+            alias {w}/grpc/reply.grpc;
+        }}
     }}
 }}
 """
@@ -446,12 +458,25 @@ class Endpoint:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_nginx(workdir: Path) -> tuple[Proc, int, int]:
-    """The nginx backend with static files under /public/; returns (proc, http port, h2c port)."""
+@dataclass(frozen=True)
+class Nginx:
+    proc: Proc
+    http_port: int
+    h2_port: int
+    directory: Path
+
+    def set_grpc_reply(self, frame: bytes) -> None:
+        """The gRPC frame nginx answers every /l7bench.Bench/ call with."""
+        (self.directory / "grpc" / "reply.grpc").write_bytes(frame)
+
+
+def start_nginx(workdir: Path) -> Nginx:
+    """The nginx backend: static files under /public/, h2c on a second port, a canned gRPC reply."""
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o755)  # nginx workers run unprivileged and must read the static files
     www = workdir / "www"
     (www / "public").mkdir(parents=True, exist_ok=True)
+    (workdir / "grpc").mkdir(exist_ok=True)
     # A typical small page: 612 bytes, the size of nginx's own welcome page.
     (www / "public" / "index.html").write_text(
         "<html><body>" + "l7proxy bench " * 42 + "</body></html>\n"
@@ -462,7 +487,7 @@ def start_nginx(workdir: Path) -> tuple[Proc, int, int]:
     proc = Proc(DIRECT, ["nginx", "-c", str(conf), "-p", str(workdir)], workdir).start()
     proc.wait_listening(http_port)
     proc.wait_listening(h2_port)
-    return proc, http_port, h2_port
+    return Nginx(proc, http_port, h2_port, workdir)
 
 
 class PeerSet:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench import harness, peers
-from tests.bench.harness import DIRECT_GRPC, ENVOY, Row, ScenarioResult, Target
+from tests.bench.harness import DIRECT, DIRECT_GRPC, ENVOY, Row, ScenarioResult, Target
 from tests.bench.peers import Endpoint, PeerSet, Proc, Rule
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(600)]
@@ -82,15 +82,20 @@ def check_grpc(ep: Endpoint, stubs, direct: bool) -> None:
         raise peers.PeerError(f"Private got {code.name}, expected {expected.name}")
 
 
-def test_grpc_unary(grpc_backend, stubs, workdir, duration, record):
+def _frame(stubs) -> bytes:
     pb2, _ = stubs
     message = pb2.Payload(data=PAYLOAD).SerializeToString()
+    return b"\x00" + len(message).to_bytes(4, "big") + message  # one uncompressed gRPC frame
+
+
+def _scenario(backend: Endpoint, stubs, workdir, duration, name: str, notes: tuple[str, ...]):
     body = workdir / "unary.grpc"
-    body.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)  # one gRPC frame
+    body.write_bytes(_frame(stubs))
     headers = ("content-type: application/grpc", "te: trailers")
 
     def measure(ep: Endpoint) -> Row:
-        check_grpc(ep, stubs, direct=ep.peer == DIRECT_GRPC)
+        direct = ep.peer == backend.peer
+        check_grpc(ep, stubs, direct)
         res = peers.run_h2load(
             ep.url_base + UNARY,
             duration,
@@ -105,19 +110,51 @@ def test_grpc_unary(grpc_backend, stubs, workdir, duration, record):
                 f"{res.status_2xx} 2xx, {res.status_4xx} 4xx, {res.status_5xx} 5xx, "
                 f"{res.errored} errored"
             )
-        check_grpc(ep, stubs, direct=ep.peer == DIRECT_GRPC)  # still healthy after the load
+        check_grpc(ep, stubs, direct)  # still healthy after the load
         return Row(ep.peer, res.req_s, res.p50_ms, res.p99_ms, ep.proc.rss_mib())
 
-    with PeerSet(workdir, grpc_backend, [RULE], http2=True) as peer_set:
+    with PeerSet(workdir, backend, [RULE], http2=True) as peer_set:
         rows, failures = harness.measure_rows(peer_set.endpoints, measure)
-    result = ScenarioResult(
-        "gRPC unary",
+    return ScenarioResult(
+        name,
         f"h2load -c{CLIENTS} -m{STREAMS} -D{duration:g} POST {UNARY} with one gRPC frame "
-        f"({len(message)} B message), rule POST {UNARY}; backend grpcio (grpc.aio, one process)",
+        f"({len(body.read_bytes()) - 5} B message), te: trailers; rule POST {UNARY}",
         harness.REQ_S,
         rows,
         targets=(Target(ENVOY, 1.0),),
-        notes=("the Python grpcio backend caps every row; compare the proxies with each other",),
+        notes=notes,
+    ), failures
+
+
+def test_grpc_unary_grpcio(grpc_backend, stubs, workdir, duration, record):
+    result, failures = _scenario(
+        grpc_backend,
+        stubs,
+        workdir,
+        duration,
+        "gRPC unary (grpcio)",
+        (
+            "backend: one grpc.aio echo process; it caps every row, compare the proxies at equal load",
+        ),
+    )
+    record(result)
+    assert not failures, "; ".join(failures)
+
+
+def test_grpc_unary_nginx_reply(nginx, stubs, workdir, duration, record):
+    """The proxies' gRPC ceiling: nginx answers each call with a canned frame and trailers."""
+    nginx.set_grpc_reply(_frame(stubs))
+    backend = Endpoint(DIRECT, nginx.h2_port, nginx.proc)
+    result, failures = _scenario(
+        backend,
+        stubs,
+        workdir,
+        duration,
+        "gRPC unary (nginx reply)",
+        (
+            "backend: nginx answers every /l7bench.Bench/ call with a fixed reply frame and a "
+            "grpc-status: 0 trailer (grpcio accepts it); this measures the proxies, not a server",
+        ),
     )
     record(result)
     assert not failures, "; ".join(failures)

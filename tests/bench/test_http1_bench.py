@@ -30,8 +30,7 @@ MIB = 1024 * 1024
 
 @pytest.fixture
 def backend(nginx) -> Endpoint:
-    proc, http_port, _ = nginx
-    return Endpoint(DIRECT, http_port, proc)
+    return Endpoint(DIRECT, nginx.http_port, nginx.proc)
 
 
 def _checked(endpoint: Endpoint) -> None:

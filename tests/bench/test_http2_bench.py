@@ -21,8 +21,7 @@ CLIENTS, STREAMS = 4, 10
 
 
 def test_h2c_get(nginx, workdir, duration, record):
-    proc, _, h2_port = nginx
-    backend = Endpoint(DIRECT, h2_port, proc)
+    backend = Endpoint(DIRECT, nginx.h2_port, nginx.proc)
 
     def measure(ep: Endpoint) -> Row:
         peers.check_rule(ep, ALLOWED, DENIED, http2=True, direct=ep.peer == DIRECT)
