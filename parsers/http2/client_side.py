@@ -240,7 +240,7 @@ class ClientSide:
         return Evaluation(ALLOW, request, decision, encode_fields(decision.headers or headers))
 
     def _open_stream(self, sid: int, entry: Evaluation, end_stream: bool) -> None:
-        if len(self._streams) >= self.limits.max_concurrent_streams or self.draining:
+        if len(self._streams) >= self._stream_limit or self.draining:
             self._to_client.append(f.rst_stream(sid, f.REFUSED_STREAM))
             self._events.append(RequestRejected(sid, "too many streams", f.REFUSED_STREAM, 0))
             self._spend_reset()
@@ -361,6 +361,10 @@ class ClientSide:
         if flags & f.FLAG_ACK:
             if payload:
                 return self._fail("client", f.FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
+            if self._unacked_limits:
+                limit = self._unacked_limits.pop(0)
+                if limit is not None:
+                    self._stream_limit = limit
             self._to_server.append(buf[pos:fend])
             return None
         if len(payload) % 6:

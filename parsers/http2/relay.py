@@ -93,6 +93,9 @@ class H2Relay(ClientSide, ServerSide):
         self._client_max_frame = f.DEFAULT_MAX_FRAME_SIZE
         self._client_initial_window = f.DEFAULT_WINDOW
         self._server_concurrency_sent = False
+        # MAX_CONCURRENT_STREAMS in force for the client, and those relayed but not yet ACKed.
+        self._stream_limit = limits.max_concurrent_streams
+        self._unacked_limits: list[int | None] = []
         # Connection-level flow control towards the client (see module docstring).
         self._client_conn_window = f.DEFAULT_WINDOW
         self._debt = 0

@@ -192,9 +192,10 @@ class ServerSide:
     def _server_settings(self, payload: bytes) -> bytes:
         lim = self.limits
         out = []
+        concurrency = None
         for key, value in f.parse_settings(payload):
             if key == f.SETTINGS_MAX_CONCURRENT_STREAMS:
-                value = min(value, lim.max_concurrent_streams)
+                value = concurrency = min(value, lim.max_concurrent_streams)
                 self._server_concurrency_sent = True
             elif key == f.SETTINGS_MAX_FRAME_SIZE:
                 if not f.DEFAULT_MAX_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE_LIMIT:
@@ -216,4 +217,7 @@ class ServerSide:
             if not self._server_concurrency_sent:
                 out.append((f.SETTINGS_MAX_CONCURRENT_STREAMS, lim.max_concurrent_streams))
                 self._server_concurrency_sent = True
+        # The client must keep to a new limit once it acknowledged it (RFC 9113 6.5.3); the
+        # relay enforces it from that ACK on, so the server never sees more than it allowed.
+        self._unacked_limits.append(concurrency)
         return f.settings_frame(out)

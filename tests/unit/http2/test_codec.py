@@ -321,3 +321,20 @@ def test_http1_upstream_is_reported_as_such():
     relay.receive_client(f.PREFACE + f.settings_frame())
     events = relay.receive_server(b"HTTP/1.1 400 Bad Request\r\n\r\n")
     assert relay.closed and "HTTP/1" in events[0].reason
+
+
+def test_server_concurrency_limit_is_enforced_once_the_client_acknowledged_it():
+    relay = H2Relay(lambda r: Decision(True))
+    relay.receive_client(f.PREFACE + f.settings_frame())
+    relay.receive_server(f.settings_frame([(f.SETTINGS_MAX_CONCURRENT_STREAMS, 1)]))
+    relay.data_to_server()
+    relay.receive_client(
+        f.headers_frames(1, get("/a"), True) + f.headers_frames(3, get("/b"), True)
+    )
+    relay.data_to_client()
+    assert [s for t, _, s, _ in frames_of(relay.data_to_server()) if t == f.HEADERS] == [1, 3]
+    relay.receive_client(f.SETTINGS_ACK)  # from now on 1 stream at a time
+    relay.receive_server(f.headers_frames(1, encode_fields([(":status", "200")]), True))
+    relay.receive_client(f.headers_frames(5, get("/c"), True))
+    out = frames_of(relay.data_to_client())
+    assert (f.RST_STREAM, 0, 5, f.REFUSED_STREAM.to_bytes(4, "big")) in out  # 3 is still open
