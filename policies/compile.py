@@ -377,6 +377,11 @@ def compile_policy(
     only the rest is recompiled; the result equals a full compilation.
     """
     rules = tuple(rules)
+    if previous is not None:
+        # unchanged rules become the very objects of the last compile, so every cache lookup
+        # below hits by identity instead of comparing rule trees
+        canonical = {r: r for r in previous.rules}
+        rules = tuple(canonical.get(r, r) for r in rules)
     diagnostics: list[Diagnostic] = []
     endpoint_ids = {name: allocator.allocate(labels) for name, labels in sorted(endpoints.items())}
     for net in sorted(

@@ -110,6 +110,9 @@ class IdentityAllocator:
         self._next_local = max(self._next_local, int(state.get("next_local", 0)))
 
     def allocate(self, labels: LabelSet) -> int:
+        known = self._by_labels.get(labels)  # keys are already identity-relevant
+        if known is not None:
+            return known
         labels = identity_relevant(labels)
         known = self._by_labels.get(labels)
         if known is not None:

@@ -199,19 +199,24 @@ class Rule:
     index: int = 0  # position among the specs of one document
     extra: dict = field(default_factory=dict, compare=False, hash=False)
     _hash: int = field(default=0, compare=False, repr=False, init=False)
+    ident: str = field(default="", compare=False, init=False)  # "namespace/name[index]"
 
     def __post_init__(self) -> None:
         # Rules are compared and hashed a lot when recompiling (cache keys); hash once.
         object.__setattr__(self, "_hash", hash(_fields_of(self)))
+        ns = f"{self.namespace}/" if self.namespace else ""
+        suffix = f"[{self.index}]" if self.index else ""
+        object.__setattr__(self, "ident", f"{ns}{self.name}{suffix}")
 
     def __hash__(self) -> int:
         return self._hash
 
-    @property
-    def ident(self) -> str:
-        ns = f"{self.namespace}/" if self.namespace else ""
-        suffix = f"[{self.index}]" if self.index else ""
-        return f"{ns}{self.name}{suffix}"
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Rule):
+            return NotImplemented
+        return self._hash == other._hash and _fields_of(self) == _fields_of(other)
 
     def sections(self, direction: int) -> tuple[tuple[PeerRule, ...], tuple[PeerRule, ...]]:
         if direction == INGRESS:
