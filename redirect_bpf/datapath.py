@@ -23,6 +23,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from policies import MapState
 from redirect_bpf import bpfsys, loader, structs, sync, tc
 from redirect_bpf.events import EventReader
 from redirect_bpf.structs import (
@@ -117,6 +118,7 @@ class Datapath:
         self._tries = {sync.DENY: self.maps["policy_deny"], sync.ALLOW: self.maps["policy_allow"]}
         # What the kernel holds now; a restarted agent starts from the pinned state.
         self._installed = sync.read_back(self._tries)
+        self._synced_from: dict[int, tuple] = {}  # endpoint -> (MapState object, proxy ports)
         self._cgroup_fds: dict[str, int] = {}
         self._proxy_cgroup_fds: dict[str, int] = {}
 
@@ -257,7 +259,6 @@ class Datapath:
         if info:
             self.maps["ep_by_ifindex"].delete(structs.u32(ifindex))
             self.maps["ep_by_ip"].delete(structs.u32(info.ipv4))
-            self._installed.pop(info.endpoint_id, None)
             self._delete_policy_of(info.endpoint_id)
 
     def attach_cgroup(
@@ -395,6 +396,8 @@ class Datapath:
         return changed
 
     def _delete_policy_of(self, endpoint_id: int) -> None:
+        self._installed.pop(endpoint_id, None)
+        self._synced_from.pop(endpoint_id, None)
         for trie in self._tries.values():
             trie.delete_many([k for k in trie.keys() if k.endpoint_id == endpoint_id])
 
@@ -439,7 +442,17 @@ class Datapath:
         start = time.perf_counter()
         adds = updates = deletes = 0
         flags_changed = False
+        ports = tuple(sorted(proxy_ports.items()))
         for ep_id, (map_state, ingress, egress, identity) in work.items():
+            # The policy engine keeps the MapState object of an endpoint whose rules did not
+            # change: then only the enforcement flags can differ, no entry needs a look.
+            source = (map_state, ports)
+            last = self._synced_from.get(ep_id)
+            if isinstance(map_state, MapState) and last is not None and last[0] is map_state:
+                if last[1] == ports:
+                    flags_changed |= self._set_enforcement(ep_id, ingress, egress, identity)
+                    continue
+            self._synced_from[ep_id] = source
             desired = sync.desired_entries(ep_id, map_state, proxy_ports)
             current = self._installed.get(ep_id, {})
             writes, n_updates, dels = sync.plan(current, desired)

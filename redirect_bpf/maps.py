@@ -42,6 +42,18 @@ class BpfMap:
     def delete(self, key) -> bool:
         return bpfsys.map_delete(self.fd, key)
 
+    def put_raw(self, key: bytes, value: bytes, flags: int = bpfsys.BPF_ANY) -> None:
+        """Key and value already laid out as the C structs (sync's fast path)."""
+        bpfsys.map_update(
+            self.fd,
+            ct.create_string_buffer(key, len(key)),
+            ct.create_string_buffer(value, len(value)),
+            flags,
+        )
+
+    def delete_raw(self, key: bytes) -> bool:
+        return bpfsys.map_delete(self.fd, ct.create_string_buffer(key, len(key)))
+
     def keys(self) -> Iterator:
         """All keys; safe against deletion of the current key while iterating (snapshot)."""
         found = []

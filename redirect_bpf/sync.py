@@ -10,6 +10,7 @@ holds; a restarted agent reads the tries back and its first sync is a no-op.
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -70,15 +71,35 @@ def kernel_value(key, entry, proxy_ports: Mapping[int, int]) -> PolicyValue:
     )
 
 
+# The same bytes as bytes(PolicyKey(...)) / bytes(PolicyValue(...)), packed without building
+# ctypes objects (about 10x faster for 10,000 entries); test_sync checks they agree.
+_KEY = struct.Struct("<IIIBBH")
+_VALUE = struct.Struct("<HBBBBHI")
+
+
 def desired_entries(
     endpoint_id: int, map_state: Mapping, proxy_ports: Mapping[int, int]
 ) -> KernelEntries:
     out: KernelEntries = {}
+    pack_key, pack_value, fixed = _KEY.pack, _VALUE.pack, structs.POLICY_FIXED_BITS
     for key, entry in map_state.items():
-        value = bytes(kernel_value(key, entry, proxy_ports))
-        trie = DENY if entry.deny else ALLOW
-        for kkey in kernel_keys(endpoint_id, key):
-            out[(trie, bytes(kkey))] = value
+        prefix, proto, deny = int(key.prefix_len), int(key.proto), bool(entry.deny)
+        l7_id = int(getattr(entry, "l7_id", 0) or 0)
+        redirect = bool(l7_id) and not deny
+        value = pack_value(
+            int(proxy_ports.get(l7_id, 0)) if redirect else 0,
+            deny, redirect, proto, prefix, 0, l7_id,
+        )  # fmt: skip
+        trie = DENY if deny else ALLOW
+        port = int(key.port) & ((0xFFFF << (16 - prefix)) & 0xFFFF) if prefix else 0
+        protos = ANY_PORT_PROTOS if proto == 0 and prefix else (proto,)
+        for p in protos:
+            bits = fixed + (8 + prefix if p else 0)
+            kbytes = pack_key(
+                bits, endpoint_id, int(key.identity), int(key.direction), p,
+                socket.htons(port) if p else 0,
+            )  # fmt: skip
+            out[(trie, kbytes)] = value
     return out
 
 
@@ -112,9 +133,9 @@ def apply(
 ) -> None:
     # Adds before deletes: a rule moving between entries never has a gap that drops traffic.
     for (trie, kbytes), vbytes in writes:
-        tries[trie].put(PolicyKey.from_buffer_copy(kbytes), PolicyValue.from_buffer_copy(vbytes))
+        tries[trie].put_raw(kbytes, vbytes)
     for trie, kbytes in deletes:
-        tries[trie].delete(PolicyKey.from_buffer_copy(kbytes))
+        tries[trie].delete_raw(kbytes)
 
 
 def key_to_dict(k: PolicyKey) -> dict:

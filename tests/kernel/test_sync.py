@@ -62,3 +62,23 @@ def test_sync_10000_entries_then_only_diffs():
         assert dp.config().policy_gen == gen
     finally:
         dp.destroy()
+
+
+def test_packed_entries_are_the_ctypes_structs():
+    from redirect_bpf import sync
+
+    state = {
+        PolicyKey(0, INGRESS, 0, 0, 0): PolicyEntry(False, 0, ()),
+        PolicyKey(5, EGRESS, 0, 443, 16): PolicyEntry(False, 3, ()),  # any proto + port
+        PolicyKey(6, INGRESS, 6, 9000, 14): PolicyEntry(True, 0, ()),
+        PolicyKey(1 << 24, EGRESS, 17, 53, 16): PolicyEntry(False, 9, ()),  # no port known
+        PolicyKey(7, INGRESS, 1, 8, 16): PolicyEntry(False, 0, ()),  # ICMP echo
+    }
+    ports = {3: 15001}
+    want = {}
+    for key, entry in state.items():
+        value = bytes(sync.kernel_value(key, entry, ports))
+        for k in sync.kernel_keys(42, key):
+            want[(sync.DENY if entry.deny else sync.ALLOW, bytes(k))] = value
+    assert sync.desired_entries(42, state, ports) == want
+    assert len(want) == 7
