@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from parsers.kafka import denials
 from parsers.kafka.apis import API_TABLE, TOPIC_AUTHORIZATION_FAILED, expects_response, topics_of
 from parsers.kafka.codec import DecodeError
-from parsers.kafka.fastpath import produce_topics
+from parsers.kafka.fastpath import Incomplete, produce_topics
 from parsers.kafka.frames import (
     FrameDecoder,
     FrameError,
@@ -53,6 +53,10 @@ PRODUCE, FETCH = 0, 1
 GATEWAY_CAPS = {PRODUCE: 9, FETCH: 15}
 # Largest response streamed through; far above any fetch.max.bytes a client asks for.
 MAX_RESPONSE_BYTES = 1 << 30
+# Produce frames at least this large are forwarded before they are complete (cut-through);
+# a frame whose topics are not yet readable is tried again after this many more bytes.
+CUT_THROUGH_MIN = 64 * 1024
+CUT_THROUGH_RETRY = 64 * 1024
 # Responses up to this size (other than Fetch) are read for their error codes.
 INSPECT_LIMIT = 64 * 1024
 
@@ -131,6 +135,8 @@ class KafkaLayer:
         self._resp_left = 0
         self._resp_buffer: bytearray | None = None
         self._resp_size = 0
+        self._req_left = 0  # bytes of a cut-through request still to pass on
+        self._cut_tried = self._cut_tried_at = -1
         self._view: memoryview | None = None
         self._run_start = self._run_stop = -1  # pass-through bytes of the current read
         self._pending_slices: list[tuple[int, int]] = []
@@ -146,15 +152,62 @@ class KafkaLayer:
         if self.closed:
             return []
         out: list = []
+        if self._req_left:
+            # The rest of a request already decided and partly sent (cut-through).
+            n = min(self._req_left, len(data))
+            out.append(ToUpstream(data if n == len(data) else memoryview(data)[:n]))
+            self._req_left -= n
+            if n == len(data):
+                return out
+            data = data[n:]
         try:
             frames = self._requests.receive_data(data)
         except FrameError as exc:
             return self._close(out, exc.reason, str(exc))
+        if frames:
+            self._cut_tried = -1  # the frame tried before (if any) is complete
         for framed in frames:
             self._request(framed, out)
             if self.closed:
-                break
+                return out
+        self._cut_through(out)
         return out
+
+    def _cut_through(self, out: list) -> None:
+        """Start forwarding a large Produce before its last byte arrives, once its topics are
+        known and allowed: the records after the last topic name need no inspection. Anything
+        else (or a denial, which mirrors every partition) waits for the whole frame."""
+        partial = self._requests.partial()
+        if partial is None:
+            return
+        need, head = partial
+        if need < CUT_THROUGH_MIN or len(head) < 64 or head[4:6] != b"\x00\x00":
+            return
+        if self._cut_tried == need and len(head) < self._cut_tried_at + CUT_THROUGH_RETRY:
+            return
+        self._cut_tried, self._cut_tried_at = need, len(head)
+        spec = API_TABLE[PRODUCE]
+        try:
+            header = parse_request_header(head, spec.flexible_min, 4)
+            if not spec.versions[0] <= header.api_version <= spec.versions[1]:
+                return
+            acks, names, ids = produce_topics(memoryview(head), header.body_offset,
+                                              header.api_version,
+                                              spec.flexible(header.api_version), prefix=True)  # fmt: skip
+        except (FrameError, Incomplete):
+            return
+        if ids and any(i not in self.topic_names for i in ids):
+            return
+        names = names + [self.topic_names[i] for i in ids]
+        rules = self._rules()
+        if rules is not None and not rules.allow_all:
+            if not rules.check(PRODUCE, header.api_version, header.client_id, names).allowed:
+                return
+        self._req_left = self._requests.detach()
+        self._cut_tried = -1
+        pending = _Pending(header.correlation_id, PRODUCE, header.api_version,
+                           spec.flexible(header.api_version), self._clock())  # fmt: skip
+        self._forward(head, header, {"acks": acks}, pending, names, out)
 
     def _request(self, framed: bytes, out: list) -> None:
         """One request frame (size prefix included): parse, decide, forward or answer."""

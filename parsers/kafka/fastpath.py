@@ -14,8 +14,19 @@ _I16 = struct.Struct(">h").unpack_from
 _I32 = struct.Struct(">i").unpack_from
 
 
-def produce_topics(buf, pos: int, version: int, flexible: bool) -> tuple[int, list, list]:
-    """(acks, topic names, topic ids) of a Produce request body starting at `pos`."""
+class Incomplete(Exception):
+    """The bytes so far end before the last topic name (prefix mode only)."""
+
+
+def produce_topics(
+    buf, pos: int, version: int, flexible: bool, prefix: bool = False
+) -> tuple[int, list, list]:
+    """(acks, topic names, topic ids) of a Produce request body starting at `pos`.
+
+    With `prefix=True`, `buf` may be the start of the frame only: the answer comes as soon as the
+    last topic name is read (the records after it are not needed), and `Incomplete` is raised when
+    the bytes stop before that.
+    """
     end = len(buf)
     try:
         if version >= 3:
@@ -45,6 +56,10 @@ def produce_topics(buf, pos: int, version: int, flexible: bool) -> tuple[int, li
                 n = _I16(buf, pos)[0]
                 names.append(str(buf[pos + 2 : pos + 2 + n], "utf-8"))
                 pos += 2 + n
+            if prefix and len(names) + len(ids) == count:
+                if pos > end:
+                    raise Incomplete()
+                return acks, names, ids
             if flexible:
                 parts, pos = read_uvarint(buf, pos)
                 parts -= 1
@@ -63,7 +78,9 @@ def produce_topics(buf, pos: int, version: int, flexible: bool) -> tuple[int, li
                 pos = _skip_tags(buf, pos)
             if pos > end:
                 raise DecodeError("produce request runs past its frame")
-    except struct.error as exc:
+    except (struct.error, IndexError, DecodeError, UnicodeDecodeError) as exc:
+        if prefix:
+            raise Incomplete() from None
         raise DecodeError(f"truncated produce request: {exc}") from None
     return acks, names, ids
 

@@ -63,9 +63,33 @@ class FrameDecoder:
                 self._need = 4 + self._size_at(head, 0)
             if self._have < self._need:
                 return []
-            data = b"".join(self._chunks)
+            # Join exactly the frame (one copy); the bytes after it start the next round.
+            excess = self._have - self._need
+            rest = b""
+            if excess:
+                last = self._chunks[-1]
+                self._chunks[-1] = last[: len(last) - excess]
+                rest = last[len(last) - excess :]
+            first = b"".join(self._chunks)
             self._chunks, self._have, self._need = [], 0, -1
+            return [first, *self._split(rest)] if rest else [first]
         return self._split(data)
+
+    def partial(self) -> tuple[int, bytes] | None:
+        """(size of the frame being received incl. prefix, its bytes so far), or None. Joins the
+        buffered chunks into one (later reads append to it)."""
+        if self._need < 0 or not self._chunks:
+            return None
+        if len(self._chunks) > 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._need, self._chunks[0]
+
+    def detach(self) -> int:
+        """Give up the frame being received (its head was passed on); returns how many of its
+        bytes are still to come, which the caller passes on without framing them."""
+        left = self._need - self._have
+        self._chunks, self._have, self._need = [], 0, -1
+        return left
 
     def _split(self, data: bytes) -> list[bytes]:
         frames = []

@@ -274,3 +274,43 @@ def test_response_error_codes_are_recorded_and_bytes_untouched():
     assert b"".join(bytes(c.data) for c in of(ToClient, out)) == resp
     (done,) = [r for r in of(Record, out) if r.kind == "RESPONSE"]
     assert done.error_code == 6  # NOT_LEADER_OR_FOLLOWER, seen by the proxy
+
+
+def _big_produce(topics, cid, version=9):
+    body = {
+        "acks": 1,
+        "timeout_ms": 1000,
+        "topic_data": [
+            {"name": t, "partition_data": [{"index": 0, "records": b"R" * 200_000}]} for t in topics
+        ],
+    }
+    return request(0, version, cid, body)  # fmt: skip
+
+
+def test_large_allowed_produce_is_cut_through_before_its_last_byte():
+    for version in (3, 9):
+        lay = layer()
+        big = _big_produce(["t1"], 1, version)
+        nxt = request(0, version, 2, produce(["t1"]))
+        stream = big + nxt
+        sent = []
+        for i in range(0, len(stream), 65536):
+            out = lay.client_data(stream[i : i + 65536])
+            sent.append(b"".join(bytes(c.data) for c in of(ToUpstream, out)))
+        assert sent[0]  # the first read of a 200 KB frame already flows upstream
+        assert b"".join(sent) == stream  # byte for byte, the next frame parsed as usual
+        assert lay.in_flight == 2
+
+
+def test_large_denied_or_multi_topic_produce_waits_for_the_whole_frame():
+    lay = layer()
+    big = _big_produce(["secret"], 1)
+    outs = [lay.client_data(big[i : i + 65536]) for i in range(0, len(big), 65536)]
+    assert not any(of(ToUpstream, o) for o in outs)
+    (answer,) = of(ToClient, outs[-1])
+    decoded = RESPONSES[0].decode(answer.data[4:], version=9, header=True)
+    assert decoded.responses[0].partition_responses[0].error_code == 29
+    lay = layer()
+    two = _big_produce(["t1", "secret"], 2)
+    outs = [lay.client_data(two[i : i + 65536]) for i in range(0, len(two), 65536)]
+    assert not any(of(ToUpstream, o) for o in outs) and of(ToClient, outs[-1])
