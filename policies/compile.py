@@ -391,6 +391,10 @@ def compile_policy(
         if ipcache.get(net) is None:
             ipcache.upsert(net, number)
     identities = allocator.identities()
+    for labels in endpoints.values():
+        if _is_host(labels) and len(labels) > 1:
+            # the local node's labels (kubernetes.io/hostname...) are what fromNodes selects
+            identities[ids.HOST] = identities[ids.HOST].with_labels(labels)
     universe = Universe(identities)
     compiler = _Compiler(rules, universe, named_ports, diagnostics)
     reuse: dict = {}

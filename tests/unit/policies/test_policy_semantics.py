@@ -568,3 +568,19 @@ ingressDeny:
         )
     assert w.action("db", "web", 85) == "deny" and w.action("db", "web", 443) == "deny"
     assert w.action("db", "web", 444) == "allow" and w.action("db", "cli", 80) == "allow"
+
+
+def test_from_nodes_selects_the_host_by_its_node_labels():
+    spec = "endpointSelector: {matchLabels: {app: db}}\ningress:\n- fromNodes: [{matchLabels: {node-role: infra}}]"
+    w = World(cnp(spec), {**EPS, "node": "reserved:host,k8s:node-role=infra"})
+    assert w.action("db", P.HOST, 22) == "allow"
+    assert w.action("db", P.REMOTE_NODE, 22) == "deny"
+    other = World(cnp(spec), {**EPS, "node": "reserved:host,k8s:node-role=edge"})
+    assert other.action("db", P.HOST, 22) == "deny"
+    anynode = World(
+        cnp("endpointSelector: {matchLabels: {app: db}}\ningress:\n- fromNodes: [{}]"), EPS
+    )
+    assert (
+        anynode.action("db", P.HOST, 1) == "allow"
+        and anynode.action("db", P.REMOTE_NODE, 1) == "allow"
+    )
