@@ -380,3 +380,13 @@ def test_trace_reserved_ingress_endpoint_with_cidr_source(capsys):
 
     assert t("172.18.0.1")["verdict"] == "ALLOWED"
     assert t("172.18.0.2")["verdict"] == "DENIED"
+
+
+def test_validate_json_output(capsys):
+    warn = str(CORPUS / "valid" / "unsupported-warnings.yaml")
+    code, out, _ = run(capsys, "policy", "validate", "-o", "json", warn)
+    doc = json.loads(out)
+    assert code == 0 and doc["valid"] is True and doc["rules"] == 1
+    fields = {d["field"].rsplit(".", 1)[-1] for d in doc["diagnostics"]}
+    assert {"toFQDNs", "toServices", "authentication", "terminatingTLS"} <= fields
+    assert all(d["severity"] == "warning" for d in doc["diagnostics"])
