@@ -19,6 +19,9 @@ import re2
 from policies.kafka_keys import METADATA, api_key_name
 from policies.model import HeaderMatch, HttpRule, KafkaRule
 
+_SET_OPTIONS = re2.Options()
+_SET_OPTIONS.max_mem = 64 << 20  # room for a few thousand rules in one automaton
+_SET_OPTIONS.log_errors = False
 _UNSAFE_FOR_SET = re.compile(r"\\A|\\z|\(\?[a-zA-Z]*-?[a-zA-Z]*m")
 
 
@@ -124,17 +127,28 @@ class HttpRuleSet:
         )
         self._needs_headers = bool(self._header_rules)
         self._verdicts: dict[tuple[int, ...], HttpVerdict] = {}  # hits -> shared verdict
-        self._slow = tuple(i for i, c in enumerate(self._compiled) if not c.in_set)
         self._set_index: list[int] = []
         self._set = None
         members = [i for i, c in enumerate(self._compiled) if c.in_set]
         if members:
-            rs = re2.Set.FullMatchSet()
+            rs = re2.Set.FullMatchSet(_SET_OPTIONS)
             for i in members:
-                rs.Add(self._compiled[i].set_pattern())
+                try:
+                    rs.Add(self._compiled[i].set_pattern())
+                except re2.error:
+                    self._compiled[i].in_set = False  # exact slow path for this rule
+                    continue
                 self._set_index.append(i)
-            rs.Compile()
-            self._set = rs
+            try:
+                rs.Compile()
+            except re2.error:
+                # too big for one automaton: every rule takes the exact slow path
+                for i in self._set_index:
+                    self._compiled[i].in_set = False
+                self._set_index = []
+            else:
+                self._set = rs if self._set_index else None
+        self._slow = tuple(i for i, c in enumerate(self._compiled) if not c.in_set)
         self._identity_index = self._set_index == list(range(len(self._set_index)))
 
     def check(

@@ -193,3 +193,19 @@ def test_kafka_index_agrees_with_the_plain_reading():
             )
             if not v.allowed:
                 assert set(v.denied_topics) <= set(topics)
+
+
+def test_rule_set_too_big_for_one_automaton_falls_back_to_exact_matching(monkeypatch):
+    import re2
+
+    import policies.l7 as l7
+
+    tiny = re2.Options()
+    tiny.max_mem = 1 << 10
+    tiny.log_errors = False
+    monkeypatch.setattr(l7, "_SET_OPTIONS", tiny)
+    rules = [HttpRule(method="GET", path=f"/v{i}/[a-z]+/[0-9]{{1,8}}") for i in range(50)]
+    rs = http(*rules)
+    assert rs._set is None and len(rs._slow) == 50
+    assert rs.check("GET", "/v49/abc/12", "", []).matched == (49,)
+    assert not rs.check("GET", "/v50/abc/12", "", []).allowed
