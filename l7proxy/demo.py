@@ -164,8 +164,23 @@ def curl(story: Story, prefix: list[str], method: str, url: str, extra=()) -> Ou
 # -- node mode: the agent, real namespaces, BPF --------------------------------------------------
 
 
-def node_demo(story: Story, pool: str, prefix: str, keep: bool) -> None:
+def flows_table(story: Story, agent, title: str, exclude: set | None = None) -> set:
+    """Print the flows `l7proxy observe` has (folded, forwarded L3/L4 events left out); return
+    the keys of those shown so a later table can skip them."""
     from l7proxy.agent.flowlog import table
+
+    story.step(f"{title}, as `l7proxy observe` sees them (BPF L3/L4 events and proxy L7 flows)")
+    time.sleep(0.3)
+    flows = agent.client.call("observe", last=10_000)
+    keys = {(f.get("time"), f.get("Summary")) for f in flows}
+    fresh = [f for f in flows if (f.get("time"), f.get("Summary")) not in (exclude or set())]
+    shown = [f for f in fresh if f.get("verdict") != "FORWARDED" or f.get("l7")]
+    print(table(shown, collapse=True))
+    story.say(f"({len(fresh)} flows; forwarded L3/L4 events left out, identical ones folded)")
+    return keys
+
+
+def node_demo(story: Story, pool: str, prefix: str, keep: bool) -> None:
     from l7proxy.agent.runner import AgentProcess
 
     story.step("Start the agent (node mode: BPF on every endpoint veth, one transparent proxy)")
@@ -271,6 +286,12 @@ def node_demo(story: Story, pool: str, prefix: str, keep: bool) -> None:
             "/v1/exhaust-port",
         )
 
+        star_wars = flows_table(story, agent, "The Star Wars flows")
+
+        from l7proxy.demo_l7parts import node_parts
+
+        node_parts(story, agent, run_cli, procs)
+
         story.step("Metrics (Cilium's names)")
         metrics = agent.client.call("metrics")
         for line in metrics.splitlines():
@@ -279,12 +300,7 @@ def node_demo(story: Story, pool: str, prefix: str, keep: bool) -> None:
             ) or line.startswith(("policy_change_total", "endpoint_count", "identity_count")):
                 print(f"    {line}")
 
-        story.step("Flows seen by `l7proxy observe` (BPF L3/L4 events and proxy L7 flows)")
-        time.sleep(0.3)
-        flows = agent.client.call("observe", last=200)
-        shown = [f for f in flows if f.get("verdict") != "FORWARDED" or f.get("l7")]
-        print(table(shown))
-        story.say(f"({len(flows)} flows in all; forwarded L3/L4 events left out of this table)")
+        flows_table(story, agent, "The Kafka and gRPC flows", exclude=star_wars)
 
         url = f"http://{agent.client.call('status')['parts']['admin']['detail']}/map"
         with contextlib.suppress(Exception):
@@ -298,12 +314,30 @@ def node_demo(story: Story, pool: str, prefix: str, keep: bool) -> None:
     finally:
         for proc in procs:
             with contextlib.suppress(Exception):
-                proc.kill()
-                proc.wait(5)
+                if isinstance(proc, subprocess.Popen):
+                    proc.kill()
+                    proc.wait(5)
+                else:
+                    proc()  # a cleanup callback
+        if story.failures:
+            story.step("Something was unexpected: the agent's log ends with")
+            print("\n".join(agent.log().splitlines()[-25:]))
         if not keep:
             story.step("Clean up: endpoints, namespaces, pinned maps, the agent")
-            agent.close()
+            with _uninterrupted():
+                agent.close()
             story.say("done")
+
+
+@contextlib.contextmanager
+def _uninterrupted():
+    """Cleanup must finish: a second Ctrl-C or SIGTERM during it would leave namespaces behind."""
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 # -- gateway mode: no root or no BPF -------------------------------------------------------------
@@ -435,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="leave the agent and namespaces running")
     p.add_argument("--pool", default=os.environ.get("L7PROXY_DEMO_POOL", "10.251.10.0/24"))
     p.add_argument("--prefix", default=os.environ.get("L7PROXY_DEMO_PREFIX", "l7demo-"))
-    p.add_argument("--no-extras", action="store_true", help="skip the Kafka and gRPC parts")
+    p.add_argument(
+        "--no-extras", action="store_true", help="gateway mode: skip the Kafka and gRPC parts"
+    )
     p.add_argument("--serve-deathstar", metavar="IP", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_deathstar:
@@ -458,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("Root and BPF present: real namespaces, BPF on the veths, node-mode proxy.")
             node_demo(story, args.pool, args.prefix, args.keep)
-        if not args.no_extras:
-            extras(story)
+        if problem or args.gateway:
+            if not args.no_extras:
+                extras(story)
     except KeyboardInterrupt:
         print("\ninterrupted; cleaned up", file=sys.stderr)
         return 130

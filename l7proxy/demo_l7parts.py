@@ -1,14 +1,15 @@
-"""The Kafka and gRPC parts of `make demo`, both through `l7proxy gateway` on loopback.
+"""The Kafka and gRPC parts of `make demo`.
 
-Kafka: the empire's broker (noida-db, a Kafka-protocol broker) behind two gateway listeners, one
+With root and BPF (`node_parts`): the broker, its clients, the door manager and a terminal are
+endpoints of the running agent, and the node proxy enforces both policies on the redirected
+flows. Without (`kafka_part`, `grpc_part`): the same policies through `l7proxy gateway` on loopback.
+
+Gateway mode, Kafka: the empire's broker (noida-db, a Kafka-protocol broker) behind two listeners, one
 that knows its clients as app=empire-hq and one that knows them as app=empire-outpost (on loopback
 every client comes from 127.0.0.1, so the listener is what carries the identity here). HQ produces
 to deathstar-plans and empire-announce; an outpost consumes empire-announce, may not produce to it
 and may not read deathstar-plans. gRPC: Cloud City's DoorManager behind an HTTP/2 gateway; a
 public terminal may call GetName and RequestMaintenance but not SetAccessCode.
-
-These run through the gateway rather than the node proxy because the node proxy's HTTP/2 and
-Kafka upstream connections do not carry the source identity mark yet (docs/agent.md).
 """
 
 from __future__ import annotations
@@ -129,17 +130,26 @@ async def _consume(bootstrap: str, topic: str) -> str:
     from aiokafka.errors import KafkaError
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, request_timeout_ms=5000, enable_auto_commit=False
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=5000,
+        enable_auto_commit=False,
     )
-    try:
+
+    async def read() -> list[str]:
         await consumer.start()
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
-        batch = await asyncio.wait_for(consumer.getmany(tp, timeout_ms=2000), 8)
-        values = [m.value.decode() for m in batch.get(tp, [])]
+        batch = await consumer.getmany(tp, timeout_ms=2000)
+        return [m.value.decode() for m in batch.get(tp, [])]
+
+    try:
+        # A denied topic never gets a partition leader: the client keeps asking, so bound it.
+        values = await asyncio.wait_for(read(), 4)
         return f"read {values}" if values else "read nothing"
-    except (KafkaError, TimeoutError) as exc:
+    except TimeoutError:
+        return "read nothing (no metadata for the topic within 4 s)"
+    except KafkaError as exc:
         return f"refused: {type(exc).__name__}"
     finally:
         with contextlib.suppress(Exception):
@@ -262,7 +272,7 @@ DOORS = {
 }
 
 
-def serve_door_manager(port: int) -> None:
+def serve_door_manager(port: int, host: str = "127.0.0.1") -> None:
     """Cloud City's DoorManager as a gRPC service with raw-bytes messages (no proto needed)."""
     from concurrent import futures
 
@@ -279,7 +289,7 @@ def serve_door_manager(port: int) -> None:
             )
         ]
     )
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.add_insecure_port(f"{host}:{port}")
     server.start()
     print("listening", flush=True)
     server.wait_for_termination()
@@ -344,3 +354,170 @@ def grpc_part(story, run_cli, env) -> None:
     finally:
         procs.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    """Helpers the demo runs inside endpoint namespaces:
+    produce BOOTSTRAP TOPIC VALUE | consume BOOTSTRAP TOPIC | grpc TARGET METHOD | doors IP PORT"""
+    what, *rest = argv
+    if what == "produce":
+        print(asyncio.run(_produce(rest[0], rest[1], rest[2].encode())), flush=True)
+    elif what == "consume":
+        print(asyncio.run(_consume(rest[0], rest[1])), flush=True)
+    elif what == "grpc":
+        text, ok = _call(rest[0], rest[1])
+        print(text, flush=True)
+        return 0 if ok else 3
+    elif what == "doors":
+        serve_door_manager(int(rest[1]), host=rest[0])
+    else:
+        raise SystemExit(f"unknown helper {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
+
+# -- node mode: the same parts on real namespaces through the agent's node proxy -----------------
+
+
+def _in_ns(story, prefix: str, ns: str, *args: str) -> tuple[str, int]:
+    argv = ["ip", "netns", "exec", prefix + ns, sys.executable, "-m", "l7proxy.demo_l7parts", *args]
+    story.command(
+        ["ip", "netns", "exec", prefix + ns, "python", "-m", "l7proxy.demo_l7parts", *args]
+    )
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "no result within 30 s", -1
+    return r.stdout.strip(), r.returncode
+
+
+def node_parts(story, agent, run_cli, procs: list) -> None:
+    """Kafka and gRPC on endpoints of the running agent (node mode, BPF redirect, node proxy)."""
+    import json
+
+    from l7proxy.demo import Outcome
+
+    env, prefix = agent.env, agent.prefix
+    story.step("Kafka and gRPC endpoints: the empire's broker, its clients, Cloud City's doors")
+    for name, labels in (
+        ("kafka", "app=kafka"),
+        ("empire-hq", "app=empire-hq"),
+        ("empire-outpost", "app=empire-outpost"),
+        ("cc-door-mgr", "app=cc-door-mgr"),
+        ("terminal", "app=public-terminal"),
+    ):
+        run_cli(story, env, "endpoint", "create", name, "--labels", labels)
+    ips = {
+        e["name"]: e["ip"] for e in json.loads(agent.cli("endpoint", "list", "-o", "json").stdout)
+    }
+    kafka, doors = ips["kafka"], ips["cc-door-mgr"]
+    data = Path(tempfile.mkdtemp(prefix="l7proxy-demo-kafka-"))
+    procs.append(lambda: shutil.rmtree(data, ignore_errors=True))
+    argv = [
+        noida(),
+        "start",
+        "--only",
+        "kafka",
+        "--host",
+        kafka,
+        "--kafka-port",
+        "9092",
+        "--data-dir",
+        str(data),
+    ]
+    story.command(["ip", "netns", "exec", prefix + "kafka", "noida-db", *argv[1:]])
+    broker = subprocess.Popen(
+        ["ip", "netns", "exec", prefix + "kafka", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    procs.append(broker)
+    door_argv = [sys.executable, "-m", "l7proxy.demo_l7parts", "doors", doors, "50051"]
+    story.command(["ip", "netns", "exec", prefix + "cc-door-mgr", "python", *door_argv[1:]])
+    door = subprocess.Popen(
+        ["ip", "netns", "exec", prefix + "cc-door-mgr", *door_argv],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(door)
+    door.stdout.readline()
+    _wait_in_ns(prefix + "kafka", kafka, 9092)
+
+    story.step("Kafka policy: produce and consume roles per topic (enforced by the node proxy)")
+    print(KAFKA_POLICY.read_text().strip())
+    run_cli(story, env, "policy", "import", str(KAFKA_POLICY))
+    boot = f"{kafka}:9092"
+    for ns, args, want, good in (
+        (
+            "empire-hq",
+            ("produce", boot, "deathstar-plans", "exhaust port is 2 m wide"),
+            "produced",
+            lambda s: s == "produced",
+        ),
+        (
+            "empire-hq",
+            ("produce", boot, "empire-announce", "the deathstar is operational"),
+            "produced",
+            lambda s: s == "produced",
+        ),
+        (
+            "empire-outpost",
+            ("consume", boot, "empire-announce"),
+            "reads the announcement",
+            lambda s: "operational" in s,
+        ),
+        (
+            "empire-outpost",
+            ("produce", boot, "empire-announce", "rebels!"),
+            "refused (TopicAuthorizationFailed)",
+            lambda s: "Authorization" in s,
+        ),
+        (
+            "empire-outpost",
+            ("consume", boot, "deathstar-plans"),
+            "denied: none of the plans reach it",
+            lambda s: "exhaust port" not in s,
+        ),
+    ):
+        seen, _ = _in_ns(story, prefix, ns, *args)
+        story.expect(f"{ns} {args[0]} {args[2]}", Outcome(seen, None), want, good(seen))
+    denied = agent.client.call(
+        "observe",
+        filter={"verdict": "DROPPED", "protocol": "kafka", "from_labels": ["app=empire-outpost"]},
+        last=1,
+    )
+    story.expect(
+        "kafka flows",
+        Outcome(f"{'a' if denied else 'no'} DROPPED kafka flow from empire-outpost", None),
+        "the proxy's denial is in observe",
+        bool(denied),
+    )
+
+    story.step("gRPC policy: one rule per DoorManager method")
+    print(GRPC_POLICY.read_text().strip())
+    run_cli(story, env, "policy", "import", str(GRPC_POLICY))
+    for method, allowed in (
+        ("GetName", True),
+        ("RequestMaintenance", True),
+        ("SetAccessCode", False),
+    ):
+        seen, rc = _in_ns(story, prefix, "terminal", "grpc", f"{doors}:50051", method)
+        want = "answered" if allowed else "PERMISSION_DENIED"
+        good = rc == 0 if allowed else (rc != 0 and seen.startswith("PERMISSION_DENIED"))
+        story.expect(f"terminal {method}", Outcome(seen, None), want, good)
+
+
+def _wait_in_ns(netns: str, host: str, port: int, timeout: float = 20.0) -> None:
+    probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=0.5).close()"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-c", probe], capture_output=True
+        )
+        if r.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {host}:{port} in {netns}")

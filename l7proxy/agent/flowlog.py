@@ -179,8 +179,9 @@ def compact(flow: dict) -> str:
     )
 
 
-def table(flows: list[dict]) -> str:
-    """A fixed-width table for the end of the demo."""
+def table(flows: list[dict], collapse: bool = False) -> str:
+    """A fixed-width table for the end of the demo; `collapse` folds identical rows into the
+    first one with a count (a Kafka client retrying a denied Metadata request makes thousands)."""
     rows = [("SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY")]
     for flow in flows:
         sport, dport = _ports(flow)
@@ -195,6 +196,11 @@ def table(flows: list[dict]) -> str:
                 str(flow.get("Summary") or flow.get("drop_reason_desc") or ""),
             )
         )
+    if collapse:
+        counts: dict[tuple, int] = {}
+        for row in rows[1:]:
+            counts[row] = counts.get(row, 0) + 1  # dicts keep first-seen order
+        rows = [rows[0]] + [r if n == 1 else (*r[:4], f"{r[4]}  (x{n})") for r, n in counts.items()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     out = []
     for row in rows:

@@ -17,10 +17,11 @@ import socket
 from dataclasses import dataclass
 
 from l7proxy.agent.l7view import connection_policy
+from l7proxy.agent.loop import MarkedHost
 from l7proxy.config import ProxyConfig
 from l7proxy.context import OriginalDestination
 from l7proxy.flows import FlowSink
-from l7proxy.http1.upstream import UpstreamConn, UpstreamPool
+from l7proxy.http1.upstream import UpstreamPool
 from l7proxy.server import DeadlineSweeper, Gate, Listener
 
 IP_TRANSPARENT = 19
@@ -28,32 +29,16 @@ MARK_FROM_PROXY = 0x7A000000
 MARK_IDENTITY_MASK = 0x00FFFFFF
 
 
+def marked_destination(ip: str, port: int, source_identity: int) -> OriginalDestination:
+    """The upstream address with the source identity's mark (MarkingLoop sets SO_MARK from it).
+    The pool keys idle upstreams by destination; MarkedDestination keeps identities apart."""
+    mark = MARK_FROM_PROXY | (source_identity & MARK_IDENTITY_MASK)
+    return MarkedDestination(MarkedHost(ip, mark), port, mark)
+
+
 @dataclass(frozen=True, slots=True)
 class MarkedDestination(OriginalDestination):
-    """An upstream address plus the SO_MARK its connection must carry (part of the pool key)."""
-
     mark: int = 0
-
-
-class MarkedUpstreamPool(UpstreamPool):
-    async def connect(self, dest, high: int, low: int) -> UpstreamConn:
-        mark = getattr(dest, "mark", 0)
-        if not mark:
-            return await super().connect(dest, high, low)
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-            sock.setblocking(False)
-            await asyncio.wait_for(
-                loop.sock_connect(sock, (dest.host, dest.port)), self.connect_timeout
-            )
-            _, conn = await loop.create_connection(lambda: UpstreamConn(dest), sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-        conn.transport.set_write_buffer_limits(high, low)
-        return conn
 
 
 class NodeGate(Gate):
@@ -79,7 +64,7 @@ class NodeProxy:
         self.flows = FlowSink(None)
         self.metrics = agent.metrics.proxy
         self.sweeper = DeadlineSweeper()
-        self.pool = MarkedUpstreamPool(
+        self.pool = UpstreamPool(
             self.config.upstream_pool_size, self.config.upstream_connect_timeout
         )
         self.host, self.port = host, port
@@ -125,9 +110,7 @@ class NodeProxy:
         """The listener as this one connection sees it: its peers, its port, its rules."""
         self.connections += 1
         cp = connection_policy(self.agent, src_ip, dst_ip, dport)
-        dest = MarkedDestination(
-            dst_ip, dport, MARK_FROM_PROXY | (cp.src_identity & MARK_IDENTITY_MASK)
-        )
+        dest = marked_destination(dst_ip, dport, cp.src_identity)
         lst = self._listener(dport, cp.decision, cp.rules, (cp.dst_identity, cp.dst_labels), dest)
         lst.direction = cp.direction
         return lst

@@ -119,17 +119,20 @@ class AgentProcess:
 
     def close(self) -> None:
         """Remove everything this agent made, whatever state it is in."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                for ep in self.client.call("endpoint.list"):
-                    self.client.call("endpoint.delete", name=ep["name"])
-        self.stop()
-        sweep_namespaces(self.prefix)  # the veths go, and their tc programs with them
-        if self.bpf:
-            # Unpinned and detached, the programs and maps are freed by the kernel.
-            shutil.rmtree(self.pin_dir, ignore_errors=True)
-        if self._own_dir:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                quick = Client(self.socket, timeout=10)
+                with contextlib.suppress(Exception):
+                    for ep in quick.call("endpoint.list"):
+                        quick.call("endpoint.delete", name=ep["name"])
+            self.stop()
+        finally:
+            sweep_namespaces(self.prefix)  # the veths go, and their tc programs with them
+            if self.bpf:
+                # Unpinned and detached, the programs and maps are freed by the kernel.
+                shutil.rmtree(self.pin_dir, ignore_errors=True)
+            if self._own_dir:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def __enter__(self) -> AgentProcess:
         return self.start()

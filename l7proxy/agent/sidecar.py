@@ -19,12 +19,7 @@ import threading
 from pathlib import Path
 
 from l7proxy.agent.l7view import connection_policy
-from l7proxy.agent.proxy_workers import (
-    MARK_FROM_PROXY,
-    MARK_IDENTITY_MASK,
-    MarkedDestination,
-    NodeProxy,
-)
+from l7proxy.agent.proxy_workers import NodeProxy, marked_destination
 from l7proxy.server import Gate
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
@@ -134,8 +129,7 @@ class SidecarProxy(NodeProxy):
     def sidecar_view(self, ep, origin):
         self.sidecar_connections[ep.name] = self.sidecar_connections.get(ep.name, 0) + 1
         cp = connection_policy(self.agent, ep.ip, origin.ip, origin.port)
-        mark = MARK_FROM_PROXY | (cp.src_identity & MARK_IDENTITY_MASK)
-        dest = MarkedDestination(origin.ip, origin.port, mark)
+        dest = marked_destination(origin.ip, origin.port, cp.src_identity)
         lst = self._listener(
             origin.port, cp.decision, cp.rules, (cp.dst_identity, cp.dst_labels), dest
         )

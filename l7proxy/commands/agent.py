@@ -63,14 +63,11 @@ def run(args) -> int:
         bpf=not args.no_bpf,
         bpf_dir=args.bpf_dir,
     )
-    # uvloop runs the agent's own loop, but the global policy stays asyncio's: pyroute2 opens
-    # its own loops in worker threads for netlink sockets, which uvloop cannot handle.
-    try:
-        import uvloop
+    # uvloop runs the agent's own loop (with SO_MARK for proxy upstreams, see agent/loop.py),
+    # but the global policy stays asyncio's: pyroute2 opens its own loops in worker threads for
+    # netlink sockets, which uvloop cannot handle.
+    from l7proxy.agent.loop import new_event_loop
 
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(Agent(config).run_forever())
     return 0

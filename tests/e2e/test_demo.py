@@ -63,18 +63,20 @@ def test_make_demo_runs_the_star_wars_story_with_bpf():
     assert "-> tiefighter PUT /v1/exhaust-port: HTTP 403 Access denied   [expected: 403" in out
     assert "-> tiefighter POST /v1/request-landing: HTTP 200 Ship landed" in out
     assert "$ l7proxy policy import" in out and "Revision: 2" in out
-    # The observe table at the end has the kernel drop, the redirect and the L7 403.
-    table = out.split("=== Flows seen by `l7proxy observe`")[1]
+    # The observe table after the Star Wars part has the kernel drop, the redirect and the 403.
+    table = out.split("=== The Star Wars flows")[1].split("===")[0]
     assert "POLICY_DENIED" in table and "REDIRECTED" in table
     assert "http-request                 DROPPED" in table and "PUT /v1/exhaust-port" in table
-    # The Kafka and gRPC parts: roles per topic, one rule per gRPC method.
-    assert "-> empire-outpost produces to empire-announce: refused: TopicAuthorization" in out
-    assert (
-        "-> empire-outpost consumes empire-announce: read ['the deathstar is operational']" in out
-    )
-    assert "-> public-terminal SetAccessCode: PERMISSION_DENIED" in out
-    assert "-> public-terminal GetName: Door 42" in out
-    assert "16 checks, 0 unexpected" in out
+    # Kafka and gRPC on endpoints through the node proxy: roles per topic, one rule per method.
+    assert "-> empire-outpost produce empire-announce: refused: TopicAuthorization" in out
+    assert "-> empire-outpost consume empire-announce: read ['the deathstar is operational']" in out
+    assert "-> empire-hq produce deathstar-plans: produced" in out
+    assert "-> terminal SetAccessCode: PERMISSION_DENIED" in out
+    assert "-> terminal GetName: Door 42" in out
+    table = out.split("=== The Kafka and gRPC flows")[1]
+    assert "kafka-request   DROPPED     Kafka request produce v7 topic empire-announce" in table
+    assert "SetAccessCode) grpc-status PERMISSION_DENIED" in table
+    assert "17 checks, 0 unexpected" in out
     assert _leftovers(prefix) == []
 
 

@@ -150,3 +150,10 @@ def test_compact_line_reads_like_hubble():
     out = table([_flow("FORWARDED", [], [], event="L3_L4")])
     assert out.splitlines()[0].split() == ["SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]
     assert "tiefighter" in out.splitlines()[1] and "to-endpoint" in out
+
+
+def test_table_collapse_folds_identical_rows_with_counts():
+    a = _flow("DROPPED", [], [], event="L3_L4")
+    b = _flow("FORWARDED", [], [], event="L3_L4")
+    lines = table([a, b, a, b, a], collapse=True).splitlines()
+    assert len(lines) == 3 and lines[1].endswith("(x3)") and lines[2].endswith("(x2)")

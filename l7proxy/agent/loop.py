@@ -1,0 +1,53 @@
+"""The agent's event loop: uvloop, plus SO_MARK on upstream connections that ask for it.
+
+The proxy sessions open upstreams with `loop.create_connection(factory, dest.host, dest.port)`.
+In the transparent modes the agent's destinations carry their host as a `MarkedHost` (a str with
+the mark the datapath reads the source identity from), and this loop creates the socket, sets
+SO_MARK before connect(), and hands the connected socket on. Every protocol (HTTP/1, HTTP/2,
+Kafka) gets the mark without knowing about it; anything else connects as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+try:
+    import uvloop
+
+    _Base = uvloop.Loop
+except ImportError:  # pragma: no cover - uvloop is a dependency
+    _Base = asyncio.SelectorEventLoop
+
+
+class MarkedHost(str):
+    """An upstream host name that also carries the SO_MARK for the connection."""
+
+    mark: int
+
+    def __new__(cls, value: str, mark: int) -> MarkedHost:
+        obj = super().__new__(cls, value)
+        obj.mark = mark
+        return obj
+
+
+class MarkingLoop(_Base):
+    async def create_connection(self, protocol_factory, host=None, port=None, **kw):
+        mark = getattr(host, "mark", 0)
+        if not mark or kw.get("sock") is not None:
+            return await super().create_connection(protocol_factory, host, port, **kw)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            sock.setblocking(False)
+            await self.sock_connect(sock, (str(host), port))
+        except BaseException:
+            sock.close()
+            raise
+        for unused in ("family", "proto", "flags", "local_addr"):
+            kw.pop(unused, None)
+        return await super().create_connection(protocol_factory, sock=sock, **kw)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    return MarkingLoop()
