@@ -215,3 +215,12 @@ def test_negative_latency_delta_meets_target_without_a_ratio():
         "rate", "loadgen", harness.ADDED_P99, (Row(ENVOY, 2.0), Row(PROJECT, 3.0))
     )
     assert worse.target_status(Target(ENVOY, 1.0)) == "not met"
+
+
+def test_nginx_backend_config(tmp_path):
+    conf = peers.nginx_conf(tmp_path, 8080, 8443, nofile=20000)
+    assert "listen 127.0.0.1:8443 http2;" in conf  # h2c with prior knowledge
+    assert "keepalive_requests 1000000;" in conf  # or h2load stalls at nginx's GOAWAY
+    assert "proxy_pass_request_body off;" in conf  # the upload sink reads the whole body
+    assert "add_trailer grpc-status 0 always;" in conf
+    assert "worker_rlimit_nofile 20000;" in conf
