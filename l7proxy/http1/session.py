@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from l7proxy.flows import DROPPED, ERROR, FORWARDED
+from l7proxy.flows import DROPPED, FORWARDED
+from l7proxy.http1.exchange import Exchange, emit_error_flow, emit_flow
 from l7proxy.http1.upstream import UpstreamConn, UpstreamPool
 from l7proxy.http1.verdicts import decide
 from parsers.http1 import (
@@ -45,41 +46,6 @@ MAX_PIPELINE = 32
 NO_DEADLINE, IDLE, HEAD, RESPONSE = 0, 1, 2, 3
 
 _monotonic = time.monotonic
-
-
-class Exchange:
-    """One request and the state of its answer."""
-
-    __slots__ = (
-        "req",
-        "allowed",
-        "raw",
-        "complete",
-        "keep_alive",
-        "started",
-        "sent",
-        "answered",
-        "pending",
-        "status",
-        "start",
-        "error",
-        "logged",
-    )
-
-    def __init__(self, req: Request | None, allowed: bool, raw: bytes | None, start: float):
-        self.req = req
-        self.allowed = allowed
-        self.raw = raw
-        self.complete = False
-        self.keep_alive = True
-        self.started = False  # became the front of the queue
-        self.sent = False  # head written upstream; body goes straight through
-        self.answered = False  # the proxy wrote its own response (deny, error)
-        self.pending: list[bytes] | None = None  # body bytes waiting for the head to go
-        self.status = 0
-        self.start = start
-        self.error: ParseError | None = None
-        self.logged: tuple[str, ...] = ()
 
 
 _DENY_CACHE: dict[str, tuple[bytes, bytes]] = {}
@@ -314,7 +280,7 @@ class Http1Session(asyncio.Protocol):
             body = f"{err.status} {err.reason}\r\n".encode("latin-1", "replace")
             self.transport.write(simple_response(err.status, body, close=True))
             ex.answered = True
-            self._emit_error_flow(ex, err.status, "PARSE_ERROR")
+            emit_error_flow(self.ctx, ex, err.status, "PARSE_ERROR")
             self._close()
             return
         if not ex.allowed:
@@ -394,7 +360,7 @@ class Http1Session(asyncio.Protocol):
         self.transport.write(simple_response(status, msg, close=not ex.complete))
         ex.answered = True
         ex.status = status
-        self._emit_error_flow(ex, status, f"UPSTREAM_{kind.upper()}")
+        emit_error_flow(self.ctx, ex, status, f"UPSTREAM_{kind.upper()}")
         if not ex.complete:
             self._close()
             return
@@ -411,7 +377,7 @@ class Http1Session(asyncio.Protocol):
         now = _monotonic()
         self.pm.duration.observe(now - ex.start)
         if self.ctx.flows.active:
-            self._emit_flow(ex, FORWARDED, now)
+            emit_flow(self.ctx, ex, FORWARDED, now)
         up = self.upstream
         if not ev.keep_alive or not ex.complete:
             # The upstream closes, or answered before the request body ended: the rest of that
@@ -439,7 +405,7 @@ class Http1Session(asyncio.Protocol):
         self.deadline_kind = NO_DEADLINE
         self.upgrade_wait = None
         if ex is not None and self.ctx.flows.active:
-            self._emit_flow(ex, FORWARDED, _monotonic())
+            emit_flow(self.ctx, ex, FORWARDED, _monotonic())
         if self.upgrade_buffer:
             self.upstream.transport.writelines(self.upgrade_buffer)
             self.upgrade_buffer = []
@@ -465,14 +431,14 @@ class Http1Session(asyncio.Protocol):
                 ex.status = status
                 now = _monotonic()
                 self.pm.duration.observe(now - ex.start)
-                self._emit_flow(ex, FORWARDED, now)
+                emit_flow(self.ctx, ex, FORWARDED, now)
                 self._close()
                 return
             # Mid-response: the client's connection ends too, so it sees the response cut.
             self.pm.upstream_reset.inc()
             ex.status = status or 502
             if self.ctx.flows.active:
-                self._emit_error_flow(ex, ex.status, "UPSTREAM_RESET")
+                emit_error_flow(self.ctx, ex, ex.status, "UPSTREAM_RESET")
             self._close()
             return
         if up.reused and ex.req.method in (b"GET", b"HEAD", b"OPTIONS") and not ex.req.has_body:
@@ -489,7 +455,7 @@ class Http1Session(asyncio.Protocol):
         if self.queue and self.queue[0] is ex:
             self.queue.pop(0)
         if ex.req is not None and ex.status == 403:
-            self._emit_flow(ex, DROPPED, _monotonic())
+            emit_flow(self.ctx, ex, DROPPED, _monotonic())
         if not ex.keep_alive:
             self._close()
             return
@@ -534,7 +500,7 @@ class Http1Session(asyncio.Protocol):
                 self.pm.upstream_timeout.inc()
                 self.transport.write(simple_response(504, b"upstream timeout\r\n", close=True))
                 ex.status = 504
-                self._emit_error_flow(ex, 504, "UPSTREAM_TIMEOUT")
+                emit_error_flow(self.ctx, ex, 504, "UPSTREAM_TIMEOUT")
             self._close()
         elif kind == IDLE:
             self._close()
@@ -561,49 +527,6 @@ class Http1Session(asyncio.Protocol):
             else:
                 up.close()
         self.transport.close()
-
-    # ---- flows -------------------------------------------------------------------------------
-
-    def _emit_flow(self, ex: Exchange, verdict: str, now: float) -> None:
-        flows = self.ctx.flows
-        if not flows.active:
-            return
-        req = ex.req
-        method = req.method.decode("latin-1")
-        url = req.target.decode("latin-1")
-        latency = int((now - ex.start) * 1e9)
-        l7 = {
-            "type": "RESPONSE" if verdict == FORWARDED else "REQUEST",
-            "latency_ns": latency,
-            "http": {
-                "code": ex.status,
-                "method": method,
-                "url": url,
-                "protocol": "HTTP/" + req.version.decode(),
-                # LOG mismatches name the header; its value may be a secret and is never logged.
-                "headers": [{"key": name, "value": "[mismatch]"} for name in ex.logged],
-            },
-        }
-        summary = (
-            f"HTTP/{req.version.decode()} {ex.status} {latency // 1_000_000}ms ({method} {url})"
-        )
-        drop = "POLICY_DENIED" if verdict == DROPPED else None
-        flows.emit(self.ctx.flow(verdict, l7, summary, drop_reason=drop))
-
-    def _emit_error_flow(self, ex: Exchange, status: int, reason: str) -> None:
-        flows = self.ctx.flows
-        if not flows.active:
-            return
-        req = ex.req
-        http = {"code": status, "protocol": "HTTP/1.1", "headers": []}
-        if req is not None:
-            http["method"] = req.method.decode("latin-1")
-            http["url"] = req.target.decode("latin-1")
-        latency = int((_monotonic() - ex.start) * 1e9)
-        l7 = {"type": "RESPONSE", "latency_ns": latency, "http": http}
-        verdict = DROPPED if reason == "PARSE_ERROR" else ERROR
-        summary = f"HTTP/1.1 {status} {reason}"
-        flows.emit(self.ctx.flow(verdict, l7, summary, drop_reason=reason))
 
 
 def make_session(ctx, first_bytes: bytes = b"") -> Http1Session:

@@ -1,0 +1,86 @@
+"""One request/response exchange of an HTTP/1 session, and the flow record it leaves."""
+
+from __future__ import annotations
+
+import time
+
+from l7proxy.flows import DROPPED, ERROR, FORWARDED
+from parsers.http1 import ParseError, Request
+
+_monotonic = time.monotonic
+
+
+class Exchange:
+    """One request and the state of its answer."""
+
+    __slots__ = (
+        "req",
+        "allowed",
+        "raw",
+        "complete",
+        "keep_alive",
+        "started",
+        "sent",
+        "answered",
+        "pending",
+        "status",
+        "start",
+        "error",
+        "logged",
+    )
+
+    def __init__(self, req: Request | None, allowed: bool, raw: bytes | None, start: float):
+        self.req = req
+        self.allowed = allowed
+        self.raw = raw
+        self.complete = False
+        self.keep_alive = True
+        self.started = False  # became the front of the queue
+        self.sent = False  # head written upstream; body goes straight through
+        self.answered = False  # the proxy wrote its own response (deny, error)
+        self.pending: list[bytes] | None = None  # body bytes waiting for the head to go
+        self.status = 0
+        self.start = start
+        self.error: ParseError | None = None
+        self.logged: tuple[str, ...] = ()
+
+
+def emit_flow(ctx, ex: Exchange, verdict: str, now: float) -> None:
+    flows = ctx.flows
+    if not flows.active:
+        return
+    req = ex.req
+    method = req.method.decode("latin-1")
+    url = req.target.decode("latin-1")
+    latency = int((now - ex.start) * 1e9)
+    l7 = {
+        "type": "RESPONSE" if verdict == FORWARDED else "REQUEST",
+        "latency_ns": latency,
+        "http": {
+            "code": ex.status,
+            "method": method,
+            "url": url,
+            "protocol": "HTTP/" + req.version.decode(),
+            # LOG mismatches name the header; its value may be a secret and is never logged.
+            "headers": [{"key": name, "value": "[mismatch]"} for name in ex.logged],
+        },
+    }
+    summary = f"HTTP/{req.version.decode()} {ex.status} {latency // 1_000_000}ms ({method} {url})"
+    drop = "POLICY_DENIED" if verdict == DROPPED else None
+    flows.emit(ctx.flow(verdict, l7, summary, drop_reason=drop))
+
+
+def emit_error_flow(ctx, ex: Exchange, status: int, reason: str) -> None:
+    flows = ctx.flows
+    if not flows.active:
+        return
+    req = ex.req
+    http = {"code": status, "protocol": "HTTP/1.1", "headers": []}
+    if req is not None:
+        http["method"] = req.method.decode("latin-1")
+        http["url"] = req.target.decode("latin-1")
+    latency = int((_monotonic() - ex.start) * 1e9)
+    l7 = {"type": "RESPONSE", "latency_ns": latency, "http": http}
+    verdict = DROPPED if reason == "PARSE_ERROR" else ERROR
+    summary = f"HTTP/1.1 {status} {reason}"
+    flows.emit(ctx.flow(verdict, l7, summary, drop_reason=reason))
