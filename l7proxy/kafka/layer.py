@@ -479,7 +479,7 @@ class KafkaLayer:
         try:
             start = response_header_size(pending.api_key, pending.flexible, framed, 8)
             body = self._new_body(pending, bytes(framed[start:]))
-        except (DecodeError, FrameError, KeyError, UnicodeDecodeError) as exc:
+        except (DecodeError, FrameError, KeyError, TypeError, UnicodeDecodeError) as exc:
             self._close(out, "malformed_response", f"api {pending.api_key}: {exc}")
             return
         if body is None and at >= 0:

@@ -471,7 +471,10 @@ def response_body(spec: ApiSpec, version: int, request: dict, code: int) -> dict
     """The response as a dict, or None when this API at this version has no error field."""
     builder = BUILDERS.get(spec.key)
     if builder is not None:
-        return builder(version, request, code)
+        try:
+            return builder(version, request, code)
+        except (TypeError, KeyError, AttributeError):
+            pass  # a null where the request should list items: answer at the top level if we can
     codec = spec.response_codec(version)
     if "error_code" in codec.names:
         return {"error_code": code}

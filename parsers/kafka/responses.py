@@ -79,7 +79,7 @@ def rewrite_metadata(
     value, _ = codec.decode(memoryview(body), 0)
     ids: dict[bytes, str] = {}
     kept, hidden = [], []
-    for topic in value["topics"]:
+    for topic in value["topics"] or ():
         name = topic["name"]
         if visible is not None and name is not None and not visible(name):
             hidden.append(name)
@@ -100,7 +100,7 @@ def rewrite_metadata(
         )
     value["topics"] = kept
     if brokers:
-        for broker in value["brokers"]:
+        for broker in value["brokers"] or ():
             _rewrite(broker, brokers)
     out = bytearray()
     codec.encode(out, value)
@@ -118,7 +118,7 @@ def rewrite_brokers(api_key: int, body: bytes, version: int, brokers: BrokerMap)
         for coordinator in value.get("coordinators") or ():
             changed |= _rewrite(coordinator, brokers)
     elif api_key == DESCRIBE_CLUSTER:
-        for broker in value["brokers"]:
+        for broker in value["brokers"] or ():
             changed |= _rewrite(broker, brokers)
     if not changed:
         return None
