@@ -23,6 +23,7 @@ def test_allowed_request_reaches_server_and_response_comes_back():
     assert requests[0].stream_id == sid  # client stream IDs are kept end to end
     assert (":path", "/public/a?x=1") in requests[0].headers
     assert any(isinstance(e, RequestReceived) and e.decision.allowed for e in t.relay_events)
+    assert t.server.encoder.header_table_size == 0  # response blocks are stateless by default
 
 
 def test_denied_request_gets_403_and_never_reaches_server():
@@ -175,3 +176,15 @@ def test_too_many_streams_are_refused():
     sids = [t.request(f"/s{i}") for i in range(3)]
     t.pump()
     assert t.responses()[sids[2]]["reset"] == f.REFUSED_STREAM
+
+
+def test_response_compression_can_be_kept_at_a_cpu_cost():
+    t = Triangle(limits=H2Limits(response_header_table_size=4096))
+    for i in range(3):
+        t.request(f"/p{i}")
+        t.pump()
+    got = t.responses()
+    assert [got[s]["status"] for s in sorted(got)] == ["200"] * 3
+    assert t.server.encoder.header_table_size == 4096  # the server kept its dynamic table
+    ended = [e for e in t.relay_events if isinstance(e, StreamEnded)]
+    assert [e.status for e in ended] == [200, 200, 200]
