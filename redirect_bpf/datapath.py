@@ -120,6 +120,7 @@ class Datapath:
         self._installed = sync.read_back(self._tries)
         self._synced_from: dict[int, tuple] = {}  # endpoint -> (MapState object, proxy ports)
         self._cgroup_fds: dict[str, int] = {}
+        self._readers: list[EventReader] = []
         self._proxy_cgroup_fds: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -140,6 +141,9 @@ class Datapath:
 
     def close(self) -> None:
         """Agent exit: drop our fds; programs, maps and attachments keep working."""
+        for reader in self._readers:
+            reader.stop()
+        self._readers = []
         for fd in [*self._cgroup_fds.values(), *self._proxy_cgroup_fds.values()]:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -476,7 +480,10 @@ class Datapath:
         *,
         labels_of: Callable[[int], list[str]] | None = None,
     ) -> EventReader:
-        """A started reader; flows go to on_flow (on the reader thread) or reader.queue."""
-        return EventReader(
+        """A started reader; flows go to on_flow (on the reader thread) or reader.queue.
+        close() stops the readers still running."""
+        reader = EventReader(
             self._loaded.ringbuf_fd, on_flow, node_name=self.node, labels_of=labels_of
         ).start()
+        self._readers.append(reader)
+        return reader
