@@ -68,6 +68,9 @@ class Nginx:
         html.mkdir(parents=True)
         (html / "index.html").write_text("hello from nginx\n")
         Path(self.dir, "html", "private.html").write_text("secret\n")
+        # 8 MiB of varied bytes for streaming checks (public/big.bin).
+        block = bytes(range(256)) * 4096
+        Path(html, "big.bin").write_bytes(b"".join(bytes([i]) + block for i in range(8))[: 8 << 20])
         conf = Path(self.dir, "nginx.conf")
         conf.write_text(NGINX_CONF.format(dir=self.dir, port=self.port))
         self.proc = subprocess.Popen(

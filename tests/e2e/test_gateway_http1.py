@@ -411,3 +411,27 @@ def test_header_match_actions_edit_the_forwarded_request(start_gateway, pybacken
     flows = json.dumps(gw.wait_flows(1))
     assert "secret-value" not in flows and "other" not in flows
     assert gw.flows()[-1]["l7"]["http"]["headers"] == [{"key": "X-Watched", "value": "[mismatch]"}]
+
+
+def test_large_response_streams_intact_and_http10_closes(start_gateway, nginx):
+    import hashlib
+    from pathlib import Path
+
+    gw = start_gateway(nginx.port)
+    want = hashlib.sha256(Path(nginx.dir, "html", "public", "big.bin").read_bytes()).hexdigest()
+    r = curl("--limit-rate", "20M", f"http://127.0.0.1:{gw.port}/public/big.bin")
+    assert hashlib.sha256(r.stdout).hexdigest() == want
+    out = raw_exchange(gw.port, b"GET /public/index.html HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 OK") and out.endswith(b"hello from nginx\n")
+
+
+def test_pipelined_posts_with_bodies_keep_their_framing(start_gateway, pybackend):
+    gw = start_gateway(pybackend.port, _policy_all())
+    batch = (
+        b"POST /one HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+        b"POST /two HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nde\r\n0\r\n\r\n"
+        b"GET /three HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    out = raw_exchange(gw.port, batch)
+    assert out.count(b"HTTP/1.1 200") == 3
+    assert out.index(b"POST /one len=3") < out.index(b"POST /two len=2") < out.index(b"GET /three")
