@@ -18,7 +18,7 @@ def limits_from_config(cfg) -> H2Limits:
     """The relay's limits, derived from the proxy's one config object where it has a knob."""
     return H2Limits(
         max_header_list_size=cfg.max_header_bytes,
-        hard_header_list_size=max(4 * cfg.max_header_bytes, cfg.max_header_bytes),
+        hard_header_list_size=4 * cfg.max_header_bytes,
         max_header_block=cfg.max_header_bytes,
         max_header_count=max(cfg.max_header_count, 16),
         deny_body=cfg.deny_message.encode("utf-8"),

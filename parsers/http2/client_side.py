@@ -159,9 +159,8 @@ class ClientSide:
         try:
             return self._requests.decode(block)
         except HeaderBlockError as exc:
-            too_big = "larger than" in str(exc)
-            code = f.ENHANCE_YOUR_CALM if too_big else f.COMPRESSION_ERROR
-            self._fail("client", code, "header list too large" if too_big else str(exc))
+            code = f.ENHANCE_YOUR_CALM if exc.too_large else f.COMPRESSION_ERROR
+            self._fail("client", code, "header list too large" if exc.too_large else str(exc))
             return None
 
     def _client_block(self, sid: int, end_stream: bool, block: bytes) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hpack import Decoder, HPACKError
+from hpack import Decoder, HPACKError, OversizedHeaderListError
 from hpack.table import HeaderTable
 
 STATIC_EXACT: dict[tuple[bytes, bytes], int] = {}
@@ -40,7 +40,12 @@ CACHE_ENTRIES = 512
 
 
 class HeaderBlockError(Exception):
-    """A header block that cannot be decoded: the HPACK state is lost, a connection error."""
+    """A header block that cannot be decoded: the HPACK state is lost, a connection error.
+    `too_large` marks a block that inflated past the decoder's hard limit (an HPACK bomb)."""
+
+    def __init__(self, message: str, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
 def _integer(value: int, prefix_bits: int, first: int) -> bytes:
@@ -158,6 +163,8 @@ class CachingDecoder:
             return cached
         try:
             raw = self._decoder.decode(block, raw=True)
+        except OversizedHeaderListError as exc:
+            raise HeaderBlockError(str(exc), too_large=True) from exc
         except (HPACKError, IndexError, ValueError) as exc:
             raise HeaderBlockError(f"{type(exc).__name__}: {exc}") from exc
         headers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in raw)
