@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +34,7 @@ L3L4 = DEMO / "sw_l3_l4_policy.yaml"
 L7 = DEMO / "sw_l3_l4_l7_policy.yaml"
 GATEWAY_L7 = DEMO / "gateway_sw_policy.yaml"
 CURL_TIMEOUT = 2
-# A loopback address of its own, so a local service on 127.0.0.1:8080 does not collide.
+# A loopback address of its own, so a local service on 127.0.0.1 does not collide.
 GATEWAY_HOST = "127.0.8.1"
 
 SHIPS = {
@@ -185,6 +186,14 @@ def node_demo(story: Story, pool: str, prefix: str, keep: bool) -> None:
 
     story.step("Start the agent (node mode: BPF on every endpoint veth, one transparent proxy)")
     agent = AgentProcess(pool=pool, prefix=prefix, bpf=True)
+    from l7proxy.agent.runner import sweep_namespaces
+
+    stale = sweep_namespaces(prefix)  # an earlier run killed with SIGKILL cannot clean up
+    if agent.pin_dir.exists():
+        shutil.rmtree(agent.pin_dir, ignore_errors=True)
+        stale.append(str(agent.pin_dir))
+    if stale:
+        story.say(f"removed leftovers of an earlier run: {', '.join(stale)}")
     story.command(["l7proxy", "agent", "--mode", "node", "--pool", pool, "--netns-prefix", prefix])
     procs: list[subprocess.Popen] = []
     agent.start()
@@ -361,6 +370,18 @@ def _wait_port(host: str, port: int, source: str, timeout: float = 15.0) -> None
     raise RuntimeError(f"nothing listens on {host}:{port}")
 
 
+def _gateway_policy() -> tuple[Path, int]:
+    """The policy port is the gateway's listener port: root listens on 80 and enforces the very
+    file node mode uses; others cannot bind 80 and use the 8080 copy of the same rule."""
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((GATEWAY_HOST, 80))
+        return L7, 80
+    except OSError:
+        return GATEWAY_L7, 8080
+
+
 def gateway_demo(story: Story) -> None:
     from l7proxy.agent.flowlog import table
 
@@ -370,6 +391,7 @@ def gateway_demo(story: Story) -> None:
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="l7proxy-demo-"))
     try:
+        policy, port = _gateway_policy()
         star_port = _free_port("127.0.0.1")
         server = subprocess.Popen(
             [
@@ -386,11 +408,11 @@ def gateway_demo(story: Story) -> None:
         gw = [
             "gateway",
             "--listen",
-            f"{GATEWAY_HOST}:8080",
+            f"{GATEWAY_HOST}:{port}",
             "--upstream",
             f"127.0.0.1:{star_port}",
             "--policy",
-            str(GATEWAY_L7),
+            str(policy),
             "--labels",
             SHIPS["deathstar"],
             "--peer",
@@ -401,7 +423,7 @@ def gateway_demo(story: Story) -> None:
             str(flow_log),
         ]
         story.command(["l7proxy", *gw])
-        print(GATEWAY_L7.read_text().strip())
+        print(policy.read_text().strip())
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "l7proxy", *gw],
@@ -409,11 +431,11 @@ def gateway_demo(story: Story) -> None:
                 stderr=subprocess.DEVNULL,
             )
         )
-        _wait_port(GATEWAY_HOST, 8080, "127.0.0.2")  # as the tiefighter
+        _wait_port(GATEWAY_HOST, port, "127.0.0.2")  # as the tiefighter
 
         def ship(src: str, method: str, path: str) -> Outcome:
             return curl(
-                story, [], method, f"http://{GATEWAY_HOST}:8080/{path}", ("--interface", src)
+                story, [], method, f"http://{GATEWAY_HOST}:{port}/{path}", ("--interface", src)
             )
 
         o = ship("127.0.0.2", "POST", "v1/request-landing")
@@ -438,10 +460,7 @@ def gateway_demo(story: Story) -> None:
             with contextlib.suppress(Exception):
                 proc.terminate()
                 proc.wait(5)
-        with contextlib.suppress(Exception):
-            import shutil
-
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         story.step("Clean up: gateway and deathstar stopped")
 
 

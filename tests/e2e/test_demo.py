@@ -121,3 +121,19 @@ def test_interrupted_demo_cleans_up():
     rest = proc.stdout.read()
     assert proc.wait(60) == 130, rest
     assert _leftovers(prefix) == []
+
+
+def test_gateway_copy_of_the_l7_policy_differs_only_in_the_port():
+    """Non-root gateway runs use the 8080 copy: it must say exactly what the node-mode file says."""
+    import yaml
+
+    demo = Path(__file__).resolve().parents[2] / "demo"
+    node = yaml.safe_load((demo / "sw_l3_l4_l7_policy.yaml").read_text())
+    copy = yaml.safe_load((demo / "gateway_sw_policy.yaml").read_text())
+    assert copy["spec"]["ingress"][0]["toPorts"][0]["ports"] == [
+        {"port": "8080", "protocol": "TCP"}
+    ]
+    copy["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"] = "80"
+    for doc in (node, copy):
+        doc["spec"].pop("description")
+    assert copy == node
