@@ -188,3 +188,35 @@ def test_response_compression_can_be_kept_at_a_cpu_cost():
     assert t.server.encoder.header_table_size == 4096  # the server kept its dynamic table
     ended = [e for e in t.relay_events if isinstance(e, StreamEnded)]
     assert [e.status for e in ended] == [200, 200, 200]
+
+
+def test_real_rule_set_with_header_mismatch_actions():
+    from types import SimpleNamespace
+
+    from l7proxy.http2.policy import H2Policy
+    from policies import HttpRuleSet
+    from policies.model import HeaderMatch, HttpRule
+
+    rules = HttpRuleSet(
+        [
+            HttpRule(
+                method="GET",
+                path="/public/.*",
+                headers=(
+                    HeaderMatch("x-team", "blue", mismatch="ADD"),
+                    HeaderMatch("x-debug", "0", mismatch="DELETE"),
+                ),
+            )
+        ]
+    )
+    policy = H2Policy(SimpleNamespace(rules=lambda: rules))
+    t = Triangle(policy.decide)
+    ok = t.request("/public/a", extra=[("x-debug", "1")])
+    denied = t.request("/other")
+    t.pump()
+    got = t.responses()
+    assert got[ok]["status"] == "200" and got[denied]["status"] == "403"
+    forwarded = [e for e in t.server_events if isinstance(e, h2.events.RequestReceived)]
+    headers = dict(forwarded[0].headers)
+    assert headers["x-team"] == "blue"
+    assert "x-debug" not in headers
