@@ -46,7 +46,7 @@ class H2Policy:
         if not actions:
             return ALLOW
         edited, logged = apply_header_actions(request.headers, actions)
-        return Decision(True, edited, logged or None)
+        return Decision(True, edited, logged)
 
 
 def _action_parts(act) -> tuple[str, str, str | None]:

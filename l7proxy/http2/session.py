@@ -43,13 +43,13 @@ _monotonic = time.monotonic
 
 
 class _Inflight:
-    __slots__ = ("start", "request", "status", "allowed")
+    __slots__ = ("start", "request", "status", "logged")
 
-    def __init__(self, start: float, request, allowed: bool) -> None:
+    def __init__(self, start: float, request, logged) -> None:
         self.start = start
         self.request = request
         self.status = 0
-        self.allowed = allowed
+        self.logged = logged  # header names a LOG mismatch action named (never their values)
 
 
 class _Upstream(asyncio.Protocol):
@@ -328,11 +328,11 @@ class H2Session(asyncio.Protocol):
                 allowed = ev.decision.allowed
                 if allowed:
                     pm.forwarded.inc()
-                    inflight[ev.stream_id] = _Inflight(_monotonic(), ev.request, True)
+                    inflight[ev.stream_id] = _Inflight(_monotonic(), ev.request, ev.decision.logged)
                 else:
                     pm.denied.inc()
                     if self.ctx.flows.active:
-                        item = _Inflight(_monotonic(), ev.request, False)
+                        item = _Inflight(_monotonic(), ev.request, ())
                         item.status = 200 if ev.request.is_grpc else 403
                         self._emit_flow(item, DROPPED, "7" if ev.request.is_grpc else None)
             elif cls is StreamEnded:
@@ -365,7 +365,7 @@ class H2Session(asyncio.Protocol):
             "method": req.method,
             "url": req.path,
             "protocol": "HTTP/2",
-            "headers": [],
+            "headers": [{"key": name, "value": "[mismatch]"} for name in item.logged],
         }
         summary = f"HTTP/2 {item.status} {latency // 1_000_000}ms ({req.method} {req.path})"
         if req.is_grpc:

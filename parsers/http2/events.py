@@ -52,11 +52,12 @@ class H2Limits:
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The policy's answer for one request. `headers` replaces the forwarded header list when a
-    rule rewrote it (header_actions); None forwards the request's own headers."""
+    rule rewrote it (header_actions); None forwards the request's own headers. `logged` names the
+    headers a LOG mismatch action flagged (for the flow; values are never logged)."""
 
     allowed: bool
     headers: tuple[tuple[str, str], ...] | None = None
-    note: object = None
+    logged: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -333,4 +334,38 @@ def test_policy_reload_applies_to_the_next_stream_of_an_open_connection(nginx_h2
         assert client.streams[again]["body"] == b"secret\n"
     finally:
         client.close()
+        gw.stop()
+
+
+def test_log_mismatch_names_the_header_in_the_flow(nginx_h2, tmp_path):
+    port = free_port()
+    policy = tmp_path / "policy-log.yaml"
+    rules = (
+        '- method: GET\n          path: "/public/.*"\n          headerMatches:\n'
+        "          - mismatch: LOG\n            name: x-token\n            value: expected"
+    )
+    policy.write_text(policy_yaml(port, rules))
+    gw = Gateway(
+        [
+            "--listen", f"127.0.0.1:{port}",
+            "--upstream", f"127.0.0.1:{nginx_h2.port}",
+            "--policy", str(policy),
+            "--labels", "app=web",
+            "--protocol", "http2",
+        ],
+        flow_log=str(tmp_path / "flows-log.log"),
+    )  # fmt: skip
+    try:
+        ok = curl(
+            "--http2-prior-knowledge", "-H", "x-token: secret-value",
+            f"http://127.0.0.1:{port}/public/index.html",
+        )  # fmt: skip
+        assert ok.stdout == b"hello from nginx\n"
+        end = time.monotonic() + 5
+        while not gw.flows() and time.monotonic() < end:
+            time.sleep(0.1)
+        flow = gw.flows()[-1]
+        assert flow["l7"]["http"]["headers"] == [{"key": "x-token", "value": "[mismatch]"}]
+        assert "secret-value" not in json.dumps(flow)
+    finally:
         gw.stop()
