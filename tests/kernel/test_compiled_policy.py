@@ -9,7 +9,7 @@ import pytest
 
 import policies as P
 from tests.kernel.conftest import host_addresses, topology
-from tests.kernel.netns import EchoServer, tcp_ok
+from tests.kernel.netns import BLOCKED, EchoServer, tcp_ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(120)]
 
@@ -103,7 +103,7 @@ def test_compiled_policy_enforced_in_the_kernel_matches_the_engine():
                 ]
                 for src, ip, port, expected in cases:
                     assert engine_allows(src, ip, port) is expected, (src, ip, port)
-                    got = tcp_ok(pods[src].netns, ip, port, timeout=0.5)
+                    got = tcp_ok(pods[src].netns, ip, port, timeout=5 if expected else BLOCKED)
                     assert got is expected, (src, ip, port)
 
                 # One rule changes (b's port 8080 -> 8081): only its diff reaches the kernel.
@@ -124,7 +124,7 @@ def test_compiled_policy_enforced_in_the_kernel_matches_the_engine():
                     sum(len(ch.deletes) for ch in changes.values()),
                 )
                 assert tcp_ok(a.netns, b.pod_ip, 8081)
-                assert not tcp_ok(a.netns, b.pod_ip, 8080, timeout=0.5)
+                assert not tcp_ok(a.netns, b.pod_ip, 8080, timeout=BLOCKED)
             finally:
                 for s in (*extra, *outside, host):
                     s.close()

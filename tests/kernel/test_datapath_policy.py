@@ -10,7 +10,7 @@ import pytest
 from policies import EGRESS, INGRESS, PolicyEntry, PolicyKey
 from redirect_bpf.structs import IDENTITY_HOST, IDENTITY_WORLD
 from tests.kernel.conftest import host_addresses
-from tests.kernel.netns import EchoServer, in_netns, sh, sock_in, tcp_ok, udp_ok
+from tests.kernel.netns import BLOCKED, EchoServer, in_netns, sh, sock_in, tcp_ok, udp_ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(60)]
 
@@ -54,8 +54,8 @@ def test_l3_allow_by_identity_then_default_deny(clean):
         )
         assert tcp_ok(a.netns, b.pod_ip, port)
         assert udp_ok(a.netns, b.pod_ip, port)
-        assert not tcp_ok(c.netns, b.pod_ip, port)
-        assert not udp_ok(c.netns, b.pod_ip, port)
+        assert not tcp_ok(c.netns, b.pod_ip, port, timeout=BLOCKED)
+        assert not udp_ok(c.netns, b.pod_ip, port, timeout=BLOCKED)
         flows = drain(reader)
     finally:
         reader.stop()
@@ -96,10 +96,10 @@ def test_l4_ports_and_port_ranges(clean):
         assert tcp_ok(a.netns, b.pod_ip, 8080)
         assert tcp_ok(a.netns, b.pod_ip, 9001)
         assert tcp_ok(a.netns, b.pod_ip, 9003)
-        assert not tcp_ok(a.netns, b.pod_ip, 9004)  # just outside the range
-        assert not udp_ok(a.netns, b.pod_ip, 8080)  # the port rule is TCP only
+        assert not tcp_ok(a.netns, b.pod_ip, 9004, timeout=BLOCKED)  # just outside the range
+        assert not udp_ok(a.netns, b.pod_ip, 8080, timeout=BLOCKED)  # the port rule is TCP only
         assert udp_ok(a.netns, b.pod_ip, 9004)
-        assert not tcp_ok(t.pods[2].netns, b.pod_ip, 9001)  # range is for A only
+        assert not tcp_ok(t.pods[2].netns, b.pod_ip, 9001, timeout=BLOCKED)  # range is for A only
     finally:
         for s in servers:
             s.close()
@@ -119,8 +119,8 @@ def test_deny_beats_allow(clean):
         }
         t.dp.sync_endpoint(t.ids[1], state, ingress_enforced=True, egress_enforced=False)
         assert tcp_ok(a.netns, b.pod_ip, t.servers[1].port)
-        assert not tcp_ok(a.netns, b.pod_ip, 8081)
-        assert not tcp_ok(c.netns, b.pod_ip, t.servers[1].port)
+        assert not tcp_ok(a.netns, b.pod_ip, 8081, timeout=BLOCKED)
+        assert not tcp_ok(c.netns, b.pod_ip, t.servers[1].port, timeout=BLOCKED)
         flows = drain(reader)
     finally:
         reader.stop()
@@ -162,8 +162,10 @@ def test_cidr_with_except_world_and_host_egress(clean):
                 egress_enforced=True,
             )
             assert tcp_ok(a.netns, inside, servers[0].port)
-            assert not tcp_ok(a.netns, excepted, servers[1].port)
-            assert not tcp_ok(a.netns, a.host_ip, host_server.port)  # host not allowed
+            assert not tcp_ok(a.netns, excepted, servers[1].port, timeout=BLOCKED)
+            assert not tcp_ok(
+                a.netns, a.host_ip, host_server.port, timeout=BLOCKED
+            )  # host not allowed
             # world: addresses the ipcache does not know
             t.dp.ipcache_delete(f"{net}.0/24")
             t.dp.ipcache_delete(f"{net}.128/25")
@@ -175,7 +177,7 @@ def test_cidr_with_except_world_and_host_egress(clean):
                 egress_enforced=True,
             )
             assert tcp_ok(a.netns, inside, servers[0].port)
-            assert not tcp_ok(a.netns, a.host_ip, host_server.port)
+            assert not tcp_ok(a.netns, a.host_ip, host_server.port, timeout=BLOCKED)
             # host entity
             t.dp.sync_endpoint(
                 t.ids[0],
@@ -184,8 +186,8 @@ def test_cidr_with_except_world_and_host_egress(clean):
                 egress_enforced=True,
             )
             assert tcp_ok(a.netns, a.host_ip, host_server.port)
-            assert not udp_ok(a.netns, a.host_ip, host_server.port)
-            assert not tcp_ok(a.netns, inside, servers[0].port)
+            assert not udp_ok(a.netns, a.host_ip, host_server.port, timeout=BLOCKED)
+            assert not tcp_ok(a.netns, inside, servers[0].port, timeout=BLOCKED)
         finally:
             for s in (*servers, host_server):
                 s.close()
@@ -205,7 +207,7 @@ def test_replies_pass_even_when_the_reverse_direction_is_denied(clean):
     )
     assert tcp_ok(a.netns, b.pod_ip, t.servers[1].port)
     assert udp_ok(a.netns, b.pod_ip, t.servers[1].port)
-    assert not tcp_ok(b.netns, a.pod_ip, t.servers[0].port)
+    assert not tcp_ok(b.netns, a.pod_ip, t.servers[0].port, timeout=BLOCKED)
 
 
 def test_established_flow_survives_unrelated_change_and_is_cut_when_denied(clean):
@@ -214,7 +216,7 @@ def test_established_flow_survives_unrelated_change_and_is_cut_when_denied(clean
     allow_a = {K(t.identities[0], INGRESS, TCP): ALLOW}
     t.dp.sync_endpoint(t.ids[1], allow_a, ingress_enforced=True, egress_enforced=False)
     s = sock_in(a.netns)
-    s.settimeout(1.0)
+    s.settimeout(5.0)
     s.connect((b.pod_ip, t.servers[1].port))
     try:
         s.sendall(b"one")
@@ -237,6 +239,7 @@ def test_established_flow_survives_unrelated_change_and_is_cut_when_denied(clean
             egress_enforced=False,
         )
         s.sendall(b"three")
+        s.settimeout(1.0)
         with pytest.raises(TimeoutError):  # nothing comes back
             s.recv(16)
     finally:
@@ -280,7 +283,7 @@ def test_per_cpu_counters_count_verdicts(clean):
         egress_enforced=False,
     )
     assert tcp_ok(a.netns, b.pod_ip, t.servers[1].port)
-    assert not tcp_ok(c.netns, b.pod_ip, t.servers[1].port, timeout=0.3)
+    assert not tcp_ok(c.netns, b.pod_ip, t.servers[1].port, timeout=BLOCKED)
     after = t.dp.counters()
 
     def delta(key):
@@ -300,9 +303,9 @@ def test_ipv6_cannot_bypass_an_enforced_ipv4_policy(clean):
     server = socket.create_server(("fd00:250::1", 0), family=socket.AF_INET6)
     port = server.getsockname()[1]
 
-    def v6_ok():
+    def v6_ok(timeout=5.0):
         s = in_netns(a.netns, socket.socket, socket.AF_INET6, socket.SOCK_STREAM)
-        s.settimeout(0.5)
+        s.settimeout(timeout)
         try:
             s.connect(("fd00:250::1", port))
             return True
@@ -319,7 +322,7 @@ def test_ipv6_cannot_bypass_an_enforced_ipv4_policy(clean):
             ingress_enforced=False,
             egress_enforced=True,
         )
-        assert not v6_ok()  # egress enforced (IPv4-only policy): IPv6 is dropped
+        assert not v6_ok(BLOCKED)  # egress enforced (IPv4-only policy): IPv6 is dropped
     finally:
         server.close()
         sh("ip", "addr", "del", "fd00:250::1/64", "dev", a.host_if, check=False)

@@ -12,7 +12,7 @@ import pytest
 
 from l7proxy import platform
 from policies import EGRESS, INGRESS, PolicyEntry, PolicyKey
-from tests.kernel.netns import sock_in, tcp_ok
+from tests.kernel.netns import BLOCKED, sock_in, tcp_ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(60)]
 
@@ -51,7 +51,7 @@ class SpliceProxy:
         try:
             if self.mark:
                 platform.mark_upstream(up, self.identity_of(peer[0]))
-            up.settimeout(2)
+            up.settimeout(5)
             up.connect(orig)
             up.settimeout(None)
         except OSError:
@@ -116,7 +116,7 @@ def test_egress_redirect_reaches_transparent_proxy_with_original_destination(cle
             egress_enforced=False,
         )
         s = sock_in(a.netns)
-        s.settimeout(2)
+        s.settimeout(5)
         s.connect((b.pod_ip, server.port))
         for i in range(20):  # several round trips over the same redirected flow
             msg = f"hello {i}".encode()
@@ -157,12 +157,12 @@ def test_ingress_redirect_of_a_local_destination(clean):
             egress_enforced=False,
             proxy_ports={9: proxy.port},
         )
-        assert tcp_ok(a.netns, b.pod_ip, server.port, timeout=2)
+        assert tcp_ok(a.netns, b.pod_ip, server.port, timeout=5)
         assert proxy.accepted and proxy.accepted[0][1] == (b.pod_ip, server.port)
-        assert not tcp_ok(c.netns, b.pod_ip, server.port)  # C has no entry at all
+        assert not tcp_ok(c.netns, b.pod_ip, server.port, timeout=BLOCKED)  # C has no entry at all
         # A redirected flow survives an unrelated policy change (it is re-checked, not cut).
         s = sock_in(a.netns)
-        s.settimeout(2)
+        s.settimeout(5)
         s.connect((b.pod_ip, server.port))
         s.sendall(b"before")
         assert s.recv(16) == b"before"
@@ -199,7 +199,7 @@ def test_unmarked_host_traffic_cannot_skip_the_proxy(clean):
         )
         # Without the mark the proxy's upstream leg is just host traffic that wants the
         # proxy, which the to-endpoint hook cannot provide: dropped, fail closed.
-        assert not tcp_ok(a.netns, b.pod_ip, server.port, timeout=1)
+        assert not tcp_ok(a.netns, b.pod_ip, server.port, timeout=BLOCKED)
         assert proxy.accepted  # the client leg did reach the proxy
     finally:
         proxy.close()
@@ -219,9 +219,9 @@ def test_fail_closed_when_no_proxy_listens(clean):
             egress_enforced=True,
             proxy_ports={7: proxy.port},
         )
-        assert tcp_ok(a.netns, b.pod_ip, server.port, timeout=2)
+        assert tcp_ok(a.netns, b.pod_ip, server.port, timeout=5)
         proxy.close()  # the proxy goes away
-        assert not tcp_ok(a.netns, b.pod_ip, server.port)
+        assert not tcp_ok(a.netns, b.pod_ip, server.port, timeout=BLOCKED)
         # No proxy port known for the rule set at all: also dropped, never passed through.
         t.dp.sync_endpoint(
             t.ids[0],
@@ -230,7 +230,7 @@ def test_fail_closed_when_no_proxy_listens(clean):
             egress_enforced=True,
             proxy_ports={},
         )
-        assert not tcp_ok(a.netns, b.pod_ip, server.port)
+        assert not tcp_ok(a.netns, b.pod_ip, server.port, timeout=BLOCKED)
         flows = drain(reader)
     finally:
         reader.stop()

@@ -18,7 +18,7 @@ import pytest
 from policies import INGRESS, PolicyEntry, PolicyKey
 from redirect_bpf import bpfsys, loader
 from tests.conftest import REPO
-from tests.kernel.netns import EchoServer, free_octets, pod, sock_in, tcp_ok
+from tests.kernel.netns import BLOCKED, EchoServer, free_octets, pod, sock_in, tcp_ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(90)]
 
@@ -118,7 +118,7 @@ def test_agent_restart_keeps_enforcing_and_loses_no_connection():
             assert agent.wait(10) == 0
             # Nobody runs: the stream goes on and the policy still holds.
             assert stream.progress(0.5) > 0
-            assert not tcp_ok(c.netns, b.pod_ip, server.port, timeout=0.4)
+            assert not tcp_ok(c.netns, b.pod_ip, server.port, timeout=BLOCKED)
             dp = Datapath(pin_dir, node="restart")  # second agent
             assert dp.reused
             for ifname, ep_id, identity, ip in cfg["endpoints"]:
@@ -142,7 +142,7 @@ def test_agent_restart_keeps_enforcing_and_loses_no_connection():
                 egress_enforced=False,
             )
             assert tcp_ok(c.netns, b.pod_ip, server.port)
-            assert not tcp_ok(a.netns, b.pod_ip, server.port, timeout=0.4)
+            assert not tcp_ok(a.netns, b.pod_ip, server.port, timeout=BLOCKED)
         finally:
             if stream:
                 stream.close()
