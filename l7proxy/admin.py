@@ -74,6 +74,10 @@ class AdminServer:
         self._server = await asyncio.start_server(self._serve, host, port, **kw)
         return self._server.sockets[0].getsockname()[:2]
 
+    async def start_unix(self, path: str) -> None:
+        """Serve on a unix socket (the workers' private metrics endpoint)."""
+        self._server = await asyncio.start_unix_server(self._serve, path)
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -161,13 +165,36 @@ async def _write(writer: asyncio.StreamWriter, resp: AdminResponse, head_only=Fa
             await aclose()
 
 
-def install_core_routes(admin: AdminServer, metrics, policy_info: Callable[[], dict]) -> None:
-    """Mount /metrics, /healthz and /policy (policy_info returns revision and files)."""
+async def fetch_unix(path: str, target: str, timeout: float = 2.0) -> bytes:
+    """GET `target` from an admin server on a unix socket; the body, b"" on any failure."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+    except (OSError, TimeoutError):
+        return b""
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nhost: worker\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), timeout)
+    except (OSError, TimeoutError):
+        return b""
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return body if head.startswith(b"HTTP/1.1 200") else b""
+
+
+def install_core_routes(
+    admin: AdminServer, metrics, policy_info: Callable[[], dict], peer_sockets=()
+) -> None:
+    """Mount /metrics, /healthz and /policy (policy_info returns revision and files).
+    `peer_sockets`: unix sockets of the other workers, whose metrics are summed into ours."""
+    from l7proxy.metrics import merge_expositions
 
     async def metrics_route(request: AdminRequest) -> AdminResponse:
-        return AdminResponse(
-            200, metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8"
-        )
+        text = metrics.render()
+        if peer_sockets:
+            others = await asyncio.gather(*(fetch_unix(p, "/metrics") for p in peer_sockets))
+            text = merge_expositions([text, *(o.decode() for o in others if o)])
+        return AdminResponse(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     async def healthz(request: AdminRequest) -> AdminResponse:
         return AdminResponse.text("ok\n")

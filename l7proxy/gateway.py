@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import tempfile
 
 from l7proxy.admin import AdminServer, install_core_routes
 from l7proxy.config import GatewayConfig
@@ -60,6 +62,8 @@ class GatewayWorker:
         self.sweeper = DeadlineSweeper()
         self.pool = UpstreamPool(cfg.proxy.upstream_pool_size, cfg.proxy.upstream_connect_timeout)
         self.admin: AdminServer | None = None
+        self.private: AdminServer | None = None
+        self.map_service = None
         self.servers: list[asyncio.AbstractServer] = []
         self.stopping: asyncio.Event | None = None
 
@@ -90,7 +94,11 @@ class GatewayWorker:
             upstreams=self.pool,
         )
 
-    async def run(self, sockets, admin_sock, on_listening) -> int:
+    async def run(
+        self, sockets, admin_sock, on_listening, metrics_path=None, peer_metrics=()
+    ) -> int:
+        """Serve until SIGTERM. With several workers, worker 0 has the admin port and sums the
+        others' /metrics, which each serves on its private unix socket `metrics_path`."""
         loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self.metrics.policy_revision.set(self.policy.current.revision)
@@ -101,8 +109,13 @@ class GatewayWorker:
             self.servers.append(server)
         if admin_sock is not None:
             self.admin = AdminServer()
-            install_core_routes(self.admin, self.metrics, self._policy_info)
+            install_core_routes(self.admin, self.metrics, self._policy_info, peer_metrics)
+            self._mount_map(multi=bool(peer_metrics))
             await self.admin.start(None, None, sock=admin_sock)
+        if metrics_path is not None:
+            self.private = AdminServer()
+            install_core_routes(self.private, self.metrics, self._policy_info)
+            await self.private.start_unix(metrics_path)
         self.sweeper.start()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
@@ -113,6 +126,18 @@ class GatewayWorker:
         watcher.cancel()
         await self.drain()
         return 0
+
+    def _mount_map(self, multi: bool) -> None:
+        """The live dependency map (l7proxy/depmap) on the admin port: fed by this worker's
+        flows, or by the shared flow log when several workers write it."""
+        try:
+            from l7proxy.depmap.web import mount
+        except ImportError:
+            return
+        if multi and self.cfg.flow_log and self.cfg.flow_log != "-":
+            self.map_service = mount(self.admin, follow_log=self.cfg.flow_log)
+        else:
+            self.map_service = mount(self.admin, self.flows)
 
     def _policy_info(self) -> dict:
         info = self.policy.current.info()
@@ -154,8 +179,11 @@ class GatewayWorker:
             elif getattr(session, "transport", None) is not None:
                 session.transport.close()
         self.sweeper.stop()
-        if self.admin is not None:
-            await self.admin.close()
+        if self.map_service is not None:
+            await self.map_service.close()
+        for admin in (self.admin, self.private):
+            if admin is not None:
+                await admin.close()
         self.pool.close()
         self.flows.close()
         log("drained, exiting")
@@ -188,6 +216,9 @@ def run_gateway(cfg: GatewayConfig) -> int:
         install_uvloop()
         return asyncio.run(GatewayWorker(cfg, policy).run(sockets, admin_sock, announce))
 
+    sockdir = tempfile.mkdtemp(prefix="l7proxy-workers-")
+    metric_paths = [os.path.join(sockdir, f"worker-{i}.sock") for i in range(cfg.workers)]
+
     def child(index: int, ready_fd: int) -> int:
         own = [bind(*s.getsockname()[:2], listen=True) for s in sockets]
         own_admin = None
@@ -203,6 +234,12 @@ def run_gateway(cfg: GatewayConfig) -> int:
             os.write(ready_fd, b"r")
             os.close(ready_fd)
 
-        return asyncio.run(GatewayWorker(cfg, policy).run(own, own_admin, ready))
+        worker = GatewayWorker(cfg, policy)
+        if index == 0:
+            return asyncio.run(worker.run(own, own_admin, ready, None, metric_paths[1:]))
+        return asyncio.run(worker.run(own, None, ready, metric_paths[index]))
 
-    return run_forked(cfg.workers, child, announce)
+    try:
+        return run_forked(cfg.workers, child, announce)
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)

@@ -181,6 +181,57 @@ class Registry:
         return "\n".join(lines) + "\n"
 
 
+# Gauges that describe the process rather than count things: merged by max, not summed.
+_NOT_ADDITIVE = ("l7proxy_policy_revision",)
+
+
+def merge_expositions(texts: list[str]) -> str:
+    """Sum several workers' expositions sample by sample (counters, histograms and connection
+    gauges add up; a revision is the max). Samples stay grouped under their family's
+    HELP/TYPE lines, as the text format requires."""
+    families: dict[str, list[str]] = {}  # family -> header lines then sample keys, in order
+    values: dict[str, float] = {}
+    histograms: set[str] = set()
+    for text in texts:
+        for line in text.splitlines():
+            if line.startswith("# TYPE ") and line.endswith(" histogram"):
+                histograms.add(line.split()[2])
+    for text in texts:
+        for line in text.splitlines():
+            if not line:
+                continue
+            if line.startswith("#"):
+                parts = line.split(maxsplit=3)
+                entries = families.setdefault(parts[2] if len(parts) > 2 else line, [])
+                if line not in entries:
+                    entries.append(line)
+                continue
+            key, _, number = line.rpartition(" ")
+            try:
+                value = float(number)
+            except ValueError:
+                continue
+            name = key.split("{", 1)[0]
+            family = name
+            for suffix in ("_bucket", "_sum", "_count"):
+                if name.endswith(suffix) and name[: -len(suffix)] in histograms:
+                    family = name[: -len(suffix)]
+            entries = families.setdefault(family, [])
+            if key not in values:
+                values[key] = value
+                entries.append(key)
+            elif key.startswith(_NOT_ADDITIVE):
+                values[key] = max(values[key], value)
+            else:
+                values[key] += value
+    lines = [
+        entry if entry.startswith("#") else f"{entry} {_num(values[entry])}"
+        for entries in families.values()
+        for entry in entries
+    ]
+    return "\n".join(lines) + "\n"
+
+
 class ProxyMetrics:
     """The metrics every protocol session shares (names from the issue, Cilium-like)."""
 

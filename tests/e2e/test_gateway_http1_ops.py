@@ -138,18 +138,21 @@ def test_sigterm_drains_requests_in_flight(start_gateway, pybackend):
     assert "drained" in gw.log()
 
 
-def test_workers_share_the_port(start_gateway, nginx):
+def test_workers_share_the_port_and_metrics_add_up(start_gateway, nginx):
     gw = start_gateway(nginx.port, None, "--workers", "2")
-    pids = set()
     for _ in range(40):
         out = raw_exchange(
             gw.port, b"GET /public/index.html HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
         )
         assert out.startswith(b"HTTP/1.1 200")
-    for _ in range(10):
-        pids.add(json.loads(fetch(gw.admin_port, "/policy"))["pid"])
-    assert gw.proc.pid not in pids  # the admin answers from a worker
     assert status_of(gw.port, "/x") == 403
+    pids = {json.loads(fetch(gw.admin_port, "/policy"))["pid"] for _ in range(5)}
+    assert gw.proc.pid not in pids  # the admin answers from a worker
+    metrics = fetch(gw.admin_port, "/metrics").decode()
+    # Both workers' counters, summed (the kernel spreads the 41 connections over the two).
+    assert 'policy_l7_total{rule="received",proto="http"} 41' in metrics
+    assert 'policy_l7_total{rule="denied",proto="http"} 1' in metrics
+    assert metrics.count("# TYPE policy_l7_total counter") == 1
     assert gw.stop() == 0
 
 
@@ -158,6 +161,7 @@ def test_admin_endpoints(start_gateway, nginx):
     fetch(gw.port, "/public/index.html")
     status_of(gw.port, "/private.html")
     assert fetch(gw.admin_port, "/healthz") == b"ok\n"
+    assert "nodes" in json.loads(fetch(gw.admin_port, "/map.json"))  # the depmap is mounted
     info = json.loads(fetch(gw.admin_port, "/policy"))
     assert info["revision"] == 1 and info["files"] == [str(gw.policy_path)]
     m = fetch(gw.admin_port, "/metrics").decode()

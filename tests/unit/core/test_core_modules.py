@@ -173,3 +173,26 @@ def test_admin_routes_and_streaming():
             await admin.close()
 
     asyncio.run(run())
+
+
+def test_merge_expositions_sums_samples_and_keeps_families_grouped():
+    from l7proxy.metrics import merge_expositions
+
+    a, b = ProxyMetrics(), ProxyMetrics()
+    a.for_proto("http").received.inc(3)
+    a.for_proto("http").duration.observe(0.002)
+    a.policy_revision.set(4)
+    b.for_proto("http").received.inc(2)
+    b.for_proto("http").denied.inc()  # only in the second worker
+    b.for_proto("http").duration.observe(0.002)
+    b.policy_revision.set(4)
+    merged = merge_expositions([a.render(), b.render()])
+    lines = merged.splitlines()
+    assert 'policy_l7_total{rule="received",proto="http"} 5' in lines
+    assert 'policy_l7_total{rule="denied",proto="http"} 1' in lines
+    assert 'l7proxy_request_duration_seconds_count{proto="http"} 2' in lines
+    assert "l7proxy_policy_revision 4" in lines
+    # the denied sample sits with its family, before the next family's TYPE line
+    denied = lines.index('policy_l7_total{rule="denied",proto="http"} 1')
+    next_type = next(i for i, ln in enumerate(lines) if ln.startswith("# TYPE l7proxy_request"))
+    assert lines.index("# TYPE policy_l7_total counter") < denied < next_type
