@@ -41,6 +41,7 @@ from parsers.kafka.responses import (
     Address,
     cap_api_versions,
     error_codes,
+    filter_topics,
     rewrite_brokers,
     rewrite_metadata,
     supported_versions,
@@ -103,6 +104,7 @@ class _Pending:
     synthetic: bytes | None = None  # a denial waiting its turn
     denied_topics: tuple = ()  # Metadata: (name, id) answered with 29 in the response
     error_code: int = 0  # first non-zero error code seen in the response
+    filter_topics: bool = False  # an "all topics" answer to filter by visibility
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +259,9 @@ class KafkaLayer:
             else:
                 names.append(name)
         pending = _Pending(header.correlation_id, key, version, flexible, now)
+        pending.filter_topics = (
+            all_topics and key != METADATA and rules is not None and not rules.allow_all
+        )
         if rules is None or rules.allow_all:
             self._forward(framed, header, request, pending, names, out)
             return
@@ -453,7 +458,7 @@ class KafkaLayer:
 
     def _rewrites(self, pending: _Pending) -> bool:
         key = pending.api_key
-        if key == API_VERSIONS or key == METADATA:
+        if key == API_VERSIONS or key == METADATA or pending.filter_topics:
             return True
         return bool(self._settings.brokers) and key in (FIND_COORDINATOR, DESCRIBE_CLUSTER)
 
@@ -502,6 +507,11 @@ class KafkaLayer:
             return result.body
         if brokers and key in (FIND_COORDINATOR, DESCRIBE_CLUSTER):
             return rewrite_brokers(key, body, version, brokers)
+        if pending.filter_topics:
+            rules = self._rules()
+            if rules is not None and not rules.allow_all:
+                return filter_topics(key, body, version, rules.topic_visible)
+            return None
         try:
             value, _ = API_TABLE[key].response_codec(version).decode(memoryview(body), 0)
         except (DecodeError, KeyError, UnicodeDecodeError):

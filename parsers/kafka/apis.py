@@ -170,10 +170,23 @@ def topics_of(key: int, version: int, request: dict) -> TopicRefs:
                 names.append(leaf)
             elif isinstance(leaf, bytes) and leaf != ZERO_UUID:
                 ids.append(leaf)
-    all_topics = key == 3 and (
-        request.get("topics") is None or (version == 0 and not request.get("topics"))
-    )
+    all_topics = _asks_all_topics(key, version, request)
     return TopicRefs(tuple(dict.fromkeys(names)), tuple(dict.fromkeys(ids)), all_topics)
+
+
+def _asks_all_topics(key: int, version: int, request: dict) -> bool:
+    """Requests that name no topic but are answered for every topic (the response is filtered to
+    the topics the client may see): Metadata with a null list (v0: empty), OffsetFetch for all of
+    a group's committed topics, DescribeTopicPartitions with an empty list."""
+    if key == 3:
+        return request.get("topics") is None or (version == 0 and not request.get("topics"))
+    if key == 9:
+        if version <= 7:
+            return version >= 2 and request.get("topics") is None
+        return any(g.get("topics") is None for g in request.get("groups") or ())
+    if key == 75:
+        return not request.get("topics")
+    return False
 
 
 def expects_response(key: int, request: dict) -> bool:

@@ -154,3 +154,19 @@ def error_codes(value) -> list[int]:
                 elif isinstance(field_value, list | dict):
                     stack.append(field_value)
     return found
+
+
+def filter_topics(api_key: int, body: bytes, version: int, visible: Callable[[str], bool]) -> bytes:
+    """OffsetFetch / DescribeTopicPartitions answered for "all topics": keep visible topics only."""
+    codec = API_TABLE[api_key].response_codec(version)
+    value, _ = codec.decode(memoryview(body), 0)
+    lists = [value]
+    if api_key == 9 and version >= 8:
+        lists = value.get("groups") or []
+    for holder in lists:
+        topics = holder.get("topics")
+        if topics:
+            holder["topics"] = [t for t in topics if t.get("name") is None or visible(t["name"])]
+    out = bytearray()
+    codec.encode(out, value)
+    return bytes(out)

@@ -314,3 +314,25 @@ def test_large_denied_or_multi_topic_produce_waits_for_the_whole_frame():
     two = _big_produce(["t1", "secret"], 2)
     outs = [lay.client_data(two[i : i + 65536]) for i in range(0, len(two), 65536)]
     assert not any(of(ToUpstream, o) for o in outs) and of(ToClient, outs[-1])
+
+
+def test_offset_fetch_for_all_topics_is_filtered_to_visible_topics():
+    rules = KafkaRuleSet([KafkaRule(api_keys=(3, 9), topic="t1")])
+
+    def committed(names):
+        return [{"name": n, "partitions": [{"partition_index": 0, "committed_offset": 5}]}
+                for n in names]  # fmt: skip
+
+    # v3: a null topic list; v8: the multi-group form with a null topic list for the group.
+    for version, req, resp in (
+        (3, {"group_id": "g", "topics": None}, {"topics": committed(["t1", "secret"])}),
+        (8, {"groups": [{"group_id": "g", "topics": None}]},
+         {"groups": [{"group_id": "g", "topics": committed(["t1", "secret"])}]}),
+    ):  # fmt: skip
+        lay = layer(rules)
+        assert of(ToUpstream, lay.client_data(request(9, version, 5, req)))
+        out = lay.upstream_data(response(9, version, 5, resp))
+        data = b"".join(bytes(c.data) for c in of(ToClient, out))
+        decoded = RESPONSES[9].decode(data[4:], version=version, header=True)
+        topics = decoded.topics if version < 8 else decoded.groups[0].topics
+        assert [t.name for t in topics] == ["t1"]
