@@ -49,6 +49,7 @@ from parsers.kafka.responses import (
 
 _SIZE_CID = struct.Struct(">ii")
 PRODUCE, FETCH = 0, 1
+CONSUMER_GROUP_HEARTBEAT = 68
 # Versions that may carry broker endpoints in tagged fields (KIP-951): a gateway caps below them
 # so that clients only ever learn broker addresses from the responses it rewrites.
 GATEWAY_CAPS = {PRODUCE: 9, FETCH: 15}
@@ -269,6 +270,15 @@ class KafkaLayer:
         allowed = verdict.allowed
         if unknown_ids and allowed and not _topic_free(rules, key, version, header):
             # A topic id that no Metadata response on this connection named: fail closed.
+            allowed = False
+        if (
+            key == CONSUMER_GROUP_HEARTBEAT
+            and request.get("subscribed_topic_regex")
+            and allowed
+            and not _topic_free(rules, key, version, header)
+        ):
+            # A regex subscription cannot be checked topic by topic: fail closed.
+            unknown_ids.append(b"regex")
             allowed = False
         if allowed:
             self._forward(framed, header, request, pending, names, out)

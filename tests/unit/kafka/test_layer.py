@@ -336,3 +336,17 @@ def test_offset_fetch_for_all_topics_is_filtered_to_visible_topics():
         decoded = RESPONSES[9].decode(data[4:], version=version, header=True)
         topics = decoded.topics if version < 8 else decoded.groups[0].topics
         assert [t.name for t in topics] == ["t1"]
+
+
+def test_consumer_group_heartbeat_topics_and_regex():
+    rules = KafkaRuleSet([KafkaRule(api_keys=(68,), topic="t1")])
+    base = {"group_id": "g", "member_id": "m", "member_epoch": 0}
+    ok = layer(rules).client_data(request(68, 1, 1, {**base, "subscribed_topic_names": ["t1"]}))
+    assert of(ToUpstream, ok)
+    for extra in ({"subscribed_topic_names": ["t1", "secret"]}, {"subscribed_topic_regex": "t.*"}):
+        out = layer(rules).client_data(request(68, 1, 1, {**base, **extra}))
+        (answer,) = of(ToClient, out)
+        # ConsumerGroupHeartbeat: flexible, top-level error code; the topic check gives 29.
+        spec = API_TABLE[68]
+        value, _ = spec.response_codec(1).decode(memoryview(answer.data), 4 + 4 + 1)
+        assert value["error_code"] == 29
