@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -121,6 +122,7 @@ class Datapath:
         self._synced_from: dict[int, tuple] = {}  # endpoint -> (MapState object, proxy ports)
         self._cgroup_fds: dict[str, int] = {}
         self._readers: list[EventReader] = []
+        self._gc_stops: list[threading.Event] = []
         self._proxy_cgroup_fds: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -144,6 +146,8 @@ class Datapath:
         for reader in self._readers:
             reader.stop()
         self._readers = []
+        for stop in self._gc_stops:
+            stop.set()
         for fd in [*self._cgroup_fds.values(), *self._proxy_cgroup_fds.values()]:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -215,6 +219,22 @@ class Datapath:
         now = time.monotonic_ns() if now_ns is None else now_ns
         ct = self.maps["conntrack"]
         return ct.delete_many(k for k, v in ct.items() if v.expires_ns <= now)
+
+    def start_gc(self, interval: float = 30.0) -> threading.Event:
+        """Run ct_gc() every `interval` seconds on a daemon thread until the returned event is
+        set (close() sets it too)."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.ct_gc()
+                except OSError:
+                    return  # the maps were closed under us
+
+        threading.Thread(target=loop, name="ct-gc", daemon=True).start()
+        self._gc_stops.append(stop)
+        return stop
 
     def prog_stats(self) -> dict[str, tuple[int, int]]:
         """name -> (run_time_ns, run_cnt); counts only while kernel.bpf_stats_enabled=1."""
