@@ -121,7 +121,7 @@ class Http1Session(asyncio.Protocol):
             self._on_end(events[1])
             return
         self._handle(events)
-        if parser.in_head and self.deadline_kind != HEAD and not self.closed:
+        if parser.in_head and not self.queue and self.deadline_kind != HEAD and not self.closed:
             self._set_deadline(HEAD, self.cfg.header_timeout)
 
     def _handle(self, events) -> None:
@@ -209,6 +209,7 @@ class Http1Session(asyncio.Protocol):
             up = self.upstream
             if up is not None:
                 up.transport.writelines(chunks)
+                self.deadline = _monotonic() + self.cfg.idle_timeout  # the upload progresses
         else:
             if ex.pending is None:
                 ex.pending = []
@@ -233,6 +234,8 @@ class Http1Session(asyncio.Protocol):
             self.pause_client_reading(PAUSE_PIPELINE)
         if ex.answered and self.queue and self.queue[0] is ex:
             self._finish(ex)
+        elif ex.sent and self.queue and self.queue[0] is ex:
+            self._await_response(_monotonic() if ex.req.has_body else ex.start)
 
     def _on_parse_error(self, err: ParseError) -> None:
         self.pm.parse_errors.inc()
@@ -317,10 +320,18 @@ class Http1Session(asyncio.Protocol):
             ex.pending = None
         else:
             up.transport.write(head)
+        if ex.complete:
+            self._await_response(ex.start)
+        else:
+            # The body is still coming (paced by backpressure): the response clock starts when
+            # it ends; meanwhile a client that stops sending is cut after the idle timeout.
+            self._set_deadline(IDLE, self.cfg.idle_timeout)
+
+    def _await_response(self, since: float) -> None:
         timeout = self.cfg.upstream_response_timeout
         if timeout:
             self.deadline_kind = RESPONSE
-            self.deadline = ex.start + timeout
+            self.deadline = since + timeout
         else:
             self.deadline_kind = NO_DEADLINE
 

@@ -196,3 +196,19 @@ def test_a_failing_session_closes_its_connection_only():
         server.close()
 
     uvloop.run(run())
+
+
+def test_response_clock_starts_when_the_request_body_ends():
+    p = Play(PathRules(method="POST"))
+    p.client_sends(b"POST /public/u HTTP/1.1\r\nHost: w\r\nContent-Length: 4\r\n\r\nab")
+    assert p.session.deadline_kind == session_mod.IDLE  # uploading: no 504 yet
+    p.client_sends(b"cd")
+    assert p.session.deadline_kind == session_mod.RESPONSE
+    p.session.on_deadline()
+    assert p.client_got().startswith(b"HTTP/1.1 504")
+
+
+def test_partial_pipelined_head_does_not_replace_the_response_deadline():
+    p = Play()
+    p.client_sends(req("/public/a") + b"GET /public/b HT")
+    assert p.session.deadline_kind == session_mod.RESPONSE
