@@ -511,23 +511,26 @@ int to_endpoint(struct __sk_buff *skb)
     return handle(skb, DIR_INGRESS);
 }
 
-// Sidecar mode, cgroup/connect4: an L7-marked connect() goes to the sidecar proxy on
-// 127.0.0.1:sidecar_port; the original destination is kept by socket cookie.
-int sidecar_connect4(struct bpf_sock_addr *ctx)
+#define SIDECAR_PASS 0
+#define SIDECAR_DENY 1
+#define SIDECAR_REDIRECT 2
+
+// Sidecar mode, shared by connect4 and connect6: the verdict for a connect() to daddr:dport
+// from this cgroup; on redirect the original destination is kept by socket cookie.
+static __always_inline int sidecar_decide(struct bpf_sock_addr *ctx, __be32 daddr,
+                                          __be16 dport, __u16 *sidecar_port)
 {
     if (ctx->protocol != IPPROTO_TCP)
-        return 1;
+        return SIDECAR_PASS;
     __u64 cgroup = bpf_get_current_cgroup_id();
     struct endpoint_info *ep = ep_by_cgroup.lookup(&cgroup);
     if (!ep || ep->sidecar_port == 0)
-        return 1;
+        return SIDECAR_PASS;
     struct bpf_sock *sk = ctx->sk;
     if (sk && (sk->mark & MARK_MAGIC_MASK) == MARK_FROM_PROXY)
-        return 1;  // the proxy's own upstream connection
-    __be32 daddr = ctx->user_ip4;
-    __be16 dport = (__be16)ctx->user_port;
+        return SIDECAR_PASS;  // the proxy's own upstream connection
     if (daddr == bpf_htonl(0x7f000001) && dport == bpf_htons(ep->sidecar_port))
-        return 1;
+        return SIDECAR_PASS;
     __u32 dst_id = identity_of(daddr);
     struct verdict v = {};
     __u8 reason;
@@ -538,10 +541,10 @@ int sidecar_connect4(struct bpf_sock_addr *ctx)
     if (verdict == VERDICT_DROPPED) {
         count(DIR_EGRESS, verdict, reason, 0);
         emit(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, verdict, reason, &v);
-        return 0;  // connect() fails with EPERM
+        return SIDECAR_DENY;
     }
     if (verdict != VERDICT_REDIRECTED)
-        return 1;
+        return SIDECAR_PASS;
     struct sidecar_orig orig = {
         .daddr = daddr,
         .dport = dport,
@@ -550,11 +553,43 @@ int sidecar_connect4(struct bpf_sock_addr *ctx)
     };
     __u64 cookie = bpf_get_socket_cookie(ctx);
     sidecar_by_cookie.update(&cookie, &orig);
-    ctx->user_ip4 = bpf_htonl(0x7f000001);
-    ctx->user_port = bpf_htons(ep->sidecar_port);
+    *sidecar_port = ep->sidecar_port;
     count(DIR_EGRESS, VERDICT_REDIRECTED, REASON_NEW_FLOW, 0);
     emit(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, VERDICT_REDIRECTED,
          REASON_NEW_FLOW, &v);
+    return SIDECAR_REDIRECT;
+}
+
+// Sidecar mode, cgroup/connect4: an L7-marked connect() goes to the sidecar proxy on
+// 127.0.0.1:sidecar_port; a denied one fails with EPERM.
+int sidecar_connect4(struct bpf_sock_addr *ctx)
+{
+    __u16 port = 0;
+    int action = sidecar_decide(ctx, ctx->user_ip4, (__be16)ctx->user_port, &port);
+    if (action == SIDECAR_DENY)
+        return 0;
+    if (action == SIDECAR_REDIRECT) {
+        ctx->user_ip4 = bpf_htonl(0x7f000001);
+        ctx->user_port = bpf_htons(port);
+    }
+    return 1;
+}
+
+// Sidecar mode, cgroup/connect6: the same for IPv4-mapped destinations (::ffff:a.b.c.d) of
+// AF_INET6 sockets. Native IPv6 is outside this datapath's policy and passes here.
+int sidecar_connect6(struct bpf_sock_addr *ctx)
+{
+    if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 ||
+        ctx->user_ip6[2] != bpf_htonl(0x0000ffff))
+        return 1;
+    __u16 port = 0;
+    int action = sidecar_decide(ctx, ctx->user_ip6[3], (__be16)ctx->user_port, &port);
+    if (action == SIDECAR_DENY)
+        return 0;
+    if (action == SIDECAR_REDIRECT) {
+        ctx->user_ip6[3] = bpf_htonl(0x7f000001);  // ::ffff:127.0.0.1
+        ctx->user_port = bpf_htons(port);
+    }
     return 1;
 }
 
@@ -562,14 +597,19 @@ int sidecar_connect4(struct bpf_sock_addr *ctx)
 // the client's address so the proxy can find it from its accepted socket's peer address.
 int sidecar_sockops(struct bpf_sock_ops *skops)
 {
-    if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB || skops->family != 2 /* AF_INET */)
+    if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+        return 1;
+    if (skops->family != 2 /* AF_INET */ && skops->family != 10 /* AF_INET6, v4-mapped */)
         return 1;
     __u64 cookie = bpf_get_socket_cookie(skops);
     struct sidecar_orig *orig = sidecar_by_cookie.lookup(&cookie);
     if (!orig)
         return 1;
+    // Read both fields, then pick: a conditional field offset is rejected by the verifier.
+    __be32 local4 = skops->local_ip4;
+    __be32 local6 = skops->local_ip6[3];
     struct sidecar_addr addr = {
-        .ip = skops->local_ip4,
+        .ip = skops->family == 2 ? local4 : local6,
         .port = bpf_htons((__u16)skops->local_port),
     };
     struct sidecar_orig copy = *orig;

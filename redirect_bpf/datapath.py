@@ -55,6 +55,11 @@ def _be32(ip: str) -> int:
 
 
 CGROUP_V2_ROOT = Path("/sys/fs/cgroup/unified")
+SIDECAR_HOOKS = (
+    ("sidecar_connect4", loader.BPF_CGROUP_INET4_CONNECT),
+    ("sidecar_connect6", loader.BPF_CGROUP_INET6_CONNECT),
+    ("sidecar_sockops", loader.BPF_CGROUP_SOCK_OPS),
+)
 
 
 def _cgroup_path_of(cgroup_id: int) -> str | None:
@@ -296,10 +301,7 @@ class Datapath:
         self.maps["ep_by_cgroup"].put(structs.u64(cg_id), info)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for prog, kind in (
-                ("sidecar_connect4", loader.BPF_CGROUP_INET4_CONNECT),
-                ("sidecar_sockops", loader.BPF_CGROUP_SOCK_OPS),
-            ):
+            for prog, kind in SIDECAR_HOOKS:
                 self._attach_once(self._loaded.progs[prog], fd, kind)
         except OSError:
             os.close(fd)
@@ -355,10 +357,7 @@ class Datapath:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 return
-        for prog, kind in (
-            ("sidecar_connect4", loader.BPF_CGROUP_INET4_CONNECT),
-            ("sidecar_sockops", loader.BPF_CGROUP_SOCK_OPS),
-        ):
+        for prog, kind in SIDECAR_HOOKS:
             with contextlib.suppress(OSError):
                 bpfsys.prog_detach(self._loaded.progs[prog], fd, kind)
         with contextlib.suppress(OSError):

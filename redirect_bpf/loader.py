@@ -23,6 +23,7 @@ BPF_FS = Path("/sys/fs/bpf")
 PIN_ROOT = BPF_FS / "l7proxy"
 
 BPF_CGROUP_INET4_CONNECT = 10  # bcc.BPFAttachType.CGROUP_INET4_CONNECT
+BPF_CGROUP_INET6_CONNECT = 11
 BPF_CGROUP_SOCK_OPS = 3
 BPF_CGROUP_GETSOCKOPT = 21
 BPF_PROG_TYPE_CGROUP_SOCKOPT = 25  # not among bcc 0.26's BPF.* constants
@@ -83,6 +84,8 @@ def compile_and_pin(pin_dir: Path, cflags: tuple[str, ...] = ()) -> Loaded:
     for name in structs.PROGRAMS:
         if name == "sidecar_connect4":
             fn = bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=BPF_CGROUP_INET4_CONNECT)
+        elif name == "sidecar_connect6":
+            fn = bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=BPF_CGROUP_INET6_CONNECT)
         elif name == "sidecar_sockops":
             fn = bpf.load_func(name, BPF.SOCK_OPS)
         elif name == "sidecar_getsockopt":

@@ -210,6 +210,7 @@ PROGRAMS = (
     "from_endpoint",
     "to_endpoint",
     "sidecar_connect4",
+    "sidecar_connect6",
     "sidecar_sockops",
     "sidecar_getsockopt",
 )

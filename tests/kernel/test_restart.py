@@ -156,6 +156,7 @@ def test_agent_restart_keeps_enforcing_and_loses_no_connection():
             fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 assert not bpfsys.attached_prog_ids(fd, loader.BPF_CGROUP_INET4_CONNECT)
+                assert not bpfsys.attached_prog_ids(fd, loader.BPF_CGROUP_INET6_CONNECT)
                 assert not bpfsys.attached_prog_ids(fd, loader.BPF_CGROUP_SOCK_OPS)
             finally:
                 os.close(fd)

@@ -77,6 +77,16 @@ print(s.recv(4096).decode().split("\\r\\n\\r\\n", 1)[1])
 """
 
 
+V4_MAPPED_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.settimeout(5)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+print(s.recv(4096).decode().split("\\r\\n\\r\\n", 1)[1])
+"""
+
+
 def test_sidecar_redirects_unmodified_curl_and_spares_the_proxy(clean):
     t = clean
     curl = need_binary("curl")
@@ -128,6 +138,9 @@ def test_sidecar_redirects_unmodified_curl_and_spares_the_proxy(clean):
             # A denied destination port: connect() fails (EPERM), curl exits 7.
             denied = run_in(cg, curl, "-s", "--max-time", "5", f"http://{dest}:81/")
             assert denied.returncode == 7
+            # An AF_INET6 socket to the IPv4-mapped address goes the same way (connect6).
+            mapped = run_in(cg, sys.executable, "-c", V4_MAPPED_CLIENT, f"::ffff:{dest}", "80")
+            assert mapped.stdout.strip() == f"orig={dest}:80 src={identity}", mapped.stderr
             # Attaching again (as a restarted agent does) is idempotent; detaching detaches.
             t.dp.attach_cgroup(cg, ep_id, identity, sidecar_port=proxy.getsockname()[1])
             t.dp.detach_cgroup(cg)
@@ -141,7 +154,7 @@ def test_sidecar_redirects_unmodified_curl_and_spares_the_proxy(clean):
             if real:
                 real.close()
             sidecar_map.close()
-    assert len(origins) == 1
+    assert len(origins) == 2
 
 
 GETSOCKOPT_PROXY = """

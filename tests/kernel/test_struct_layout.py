@@ -75,6 +75,7 @@ def test_loaded_programs_are_the_expected_types(fresh):
         "from_endpoint": 3,  # BPF_PROG_TYPE_SCHED_CLS
         "to_endpoint": 3,
         "sidecar_connect4": 18,  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+        "sidecar_connect6": 18,
         "sidecar_sockops": 13,  # BPF_PROG_TYPE_SOCK_OPS
         "sidecar_getsockopt": 25,  # BPF_PROG_TYPE_CGROUP_SOCKOPT
     }
