@@ -42,6 +42,7 @@ class Request(NamedTuple):
     has_body: bool
     expect_continue: bool
     upgrade: bool  # Upgrade requested or CONNECT: bytes after the head may be a tunnel
+    head_len: int  # len(head_bytes(self)): the size of the head in its canonical form
 
 
 class Data(NamedTuple):
@@ -308,12 +309,13 @@ class RequestParser:
         if self._head_bytes + len(self._url) > self.max_header_bytes:
             raise _Limit(431, "request header too large")
         method = parser.get_method()
+        url = self._url
         headers = tuple(self._headers)
         self._state = _BODY
         self._events.append(
             Request(
                 method,
-                self._url,
+                url,
                 version.encode(),
                 headers,
                 self._host,
@@ -321,6 +323,8 @@ class RequestParser:
                 self._chunked or self._content_length,
                 self._expect,
                 parser.should_upgrade() or method == b"CONNECT",
+                # "M U HTTP/x.y\r\n" + headers ("N: V\r\n" each, in _head_bytes) + "\r\n"
+                len(method) + len(url) + 14 + self._head_bytes,
             )
         )
 

@@ -114,10 +114,17 @@ class Http1Session(asyncio.Protocol):
         parser = self.parser
         events = parser.receive_data(data)
         if len(events) == 2 and events[0].__class__ is Request and parser.idle:
-            # The common case: this read is exactly one request without a body. Its bytes
-            # passed the strict parser whole, so they go upstream as they came.
+            # The common case: one request without a body. When the read is exactly that head
+            # (its canonical size, from the method to the blank line) the bytes that passed
+            # the strict parser go upstream as they came; otherwise the head is rebuilt (a
+            # read may also hold the first bytes of the next request).
             req = events[0]
-            self._on_request(req, data if data.startswith(req.method) else None)
+            exact = (
+                len(data) == req.head_len
+                and data.startswith(req.method)
+                and data.endswith(b"\r\n\r\n")
+            )
+            self._on_request(req, data if exact else None)
             self._on_end(events[1])
             return
         self._handle(events)

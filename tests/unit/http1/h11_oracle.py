@@ -6,7 +6,15 @@ import random
 
 import h11
 
-from parsers.http1 import Data, EndOfMessage, ParseError, Request, RequestParser, Upgrade
+from parsers.http1 import (
+    Data,
+    EndOfMessage,
+    ParseError,
+    Request,
+    RequestParser,
+    Upgrade,
+    head_bytes,
+)
 
 BASES = [
     b"GET /public/index.html HTTP/1.1\r\nHost: web\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
@@ -59,6 +67,7 @@ def ours(raw: bytes):
             return "error"
         if isinstance(ev, Request):
             head = ev
+            assert ev.head_len == len(head_bytes(ev)), ev  # the fast path relies on it
         elif isinstance(ev, Data):
             body += ev.data
         elif isinstance(ev, Upgrade):

@@ -29,6 +29,7 @@ def test_pipelined_requests_and_rebuilt_head():
     )
     assert kinds(ev) == ["Request", "EndOfMessage", "Request", "EndOfMessage"]
     assert head_bytes(ev[0]) == b"GET /a HTTP/1.1\r\nHost: x\r\nX-Pad: v\r\n\r\n"
+    assert ev[0].head_len == len(head_bytes(ev[0])) and ev[2].head_len == len(head_bytes(ev[2]))
     assert ev[0].host == b"x" and ev[1].keep_alive and ev[2].target == b"/b"
     assert p.idle
 

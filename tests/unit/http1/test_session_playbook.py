@@ -212,3 +212,12 @@ def test_partial_pipelined_head_does_not_replace_the_response_deadline():
     p = Play()
     p.client_sends(req("/public/a") + b"GET /public/b HT")
     assert p.session.deadline_kind == session_mod.RESPONSE
+
+
+def test_first_bytes_of_the_next_request_are_not_forwarded_with_this_one():
+    p = Play()
+    p.client_sends(b"GET /public/a HTTP/1.1\r\nHost:web\r\n\r\nGE")
+    assert p.upstream_got() == b"GET /public/a HTTP/1.1\r\nHost: web\r\n\r\n"  # rebuilt
+    p.upstream_sends(OK)
+    p.client_sends(b"T /public/b HTTP/1.1\r\nHost: web\r\n\r\n")
+    assert p.upstream_got() == req("/public/b")
