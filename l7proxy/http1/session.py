@@ -277,6 +277,7 @@ class Http1Session(asyncio.Protocol):
             self.upgrade_wait = ex
             if rest:
                 self.upgrade_buffer.append(rest)
+            self.pause_client_reading(PAUSE_UPGRADE)  # what follows is held, so bounded
             return
         # Denied (answered in place): keep speaking HTTP.
         self._handle(self.parser.resume(rest))
@@ -413,6 +414,7 @@ class Http1Session(asyncio.Protocol):
             self.upgrade_wait = None
             buffered = b"".join(self.upgrade_buffer)
             self.upgrade_buffer = []
+            self.resume_client_reading(PAUSE_UPGRADE)
             self._handle(self.parser.resume(buffered))
         self._next(now)
 

@@ -93,10 +93,11 @@ def test_upgrade_tunnels_after_101_only():
     up_req = req("/public/ws", b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
     p.client_sends(up_req + b"early")
     assert p.upstream_got() == up_req  # tunnel bytes held until the 101
+    assert not p.client.reading  # and no more are read meanwhile
     p.upstream_sends(
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
     )
-    assert p.upstream_got() == b"early"
+    assert p.upstream_got() == b"early" and p.client.reading
     p.client_sends(b"\x81\x00 not http")
     assert p.upstream_got() == b"\x81\x00 not http"
     p.upstream_sends(b"\x00\x01 server frames")
