@@ -149,6 +149,22 @@ class KafkaLayer:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def pass_request_bytes(self, n: int) -> bool:
+        """Fast path: True when `n` client bytes all belong to a request already decided and
+        being cut through, so the caller may write them upstream as they are."""
+        if self._req_left >= n and not self.closed:
+            self._req_left -= n
+            return True
+        return False
+
+    def pass_response_bytes(self, n: int) -> bool:
+        """Fast path: True when `n` upstream bytes lie inside the response being spliced and do
+        not finish it, so the caller may write them to the client as they are."""
+        if self._resp_left > n and not self.closed:
+            self._resp_left -= n
+            return True
+        return False
+
     # ---- client -> upstream -------------------------------------------------------------
 
     def client_data(self, data: bytes) -> list:

@@ -130,6 +130,9 @@ class KafkaSession(asyncio.Protocol):
         self._close("closed", "closed by the proxy")
 
     def data_received(self, data: bytes) -> None:
+        if self.upstream is not None and self.layer.pass_request_bytes(len(data)):
+            self.upstream.write(data)  # the middle of a large request already allowed
+            return
         try:
             commands = self.layer.client_data(data)
         except Exception as exc:  # a bug in a layer closes this connection, never the process
@@ -194,6 +197,9 @@ class KafkaSession(asyncio.Protocol):
             self.client.resume_reading()
 
     def upstream_data(self, data: bytes) -> None:
+        if self.layer.pass_response_bytes(len(data)):
+            self.client.write(data)  # the middle of a large response (Fetch records)
+            return
         try:
             commands = self.layer.upstream_data(data)
         except Exception as exc:
