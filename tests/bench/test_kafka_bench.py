@@ -41,8 +41,8 @@ PRODUCER = textwrap.dedent(
     import json, sys, time
     from confluent_kafka import Producer
     addr, topic, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    p = Producer({"bootstrap.servers": addr, "acks": 1, "linger.ms": 5,
-                  "batch.size": 262144, "queue.buffering.max.messages": 200000})
+    # librdkafka's defaults (linger.ms=5, batch.size=1 MB) except acks=1.
+    p = Producer({"bootstrap.servers": addr, "acks": 1, "queue.buffering.max.messages": 200000})
     payload = b"x" * 1024
     done = [0, 0]
     def cb(err, msg):
