@@ -59,6 +59,7 @@ MAX_RESPONSE_BYTES = 1 << 30
 # a frame whose topics are not yet readable is tried again after this many more bytes.
 CUT_THROUGH_MIN = 64 * 1024
 CUT_THROUGH_RETRY = 64 * 1024
+MAX_TOPIC_IDS = 200_000
 # Responses up to this size (other than Fetch) are read for their error codes.
 INSPECT_LIMIT = 64 * 1024
 
@@ -115,6 +116,8 @@ class KafkaSettings:
     # pause the client and throttle a pipelining producer. Buffers stay bounded by these marks.
     write_high_water: int = 4 * 1024 * 1024
     write_low_water: int = 1024 * 1024
+    # Shared topic id -> name map (None: one per connection).
+    topic_ids: dict | None = None
     # Gateway mode: broker address seen in responses -> gateway listener to advertise instead.
     brokers: Mapping[Address, Address] | None = None
 
@@ -132,7 +135,12 @@ class KafkaLayer:
         self._requests = FrameDecoder(settings.max_frame_size)
         self._pending: deque[_Pending] = deque()
         self._supported = supported_versions(GATEWAY_CAPS if settings.brokers else None)
-        self.topic_names: dict[bytes, str] = {}  # topic id -> name, learned from Metadata
+        # Topic id -> name, learned from Metadata responses. Ids are cluster-wide UUIDs and a
+        # client often fetches on another connection than the one it asked Metadata on, so the
+        # session shares one map per process (settings.topic_ids); the policy still decides by name.
+        self.topic_names: dict[bytes, str] = (
+            settings.topic_ids if settings.topic_ids is not None else {}
+        )
         # Response side: bytes of the current response still to splice, or a buffered frame.
         self._resp_head = bytearray()
         self._resp_left = 0
@@ -529,6 +537,8 @@ class KafkaLayer:
             rules = self._rules()
             visible = None if rules is None or rules.allow_all else rules.topic_visible
             result = rewrite_metadata(body, version, visible, pending.denied_topics, brokers)
+            if len(self.topic_names) > MAX_TOPIC_IDS:
+                self.topic_names.clear()  # bounded; Metadata responses refill it
             self.topic_names.update(result.topic_ids)
             return result.body
         if brokers and key in (FIND_COORDINATOR, DESCRIBE_CLUSTER):

@@ -81,12 +81,13 @@ def rewrite_metadata(
     kept, hidden = [], []
     for topic in value["topics"] or ():
         name = topic["name"]
+        topic_id = topic.get("topic_id")
+        if name is not None and topic_id and topic_id != ZERO_UUID:
+            # Hidden topics too: a request by id then resolves and is denied by name (29).
+            ids[topic_id] = name
         if visible is not None and name is not None and not visible(name):
             hidden.append(name)
             continue
-        topic_id = topic.get("topic_id")
-        if name is not None and topic_id and topic_id != ZERO_UUID:
-            ids[topic_id] = name
         kept.append(topic)
     for name, topic_id in denied:
         kept.append(

@@ -164,7 +164,8 @@ def test_metadata_all_topics_filtered_and_brokers_rewritten():
     decoded = RESPONSES[3].decode(data[4:], version=12, header=True)
     assert [t.name for t in decoded.topics] == ["t1"]
     assert [(b.host, b.port) for b in decoded.brokers] == [("10.0.0.9", 19092)]
-    assert lay.topic_names == {bytes([1]) * 16: "t1"}
+    # Hidden topics' ids are learned too: asked for by id, they are denied by name.
+    assert lay.topic_names == {bytes([1]) * 16: "t1", bytes([2]) * 16: "secret"}
 
 
 def test_metadata_named_topics_forwards_allowed_and_answers_denied():
@@ -190,7 +191,7 @@ def test_fetch_by_topic_id_resolves_through_metadata():
 
     assert of(ToUpstream, layer(None).client_data(fetch(bytes([1]) * 16)))
     denied = lay.client_data(fetch(bytes([2]) * 16))
-    # Metadata filtered "secret" out, so its id stayed unknown: fail closed with 29.
+    # "secret" was filtered out of Metadata, but its id resolves and the name is denied: 29.
     (answer,) = of(ToClient, denied)
     decoded = RESPONSES[1].decode(answer.data[4:], version=13, header=True)
     assert decoded.responses[0].partitions[0].error_code == 29
@@ -350,3 +351,17 @@ def test_consumer_group_heartbeat_topics_and_regex():
         spec = API_TABLE[68]
         value, _ = spec.response_codec(1).decode(memoryview(answer.data), 4 + 4 + 1)
         assert value["error_code"] == 29
+
+
+def test_topic_ids_learned_on_one_connection_resolve_on_another():
+    shared: dict = {}
+    rules = KafkaRuleSet([KafkaRule(api_keys=(1, 3, 18), topic="t1")])
+    meta_conn = layer(rules, topic_ids=shared)
+    meta_conn.client_data(request(3, 12, 4, {"topics": None}))
+    meta_conn.upstream_data(_metadata_response(12, ["t1"]))
+    fetch_conn = layer(rules, topic_ids=shared)
+    fetch = request(1, 13, 8, {"max_wait_ms": 1, "rack_id": "", "topics": [
+        {"topic_id": bytes([1]) * 16, "partitions": [{"partition": 0}]}]})  # fmt: skip
+    assert of(ToUpstream, fetch_conn.client_data(fetch))
+    alone = layer(rules)  # its own map: the id is unknown there, so it fails closed
+    assert of(ToClient, alone.client_data(fetch)) and not of(ToUpstream, alone.client_data(b""))
