@@ -112,15 +112,16 @@ def broker():
     b.stop()
 
 
-@pytest.fixture
-def gateway(broker, tmp_path):
+@pytest.fixture(params=["kafka", "auto"])
+def gateway(broker, tmp_path, request):
+    """The gateway with --protocol kafka, and with --protocol auto (sniffed as Kafka)."""
     topic = f"gw-{uuid.uuid4().hex[:8]}"
     port = free_port()
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(port=port, topic=topic))
     gw = KafkaGateway(
         f"127.0.0.1:{port}", broker.address,
-        ["--policy", str(policy), "--labels", "app=kafka", "--protocol", "kafka",
+        ["--policy", str(policy), "--labels", "app=kafka", "--protocol", request.param,
          "--admin", "127.0.0.1:0"],
         tmp_path,
     )  # fmt: skip
