@@ -5,9 +5,11 @@
 tests drive the layer with plain bytes.
 
 Requests are buffered one frame at a time (the policy needs every topic before the first byte goes
-upstream) and forwarded as the same bytes. Responses stream: after the 8-byte size + correlation id
-the rest is spliced to the client as it arrives, except the few responses the proxy rewrites
-(ApiVersions, Metadata, FindCoordinator, DescribeCluster), which are buffered whole.
+upstream) and forwarded as the same bytes; a large Produce is cut through as soon as its topics
+are known and allowed. Responses stream: after the 8-byte size + correlation id the rest is spliced
+to the client as it arrives, except the few the proxy rewrites (ApiVersions, Metadata, "all topics"
+answers, and in gateway mode FindCoordinator/DescribeCluster), which are buffered whole, and small
+ones read in place for their error codes.
 
 Kafka answers requests in order on a connection, so a synthesised denial waits in the same queue
 as the forwarded requests and goes out when every earlier response has.
