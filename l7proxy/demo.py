@@ -519,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; cleaned up", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # a part could not start (agent, server, broker): say which
+        print(f"\nthe demo could not continue: {exc}", file=sys.stderr)
+        return 1
     took = time.monotonic() - started
     print(f"\n{story.checks} checks, {len(story.failures)} unexpected, {took:.1f} s")
     for failure in story.failures:

@@ -21,7 +21,7 @@ from pathlib import Path
 from l7proxy.agent import netdev
 from l7proxy.agent.client import SOCKET_ENV, AgentUnavailable, Client
 
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 90.0  # bcc compiles the datapath at first start; slow on a loaded 2-core box
 
 
 class AgentProcess:
