@@ -245,3 +245,26 @@ def test_cli_without_agent_says_how_to_start_it(tmp_path):
         [sys.executable, "-m", "l7proxy", "status"], capture_output=True, text=True, env=env
     )
     assert r.returncode == 1 and "l7proxy agent" in r.stderr
+
+
+def test_policy_trace_against_the_live_state(agent):
+    for name, labels in (
+        ("deathstar", "org=empire,class=deathstar"),
+        ("tiefighter", "org=empire,class=tiefighter"),
+        ("xwing", "org=alliance,class=xwing"),
+    ):
+        ok(agent, "endpoint", "create", name, "--labels", labels)
+    ok(agent, "policy", "import", L7)
+
+    def trace(src: str, *extra: str) -> dict:
+        out = ok(agent, "policy", "trace", "--src-endpoint", src, "--dst-endpoint", "deathstar",
+                 "--dport", "80", *extra, "-o", "json")  # fmt: skip
+        return json.loads(out)
+
+    assert trace("xwing")["verdict"] == "DENIED"
+    assert trace("tiefighter", "--http", "POST", "/v1/request-landing")["verdict"] == "ALLOWED"
+    put = trace("tiefighter", "--http", "PUT", "/v1/exhaust-port")
+    assert put["verdict"] == "DENIED" and put["ingress"]["verdict"] == "ALLOWED"
+    r = agent.cli("policy", "trace", "--src-endpoint", "nobody", "--dst-endpoint", "deathstar",
+                  "--dport", "80")  # fmt: skip
+    assert r.returncode == 2 and "nobody" in r.stderr
