@@ -16,6 +16,8 @@ from l7proxy.kafka.settings import settings_for
 from parsers.kafka.apis import api_name
 
 _VERDICTS = {"FORWARDED": FORWARDED, "DROPPED": DROPPED, "ERROR": ERROR}
+# Requests in flight on one connection before the proxy stops reading the client.
+MAX_IN_FLIGHT = 1024
 
 
 class _KafkaMetrics:
@@ -90,6 +92,7 @@ class KafkaSession(asyncio.Protocol):
         self._closed = False
         self._last_counted = None
         self._draining = False
+        self._holds: set[str] = set()  # reasons client reading is paused
         # The core's DeadlineSweeper (gateway/agent) tracks sessions for idle timeouts and drain.
         self.sweeper = getattr(ctx, "sweeper", None)
         self.deadline = 0.0
@@ -109,8 +112,15 @@ class KafkaSession(asyncio.Protocol):
     # ---- sweeper interface: idle timeout and drain -------------------------------------
 
     def _arm_idle(self) -> None:
-        """Idle = no request in flight; the sweeper closes the connection after idle_timeout."""
-        if self.layer.in_flight:
+        """Idle = no request in flight; the sweeper closes the connection after idle_timeout.
+        Also bounds the requests in flight: past MAX_IN_FLIGHT the client is not read until half
+        of them are answered."""
+        in_flight = self.layer.in_flight
+        if in_flight > MAX_IN_FLIGHT:
+            self._hold("in_flight")
+        elif in_flight <= MAX_IN_FLIGHT // 2 and self._holds:
+            self._release("in_flight")
+        if in_flight:
             self.deadline_kind = 0
         else:
             self.deadline_kind = 1
@@ -158,12 +168,30 @@ class KafkaSession(asyncio.Protocol):
         self.ctx.proto_metrics.active.dec()
 
     def pause_writing(self) -> None:
+        # The client is not reading its responses: stop reading from the broker, and from the
+        # client too, or its denied requests would pile answers up here (a broker likewise mutes
+        # a connection while a response is outstanding).
         if self.upstream is not None:
             self.upstream.pause_reading()
+        self._hold("client_full")
 
     def resume_writing(self) -> None:
         if self.upstream is not None and not self._closed:
             self.upstream.resume_reading()
+        self._release("client_full")
+
+    def _hold(self, reason: str) -> None:
+        """Stop reading from the client for `reason`; reading resumes when no reason is left."""
+        if not self._holds and self.client is not None and not self._closed:
+            self.client.pause_reading()
+        self._holds.add(reason)
+
+    def _release(self, reason: str) -> None:
+        if reason not in self._holds:
+            return
+        self._holds.discard(reason)
+        if not self._holds and self.client is not None and not self._closed:
+            self.client.resume_reading()
 
     # ---- upstream side ------------------------------------------------------------------
 
@@ -194,7 +222,7 @@ class KafkaSession(asyncio.Protocol):
             transport.writelines(self._queued)
             self._queued.clear()
             self._queued_bytes = 0
-            self.client.resume_reading()
+        self._release("connecting")
 
     def upstream_data(self, data: bytes) -> None:
         if self.layer.pass_response_bytes(len(data)):
@@ -218,11 +246,10 @@ class KafkaSession(asyncio.Protocol):
         self.client.close()
 
     def pause_client(self) -> None:
-        self.client.pause_reading()
+        self._hold("upstream_full")
 
     def resume_client(self) -> None:
-        if not self._closed:
-            self.client.resume_reading()
+        self._release("upstream_full")
 
     # ---- commands -----------------------------------------------------------------------
 
@@ -238,7 +265,7 @@ class KafkaSession(asyncio.Protocol):
                     self._queued.append(cmd.data)
                     self._queued_bytes += len(cmd.data)
                     if self._queued_bytes > self.settings.write_high_water:
-                        self.client.pause_reading()
+                        self._hold("connecting")
             elif kind is ToClient:
                 self.client.write(cmd.data)
             elif kind is Record:

@@ -1,0 +1,84 @@
+"""KafkaSession backpressure and bounds, with fake transports standing in for failing peers
+(a client that never reads, a broker that never answers)."""
+
+from __future__ import annotations
+
+from l7proxy.config import ProxyConfig
+from l7proxy.context import ConnContext, OriginalDestination
+from l7proxy.flows import FlowSink
+from l7proxy.kafka.layer import KafkaSettings
+from l7proxy.kafka.session import MAX_IN_FLIGHT, KafkaSession
+from policies.l7 import KafkaRuleSet
+from policies.model import KafkaRule
+from tests.unit.kafka.test_layer import produce, request, response
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.paused = False
+        self.closed = False
+
+    def write(self, data) -> None:
+        self.written += data
+
+    def writelines(self, items) -> None:
+        for item in items:
+            self.write(item)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def session(rules=None):
+    from l7proxy.metrics import ProxyMetrics
+
+    ctx = ConnContext(
+        config=ProxyConfig(), client=("127.0.0.1", 1), listener_port=9092,
+        destination=OriginalDestination("127.0.0.1", 9), source_identity=1, source_labels=(),
+        destination_identity=2, destination_labels=(), rules=lambda: rules, flows=FlowSink(None),
+        metrics=ProxyMetrics(), proto="kafka",
+    )  # fmt: skip
+    s = KafkaSession(ctx, KafkaSettings())
+    s.client, s.upstream = FakeTransport(), FakeTransport()
+    return s
+
+
+def test_requests_in_flight_are_bounded():
+    s = session()
+    for cid in range(MAX_IN_FLIGHT + 1):
+        s.data_received(request(0, 9, cid, produce(["t"])))
+    assert s.client.paused  # the broker answers nothing: stop reading the client
+    s.upstream_data(b"".join(response(0, 9, cid, {}) for cid in range(MAX_IN_FLIGHT // 2 + 1)))
+    assert not s.client.paused
+
+
+def test_client_that_does_not_read_its_answers_is_not_read_either():
+    s = session(KafkaRuleSet([KafkaRule(api_keys=(0,), topic="t")]))
+    s.pause_writing()  # the client's socket buffer is full
+    assert s.client.paused and s.upstream.paused is True
+    s.resume_writing()
+    assert not s.client.paused and not s.upstream.paused
+
+
+def test_two_reasons_to_pause_release_independently():
+    s = session()
+    s.pause_writing()
+    s.pause_client()  # the broker is slow too
+    s.resume_writing()
+    assert s.client.paused  # still waiting for the broker's buffer to drain
+    s.resume_client()
+    assert not s.client.paused
+
+
+def test_denials_are_answered_without_the_broker():
+    s = session(KafkaRuleSet([KafkaRule(api_keys=(0,), topic="t")]))
+    s.data_received(request(0, 9, 5, produce(["secret"])))
+    assert not s.upstream.written
+    assert int.from_bytes(s.client.written[4:8], "big") == 5
