@@ -133,6 +133,15 @@ def test_kernel_drops_l7_verdicts_observe_and_metrics(galaxy):
     assert not any("policy-verdict" in ln for ln in lines)
     assert ok(agent, "observe", "--to-label", "class=xwing") == ""
 
+    # The admin port serves the live service map from the same stream.
+    import urllib.request
+
+    admin = json.loads(ok(agent, "status", "-o", "json"))["parts"]["admin"]["detail"]
+    graph = json.loads(urllib.request.urlopen(f"http://{admin}/map.json", timeout=5).read())
+    edges = {e["id"]: e for e in graph["edges"]}
+    assert edges["default/tiefighter->default/deathstar:http/80"]["dropped"] == 1
+    assert {n["name"] for n in graph["nodes"]} >= {"deathstar", "tiefighter", "xwing"}
+
     metrics = ok(agent, "metrics")
     assert _metric(metrics, 'drop_count_total{reason="POLICY_DENIED",direction="INGRESS"}') >= 1
     assert _metric(metrics, "forward_count_total") > 0
