@@ -222,3 +222,10 @@ def test_first_bytes_of_the_next_request_are_not_forwarded_with_this_one():
     p.upstream_sends(OK)
     p.client_sends(b"T /public/b HTTP/1.1\r\nHost: web\r\n\r\n")
     assert p.upstream_got() == req("/public/b")
+
+
+def test_hot_path_script_runs_and_reports_both_paths(capsys):
+    from tests.unit.http1 import hotpath
+
+    forwarded, denied = hotpath.measure(200)
+    assert 0 < denied and 0 < forwarded
