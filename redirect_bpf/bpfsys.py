@@ -41,6 +41,7 @@ def lib() -> ct.CDLL:
         "ring_buffer__poll": (i, [vp, i]),
         "ring_buffer__free": (None, [vp]),
         "bpf_map_update_batch": (i, [i, vp, vp, ct.POINTER(u32), vp]),
+        "bpf_map_delete_batch": (i, [i, vp, ct.POINTER(u32), vp]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(so, name)
@@ -82,6 +83,31 @@ def map_delete(fd: int, key) -> bool:
     if ct.get_errno() == errno.ENOENT:
         return False
     _check(-ct.get_errno(), "map delete")
+    return False
+
+
+def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> bool:
+    """Write `count` packed keys/values in one syscall; False if the map type has no batch
+    support (the caller falls back to single updates)."""
+    kbuf = ct.create_string_buffer(keys, len(keys))
+    vbuf = ct.create_string_buffer(values, len(values))
+    n = ct.c_uint32(count)
+    if lib().bpf_map_update_batch(fd, kbuf, vbuf, ct.byref(n), None) == 0:
+        return True
+    if ct.get_errno() in (errno.EINVAL, errno.ENOTSUPP, errno.EOPNOTSUPP) and n.value == 0:
+        return False
+    _check(-ct.get_errno(), f"map update batch ({n.value} of {count} written)")
+    return False
+
+
+def map_delete_batch(fd: int, keys: bytes, count: int) -> bool:
+    kbuf = ct.create_string_buffer(keys, len(keys))
+    n = ct.c_uint32(count)
+    if lib().bpf_map_delete_batch(fd, kbuf, ct.byref(n), None) == 0:
+        return True
+    if ct.get_errno() in (errno.EINVAL, errno.ENOTSUPP, errno.EOPNOTSUPP) and n.value == 0:
+        return False
+    _check(-ct.get_errno(), f"map delete batch ({n.value} of {count} deleted)")
     return False
 
 

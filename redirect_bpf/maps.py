@@ -54,6 +54,23 @@ class BpfMap:
     def delete_raw(self, key: bytes) -> bool:
         return bpfsys.map_delete(self.fd, ct.create_string_buffer(key, len(key)))
 
+    def put_many_raw(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        """One batch syscall for many packed entries (single updates if unsupported)."""
+        if not pairs:
+            return
+        keys = b"".join(k for k, _ in pairs)
+        values = b"".join(v for _, v in pairs)
+        if len(pairs) > 1 and bpfsys.map_update_batch(self.fd, keys, values, len(pairs)):
+            return
+        for k, v in pairs:
+            self.put_raw(k, v)
+
+    def delete_many_raw(self, keys: list[bytes]) -> None:
+        if len(keys) > 1 and bpfsys.map_delete_batch(self.fd, b"".join(keys), len(keys)):
+            return
+        for k in keys:
+            self.delete_raw(k)
+
     def keys(self) -> Iterator:
         """All keys; safe against deletion of the current key while iterating (snapshot)."""
         found = []

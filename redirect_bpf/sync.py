@@ -131,11 +131,18 @@ def apply(
     writes: Iterable[tuple[tuple[str, bytes], bytes]],
     deletes: Iterable[tuple[str, bytes]],
 ) -> None:
-    # Adds before deletes: a rule moving between entries never has a gap that drops traffic.
+    """Adds before deletes, one batch per trie each: a rule moving between entries never has a
+    gap that drops traffic."""
+    by_trie: dict[str, list[tuple[bytes, bytes]]] = {}
     for (trie, kbytes), vbytes in writes:
-        tries[trie].put_raw(kbytes, vbytes)
+        by_trie.setdefault(trie, []).append((kbytes, vbytes))
+    for trie, pairs in by_trie.items():
+        tries[trie].put_many_raw(pairs)
+    gone: dict[str, list[bytes]] = {}
     for trie, kbytes in deletes:
-        tries[trie].delete_raw(kbytes)
+        gone.setdefault(trie, []).append(kbytes)
+    for trie, keys in gone.items():
+        tries[trie].delete_many_raw(keys)
 
 
 def key_to_dict(k: PolicyKey) -> dict:
