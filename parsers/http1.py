@@ -143,6 +143,7 @@ def _error_status(exc: Exception) -> tuple[int, str]:
 _IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
 # Lengths of host, expect, content-length, transfer-encoding: other names skip the compares.
 _FRAMING_NAME_LENGTHS = frozenset((4, 6, 14, 17))
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
 class RequestParser:
@@ -190,7 +191,7 @@ class RequestParser:
     def _reset_message(self) -> None:
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._trailers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] | None = None
         self._head_bytes = 0
         self._host = b""
         self._host_count = 0
@@ -268,6 +269,8 @@ class RequestParser:
         if value[-1:] in (b" ", b"\t"):
             value = value.rstrip(b" \t")  # trailing OWS is not part of the value (RFC 9110 5.5)
         if self._state == _BODY:
+            if self._trailers is None:
+                self._trailers = []
             self._trailers.append((name, value))
             if len(self._trailers) > self.max_header_count:
                 raise _Limit(431, "too many trailer fields")
@@ -299,13 +302,13 @@ class RequestParser:
     def on_headers_complete(self) -> None:
         parser = self._parser
         version = parser.get_http_version()
+        version_bytes = _VERSIONS.get(version)
         if self._host_count > 1:
             raise _Limit(400, "more than one Host header")
-        if version == "1.1":
-            if self._host_count != 1:
-                raise _Limit(400, "HTTP/1.1 request needs exactly one Host header")
-        elif version != "1.0":
+        if version_bytes is None:
             raise _Limit(505, f"HTTP/{version} is not supported")
+        if self._host_count != 1 and version == "1.1":
+            raise _Limit(400, "HTTP/1.1 request needs exactly one Host header")
         if self._head_bytes + len(self._url) > self.max_header_bytes:
             raise _Limit(431, "request header too large")
         method = parser.get_method()
@@ -316,7 +319,7 @@ class RequestParser:
             Request(
                 method,
                 url,
-                version.encode(),
+                version_bytes,
                 headers,
                 self._host,
                 self._chunked,
@@ -335,7 +338,13 @@ class RequestParser:
         self._state = _DONE
         trailers = tuple(self._trailers) if self._trailers else ()
         self._events.append(EndOfMessage(trailers, self._parser.should_keep_alive()))
-        self._reset_message()
+        # _reset_message(), inlined: this runs once per request.
+        self._url = b""
+        self._headers = []
+        self._trailers = None
+        self._head_bytes = self._host_count = 0
+        self._host = b""
+        self._chunked = self._content_length = self._expect = False
 
 
 class _Limit(Exception):
