@@ -196,6 +196,41 @@ def test_auto_protocol_sniffs_http_and_config_file(nginx, tmp_path):
         assert gw.stop() == 0
 
 
+def test_config_file_with_two_listeners_and_peers(nginx, pybackend, tmp_path):
+    a, b = free_port(), free_port()
+    policy = tmp_path / "p.yaml"
+    # Port a: GET /public/.* for everyone; port b: anything, but only from app=client peers.
+    policy.write_text(
+        policy_yaml(a)
+        + "---\n"
+        + policy_yaml(b, '- path: "/.*"')
+        .replace("name: web", "name: web-b")
+        .replace(
+            "  - toPorts:",
+            "  - fromEndpoints:\n    - matchLabels:\n        app: client\n    toPorts:",
+        )
+    )
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        "listeners:\n"
+        f"- {{listen: '127.0.0.1:{a}', upstream: '127.0.0.1:{nginx.port}'}}\n"
+        f"- {{listen: '127.0.0.1:{b}', upstream: '127.0.0.1:{pybackend.port}'}}\n"
+        f"policy: [{policy}]\nlabels: app=web\npeers: ['127.0.0.0/8=app=client']\n"
+    )
+    gw = Gateway(["-c", str(cfg)], flow_log=str(tmp_path / "f.log"))
+    try:
+        assert fetch(a, "/public/index.html") == b"hello from nginx\n"
+        assert status_of(a, "/other") == 403
+        assert (
+            b"POST /anything len=2"
+            in urllib.request.urlopen(
+                urllib.request.Request(f"http://127.0.0.1:{b}/anything", data=b"hi"), timeout=5
+            ).read()
+        )
+    finally:
+        assert gw.stop() == 0
+
+
 def test_invalid_policy_at_start_is_an_error(tmp_path):
     policy = tmp_path / "bad.yaml"
     policy.write_text("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nspec: 3\n")
