@@ -127,9 +127,18 @@ class NodeProxy:
             "detail": f"node proxy on {self.host}:{self.port}, {self.connections} connections",
         }
 
-    async def close(self) -> None:
+    async def close(self, drain_time: float = 2.0) -> None:
+        """Stop accepting, let requests in flight finish (briefly: an agent restart should be
+        quick), then close what is left."""
         if self.server is not None:
             self.server.close()
+        for session in list(self.sweeper.sessions):
+            with contextlib.suppress(Exception):
+                session.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_time
+        while self.sweeper.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         for session in list(self.sweeper.sessions):
             with contextlib.suppress(Exception):
                 session.close()

@@ -236,3 +236,62 @@ while True:
         print("ok", flush=True)
     time.sleep(0.02)
 """
+
+
+SLOW = """
+import socket, sys, time, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 80)); s.listen(); print("listening", flush=True)
+def serve(c):
+    c.recv(65536); time.sleep(1.0)
+    c.sendall(b"HTTP/1.1 200 OK\\r\\ncontent-length: 5\\r\\nconnection: close\\r\\n\\r\\nslow\\n"); c.close()
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+ALLOW_ALL_L7 = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: slow}
+spec:
+  endpointSelector: {matchLabels: {app: slow}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: client}}]
+      toPorts:
+        - ports: [{port: "80", protocol: TCP}]
+          rules: {http: [{method: GET}]}
+"""
+
+
+def test_agent_stop_drains_requests_in_flight_through_the_node_proxy(tmp_path):
+    policy = tmp_path / "slow.yaml"
+    policy.write_text(ALLOW_ALL_L7)
+    agent = AgentProcess(pool=f"10.251.{random.randint(100, 249)}.0/24", bpf=True)
+    agent.start()
+    server = None
+    try:
+        ok(agent, "endpoint", "create", "slow", "--labels", "app=slow")
+        ok(agent, "endpoint", "create", "client", "--labels", "app=client")
+        ip = {e["name"]: e["ip"] for e in json.loads(ok(agent, "endpoint", "list", "-o", "json"))}
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", agent.prefix + "slow", sys.executable, "-c", SLOW, ip["slow"]],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout.readline().strip() == "listening"
+        ok(agent, "policy", "import", str(policy))
+        curl = subprocess.Popen(
+            ["ip", "netns", "exec", agent.prefix + "client", "curl", "-s", "-m", "5",
+             f"http://{ip['slow']}/x"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        time.sleep(0.4)  # the request is in the proxy, waiting for the slow answer
+        agent.stop()
+        out, _ = curl.communicate(timeout=10)
+        assert out == "slow\n", "the request in flight finished during the stop"
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        agent.close()
