@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from parsers.http1 import Request, build_head
 
 MAX_CACHED = 4096
+# Only small requests are memoised: 4,096 entries of at most 2 KiB of head bound the cache at
+# ~8 MiB however large or varied the heads an attacker sends.
+MAX_CACHED_HEAD = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,8 @@ def decide(rules, req: Request) -> Decision:
     if rules is not _cache_owner:
         _cache_owner = rules
         _cache = {}
+    if req.head_len > MAX_CACHED_HEAD:
+        return _evaluate(rules, req)
     key = (req.method, req.target, req.headers)
     hit = _cache.get(key)
     if hit is not None:
