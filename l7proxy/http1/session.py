@@ -218,9 +218,13 @@ class Http1Session(asyncio.Protocol):
                 up.transport.writelines(chunks)
                 self.deadline = _monotonic() + self.cfg.idle_timeout  # the upload progresses
         else:
+            # Waiting behind another request (or for the upstream connection): held, and the
+            # client is paused once a high-water mark of it is held.
             if ex.pending is None:
                 ex.pending = []
             ex.pending.extend(chunks)
+            if sum(map(len, ex.pending)) > self.cfg.write_high_water:
+                self.pause_client_reading(PAUSE_PIPELINE)
 
     def _on_end(self, ev: EndOfMessage) -> None:
         ex = self.parsing

@@ -229,3 +229,17 @@ def test_hot_path_script_runs_and_reports_both_paths(capsys):
 
     forwarded, denied = hotpath.measure(200)
     assert 0 < denied and 0 < forwarded
+
+
+def test_body_of_a_waiting_pipelined_request_is_bounded():
+    p = Play(
+        PathRules(method="POST"), config=ProxyConfig(write_high_water=1000, write_low_water=100)
+    )
+    p.client_sends(b"POST /public/1 HTTP/1.1\r\nHost: w\r\nContent-Length: 1\r\n\r\nx")
+    p.client_sends(b"POST /public/2 HTTP/1.1\r\nHost: w\r\nContent-Length: 5000\r\n\r\n")
+    p.client_sends(b"y" * 600)
+    assert p.client.reading
+    p.client_sends(b"y" * 600)
+    assert not p.client.reading  # 1,200 bytes held behind request 1: stop reading
+    p.upstream_sends(OK)  # request 1 answered: request 2 goes with what was held
+    assert p.upstream_got().endswith(b"y" * 1200) and p.client.reading
