@@ -42,6 +42,7 @@ def lib() -> ct.CDLL:
         "ring_buffer__free": (None, [vp]),
         "bpf_map_update_batch": (i, [i, vp, vp, ct.POINTER(u32), vp]),
         "bpf_map_delete_batch": (i, [i, vp, ct.POINTER(u32), vp]),
+        "bpf_map_lookup_batch": (i, [i, vp, vp, vp, vp, ct.POINTER(u32), vp]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(so, name)
@@ -109,6 +110,31 @@ def map_delete_batch(fd: int, keys: bytes, count: int) -> bool:
         return False
     _check(-ct.get_errno(), f"map delete batch ({n.value} of {count} deleted)")
     return False
+
+
+def map_lookup_batches(fd: int, key_size: int, value_size: int, chunk: int = 4096):
+    """Yield (keys, values, count) chunks of a hash map's entries, one syscall per chunk.
+    Raises NotImplementedError when the map type has no batch lookup."""
+    keys = ct.create_string_buffer(key_size * chunk)
+    values = ct.create_string_buffer(value_size * chunk)
+    token_in, token_out = ct.create_string_buffer(8), ct.create_string_buffer(8)
+    first = True
+    while True:
+        n = ct.c_uint32(chunk)
+        ret = lib().bpf_map_lookup_batch(
+            fd, None if first else token_in, token_out, keys, values, ct.byref(n), None
+        )
+        err = ct.get_errno() if ret < 0 else 0
+        if ret < 0 and err != errno.ENOENT:
+            if first and err in (errno.EINVAL, errno.ENOTSUPP, errno.EOPNOTSUPP):
+                raise NotImplementedError("no batch lookup for this map")
+            _check(-err, "map lookup batch")
+        if n.value:
+            yield keys.raw[: key_size * n.value], values.raw[: value_size * n.value], n.value
+        if err == errno.ENOENT:
+            return
+        ct.memmove(token_in, token_out, 8)
+        first = False
 
 
 def map_next_key(fd: int, key, next_key) -> bool:

@@ -223,7 +223,18 @@ class Datapath:
         """Delete expired conntrack entries (TCP-state-aware expiry set by the programs)."""
         now = time.monotonic_ns() if now_ns is None else now_ns
         ct = self.maps["conntrack"]
-        return ct.delete_many(k for k, v in ct.items() if v.expires_ns <= now)
+        ks, vs = ct.key_size, ct.value_size
+        try:
+            expired = []
+            for keys, values, n in bpfsys.map_lookup_batches(ct.fd, ks, vs):
+                for i in range(n):
+                    # expires_ns is the first field of struct ct_entry
+                    if int.from_bytes(values[i * vs : i * vs + 8], "little") <= now:
+                        expired.append(keys[i * ks : (i + 1) * ks])
+        except NotImplementedError:
+            return ct.delete_many(k for k, v in ct.items() if v.expires_ns <= now)
+        ct.delete_many_raw(expired)
+        return len(expired)
 
     def start_gc(self, interval: float = 30.0) -> threading.Event:
         """Run ct_gc() every `interval` seconds on a daemon thread until the returned event is
