@@ -200,8 +200,17 @@ def run_gateway(cfg: GatewayConfig) -> int:
             log(f"invalid policy: {d}")
         return 2
     multi = cfg.workers > 1
-    sockets = [bind(lc.listen.host, lc.listen.port, listen=not multi) for lc in cfg.listeners]
-    admin_sock = bind(cfg.admin.host, cfg.admin.port, listen=not multi) if cfg.admin else None
+    try:
+        sockets = [
+            bind(lc.listen.host, lc.listen.port, listen=not multi, reuseport=multi)
+            for lc in cfg.listeners
+        ]
+        admin_sock = None
+        if cfg.admin:
+            admin_sock = bind(cfg.admin.host, cfg.admin.port, listen=not multi, reuseport=multi)
+    except OSError as exc:
+        log(f"cannot listen: {exc}")
+        return 2
 
     def announce() -> None:
         for lc, sock in zip(cfg.listeners, sockets, strict=True):

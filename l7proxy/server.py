@@ -202,11 +202,16 @@ class Gate(asyncio.Protocol):
         self.transport = None
 
 
-def bind(host: str, port: int, listen: bool, backlog: int = 4096) -> socket.socket:
+def bind(
+    host: str, port: int, listen: bool, backlog: int = 4096, reuseport: bool = True
+) -> socket.socket:
+    """A TCP socket on host:port. SO_REUSEPORT only for workers sharing a port: a single
+    worker should fail on a port another process holds, not split its traffic."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     if listen:
         sock.listen(backlog)
