@@ -91,6 +91,7 @@ class Agent:
             self.datapath.ids = self.endpoint_ids
             self.datapath.labels_of = self._labels_of
         self._stopping = asyncio.Event()
+        self.policy_error: str | None = None
 
     # life cycle
 
@@ -99,8 +100,15 @@ class Agent:
         await asyncio.to_thread(self._restore_endpoints)
         self.datapath.start(self._emit_threadsafe(asyncio.get_running_loop()))
         await self._start_proxy()
-        compiled = await asyncio.to_thread(self._recompile, self.store.revision())
-        await asyncio.to_thread(self._install, compiled)
+        try:
+            compiled = await asyncio.to_thread(self._recompile, self.store.revision())
+        except ApiError as exc:
+            # The stored set no longer compiles (an engine upgrade?): leave the kernel's maps as
+            # they are, let the proxy fail closed, and say so in status until a new import.
+            self.policy_error = f"{exc}: {'; '.join(exc.details)}"
+            log.error("stored policy does not compile: %s", self.policy_error)
+        else:
+            await asyncio.to_thread(self._install, compiled)
         self._register_ops()
         await self.api.start(self.config.socket)
         if self.config.admin:
@@ -184,6 +192,7 @@ class Agent:
 
     def _install(self, compiled) -> None:
         old, self.compiled = self.compiled, compiled
+        self.policy_error = None
         self.store.put("identities", self.allocator.to_state())
         # No proxy: no ports, and the datapath drops redirected flows ("no proxy"), fail-closed.
         ports = self.proxy.l7_ports(compiled) if self.proxy is not None else {}
@@ -240,6 +249,10 @@ class Agent:
             "router": self.pool.router,
             "parts": {
                 "store": {"state": "ok", "detail": str(self.store.path)},
+                "policy": {
+                    "state": "error" if self.policy_error else "ok",
+                    "detail": self.policy_error or f"revision {self.store.revision()} in force",
+                },
                 "api": {"state": "ok", "detail": str(self.config.socket)},
                 "datapath": self.datapath.status(),
                 "proxy": proxy,

@@ -53,6 +53,15 @@ def connection_policy(agent, src_ip: str, dst_ip: str, dport: int) -> ConnPolicy
     src_id, src_labels, src_ep = agent.peer(src_ip)
     dst_id, dst_labels, dst_ep = agent.peer(dst_ip)
     compiled = agent.compiled
+    if compiled is None:  # nothing compiled (yet, or the stored set failed): fail closed
+        return ConnPolicy(
+            L4Decision("deny", src_id, tuple(src_labels), "no compiled policy in the agent"),
+            lambda: None,
+            "INGRESS",
+            src_id,
+            dst_id,
+            tuple(dst_labels),
+        )
     sides = []  # (endpoint, peer identity, direction)
     if src_ep is not None:
         sides.append((src_ep, dst_id, policies.EGRESS))

@@ -268,3 +268,26 @@ def test_policy_trace_against_the_live_state(agent):
     r = agent.cli("policy", "trace", "--src-endpoint", "nobody", "--dst-endpoint", "deathstar",
                   "--dport", "80")  # fmt: skip
     assert r.returncode == 2 and "nobody" in r.stderr
+
+
+def test_stored_policy_that_no_longer_compiles_is_reported_not_fatal(tmp_path):
+    import sqlite3
+
+    with AgentProcess(pool=_pool(), state_dir=tmp_path) as agent:
+        ok(agent, "endpoint", "create", "deathstar", "--labels", "org=empire,class=deathstar")
+        ok(agent, "policy", "import", L7)
+        agent.stop()
+        # As if a newer engine rejected what an older one stored.
+        db = sqlite3.connect(tmp_path / "state.db")
+        db.execute("UPDATE policies SET text = replace(text, 'protocol: TCP', 'protocol: XTP')")
+        db.commit()
+        db.close()
+        agent.start()
+        status = json.loads(ok(agent, "status", "-o", "json"))
+        assert status["parts"]["policy"]["state"] == "error"
+        assert "XTP" in status["parts"]["policy"]["detail"]
+        assert status["policy_revision"] == 1
+        out = ok(agent, "policy", "delete", "--all")
+        assert "Revision: 2" in out
+        status = json.loads(ok(agent, "status", "-o", "json"))
+        assert status["parts"]["policy"] == {"state": "ok", "detail": "revision 2 in force"}
