@@ -13,6 +13,7 @@ ipcache, read events, counters and conntrack.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
@@ -79,13 +80,17 @@ def ensure_proxy_routing() -> None:
             r.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE and r.get_attr("FRA_FWMARK") is not None
             for r in rules
         ):
-            ipr.rule(
-                "add",
-                table=PROXY_ROUTE_TABLE,
-                priority=PROXY_RULE_PRIORITY,
-                fwmark=structs.MARK_TO_PROXY,
-                fwmask=structs.MARK_MAGIC_MASK,
-            )
+            try:
+                ipr.rule(
+                    "add",
+                    table=PROXY_ROUTE_TABLE,
+                    priority=PROXY_RULE_PRIORITY,
+                    fwmark=structs.MARK_TO_PROXY,
+                    fwmask=structs.MARK_MAGIC_MASK,
+                )
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:  # another agent on this host added it just now
+                    raise
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.route(
             "replace", dst="0.0.0.0/0", type="local", oif=lo, table=PROXY_ROUTE_TABLE, scope=254

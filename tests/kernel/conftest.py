@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -48,6 +49,22 @@ def topology():
             for s in servers:
                 s.close()
             dp.destroy()
+
+
+TEST_PIN_PREFIXES = ("test-", "layout-", "prec-", "restart-", "sync-", "gc-", "bench-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stale_test_pins():
+    """Pins of test runs killed before their cleanup (pytest-timeout) keep their maps alive:
+    remove those older than an hour (never a parallel run's fresh ones)."""
+    from redirect_bpf import loader
+
+    with contextlib.suppress(OSError):  # not root, or no bpffs: nothing of ours can be there
+        for d in loader.PIN_ROOT.iterdir():
+            if d.name.startswith(TEST_PIN_PREFIXES) and time.time() - d.stat().st_mtime > 3600:
+                loader.unpin(d)
+    yield
 
 
 @pytest.fixture(scope="module")
