@@ -1,0 +1,276 @@
+"""The agent's API operations: one method per op, registered on the unix-socket API.
+
+Mutations take the agent lock and run netlink and compile work in worker threads (pyroute2 cannot
+share the agent's uvloop); reads never take the lock. Mixed into `Agent` (daemon.py), which owns
+the state these methods use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import policies
+from l7proxy.agent import netdev, policy_repo
+from l7proxy.agent.api import ApiError
+from l7proxy.agent.flowlog import FlowFilter
+from l7proxy.agent.store import EndpointRow
+
+NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace"
+
+
+def normalize_labels(text: str | list[str]) -> list[str]:
+    """`org=empire,class=x` -> sorted `k8s:` labels plus the default namespace label."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = set()
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        label = policies.parse_labels(item)
+        for lb in label:
+            source = lb.source if lb.source not in ("", "unspec", "any") else "k8s"
+            out.add(f"{source}:{lb.key}={lb.value}" if lb.value else f"{source}:{lb.key}")
+    if not any(lb.startswith(NAMESPACE_LABEL + "=") for lb in out):
+        out.add(f"{NAMESPACE_LABEL}=default")
+    return sorted(out)
+
+
+def labelset(labels) -> policies.LabelSet:
+    return policies.parse_labels(",".join(labels))
+
+
+class AgentOps:
+    def _register_ops(self) -> None:
+        api = self.api
+        api.op("status", self.op_status)
+        api.op("endpoint.create", self.op_endpoint_create)
+        api.op("endpoint.list", self.op_endpoint_list)
+        api.op("endpoint.delete", self.op_endpoint_delete)
+        api.op("identity.list", self.op_identity_list)
+        api.op("policy.import", self.op_policy_import)
+        api.op("policy.get", self.op_policy_get)
+        api.op("policy.delete", self.op_policy_delete)
+        api.op("policy.live", self.op_policy_live)
+        api.op("metrics", self.op_metrics)
+        api.op("observe", self.op_observe)
+        api.stream("observe.follow", self.stream_observe)
+
+    async def op_status(self, args: dict) -> dict:
+        return self.status()
+
+    def status(self) -> dict:
+        eps = self.store.endpoints()
+        proxy = (
+            self.proxy.status()
+            if self.proxy is not None
+            else {
+                "state": "not running",
+                "detail": "sidecar mode needs the BPF datapath"
+                if self.config.mode == "sidecar"
+                else "no proxy workers",
+            }
+        )
+        return {
+            "mode": self.config.mode,
+            "uptime_s": round(time.time() - self.started, 1),
+            "state_dir": str(self.config.state_dir),
+            "pool": str(self.pool.network),
+            "router": self.pool.router,
+            "parts": {
+                "store": {"state": "ok", "detail": str(self.store.path)},
+                "policy": {
+                    "state": "error" if self.policy_error else "ok",
+                    "detail": self.policy_error or f"revision {self.store.revision()} in force",
+                },
+                "api": {"state": "ok", "detail": str(self.config.socket)},
+                "datapath": self.datapath.status(),
+                "proxy": proxy,
+                "admin": {
+                    "state": "ok" if self.admin_addr else "off",
+                    "detail": f"{self.admin_addr[0]}:{self.admin_addr[1]}"
+                    if self.admin_addr
+                    else "",
+                },
+            },
+            "counts": {
+                "endpoints": len(eps),
+                "identities": len(self.identities()),
+                "policies": len(self.store.policies()),
+                "flows": self.flows.total,
+            },
+            "policy_revision": self.store.revision(),
+        }
+
+    async def op_endpoint_create(self, args: dict) -> dict:
+        name = str(args.get("name") or "")
+        if not name or "/" in name or len(name) > 200:
+            raise ApiError(f"bad endpoint name {name!r}")
+        labels = normalize_labels(args.get("labels") or "")
+        async with self._lock:
+            if self.store.endpoint(name):
+                raise ApiError(f"endpoint {name} already exists")
+            used = [ep.ip for ep in self.store.endpoints()]
+            if args.get("ip"):
+                ip, _, plen = str(args["ip"]).partition("/")
+                ip = self.pool.validate(ip, used)
+                prefixlen = int(plen or 32)
+            else:
+                ip, prefixlen = self.pool.allocate(used), 32
+            netns_name = self.config.netns_prefix + name
+            host_if = netdev.host_ifname(netns_name)
+            identity = self.allocator.allocate(labelset(labels))
+            row = EndpointRow(
+                name, netns_name, host_if, ip, prefixlen, tuple(labels), identity, time.time()
+            )
+            await asyncio.to_thread(
+                netdev.create, netns_name, host_if, ip, prefixlen, self.pool.router
+            )
+            try:
+                self.store.add_endpoint(row, self.allocator.to_state())
+                self._index(row)
+                self._endpoint_id(name)
+                # Datapath calls run in threads: pyroute2 cannot share the agent's uvloop.
+                await asyncio.to_thread(self.datapath.endpoint_added, name, host_if, ip, identity)
+                if hasattr(self.proxy, "endpoint_added"):
+                    await self.proxy.endpoint_added(row)
+                compiled = await asyncio.to_thread(self._recompile, self.store.revision())
+                await asyncio.to_thread(self._install, compiled)
+            except BaseException:
+                self.store.delete_endpoint(name)
+                self._by_ip.pop(ip, None)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.datapath.endpoint_removed, name, host_if, ip)
+                await asyncio.to_thread(netdev.delete, netns_name, host_if)
+                raise
+        return row.to_json()
+
+    async def op_endpoint_list(self, args: dict) -> list[dict]:
+        out = []
+        for ep in self.store.endpoints():
+            item = ep.to_json()
+            item["policy"] = self._enforcement(ep.name)
+            if self.config.mode == "sidecar":
+                from l7proxy.agent.sidecar import cgroup_path
+
+                item["cgroup"] = str(cgroup_path(ep.netns))
+            out.append(item)
+        return out
+
+    def _enforcement(self, name: str) -> dict:
+        ep = (self.compiled.endpoints.get(name) if self.compiled is not None else None) or None
+        if ep is None:
+            return {"ingress": False, "egress": False}
+        return {"ingress": bool(ep.ingress_enforced), "egress": bool(ep.egress_enforced)}
+
+    async def op_endpoint_delete(self, args: dict) -> dict:
+        name = str(args.get("name") or "")
+        async with self._lock:
+            ep = self.store.endpoint(name)
+            if ep is None:
+                raise ApiError(f"no endpoint named {name}")
+            if hasattr(self.proxy, "endpoint_removed"):
+                await self.proxy.endpoint_removed(ep)
+            await asyncio.to_thread(self.datapath.endpoint_removed, ep.name, ep.host_if, ep.ip)
+            await asyncio.to_thread(netdev.delete, ep.netns, ep.host_if)
+            self.store.delete_endpoint(name)
+            self._by_ip.pop(ep.ip, None)
+            self.endpoint_ids.pop(name, None)
+            self.store.put("endpoint_ids", self.endpoint_ids)
+            self.ipcache = self._rebuild_ipcache()
+            compiled = await asyncio.to_thread(self._recompile, self.store.revision())
+            await asyncio.to_thread(self._install, compiled)
+        return {"deleted": name}
+
+    def _rebuild_ipcache(self):
+        cache = policies.IPCache()
+        cache.upsert(f"{self.pool.router}/32", policies.HOST)
+        for ep in self._by_ip.values():
+            cache.upsert(f"{ep.ip}/32", ep.identity)
+        return cache
+
+    def identities(self) -> list[dict]:
+        """Reserved, endpoint and CIDR identities, with the endpoints that carry each."""
+        users: dict[int, list[str]] = {}
+        for ep in self.store.endpoints():
+            users.setdefault(ep.identity, []).append(ep.name)
+        out = []
+        for number, labels in sorted(self.allocator.identities().items()):
+            out.append(
+                {
+                    "id": number,
+                    "labels": [str(lb) for lb in labels],
+                    "endpoints": users.get(number, []),
+                }
+            )
+        return out
+
+    async def op_identity_list(self, args: dict) -> list[dict]:
+        return self.identities()
+
+    async def op_policy_import(self, args: dict) -> dict:
+        files = args.get("files") or []
+        if not files:
+            raise ApiError("no policy files given")
+        async with self._lock:
+            revision = self.store.revision() + 1
+            new = []
+            for f in files:
+                new.extend(policy_repo.split_documents(f["name"], f["text"], revision))
+            merged = policy_repo.merge(self.store.policies(), new)
+            compiled = await asyncio.to_thread(self._recompile, revision, merged)
+            self.store.policy_replace(merged, revision)
+            await asyncio.to_thread(self._install, compiled)
+        return {"revision": revision, "imported": [d.key for d in new]}
+
+    async def op_policy_get(self, args: dict) -> dict:
+        docs = self.store.policies()
+        out = policy_repo.to_json(docs, self.store.revision())
+        out["yaml"] = policy_repo.render_yaml(docs)
+        return out
+
+    async def op_policy_delete(self, args: dict) -> dict:
+        async with self._lock:
+            current = self.store.policies()
+            if args.get("all"):
+                keep, gone = [], [d.key for d in current]
+            else:
+                keep, gone = policy_repo.remove(current, str(args.get("name") or ""))
+                if not gone:
+                    raise ApiError(f"no policy named {args.get('name')!r}")
+            revision = self.store.revision() + 1
+            compiled = await asyncio.to_thread(self._recompile, revision, keep)
+            self.store.policy_replace(keep, revision)
+            await asyncio.to_thread(self._install, compiled)
+        return {"revision": revision, "deleted": gone}
+
+    async def op_policy_live(self, args: dict) -> dict:
+        """What `policy trace --src-endpoint/--dst-endpoint` needs: the documents and endpoints."""
+        return {
+            "revision": self.store.revision(),
+            "documents": [{"key": d.key, "text": d.text} for d in self.store.policies()],
+            "endpoints": {
+                ep.name: {"labels": list(ep.labels), "ip": ep.ip, "identity": ep.identity}
+                for ep in self.store.endpoints()
+            },
+        }
+
+    async def op_metrics(self, args: dict) -> str:
+        return self.metrics.render()
+
+    async def op_observe(self, args: dict) -> list[dict]:
+        flt = FlowFilter.from_json(args.get("filter"))
+        last = args.get("last")
+        return self.flows.last(int(last) if last is not None else None, flt)
+
+    async def stream_observe(self, args: dict):
+        flt = FlowFilter.from_json(args.get("filter"))
+        last = args.get("last")
+        queue = self.flows.subscribe(flt)
+        try:
+            for flow in self.flows.last(int(last) if last is not None else 0, flt):
+                yield {"flow": flow}
+            while True:
+                yield {"flow": await queue.get()}
+        finally:
+            self.flows.unsubscribe(queue)
