@@ -199,18 +199,29 @@ def proxy(broker, topic):
 
 
 def test_consume_throughput(broker, proxy, topic, record):
-    count = 50_000
-    _script(FILL, broker.address, topic, str(count), timeout=180)
-    rows = []
-    for peer, addr in ((DIRECT, broker.address), (PROJECT, proxy)):
-        res = _script(CONSUMER, addr, topic, str(count), timeout=180)
-        rows.append(Row(peer, res["got"] / max(res["seconds"], 1e-9), note=f"{res['got']} msgs"))
+    """The topic is filled once; each round a new group reads it from the beginning, alternating
+    direct and proxied rounds; medians."""
+    # noida-db answers a Fetch with the whole log whatever fetch.max.bytes says, and librdkafka
+    # refuses responses over 100 MB: keep the topic at ~60 MB.
+    count = 60_000
+    _script(FILL, broker.address, topic, str(count), timeout=300)
+    rates: dict[str, list[float]] = {DIRECT: [], PROJECT: []}
+    for _ in range(ROUNDS):
+        for peer, addr in ((DIRECT, broker.address), (PROJECT, proxy)):
+            res = _script(CONSUMER, addr, topic, str(count), timeout=180)
+            assert res["got"] == count, res
+            rates[peer].append(res["got"] / max(res["seconds"], 1e-9))
+    rows = tuple(
+        Row(peer, statistics.median(v), note="rounds: " + ", ".join(f"{x:,.0f}" for x in v))
+        for peer, v in rates.items()
+    )
     result = ScenarioResult(
-        "kafka consume", f"confluent-kafka group consumer, {count} x 1 KiB from the beginning",
-        CONSUME_S, tuple(rows), (Target(DIRECT, 0.9),),
+        "kafka consume",
+        f"confluent-kafka group consumer, {count:,} x 1 KiB from the beginning, "
+        f"{ROUNDS} alternating rounds, median",
+        CONSUME_S, rows, (Target(DIRECT, 0.9),),
     )  # fmt: skip
     record(result)
-    assert all(r.value and r.value > 0 for r in rows)
 
 
 def test_produce_throughput(broker, proxy, topic, record):
