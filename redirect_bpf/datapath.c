@@ -284,6 +284,28 @@ assign:
     return 0;
 }
 
+// The conntrack key of a packet: its two (address, port) ends in a fixed order, so a flow and
+// its replies share one entry, and the endpoint device, so each endpoint tracks its own view.
+static __always_inline void ct_key_of(struct tuple *t, __u32 ifindex, struct ct_key *key)
+{
+    __be16 sport = t->sport, dport = t->dport;
+    if (t->proto == IPPROTO_ICMP)
+        dport = sport;  // the echo id on both ends (dport carries the ICMP type for policy)
+    if (t->saddr < t->daddr || (t->saddr == t->daddr && sport <= dport)) {
+        key->addr_lo = t->saddr;
+        key->addr_hi = t->daddr;
+        key->port_lo = sport;
+        key->port_hi = dport;
+    } else {
+        key->addr_lo = t->daddr;
+        key->addr_hi = t->saddr;
+        key->port_lo = dport;
+        key->port_hi = sport;
+    }
+    key->proto = t->proto;
+    key->ifindex = ifindex;
+}
+
 static __always_inline __u64 ct_lifetime(struct dp_config *cfg, struct tuple *t, __u8 flags)
 {
     if (t->proto == IPPROTO_TCP) {
@@ -364,15 +386,25 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
         mark_identity = skb->mark & MARK_IDENTITY_MASK;
     }
 
-    struct ct_key key = {
-        .saddr = t.saddr,
-        .daddr = t.daddr,
-        .sport = t.sport,
-        .dport = t.dport,
-        .proto = t.proto,
-        .direction = dir,
-    };
+    // One lookup finds the flow in both directions: the key is the tuple in a fixed order plus
+    // the endpoint's device, so both hooks of one endpoint share the entry.
+    struct ct_key key = {};
+    ct_key_of(&t, ifindex, &key);
     struct ct_entry *ct = conntrack.lookup(&key);
+    if (ct && ct->direction != dir) {
+        if (t.proto == IPPROTO_TCP &&
+            (t.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+            // A new connection on the reversed tuple of an old one (roles swapped): never a
+            // reply; forget the old entry and check it as a new flow.
+            conntrack.delete(&key);
+            ct = NULL;
+        } else {
+            // A reply: the other direction of a flow this endpoint tracks.
+            ct_touch(ct, cfg, &t, 1);
+            count(dir, VERDICT_FORWARDED, REASON_CT_REPLY, len);
+            return TC_ACT_OK;
+        }
+    }
     if (ct) {
         if (ct->policy_gen != cfg->policy_gen) {
             // Policy changed since this flow was allowed: re-check it once.
@@ -413,26 +445,6 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
             return TC_ACT_OK;
         }
         count(dir, VERDICT_FORWARDED, REASON_CT_ESTABLISHED, len);
-        return TC_ACT_OK;
-    }
-
-    struct ct_key rkey = {
-        .saddr = t.daddr,
-        .daddr = t.saddr,
-        .sport = t.dport,
-        .dport = t.sport,
-        .proto = t.proto,
-        .direction = dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS,
-    };
-    if (t.proto == IPPROTO_ICMP) {
-        // parse() folds echo replies onto the request: same id, type 8 as the port.
-        rkey.sport = t.sport;
-        rkey.dport = t.dport;
-    }
-    ct = conntrack.lookup(&rkey);
-    if (ct) {
-        ct_touch(ct, cfg, &t, 1);
-        count(dir, VERDICT_FORWARDED, REASON_CT_REPLY, len);
         return TC_ACT_OK;
     }
 
@@ -481,6 +493,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
     }
 
     struct ct_entry entry = {
+        .orig_saddr = t.saddr,
+        .orig_sport = t.sport,
+        .direction = dir,
         .src_identity = src_id,
         .dst_identity = dst_id,
         .policy_gen = cfg->policy_gen,

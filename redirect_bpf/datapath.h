@@ -107,13 +107,14 @@ struct endpoint_info {
 };
 
 struct ct_key {
-    __be32 saddr;
-    __be32 daddr;
-    __be16 sport;
-    __be16 dport;
+    __be32 addr_lo;        // the flow's two ends in a fixed order (lower address first)
+    __be32 addr_hi;
+    __be16 port_lo;
+    __be16 port_hi;
     __u8 proto;
-    __u8 direction;        // the hook that created it: DIR_EGRESS at from-endpoint, DIR_INGRESS at to-endpoint
-    __u16 pad;
+    __u8 pad;
+    __u16 pad2;
+    __u32 ifindex;         // the endpoint's host-side veth: both its hooks share the entry
 };
 
 struct ct_entry {
@@ -122,10 +123,14 @@ struct ct_entry {
     __u32 dst_identity;
     __u32 policy_gen;      // config.policy_gen when last checked; a change re-checks the flow
     __u32 endpoint_id;
+    __be32 orig_saddr;     // the initiator's end
+    __be16 orig_sport;
     __u16 proxy_port;
     __u8 flags;            // CT_*
     __u8 tcp_flags;        // union of TCP flags seen
-    __u32 pad;
+    __u8 direction;        // hook that saw the first packet: DIR_EGRESS (from-endpoint) or DIR_INGRESS
+    __u8 pad;
+    __u32 pad2;            // explicit: no implicit tail padding in any shared struct
 };
 
 struct dp_config {

@@ -112,13 +112,14 @@ class EndpointInfo(ct.Structure):
 
 class CtKey(ct.Structure):
     _fields_ = [
-        ("saddr", u32),
-        ("daddr", u32),
-        ("sport", u16),
-        ("dport", u16),
+        ("addr_lo", u32),
+        ("addr_hi", u32),
+        ("port_lo", u16),
+        ("port_hi", u16),
         ("proto", u8),
-        ("direction", u8),
-        ("pad", u16),
+        ("pad", u8),
+        ("pad2", u16),
+        ("ifindex", u32),
     ]
 
 
@@ -129,10 +130,14 @@ class CtEntry(ct.Structure):
         ("dst_identity", u32),
         ("policy_gen", u32),
         ("endpoint_id", u32),
+        ("orig_saddr", u32),
+        ("orig_sport", u16),
         ("proxy_port", u16),
         ("flags", u8),
         ("tcp_flags", u8),
-        ("pad", u32),
+        ("direction", u8),
+        ("pad", u8),
+        ("pad2", u32),
     ]
 
 

@@ -256,7 +256,13 @@ def test_conntrack_tracks_tcp_state_and_gc_expires_entries(clean):
         entries = t.dp.conntrack()
         udp = [(k, v) for k, v in entries if k.proto == UDP]
         tcp = [(k, v) for k, v in entries if k.proto == TCP]
-        assert {k.direction for k, _ in udp} == {EGRESS, INGRESS}  # A's egress, B's ingress
+        # one entry per endpoint (A's veth, B's veth), each shared by both directions
+        assert {(k.ifindex, v.direction) for k, v in udp} == {
+            (socket.if_nametoindex(a.host_if), EGRESS),
+            (socket.if_nametoindex(b.host_if), INGRESS),
+        }
+        a_ip = int.from_bytes(socket.inet_aton(a.pod_ip), "little")  # as the kernel stores it
+        assert all(v.orig_saddr == a_ip for _, v in udp)  # A initiated
         assert tcp and all(v.flags & 2 for _, v in tcp)  # CT_SEEN_REPLY
         time.sleep(0.3)
         # Both ends closed: FIN seen, the entries wait out the short close timeout.
