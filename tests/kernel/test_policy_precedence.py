@@ -109,3 +109,25 @@ def test_kernel_lookup_matches_mapstate_lookup(dp, seed):
         outcomes.append(got)
     print(seed, {o: outcomes.count(o) for o in set(outcomes)})
     assert len(set(outcomes)) >= 2  # the random cases really exercise more than one verdict
+
+
+def test_reversed_tuple_syn_is_a_new_flow_not_a_reply(dp):
+    peer_ip, peer_id = "10.77.1.1", PEERS[0]
+    # The endpoint may open TCP to the peer; nobody may open anything to the endpoint.
+    dp.sync_endpoint(
+        EP_ID,
+        {PolicyKey(peer_id, EGRESS, 6, 0, 0): PolicyEntry(False, 0, ("r",))},
+        ingress_enforced=True,
+        egress_enforced=True,
+    )
+    dp.maps["conntrack"].clear()
+    progs = dp.prog_fds
+    out = packet(EP_IP, peer_ip, 6, 40000, 5555)  # endpoint -> peer, SYN
+    assert bpfsys.test_run_skb(progs["from_endpoint"], out)[0] == TC_ACT_OK
+    # The same flow's reply (SYN-ACK would do, a plain ACK here) passes as a reply...
+    reply = bytearray(packet(peer_ip, EP_IP, 6, 5555, 40000))
+    reply[14 + 20 + 13] = 0x10  # ACK
+    assert bpfsys.test_run_skb(progs["to_endpoint"], bytes(reply))[0] == TC_ACT_OK
+    # ...but a bare SYN from the peer on the reversed tuple is a new inbound connection: denied.
+    syn = packet(peer_ip, EP_IP, 6, 5555, 40000)
+    assert bpfsys.test_run_skb(progs["to_endpoint"], syn)[0] == TC_ACT_SHOT
