@@ -140,21 +140,24 @@ def _rewrite(entry: dict, brokers: BrokerMap) -> bool:
     return True
 
 
-def error_codes(value) -> list[int]:
-    """Every non-zero error code in a decoded message, in order (top level first)."""
+def error_codes(value: dict) -> list[int]:
+    """Every non-zero error code in a decoded message (depth first)."""
     found: list[int] = []
-    stack = [value]
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            for name, field_value in item.items():
-                if name.endswith("error_code") and field_value:
-                    found.append(field_value)
-                elif isinstance(field_value, list | dict):
-                    stack.append(field_value)
+    _scan(value, found)
     return found
+
+
+def _scan(value: dict, found: list[int]) -> None:
+    for name, item in value.items():
+        kind = type(item)
+        if kind is list:
+            for element in item:
+                if type(element) is dict:
+                    _scan(element, found)
+        elif kind is dict:
+            _scan(item, found)
+        elif kind is int and item and name.endswith("error_code"):
+            found.append(item)
 
 
 def filter_topics(api_key: int, body: bytes, version: int, visible: Callable[[str], bool]) -> bytes:
