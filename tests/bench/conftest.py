@@ -32,6 +32,18 @@ def duration() -> float:
 
 
 @pytest.fixture(scope="session")
+def rounds() -> int:
+    """Throughput scenarios split the load into rounds the peers take in turn (BENCH_ROUNDS, 3)."""
+    return max(1, int(os.environ.get("BENCH_ROUNDS", "3")))
+
+
+@pytest.fixture(scope="session")
+def round_seconds(duration, rounds) -> float:
+    """Seconds of load per peer and round: the duration split over the rounds, at least 2 s."""
+    return max(2.0, duration / rounds)
+
+
+@pytest.fixture(scope="session")
 def nofile() -> int:
     return peers.raise_nofile()
 

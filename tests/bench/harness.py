@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -122,23 +123,55 @@ def _ratio(mine: Row | None, theirs: Row | None, attr: str) -> float | None:
     return a / b
 
 
-def measure_rows(endpoints: Iterable, measure: Callable) -> tuple[tuple[Row, ...], list[str]]:
+def measure_rows(
+    endpoints: Sequence, measure: Callable, rounds: int = 1
+) -> tuple[tuple[Row, ...], list[str]]:
     """Measure every endpoint (anything with `.peer` and `.unavailable`) into a row.
+
+    With rounds > 1 the peers take turns, round after round, and each number is the median over
+    the rounds: on a shared machine a burst of someone else's work then hits every peer alike
+    instead of ruining one peer's only run.
 
     An absent peer gets a "not available" row. A peer that answers wrongly, or whose load run fails,
     gets a "failed" row and a failure message: the caller records the table first, then fails.
     """
+    samples: dict[str, list[Row]] = {e.peer: [] for e in endpoints}
+    failed: dict[str, str] = {}
+    for _ in range(rounds):
+        for endpoint in endpoints:
+            if endpoint.unavailable or endpoint.peer in failed:
+                continue
+            try:
+                samples[endpoint.peer].append(measure(endpoint))
+            except Exception as e:  # noqa: BLE001 - every failure must reach the table, then the test
+                failed[endpoint.peer] = str(e)
     rows, failures = [], []
     for endpoint in endpoints:
         if endpoint.unavailable:
             rows.append(not_available(endpoint.peer, endpoint.unavailable))
-            continue
-        try:
-            rows.append(measure(endpoint))
-        except Exception as e:  # noqa: BLE001 - every failure must reach the table, then the test
-            rows.append(Row(endpoint.peer, note=f"failed: {e}"))
-            failures.append(f"{endpoint.peer}: {e}")
+        elif endpoint.peer in failed:
+            rows.append(Row(endpoint.peer, note=f"failed: {failed[endpoint.peer]}"))
+            failures.append(f"{endpoint.peer}: {failed[endpoint.peer]}")
+        else:
+            rows.append(combine_rounds(samples[endpoint.peer]))
     return order_rows(rows), failures
+
+
+def combine_rounds(rounds: Sequence[Row]) -> Row:
+    """Median value and latencies over rounds, RSS and note of the last round."""
+    if len(rounds) == 1:
+        return rounds[0]
+
+    def median_of(attr: str) -> float | None:
+        values = [getattr(r, attr) for r in rounds if getattr(r, attr) is not None]
+        return statistics.median(values) if values else None
+
+    last = rounds[-1]
+    spread = " ".join(fmt_value(r.value) for r in rounds)
+    note = f"median of {len(rounds)} rounds ({spread})" + (f"; {last.note}" if last.note else "")
+    return Row(
+        last.peer, median_of("value"), median_of("p50_ms"), median_of("p99_ms"), last.rss_mib, note
+    )
 
 
 def order_rows(rows: Iterable[Row]) -> tuple[Row, ...]:

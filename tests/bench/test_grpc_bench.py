@@ -88,7 +88,9 @@ def _frame(stubs) -> bytes:
     return b"\x00" + len(message).to_bytes(4, "big") + message  # one uncompressed gRPC frame
 
 
-def _scenario(backend: Endpoint, stubs, workdir, duration, name: str, notes: tuple[str, ...]):
+def _scenario(
+    backend: Endpoint, stubs, workdir, rounds, seconds, name: str, notes: tuple[str, ...]
+):
     body = workdir / "unary.grpc"
     body.write_bytes(_frame(stubs))
     headers = ("content-type: application/grpc", "te: trailers")
@@ -98,7 +100,7 @@ def _scenario(backend: Endpoint, stubs, workdir, duration, name: str, notes: tup
         check_grpc(ep, stubs, direct)
         res = peers.run_h2load(
             ep.url_base + UNARY,
-            duration,
+            seconds,
             workdir,
             clients=CLIENTS,
             streams=STREAMS,
@@ -114,11 +116,12 @@ def _scenario(backend: Endpoint, stubs, workdir, duration, name: str, notes: tup
         return Row(ep.peer, res.req_s, res.p50_ms, res.p99_ms, ep.proc.rss_mib())
 
     with PeerSet(workdir, backend, [RULE], http2=True) as peer_set:
-        rows, failures = harness.measure_rows(peer_set.endpoints, measure)
+        rows, failures = harness.measure_rows(peer_set.endpoints, measure, rounds)
     return ScenarioResult(
         name,
-        f"h2load -c{CLIENTS} -m{STREAMS} -D{duration:g} POST {UNARY} with one gRPC frame "
-        f"({len(body.read_bytes()) - 5} B message), te: trailers; rule POST {UNARY}",
+        f"h2load -c{CLIENTS} -m{STREAMS} -D{seconds:g} POST {UNARY} with one gRPC frame "
+        f"({len(body.read_bytes()) - 5} B message), te: trailers; rule POST {UNARY}; "
+        f"{rounds} rounds, peers in turn, median shown",
         harness.REQ_S,
         rows,
         targets=(Target(ENVOY, 1.0),),
@@ -126,12 +129,13 @@ def _scenario(backend: Endpoint, stubs, workdir, duration, name: str, notes: tup
     ), failures
 
 
-def test_grpc_unary_grpcio(grpc_backend, stubs, workdir, duration, record):
+def test_grpc_unary_grpcio(grpc_backend, stubs, workdir, rounds, round_seconds, record):
     result, failures = _scenario(
         grpc_backend,
         stubs,
         workdir,
-        duration,
+        rounds,
+        round_seconds,
         "gRPC unary (grpcio)",
         (
             "backend: one grpc.aio echo process; it caps every row, compare the proxies at equal load",
@@ -141,7 +145,7 @@ def test_grpc_unary_grpcio(grpc_backend, stubs, workdir, duration, record):
     assert not failures, "; ".join(failures)
 
 
-def test_grpc_unary_nginx_reply(nginx, stubs, workdir, duration, record):
+def test_grpc_unary_nginx_reply(nginx, stubs, workdir, rounds, round_seconds, record):
     """The proxies' gRPC ceiling: nginx answers each call with a canned frame and trailers."""
     nginx.set_grpc_reply(_frame(stubs))
     backend = Endpoint(DIRECT, nginx.h2_port, nginx.proc)
@@ -149,7 +153,8 @@ def test_grpc_unary_nginx_reply(nginx, stubs, workdir, duration, record):
         backend,
         stubs,
         workdir,
-        duration,
+        rounds,
+        round_seconds,
         "gRPC unary (nginx reply)",
         (
             "backend: nginx answers every /l7bench.Bench/ call with a fixed reply frame and a "

@@ -37,10 +37,16 @@ def _checked(endpoint: Endpoint) -> None:
     peers.check_rule(endpoint, ALLOWED, DENIED, direct=endpoint.peer == DIRECT)
 
 
-def _wrk(endpoint: Endpoint, path: str, duration: float, **kw) -> peers.WrkResult:
+def _wrk(endpoint: Endpoint, path: str, seconds: float, warmed: set, **kw) -> peers.WrkResult:
     url = endpoint.url_base + path
-    peers.run_wrk(url, 1, **kw)  # warm-up: connections, caches, the allocator
-    return peers.run_wrk(url, duration, **kw)
+    if endpoint.peer not in warmed:
+        peers.run_wrk(url, 1, **kw)  # warm-up: connections, caches, the allocator
+        warmed.add(endpoint.peer)
+    return peers.run_wrk(url, seconds, **kw)
+
+
+def _turns(rounds: int, seconds: float) -> str:
+    return f"{rounds} rounds of {seconds:g}s per peer, peers in turn, median shown"
 
 
 def _finish(record, result: ScenarioResult, failures: list[str]) -> None:
@@ -48,19 +54,22 @@ def _finish(record, result: ScenarioResult, failures: list[str]) -> None:
     assert not failures, "; ".join(failures)
 
 
-def test_keepalive_get(backend, workdir, duration, record):
+def test_keepalive_get(backend, workdir, rounds, round_seconds, record):
+    warmed: set[str] = set()
+
     def measure(ep: Endpoint) -> Row:
         _checked(ep)
-        res = _wrk(ep, ALLOWED, duration, connections=CONNECTIONS)
+        res = _wrk(ep, ALLOWED, round_seconds, warmed, connections=CONNECTIONS)
         if res.non_2xx or res.socket_errors:
             raise peers.PeerError(f"{res.non_2xx} non-2xx, {res.socket_errors} socket errors")
         return Row(ep.peer, res.req_s, res.p50_ms, res.p99_ms, ep.proc.rss_mib())
 
     with PeerSet(workdir, backend, [PUBLIC_GET], http2=False) as peer_set:
-        rows, failures = harness.measure_rows(peer_set.endpoints, measure)
+        rows, failures = harness.measure_rows(peer_set.endpoints, measure, rounds)
     result = ScenarioResult(
         "HTTP/1.1 GET",
-        f"wrk -t1 -c{CONNECTIONS} -d{duration:g}s keep-alive GET {ALLOWED}, rule GET /public/.*",
+        f"wrk -t1 -c{CONNECTIONS} keep-alive GET {ALLOWED}, rule GET /public/.*; "
+        f"{_turns(rounds, round_seconds)}",
         harness.REQ_S,
         rows,
         targets=(Target(ENVOY, 2.0), Target(HAPROXY, 0.8)),
@@ -68,27 +77,32 @@ def test_keepalive_get(backend, workdir, duration, record):
     _finish(record, result, failures)
 
 
-def test_deny_path(backend, workdir, duration, record):
+def test_deny_path(backend, workdir, rounds, round_seconds, record):
+    warmed: set[str] = set()
+
     def measure(ep: Endpoint) -> Row:
         _checked(ep)
-        res = _wrk(ep, DENIED, duration, connections=CONNECTIONS)
+        res = _wrk(ep, DENIED, round_seconds, warmed, connections=CONNECTIONS)
         if res.requests == 0 or res.non_2xx < res.requests:
             raise peers.PeerError(f"only {res.non_2xx} of {res.requests} answers were denials")
         note = "404s: nginx has no policy (reference)" if ep.peer == DIRECT else ""
         return Row(ep.peer, res.req_s, res.p50_ms, res.p99_ms, ep.proc.rss_mib(), note)
 
     with PeerSet(workdir, backend, [PUBLIC_GET], http2=False) as peer_set:
-        rows, failures = harness.measure_rows(peer_set.endpoints, measure)
+        rows, failures = harness.measure_rows(peer_set.endpoints, measure, rounds)
     result = ScenarioResult(
         "HTTP/1.1 deny",
-        f"wrk -t1 -c{CONNECTIONS} -d{duration:g}s keep-alive GET {DENIED} (403 from each proxy)",
+        f"wrk -t1 -c{CONNECTIONS} keep-alive GET {DENIED} (403 from each proxy); "
+        f"{_turns(rounds, round_seconds)}",
         harness.DENIED_S,
         rows,
     )
     _finish(record, result, failures)
 
 
-def test_upload_1mib(backend, workdir, duration, record):
+def test_upload_1mib(backend, workdir, rounds, round_seconds, record):
+    warmed: set[str] = set()
+
     script = workdir / "upload.lua"
     script.write_text(
         'wrk.method = "POST"\n'
@@ -101,17 +115,19 @@ def test_upload_1mib(backend, workdir, duration, record):
         status = peers.curl_status(ep.url_base + "/upload/probe", "POST", data="probe")
         if status != 200:
             raise peers.PeerError(f"POST /upload/probe got {status or 'no answer'}, expected 200")
-        res = _wrk(ep, "/upload/blob", duration, connections=UPLOAD_CONNECTIONS, script=script)
+        res = _wrk(
+            ep, "/upload/blob", round_seconds, warmed, connections=UPLOAD_CONNECTIONS, script=script
+        )
         if res.non_2xx or res.socket_errors or res.requests == 0:
             raise peers.PeerError(f"{res.non_2xx} non-2xx, {res.socket_errors} socket errors")
         return Row(ep.peer, res.req_s, res.p50_ms, res.p99_ms, ep.proc.rss_mib())
 
     with PeerSet(workdir, backend, [PUBLIC_GET, UPLOAD_POST], http2=False) as peer_set:
-        rows, failures = harness.measure_rows(peer_set.endpoints, measure)
+        rows, failures = harness.measure_rows(peer_set.endpoints, measure, rounds)
     result = ScenarioResult(
         "HTTP/1.1 1 MiB upload",
-        f"wrk -t1 -c{UPLOAD_CONNECTIONS} -d{duration:g}s POST /upload/blob with a 1 MiB body; "
-        "nginx reads the whole body before it answers; MiB/s = requests/s",
+        f"wrk -t1 -c{UPLOAD_CONNECTIONS} POST /upload/blob with a 1 MiB body; nginx reads the "
+        f"whole body before it answers; MiB/s = requests/s; {_turns(rounds, round_seconds)}",
         harness.MIB_S,
         rows,
     )

@@ -20,13 +20,13 @@ DENIED = "/private/x"
 CLIENTS, STREAMS = 4, 10
 
 
-def test_h2c_get(nginx, workdir, duration, record):
+def test_h2c_get(nginx, workdir, rounds, round_seconds, record):
     backend = Endpoint(DIRECT, nginx.h2_port, nginx.proc)
 
     def measure(ep: Endpoint) -> Row:
         peers.check_rule(ep, ALLOWED, DENIED, http2=True, direct=ep.peer == DIRECT)
         res = peers.run_h2load(
-            ep.url_base + ALLOWED, duration, workdir, clients=CLIENTS, streams=STREAMS
+            ep.url_base + ALLOWED, round_seconds, workdir, clients=CLIENTS, streams=STREAMS
         )
         if res.errored or res.status_4xx or res.status_5xx or not res.status_2xx:
             raise peers.PeerError(
@@ -36,11 +36,12 @@ def test_h2c_get(nginx, workdir, duration, record):
         return Row(ep.peer, res.req_s, res.p50_ms, res.p99_ms, ep.proc.rss_mib())
 
     with PeerSet(workdir, backend, [PUBLIC_GET], http2=True) as peer_set:
-        rows, failures = harness.measure_rows(peer_set.endpoints, measure)
+        rows, failures = harness.measure_rows(peer_set.endpoints, measure, rounds)
     result = ScenarioResult(
         "HTTP/2 GET",
-        f"h2load -c{CLIENTS} -m{STREAMS} -D{duration:g} h2c prior knowledge GET {ALLOWED}, "
-        "rule GET /public/.*, HTTP/2 to nginx",
+        f"h2load -c{CLIENTS} -m{STREAMS} -D{round_seconds:g} --warm-up-time=1 h2c prior knowledge "
+        f"GET {ALLOWED}, rule GET /public/.*, HTTP/2 to nginx; {rounds} rounds, peers in turn, "
+        "median shown",
         harness.REQ_S,
         rows,
         targets=(Target(ENVOY, 1.0),),

@@ -224,3 +224,34 @@ def test_nginx_backend_config(tmp_path):
     assert "proxy_pass_request_body off;" in conf  # the upload sink reads the whole body
     assert "add_trailer grpc-status 0 always;" in conf
     assert "worker_rlimit_nofile 20000;" in conf
+
+
+def test_rounds_take_turns_and_report_the_median():
+    calls = []
+
+    def measure(ep):
+        calls.append(ep.peer)
+        value = {1: 10.0, 2: 30.0, 3: 20.0}[calls.count(ep.peer)]
+        return Row(ep.peer, value, p50_ms=value / 10, p99_ms=value, rss_mib=float(len(calls)))
+
+    rows, failures = harness.measure_rows([_Endpoint(ENVOY), _Endpoint(PROJECT)], measure, rounds=3)
+    assert calls == [ENVOY, PROJECT] * 3  # in turn, not one peer's three rounds in a row
+    envoy = rows[0]
+    assert (envoy.value, envoy.p50_ms, envoy.p99_ms) == (20.0, 2.0, 20.0)
+    assert envoy.rss_mib == 5.0  # the last round's
+    assert envoy.note.startswith("median of 3 rounds (10.0 30.0 20.0)")
+    assert failures == []
+
+
+def test_a_peer_that_fails_a_round_is_not_measured_again():
+    calls = []
+
+    def measure(ep):
+        calls.append(ep.peer)
+        if ep.peer == HAPROXY:
+            raise peers.PeerError("boom")
+        return Row(ep.peer, 1.0)
+
+    rows, failures = harness.measure_rows([_Endpoint(HAPROXY), _Endpoint(ENVOY)], measure, 3)
+    assert calls.count(HAPROXY) == 1 and calls.count(ENVOY) == 3
+    assert failures == ["HAProxy: boom"]
