@@ -13,7 +13,6 @@ ipcache, read events, counters and conntrack.
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import os
 import socket
@@ -22,11 +21,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from policies import MapState
-from redirect_bpf import bpfsys, loader, structs, sync, tc
+from redirect_bpf import bpfsys, cgroups, loader, routing, structs, sync, tc
 from redirect_bpf.events import EventReader
 from redirect_bpf.structs import (
     CtEntry,
@@ -36,10 +32,6 @@ from redirect_bpf.structs import (
     IpcacheKey,
     IpcacheValue,
 )
-
-PROXY_ROUTE_TABLE = 2004
-BPF_F_ALLOW_MULTI = 2
-PROXY_RULE_PRIORITY = 90
 
 DEFAULT_CONFIG = {
     "flags": structs.CFG_EVENTS_FORWARDED,
@@ -53,62 +45,6 @@ DEFAULT_CONFIG = {
 
 def _be32(ip: str) -> int:
     return int.from_bytes(socket.inet_aton(ip), "little")
-
-
-CGROUP_V2_ROOT = Path("/sys/fs/cgroup/unified")
-SIDECAR_HOOKS = (
-    ("sidecar_connect4", loader.BPF_CGROUP_INET4_CONNECT),
-    ("sidecar_connect6", loader.BPF_CGROUP_INET6_CONNECT),
-    ("sidecar_sockops", loader.BPF_CGROUP_SOCK_OPS),
-)
-
-
-def _cgroup_path_of(cgroup_id: int) -> str | None:
-    """The cgroup v2 directory whose inode number is this cgroup id."""
-    for dirpath, _dirs, _files in os.walk(CGROUP_V2_ROOT):
-        with contextlib.suppress(OSError):
-            if os.stat(dirpath).st_ino == cgroup_id:
-                return dirpath
-    return None
-
-
-def ensure_proxy_routing() -> None:
-    """Packets the tc program assigned to a proxy socket (MARK_TO_PROXY) are delivered locally."""
-    with IPRoute() as ipr:
-        rules = ipr.get_rules(family=socket.AF_INET)
-        if not any(
-            r.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE and r.get_attr("FRA_FWMARK") is not None
-            for r in rules
-        ):
-            try:
-                ipr.rule(
-                    "add",
-                    table=PROXY_ROUTE_TABLE,
-                    priority=PROXY_RULE_PRIORITY,
-                    fwmark=structs.MARK_TO_PROXY,
-                    fwmask=structs.MARK_MAGIC_MASK,
-                )
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:  # another agent on this host added it just now
-                    raise
-        lo = ipr.link_lookup(ifname="lo")[0]
-        ipr.route(
-            "replace", dst="0.0.0.0/0", type="local", oif=lo, table=PROXY_ROUTE_TABLE, scope=254
-        )
-
-
-def remove_proxy_routing() -> None:
-    with IPRoute() as ipr:
-        with contextlib.suppress(NetlinkError):
-            ipr.rule(
-                "del",
-                table=PROXY_ROUTE_TABLE,
-                priority=PROXY_RULE_PRIORITY,
-                fwmark=structs.MARK_TO_PROXY,
-                fwmask=structs.MARK_MAGIC_MASK,
-            )
-        with contextlib.suppress(NetlinkError):
-            ipr.route("del", dst="0.0.0.0/0", type="local", table=PROXY_ROUTE_TABLE)
 
 
 class Datapath:
@@ -125,7 +61,7 @@ class Datapath:
         self.maps = self._loaded.maps
         if not self._loaded.reused:
             self.set_config(policy_gen=1, **DEFAULT_CONFIG)
-        ensure_proxy_routing()
+        routing.ensure_proxy_routing()
         self._tries = {sync.DENY: self.maps["policy_deny"], sync.ALLOW: self.maps["policy_allow"]}
         # What the kernel holds now; a restarted agent starts from the pinned state.
         self._installed = sync.read_back(self._tries)
@@ -175,7 +111,7 @@ class Datapath:
         # cgroups attached by an earlier agent are known only by id: find their paths
         known = {os.stat(p).st_ino for p in self._cgroup_fds if os.path.exists(p)}
         for cg_id, _ in list(self.maps["ep_by_cgroup"].items()):
-            if cg_id.value not in known and (path := _cgroup_path_of(cg_id.value)):
+            if cg_id.value not in known and (path := cgroups.cgroup_path_of(cg_id.value)):
                 self.detach_cgroup(path)
             self.maps["ep_by_cgroup"].delete(cg_id)
         for path in list(self._cgroup_fds):
@@ -189,7 +125,7 @@ class Datapath:
         self.close()
         loader.unpin(self.pin_dir)
         if not loader.PIN_ROOT.exists() or not any(loader.PIN_ROOT.iterdir()):
-            remove_proxy_routing()
+            routing.remove_proxy_routing()
 
     # -- config, counters, conntrack ---------------------------------------------------------
 
@@ -285,6 +221,8 @@ class Datapath:
             ipv4=_be32(ipv4),
             flags=old.flags if old and old.endpoint_id == endpoint_id else 0,
         )
+        if old and old.ipv4 != info.ipv4:
+            self.maps["ep_by_ip"].delete(structs.u32(old.ipv4))
         self.maps["ep_by_ifindex"].put(structs.u32(ifindex), info)
         self.maps["ep_by_ip"].put(structs.u32(info.ipv4), info)
         self.ipcache_upsert(f"{ipv4}/32", identity)
@@ -315,10 +253,10 @@ class Datapath:
         cg_id = os.stat(path).st_ino
         info = EndpointInfo(endpoint_id=endpoint_id, identity=identity, sidecar_port=sidecar_port)
         self.maps["ep_by_cgroup"].put(structs.u64(cg_id), info)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = cgroups.open_dir(path)
         try:
-            for prog, kind in SIDECAR_HOOKS:
-                self._attach_once(self._loaded.progs[prog], fd, kind)
+            for prog, kind in cgroups.SIDECAR_HOOKS:
+                cgroups.attach_once(self._loaded.progs[prog], fd, kind)
         except OSError:
             os.close(fd)
             raise
@@ -328,20 +266,13 @@ class Datapath:
         self._cgroup_fds[path] = fd
         return cg_id
 
-    @staticmethod
-    def _attach_once(prog_fd: int, cgroup_fd: int, kind: int) -> None:
-        # A restarted agent finds its pinned programs still attached: attaching the same
-        # program twice is an error (EINVAL), so look first.
-        if bpfsys.prog_id(prog_fd) not in bpfsys.attached_prog_ids(cgroup_fd, kind):
-            bpfsys.prog_attach(prog_fd, cgroup_fd, kind, BPF_F_ALLOW_MULTI)
-
     def attach_proxy_cgroup(self, cgroup_path: str | Path) -> None:
         """Sidecar mode: processes in this cgroup (the sidecar proxy) get the original
         destination from getsockopt(SOL_IP, SO_ORIGINAL_DST) on their accepted sockets."""
         path = str(cgroup_path)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = cgroups.open_dir(path)
         try:
-            self._attach_once(
+            cgroups.attach_once(
                 self._loaded.progs["sidecar_getsockopt"], fd, loader.BPF_CGROUP_GETSOCKOPT
             )
         except OSError:
@@ -356,7 +287,7 @@ class Datapath:
         fd = self._proxy_cgroup_fds.pop(str(cgroup_path), None)
         if fd is None:  # attached by an earlier agent
             try:
-                fd = os.open(str(cgroup_path), os.O_RDONLY | os.O_DIRECTORY)
+                fd = cgroups.open_dir(cgroup_path)
             except OSError:
                 return
         with contextlib.suppress(OSError):
@@ -370,10 +301,10 @@ class Datapath:
         fd = self._cgroup_fds.pop(path, None)
         if fd is None:  # attached by an earlier agent
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+                fd = cgroups.open_dir(path)
             except OSError:
                 return
-        for prog, kind in SIDECAR_HOOKS:
+        for prog, kind in cgroups.SIDECAR_HOOKS:
             with contextlib.suppress(OSError):
                 bpfsys.prog_detach(self._loaded.progs[prog], fd, kind)
         with contextlib.suppress(OSError):
