@@ -34,6 +34,7 @@ class ApiServer:
     def __init__(self) -> None:
         self._ops: dict[str, Handler] = {}
         self._streams: dict[str, StreamHandler] = {}
+        self._sinks: dict[str, Callable[[dict, dict], None]] = {}
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -42,6 +43,11 @@ class ApiServer:
 
     def stream(self, name: str, handler: StreamHandler) -> None:
         self._streams[name] = handler
+
+    def sink(self, name: str, handler: Callable[[dict, dict], None]) -> None:
+        """An inbound stream: after the request line, every line the client sends is handed to
+        `handler(args, obj)` until it hangs up (the proxy worker's flows and metrics)."""
+        self._sinks[name] = handler
 
     async def start(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +83,9 @@ class ApiServer:
                     return
                 if op in self._streams:
                     await self._stream(op, args, reader, writer)
+                    return
+                if op in self._sinks:
+                    await self._sink(op, args, reader)
                     return
                 await _send(writer, await self._call(op, args))
         except (ConnectionError, asyncio.CancelledError):
@@ -116,6 +125,14 @@ class ApiServer:
             gone.cancel()
             with contextlib.suppress(Exception):
                 await items.aclose()
+
+    async def _sink(self, op: str, args: dict, reader: asyncio.StreamReader) -> None:
+        handler = self._sinks[op]
+        while line := await reader.readline():
+            try:
+                handler(args, json.loads(line))
+            except Exception:  # a bad line is dropped, the channel stays open
+                continue
 
 
 async def _send(writer: asyncio.StreamWriter, obj: dict) -> None:

@@ -40,6 +40,7 @@ class AgentConfig:
     bpf: bool = True
     bpf_dir: str | None = None
     flow_capacity: int = 10_000
+    proxy_worker: str = "inline"  # or "process": the node proxy outlives agent restarts
 
 
 class Agent(AgentOps):

@@ -55,6 +55,9 @@ class AgentOps:
         api.op("metrics", self.op_metrics)
         api.op("observe", self.op_observe)
         api.stream("observe.follow", self.stream_observe)
+        if hasattr(self.proxy, "follow"):  # the out-of-process node proxy's channels
+            api.stream("proxy.state", self.proxy.follow)
+            api.sink("proxy.flows", self.proxy.uplink)
 
     async def op_status(self, args: dict) -> dict:
         return self.status()

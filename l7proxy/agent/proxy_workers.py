@@ -41,6 +41,20 @@ class MarkedDestination(OriginalDestination):
     mark: int = 0
 
 
+def transparent_listener(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """The socket the tc programs assign redirected connections to (bpf_sk_assign)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class NodeGate(Gate):
     """A Gate whose listener view is built per connection from the original destination."""
 
@@ -73,12 +87,8 @@ class NodeProxy:
         self.base = self._listener(0, None, lambda: None, (0, ()), None)
         self.connections = 0
 
-    async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        sock.bind((self.host, self.port))
-        sock.listen(4096)
+    async def start(self, sock: socket.socket | None = None) -> None:
+        sock = sock or transparent_listener(self.host, self.port)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
@@ -150,6 +160,10 @@ class NodeProxy:
 
 
 async def start_proxy(agent):
+    if agent.config.mode == "node" and agent.config.proxy_worker == "process":
+        from l7proxy.agent.worker_handle import WorkerHandle
+
+        return await WorkerHandle.attach(agent)
     if agent.config.mode == "sidecar":
         if agent.datapath.name != "bpf":
             return None  # connect() redirection needs the BPF datapath; status says so

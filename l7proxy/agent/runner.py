@@ -128,6 +128,10 @@ class AgentProcess:
             self.stop()
         finally:
             sweep_namespaces(self.prefix)  # the veths go, and their tc programs with them
+            with contextlib.suppress(Exception):
+                from l7proxy.agent.worker_handle import stop_worker
+
+                stop_worker(self.state_dir)  # --proxy-worker process outlives the agent
             if self.bpf:
                 # Unpinned and detached, the programs and maps are freed by the kernel.
                 shutil.rmtree(self.pin_dir, ignore_errors=True)

@@ -15,8 +15,10 @@ class AgentMetrics:
         self.agent = agent
         self.registry = Registry()
         r = self.registry
-        # The proxy workers share this registry: policy_l7_total and friends land here too.
-        self.proxy = ProxyMetrics(r)
+        # Inline proxies share this registry: policy_l7_total and friends land here too. A proxy
+        # worker process counts in its own and sends the text, appended at render time.
+        own = agent.config.proxy_worker != "process" or agent.config.mode != "node"
+        self.proxy = ProxyMetrics(r if own else Registry())
         self.drop_count = r.counter(
             "drop_count_total", "Packets dropped, by reason and direction", ("reason", "direction")
         )
@@ -89,7 +91,8 @@ class AgentMetrics:
 
     def render(self) -> str:
         self._refresh()
-        return self.registry.render()
+        worker = getattr(self.agent.proxy, "metrics_text", "")
+        return worker + self.registry.render()
 
 
 def _entries(map_state):

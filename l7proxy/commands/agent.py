@@ -32,6 +32,13 @@ def register(sub) -> None:
         help="prefix for the namespaces the agent creates (endpoint NAME -> netns PREFIX+NAME)",
     )
     p.add_argument("--mode", choices=("node", "sidecar"), default="node", help="proxy deployment")
+    p.add_argument(
+        "--proxy-worker",
+        choices=("inline", "process"),
+        default="inline",
+        help="node mode: run the proxy in the agent, or in a worker process that keeps its "
+        "connections across agent restarts",
+    )
     p.add_argument("--admin", metavar="HOST:PORT", help="serve /metrics, /healthz, /policy here")
     p.add_argument("--no-bpf", action="store_true", help="do not load BPF (no kernel enforcement)")
     p.add_argument("--bpf-dir", default=None, help="pin directory under /sys/fs/bpf")
@@ -62,6 +69,7 @@ def run(args) -> int:
         admin=_hostport(args.admin) if args.admin else None,
         bpf=not args.no_bpf,
         bpf_dir=args.bpf_dir,
+        proxy_worker=args.proxy_worker,
     )
     # uvloop runs the agent's own loop (with SO_MARK for proxy upstreams, see agent/loop.py),
     # but the global policy stays asyncio's: pyroute2 opens its own loops in worker threads for

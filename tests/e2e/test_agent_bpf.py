@@ -295,3 +295,54 @@ def test_agent_stop_drains_requests_in_flight_through_the_node_proxy(tmp_path):
             server.kill()
             server.wait()
         agent.close()
+
+
+def test_proxy_worker_process_keeps_l7_connections_across_agent_restarts():
+    agent = AgentProcess(
+        pool=f"10.251.{random.randint(100, 249)}.0/24",
+        bpf=True,
+        extra_args=("--proxy-worker", "process"),
+    )
+    agent.start()
+    g = client = None
+    try:
+        g = Galaxy(agent)
+        ok(agent, "policy", "import", L7)
+        time.sleep(0.6)  # the worker picks the new state up from its stream
+        before = json.loads(ok(agent, "status", "-o", "json"))["parts"]["proxy"]
+        assert before["state"] == "ok" and "(started)" in before["detail"]
+        # One keep-alive HTTP connection through the worker, busy across the restart: every
+        # request is L7-checked (POST /v1/request-landing is allowed).
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", agent.prefix + "tiefighter", sys.executable, "-c",
+             KEEPALIVE, g.star],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert client.stdout.readline().startswith("ok")
+        agent.restart()
+        after = json.loads(ok(agent, "status", "-o", "json"))["parts"]["proxy"]
+        assert (
+            "(re-attached)" in after["detail"]
+            and after["detail"].split()[2] == before["detail"].split()[2]
+        )
+        time.sleep(1.0)
+        # The worker follows the new agent: a policy change reaches it, flows come back.
+        assert g.curl("tiefighter", "PUT", "/v1/exhaust-port") == "403"
+        ok(agent, "policy", "import", L3L4)
+        time.sleep(0.6)
+        assert g.curl("tiefighter", "PUT", "/v1/exhaust-port") == "503", "L3/L4 only now"
+        time.sleep(1.2)
+        lines = ok(agent, "observe", "--protocol", "http", "--verdict", "DROPPED").splitlines()
+        assert any("PUT /v1/exhaust-port" in ln for ln in lines)
+        assert _metric(ok(agent, "metrics"), 'policy_l7_total{rule="denied",proto="http"}') >= 1
+    finally:
+        if client is not None:
+            client.terminate()
+            out, _ = client.communicate(timeout=10)
+        if g is not None:
+            g.close()
+        agent.close()
+    counts = out.split()
+    assert counts and counts[-1].startswith("done") and "fail" not in out, out
+    assert int(counts[-1].split(":")[1]) > 20

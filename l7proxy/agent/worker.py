@@ -1,0 +1,175 @@
+"""The node proxy as its own process, so an agent restart does not cut L7 connections.
+
+`l7proxy agent --proxy-worker process` starts this once and leaves it running across its own
+restarts (the pid and port are in the agent's store). The agent hands over the listening socket
+(IP_TRANSPARENT, on the port the BPF maps redirect to) as an inherited fd. The worker follows the
+agent's `proxy.state` stream (policy documents, endpoints, identities: it compiles the same
+CompiledPolicy locally with the same allocator state) and sends its flows and metrics back on a
+`proxy.flows` channel. While no agent runs, the worker keeps proxying with the last state it
+has, and reconnects every half second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from types import SimpleNamespace
+
+import policies
+from l7proxy.agent import policy_repo
+from l7proxy.agent.loop import new_event_loop
+from l7proxy.agent.store import PolicyDoc
+from l7proxy.metrics import ProxyMetrics
+
+RECONNECT = 0.5
+METRICS_EVERY = 1.0
+BACKLOG = 10_000  # flows kept while the agent is away
+
+
+class Uplink:
+    """Flows and metrics for the agent; buffered (bounded) while it is away."""
+
+    def __init__(self) -> None:
+        self.pending: deque[dict] = deque(maxlen=BACKLOG)
+        self.wake = asyncio.Event()
+
+    def ingest(self, flow: dict) -> None:
+        self.pending.append({"flow": flow})
+        self.wake.set()
+
+
+class WorkerView:
+    """The part of an Agent the proxies use, fed from the agent's state stream."""
+
+    def __init__(self, mode: str) -> None:
+        self.config = SimpleNamespace(mode=mode)
+        self.compiled = None
+        self.seq = -1  # the agent's install counter of the state in force
+        self.flows = Uplink()
+        self.metrics = SimpleNamespace(proxy=ProxyMetrics())
+        self._by_ip: dict[str, dict] = {}
+        self.allocator = policies.IdentityAllocator(None)
+        self.ipcache = policies.IPCache()
+
+    def apply(self, state: dict) -> None:
+        allocator = policies.IdentityAllocator(state["identities"])
+        ipcache = policies.IPCache()
+        ipcache.upsert(f"{state['router']}/32", policies.HOST)
+        by_ip = {}
+        endpoints = {}
+        for ep in state["endpoints"]:
+            by_ip[ep["ip"]] = ep
+            ipcache.upsert(f"{ep['ip']}/32", ep["identity"])
+            endpoints[ep["name"]] = policies.parse_labels(",".join(ep["labels"]))
+        docs = [PolicyDoc(**d) for d in state["documents"]]
+        rules = policy_repo.load_rules(docs)
+        compiled = policies.compile_policy(rules, endpoints, allocator, ipcache, state["revision"])
+        self.allocator, self.ipcache, self._by_ip = allocator, ipcache, by_ip
+        self.compiled, self.seq = compiled, state["seq"]
+
+    def peer(self, ip: str) -> tuple[int, list[str], str | None]:
+        ep = self._by_ip.get(ip)
+        if ep is not None:
+            return ep["identity"], list(ep["labels"]), ep["name"]
+        identity = self.ipcache.lookup(ip)
+        labels = self.allocator.labels_of(identity)
+        return identity, [str(lb) for lb in labels] if labels is not None else [], None
+
+
+async def _open(path: str, op: str):
+    reader, writer = await asyncio.open_unix_connection(path, limit=64 * 1024 * 1024)
+    writer.write(json.dumps({"op": op, "args": {"pid": os.getpid()}}).encode() + b"\n")
+    await writer.drain()
+    return reader, writer
+
+
+async def follow_state(view: WorkerView, path: str) -> None:
+    while True:
+        try:
+            reader, writer = await _open(path, "proxy.state")
+            try:
+                while line := await reader.readline():
+                    msg = json.loads(line)
+                    if "state" in msg and msg["state"]["seq"] != view.seq:
+                        await asyncio.to_thread(view.apply, msg["state"])
+            finally:
+                writer.close()
+        except (OSError, ValueError, policy_repo.ApiError) as exc:
+            print(f"l7proxy worker: state stream: {exc}", file=sys.stderr, flush=True)
+        await asyncio.sleep(RECONNECT)
+
+
+async def send_uplink(view: WorkerView, path: str) -> None:
+    while True:
+        try:
+            _, writer = await _open(path, "proxy.flows")
+            try:
+                last_metrics = 0.0
+                loop = asyncio.get_running_loop()
+                while True:
+                    # Items leave the backlog only once written out: a dead agent's socket
+                    # fails at drain(), and the batch goes to the next agent instead.
+                    batch = list(view.flows.pending)
+                    for item in batch:
+                        writer.write(json.dumps(item, separators=(",", ":")).encode() + b"\n")
+                    if loop.time() - last_metrics >= METRICS_EVERY:
+                        text = view.metrics.proxy.render()
+                        writer.write(json.dumps({"metrics": text}).encode() + b"\n")
+                        last_metrics = loop.time()
+                    await writer.drain()
+                    if writer.is_closing():
+                        raise ConnectionResetError("the agent went away")
+                    for _ in batch:
+                        view.flows.pending.popleft()
+                    view.flows.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(view.flows.wake.wait(), METRICS_EVERY)
+            finally:
+                writer.close()
+        except OSError:
+            pass
+        await asyncio.sleep(RECONNECT)
+
+
+async def run(args) -> int:
+    from l7proxy.agent.proxy_workers import NodeProxy
+
+    view = WorkerView(args.mode)
+    sock = socket.socket(fileno=args.fd)
+    proxy = NodeProxy(view)
+    await proxy.start(sock=sock)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [
+        loop.create_task(follow_state(view, args.socket)),
+        loop.create_task(send_uplink(view, args.socket)),
+    ]
+    print(f"l7proxy worker {os.getpid()}: proxying on port {proxy.port}", flush=True)
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+    await proxy.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m l7proxy.agent.worker")
+    p.add_argument("--socket", required=True, help="the agent's API socket")
+    p.add_argument("--fd", type=int, required=True, help="inherited listening socket")
+    p.add_argument("--mode", default="node")
+    args = p.parse_args(argv)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The agent's side of the out-of-process node proxy (`--proxy-worker process`).
+
+On start the agent looks in its store for a worker it started before: if that pid still runs the
+worker, it is reused with its port (the BPF maps already point at it, and its connections live
+on); otherwise the agent binds a new transparent listener, starts the worker in its own session
+with the socket as an inherited fd, and records pid and port. An agent stop leaves the worker
+running; `stop_worker(state_dir)` ends it for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from l7proxy.agent.proxy_workers import transparent_listener
+
+
+def _alive(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"l7proxy.agent.worker" in cmdline
+
+
+class WorkerHandle:
+    def __init__(self, agent, pid: int, port: int, reused: bool) -> None:
+        self.agent, self.pid, self.port, self.reused = agent, pid, port, reused
+        self.host = "127.0.0.1"
+        self.subscribers: list[asyncio.Queue] = []
+        self.metrics_text = ""
+        self.connected = 0
+        self.seq = 0
+
+    @classmethod
+    async def attach(cls, agent) -> WorkerHandle:
+        known = agent.store.get("proxy_worker") or {}
+        pid, port = known.get("pid"), known.get("port")
+        if pid and _alive(pid):
+            return cls(agent, pid, port, reused=True)
+        sock = transparent_listener()
+        port = sock.getsockname()[1]
+        log = open(agent.config.state_dir / "proxy-worker.log", "ab")  # noqa: SIM115
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "l7proxy.agent.worker", "--socket",
+                 str(agent.config.socket), "--fd", str(sock.fileno())],
+                pass_fds=(sock.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlives the agent and its signals
+            )  # fmt: skip
+        finally:
+            log.close()
+            sock.close()  # the worker holds it now
+        agent.store.put("proxy_worker", {"pid": proc.pid, "port": port})
+        return cls(agent, proc.pid, port, reused=False)
+
+    # what the agent calls on any proxy
+
+    def l7_ports(self, compiled) -> dict[int, int]:
+        return {l7_id: self.port for l7_id in compiled.l7} if compiled is not None else {}
+
+    def update(self, compiled, old) -> None:
+        self.seq += 1
+        state = {"state": self.state()}
+        for queue in self.subscribers:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(state)
+
+    def state(self) -> dict:
+        agent = self.agent
+        return {
+            "seq": f"{os.getpid()}-{self.seq}",
+            "revision": agent.store.revision(),
+            "router": agent.pool.router,
+            "identities": agent.allocator.to_state(),
+            "endpoints": [
+                {"name": ep.name, "ip": ep.ip, "labels": list(ep.labels), "identity": ep.identity}
+                for ep in agent.store.endpoints()
+            ],
+            "documents": [
+                {
+                    "key": d.key,
+                    "name": d.name,
+                    "namespace": d.namespace,
+                    "source": d.source,
+                    "text": d.text,
+                    "revision": d.revision,
+                }
+                for d in agent.store.policies()
+            ],
+        }
+
+    async def follow(self, args: dict):
+        """The `proxy.state` stream: the current state now, then every new one."""
+        queue: asyncio.Queue = asyncio.Queue(16)
+        self.subscribers.append(queue)
+        self.connected += 1
+        try:
+            yield {"state": self.state()}
+            while True:
+                yield await queue.get()
+        finally:
+            self.subscribers.remove(queue)
+            self.connected -= 1
+
+    def uplink(self, args: dict, item: dict) -> None:
+        """The `proxy.flows` channel: flows into the agent's log, metrics text kept for /metrics."""
+        if "flow" in item:
+            self.agent.flows.ingest(item["flow"])
+        elif "metrics" in item:
+            self.metrics_text = item["metrics"]
+
+    def status(self) -> dict:
+        alive = _alive(self.pid)
+        how = "re-attached" if self.reused else "started"
+        return {
+            "state": "ok" if alive and self.connected else "down" if not alive else "connecting",
+            "detail": f"worker pid {self.pid} ({how}) on 127.0.0.1:{self.port}",
+        }
+
+    async def close(self) -> None:
+        pass  # the worker keeps proxying while the agent restarts
+
+
+def stop_worker(state_dir: Path, timeout: float = 5.0) -> None:
+    """End the worker recorded in a state directory (cleanup of a whole node)."""
+    db = state_dir / "state.db"
+    if not db.exists():
+        return
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        row = conn.execute("SELECT value FROM kv WHERE key = 'proxy_worker'").fetchone()
+    if not row:
+        return
+    import json
+    import time
+
+    pid = json.loads(row[0]).get("pid")
+    if not pid or not _alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
