@@ -124,8 +124,11 @@ class Http1Session(asyncio.Protocol):
                 and data.startswith(req.method)
                 and data.endswith(b"\r\n\r\n")
             )
-            self._on_request(req, data if exact else None)
-            self._on_end(events[1])
+            if req.chunked:  # a whole chunked request with an empty body: the tail goes too
+                self._on_request(req, data if exact else None)
+                self._on_end(events[1])
+            else:
+                self._on_request(req, data if exact else None, events[1])
             return
         self._handle(events)
         if parser.in_head and not self.queue and self.deadline_kind != HEAD and not self.closed:
@@ -193,12 +196,20 @@ class Http1Session(asyncio.Protocol):
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def _on_request(self, req: Request, raw: bytes | None = None) -> None:
+    def _on_request(
+        self, req: Request, raw: bytes | None = None, end: EndOfMessage | None = None
+    ) -> None:
+        """`end`: the request is already complete (no body), so it starts as such."""
         self.pm.received.inc()
         decision = decide(self.ctx.rules(), req)
         ex = Exchange(req, decision.allowed, decision.raw or raw, _monotonic())
         if decision.logged:
             ex.logged = decision.logged
+        if end is not None:
+            ex.complete = True
+            if not end.keep_alive or self.draining:
+                ex.keep_alive = False
+                self.pause_client_reading(PAUSE_PIPELINE)
         self.parsing = ex
         queue = self.queue
         queue.append(ex)
@@ -478,12 +489,15 @@ class Http1Session(asyncio.Protocol):
         """A request the proxy answered itself is done."""
         if self.queue and self.queue[0] is ex:
             self.queue.pop(0)
-        if ex.req is not None and ex.status == 403:
+        if ex.req is not None and ex.status == 403 and self.ctx.flows.active:
             emit_flow(self.ctx, ex, DROPPED, _monotonic())
         if not ex.keep_alive:
             self._close()
             return
-        self._next()
+        if ex.req is not None and not ex.req.has_body:
+            self._next(ex.start)  # answered at once: its start is "now" for the idle deadline
+        else:
+            self._next()
 
     def _next(self, now: float = 0.0) -> None:
         if self.closed:
