@@ -11,7 +11,8 @@ import asyncio
 import time
 
 from l7proxy.flows import DROPPED, ERROR, FORWARDED
-from l7proxy.kafka.layer import Close, KafkaLayer, KafkaSettings, Record, ToClient, ToUpstream
+from l7proxy.kafka.commands import Close, KafkaSettings, Record, ToClient, ToUpstream
+from l7proxy.kafka.layer import KafkaLayer
 from l7proxy.kafka.settings import settings_for
 from parsers.kafka.apis import api_name
 

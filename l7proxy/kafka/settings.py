@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from l7proxy.kafka.layer import KafkaSettings
+from l7proxy.kafka.commands import KafkaSettings
 
 Address = tuple[str, int]
 _WILDCARDS = ("0.0.0.0", "::", "")

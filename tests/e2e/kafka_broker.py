@@ -223,7 +223,11 @@ class ProxyThread:
         self._ready.set()
         self.loop.run_forever()
         self.server.close()
-        self.loop.run_until_complete(self.server.wait_closed())
+        # Sessions still connecting upstream (a client reconnecting as we stop): cancel them.
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         self.loop.close()
 
     async def _serve(self) -> None:

@@ -1,0 +1,69 @@
+"""What the Kafka layer hands to the session (commands and flow records), its settings, and the
+bookkeeping of one request in flight."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ToUpstream:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ToClient:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str  # machine-friendly, e.g. "frame_too_large"
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One flow and its metrics: a request (per topic) or the end of a response."""
+
+    kind: str  # "REQUEST" or "RESPONSE"
+    verdict: str  # FORWARDED, DROPPED, ERROR
+    api_key: int
+    api_version: int
+    correlation_id: int
+    client_id: str | None = None
+    topic: str | None = None
+    error_code: int = 0
+    latency_ns: int = 0
+    reason: str | None = None
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request whose answer is still owed to the client, in answer order."""
+
+    correlation_id: int
+    api_key: int
+    api_version: int
+    flexible: bool
+    started_ns: int
+    synthetic: bytes | None = None  # a denial waiting its turn
+    denied_topics: tuple = ()  # Metadata: (name, id) answered with 29 in the response
+    error_code: int = 0  # first non-zero error code seen in the response
+    filter_topics: bool = False  # an "all topics" answer to filter by visibility
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    max_frame_size: int = 8 * 1024 * 1024
+    # Kafka frames run to megabytes; with the HTTP-sized 256 KiB mark every produce request would
+    # pause the client and throttle a pipelining producer. Buffers stay bounded by these marks.
+    write_high_water: int = 4 * 1024 * 1024
+    write_low_water: int = 1024 * 1024
+    # Shared topic id -> name map (None: one per connection).
+    topic_ids: dict | None = None
+    # Gateway mode: broker address seen in responses -> gateway listener to advertise instead.
+    brokers: Mapping[Address, Address] | None = None
