@@ -19,7 +19,6 @@ class Exchange:
         "raw",
         "complete",
         "keep_alive",
-        "started",
         "sent",
         "answered",
         "pending",
@@ -35,7 +34,6 @@ class Exchange:
         self.raw = raw
         self.complete = False
         self.keep_alive = True
-        self.started = False  # became the front of the queue
         self.sent = False  # head written upstream; body goes straight through
         self.answered = False  # the proxy wrote its own response (deny, error)
         self.pending: list[bytes] | None = None  # body bytes waiting for the head to go
