@@ -75,6 +75,8 @@ class KafkaLayer(ResponseSide):
         )
         self._req_left = 0  # bytes of a cut-through request still to pass on
         self._cut_tried = self._cut_tried_at = -1
+        self._fetch_topics: set[str] = set()  # topics this connection's fetch session may hold
+        self._fetch_rules = None  # the rule set the last Fetch was checked against
         self._init_response_side()
         self.closed = False
 
@@ -221,6 +223,9 @@ class KafkaLayer(ResponseSide):
             # A regex subscription cannot be checked topic by topic: fail closed.
             unknown_ids.append(b"regex")
             allowed = False
+        if allowed and key == FETCH and version >= 7:
+            if not self._fetch_session_ok(rules, header, out):
+                return
         if allowed:
             self._forward(framed, header, request, pending, names, out)
             return
@@ -237,6 +242,24 @@ class KafkaLayer(ResponseSide):
         topic_denied = bool(verdict.denied_topics) or (verdict.allowed and bool(unknown_ids))
         self._deny(spec, header, request, pending, names, out, topic_denied=topic_denied)
 
+    def _fetch_session_ok(self, rules, header: RequestHeader, out: list) -> bool:
+        """Incremental fetch sessions (v7+) keep serving partitions that later requests need not
+        name. When the policy changed since this connection's last Fetch, re-check every topic
+        the session may hold; if one is now denied, close (the client starts a new session)."""
+        if rules is self._fetch_rules:
+            return True
+        self._fetch_rules = rules
+        denied = [
+            t for t in self._fetch_topics
+            if not rules.check(FETCH, header.api_version, header.client_id, [t]).allowed
+        ]  # fmt: skip
+        if not denied:
+            return True
+        self._fetch_topics.clear()
+        self._close(out, "fetch_session_denied",
+                    f"policy changed: the fetch session holds denied topic {denied[0]}", header)  # fmt: skip
+        return False
+
     @staticmethod
     def _decode(spec, header: RequestHeader, framed: bytes) -> dict:
         return spec.request_codec(header.api_version).decode(
@@ -244,6 +267,8 @@ class KafkaLayer(ResponseSide):
         )[0]
 
     def _forward(self, framed, header: RequestHeader, request, pending, names, out) -> None:
+        if header.api_key == FETCH and header.api_version >= 7:
+            self._fetch_topics.update(names)
         out.append(ToUpstream(framed))
         if expects_response(header.api_key, request):
             self._pending.append(pending)

@@ -365,3 +365,22 @@ def test_topic_ids_learned_on_one_connection_resolve_on_another():
     assert of(ToUpstream, fetch_conn.client_data(fetch))
     alone = layer(rules)  # its own map: the id is unknown there, so it fails closed
     assert of(ToClient, alone.client_data(fetch)) and not of(ToUpstream, alone.client_data(b""))
+
+
+def test_policy_change_closes_a_fetch_session_holding_a_now_denied_topic():
+    current = {"rules": KafkaRuleSet([KafkaRule(api_keys=(1,), topic="t1"),
+                                      KafkaRule(api_keys=(1,), topic="t2")])}  # fmt: skip
+    lay = KafkaLayer(lambda: current["rules"], KafkaSettings())
+
+    def fetch(topics, cid):
+        return request(1, 11, cid, {"max_wait_ms": 1, "session_id": 0, "session_epoch": 0,
+                                    "rack_id": "", "topics": [
+            {"topic": t, "partitions": [{"partition": 0}]} for t in topics]})  # fmt: skip
+
+    assert of(ToUpstream, lay.client_data(fetch(["t1", "t2"], 1)))
+    lay.upstream_data(response(1, 11, 1, {"responses": []}))
+    assert of(ToUpstream, lay.client_data(fetch([], 2)))  # incremental: names nothing
+    lay.upstream_data(response(1, 11, 2, {"responses": []}))
+    current["rules"] = KafkaRuleSet([KafkaRule(api_keys=(1,), topic="t1")])  # reload: t2 denied
+    out = lay.client_data(fetch([], 3))
+    assert of(Close, out)[0].reason == "fetch_session_denied" and not of(ToUpstream, out)
