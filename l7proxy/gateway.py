@@ -9,6 +9,7 @@ sweeper, the SIGHUP/file-change reload and the SIGTERM drain.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import signal
@@ -121,6 +122,9 @@ class GatewayWorker:
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         watcher = loop.create_task(self._watch())
+        # Everything built so far (modules, the compiled policy) lives as long as the worker:
+        # out of the collector's sight, a full collection has less to walk (shorter pauses).
+        gc.freeze()
         on_listening()
         await self.stopping.wait()
         watcher.cancel()
