@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from parsers.http1 import Request, build_head
 
 MAX_CACHED = 4096
-# Only small requests are memoised: 4,096 entries of at most 2 KiB of head bound the cache at
+# Only small requests are memoised: 4,096 entries of at most 2 KiB of head bound a cache at
 # ~8 MiB however large or varied the heads an attacker sends.
 MAX_CACHED_HEAD = 2048
 
@@ -27,28 +27,32 @@ class Decision:
 
 ALLOW_ALL = Decision(True, None, ())
 
-_cache_owner: object = None
-_cache: dict = {}
+# One cache per rule-set object (several sources or ports may use different sets at once); the
+# entry keeps its rule set alive, so an id is never reused while its cache exists.
+MAX_RULE_SETS = 64
+_caches: dict[int, tuple[object, dict]] = {}
 
 
 def decide(rules, req: Request) -> Decision:
     """The verdict of `rules` (an L7 rule set, or None for "allow all") on `req`."""
-    global _cache_owner, _cache
     if rules is None:
         return ALLOW_ALL
-    if rules is not _cache_owner:
-        _cache_owner = rules
-        _cache = {}
     if req.head_len > MAX_CACHED_HEAD:
         return _evaluate(rules, req)
+    entry = _caches.get(id(rules))
+    if entry is None or entry[0] is not rules:
+        if len(_caches) >= MAX_RULE_SETS:
+            _caches.clear()  # old revisions go; the live sets refill at once
+        entry = _caches[id(rules)] = (rules, {})
+    cache = entry[1]
     key = (req.method, req.target, req.headers)
-    hit = _cache.get(key)
+    hit = cache.get(key)
     if hit is not None:
         return hit
     decision = _evaluate(rules, req)
-    if len(_cache) >= MAX_CACHED:
-        _cache.clear()
-    _cache[key] = decision
+    if len(cache) >= MAX_CACHED:
+        cache.clear()
+    cache[key] = decision
     return decision
 
 

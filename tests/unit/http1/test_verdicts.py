@@ -29,6 +29,7 @@ def test_verdicts_are_memoised_per_rule_set_and_small_requests_only():
     assert rules.calls == 3  # never cached
     reloaded = Counting()  # a reload is a new rule-set object: a fresh cache
     assert verdicts.decide(reloaded, small).allowed and reloaded.calls == 1
+    assert verdicts.decide(rules, small).allowed and rules.calls == 3  # both sets stay cached
     assert verdicts.decide(None, small) is verdicts.ALLOW_ALL
 
 
