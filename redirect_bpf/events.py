@@ -1,8 +1,7 @@
 """Verdict events from the ring buffer as Hubble-shaped flow dicts.
 
 The reader polls on its own thread (never on the event loop) and hands each flow over through a
-callback or a thread-safe queue. For asyncio: pass
-`lambda f: loop.call_soon_threadsafe(queue.put_nowait, f)` as the callback.
+callback or a thread-safe queue. For asyncio: `dp.events(on_flow=asyncio_callback(loop, q))`.
 """
 
 from __future__ import annotations
@@ -82,6 +81,20 @@ def to_flow(e: FlowEvent, *, node_name: str = "l7proxy", labels_of: LabelsOf | N
             "deny": bool(e.match_deny),
         }
     return flow
+
+
+def asyncio_callback(loop, queue) -> Callable[[dict], None]:
+    """An on_flow callback for EventReader that hands each flow to an asyncio.Queue owned by
+    `loop`, safely from the reader thread (drops the flow if the queue is full)."""
+
+    def put(flow: dict) -> None:
+        def deliver() -> None:
+            if not queue.full():
+                queue.put_nowait(flow)
+
+        loop.call_soon_threadsafe(deliver)
+
+    return put
 
 
 class EventReader:

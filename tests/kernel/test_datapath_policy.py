@@ -334,3 +334,37 @@ def test_ipv6_cannot_bypass_an_enforced_ipv4_policy(clean):
     finally:
         server.close()
         sh("ip", "addr", "del", "fd00:250::1/64", "dev", a.host_if, check=False)
+
+
+def test_flows_reach_an_asyncio_queue_from_the_reader_thread(clean):
+    import asyncio
+
+    from redirect_bpf.events import asyncio_callback
+
+    t = clean
+    a, b, _ = t.pods
+    t.dp.sync_endpoint(
+        t.ids[1],
+        {K(t.identities[0], INGRESS): ALLOW},
+        ingress_enforced=True,
+        egress_enforced=False,
+    )
+
+    async def main():
+        queue: asyncio.Queue = asyncio.Queue()
+        reader = t.dp.events(on_flow=asyncio_callback(asyncio.get_running_loop(), queue))
+        try:
+            ok = await asyncio.to_thread(
+                tcp_ok, t.pods[2].netns, b.pod_ip, t.servers[1].port, BLOCKED
+            )
+            assert not ok
+            while True:  # skip any backlog from earlier tests
+                flow = await asyncio.wait_for(queue.get(), 5)
+                if flow["verdict"] == "DROPPED" and flow["source"]["ip"] == t.pods[2].pod_ip:
+                    return flow
+        finally:
+            reader.stop()
+
+    flow = asyncio.run(main())
+    assert flow["drop_reason_desc"] == "POLICY_DENIED"
+    assert flow["destination"]["identity"] == t.identities[1]
