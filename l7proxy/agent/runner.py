@@ -162,3 +162,16 @@ def sweep_namespaces(prefix: str) -> list[str]:
                 with contextlib.suppress(OSError):
                     entry.rmdir()
     return removed
+
+
+def free_pool(low: int = 100, high: int = 249) -> str:
+    """A 10.251.N.0/24 with no route on this host yet (parallel runs each get their own)."""
+    import random
+    import subprocess
+
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    taken = {int(p.split(".")[2]) for p in routes.split() if p.startswith("10.251.")}
+    free = [n for n in range(low, high + 1) if n not in taken]
+    if not free:
+        raise RuntimeError(f"no free 10.251.{low}-{high}.0/24 left")
+    return f"10.251.{random.choice(free)}.0/24"

@@ -5,7 +5,6 @@ with the datapath cover kernel enforcement)."""
 from __future__ import annotations
 
 import json
-import random
 import socket
 import subprocess
 import textwrap
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from l7proxy.agent.runner import AgentProcess
+from l7proxy.agent.runner import AgentProcess, free_pool
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -24,7 +23,7 @@ L7 = str(REPO / "demo" / "sw_l3_l4_l7_policy.yaml")
 
 
 def _pool() -> str:
-    return f"10.251.{random.randint(100, 249)}.0/24"
+    return free_pool()
 
 
 @pytest.fixture

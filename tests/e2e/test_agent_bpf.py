@@ -5,7 +5,6 @@ enforcing."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from l7proxy.agent.runner import AgentProcess
+from l7proxy.agent.runner import AgentProcess, free_pool
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -65,7 +64,7 @@ class Galaxy:
 
 @pytest.fixture
 def galaxy():
-    agent = AgentProcess(pool=f"10.251.{random.randint(100, 249)}.0/24", bpf=True)
+    agent = AgentProcess(pool=free_pool(), bpf=True)
     agent.start()
     g = None
     try:
@@ -266,7 +265,7 @@ spec:
 def test_agent_stop_drains_requests_in_flight_through_the_node_proxy(tmp_path):
     policy = tmp_path / "slow.yaml"
     policy.write_text(ALLOW_ALL_L7)
-    agent = AgentProcess(pool=f"10.251.{random.randint(100, 249)}.0/24", bpf=True)
+    agent = AgentProcess(pool=free_pool(), bpf=True)
     agent.start()
     server = None
     try:
@@ -299,7 +298,7 @@ def test_agent_stop_drains_requests_in_flight_through_the_node_proxy(tmp_path):
 
 def test_proxy_worker_process_keeps_l7_connections_across_agent_restarts():
     agent = AgentProcess(
-        pool=f"10.251.{random.randint(100, 249)}.0/24",
+        pool=free_pool(),
         bpf=True,
         extra_args=("--proxy-worker", "process"),
     )

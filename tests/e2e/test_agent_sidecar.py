@@ -4,7 +4,6 @@ redirection, through the CLI (`endpoint exec` puts a command in the endpoint's c
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from l7proxy.agent.runner import AgentProcess
+from l7proxy.agent.runner import AgentProcess, free_pool
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -46,7 +45,7 @@ def ok(a: AgentProcess, *args: str) -> str:
 def test_sidecar_mode_enforces_egress_l7_for_an_unmodified_curl(tmp_path):
     policy = tmp_path / "egress.yaml"
     policy.write_text(EGRESS_L7)
-    agent = AgentProcess(pool=f"10.251.{random.randint(100, 249)}.0/24", bpf=True, mode="sidecar")
+    agent = AgentProcess(pool=free_pool(), bpf=True, mode="sidecar")
     agent.start()
     server = None
     try:

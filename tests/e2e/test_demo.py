@@ -4,7 +4,6 @@ interruption."""
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import subprocess
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from l7proxy.agent.runner import free_pool
+
 pytestmark = [pytest.mark.e2e]
 
 
@@ -22,7 +23,7 @@ def _env() -> tuple[dict, str]:
     prefix = f"l7d{uuid.uuid4().hex[:5]}-"
     env = {
         **os.environ,
-        "L7PROXY_DEMO_POOL": f"10.251.{random.randint(20, 99)}.0/24",
+        "L7PROXY_DEMO_POOL": free_pool(20, 99),
         "L7PROXY_DEMO_PREFIX": prefix,
         "DEMO_WAIT": "0",
     }
