@@ -245,3 +245,25 @@ def test_fail_closed_when_no_proxy_listens(clean):
         if f["l4"].get("TCP", {}).get("source_port")
         in {x["l4"]["TCP"]["source_port"] for x in no_proxy}
     )
+
+
+def test_a_pod_cannot_forge_the_proxy_mark(clean):
+    t = clean
+    a, b, c = t.pods
+    server = t.servers[1]
+    t.dp.sync_endpoint(
+        t.ids[1],
+        {PolicyKey(t.identities[0], INGRESS, TCP, 0, 0): ALLOW},
+        ingress_enforced=True,
+        egress_enforced=False,
+    )
+    s = sock_in(c.netns)
+    try:
+        # C claims to be the proxy carrying A's identity: the veth clears the mark.
+        platform.mark_upstream(s, t.identities[0])
+        s.settimeout(BLOCKED)
+        with pytest.raises(OSError):
+            s.connect((b.pod_ip, server.port))
+    finally:
+        s.close()
+    assert tcp_ok(a.netns, b.pod_ip, server.port)  # A itself is allowed
