@@ -67,8 +67,9 @@ def _stale_test_pins():
     yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def topo():
+    """One topology for the whole run (each test starts from `clean`)."""
     with topology() as t:
         yield t
 
