@@ -39,6 +39,7 @@ class Record:
     error_code: int = 0
     latency_ns: int = 0
     reason: str | None = None
+    closes: bool = False  # the proxy closes the connection after this record
 
 
 @dataclass(slots=True)

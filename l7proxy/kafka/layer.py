@@ -34,15 +34,17 @@ from parsers.kafka.frames import (
     FrameDecoder,
     FrameError,
     RequestHeader,
+    encode_response_header,
     frame,
     parse_request_header,
 )
-from parsers.kafka.responses import METADATA, supported_versions
+from parsers.kafka.responses import API_VERSIONS, METADATA, supported_versions
 
 __all__ = ["Close", "KafkaLayer", "KafkaSettings", "Record", "ToClient", "ToUpstream"]
 
 PRODUCE = 0
 CONSUMER_GROUP_HEARTBEAT = 68
+UNSUPPORTED_VERSION = 35
 # Versions that may carry broker endpoints in tagged fields (KIP-951): a gateway caps below them
 # so that clients only ever learn broker addresses from the responses it rewrites.
 GATEWAY_CAPS = {PRODUCE: 9, FETCH: 15}
@@ -167,6 +169,9 @@ class KafkaLayer(ResponseSide):
             return
         version = header.api_version
         rules = self._rules()
+        if key == API_VERSIONS and version > spec.versions[1]:
+            self._unsupported_api_versions(header, spec, now, out)
+            return
         if spec is None or not spec.versions[0] <= version <= spec.versions[1]:
             # No parser: only a policy without L7 restrictions lets it through.
             if rules is None or rules.allow_all:
@@ -260,6 +265,31 @@ class KafkaLayer(ResponseSide):
                     f"policy changed: the fetch session holds denied topic {denied[0]}", header)  # fmt: skip
         return False
 
+    def _unsupported_api_versions(self, header: RequestHeader, spec, now: int, out: list) -> None:
+        """A client opens with ApiVersions at its newest version. Newer than the proxy parses:
+        answer as a broker that does not know it (UNSUPPORTED_VERSION, v0 body, the ApiVersions
+        range supported), and the client retries at a version both understand."""
+        body = bytearray(encode_response_header(header.correlation_id, API_VERSIONS, False))
+        spec.response_codec(0).encode(body, {
+            "error_code": UNSUPPORTED_VERSION,
+            "api_keys": [{"api_key": API_VERSIONS, "min_version": 0,
+                          "max_version": spec.versions[1]}],
+        })  # fmt: skip
+        out.append(Record("REQUEST", "ERROR", API_VERSIONS, header.api_version,
+                          header.correlation_id, header.client_id, error_code=UNSUPPORTED_VERSION,
+                          reason="unsupported_version"))  # fmt: skip
+        self._pending.append(
+            Pending(
+                header.correlation_id,
+                API_VERSIONS,
+                header.api_version,
+                False,
+                now,
+                synthetic=frame(body),
+            )  # fmt: skip
+        )
+        self._flush_synthetic(out)
+
     @staticmethod
     def _decode(spec, header: RequestHeader, framed: bytes) -> dict:
         return spec.request_codec(header.api_version).decode(
@@ -332,9 +362,10 @@ class KafkaLayer(ResponseSide):
         self.closed = True
         if header is not None:
             out.append(Record("REQUEST", "ERROR", header.api_key, header.api_version,
-                              header.correlation_id, header.client_id, reason=reason))  # fmt: skip
+                              header.correlation_id, header.client_id, reason=reason,
+                              closes=True))  # fmt: skip
         else:
-            out.append(Record("REQUEST", "ERROR", -1, -1, -1, reason=reason))
+            out.append(Record("REQUEST", "ERROR", -1, -1, -1, reason=reason, closes=True))
         out.append(Close(reason, detail))
         return out
 

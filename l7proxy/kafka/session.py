@@ -294,7 +294,8 @@ class KafkaSession(asyncio.Protocol):
                 pm.denied.inc()
             else:
                 pm.parse_errors.inc()
-                self.kmetrics.frame_errors.labels(reason=rec.reason or "error").inc()
+                if rec.closes:
+                    self.kmetrics.frame_errors.labels(reason=rec.reason or "error").inc()
         if not self.ctx.flows.active:
             return
         name = api_name(rec.api_key) if rec.api_key >= 0 else "unknown"
@@ -319,7 +320,7 @@ class KafkaSession(asyncio.Protocol):
             return
         if reason in ("internal_error", "upstream_unreachable"):
             # The layer records its own closes; these two come from here and need a flow too.
-            self._record(Record("REQUEST", "ERROR", -1, -1, -1, reason=reason))
+            self._record(Record("REQUEST", "ERROR", -1, -1, -1, reason=reason, closes=True))
         self._closed = True
         if self.client is not None:
             self.client.close()

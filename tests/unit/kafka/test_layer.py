@@ -384,3 +384,18 @@ def test_policy_change_closes_a_fetch_session_holding_a_now_denied_topic():
     current["rules"] = KafkaRuleSet([KafkaRule(api_keys=(1,), topic="t1")])  # reload: t2 denied
     out = lay.client_data(fetch([], 3))
     assert of(Close, out)[0].reason == "fetch_session_denied" and not of(ToUpstream, out)
+
+
+def test_api_versions_newer_than_parsed_gets_unsupported_version_in_v0():
+    """A client opening with a future ApiVersions version is told the range and retries."""
+    newest = API_TABLE[18].versions[1]
+    for rules in (None, PRODUCE_ONLY_T1):
+        lay = layer(rules)
+        raw = frame(struct.pack(">hhih", 18, newest + 1, 3, 3) + b"cli" + b"\x00" + b"\x01\x01\x00")
+        out = lay.client_data(raw)
+        assert not of(ToUpstream, out) and not of(Close, out)
+        (answer,) = of(ToClient, out)
+        decoded = RESPONSES[18].decode(answer.data[4:], version=0, header=True)
+        assert decoded._header.correlation_id == 3 and decoded.error_code == 35
+        assert [(k.api_key, k.max_version) for k in decoded.api_keys] == [(18, newest)]
+        assert not lay.closed
