@@ -17,7 +17,7 @@ import pytest
 
 from l7proxy import platform
 from policies import EGRESS, PolicyEntry, PolicyKey
-from tests.conftest import need_binary
+from tests.conftest import REPO, need_binary
 from tests.kernel.conftest import host_addresses
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(60)]
@@ -158,14 +158,14 @@ def test_sidecar_redirects_unmodified_curl_and_spares_the_proxy(clean):
 
 
 GETSOCKOPT_PROXY = """
-import socket, struct, sys
+import socket
+from l7proxy.platform import original_dst_nat
 srv = socket.create_server(("127.0.0.1", 0))
 print(srv.getsockname()[1], flush=True)
 conn, _ = srv.accept()
 conn.recv(4096)
-raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST, as behind iptables REDIRECT
-port, addr = struct.unpack_from("!2xH4s", raw)
-body = f"orig={socket.inet_ntoa(addr)}:{port}".encode()
+ip, port = original_dst_nat(conn)  # getsockopt SO_ORIGINAL_DST, as behind iptables REDIRECT
+body = f"orig={ip}:{port}".encode()
 conn.sendall(b"HTTP/1.1 200 OK\\r\\nConnection: close\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
 conn.close()
 """
@@ -184,6 +184,7 @@ def test_sidecar_proxy_asks_so_original_dst_unmodified(clean):
 
         proxy = subprocess.Popen(
             [sys.executable, "-c", GETSOCKOPT_PROXY],
+            cwd=REPO,
             preexec_fn=enter,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
