@@ -24,6 +24,16 @@ def REDIRECT(l7_id):  # noqa: N802
     return PolicyEntry(False, l7_id, ("test",))
 
 
+class SocketTransport:
+    """Just enough of an asyncio transport for the destination resolvers."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def get_extra_info(self, name):
+        return {"sockname": self.sock.getsockname(), "peername": self.sock.getpeername()}[name]
+
+
 class SpliceProxy:
     """A tiny transparent L4 proxy: accepts what the datapath assigns to it, looks up the
     source identity, and connects upstream to the original destination with the proxy mark."""
@@ -43,6 +53,9 @@ class SpliceProxy:
             except OSError:
                 return
             orig = platform.original_dst_transparent(conn)
+            # the ConnContext resolver gives the same answer from a transport's extra info
+            resolved = platform.TransparentDestination()(SocketTransport(conn))
+            assert (resolved.host, resolved.port) == orig
             self.accepted.append((peer, orig))
             threading.Thread(target=self._serve, args=(conn, peer, orig), daemon=True).start()
 
