@@ -138,8 +138,8 @@ def _rate(ep: Endpoint, seconds: float) -> dict:
     res = peers.run_rate(ep.port, ALLOWED, FIXED_RATE, seconds)
     if res["errors"] or set(res["statuses"]) != {"200"}:
         raise peers.PeerError(f"statuses {res['statuses']}, errors {res['errors']}")
-    if res["achieved_rate"] < 0.8 * FIXED_RATE:  # the client itself starved of CPU
-        raise peers.PeerError(f"only {res['achieved_rate']:.0f} req/s of {FIXED_RATE}")
+    if res["completed"] != res["sent"]:
+        raise peers.PeerError(f"{res['completed']} of {res['sent']} requests completed")
     return res
 
 
@@ -160,7 +160,11 @@ def test_p99_added_at_fixed_rate(backend, workdir, duration, record):
             added.append(0.0 if base is None else runs[-1]["p99_ms"] - base)
         p50 = statistics.median(r["p50_ms"] for r in runs)
         p99 = statistics.median(r["p99_ms"] for r in runs)
+        # A stall (of the proxy, or of the whole shared machine) lowers the completed rate; it is
+        # already in the latencies, which count from each request's due time.
+        slowest = min(r["achieved_rate"] for r in runs)
         note = "rounds p99 " + " ".join(f"{r['p99_ms']:.2f}" for r in runs)
+        note += f"; slowest round {slowest:.0f} req/s" if slowest < 0.95 * FIXED_RATE else ""
         return Row(ep.peer, statistics.median(added), p50, p99, ep.proc.rss_mib(), note)
 
     with PeerSet(workdir, backend, [PUBLIC_GET], http2=False) as peer_set:
