@@ -68,6 +68,7 @@ class Http1Session(asyncio.Protocol):
         "ctx", "cfg", "pm", "pool", "sweeper", "parser", "queue", "parsing", "upstream",
         "transport", "paused", "closed", "tunnel", "upgrade_wait", "upgrade_buffer",
         "connecting", "deadline", "deadline_kind", "draining", "deny_bytes", "deny_close_bytes",
+        "h2c",
     )  # fmt: skip
 
     def __init__(self, ctx, pool: UpstreamPool | None = None, sweeper=None) -> None:
@@ -92,6 +93,7 @@ class Http1Session(asyncio.Protocol):
         self.deadline_kind = NO_DEADLINE
         self.draining = False
         self.deny_bytes, self.deny_close_bytes = _deny_responses(cfg.deny_message)
+        self.h2c: tuple | None = None  # an allowed h2c Upgrade waiting for its Upgrade event
 
     # ---- asyncio: client side ----------------------------------------------------------------
 
@@ -200,8 +202,20 @@ class Http1Session(asyncio.Protocol):
         self, req: Request, raw: bytes | None = None, end: EndOfMessage | None = None
     ) -> None:
         """`end`: the request is already complete (no body), so it starts as such."""
-        self.pm.received.value += 1  # (Counter child: .inc() without the call, per request)
         decision = decide(self.ctx.rules(), req)
+        if req.upgrade and decision.allowed and not req.has_body and not self.queue:
+            # h2c Upgrade: HTTP/2 stays HTTP/2 upstream, so the connection is handed to the
+            # HTTP/2 session (at the Upgrade event that follows) instead of being forwarded.
+            # A denied one is answered 403 here like any request; a body-carrying one is
+            # forwarded as an HTTP/1 upgrade as before.
+            from l7proxy.http2.upgrade import wants_h2c
+
+            headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
+            if wants_h2c(headers):
+                self.h2c = (req, headers, decision, raw)
+                self.parsing = None
+                return
+        self.pm.received.value += 1  # (Counter child: .inc() without the call, per request)
         ex = Exchange(req, decision.allowed, decision.raw or raw, _monotonic())
         if decision.logged:
             ex.logged = decision.logged
@@ -286,6 +300,9 @@ class Http1Session(asyncio.Protocol):
             self._start(ex)
 
     def _on_upgrade(self, rest: bytes) -> None:
+        if self.h2c is not None:
+            self._take_over_h2c(rest)
+            return
         ex = self.parsing
         if ex is not None and ex.allowed and not ex.answered:
             # Hold everything after the head until the upstream says 101 (or 2xx to CONNECT).
@@ -296,6 +313,39 @@ class Http1Session(asyncio.Protocol):
             return
         # Denied (answered in place): keep speaking HTTP.
         self._handle(self.parser.resume(rest))
+
+    def _take_over_h2c(self, rest: bytes) -> None:
+        """Give the transport to an HTTP/2 session (101, then HTTP/2 both ways; the upgraded
+        request is its stream 1, decided by the policy again like any stream)."""
+        from l7proxy.http2.upgrade import take_over_h2c
+
+        req, headers, decision, raw = self.h2c
+        self.h2c = None
+        up = self.upstream
+        self.upstream = None
+        if up is not None:  # an idle keep-alive connection from earlier requests
+            self.pool.release(up)
+        if self.paused:
+            self.paused = 0
+            self.transport.resume_reading()
+        transport = self.transport
+        session = take_over_h2c(
+            self.ctx, transport, req.method.decode("latin-1"), req.target.decode("latin-1"),
+            headers, b"", rest, previous=self,
+        )  # fmt: skip
+        if session is not None:
+            self.closed = True  # the transport belongs to the HTTP/2 session now
+            self.deadline_kind = NO_DEADLINE
+            return
+        # No usable HTTP2-Settings: the request goes on as an HTTP/1 upgrade, as any other.
+        self.pm.received.value += 1
+        ex = Exchange(req, True, decision.raw or raw, _monotonic())
+        ex.logged = decision.logged or ()
+        ex.complete = True
+        self.parsing = ex
+        self.queue.append(ex)
+        self._start(ex)
+        self._on_upgrade(rest)
 
     # ---- driving the queue -------------------------------------------------------------------
 
