@@ -10,7 +10,7 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+from tests.shared import SHARED  # noqa: E402, F401
 
 
 def _bpf_problem() -> str | None:

@@ -8,7 +8,7 @@ import pytest
 from l7proxy.cli import main
 
 CORPUS = Path(__file__).resolve().parents[2] / "policies"
-SHARED = Path(__file__).resolve().parents[4] / "shared" / "conformance" / "cilium-examples"
+from tests.shared import CILIUM_EXAMPLES as SHARED  # noqa: E402
 
 
 def run(capsys, *argv):

@@ -1,14 +1,12 @@
 """Cilium's own example policies: they validate, compile and give the verdicts their docs promise."""
 
-from pathlib import Path
-
 import pytest
 
 import policies as P
+from tests.shared import CILIUM_EXAMPLES as SHARED  # noqa: E402
 
 from .helpers import labels
 
-SHARED = Path(__file__).resolve().parents[4] / "shared" / "conformance" / "cilium-examples"
 pytestmark = pytest.mark.skipif(
     not SHARED.is_dir(), reason="../shared is not present (it is in CI)"
 )
