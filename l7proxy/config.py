@@ -102,6 +102,9 @@ class GatewayConfig:
     flow_log: str | None = None
     workers: int = 1
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    # The host a Kafka listener bound to a wildcard address (0.0.0.0, ::) advertises in the
+    # broker addresses it rewrites (None: 127.0.0.1).
+    advertise_host: str | None = None
 
     def validate(self) -> None:
         if not self.listeners:
@@ -127,6 +130,7 @@ def load_yaml(path: str | Path) -> dict:
       listeners: [{listen: HOST:PORT, upstream: HOST:PORT, protocol: http}]
       policy: [FILE, ...]        labels: k=v,k=v        peers: ["CIDR=k=v", ...]
       admin: HOST:PORT           flow_log: FILE|-        workers: N       deny_message: TEXT
+      advertise_host: HOST       (what a 0.0.0.0 Kafka listener advertises; default 127.0.0.1)
       limits: {max_header_bytes: 65536, header_timeout: 10, ...}   (ProxyConfig fields)
     """
     data = yaml.safe_load(Path(path).read_text()) or {}
@@ -142,6 +146,7 @@ def load_yaml(path: str | Path) -> dict:
         "workers",
         "deny_message",
         "limits",
+        "advertise_host",
     }
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
@@ -167,4 +172,5 @@ def load_yaml(path: str | Path) -> dict:
         "workers": int(data.get("workers", 1)),
         "deny_message": data.get("deny_message"),
         "limits": limits,
+        "advertise_host": data.get("advertise_host"),
     }

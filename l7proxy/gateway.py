@@ -16,9 +16,10 @@ import signal
 import tempfile
 
 from l7proxy.admin import AdminServer, install_core_routes
-from l7proxy.config import GatewayConfig
+from l7proxy.config import GatewayConfig, HostPort, ListenerConfig
 from l7proxy.flows import FlowSink
 from l7proxy.http1.upstream import UpstreamPool
+from l7proxy.kafka.settings import gateway_broker_map, set_broker_map
 from l7proxy.metrics import ProxyMetrics
 from l7proxy.policy_view import GatewayPolicy
 from l7proxy.server import (
@@ -193,6 +194,20 @@ class GatewayWorker:
         log("drained, exiting")
 
 
+def install_kafka_broker_map(cfg: GatewayConfig, sockets) -> dict:
+    """Kafka responses naming a broker a listener fronts (Metadata, FindCoordinator,
+    DescribeCluster) advertise that listener instead, so a client that bootstrapped through the
+    gateway never connects around it. Built from the bound ports (a listener may ask for port 0)
+    and installed before any worker forks (docs/kafka.md)."""
+    bound = [
+        ListenerConfig(HostPort(lc.listen.host, sock.getsockname()[1]), lc.upstream, lc.protocol)
+        for lc, sock in zip(cfg.listeners, sockets, strict=True)
+    ]
+    mapping = gateway_broker_map(bound, cfg.advertise_host)
+    set_broker_map(mapping)
+    return mapping
+
+
 def run_gateway(cfg: GatewayConfig) -> int:
     cfg.validate()
     policy = GatewayPolicy(cfg.policy_paths, cfg.labels, cfg.peers)
@@ -215,6 +230,7 @@ def run_gateway(cfg: GatewayConfig) -> int:
     except OSError as exc:
         log(f"cannot listen: {exc}")
         return 2
+    install_kafka_broker_map(cfg, sockets)
 
     def announce() -> None:
         for lc, sock in zip(cfg.listeners, sockets, strict=True):

@@ -41,6 +41,11 @@ def register(sub) -> None:
     p.add_argument("--flow-log", metavar="FILE|-", help="one Hubble-shaped JSON line per request")
     p.add_argument("--workers", type=int, default=None, help="worker processes (SO_REUSEPORT)")
     p.add_argument("--deny-message", help=r"403 body (default 'Access denied\r\n')")
+    p.add_argument(
+        "--advertise-host",
+        metavar="HOST",
+        help="host a Kafka listener on 0.0.0.0 advertises in broker addresses (default 127.0.0.1)",
+    )
     p.add_argument("-c", "--config", metavar="CONFIG.yaml", help="config file (flags win)")
     p.set_defaults(func=run)
 
@@ -67,6 +72,7 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
         flow_log=args.flow_log if args.flow_log is not None else base.get("flow_log"),
         workers=args.workers if args.workers is not None else base.get("workers", 1),
         proxy=ProxyConfig(**limits),
+        advertise_host=getattr(args, "advertise_host", None) or base.get("advertise_host"),
     )
 
 

@@ -1,9 +1,8 @@
 """Kafka through the real `l7proxy gateway --protocol kafka` process, policy from YAML
 (CiliumNetworkPolicy kafka rules: role + topic), against a real noida-db broker.
 
-The gateway is started with the broker map installed (l7proxy.kafka.settings.set_broker_map,
-the switch that makes Metadata advertise the gateway), the way the gateway command is meant to
-install it from its Kafka listeners.
+The command installs the broker map itself (from its Kafka listeners), so Metadata and
+FindCoordinator advertise the gateway: the clients here never connect to the broker directly.
 """
 
 from __future__ import annotations
@@ -25,16 +24,6 @@ from tests.e2e.kafka_broker import KafkaBroker, free_port
 from tests.e2e.peers import ADMIN_RE, LISTEN_RE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
-
-WRAPPER = """
-import ast, sys
-from l7proxy.config import HostPort, ListenerConfig
-from l7proxy.kafka.settings import gateway_broker_map, set_broker_map
-listen, upstream = HostPort.parse(sys.argv[1]), HostPort.parse(sys.argv[2])
-set_broker_map(gateway_broker_map([ListenerConfig(listen, upstream, "kafka")]))
-from l7proxy.cli import main
-sys.exit(main(["gateway", "--listen", sys.argv[1], "--upstream", sys.argv[2], *sys.argv[3:]]))
-"""
 
 POLICY = """apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -59,15 +48,15 @@ spec:
 
 
 class KafkaGateway:
-    """`l7proxy gateway --protocol kafka` (through WRAPPER) as a subprocess; ready when its
-    stderr says so."""
+    """`l7proxy gateway --listen L --upstream B ...` as a subprocess (the real command, nothing
+    around it); ready when its stderr says so."""
 
     def __init__(self, listen: str, upstream: str, args: list[str], tmp_path) -> None:
         self.flow_log = tmp_path / "flows.log"
         self.err_path = tmp_path / "gateway.err"
         self._err = open(self.err_path, "w+")  # noqa: SIM115
-        cmd = [sys.executable, "-c", WRAPPER, listen, upstream, *args,
-               "--flow-log", str(self.flow_log)]  # fmt: skip
+        cmd = [sys.executable, "-m", "l7proxy", "gateway", "--listen", listen,
+               "--upstream", upstream, *args, "--flow-log", str(self.flow_log)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err,
                                      cwd=REPO, start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + 30
@@ -112,22 +101,54 @@ def broker():
     b.stop()
 
 
-@pytest.fixture(params=["kafka", "auto"])
-def gateway(broker, tmp_path, request):
-    """The gateway with --protocol kafka, and with --protocol auto (sniffed as Kafka)."""
+def start_gateway(broker, tmp_path, protocol: str, host="127.0.0.1", extra=()) -> KafkaGateway:
     topic = f"gw-{uuid.uuid4().hex[:8]}"
     port = free_port()
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(port=port, topic=topic))
     gw = KafkaGateway(
-        f"127.0.0.1:{port}", broker.address,
-        ["--policy", str(policy), "--labels", "app=kafka", "--protocol", request.param,
-         "--admin", "127.0.0.1:0"],
+        f"{host}:{port}", broker.address,
+        ["--policy", str(policy), "--labels", "app=kafka", "--protocol", protocol,
+         "--admin", "127.0.0.1:0", *extra],
         tmp_path,
     )  # fmt: skip
     gw.topic = topic
+    gw.broker_host, gw.broker_port = broker.host, broker.port
+    return gw
+
+
+@pytest.fixture(params=["kafka", "auto"])
+def gateway(broker, tmp_path, request):
+    """The gateway with --protocol kafka, and with --protocol auto (sniffed as Kafka)."""
+    gw = start_gateway(broker, tmp_path, request.param)
     yield gw
     gw.stop()
+
+
+def own_tcp_peers() -> set[tuple[str, int]]:
+    """(ip, port) of every TCP socket of this process connected somewhere (IPv4)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    peers = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:  # noqa: SIM115
+        fields = line.split()
+        if fields[9] in inodes and fields[3] == "01":  # ESTABLISHED
+            ip_hex, port_hex = fields[2].split(":")
+            ip = ".".join(str(b) for b in bytes.fromhex(ip_hex)[::-1])
+            peers.add((ip, int(port_hex, 16)))
+    return peers
+
+
+def seen_brokers(client) -> set[tuple[str, int]]:
+    """Every broker address an aiokafka client learned from Metadata (it resolves the
+    FindCoordinator node id through the same table; its connections are checked separately)."""
+    return {(b.host, b.port) for b in client.cluster.brokers()}
 
 
 def test_gateway_produce_consume_and_denied_topic(gateway):
@@ -161,12 +182,19 @@ def test_gateway_produce_consume_and_denied_topic(gateway):
                 if len(got) == 5:
                     break
             await consumer.commit()
+            # The group coordinator and partition leader came from rewritten responses, and
+            # aiokafka keeps its connections open: none of them may lead to the broker.
+            learned = seen_brokers(consumer._client)
+            peers = own_tcp_peers()
         finally:
             await consumer.stop()
-        return got, denied_after
+        return got, denied_after, learned, peers
 
-    got, denied_after = asyncio.run(asyncio.wait_for(main(), 60))
+    got, denied_after, learned, peers = asyncio.run(asyncio.wait_for(main(), 60))
     assert got == [b"g%d" % i for i in range(5)]
+    assert learned == {("127.0.0.1", gateway.port)}
+    assert ("127.0.0.1", gateway.port) in peers
+    assert (gateway.broker_host, gateway.broker_port) not in peers
     assert denied_after < 2.0
     flows = gateway.wait_flows(lambda fl: any(f["verdict"] == "DROPPED" for f in fl))
     kafka = [f for f in flows if f.get("l7", {}).get("kafka")]
@@ -185,3 +213,27 @@ def test_gateway_produce_consume_and_denied_topic(gateway):
     assert 'policy_l7_total{rule="denied",proto="kafka"}' in metrics
     assert "l7proxy_kafka_request_duration_seconds_bucket" in metrics
     json.dumps(flows)  # every flow is plain JSON
+
+
+def test_wildcard_listener_advertises_the_configured_host(broker, tmp_path):
+    """A listener on 0.0.0.0 advertises --advertise-host (127.0.0.2 here: still loopback, and
+    distinct from the broker's 127.0.0.1), and clients follow it."""
+    from aiokafka import AIOKafkaProducer
+
+    gw = start_gateway(broker, tmp_path, "kafka", "0.0.0.0", ["--advertise-host", "127.0.0.2"])
+    try:
+
+        async def main():
+            producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.2:{gw.port}")
+            await producer.start()
+            try:
+                await producer.send_and_wait(gw.topic, b"via wildcard")
+                return seen_brokers(producer.client), own_tcp_peers()
+            finally:
+                await producer.stop()
+
+        learned, peers = asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        gw.stop()
+    assert learned == {("127.0.0.2", gw.port)}
+    assert (broker.host, broker.port) not in peers
