@@ -47,6 +47,42 @@ class ProxyConfig:
     # Idle upstream keep-alive connections kept per destination.
     upstream_pool_size: int = 256
     deny_message: str = DEFAULT_DENY_MESSAGE
+    # HTTP/2 (l7proxy/http2 maps these onto the relay's H2Limits; the request header-list
+    # limits come from max_header_bytes / max_header_count above, the hard one at 4x).
+    # Streams a client may have open: advertised as MAX_CONCURRENT_STREAMS (the smaller of this
+    # and the server's value); excess streams get REFUSED_STREAM.
+    h2_max_concurrent_streams: int = 256
+    # Largest frame accepted or relayed (SETTINGS_MAX_FRAME_SIZE is capped to it both ways).
+    h2_max_frame_size: int = 64 * KiB
+    # CONTINUATION frames per header block (the block's bytes are bounded by max_header_bytes).
+    h2_max_continuation_frames: int = 32
+    # HPACK dynamic table the client may use for requests / the server for responses (0 makes
+    # every response block memoizable: docs/http2.md).
+    h2_max_header_table_size: int = 64 * KiB
+    h2_response_header_table_size: int = 0
+    # Flood budgets (token buckets, refilled every second): client resets of streams in flight
+    # (rapid reset) and refused streams; PING/SETTINGS/PRIORITY/empty DATA/unknown frames.
+    h2_reset_burst: int = 400
+    h2_reset_refill: int = 200  # per second
+    h2_control_burst: int = 1000
+    h2_control_refill: int = 1000  # per second
+    # Body of a denied stream read and dropped before the stream is reset.
+    h2_max_discarded_body: int = 64 * MiB
+    # Server DATA held while the client's window is owed the proxy's own 403 bodies.
+    h2_max_held_bytes: int = 1 * MiB
+
+    def __post_init__(self) -> None:
+        if not 16 * KiB <= self.h2_max_frame_size <= (1 << 24) - 1:
+            raise ValueError("h2_max_frame_size must be within 16384..16777215 (RFC 9113)")
+        for name in (
+            "h2_max_concurrent_streams", "h2_max_continuation_frames", "h2_reset_burst",
+            "h2_reset_refill", "h2_control_burst", "h2_control_refill",
+        ):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("h2_max_header_table_size", "h2_response_header_table_size"):
+            if not 0 <= getattr(self, name) < 1 << 32:
+                raise ValueError(f"{name} must be within 0..2^32-1")
 
     def replace(self, **changes) -> ProxyConfig:
         return dataclasses.replace(self, **changes)

@@ -14,15 +14,36 @@ ALLOW = Decision(True)
 DENY = Decision(False)
 
 
+_LIMITS: dict[object, H2Limits] = {}
+
+
 def limits_from_config(cfg) -> H2Limits:
-    """The relay's limits, derived from the proxy's one config object where it has a knob."""
-    return H2Limits(
-        max_header_list_size=cfg.max_header_bytes,
-        hard_header_list_size=4 * cfg.max_header_bytes,
-        max_header_block=cfg.max_header_bytes,
-        max_header_count=max(cfg.max_header_count, 16),
-        deny_body=cfg.deny_message.encode("utf-8"),
-    )
+    """The relay's limits from the proxy's one config object (`ProxyConfig`, settable by `-c`):
+    parsers/ can't import l7proxy, so the mapping lives here, at the session boundary. Cached
+    per config object (a worker has one), so a connection costs no rebuild."""
+    hit = _LIMITS.get(cfg)
+    if hit is None:
+        hit = _LIMITS[cfg] = H2Limits(
+            max_concurrent_streams=cfg.h2_max_concurrent_streams,
+            max_frame_size=cfg.h2_max_frame_size,
+            max_header_block=cfg.max_header_bytes,
+            max_continuation_frames=cfg.h2_max_continuation_frames,
+            max_header_list_size=cfg.max_header_bytes,
+            hard_header_list_size=4 * cfg.max_header_bytes,
+            max_header_count=max(cfg.max_header_count, 16),
+            max_header_table_size=cfg.h2_max_header_table_size,
+            response_header_table_size=cfg.h2_response_header_table_size,
+            reset_burst=cfg.h2_reset_burst,
+            reset_refill=cfg.h2_reset_refill,
+            control_burst=cfg.h2_control_burst,
+            control_refill=cfg.h2_control_refill,
+            max_discarded_body=cfg.h2_max_discarded_body,
+            max_held_bytes=cfg.h2_max_held_bytes,
+            deny_body=cfg.deny_message.encode("utf-8"),
+        )
+        if len(_LIMITS) > 64:  # only tests make many configs
+            _LIMITS.clear()
+    return hit
 
 
 class H2Policy:

@@ -369,3 +369,24 @@ def test_log_mismatch_names_the_header_in_the_flow(nginx_h2, tmp_path):
         assert "secret-value" not in json.dumps(flow)
     finally:
         gw.stop()
+
+
+def test_config_file_http2_limits_reach_the_connection(nginx_h2, tmp_path):
+    """`-c` limits h2_* (ProxyConfig fields) become the relay's H2Limits: the client is told
+    MAX_CONCURRENT_STREAMS 3 (nginx offers 128) and MAX_FRAME_SIZE is capped to 20000."""
+    gw = start_h2_gateway(
+        tmp_path, nginx_h2.port,
+        limits={"h2_max_concurrent_streams": 3, "h2_max_frame_size": 20000},
+    )  # fmt: skip
+    try:
+        client = H2Client(gw.port)
+        try:
+            sid = client.request("/public/index.html")
+            assert client.wait(sid)["status"] == "200"
+            remote = client.conn.remote_settings
+            assert remote.max_concurrent_streams == 3
+            assert remote.max_frame_size <= 20000
+        finally:
+            client.close()
+    finally:
+        gw.stop()

@@ -43,3 +43,40 @@ def test_broker_map_is_built_from_bound_ports_and_advertise_host(tmp_path):
             assert install_kafka_broker_map(http, [sock]) == {}  # HTTP listeners map nothing
         finally:
             settings.set_broker_map({})
+
+
+def test_http2_limits_from_a_config_file_reach_the_session(tmp_path):
+    from l7proxy.context import ConnContext, OriginalDestination
+    from l7proxy.flows import FlowSink
+    from l7proxy.http2.session import H2Session
+    from l7proxy.metrics import ProxyMetrics
+
+    conf = tmp_path / "gw.yaml"
+    conf.write_text(
+        "limits:\n  h2_max_concurrent_streams: 7\n  h2_reset_burst: 9\n  h2_control_refill: 11\n"
+        "  h2_max_frame_size: 32768\n  h2_response_header_table_size: 4096\n"
+        "  max_header_bytes: 8192\n"
+    )
+    cfg = gateway_config("-c", str(conf), "--listen", "127.0.0.1:0", "--upstream",
+                         "127.0.0.1:1", "--policy", "p.yaml", "--labels", "app=web")  # fmt: skip
+    ctx = ConnContext(
+        config=cfg.proxy, client=("127.0.0.1", 1), listener_port=0,
+        destination=OriginalDestination("127.0.0.1", 1), source_identity=2, source_labels=(),
+        destination_identity=256, destination_labels=(), rules=lambda: None,
+        flows=FlowSink(None), metrics=ProxyMetrics(),
+    )  # fmt: skip
+    limits = H2Session(ctx).relay.limits
+    assert (limits.max_concurrent_streams, limits.reset_burst, limits.control_refill) == (7, 9, 11)
+    assert limits.max_frame_size == 32768 and limits.response_header_table_size == 4096
+    assert (limits.max_header_list_size, limits.hard_header_list_size) == (8192, 4 * 8192)
+    assert limits.control_burst == 1000  # untouched fields keep the defaults
+
+
+def test_invalid_http2_limit_is_a_config_error(tmp_path):
+    import pytest
+
+    conf = tmp_path / "gw.yaml"
+    conf.write_text("limits:\n  h2_max_frame_size: 1000\n")
+    with pytest.raises(ValueError, match="h2_max_frame_size"):
+        gateway_config("-c", str(conf), "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1",
+                       "--policy", "p.yaml", "--labels", "app=web")  # fmt: skip
