@@ -122,6 +122,7 @@ def test_datapath_numbers():
             # -- iperf3: interleave without/with, keep each side's best of three (shared machine)
             bare, prog = [], []
             ns = cnt = 0  # program run time and runs, summed over the "with" runs
+            per_round: list[float] = []  # ns per run of each "with" run
             old_stats = sysctl("kernel.bpf_stats_enabled")
             try:
                 for _ in range(3):
@@ -144,9 +145,12 @@ def test_datapath_numbers():
                     before = dp.prog_stats()
                     prog.append(iperf(a, b, seconds))
                     after = dp.prog_stats()
+                    round_ns = round_cnt = 0
                     for name in ("from_endpoint", "to_endpoint"):
-                        ns += after[name][0] - before[name][0]
-                        cnt += after[name][1] - before[name][1]
+                        round_ns += after[name][0] - before[name][0]
+                        round_cnt += after[name][1] - before[name][1]
+                    ns, cnt = ns + round_ns, cnt + round_cnt
+                    per_round.append(round_ns / max(round_cnt, 1))
                     sysctl("kernel.bpf_stats_enabled", old_stats)
                     dp.detach_endpoint(a.host_if)
                     dp.detach_endpoint(b.host_if)
@@ -161,6 +165,7 @@ def test_datapath_numbers():
                 "iperf3_ratio": ratio,
                 "program_runs": cnt,
                 "ns_per_packet": per_packet,
+                "ns_per_packet_per_run": per_round,
             }
 
             # -- the same programs in isolation (BPF_PROG_TEST_RUN, no stats overhead)
@@ -194,7 +199,8 @@ def test_datapath_numbers():
     print(
         f"\ndatapath: iperf3 without {max(bare):.2f} Gbit/s, with {max(prog):.2f} Gbit/s "
         f"(ratio {ratio:.3f}, runs {bare} / {prog})\n"
-        f"datapath: {per_packet:.1f} ns per program run over {cnt} runs (bpf_stats, in-stream)\n"
+        f"datapath: {per_packet:.1f} ns per program run over {cnt} runs (bpf_stats, in-stream; "
+        f"per iperf3 run: {', '.join(f'{x:.0f}' for x in per_round)})\n"
         f"datapath: isolated test runs (ns): {results['test_run_ns']}\n"
         f"datapath: sync 10,000 entries {full_s * 1000:.1f} ms, one-rule change "
         f"{one.seconds * 1e6:.0f} us touching {one.touched} entry\n"
