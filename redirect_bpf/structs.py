@@ -2,6 +2,8 @@
 
 tests/kernel/test_struct_layout.py checks each size and field offset against the types bcc
 builds from the compiled C, so a drift between the two fails a test instead of corrupting maps.
+(`struct tuple` and `struct verdict` in datapath.c live on the BPF stack only and never reach
+userspace, so they have no mirror.)
 """
 
 from __future__ import annotations
