@@ -119,12 +119,14 @@ class Datapath:
         for path in list(self._proxy_cgroup_fds):
             self.detach_proxy_cgroup(path)
 
-    def destroy(self) -> None:
-        """Detach everything, remove the pins (and the proxy routing if no node is left)."""
+    def destroy(self, *, remove_routing: bool = False) -> None:
+        """Detach everything and remove the pins. The proxy routing rule stays unless asked:
+        it only matches our mark, and another datapath on this host (pinned elsewhere) may
+        still rely on it."""
         self.detach_all()
         self.close()
         loader.unpin(self.pin_dir)
-        if not loader.PIN_ROOT.exists() or not any(loader.PIN_ROOT.iterdir()):
+        if remove_routing:
             routing.remove_proxy_routing()
 
     # -- config, counters, conntrack ---------------------------------------------------------
