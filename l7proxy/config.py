@@ -28,6 +28,9 @@ class ProxyConfig:
     max_header_bytes: int = 64 * KiB
     max_header_count: int = 100
     max_uri_bytes: int = 8 * KiB
+    # HTTP/1 response head from the upstream (status line + headers): above it the client gets
+    # 502 and the upstream connection is closed.
+    max_response_header_bytes: int = 64 * KiB
     # Kafka and other length-prefixed protocols: a frame larger than this closes the connection.
     max_frame_bytes: int = 8 * MiB
     # Time to receive a complete request head once its first byte arrived (408 after).
@@ -72,6 +75,8 @@ class ProxyConfig:
     h2_max_held_bytes: int = 1 * MiB
 
     def __post_init__(self) -> None:
+        if self.max_response_header_bytes < 1 * KiB:
+            raise ValueError("max_response_header_bytes must be at least 1024")
         if not 16 * KiB <= self.h2_max_frame_size <= (1 << 24) - 1:
             raise ValueError("h2_max_frame_size must be within 16384..16777215 (RFC 9113)")
         for name in (

@@ -386,6 +386,8 @@ class Http1Session(asyncio.Protocol):
         ex.sent = True
         up.parser.expect(ex.req.method)
         up.got_bytes = False
+        up.in_head = True  # (UpstreamConn.begin, inlined: this runs per request)
+        up.max_head = self.cfg.max_response_header_bytes
         head = ex.raw or head_bytes(ex.req)
         if ex.pending:
             up.transport.writelines([head, *ex.pending])
@@ -481,6 +483,37 @@ class Http1Session(asyncio.Protocol):
             self.resume_client_reading(PAUSE_UPGRADE)
             self._handle(self.parser.resume(buffered))
         self._next(now)
+
+    def on_response_head_too_large(self, up: UpstreamConn) -> None:
+        """The upstream's response head passed `max_response_header_bytes` before it ended:
+        none of it reached the client, which gets a 502; the upstream connection is dropped."""
+        if up is not self.upstream or self.closed:
+            return
+        self.upstream = None
+        up.close()
+        ex = self.queue[0] if self.queue else None
+        if ex is None:
+            self._close()
+            return
+        self.ctx.metrics.upstream_errors.labels(proto="http", kind="invalid_response").inc()
+        self.transport.write(
+            simple_response(502, b"upstream response header too large\r\n", close=not ex.complete)
+        )
+        ex.answered = True
+        ex.status = 502
+        emit_error_flow(self.ctx, ex, 502, "UPSTREAM_RESPONSE_HEADER_TOO_LARGE")
+        if not ex.complete or not ex.keep_alive:
+            self._close()
+            return
+        self.queue.pop(0)
+        if self.upgrade_wait is ex:
+            # An upgrade that will not happen: what the client sent after it is HTTP again.
+            self.upgrade_wait = None
+            buffered = b"".join(self.upgrade_buffer)
+            self.upgrade_buffer = []
+            self.resume_client_reading(PAUSE_UPGRADE)
+            self._handle(self.parser.resume(buffered))
+        self._next()
 
     def on_tunnel(self) -> None:
         """101 Switching Protocols (or 2xx to CONNECT): from now on both sides are raw bytes."""

@@ -23,6 +23,9 @@ class UpstreamConn(asyncio.Protocol):
         "reused",
         "tunnel",
         "got_bytes",
+        "in_head",
+        "held",
+        "max_head",
     )
 
     def __init__(self, dest) -> None:
@@ -33,7 +36,12 @@ class UpstreamConn(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.tunnel = False
-        self.got_bytes = False  # of the response in flight
+        self.got_bytes = False  # of the response in flight (forwarded to the client)
+        # The response head is held until it is complete (then forwarded with what follows),
+        # so one larger than `max_head` is answered 502 instead of reaching the client.
+        self.in_head = False
+        self.held = b""
+        self.max_head = 64 * 1024
 
     # -- asyncio --
     def connection_made(self, transport) -> None:
@@ -46,6 +54,15 @@ class UpstreamConn(asyncio.Protocol):
         if session is None:  # an idle pooled connection must stay silent
             self.close()
             return
+        if self.in_head:
+            # The common case in one look: a whole final head (not 1xx) within the limit.
+            end = -1 if self.held else data.find(b"\r\n\r\n")
+            if 9 < end <= self.max_head - 4 and data[9] != 49:  # 49: b"1"
+                self.in_head = False
+            else:
+                data = self._through_head(data)
+                if not data:
+                    return
         session.transport.write(data)
         if self.tunnel:
             return
@@ -59,6 +76,36 @@ class UpstreamConn(asyncio.Protocol):
                 session.on_tunnel()
         if self.parser.error is not None and not self.closed:
             session.on_upstream_lost(self, "invalid")
+
+    def _through_head(self, data: bytes) -> bytes:
+        """What may go to the client now: nothing while the head is incomplete, complete 1xx
+        heads at once (a client waiting for 100-continue must see it), everything once the
+        final head is complete. A head above `max_head` tells the session instead."""
+        held = self.held
+        buf = held + data if held else data
+        limit = self.max_head
+        pos = 0  # where the head being looked at starts in buf
+        scan = max(0, len(held) - 3)
+        while True:
+            end = buf.find(b"\r\n\r\n", scan)
+            if end < 0:
+                if len(buf) - pos > limit:
+                    break
+                self.held = buf[pos:]
+                return buf[:pos]
+            if end + 4 - pos > limit:
+                break
+            code = buf[pos + 9 : pos + 12]
+            if code[:1] == b"1" and code != b"101":
+                pos = scan = end + 4  # an interim response: the final head follows
+                continue
+            self.in_head = False
+            self.held = b""
+            return buf
+        self.in_head = False
+        self.held = b""
+        self.session.on_response_head_too_large(self)
+        return b""
 
     def eof_received(self):
         return False  # close our side too

@@ -3,6 +3,7 @@ protocol sniffing and the config file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -248,3 +249,77 @@ def test_invalid_policy_at_start_is_an_error(tmp_path):
             ]  # fmt: skip
         )
     assert os.path.exists(policy)
+
+
+class BigHeadBackend(threading.Thread):
+    """Answers `GET /head/N` with a response whose head carries an N-byte header, on keep-alive
+    connections; counts the requests it served."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.served = 0
+
+    def run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn, contextlib.suppress(OSError):  # the gateway drops a connection it gave up on
+            while chunk := conn.recv(65536):
+                buf += chunk
+                while b"\r\n\r\n" in buf:
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    size = int(head.split(b" ")[1].rsplit(b"/", 1)[1])
+                    self.served += 1
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * size
+                                 + b"\r\nContent-Length: 3\r\n\r\nok\n")  # fmt: skip
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_upstream_response_head_limit_from_config_file_answers_502(tmp_path):
+    backend = BigHeadBackend()
+    backend.start()
+    port = free_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_yaml(port, '- method: GET\n          path: "/head/.*"'))
+    conf = tmp_path / "gw.yaml"
+    conf.write_text("limits:\n  max_response_header_bytes: 4096\n")
+    flow_log = tmp_path / "flows.log"
+    gw = Gateway(
+        ["--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{backend.port}",
+         "--policy", str(policy), "--labels", "app=web", "--admin", "127.0.0.1:0",
+         "-c", str(conf)],
+        flow_log=str(flow_log),
+    )  # fmt: skip
+    try:
+        out = raw_exchange(
+            port,
+            b"GET /head/100 HTTP/1.1\r\nHost: web\r\n\r\n"
+            b"GET /head/100000 HTTP/1.1\r\nHost: web\r\n\r\n"
+            b"GET /head/200 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+        )
+        first, rest = out.split(b"ok\n", 1)
+        assert first.startswith(b"HTTP/1.1 200 OK") and b"p" * 100 in first
+        bad, last = rest.split(b"upstream response header too large\r\n", 1)
+        assert bad.startswith(b"HTTP/1.1 502 Bad Gateway") and b"X-Pad" not in bad
+        assert last.startswith(b"HTTP/1.1 200 OK") and b"p" * 200 in last  # the connection goes on
+        assert backend.served == 3
+        flows = gw.wait_flows(3)
+        bad = [f for f in flows if f["l7"]["http"]["code"] == 502]
+        assert len(bad) == 1 and bad[0]["verdict"] == "ERROR"
+        assert bad[0]["drop_reason_desc"] == "UPSTREAM_RESPONSE_HEADER_TOO_LARGE"
+        assert bad[0]["l7"]["http"]["url"] == "/head/100000"
+        metrics = fetch(gw.admin_port, "/metrics").decode()
+        assert 'l7proxy_upstream_errors_total{proto="http",kind="invalid_response"} 1' in metrics
+    finally:
+        gw.stop()
+        backend.close()

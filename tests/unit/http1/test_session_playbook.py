@@ -243,3 +243,50 @@ def test_body_of_a_waiting_pipelined_request_is_bounded():
     assert not p.client.reading  # 1,200 bytes held behind request 1: stop reading
     p.upstream_sends(OK)  # request 1 answered: request 2 goes with what was held
     assert p.upstream_got().endswith(b"y" * 1200) and p.client.reading
+
+
+def test_response_head_above_the_limit_is_a_502_and_nothing_of_it_reaches_the_client():
+    p = Play(config=ProxyConfig(max_response_header_bytes=1024))
+    p.client_sends(req("/public/a"))
+    up = p.up
+    head = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 600
+    p.upstream_sends(head)  # incomplete and under the limit: held
+    assert p.client_got() == b""
+    p.upstream_sends(b"b" * 600)  # still no end of head, now above 1024 bytes
+    out = p.client_got()
+    assert out.startswith(b"HTTP/1.1 502 Bad Gateway") and b"X-Big" not in out
+    assert up.closed and up not in p.pool.released
+    flow = p.flows()[-1]
+    assert flow["verdict"] == "ERROR" and flow["l7"]["http"]["code"] == 502
+    assert flow["drop_reason_desc"] == "UPSTREAM_RESPONSE_HEADER_TOO_LARGE"
+    text = p.metrics.render()
+    assert 'l7proxy_upstream_errors_total{proto="http",kind="invalid_response"} 1' in text
+    # The client connection is still usable: the next request gets a fresh upstream.
+    p.client_sends(req("/public/b"))
+    assert p.up is not up and p.upstream_got() == req("/public/b")
+    p.upstream_sends(OK)
+    assert p.client_got() == OK
+
+
+def test_response_head_split_over_reads_and_after_100_continue_is_forwarded_whole():
+    p = Play(PathRules(method="POST"), config=ProxyConfig(max_response_header_bytes=1024))
+    p.client_sends(
+        b"POST /public/a HTTP/1.1\r\nHost: w\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    )
+    p.upstream_sends(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nConte")
+    assert p.client_got() == b"HTTP/1.1 100 Continue\r\n\r\n"  # interim head at once
+    p.client_sends(b"hi")
+    p.upstream_sends(b"nt-Length: 2\r")
+    assert p.client_got() == b""
+    p.upstream_sends(b"\n\r\nok")
+    assert p.client_got() == OK
+    # The limit applies per head: a full-size head is fine, one byte more is not.
+    p.rules.method = "GET"
+    p.client_sends(req("/public/b"))
+    pad = 1024 - len(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX: \r\n\r\n")
+    exact = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX: " + b"p" * pad + b"\r\n\r\nok"
+    p.upstream_sends(exact)
+    assert p.client_got() == exact
+    p.client_sends(req("/public/c"))
+    p.upstream_sends(exact.replace(b"X: p", b"X: pp"))
+    assert p.client_got().startswith(b"HTTP/1.1 502 Bad Gateway")
