@@ -55,6 +55,22 @@ def transparent_listener(host: str = "127.0.0.1", port: int = 0) -> socket.socke
     return sock
 
 
+class DirectSink(FlowSink):
+    """The proxies' flow sink in the agent: every flow goes straight into the agent's flow log
+    (no queue and no task switch per request; the log fans out to observers itself)."""
+
+    def __init__(self, ingest) -> None:
+        super().__init__(None)
+        self._ingest = ingest
+        self._update_active()
+
+    def _update_active(self) -> None:
+        self.active = True  # the agent always records flows (observe, metrics, the map)
+
+    def emit(self, flow: dict) -> None:
+        self._ingest(flow)
+
+
 class NodeGate(Gate):
     """A Gate whose listener view is built per connection from the original destination."""
 
@@ -75,7 +91,7 @@ class NodeProxy:
     def __init__(self, agent, host: str = "127.0.0.1", port: int = 0) -> None:
         self.agent = agent
         self.config = ProxyConfig()
-        self.flows = FlowSink(None)
+        self.flows = DirectSink(agent.flows.ingest)
         self.metrics = agent.metrics.proxy
         self.sweeper = DeadlineSweeper()
         self.pool = UpstreamPool(
@@ -83,7 +99,6 @@ class NodeProxy:
         )
         self.host, self.port = host, port
         self.server: asyncio.AbstractServer | None = None
-        self._pump: asyncio.Task | None = None
         self.base = self._listener(0, None, lambda: None, (0, ()), None)
         self.connections = 0
 
@@ -93,13 +108,7 @@ class NodeProxy:
         self.port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: NodeGate(self), sock=sock, backlog=4096)
-        queue = self.flows.subscribe()
-        self._pump = loop.create_task(self._pump_flows(queue))
         self.sweeper.start()
-
-    async def _pump_flows(self, queue: asyncio.Queue) -> None:
-        while True:
-            self.agent.flows.ingest(await queue.get())
 
     def _listener(self, port, decision, rules, endpoint, dest) -> Listener:
         return Listener(
@@ -153,8 +162,6 @@ class NodeProxy:
             with contextlib.suppress(Exception):
                 session.close()
         self.sweeper.stop()
-        if self._pump is not None:
-            self._pump.cancel()
         self.pool.close()
         self.flows.close()
 
