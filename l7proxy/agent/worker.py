@@ -44,6 +44,14 @@ class Uplink:
         self.pending.append({"flow": flow})
         self.wake.set()
 
+    def take(self) -> list[dict]:
+        batch, self.pending = list(self.pending), deque(maxlen=BACKLOG)
+        return batch
+
+    def put_back(self, batch: list[dict]) -> None:
+        newer, self.pending = self.pending, deque(batch, maxlen=BACKLOG)
+        self.pending.extend(newer)
+
 
 class WorkerView:
     """The part of an Agent the proxies use, fed from the agent's state stream."""
@@ -115,22 +123,30 @@ async def send_uplink(view: WorkerView, path: str) -> None:
                 loop = asyncio.get_running_loop()
                 while True:
                     # Items leave the backlog only once written out: a dead agent's socket
-                    # fails at drain(), and the batch goes to the next agent instead.
-                    batch = list(view.flows.pending)
-                    for item in batch:
-                        writer.write(json.dumps(item, separators=(",", ":")).encode() + b"\n")
+                    # fails at drain(), and the batch goes back for the next agent.
+                    batch = view.flows.take()
+                    if batch:
+                        writer.write(
+                            b"".join(
+                                json.dumps(item, separators=(",", ":")).encode() + b"\n"
+                                for item in batch
+                            )
+                        )
                     if loop.time() - last_metrics >= METRICS_EVERY:
                         text = view.metrics.proxy.render()
                         writer.write(json.dumps({"metrics": text}).encode() + b"\n")
                         last_metrics = loop.time()
-                    await writer.drain()
-                    if writer.is_closing():
-                        raise ConnectionResetError("the agent went away")
-                    for _ in batch:
-                        view.flows.pending.popleft()
+                    try:
+                        await writer.drain()
+                        if writer.is_closing():
+                            raise ConnectionResetError("the agent went away")
+                    except BaseException:
+                        view.flows.put_back(batch)
+                        raise
                     view.flows.wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(view.flows.wake.wait(), METRICS_EVERY)
+                    if not view.flows.pending:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(view.flows.wake.wait(), METRICS_EVERY)
             finally:
                 writer.close()
         except OSError:
