@@ -39,8 +39,9 @@ def rounds() -> int:
 
 @pytest.fixture(scope="session")
 def round_seconds(duration, rounds) -> float:
-    """Seconds of load per peer and round: the duration split over the rounds, at least 2 s."""
-    return max(2.0, duration / rounds)
+    """Seconds of load per peer and round: the duration split over the rounds, whole seconds (as
+    wrk and h2load take them), at least 2."""
+    return float(max(2, round(duration / rounds)))
 
 
 @pytest.fixture(scope="session")

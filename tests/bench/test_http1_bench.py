@@ -149,7 +149,7 @@ def test_p99_added_at_fixed_rate(backend, workdir, duration, record):
     On a shared machine one stall of another job moves a whole run's p99 by tens of ms; the median
     over rounds of (proxy p99 - direct p99 just before) keeps what the proxy itself adds.
     """
-    seconds = max(2.0, duration / RATE_ROUNDS)
+    seconds = float(max(2, round(duration / RATE_ROUNDS)))
 
     def measure(ep: Endpoint) -> Row:
         _checked(ep)
