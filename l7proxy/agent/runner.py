@@ -52,6 +52,8 @@ class AgentProcess:
         return {**os.environ, SOCKET_ENV: self.socket}
 
     def start(self) -> AgentProcess:
+        with contextlib.suppress(OSError):
+            sweep_stale()
         args = [
             sys.executable,
             "-m",
@@ -175,3 +177,36 @@ def free_pool(low: int = 100, high: int = 249) -> str:
     if not free:
         raise RuntimeError(f"no free 10.251.{low}-{high}.0/24 left")
     return f"10.251.{random.choice(free)}.0/24"
+
+
+STALE_AFTER = 600.0  # seconds; an agent restart leaves its pins alone for a moment only
+
+
+def sweep_stale(now: float | None = None, names: set[str] | None = None) -> list[str]:
+    """Remove what runs of this runner left behind when they were killed outright (SIGKILL, a
+    lost CI job): pin directories and namespaces named by its random prefixes, older than ten
+    minutes, that no running agent uses."""
+    import re
+    import time
+
+    now = time.time() if now is None else now
+    cmdlines = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdlines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+    mine = re.compile(r"^l7[ad][0-9a-f]{5}-?$")
+    removed = []
+    pins = Path("/sys/fs/bpf/l7proxy")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in pins.iterdir():
+            if names is not None and entry.name not in names:
+                continue
+            if not mine.match(entry.name) or now - entry.stat().st_mtime < STALE_AFTER:
+                continue
+            if any(f"--bpf-dir {entry}" in c or f"-prefix {entry.name}-" in c for c in cmdlines):
+                continue
+            sweep_namespaces(entry.name + "-")
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(str(entry))
+    return removed

@@ -290,3 +290,28 @@ def test_stored_policy_that_no_longer_compiles_is_reported_not_fatal(tmp_path):
         assert "Revision: 2" in out
         status = json.loads(ok(agent, "status", "-o", "json"))
         assert status["parts"]["policy"] == {"state": "ok", "detail": "revision 2 in force"}
+
+
+def test_sweep_stale_removes_only_old_leftovers_of_dead_runs():
+    import time
+    import uuid
+
+    from l7proxy.agent.runner import sweep_stale
+
+    root = Path("/sys/fs/bpf/l7proxy")
+    root.mkdir(exist_ok=True)
+    left = root / f"l7a{uuid.uuid4().hex[:5]}"
+    left.mkdir()
+    ns = left.name + "-ghost"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        only = {left.name}  # never touch what parallel runs own
+        assert sweep_stale(names=only) == [], "a fresh directory may be a restarting agent's"
+        assert left.exists()
+        removed = sweep_stale(now=time.time() + 3600, names=only)
+        assert str(left) in removed
+        assert not left.exists() and not Path("/var/run/netns", ns).exists()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if left.exists():
+            left.rmdir()
