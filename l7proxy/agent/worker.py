@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -116,14 +115,16 @@ async def follow_state(view: WorkerView, path: str) -> None:
 
 async def send_uplink(view: WorkerView, path: str) -> None:
     while True:
+        gone = None
         try:
-            _, writer = await _open(path, "proxy.flows")
+            reader, writer = await _open(path, "proxy.flows")
+            # The agent never writes on this channel: EOF means it stopped. Watching for it lets
+            # the worker switch to the next agent before it writes into a dead socket.
+            gone = asyncio.ensure_future(reader.read())
             try:
                 last_metrics = 0.0
                 loop = asyncio.get_running_loop()
-                while True:
-                    # Items leave the backlog only once written out: a dead agent's socket
-                    # fails at drain(), and the batch goes back for the next agent.
+                while not gone.done():
                     batch = view.flows.take()
                     if batch:
                         writer.write(
@@ -138,19 +139,27 @@ async def send_uplink(view: WorkerView, path: str) -> None:
                         last_metrics = loop.time()
                     try:
                         await writer.drain()
-                        if writer.is_closing():
+                        if writer.is_closing() or gone.done():
                             raise ConnectionResetError("the agent went away")
                     except BaseException:
-                        view.flows.put_back(batch)
+                        view.flows.put_back(batch)  # the next agent gets them
                         raise
                     view.flows.wake.clear()
                     if not view.flows.pending:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(view.flows.wake.wait(), METRICS_EVERY)
+                        woken = asyncio.ensure_future(view.flows.wake.wait())
+                        await asyncio.wait(
+                            {woken, gone},
+                            timeout=METRICS_EVERY,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                        woken.cancel()
             finally:
                 writer.close()
         except OSError:
             pass
+        finally:
+            if gone is not None:
+                gone.cancel()
         await asyncio.sleep(RECONNECT)
 
 

@@ -331,10 +331,18 @@ def test_proxy_worker_process_keeps_l7_connections_across_agent_restarts():
         ok(agent, "policy", "import", L3L4)
         time.sleep(0.6)
         assert g.curl("tiefighter", "PUT", "/v1/exhaust-port") == "503", "L3/L4 only now"
-        time.sleep(1.2)
-        lines = ok(agent, "observe", "--protocol", "http", "--verdict", "DROPPED").splitlines()
-        assert any("PUT /v1/exhaust-port" in ln for ln in lines)
-        assert _metric(ok(agent, "metrics"), 'policy_l7_total{rule="denied",proto="http"}') >= 1
+        # The worker's flows and metrics reach the new agent (over its channel, within seconds).
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            lines = ok(agent, "observe", "--protocol", "http", "--verdict", "DROPPED").splitlines()
+            metrics = ok(agent, "metrics")
+            if any("PUT /v1/exhaust-port" in ln for ln in lines) and (
+                _metric(metrics, 'policy_l7_total{rule="denied",proto="http"}') >= 1
+            ):
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError(f"no L7 deny flow/metric from the worker: {lines}")
     finally:
         if client is not None:
             client.terminate()
