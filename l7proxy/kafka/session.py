@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 
 from l7proxy.flows import DROPPED, ERROR, FORWARDED
 from l7proxy.kafka.commands import Close, KafkaSettings, Record, ToClient, ToUpstream
@@ -51,14 +52,16 @@ class _KafkaMetrics:
         child.observe(seconds)
 
 
-_metrics_by_registry: dict[int, _KafkaMetrics] = {}
+# Keyed by the registry object itself (weakly): an id() key outlives its registry and a new
+# registry at the same address would get counters bound to the dead one.
+_metrics_by_registry: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _kafka_metrics(ctx) -> _KafkaMetrics:
     registry = ctx.metrics.registry
-    metrics = _metrics_by_registry.get(id(registry))
+    metrics = _metrics_by_registry.get(registry)
     if metrics is None:
-        metrics = _metrics_by_registry[id(registry)] = _KafkaMetrics(registry)
+        metrics = _metrics_by_registry[registry] = _KafkaMetrics(registry)
     return metrics
 
 
