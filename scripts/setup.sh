@@ -15,9 +15,16 @@ die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (apt packages, kernel headers and BPF need it): sudo make setup"
 
-step "checking the kernel for BPF"
-[ -d /sys/fs/bpf ] || die "no /sys/fs/bpf: this kernel has no BPF filesystem (CONFIG_BPF_SYSCALL); l7proxy gateway mode still works without BPF"
-mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || die "could not mount bpffs on /sys/fs/bpf"
+# An image build (docker/Dockerfile) has no kernel of its own to check: the running container
+# gets the host's bpffs and headers through mounts, and its entrypoint checks them at start.
+IMAGE_BUILD=${L7PROXY_IMAGE_BUILD:-0}
+if [ "$IMAGE_BUILD" = 1 ]; then
+  step "image build: skipping the BPF and kernel-header checks (done when the container starts)"
+else
+  step "checking the kernel for BPF"
+  [ -d /sys/fs/bpf ] || die "no /sys/fs/bpf: this kernel has no BPF filesystem (CONFIG_BPF_SYSCALL); l7proxy gateway mode still works without BPF"
+  mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || die "could not mount bpffs on /sys/fs/bpf"
+fi
 
 APT_PKGS="python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 iptables python3-venv python3-dev
   haproxy nginx-light wrk nghttp2-client kcat iperf3 curl chromium procps"
@@ -38,7 +45,9 @@ fi
 
 KREL=$(uname -r)
 MODDIR=/lib/modules/$KREL
-if [ -e "$MODDIR/build" ]; then
+if [ "$IMAGE_BUILD" = 1 ]; then
+  :
+elif [ -e "$MODDIR/build" ]; then
   step "kernel headers: $MODDIR/build exists, left as it is"
 else
   HDR=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
