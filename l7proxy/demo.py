@@ -195,6 +195,8 @@ def node_demo(story: Story, pool: str, prefix: str, keep: bool) -> None:
     if stale:
         story.say(f"removed leftovers of an earlier run: {', '.join(stale)}")
     story.command(["l7proxy", "agent", "--mode", "node", "--pool", pool, "--netns-prefix", prefix])
+    from l7proxy.demo_l7parts import start_group
+
     procs: list[subprocess.Popen] = []
     agent.start()
     try:
@@ -214,7 +216,7 @@ def node_demo(story: Story, pool: str, prefix: str, keep: bool) -> None:
         story.step(f"The deathstar serves HTTP on {star}:80 inside its namespace")
         server_cmd = [sys.executable, "-m", "l7proxy.demo", "--serve-deathstar", star]
         story.command(["ip", "netns", "exec", prefix + "deathstar", "python", *server_cmd[1:]])
-        server = subprocess.Popen(
+        server = start_group(
             ["ip", "netns", "exec", prefix + "deathstar", *server_cmd],
             stdout=subprocess.PIPE,
             text=True,
@@ -321,13 +323,15 @@ def node_demo(story: Story, pool: str, prefix: str, keep: bool) -> None:
             procs.clear()
             return
     finally:
-        for proc in procs:
-            with contextlib.suppress(Exception):
-                if isinstance(proc, subprocess.Popen):
-                    proc.kill()
-                    proc.wait(5)
-                else:
-                    proc()  # a cleanup callback
+        from l7proxy.demo_l7parts import stop
+
+        with _uninterrupted():
+            for proc in reversed(procs):  # the broker before its data directory
+                with contextlib.suppress(Exception):
+                    if isinstance(proc, subprocess.Popen):
+                        stop(proc)
+                    else:
+                        proc()  # a cleanup callback
         if story.failures:
             story.step("Something was unexpected: the agent's log ends with")
             print("\n".join(agent.log().splitlines()[-25:]))
@@ -499,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so the finally blocks clean up.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    from l7proxy import demo_l7parts
+
+    demo_l7parts.RUN_TAG = args.prefix  # names the brokers' data dirs (tests look for them)
     story = Story()
     started = time.monotonic()
     print("l7proxy demo: Cilium's Star Wars getting-started (deathstar, tiefighter, xwing)")

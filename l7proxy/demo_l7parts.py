@@ -47,11 +47,50 @@ def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on {host}:{port}")
 
 
+RUN_TAG = "l7demo-"  # main() sets the run's prefix; it names the brokers' data directories
+
+
 def noida() -> str:
-    path = shutil.which("noida-db") or str(Path(sys.executable).parent / "noida-db")
-    if not Path(path).exists():
-        raise RuntimeError("noida-db is not installed (make setup installs it)")
-    return path
+    """The broker binary itself. The `noida-db` console script is a Python wrapper that runs it
+    with subprocess.call and does not pass signals on: stopping the wrapper left the broker
+    running (orphans with /tmp/l7proxy-demo-kafka-* data dirs piled up across demo runs)."""
+    with contextlib.suppress(ImportError):
+        from importlib.resources import files
+
+        binary = Path(str(files("noida_db").joinpath("noida-db")))
+        if binary.is_file():
+            return str(binary)
+    raise RuntimeError("noida-db is not installed (make setup installs it)")
+
+
+def kafka_data_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"l7proxy-demo-kafka-{RUN_TAG}"))
+
+
+def start_group(argv: list[str], **kw) -> subprocess.Popen:
+    """A child in its own process group, so `stop` reaches whatever it starts in turn."""
+    return subprocess.Popen(argv, start_new_session=True, **kw)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGTERM to the child's process group, SIGKILL to what is left of it after `timeout`."""
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, or the group looks alive while it is a zombie
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
 
 
 class Procs:
@@ -63,17 +102,13 @@ class Procs:
     def start(self, argv: list[str], **kw) -> subprocess.Popen:
         kw.setdefault("stdout", subprocess.DEVNULL)
         kw.setdefault("stderr", subprocess.DEVNULL)
-        proc = subprocess.Popen(argv, **kw)
+        proc = start_group(argv, **kw)
         self.procs.append(proc)
         return proc
 
     def close(self) -> None:
         for proc in reversed(self.procs):
-            with contextlib.suppress(Exception):
-                proc.terminate()
-                proc.wait(5)
-            with contextlib.suppress(Exception):
-                proc.kill()
+            stop(proc)
 
 
 def gateway_argv(
@@ -175,7 +210,7 @@ def kafka_part(story, run_cli, env) -> None:
     story.say("one that knows them as app=empire-outpost; both enforce demo/kafka_policy.yaml.")
     print(KAFKA_POLICY.read_text().strip())
     procs = Procs()
-    tmp = Path(tempfile.mkdtemp(prefix="l7proxy-demo-kafka-"))
+    tmp = kafka_data_dir()
     try:
         broker_port = free_port()
         argv = [
@@ -414,7 +449,7 @@ def node_parts(story, agent, run_cli, procs: list) -> None:
         e["name"]: e["ip"] for e in json.loads(agent.cli("endpoint", "list", "-o", "json").stdout)
     }
     kafka, doors = ips["kafka"], ips["cc-door-mgr"]
-    data = Path(tempfile.mkdtemp(prefix="l7proxy-demo-kafka-"))
+    data = kafka_data_dir()
     procs.append(lambda: shutil.rmtree(data, ignore_errors=True))
     argv = [
         noida(),
@@ -429,7 +464,7 @@ def node_parts(story, agent, run_cli, procs: list) -> None:
         str(data),
     ]
     story.command(["ip", "netns", "exec", prefix + "kafka", "noida-db", *argv[1:]])
-    broker = subprocess.Popen(
+    broker = start_group(
         ["ip", "netns", "exec", prefix + "kafka", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -437,7 +472,7 @@ def node_parts(story, agent, run_cli, procs: list) -> None:
     procs.append(broker)
     door_argv = [sys.executable, "-m", "l7proxy.demo_l7parts", "doors", doors, "50051"]
     story.command(["ip", "netns", "exec", prefix + "cc-door-mgr", "python", *door_argv[1:]])
-    door = subprocess.Popen(
+    door = start_group(
         ["ip", "netns", "exec", prefix + "cc-door-mgr", *door_argv],
         stdout=subprocess.PIPE,
         text=True,

@@ -85,7 +85,7 @@ class ApiServer:
                     await self._stream(op, args, reader, writer)
                     return
                 if op in self._sinks:
-                    await self._sink(op, args, reader)
+                    await self._sink(op, args, reader, writer)
                     return
                 await _send(writer, await self._call(op, args))
         except (ConnectionError, asyncio.CancelledError):
@@ -126,13 +126,30 @@ class ApiServer:
             with contextlib.suppress(Exception):
                 await items.aclose()
 
-    async def _sink(self, op: str, args: dict, reader: asyncio.StreamReader) -> None:
+    async def _sink(self, op: str, args: dict, reader, writer) -> None:
+        # Each line handled is acknowledged: `{"ack": N}` (N lines so far), one write per read
+        # burst (call_soon runs once the reader's buffer is drained and the task waits). A
+        # sender keeps what is not acknowledged and sends it again to the next agent: lines
+        # still in the socket buffer when this agent stops are otherwise lost.
         handler = self._sinks[op]
+        loop = asyncio.get_running_loop()
+        handled, acking = 0, False
+
+        def ack() -> None:
+            nonlocal acking
+            acking = False
+            if not writer.is_closing():
+                writer.write(b'{"ack":%d}\n' % handled)
+
         while line := await reader.readline():
+            handled += 1
             try:
                 handler(args, json.loads(line))
             except Exception:  # a bad line is dropped, the channel stays open
-                continue
+                pass
+            if not acking:
+                acking = True
+                loop.call_soon(ack)
 
 
 async def _send(writer: asyncio.StreamWriter, obj: dict) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -33,10 +34,17 @@ BACKLOG = 10_000  # flows kept while the agent is away
 
 
 class Uplink:
-    """Flows and metrics for the agent; buffered (bounded) while it is away."""
+    """Flows and metrics for the agent; buffered (bounded) while it is away.
+
+    Sent items stay in `inflight` until the agent acknowledges them (`{"ack": N}`: N lines of
+    this connection handled). When the connection ends, the flows not acknowledged go back in
+    front of `pending` for the next agent: a batch written into the socket of an agent that is
+    stopping is otherwise lost without an error."""
 
     def __init__(self) -> None:
         self.pending: deque[dict] = deque(maxlen=BACKLOG)
+        self.inflight: deque[tuple[int, dict]] = deque(maxlen=BACKLOG)
+        self.sent = 0  # lines written on the current connection
         self.wake = asyncio.Event()
 
     def ingest(self, flow: dict) -> None:
@@ -46,6 +54,23 @@ class Uplink:
     def take(self) -> list[dict]:
         batch, self.pending = list(self.pending), deque(maxlen=BACKLOG)
         return batch
+
+    def sending(self, items: list[dict]) -> None:
+        for item in items:
+            self.sent += 1
+            self.inflight.append((self.sent, item))
+
+    def acked(self, n: int) -> None:
+        while self.inflight and self.inflight[0][0] <= n:
+            self.inflight.popleft()
+
+    def disconnected(self) -> None:
+        """The connection ended: flows it did not acknowledge are sent again (metrics are not,
+        the next snapshot replaces them)."""
+        unacked = [item for _, item in self.inflight if "flow" in item]
+        self.inflight.clear()
+        self.sent = 0
+        self.put_back(unacked)
 
     def put_back(self, batch: list[dict]) -> None:
         newer, self.pending = self.pending, deque(batch, maxlen=BACKLOG)
@@ -113,40 +138,44 @@ async def follow_state(view: WorkerView, path: str) -> None:
         await asyncio.sleep(RECONNECT)
 
 
+async def _read_acks(reader: asyncio.StreamReader, uplink: Uplink) -> None:
+    """The agent's acknowledgements; returns at EOF (the agent stopped)."""
+    while line := await reader.readline():
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            uplink.acked(int(json.loads(line)["ack"]))
+
+
 async def send_uplink(view: WorkerView, path: str) -> None:
+    uplink = view.flows
     while True:
         gone = None
         try:
             reader, writer = await _open(path, "proxy.flows")
-            # The agent never writes on this channel: EOF means it stopped. Watching for it lets
-            # the worker switch to the next agent before it writes into a dead socket.
-            gone = asyncio.ensure_future(reader.read())
+            # EOF on the acknowledgement stream means the agent stopped: watching for it lets
+            # the worker switch to the next agent without waiting for a write to fail.
+            gone = asyncio.ensure_future(_read_acks(reader, uplink))
             try:
                 last_metrics = 0.0
                 loop = asyncio.get_running_loop()
                 while not gone.done():
-                    batch = view.flows.take()
+                    batch = uplink.take()
+                    if loop.time() - last_metrics >= METRICS_EVERY:
+                        batch.append({"metrics": view.metrics.proxy.render()})
+                        last_metrics = loop.time()
                     if batch:
+                        uplink.sending(batch)
                         writer.write(
                             b"".join(
                                 json.dumps(item, separators=(",", ":")).encode() + b"\n"
                                 for item in batch
                             )
                         )
-                    if loop.time() - last_metrics >= METRICS_EVERY:
-                        text = view.metrics.proxy.render()
-                        writer.write(json.dumps({"metrics": text}).encode() + b"\n")
-                        last_metrics = loop.time()
-                    try:
-                        await writer.drain()
-                        if writer.is_closing() or gone.done():
-                            raise ConnectionResetError("the agent went away")
-                    except BaseException:
-                        view.flows.put_back(batch)  # the next agent gets them
-                        raise
-                    view.flows.wake.clear()
-                    if not view.flows.pending:
-                        woken = asyncio.ensure_future(view.flows.wake.wait())
+                    await writer.drain()
+                    if writer.is_closing() or gone.done():
+                        raise ConnectionResetError("the agent went away")
+                    uplink.wake.clear()
+                    if not uplink.pending:
+                        woken = asyncio.ensure_future(uplink.wake.wait())
                         await asyncio.wait(
                             {woken, gone},
                             timeout=METRICS_EVERY,
@@ -160,6 +189,7 @@ async def send_uplink(view: WorkerView, path: str) -> None:
         finally:
             if gone is not None:
                 gone.cancel()
+            uplink.disconnected()  # what this agent did not acknowledge goes to the next one
         await asyncio.sleep(RECONNECT)
 
 

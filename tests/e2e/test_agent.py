@@ -315,3 +315,61 @@ def test_sweep_stale_removes_only_old_leftovers_of_dead_runs():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         if left.exists():
             left.rmdir()
+
+
+def test_worker_resends_flows_a_stopping_agent_did_not_acknowledge(tmp_path):
+    """The worker's flows channel across an agent restart: flows written into the socket of an
+    agent that stops without reading them, and flows made while no agent listens, all reach the
+    next agent (the worker keeps what was not acknowledged)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from l7proxy.agent.api import ApiServer
+    from l7proxy.agent.worker import Uplink, send_uplink
+    from l7proxy.metrics import ProxyMetrics
+
+    path = tmp_path / "agent.sock"
+
+    async def until(cond, what: str, timeout: float = 20.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not cond():
+            assert asyncio.get_running_loop().time() < deadline, what
+            await asyncio.sleep(0.02)
+
+    async def main() -> list[int]:
+        connected, release = asyncio.Event(), asyncio.Event()
+
+        async def stopping_agent(reader, writer) -> None:
+            await reader.readline()  # the proxy.flows request; then it never reads again
+            connected.set()
+            await release.wait()
+            writer.close()  # unread flows in the socket buffer are discarded
+
+        old = await asyncio.start_unix_server(stopping_agent, str(path))
+        view = SimpleNamespace(flows=Uplink(), metrics=SimpleNamespace(proxy=ProxyMetrics()))
+        task = asyncio.create_task(send_uplink(view, str(path)))
+        await asyncio.wait_for(connected.wait(), 20)
+        for n in range(10):
+            view.flows.ingest({"n": n})
+        await until(lambda: len(view.flows.inflight) >= 10, "the worker wrote the flows")
+        old.close()
+        path.unlink()
+        release.set()  # the old agent goes away without having read them
+        for n in range(10, 20):  # while no agent listens
+            view.flows.ingest({"n": n})
+        got: list[int] = []
+        new = ApiServer()
+        new.sink(
+            "proxy.flows", lambda args, item: got.extend([item["flow"]["n"]] * ("flow" in item))
+        )
+        await new.start(path)
+        try:
+            await until(lambda: len(set(got)) >= 20, f"all flows reach the new agent: {got}")
+            await until(lambda: not view.flows.inflight, "the new agent acknowledged them")
+        finally:
+            task.cancel()
+            await new.close()
+        return got
+
+    got = asyncio.run(main())
+    assert sorted(set(got)) == list(range(20)) and len(got) == 20, got

@@ -4,10 +4,12 @@ interruption."""
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +30,32 @@ def _env() -> tuple[dict, str]:
         "DEMO_WAIT": "0",
     }
     return env, prefix
+
+
+def _brokers(prefix: str) -> list[str]:
+    """noida-db processes of this run: the demo names their data dirs after its prefix."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z":
+            continue  # already dead, waiting to be reaped
+        text = b" ".join(argv).decode(errors="replace")
+        if "noida-db" in text and f"l7proxy-demo-kafka-{prefix}" in text:
+            found.append(f"{proc.name} {text}")
+    return found
+
+
+def _no_brokers_left(prefix: str, wait: float = 5.0) -> None:
+    deadline = time.monotonic() + wait  # a SIGTERMed broker may take a moment to exit
+    while _brokers(prefix) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _brokers(prefix) == [], "a broker this demo run started survived it"
 
 
 def _leftovers(prefix: str) -> list[str]:
@@ -84,10 +112,11 @@ def test_make_demo_runs_the_star_wars_story_with_bpf():
     assert "SetAccessCode) grpc-status PERMISSION_DENIED" in table
     assert "17 checks, 0 unexpected" in out
     assert _leftovers(prefix) == []
+    _no_brokers_left(prefix)
 
 
 def test_demo_gateway_part_runs_without_kernel_parts():
-    env, _ = _env()
+    env, prefix = _env()
     r = subprocess.run(
         [sys.executable, "-m", "l7proxy.demo", "--gateway"],
         capture_output=True,
@@ -103,30 +132,51 @@ def test_demo_gateway_part_runs_without_kernel_parts():
     assert "http-request DROPPED (HTTP/1.1 403" in out, "observe --file shows the L7 deny"
     assert "kafka-request DROPPED" in out and "SetAccessCode: PERMISSION_DENIED" in out
     assert "11 checks, 0 unexpected" in out
+    _no_brokers_left(prefix)
 
 
 @pytest.mark.root
 @pytest.mark.bpf
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 def test_interrupted_demo_cleans_up():
+    """SIGTERM once the Kafka broker runs (endpoints, agent, pins, broker all up): everything
+    goes, the broker included."""
     env, prefix = _env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "l7proxy.demo"],
         stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         env=env,
         stdin=subprocess.DEVNULL,
     )
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "Without a policy" in line:  # endpoints, agent and pins exist now
-            break
-    assert any(Path("/var/run/netns", n).exists() for n in (prefix + "xwing",)), "".join(seen)
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.stdout.read()
-    assert proc.wait(60) == 130, rest
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
+    seen: list[str] = []
+    try:
+        # A bounded wait for each line: a demo stuck (slow agent start on a loaded box) fails
+        # here with what it printed, instead of blocking the test until pytest's timeout.
+        deadline = time.monotonic() + 150
+        while not any("Kafka policy: produce and consume" in ln for ln in seen):
+            assert proc.poll() is None or not lines.empty(), "demo ended early:\n" + "".join(seen)
+            try:
+                seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError("demo stalled:\n" + "".join(seen)) from None
+        assert Path("/var/run/netns", prefix + "xwing").exists(), "".join(seen)
+        assert _brokers(prefix), "the broker runs before the interrupt:\n" + "".join(seen)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130, "".join(seen)
+    finally:
+        if proc.poll() is None:  # the test failed or timed out: the demo cleans up on SIGTERM
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     assert _leftovers(prefix) == []
+    _no_brokers_left(prefix)
 
 
 def test_gateway_copy_of_the_l7_policy_differs_only_in_the_port():
