@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -67,12 +68,20 @@ class Client:
         return answer.get("result")
 
     def stream(self, op: str, **args) -> Iterator[dict]:
+        """Lines of a streaming op. The first must come within the client's timeout (a stuck
+        agent is an error, not a silent hang); after it the stream may idle for ever."""
         sock = self._connect()
-        sock.settimeout(None)
         with sock, sock.makefile("rwb") as stream:
             stream.write(json.dumps({"op": op, "args": args}).encode() + b"\n")
             stream.flush()
-            for line in stream:
+            try:
+                first = stream.readline()
+            except TimeoutError:
+                raise AgentError(f"the agent did not answer {op} within {self.timeout}s") from None
+            if not first:
+                raise AgentError(f"the agent closed the connection during {op}")
+            sock.settimeout(None)
+            for line in itertools.chain([first], stream):
                 answer = json.loads(line)
                 if answer.get("ok") is False:
                     raise AgentError(answer.get("error", "unknown error"), answer.get("details"))

@@ -271,6 +271,7 @@ class AgentOps:
         last = args.get("last")
         queue = self.flows.subscribe(flt)
         try:
+            yield {"subscribed": True}  # the client knows the agent answered; no flow is missed
             for flow in self.flows.last(int(last) if last is not None else 0, flt):
                 yield {"flow": flow}
             while True:

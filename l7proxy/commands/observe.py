@@ -50,7 +50,8 @@ def _observe(args) -> int:
     try:
         if args.follow:
             for item in client.stream("observe.follow", filter=flt.to_json(), last=args.last or 0):
-                _print(item["flow"], args.output)
+                if "flow" in item:  # the first line only says the agent subscribed us
+                    _print(item["flow"], args.output)
         else:
             last = args.last if args.last is not None else 20
             for flow in client.call("observe", filter=flt.to_json(), last=last):

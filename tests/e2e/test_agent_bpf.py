@@ -4,9 +4,12 @@ enforcing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,7 +102,13 @@ def test_kernel_drops_l7_verdicts_observe_and_metrics(galaxy):
     ok(agent, "policy", "import", L7)
     assert galaxy.curl("tiefighter", "PUT", "/v1/exhaust-port") == "403"
     assert galaxy.curl("tiefighter", "POST", "/v1/request-landing") == "200"
-    time.sleep(0.3)
+
+    # The kernel's events come through the ring buffer: wait for both kinds, bounded.
+    def both_kinds() -> bool:
+        kinds = {f["event_type"] for f in agent.client.call("observe", last=500)}
+        return {"L3_L4", "L7"} <= kinds
+
+    wait_for(both_kinds, "kernel and proxy flows in the log")
 
     # One stream: kernel L3/L4 drops and proxy L7 flows, in Hubble's JSON shape.
     flows = [
@@ -151,29 +160,41 @@ def test_kernel_drops_l7_verdicts_observe_and_metrics(galaxy):
     assert _metric(metrics, "policy_change_total") == 2
 
 
+def wait_for(cond, what: str, timeout: float = 30.0, every: float = 0.2):
+    """Poll `cond()` until it returns something true; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} (not within {timeout}s)")
+        time.sleep(every)
+
+
 def test_observe_follow_streams_new_flows(galaxy):
     agent = galaxy.agent
     ok(agent, "policy", "import", L7)
     follow = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "l7proxy",
-            "observe",
-            "--follow",
-            "--protocol",
-            "http",
-            "-o",
-            "json",
-        ],
+        [sys.executable, "-m", "l7proxy", "observe", "--follow", "--protocol", "http",
+         "-o", "json"],
         stdout=subprocess.PIPE,
         text=True,
         env=agent.env,
-    )
+    )  # fmt: skip
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in follow.stdout], daemon=True).start()
     try:
-        time.sleep(0.5)  # subscribed before the traffic
-        assert galaxy.curl("tiefighter", "PUT", "/v1/exhaust-port") == "403"
-        flow = json.loads(follow.stdout.readline())
+        # The CLI may subscribe after a given request (its start-up is slow on a loaded box), so
+        # send the denied request until the stream shows one; every wait here is bounded.
+        deadline = time.monotonic() + 60
+        flow = None
+        while flow is None:
+            assert time.monotonic() < deadline, "observe --follow printed no flow within 60 s"
+            assert follow.poll() is None, "observe --follow exited"
+            assert galaxy.curl("tiefighter", "PUT", "/v1/exhaust-port") == "403"
+            with contextlib.suppress(queue.Empty):
+                flow = json.loads(lines.get(timeout=2))
         assert flow["verdict"] == "DROPPED" and flow["l7"]["http"]["url"].endswith(
             "/v1/exhaust-port"
         )
@@ -307,7 +328,8 @@ def test_proxy_worker_process_keeps_l7_connections_across_agent_restarts():
     try:
         g = Galaxy(agent)
         ok(agent, "policy", "import", L7)
-        time.sleep(0.6)  # the worker picks the new state up from its stream
+        # The worker picks the new state up from its stream: the PUT is denied once it has.
+        wait_for(lambda: g.curl("tiefighter", "PUT", "/v1/exhaust-port") == "403", "L7 in force")
         before = json.loads(ok(agent, "status", "-o", "json"))["parts"]["proxy"]
         assert before["state"] == "ok" and "(started)" in before["detail"]
         # One keep-alive HTTP connection through the worker, busy across the restart: every
@@ -325,24 +347,25 @@ def test_proxy_worker_process_keeps_l7_connections_across_agent_restarts():
             "(re-attached)" in after["detail"]
             and after["detail"].split()[2] == before["detail"].split()[2]
         )
-        time.sleep(1.0)
-        # The worker follows the new agent: a policy change reaches it, flows come back.
+        # The worker kept the policy across the restart; this deny is made after it.
         assert g.curl("tiefighter", "PUT", "/v1/exhaust-port") == "403"
+        # The worker follows the new agent: a policy change reaches it.
         ok(agent, "policy", "import", L3L4)
-        time.sleep(0.6)
-        assert g.curl("tiefighter", "PUT", "/v1/exhaust-port") == "503", "L3/L4 only now"
-        # The worker's flows and metrics reach the new agent (over its channel, within seconds).
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:
-            lines = ok(agent, "observe", "--protocol", "http", "--verdict", "DROPPED").splitlines()
-            metrics = ok(agent, "metrics")
-            if any("PUT /v1/exhaust-port" in ln for ln in lines) and (
+        wait_for(lambda: g.curl("tiefighter", "PUT", "/v1/exhaust-port") == "503", "L3/L4 only now")
+        # The worker's flows and metrics reach the new agent (over its channel, acknowledged;
+        # what the old agent did not acknowledge is sent again).
+        denied = {"verdict": "DROPPED", "protocol": "http"}
+
+        def worker_reported() -> bool:
+            flows = agent.client.call("observe", filter=denied, last=100)
+            metrics = agent.client.call("metrics")
+            return any(f["l7"]["http"]["method"] == "PUT" for f in flows if f.get("l7")) and (
                 _metric(metrics, 'policy_l7_total{rule="denied",proto="http"}') >= 1
-            ):
-                break
-            time.sleep(0.3)
-        else:
-            raise AssertionError(f"no L7 deny flow/metric from the worker: {lines}")
+            )
+
+        wait_for(worker_reported, "no L7 deny flow/metric from the worker in the new agent")
+        lines = ok(agent, "observe", "--protocol", "http", "--verdict", "DROPPED").splitlines()
+        assert any("PUT /v1/exhaust-port" in ln for ln in lines), lines
     finally:
         if client is not None:
             client.terminate()
