@@ -203,6 +203,13 @@ class Http1Session(asyncio.Protocol):
     ) -> None:
         """`end`: the request is already complete (no body), so it starts as such."""
         decision = decide(self.ctx.rules(), req)
+        if decision.req is not None:
+            # The policy decided on the normalized path (parsers/http_path.py), and the upstream
+            # gets that same path in `decision.raw`: the two can't disagree about `/a/../b`.
+            if decision.status:
+                self._on_parse_error(ParseError(decision.status, "bad request target"))
+                return
+            req = decision.req
         if req.upgrade and decision.allowed and not req.has_body and not self.queue:
             # h2c Upgrade: HTTP/2 stays HTTP/2 upstream, so the connection is handed to the
             # HTTP/2 session (at the Upgrade event that follows) instead of being forwarded.

@@ -4,13 +4,19 @@
 its answer for one rule-set object and one request shape never changes; a reload brings a new
 rule-set object and so a fresh cache. The cache keys on the raw bytes the parser produced, which
 saves decoding every header of every request on the hot path (wrk-style traffic repeats).
+
+The path is normalized here too (RFC 3986, parsers/http_path.py; Envoy's `normalize_path`), at a
+cache miss only: the policy decides on the normalized request, and when normalization changed the
+target the decision carries that request and its rebuilt head, which is what goes upstream. So
+`/public/../private/x` is judged, and forwarded, as `/private/x`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parsers.http1 import Request, build_head
+from parsers.http1 import Request, build_head, head_bytes
+from parsers.http_path import BadTarget, normalize_target_bytes, target_authority
 
 MAX_CACHED = 4096
 # Only small requests are memoised: 4,096 entries of at most 2 KiB of head bound a cache at
@@ -21,8 +27,13 @@ MAX_CACHED_HEAD = 2048
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
-    raw: bytes | None  # the head to forward when header actions changed it, else None
+    raw: bytes | None  # the head to forward when header actions or normalization changed it
     logged: tuple[str, ...]  # LOG actions: header names only, never values (secrets)
+    # The request with its normalized target when normalization changed it (else None): the
+    # session uses it from then on (flows, h2c). With `status` 400 the target can't be
+    # normalized (above the root, not origin-form...): answered without asking the policy.
+    req: Request | None = None
+    status: int = 0
 
 
 ALLOW_ALL = Decision(True, None, ())
@@ -31,6 +42,21 @@ ALLOW_ALL = Decision(True, None, ())
 # entry keeps its rule set alive, so an id is never reused while its cache exists.
 MAX_RULE_SETS = 64
 _caches: dict[int, tuple[object, dict]] = {}
+
+
+def with_target(req: Request, target: bytes) -> Request:
+    """`req` with its normalized target (parsers/http_path.py): the policy decides on it and the
+    head is rebuilt with it. An absolute-form target's authority replaces Host (RFC 9112
+    section 3.2.2), so the policy's host and the forwarded Host agree too."""
+    authority = target_authority(req.target.decode("latin-1"))
+    if authority is None:
+        req = req._replace(target=target)
+    else:
+        host = authority.encode("latin-1")
+        headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
+        headers.insert(0, (b"Host", host))
+        req = req._replace(target=target, host=host, headers=tuple(headers))
+    return req._replace(head_len=len(head_bytes(req)))
 
 
 def decide(rules, req: Request) -> Decision:
@@ -57,6 +83,20 @@ def decide(rules, req: Request) -> Decision:
 
 
 def _evaluate(rules, req: Request) -> Decision:
+    target = req.target
+    try:
+        normalized = normalize_target_bytes(target, req.method)
+    except BadTarget as exc:
+        return Decision(False, None, (), req, exc.status)
+    if normalized is target:
+        return _judge(rules, req)
+    req = with_target(req, normalized)
+    decision = _judge(rules, req)
+    raw = decision.raw or head_bytes(req) if decision.allowed else None
+    return Decision(decision.allowed, raw, decision.logged, req)
+
+
+def _judge(rules, req: Request) -> Decision:
     headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
     verdict = rules.check(
         req.method.decode("latin-1"),

@@ -6,6 +6,8 @@ every method here runs inside `receive_client` or `start_upgraded`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from parsers.http2 import frames as f
 from parsers.http2.events import (
     GoawayReceived,
@@ -22,7 +24,16 @@ from parsers.http2.headers import (
     header_list_size,
     parse_request,
 )
-from parsers.http2.streams import ALLOW, DENY, MALFORMED, TOO_LARGE, Evaluation, Stream
+from parsers.http2.streams import (
+    ALLOW,
+    BAD_TARGET,
+    DENY,
+    MALFORMED,
+    TOO_LARGE,
+    Evaluation,
+    Stream,
+)
+from parsers.http_path import BadTarget, normalize_target
 
 
 class ClientSide:
@@ -233,6 +244,18 @@ class ClientSide:
             request = parse_request(headers)
         except MalformedRequest as exc:
             return Evaluation(MALFORMED, reason=str(exc))
+        path = request.path
+        if path:  # (a plain CONNECT has no :path)
+            try:
+                normalized = normalize_target(path, request.method, absolute_form=False)
+            except BadTarget as exc:
+                return Evaluation(BAD_TARGET, request, reason=str(exc))
+            if normalized is not path:
+                # The policy decides on the normalized :path and the server gets that one.
+                headers = tuple(
+                    (n, normalized) if n == ":path" else (n, v) for n, v in request.headers
+                )
+                request = replace(request, path=normalized, headers=headers)
         decision = self._decide(request)
         if not decision.allowed:
             return Evaluation(DENY, request, decision)
@@ -264,6 +287,10 @@ class ClientSide:
                 self._respond_locally(sid, self._deny_grpc_block, b"", end_stream)
             else:
                 self._respond_locally(sid, self._deny_http_block, self.limits.deny_body, end_stream)
+            return None
+        if kind == BAD_TARGET:
+            self._events.append(RequestRejected(sid, entry.reason, 0, 400))
+            self._respond_locally(sid, self._bad_target_block, b"", end_stream)
             return None
         if kind == TOO_LARGE:
             self._events.append(RequestRejected(sid, entry.reason, 0, 431))

@@ -64,6 +64,7 @@ class H2Relay(ClientSide, ServerSide):
         )
         self._deny_grpc_block = encode_fields(denied_trailers_only(limits.grpc_deny_message))
         self._too_large_block = encode_fields(((":status", "431"), ("content-length", "0")))
+        self._bad_target_block = encode_fields(((":status", "400"), ("content-length", "0")))
 
         self._cbuf = b""
         self._sbuf = b""

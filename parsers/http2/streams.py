@@ -15,7 +15,7 @@ DATA is dropped and credited, HEADERS with pseudo-headers is a stream-ID reuse (
 from __future__ import annotations
 
 # What the policy (or the limits) made of one request header block.
-ALLOW, DENY, TOO_LARGE, MALFORMED = range(4)
+ALLOW, DENY, TOO_LARGE, MALFORMED, BAD_TARGET = range(5)  # BAD_TARGET: a 400 (:path)
 
 
 class Stream:
