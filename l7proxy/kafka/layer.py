@@ -94,6 +94,11 @@ class KafkaLayer(ResponseSide):
             return True
         return False
 
+    @property
+    def request_bytes_left(self) -> int:
+        """Bytes of the request being cut through that the client has not sent yet."""
+        return 0 if self.closed else self._req_left
+
     # ---- client -> upstream -------------------------------------------------------------
 
     def client_data(self, data: bytes) -> list:

@@ -8,6 +8,9 @@ other side pauses until it drains.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+import socket
 import time
 import weakref
 
@@ -20,6 +23,13 @@ from parsers.kafka.apis import api_name
 _VERDICTS = {"FORWARDED": FORWARDED, "DROPPED": DROPPED, "ERROR": ERROR}
 # Requests in flight on one connection before the proxy stops reading the client.
 MAX_IN_FLIGHT = 1024
+# The rest of a cut-through request at least this large moves client -> broker with splice(2)
+# through a pipe, in the kernel: no copy into Python objects and back (see docs/kafka.md).
+SPLICE_MIN = 64 * 1024
+_PIPE_SIZE = 1024 * 1024
+HEAD_READ = 16 * 1024  # after a spliced request: enough for the next request's topics
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 class _KafkaMetrics:
@@ -82,6 +92,96 @@ class _Upstream(asyncio.Protocol):
         self.session.resume_client()
 
 
+def _set_buffer(transport, option: int, size: int) -> None:
+    sock = transport.get_extra_info("socket") if hasattr(transport, "get_extra_info") else None
+    if size and sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:
+            pass  # not a socket that takes it (e.g. a test pipe)
+
+
+def _fd(transport) -> int:
+    sock = transport.get_extra_info("socket") if hasattr(transport, "get_extra_info") else None
+    return sock.fileno() if sock is not None else -1
+
+
+class _Splicer:
+    """Moves the body of a large, already allowed Produce from the client socket to the broker
+    socket with splice(2) through a pipe, while the client transport is paused. The watchers
+    sit on dup()s of the sockets, as the event loop refuses a second watcher on a transport's
+    own descriptor."""
+
+    __slots__ = ("session", "loop", "cfd", "ufd", "pr", "pw", "in_pipe", "reading", "writing")
+
+    def __init__(self, session: KafkaSession, client_fd: int, upstream_fd: int) -> None:
+        self.session = session
+        self.loop = asyncio.get_running_loop()
+        self.cfd = os.dup(client_fd)
+        self.ufd = os.dup(upstream_fd)
+        self.pr, self.pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.pw, _F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            pass  # the default 64 KiB pipe works, in more calls
+        self.in_pipe = 0
+        self.reading = self.writing = False
+
+    def pump(self) -> bool:
+        """Move what can move now. True when the request is through (or the session closed)."""
+        session = self.session
+        layer = session.layer
+        self._unwatch()
+        try:
+            while True:
+                if self.in_pipe:
+                    try:
+                        n = os.splice(self.pr, self.ufd, self.in_pipe, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        self._watch(writing=True)
+                        return False
+                    self.in_pipe -= n
+                    continue
+                left = layer.request_bytes_left
+                if not left:
+                    return True
+                try:
+                    n = os.splice(self.cfd, self.pw, min(left, _PIPE_SIZE), flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    self._watch(writing=False)
+                    return False
+                if n == 0:
+                    session.client_eof_in_request()
+                    return True
+                layer.pass_request_bytes(n)
+                session.spliced_bytes += n
+                self.in_pipe += n
+        except OSError as exc:
+            session.splice_failed(exc)
+            return True
+
+    def _watch(self, writing: bool) -> None:
+        if writing:
+            self.loop.add_writer(self.ufd, self.session.splice_ready)
+            self.writing = True
+        else:
+            self.loop.add_reader(self.cfd, self.session.splice_ready)
+            self.reading = True
+
+    def _unwatch(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.cfd)
+            self.reading = False
+        if self.writing:
+            self.loop.remove_writer(self.ufd)
+            self.writing = False
+
+    def close(self) -> None:
+        self._unwatch()
+        for fd in (self.cfd, self.ufd, self.pr, self.pw):
+            os.close(fd)
+
+
 class KafkaSession(asyncio.Protocol):
     def __init__(self, ctx, settings: KafkaSettings | None = None) -> None:
         self.ctx = ctx
@@ -101,6 +201,9 @@ class KafkaSession(asyncio.Protocol):
         self.sweeper = getattr(ctx, "sweeper", None)
         self.deadline = 0.0
         self.deadline_kind = 0
+        self._splicer: _Splicer | None = None
+        self._splice_ok = hasattr(os, "splice")
+        self.spliced_bytes = 0  # request bytes moved with splice(2) (tests, diagnostics)
 
     # ---- client side --------------------------------------------------------------------
 
@@ -108,6 +211,7 @@ class KafkaSession(asyncio.Protocol):
         self.client = transport
         st = self.settings
         transport.set_write_buffer_limits(st.write_high_water, st.write_low_water)
+        _set_buffer(transport, socket.SO_RCVBUF, st.socket_buffer)
         if self.sweeper is not None:
             self.sweeper.add(self)
         self._arm_idle()
@@ -144,6 +248,11 @@ class KafkaSession(asyncio.Protocol):
         self._close("closed", "closed by the proxy")
 
     def data_received(self, data: bytes) -> None:
+        self._client_bytes(data)
+        if self._can_splice():
+            self._start_splice()
+
+    def _client_bytes(self, data: bytes) -> None:
         if self.upstream is not None and self.layer.pass_request_bytes(len(data)):
             self.upstream.write(data)  # the middle of a large request already allowed
             return
@@ -155,6 +264,58 @@ class KafkaSession(asyncio.Protocol):
         self._run(commands)
         self._arm_idle()
 
+    # ---- splice: the body of a large Produce, in the kernel ------------------------------
+
+    def _can_splice(self) -> bool:
+        return (
+            self._splice_ok
+            and self.layer.request_bytes_left >= SPLICE_MIN
+            and self.upstream is not None
+            and not self._closed
+            and not self.upstream.get_write_buffer_size()  # bytes queued before must go first
+        )
+
+    def _start_splice(self) -> None:
+        if self._splicer is None:
+            cfd, ufd = _fd(self.client), _fd(self.upstream)
+            if cfd < 0 or ufd < 0:
+                self._splice_ok = False
+                return
+            try:
+                self._splicer = _Splicer(self, cfd, ufd)
+            except OSError:
+                self._splice_ok = False
+                return
+        self._hold("splice")
+        self.splice_ready()
+
+    def splice_ready(self) -> None:
+        """Pump the spliced request; when it is through, read the next request's head here
+        (HEAD_READ bytes), so that the transport's large read does not copy the next body into
+        Python, and splice that body too. Reading goes back to the transport otherwise."""
+        splicer = self._splicer
+        while not self._closed and splicer is not None:
+            if not splicer.pump():
+                return  # waiting for the client to send or the broker to read
+            if self._closed or self._holds != {"splice"}:
+                break
+            try:
+                data = os.read(splicer.cfd, HEAD_READ)
+            except OSError:
+                break  # nothing yet (or an error the transport will see)
+            if not data:
+                break  # end of stream: the transport reads it again
+            self._client_bytes(data)
+            if not self._can_splice():
+                break
+        self._release("splice")
+
+    def client_eof_in_request(self) -> None:
+        self._close("client_eof", "client closed in the middle of a request")
+
+    def splice_failed(self, exc: OSError) -> None:
+        self._close("splice_error", repr(exc))
+
     def eof_received(self):
         if self.upstream is not None and not self._closed:
             self.upstream.write_eof()
@@ -163,6 +324,7 @@ class KafkaSession(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self.sweeper is not None:
             self.sweeper.discard(self)
+        self._drop_splicer()
         if not self._closed:
             self._closed = True
             if self.upstream is not None:
@@ -221,6 +383,7 @@ class KafkaSession(asyncio.Protocol):
             return
         st = self.settings
         transport.set_write_buffer_limits(st.write_high_water, st.write_low_water)
+        _set_buffer(transport, socket.SO_SNDBUF, st.socket_buffer)
         self.upstream = transport
         if self._queued:
             transport.writelines(self._queued)
@@ -247,6 +410,7 @@ class KafkaSession(asyncio.Protocol):
             self.ctx.proto_metrics.upstream_reset.inc()
         # Requests still in flight will never be answered: tell the client by closing.
         self._closed = True
+        self._drop_splicer()
         self.client.close()
 
     def pause_client(self) -> None:
@@ -321,14 +485,20 @@ class KafkaSession(asyncio.Protocol):
     def _close(self, reason: str, detail: str) -> None:
         if self._closed:
             return
-        if reason in ("internal_error", "upstream_unreachable"):
+        if reason in ("internal_error", "upstream_unreachable", "splice_error"):
             # The layer records its own closes; these two come from here and need a flow too.
             self._record(Record("REQUEST", "ERROR", -1, -1, -1, reason=reason, closes=True))
         self._closed = True
+        self._drop_splicer()
         if self.client is not None:
             self.client.close()
         if self.upstream is not None:
             self.upstream.close()
+
+    def _drop_splicer(self) -> None:
+        if self._splicer is not None:
+            self._splicer.close()
+            self._splicer = None
 
 
 def make_session(ctx, first_bytes: bytes = b"") -> KafkaSession:

@@ -82,3 +82,79 @@ def test_denials_are_answered_without_the_broker():
     s.data_received(request(0, 9, 5, produce(["secret"])))
     assert not s.upstream.written
     assert int.from_bytes(s.client.written[4:8], "big") == 5
+
+
+def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
+    """Real loopback sockets under uvloop: the bodies of large allowed Produce requests go
+    client -> broker through splice(2); the broker sees the exact stream, the client gets every
+    answer in order, and a request that is not cut through still takes the normal path."""
+    import asyncio
+
+    import uvloop
+
+    from l7proxy.metrics import ProxyMetrics
+    from tests.unit.kafka.test_layer import PRODUCE_ONLY_T1, _big_produce
+
+    cids = (1, 2, 3, 4)
+    stream = b"".join(
+        request(0, 9, 1, {**produce(["t1"]), "topic_data": [
+            {"name": "t1", "partition_data": [{"index": 0, "records": b"R" * 900_000}]}]})
+        if cid == 1 else _big_produce(["t1"], cid) if cid != 3 else request(0, 9, cid, produce(["t1"]))
+        for cid in cids
+    )  # fmt: skip
+    answers = b"".join(response(0, 9, cid, {}) for cid in cids)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        got = bytearray()
+        done = loop.create_future()
+
+        class Broker(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                got.extend(data)
+                if len(got) >= len(stream):
+                    self.transport.write(answers)
+                    done.set_result(None)
+
+        broker = await loop.create_server(Broker, "127.0.0.1", 0)
+        sessions = []
+
+        def factory():
+            ctx = ConnContext(
+                config=ProxyConfig(), client=("127.0.0.1", 1), listener_port=9092,
+                destination=OriginalDestination("127.0.0.1", broker.sockets[0].getsockname()[1]),
+                source_identity=1, source_labels=(), destination_identity=2, destination_labels=(),
+                rules=lambda: PRODUCE_ONLY_T1, flows=FlowSink(None), metrics=ProxyMetrics(),
+                proto="kafka",
+            )  # fmt: skip
+            ctx.proto_metrics.active.inc()
+            sessions.append(KafkaSession(ctx, KafkaSettings()))
+            return sessions[-1]
+
+        proxy = await loop.create_server(factory, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.sockets[0].getsockname()[1]
+        )
+        for i in range(0, len(stream), 100_000):  # the client sends in pieces
+            writer.write(stream[i : i + 100_000])
+            await writer.drain()
+            await asyncio.sleep(0)
+        await asyncio.wait_for(done, 10)
+        back = await asyncio.wait_for(reader.readexactly(len(answers)), 10)
+        writer.close()
+        proxy.close()
+        broker.close()
+        return bytes(got), back, sessions[0]
+
+    loop = uvloop.new_event_loop()
+    try:
+        got, back, sess = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert got == stream
+    assert back == answers
+    assert sess.spliced_bytes > 500_000  # most of the 1.5 MB of bodies never entered Python
+    assert sess.layer.in_flight == 0
