@@ -187,8 +187,10 @@ def node_demo(story: Story, pool: str, prefix: str, keep: bool) -> None:
     story.step("Start the agent (node mode: BPF on every endpoint veth, one transparent proxy)")
     agent = AgentProcess(pool=pool, prefix=prefix, bpf=True)
     from l7proxy.agent.runner import sweep_namespaces
+    from l7proxy.demo_l7parts import sweep_brokers
 
     stale = sweep_namespaces(prefix)  # an earlier run killed with SIGKILL cannot clean up
+    stale += [f"broker pid {pid}" for pid in sweep_brokers(prefix)]
     if agent.pin_dir.exists():
         shutil.rmtree(agent.pin_dir, ignore_errors=True)
         stale.append(str(agent.pin_dir))

@@ -67,6 +67,33 @@ def kafka_data_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix=f"l7proxy-demo-kafka-{RUN_TAG}"))
 
 
+def sweep_brokers(tag: str) -> list[int]:
+    """Stop orphaned brokers of earlier runs with this prefix (their demo is gone: a demo killed
+    with SIGKILL cannot stop its broker, which init or a subreaper then adopts); a broker whose
+    parent is a running demo is left alone. Returns the pids stopped."""
+    import os
+    import signal
+
+    mark = f"l7proxy-demo-kafka-{tag}".encode()
+    stopped = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            if b"noida-db" not in cmdline or mark not in cmdline:
+                continue
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            parent = b""
+        if b"l7proxy.demo" not in parent:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                stopped.append(int(proc.name))
+    return stopped
+
+
 def start_group(argv: list[str], **kw) -> subprocess.Popen:
     """A child in its own process group, so `stop` reaches whatever it starts in turn."""
     return subprocess.Popen(argv, start_new_session=True, **kw)

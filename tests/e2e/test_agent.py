@@ -373,3 +373,23 @@ def test_worker_resends_flows_a_stopping_agent_did_not_acknowledge(tmp_path):
 
     got = asyncio.run(main())
     assert sorted(set(got)) == list(range(20)) and len(got) == 20, got
+
+
+def test_follow_against_a_stuck_agent_is_an_error_not_a_hang(tmp_path):
+    """A streaming call (observe --follow) must hear from the agent within the client's
+    timeout; only after the agent's first line may the stream idle."""
+    import time
+
+    from l7proxy.agent.client import AgentError, Client
+
+    path = str(tmp_path / "stuck.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen()  # accepts (the kernel does) but never answers
+    try:
+        started = time.monotonic()
+        with pytest.raises(AgentError, match="did not answer observe.follow"):
+            next(Client(path, timeout=1.0).stream("observe.follow", filter={}, last=0))
+        assert time.monotonic() - started < 10
+    finally:
+        srv.close()

@@ -3,6 +3,8 @@ interruption."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import queue
 import re
@@ -193,3 +195,61 @@ def test_gateway_copy_of_the_l7_policy_differs_only_in_the_port():
     for doc in (node, copy):
         doc["spec"].pop("description")
     assert copy == node
+
+
+def test_sweep_brokers_stops_only_orphans_of_its_own_prefix(tmp_path):
+    """A demo killed with SIGKILL leaves its broker to init; the next run with the same prefix
+    stops it, and leaves brokers of other prefixes and ones with a live parent alone."""
+    from l7proxy.demo_l7parts import sweep_brokers
+
+    prefix, other = f"l7d{uuid.uuid4().hex[:5]}-", f"l7d{uuid.uuid4().hex[:5]}-"
+    fake = "import time; time.sleep(60)"
+
+    def orphan(tag: str) -> int:
+        # setsid + a background child whose parent exits at once: init adopts it
+        out = subprocess.run(
+            ["sh", "-c", f"{sys.executable} -c '{fake}' noida-db --data-dir "
+             f"{tmp_path}/l7proxy-demo-kafka-{tag}x >/dev/null 2>&1 & echo $!"],
+            capture_output=True, text=True, check=True, start_new_session=True,
+        ).stdout  # fmt: skip
+        return int(out)
+
+    mine, theirs = orphan(prefix), orphan(other)
+    # A broker of a running demo: its parent's command line names l7proxy.demo (the broker's
+    # own argv goes through the environment so the parent's does not look like a broker).
+    broker = [sys.executable, "-c", fake, "noida-db", "--data-dir",
+              f"{tmp_path}/l7proxy-demo-kafka-{prefix}y"]  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import json, os, subprocess; "
+         "subprocess.run(json.loads(os.environ['BROKER']))", "l7proxy.demo"],
+        env={**os.environ, "BROKER": json.dumps(broker)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not _pids(f"kafka-{prefix}y"):
+            assert time.monotonic() < deadline, "the live demo's broker did not start"
+            time.sleep(0.05)
+        while mine not in sweep_brokers(prefix):
+            assert time.monotonic() < deadline, "the orphan was not adopted/stopped"
+            time.sleep(0.1)
+        assert sweep_brokers(prefix) == [], "nothing else of this prefix is an orphan"
+        assert _pids(f"kafka-{other}x") == [theirs] and child.poll() is None
+        assert _pids(f"kafka-{prefix}y"), "the live demo's broker runs on"
+    finally:
+        for pid in [theirs, *_pids(f"kafka-{prefix}")]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        child.wait(10)
+
+
+def _pids(text: str) -> list[int]:
+    """Live (not zombie) processes with `text` in their command line."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
