@@ -32,6 +32,9 @@ DIRECT = "direct noida-db"
 RECORD = 1024
 LATENCY_RATE = 200  # produce requests per second, one at a time
 ROUNDS = 3
+# Produce rounds are short and many: one slow round (a neighbour's burst on the shared 2 cores)
+# moves a median of 5 less than one of 3.
+PRODUCE_ROUNDS = 5
 MSG_S = Metric("produce", "msg/s", True)
 CONSUME_S = Metric("consume", "msg/s", True)
 P99_ADDED = harness.ADDED_P99
@@ -227,10 +230,10 @@ def test_consume_throughput(broker, proxy, topic, record):
 def test_produce_throughput(broker, proxy, topic, record):
     """Alternating rounds (direct, proxy, direct, proxy, ...), median of each: the machine is
     shared, and a single pair of runs mostly measures what the neighbours were doing."""
-    seconds = bench_duration() / ROUNDS
+    seconds = bench_duration() / PRODUCE_ROUNDS
     rates: dict[str, list[float]] = {DIRECT: [], PROJECT: []}
     errors = 0
-    for _ in range(ROUNDS):
+    for _ in range(PRODUCE_ROUNDS):
         for peer, addr in ((DIRECT, broker.address), (PROJECT, proxy)):
             res = _script(PRODUCER, addr, topic, f"{seconds:g}", timeout=seconds + 120)
             rates[peer].append(res["ok"] / res["seconds"])
@@ -245,7 +248,7 @@ def test_produce_throughput(broker, proxy, topic, record):
     )
     result = ScenarioResult(
         "kafka produce",
-        f"confluent-kafka, 1 KiB records, acks=1, {ROUNDS} alternating rounds of {seconds:g}s, median",
+        f"confluent-kafka, 1 KiB records, acks=1, {PRODUCE_ROUNDS} alternating rounds of {seconds:g}s, median",
         MSG_S, rows, (Target(DIRECT, 0.9),),
     )  # fmt: skip
     record(result)
