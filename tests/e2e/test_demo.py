@@ -232,6 +232,9 @@ def test_sweep_brokers_stops_only_orphans_of_its_own_prefix(tmp_path):
         while mine not in sweep_brokers(prefix):
             assert time.monotonic() < deadline, "the orphan was not adopted/stopped"
             time.sleep(0.1)
+        while mine in _pids(f"kafka-{prefix}x"):  # SIGKILL is delivered, the exit takes a moment
+            assert time.monotonic() < deadline, "the orphan did not exit"
+            time.sleep(0.05)
         assert sweep_brokers(prefix) == [], "nothing else of this prefix is an orphan"
         assert _pids(f"kafka-{other}x") == [theirs] and child.poll() is None
         assert _pids(f"kafka-{prefix}y"), "the live demo's broker runs on"
