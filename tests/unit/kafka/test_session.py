@@ -107,7 +107,7 @@ def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
     async def main():
         loop = asyncio.get_running_loop()
         got = bytearray()
-        done = loop.create_future()
+        done, lost = loop.create_future(), loop.create_future()
 
         class Broker(asyncio.Protocol):
             def connection_made(self, transport):
@@ -118,6 +118,9 @@ def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
                 if len(got) >= len(stream):
                     self.transport.write(answers)
                     done.set_result(None)
+
+            def connection_lost(self, exc):
+                lost.set_result(None)
 
         broker = await loop.create_server(Broker, "127.0.0.1", 0)
         sessions = []
@@ -145,6 +148,8 @@ def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
         await asyncio.wait_for(done, 10)
         back = await asyncio.wait_for(reader.readexactly(len(answers)), 10)
         writer.close()
+        # The proxy's dup()s of the sockets must not keep the broker connection open.
+        await asyncio.wait_for(lost, 5)
         proxy.close()
         broker.close()
         return bytes(got), back, sessions[0]
@@ -158,3 +163,66 @@ def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
     assert back == answers
     assert sess.spliced_bytes > 500_000  # most of the 1.5 MB of bodies never entered Python
     assert sess.layer.in_flight == 0
+
+
+def test_client_closing_in_the_middle_of_a_spliced_request_closes_the_broker_side():
+    import asyncio
+
+    import uvloop
+
+    from l7proxy.metrics import ProxyMetrics
+    from tests.unit.kafka.test_layer import PRODUCE_ONLY_T1
+
+    big = request(0, 9, 1, {**produce(["t1"]), "topic_data": [
+        {"name": "t1", "partition_data": [{"index": 0, "records": b"R" * 900_000}]}]})  # fmt: skip
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        got = bytearray()
+        lost = loop.create_future()
+
+        class Broker(asyncio.Protocol):
+            def data_received(self, data):
+                got.extend(data)
+
+            def connection_lost(self, exc):
+                lost.set_result(None)
+
+        broker = await loop.create_server(Broker, "127.0.0.1", 0)
+        sessions = []
+
+        def factory():
+            ctx = ConnContext(
+                config=ProxyConfig(), client=("127.0.0.1", 1), listener_port=9092,
+                destination=OriginalDestination("127.0.0.1", broker.sockets[0].getsockname()[1]),
+                source_identity=1, source_labels=(), destination_identity=2, destination_labels=(),
+                rules=lambda: PRODUCE_ONLY_T1, flows=FlowSink(None), metrics=ProxyMetrics(),
+                proto="kafka",
+            )  # fmt: skip
+            ctx.proto_metrics.active.inc()
+            sessions.append(KafkaSession(ctx, KafkaSettings()))
+            return sessions[-1]
+
+        proxy = await loop.create_server(factory, "127.0.0.1", 0)
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+        writer.write(big[:100_000])
+        await writer.drain()
+        while len(got) < 100_000:  # the head went through and the rest is being spliced
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        writer.write(big[100_000:400_000])
+        await writer.drain()
+        writer.close()
+        await asyncio.wait_for(lost, 5)
+        proxy.close()
+        broker.close()
+        return bytes(got), sessions[0]
+
+    loop = uvloop.new_event_loop()
+    try:
+        got, sess = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert got == big[: len(got)] and len(got) <= 400_000
+    assert sess.spliced_bytes > 0
+    assert sess._closed and sess._splicer is None
