@@ -12,7 +12,10 @@ clients never go around it. The load generators are separate processes too:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -181,6 +184,11 @@ def _script(code: str, *args: str, timeout: float) -> dict:
 def broker():
     b = KafkaBroker().start()
     yield b
+    # noida-db keeps every record in memory (~18 GB after this module) and takes minutes to
+    # exit on SIGTERM, burning CPU and RAM under whatever runs next: kill its process group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(b.proc.pid, signal.SIGKILL)
+    b.proc.wait(10)
     b.stop()
 
 
