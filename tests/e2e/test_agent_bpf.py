@@ -4,6 +4,7 @@ enforcing."""
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import json
 import queue
@@ -159,6 +160,12 @@ def test_kernel_drops_l7_verdicts_observe_and_metrics(galaxy):
     assert _metric(metrics, 'proxy_redirects{protocol="http"}') == 2
     assert _metric(metrics, "endpoint_count") == 3
     assert _metric(metrics, "policy_change_total") == 2
+
+
+def _epoch(stamp: str) -> float:
+    """A flow's time (RFC 3339 with nanoseconds, UTC) as seconds since the epoch."""
+    secs = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+    return secs + float("0." + stamp[20:].rstrip("Z") or "0")
 
 
 def requests_made(client: subprocess.Popen) -> int:
@@ -354,7 +361,10 @@ def test_proxy_worker_process_keeps_l7_connections_across_agent_restarts():
             text=True,
         )  # fmt: skip
         assert client.stdout.readline().startswith("ok")
-        agent.restart()
+        agent.stop()
+        gone = time.time()  # the old agent has exited
+        agent.start()
+        answers = time.time()  # the new one answers (its API came up just before)
         at_restart = requests_made(client)
         after = json.loads(ok(agent, "status", "-o", "json"))["parts"]["proxy"]
         assert (
@@ -380,6 +390,13 @@ def test_proxy_worker_process_keeps_l7_connections_across_agent_restarts():
         wait_for(worker_reported, "no L7 deny flow/metric from the worker in the new agent")
         lines = ok(agent, "observe", "--protocol", "http", "--verdict", "DROPPED").splitlines()
         assert any("PUT /v1/exhaust-port" in ln for ln in lines), lines
+
+        # Flows the worker made while no agent listened were kept and reach the new agent.
+        def between_agents() -> list[dict]:
+            flows = agent.client.call("observe", filter={"protocol": "http"}, last=10_000)
+            return [f for f in flows if gone < _epoch(f["time"]) < answers - 0.3]
+
+        wait_for(between_agents, "flows made while no agent listened reach the new agent")
         # the keep-alive connection through the worker goes on after the restart
         wait_for(lambda: requests_made(client) >= at_restart + 10, "requests after the restart")
     finally:
