@@ -363,6 +363,9 @@ def test_proxy_worker_process_keeps_l7_connections_across_agent_restarts():
         assert client.stdout.readline().startswith("ok")
         agent.stop()
         gone = time.time()  # the old agent has exited
+        # Stay away for a second: the worker keeps proxying and buffers its flows meanwhile.
+        # (An idle machine restarts the agent in ~0.3 s, which would leave no such flows.)
+        time.sleep(1.0)
         agent.start()
         answers = time.time()  # the new one answers (its API came up just before)
         at_restart = requests_made(client)
