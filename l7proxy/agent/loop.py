@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from l7proxy.platform import set_mark
+
 try:
     import uvloop
 
@@ -38,7 +40,7 @@ class MarkingLoop(_Base):
             return await super().create_connection(protocol_factory, host, port, **kw)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            set_mark(sock, mark)
             sock.setblocking(False)
             await self.sock_connect(sock, (str(host), port))
         except BaseException:

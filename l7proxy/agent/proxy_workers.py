@@ -22,11 +22,8 @@ from l7proxy.config import ProxyConfig
 from l7proxy.context import OriginalDestination
 from l7proxy.flows import FlowSink
 from l7proxy.http1.upstream import UpstreamPool
+from l7proxy.platform import MARK_FROM_PROXY, MARK_IDENTITY_MASK, transparent_listener
 from l7proxy.server import DeadlineSweeper, Gate, Listener
-
-IP_TRANSPARENT = 19
-MARK_FROM_PROXY = 0x7A000000
-MARK_IDENTITY_MASK = 0x00FFFFFF
 
 
 def marked_destination(ip: str, port: int, source_identity: int) -> OriginalDestination:
@@ -41,18 +38,7 @@ class MarkedDestination(OriginalDestination):
     mark: int = 0
 
 
-def transparent_listener(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """The socket the tc programs assign redirected connections to (bpf_sk_assign)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-        sock.bind((host, port))
-        sock.listen(4096)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+LISTEN_BACKLOG = 4096  # one shared listener for every endpoint on the node
 
 
 class DirectSink(FlowSink):
@@ -103,7 +89,7 @@ class NodeProxy:
         self.connections = 0
 
     async def start(self, sock: socket.socket | None = None) -> None:
-        sock = sock or transparent_listener(self.host, self.port)
+        sock = sock or transparent_listener(self.port, self.host, backlog=LISTEN_BACKLOG)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()

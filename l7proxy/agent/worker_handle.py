@@ -18,7 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from l7proxy.agent.proxy_workers import transparent_listener
+from l7proxy.agent.proxy_workers import LISTEN_BACKLOG
+from l7proxy.platform import transparent_listener
 
 
 def _alive(pid: int) -> bool:
@@ -44,7 +45,7 @@ class WorkerHandle:
         pid, port = known.get("pid"), known.get("port")
         if pid and _alive(pid):
             return cls(agent, pid, port, reused=True)
-        sock = transparent_listener()
+        sock = transparent_listener(backlog=LISTEN_BACKLOG)
         port = sock.getsockname()[1]
         log = open(agent.config.state_dir / "proxy-worker.log", "ab")  # noqa: SIM115
         try:
