@@ -21,10 +21,11 @@ from pathlib import Path
 
 from l7proxy.context import OriginalDestination
 
+# The proxy marks are defined once, next to their C twins in redirect_bpf/datapath.h.
+from redirect_bpf.structs import MARK_FROM_PROXY, MARK_IDENTITY_MASK  # noqa: F401
+
 IP_TRANSPARENT = 19
 SO_ORIGINAL_DST = 80
-MARK_FROM_PROXY = 0x7A000000  # keep equal to redirect_bpf/datapath.h
-MARK_IDENTITY_MASK = 0x00FFFFFF
 
 
 def set_transparent(sock: socket.socket) -> None:
