@@ -59,20 +59,22 @@ http {{
 """
 
 
-class Nginx:
-    def __init__(self, binary: str) -> None:
-        self.dir = tempfile.mkdtemp(prefix="l7proxy-nginx-")
+class NginxServer:
+    """nginx on a free loopback port from a config template (`{dir}`, `{port}`) and the files to
+    serve under html/ (relative path -> bytes); stopped by its own process group."""
+
+    def __init__(
+        self, binary: str, conf_template: str, files: dict[str, bytes], prefix: str
+    ) -> None:
+        self.dir = tempfile.mkdtemp(prefix=prefix)
         os.chmod(self.dir, 0o755)  # nginx workers run as an unprivileged user
         self.port = free_port()
-        html = Path(self.dir, "html", "public")
-        html.mkdir(parents=True)
-        (html / "index.html").write_text("hello from nginx\n")
-        Path(self.dir, "html", "private.html").write_text("secret\n")
-        # 8 MiB of varied bytes for streaming checks (public/big.bin).
-        block = bytes(range(256)) * 4096
-        Path(html, "big.bin").write_bytes(b"".join(bytes([i]) + block for i in range(8))[: 8 << 20])
+        for rel, data in files.items():
+            path = Path(self.dir, "html", rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
         conf = Path(self.dir, "nginx.conf")
-        conf.write_text(NGINX_CONF.format(dir=self.dir, port=self.port))
+        conf.write_text(conf_template.format(dir=self.dir, port=self.port))
         self.proc = subprocess.Popen(
             [binary, "-c", str(conf), "-p", self.dir],
             stdout=subprocess.DEVNULL,
@@ -85,6 +87,19 @@ class Nginx:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(10)
+
+
+class Nginx(NginxServer):
+    def __init__(self, binary: str) -> None:
+        # 8 MiB of varied bytes for streaming checks (public/big.bin).
+        block = bytes(range(256)) * 4096
+        big = b"".join(bytes([i]) + block for i in range(8))[: 8 << 20]
+        files = {
+            "public/index.html": b"hello from nginx\n",
+            "private.html": b"secret\n",
+            "public/big.bin": big,
+        }
+        super().__init__(binary, NGINX_CONF, files, "l7proxy-nginx-")
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -4,16 +4,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import need_binary
-from tests.e2e.peers import free_port, wait_for, wait_port
+from tests.e2e.peers import NginxServer, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -38,35 +35,16 @@ http {{
 """
 
 
-class LoggingNginxH2:
+class LoggingNginxH2(NginxServer):
     """nginx, HTTP/2 with prior knowledge only, logging `$server_protocol $request_uri`."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="l7proxy-nginx-h2c-")
-        os.chmod(self.dir, 0o755)
-        self.port = free_port()
-        public = Path(self.dir, "html", "public")
-        public.mkdir(parents=True)
-        (public / "index.html").write_text("hello over h2\n")
-        Path(self.dir, "html", "private.html").write_text("secret\n")
-        conf = Path(self.dir, "nginx.conf")
-        conf.write_text(NGINX_CONF.format(dir=self.dir, port=self.port))
-        self.proc = subprocess.Popen(
-            [need_binary("nginx"), "-c", str(conf), "-p", self.dir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_port(self.port)
+        files = {"public/index.html": b"hello over h2\n", "private.html": b"secret\n"}
+        super().__init__(need_binary("nginx"), NGINX_CONF, files, "l7proxy-nginx-h2c-")
 
     def requests(self) -> list[str]:
         path = Path(self.dir, "access.log")
         return path.read_text().splitlines() if path.exists() else []
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,7 @@ import h2.events
 import pytest
 
 from tests.conftest import need_binary
-from tests.e2e.peers import Gateway, free_port, policy_yaml, wait_port
+from tests.e2e.peers import Gateway, NginxServer, free_port, policy_yaml
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -45,33 +44,17 @@ http {{
 BIG_FILE_BYTES = 8 * 1024 * 1024
 
 
-class NginxH2:
+class NginxH2(NginxServer):
     """nginx serving h2c with prior knowledge: /public/index.html, /public/big.bin (8 MiB),
     /private.html."""
 
     def __init__(self, binary: str) -> None:
-        self.dir = tempfile.mkdtemp(prefix="l7proxy-nginx-h2-")
-        os.chmod(self.dir, 0o755)  # the worker runs as nobody
-        self.port = free_port()
-        public = Path(self.dir, "html", "public")
-        public.mkdir(parents=True)
-        (public / "index.html").write_text("hello from nginx\n")
-        (public / "big.bin").write_bytes(os.urandom(1024) * (BIG_FILE_BYTES // 1024))
-        Path(self.dir, "html", "private.html").write_text("secret\n")
-        conf = Path(self.dir, "nginx.conf")
-        conf.write_text(NGINX_H2_CONF.format(dir=self.dir, port=self.port))
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(conf), "-p", self.dir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
+        files = {
+            "public/index.html": b"hello from nginx\n",
+            "public/big.bin": os.urandom(1024) * (BIG_FILE_BYTES // 1024),
+            "private.html": b"secret\n",
+        }
+        super().__init__(binary, NGINX_H2_CONF, files, "l7proxy-nginx-h2-")
 
 
 @pytest.fixture(scope="module")
