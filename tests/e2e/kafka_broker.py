@@ -66,19 +66,18 @@ class KafkaBroker:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    name = "noida-db"
+
+    def command(self) -> list[str]:
+        return [
+            noida_binary(), "start", "--only", "kafka",
+            "--kafka-port", str(self.port), "--data-dir", self.data_dir,
+        ]  # fmt: skip
+
     def start(self, timeout: float = 30.0) -> KafkaBroker:
         self.log = open(Path(self.data_dir) / "broker.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [
-                noida_binary(),
-                "start",
-                "--only",
-                "kafka",
-                "--kafka-port",
-                str(self.port),
-                "--data-dir",
-                self.data_dir,
-            ],  # fmt: skip
+            self.command(),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -87,12 +86,12 @@ class KafkaBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"noida-db exited: {Path(self.log.name).read_text()}")
+                raise RuntimeError(f"{self.name} exited: {Path(self.log.name).read_text()}")
             if api_versions_ok(self.host, self.port):
                 return self
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError("noida-db did not answer on its Kafka port")
+        raise RuntimeError(f"{self.name} did not answer on its Kafka port")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -129,34 +128,14 @@ def tansu_binary() -> str:
 class TansuBroker(KafkaBroker):
     """Tansu 0.6 (Rust, Apache-2.0) with in-memory storage: a second, independent broker."""
 
-    def start(self, timeout: float = 30.0) -> KafkaBroker:
+    name = "tansu"
+
+    def command(self) -> list[str]:
         url = f"tcp://{self.host}:{self.port}"
-        self.log = open(Path(self.data_dir) / "broker.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                tansu_binary(),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],  # fmt: skip
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tansu exited: {Path(self.log.name).read_text()}")
-            if api_versions_ok(self.host, self.port):
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("tansu did not answer on its Kafka port")
+        return [
+            tansu_binary(), "broker", "--listener-url", url,
+            "--advertised-listener-url", url, "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
 
 
 class _Lines(io.TextIOBase):
