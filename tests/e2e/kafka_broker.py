@@ -138,6 +138,41 @@ class TansuBroker(KafkaBroker):
         ]  # fmt: skip
 
 
+async def produce_denied_then_consume(address, topic, denied_topic, prefix, inspect=None):
+    """aiokafka through the proxy: five records to `topic`, a produce to `denied_topic` that must
+    fail with TopicAuthorizationFailedError, then the five consumed in a group and committed.
+    Returns (values, seconds the denial took, inspect(consumer) before the consumer stops)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.errors import TopicAuthorizationFailedError
+
+    producer = AIOKafkaProducer(bootstrap_servers=address)
+    await producer.start()
+    try:
+        for i in range(5):
+            await producer.send_and_wait(topic, b"%s%d" % (prefix, i))
+        started = time.monotonic()
+        with pytest.raises(TopicAuthorizationFailedError):
+            await producer.send_and_wait(denied_topic, b"x")
+        denied_after = time.monotonic() - started
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=address, group_id=f"g-{topic}", auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    got = []
+    try:
+        async for msg in consumer:
+            got.append(msg.value)
+            if len(got) == 5:
+                break
+        await consumer.commit()
+        seen = inspect(consumer) if inspect else None
+    finally:
+        await consumer.stop()
+    return got, denied_after, seen
+
+
 class _Lines(io.TextIOBase):
     """A FlowSink stream that keeps the flows as dicts."""
 

@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.kafka_broker import KafkaBroker, free_port
+from tests.e2e.kafka_broker import KafkaBroker, free_port, produce_denied_then_consume
 from tests.e2e.peers import ADMIN_RE, LISTEN_RE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -152,45 +152,16 @@ def seen_brokers(client) -> set[tuple[str, int]]:
 
 
 def test_gateway_produce_consume_and_denied_topic(gateway):
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-    from aiokafka.errors import TopicAuthorizationFailedError
-
     address = f"127.0.0.1:{gateway.port}"
     topic = gateway.topic
 
-    async def main():
-        producer = AIOKafkaProducer(bootstrap_servers=address)
-        await producer.start()
-        try:
-            for i in range(5):
-                await producer.send_and_wait(topic, b"g%d" % i)
-            started = time.monotonic()
-            with pytest.raises(TopicAuthorizationFailedError):
-                await producer.send_and_wait("not-allowed", b"x")
-            denied_after = time.monotonic() - started
-        finally:
-            await producer.stop()
-        consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=address, group_id=f"g-{topic}",
-            auto_offset_reset="earliest",
-        )  # fmt: skip
-        await consumer.start()
-        got = []
-        try:
-            async for msg in consumer:
-                got.append(msg.value)
-                if len(got) == 5:
-                    break
-            await consumer.commit()
-            # The group coordinator and partition leader came from rewritten responses, and
-            # aiokafka keeps its connections open: none of them may lead to the broker.
-            learned = seen_brokers(consumer._client)
-            peers = own_tcp_peers()
-        finally:
-            await consumer.stop()
-        return got, denied_after, learned, peers
+    def inspect(consumer):
+        # The group coordinator and partition leader came from rewritten responses, and
+        # aiokafka keeps its connections open: none of them may lead to the broker.
+        return seen_brokers(consumer._client), own_tcp_peers()
 
-    got, denied_after, learned, peers = asyncio.run(asyncio.wait_for(main(), 60))
+    run = produce_denied_then_consume(address, topic, "not-allowed", b"g", inspect)
+    got, denied_after, (learned, peers) = asyncio.run(asyncio.wait_for(run, 60))
     assert got == [b"g%d" % i for i in range(5)]
     assert learned == {("127.0.0.1", gateway.port)}
     assert ("127.0.0.1", gateway.port) in peers

@@ -5,14 +5,13 @@ a denial of a flexible Produce decoded by kafka-python."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import pytest
 
 from policies.l7 import KafkaRuleSet
 from policies.model import KafkaRule
-from tests.e2e.kafka_broker import ProxyThread, TansuBroker
+from tests.e2e.kafka_broker import ProxyThread, TansuBroker, produce_denied_then_consume
 from tests.e2e.test_kafka_e2e import CONSUME_KEYS, produce_request, roundtrip
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -39,40 +38,8 @@ def proxy(tansu):
 
 
 def test_aiokafka_through_proxy_to_tansu(proxy):
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-    from aiokafka.errors import TopicAuthorizationFailedError
-
-    topic = proxy.topic
-
-    async def main():
-        producer = AIOKafkaProducer(bootstrap_servers=proxy.address)
-        await producer.start()
-        try:
-            for i in range(5):
-                await producer.send_and_wait(topic, b"t%d" % i)
-            started = time.monotonic()
-            with pytest.raises(TopicAuthorizationFailedError):
-                await producer.send_and_wait("forbidden", b"x")
-            denied_after = time.monotonic() - started
-        finally:
-            await producer.stop()
-        consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=proxy.address, group_id=f"g-{topic}",
-            auto_offset_reset="earliest",
-        )  # fmt: skip
-        await consumer.start()
-        got = []
-        try:
-            async for msg in consumer:
-                got.append(msg.value)
-                if len(got) == 5:
-                    break
-            await consumer.commit()
-        finally:
-            await consumer.stop()
-        return got, denied_after
-
-    got, denied_after = asyncio.run(asyncio.wait_for(main(), 60))
+    run = produce_denied_then_consume(proxy.address, proxy.topic, "forbidden", b"t")
+    got, denied_after, _ = asyncio.run(asyncio.wait_for(run, 60))
     assert (
         sorted(got) == [b"t%d" % i for i in range(5)] and denied_after < 2.0
     )  # several partitions
