@@ -91,3 +91,18 @@ def host_addresses(*cidrs: str):
     finally:
         for c in cidrs:
             sh("ip", "addr", "del", c, "dev", "lo", check=False)
+
+
+def fresh_reader(dp):
+    """An event reader past the backlog earlier tests left in the ring buffer."""
+    reader = dp.events()
+    drain(reader, 0.1)
+    return reader
+
+
+def drain(reader, wait=0.3):
+    time.sleep(wait)
+    out = []
+    while (f := reader.get(0.05)) is not None:
+        out.append(f)
+    return out

@@ -9,7 +9,7 @@ import pytest
 
 from policies import EGRESS, INGRESS, PolicyEntry, PolicyKey
 from redirect_bpf.structs import IDENTITY_HOST, IDENTITY_WORLD
-from tests.kernel.conftest import host_addresses
+from tests.kernel.conftest import drain, fresh_reader, host_addresses
 from tests.kernel.netns import BLOCKED, EchoServer, in_netns, sh, sock_in, tcp_ok, udp_ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(60)]
@@ -21,21 +21,6 @@ DENY = PolicyEntry(True, 0, ("test",))
 
 def K(identity, direction, proto=0, port=0, prefix_len=0):  # noqa: N802
     return PolicyKey(identity, direction, proto, port, prefix_len)
-
-
-def fresh_reader(dp):
-    """An event reader past the backlog earlier tests left in the ring buffer."""
-    reader = dp.events()
-    drain(reader, 0.1)
-    return reader
-
-
-def drain(reader, wait=0.3):
-    time.sleep(wait)
-    out = []
-    while (f := reader.get(0.05)) is not None:
-        out.append(f)
-    return out
 
 
 def test_l3_allow_by_identity_then_default_deny(clean):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 
 import pytest
 
 from l7proxy import platform
 from policies import EGRESS, INGRESS, PolicyEntry, PolicyKey
+from tests.kernel.conftest import drain, fresh_reader
 from tests.kernel.netns import BLOCKED, sock_in, tcp_ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(60)]
@@ -89,21 +89,6 @@ class SpliceProxy:
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
-
-
-def fresh_reader(dp):
-    """An event reader past the backlog earlier tests left in the ring buffer."""
-    reader = dp.events()
-    drain(reader, 0.1)
-    return reader
-
-
-def drain(reader, wait=0.3):
-    time.sleep(wait)
-    out = []
-    while (f := reader.get(0.05)) is not None:
-        out.append(f)
-    return out
 
 
 def test_egress_redirect_reaches_transparent_proxy_with_original_destination(clean):
