@@ -112,8 +112,7 @@ def _judge(rules, req: Request) -> Decision:
     edited = list(req.headers)
     logged: list[str] = []
     changed = False
-    for act in actions:
-        kind, name, value = _action_parts(act)
+    for kind, name, value in actions:  # policies: (ADD|DELETE|REPLACE|LOG, name, value)
         lname = name.lower().encode("latin-1")
         if kind == "LOG":
             logged.append(name)
@@ -129,16 +128,3 @@ def _judge(rules, req: Request) -> Decision:
             changed = True
     raw = build_head(req.method, req.target, req.version, edited) if changed else None
     return Decision(True, raw, tuple(logged))
-
-
-def _action_parts(act) -> tuple[str, str, str | None]:
-    """A header action from the policy engine: an object with action/name/value attributes
-    (or a (action, name, value) tuple)."""
-    if isinstance(act, tuple):
-        kind, name, value = (tuple(act) + (None,))[:3]
-    else:
-        kind = getattr(act, "action", None) or getattr(act, "mismatch", None)
-        name = act.name
-        value = getattr(act, "value", None)
-    kind = str(getattr(kind, "value", kind) or "").upper()
-    return kind, str(name), None if value is None else str(value)

@@ -70,25 +70,13 @@ class H2Policy:
         return Decision(True, edited, logged)
 
 
-def _action_parts(act) -> tuple[str, str, str | None]:
-    if isinstance(act, tuple):
-        kind, name, value = (tuple(act) + (None,))[:3]
-    else:
-        kind = getattr(act, "action", None) or getattr(act, "mismatch", None)
-        name = act.name
-        value = getattr(act, "value", None)
-    kind = str(getattr(kind, "value", kind) or "").upper()
-    return kind, str(name), None if value is None else str(value)
-
-
 def apply_header_actions(headers, actions) -> tuple[tuple[tuple[str, str], ...] | None, tuple]:
     """Cilium headerMatches mismatch actions on an HTTP/2 header list (names are lowercase in
     HTTP/2). Returns (the edited list or None when unchanged, the LOGged header names)."""
     edited = list(headers)
     logged: list[str] = []
     changed = False
-    for act in actions:
-        kind, name, value = _action_parts(act)
+    for kind, name, value in actions:  # policies: (ADD|DELETE|REPLACE|LOG, name, value)
         lname = name.lower()
         if kind == "LOG":
             logged.append(name)
