@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from l7proxy.backpressure import PausableClient
 from l7proxy.flows import DROPPED, FORWARDED
 from l7proxy.http1.exchange import Exchange, emit_error_flow, emit_flow
 from l7proxy.http1.upstream import UpstreamConn, UpstreamPool
@@ -62,7 +63,7 @@ def _deny_responses(message: str) -> tuple[bytes, bytes]:
     return hit
 
 
-class Http1Session(asyncio.Protocol):
+class Http1Session(PausableClient):
     # Slots: an idle keep-alive connection costs memory, not CPU (10,000 of them in the bench).
     __slots__ = (
         "ctx", "cfg", "pm", "pool", "sweeper", "parser", "queue", "parsing", "upstream",
@@ -184,17 +185,6 @@ class Http1Session(asyncio.Protocol):
         up = self.upstream
         if up is not None and up.transport is not None and not up.closed:
             up.transport.resume_reading()
-
-    def pause_client_reading(self, reason: int) -> None:
-        if not self.paused and not self.closed:
-            self.transport.pause_reading()
-        self.paused |= reason
-
-    def resume_client_reading(self, reason: int) -> None:
-        if self.paused & reason:
-            self.paused &= ~reason
-            if not self.paused and not self.closed:
-                self.transport.resume_reading()
 
     # ---- requests ----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from l7proxy.backpressure import PausableClient
 from l7proxy.flows import DROPPED, ERROR, FORWARDED
 from l7proxy.http2.policy import H2Policy, limits_from_config
 from l7proxy.server import log
@@ -82,7 +83,7 @@ class _Upstream(asyncio.Protocol):
         self.session.resume_client_reading(PAUSE_UPSTREAM_FULL)
 
 
-class H2Session(asyncio.Protocol):
+class H2Session(PausableClient):
     def __init__(self, ctx, relay: H2Relay | None = None) -> None:
         self.ctx = ctx
         self.cfg = ctx.config
@@ -155,17 +156,6 @@ class H2Session(asyncio.Protocol):
         if self.upstream_paused and up is not None and not up.closed:
             self.upstream_paused = False
             up.transport.resume_reading()
-
-    def pause_client_reading(self, reason: int) -> None:
-        if not self.paused and not self.closed:
-            self.transport.pause_reading()
-        self.paused |= reason
-
-    def resume_client_reading(self, reason: int) -> None:
-        if self.paused & reason:
-            self.paused &= ~reason
-            if not self.paused and not self.closed:
-                self.transport.resume_reading()
 
     # ---- upstream ----------------------------------------------------------------------------
 
