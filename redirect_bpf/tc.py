@@ -29,25 +29,10 @@ def attached(
 ) -> Iterator[int]:
     """Attach BPF programs (by fd) to an interface's clsact hooks for the duration of the block."""
     with IPRoute() as ipr:
-        links = ipr.link_lookup(ifname=ifname)
-        if not links:
-            raise LookupError(f"no such interface: {ifname}")
-        ifindex = links[0]
+        ifindex = _ifindex(ipr, ifname)
         _ensure_clsact(ipr, ifindex)
         try:
-            for parent, fd in ((INGRESS, ingress_fd), (EGRESS, egress_fd)):
-                if fd is not None:
-                    ipr.tc(
-                        "add-filter",
-                        "bpf",
-                        ifindex,
-                        ":1",
-                        fd=fd,
-                        name=name,
-                        parent=parent,
-                        classid=1,
-                        direct_action=True,
-                    )
+            _add_filters(ipr, ifindex, ingress_fd, egress_fd, name)
             yield ifindex
         finally:
             with contextlib.suppress(NetlinkError):
@@ -61,23 +46,19 @@ def _ifindex(ipr: IPRoute, ifname: str) -> int:
     return links[0]
 
 
+def _add_filters(ipr: IPRoute, ifindex: int, ingress_fd, egress_fd, name: str) -> None:
+    for parent, fd in ((INGRESS, ingress_fd), (EGRESS, egress_fd)):
+        if fd is not None:
+            ipr.tc("add-filter", "bpf", ifindex, ":1", fd=fd, name=name, parent=parent,
+                   classid=1, direct_action=True)  # fmt: skip
+
+
 def attach(ifname: str, *, ingress_fd: int, egress_fd: int, name: str = "l7proxy") -> int:
     """Attach for the life of the interface (the datapath outlives the agent); see detach()."""
     with IPRoute() as ipr:
         ifindex = _ifindex(ipr, ifname)
         _ensure_clsact(ipr, ifindex)
-        for parent, fd in ((INGRESS, ingress_fd), (EGRESS, egress_fd)):
-            ipr.tc(
-                "add-filter",
-                "bpf",
-                ifindex,
-                ":1",
-                fd=fd,
-                name=name,
-                parent=parent,
-                classid=1,
-                direct_action=True,
-            )
+        _add_filters(ipr, ifindex, ingress_fd, egress_fd, name)
         return ifindex
 
 
