@@ -114,7 +114,21 @@ def _header_ok(h: HeaderMatch, table: dict[str, list[str]]) -> bool:
     return h.value is None or h.value in values
 
 
-class HttpRuleSet:
+class _RuleSetText:
+    """What HTTP and Kafka rule sets share: their text for trace/CLI and their identity key."""
+
+    __slots__ = ()
+
+    def describe(self) -> list[str]:
+        if self.allow_all and not self.rules:
+            return ["allow-all"]
+        return [str(r) for r in self.rules] + (["allow-all"] if self.allow_all else [])
+
+    def key(self) -> tuple:
+        return (self.parser, self.rules, self.allow_all)
+
+
+class HttpRuleSet(_RuleSetText):
     parser = "http"
 
     def __init__(self, rules: Sequence[HttpRule], allow_all: bool = False, sources=()):
@@ -235,14 +249,6 @@ class HttpRuleSet:
             out.append((-1, True, "allow-all (a plain L4 allow covers this port)"))
         return out
 
-    def describe(self) -> list[str]:
-        if self.allow_all and not self.rules:
-            return ["allow-all"]
-        return [str(r) for r in self.rules] + (["allow-all"] if self.allow_all else [])
-
-    def key(self) -> tuple:
-        return ("http", self.rules, self.allow_all)
-
 
 def _is_any(rule: HttpRule) -> bool:
     return not (rule.method or rule.path or rule.host or rule.headers)
@@ -273,7 +279,7 @@ class _KafkaKeyIndex:
         self.first_verdict = KafkaVerdict(True, (), (first,))
 
 
-class KafkaRuleSet:
+class KafkaRuleSet(_RuleSetText):
     parser = "kafka"
 
     def __init__(self, rules: Sequence[KafkaRule], allow_all: bool = False, sources=()):
@@ -361,14 +367,6 @@ class KafkaRuleSet:
             else:
                 out.append((i, True, "matches"))
         return out
-
-    def describe(self) -> list[str]:
-        if self.allow_all and not self.rules:
-            return ["allow-all"]
-        return [str(r) for r in self.rules] + (["allow-all"] if self.allow_all else [])
-
-    def key(self) -> tuple:
-        return ("kafka", self.rules, self.allow_all)
 
 
 L7RuleSet = HttpRuleSet | KafkaRuleSet
