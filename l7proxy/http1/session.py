@@ -21,7 +21,7 @@ from l7proxy.backpressure import PausableClient
 from l7proxy.flows import DROPPED, FORWARDED
 from l7proxy.http1.exchange import Exchange, emit_error_flow, emit_flow
 from l7proxy.http1.upstream import UpstreamConn, UpstreamPool
-from l7proxy.http1.verdicts import decide
+from l7proxy.http1.verdicts import decide, recall, remember
 from parsers.http1 import (
     Data,
     EndOfMessage,
@@ -115,6 +115,23 @@ class Http1Session(PausableClient):
             self.upgrade_buffer.append(data)
             return
         parser = self.parser
+        if not self.queue:
+            rules = self.ctx.rules()
+            known = recall(rules, data)
+            if known is not None and parser.idle and not self.draining:
+                # A read identical to one the strict parser took as exactly one complete
+                # keep-alive request without a body: same bytes, same request, same verdict.
+                req, decision = known
+                self.pm.received.value += 1
+                ex = Exchange(req, decision.allowed, decision.raw or data, _monotonic())
+                ex.logged = decision.logged
+                ex.complete = True
+                self.parsing = ex
+                self.queue.append(ex)
+                self._start(ex)
+                return
+        else:
+            rules = None
         events = parser.receive_data(data)
         if len(events) == 2 and events[0].__class__ is Request and parser.idle:
             # The common case: one request without a body. When the read is exactly that head
@@ -131,7 +148,7 @@ class Http1Session(PausableClient):
                 self._on_request(req, data if exact else None)
                 self._on_end(events[1])
             else:
-                self._on_request(req, data if exact else None, events[1])
+                self._on_request(req, data if exact else None, events[1], rules)
             return
         self._handle(events)
         if parser.in_head and not self.queue and self.deadline_kind != HEAD and not self.closed:
@@ -189,10 +206,16 @@ class Http1Session(PausableClient):
     # ---- requests ----------------------------------------------------------------------------
 
     def _on_request(
-        self, req: Request, raw: bytes | None = None, end: EndOfMessage | None = None
+        self, req: Request, raw: bytes | None = None, end: EndOfMessage | None = None, rules=None
     ) -> None:
-        """`end`: the request is already complete (no body), so it starts as such."""
-        decision = decide(self.ctx.rules(), req)
+        """`end`: the request is already complete (no body), so it starts as such. `raw`: the
+        read was exactly this head, as it came (with `end`, it may be remembered)."""
+        if rules is None:
+            rules = self.ctx.rules()
+        decision = decide(rules, req)
+        if raw is not None and end is not None and end.keep_alive and not req.upgrade:
+            if not decision.status and not req.has_body:
+                remember(rules, raw, decision.req or req, decision)
         if decision.req is not None:
             # The policy decided on the normalized path (parsers/http_path.py), and the upstream
             # gets that same path in `decision.raw`: the two can't disagree about `/a/../b`.

@@ -59,18 +59,44 @@ def with_target(req: Request, target: bytes) -> Request:
     return req._replace(head_len=len(head_bytes(req)))
 
 
+def _cache_of(rules) -> dict:
+    entry = _caches.get(id(rules))
+    if entry is None or entry[0] is not rules:
+        if len(_caches) >= MAX_RULE_SETS:
+            _caches.clear()  # old revisions go; the live sets refill at once
+        entry = _caches[id(rules)] = (rules, {})
+    return entry[1]
+
+
+def recall(rules, head: bytes):
+    """`(request, decision)` for a read that is byte for byte a request head `remember`ed
+    under `rules`, else None. Parsing is a pure function of the bytes when the parser is at rest
+    between messages, so an identical read parses to the identical request: the session skips
+    the parser and the policy for it (wrk-style and browser traffic repeats heads exactly)."""
+    entry = _caches.get(id(rules))
+    if entry is None or entry[0] is not rules:
+        return None
+    return entry[1].get(head)
+
+
+def remember(rules, head: bytes, req: Request, decision: Decision) -> None:
+    """Record what the strict parser and the policy made of `head`, a read that was exactly one
+    complete keep-alive request without a body (the caller checks). Bounded like `decide`."""
+    if len(head) > MAX_CACHED_HEAD:
+        return
+    cache = _cache_of(rules)
+    if len(cache) >= MAX_CACHED:
+        cache.clear()
+    cache[head] = (req, decision)
+
+
 def decide(rules, req: Request) -> Decision:
     """The verdict of `rules` (an L7 rule set, or None for "allow all") on `req`."""
     if rules is None:
         return ALLOW_ALL
     if req.head_len > MAX_CACHED_HEAD:
         return _evaluate(rules, req)
-    entry = _caches.get(id(rules))
-    if entry is None or entry[0] is not rules:
-        if len(_caches) >= MAX_RULE_SETS:
-            _caches.clear()  # old revisions go; the live sets refill at once
-        entry = _caches[id(rules)] = (rules, {})
-    cache = entry[1]
+    cache = _cache_of(rules)
     key = (req.method, req.target, req.headers)
     hit = cache.get(key)
     if hit is not None:

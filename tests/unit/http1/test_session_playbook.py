@@ -1,5 +1,6 @@
 from l7proxy.config import ProxyConfig
 from l7proxy.http1 import session as session_mod
+from parsers.http1 import RequestParser
 from tests.unit.http1.playbook import PathRules, Play
 
 DENY = (
@@ -290,3 +291,64 @@ def test_response_head_split_over_reads_and_after_100_continue_is_forwarded_whol
     p.client_sends(req("/public/c"))
     p.upstream_sends(exact.replace(b"X: p", b"X: pp"))
     assert p.client_got().startswith(b"HTTP/1.1 502 Bad Gateway")
+
+
+class _RefusingParser(RequestParser):
+    __slots__ = ()
+
+    def receive_data(self, data):
+        raise AssertionError(f"parser ran on {data!r}")
+
+
+def _parser_must_not_run(p: Play) -> None:
+    p.session.parser = _RefusingParser()  # at rest, as the real one is between requests
+
+
+def test_a_repeated_head_skips_the_parser_with_the_same_outcome():
+    p = Play()
+    for _ in range(2):
+        p.client_sends(req("/public/a"))
+        assert p.upstream_got() == req("/public/a")
+        p.upstream_sends(OK)
+        assert p.client_got() == OK
+        p.client_sends(req("/secret"))
+        assert p.client_got() == DENY
+        _parser_must_not_run(p)  # the second round is served from what the first one parsed
+    assert [f["verdict"] for f in p.flows()] == ["FORWARDED", "DROPPED"] * 2
+    text = p.metrics.render()
+    assert 'policy_l7_total{rule="forwarded",proto="http"} 2' in text
+    assert 'policy_l7_total{rule="denied",proto="http"} 2' in text
+
+
+def test_a_remembered_head_gets_the_verdict_of_the_policy_now_in_force():
+    p = Play()
+    p.client_sends(req("/public/a"))
+    p.upstream_sends(OK)
+    assert p.client_got() == OK
+    p.rules = PathRules(prefix="/other/")  # a reload: a new rule set object
+    p.client_sends(req("/public/a"))
+    assert p.client_got() == DENY and p.upstream_got() == req("/public/a")  # (the first one)
+
+
+def test_a_remembered_head_inside_a_partial_head_is_header_bytes():
+    p = Play()
+    p.client_sends(req("/public/a"))
+    p.upstream_sends(OK)
+    p.upstream_got(), p.client_got()
+    p.client_sends(b"GET /secret HTTP/1.1\r\nX-A: ")
+    p.client_sends(req("/public/a"))  # the bytes of a known request, mid-head: a header value
+    assert p.upstream_got() == b"" and p.client_got() == DENY
+
+
+def test_a_remembered_head_behind_a_request_in_flight_waits_its_turn():
+    p = Play()
+    p.client_sends(req("/public/a"))
+    p.upstream_sends(OK)
+    p.upstream_got(), p.client_got()
+    p.client_sends(req("/public/b"))
+    p.client_sends(req("/public/a"))  # pipelined behind /public/b
+    assert p.upstream_got() == req("/public/b")
+    p.upstream_sends(OK)
+    assert p.upstream_got() == req("/public/a")
+    p.upstream_sends(OK)
+    assert p.client_got() == OK + OK
