@@ -3,7 +3,9 @@
 `HttpRuleSet.check(method, path, host, headers)` (policies, see docs/contracts.md) is pure, so
 its answer for one rule-set object and one request shape never changes; a reload brings a new
 rule-set object and so a fresh cache. The cache keys on the raw bytes the parser produced, which
-saves decoding every header of every request on the hot path (wrk-style traffic repeats).
+saves decoding every header of every request on the hot path (wrk-style traffic repeats). The
+same cache also remembers whole request heads (`remember`/`recall`), so a read byte-identical
+to one already parsed skips the parser as well.
 
 The path is normalized here too (RFC 3986, parsers/http_path.py; Envoy's `normalize_path`), at a
 cache miss only: the policy decides on the normalized request, and when normalization changed the

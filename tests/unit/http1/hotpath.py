@@ -5,7 +5,10 @@
 Drives Http1Session and UpstreamConn with fake transports (tests/unit/http1/playbook.py) and the
 real compiled policy (GET /public/.*), and prints CPU microseconds per forwarded and per denied
 request (process time, so other load on the machine inflates it less than wall time). The
-syscalls and the event loop are not included: a raw uvloop splice proxy adds ~5.8 us here."""
+syscalls and the event loop are not included: a raw uvloop splice proxy adds ~5.8 us here.
+A repeated head is served from the session's memo (l7proxy/http1/verdicts.py), so from the
+second request on this measures that path: 2.5 us forwarded, 0.9 us denied (5.4 and 3.5 through
+the parser)."""
 
 from __future__ import annotations
 
