@@ -122,13 +122,19 @@ class Http1Session(PausableClient):
                 # A read identical to one the strict parser took as exactly one complete
                 # keep-alive request without a body: same bytes, same request, same verdict.
                 req, decision = known
-                self.pm.received.value += 1
+                pm = self.pm
+                pm.received.value += 1
                 ex = Exchange(req, decision.allowed, decision.raw or data, _monotonic())
                 ex.logged = decision.logged
                 ex.complete = True
                 self.parsing = ex
                 self.queue.append(ex)
-                self._start(ex)
+                up = self.upstream
+                if ex.allowed and up is not None and not up.closed:
+                    pm.forwarded.value += 1  # (_start, for the case at hand)
+                    self._send(ex, up)
+                else:
+                    self._start(ex)
                 return
         else:
             rules = None
@@ -612,7 +618,7 @@ class Http1Session(PausableClient):
             if self.draining:
                 self._close()
                 return
-        if len(self.queue) <= MAX_PIPELINE // 2 and self.upgrade_wait is None:
+        if self.paused and len(self.queue) <= MAX_PIPELINE // 2 and self.upgrade_wait is None:
             last = self.parsing
             if last is None or last.keep_alive:
                 self.resume_client_reading(PAUSE_PIPELINE)
