@@ -256,8 +256,11 @@ class RequestParser:
 
     # -- llhttp callbacks --
 
-    # No on_message_begin (one Python call less per request): the URL is the first span of a
-    # message, and a read that ends inside the method is caught in receive_data.
+    def on_message_begin(self) -> None:
+        # A read may end inside the method of the next message, after events for the previous
+        # one: `idle` must be False from the first byte of a message, so a caller may trust
+        # "at rest" to mean llhttp holds nothing (the session's remembered heads rely on it).
+        self._state = _HEAD
 
     def on_url(self, url: bytes) -> None:
         self._state = _HEAD  # the per-message fields were reset when the last one completed

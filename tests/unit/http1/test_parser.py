@@ -179,3 +179,14 @@ def test_serialisers():
         b"HTTP/1.1 403 Forbidden\r\ncontent-length: 15\r\ncontent-type: text/plain\r\n\r\n"
         b"Access denied\r\n"
     )
+
+
+def test_not_idle_once_the_next_message_has_begun():
+    p = RequestParser()
+    assert len(p.receive_data(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\nGE")) == 2
+    assert not p.idle
+    assert [type(e).__name__ for e in p.receive_data(b"T /y HTTP/1.1\r\nHost: h\r\n\r\n")] == [
+        "Request",
+        "EndOfMessage",
+    ]
+    assert p.idle

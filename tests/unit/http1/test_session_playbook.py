@@ -352,3 +352,16 @@ def test_a_remembered_head_behind_a_request_in_flight_waits_its_turn():
     assert p.upstream_got() == req("/public/a")
     p.upstream_sends(OK)
     assert p.client_got() == OK + OK
+
+
+def test_a_remembered_head_after_a_read_that_ended_inside_a_method_is_parsed():
+    p = Play()
+    p.client_sends(req("/public/a"))
+    p.upstream_sends(OK)
+    p.upstream_got(), p.client_got()
+    p.client_sends(req("/public/b") + b"GE")  # the next message has begun: the parser holds "GE"
+    p.upstream_sends(OK)
+    assert p.upstream_got() == req("/public/b") and p.client_got() == OK
+    p.client_sends(req("/public/a"))  # so these bytes continue "GE": "GEGET ..." is no method
+    assert p.upstream_got() == b""
+    assert p.client_got().startswith(b"HTTP/1.1 400 ") and p.client.closed
