@@ -43,8 +43,9 @@ PAUSE_CONNECTING = 8
 
 MAX_PIPELINE = 32
 
-# Deadline kinds.
-NO_DEADLINE, IDLE, HEAD, RESPONSE = 0, 1, 2, 3
+# Deadline kinds. PARK: idle, still holding an upstream connection (given back at the deadline,
+# then IDLE runs on from the same start).
+NO_DEADLINE, IDLE, HEAD, RESPONSE, PARK = 0, 1, 2, 3, 4
 
 _monotonic = time.monotonic
 
@@ -613,8 +614,13 @@ class Http1Session(PausableClient):
         if self.queue:
             self._start(self.queue[0])
         else:
-            self.deadline_kind = IDLE
-            self.deadline = (now or _monotonic()) + self.cfg.idle_timeout
+            cfg = self.cfg
+            if self.upstream is None or cfg.upstream_park_after >= cfg.idle_timeout:
+                self.deadline_kind = IDLE
+                self.deadline = (now or _monotonic()) + cfg.idle_timeout
+            else:
+                self.deadline_kind = PARK
+                self.deadline = (now or _monotonic()) + cfg.upstream_park_after
             if self.draining:
                 self._close()
                 return
@@ -650,6 +656,19 @@ class Http1Session(PausableClient):
             self._close()
         elif kind == IDLE:
             self._close()
+        elif kind == PARK:
+            self._park()
+
+    def _park(self) -> None:
+        """Idle since `deadline - upstream_park_after`: the upstream connection goes back to the
+        pool (the next request takes one from there), and the idle clock runs on."""
+        cfg = self.cfg
+        up = self.upstream
+        if up is not None and not self.queue and not self.tunnel and self.connecting is None:
+            self.upstream = None
+            self.pool.release(up)
+        self.deadline_kind = IDLE
+        self.deadline += cfg.idle_timeout - cfg.upstream_park_after
 
     def drain(self) -> None:
         """SIGTERM: finish the request in flight, then close; idle connections close now."""

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -253,13 +254,14 @@ def test_invalid_policy_at_start_is_an_error(tmp_path):
 
 class BigHeadBackend(threading.Thread):
     """Answers `GET /head/N` with a response whose head carries an N-byte header, on keep-alive
-    connections; counts the requests it served."""
+    connections; counts the connections it accepted and the requests it served."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.served = 0
+        self.accepted = 0
 
     def run(self) -> None:
         while True:
@@ -267,6 +269,7 @@ class BigHeadBackend(threading.Thread):
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.accepted += 1
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def serve(self, conn: socket.socket) -> None:
@@ -321,5 +324,39 @@ def test_upstream_response_head_limit_from_config_file_answers_502(tmp_path):
         metrics = fetch(gw.admin_port, "/metrics").decode()
         assert 'l7proxy_upstream_errors_total{proto="http",kind="invalid_response"} 1' in metrics
     finally:
+        gw.stop()
+        backend.close()
+
+
+def test_idle_clients_give_their_upstream_connection_back_to_the_pool(tmp_path):
+    """`upstream_park_after`: a client with nothing in flight keeps its upstream connection
+    only that long, so later clients reuse it and idle clients don't each hold one."""
+    backend = BigHeadBackend()
+    backend.start()
+    port = free_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_yaml(port, '- method: GET\n          path: "/head/.*"'))
+    conf = tmp_path / "gw.yaml"
+    conf.write_text("limits:\n  upstream_park_after: 0.2\n")
+    gw = Gateway(
+        ["--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{backend.port}",
+         "--policy", str(policy), "--labels", "app=web", "-c", str(conf)],
+    )  # fmt: skip
+    request = b"GET /head/1 HTTP/1.1\r\nHost: web\r\n\r\n"
+    clients = []
+    try:
+        for _ in range(3):  # one after another, each left open and idle
+            c = socket.create_connection(("127.0.0.1", port), timeout=5)
+            clients.append(c)
+            c.sendall(request)
+            assert c.recv(65536).endswith(b"ok\n")
+            time.sleep(0.8)  # parked by now (0.2 s, swept every 0.25 s)
+        assert backend.served == 3 and backend.accepted == 1  # one upstream connection for all
+        clients[0].sendall(request)  # an idle client that parked still works
+        assert clients[0].recv(65536).endswith(b"ok\n")
+        assert backend.accepted == 1
+    finally:
+        for c in clients:
+            c.close()
         gw.stop()
         backend.close()

@@ -365,3 +365,40 @@ def test_a_remembered_head_after_a_read_that_ended_inside_a_method_is_parsed():
     p.client_sends(req("/public/a"))  # so these bytes continue "GE": "GEGET ..." is no method
     assert p.upstream_got() == b""
     assert p.client_got().startswith(b"HTTP/1.1 400 ") and p.client.closed
+
+
+def test_an_idle_client_gives_its_upstream_back_to_the_pool_then_idles_out():
+    p = Play(config=ProxyConfig(upstream_park_after=1, idle_timeout=60))
+    p.client_sends(req("/public/a"))
+    first = p.up
+    p.upstream_sends(OK)
+    assert p.client_got() == OK
+    s = p.session
+    assert s.deadline_kind == session_mod.PARK and s.upstream is first
+    idle_since = s.deadline - 1
+    s.on_deadline()
+    assert p.pool.released == [first] and s.upstream is None and not p.client.closed
+    assert s.deadline_kind == session_mod.IDLE and s.deadline == idle_since + 60
+    p.client_sends(req("/public/b"))  # the next request takes a connection from the pool
+    assert len(p.pool.conns) == 2 and p.upstream_got() == req("/public/b")
+    p.upstream_sends(OK)
+    assert p.client_got() == OK
+    s.on_deadline()  # parks the second one
+    s.on_deadline()  # then the idle timeout closes the client
+    assert p.pool.released == p.pool.conns and p.client.closed
+
+
+def test_a_request_in_flight_keeps_its_upstream():
+    p = Play(config=ProxyConfig(upstream_park_after=1, idle_timeout=60))
+    p.client_sends(req("/public/a"))
+    p.upstream_sends(OK)
+    p.client_sends(req("/public/b"))  # in flight: the deadline is the response's now
+    assert p.session.deadline_kind == session_mod.RESPONSE
+    assert p.pool.released == [] and p.session.upstream is p.up
+
+
+def test_parking_is_off_when_the_idle_timeout_comes_first():
+    p = Play(config=ProxyConfig(upstream_park_after=5, idle_timeout=2))
+    p.client_sends(req("/public/a"))
+    p.upstream_sends(OK)
+    assert p.session.deadline_kind == session_mod.IDLE
