@@ -278,9 +278,9 @@ class ProxyThread:
 
 
 def _serve_main(argv: list[str]) -> int:
-    """`python -m tests.e2e.kafka_broker HOST:PORT [TOPIC]`: run the proxy in front of a broker
-    in this process (for benchmarks: its own core, like the gateway). Prints the port, then
-    serves until SIGTERM. With TOPIC, the policy allows produce and consume on that topic only."""
+    """`python -m tests.e2e.kafka_broker HOST:PORT [TOPIC[,TOPIC...]]`: run the proxy in front of
+    a broker in this process (for benchmarks: its own core, like the gateway). Prints the port,
+    then serves until SIGTERM. With topics, the policy allows produce and consume on those only."""
     from policies.l7 import KafkaRuleSet
     from policies.model import KafkaRule
 
@@ -290,8 +290,12 @@ def _serve_main(argv: list[str]) -> int:
         consume = (1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18)
         rules = KafkaRuleSet(
             [
-                KafkaRule(api_keys=(0, 3, 18), topic=argv[1]),
-                KafkaRule(api_keys=consume, topic=argv[1]),
+                rule
+                for topic in argv[1].split(",")
+                for rule in (
+                    KafkaRule(api_keys=(0, 3, 18), topic=topic),
+                    KafkaRule(api_keys=consume, topic=topic),
+                )
             ]
         )
     proxy = ProxyThread((host, int(port)), rules=rules, brokers={}, flows=False).start()
