@@ -27,7 +27,10 @@ MAX_IN_FLIGHT = 1024
 # through a pipe, in the kernel: no copy into Python objects and back (see docs/kafka.md).
 SPLICE_MIN = 64 * 1024
 _PIPE_SIZE = 1024 * 1024
-HEAD_READ = 16 * 1024  # after a spliced request: enough for the next request's topics
+# After a spliced request: the next request's head, enough for the topics of a usual Produce
+# (a head whose topics do not fit goes back to the transport). 16 KiB copied 14 KiB more of each
+# body through Python: proxy CPU 0.51-0.53 -> 0.46-0.48 us per message (docs/kafka.md).
+HEAD_READ = 2 * 1024
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
