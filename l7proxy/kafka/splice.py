@@ -14,6 +14,7 @@ import struct
 from l7proxy.kafka.commands import Pending, Record, ToClient
 from parsers.kafka.apis import API_TABLE
 from parsers.kafka.codec import DecodeError
+from parsers.kafka.fastpath import produce_response_error
 from parsers.kafka.frames import FrameError, check_size, frame, response_header_size
 from parsers.kafka.responses import (
     API_VERSIONS,
@@ -28,6 +29,7 @@ from parsers.kafka.responses import (
 )
 
 _SIZE_CID = struct.Struct(">ii")
+PRODUCE = 0
 FETCH = 1
 # Largest response streamed through; far above any fetch.max.bytes a client asks for.
 MAX_RESPONSE_BYTES = 1 << 30
@@ -221,6 +223,13 @@ class ResponseSide:
             rules = self._rules()
             if rules is not None and not rules.allow_all:
                 return filter_topics(key, body, version, rules.topic_visible)
+            return None
+        if key == PRODUCE:
+            # The hot response: its error codes without the generic codec.
+            try:
+                pending.error_code = produce_response_error(body, 0, version, pending.flexible)
+            except DecodeError:
+                pass  # inspection is best effort; the bytes go through as they are
             return None
         try:
             value, _ = API_TABLE[key].response_codec(version).decode(memoryview(body), 0)

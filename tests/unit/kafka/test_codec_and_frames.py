@@ -8,8 +8,9 @@ import pytest
 
 from parsers.kafka.apis import API_TABLE, topics_of
 from parsers.kafka.codec import DecodeError
-from parsers.kafka.fastpath import produce_topics
+from parsers.kafka.fastpath import produce_response_error, produce_topics
 from parsers.kafka.frames import FrameDecoder, FrameError, frame, parse_request_header
+from parsers.kafka.responses import error_codes
 from tests.unit.kafka.gen_schemas import render
 from tests.unit.kafka.samples import TOPIC_ID, kafka_python_classes, sample
 
@@ -69,6 +70,34 @@ def test_produce_fast_path_agrees_with_the_codec(version):
     assert len(names) + len(ids) == 3
     with pytest.raises(DecodeError):
         produce_topics(memoryview(bytes(out[:-7])), 4, version, spec.flexible(version))
+
+
+@pytest.mark.parametrize("version", range(0, API_TABLE[0].versions[1] + 1))
+def test_produce_response_fast_path_agrees_with_the_codec(version):
+    spec = API_TABLE[0]
+    codec = spec.response_codec(version)
+    flexible = spec.flexible(version)
+    for codes in ((0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 6, 0), (0, 0, 0, 10, 0, 6), (29, 0, 0, 0, 0, 0)):
+        value = sample(spec.response_fields, version)
+        partition = value["responses"][0]["partition_responses"][0]
+        value["responses"] = [
+            {**value["responses"][0], "name": f"t{t}", "topic_id": bytes([t + 1]) * 16,
+             "partition_responses": [{**partition, "index": p, "error_code": codes[3 * t + p],
+                                      "record_errors": [{"batch_index": p,
+                                                         "batch_index_error_message": "m" * p}],
+                                      "error_message": None if p else "bad"}
+                                     for p in range(3)]}
+            for t in range(2)
+        ]  # fmt: skip
+        body = bytearray()
+        codec.encode(body, value)
+        found = error_codes(codec.decode(memoryview(bytes(body)), 0)[0])
+        assert produce_response_error(bytes(body), 0, version, flexible) == (found or [0])[0]
+        assert produce_response_error(bytes(body), 0, version, flexible) == next(
+            (c for c in codes if c), 0
+        )
+    with pytest.raises(DecodeError):
+        produce_response_error(bytes(body[:9]), 0, version, flexible)
 
 
 def test_truncated_body_is_a_decode_error():
