@@ -163,6 +163,10 @@ class _Splicer:
             session.splice_failed(exc)
             return True
 
+    def wait_for_client(self) -> None:
+        """Call back when the client socket is readable (the next request's head)."""
+        self._watch(writing=False)
+
     def _watch(self, writing: bool) -> None:
         if writing:
             self.loop.add_writer(self.ufd, self.session.splice_ready)
@@ -294,8 +298,10 @@ class KafkaSession(asyncio.Protocol):
 
     def splice_ready(self) -> None:
         """Pump the spliced request; when it is through, read the next request's head here
-        (HEAD_READ bytes), so that the transport's large read does not copy the next body into
-        Python, and splice that body too. Reading goes back to the transport otherwise."""
+        (HEAD_READ bytes), waiting for it if the client has not sent it yet, so that the
+        transport's large read does not copy the next body into Python, and splice that body
+        too. Reading goes back to the transport for anything else (a small request, EOF, an
+        error, another reason to pause the client)."""
         splicer = self._splicer
         while not self._closed and splicer is not None:
             if not splicer.pump():
@@ -304,8 +310,13 @@ class KafkaSession(asyncio.Protocol):
                 break
             try:
                 data = os.read(splicer.cfd, HEAD_READ)
+            except BlockingIOError:
+                # Handing back to the transport here sent the first 256 KiB of nearly every
+                # next request through Python (21 % of the bytes): wait for the head instead.
+                splicer.wait_for_client()
+                return
             except OSError:
-                break  # nothing yet (or an error the transport will see)
+                break  # an error the transport will see
             if not data:
                 break  # end of stream: the transport reads it again
             self._client_bytes(data)

@@ -226,3 +226,88 @@ def test_client_closing_in_the_middle_of_a_spliced_request_closes_the_broker_sid
     assert got == big[: len(got)] and len(got) <= 400_000
     assert sess.spliced_bytes > 0
     assert sess._closed and sess._splicer is None
+
+
+def test_a_large_produce_sent_after_a_pause_is_spliced_from_its_head():
+    """After a spliced request the proxy waits for the next request's head itself (the client
+    transport stays paused), so a large request that arrives later is spliced from its first
+    HEAD_READ bytes on instead of having its first 256 KiB read into Python by the transport.
+    Closing the client while the proxy waits still closes the broker side."""
+    import asyncio
+
+    import uvloop
+
+    from l7proxy.kafka.session import HEAD_READ
+    from l7proxy.metrics import ProxyMetrics
+    from tests.unit.kafka.test_layer import PRODUCE_ONLY_T1
+
+    def big(cid):
+        return request(0, 9, cid, {**produce(["t1"]), "topic_data": [
+            {"name": "t1", "partition_data": [{"index": 0, "records": b"R" * 900_000}]}]})  # fmt: skip
+
+    first, second, third = big(1), big(2), big(3)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        got = bytearray()
+        lost = loop.create_future()
+
+        class Broker(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):
+                before = len(got)
+                got.extend(data)
+                ends = (len(first), len(first + second), len(first + second + third))
+                for cid, end in enumerate(ends, 1):
+                    if before < end <= len(got):
+                        self.transport.write(response(0, 9, cid, {}))
+
+            def connection_lost(self, exc):
+                lost.set_result(None)
+
+        broker = await loop.create_server(Broker, "127.0.0.1", 0)
+        sessions = []
+
+        def factory():
+            ctx = ConnContext(
+                config=ProxyConfig(), client=("127.0.0.1", 1), listener_port=9092,
+                destination=OriginalDestination("127.0.0.1", broker.sockets[0].getsockname()[1]),
+                source_identity=1, source_labels=(), destination_identity=2, destination_labels=(),
+                rules=lambda: PRODUCE_ONLY_T1, flows=FlowSink(None), metrics=ProxyMetrics(),
+                proto="kafka",
+            )  # fmt: skip
+            ctx.proto_metrics.active.inc()
+            sessions.append(KafkaSession(ctx, KafkaSettings()))
+            return sessions[-1]
+
+        proxy = await loop.create_server(factory, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.sockets[0].getsockname()[1]
+        )
+        answers = []
+        for payload in (first, second, third):
+            writer.write(payload)
+            await writer.drain()
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 10), "big")
+            answers.append(await reader.readexactly(size))
+            await asyncio.sleep(0.05)  # the proxy now waits for the next head
+        writer.close()
+        await asyncio.wait_for(lost, 5)
+        proxy.close()
+        broker.close()
+        return bytes(got), answers, sessions[0]
+
+    loop = uvloop.new_event_loop()
+    try:
+        got, answers, sess = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert got == first + second + third
+    assert [int.from_bytes(a[:4], "big") for a in answers] == [1, 2, 3]
+    # The first request goes through the transport while the broker connection is made; of the
+    # second, the transport's first read (up to 256 KiB) is not spliced; of the third, only its
+    # head read. (Handing reading back to the transport after a request lost 256 KiB of each.)
+    assert sess.spliced_bytes >= len(second) - 256 * 1024 + len(third) - HEAD_READ
+    assert sess._closed and sess._splicer is None
