@@ -289,7 +289,7 @@ def _produce_rounds(script: str, topic: str) -> tuple[tuple[Row, ...], int, floa
     mostly measures what the neighbours were doing. Each round pair gets a fresh broker (and a
     proxy in front of it), the direct run first in even rounds and second in odd ones: noida-db
     holds every record in RAM, and as its log grows (~1 GB per run) its CPU per message drifts
-    and jumps (a 2-second run at 27k msg/s instead of 450k once it held ~4 GB), which landed on
+    and jumps (a 2-second run at 27k msg/s instead of 450k once it held ~5 GB), which landed on
     whichever path ran then."""
     seconds = bench_duration() / PRODUCE_ROUNDS
     rates: dict[str, list[float]] = {DIRECT: [], PROJECT: []}
