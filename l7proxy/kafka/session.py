@@ -33,6 +33,7 @@ _PIPE_SIZE = 1024 * 1024
 HEAD_READ = 2 * 1024
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_PIPE_ATOMIC = 4096  # PIPE_BUF: a write this small into an empty pipe is whole
 
 
 class _KafkaMetrics:
@@ -163,6 +164,18 @@ class _Splicer:
             session.splice_failed(exc)
             return True
 
+    def put(self, data: bytes) -> bool:
+        """Queue `data` in the (empty) pipe ahead of the body to come. False when it does not
+        fit at once (the caller writes it through the transport instead)."""
+        if self.in_pipe or len(data) > _PIPE_ATOMIC:
+            return False
+        try:
+            n = os.write(self.pw, data)
+        except OSError:
+            return False
+        self.in_pipe += n
+        return True
+
     def wait_for_client(self) -> None:
         """Call back when the client socket is readable (the next request's head)."""
         self._watch(writing=False)
@@ -210,6 +223,7 @@ class KafkaSession(asyncio.Protocol):
         self.deadline_kind = 0
         self._splicer: _Splicer | None = None
         self._splice_ok = hasattr(os, "splice")
+        self._held_upstream: list | None = None  # see splice_ready
         self.spliced_bytes = 0  # request bytes moved with splice(2) (tests, diagnostics)
 
     # ---- client side --------------------------------------------------------------------
@@ -319,7 +333,17 @@ class KafkaSession(asyncio.Protocol):
                 break  # an error the transport will see
             if not data:
                 break  # end of stream: the transport reads it again
-            self._client_bytes(data)
+            # What the layer forwards from this head waits here: when the rest is spliced it
+            # goes into the pipe ahead of the body, so the head and the first body bytes leave
+            # in one send (one segment and one broker wake-up fewer per request).
+            self._held_upstream = []
+            try:
+                self._client_bytes(data)
+            finally:
+                held, self._held_upstream = self._held_upstream, None
+            if self._can_splice() and splicer.put(b"".join(held)):
+                continue
+            self._write_upstream(held)
             if not self._can_splice():
                 break
         self._release("splice")
@@ -441,7 +465,9 @@ class KafkaSession(asyncio.Protocol):
                 return
             kind = type(cmd)
             if kind is ToUpstream:
-                if self.upstream is not None:
+                if self._held_upstream is not None:
+                    self._held_upstream.append(cmd.data)
+                elif self.upstream is not None:
                     self.upstream.write(cmd.data)
                 else:
                     self._queued.append(cmd.data)
@@ -453,7 +479,15 @@ class KafkaSession(asyncio.Protocol):
             elif kind is Record:
                 self._record(cmd)
             elif kind is Close:
+                if self._held_upstream:
+                    # Forwarded before the close: it goes out as it would have.
+                    self._write_upstream(self._held_upstream)
+                    self._held_upstream.clear()
                 self._close(cmd.reason, cmd.detail)
+
+    def _write_upstream(self, chunks: list) -> None:
+        if chunks and self.upstream is not None and not self._closed:
+            self.upstream.writelines(chunks)
 
     def _record(self, rec: Record) -> None:
         pm = self.ctx.proto_metrics

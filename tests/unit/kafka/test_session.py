@@ -228,24 +228,22 @@ def test_client_closing_in_the_middle_of_a_spliced_request_closes_the_broker_sid
     assert sess._closed and sess._splicer is None
 
 
-def test_a_large_produce_sent_after_a_pause_is_spliced_from_its_head():
-    """After a spliced request the proxy waits for the next request's head itself (the client
-    transport stays paused), so a large request that arrives later is spliced from its first
-    HEAD_READ bytes on instead of having its first 256 KiB read into Python by the transport.
-    Closing the client while the proxy waits still closes the broker side."""
+def _big_request(cid: int) -> bytes:
+    return request(0, 9, cid, {**produce(["t1"]), "topic_data": [
+        {"name": "t1", "partition_data": [{"index": 0, "records": b"R" * 900_000}]}]})  # fmt: skip
+
+
+def _splice_rig(client):
+    """A uvloop proxy session between real loopback sockets: a broker that records what it gets
+    and answers each complete request, and `client(reader, writer)` driving the client side.
+    Returns (bytes the broker got, the client's result, the session) once both sides closed."""
     import asyncio
 
     import uvloop
 
-    from l7proxy.kafka.session import HEAD_READ
     from l7proxy.metrics import ProxyMetrics
+    from parsers.kafka.frames import FrameDecoder
     from tests.unit.kafka.test_layer import PRODUCE_ONLY_T1
-
-    def big(cid):
-        return request(0, 9, cid, {**produce(["t1"]), "topic_data": [
-            {"name": "t1", "partition_data": [{"index": 0, "records": b"R" * 900_000}]}]})  # fmt: skip
-
-    first, second, third = big(1), big(2), big(3)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -255,14 +253,13 @@ def test_a_large_produce_sent_after_a_pause_is_spliced_from_its_head():
         class Broker(asyncio.Protocol):
             def connection_made(self, transport):
                 self.transport = transport
+                self.frames = FrameDecoder(8 << 20)
 
             def data_received(self, data):
-                before = len(got)
                 got.extend(data)
-                ends = (len(first), len(first + second), len(first + second + third))
-                for cid, end in enumerate(ends, 1):
-                    if before < end <= len(got):
-                        self.transport.write(response(0, 9, cid, {}))
+                for framed in self.frames.receive_data(data):
+                    cid = int.from_bytes(framed[8:12], "big")
+                    self.transport.write(response(0, 9, cid, {}))
 
             def connection_lost(self, exc):
                 lost.set_result(None)
@@ -286,28 +283,77 @@ def test_a_large_produce_sent_after_a_pause_is_spliced_from_its_head():
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", proxy.sockets[0].getsockname()[1]
         )
-        answers = []
-        for payload in (first, second, third):
-            writer.write(payload)
-            await writer.drain()
-            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 10), "big")
-            answers.append(await reader.readexactly(size))
-            await asyncio.sleep(0.05)  # the proxy now waits for the next head
+        result = await client(reader, writer)
         writer.close()
         await asyncio.wait_for(lost, 5)
         proxy.close()
         broker.close()
-        return bytes(got), answers, sessions[0]
+        return bytes(got), result, sessions[0]
 
     loop = uvloop.new_event_loop()
     try:
-        got, answers, sess = loop.run_until_complete(main())
+        return loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+async def _send_and_read_answer(reader, writer, payload: bytes) -> int:
+    import asyncio
+
+    writer.write(payload)
+    await writer.drain()
+    size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 10), "big")
+    return int.from_bytes((await reader.readexactly(size))[:4], "big")
+
+
+def test_a_large_produce_sent_after_a_pause_is_spliced_from_its_head():
+    """After a spliced request the proxy waits for the next request's head itself (the client
+    transport stays paused), so a large request that arrives later is spliced from its first
+    HEAD_READ bytes on instead of having its first 256 KiB read into Python by the transport.
+    Closing the client while the proxy waits still closes the broker side."""
+    import asyncio
+
+    from l7proxy.kafka.session import HEAD_READ
+
+    first, second, third = _big_request(1), _big_request(2), _big_request(3)
+
+    async def client(reader, writer):
+        answers = []
+        for payload in (first, second, third):
+            answers.append(await _send_and_read_answer(reader, writer, payload))
+            await asyncio.sleep(0.05)  # the proxy now waits for the next head
+        return answers
+
+    got, answers, sess = _splice_rig(client)
     assert got == first + second + third
-    assert [int.from_bytes(a[:4], "big") for a in answers] == [1, 2, 3]
+    assert answers == [1, 2, 3]
     # The first request goes through the transport while the broker connection is made; of the
     # second, the transport's first read (up to 256 KiB) is not spliced; of the third, only its
     # head read. (Handing reading back to the transport after a request lost 256 KiB of each.)
     assert sess.spliced_bytes >= len(second) - 256 * 1024 + len(third) - HEAD_READ
     assert sess._closed and sess._splicer is None
+
+
+def test_a_request_forwarded_from_a_head_read_reaches_the_broker_before_a_close():
+    """The head the proxy reads after a spliced request is held to go into the pipe with the
+    body; when the same read ends in a frame that closes the connection, what was forwarded
+    before it still reaches the broker, as it did through the transport."""
+    import asyncio
+
+    small = request(0, 9, 3, produce(["t1"]))
+    # API key 999 has no parser and the policy restricts Kafka: `unsupported_api`, closed.
+    body = (999).to_bytes(2, "big") + bytes(2) + (4).to_bytes(4, "big") + b"\x00\x03app"
+    unknown_api = len(body).to_bytes(4, "big") + body
+
+    async def client(reader, writer):
+        answers = [await _send_and_read_answer(reader, writer, _big_request(cid)) for cid in (1, 2)]
+        await asyncio.sleep(0.05)  # the proxy now waits for the next head
+        writer.write(small + unknown_api)  # the proxy closes on the second
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 5)  # the proxy closes the client side
+        return answers
+
+    got, answers, sess = _splice_rig(client)
+    assert answers == [1, 2]
+    assert got == _big_request(1) + _big_request(2) + small
+    assert sess._closed
