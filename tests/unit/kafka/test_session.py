@@ -36,16 +36,35 @@ class FakeTransport:
         self.closed = True
 
 
-def session(rules=None):
+def _ctx(rules, broker_port: int = 9) -> ConnContext:
     from l7proxy.metrics import ProxyMetrics
 
-    ctx = ConnContext(
+    return ConnContext(
         config=ProxyConfig(), client=("127.0.0.1", 1), listener_port=9092,
-        destination=OriginalDestination("127.0.0.1", 9), source_identity=1, source_labels=(),
-        destination_identity=2, destination_labels=(), rules=lambda: rules, flows=FlowSink(None),
-        metrics=ProxyMetrics(), proto="kafka",
+        destination=OriginalDestination("127.0.0.1", broker_port), source_identity=1,
+        source_labels=(), destination_identity=2, destination_labels=(), rules=lambda: rules,
+        flows=FlowSink(None), metrics=ProxyMetrics(), proto="kafka",
     )  # fmt: skip
-    s = KafkaSession(ctx, KafkaSettings())
+
+
+def _session_factory(broker, sessions: list):
+    """Protocol factory for a proxy listener in front of `broker` (an asyncio server); the
+    sessions it makes are appended to `sessions`."""
+    from tests.unit.kafka.test_layer import PRODUCE_ONLY_T1
+
+    port = broker.sockets[0].getsockname()[1]
+
+    def factory():
+        ctx = _ctx(PRODUCE_ONLY_T1, port)
+        ctx.proto_metrics.active.inc()
+        sessions.append(KafkaSession(ctx, KafkaSettings()))
+        return sessions[-1]
+
+    return factory
+
+
+def session(rules=None):
+    s = KafkaSession(_ctx(rules), KafkaSettings())
     s.client, s.upstream = FakeTransport(), FakeTransport()
     return s
 
@@ -92,8 +111,7 @@ def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
 
     import uvloop
 
-    from l7proxy.metrics import ProxyMetrics
-    from tests.unit.kafka.test_layer import PRODUCE_ONLY_T1, _big_produce
+    from tests.unit.kafka.test_layer import _big_produce
 
     cids = (1, 2, 3, 4)
     stream = b"".join(
@@ -125,19 +143,7 @@ def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
         broker = await loop.create_server(Broker, "127.0.0.1", 0)
         sessions = []
 
-        def factory():
-            ctx = ConnContext(
-                config=ProxyConfig(), client=("127.0.0.1", 1), listener_port=9092,
-                destination=OriginalDestination("127.0.0.1", broker.sockets[0].getsockname()[1]),
-                source_identity=1, source_labels=(), destination_identity=2, destination_labels=(),
-                rules=lambda: PRODUCE_ONLY_T1, flows=FlowSink(None), metrics=ProxyMetrics(),
-                proto="kafka",
-            )  # fmt: skip
-            ctx.proto_metrics.active.inc()
-            sessions.append(KafkaSession(ctx, KafkaSettings()))
-            return sessions[-1]
-
-        proxy = await loop.create_server(factory, "127.0.0.1", 0)
+        proxy = await loop.create_server(_session_factory(broker, sessions), "127.0.0.1", 0)
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", proxy.sockets[0].getsockname()[1]
         )
@@ -170,9 +176,6 @@ def test_client_closing_in_the_middle_of_a_spliced_request_closes_the_broker_sid
 
     import uvloop
 
-    from l7proxy.metrics import ProxyMetrics
-    from tests.unit.kafka.test_layer import PRODUCE_ONLY_T1
-
     big = request(0, 9, 1, {**produce(["t1"]), "topic_data": [
         {"name": "t1", "partition_data": [{"index": 0, "records": b"R" * 900_000}]}]})  # fmt: skip
 
@@ -191,19 +194,7 @@ def test_client_closing_in_the_middle_of_a_spliced_request_closes_the_broker_sid
         broker = await loop.create_server(Broker, "127.0.0.1", 0)
         sessions = []
 
-        def factory():
-            ctx = ConnContext(
-                config=ProxyConfig(), client=("127.0.0.1", 1), listener_port=9092,
-                destination=OriginalDestination("127.0.0.1", broker.sockets[0].getsockname()[1]),
-                source_identity=1, source_labels=(), destination_identity=2, destination_labels=(),
-                rules=lambda: PRODUCE_ONLY_T1, flows=FlowSink(None), metrics=ProxyMetrics(),
-                proto="kafka",
-            )  # fmt: skip
-            ctx.proto_metrics.active.inc()
-            sessions.append(KafkaSession(ctx, KafkaSettings()))
-            return sessions[-1]
-
-        proxy = await loop.create_server(factory, "127.0.0.1", 0)
+        proxy = await loop.create_server(_session_factory(broker, sessions), "127.0.0.1", 0)
         _, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
         writer.write(big[:100_000])
         await writer.drain()
@@ -241,9 +232,7 @@ def _splice_rig(client):
 
     import uvloop
 
-    from l7proxy.metrics import ProxyMetrics
     from parsers.kafka.frames import FrameDecoder
-    from tests.unit.kafka.test_layer import PRODUCE_ONLY_T1
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -267,19 +256,7 @@ def _splice_rig(client):
         broker = await loop.create_server(Broker, "127.0.0.1", 0)
         sessions = []
 
-        def factory():
-            ctx = ConnContext(
-                config=ProxyConfig(), client=("127.0.0.1", 1), listener_port=9092,
-                destination=OriginalDestination("127.0.0.1", broker.sockets[0].getsockname()[1]),
-                source_identity=1, source_labels=(), destination_identity=2, destination_labels=(),
-                rules=lambda: PRODUCE_ONLY_T1, flows=FlowSink(None), metrics=ProxyMetrics(),
-                proto="kafka",
-            )  # fmt: skip
-            ctx.proto_metrics.active.inc()
-            sessions.append(KafkaSession(ctx, KafkaSettings()))
-            return sessions[-1]
-
-        proxy = await loop.create_server(factory, "127.0.0.1", 0)
+        proxy = await loop.create_server(_session_factory(broker, sessions), "127.0.0.1", 0)
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", proxy.sockets[0].getsockname()[1]
         )
