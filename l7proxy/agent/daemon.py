@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import policies
-from l7proxy.agent import netdev, policy_repo
+from l7proxy.agent import netdev, policy_repo, ports
 from l7proxy.agent.api import ApiError, ApiServer
 from l7proxy.agent.datapath import make_datapath
 from l7proxy.agent.flowlog import FlowLog
@@ -165,9 +165,14 @@ class Agent(AgentOps):
         return self._compile_rules(rules, revision)
 
     def _compile_rules(self, rules, revision: int):
-        endpoints = {ep.name: labelset(ep.labels) for ep in self.store.endpoints()}
-        compiled = policies.compile_policy(rules, endpoints, self.allocator, self.ipcache, revision)
-        return compiled
+        rows = self.store.endpoints()
+        endpoints = {ep.name: labelset(ep.labels) for ep in rows}
+        # `toPorts: [{port: NAME}]` resolves against these (ingress: the selected endpoint's own,
+        # egress: every peer's); the kernel's maps and the proxy both read the result.
+        named = ports.table((ep.name, ep.ports) for ep in rows)
+        return policies.compile_policy(
+            rules, endpoints, self.allocator, self.ipcache, revision, named_ports=named
+        )
 
     def _install(self, compiled) -> None:
         old, self.compiled = self.compiled, compiled

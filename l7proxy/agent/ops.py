@@ -12,7 +12,7 @@ import contextlib
 import time
 
 import policies
-from l7proxy.agent import netdev, policy_repo
+from l7proxy.agent import netdev, policy_repo, ports
 from l7proxy.agent.api import ApiError
 from l7proxy.agent.flowlog import FlowFilter
 from l7proxy.agent.store import EndpointRow
@@ -110,6 +110,10 @@ class AgentOps:
         if not name or "/" in name or len(name) > 200:
             raise ApiError(f"bad endpoint name {name!r}")
         labels = normalize_labels(args.get("labels") or "")
+        try:
+            named = ports.from_json(args.get("ports"))
+        except ValueError as exc:
+            raise ApiError(str(exc)) from None
         async with self._lock:
             if self.store.endpoint(name):
                 raise ApiError(f"endpoint {name} already exists")
@@ -124,7 +128,15 @@ class AgentOps:
             host_if = netdev.host_ifname(netns_name)
             identity = self.allocator.allocate(labelset(labels))
             row = EndpointRow(
-                name, netns_name, host_if, ip, prefixlen, tuple(labels), identity, time.time()
+                name,
+                netns_name,
+                host_if,
+                ip,
+                prefixlen,
+                tuple(labels),
+                identity,
+                time.time(),
+                named,
             )
             await asyncio.to_thread(
                 netdev.create, netns_name, host_if, ip, prefixlen, self.pool.router

@@ -1,9 +1,10 @@
 """The agent's embedded store: one SQLite file under the state directory.
 
 Endpoints, the identity allocator's state, the IP pool and the policy repository live here, so a
-restarted agent keeps every identity and endpoint it had. Each public method is one transaction;
-`policy_replace` swaps the whole policy set and bumps the revision in the same transaction, which
-is what makes `policy import` atomic.
+restarted agent keeps every identity and endpoint it had. Endpoints' named ports live in the
+key-value table (`endpoint_ports`), so a state directory made before they existed opens as is.
+Each public method is one transaction; `policy_replace` swaps the whole policy set and bumps the
+revision in the same transaction, which is what makes `policy import` atomic.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from l7proxy.agent.ports import NamedPort
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS endpoints (
@@ -47,6 +50,7 @@ class EndpointRow:
     labels: tuple[str, ...]
     identity: int
     created: float
+    ports: tuple[NamedPort, ...] = ()  # named ports, sorted by name
 
     def to_json(self) -> dict:
         return {
@@ -58,6 +62,7 @@ class EndpointRow:
             "labels": list(self.labels),
             "identity": self.identity,
             "created": self.created,
+            "ports": [p.to_json() for p in self.ports],
         }
 
 
@@ -69,6 +74,9 @@ class PolicyDoc:
     source: str  # the file it came from, for `policy get`
     text: str  # one YAML/JSON document, unchanged
     revision: int  # the revision that imported it
+
+
+PORTS_KEY = "endpoint_ports"  # {endpoint name: [{"name", "port", "protocol"}, ...]}
 
 
 class Store:
@@ -107,7 +115,8 @@ class Store:
             "SELECT name, netns, host_if, ip, prefixlen, labels, identity, created "
             "FROM endpoints ORDER BY name"
         ).fetchall()
-        return [_endpoint(row) for row in rows]
+        ports = self._ports()
+        return [_endpoint(row, ports) for row in rows]
 
     def endpoint(self, name: str) -> EndpointRow | None:
         row = self._db.execute(
@@ -115,10 +124,11 @@ class Store:
             "FROM endpoints WHERE name = ?",
             (name,),
         ).fetchone()
-        return _endpoint(row) if row else None
+        return _endpoint(row, self._ports()) if row else None
 
     def add_endpoint(self, ep: EndpointRow, identity_state: dict) -> None:
-        """Store the endpoint and the allocator state that gave it its identity, together."""
+        """Store the endpoint, its named ports and the allocator state that gave it its
+        identity, together."""
         with self._lock, self._tx():
             self._db.execute(
                 "INSERT INTO endpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -134,10 +144,24 @@ class Store:
                 ),
             )
             self._put_raw("identities", identity_state)
+            ports = self.get(PORTS_KEY, {})
+            ports.pop(ep.name, None)  # left by an older agent's delete of this name
+            if ep.ports:
+                ports[ep.name] = [p.to_json() for p in ep.ports]
+            self._put_raw(PORTS_KEY, ports)
 
     def delete_endpoint(self, name: str) -> None:
-        with self._lock:
+        with self._lock, self._tx():
             self._db.execute("DELETE FROM endpoints WHERE name = ?", (name,))
+            ports = self.get(PORTS_KEY, {})
+            if ports.pop(name, None) is not None:
+                self._put_raw(PORTS_KEY, ports)
+
+    def _ports(self) -> dict[str, tuple[NamedPort, ...]]:
+        return {
+            name: tuple(NamedPort(p["name"], int(p["port"]), p["protocol"]) for p in items)
+            for name, items in self.get(PORTS_KEY, {}).items()
+        }
 
     # policy repository
 
@@ -188,8 +212,16 @@ class _Transaction:
         return False
 
 
-def _endpoint(row) -> EndpointRow:
+def _endpoint(row, ports: dict[str, tuple[NamedPort, ...]]) -> EndpointRow:
     name, netns, host_if, ip, prefixlen, labels, identity, created = row
     return EndpointRow(
-        name, netns, host_if, ip, prefixlen, tuple(json.loads(labels)), identity, created
+        name,
+        netns,
+        host_if,
+        ip,
+        prefixlen,
+        tuple(json.loads(labels)),
+        identity,
+        created,
+        ports.get(name, ()),
     )

@@ -23,7 +23,7 @@ from collections import deque
 from types import SimpleNamespace
 
 import policies
-from l7proxy.agent import policy_repo
+from l7proxy.agent import policy_repo, ports
 from l7proxy.agent.loop import new_event_loop
 from l7proxy.agent.store import PolicyDoc
 from l7proxy.metrics import ProxyMetrics
@@ -102,7 +102,13 @@ class WorkerView:
             endpoints[ep["name"]] = policies.parse_labels(",".join(ep["labels"]))
         docs = [PolicyDoc(**d) for d in state["documents"]]
         rules = policy_repo.load_rules(docs)
-        compiled = policies.compile_policy(rules, endpoints, allocator, ipcache, state["revision"])
+        # the same named-port table as the agent's compile (an older agent sends no "ports")
+        named = ports.table(
+            (ep["name"], ports.from_json(ep.get("ports"))) for ep in state["endpoints"]
+        )
+        compiled = policies.compile_policy(
+            rules, endpoints, allocator, ipcache, state["revision"], named_ports=named
+        )
         self.allocator, self.ipcache, self._by_ip = allocator, ipcache, by_ip
         self.compiled, self.seq = compiled, state["seq"]
 

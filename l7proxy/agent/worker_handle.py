@@ -84,7 +84,13 @@ class WorkerHandle:
             "router": agent.pool.router,
             "identities": agent.allocator.to_state(),
             "endpoints": [
-                {"name": ep.name, "ip": ep.ip, "labels": list(ep.labels), "identity": ep.identity}
+                {
+                    "name": ep.name,
+                    "ip": ep.ip,
+                    "labels": list(ep.labels),
+                    "identity": ep.identity,
+                    "ports": [p.to_json() for p in ep.ports],
+                }
                 for ep in agent.store.endpoints()
             ],
             "documents": [

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from l7proxy.agent import ports
 from l7proxy.agent.client import Client, add_socket_arg, run
 
 
@@ -19,6 +20,17 @@ def register(sub) -> None:
     c.add_argument("name")
     c.add_argument("--labels", required=True, help="k=v[,k=v...] (source k8s: unless given)")
     c.add_argument("--ip", help="A.B.C.D[/NN] instead of the next free address of the pool")
+    c.add_argument(
+        "--port",
+        dest="ports",
+        action="append",
+        type=_named_port,
+        default=[],
+        metavar="NAME=NUMBER[/PROTO]",
+        help="a named port, as a container port's name (repeatable); policies' "
+        "toPorts port: NAME resolve to NUMBER. PROTO (TCP, UDP, SCTP; default TCP) is shown "
+        "only: the rule's protocol decides",
+    )
     add_socket_arg(c)
     c.set_defaults(func=lambda a: run(lambda: _create(a)))
 
@@ -42,13 +54,37 @@ def register(sub) -> None:
     d.set_defaults(func=lambda a: run(lambda: _delete(a)))
 
 
+def _named_port(text: str) -> ports.NamedPort:
+    try:
+        return ports.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _create(args) -> int:
-    ep = Client(args.socket).call("endpoint.create", name=args.name, labels=args.labels, ip=args.ip)
+    try:
+        named = ports.from_json([str(p) for p in args.ports])  # a name given twice
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ep = Client(args.socket).call(
+        "endpoint.create",
+        name=args.name,
+        labels=args.labels,
+        ip=args.ip,
+        ports=[p.to_json() for p in named],
+    )
+    shown = _ports_text(ep.get("ports"))
     print(
         f"endpoint {ep['name']} created: netns {ep['netns']}, ip {ep['ip']}/{ep['prefixlen']}, "
         f"identity {ep['identity']}, host veth {ep['host_if']}"
+        + (f", ports {shown}" if shown else "")
     )
     return 0
+
+
+def _ports_text(items) -> str:
+    return ",".join(f"{p['name']}={p['port']}/{p['protocol']}" for p in items or ())
 
 
 def _list(args) -> int:
@@ -56,7 +92,7 @@ def _list(args) -> int:
     if args.output == "json":
         print(json.dumps(eps, indent=2))
         return 0
-    rows = [("NAME", "IP", "IDENTITY", "INGRESS", "EGRESS", "HOST-IF", "LABELS")]
+    rows = [("NAME", "IP", "IDENTITY", "INGRESS", "EGRESS", "HOST-IF", "PORTS", "LABELS")]
     for ep in eps:
         pol = ep.get("policy") or {}
         rows.append(
@@ -67,6 +103,7 @@ def _list(args) -> int:
                 "Enabled" if pol.get("ingress") else "Disabled",
                 "Enabled" if pol.get("egress") else "Disabled",
                 ep["host_if"],
+                _ports_text(ep.get("ports")) or "-",
                 ",".join(lb for lb in ep["labels"] if "io.kubernetes.pod.namespace" not in lb),
             )
         )

@@ -412,3 +412,100 @@ def test_proxy_worker_process_keeps_l7_connections_across_agent_restarts():
     counts = out.split()
     assert counts and counts[-1].startswith("done") and "fail" not in out, out
     assert int(counts[-1].split(":")[1]) >= at_restart + 10
+
+
+TWO_PORTS = """
+import socket, sys, threading
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], port)); s.listen()
+    while True:
+        c, _ = s.accept(); c.sendall(b"hi"); c.close()
+for port in (8080, 8081):
+    threading.Thread(target=serve, args=(port,), daemon=True).start()
+print("listening", flush=True)
+threading.Event().wait()
+"""
+
+CONNECT = """
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5) as c:
+        print(c.recv(2).decode())
+except TimeoutError:
+    print("timeout")
+"""
+
+INGRESS_NAMED = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: named-web}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: client}}]
+      toPorts: [{ports: [{port: web, protocol: TCP}]}]
+"""
+
+
+def test_named_port_from_the_endpoint_resolves_in_the_kernel_and_survives_a_restart(tmp_path):
+    policy = tmp_path / "named.yaml"
+    policy.write_text(INGRESS_NAMED)
+    agent = AgentProcess(pool=free_pool(), bpf=True)
+    agent.start()
+    server = None
+    try:
+        ok(agent, "endpoint", "create", "web", "--labels", "app=web", "--port", "web=8080")
+        ok(agent, "endpoint", "create", "client", "--labels", "app=client")
+        bad = agent.cli("endpoint", "create", "x", "--labels", "a=b", "--port", "web=99999")
+        assert bad.returncode == 2 and "bad port number '99999' for 'web'" in bad.stderr
+        eps = {e["name"]: e for e in json.loads(ok(agent, "endpoint", "list", "-o", "json"))}
+        assert eps["web"]["ports"] == [{"name": "web", "port": 8080, "protocol": "TCP"}]
+        assert eps["client"]["ports"] == []
+        assert "web=8080/TCP" in ok(agent, "endpoint", "list")
+        ip = eps["web"]["ip"]
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", agent.prefix + "web", sys.executable, "-c", TWO_PORTS, ip],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout.readline().strip() == "listening"
+
+        def connect(port: int) -> str:
+            r = subprocess.run(
+                ["ip", "netns", "exec", agent.prefix + "client", sys.executable, "-c", CONNECT,
+                 ip, str(port)],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )  # fmt: skip
+            return r.stdout.strip() or r.stderr.strip()
+
+        assert connect(8081) == "hi"  # no policy yet: both ports answer
+        ok(agent, "policy", "import", str(policy))
+        assert connect(8080) == "hi"
+        assert connect(8081) == "timeout"
+
+        def dropped_8081() -> bool:
+            flows = agent.client.call("observe", filter={"verdict": "DROPPED"}, last=500)
+            return any(
+                f.get("l4", {}).get("TCP", {}).get("destination_port") == 8081
+                and f.get("drop_reason_desc") == "POLICY_DENIED"
+                for f in flows
+            )
+
+        wait_for(dropped_8081, "the kernel's drop of port 8081 in the flow log")
+        # The restarted agent reads the named port back from its store and recompiles with it:
+        # had it lost the table, the sync would remove the 8080 entry and the connect would fail.
+        agent.stop()
+        agent.start()
+        after = {e["name"]: e for e in json.loads(ok(agent, "endpoint", "list", "-o", "json"))}
+        assert after["web"]["ports"] == eps["web"]["ports"]
+        assert connect(8080) == "hi"
+        assert connect(8081) == "timeout"
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        agent.close()
+    assert not agent.pin_dir.exists()
