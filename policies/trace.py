@@ -6,6 +6,7 @@ datapath and the proxy use); the explanation walks the rules to say why each one
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from policies import identity as ids
@@ -20,7 +21,7 @@ from policies.compile import (
 from policies.kafka_keys import api_key_name
 from policies.labels import NAMESPACE_KEY, Label, LabelSet, parse_labels
 from policies.mapstate import EGRESS, INGRESS
-from policies.model import PROTO_NAMES, PROTO_NUMBERS, Rule
+from policies.model import PROTO_NAMES, PROTO_NUMBERS, PortProto, Rule
 from policies.selectors import Universe
 
 
@@ -113,8 +114,13 @@ def parse_port(text: str) -> tuple[int, int]:
 
 
 class _Tracer:
-    def __init__(self, rules: list[Rule], src: Peer, dst: Peer, port: int, proto: int):
+    def __init__(
+        self, rules: list[Rule], src: Peer, dst: Peer, port: int, proto: int, named_ports=None
+    ):
         self.rules = rules
+        # {"src"|"dst": {port name: number}}: what `toPorts: [{port: NAME}]` resolves to, as in
+        # compile_policy (ingress: the destination's own names; egress: any endpoint's).
+        self.named_ports = named_ports or {}
         self.src, self.dst = src, dst
         self.port, self.proto = port, proto
         self.log: list[str] = []
@@ -126,8 +132,9 @@ class _Tracer:
         if dst.managed:
             endpoints["dst"] = dst.labels
         self.compiled: CompiledPolicy = compile_policy(
-            rules, endpoints, self.allocator, self.ipcache, revision=1
-        )
+            rules, endpoints, self.allocator, self.ipcache, revision=1,
+            named_ports={k: v for k, v in self.named_ports.items() if k in endpoints},
+        )  # fmt: skip
         self.universe = Universe(self.allocator.identities())
         self.src_id = self._identity(src)
         self.dst_id = self._identity(dst)
@@ -220,7 +227,7 @@ class _Tracer:
                     l3_why = f"the rule selects {described}"
                 else:
                     l3_why = f"peer is not selected by {described}"
-                l4, l4_why, l7 = self._l4(pr)
+                l4, l4_why, l7 = self._l4(pr, direction)
                 entry = {
                     "section": f"{section_name}[{i}]",
                     "line": pr.line,
@@ -242,7 +249,26 @@ class _Tracer:
                 )
         return out
 
-    def _l4(self, pr) -> tuple[bool, str, dict | None]:
+    def _named(self, pp: PortProto, direction: int) -> list[PortProto]:
+        """A named port as the numbers it resolves to (compile_policy's rule), else itself."""
+        if not pp.name:
+            return [pp]
+        tables = (
+            [self.named_ports.get("dst", {})]
+            if direction == INGRESS
+            else list(self.named_ports.values())
+        )
+        numbers = sorted({t[pp.name] for t in tables if pp.name in t})
+        return [PortProto(n, n, pp.proto) for n in numbers]
+
+    def _port_matches(self, pp: PortProto) -> bool:
+        for proto, port, plen in _port_keys(pp):
+            shift = 16 - plen
+            if proto in (0, self.proto) and (self.port >> shift) == (port >> shift):
+                return True
+        return False
+
+    def _l4(self, pr, direction: int) -> tuple[bool, str, dict | None]:
         want = f"{self.port}/{PROTO_NAMES.get(self.proto, self.proto)}"
         if pr.icmps:
             types = [f.type for f in pr.icmps]
@@ -251,19 +277,18 @@ class _Tracer:
         if not pr.ports:
             return True, "all ports", None
         for port_rule in pr.ports:
-            for pp in port_rule.ports or (ALL_PORTS,):
-                for proto, port, plen in _port_keys(pp):
-                    if proto not in (0, self.proto):
+            for given in port_rule.ports or (ALL_PORTS,):
+                for pp in self._named(given, direction):
+                    if not self._port_matches(pp):
                         continue
-                    shift = 16 - plen
-                    if (self.port >> shift) == (port >> shift):
-                        l7 = None
-                        if port_rule.l7 is not None:
-                            l7 = {
-                                "parser": port_rule.l7.parser,
-                                "rules": [str(r) for r in port_rule.l7.rules],
-                            }
-                        return True, f"{want} matches port {pp}", l7
+                    l7 = None
+                    if port_rule.l7 is not None:
+                        l7 = {
+                            "parser": port_rule.l7.parser,
+                            "rules": [str(r) for r in port_rule.l7.rules],
+                        }
+                    shown = f"{given} (= {pp.port})" if given.name else str(pp)
+                    return True, f"{want} matches port {shown}", l7
         shown = ", ".join(
             str(pp) for port_rule in pr.ports for pp in port_rule.ports or (ALL_PORTS,)
         )
@@ -278,8 +303,11 @@ def trace(
     proto: int,
     http: HttpRequest | None = None,
     kafka: KafkaRequest | None = None,
+    named_ports: Mapping[str, Mapping[str, int]] | None = None,
 ) -> TraceResult:
-    t = _Tracer(rules, src, dst, port, proto)
+    """`named_ports`: {"src"|"dst": {name: number}}, the endpoints' named ports (the agent's
+    `endpoint create --port`), so rules on a named port resolve as in the agent's compile."""
+    t = _Tracer(rules, src, dst, port, proto, named_ports)
     t.log.append(
         f"flow: {src.labels}{f' [{src.ip}]' if src.ip else ''} -> {dst.labels}"
         f"{f' [{dst.ip}]' if dst.ip else ''} port {port}/{PROTO_NAMES.get(proto, proto)}"

@@ -265,7 +265,12 @@ class AgentOps:
             "revision": self.store.revision(),
             "documents": [{"key": d.key, "text": d.text} for d in self.store.policies()],
             "endpoints": {
-                ep.name: {"labels": list(ep.labels), "ip": ep.ip, "identity": ep.identity}
+                ep.name: {
+                    "labels": list(ep.labels),
+                    "ip": ep.ip,
+                    "identity": ep.identity,
+                    "ports": [p.to_json() for p in ep.ports],
+                }
                 for ep in self.store.endpoints()
             },
         }

@@ -144,7 +144,8 @@ def _trace(args) -> int:
             for diag in loaded.errors:
                 print(str(diag), file=sys.stderr)
             raise TraceInputError("the policy files have errors")
-        result = trace(loaded.rules, src, dst, port, proto, http, kafka)
+        named = live.named_ports if live is not None else None
+        result = trace(loaded.rules, src, dst, port, proto, http, kafka, named_ports=named)
     except TraceInputError as exc:
         print(f"policy trace: {exc}", file=sys.stderr)
         return 2

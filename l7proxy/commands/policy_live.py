@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from l7proxy.agent.client import Client, add_socket_arg, run
@@ -116,6 +116,8 @@ class LiveTrace:
     dst_ip: str
     revision: int
     tmpdir: tempfile.TemporaryDirectory
+    # {"src"|"dst": {port name: number}}: the endpoints' named ports, for rules on a named port
+    named_ports: dict = field(default_factory=dict)
 
 
 def live_trace_inputs(socket: str | None, src_endpoint: str, dst_endpoint: str) -> LiveTrace:
@@ -146,4 +148,8 @@ def live_trace_inputs(socket: str | None, src_endpoint: str, dst_endpoint: str) 
         dst["ip"],
         live["revision"],
         tmp,
+        {
+            side: {p["name"]: p["port"] for p in ep.get("ports", ())}
+            for side, ep in (("src", src), ("dst", dst))
+        },
     )

@@ -495,6 +495,16 @@ def test_named_port_from_the_endpoint_resolves_in_the_kernel_and_survives_a_rest
             )
 
         wait_for(dropped_8081, "the kernel's drop of port 8081 in the flow log")
+
+        def trace(port: int) -> dict:
+            out = ok(agent, "policy", "trace", "--src-endpoint", "client", "--dst-endpoint",
+                     "web", "--dport", str(port), "-o", "json")  # fmt: skip
+            return json.loads(out)
+
+        # `policy trace` resolves the name with the endpoints' ports too, as the agent did.
+        assert trace(8080)["verdict"] == "ALLOWED"
+        assert "matches port web/TCP (= 8080)" in json.dumps(trace(8080)["ingress"]["rules"])
+        assert trace(8081)["verdict"] == "DENIED"
         # The restarted agent reads the named port back from its store and recompiles with it:
         # had it lost the table, the sync would remove the 8080 entry and the connect would fail.
         agent.stop()

@@ -1,8 +1,9 @@
 """The core path the proxy and datapath rely on: load, identities, compile, lookup, L7 checks."""
 
 import policies as P
+from policies.trace import parse_peer, trace
 
-from .helpers import World, labels, load
+from .helpers import World, labels, load, rules
 
 SW = """
 apiVersion: cilium.io/v2
@@ -166,3 +167,29 @@ def test_other_kubernetes_objects_are_skipped_with_a_warning_but_policy_typos_ar
     assert not typo.ok
     crd = load(SW.replace("kind: CiliumNetworkPolicy", "kind: CiliumEndpoint"), "c.yaml")
     assert not crd.ok
+
+
+NAMED_PORT_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: named}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: client}}]
+      toPorts: [{ports: [{port: web, protocol: TCP}]}]
+"""
+
+
+def test_trace_resolves_named_ports_given_for_the_endpoints():
+    src, dst = parse_peer("app=client", None), parse_peer("app=web", None)
+    rs = rules(NAMED_PORT_POLICY)
+    named = {"dst": {"web": 8080}}
+    allowed = trace(rs, src, dst, 8080, 6, named_ports=named)
+    assert allowed.verdict == "ALLOWED"
+    assert any("matches port web/TCP (= 8080)" in line for line in allowed.log)
+    assert trace(rs, src, dst, 8081, 6, named_ports=named).verdict == "DENIED"
+    # Without the endpoints' ports the name resolves to nothing, as in the agent's compile.
+    unnamed = trace(rs, src, dst, 8080, 6)
+    assert unnamed.verdict == "DENIED"
+    assert any("named port 'web' is not known" in line for line in unnamed.log)
