@@ -63,6 +63,22 @@ def _session_factory(broker, sessions: list):
     return factory
 
 
+def _big_request(cid: int) -> bytes:
+    return request(0, 9, cid, {**produce(["t1"]), "topic_data": [
+        {"name": "t1", "partition_data": [{"index": 0, "records": b"R" * 900_000}]}]})  # fmt: skip
+
+
+def _run_uvloop(coro):
+    """Run `coro` on a fresh uvloop loop (the event loop the proxy runs on) and close it."""
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
 def session(rules=None):
     s = KafkaSession(_ctx(rules), KafkaSettings())
     s.client, s.upstream = FakeTransport(), FakeTransport()
@@ -109,15 +125,12 @@ def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
     answer in order, and a request that is not cut through still takes the normal path."""
     import asyncio
 
-    import uvloop
-
     from tests.unit.kafka.test_layer import _big_produce
 
     cids = (1, 2, 3, 4)
     stream = b"".join(
-        request(0, 9, 1, {**produce(["t1"]), "topic_data": [
-            {"name": "t1", "partition_data": [{"index": 0, "records": b"R" * 900_000}]}]})
-        if cid == 1 else _big_produce(["t1"], cid) if cid != 3 else request(0, 9, cid, produce(["t1"]))
+        _big_request(1) if cid == 1
+        else _big_produce(["t1"], cid) if cid != 3 else request(0, 9, cid, produce(["t1"]))
         for cid in cids
     )  # fmt: skip
     answers = b"".join(response(0, 9, cid, {}) for cid in cids)
@@ -160,11 +173,7 @@ def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
         broker.close()
         return bytes(got), back, sessions[0]
 
-    loop = uvloop.new_event_loop()
-    try:
-        got, back, sess = loop.run_until_complete(main())
-    finally:
-        loop.close()
+    got, back, sess = _run_uvloop(main())
     assert got == stream
     assert back == answers
     assert sess.spliced_bytes > 500_000  # most of the 1.5 MB of bodies never entered Python
@@ -174,10 +183,7 @@ def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
 def test_client_closing_in_the_middle_of_a_spliced_request_closes_the_broker_side():
     import asyncio
 
-    import uvloop
-
-    big = request(0, 9, 1, {**produce(["t1"]), "topic_data": [
-        {"name": "t1", "partition_data": [{"index": 0, "records": b"R" * 900_000}]}]})  # fmt: skip
+    big = _big_request(1)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -209,19 +215,10 @@ def test_client_closing_in_the_middle_of_a_spliced_request_closes_the_broker_sid
         broker.close()
         return bytes(got), sessions[0]
 
-    loop = uvloop.new_event_loop()
-    try:
-        got, sess = loop.run_until_complete(main())
-    finally:
-        loop.close()
+    got, sess = _run_uvloop(main())
     assert got == big[: len(got)] and len(got) <= 400_000
     assert sess.spliced_bytes > 0
     assert sess._closed and sess._splicer is None
-
-
-def _big_request(cid: int) -> bytes:
-    return request(0, 9, cid, {**produce(["t1"]), "topic_data": [
-        {"name": "t1", "partition_data": [{"index": 0, "records": b"R" * 900_000}]}]})  # fmt: skip
 
 
 def _splice_rig(client):
@@ -229,8 +226,6 @@ def _splice_rig(client):
     and answers each complete request, and `client(reader, writer)` driving the client side.
     Returns (bytes the broker got, the client's result, the session) once both sides closed."""
     import asyncio
-
-    import uvloop
 
     from parsers.kafka.frames import FrameDecoder
 
@@ -267,11 +262,7 @@ def _splice_rig(client):
         broker.close()
         return bytes(got), result, sessions[0]
 
-    loop = uvloop.new_event_loop()
-    try:
-        return loop.run_until_complete(main())
-    finally:
-        loop.close()
+    return _run_uvloop(main())
 
 
 async def _send_and_read_answer(reader, writer, payload: bytes) -> int:
