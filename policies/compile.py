@@ -120,6 +120,18 @@ def _port_keys(pp: PortProto) -> list[tuple[int, int, int]]:
     return [(proto, port, plen) for proto in _proto_keys(pp.proto) for port, plen in blocks]
 
 
+def named_port_numbers(
+    named_ports: Mapping[str, Mapping[str, int]], name: str, direction: int, own: str
+) -> list[int]:
+    """The numbers a policy's port `name` stands for on endpoint `own`: for ingress the names
+    `own` itself gave its ports, for egress any endpoint's (the peers')."""
+    if direction == INGRESS:
+        tables = [named_ports.get(own, {})]
+    else:
+        tables = list(named_ports.values())
+    return sorted({t[name] for t in tables if name in t})
+
+
 class _Compiler:
     def __init__(self, rules, universe: Universe, named_ports, diagnostics):
         self.rules = rules
@@ -139,11 +151,7 @@ class _Compiler:
     def _resolve_named(self, pp: PortProto, rule: Rule, pr: PeerRule, direction: int, own: str):
         if not pp.name:
             return [pp]
-        if direction == INGRESS:
-            tables = [self.named_ports.get(own, {})]
-        else:
-            tables = list(self.named_ports.values())
-        numbers = sorted({t[pp.name] for t in tables if pp.name in t})
+        numbers = named_port_numbers(self.named_ports, pp.name, direction, own)
         if not numbers:
             self._warn_once(
                 rule,

@@ -16,6 +16,7 @@ from policies.compile import (
     _port_keys,
     compile_policy,
     l4_verdict,
+    named_port_numbers,
     selects,
 )
 from policies.kafka_keys import api_key_name
@@ -253,12 +254,8 @@ class _Tracer:
         """A named port as the numbers it resolves to (compile_policy's rule), else itself."""
         if not pp.name:
             return [pp]
-        tables = (
-            [self.named_ports.get("dst", {})]
-            if direction == INGRESS
-            else list(self.named_ports.values())
-        )
-        numbers = sorted({t[pp.name] for t in tables if pp.name in t})
+        own = "dst" if direction == INGRESS else "src"
+        numbers = named_port_numbers(self.named_ports, pp.name, direction, own)
         return [PortProto(n, n, pp.proto) for n in numbers]
 
     def _port_matches(self, pp: PortProto) -> bool:

@@ -264,15 +264,7 @@ class AgentOps:
         return {
             "revision": self.store.revision(),
             "documents": [{"key": d.key, "text": d.text} for d in self.store.policies()],
-            "endpoints": {
-                ep.name: {
-                    "labels": list(ep.labels),
-                    "ip": ep.ip,
-                    "identity": ep.identity,
-                    "ports": [p.to_json() for p in ep.ports],
-                }
-                for ep in self.store.endpoints()
-            },
+            "endpoints": {ep.name: ep.to_json() for ep in self.store.endpoints()},
         }
 
     async def op_metrics(self, args: dict) -> str:

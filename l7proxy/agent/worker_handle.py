@@ -83,16 +83,7 @@ class WorkerHandle:
             "revision": agent.store.revision(),
             "router": agent.pool.router,
             "identities": agent.allocator.to_state(),
-            "endpoints": [
-                {
-                    "name": ep.name,
-                    "ip": ep.ip,
-                    "labels": list(ep.labels),
-                    "identity": ep.identity,
-                    "ports": [p.to_json() for p in ep.ports],
-                }
-                for ep in agent.store.endpoints()
-            ],
+            "endpoints": [ep.to_json() for ep in agent.store.endpoints()],
             "documents": [
                 {
                     "key": d.key,
