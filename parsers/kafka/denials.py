@@ -70,7 +70,9 @@ def _fetch(v, req, code):
                         "log_start_offset": -1,
                         "preferred_read_replica": -1,
                         "aborted_transactions": None,
-                        "records": None,
+                        # Empty, not null: librdkafka rejects a null record set as a parse
+                        # failure ("invalid MessageSetSize -1") and never reports the error.
+                        "records": b"",
                     }  # fmt: skip
                     for p in t["partitions"]
                 ],

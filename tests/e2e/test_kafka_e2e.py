@@ -322,3 +322,35 @@ def test_kcat_produce_consume_and_denied(proxy_for):
     forwarded = {(f["l7"]["kafka"]["api_key"], f["l7"]["kafka"]["topic"])
                  for f in kafka_flows(proxy) if f["verdict"] == "FORWARDED"}  # fmt: skip
     assert {("produce", topic), ("fetch", topic)} <= forwarded
+
+
+def test_confluent_kafka_fetch_denied_reports_topic_authorization_failed(proxy_for):
+    """A topic the client may produce to but not consume: its Fetch is denied. librdkafka must
+    see TOPIC_AUTHORIZATION_FAILED on the partition (a consume error), not a response it cannot
+    parse: it rejects a null record set ("invalid MessageSetSize -1") and retries for ever."""
+    from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+    topic = topic_name()
+    every_consume_key_but_fetch = tuple(k for k in CONSUME_KEYS if k != FETCH)
+    proxy = proxy_for(KafkaRuleSet([KafkaRule(api_keys=(0, *every_consume_key_but_fetch),
+                                              topic=topic)]))  # fmt: skip
+    producer = Producer({"bootstrap.servers": proxy.address, "acks": 1})
+    producer.produce(topic, b"kept")
+    assert producer.flush(30) == 0
+    consumer = Consumer({"bootstrap.servers": proxy.address, "group.id": topic_name("g"),
+                         "enable.auto.commit": False})  # fmt: skip
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    codes, got = set(), []
+    deadline = time.monotonic() + 10
+    while KafkaError.TOPIC_AUTHORIZATION_FAILED not in codes and time.monotonic() < deadline:
+        msg = consumer.poll(0.2)
+        if msg is not None:
+            if msg.error() is None:
+                got.append(msg)
+            else:
+                codes.add(msg.error().code())
+    consumer.close()
+    assert got == []
+    dropped = [f for f in kafka_flows(proxy) if f["verdict"] == "DROPPED"]
+    assert {f["l7"]["kafka"]["api_key"] for f in dropped} == {"fetch"}
+    assert codes == {KafkaError.TOPIC_AUTHORIZATION_FAILED}

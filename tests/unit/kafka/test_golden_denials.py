@@ -68,3 +68,15 @@ def test_denial_decodes_with_kafka_python(key, version):
     assert codes, f"no error field in {decoded}"
     assert {c for _, c in codes} <= {0, code}
     assert code in {c for _, c in codes}
+
+
+@pytest.mark.parametrize("version", range(API_TABLE[1].versions[0], API_TABLE[1].versions[1] + 1))
+def test_fetch_denial_carries_an_empty_record_set_not_a_null_one(version):
+    """librdkafka treats a null record set (size -1) as a parse failure and retries without
+    ever reporting the authorization error (tests/e2e: the consumer hung)."""
+    spec = API_TABLE[1]
+    framed = error_response(spec, version, 7, sample(spec.request_fields, version), 29)
+    decoded = RESPONSES[1].decode(framed[4:], version=version, header=True).to_dict()
+    partitions = [p for t in decoded["responses"] for p in t["partitions"]]
+    assert partitions
+    assert all(p["records"] is not None and len(p["records"]) == 0 for p in partitions)
