@@ -257,7 +257,11 @@ class ProxyThread:
         from l7proxy.kafka.session import KafkaSession
 
         dest = OriginalDestination(*self.upstream)
-        settings = KafkaSettings(max_frame_size=self.config.max_frame_bytes, brokers=self.brokers)
+        # One topic-id map for all of this proxy's connections, as the gateway process has
+        # (l7proxy.kafka.settings): librdkafka fetches by topic id (v13+) on another connection
+        # than the one its Metadata went over.
+        settings = KafkaSettings(max_frame_size=self.config.max_frame_bytes, brokers=self.brokers,
+                                 topic_ids={})  # fmt: skip
 
         def factory():
             ctx = ConnContext(
@@ -275,38 +279,3 @@ class ProxyThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
-
-
-def _serve_main(argv: list[str]) -> int:
-    """`python -m tests.e2e.kafka_broker HOST:PORT [TOPIC[,TOPIC...]]`: run the proxy in front of
-    a broker in this process (for benchmarks: its own core, like the gateway). Prints the port,
-    then serves until SIGTERM. With topics, the policy allows produce and consume on those only."""
-    from policies.l7 import KafkaRuleSet
-    from policies.model import KafkaRule
-
-    host, port = argv[0].rsplit(":", 1)
-    rules = None
-    if len(argv) > 1:
-        consume = (1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18)
-        rules = KafkaRuleSet(
-            [
-                rule
-                for topic in argv[1].split(",")
-                for rule in (
-                    KafkaRule(api_keys=(0, 3, 18), topic=topic),
-                    KafkaRule(api_keys=consume, topic=topic),
-                )
-            ]
-        )
-    proxy = ProxyThread((host, int(port)), rules=rules, brokers={}, flows=False).start()
-    proxy.brokers[(host, int(port))] = ("127.0.0.1", proxy.port)
-    print(proxy.port, flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
-    proxy.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_serve_main(sys.argv[1:]))

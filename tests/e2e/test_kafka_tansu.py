@@ -5,6 +5,7 @@ a denial of a flexible Produce decoded by kafka-python."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -65,3 +66,29 @@ def test_flexible_produce_denial_from_tansu_session(proxy):
     resp = roundtrip(proxy.address, produce_request([proxy.topic, "forbidden"], 9), 9, 21)
     assert resp._header.correlation_id == 21
     assert {p.error_code for t in resp.responses for p in t.partition_responses} == {29}
+
+
+def test_confluent_kafka_consumes_by_topic_id_through_proxy(proxy):
+    """librdkafka fetches by topic id (Fetch v13+, v15 through the proxy's version cap) on its
+    partition leader's connection, while its Metadata went over the bootstrap connection: the
+    proxy resolves the id from what any of its connections learned. With one map per connection
+    every Fetch was denied."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    producer = Producer({"bootstrap.servers": proxy.address, "linger.ms": 0})
+    for i in range(5):
+        producer.produce(proxy.topic, b"r%d" % i, partition=0)
+        producer.flush(30)
+    consumer = Consumer({"bootstrap.servers": proxy.address, "group.id": "g-" + proxy.topic,
+                         "enable.auto.commit": False})  # fmt: skip
+    consumer.assign([TopicPartition(proxy.topic, 0, 0)])
+    got, deadline = [], time.monotonic() + 20
+    while len(got) < 5 and time.monotonic() < deadline:
+        msg = consumer.poll(0.2)
+        if msg is not None and msg.error() is None:
+            got.append(msg.value())
+    consumer.close()
+    assert got == [b"r%d" % i for i in range(5)]
+    fetches = [f for f in proxy.flows if f["l7"]["kafka"]["api_key"] == "fetch"]
+    assert fetches and all(f["verdict"] == "FORWARDED" for f in fetches)
+    assert max(f["l7"]["kafka"]["api_version"] for f in fetches) >= 13
