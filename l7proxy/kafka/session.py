@@ -114,9 +114,13 @@ class _Splicer:
     """Moves the body of a large, already allowed Produce from the client socket to the broker
     socket with splice(2) through a pipe, while the client transport is paused. The watchers
     sit on dup()s of the sockets, as the event loop refuses a second watcher on a transport's
-    own descriptor."""
+    own descriptor. The watcher on the client socket stays registered from wait to wait and
+    request to request (each add and remove costs a poll handle, an ioctl and epoll_ctl calls);
+    it goes only for a wait on the broker side and when reading goes back to the transport."""
 
-    __slots__ = ("session", "loop", "cfd", "ufd", "pr", "pw", "in_pipe", "reading", "writing")
+    __slots__ = (
+        "session", "loop", "cfd", "ufd", "pr", "pw", "pipe_size", "in_pipe", "reading", "writing",
+    )  # fmt: skip
 
     def __init__(self, session: KafkaSession, client_fd: int, upstream_fd: int) -> None:
         self.session = session
@@ -125,38 +129,50 @@ class _Splicer:
         self.ufd = os.dup(upstream_fd)
         self.pr, self.pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fcntl.fcntl(self.pw, _F_SETPIPE_SZ, _PIPE_SIZE)
+            self.pipe_size = fcntl.fcntl(self.pw, _F_SETPIPE_SZ, _PIPE_SIZE)
         except OSError:
-            pass  # the default 64 KiB pipe works, in more calls
+            self.pipe_size = 64 * 1024  # the default pipe works, in more calls
         self.in_pipe = 0
         self.reading = self.writing = False
 
     def pump(self) -> bool:
-        """Move what can move now. True when the request is through (or the session closed)."""
+        """Move what can move now. True when the request is through (or the session closed).
+        A short splice means the socket had no more bytes (or room) for now: the splicer waits
+        then instead of calling again into EAGAIN, a BlockingIOError per call. (A short count
+        with bytes left is only a wake-up more: the watchers are level-triggered.)"""
         session = self.session
         layer = session.layer
-        self._unwatch()
+        if self.writing:
+            self.loop.remove_writer(self.ufd)
+            self.writing = False
+        drained = False
         try:
             while True:
                 if self.in_pipe:
                     try:
                         n = os.splice(self.pr, self.ufd, self.in_pipe, flags=_SPLICE_FLAGS)
                     except BlockingIOError:
-                        self._watch(writing=True)
-                        return False
+                        n = 0
                     self.in_pipe -= n
-                    continue
+                    if self.in_pipe:  # the broker socket's buffer is full
+                        self._watch_broker()
+                        return False
                 left = layer.request_bytes_left
                 if not left:
                     return True
+                if drained:
+                    self.wait_for_client()
+                    return False
+                want = min(left, self.pipe_size)  # the pipe is empty here
                 try:
-                    n = os.splice(self.cfd, self.pw, min(left, _PIPE_SIZE), flags=_SPLICE_FLAGS)
+                    n = os.splice(self.cfd, self.pw, want, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    self._watch(writing=False)
+                    self.wait_for_client()
                     return False
                 if n == 0:
                     session.client_eof_in_request()
                     return True
+                drained = n < want
                 layer.pass_request_bytes(n)
                 session.spliced_bytes += n
                 self.in_pipe += n
@@ -177,18 +193,22 @@ class _Splicer:
         return True
 
     def wait_for_client(self) -> None:
-        """Call back when the client socket is readable (the next request's head)."""
-        self._watch(writing=False)
-
-    def _watch(self, writing: bool) -> None:
-        if writing:
-            self.loop.add_writer(self.ufd, self.session.splice_ready)
-            self.writing = True
-        else:
+        """Call back when the client socket is readable (the watcher may be there already)."""
+        if not self.reading:
             self.loop.add_reader(self.cfd, self.session.splice_ready)
             self.reading = True
 
-    def _unwatch(self) -> None:
+    def _watch_broker(self) -> None:
+        """Call back when the broker socket takes more. The client watcher goes meanwhile: with
+        bytes waiting on the client socket it would fire on every loop turn."""
+        if self.reading:
+            self.loop.remove_reader(self.cfd)
+            self.reading = False
+        self.loop.add_writer(self.ufd, self.session.splice_ready)
+        self.writing = True
+
+    def unwatch(self) -> None:
+        """Drop the watchers (reading goes back to the transport, or the splicer closes)."""
         if self.reading:
             self.loop.remove_reader(self.cfd)
             self.reading = False
@@ -197,7 +217,7 @@ class _Splicer:
             self.writing = False
 
     def close(self) -> None:
-        self._unwatch()
+        self.unwatch()
         for fd in (self.cfd, self.ufd, self.pr, self.pw):
             os.close(fd)
 
@@ -346,6 +366,8 @@ class KafkaSession(asyncio.Protocol):
             self._write_upstream(held)
             if not self._can_splice():
                 break
+        if splicer is not None:
+            splicer.unwatch()  # reading goes back to the transport
         self._release("splice")
 
     def client_eof_in_request(self) -> None:

@@ -325,3 +325,75 @@ def test_a_request_forwarded_from_a_head_read_reaches_the_broker_before_a_close(
     assert answers == [1, 2]
     assert got == _big_request(1) + _big_request(2) + small
     assert sess._closed
+
+
+class _CountingLoop:
+    """Stands in for the splicer's event loop: counts watcher calls, passes them on."""
+
+    def __init__(self, loop, counts: dict) -> None:
+        self._loop, self.counts = loop, counts
+
+    def __getattr__(self, name):
+        method = getattr(self._loop, name)
+        if name not in ("add_reader", "remove_reader", "add_writer", "remove_writer"):
+            return method
+
+        def counted(*args):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return method(*args)
+
+        return counted
+
+
+def test_a_spliced_stream_keeps_its_client_watcher_and_does_not_retry_into_eagain(monkeypatch):
+    """A client that sends its large requests in pieces makes the proxy wait for it many times.
+    The splicer's watcher on the client socket stays registered across those waits and across
+    requests (adding and removing it cost a poll handle, an ioctl and epoll_ctl calls per wait),
+    and a short splice from the client means the socket is empty: the proxy waits instead of
+    calling splice again into EAGAIN (a BlockingIOError per call)."""
+    import asyncio
+    import os as real_os
+    import types
+
+    from l7proxy.kafka import session as session_mod
+
+    counts: dict = {}
+    eagain = [0]
+    init = session_mod._Splicer.__init__
+
+    def counting_init(self, *args):
+        init(self, *args)
+        self.loop = _CountingLoop(self.loop, counts)
+
+    def splice(src, dst, count, *args, **kwargs):
+        try:
+            return real_os.splice(src, dst, count, *args, **kwargs)
+        except BlockingIOError:
+            eagain[0] += 1
+            raise
+
+    monkeypatch.setattr(session_mod._Splicer, "__init__", counting_init)
+    monkeypatch.setattr(
+        session_mod, "os", types.SimpleNamespace(**{**vars(real_os), "splice": splice})
+    )
+    payloads = [_big_request(cid) for cid in (1, 2, 3, 4)]
+
+    async def client(reader, writer):
+        answers = []
+        for payload in payloads:
+            for i in range(0, len(payload), 50_000):  # a wait on the proxy side for each piece
+                writer.write(payload[i : i + 50_000])
+                await writer.drain()
+                await asyncio.sleep(0.002)
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 10), "big")
+            answers.append(int.from_bytes((await reader.readexactly(size))[:4], "big"))
+        return answers
+
+    got, answers, sess = _splice_rig(client)
+    assert got == b"".join(payloads)
+    assert answers == [1, 2, 3, 4]
+    assert sess.spliced_bytes > 2_000_000
+    # The reader is dropped only for a wait on the broker side (an unread client socket would
+    # wake a level-triggered watcher in a loop) and when reading goes back to the transport.
+    assert counts.get("add_reader", 0) <= 2 + counts.get("add_writer", 0), counts
+    assert eagain[0] <= 2, eagain
