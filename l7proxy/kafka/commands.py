@@ -26,6 +26,17 @@ class Close:
 
 
 @dataclass(frozen=True, slots=True)
+class ResolveTopicIds:
+    """A request names topic ids that no Metadata response seen by this process named (its
+    Metadata went through another worker, or before a restart). The session asks the broker
+    itself (one Metadata request on a connection of its own), adds what it learns to the layer's
+    `topic_names`, then calls `KafkaLayer.topic_ids_resolved()`. Until then the request waits,
+    and every request behind it: answers stay in order."""
+
+    ids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     """One flow and its metrics: a request (per topic) or the end of a response."""
 

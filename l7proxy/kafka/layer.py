@@ -22,6 +22,7 @@ from l7proxy.kafka.commands import (
     KafkaSettings,
     Pending,
     Record,
+    ResolveTopicIds,
     ToClient,
     ToUpstream,
 )
@@ -40,7 +41,15 @@ from parsers.kafka.frames import (
 )
 from parsers.kafka.responses import API_VERSIONS, METADATA, supported_versions
 
-__all__ = ["Close", "KafkaLayer", "KafkaSettings", "Record", "ToClient", "ToUpstream"]
+__all__ = [
+    "Close",
+    "KafkaLayer",
+    "KafkaSettings",
+    "Record",
+    "ResolveTopicIds",
+    "ToClient",
+    "ToUpstream",
+]
 
 PRODUCE = 0
 CONSUMER_GROUP_HEARTBEAT = 68
@@ -52,6 +61,9 @@ GATEWAY_CAPS = {PRODUCE: 9, FETCH: 15}
 # a frame whose topics are not yet readable is tried again after this many more bytes.
 CUT_THROUGH_MIN = 64 * 1024
 CUT_THROUGH_RETRY = 64 * 1024
+# An unknown topic id is looked up with the broker at most once per this long per connection;
+# in between, requests naming it are denied (fail closed) without asking again.
+RESOLVE_RETRY_NS = 1_000_000_000
 
 
 class KafkaLayer(ResponseSide):
@@ -79,12 +91,19 @@ class KafkaLayer(ResponseSide):
         self._cut_tried = self._cut_tried_at = -1
         self._fetch_topics: set[str] = set()  # topics this connection's fetch session may hold
         self._fetch_rules = None  # the rule set the last Fetch was checked against
+        # While the broker is asked about unknown topic ids: the waiting request's frame, the
+        # whole frames behind it, then raw bytes not yet split (see ResolveTopicIds).
+        self._resolving = False
+        self._parked: deque[bytes] = deque()
+        self._held: list[bytes] = []
+        self._resolve_tried: dict[bytes, int] = {}  # topic id -> clock of the last lookup
         self._init_response_side()
         self.closed = False
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        """Requests owed an answer, counting one waiting for a topic id lookup."""
+        return len(self._pending) + self._resolving
 
     def pass_request_bytes(self, n: int) -> bool:
         """Fast path: True when `n` client bytes all belong to a request already decided and
@@ -104,6 +123,9 @@ class KafkaLayer(ResponseSide):
     def client_data(self, data: bytes) -> list:
         if self.closed:
             return []
+        if self._resolving:
+            self._held.append(bytes(data))
+            return []
         out: list = []
         if self._req_left:
             # The rest of a request already decided and partly sent (cut-through).
@@ -119,12 +141,47 @@ class KafkaLayer(ResponseSide):
             return self._close(out, exc.reason, str(exc))
         if frames:
             self._cut_tried = -1  # the frame tried before (if any) is complete
-        for framed in frames:
+        self._requests_in_order(frames, out)
+        return out
+
+    def _requests_in_order(self, frames, out: list) -> None:
+        """Decide `frames` in order; stop where one waits for a topic id lookup (the rest
+        waits behind it). Then try to cut through the partial frame after them."""
+        for i, framed in enumerate(frames):
             self._request(framed, out)
             if self.closed:
-                return out
+                return
+            if self._resolving:
+                self._parked.extend(frames[i + 1 :])
+                return
         self._cut_through(out)
+
+    def topic_ids_resolved(self) -> list:
+        """The session's lookup is over (whatever it found is in `topic_names`): decide the
+        waiting request again (an id still unknown is denied), then everything behind it."""
+        if not self._resolving or self.closed:
+            return []
+        self._resolving = False
+        out: list = []
+        frames = list(self._parked)
+        self._parked.clear()
+        self._requests_in_order(frames, out)
+        if self._held and not self._resolving and not self.closed:
+            held = b"".join(self._held)
+            self._held.clear()
+            out.extend(self.client_data(held))
         return out
+
+    def _may_resolve(self, ids: list, now: int) -> bool:
+        """Whether to ask the broker about `ids` now (not if each was asked about lately)."""
+        tried = self._resolve_tried
+        if all(i in tried and now - tried[i] < RESOLVE_RETRY_NS for i in ids):
+            return False
+        if len(tried) > 4096:
+            tried.clear()
+        for i in ids:
+            tried[i] = now
+        return True
 
     def _cut_through(self, out: list) -> None:
         """Start forwarding a large Produce before its last byte arrives, once its topics are
@@ -222,7 +279,13 @@ class KafkaLayer(ResponseSide):
         verdict = rules.check(key, version, header.client_id, names)
         allowed = verdict.allowed
         if unknown_ids and allowed and not _topic_free(rules, key, version, header):
-            # A topic id that no Metadata response on this connection named: fail closed.
+            # A topic id that no Metadata response seen here named: ask the broker, and decide
+            # again when it answered; if it still is unknown, fail closed.
+            if self._may_resolve(unknown_ids, now):
+                self._resolving = True
+                self._parked.append(framed)
+                out.append(ResolveTopicIds(tuple(unknown_ids)))
+                return
             allowed = False
         if (
             key == CONSUMER_GROUP_HEARTBEAT

@@ -15,9 +15,18 @@ import time
 import weakref
 
 from l7proxy.flows import DROPPED, ERROR, FORWARDED
-from l7proxy.kafka.commands import Close, KafkaSettings, Record, ToClient, ToUpstream
+from l7proxy.kafka.commands import (
+    Close,
+    KafkaSettings,
+    Record,
+    ResolveTopicIds,
+    ToClient,
+    ToUpstream,
+)
 from l7proxy.kafka.layer import KafkaLayer
+from l7proxy.kafka.resolve import lookup_topic_ids
 from l7proxy.kafka.settings import settings_for
+from l7proxy.kafka.splice import MAX_TOPIC_IDS
 from parsers.kafka.apis import api_name
 
 _VERDICTS = {"FORWARDED": FORWARDED, "DROPPED": DROPPED, "ERROR": ERROR}
@@ -39,7 +48,7 @@ _PIPE_ATOMIC = 4096  # PIPE_BUF: a write this small into an empty pipe is whole
 class _KafkaMetrics:
     """Kafka-only metrics next to the shared policy_l7_total{proto="kafka"}."""
 
-    __slots__ = ("latency", "frame_errors", "response_errors", "_by_key")
+    __slots__ = ("latency", "frame_errors", "response_errors", "topic_id_lookups", "_by_key")
 
     def __init__(self, registry) -> None:
         self.latency = registry.histogram(
@@ -56,6 +65,12 @@ class _KafkaMetrics:
             "l7proxy_kafka_response_errors_total",
             "Non-zero error codes in broker responses (first per response), by API key and code",
             ("api_key", "error_code"),
+        )
+        self.topic_id_lookups = registry.counter(
+            "l7proxy_kafka_topic_id_lookups_total",
+            "Topic ids looked up with the broker because no Metadata seen here named them, by "
+            "result (found, not_found, error)",
+            ("result",),
         )
         self._by_key: dict[int, object] = {}
 
@@ -245,6 +260,7 @@ class KafkaSession(asyncio.Protocol):
         self._splice_ok = hasattr(os, "splice")
         self._held_upstream: list | None = None  # see splice_ready
         self.spliced_bytes = 0  # request bytes moved with splice(2) (tests, diagnostics)
+        self._lookup_task = None  # see ResolveTopicIds
 
     # ---- client side --------------------------------------------------------------------
 
@@ -384,7 +400,7 @@ class KafkaSession(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self.sweeper is not None:
             self.sweeper.discard(self)
-        self._drop_splicer()
+        self._drop_side_work()
         if not self._closed:
             self._closed = True
             if self.upstream is not None:
@@ -470,7 +486,7 @@ class KafkaSession(asyncio.Protocol):
             self.ctx.proto_metrics.upstream_reset.inc()
         # Requests still in flight will never be answered: tell the client by closing.
         self._closed = True
-        self._drop_splicer()
+        self._drop_side_work()
         self.client.close()
 
     def pause_client(self) -> None:
@@ -500,12 +516,43 @@ class KafkaSession(asyncio.Protocol):
                 self.client.write(cmd.data)
             elif kind is Record:
                 self._record(cmd)
+            elif kind is ResolveTopicIds:
+                self._hold("topic_ids")
+                self._lookup_task = asyncio.ensure_future(self._look_up_topic_ids(cmd.ids))
             elif kind is Close:
                 if self._held_upstream:
                     # Forwarded before the close: it goes out as it would have.
                     self._write_upstream(self._held_upstream)
                     self._held_upstream.clear()
                 self._close(cmd.reason, cmd.detail)
+
+    async def _look_up_topic_ids(self, ids: tuple) -> None:
+        """Ask the broker for the topics' ids on a connection of our own; then the layer decides
+        the waiting request again (an id still unknown is denied: fail closed)."""
+        dest = self.ctx.destination
+        try:
+            learned = await asyncio.wait_for(
+                lookup_topic_ids(dest.host, dest.port, self.settings.max_frame_size),
+                self.ctx.config.upstream_connect_timeout,
+            )
+            result = "found" if all(i in learned for i in ids) else "not_found"
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # unreachable, refused, timed out or a malformed answer
+            learned, result = {}, "error"
+        self.kmetrics.topic_id_lookups.labels(result=result).inc()
+        self._lookup_task = None
+        if self._closed:
+            return
+        names = self.layer.topic_names
+        if len(names) + len(learned) > MAX_TOPIC_IDS:
+            names.clear()  # bounded, as in the response path
+        names.update(learned)
+        self._run(self.layer.topic_ids_resolved())
+        self._arm_idle()
+        self._release("topic_ids")
+        if self._can_splice():
+            self._start_splice()
 
     def _write_upstream(self, chunks: list) -> None:
         if chunks and self.upstream is not None and not self._closed:
@@ -559,13 +606,17 @@ class KafkaSession(asyncio.Protocol):
             # The layer records its own closes; these two come from here and need a flow too.
             self._record(Record("REQUEST", "ERROR", -1, -1, -1, reason=reason, closes=True))
         self._closed = True
-        self._drop_splicer()
+        self._drop_side_work()
         if self.client is not None:
             self.client.close()
         if self.upstream is not None:
             self.upstream.close()
 
-    def _drop_splicer(self) -> None:
+    def _drop_side_work(self) -> None:
+        """On close: the splicer's fds and a topic id lookup in progress go."""
+        if self._lookup_task is not None:
+            self._lookup_task.cancel()
+            self._lookup_task = None
         if self._splicer is not None:
             self._splicer.close()
             self._splicer = None

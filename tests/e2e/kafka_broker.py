@@ -190,7 +190,8 @@ class ProxyThread:
     """The Kafka session behind a listener, in its own thread and uvloop event loop."""
 
     def __init__(self, upstream: tuple[str, int], rules=None, brokers: dict | None = None,
-                 max_frame_bytes: int | None = None, flows: bool = True) -> None:  # fmt: skip
+                 max_frame_bytes: int | None = None, flows: bool = True,
+                 shared_topic_ids: bool = True) -> None:  # fmt: skip
         from l7proxy.config import ProxyConfig
         from l7proxy.flows import FlowSink
         from l7proxy.metrics import ProxyMetrics
@@ -198,6 +199,7 @@ class ProxyThread:
         self.upstream = upstream
         self.rules = rules
         self.brokers = brokers
+        self.shared_topic_ids = shared_topic_ids
         config = ProxyConfig()
         if max_frame_bytes:
             config = config.replace(max_frame_bytes=max_frame_bytes)
@@ -258,10 +260,10 @@ class ProxyThread:
 
         dest = OriginalDestination(*self.upstream)
         # One topic-id map for all of this proxy's connections, as the gateway process has
-        # (l7proxy.kafka.settings): librdkafka fetches by topic id (v13+) on another connection
-        # than the one its Metadata went over.
+        # (l7proxy.kafka.settings); shared_topic_ids=False gives each connection its own, as
+        # when a client's connections land on different workers.
         settings = KafkaSettings(max_frame_size=self.config.max_frame_bytes, brokers=self.brokers,
-                                 topic_ids={})  # fmt: skip
+                                 topic_ids={} if self.shared_topic_ids else None)  # fmt: skip
 
         def factory():
             ctx = ConnContext(

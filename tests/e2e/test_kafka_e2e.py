@@ -354,3 +354,22 @@ def test_confluent_kafka_fetch_denied_reports_topic_authorization_failed(proxy_f
     dropped = [f for f in kafka_flows(proxy) if f["verdict"] == "DROPPED"]
     assert {f["l7"]["kafka"]["api_key"] for f in dropped} == {"fetch"}
     assert codes == {KafkaError.TOPIC_AUTHORIZATION_FAILED}
+
+
+def test_fetch_by_an_id_no_broker_knows_is_denied_after_one_lookup(proxy_for):
+    """A Fetch naming a topic id the proxy never saw: it asks the broker (real Metadata v12 on
+    its own connection), the broker does not know the id either, so the Fetch is answered with
+    TOPIC_AUTHORIZATION_FAILED (fail closed) and the lookup shows in the metric."""
+    topic = topic_name()
+    proxy = proxy_for(KafkaRuleSet([KafkaRule(api_keys=CONSUME_KEYS, topic=topic)]),
+                      shared_topic_ids=False)  # fmt: skip
+    body = {"max_wait_ms": 1, "rack_id": "", "topics": [
+        {"topic_id": bytes(range(16)), "partitions": [{"partition": 0}]}]}  # fmt: skip
+    out = bytearray()
+    API_TABLE[FETCH].request_codec(13).encode(out, body)
+    resp = roundtrip(proxy.address, REQUESTS[FETCH].decode(bytes(out), version=13), 13, 61)
+    assert resp._header.correlation_id == 61
+    assert [p.error_code for t in resp.responses for p in t.partitions] == [29]
+    assert 'l7proxy_kafka_topic_id_lookups_total{result="not_found"} 1\n' in (
+        proxy.metrics.render()
+    )

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import struct
 
-from l7proxy.kafka.layer import Close, KafkaLayer, KafkaSettings, Record, ToClient, ToUpstream
+from l7proxy.kafka.layer import (
+    Close,
+    KafkaLayer,
+    KafkaSettings,
+    Record,
+    ResolveTopicIds,
+    ToClient,
+    ToUpstream,
+)
 from parsers.kafka.apis import API_TABLE
 from parsers.kafka.frames import encode_response_header, frame
 from policies.l7 import KafkaRuleSet
@@ -363,8 +371,70 @@ def test_topic_ids_learned_on_one_connection_resolve_on_another():
     fetch = request(1, 13, 8, {"max_wait_ms": 1, "rack_id": "", "topics": [
         {"topic_id": bytes([1]) * 16, "partitions": [{"partition": 0}]}]})  # fmt: skip
     assert of(ToUpstream, fetch_conn.client_data(fetch))
-    alone = layer(rules)  # its own map: the id is unknown there, so it fails closed
-    assert of(ToClient, alone.client_data(fetch)) and not of(ToUpstream, alone.client_data(b""))
+    # Its own map: the id is unknown there; the broker is asked, and when the lookup found
+    # nothing the request fails closed.
+    alone = layer(rules)
+    assert of(ResolveTopicIds, alone.client_data(fetch)) == [ResolveTopicIds((bytes([1]) * 16,))]
+    out = alone.topic_ids_resolved()
+    assert of(ToClient, out) and not of(ToUpstream, out)
+
+
+T1_ID, T2_ID = bytes([1]) * 16, bytes([2]) * 16
+
+
+def _fetch_by_id(cid, topic_id=T1_ID):
+    return request(1, 13, cid, {"max_wait_ms": 1, "rack_id": "", "topics": [
+        {"topic_id": topic_id, "partitions": [{"partition": 0}]}]})  # fmt: skip
+
+
+def _upstream_bytes(out):
+    return b"".join(bytes(c.data) for c in of(ToUpstream, out))
+
+
+def test_unknown_topic_id_waits_for_the_lookup_and_so_do_the_requests_behind_it():
+    rules = KafkaRuleSet([KafkaRule(api_keys=(1, 3, 18), topic="t1")])
+    lay = layer(rules)
+    first, second, third = _fetch_by_id(1), _fetch_by_id(2), _fetch_by_id(3)
+    # Two frames in one read, then the third and half of a fourth in later reads: none of
+    # them may go upstream before the first is decided.
+    out = lay.client_data(first + second)
+    assert of(ResolveTopicIds, out) and not of(ToUpstream, out) and not of(ToClient, out)
+    assert lay.in_flight == 1  # owed an answer: an idle timeout or a drain must not close now
+    assert lay.client_data(third) == []
+    fourth = _fetch_by_id(4)
+    assert lay.client_data(fourth[:10]) == []
+    lay.topic_names[T1_ID] = "t1"  # what the session learned from the broker
+    out = lay.topic_ids_resolved()
+    assert _upstream_bytes(out) == first + second + third
+    assert not of(ResolveTopicIds, out)
+    assert _upstream_bytes(lay.client_data(fourth[10:])) == fourth
+    assert lay.topic_ids_resolved() == []  # nothing waits any more
+
+
+def test_a_looked_up_id_that_names_a_denied_topic_is_denied_by_name():
+    rules = KafkaRuleSet([KafkaRule(api_keys=(1, 3, 18), topic="t1")])
+    lay = layer(rules)
+    assert of(ResolveTopicIds, lay.client_data(_fetch_by_id(5, T2_ID)))
+    lay.topic_names[T2_ID] = "secret"
+    out = lay.topic_ids_resolved()
+    assert not of(ToUpstream, out)
+    denied = [r for r in of(Record, out) if r.verdict == "DROPPED"]
+    assert [r.topic for r in denied] == ["secret"]
+    assert of(ToClient, out)
+
+
+def test_an_id_the_broker_did_not_know_is_not_looked_up_again_at_once():
+    """A client naming a bogus id in every request makes the proxy ask the broker once per
+    second per connection, not once per request."""
+    clock = {"now": 0}
+    rules = KafkaRuleSet([KafkaRule(api_keys=(1, 3, 18), topic="t1")])
+    lay = KafkaLayer(lambda: rules, KafkaSettings(), lambda: clock["now"])
+    assert of(ResolveTopicIds, lay.client_data(_fetch_by_id(1, T2_ID)))
+    assert of(ToClient, lay.topic_ids_resolved())  # not found: denied
+    out = lay.client_data(_fetch_by_id(2, T2_ID))
+    assert of(ToClient, out) and not of(ResolveTopicIds, out)
+    clock["now"] += 2_000_000_000
+    assert of(ResolveTopicIds, lay.client_data(_fetch_by_id(3, T2_ID)))
 
 
 def test_policy_change_closes_a_fetch_session_holding_a_now_denied_topic():
