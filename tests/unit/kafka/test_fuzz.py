@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from l7proxy.kafka.layer import Close
+from l7proxy.kafka.layer import Close, ResolveTopicIds
 from parsers.kafka.apis import API_TABLE
 from tests.unit.kafka.samples import sample
 from tests.unit.kafka.test_layer import PRODUCE_ONLY_T1, layer, request, response
@@ -52,6 +52,13 @@ def _run(iterations: int, seed: int) -> None:
         key, version, raw = rnd.choice(SEEDS)
         lay = layer(PRODUCE_ONLY_T1 if i % 2 else None)
         out = lay.client_data(_mutate(rnd, raw))
+        if any(isinstance(c, ResolveTopicIds) for c in out):
+            # An id no Metadata named: the session's lookup finds it half the time.
+            if rnd.random() < 0.5:
+                for c in out:
+                    if isinstance(c, ResolveTopicIds):
+                        lay.topic_names.update(dict.fromkeys(c.ids, "t1"))
+            out = lay.topic_ids_resolved()
         assert all(not isinstance(c, Close) or c.reason for c in out)
         if lay.closed or not lay.in_flight:
             continue
