@@ -49,7 +49,10 @@ def topic_ids_of(response: bytes) -> dict[bytes, str]:
 
 async def lookup_topic_ids(host: str, port: int, max_bytes: int) -> dict[bytes, str]:
     """Connect, ask, read one answer of at most `max_bytes`, close. Raises OSError, ValueError
-    or the codec's errors; the caller bounds the time."""
+    or the codec's errors; the caller bounds the time. `host` is the session's upstream host as
+    it is: in the transparent modes a MarkedHost, so the agent's loop marks this connection with
+    the client's identity like the session's own upstream (asyncio.open_connection hands it to
+    loop.create_connection unchanged)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(metadata_request())

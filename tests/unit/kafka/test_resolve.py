@@ -82,3 +82,24 @@ def test_lookup_refuses_a_bad_answer(reply):
 
     with pytest.raises((ValueError, asyncio.IncompleteReadError)):
         asyncio.run(main())
+
+
+def test_the_lookup_connects_through_the_loop_with_the_marked_host():
+    """In the transparent modes the agent's loop sets SO_MARK (the client's identity) from the
+    MarkedHost; the lookup's connection must reach it the same way as the session's upstream."""
+    from l7proxy.agent.loop import MarkedHost, MarkingLoop
+
+    seen = []
+
+    class Recording(MarkingLoop):
+        async def create_connection(self, factory, host=None, port=None, **kw):
+            seen.append((host, getattr(host, "mark", None), port))
+            raise ConnectionRefusedError("recorded")
+
+    loop = Recording()
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            loop.run_until_complete(lookup_topic_ids(MarkedHost("10.0.0.7", 0x0A00), 9092, 1024))
+    finally:
+        loop.close()
+    assert seen == [("10.0.0.7", 0x0A00, 9092)]
