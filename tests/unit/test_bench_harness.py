@@ -243,15 +243,43 @@ def test_rounds_take_turns_and_report_the_median():
     assert failures == []
 
 
-def test_a_peer_that_fails_a_round_is_not_measured_again():
+def test_the_project_failing_a_round_fails_and_is_not_measured_again():
     calls = []
 
     def measure(ep):
         calls.append(ep.peer)
+        if ep.peer == PROJECT and calls.count(PROJECT) == 2:
+            raise peers.PeerError("boom")
+        return Row(ep.peer, 1.0)
+
+    rows, failures = harness.measure_rows([_Endpoint(PROJECT), _Endpoint(ENVOY)], measure, 3)
+    assert calls.count(PROJECT) == 2 and calls.count(ENVOY) == 3
+    assert failures == ["l7proxy: boom"]
+    assert next(r for r in rows if r.peer == PROJECT).note == "failed: boom"
+
+
+def test_a_reference_peer_may_lose_a_minority_of_rounds_and_the_note_says_so():
+    calls = []
+
+    def measure(ep):
+        calls.append(ep.peer)
+        if ep.peer == HAPROXY and calls.count(HAPROXY) == 2:
+            raise peers.PeerError("18 errored")
+        return Row(ep.peer, float(calls.count(ep.peer)))
+
+    rows, failures = harness.measure_rows([_Endpoint(HAPROXY), _Endpoint(ENVOY)], measure, 3)
+    assert failures == []
+    haproxy = next(r for r in rows if r.peer == HAPROXY)
+    assert haproxy.value == 2.0  # the median of rounds 1 and 3
+    assert "1 of 3 rounds failed (round 2: 18 errored)" in haproxy.note
+
+
+def test_a_reference_peer_failing_half_its_rounds_fails_the_run():
+    def measure(ep):
         if ep.peer == HAPROXY:
             raise peers.PeerError("boom")
         return Row(ep.peer, 1.0)
 
     rows, failures = harness.measure_rows([_Endpoint(HAPROXY), _Endpoint(ENVOY)], measure, 3)
-    assert calls.count(HAPROXY) == 1 and calls.count(ENVOY) == 3
     assert failures == ["HAProxy: boom"]
+    assert next(r for r in rows if r.peer == HAPROXY).value is None
