@@ -548,9 +548,12 @@ class KafkaSession(asyncio.Protocol):
         if len(names) + len(learned) > MAX_TOPIC_IDS:
             names.clear()  # bounded, as in the response path
         names.update(learned)
+        # Release first: a request behind this one may need a lookup of its own, and its
+        # ResolveTopicIds must leave the client paused (reading resumes on a later loop turn
+        # only, after the commands below have run).
+        self._release("topic_ids")
         self._run(self.layer.topic_ids_resolved())
         self._arm_idle()
-        self._release("topic_ids")
         if self._can_splice():
             self._start_splice()
 

@@ -397,3 +397,45 @@ def test_a_spliced_stream_keeps_its_client_watcher_and_does_not_retry_into_eagai
     # wake a level-triggered watcher in a loop) and when reading goes back to the transport.
     assert counts.get("add_reader", 0) <= 2 + counts.get("add_writer", 0), counts
     assert eagain[0] <= 2, eagain
+
+
+def test_topic_id_lookups_pause_the_client_and_run_one_after_another(monkeypatch):
+    """Two Fetch requests by two unknown topic ids: the first waits for a lookup (client
+    paused), then the second needs its own; the client stays paused until that one is over
+    too, and both go upstream in order."""
+    import asyncio
+
+    import l7proxy.kafka.session as session_module
+    from tests.unit.kafka.test_layer import _fetch_by_id
+
+    answers = {bytes([1]) * 16: "t1", bytes([2]) * 16: "t2"}
+    asked: list[asyncio.Future] = []
+
+    async def scripted_lookup(host, port, max_bytes):
+        asked.append(asyncio.get_running_loop().create_future())
+        return await asked[-1]
+
+    monkeypatch.setattr(session_module, "lookup_topic_ids", scripted_lookup)
+    rules = KafkaRuleSet([KafkaRule(api_keys=(1, 3, 18), topic="t1"),
+                          KafkaRule(api_keys=(1,), topic="t2")])  # fmt: skip
+    first, second = _fetch_by_id(1, bytes([1]) * 16), _fetch_by_id(2, bytes([2]) * 16)
+
+    async def turns():
+        for _ in range(5):  # the lookup task, wait_for's inner task, the callbacks
+            await asyncio.sleep(0)
+
+    async def main():
+        s = session(rules)
+        s.data_received(first + second)
+        await turns()
+        assert len(asked) == 1 and s.client.paused and not s.upstream.written
+        asked[0].set_result({bytes([1]) * 16: "t1"})
+        await turns()
+        assert bytes(s.upstream.written) == first
+        assert len(asked) == 2 and s.client.paused  # the second lookup holds the client
+        asked[1].set_result(answers)
+        await turns()
+        assert bytes(s.upstream.written) == first + second and not s.client.paused
+        assert s.layer.in_flight == 2
+
+    _run_uvloop(main())
