@@ -24,7 +24,7 @@ from l7proxy.kafka.commands import (
     ToUpstream,
 )
 from l7proxy.kafka.layer import KafkaLayer
-from l7proxy.kafka.resolve import lookup_topic_ids
+from l7proxy.kafka.resolve import shared_lookup
 from l7proxy.kafka.settings import settings_for
 from l7proxy.kafka.splice import MAX_TOPIC_IDS
 from parsers.kafka.apis import api_name
@@ -531,10 +531,10 @@ class KafkaSession(asyncio.Protocol):
         the waiting request again (an id still unknown is denied: fail closed)."""
         dest = self.ctx.destination
         try:
-            learned = await asyncio.wait_for(
-                lookup_topic_ids(dest.host, dest.port, self.settings.max_frame_size),
+            learned = await shared_lookup(
+                dest.host, dest.port, self.settings.max_frame_size,
                 self.ctx.config.upstream_connect_timeout,
-            )
+            )  # fmt: skip
             result = "found" if all(i in learned for i in ids) else "not_found"
         except asyncio.CancelledError:
             raise

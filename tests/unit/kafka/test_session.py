@@ -405,7 +405,7 @@ def test_topic_id_lookups_pause_the_client_and_run_one_after_another(monkeypatch
     too, and both go upstream in order."""
     import asyncio
 
-    import l7proxy.kafka.session as session_module
+    import l7proxy.kafka.resolve as resolve_module
     from tests.unit.kafka.test_layer import _fetch_by_id
 
     answers = {bytes([1]) * 16: "t1", bytes([2]) * 16: "t2"}
@@ -415,13 +415,13 @@ def test_topic_id_lookups_pause_the_client_and_run_one_after_another(monkeypatch
         asked.append(asyncio.get_running_loop().create_future())
         return await asked[-1]
 
-    monkeypatch.setattr(session_module, "lookup_topic_ids", scripted_lookup)
+    monkeypatch.setattr(resolve_module, "lookup_topic_ids", scripted_lookup)
     rules = KafkaRuleSet([KafkaRule(api_keys=(1, 3, 18), topic="t1"),
                           KafkaRule(api_keys=(1,), topic="t2")])  # fmt: skip
     first, second = _fetch_by_id(1, bytes([1]) * 16), _fetch_by_id(2, bytes([2]) * 16)
 
     async def turns():
-        for _ in range(5):  # the lookup task, wait_for's inner task, the callbacks
+        for _ in range(20):  # the lookup tasks (shared, wait_for, shield) and their callbacks
             await asyncio.sleep(0)
 
     async def main():
