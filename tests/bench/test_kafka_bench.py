@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -41,8 +40,7 @@ import pytest
 from tests.bench import harness
 from tests.bench.conftest import bench_duration
 from tests.bench.harness import PROJECT, Metric, Row, ScenarioResult, Target
-from tests.conftest import REPO
-from tests.e2e.kafka_broker import KafkaBroker, TansuBroker, free_port
+from tests.e2e.kafka_broker import KafkaBroker, TansuBroker, start_gateway
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(900)]
 
@@ -240,61 +238,19 @@ def _broker(kind: type[KafkaBroker] = KafkaBroker):
         b.stop()
 
 
-POLICY = """apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: kafka-bench
-spec:
-  endpointSelector:
-    matchLabels:
-      app: kafka
-  ingress:
-  - toPorts:
-    - ports:
-      - port: "{port}"
-        protocol: TCP
-      rules:
-        kafka:
-        - role: produce
-          topic: {topic}
-        - role: consume
-          topic: {topic}
-"""
-
-
 @contextlib.contextmanager
 def _proxy(broker, topic: str):
     """The real `l7proxy gateway --protocol kafka` (one worker, no flow log, as the HTTP
     benches run it) in front of `broker`, with a CiliumNetworkPolicy allowing produce and
     consume on `topic` only; yields its address. The gateway advertises itself in Metadata,
     so the clients never go around it."""
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="l7proxy-kafka-bench-") as tmp:
-        policy = Path(tmp) / "policy.yaml"
-        policy.write_text(POLICY.format(port=port, topic=topic))
-        err = open(Path(tmp) / "gateway.err", "w+")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "l7proxy", "gateway", "--listen", f"127.0.0.1:{port}",
-             "--upstream", broker.address, "--policy", str(policy), "--labels", "app=kafka",
-             "--protocol", "kafka", "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, start_new_session=True,
-        )  # fmt: skip
+        gw = start_gateway(broker, Path(tmp), "kafka", extra=("--workers", "1"), topic=topic,
+                           flow_log=False)  # fmt: skip
         try:
-            deadline = time.monotonic() + 30
-            while "ready:" not in (Path(tmp) / "gateway.err").read_text():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("gateway did not start: " + err.name)
-                time.sleep(0.05)
-            yield f"127.0.0.1:{port}"
+            yield f"127.0.0.1:{gw.port}"
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-            err.close()
+            gw.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,88 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
-import uuid
 
 import pytest
 
-from tests.conftest import REPO
-from tests.e2e.kafka_broker import KafkaBroker, free_port, produce_denied_then_consume
-from tests.e2e.peers import ADMIN_RE, LISTEN_RE
+from tests.e2e.kafka_broker import KafkaBroker, produce_denied_then_consume, start_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
-
-POLICY = """apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: kafka
-spec:
-  endpointSelector:
-    matchLabels:
-      app: kafka
-  ingress:
-  - toPorts:
-    - ports:
-      - port: "{port}"
-        protocol: TCP
-      rules:
-        kafka:
-        - role: produce
-          topic: {topic}
-        - role: consume
-          topic: {topic}
-"""
-
-
-class KafkaGateway:
-    """`l7proxy gateway --listen L --upstream B ...` as a subprocess (the real command, nothing
-    around it); ready when its stderr says so."""
-
-    def __init__(self, listen: str, upstream: str, args: list[str], tmp_path) -> None:
-        self.flow_log = tmp_path / "flows.log"
-        self.err_path = tmp_path / "gateway.err"
-        self._err = open(self.err_path, "w+")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "l7proxy", "gateway", "--listen", listen,
-               "--upstream", upstream, *args, "--flow-log", str(self.flow_log)]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err,
-                                     cwd=REPO, start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            text = self.err_path.read_text()
-            if "ready:" in text:
-                self.port = int(LISTEN_RE.search(text).group(1))
-                self.admin_port = int(ADMIN_RE.search(text).group(1))
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {text}")
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(self.err_path.read_text())
-
-    def flows(self) -> list[dict]:
-        if not self.flow_log.exists():
-            return []
-        return [json.loads(line) for line in self.flow_log.read_text().splitlines() if line]
-
-    def wait_flows(self, predicate, timeout: float = 10.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while not predicate(flows := self.flows()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return flows
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._err.close()
 
 
 @pytest.fixture(scope="module")
@@ -99,22 +24,6 @@ def broker():
     b = KafkaBroker().start()
     yield b
     b.stop()
-
-
-def start_gateway(broker, tmp_path, protocol: str, host="127.0.0.1", extra=()) -> KafkaGateway:
-    topic = f"gw-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.format(port=port, topic=topic))
-    gw = KafkaGateway(
-        f"{host}:{port}", broker.address,
-        ["--policy", str(policy), "--labels", "app=kafka", "--protocol", protocol,
-         "--admin", "127.0.0.1:0", *extra],
-        tmp_path,
-    )  # fmt: skip
-    gw.topic = topic
-    gw.broker_host, gw.broker_port = broker.host, broker.port
-    return gw
 
 
 @pytest.fixture(params=["kafka", "auto"])

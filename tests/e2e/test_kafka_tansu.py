@@ -13,7 +13,12 @@ import pytest
 
 from policies.l7 import KafkaRuleSet
 from policies.model import KafkaRule
-from tests.e2e.kafka_broker import ProxyThread, TansuBroker, produce_denied_then_consume
+from tests.e2e.kafka_broker import (
+    ProxyThread,
+    TansuBroker,
+    produce_denied_then_consume,
+    start_gateway,
+)
 from tests.e2e.test_kafka_e2e import CONSUME_KEYS, produce_request, roundtrip
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -135,8 +140,6 @@ def test_gateway_with_two_workers_serves_fetch_by_topic_id(tansu, tmp_path):
     Metadata naming the topic. Before the lookup, about one consumer in four got
     TOPIC_AUTHORIZATION_FAILED for an allowed topic."""
     from confluent_kafka import Consumer, Producer, TopicPartition
-
-    from tests.e2e.test_kafka_gateway import start_gateway
 
     gw = start_gateway(tansu, tmp_path, "kafka", extra=("--workers", "2"))
     try:
