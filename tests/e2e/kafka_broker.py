@@ -5,6 +5,8 @@ session in a background event loop in front of it.
 process group and waits until the port answers an ApiVersions request.
 `ProxyThread` serves `l7proxy.kafka.session.make_session` on 127.0.0.1:0 with a swappable rule set
 and records every flow, exactly as the gateway would wire it.
+`start_gateway` runs the real `l7proxy gateway` command in front of a broker (`KafkaGateway`), with
+a CiliumNetworkPolicy allowing produce and consume on one topic (the gateway tests and the bench).
 """
 
 from __future__ import annotations

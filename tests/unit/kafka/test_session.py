@@ -122,7 +122,9 @@ def test_denials_are_answered_without_the_broker():
 def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
     """Real loopback sockets under uvloop: the bodies of large allowed Produce requests go
     client -> broker through splice(2); the broker sees the exact stream, the client gets every
-    answer in order, and a request that is not cut through still takes the normal path."""
+    answer in order, and a request that is not cut through still takes the normal path. The
+    proxy's dup()s of the sockets must not keep the broker connection open (the rig waits for
+    the broker to see the close)."""
     import asyncio
 
     from tests.unit.kafka.test_layer import _big_produce
@@ -135,45 +137,14 @@ def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
     )  # fmt: skip
     answers = b"".join(response(0, 9, cid, {}) for cid in cids)
 
-    async def main():
-        loop = asyncio.get_running_loop()
-        got = bytearray()
-        done, lost = loop.create_future(), loop.create_future()
-
-        class Broker(asyncio.Protocol):
-            def connection_made(self, transport):
-                self.transport = transport
-
-            def data_received(self, data):
-                got.extend(data)
-                if len(got) >= len(stream):
-                    self.transport.write(answers)
-                    done.set_result(None)
-
-            def connection_lost(self, exc):
-                lost.set_result(None)
-
-        broker = await loop.create_server(Broker, "127.0.0.1", 0)
-        sessions = []
-
-        proxy = await loop.create_server(_session_factory(broker, sessions), "127.0.0.1", 0)
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", proxy.sockets[0].getsockname()[1]
-        )
+    async def client(reader, writer, got):
         for i in range(0, len(stream), 100_000):  # the client sends in pieces
             writer.write(stream[i : i + 100_000])
             await writer.drain()
             await asyncio.sleep(0)
-        await asyncio.wait_for(done, 10)
-        back = await asyncio.wait_for(reader.readexactly(len(answers)), 10)
-        writer.close()
-        # The proxy's dup()s of the sockets must not keep the broker connection open.
-        await asyncio.wait_for(lost, 5)
-        proxy.close()
-        broker.close()
-        return bytes(got), back, sessions[0]
+        return await asyncio.wait_for(reader.readexactly(len(answers)), 10)
 
-    got, back, sess = _run_uvloop(main())
+    got, back, sess = _splice_rig(client)
     assert got == stream
     assert back == answers
     assert sess.spliced_bytes > 500_000  # most of the 1.5 MB of bodies never entered Python
@@ -185,23 +156,7 @@ def test_client_closing_in_the_middle_of_a_spliced_request_closes_the_broker_sid
 
     big = _big_request(1)
 
-    async def main():
-        loop = asyncio.get_running_loop()
-        got = bytearray()
-        lost = loop.create_future()
-
-        class Broker(asyncio.Protocol):
-            def data_received(self, data):
-                got.extend(data)
-
-            def connection_lost(self, exc):
-                lost.set_result(None)
-
-        broker = await loop.create_server(Broker, "127.0.0.1", 0)
-        sessions = []
-
-        proxy = await loop.create_server(_session_factory(broker, sessions), "127.0.0.1", 0)
-        _, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+    async def client(reader, writer, got):
         writer.write(big[:100_000])
         await writer.drain()
         while len(got) < 100_000:  # the head went through and the rest is being spliced
@@ -209,13 +164,9 @@ def test_client_closing_in_the_middle_of_a_spliced_request_closes_the_broker_sid
         await asyncio.sleep(0.05)
         writer.write(big[100_000:400_000])
         await writer.drain()
-        writer.close()
-        await asyncio.wait_for(lost, 5)
-        proxy.close()
-        broker.close()
-        return bytes(got), sessions[0]
+        # returning closes the client; the rig waits until the broker side is closed too
 
-    got, sess = _run_uvloop(main())
+    got, _, sess = _splice_rig(client)
     assert got == big[: len(got)] and len(got) <= 400_000
     assert sess.spliced_bytes > 0
     assert sess._closed and sess._splicer is None
@@ -223,8 +174,9 @@ def test_client_closing_in_the_middle_of_a_spliced_request_closes_the_broker_sid
 
 def _splice_rig(client):
     """A uvloop proxy session between real loopback sockets: a broker that records what it gets
-    and answers each complete request, and `client(reader, writer)` driving the client side.
-    Returns (bytes the broker got, the client's result, the session) once both sides closed."""
+    and answers each complete request, and `client(reader, writer, got)` driving the client side
+    (`got`: the broker's bytes so far). Returns (bytes the broker got, the client's result, the
+    session) once both sides closed."""
     import asyncio
 
     from parsers.kafka.frames import FrameDecoder
@@ -255,7 +207,7 @@ def _splice_rig(client):
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", proxy.sockets[0].getsockname()[1]
         )
-        result = await client(reader, writer)
+        result = await client(reader, writer, got)
         writer.close()
         await asyncio.wait_for(lost, 5)
         proxy.close()
@@ -285,7 +237,7 @@ def test_a_large_produce_sent_after_a_pause_is_spliced_from_its_head():
 
     first, second, third = _big_request(1), _big_request(2), _big_request(3)
 
-    async def client(reader, writer):
+    async def client(reader, writer, got):
         answers = []
         for payload in (first, second, third):
             answers.append(await _send_and_read_answer(reader, writer, payload))
@@ -313,7 +265,7 @@ def test_a_request_forwarded_from_a_head_read_reaches_the_broker_before_a_close(
     body = (999).to_bytes(2, "big") + bytes(2) + (4).to_bytes(4, "big") + b"\x00\x03app"
     unknown_api = len(body).to_bytes(4, "big") + body
 
-    async def client(reader, writer):
+    async def client(reader, writer, got):
         answers = [await _send_and_read_answer(reader, writer, _big_request(cid)) for cid in (1, 2)]
         await asyncio.sleep(0.05)  # the proxy now waits for the next head
         writer.write(small + unknown_api)  # the proxy closes on the second
@@ -378,7 +330,7 @@ def test_a_spliced_stream_keeps_its_client_watcher_and_does_not_retry_into_eagai
     )
     payloads = [_big_request(cid) for cid in (1, 2, 3, 4)]
 
-    async def client(reader, writer):
+    async def client(reader, writer, got):
         answers = []
         for payload in payloads:
             for i in range(0, len(payload), 50_000):  # a wait on the proxy side for each piece
