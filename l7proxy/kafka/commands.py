@@ -66,6 +66,7 @@ class Pending:
     denied_topics: tuple = ()  # Metadata: (name, id) answered with 29 in the response
     error_code: int = 0  # first non-zero error code seen in the response
     filter_topics: bool = False  # an "all topics" answer to filter by visibility
+    learn_session: bool = False  # a Fetch opening a fetch session: read the id it gets
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,7 @@ __all__ = [
 PRODUCE = 0
 CONSUMER_GROUP_HEARTBEAT = 68
 UNSUPPORTED_VERSION = 35
+FETCH_SESSION_ID_NOT_FOUND = 70
 # Versions that may carry broker endpoints in tagged fields (KIP-951): a gateway caps below them
 # so that clients only ever learn broker addresses from the responses it rewrites.
 GATEWAY_CAPS = {PRODUCE: 9, FETCH: 15}
@@ -90,6 +91,7 @@ class KafkaLayer(ResponseSide):
         self._req_left = 0  # bytes of a cut-through request still to pass on
         self._cut_tried = self._cut_tried_at = -1
         self._fetch_topics: set[str] = set()  # topics this connection's fetch session may hold
+        self._fetch_sessions: set[int] = set()  # fetch session ids the broker gave this connection
         self._fetch_rules = None  # the rule set the last Fetch was checked against
         # While the broker is asked about unknown topic ids: the waiting request's frame, the
         # whole frames behind it, then raw bytes not yet split (see ResolveTopicIds).
@@ -299,6 +301,11 @@ class KafkaLayer(ResponseSide):
         if allowed and key == FETCH and version >= 7:
             if not self._fetch_session_ok(rules, header, out):
                 return
+            epoch = request.get("session_epoch", -1)
+            if epoch > 0 and request.get("session_id") not in self._fetch_sessions:
+                self._unknown_fetch_session(header, request, pending, out)
+                return
+            pending.learn_session = epoch == 0
         if allowed:
             self._forward(framed, header, request, pending, names, out)
             return
@@ -332,6 +339,24 @@ class KafkaLayer(ResponseSide):
         self._close(out, "fetch_session_denied",
                     f"policy changed: the fetch session holds denied topic {denied[0]}", header)  # fmt: skip
         return False
+
+    def _unknown_fetch_session(self, header: RequestHeader, request, pending, out: list) -> None:
+        """An incremental Fetch (epoch > 0) continuing a session this connection did not open.
+        Its partitions were checked where the session was opened, perhaps under a policy since
+        revoked, and the broker serves them without their being named here: answer as a broker
+        that does not know the session (FETCH_SESSION_ID_NOT_FOUND), and the client opens a new
+        one here with a full Fetch naming every partition."""
+        version = header.api_version
+        body = bytearray(encode_response_header(header.correlation_id, FETCH, pending.flexible))
+        API_TABLE[FETCH].response_codec(version).encode(
+            body, {"error_code": FETCH_SESSION_ID_NOT_FOUND, "session_id": 0, "responses": []}
+        )
+        out.append(Record("REQUEST", "DROPPED", FETCH, version, header.correlation_id,
+                          header.client_id, error_code=FETCH_SESSION_ID_NOT_FOUND,
+                          reason="FETCH_SESSION_NOT_OPENED_HERE"))  # fmt: skip
+        pending.synthetic = frame(body)
+        self._pending.append(pending)
+        self._flush_synthetic(out)
 
     def _unsupported_api_versions(self, header: RequestHeader, spec, now: int, out: list) -> None:
         """A client opens with ApiVersions at its newest version. Newer than the proxy parses:

@@ -36,16 +36,27 @@ MAX_RESPONSE_BYTES = 1 << 30
 # Responses up to this size (other than Fetch) are read for their error codes.
 INSPECT_LIMIT = 64 * 1024
 MAX_TOPIC_IDS = 200_000
+# Fetch v7+ response head after the correlation id (and header tags): throttle_time_ms,
+# error_code, session_id. SESSION_PEEK bytes cover it behind any sane tag section.
+_FETCH_HEAD = struct.Struct(">ihi")
+SESSION_PEEK = 64
+MAX_FETCH_SESSIONS = 64  # per connection (a client keeps one per broker connection)
 
 
 class ResponseSide:
     """Mixed into KafkaLayer. Uses the layer's `_pending` queue, `_settings`, `_rules`,
-    `_supported`, `_clock`, `topic_names`, `closed` and `_close()`; owns the `_resp_*`, `_run_*`,
-    `_view` and `_pending_slices` state set up by `_init_response_side()`."""
+    `_supported`, `_clock`, `topic_names`, `_fetch_sessions`, `closed` and `_close()`; owns the
+    `_resp_*`, `_run_*`, `_peek*`, `_view` and `_pending_slices` state set up by
+    `_init_response_side()`."""
 
     def _init_response_side(self) -> None:
         self._resp_head = bytearray()  # a response header split across reads
         self._resp_left = 0  # bytes of the current response still to splice
+        # The first bytes of a spliced Fetch response that opens a fetch session (its id is
+        # in them), gathered as they pass; None when not looking.
+        self._peek: bytearray | None = None
+        self._peek_need = 0
+        self._peek_flexible = False
         self._resp_buffer: bytearray | None = None  # a response read whole
         self._resp_size = 0
         self._view: memoryview | None = None  # the read being processed
@@ -55,7 +66,7 @@ class ResponseSide:
     def pass_response_bytes(self, n: int) -> bool:
         """Fast path: True when `n` upstream bytes lie inside the response being spliced and do
         not finish it, so the caller may write them to the client as they are."""
-        if self._resp_left > n and not self.closed:
+        if self._resp_left > n and self._peek is None and not self.closed:
             self._resp_left -= n
             return True
         return False
@@ -71,6 +82,8 @@ class ResponseSide:
         while pos < end and not self.closed:
             if self._resp_left:
                 n = min(self._resp_left, end - pos)
+                if self._peek is not None:
+                    self._peek_at(self._view[pos : pos + n])
                 self._emit(pos, pos + n)
                 pos += n
                 self._resp_left -= n
@@ -162,6 +175,11 @@ class ResponseSide:
             self._flush_run(out)
             out.append(ToClient(head))
         self._resp_left = size - 4
+        if pending.learn_session:
+            # Header tags (flexible), throttle_time_ms, error_code, session_id: a few bytes.
+            self._peek = bytearray()
+            self._peek_need = min(size - 4, SESSION_PEEK)
+            self._peek_flexible = pending.flexible
         if not self._resp_left:
             self._response_done(out)
         return pos
@@ -239,7 +257,25 @@ class ResponseSide:
         pending.error_code = codes[0] if codes else 0
         return None
 
+    def _peek_at(self, chunk) -> None:
+        """Gather the head of a session-opening Fetch response; once there, learn its id."""
+        peek = self._peek
+        peek += chunk[: self._peek_need - len(peek)]
+        if len(peek) < self._peek_need:
+            return
+        self._peek = None
+        try:
+            at = response_header_size(FETCH, self._peek_flexible, peek, 0)
+            _, error_code, session_id = _FETCH_HEAD.unpack_from(peek, at)
+        except (FrameError, IndexError, struct.error):
+            return  # unreadable: the session stays unknown here (its next Fetch gets 70)
+        if error_code == 0 and session_id:
+            if len(self._fetch_sessions) >= MAX_FETCH_SESSIONS:
+                self._fetch_sessions.clear()
+            self._fetch_sessions.add(session_id)
+
     def _response_done(self, out: list) -> None:
+        self._peek = None  # a response shorter than the peek: nothing learned
         pending = self._pending.popleft()
         out.append(Record("RESPONSE", "FORWARDED", pending.api_key, pending.api_version,
                           pending.correlation_id, error_code=pending.error_code,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from l7proxy.kafka.layer import (
     Close,
     KafkaLayer,
@@ -469,3 +471,68 @@ def test_api_versions_newer_than_parsed_gets_unsupported_version_in_v0():
         assert decoded._header.correlation_id == 3 and decoded.error_code == 35
         assert [(k.api_key, k.max_version) for k in decoded.api_keys] == [(18, newest)]
         assert not lay.closed
+
+
+def _fetch_in_session(cid, version, session_id, epoch):
+    return request(1, version, cid, {"max_wait_ms": 1, "rack_id": "", "session_id": session_id,
+                                     "session_epoch": epoch, "topics": [
+        {"topic": "t1", "partitions": [{"partition": 0}]}]})  # fmt: skip
+
+
+def _fetch_answer(version, cid, session_id, error_code=0):
+    return response(1, version, cid, {"error_code": error_code, "session_id": session_id,
+                                      "responses": [{"topic": "t1", "partitions": [
+        {"partition_index": 0, "records": b"R" * 3000}]}]})  # fmt: skip
+
+
+FETCH_T1 = KafkaRuleSet([KafkaRule(api_keys=(1, 3, 18), topic="t1")])
+
+
+@pytest.mark.parametrize("version", [7, 11, 12, 15])
+def test_an_incremental_fetch_needs_a_session_opened_on_this_connection(version):
+    """The session id comes from the answer to the Fetch that opened it (read as the answer
+    streams by, here cut at every byte of its head); an incremental Fetch of any other session
+    is answered FETCH_SESSION_ID_NOT_FOUND and never reaches the broker."""
+    answer = _fetch_answer(version, 1, 77)
+    for cut in range(1, 40):
+        lay = layer(FETCH_T1)
+        assert of(ToUpstream, lay.client_data(_fetch_in_session(1, version, 0, 0)))
+        out = lay.upstream_data(answer[:cut]) + lay.upstream_data(answer[cut:])
+        assert b"".join(bytes(c.data) for c in of(ToClient, out)) == answer
+        incremental = _fetch_in_session(2, version, 77, 1)
+        assert _upstream_bytes(lay.client_data(incremental)) == incremental, cut
+        other = lay.client_data(_fetch_in_session(3, version, 78, 1))
+        assert not of(ToUpstream, other)
+    # The answer waits its turn behind the forwarded incremental Fetch's.
+    answer_70 = of(ToClient, lay.upstream_data(_fetch_answer(version, 2, 77)))[-1]
+    decoded = RESPONSES[1].decode(bytes(answer_70.data)[4:], version=version, header=True)
+    assert decoded._header.correlation_id == 3
+    assert (decoded.error_code, decoded.session_id, decoded.responses) == (70, 0, [])
+    (record,) = of(Record, other)
+    assert (record.verdict, record.error_code) == ("DROPPED", 70)
+
+
+def test_a_session_opened_on_another_connection_is_not_continued_here():
+    """After a policy change revokes a topic, its connection is closed (fetch_session_denied);
+    the client must not keep the old session's partitions by naming its id elsewhere."""
+    first, second = layer(FETCH_T1), layer(FETCH_T1)
+    first.client_data(_fetch_in_session(1, 11, 0, 0))
+    first.upstream_data(_fetch_answer(11, 1, 77))
+    assert of(ToUpstream, first.client_data(_fetch_in_session(2, 11, 77, 1)))
+    out = second.client_data(_fetch_in_session(1, 11, 77, 2))
+    assert not of(ToUpstream, out) and of(ToClient, out)
+
+
+def test_a_failed_or_sessionless_fetch_opens_no_session():
+    lay = layer(FETCH_T1)
+    lay.client_data(_fetch_in_session(1, 11, 0, 0))
+    lay.upstream_data(_fetch_answer(11, 1, 77, error_code=29))
+    assert not of(ToUpstream, lay.client_data(_fetch_in_session(2, 11, 77, 1)))
+    assert of(ToUpstream, lay.client_data(_fetch_in_session(3, 11, 0, -1)))  # no session: fine
+    assert not lay._fetch_sessions
+
+
+def test_without_l7_rules_fetch_sessions_pass_untouched():
+    lay = layer(None)
+    incremental = _fetch_in_session(1, 11, 77, 5)
+    assert _upstream_bytes(lay.client_data(incremental)) == incremental
