@@ -5,8 +5,9 @@ session in a background event loop in front of it.
 process group and waits until the port answers an ApiVersions request.
 `ProxyThread` serves `l7proxy.kafka.session.make_session` on 127.0.0.1:0 with a swappable rule set
 and records every flow, exactly as the gateway would wire it.
-`start_gateway` runs the real `l7proxy gateway` command in front of a broker (`KafkaGateway`), with
-a CiliumNetworkPolicy allowing produce and consume on one topic (the gateway tests and the bench).
+`start_gateway` runs the real `l7proxy gateway` command in front of a broker (tests.e2e.peers'
+`Gateway`), with a CiliumNetworkPolicy allowing produce and consume on one topic (the gateway
+tests and the bench).
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.e2e.peers import ADMIN_RE, LISTEN_RE
+from tests.e2e.peers import Gateway
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -166,69 +166,18 @@ spec:
 """
 
 
-class KafkaGateway:
-    """`l7proxy gateway --listen L --upstream B ...` as a subprocess (the real command, nothing
-    around it); ready when its stderr says so."""
-
-    def __init__(self, listen: str, upstream: str, args: list[str], tmp_path,
-                 flow_log: bool = True) -> None:  # fmt: skip
-        self.flow_log = tmp_path / "flows.log"
-        self.err_path = tmp_path / "gateway.err"
-        self._err = open(self.err_path, "w+")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "l7proxy", "gateway", "--listen", listen,
-               "--upstream", upstream, *args]  # fmt: skip
-        if flow_log:
-            cmd += ["--flow-log", str(self.flow_log)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err,
-                                     cwd=REPO, start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            text = self.err_path.read_text()
-            if "ready:" in text:
-                self.port = int(LISTEN_RE.search(text).group(1))
-                self.admin_port = int(ADMIN_RE.search(text).group(1))
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {text}")
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(self.err_path.read_text())
-
-    def flows(self) -> list[dict]:
-        if not self.flow_log.exists():
-            return []
-        return [json.loads(line) for line in self.flow_log.read_text().splitlines() if line]
-
-    def wait_flows(self, predicate, timeout: float = 10.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while not predicate(flows := self.flows()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return flows
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._err.close()
-
-
 def start_gateway(broker, tmp_path, protocol: str, host="127.0.0.1", extra=(), topic=None,
-                  flow_log: bool = True) -> KafkaGateway:  # fmt: skip
+                  flow_log: bool = True) -> Gateway:  # fmt: skip
     """The gateway in front of `broker` with POLICY (role produce and consume on `topic`, a
     fresh name by default) on a free port; `gw.topic` names the topic."""
     topic = topic or f"gw-{uuid.uuid4().hex[:8]}"
     port = free_port()
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(port=port, topic=topic))
-    gw = KafkaGateway(
-        f"{host}:{port}", broker.address,
-        ["--policy", str(policy), "--labels", "app=kafka", "--protocol", protocol,
-         "--admin", "127.0.0.1:0", *extra],
-        tmp_path, flow_log,
+    gw = Gateway(
+        ["--listen", f"{host}:{port}", "--upstream", broker.address, "--policy", str(policy),
+         "--labels", "app=kafka", "--protocol", protocol, "--admin", "127.0.0.1:0", *extra],
+        flow_log=str(tmp_path / "flows.log") if flow_log else None,
     )  # fmt: skip
     gw.topic = topic
     gw.broker_host, gw.broker_port = broker.host, broker.port

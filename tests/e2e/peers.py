@@ -263,8 +263,12 @@ class Gateway:
 
     def wait_flows(self, count: int, timeout: float = 10.0) -> list[dict]:
         """The flows once at least `count` are written (flows are flushed asynchronously)."""
+        return self.wait_flows_until(lambda flows: len(flows) >= count, timeout)
+
+    def wait_flows_until(self, done, timeout: float = 10.0) -> list[dict]:
+        """The flows once `done(flows)` holds, or whatever is there after `timeout`."""
         end = time.monotonic() + timeout
-        while len(flows := self.flows()) < count and time.monotonic() < end:
+        while not done(flows := self.flows()) and time.monotonic() < end:
             time.sleep(0.05)
         return flows
 

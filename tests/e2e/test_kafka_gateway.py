@@ -76,7 +76,7 @@ def test_gateway_produce_consume_and_denied_topic(gateway):
     assert ("127.0.0.1", gateway.port) in peers
     assert (gateway.broker_host, gateway.broker_port) not in peers
     assert denied_after < 2.0
-    flows = gateway.wait_flows(lambda fl: any(f["verdict"] == "DROPPED" for f in fl))
+    flows = gateway.wait_flows_until(lambda fl: any(f["verdict"] == "DROPPED" for f in fl))
     kafka = [f for f in flows if f.get("l7", {}).get("kafka")]
     forwarded = {(f["l7"]["kafka"]["api_key"], f["l7"]["kafka"]["topic"])
                  for f in kafka if f["verdict"] == "FORWARDED"}  # fmt: skip
