@@ -288,21 +288,28 @@ class BigHeadBackend(threading.Thread):
         self.sock.close()
 
 
-def test_upstream_response_head_limit_from_config_file_answers_502(tmp_path):
-    backend = BigHeadBackend()
-    backend.start()
+def _gateway_with_limits(tmp_path, backend, limits: str, *extra: str, flow_log=None):
+    """The gateway on a free port in front of `backend`, GET /head/.* allowed, with the
+    `limits:` section of a config file set to `limits` (YAML lines)."""
     port = free_port()
     policy = tmp_path / "policy.yaml"
     policy.write_text(policy_yaml(port, '- method: GET\n          path: "/head/.*"'))
     conf = tmp_path / "gw.yaml"
-    conf.write_text("limits:\n  max_response_header_bytes: 4096\n")
-    flow_log = tmp_path / "flows.log"
+    conf.write_text(f"limits:\n  {limits}\n")
     gw = Gateway(
         ["--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{backend.port}",
-         "--policy", str(policy), "--labels", "app=web", "--admin", "127.0.0.1:0",
-         "-c", str(conf)],
-        flow_log=str(flow_log),
+         "--policy", str(policy), "--labels", "app=web", "-c", str(conf), *extra],
+        flow_log=flow_log,
     )  # fmt: skip
+    return gw, port
+
+
+def test_upstream_response_head_limit_from_config_file_answers_502(tmp_path):
+    backend = BigHeadBackend()
+    backend.start()
+    gw, port = _gateway_with_limits(tmp_path, backend, "max_response_header_bytes: 4096",
+                                    "--admin", "127.0.0.1:0",
+                                    flow_log=str(tmp_path / "flows.log"))  # fmt: skip
     try:
         out = raw_exchange(
             port,
@@ -333,15 +340,7 @@ def test_idle_clients_give_their_upstream_connection_back_to_the_pool(tmp_path):
     only that long, so later clients reuse it and idle clients don't each hold one."""
     backend = BigHeadBackend()
     backend.start()
-    port = free_port()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(policy_yaml(port, '- method: GET\n          path: "/head/.*"'))
-    conf = tmp_path / "gw.yaml"
-    conf.write_text("limits:\n  upstream_park_after: 0.2\n")
-    gw = Gateway(
-        ["--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{backend.port}",
-         "--policy", str(policy), "--labels", "app=web", "-c", str(conf)],
-    )  # fmt: skip
+    gw, port = _gateway_with_limits(tmp_path, backend, "upstream_park_after: 0.2")
     request = b"GET /head/1 HTTP/1.1\r\nHost: web\r\n\r\n"
     clients = []
     try:
