@@ -29,8 +29,8 @@ class Close:
 class ResolveTopicIds:
     """A request names topic ids that no Metadata response seen by this process named (its
     Metadata went through another worker, or before a restart). The session asks the broker
-    itself (one Metadata request on a connection of its own), adds what it learns to the layer's
-    `topic_names`, then calls `KafkaLayer.topic_ids_resolved()`. Until then the request waits,
+    itself (one Metadata request on a connection of its own), hands what it learns to the layer's
+    `learn_topic_ids()`, then calls `KafkaLayer.topic_ids_resolved()`. Until then the request waits,
     and every request behind it: answers stay in order."""
 
     ids: tuple[bytes, ...]

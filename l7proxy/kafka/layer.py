@@ -354,9 +354,7 @@ class KafkaLayer(ResponseSide):
         out.append(Record("REQUEST", "DROPPED", FETCH, version, header.correlation_id,
                           header.client_id, error_code=FETCH_SESSION_ID_NOT_FOUND,
                           reason="FETCH_SESSION_NOT_OPENED_HERE"))  # fmt: skip
-        pending.synthetic = frame(body)
-        self._pending.append(pending)
-        self._flush_synthetic(out)
+        self._answer_here(pending, frame(body), out)
 
     def _unsupported_api_versions(self, header: RequestHeader, spec, now: int, out: list) -> None:
         """A client opens with ApiVersions at its newest version. Newer than the proxy parses:
@@ -371,16 +369,14 @@ class KafkaLayer(ResponseSide):
         out.append(Record("REQUEST", "ERROR", API_VERSIONS, header.api_version,
                           header.correlation_id, header.client_id, error_code=UNSUPPORTED_VERSION,
                           reason="unsupported_version"))  # fmt: skip
-        self._pending.append(
-            Pending(
-                header.correlation_id,
-                API_VERSIONS,
-                header.api_version,
-                False,
-                now,
-                synthetic=frame(body),
-            )  # fmt: skip
-        )
+        pending = Pending(header.correlation_id, API_VERSIONS, header.api_version, False, now)
+        self._answer_here(pending, frame(body), out)
+
+    def _answer_here(self, pending: Pending, framed: bytes, out: list) -> None:
+        """Answer `pending` with `framed` instead of the broker, in its turn behind the answers
+        still owed (Kafka answers in order on a connection)."""
+        pending.synthetic = framed
+        self._pending.append(pending)
         self._flush_synthetic(out)
 
     @staticmethod
@@ -415,9 +411,7 @@ class KafkaLayer(ResponseSide):
             self._close(out, "unanswerable_denial",
                         f"{spec.spec_name} v{header.api_version} has no error field", header)  # fmt: skip
             return
-        pending.synthetic = response
-        self._pending.append(pending)
-        self._flush_synthetic(out)
+        self._answer_here(pending, response, out)
 
     def _metadata_subset(self, framed, header, request, pending, rules, out) -> None:
         """Forward Metadata for the allowed topics only; the denied ones come back as 29."""

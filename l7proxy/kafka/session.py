@@ -26,7 +26,6 @@ from l7proxy.kafka.commands import (
 from l7proxy.kafka.layer import KafkaLayer
 from l7proxy.kafka.resolve import shared_lookup
 from l7proxy.kafka.settings import settings_for
-from l7proxy.kafka.splice import MAX_TOPIC_IDS
 from parsers.kafka.apis import api_name
 
 _VERDICTS = {"FORWARDED": FORWARDED, "DROPPED": DROPPED, "ERROR": ERROR}
@@ -544,10 +543,7 @@ class KafkaSession(asyncio.Protocol):
         self._lookup_task = None
         if self._closed:
             return
-        names = self.layer.topic_names
-        if len(names) + len(learned) > MAX_TOPIC_IDS:
-            names.clear()  # bounded, as in the response path
-        names.update(learned)
+        self.layer.learn_topic_ids(learned)
         # Release first: a request behind this one may need a lookup of its own, and its
         # ResolveTopicIds must leave the client paused (reading resumes on a later loop turn
         # only, after the commands below have run).

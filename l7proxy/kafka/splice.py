@@ -56,7 +56,6 @@ class ResponseSide:
         # in them), gathered as they pass; None when not looking.
         self._peek: bytearray | None = None
         self._peek_need = 0
-        self._peek_flexible = False
         self._resp_buffer: bytearray | None = None  # a response read whole
         self._resp_size = 0
         self._view: memoryview | None = None  # the read being processed
@@ -179,7 +178,6 @@ class ResponseSide:
             # Header tags (flexible), throttle_time_ms, error_code, session_id: a few bytes.
             self._peek = bytearray()
             self._peek_need = min(size - 4, SESSION_PEEK)
-            self._peek_flexible = pending.flexible
         if not self._resp_left:
             self._response_done(out)
         return pos
@@ -231,9 +229,7 @@ class ResponseSide:
             rules = self._rules()
             visible = None if rules is None or rules.allow_all else rules.topic_visible
             result = rewrite_metadata(body, version, visible, pending.denied_topics, brokers)
-            if len(self.topic_names) > MAX_TOPIC_IDS:
-                self.topic_names.clear()  # bounded; Metadata responses refill it
-            self.topic_names.update(result.topic_ids)
+            self.learn_topic_ids(result.topic_ids)
             return result.body
         if brokers and key in (FIND_COORDINATOR, DESCRIBE_CLUSTER):
             return rewrite_brokers(key, body, version, brokers)
@@ -257,6 +253,13 @@ class ResponseSide:
         pending.error_code = codes[0] if codes else 0
         return None
 
+    def learn_topic_ids(self, ids: dict[bytes, str]) -> None:
+        """Add id -> name pairs (from a Metadata answer) to the map; bounded, and Metadata
+        answers refill it after a clear."""
+        if len(self.topic_names) > MAX_TOPIC_IDS:
+            self.topic_names.clear()
+        self.topic_names.update(ids)
+
     def _peek_at(self, chunk) -> None:
         """Gather the head of a session-opening Fetch response; once there, learn its id."""
         peek = self._peek
@@ -265,7 +268,7 @@ class ResponseSide:
             return
         self._peek = None
         try:
-            at = response_header_size(FETCH, self._peek_flexible, peek, 0)
+            at = response_header_size(FETCH, self._pending[0].flexible, peek, 0)
             _, error_code, session_id = _FETCH_HEAD.unpack_from(peek, at)
         except (FrameError, IndexError, struct.error):
             return  # unreadable: the session stays unknown here (its next Fetch gets 70)
