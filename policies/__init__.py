@@ -1,14 +1,8 @@
 """Policy engine: YAML -> model -> identities -> compiled MapState + L7 rule sets. Pure: no I/O
 except loading files at the edge (`load_paths`)."""
 
-from policies.compile import (
-    CompiledPolicy,
-    EndpointPolicy,
-    L4Verdict,
-    compile_policy,
-    diff,
-    l4_verdict,
-)
+from policies.compile import compile_policy
+from policies.compiled import CompiledPolicy, EndpointPolicy, L4Verdict, diff, l4_verdict
 from policies.diagnostics import Diagnostic, PolicyError
 from policies.identity import (
     HEALTH,
@@ -33,8 +27,17 @@ from policies.kafka_keys import ROLES as KAFKA_ROLES
 from policies.l7 import HttpRuleSet, HttpVerdict, KafkaRuleSet, KafkaVerdict, L7RuleSet
 from policies.labels import NAMESPACE_KEY, Label, LabelSet, Selector, parse_labels
 from policies.loader import LoadResult, load_paths, load_text
-from policies.mapstate import EGRESS, INGRESS, MapChanges, MapState, PolicyEntry, PolicyKey
-from policies.model import PROTO_ANY, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Rule
+from policies.mapstate import MapChanges, MapState, PolicyEntry, PolicyKey
+from policies.model import (
+    EGRESS,
+    INGRESS,
+    PROTO_ANY,
+    PROTO_ICMP,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
+    Rule,
+)
 
 __all__ = [
     "CompiledPolicy",

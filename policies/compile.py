@@ -14,25 +14,27 @@ Endpoints selected by the same rules share one MapState object.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
 from policies import identity as ids
+from policies.compiled import CompiledPolicy, EndpointPolicy
 from policies.diagnostics import WARNING, Diagnostic
 from policies.l7 import HttpRuleSet, KafkaRuleSet
 from policies.labels import LabelSet, Selector
 from policies.mapstate import (
-    EGRESS,
-    INGRESS,
-    MapChanges,
     MapState,
     PolicyEntry,
     PolicyKey,
-    diff_maps,
+    covers,
+    group_by_direction,
+    group_by_peer,
+    intersect,
+    overlap_candidates,
     port_prefixes,
 )
 from policies.model import (
+    EGRESS,
+    INGRESS,
     PROTO_ANY,
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -43,46 +45,10 @@ from policies.model import (
     PortProto,
     Rule,
 )
+from policies.selection import has_named_ports, is_host, named_port_numbers, select_rules
 from policies.selectors import Universe
 
 ALL_PORTS = PortProto(0, 0, PROTO_ANY)
-
-
-@dataclass(slots=True)
-class EndpointPolicy:
-    identity: int
-    ingress_enforced: bool
-    egress_enforced: bool
-    map_state: MapState
-    rules: tuple[str, ...] = ()  # idents of the rules that select this endpoint
-
-
-@dataclass(slots=True)
-class CompiledPolicy:
-    revision: int
-    endpoints: dict[str, EndpointPolicy]
-    l7: dict[int, HttpRuleSet | KafkaRuleSet]
-    diagnostics: list[Diagnostic] = field(default_factory=list)
-    rules: tuple[Rule, ...] = ()
-    # reuse state for `compile_policy(..., previous=...)`: identities seen, MapState per
-    # (selecting rules by value, enforcement, named-port owner), L7 content -> id
-    _universe: dict = field(default_factory=dict, repr=False)
-    _maps: dict = field(default_factory=dict, repr=False)
-    _l7_sets: dict = field(default_factory=dict, repr=False)
-    _named_ports: object = field(default=None, repr=False)
-    _endpoints: dict = field(default_factory=dict, repr=False)
-    _selected: dict = field(default_factory=dict, repr=False)
-
-    def endpoint(self, name: str) -> EndpointPolicy:
-        return self.endpoints[name]
-
-
-@dataclass(slots=True)
-class L4Verdict:
-    action: str  # "deny" | "allow" | "redirect"
-    l7_id: int
-    reason: str
-    entry: PolicyEntry | None
 
 
 class _Acc:
@@ -98,38 +64,16 @@ class _Acc:
         self.sources: set[str] = set()
 
 
-def _is_host(labels: LabelSet) -> bool:
-    return any(label.source == "reserved" and label.key == "host" for label in labels)
-
-
-def selects(rule: Rule, labels: LabelSet) -> bool:
-    if _is_host(labels):
-        return rule.node_selector is not None and rule.node_selector.matches(labels)
-    return rule.selector is not None and rule.selector.matches(labels)
-
-
 def _proto_keys(proto: int) -> tuple[int, ...]:
     return (PROTO_TCP, PROTO_UDP, PROTO_SCTP) if proto == PROTO_ANY else (proto,)
 
 
-def _port_keys(pp: PortProto) -> list[tuple[int, int, int]]:
+def port_keys(pp: PortProto) -> list[tuple[int, int, int]]:
     """(proto, port, prefix_len) keys for one port/protocol entry."""
     if pp.port == 0:
         return [(pp.proto, 0, 0)]
     blocks = port_prefixes(pp.port, pp.end_port)
     return [(proto, port, plen) for proto in _proto_keys(pp.proto) for port, plen in blocks]
-
-
-def named_port_numbers(
-    named_ports: Mapping[str, Mapping[str, int]], name: str, direction: int, own: str
-) -> list[int]:
-    """The numbers a policy's port `name` stands for on endpoint `own`: for ingress the names
-    `own` itself gave its ports, for egress any endpoint's (the peers')."""
-    if direction == INGRESS:
-        tables = [named_ports.get(own, {})]
-    else:
-        tables = list(named_ports.values())
-    return sorted({t[name] for t in tables if name in t})
 
 
 class _Compiler:
@@ -212,7 +156,7 @@ class _Compiler:
             for port_rule in pr.ports:
                 for pp in port_rule.ports or (ALL_PORTS,):
                     for resolved in self._resolve_named(pp, rule, pr, direction, own_name):
-                        for proto, port, plen in _port_keys(resolved):
+                        for proto, port, plen in port_keys(resolved):
                             port_entries.append((proto, port, plen, port_rule.l7))
         for peer in sorted(peers):
             for proto, port, plen, l7 in port_entries:
@@ -245,21 +189,19 @@ class _Compiler:
         deny_keys = [k for k in keys if acc[k].deny]
         l7_keys = [k for k in allow_keys if acc[k].parser]
         candidates = set(allow_keys)
-        by_peer = _group(allow_keys)
-        by_dir = _group_dir(allow_keys)
+        by_peer = group_by_peer(allow_keys)
+        by_dir = group_by_direction(allow_keys)
         for c in l7_keys:
-            for a in _overlap_candidates(c, by_peer, by_dir):
+            for a in overlap_candidates(c, by_peer, by_dir):
                 if a is not c:
-                    inter = _intersect(a, c)
+                    inter = intersect(a, c)
                     if inter is not None:
                         candidates.add(inter)
         out: dict[PolicyKey, PolicyEntry] = {}
         for key in sorted(candidates):
-            covering = [
-                b for b in by_peer.get((key.identity, key.direction), ()) if _covers(b, key)
-            ]
+            covering = [b for b in by_peer.get((key.identity, key.direction), ()) if covers(b, key)]
             if key.identity:
-                covering += [b for b in by_peer.get((0, key.direction), ()) if _covers(b, key)]
+                covering += [b for b in by_peer.get((0, key.direction), ()) if covers(b, key)]
             parsers = {acc[b].parser for b in covering if acc[b].parser}
             sources = tuple(sorted({s for b in covering for s in acc[b].sources}))
             if not parsers:
@@ -280,10 +222,10 @@ class _Compiler:
             dsrc = tuple(sorted(acc[d].sources))
             out[d] = PolicyEntry(True, 0, dsrc)
         allowed = [k for k, e in out.items() if not e.deny]
-        allow_by_peer, allow_by_dir = _group(allowed), _group_dir(allowed)
+        allow_by_peer, allow_by_dir = group_by_peer(allowed), group_by_direction(allowed)
         for d in deny_keys:
-            for a in _overlap_candidates(d, allow_by_peer, allow_by_dir):
-                inter = _intersect(a, d)
+            for a in overlap_candidates(d, allow_by_peer, allow_by_dir):
+                inter = intersect(a, d)
                 if inter is None:
                     continue
                 prev = out.get(inter)
@@ -306,57 +248,6 @@ class _Compiler:
         self.l7[number] = cls(rules, allow_all=allow_all, sources=sources)
         self.l7_sets[content] = number
         return number
-
-
-def _group(keys: Iterable[PolicyKey]) -> dict[tuple[int, int], list[PolicyKey]]:
-    out: dict[tuple[int, int], list[PolicyKey]] = {}
-    for k in keys:
-        out.setdefault((k.identity, k.direction), []).append(k)
-    return out
-
-
-def _group_dir(keys: Iterable[PolicyKey]) -> dict[int, list[PolicyKey]]:
-    out: dict[int, list[PolicyKey]] = {}
-    for k in keys:
-        out.setdefault(k.direction, []).append(k)
-    return out
-
-
-def _overlap_candidates(key: PolicyKey, by_peer, by_dir) -> list[PolicyKey]:
-    """Keys that can overlap `key`: same peer or any-peer keys; every key for an any-peer key."""
-    if key.identity == 0:
-        return by_dir.get(key.direction, [])
-    return by_peer.get((key.identity, key.direction), []) + by_peer.get((0, key.direction), [])
-
-
-def _covers(b: PolicyKey, k: PolicyKey) -> bool:
-    """b's key space contains k's."""
-    if b.direction != k.direction:
-        return False
-    if b.identity not in (0, k.identity):
-        return False
-    if b.proto not in (0, k.proto):
-        return False
-    if b.prefix_len > k.prefix_len:
-        return False
-    shift = 16 - b.prefix_len
-    return (k.port >> shift) == (b.port >> shift)
-
-
-def _intersect(a: PolicyKey, b: PolicyKey) -> PolicyKey | None:
-    if a.direction != b.direction:
-        return None
-    if a.identity and b.identity and a.identity != b.identity:
-        return None
-    if a.proto and b.proto and a.proto != b.proto:
-        return None
-    narrow, wide = (a, b) if a.prefix_len >= b.prefix_len else (b, a)
-    shift = 16 - wide.prefix_len
-    if (narrow.port >> shift) != (wide.port >> shift):
-        return None
-    return PolicyKey(
-        a.identity or b.identity, a.direction, a.proto or b.proto, narrow.port, narrow.prefix_len
-    )
 
 
 def _cidrs(rules: Iterable[Rule]):
@@ -400,7 +291,7 @@ def compile_policy(
             ipcache.upsert(net, number)
     identities = allocator.identities()
     for labels in endpoints.values():
-        if _is_host(labels) and len(labels) > 1:
+        if is_host(labels) and len(labels) > 1:
             # the local node's labels (kubernetes.io/hostname...) are what fromNodes selects
             identities[ids.HOST] = identities[ids.HOST].with_labels(labels)
     universe = Universe(identities)
@@ -419,7 +310,7 @@ def compile_policy(
         compiler.l7.update(previous.l7)
         diagnostics.extend(previous.diagnostics)
         compiler.reported.update((d.file, d.line, d.field, d.reason) for d in previous.diagnostics)
-    selecting_by_ep, selected = _selecting(rules, endpoints, reuse_selected)
+    selecting_by_ep, selected = select_rules(rules, endpoints, reuse_selected)
     maps: dict[tuple, MapState] = {}
     out: dict[str, EndpointPolicy] = {}
     for name in sorted(endpoints):
@@ -428,7 +319,7 @@ def compile_policy(
             any(r.has_ingress and r.default_deny_ingress for r in selecting),
             any(r.has_egress and r.default_deny_egress for r in selecting),
         )
-        uses_named = named_ports and any(_has_named_ports(r) for r in selecting)
+        uses_named = named_ports and any(has_named_ports(r) for r in selecting)
         cache_key = (tuple(selecting), enforced, name if uses_named else None)
         state = maps.get(cache_key)
         if state is None:
@@ -458,141 +349,3 @@ def compile_policy(
         _endpoints=dict(endpoints),
         _selected=selected,
     )
-
-
-def _selecting(
-    rules: tuple[Rule, ...], endpoints: Mapping[str, LabelSet], reuse: dict | None = None
-) -> tuple[dict[str, list[Rule]], dict[Rule, tuple[str, ...]]]:
-    """For each endpoint, the rules that select it (in rule order), via a label index so a rule
-    only tests the endpoints that carry its first `In` label. `reuse` holds the endpoints each
-    rule selected last time (valid when the endpoints did not change)."""
-    out: dict[str, list[Rule]] = {name: [] for name in endpoints}
-    selected: dict[Rule, tuple[str, ...]] = {}
-    hosts = [name for name, labels in endpoints.items() if _is_host(labels)]
-    host_set = set(hosts)
-    index: dict[tuple[str, str], list[str]] = {}
-    by_key: dict[str, list[str]] = {}
-    for name, labels in endpoints.items():
-        if name in host_set:
-            continue
-        for label in labels:
-            index.setdefault((label.key, label.value), []).append(name)
-            by_key.setdefault(label.key, []).append(name)
-    pods = [name for name in endpoints if name not in host_set]
-    for rule in rules:
-        known = reuse.get(rule) if reuse else None
-        if known is not None:
-            for name in known:
-                out[name].append(rule)
-            selected[rule] = known
-            continue
-        sel = rule.selector
-        if sel is not None:
-            candidates = pods
-            for req in sel.requirements:
-                if req.operator == "In":
-                    found: list[str] = []
-                    for value in req.values:
-                        found.extend(index.get((req.key, value), ()))
-                    candidates = found
-                    break
-                if req.operator == "Exists":
-                    candidates = by_key.get(req.key, [])
-                    break
-            names = [name for name in dict.fromkeys(candidates) if sel.matches(endpoints[name])]
-        else:
-            names = []
-        if rule.node_selector is not None:
-            names += [name for name in hosts if rule.node_selector.matches(endpoints[name])]
-        for name in names:
-            out[name].append(rule)
-        selected[rule] = tuple(names)
-    return out, selected
-
-
-def _has_named_ports(rule: Rule) -> bool:
-    for section in (rule.ingress, rule.egress):
-        for pr in section:
-            for port_rule in pr.ports:
-                if any(pp.name for pp in port_rule.ports):
-                    return True
-    return False
-
-
-def diff(old: CompiledPolicy | None, new: CompiledPolicy) -> dict[str, MapChanges]:
-    """Per endpoint: the adds and deletes that turn old's MapState into new's.
-
-    Endpoints gone from `new` get all their keys deleted; unchanged endpoints are left out.
-    """
-    out: dict[str, MapChanges] = {}
-    memo: dict[tuple[int, int], MapChanges] = {}
-    old_eps = old.endpoints if old is not None else {}
-    for name, ep in new.endpoints.items():
-        prev = old_eps.get(name)
-        prev_state = prev.map_state if prev is not None else None
-        if prev_state is ep.map_state:
-            continue
-        pair = (id(prev_state), id(ep.map_state))
-        changes = memo.get(pair)
-        if changes is None:
-            changes = memo[pair] = diff_maps(prev_state, ep.map_state)
-        if changes:
-            out[name] = changes
-    for name, ep in old_eps.items():
-        if name not in new.endpoints:
-            out[name] = MapChanges({}, tuple(sorted(ep.map_state.keys())))
-    return out
-
-
-def l4_verdict(
-    compiled: CompiledPolicy,
-    endpoint: str,
-    peer_identity: int,
-    direction: int,
-    proto: int,
-    port: int,
-) -> L4Verdict:
-    ep = compiled.endpoints.get(endpoint)
-    if ep is None:
-        return L4Verdict("allow", 0, f"endpoint {endpoint!r} is not managed by policy", None)
-    entry = ep.map_state.lookup(peer_identity, direction, proto, port)
-    enforced = ep.ingress_enforced if direction == INGRESS else ep.egress_enforced
-    dname = "ingress" if direction == INGRESS else "egress"
-    if entry is None:
-        if enforced:
-            return L4Verdict("deny", 0, f"{dname} is default-deny and no rule allows it", None)
-        return L4Verdict(
-            "allow", 0, f"{dname} is not enforced (no selecting rule has an {dname} section)", None
-        )
-    by = ", ".join(entry.derived_from)
-    if entry.deny:
-        return L4Verdict("deny", 0, f"denied by {by}", entry)
-    if entry.l7_id:
-        return L4Verdict(
-            "redirect",
-            entry.l7_id,
-            f"redirected to the proxy (L7 rule set {entry.l7_id}) by {by}",
-            entry,
-        )
-    return L4Verdict("allow", 0, f"allowed by {by}", entry)
-
-
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-__all__ = [
-    "CompiledPolicy",
-    "EndpointPolicy",
-    "L4Verdict",
-    "compile_policy",
-    "diff",
-    "l4_verdict",
-    "selects",
-    "EGRESS",
-    "INGRESS",
-]

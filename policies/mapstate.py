@@ -6,12 +6,9 @@ Entry: deny, or allow, or redirect to the proxy with an L7 rule-set id.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
-
-INGRESS = 0
-EGRESS = 1
 
 
 class PolicyKey(NamedTuple):
@@ -137,22 +134,17 @@ class MapState:
         return out
 
     def lookup(self, identity: int, direction: int, proto: int, port: int) -> PolicyEntry | None:
-        keys = self.matches(identity, direction, proto, port)
-        if not keys:
-            return None
-        entries = self._entries
-        denies = [k for k in keys if entries[k].deny]
-        pool = denies or keys
-        best = max(pool, key=lambda k: (k.identity != 0, k.prefix_len, k.proto != 0))
-        return entries[best]
+        key = self.lookup_key(identity, direction, proto, port)
+        return None if key is None else self._entries[key]
 
     def lookup_key(self, identity: int, direction: int, proto: int, port: int) -> PolicyKey | None:
+        """The key that decides: any matching deny first, then L3-specific over L3-wildcard, then
+        the longest port prefix, then a specific protocol over any."""
         keys = self.matches(identity, direction, proto, port)
         if not keys:
             return None
         denies = [k for k in keys if self._entries[k].deny]
-        pool = denies or keys
-        return max(pool, key=lambda k: (k.identity != 0, k.prefix_len, k.proto != 0))
+        return max(denies or keys, key=lambda k: (k.identity != 0, k.prefix_len, k.proto != 0))
 
 
 def diff_maps(old: MapState | None, new: MapState) -> MapChanges:
@@ -160,3 +152,57 @@ def diff_maps(old: MapState | None, new: MapState) -> MapChanges:
     adds = {k: v for k, v in new.items() if old_entries.get(k) != v}
     deletes = tuple(sorted(k for k in old_entries if k not in new))
     return MapChanges(adds, deletes)
+
+
+# -- key geometry: which keys cover or overlap which (used by the compiler's closures) ---------
+
+
+def group_by_peer(keys: Iterable[PolicyKey]) -> dict[tuple[int, int], list[PolicyKey]]:
+    out: dict[tuple[int, int], list[PolicyKey]] = {}
+    for k in keys:
+        out.setdefault((k.identity, k.direction), []).append(k)
+    return out
+
+
+def group_by_direction(keys: Iterable[PolicyKey]) -> dict[int, list[PolicyKey]]:
+    out: dict[int, list[PolicyKey]] = {}
+    for k in keys:
+        out.setdefault(k.direction, []).append(k)
+    return out
+
+
+def overlap_candidates(key: PolicyKey, by_peer, by_dir) -> list[PolicyKey]:
+    """Keys that can overlap `key`: same peer or any-peer keys; every key for an any-peer key."""
+    if key.identity == 0:
+        return by_dir.get(key.direction, [])
+    return by_peer.get((key.identity, key.direction), []) + by_peer.get((0, key.direction), [])
+
+
+def covers(b: PolicyKey, k: PolicyKey) -> bool:
+    """b's key space contains k's."""
+    if b.direction != k.direction:
+        return False
+    if b.identity not in (0, k.identity):
+        return False
+    if b.proto not in (0, k.proto):
+        return False
+    if b.prefix_len > k.prefix_len:
+        return False
+    shift = 16 - b.prefix_len
+    return (k.port >> shift) == (b.port >> shift)
+
+
+def intersect(a: PolicyKey, b: PolicyKey) -> PolicyKey | None:
+    if a.direction != b.direction:
+        return None
+    if a.identity and b.identity and a.identity != b.identity:
+        return None
+    if a.proto and b.proto and a.proto != b.proto:
+        return None
+    narrow, wide = (a, b) if a.prefix_len >= b.prefix_len else (b, a)
+    shift = 16 - wide.prefix_len
+    if (narrow.port >> shift) != (wide.port >> shift):
+        return None
+    return PolicyKey(
+        a.identity or b.identity, a.direction, a.proto or b.proto, narrow.port, narrow.prefix_len
+    )

@@ -10,19 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from policies import identity as ids
-from policies.compile import (
-    ALL_PORTS,
-    CompiledPolicy,
-    _port_keys,
-    compile_policy,
-    l4_verdict,
-    named_port_numbers,
-    selects,
-)
+from policies.compile import ALL_PORTS, compile_policy, port_keys
+from policies.compiled import CompiledPolicy, l4_verdict
 from policies.kafka_keys import api_key_name
 from policies.labels import NAMESPACE_KEY, Label, LabelSet, parse_labels
-from policies.mapstate import EGRESS, INGRESS
-from policies.model import PROTO_NAMES, PROTO_NUMBERS, PortProto, Rule
+from policies.model import EGRESS, INGRESS, PROTO_NAMES, PROTO_NUMBERS, PortProto, Rule
+from policies.selection import named_port_numbers, selects
 from policies.selectors import Universe
 
 
@@ -259,7 +252,7 @@ class _Tracer:
         return [PortProto(n, n, pp.proto) for n in numbers]
 
     def _port_matches(self, pp: PortProto) -> bool:
-        for proto, port, plen in _port_keys(pp):
+        for proto, port, plen in port_keys(pp):
             shift = 16 - plen
             if proto in (0, self.proto) and (self.port >> shift) == (port >> shift):
                 return True

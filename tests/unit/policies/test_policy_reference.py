@@ -8,8 +8,9 @@ request through). The compiled path (`l4_verdict` + the L7 rule set) must agree 
 import random
 
 import policies as P
-from policies.compile import _port_keys, selects
+from policies.compile import port_keys
 from policies.model import PortProto
+from policies.selection import selects
 from policies.selectors import Universe
 
 from .helpers import labels
@@ -84,7 +85,7 @@ def l4_matches(pr, proto, port):
         return True
     for port_rule in pr.ports:
         for pp in port_rule.ports or (PortProto(0, 0, 0),):
-            for kproto, kport, plen in _port_keys(pp):
+            for kproto, kport, plen in port_keys(pp):
                 shift = 16 - plen
                 if kproto in (0, proto) and (port >> shift) == (kport >> shift):
                     yield_rule = port_rule
