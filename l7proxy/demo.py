@@ -182,12 +182,12 @@ def flows_table(story: Story, agent, title: str, exclude: set | None = None) -> 
 
 
 def node_demo(story: Story, pool: str, prefix: str, keep: bool) -> None:
-    from l7proxy.agent.runner import AgentProcess
+    from tests.agent_runner import AgentProcess
 
     story.step("Start the agent (node mode: BPF on every endpoint veth, one transparent proxy)")
     agent = AgentProcess(pool=pool, prefix=prefix, bpf=True)
-    from l7proxy.agent.runner import sweep_namespaces
     from l7proxy.demo_l7parts import sweep_brokers
+    from tests.agent_runner import sweep_namespaces
 
     stale = sweep_namespaces(prefix)  # an earlier run killed with SIGKILL cannot clean up
     stale += [f"broker pid {pid}" for pid in sweep_brokers(prefix)]
@@ -483,7 +483,7 @@ def extras(story: Story) -> None:
 
 
 def _why_no_kernel() -> str | None:
-    from l7proxy.agent.datapath import bpf_problem
+    from l7proxy.agent.datapath_choice import bpf_problem
 
     return bpf_problem()
 

@@ -18,10 +18,10 @@ import tempfile
 from l7proxy.admin import AdminServer, install_core_routes
 from l7proxy.config import GatewayConfig, HostPort, ListenerConfig
 from l7proxy.flows import FlowSink
+from l7proxy.gateway_policy import GatewayPolicy
 from l7proxy.http1.upstream import UpstreamPool
 from l7proxy.kafka.settings import gateway_broker_map, set_broker_map
 from l7proxy.metrics import ProxyMetrics
-from l7proxy.policy_view import GatewayPolicy
 from l7proxy.server import (
     DeadlineSweeper,
     Gate,

@@ -19,10 +19,13 @@ from pathlib import Path
 import policies
 from l7proxy.agent import netdev, policy_repo, ports
 from l7proxy.agent.api import ApiError, ApiServer
-from l7proxy.agent.datapath import make_datapath
+from l7proxy.agent.datapath_choice import make_datapath
 from l7proxy.agent.flowlog import FlowLog
 from l7proxy.agent.ipam import IPPool
+from l7proxy.agent.node_proxy import NodeProxy
 from l7proxy.agent.ops import AgentOps, labelset
+from l7proxy.agent.proxy_worker_control import WorkerHandle
+from l7proxy.agent.sidecar_proxy import SidecarProxy
 from l7proxy.agent.store import EndpointRow, Store
 from l7proxy.agent.telemetry import AgentMetrics
 
@@ -218,11 +221,18 @@ class Agent(AgentOps):
     # proxy and admin
 
     async def _start_proxy(self) -> None:
-        try:
-            from l7proxy.agent.proxy_workers import start_proxy
-        except ImportError:
+        """The node proxy inline or as a worker process, or the sidecar proxy (--mode)."""
+        if self.config.mode == "node" and self.config.proxy_worker == "process":
+            self.proxy = await WorkerHandle.attach(self)
             return
-        self.proxy = await start_proxy(self)
+        if self.config.mode == "sidecar":
+            if self.datapath.name != "bpf":
+                return  # connect() redirection needs the BPF datapath; status says so
+            proxy = SidecarProxy(self)
+        else:
+            proxy = NodeProxy(self)
+        await proxy.start()
+        self.proxy = proxy
 
     async def _start_admin(self, host: str, port: int) -> None:
         from l7proxy.admin import AdminRequest, AdminResponse, AdminServer, install_core_routes

@@ -3,7 +3,8 @@
 An endpoint is a named network namespace with `eth0` inside, a veth peer on the host, the
 endpoint's address as a /32 (or the prefix the user gave), a link route to the router address and
 a default route via it. The host side carries the router address and a /32 route back to the
-endpoint. Every step is undone if a later one fails.
+endpoint. Every step is undone if a later one fails. In sidecar mode an endpoint also has a
+cgroup (`cgroup_path`), where `endpoint exec` runs commands and the connect() hooks attach.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 SCOPE_LINK = 253
 NETNS_DIR = Path("/var/run/netns")
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
+AGENT_CGROUPS = CGROUP_ROOT / "l7proxy"  # one cgroup per endpoint below it
+
+
+def cgroup_path(netns_name: str) -> Path:
+    return AGENT_CGROUPS / netns_name
 
 
 def host_ifname(netns_name: str) -> str:

@@ -166,9 +166,7 @@ class AgentOps:
             item = ep.to_json()
             item["policy"] = self._enforcement(ep.name)
             if self.config.mode == "sidecar":
-                from l7proxy.agent.sidecar import cgroup_path
-
-                item["cgroup"] = str(cgroup_path(ep.netns))
+                item["cgroup"] = str(netdev.cgroup_path(ep.netns))
             out.append(item)
         return out
 

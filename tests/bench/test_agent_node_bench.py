@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from l7proxy.agent.runner import AgentProcess, free_pool
+from tests.agent_runner import AgentProcess, free_pool
 from tests.conftest import need_binary
 
 pytestmark = [pytest.mark.bench, pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(300)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from l7proxy.agent.runner import AgentProcess, free_pool
+from tests.agent_runner import AgentProcess, free_pool
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -296,7 +296,7 @@ def test_sweep_stale_removes_only_old_leftovers_of_dead_runs():
     import time
     import uuid
 
-    from l7proxy.agent.runner import sweep_stale
+    from tests.agent_runner import sweep_stale
 
     root = Path("/sys/fs/bpf/l7proxy")
     root.mkdir(exist_ok=True)
@@ -325,7 +325,7 @@ def test_worker_resends_flows_a_stopping_agent_did_not_acknowledge(tmp_path):
     from types import SimpleNamespace
 
     from l7proxy.agent.api import ApiServer
-    from l7proxy.agent.worker import Uplink, send_uplink
+    from l7proxy.agent.proxy_worker_process import Uplink, send_uplink
     from l7proxy.metrics import ProxyMetrics
 
     path = tmp_path / "agent.sock"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from l7proxy.agent.runner import AgentProcess, free_pool
+from tests.agent_runner import AgentProcess, free_pool
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from l7proxy.agent.runner import free_pool
+from tests.agent_runner import free_pool
 
 pytestmark = [pytest.mark.e2e]
 

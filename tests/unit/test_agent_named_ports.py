@@ -13,8 +13,8 @@ from l7proxy.agent import ports
 from l7proxy.agent.api import ApiError
 from l7proxy.agent.daemon import Agent, AgentConfig
 from l7proxy.agent.ops import normalize_labels
+from l7proxy.agent.proxy_worker_process import WorkerView
 from l7proxy.agent.store import EndpointRow, PolicyDoc, Store
-from l7proxy.agent.worker import WorkerView
 from l7proxy.cli import main
 
 WEB = ports.NamedPort("web", 8080, "TCP")
@@ -268,7 +268,7 @@ def test_agent_api_rejects_bad_ports_before_any_plumbing(tmp_path):
 
 
 def test_worker_compiles_with_the_agents_named_ports(tmp_path):
-    from l7proxy.agent.worker_handle import WorkerHandle
+    from l7proxy.agent.proxy_worker_control import WorkerHandle
 
     agent = _agent(tmp_path, (WEB,))
     try:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from l7proxy.policy_view import GatewayPolicy
+from l7proxy.gateway_policy import GatewayPolicy
 from tests.e2e.peers import policy_yaml
 from tests.unit.http1.playbook import Play
 

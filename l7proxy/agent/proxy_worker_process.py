@@ -1,4 +1,5 @@
-"""The node proxy as its own process, so an agent restart does not cut L7 connections.
+"""The proxy worker process: the node proxy in its own process, so an agent restart does not cut
+L7 connections.
 
 `l7proxy agent --proxy-worker process` starts this once and leaves it running across its own
 restarts (the pid and port are in the agent's store). The agent hands over the listening socket
@@ -25,6 +26,7 @@ from types import SimpleNamespace
 import policies
 from l7proxy.agent import policy_repo, ports
 from l7proxy.agent.loop import new_event_loop
+from l7proxy.agent.node_proxy import NodeProxy
 from l7proxy.agent.store import PolicyDoc
 from l7proxy.metrics import ProxyMetrics
 
@@ -200,8 +202,6 @@ async def send_uplink(view: WorkerView, path: str) -> None:
 
 
 async def run(args) -> int:
-    from l7proxy.agent.proxy_workers import NodeProxy
-
     view = WorkerView(args.mode)
     sock = socket.socket(fileno=args.fd)
     proxy = NodeProxy(view)
@@ -223,7 +223,7 @@ async def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m l7proxy.agent.worker")
+    p = argparse.ArgumentParser(prog="python -m l7proxy.agent.proxy_worker_process")
     p.add_argument("--socket", required=True, help="the agent's API socket")
     p.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     p.add_argument("--mode", default="node")

@@ -1,4 +1,4 @@
-"""Sidecar mode: one proxy listener per endpoint, fed by cgroup connect() redirection.
+"""The sidecar proxy (`--mode sidecar`): one proxy listener per endpoint, fed by cgroup connect() redirection.
 
 Each endpoint gets a cgroup (`<cgroup root>/l7proxy/<netns>`); processes started with
 `l7proxy endpoint exec` run in it. The datapath's cgroup/connect4 program rewrites a connect()
@@ -11,23 +11,20 @@ in the host namespace and carry the source identity in SO_MARK like the node pro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
 import socket
 import threading
-from pathlib import Path
 
-from l7proxy.agent.l7view import connection_policy
-from l7proxy.agent.proxy_workers import NodeProxy, marked_destination
+from l7proxy.agent.connection_rules import connection_policy
+from l7proxy.agent.netdev import cgroup_path
+from l7proxy.agent.node_proxy import NodeProxy, marked_destination
+from l7proxy.platform import SidecarMap
 from l7proxy.server import Gate
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
 CLONE_NEWNET = 0x40000000
-
-
-def cgroup_path(netns_name: str) -> Path:
-    return CGROUP_ROOT / "l7proxy" / netns_name
 
 
 def listen_in_netns(netns_name: str, host: str = "127.0.0.1") -> socket.socket:
@@ -83,8 +80,6 @@ class SidecarProxy(NodeProxy):
 
     def __init__(self, agent) -> None:
         super().__init__(agent)
-        from l7proxy.platform import SidecarMap
-
         self.sidecar_map = SidecarMap(agent.datapath.pin_dir)
         self.sidecars: dict[str, tuple[object, int]] = {}
         self.sidecar_connections: dict[str, int] = {}
@@ -95,8 +90,6 @@ class SidecarProxy(NodeProxy):
             await self.endpoint_added(ep)
 
     async def endpoint_added(self, ep) -> None:
-        import asyncio
-
         sock = await asyncio.to_thread(listen_in_netns, ep.netns)
         port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
@@ -116,8 +109,6 @@ class SidecarProxy(NodeProxy):
         self.sidecars[ep.name] = (server, port)
 
     async def endpoint_removed(self, ep) -> None:
-        import asyncio
-
         entry = self.sidecars.pop(ep.name, None)
         if entry is not None:
             entry[0].close()

@@ -1,4 +1,4 @@
-"""Node mode: one shared transparent proxy for every endpoint on the node.
+"""The agent's node proxy: one shared transparent proxy for every endpoint on the node.
 
 The tc programs hand a redirected connection to the listener on 127.0.0.1:PORT with
 bpf_sk_assign, so the accepted socket's local address is the original destination. Per
@@ -16,7 +16,7 @@ import contextlib
 import socket
 from dataclasses import dataclass
 
-from l7proxy.agent.l7view import connection_policy
+from l7proxy.agent.connection_rules import connection_policy
 from l7proxy.agent.loop import MarkedHost
 from l7proxy.config import ProxyConfig
 from l7proxy.context import OriginalDestination
@@ -39,6 +39,12 @@ class MarkedDestination(OriginalDestination):
 
 
 LISTEN_BACKLOG = 4096  # one shared listener for every endpoint on the node
+
+
+def node_listener(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
+    """The node proxy's transparent listening socket (the tc programs assign connections to it);
+    bound here for the inline proxy and by the agent for a proxy worker process."""
+    return transparent_listener(port, host, backlog=LISTEN_BACKLOG)
 
 
 class DirectSink(FlowSink):
@@ -89,11 +95,13 @@ class NodeProxy:
         self.connections = 0
 
     async def start(self, sock: socket.socket | None = None) -> None:
-        sock = sock or transparent_listener(self.port, self.host, backlog=LISTEN_BACKLOG)
+        sock = sock or node_listener(self.port, self.host)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: NodeGate(self), sock=sock, backlog=4096)
+        self.server = await loop.create_server(
+            lambda: NodeGate(self), sock=sock, backlog=LISTEN_BACKLOG
+        )
         self.sweeper.start()
 
     def _listener(self, port, decision, rules, endpoint, dest) -> Listener:
@@ -150,20 +158,3 @@ class NodeProxy:
         self.sweeper.stop()
         self.pool.close()
         self.flows.close()
-
-
-async def start_proxy(agent):
-    if agent.config.mode == "node" and agent.config.proxy_worker == "process":
-        from l7proxy.agent.worker_handle import WorkerHandle
-
-        return await WorkerHandle.attach(agent)
-    if agent.config.mode == "sidecar":
-        if agent.datapath.name != "bpf":
-            return None  # connect() redirection needs the BPF datapath; status says so
-        from l7proxy.agent.sidecar import SidecarProxy
-
-        proxy = SidecarProxy(agent)
-    else:
-        proxy = NodeProxy(agent)
-    await proxy.start()
-    return proxy

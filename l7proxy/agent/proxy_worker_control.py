@@ -1,4 +1,5 @@
-"""The agent's side of the out-of-process node proxy (`--proxy-worker process`).
+"""The agent's control of the proxy worker process (`--proxy-worker process`): start or re-attach
+it, feed it state, take its flows and metrics.
 
 On start the agent looks in its store for a worker it started before: if that pid still runs the
 worker, it is reused with its port (the BPF maps already point at it, and its connections live
@@ -11,15 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from l7proxy.agent.proxy_workers import LISTEN_BACKLOG
-from l7proxy.platform import transparent_listener
+from l7proxy.agent.node_proxy import node_listener
+
+WORKER_MODULE = "l7proxy.agent.proxy_worker_process"
+# A worker started by an agent from before the module's rename still runs under its old name; a
+# new agent re-attaches to it all the same.
+WORKER_MODULES = (WORKER_MODULE.encode(), b"l7proxy.agent.worker\0")
 
 
 def _alive(pid: int) -> bool:
@@ -27,7 +34,7 @@ def _alive(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"l7proxy.agent.worker" in cmdline
+    return any(name in cmdline for name in WORKER_MODULES)
 
 
 class WorkerHandle:
@@ -45,12 +52,12 @@ class WorkerHandle:
         pid, port = known.get("pid"), known.get("port")
         if pid and _alive(pid):
             return cls(agent, pid, port, reused=True)
-        sock = transparent_listener(backlog=LISTEN_BACKLOG)
+        sock = node_listener()
         port = sock.getsockname()[1]
         log = open(agent.config.state_dir / "proxy-worker.log", "ab")  # noqa: SIM115
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "l7proxy.agent.worker", "--socket",
+                [sys.executable, "-m", WORKER_MODULE, "--socket",
                  str(agent.config.socket), "--fd", str(sock.fileno())],
                 pass_fds=(sock.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -138,9 +145,6 @@ def stop_worker(state_dir: Path, timeout: float = 5.0) -> None:
         row = conn.execute("SELECT value FROM kv WHERE key = 'proxy_worker'").fetchone()
     if not row:
         return
-    import json
-    import time
-
     pid = json.loads(row[0]).get("pid")
     if not pid or not _alive(pid):
         return

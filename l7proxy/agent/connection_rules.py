@@ -1,4 +1,5 @@
-"""Which L7 rules apply to one proxied connection, from the agent's live state.
+"""Which L7 rules apply to one proxied connection, from the agent's live state (the node and
+sidecar proxies ask per connection; the gateway's one-endpoint counterpart is gateway_policy.py).
 
 A connection between two peers can meet L7 rules twice: the source endpoint's egress policy and
 the destination endpoint's ingress policy. Cilium applies both; so does `Both`, which passes a
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import policies
-from l7proxy.policy_view import L4Decision
+from l7proxy.listener_decision import L4Decision
 
 PROTO_TCP = 6
 

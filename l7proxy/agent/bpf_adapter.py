@@ -1,4 +1,4 @@
-"""The BPF datapath behind the agent's four calls, on top of redirect_bpf.Datapath.
+"""The BPF adapter: the agent's datapath calls on top of redirect_bpf.Datapath.
 
 Programs and maps are pinned under the pin directory, so a restarted agent re-opens them and the
 kernel keeps enforcing in between. Endpoint ids (the key of each endpoint's policy entries) are

@@ -1,6 +1,7 @@
-"""Run an agent as a child process with its own state, socket, pool and namespace prefix.
+"""Test helper: run an agent as a child process with its own state, socket, pool and namespace
+prefix.
 
-The demo and the end-to-end tests use this: everything the agent creates is named with a unique
+The end-to-end tests, the agent benchmark and the demo use this: everything the agent creates is named with a unique
 prefix, and `close()` removes it all (endpoints, namespaces, veths, the state directory) even when
 the agent died or the run was interrupted.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from l7proxy.agent import netdev
 from l7proxy.agent.client import SOCKET_ENV, AgentUnavailable, Client
+from l7proxy.agent.proxy_worker_control import stop_worker
 
 READY_TIMEOUT = 90.0  # bcc compiles the datapath at first start; slow on a loaded 2-core box
 
@@ -131,8 +135,6 @@ class AgentProcess:
         finally:
             sweep_namespaces(self.prefix)  # the veths go, and their tc programs with them
             with contextlib.suppress(Exception):
-                from l7proxy.agent.worker_handle import stop_worker
-
                 stop_worker(self.state_dir)  # --proxy-worker process outlives the agent
             if self.bpf:
                 # Unpinned and detached, the programs and maps are freed by the kernel.
@@ -157,7 +159,7 @@ def sweep_namespaces(prefix: str) -> list[str]:
             if entry.name.startswith(prefix):
                 netdev.delete(entry.name, netdev.host_ifname(entry.name))
                 removed.append(entry.name)
-    cgroups = Path("/sys/fs/cgroup/unified/l7proxy")
+    cgroups = netdev.AGENT_CGROUPS
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted(cgroups.iterdir()):
             if entry.name.startswith(prefix):
@@ -168,9 +170,6 @@ def sweep_namespaces(prefix: str) -> list[str]:
 
 def free_pool(low: int = 100, high: int = 249) -> str:
     """A 10.251.N.0/24 with no route on this host yet (parallel runs each get their own)."""
-    import random
-    import subprocess
-
     routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
     taken = {int(p.split(".")[2]) for p in routes.split() if p.startswith("10.251.")}
     free = [n for n in range(low, high + 1) if n not in taken]
@@ -186,9 +185,6 @@ def sweep_stale(now: float | None = None, names: set[str] | None = None) -> list
     """Remove what runs of this runner left behind when they were killed outright (SIGKILL, a
     lost CI job): pin directories and namespaces named by its random prefixes, older than ten
     minutes, that no running agent uses."""
-    import re
-    import time
-
     now = time.time() if now is None else now
     cmdlines = []
     for proc in Path("/proc").iterdir():

@@ -1,13 +1,15 @@
-"""The agent's view of the kernel datapath.
+"""Which kernel datapath the agent runs: the BPF adapter (`bpf_adapter.py`), or none.
 
 `NullDatapath` is what runs when BPF is off (`--no-bpf`, no root, no bcc): the agent still owns
 endpoints, identities and policy, and says plainly in `status` that nothing is enforced in the
-kernel. The BPF-backed implementation adapts `redirect_bpf`'s API to the same four calls.
+kernel. The BPF adapter puts `redirect_bpf`'s API behind the same calls.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 
 class NullDatapath:
@@ -40,9 +42,6 @@ class NullDatapath:
 
 def bpf_problem() -> str | None:
     """Why BPF cannot run here, or None."""
-    import os
-    from pathlib import Path
-
     if os.geteuid() != 0:
         return "not root"
     if not Path("/sys/fs/bpf").is_dir():
@@ -61,7 +60,7 @@ def make_datapath(enabled: bool, pin_dir: str | None):
     if problem:
         return NullDatapath(problem)
     try:
-        from l7proxy.agent.bpf_datapath import BpfDatapath
+        from l7proxy.agent.bpf_adapter import BpfDatapath
     except ImportError as exc:
         return NullDatapath(f"the BPF datapath is not available: {exc}")
     return BpfDatapath(pin_dir)

@@ -1,4 +1,6 @@
-"""The gateway's view of the compiled policy: one adapter over `policies` (docs/contracts.md).
+"""The gateway's policy: the compiled policy for the one endpoint it protects, an adapter over
+`policies` (docs/contracts.md). (The agent's counterpart, with two endpoints per connection, is
+`agent/connection_rules.py`.)
 
 `GatewayPolicy.load()` reads the files, compiles them for the one endpoint the gateway protects
 (`--labels`), and returns a `PolicySnapshot`; `reload()` swaps the snapshot only when the new
@@ -11,7 +13,8 @@ L7 rule set it points to for each request.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+
+from l7proxy.listener_decision import L4Decision
 
 ENDPOINT = "gateway"
 TCP = 6
@@ -31,14 +34,6 @@ class DenyAll:
 
 
 DENY_ALL = DenyAll()
-
-
-@dataclass(frozen=True, slots=True)
-class L4Decision:
-    action: str  # "deny" | "allow" | "redirect"
-    identity: int
-    labels: tuple[str, ...]
-    reason: str
 
 
 class PolicySnapshot:
