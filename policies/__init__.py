@@ -7,6 +7,7 @@ from policies.diagnostics import Diagnostic, PolicyError
 from policies.identity import (
     HEALTH,
     HOST,
+    INGRESS_IDENTITY,
     INIT,
     KUBE_APISERVER,
     LOCAL_SCOPE,
@@ -18,9 +19,6 @@ from policies.identity import (
     WORLD_IPV6,
     IdentityAllocator,
     IPCache,
-)
-from policies.identity import (
-    INGRESS as INGRESS_IDENTITY,
 )
 from policies.kafka_keys import API_KEYS as KAFKA_API_KEYS
 from policies.kafka_keys import ROLES as KAFKA_ROLES

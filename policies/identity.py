@@ -19,7 +19,7 @@ HEALTH = 4
 INIT = 5
 REMOTE_NODE = 6
 KUBE_APISERVER = 7
-INGRESS = 8
+INGRESS_IDENTITY = 8  # reserved:ingress (Cilium's Ingress/Gateway proxy); not a direction
 WORLD_IPV4 = 9
 WORLD_IPV6 = 10
 
@@ -31,7 +31,7 @@ RESERVED = {
     INIT: "init",
     REMOTE_NODE: "remote-node",
     KUBE_APISERVER: "kube-apiserver",
-    INGRESS: "ingress",
+    INGRESS_IDENTITY: "ingress",
     WORLD_IPV4: "world-ipv4",
     WORLD_IPV6: "world-ipv6",
 }

@@ -21,7 +21,7 @@ _CLUSTER_RESERVED = frozenset(
         ids.INIT,
         ids.REMOTE_NODE,
         ids.KUBE_APISERVER,
-        ids.INGRESS,
+        ids.INGRESS_IDENTITY,
     }
 )
 _ENTITY_RESERVED = {
@@ -31,7 +31,7 @@ _ENTITY_RESERVED = {
     "health": {ids.HEALTH},
     "unmanaged": {ids.UNMANAGED},
     "kube-apiserver": {ids.KUBE_APISERVER},
-    "ingress": {ids.INGRESS},
+    "ingress": {ids.INGRESS_IDENTITY},
     "none": set(),
 }
 ANY = frozenset({0})

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import ctypes as ct
 
+from policies import identity, model
+
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
 
-DIR_INGRESS = 0
-DIR_EGRESS = 1
+# Each constant below mirrors a #define of datapath.h; tests/unit/test_datapath_defines.py checks
+# every pair, so a one-sided edit fails. Those that are policy concepts are taken from policies/.
+DIR_INGRESS = model.INGRESS
+DIR_EGRESS = model.EGRESS
 DIRECTION_NAMES = {DIR_INGRESS: "INGRESS", DIR_EGRESS: "EGRESS"}
 
 IDENTITY_ANY = 0
-IDENTITY_HOST = 1
-IDENTITY_WORLD = 2
+IDENTITY_HOST = identity.HOST
+IDENTITY_WORLD = identity.WORLD
 
 MARK_MAGIC_MASK = 0xFF000000
 MARK_IDENTITY_MASK = 0x00FFFFFF
@@ -69,7 +73,7 @@ PROTO_NAMES = {1: "ICMPv4", 6: "TCP", 17: "UDP", 132: "SCTP"}
 POLICY_FIXED_BITS = 32 + 32 + 8
 
 
-class PolicyKey(ct.Structure):
+class PolicyTrieKey(ct.Structure):
     _fields_ = [
         ("prefixlen", u32),
         ("endpoint_id", u32),
@@ -80,7 +84,7 @@ class PolicyKey(ct.Structure):
     ]
 
 
-class PolicyValue(ct.Structure):
+class PolicyTrieValue(ct.Structure):
     _fields_ = [
         ("proxy_port", u16),
         ("deny", u8),
@@ -200,8 +204,8 @@ class SidecarOrig(ct.Structure):
 
 # Map name -> (key mirror, value mirror, per-CPU). The loader pins exactly these maps.
 MAPS: dict[str, tuple[type, type, bool]] = {
-    "policy_deny": (PolicyKey, PolicyValue, False),
-    "policy_allow": (PolicyKey, PolicyValue, False),
+    "policy_deny": (PolicyTrieKey, PolicyTrieValue, False),
+    "policy_allow": (PolicyTrieKey, PolicyTrieValue, False),
     "ipcache": (IpcacheKey, IpcacheValue, False),
     "conntrack": (CtKey, CtEntry, False),
     "ep_by_ifindex": (u32, EndpointInfo, False),

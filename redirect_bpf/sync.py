@@ -1,4 +1,4 @@
-"""MapState (policies' PolicyKey -> PolicyEntry) to the kernel's policy tries, as a diff.
+"""MapState (the model's PolicyKey -> PolicyEntry) to the kernel's policy tries, as a diff.
 
 The kernel layout (datapath.h): two LPM tries, policy_deny and policy_allow, keyed by
 {endpoint, identity, direction, proto, port/prefix}. Splitting deny from allow lets the C code do
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from redirect_bpf import structs
-from redirect_bpf.structs import PolicyKey, PolicyValue
+from redirect_bpf.structs import PolicyTrieKey, PolicyTrieValue
 
 DENY, ALLOW = "policy_deny", "policy_allow"
 ANY_PORT_PROTOS = (6, 17, 132)  # a port without a protocol means TCP, UDP and SCTP
@@ -36,7 +36,7 @@ class SyncStats:
         return self.adds + self.updates + self.deletes
 
 
-def kernel_keys(endpoint_id: int, key) -> list[PolicyKey]:
+def kernel_keys(endpoint_id: int, key) -> list[PolicyTrieKey]:
     """One MapState key as LPM keys (a port with proto "any" expands to TCP/UDP/SCTP)."""
     prefix = int(key.prefix_len)
     port = int(key.port) & ((0xFFFF << (16 - prefix)) & 0xFFFF) if prefix else 0
@@ -47,7 +47,7 @@ def kernel_keys(endpoint_id: int, key) -> list[PolicyKey]:
     for proto in protos:
         bits = structs.POLICY_FIXED_BITS + (8 + prefix if proto else 0)
         out.append(
-            PolicyKey(
+            PolicyTrieKey(
                 prefixlen=bits,
                 endpoint_id=endpoint_id,
                 identity=int(key.identity),
@@ -59,9 +59,9 @@ def kernel_keys(endpoint_id: int, key) -> list[PolicyKey]:
     return out
 
 
-def kernel_value(key, entry, proxy_ports: Mapping[int, int]) -> PolicyValue:
+def kernel_value(key, entry, proxy_ports: Mapping[int, int]) -> PolicyTrieValue:
     l7_id = int(getattr(entry, "l7_id", 0) or 0)
-    return PolicyValue(
+    return PolicyTrieValue(
         proxy_port=0 if entry.deny else int(proxy_ports.get(l7_id, 0)) if l7_id else 0,
         deny=1 if entry.deny else 0,
         redirect=1 if (l7_id and not entry.deny) else 0,
@@ -71,7 +71,7 @@ def kernel_value(key, entry, proxy_ports: Mapping[int, int]) -> PolicyValue:
     )
 
 
-# The same bytes as bytes(PolicyKey(...)) / bytes(PolicyValue(...)), packed without building
+# The same bytes as bytes(PolicyTrieKey(...)) / bytes(PolicyTrieValue(...)), packed without building
 # ctypes objects (about 10x faster for 10,000 entries); test_sync checks they agree.
 _KEY = struct.Struct("<IIIBBH")
 _VALUE = struct.Struct("<HBBBBHI")
@@ -145,7 +145,7 @@ def apply(
         tries[trie].delete_many_raw(keys)
 
 
-def key_to_dict(k: PolicyKey) -> dict:
+def key_to_dict(k: PolicyTrieKey) -> dict:
     proto_bits = k.prefixlen - structs.POLICY_FIXED_BITS
     return {
         "endpoint_id": k.endpoint_id,
