@@ -21,6 +21,7 @@ from l7proxy.flows import FlowSink
 from l7proxy.gateway_policy import GatewayPolicy
 from l7proxy.http1.upstream import UpstreamPool
 from l7proxy.kafka.settings import gateway_broker_map, set_broker_map
+from l7proxy.log import log
 from l7proxy.metrics import ProxyMetrics
 from l7proxy.server import (
     DeadlineSweeper,
@@ -28,10 +29,10 @@ from l7proxy.server import (
     Listener,
     bind,
     install_uvloop,
-    log,
     run_forked,
     static_destination,
 )
+from l7proxy.session import drain_sessions
 
 WATCH_INTERVAL = 1.0
 
@@ -170,19 +171,7 @@ class GatewayWorker:
         for server in self.servers:
             server.close()
         log(f"draining: stopped accepting, {len(self.sweeper.sessions)} connection(s) open")
-        for session in list(self.sweeper.sessions):
-            drain = getattr(session, "drain", None)
-            if drain is not None:
-                drain()
-        deadline = asyncio.get_running_loop().time() + self.cfg.proxy.drain_time
-        while self.sweeper.sessions and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        for session in list(self.sweeper.sessions):
-            close = getattr(session, "close", None)
-            if close is not None:
-                close()
-            elif getattr(session, "transport", None) is not None:
-                session.transport.close()
+        await drain_sessions(self.sweeper.sessions, self.cfg.proxy.drain_time)
         self.sweeper.stop()
         if self.map_service is not None:
             await self.map_service.close()

@@ -18,18 +18,14 @@ import os
 import signal
 import socket
 import struct
-import sys
 import time
 
 from l7proxy import protocols
 from l7proxy.context import ConnContext, OriginalDestination
+from l7proxy.log import log
 
 SWEEP_INTERVAL = 0.25
 SNIFF_LIMIT = 64
-
-
-def log(msg: str) -> None:
-    print(f"l7proxy[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
 
 
 class DeadlineSweeper:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from l7proxy.backpressure import PausableClient
 from l7proxy.flows import DROPPED, FORWARDED
 from l7proxy.http1.exchange import Exchange, emit_error_flow, emit_flow
 from l7proxy.http1.upstream import UpstreamConn, UpstreamPool
 from l7proxy.http1.verdicts import decide, recall, remember
+from l7proxy.session import NO_DEADLINE, PauseReason, Session
 from parsers.http1 import (
     Data,
     EndOfMessage,
@@ -35,17 +35,11 @@ from parsers.http1 import (
     simple_response,
 )
 
-# Client read-pause reasons (bits).
-PAUSE_UPSTREAM_FULL = 1
-PAUSE_PIPELINE = 2
-PAUSE_UPGRADE = 4
-PAUSE_CONNECTING = 8
-
 MAX_PIPELINE = 32
 
 # Deadline kinds. PARK: idle, still holding an upstream connection (given back at the deadline,
 # then IDLE runs on from the same start).
-NO_DEADLINE, IDLE, HEAD, RESPONSE, PARK = 0, 1, 2, 3, 4
+IDLE, HEAD, RESPONSE, PARK = 1, 2, 3, 4
 
 _monotonic = time.monotonic
 
@@ -64,16 +58,16 @@ def _deny_responses(message: str) -> tuple[bytes, bytes]:
     return hit
 
 
-class Http1Session(PausableClient):
+class Http1Session(Session):
     # Slots: an idle keep-alive connection costs memory, not CPU (10,000 of them in the bench).
     __slots__ = (
         "ctx", "cfg", "pm", "pool", "sweeper", "parser", "queue", "parsing", "upstream",
-        "transport", "paused", "closed", "tunnel", "upgrade_wait", "upgrade_buffer",
-        "connecting", "deadline", "deadline_kind", "draining", "deny_bytes", "deny_close_bytes",
-        "h2c",
+        "tunnel", "upgrade_wait", "upgrade_buffer", "connecting", "draining", "deny_bytes",
+        "deny_close_bytes", "h2c",
     )  # fmt: skip
 
     def __init__(self, ctx, pool: UpstreamPool | None = None, sweeper=None) -> None:
+        super().__init__()
         self.ctx = ctx
         cfg = ctx.config
         self.cfg = cfg
@@ -84,15 +78,10 @@ class Http1Session(PausableClient):
         self.queue: list[Exchange] = []  # a list: mostly 0-1 long, far smaller than a deque
         self.parsing: Exchange | None = None
         self.upstream: UpstreamConn | None = None
-        self.transport: asyncio.Transport | None = None
-        self.paused = 0
-        self.closed = False
         self.tunnel = False
         self.upgrade_wait: Exchange | None = None  # upgrade asked, answer not seen yet
         self.upgrade_buffer: list[bytes] = []
         self.connecting: asyncio.Task | None = None
-        self.deadline = 0.0
-        self.deadline_kind = NO_DEADLINE
         self.draining = False
         self.deny_bytes, self.deny_close_bytes = _deny_responses(cfg.deny_message)
         self.h2c: tuple | None = None  # an allowed h2c Upgrade waiting for its Upgrade event
@@ -250,14 +239,14 @@ class Http1Session(PausableClient):
             ex.complete = True
             if not end.keep_alive or self.draining:
                 ex.keep_alive = False
-                self.pause_client_reading(PAUSE_PIPELINE)
+                self.pause_client_reading(PauseReason.REQUEST_QUEUE)
         self.parsing = ex
         queue = self.queue
         queue.append(ex)
         if len(queue) == 1:
             self._start(ex)
         elif len(queue) > MAX_PIPELINE:
-            self.pause_client_reading(PAUSE_PIPELINE)
+            self.pause_client_reading(PauseReason.REQUEST_QUEUE)
 
     def _on_data(self, data: bytes) -> None:
         ex = self.parsing
@@ -276,7 +265,7 @@ class Http1Session(PausableClient):
                 ex.pending = []
             ex.pending.extend(chunks)
             if sum(map(len, ex.pending)) > self.cfg.write_high_water:
-                self.pause_client_reading(PAUSE_PIPELINE)
+                self.pause_client_reading(PauseReason.REQUEST_QUEUE)
 
     def _on_end(self, ev: EndOfMessage) -> None:
         ex = self.parsing
@@ -294,7 +283,7 @@ class Http1Session(PausableClient):
                 ex.pending.append(tail)
         if not ex.keep_alive:
             # Nothing after a closing request is read; the connection ends with its answer.
-            self.pause_client_reading(PAUSE_PIPELINE)
+            self.pause_client_reading(PauseReason.REQUEST_QUEUE)
         if ex.answered and self.queue and self.queue[0] is ex:
             self._finish(ex)
         elif ex.sent and self.queue and self.queue[0] is ex:
@@ -322,7 +311,7 @@ class Http1Session(PausableClient):
         ex.keep_alive = False
         self.parsing = None
         self.queue.append(ex)
-        self.pause_client_reading(PAUSE_PIPELINE)
+        self.pause_client_reading(PauseReason.REQUEST_QUEUE)
         if len(self.queue) == 1:
             self._start(ex)
 
@@ -336,7 +325,7 @@ class Http1Session(PausableClient):
             self.upgrade_wait = ex
             if rest:
                 self.upgrade_buffer.append(rest)
-            self.pause_client_reading(PAUSE_UPGRADE)  # what follows is held, so bounded
+            self.pause_client_reading(PauseReason.UPGRADE)  # what follows is held, so bounded
             return
         # Denied (answered in place): keep speaking HTTP.
         self._handle(self.parser.resume(rest))
@@ -437,7 +426,7 @@ class Http1Session(PausableClient):
             self.deadline_kind = NO_DEADLINE
 
     def _connect(self, ex: Exchange) -> None:
-        self.pause_client_reading(PAUSE_CONNECTING)
+        self.pause_client_reading(PauseReason.CONNECTING)
         self.connecting = asyncio.get_running_loop().create_task(self._open_upstream(ex))
 
     async def _open_upstream(self, ex: Exchange) -> None:
@@ -459,13 +448,13 @@ class Http1Session(PausableClient):
             return
         up.session = self
         self.upstream = up
-        self.resume_client_reading(PAUSE_CONNECTING)
+        self.resume_client_reading(PauseReason.CONNECTING)
         if self.queue and self.queue[0] is ex:
             self._send(ex, up)
 
     def _upstream_failed(self, ex: Exchange, status: int, kind: str) -> None:
         getattr(self.pm, f"upstream_{kind}").inc()
-        self.resume_client_reading(PAUSE_CONNECTING)
+        self.resume_client_reading(PauseReason.CONNECTING)
         if self.closed:
             return
         msg = b"upstream connect error\r\n" if status == 503 else b"upstream timeout\r\n"
@@ -507,7 +496,7 @@ class Http1Session(PausableClient):
             self.upgrade_wait = None
             buffered = b"".join(self.upgrade_buffer)
             self.upgrade_buffer = []
-            self.resume_client_reading(PAUSE_UPGRADE)
+            self.resume_client_reading(PauseReason.UPGRADE)
             self._handle(self.parser.resume(buffered))
         self._next(now)
 
@@ -538,7 +527,7 @@ class Http1Session(PausableClient):
             self.upgrade_wait = None
             buffered = b"".join(self.upgrade_buffer)
             self.upgrade_buffer = []
-            self.resume_client_reading(PAUSE_UPGRADE)
+            self.resume_client_reading(PauseReason.UPGRADE)
             self._handle(self.parser.resume(buffered))
         self._next()
 
@@ -553,7 +542,7 @@ class Http1Session(PausableClient):
         if self.upgrade_buffer:
             self.upstream.transport.writelines(self.upgrade_buffer)
             self.upgrade_buffer = []
-        self.resume_client_reading(PAUSE_PIPELINE | PAUSE_UPGRADE)
+        self.resume_client_reading(PauseReason.REQUEST_QUEUE | PauseReason.UPGRADE)
 
     def on_upstream_lost(self, up: UpstreamConn, why: str) -> None:
         if up is not self.upstream:
@@ -627,7 +616,7 @@ class Http1Session(PausableClient):
         if self.paused and len(self.queue) <= MAX_PIPELINE // 2 and self.upgrade_wait is None:
             last = self.parsing
             if last is None or last.keep_alive:
-                self.resume_client_reading(PAUSE_PIPELINE)
+                self.resume_client_reading(PauseReason.REQUEST_QUEUE)
 
     def _set_deadline(self, kind: int, seconds: float) -> None:
         self.deadline_kind = kind

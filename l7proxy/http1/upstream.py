@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+from l7proxy.session import PauseReason
 from parsers.http1 import ResponseEnd, ResponseParser, Upgrade
 
 
@@ -118,11 +119,11 @@ class UpstreamConn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.session is not None:
-            self.session.pause_client_reading(1)
+            self.session.pause_client_reading(PauseReason.UPSTREAM_FULL)
 
     def resume_writing(self) -> None:
         if self.session is not None:
-            self.session.resume_client_reading(1)
+            self.session.resume_client_reading(PauseReason.UPSTREAM_FULL)
 
     # -- for the session --
     def close(self) -> None:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from l7proxy.backpressure import PausableClient
 from l7proxy.flows import DROPPED, ERROR, FORWARDED
 from l7proxy.http2.policy import H2Policy, limits_from_config
-from l7proxy.server import log
+from l7proxy.log import log
+from l7proxy.session import NO_DEADLINE, PauseReason, Session
 from parsers.http2 import (
     ConnectionFailed,
     H2Relay,
@@ -31,14 +31,9 @@ from parsers.http2 import (
 from parsers.http2.frames import ERROR_NAMES, REFUSED_STREAM
 from parsers.http2.grpc import STATUS_NAMES
 
-# Read-pause reasons (bits) for the client side.
-PAUSE_UPSTREAM_FULL = 1
-PAUSE_CLIENT_FULL = 2
-PAUSE_CONNECTING = 4
-
 TICK = 1.0
 CLOSE_GRACE = 5.0
-NO_DEADLINE, TICKING, CLOSING = 0, 1, 2
+TICKING, CLOSING = 1, 2
 
 _monotonic = time.monotonic
 
@@ -77,14 +72,15 @@ class _Upstream(asyncio.Protocol):
         self.session.upstream_lost(exc)
 
     def pause_writing(self) -> None:
-        self.session.pause_client_reading(PAUSE_UPSTREAM_FULL)
+        self.session.pause_client_reading(PauseReason.UPSTREAM_FULL)
 
     def resume_writing(self) -> None:
-        self.session.resume_client_reading(PAUSE_UPSTREAM_FULL)
+        self.session.resume_client_reading(PauseReason.UPSTREAM_FULL)
 
 
-class H2Session(PausableClient):
+class H2Session(Session):
     def __init__(self, ctx, relay: H2Relay | None = None) -> None:
+        super().__init__()
         self.ctx = ctx
         self.cfg = ctx.config
         self.pm = ctx.proto_metrics
@@ -93,19 +89,14 @@ class H2Session(PausableClient):
         self.relay = relay or H2Relay(
             self.policy.decide, self.policy.epoch, limits_from_config(ctx.config)
         )
-        self.transport = None
         self.upstream: _Upstream | None = None
         self.connecting: asyncio.Task | None = None
         self.pending_upstream: list[bytes] = []
         self.pending_bytes = 0
         self.inflight: dict[int, _Inflight] = {}
-        self.paused = 0
         self.upstream_paused = False
-        self.closed = False
         self.activity = True
         self.idle_since = self.started = _monotonic()
-        self.deadline = 0.0
-        self.deadline_kind = NO_DEADLINE
 
     # ---- asyncio: client side ----------------------------------------------------------------
 
@@ -144,14 +135,14 @@ class H2Session(PausableClient):
         self.inflight.clear()
 
     def pause_writing(self) -> None:
-        self.pause_client_reading(PAUSE_CLIENT_FULL)
+        self.pause_client_reading(PauseReason.CLIENT_FULL)
         up = self.upstream
         if up is not None and up.transport is not None and not up.closed:
             up.transport.pause_reading()
             self.upstream_paused = True
 
     def resume_writing(self) -> None:
-        self.resume_client_reading(PAUSE_CLIENT_FULL)
+        self.resume_client_reading(PauseReason.CLIENT_FULL)
         up = self.upstream
         if self.upstream_paused and up is not None and not up.closed:
             self.upstream_paused = False
@@ -162,7 +153,7 @@ class H2Session(PausableClient):
     def _connect(self) -> None:
         if self.connecting is not None or self.upstream is not None:
             return
-        self.pause_client_reading(PAUSE_CONNECTING)
+        self.pause_client_reading(PauseReason.CONNECTING)
         self.connecting = asyncio.get_running_loop().create_task(self._open_upstream())
 
     async def _open_upstream(self) -> None:
@@ -192,7 +183,7 @@ class H2Session(PausableClient):
             up.transport.writelines(self.pending_upstream)
             self.pending_upstream = []
             self.pending_bytes = 0
-        self.resume_client_reading(PAUSE_CONNECTING)
+        self.resume_client_reading(PauseReason.CONNECTING)
         self._flush()
 
     def upstream_data(self, data: bytes) -> None:
@@ -249,7 +240,7 @@ class H2Session(PausableClient):
                 self.pending_upstream.append(out)
                 self.pending_bytes += len(out)
                 if self.pending_bytes > self.cfg.write_high_water:
-                    self.pause_client_reading(PAUSE_CONNECTING)
+                    self.pause_client_reading(PauseReason.CONNECTING)
         if relay.closed and not self.closed:
             self._close()
 
