@@ -322,6 +322,38 @@ def trace(
     return TraceResult(verdict, egress, ingress, l7, t.log)
 
 
+def _request_for(rs, http, kafka) -> tuple[tuple, str] | None:
+    """The check arguments and the log label of the request this rule set's parser reads."""
+    if rs.parser == "http" and http is not None:
+        return (http.method, http.path, http.host, http.headers), f"HTTP {http.method} {http.path}"
+    if rs.parser == "kafka" and kafka is not None:
+        args = (kafka.api_key, kafka.api_version, kafka.client_id, kafka.topics)
+        label = (
+            f"Kafka {api_key_name(kafka.api_key)} v{kafka.api_version} topics {list(kafka.topics)}"
+        )
+        return args, label
+    return None
+
+
+def _check_request(t: _Tracer, side: str, rs, args: tuple, label: str, info: dict, matched) -> bool:
+    """Check one request against one rule set, log why each rule matched or not; True if allowed."""
+    v = rs.check(*args)
+    for i, ok, why in rs.explain(*args):
+        shown = str(rs.rules[i]) if i >= 0 else "allow-all"
+        t.log.append(f"  {'MATCH' if ok else 'no match'} {shown}: {why}")
+    for i in v.matched:
+        matched.append({"side": side, "rule": str(rs.rules[i]), "source": rs.sources[i]})
+    if rs.allow_all and v.allowed and not v.matched:
+        matched.append({"side": side, "rule": "allow-all", "source": ""})
+    if getattr(v, "header_actions", None):
+        info["header_actions"] = [list(a) for a in v.header_actions]
+    if getattr(v, "denied_topics", None):
+        info["denied_topics"] = list(v.denied_topics)
+    info["allowed"] = v.allowed
+    t.log.append(f"  => {label} {'ALLOWED' if v.allowed else 'DENIED'}")
+    return v.allowed
+
+
 def _l7_section(t: _Tracer, redirects, http, kafka) -> dict:
     sets = []
     matched: list[dict] = []
@@ -334,52 +366,17 @@ def _l7_section(t: _Tracer, redirects, http, kafka) -> dict:
         t.log.append(
             f"l7 ({side}): redirected to the proxy, {rs.parser} rules: {'; '.join(rs.describe())}"
         )
-        if rs.parser == "http" and http is not None:
+        request = _request_for(rs, http, kafka)
+        if request is not None:
             request_given = True
-            v = rs.check(http.method, http.path, http.host, http.headers)
-            for i, ok, why in rs.explain(http.method, http.path, http.host, http.headers):
-                shown = str(rs.rules[i]) if i >= 0 else "allow-all"
-                t.log.append(f"  {'MATCH' if ok else 'no match'} {shown}: {why}")
-            for i in v.matched:
-                matched.append({"side": side, "rule": str(rs.rules[i]), "source": rs.sources[i]})
-            if rs.allow_all and v.allowed and not v.matched:
-                matched.append({"side": side, "rule": "allow-all", "source": ""})
-            if v.header_actions:
-                info["header_actions"] = [list(a) for a in v.header_actions]
-            info["allowed"] = v.allowed
-            if not v.allowed:
+            if not _check_request(t, side, rs, *request, info, matched):
                 verdict = "DENIED"
-            t.log.append(
-                f"  => HTTP {http.method} {http.path} {'ALLOWED' if v.allowed else 'DENIED'}"
-            )
-        elif rs.parser == "kafka" and kafka is not None:
-            request_given = True
-            v = rs.check(kafka.api_key, kafka.api_version, kafka.client_id, kafka.topics)
-            for i, ok, why in rs.explain(
-                kafka.api_key, kafka.api_version, kafka.client_id, kafka.topics
-            ):
-                shown = str(rs.rules[i]) if i >= 0 else "allow-all"
-                t.log.append(f"  {'MATCH' if ok else 'no match'} {shown}: {why}")
-            for i in v.matched:
-                matched.append({"side": side, "rule": str(rs.rules[i]), "source": rs.sources[i]})
-            if rs.allow_all and v.allowed and not v.matched:
-                matched.append({"side": side, "rule": "allow-all", "source": ""})
-            info["allowed"] = v.allowed
-            if v.denied_topics:
-                info["denied_topics"] = list(v.denied_topics)
-            if not v.allowed:
-                verdict = "DENIED"
-            t.log.append(
-                f"  => Kafka {api_key_name(kafka.api_key)} v{kafka.api_version} "
-                f"topics {list(kafka.topics)} {'ALLOWED' if v.allowed else 'DENIED'}"
-            )
-        elif (http is not None and rs.parser != "http") or (
-            kafka is not None and rs.parser != "kafka"
-        ):
+        elif http is not None or kafka is not None:
             request_given = True
             verdict = "DENIED"
             info["allowed"] = False
             t.log.append(f"  => the request is not {rs.parser}: the {rs.parser} parser rejects it")
+    rules = [r for s in sets for r in s["rules"]]
     if not request_given:
         t.log.append(
             "l7: no L7 request given: the flow would be redirected to the proxy; the L3/L4 verdict stands"
@@ -388,13 +385,13 @@ def _l7_section(t: _Tracer, redirects, http, kafka) -> dict:
             "verdict": "REDIRECTED",
             "redirect": True,
             "matched": [],
-            "rules": [r for s in sets for r in s["rules"]],
+            "rules": rules,
             "rule_sets": sets,
         }
     return {
         "verdict": verdict,
         "redirect": True,
         "matched": matched,
-        "rules": [r for s in sets for r in s["rules"]],
+        "rules": rules,
         "rule_sets": sets,
     }
