@@ -15,10 +15,9 @@ from __future__ import annotations
 import os
 
 from l7proxy.listener_decision import L4Decision
+from policies.model import INGRESS, PROTO_TCP
 
 ENDPOINT = "gateway"
-TCP = 6
-INGRESS = 0
 
 
 class DenyAll:
@@ -59,7 +58,7 @@ class PolicySnapshot:
         identity = self.ipcache.lookup(ip)
         labels = self.allocator.labels_of(identity)
         label_strs = tuple(str(lb) for lb in labels) if labels is not None else ()
-        v = l4_verdict(self.compiled, ENDPOINT, identity, INGRESS, TCP, port)
+        v = l4_verdict(self.compiled, ENDPOINT, identity, INGRESS, PROTO_TCP, port)
         rules = None
         if v.action == "redirect" and v.l7_id:
             rules = self.compiled.l7.get(v.l7_id)
