@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 from l7proxy.agent.client import DEFAULT_SOCKET, SOCKET_ENV
+from l7proxy.agent.ipam import IPPool
+
+BPF_FS = Path("/sys/fs/bpf")
+SUN_PATH_MAX = 107  # bytes of a unix socket path (sun_path is 108 with the terminating NUL)
 
 
 def register(sub) -> None:
@@ -41,7 +45,11 @@ def register(sub) -> None:
     )
     p.add_argument("--admin", metavar="HOST:PORT", help="serve /metrics, /healthz, /policy here")
     p.add_argument("--no-bpf", action="store_true", help="do not load BPF (no kernel enforcement)")
-    p.add_argument("--bpf-dir", default=None, help="pin directory under /sys/fs/bpf")
+    p.add_argument(
+        "--bpf-dir",
+        default=None,
+        help="pin directory on the BPF filesystem (default /sys/fs/bpf/l7proxy/default)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=run)
 
@@ -51,7 +59,73 @@ def _hostport(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def fs_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the filesystem `path` lies on (the longest mount point above it)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return None
+    best, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def argument_problem(args, mounts: str | None = None) -> str | None:
+    """What is wrong with the agent's arguments, as one line that says what to do, or None.
+    Checked before the agent touches anything (the kernel's errors came after attaching)."""
+    try:
+        IPPool(args.pool)
+    except ValueError as exc:
+        return f"--pool {args.pool!r}: {exc} (e.g. --pool 10.200.0.0/16)"
+    if "/" in args.netns_prefix or "\0" in args.netns_prefix:
+        return f"--netns-prefix {args.netns_prefix!r}: a namespace name cannot hold '/' (e.g. l7-)"
+    if args.admin is not None:
+        try:
+            host, port = _hostport(args.admin)
+        except ValueError:
+            port = -1
+        if not 0 <= port <= 65535:
+            return (
+                f"--admin {args.admin!r}: give HOST:PORT with a port 0-65535 (e.g. 127.0.0.1:9962)"
+            )
+    state_dir = Path(args.state_dir)
+    if state_dir.exists() and not state_dir.is_dir():
+        return f"--state-dir {args.state_dir!r} is a file: give a directory (it holds state.db)"
+    if len(os.fsencode(os.path.abspath(args.socket))) > SUN_PATH_MAX:
+        return (
+            f"--socket {args.socket!r}: a unix socket path is at most {SUN_PATH_MAX} bytes; "
+            "give a shorter one"
+        )
+    if args.bpf_dir is not None and not args.no_bpf:
+        pin_dir = Path(args.bpf_dir)
+        example = BPF_FS / "l7proxy" / (pin_dir.name or "NAME")
+        if not pin_dir.is_absolute():
+            return f"--bpf-dir {args.bpf_dir!r} is relative: give a directory on the BPF filesystem, e.g. {example}"
+        if pin_dir.exists() and not pin_dir.is_dir():
+            return f"--bpf-dir {args.bpf_dir!r} is a file: give a directory, e.g. {example}"
+        kind = fs_type(Path(os.path.normpath(pin_dir)), mounts)
+        if kind not in (None, "bpf"):
+            return (
+                f"--bpf-dir {args.bpf_dir!r} is on a {kind} filesystem, not the BPF filesystem: "
+                f"give a directory under a bpf mount, e.g. {example} "
+                f"(mount one with: mount -t bpf bpf {BPF_FS})"
+            )
+    return None
+
+
 def run(args) -> int:
+    problem = argument_problem(args)
+    if problem:
+        print(f"l7proxy agent: error: {problem}", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("error: the agent needs root (network namespaces, veth, BPF)", file=sys.stderr)
         return 1
