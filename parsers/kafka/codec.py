@@ -4,6 +4,12 @@ Values are plain dicts keyed by snake_case field names. Tagged fields are kept r
 as a list of (tag, bytes) so that a decoded message re-encodes byte for byte; fields the caller
 leaves out are written with the spec default. Record batches ("records") are never decoded: the
 decoder hands back a memoryview slice and the encoder writes it through unchanged.
+
+Counts and lengths from the wire are checked before anything is allocated or looped over: an
+array of N elements needs N times its element's smallest encoding in the bytes that remain, a
+tagged-field section two bytes per field, and a negative length other than null (-1; compact
+forms cannot be lower) is a DecodeError. Every element read moves forward, so decoding costs at
+most a constant per byte of input.
 """
 
 from __future__ import annotations
@@ -124,8 +130,8 @@ def _blob(kind: str, flexible: bool, nullable: bool) -> tuple[Decoder, Encoder]:
     def dec(buf, pos):
         n, pos = read_len(buf, pos)
         if n < 0:
-            if not nullable and n != -1:
-                raise DecodeError(f"negative {kind} length")
+            if n != -1:
+                raise DecodeError(f"negative {kind} length {n}")
             return None, pos
         end = pos + n
         if end > len(buf):
@@ -147,17 +153,23 @@ def _blob(kind: str, flexible: bool, nullable: bool) -> tuple[Decoder, Encoder]:
     return dec, enc
 
 
-def _array(item: tuple[Decoder, Encoder], flexible: bool) -> tuple[Decoder, Encoder]:
+def _array(
+    item: tuple[Decoder, Encoder], flexible: bool, item_size: int
+) -> tuple[Decoder, Encoder]:
+    """`item_size`: the smallest encoding of one element (at least 1 byte is assumed)."""
     read_len = _length_reader(flexible, wide=True)
     write_len = _length_writer(flexible, wide=True)
     item_dec, item_enc = item
+    item_size = max(item_size, 1)
 
     def dec(buf, pos):
         n, pos = read_len(buf, pos)
         if n < 0:
+            if n != -1:
+                raise DecodeError(f"negative array length {n}")
             return None, pos
-        if n > len(buf) - pos:
-            raise DecodeError("array count exceeds the frame")
+        if n * item_size > len(buf) - pos:
+            raise DecodeError(f"array of {n} cannot fit in {len(buf) - pos} bytes")
         items = []
         append = items.append
         for _ in range(n):
@@ -176,6 +188,19 @@ def _array(item: tuple[Decoder, Encoder], flexible: bool) -> tuple[Decoder, Enco
     return dec, enc
 
 
+_FIXED_SIZES = {"int8": 1, "int16": 2, "uint16": 2, "int32": 4, "int64": 8, "float64": 8,
+                "bool": 1, "uuid": 16}  # fmt: skip
+
+
+def _min_size(kind: str, flexible: bool) -> int:
+    """Smallest encoding of a primitive or an array: a length prefix alone (null or empty)."""
+    if kind in _FIXED_SIZES:
+        return _FIXED_SIZES[kind]
+    if flexible:
+        return 1  # uvarint length
+    return 2 if kind == "string" else 4  # int16 string length; int32 bytes/records/array length
+
+
 _PRIMITIVE_DEFAULTS = {
     "bool": False,
     "int8": 0,
@@ -191,22 +216,23 @@ _PRIMITIVE_DEFAULTS = {
 }
 
 
-def _field_codec(field: tuple, version: int, flexible: bool) -> tuple[Decoder, Encoder, Any]:
+def _field_codec(field: tuple, version: int, flexible: bool) -> tuple[Decoder, Encoder, Any, int]:
+    """(decoder, encoder, default, smallest encoded size) of one field."""
     name, kind, _versions, nullable_versions, _tag, _tv, default, children = field
     nullable = _in(nullable_versions, version)
     if kind == "{}" or kind == "[]":
         sub = compile_struct(children, version, flexible)
         item = (sub.decode, sub.encode)
         if kind == "[]":
-            dec, enc = _array(item, flexible)
-            return dec, enc, None if default == "null" else []
+            dec, enc = _array(item, flexible, sub.min_size)
+            return dec, enc, None if default == "null" else [], _min_size(kind, flexible)
         if nullable:
-            return (*_nullable_struct(item), None)
-        return item[0], item[1], sub.defaults()
+            return (*_nullable_struct(item), None, 1)
+        return item[0], item[1], sub.defaults(), sub.min_size
     if kind.startswith("[]"):
         inner = kind[2:]
-        dec, enc = _array(_primitive(inner, flexible, False), flexible)
-        return dec, enc, None if default == "null" else []
+        dec, enc = _array(_primitive(inner, flexible, False), flexible, _min_size(inner, flexible))
+        return dec, enc, None if default == "null" else [], _min_size(kind, flexible)
     dec, enc = _primitive(kind, flexible, nullable)
     if default == "null":
         value = None
@@ -216,7 +242,7 @@ def _field_codec(field: tuple, version: int, flexible: bool) -> tuple[Decoder, E
         value = ZERO_UUID
     else:
         value = default
-    return dec, enc, value
+    return dec, enc, value, _min_size(kind, flexible)
 
 
 def _nullable_struct(item: tuple[Decoder, Encoder]) -> tuple[Decoder, Encoder]:
@@ -263,6 +289,8 @@ def _primitive(kind: str, flexible: bool, nullable: bool) -> tuple[Decoder, Enco
 
 def read_tags(buf: memoryview, pos: int) -> tuple[list[tuple[int, bytes]], int]:
     count, pos = read_uvarint(buf, pos)
+    if count * 2 > len(buf) - pos:  # each field: at least a tag and a size byte
+        raise DecodeError(f"{count} tagged fields cannot fit in {len(buf) - pos} bytes")
     tags = []
     for _ in range(count):
         tag, pos = read_uvarint(buf, pos)
@@ -288,18 +316,21 @@ def write_tags(out: bytearray, tags: list[tuple[int, bytes]] | None) -> None:
 class StructCodec:
     """One struct at one version: `decode(buf, pos) -> (dict, pos)`, `encode(out, dict)`."""
 
-    __slots__ = ("decode", "encode", "names", "_defaults")
+    __slots__ = ("decode", "encode", "names", "min_size", "_defaults")
 
     def __init__(self, fields: tuple, version: int, flexible: bool):
         plan = []
+        # The smallest encoding of this struct: its fields' smallest, plus the tag count.
+        self.min_size = 1 if flexible else 0
         for field in fields:
             name, _kind, versions, _nv, tag, tagged_versions, _d, _c = field
             if not _in(versions, version):
                 continue
             if tag is not None and _in(tagged_versions, version):
                 continue  # tagged fields travel raw in "_tags"
-            dec, enc, default = _field_codec(field, version, flexible)
+            dec, enc, default, size = _field_codec(field, version, flexible)
             plan.append((name, dec, enc, default))
+            self.min_size += size
         self.names = tuple(p[0] for p in plan)
         self._defaults = {p[0]: p[3] for p in plan}
         decoders = tuple((p[0], p[1]) for p in plan)

@@ -157,6 +157,8 @@ def parse_request_header(
     n = _I16.unpack_from(frame_bytes, start + 8)[0]
     pos = start + 10
     client_id = None
+    if n < -1:
+        raise FrameError("short_header", f"negative client id length {n}")
     if n >= 0:
         if pos + n > len(frame_bytes):
             raise FrameError("short_header", "client id runs past the frame")
@@ -186,6 +188,8 @@ def encode_response_header(correlation_id: int, api_key: int, flexible: bool) ->
 
 def _skip_tags(data: bytes, pos: int) -> int:
     count, pos = _uvarint(data, pos)
+    if count * 2 > len(data) - pos:  # each field: at least a tag and a size byte
+        raise FrameError("short_header", f"{count} tagged fields cannot fit in the header")
     for _ in range(count):
         _tag, pos = _uvarint(data, pos)
         size, pos = _uvarint(data, pos)
