@@ -12,7 +12,6 @@ proxy's own traffic is never redirected again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from l7proxy.flows import FlowSink
 from l7proxy.http1.upstream import UpstreamPool
 from l7proxy.platform import MARK_FROM_PROXY, MARK_IDENTITY_MASK, transparent_listener
 from l7proxy.server import DeadlineSweeper, Gate, Listener
+from l7proxy.session import drain_sessions
 
 
 def marked_destination(ip: str, port: int, source_identity: int) -> OriginalDestination:
@@ -145,16 +145,7 @@ class NodeProxy:
         quick), then close what is left."""
         if self.server is not None:
             self.server.close()
-        for session in list(self.sweeper.sessions):
-            with contextlib.suppress(Exception):
-                session.drain()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + drain_time
-        while self.sweeper.sessions and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        for session in list(self.sweeper.sessions):
-            with contextlib.suppress(Exception):
-                session.close()
+        await drain_sessions(self.sweeper.sessions, drain_time)
         self.sweeper.stop()
         self.pool.close()
         self.flows.close()
