@@ -80,7 +80,5 @@ class KafkaSettings:
     # which grows loopback buffers to megabytes). Bytes parked in the proxy path are requests
     # the broker reads cache-cold later; 512 KiB measured best for produce (docs/kafka.md).
     socket_buffer: int = 512 * 1024
-    # Shared topic id -> name map (None: one per connection).
-    topic_ids: dict | None = None
     # Gateway mode: broker address seen in responses -> gateway listener to advertise instead.
     brokers: Mapping[Address, Address] | None = None

@@ -6,7 +6,8 @@ tests drive the layer with plain bytes.
 
 Requests are buffered one frame at a time (the policy needs every topic before the first byte goes
 upstream) and forwarded as the same bytes; a large Produce is cut through as soon as its topics
-are known and allowed. The response side (splice.py) streams, inspects or rewrites answers.
+are known and allowed. The response side (response_side.py) streams, inspects or rewrites
+answers.
 
 Kafka answers requests in order on a connection, so a synthesised denial waits in the same queue
 as the forwarded requests and goes out when every earlier response has.
@@ -26,7 +27,8 @@ from l7proxy.kafka.commands import (
     ToClient,
     ToUpstream,
 )
-from l7proxy.kafka.splice import FETCH, ResponseSide
+from l7proxy.kafka.response_side import FETCH, ResponseSide
+from l7proxy.kafka.topic_ids import TopicIdMap
 from parsers.kafka import denials
 from parsers.kafka.apis import API_TABLE, TOPIC_AUTHORIZATION_FAILED, expects_response, topics_of
 from parsers.kafka.codec import DecodeError
@@ -67,14 +69,16 @@ CUT_THROUGH_RETRY = 64 * 1024
 RESOLVE_RETRY_NS = 1_000_000_000
 
 
-class KafkaLayer(ResponseSide):
-    """One client connection: the request side lives here, the response side in splice.py."""
+class KafkaLayer:
+    """One client connection: the request side lives here, the response side (`responses`) in
+    response_side.py. `topic_ids` is the worker's shared map (a map of its own when None)."""
 
     def __init__(
         self,
         rules: Callable[[], object],
         settings: KafkaSettings = KafkaSettings(),
         clock_ns: Callable[[], int] = lambda: 0,
+        topic_ids: TopicIdMap | None = None,
     ) -> None:
         self._rules = rules
         self._settings = settings
@@ -82,12 +86,9 @@ class KafkaLayer(ResponseSide):
         self._requests = FrameDecoder(settings.max_frame_size)
         self._pending: deque[Pending] = deque()
         self._supported = supported_versions(GATEWAY_CAPS if settings.brokers else None)
-        # Topic id -> name, learned from Metadata responses. Ids are cluster-wide UUIDs and a
-        # client often fetches on another connection than the one it asked Metadata on, so the
-        # session shares one map per process (settings.topic_ids); the policy still decides by name.
-        self.topic_names: dict[bytes, str] = (
-            settings.topic_ids if settings.topic_ids is not None else {}
-        )
+        # Topic id -> name, learned from Metadata responses (topic_ids.py); the policy still
+        # decides by name.
+        self.topic_names = topic_ids if topic_ids is not None else TopicIdMap()
         self._req_left = 0  # bytes of a cut-through request still to pass on
         self._cut_tried = self._cut_tried_at = -1
         self._fetch_topics: set[str] = set()  # topics this connection's fetch session may hold
@@ -99,8 +100,23 @@ class KafkaLayer(ResponseSide):
         self._parked: deque[bytes] = deque()
         self._held: list[bytes] = []
         self._resolve_tried: dict[bytes, int] = {}  # topic id -> clock of the last lookup
-        self._init_response_side()
         self.closed = False
+        self.responses = ResponseSide(
+            pending=self._pending, settings=settings, rules=rules, supported=self._supported,
+            clock_ns=clock_ns, topic_ids=self.topic_names, fetch_sessions=self._fetch_sessions,
+            close=self._close,
+        )  # fmt: skip
+
+    def upstream_data(self, data: bytes) -> list:
+        """Bytes from the broker: see ResponseSide.upstream_data."""
+        return self.responses.upstream_data(data)
+
+    def pass_response_bytes(self, n: int) -> bool:
+        return self.responses.pass_response_bytes(n)
+
+    def learn_topic_ids(self, ids: dict[bytes, str]) -> None:
+        """What the session's own lookup found (see ResolveTopicIds)."""
+        self.topic_names.learn(ids)
 
     @property
     def in_flight(self) -> int:
@@ -377,7 +393,7 @@ class KafkaLayer(ResponseSide):
         still owed (Kafka answers in order on a connection)."""
         pending.synthetic = framed
         self._pending.append(pending)
-        self._flush_synthetic(out)
+        self.responses.flush_answers(out)
 
     @staticmethod
     def _decode(spec, header: RequestHeader, framed: bytes) -> dict:
@@ -441,11 +457,8 @@ class KafkaLayer(ResponseSide):
         out.append(ToUpstream(frame(body)))
         self._pending.append(pending)
 
-    # ---- upstream -> client -------------------------------------------------------------
-
     def _close(self, out: list, reason: str, detail: str, header: RequestHeader | None = None):
-        if self._view is not None:
-            self._flush_run(out)
+        self.responses.stop(out)
         self.closed = True
         if header is not None:
             out.append(Record("REQUEST", "ERROR", header.api_key, header.api_version,

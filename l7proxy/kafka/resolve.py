@@ -64,28 +64,34 @@ async def lookup_topic_ids(host: str, port: int, max_bytes: int) -> dict[bytes, 
         writer.close()
 
 
-# Lookups in flight in this process, by event loop, broker address and socket mark: sessions
-# that miss at the same moment (every consumer's Fetch after a worker restart) share one.
-_in_flight: dict[tuple, asyncio.Future] = {}
+class SharedLookups:
+    """The lookups in flight of one worker, by event loop, broker address and socket mark:
+    sessions that miss at the same moment (every consumer's Fetch after a worker restart) share
+    one. Owned by the worker's KafkaWorker (l7proxy/kafka/worker.py)."""
 
+    __slots__ = ("in_flight",)
 
-async def shared_lookup(host: str, port: int, max_bytes: int, timeout: float) -> dict[bytes, str]:
-    """`lookup_topic_ids`, bounded by `timeout`, shared with every session of this process that
-    asks the same broker while it runs. A waiter that gives up (its session closed) does not
-    cancel it for the others."""
-    key = (asyncio.get_running_loop(), str(host), getattr(host, "mark", 0), port)
-    task = _in_flight.get(key)
-    if task is None or task.done():  # a finished one is an old answer: ask again
-        task = asyncio.ensure_future(
-            asyncio.wait_for(lookup_topic_ids(host, port, max_bytes), timeout)
-        )
-        _in_flight[key] = task
+    def __init__(self) -> None:
+        self.in_flight: dict[tuple, asyncio.Future] = {}
 
-        def forget(done: asyncio.Future) -> None:
-            if _in_flight.get(key) is done:
-                del _in_flight[key]
-            if not done.cancelled():
-                done.exception()  # retrieved: every waiter may have given up
+    async def lookup(self, host: str, port: int, max_bytes: int, timeout: float) -> dict:
+        """`lookup_topic_ids`, bounded by `timeout`, shared with every session that asks the
+        same broker while it runs. A waiter that gives up (its session closed) does not cancel
+        it for the others."""
+        in_flight = self.in_flight
+        key = (asyncio.get_running_loop(), str(host), getattr(host, "mark", 0), port)
+        task = in_flight.get(key)
+        if task is None or task.done():  # a finished one is an old answer: ask again
+            task = asyncio.ensure_future(
+                asyncio.wait_for(lookup_topic_ids(host, port, max_bytes), timeout)
+            )
+            in_flight[key] = task
 
-        task.add_done_callback(forget)
-    return await asyncio.shield(task)
+            def forget(done: asyncio.Future) -> None:
+                if in_flight.get(key) is done:
+                    del in_flight[key]
+                if not done.cancelled():
+                    done.exception()  # retrieved: every waiter may have given up
+
+            task.add_done_callback(forget)
+        return await asyncio.shield(task)

@@ -1,5 +1,6 @@
 """The Kafka protocol session: one client connection, one upstream connection, a KafkaLayer
-in between. This module only moves bytes and carries out the layer's commands.
+in between. This module only moves bytes and carries out the layer's commands; the splice(2)
+pump for large Produce bodies is in splicer.py, what a worker's sessions share in worker.py.
 
 Backpressure: when either transport's write buffer passes the high water mark, reading from the
 other side pauses until it drains.
@@ -8,13 +9,10 @@ other side pauses until it drains.
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
 import socket
 import time
-import weakref
 
-from l7proxy.flows import DROPPED, ERROR, FORWARDED
+from l7proxy.kafka import splicer as splice
 from l7proxy.kafka.commands import (
     Close,
     KafkaSettings,
@@ -23,74 +21,20 @@ from l7proxy.kafka.commands import (
     ToClient,
     ToUpstream,
 )
+from l7proxy.kafka.flow_records import FlowRecorder
 from l7proxy.kafka.layer import KafkaLayer
-from l7proxy.kafka.resolve import shared_lookup
 from l7proxy.kafka.settings import settings_for
-from parsers.kafka.apis import api_name
+from l7proxy.kafka.worker import KafkaWorker, worker_for
 
-_VERDICTS = {"FORWARDED": FORWARDED, "DROPPED": DROPPED, "ERROR": ERROR}
 # Requests in flight on one connection before the proxy stops reading the client.
 MAX_IN_FLIGHT = 1024
 # The rest of a cut-through request at least this large moves client -> broker with splice(2)
 # through a pipe, in the kernel: no copy into Python objects and back (see docs/kafka.md).
 SPLICE_MIN = 64 * 1024
-_PIPE_SIZE = 1024 * 1024
 # After a spliced request: the next request's head, enough for the topics of a usual Produce
 # (a head whose topics do not fit goes back to the transport). 16 KiB copied 14 KiB more of each
 # body through Python: proxy CPU 0.51-0.53 -> 0.46-0.48 us per message (docs/kafka.md).
 HEAD_READ = 2 * 1024
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_PIPE_ATOMIC = 4096  # PIPE_BUF: a write this small into an empty pipe is whole
-
-
-class _KafkaMetrics:
-    """Kafka-only metrics next to the shared policy_l7_total{proto="kafka"}."""
-
-    __slots__ = ("latency", "frame_errors", "response_errors", "topic_id_lookups", "_by_key")
-
-    def __init__(self, registry) -> None:
-        self.latency = registry.histogram(
-            "l7proxy_kafka_request_duration_seconds",
-            "Kafka request latency through the proxy, by API key",
-            ("api_key",),
-        )
-        self.frame_errors = registry.counter(
-            "l7proxy_kafka_connection_errors_total",
-            "Kafka connections closed by the proxy, by reason (frame_too_large, ...)",
-            ("reason",),
-        )
-        self.response_errors = registry.counter(
-            "l7proxy_kafka_response_errors_total",
-            "Non-zero error codes in broker responses (first per response), by API key and code",
-            ("api_key", "error_code"),
-        )
-        self.topic_id_lookups = registry.counter(
-            "l7proxy_kafka_topic_id_lookups_total",
-            "Topic ids looked up with the broker because no Metadata seen here named them, by "
-            "result (found, not_found, error)",
-            ("result",),
-        )
-        self._by_key: dict[int, object] = {}
-
-    def observe(self, api_key: int, seconds: float) -> None:
-        child = self._by_key.get(api_key)
-        if child is None:
-            child = self._by_key[api_key] = self.latency.labels(api_key=api_name(api_key))
-        child.observe(seconds)
-
-
-# Keyed by the registry object itself (weakly): an id() key outlives its registry and a new
-# registry at the same address would get counters bound to the dead one.
-_metrics_by_registry: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _kafka_metrics(ctx) -> _KafkaMetrics:
-    registry = ctx.metrics.registry
-    metrics = _metrics_by_registry.get(registry)
-    if metrics is None:
-        metrics = _metrics_by_registry[registry] = _KafkaMetrics(registry)
-    return metrics
 
 
 class _Upstream(asyncio.Protocol):
@@ -124,139 +68,32 @@ def _fd(transport) -> int:
     return sock.fileno() if sock is not None else -1
 
 
-class _Splicer:
-    """Moves the body of a large, already allowed Produce from the client socket to the broker
-    socket with splice(2) through a pipe, while the client transport is paused. The watchers
-    sit on dup()s of the sockets, as the event loop refuses a second watcher on a transport's
-    own descriptor. The watcher on the client socket stays registered from wait to wait and
-    request to request (each add and remove costs a poll handle, an ioctl and epoll_ctl calls);
-    it goes only for a wait on the broker side and when reading goes back to the transport."""
-
-    __slots__ = (
-        "session", "loop", "cfd", "ufd", "pr", "pw", "pipe_size", "in_pipe", "reading", "writing",
-    )  # fmt: skip
-
-    def __init__(self, session: KafkaSession, client_fd: int, upstream_fd: int) -> None:
-        self.session = session
-        self.loop = asyncio.get_running_loop()
-        self.cfd = os.dup(client_fd)
-        self.ufd = os.dup(upstream_fd)
-        self.pr, self.pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            self.pipe_size = fcntl.fcntl(self.pw, _F_SETPIPE_SZ, _PIPE_SIZE)
-        except OSError:
-            self.pipe_size = 64 * 1024  # the default pipe works, in more calls
-        self.in_pipe = 0
-        self.reading = self.writing = False
-
-    def pump(self) -> bool:
-        """Move what can move now. True when the request is through (or the session closed).
-        A short splice means the socket had no more bytes (or room) for now: the splicer waits
-        then instead of calling again into EAGAIN, a BlockingIOError per call. (A short count
-        with bytes left is only a wake-up more: the watchers are level-triggered.)"""
-        session = self.session
-        layer = session.layer
-        if self.writing:
-            self.loop.remove_writer(self.ufd)
-            self.writing = False
-        drained = False
-        try:
-            while True:
-                if self.in_pipe:
-                    try:
-                        n = os.splice(self.pr, self.ufd, self.in_pipe, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        n = 0
-                    self.in_pipe -= n
-                    if self.in_pipe:  # the broker socket's buffer is full
-                        self._watch_broker()
-                        return False
-                left = layer.request_bytes_left
-                if not left:
-                    return True
-                if drained:
-                    self.wait_for_client()
-                    return False
-                want = min(left, self.pipe_size)  # the pipe is empty here
-                try:
-                    n = os.splice(self.cfd, self.pw, want, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    self.wait_for_client()
-                    return False
-                if n == 0:
-                    session.client_eof_in_request()
-                    return True
-                drained = n < want
-                layer.pass_request_bytes(n)
-                session.spliced_bytes += n
-                self.in_pipe += n
-        except OSError as exc:
-            session.splice_failed(exc)
-            return True
-
-    def put(self, data: bytes) -> bool:
-        """Queue `data` in the (empty) pipe ahead of the body to come. False when it does not
-        fit at once (the caller writes it through the transport instead)."""
-        if self.in_pipe or len(data) > _PIPE_ATOMIC:
-            return False
-        try:
-            n = os.write(self.pw, data)
-        except OSError:
-            return False
-        self.in_pipe += n
-        return True
-
-    def wait_for_client(self) -> None:
-        """Call back when the client socket is readable (the watcher may be there already)."""
-        if not self.reading:
-            self.loop.add_reader(self.cfd, self.session.splice_ready)
-            self.reading = True
-
-    def _watch_broker(self) -> None:
-        """Call back when the broker socket takes more. The client watcher goes meanwhile: with
-        bytes waiting on the client socket it would fire on every loop turn."""
-        if self.reading:
-            self.loop.remove_reader(self.cfd)
-            self.reading = False
-        self.loop.add_writer(self.ufd, self.session.splice_ready)
-        self.writing = True
-
-    def unwatch(self) -> None:
-        """Drop the watchers (reading goes back to the transport, or the splicer closes)."""
-        if self.reading:
-            self.loop.remove_reader(self.cfd)
-            self.reading = False
-        if self.writing:
-            self.loop.remove_writer(self.ufd)
-            self.writing = False
-
-    def close(self) -> None:
-        self.unwatch()
-        for fd in (self.cfd, self.ufd, self.pr, self.pw):
-            os.close(fd)
-
-
 class KafkaSession(asyncio.Protocol):
-    def __init__(self, ctx, settings: KafkaSettings | None = None) -> None:
+    def __init__(
+        self, ctx, settings: KafkaSettings | None = None, worker: KafkaWorker | None = None
+    ) -> None:
         self.ctx = ctx
         self.settings = settings or settings_for(ctx)
-        self.layer = KafkaLayer(ctx.rules, self.settings, time.monotonic_ns)
-        self.kmetrics = _kafka_metrics(ctx)
+        worker = worker or worker_for(ctx)
+        self.worker = worker
+        self.layer = KafkaLayer(ctx.rules, self.settings, time.monotonic_ns, worker.topic_ids)
+        self.responses = self.layer.responses
+        self.kmetrics = worker.metrics
+        self.recorder = FlowRecorder(ctx, worker.metrics)
         self.client = None
         self.upstream = None
         self._queued: list[bytes] = []  # for upstream, until it is connected
         self._queued_bytes = 0
         self._connect_task = None
         self._closed = False
-        self._last_counted = None
         self._draining = False
         self._holds: set[str] = set()  # reasons client reading is paused
         # The core's DeadlineSweeper (gateway/agent) tracks sessions for idle timeouts and drain.
         self.sweeper = getattr(ctx, "sweeper", None)
         self.deadline = 0.0
         self.deadline_kind = 0
-        self._splicer: _Splicer | None = None
-        self._splice_ok = hasattr(os, "splice")
+        self._splicer: splice.Splicer | None = None
+        self._splice_ok = splice.AVAILABLE
         self._held_upstream: list | None = None  # see splice_ready
         self.spliced_bytes = 0  # request bytes moved with splice(2) (tests, diagnostics)
         self._lookup_task = None  # see ResolveTopicIds
@@ -338,7 +175,7 @@ class KafkaSession(asyncio.Protocol):
                 self._splice_ok = False
                 return
             try:
-                self._splicer = _Splicer(self, cfd, ufd)
+                self._splicer = splice.Splicer(self, cfd, ufd)
             except OSError:
                 self._splice_ok = False
                 return
@@ -358,14 +195,14 @@ class KafkaSession(asyncio.Protocol):
             if self._closed or self._holds != {"splice"}:
                 break
             try:
-                data = os.read(splicer.cfd, HEAD_READ)
-            except BlockingIOError:
+                data = splicer.read_head(HEAD_READ)
+            except OSError:
+                break  # an error the transport will see
+            if data is None:
                 # Handing back to the transport here sent the first 256 KiB of nearly every
                 # next request through Python (21 % of the bytes): wait for the head instead.
                 splicer.wait_for_client()
                 return
-            except OSError:
-                break  # an error the transport will see
             if not data:
                 break  # end of stream: the transport reads it again
             # What the layer forwards from this head waits here: when the rest is spliced it
@@ -384,6 +221,15 @@ class KafkaSession(asyncio.Protocol):
         if splicer is not None:
             splicer.unwatch()  # reading goes back to the transport
         self._release("splice")
+
+    # SpliceOwner (splicer.py)
+
+    def request_bytes_left(self) -> int:
+        return self.layer.request_bytes_left
+
+    def spliced(self, n: int) -> None:
+        self.layer.pass_request_bytes(n)
+        self.spliced_bytes += n
 
     def client_eof_in_request(self) -> None:
         self._close("client_eof", "client closed in the middle of a request")
@@ -467,11 +313,11 @@ class KafkaSession(asyncio.Protocol):
         self._release("connecting")
 
     def upstream_data(self, data: bytes) -> None:
-        if self.layer.pass_response_bytes(len(data)):
+        if self.responses.pass_response_bytes(len(data)):
             self.client.write(data)  # the middle of a large response (Fetch records)
             return
         try:
-            commands = self.layer.upstream_data(data)
+            commands = self.responses.upstream_data(data)
         except Exception as exc:
             self._close("internal_error", repr(exc))
             return
@@ -514,7 +360,7 @@ class KafkaSession(asyncio.Protocol):
             elif kind is ToClient:
                 self.client.write(cmd.data)
             elif kind is Record:
-                self._record(cmd)
+                self.recorder.record(cmd)
             elif kind is ResolveTopicIds:
                 self._hold("topic_ids")
                 self._lookup_task = asyncio.ensure_future(self._look_up_topic_ids(cmd.ids))
@@ -530,7 +376,7 @@ class KafkaSession(asyncio.Protocol):
         the waiting request again (an id still unknown is denied: fail closed)."""
         dest = self.ctx.destination
         try:
-            learned = await shared_lookup(
+            learned = await self.worker.lookups.lookup(
                 dest.host, dest.port, self.settings.max_frame_size,
                 self.ctx.config.upstream_connect_timeout,
             )  # fmt: skip
@@ -557,53 +403,12 @@ class KafkaSession(asyncio.Protocol):
         if chunks and self.upstream is not None and not self._closed:
             self.upstream.writelines(chunks)
 
-    def _record(self, rec: Record) -> None:
-        pm = self.ctx.proto_metrics
-        if rec.kind == "RESPONSE":
-            seconds = rec.latency_ns / 1e9
-            pm.duration.observe(seconds)
-            self.kmetrics.observe(rec.api_key, seconds)
-            if rec.error_code:
-                self.kmetrics.response_errors.labels(
-                    api_key=api_name(rec.api_key), error_code=str(rec.error_code)
-                ).inc()
-        elif self._last_counted != rec.correlation_id or rec.verdict == "ERROR":
-            # One count per request, though a request yields one record per topic.
-            self._last_counted = rec.correlation_id
-            pm.received.inc()
-            if rec.verdict == "FORWARDED":
-                pm.forwarded.inc()
-            elif rec.verdict == "DROPPED":
-                pm.denied.inc()
-            else:
-                pm.parse_errors.inc()
-                if rec.closes:
-                    self.kmetrics.frame_errors.labels(reason=rec.reason or "error").inc()
-        if not self.ctx.flows.active:
-            return
-        name = api_name(rec.api_key) if rec.api_key >= 0 else "unknown"
-        kafka = {
-            "api_key": name,
-            "api_version": rec.api_version,
-            "correlation_id": rec.correlation_id,
-            "topic": rec.topic or "",
-            "error_code": rec.error_code,
-        }
-        l7 = {"type": rec.kind, "latency_ns": rec.latency_ns, "kafka": kafka}
-        summary = f"Kafka {rec.kind.lower()} {name} v{rec.api_version}"
-        if rec.topic:
-            summary += f" topic {rec.topic}"
-        if rec.reason and rec.verdict == "ERROR":
-            summary += f" ({rec.reason})"
-        drop = rec.reason if rec.verdict != "FORWARDED" else None
-        self.ctx.flows.emit(self.ctx.flow(_VERDICTS[rec.verdict], l7, summary, drop_reason=drop))
-
     def _close(self, reason: str, detail: str) -> None:
         if self._closed:
             return
         if reason in ("internal_error", "upstream_unreachable", "splice_error"):
             # The layer records its own closes; these two come from here and need a flow too.
-            self._record(Record("REQUEST", "ERROR", -1, -1, -1, reason=reason, closes=True))
+            self.recorder.record(Record("REQUEST", "ERROR", -1, -1, -1, reason=reason, closes=True))
         self._closed = True
         self._drop_side_work()
         if self.client is not None:

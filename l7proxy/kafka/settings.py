@@ -16,8 +16,6 @@ Address = tuple[str, int]
 _WILDCARDS = ("0.0.0.0", "::", "")
 
 _broker_map: dict[Address, Address] = {}
-# Topic ids are cluster-wide UUIDs: every connection of the process learns into one map.
-_topic_ids: dict[bytes, str] = {}
 
 
 def gateway_broker_map(listeners: Iterable, advertise_host: str | None = None) -> dict:
@@ -50,5 +48,4 @@ def settings_for(ctx) -> KafkaSettings:
         brokers=dict(_broker_map) if _broker_map else None,
         write_high_water=max(cfg.write_high_water, base.write_high_water),
         write_low_water=max(cfg.write_low_water, base.write_low_water),
-        topic_ids=_topic_ids,
     )

@@ -303,13 +303,14 @@ class ProxyThread:
         from l7proxy.context import ConnContext, OriginalDestination
         from l7proxy.kafka.layer import KafkaSettings
         from l7proxy.kafka.session import KafkaSession
+        from l7proxy.kafka.worker import KafkaWorker
 
         dest = OriginalDestination(*self.upstream)
-        # One topic-id map for all of this proxy's connections, as the gateway process has
-        # (l7proxy.kafka.settings); shared_topic_ids=False gives each connection its own, as
+        # One topic-id map for all of this proxy's connections, as a gateway worker has
+        # (l7proxy.kafka.worker); shared_topic_ids=False gives each connection its own, as
         # when a client's connections land on different workers.
-        settings = KafkaSettings(max_frame_size=self.config.max_frame_bytes, brokers=self.brokers,
-                                 topic_ids={} if self.shared_topic_ids else None)  # fmt: skip
+        settings = KafkaSettings(max_frame_size=self.config.max_frame_bytes, brokers=self.brokers)
+        worker = KafkaWorker(self.metrics.registry) if self.shared_topic_ids else None
 
         def factory():
             ctx = ConnContext(
@@ -319,7 +320,7 @@ class ProxyThread:
                 rules=lambda: self.rules, flows=self.sink, metrics=self.metrics, proto="kafka",
             )  # fmt: skip
             ctx.proto_metrics.active.inc()
-            return KafkaSession(ctx, settings)
+            return KafkaSession(ctx, settings, worker)
 
         self.server = await self.loop.create_server(factory, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]

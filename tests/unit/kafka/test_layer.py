@@ -15,6 +15,7 @@ from l7proxy.kafka.layer import (
     ToClient,
     ToUpstream,
 )
+from l7proxy.kafka.topic_ids import TopicIdMap
 from parsers.kafka.apis import API_TABLE
 from parsers.kafka.frames import encode_response_header, frame
 from policies.l7 import KafkaRuleSet
@@ -53,9 +54,9 @@ def produce(topics, acks=1):
     }
 
 
-def layer(rules=PRODUCE_ONLY_T1, **kw):
+def layer(rules=PRODUCE_ONLY_T1, topic_ids=None, **kw):
     return KafkaLayer(
-        lambda: rules, KafkaSettings(**kw), clock_ns=iter(range(0, 10**12, 1000)).__next__
+        lambda: rules, KafkaSettings(**kw), iter(range(0, 10**12, 1000)).__next__, topic_ids
     )
 
 
@@ -364,7 +365,7 @@ def test_consumer_group_heartbeat_topics_and_regex():
 
 
 def test_topic_ids_learned_on_one_connection_resolve_on_another():
-    shared: dict = {}
+    shared = TopicIdMap()
     rules = KafkaRuleSet([KafkaRule(api_keys=(1, 3, 18), topic="t1")])
     meta_conn = layer(rules, topic_ids=shared)
     meta_conn.client_data(request(3, 12, 4, {"topics": None}))

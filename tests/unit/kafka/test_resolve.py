@@ -117,21 +117,23 @@ def test_lookups_at_the_same_time_share_one_and_a_finished_one_is_not_reused(mon
 
     monkeypatch.setattr(resolve, "lookup_topic_ids", counted)
 
+    lookups = resolve.SharedLookups()
+
     async def main():
-        together = [resolve.shared_lookup("10.0.0.1", 9092, 1024, 5) for _ in range(5)]
-        waiter = asyncio.ensure_future(resolve.shared_lookup("10.0.0.1", 9092, 1024, 5))
+        together = [lookups.lookup("10.0.0.1", 9092, 1024, 5) for _ in range(5)]
+        waiter = asyncio.ensure_future(lookups.lookup("10.0.0.1", 9092, 1024, 5))
         await asyncio.sleep(0)
         waiter.cancel()  # one session closes: the others still get the answer
         first = await asyncio.gather(*together)
-        other_broker = await resolve.shared_lookup("10.0.0.2", 9092, 1024, 5)
-        again = await resolve.shared_lookup("10.0.0.1", 9092, 1024, 5)
+        other_broker = await lookups.lookup("10.0.0.2", 9092, 1024, 5)
+        again = await lookups.lookup("10.0.0.1", 9092, 1024, 5)
         return first, other_broker, again
 
     first, other_broker, again = asyncio.run(main())
     assert calls == [("10.0.0.1", 9092), ("10.0.0.2", 9092), ("10.0.0.1", 9092)]
     assert all(answer == {bytes([1]) * 16: "t1"} for answer in first)
     assert other_broker == {bytes([2]) * 16: "t2"} and again == {bytes([3]) * 16: "t3"}
-    assert resolve._in_flight == {}
+    assert lookups.in_flight == {}
 
 
 def test_a_shared_lookup_that_hangs_times_out(monkeypatch):
@@ -141,6 +143,7 @@ def test_a_shared_lookup_that_hangs_times_out(monkeypatch):
         await asyncio.sleep(60)
 
     monkeypatch.setattr(resolve, "lookup_topic_ids", hangs)
+    lookups = resolve.SharedLookups()
     with pytest.raises(TimeoutError):
-        asyncio.run(resolve.shared_lookup("10.0.0.1", 9092, 1024, 0.05))
-    assert resolve._in_flight == {}
+        asyncio.run(lookups.lookup("10.0.0.1", 9092, 1024, 0.05))
+    assert lookups.in_flight == {}

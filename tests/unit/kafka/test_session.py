@@ -307,11 +307,11 @@ def test_a_spliced_stream_keeps_its_client_watcher_and_does_not_retry_into_eagai
     import os as real_os
     import types
 
-    from l7proxy.kafka import session as session_mod
+    from l7proxy.kafka import splicer as splicer_mod
 
     counts: dict = {}
     eagain = [0]
-    init = session_mod._Splicer.__init__
+    init = splicer_mod.Splicer.__init__
 
     def counting_init(self, *args):
         init(self, *args)
@@ -324,9 +324,9 @@ def test_a_spliced_stream_keeps_its_client_watcher_and_does_not_retry_into_eagai
             eagain[0] += 1
             raise
 
-    monkeypatch.setattr(session_mod._Splicer, "__init__", counting_init)
+    monkeypatch.setattr(splicer_mod.Splicer, "__init__", counting_init)
     monkeypatch.setattr(
-        session_mod, "os", types.SimpleNamespace(**{**vars(real_os), "splice": splice})
+        splicer_mod, "os", types.SimpleNamespace(**{**vars(real_os), "splice": splice})
     )
     payloads = [_big_request(cid) for cid in (1, 2, 3, 4)]
 

@@ -1,4 +1,5 @@
-"""The response side of the Kafka layer: splice, inspect or rewrite what the broker sends.
+"""The response side of a Kafka connection: pass through, inspect or rewrite what the broker
+sends, and put the proxy's own answers in their turn.
 
 Responses stream: after the 8-byte size + correlation id the rest is spliced to the client as it
 arrives, and all pass-through bytes of one read leave as one slice. Responses the proxy rewrites
@@ -10,8 +11,11 @@ the same queue, so answers keep the order of the requests.
 from __future__ import annotations
 
 import struct
+from collections import deque
+from collections.abc import Callable
 
-from l7proxy.kafka.commands import Pending, Record, ToClient
+from l7proxy.kafka.commands import KafkaSettings, Pending, Record, ToClient
+from l7proxy.kafka.topic_ids import TopicIdMap
 from parsers.kafka.apis import API_TABLE
 from parsers.kafka.codec import DecodeError
 from parsers.kafka.fastpath import produce_response_error
@@ -35,7 +39,6 @@ FETCH = 1
 MAX_RESPONSE_BYTES = 1 << 30
 # Responses up to this size (other than Fetch) are read for their error codes.
 INSPECT_LIMIT = 64 * 1024
-MAX_TOPIC_IDS = 200_000
 # Fetch v7+ response head after the correlation id (and header tags): throttle_time_ms,
 # error_code, session_id. SESSION_PEEK bytes cover it behind any sane tag section.
 _FETCH_HEAD = struct.Struct(">ihi")
@@ -44,12 +47,33 @@ MAX_FETCH_SESSIONS = 64  # per connection (a client keeps one per broker connect
 
 
 class ResponseSide:
-    """Mixed into KafkaLayer. Uses the layer's `_pending` queue, `_settings`, `_rules`,
-    `_supported`, `_clock`, `topic_names`, `_fetch_sessions`, `closed` and `_close()`; owns the
-    `_resp_*`, `_run_*`, `_peek*`, `_view` and `_pending_slices` state set up by
-    `_init_response_side()`."""
+    """The broker -> client half of one KafkaLayer. It shares the queue of answers owed with the
+    request side (`pending`: the request side appends, this side answers and pops, in order)
+    and the connection's fetch session ids (this side learns them from the answers, the request
+    side checks incremental Fetches against them). `close(out, reason, detail)` is the layer's
+    close; it calls `stop()` here."""
 
-    def _init_response_side(self) -> None:
+    def __init__(
+        self,
+        *,
+        pending: deque[Pending],
+        settings: KafkaSettings,
+        rules: Callable[[], object],
+        supported: dict,
+        clock_ns: Callable[[], int],
+        topic_ids: TopicIdMap,
+        fetch_sessions: set[int],
+        close: Callable[[list, str, str], object],
+    ) -> None:
+        self._pending = pending
+        self._settings = settings
+        self._rules = rules
+        self._supported = supported  # the ApiVersions cap
+        self._clock = clock_ns
+        self._topic_ids = topic_ids
+        self._fetch_sessions = fetch_sessions
+        self._close = close
+        self.closed = False
         self._resp_head = bytearray()  # a response header split across reads
         self._resp_left = 0  # bytes of the current response still to splice
         # The first bytes of a spliced Fetch response that opens a fetch session (its id is
@@ -61,6 +85,12 @@ class ResponseSide:
         self._view: memoryview | None = None  # the read being processed
         self._run_start = self._run_stop = -1  # pass-through bytes of the current read
         self._pending_slices: list[tuple[int, int]] = []
+
+    def stop(self, out: list) -> None:
+        """The connection closes: what passed through so far goes out first, nothing after."""
+        if self._view is not None:
+            self._flush_run(out)
+        self.closed = True
 
     def pass_response_bytes(self, n: int) -> bool:
         """Fast path: True when `n` upstream bytes lie inside the response being spliced and do
@@ -229,7 +259,7 @@ class ResponseSide:
             rules = self._rules()
             visible = None if rules is None or rules.allow_all else rules.topic_visible
             result = rewrite_metadata(body, version, visible, pending.denied_topics, brokers)
-            self.learn_topic_ids(result.topic_ids)
+            self._topic_ids.learn(result.topic_ids)
             return result.body
         if brokers and key in (FIND_COORDINATOR, DESCRIBE_CLUSTER):
             return rewrite_brokers(key, body, version, brokers)
@@ -252,13 +282,6 @@ class ResponseSide:
         codes = error_codes(value)
         pending.error_code = codes[0] if codes else 0
         return None
-
-    def learn_topic_ids(self, ids: dict[bytes, str]) -> None:
-        """Add id -> name pairs (from a Metadata answer) to the map; bounded, and Metadata
-        answers refill it after a clear."""
-        if len(self.topic_names) > MAX_TOPIC_IDS:
-            self.topic_names.clear()
-        self.topic_names.update(ids)
 
     def _peek_at(self, chunk) -> None:
         """Gather the head of a session-opening Fetch response; once there, learn its id."""
@@ -283,10 +306,10 @@ class ResponseSide:
         out.append(Record("RESPONSE", "FORWARDED", pending.api_key, pending.api_version,
                           pending.correlation_id, error_code=pending.error_code,
                           latency_ns=self._clock() - pending.started_ns))  # fmt: skip
-        self._flush_synthetic(out)
+        self.flush_answers(out)
 
-    def _flush_synthetic(self, out: list) -> None:
-        """Send denials whose turn has come (no forwarded request ahead of them)."""
+    def flush_answers(self, out: list) -> None:
+        """Send the proxy's own answers whose turn has come (no forwarded request ahead)."""
         while self._pending and self._pending[0].synthetic is not None:
             if self._view is not None:
                 self._flush_run(out)
