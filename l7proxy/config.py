@@ -49,6 +49,9 @@ class ProxyConfig:
     write_low_water: int = 64 * KiB
     # Idle upstream keep-alive connections kept per destination.
     upstream_pool_size: int = 256
+    # HTTP/1 pipelining: requests queued behind the one in flight before the client is no longer
+    # read (reading resumes when half of them are answered).
+    http1_max_pipeline: int = 32
     # An HTTP/1 client connection with no request in flight keeps its upstream connection this
     # long for its next request, then gives it back to the pool: idle clients don't each pin an
     # upstream socket (10,000 idle keep-alive clients hold 10,000 fds, not 20,000).
@@ -77,6 +80,17 @@ class ProxyConfig:
     h2_max_discarded_body: int = 64 * MiB
     # Server DATA held while the client's window is owed the proxy's own 403 bodies.
     h2_max_held_bytes: int = 1 * MiB
+    # A closed HTTP/2 connection whose client does not read what is left (GOAWAY included) is
+    # aborted after this long.
+    h2_close_grace: float = 5 * SECOND
+    # `--protocol auto`: bytes read before the protocol must be known (HTTP/2's preface is 24),
+    # and the largest Kafka frame length the sniffer takes as Kafka (looser than
+    # max_frame_bytes on purpose: the Kafka session answers an oversized frame itself).
+    sniff_max_bytes: int = 64
+    sniff_max_kafka_frame: int = 64 * MiB
+    # How often the worker's deadline sweeper looks at every session's deadline: the resolution
+    # of all the timeouts above.
+    sweep_interval: float = 250 * MILLISECOND
 
     def __post_init__(self) -> None:
         if self.max_response_header_bytes < 1 * KiB:
@@ -85,13 +99,16 @@ class ProxyConfig:
             raise ValueError("h2_max_frame_size must be within 16384..16777215 (RFC 9113)")
         for name in (
             "h2_max_concurrent_streams", "h2_max_continuation_frames", "h2_reset_burst",
-            "h2_reset_refill", "h2_control_burst", "h2_control_refill",
+            "h2_reset_refill", "h2_control_burst", "h2_control_refill", "http1_max_pipeline",
+            "sniff_max_bytes",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("h2_max_header_table_size", "h2_response_header_table_size"):
             if not 0 <= getattr(self, name) < 1 << 32:
                 raise ValueError(f"{name} must be within 0..2^32-1")
+        if self.sweep_interval <= 0:
+            raise ValueError("sweep_interval must be positive")
 
     def replace(self, **changes) -> ProxyConfig:
         return dataclasses.replace(self, **changes)

@@ -19,10 +19,10 @@ from l7proxy.admin import AdminServer, install_core_routes
 from l7proxy.config import GatewayConfig, HostPort, ListenerConfig
 from l7proxy.flows import FlowSink
 from l7proxy.gateway_policy import GatewayPolicy
-from l7proxy.http1.upstream import UpstreamPool
 from l7proxy.kafka.settings import gateway_broker_map, set_broker_map
 from l7proxy.log import log
 from l7proxy.metrics import ProxyMetrics
+from l7proxy.protocols import worker_upstreams
 from l7proxy.server import (
     DeadlineSweeper,
     Gate,
@@ -62,8 +62,8 @@ class GatewayWorker:
         self.policy = policy
         self.flows = FlowSink(cfg.flow_log)
         self.metrics = ProxyMetrics()
-        self.sweeper = DeadlineSweeper()
-        self.pool = UpstreamPool(cfg.proxy.upstream_pool_size, cfg.proxy.upstream_connect_timeout)
+        self.sweeper = DeadlineSweeper(cfg.proxy.sweep_interval)
+        self.pool = worker_upstreams(cfg.proxy)
         self.admin: AdminServer | None = None
         self.private: AdminServer | None = None
         self.map_service = None

@@ -17,6 +17,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from l7proxy.config import ProxyConfig
+from parsers.http2.frames import PREFACE as H2_PREFACE
+
 _LAZY = {
     "http": "l7proxy.http1.session",
     "http2": "l7proxy.http2.session",
@@ -24,7 +27,6 @@ _LAZY = {
 }
 _FACTORIES: dict[str, Callable] = {}
 
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HTTP_METHODS = (
     b"GET",
     b"HEAD",
@@ -37,10 +39,10 @@ _HTTP_METHODS = (
     b"PATCH",
 )
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-# Enough bytes to tell the three apart; a client that sends fewer and waits gets HTTP/1.
-SNIFF_BYTES = len(H2_PREFACE)
+# Kafka's request header: api keys end near 90 today, versions near 20.
 MAX_KAFKA_API_KEY = 100
-MAX_KAFKA_SNIFF_FRAME = 64 * 1024 * 1024
+MAX_KAFKA_API_VERSION = 100
+_DEFAULTS = ProxyConfig()
 
 
 def register(name: str, factory: Callable) -> None:
@@ -66,9 +68,9 @@ def make_session(name: str, ctx, first_bytes: bytes = b""):
     return factory_for(name)(ctx, first_bytes)
 
 
-def sniff(data: bytes) -> str | None:
+def sniff(data: bytes, max_kafka_frame: int = _DEFAULTS.sniff_max_kafka_frame) -> str | None:
     """ "http", "http2", "kafka", or None when more bytes are needed. Raises ValueError when the
-    bytes can be none of them."""
+    bytes can be none of them. A Kafka frame is taken as one up to `max_kafka_frame` bytes."""
     if H2_PREFACE.startswith(data[: len(H2_PREFACE)]):
         return "http2" if len(data) >= len(H2_PREFACE) else None
     # HTTP/1: a method token then a space. Kafka's first byte is the high byte of a 4-byte
@@ -88,9 +90,18 @@ def sniff(data: bytes) -> str | None:
     api_key = int.from_bytes(data[4:6], "big", signed=True)
     api_version = int.from_bytes(data[6:8], "big", signed=True)
     if (
-        8 <= length <= MAX_KAFKA_SNIFF_FRAME
+        8 <= length <= max_kafka_frame
         and 0 <= api_key < MAX_KAFKA_API_KEY
-        and 0 <= api_version < 100
+        and 0 <= api_version < MAX_KAFKA_API_VERSION
     ):
         return "kafka"
     raise ValueError("not HTTP/1, HTTP/2 or Kafka")
+
+
+def worker_upstreams(config: ProxyConfig):
+    """What the sessions of one worker share towards their upstreams (`ctx.upstreams`): the
+    HTTP/1 keep-alive pool. The gateway and the agent build it here, not from a protocol's
+    module."""
+    from l7proxy.http1.upstream import UpstreamPool
+
+    return UpstreamPool(config.upstream_pool_size, config.upstream_connect_timeout)

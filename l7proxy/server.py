@@ -19,28 +19,34 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from l7proxy import protocols
+from l7proxy.config import ProxyConfig
 from l7proxy.context import ConnContext, OriginalDestination
 from l7proxy.log import log
+from l7proxy.session import Session
 
-SWEEP_INTERVAL = 0.25
-SNIFF_LIMIT = 64
+_DEFAULTS = ProxyConfig()
 
 
 class DeadlineSweeper:
     """One periodic pass over the sessions instead of a timer per request: a session sets
-    `deadline` (monotonic seconds) and `deadline_kind` (0 = none) and gets `on_deadline()`."""
+    `deadline` (monotonic seconds) and `deadline_kind` (NO_DEADLINE = none) and gets
+    `on_deadline()` (the contract in l7proxy/session.py)."""
 
-    def __init__(self, interval: float = SWEEP_INTERVAL) -> None:
+    def __init__(self, interval: float = _DEFAULTS.sweep_interval) -> None:
         self.interval = interval
-        self.sessions: set = set()
+        self.sessions: set[Session] = set()
+        # What the sessions of this worker share, by protocol (l7proxy/kafka/worker.py).
+        self.shared: dict[str, object] = {}
         self._handle: asyncio.TimerHandle | None = None
 
-    def add(self, session) -> None:
+    def add(self, session: Session) -> None:
         self.sessions.add(session)
 
-    def discard(self, session) -> None:
+    def discard(self, session: Session) -> None:
         self.sessions.discard(session)
 
     def start(self) -> None:
@@ -72,38 +78,22 @@ def reset(transport) -> None:
     transport.abort()
 
 
+@dataclass(slots=True, kw_only=True)
 class Listener:
     """Everything a Gate needs for one listening port (built by the gateway or the agent)."""
 
-    def __init__(
-        self,
-        *,
-        port: int,
-        protocol: str,
-        destination,  # DestinationResolver
-        classify,  # (ip) -> L4Decision(action, identity, labels, reason)
-        rules_for,  # (ip) -> callable returning the current rule set
-        endpoint,  # () -> (identity, labels) of the protected endpoint
-        config,
-        flows,
-        metrics,
-        sweeper: DeadlineSweeper,
-        upstreams,
-        direction: str = "INGRESS",
-    ) -> None:
-        self.port = port
-        self.protocol = protocol
-        self.destination = destination
-        self.classify = classify
-        self.rules_for = rules_for
-        self.endpoint = endpoint
-        self.config = config
-        self.flows = flows
-        self.metrics = metrics
-        self.sweeper = sweeper
-        self.upstreams = upstreams
-        self.direction = direction
-        self.open = 0
+    port: int
+    protocol: str
+    destination: Callable  # DestinationResolver: (transport) -> OriginalDestination
+    classify: Callable  # (ip) -> L4Decision(action, identity, labels, reason)
+    rules_for: Callable  # (ip) -> callable returning the current rule set
+    endpoint: Callable  # () -> (identity, labels) of the protected endpoint
+    config: ProxyConfig
+    flows: object  # FlowSink
+    metrics: object  # ProxyMetrics
+    sweeper: DeadlineSweeper
+    upstreams: object  # protocols.worker_upstreams(config)
+    direction: str = "INGRESS"
 
 
 class Gate(asyncio.Protocol):
@@ -164,13 +154,13 @@ class Gate(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         try:
-            name = protocols.sniff(self.buf)
+            name = protocols.sniff(self.buf, self.lst.config.sniff_max_kafka_frame)
         except ValueError:
             self.lst.metrics.for_proto("unknown").parse_errors.inc()
             self.transport.close()
             return
         if name is None:
-            if len(self.buf) > SNIFF_LIMIT:
+            if len(self.buf) > self.lst.config.sniff_max_bytes:
                 self.transport.close()
             return
         self._hand_off(name, self.buf)

@@ -21,6 +21,7 @@ from l7proxy.flows import DROPPED, FORWARDED
 from l7proxy.http1.exchange import Exchange, emit_error_flow, emit_flow
 from l7proxy.http1.upstream import UpstreamConn, UpstreamPool
 from l7proxy.http1.verdicts import decide, recall, remember
+from l7proxy.protocols import worker_upstreams
 from l7proxy.session import NO_DEADLINE, PauseReason, Session
 from parsers.http1 import (
     Data,
@@ -34,8 +35,6 @@ from parsers.http1 import (
     last_chunk,
     simple_response,
 )
-
-MAX_PIPELINE = 32
 
 # Deadline kinds. PARK: idle, still holding an upstream connection (given back at the deadline,
 # then IDLE runs on from the same start).
@@ -72,7 +71,7 @@ class Http1Session(Session):
         cfg = ctx.config
         self.cfg = cfg
         self.pm = ctx.proto_metrics
-        self.pool = pool if pool is not None else (ctx.upstreams or UpstreamPool())
+        self.pool = pool if pool is not None else (ctx.upstreams or worker_upstreams(cfg))
         self.sweeper = sweeper
         self.parser = RequestParser(cfg.max_header_bytes, cfg.max_header_count, cfg.max_uri_bytes)
         self.queue: list[Exchange] = []  # a list: mostly 0-1 long, far smaller than a deque
@@ -245,7 +244,7 @@ class Http1Session(Session):
         queue.append(ex)
         if len(queue) == 1:
             self._start(ex)
-        elif len(queue) > MAX_PIPELINE:
+        elif len(queue) > self.cfg.http1_max_pipeline:
             self.pause_client_reading(PauseReason.REQUEST_QUEUE)
 
     def _on_data(self, data: bytes) -> None:
@@ -613,7 +612,11 @@ class Http1Session(Session):
             if self.draining:
                 self._close()
                 return
-        if self.paused and len(self.queue) <= MAX_PIPELINE // 2 and self.upgrade_wait is None:
+        if (
+            self.paused
+            and len(self.queue) <= self.cfg.http1_max_pipeline // 2
+            and self.upgrade_wait is None
+        ):
             last = self.parsing
             if last is None or last.keep_alive:
                 self.resume_client_reading(PauseReason.REQUEST_QUEUE)

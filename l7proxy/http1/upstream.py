@@ -42,7 +42,7 @@ class UpstreamConn(asyncio.Protocol):
         # so one larger than `max_head` is answered 502 instead of reaching the client.
         self.in_head = False
         self.held = b""
-        self.max_head = 64 * 1024
+        self.max_head = 0  # max_response_header_bytes, set by the session with each request
 
     # -- asyncio --
     def connection_made(self, transport) -> None:
@@ -137,7 +137,7 @@ class UpstreamConn(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections per destination (bounded), reused newest first."""
 
-    def __init__(self, max_idle: int = 256, connect_timeout: float = 5.0) -> None:
+    def __init__(self, max_idle: int, connect_timeout: float) -> None:
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self._idle: dict[object, deque[UpstreamConn]] = {}

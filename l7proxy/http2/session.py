@@ -32,7 +32,6 @@ from parsers.http2.frames import ERROR_NAMES, REFUSED_STREAM
 from parsers.http2.grpc import STATUS_NAMES
 
 TICK = 1.0
-CLOSE_GRACE = 5.0
 TICKING, CLOSING = 1, 2
 
 _monotonic = time.monotonic
@@ -254,7 +253,7 @@ class H2Session(Session):
             self.transport.close()
             # A client that never reads would keep the buffered bytes forever: abort later.
             self.deadline_kind = CLOSING
-            self.deadline = _monotonic() + CLOSE_GRACE
+            self.deadline = _monotonic() + self.cfg.h2_close_grace
 
     def on_deadline(self) -> None:
         """The sweeper's callback: a 1-second tick, or the grace period of a close ran out."""
