@@ -136,3 +136,12 @@ class SidecarDestination:
         if origin is None:
             raise LookupError(f"no original destination for {host}:{port}")
         return OriginalDestination(origin.ip, origin.port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing is bound to on `host` right now, picked by the kernel. Another process
+    may take it before the caller binds it, so use it for a child started at once (the tests,
+    the bench and the demo start their peers with it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from l7proxy.platform import free_port
 from tests.bench.harness import DIRECT, ENVOY, HAPROXY, PROJECT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,12 +49,6 @@ UPLOAD_POST = Rule("upload", "POST", "/upload/.*")
 
 
 # ---------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raise_nofile(limit: int = NOFILE) -> int:
