@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 RUFF   := $(VENV)/bin/ruff
 
-.PHONY: help setup setup-bench test test-unit test-kernel test-e2e lint fmt bench demo clean
+.PHONY: help setup setup-bench test test-unit test-kernel test-e2e lint fmt bench fuzz demo clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,20 @@ test-e2e: setup ## only the end-to-end tests with real peers
 
 bench: setup-bench ## side-by-side benchmarks against direct, Envoy and HAProxy; tables in tests/bench/results/
 	$(PYTEST) -m bench -s -p no:cacheprovider tests/bench
+
+FUZZ_RUNS    ?= 1000000
+FUZZ_TARGETS ?= http1 http2 kafka policy
+FUZZ_LOGS    ?= /tmp/l7fuzz
+fuzz: ## atheris on each parser/layer, FUZZ_RUNS executions each; fails on a finding (docs/fuzzing.md)
+	@$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install --quiet -e '.[fuzz]'
+	@mkdir -p $(FUZZ_LOGS)
+	@for t in $(FUZZ_TARGETS); do \
+		echo "== fuzz $$t: $(FUZZ_RUNS) runs (log: $(FUZZ_LOGS)/$$t.log)"; \
+		$(PY) -m tests.fuzz.run $$t --runs $(FUZZ_RUNS) > $(FUZZ_LOGS)/$$t.log 2>&1 || { \
+			tail -n 40 $(FUZZ_LOGS)/$$t.log; \
+			echo "fuzz $$t: FINDING, saved in tests/fuzz/regressions/$$t/"; exit 1; }; \
+		grep -E '^Done|^stat::(number_of_executed_units|average_exec_per_sec)' $(FUZZ_LOGS)/$$t.log; \
+	done
 
 demo: setup ## the main job: Cilium's Star Wars demo on real namespaces
 	$(PY) -m l7proxy.demo

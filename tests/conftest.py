@@ -36,7 +36,7 @@ def _kernel_problem(item) -> str | None:
 def pytest_collection_modifyitems(config, items):
     fuzz_on = os.environ.get("L7PROXY_FUZZ") == "1"
     for item in items:
-        if "fuzz" in item.keywords and not fuzz_on:
+        if item.get_closest_marker("fuzz") is not None and not fuzz_on:
             item.add_marker(pytest.mark.skip(reason="fuzzing is off by default (L7PROXY_FUZZ=1)"))
         problem = _kernel_problem(item)
         if problem and not IN_CI:
