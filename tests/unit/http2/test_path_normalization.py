@@ -1,5 +1,6 @@
 """The HTTP/2 relay normalizes :path (parsers/http_path.py) before the policy sees it, and the
-server gets the normalized one: `/public/../private/x` is judged, and forwarded, as /private/x."""
+server gets the normalized one: `/public/../private/x` is judged, and forwarded, as /private/x,
+and so is `/public/..%2Fprivate/x` (issue 19: the default `unescape` mode)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,24 @@ def test_above_the_root_and_absolute_form_get_400_and_other_streams_carry_on():
 
 def test_an_already_normal_path_is_forwarded_as_is():
     t = Triangle()
-    sid = t.request("/a/.hidden/%2F?x=%41")
+    sid = t.request("/a/.hidden/%3B?x=%41")
     t.pump()
     assert t.responses()[sid]["status"] == "200"
-    assert server_paths(t) == ["/a/.hidden/%2F?x=%41"]
+    assert server_paths(t) == ["/a/.hidden/%3B?x=%41"]
+
+
+def test_escaped_slashes_are_slashes_by_default():
+    """Issue 19: nginx decodes %2F and resolves the dot segment, so the relay does the same
+    before judging, and forwards that form."""
+    t = Triangle(deny_path("/private"))
+    bypass = t.request("/public/..%2Fprivate/x")
+    lower = t.request("/public/%2e%2e%2fprivate")
+    back = t.request("/public/..%5Cprivate")
+    ok = t.request("/public/a%2Fb")
+    bad = [t.request(p) for p in ("/public/..;/private", "/public/%252e%252e/x", "/p/%c0%ae")]
+    t.pump()
+    got = t.responses()
+    assert [got[s]["status"] for s in (bypass, lower, back)] == ["403"] * 3
+    assert got[ok]["status"] == "200"
+    assert [got[s]["status"] for s in bad] == ["400"] * 3
+    assert server_paths(t) == ["/public/a/b"]

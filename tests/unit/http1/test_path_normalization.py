@@ -1,16 +1,23 @@
-"""parsers/http_path.py: RFC 3986 path normalization of request targets (the dot-segment bypass)."""
+"""parsers/http_path.py: path normalization of request targets (the dot-segment bypass of issue
+4/5, the escaped-slash class of issue 19), and the HTTP/1 session judging and forwarding the
+normalized form."""
 
 from __future__ import annotations
 
 import pytest
 
 from parsers.http_path import (
+    ESCAPED_SLASH_MODES,
+    KEEP,
+    REJECT,
+    UNESCAPE,
     BadTarget,
     normalize_target,
     normalize_target_bytes,
     remove_dot_segments,
     target_authority,
 )
+from tests.path_table import BAD, ROWS
 from tests.unit.http1.playbook import Play
 
 # RFC 3986 section 5.4 with base path /b/c/d;p: the merged path (section 5.2.3) of each relative
@@ -67,8 +74,7 @@ def test_above_the_root_is_rejected(path):
         ("/public/./../private", "/private"),
         ("/public/./a/../b", "/public/b"),
         ("/%7euser/%41%62c%2D%5f%2e", "/~user/Abc-_."),  # unreserved escapes decoded
-        ("/a%2fb/%3f%20%c3%a9", "/a%2Fb/%3F%20%C3%A9"),  # others kept, hex uppercased
-        ("/a/..%2f..%2fb", "/a/..%2F..%2Fb"),  # an escaped slash is no separator (KEEP)
+        ("/a%2fb/%3f%20%c3%a9", "/a/b/%3F%20%C3%A9"),  # %2F is a slash, others kept uppercased
         ("/a/../b?x=/../%2e&y=%2f", "/b?x=/../%2e&y=%2f"),  # the query is untouched
         ("/p?q=%2e%2e", "/p?q=%2e%2e"),
     ],
@@ -79,16 +85,79 @@ def test_normalize_target(target, expected):
 
 
 @pytest.mark.parametrize(
-    "target", ["/public/index.html", "/a/.hidden", "/a/b?x=%41", "/", "/a%2Fb", "/x?y=/../z"]
+    ("target", "expected"),
+    [
+        ("/a%2fb/%3f%20%c3%a9", "/a%2Fb/%3F%20%C3%A9"),  # others kept, hex uppercased
+        ("/a/..%2f..%2fb", "/a/..%2F..%2Fb"),  # an escaped slash is no separator (KEEP)
+    ],
 )
-def test_already_normal_target_is_the_same_object(target):
-    assert normalize_target(target, "GET") is target
-    raw = target.encode()
-    assert normalize_target_bytes(raw, b"GET") is raw
+def test_keep_mode_leaves_escaped_slashes(target, expected):
+    """Envoy's KEEP_UNCHANGED, the behaviour before issue 19 (now an unsafe option)."""
+    assert normalize_target(target, "GET", slashes=KEEP) == expected
+    assert normalize_target_bytes(target.encode(), b"GET", KEEP) == expected.encode()
+    with pytest.raises(BadTarget):
+        normalize_target(target, "GET", slashes=REJECT)
 
 
 @pytest.mark.parametrize(
-    "target", ["/%2e%2e/x", "/..", "/a/%2E%2E/..", "/a%zz", "/a%2", "/a%", "x/y", "", "*"]
+    "target", ["/public/index.html", "/a/.hidden", "/a/b?x=%41", "/", "/x?y=/../z", "/a;b=c"]
+)
+def test_already_normal_target_is_the_same_object(target):
+    for mode in ESCAPED_SLASH_MODES:
+        assert normalize_target(target, "GET", slashes=mode) is target
+        raw = target.encode()
+        assert normalize_target_bytes(raw, b"GET", mode) is raw
+    kept = "/a%2Fb"
+    assert normalize_target(kept, "GET", slashes=KEEP) is kept
+    assert normalize_target(kept, "GET") == "/a/b"
+
+
+# ---- the issue 19 table (tests/path_table.py, printed in docs/proxy-core.md) ----------------
+
+
+def _outcome(target: str, mode: str, http2: bool):
+    try:
+        if http2:
+            return normalize_target(target, "GET", absolute_form=False, slashes=mode)
+        return normalize_target(target, "GET", slashes=mode)
+    except BadTarget as exc:
+        assert exc.status == 400
+        return BAD
+
+
+@pytest.mark.parametrize("mode", ESCAPED_SLASH_MODES)
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_table_row(row, mode):
+    assert _outcome(row.target, mode, False) == row.expected(mode)
+    assert _outcome(row.target, mode, True) == row.expected(mode, http2=True)
+    raw = row.target.encode("latin-1")
+    if not all(0x21 <= b <= 0x7E for b in raw):
+        return  # llhttp refuses it first (the test below); the bytes variant never sees it
+    try:
+        got = normalize_target_bytes(raw, b"GET", mode).decode("latin-1")
+    except BadTarget:
+        got = BAD
+    assert got == row.expected(mode)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_table_outcome_is_a_fixed_point(row):
+    """What is forwarded needs nothing more: judged form == forwarded form == what a backend
+    normalizing again would read."""
+    for mode in ESCAPED_SLASH_MODES:
+        out = row.expected(mode)
+        if out != BAD:
+            assert normalize_target(out, "GET", slashes=mode) == out
+
+
+def test_default_is_unescape():
+    assert normalize_target("/public/..%2Fadmin", "GET") == "/admin"
+    assert normalize_target("/public/..%2Fadmin", "GET", slashes=UNESCAPE) == "/admin"
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/%2e%2e/x", "/..", "/a/%2E%2E/..", "/a%zz", "/a%2", "/a%", "x/y", "", "*", "/a/..%2f..%2fb"],
 )
 def test_bad_targets(target):
     with pytest.raises(BadTarget):
@@ -150,3 +219,15 @@ def test_session_absolute_form_becomes_origin_form_with_its_host():
         b"GET http://api:81/public/../public/x HTTP/1.1\r\nHost: web\r\nAccept: */*\r\n\r\n"
     )
     assert play.upstream_got() == (b"GET /public/x HTTP/1.1\r\nHost: api:81\r\nAccept: */*\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "target", [b"/a b", b"/a\x01", b"/a\x7f", b"/caf\xc3\xa9", b"/a\tb", b"/public/x\x01"]
+)
+def test_the_http1_parser_refuses_what_the_bytes_hot_path_does_not_look_for(target):
+    """normalize_target_bytes skips the character check (controls, space, non-ASCII): llhttp
+    answers 400 for them before any verdict."""
+    from parsers.http1 import ParseError, RequestParser
+
+    events = RequestParser().receive_data(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert any(isinstance(e, ParseError) and e.status == 400 for e in events), events
