@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from parsers.http_path import ESCAPED_SLASH_MODES, UNESCAPE
+
 KiB = 1024
 MiB = 1024 * KiB
 SECOND = 1.0
@@ -91,6 +93,10 @@ class ProxyConfig:
     # How often the worker's deadline sweeper looks at every session's deadline: the resolution
     # of all the timeouts above.
     sweep_interval: float = 250 * MILLISECOND
+    # HTTP request paths with %2F, %5C or a backslash (parsers/http_path.py, docs/proxy-core.md):
+    # "unescape" judges and forwards them as `/` (how nginx reads them), "reject" answers 400,
+    # "keep" (Envoy's KEEP_UNCHANGED) leaves them: unsafe before a backend that decodes them.
+    path_escaped_slashes: str = UNESCAPE
 
     def __post_init__(self) -> None:
         if self.max_response_header_bytes < 1 * KiB:
@@ -109,6 +115,10 @@ class ProxyConfig:
                 raise ValueError(f"{name} must be within 0..2^32-1")
         if self.sweep_interval <= 0:
             raise ValueError("sweep_interval must be positive")
+        if self.path_escaped_slashes not in ESCAPED_SLASH_MODES:
+            raise ValueError(
+                f"path_escaped_slashes must be one of {', '.join(ESCAPED_SLASH_MODES)}"
+            )
 
     def replace(self, **changes) -> ProxyConfig:
         return dataclasses.replace(self, **changes)
