@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from parsers.http1 import Request, build_head, head_bytes
-from parsers.http_path import BadTarget, normalize_target_bytes, target_authority
+from parsers.http_path import UNESCAPE, BadTarget, normalize_target_bytes, target_authority
 
 MAX_CACHED = 4096
 # Only small requests are memoised: 4,096 entries of at most 2 KiB of head bound a cache at
@@ -61,12 +61,15 @@ def with_target(req: Request, target: bytes) -> Request:
     return req._replace(head_len=len(head_bytes(req)))
 
 
-def _cache_of(rules) -> dict:
+def _cache_of(rules, slashes: str | None = None) -> dict:
+    """The cache of `rules`; with `slashes` (the path mode, ProxyConfig.path_escaped_slashes)
+    one filled under that mode. A process has one config, so the mode never flips in use; a
+    test running several configs gets a fresh cache when it does."""
     entry = _caches.get(id(rules))
-    if entry is None or entry[0] is not rules:
+    if entry is None or entry[0] is not rules or (slashes is not None and entry[2] != slashes):
         if len(_caches) >= MAX_RULE_SETS:
             _caches.clear()  # old revisions go; the live sets refill at once
-        entry = _caches[id(rules)] = (rules, {})
+        entry = _caches[id(rules)] = (rules, {}, slashes or UNESCAPE)
     return entry[1]
 
 
@@ -92,28 +95,29 @@ def remember(rules, head: bytes, req: Request, decision: Decision) -> None:
     cache[head] = (req, decision)
 
 
-def decide(rules, req: Request) -> Decision:
-    """The verdict of `rules` (an L7 rule set, or None for "allow all") on `req`."""
+def decide(rules, req: Request, slashes: str = UNESCAPE) -> Decision:
+    """The verdict of `rules` (an L7 rule set, or None for "allow all") on `req`, its path
+    normalized under `slashes` (parsers/http_path.py)."""
     if rules is None:
         return ALLOW_ALL
     if req.head_len > MAX_CACHED_HEAD:
-        return _evaluate(rules, req)
-    cache = _cache_of(rules)
+        return _evaluate(rules, req, slashes)
+    cache = _cache_of(rules, slashes)
     key = (req.method, req.target, req.headers)
     hit = cache.get(key)
     if hit is not None:
         return hit
-    decision = _evaluate(rules, req)
+    decision = _evaluate(rules, req, slashes)
     if len(cache) >= MAX_CACHED:
         cache.clear()
     cache[key] = decision
     return decision
 
 
-def _evaluate(rules, req: Request) -> Decision:
+def _evaluate(rules, req: Request, slashes: str) -> Decision:
     target = req.target
     try:
-        normalized = normalize_target_bytes(target, req.method)
+        normalized = normalize_target_bytes(target, req.method, slashes)
     except BadTarget as exc:
         return Decision(False, None, (), req, exc.status)
     if normalized is target:

@@ -231,3 +231,19 @@ def test_the_http1_parser_refuses_what_the_bytes_hot_path_does_not_look_for(targ
 
     events = RequestParser().receive_data(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert any(isinstance(e, ParseError) and e.status == 400 for e in events), events
+
+
+def test_verdicts_judge_under_the_given_mode_and_cache_per_mode():
+    from l7proxy.http1 import verdicts
+    from parsers.http1 import RequestParser
+    from tests.unit.http1.playbook import PathRules
+
+    rules = PathRules()
+    head = b"GET /public/..%2Fadmin HTTP/1.1\r\nHost: w\r\n\r\n"
+    req = RequestParser().receive_data(head)[0]
+    d = verdicts.decide(rules, req)
+    assert not d.allowed and d.req.target == b"/admin" and not d.status
+    kept = verdicts.decide(rules, req, KEEP)  # the mode flips: a fresh cache, judged again
+    assert kept.allowed and kept.req is None  # already normal in that mode: forwarded as is
+    assert verdicts.decide(rules, req, REJECT).status == 400
+    assert not verdicts.decide(rules, req, UNESCAPE).allowed
