@@ -27,9 +27,25 @@ from parsers.http2.headers import (
 from parsers.http2.streams import (
     ALLOW,
     BAD_TARGET,
+    BODY_SENT,
+    CLIENT_DATA,
+    CLIENT_DONE,
+    CLIENT_END,
+    CLIENT_HEADERS,
+    CLIENT_RESET,
+    CLIENT_SENDING,
+    CLOSED,
     DENY,
+    FORWARDED,
+    LOCAL_BODY,
+    LOCAL_BODY_OPEN,
+    LOCAL_OPEN,
     MALFORMED,
+    OPEN,
+    PROXY_RESET,
+    SERVER_SENDING,
     TOO_LARGE,
+    TRANSITIONS,
     Evaluation,
     Stream,
 )
@@ -60,7 +76,7 @@ class ClientSide:
         if ftype == f.HEADERS:
             return self._client_headers(flags, sid, payload)
         if ftype == f.DATA:
-            return self._client_data_dropped(flags, sid, len(payload))
+            return self._client_data(flags, sid, payload, buf[pos:fend])
         if ftype == f.CONTINUATION:
             return self._client_continuation(flags, sid, payload)
         if ftype == f.WINDOW_UPDATE:
@@ -81,8 +97,12 @@ class ClientSide:
             if not sid:
                 return self._fail("client", f.PROTOCOL_ERROR, "PRIORITY on stream 0")
             if len(payload) != 5:
-                self._to_client.append(f.rst_stream(sid, f.FRAME_SIZE_ERROR))
-                return None
+                return self._stream_error(sid, f.FRAME_SIZE_ERROR)
+            if f.stream_dependency(payload[:4]) == sid:
+                stream = self._streams.get(sid)
+                if stream is not None:
+                    return self._reset_both(sid, stream, f.PROTOCOL_ERROR)
+                return self._stream_error(sid, f.PROTOCOL_ERROR)  # RFC 9113 5.3.1
             self._spend_control()
             return None
         if ftype == f.GOAWAY:
@@ -102,35 +122,70 @@ class ClientSide:
         self._spend_control()  # unknown frame types are ignored (RFC 9113 section 4.1)
         return None
 
-    def _client_data_dropped(self, flags: int, sid: int, length: int) -> None:
-        """DATA the server must not see: a denied or closed stream, or a protocol error. The
-        bytes still count against the client's windows, so the relay returns them itself."""
+    def _client_data(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        """DATA the hot loop did not forward: a stream with a content-length to count, a denied
+        or closed stream, or a protocol error. DATA the server must not see still counts against
+        the client's windows, so the relay returns those bytes itself."""
         if not sid:
             return self._fail("client", f.PROTOCOL_ERROR, "DATA on stream 0")
         if sid > self._max_client_sid:
             return self._fail("client", f.PROTOCOL_ERROR, "DATA on an idle stream")
-        if not length and not flags & f.FLAG_END_STREAM and not self._spend_control():
+        length = len(payload)
+        end_stream = flags & f.FLAG_END_STREAM
+        if not length and not end_stream and not self._spend_control():
             return None
-        self._credit += length
+        size = length  # the body octets, without padding (RFC 9113 6.1)
+        if flags & f.FLAG_PADDED:
+            if not length or payload[0] >= length:
+                return self._fail("client", f.PROTOCOL_ERROR, "DATA padding")
+            size = length - 1 - payload[0]
         stream = self._streams.get(sid)
         if stream is None:
-            return None  # a stream already closed or reset: in-flight data is dropped
-        if not stream.client_open:
-            return self._reset_both(sid, stream, f.STREAM_CLOSED)
-        if flags & f.FLAG_END_STREAM:
-            stream.client_open = False
-            if not stream.body:
-                del self._streams[sid]
+            self._credit += length
+            if sid in self._reset_streams:
+                return None  # sent before the client learnt of the reset: dropped
+            if self._spend_control():
+                self._to_client.append(f.rst_stream(sid, f.STREAM_CLOSED))
+            return None
+        if stream.remaining >= 0 and stream.state in CLIENT_SENDING:
+            stream.remaining -= size
+            if stream.remaining < 0 or (end_stream and stream.remaining):
+                # RFC 9113 8.1.1: a body that does not match its content-length is malformed;
+                # this frame and the END_STREAM never reach the server.
+                self._credit += length
+                return self._reset_both(sid, stream, f.PROTOCOL_ERROR)
+        forwarded = stream.state in FORWARDED
+        if not self._advance(sid, stream, CLIENT_END if end_stream else CLIENT_DATA):
+            self._credit += length
+            return None
+        if forwarded:
+            self._to_server.append(raw)
+            return None
+        self._credit += length
+        if end_stream or stream.state == CLOSED:
             return None
         # The body of a denied request is read and dropped (like HTTP/1), up to a limit.
         stream.discarded += length
         if stream.discarded > self.limits.max_discarded_body:
             self._to_client.append(f.rst_stream(sid, f.NO_ERROR))
-            self._streams.pop(sid)
-            self._waiting_bodies.discard(sid)
+            self._advance(sid, stream, PROXY_RESET)
         elif length:
             self._to_client.append(f.window_update(sid, length))
         return None
+
+    def _advance(self, sid: int, stream: Stream, event: str) -> bool:
+        """Move a stream along the state table (streams.py). An event the table lacks is a
+        stream error: STREAM_CLOSED once the client had ended its side, PROTOCOL_ERROR before."""
+        state = TRANSITIONS.get((stream.state, event))
+        if state is None:
+            code = f.PROTOCOL_ERROR if stream.state in CLIENT_SENDING else f.STREAM_CLOSED
+            self._reset_both(sid, stream, code)
+            return False
+        if state == CLOSED:
+            self._close_stream(sid, stream, event)
+        else:
+            stream.state = state
+        return True
 
     def _client_headers(self, flags: int, sid: int, payload: bytes) -> None:
         fragment = f.strip_headers_payload(flags, payload)
@@ -138,12 +193,17 @@ class ClientSide:
             return self._fail("client", f.PROTOCOL_ERROR, "HEADERS padding")
         if not sid or not sid & 1:
             return self._fail("client", f.PROTOCOL_ERROR, f"HEADERS on stream {sid}")
+        self_dependent = False
+        if flags & f.FLAG_PRIORITY:
+            at = 1 if flags & f.FLAG_PADDED else 0  # (strip_headers_payload checked the length)
+            self_dependent = f.stream_dependency(payload[at : at + 4]) == sid
         end_stream = bool(flags & f.FLAG_END_STREAM)
         if flags & f.FLAG_END_HEADERS:
-            return self._client_block(sid, end_stream, fragment)
+            return self._client_block(sid, end_stream, fragment, self_dependent)
         self._cblock = [fragment]
         self._cblock_sid = sid
         self._cblock_end_stream = end_stream
+        self._cblock_self_dependent = self_dependent
         self._cblock_size = len(fragment)
         self._cblock_frames = 0
         if self._cblock_size > self.limits.max_header_block:
@@ -163,7 +223,9 @@ class ClientSide:
         if flags & f.FLAG_END_HEADERS:
             block = b"".join(self._cblock)
             self._cblock = None
-            return self._client_block(sid, self._cblock_end_stream, block)
+            return self._client_block(
+                sid, self._cblock_end_stream, block, self._cblock_self_dependent
+            )
         return None
 
     def _decode_request_block(self, block: bytes) -> tuple | None:
@@ -174,10 +236,16 @@ class ClientSide:
             self._fail("client", code, "header list too large" if exc.too_large else str(exc))
             return None
 
-    def _client_block(self, sid: int, end_stream: bool, block: bytes) -> None:
+    def _client_block(
+        self, sid: int, end_stream: bool, block: bytes, self_dependent: bool = False
+    ) -> None:
         if sid > self._max_client_sid:
             self._max_client_sid = sid
-            return self._new_request(sid, end_stream, block)
+            if not self_dependent:
+                return self._new_request(sid, end_stream, block)
+            if self._decode_request_block(block) is not None:  # keeps the decoder in sync
+                self._reject(sid, "stream depends on itself", f.PROTOCOL_ERROR)
+            return None
         headers = self._decode_request_block(block)  # always: keeps the decoder in sync
         if headers is None:
             return None
@@ -185,34 +253,49 @@ class ClientSide:
         if stream is None:
             if any(name[:1] == ":" for name, _ in headers):
                 return self._fail("client", f.PROTOCOL_ERROR, f"stream {sid} reused")
+            if self_dependent:
+                return self._stream_error(sid, f.PROTOCOL_ERROR)
             return None  # trailers racing a reset: ignored
-        if not stream.client_open or not end_stream:
-            code = f.STREAM_CLOSED if not stream.client_open else f.PROTOCOL_ERROR
-            return self._reset_both(sid, stream, code)
-        stream.client_open = False
-        if not stream.forwarded:
-            if not stream.server_open and not stream.body:
-                del self._streams[sid]
-            return None
-        try:
-            check_trailers(headers)
-        except MalformedRequest:
+        if self_dependent:
             return self._reset_both(sid, stream, f.PROTOCOL_ERROR)
+        if not end_stream:
+            self._advance(sid, stream, CLIENT_HEADERS)  # in no row: a stream error
+            return None
+        forwarded = stream.state in FORWARDED
+        if stream.state in CLIENT_SENDING:
+            if stream.remaining > 0:
+                return self._reset_both(sid, stream, f.PROTOCOL_ERROR)  # body short of its length
+            if forwarded:
+                try:
+                    check_trailers(headers)
+                except MalformedRequest:
+                    return self._reset_both(sid, stream, f.PROTOCOL_ERROR)
+        if not self._advance(sid, stream, CLIENT_END) or not forwarded:
+            return None
         self._to_server.append(
             f.headers_frames(sid, encode_fields(headers), True, self._server_max_frame)
         )
-        if not stream.server_open:
-            del self._streams[sid]
         return None
 
     def _reset_both(self, sid: int, stream: Stream, code: int) -> None:
         """A stream error: RST_STREAM to the client, and to the server if it knows the stream."""
         self._to_client.append(f.rst_stream(sid, code))
-        if stream.forwarded and stream.server_open:
+        if stream.state in FORWARDED:
             self._to_server.append(f.rst_stream(sid, f.CANCEL))
-        self._streams.pop(sid, None)
-        self._waiting_bodies.discard(sid)
+        self._close_stream(sid, stream, PROXY_RESET)
         self._events.append(StreamEnded(sid, stream.status, reset_code=code, reset_by="proxy"))
+
+    def _stream_error(self, sid: int, code: int) -> None:
+        """A stream error on a stream the relay does not track (idle or closed)."""
+        if self._spend_control():
+            self._to_client.append(f.rst_stream(sid, code))
+            self._remember_reset(sid)
+
+    def _reject(self, sid: int, reason: str, code: int) -> None:
+        """A new stream reset by the proxy before anything reached the server."""
+        self._to_client.append(f.rst_stream(sid, code))
+        self._remember_reset(sid)
+        self._events.append(RequestRejected(sid, reason, code, 0))
 
     def _new_request(self, sid: int, end_stream: bool, block: bytes) -> None:
         generation = self._requests.generation
@@ -263,14 +346,22 @@ class ClientSide:
 
     def _open_stream(self, sid: int, entry: Evaluation, end_stream: bool) -> None:
         if len(self._streams) >= self._stream_limit or self.draining:
-            self._to_client.append(f.rst_stream(sid, f.REFUSED_STREAM))
-            self._events.append(RequestRejected(sid, "too many streams", f.REFUSED_STREAM, 0))
+            self._reject(sid, "too many streams", f.REFUSED_STREAM)
             self._spend_reset()
             return None
         kind = entry.kind
+        reason = entry.reason
+        remaining = -1  # request body bytes due by its content-length
+        if entry.request is not None and not end_stream:
+            remaining = entry.request.content_length
+        elif entry.request is not None and entry.request.content_length > 0:
+            kind = MALFORMED  # END_STREAM on the head, but a content-length promised a body
+            reason = "content-length without a body"
         if kind == ALLOW:
             block = entry.block
-            stream = Stream(True, not end_stream)
+            stream = Stream(
+                CLIENT_DONE if end_stream else OPEN, self._client_initial_window, remaining
+            )
             self._streams[sid] = stream
             flags = f.FLAG_END_HEADERS | f.FLAG_END_STREAM if end_stream else f.FLAG_END_HEADERS
             if len(block) <= self._server_max_frame:
@@ -284,35 +375,41 @@ class ClientSide:
         if kind == DENY:
             self._events.append(RequestReceived(sid, entry.request, entry.decision))
             if entry.request.is_grpc:
-                self._respond_locally(sid, self._deny_grpc_block, b"", end_stream)
+                self._respond_locally(sid, self._deny_grpc_block, b"", end_stream, remaining)
             else:
-                self._respond_locally(sid, self._deny_http_block, self.limits.deny_body, end_stream)
+                body = self.limits.deny_body
+                self._respond_locally(sid, self._deny_http_block, body, end_stream, remaining)
             return None
         if kind == BAD_TARGET:
             self._events.append(RequestRejected(sid, entry.reason, 0, 400))
-            self._respond_locally(sid, self._bad_target_block, b"", end_stream)
+            self._respond_locally(sid, self._bad_target_block, b"", end_stream, remaining)
             return None
         if kind == TOO_LARGE:
             self._events.append(RequestRejected(sid, entry.reason, 0, 431))
             self._respond_locally(sid, self._too_large_block, b"", end_stream)
             return None
-        self._events.append(RequestRejected(sid, entry.reason, f.PROTOCOL_ERROR, 0))
-        self._to_client.append(f.rst_stream(sid, f.PROTOCOL_ERROR))
+        self._reject(sid, reason, f.PROTOCOL_ERROR)
         return None
 
-    def _respond_locally(self, sid: int, block: bytes, body: bytes, end_stream: bool) -> None:
+    def _respond_locally(
+        self, sid: int, block: bytes, body: bytes, end_stream: bool, remaining: int = -1
+    ) -> None:
         """Answer a stream without the server; the block uses no HPACK dynamic table. A request
         still sending its body keeps the stream until it ends (its DATA is credited back): some
         clients (curl) treat RST_STREAM(NO_ERROR) after a complete response as a failure."""
         self._to_client.append(f.headers_frames(sid, block, not body, self._client_max_frame))
-        stream = Stream(False, not end_stream)
+        if body:
+            state = LOCAL_BODY if end_stream else LOCAL_BODY_OPEN
+        elif not end_stream:
+            state = LOCAL_OPEN
+        else:
+            return None  # answered, and the client is done: nothing to track
+        stream = Stream(state, self._client_initial_window, remaining)
+        self._streams[sid] = stream
         if body:
             stream.body = body
-            stream.window = self._client_initial_window
-            self._streams[sid] = stream
             self._send_local_body(sid, stream)
-        elif stream.client_open:
-            self._streams[sid] = stream
+        return None
 
     def _send_local_body(self, sid: int, stream: Stream) -> None:
         size = len(stream.body)
@@ -321,11 +418,11 @@ class ClientSide:
             return
         self._to_client.append(f.data_frame(sid, stream.body, True))
         self._client_conn_window -= size
+        stream.window -= size
         self._debt += size
         self._waiting_bodies.discard(sid)
         stream.body = b""
-        if not stream.client_open:
-            del self._streams[sid]
+        self._advance(sid, stream, BODY_SENT)
 
     def _client_window_update(self, sid, payload, buf, pos, fend) -> None:
         if len(payload) != 4:
@@ -357,10 +454,12 @@ class ClientSide:
             return None
         if not increment:
             return self._reset_both(sid, stream, f.PROTOCOL_ERROR)
-        if stream.forwarded:
+        stream.window += increment
+        if stream.window > f.MAX_WINDOW:
+            return self._reset_both(sid, stream, f.FLOW_CONTROL_ERROR)  # RFC 9113 6.9.1
+        if stream.state in FORWARDED:
             self._to_server.append(buf[pos:fend])
         elif stream.body:
-            stream.window += increment
             self._send_local_body(sid, stream)
         return None
 
@@ -369,16 +468,16 @@ class ClientSide:
             return self._fail("client", f.FRAME_SIZE_ERROR, "RST_STREAM length")
         if not sid or sid > self._max_client_sid:
             return self._fail("client", f.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
-        stream = self._streams.pop(sid, None)
+        stream = self._streams.get(sid)
         if stream is None:
             return None
-        self._waiting_bodies.discard(sid)
         code = int.from_bytes(payload, "big")
         self._events.append(StreamEnded(sid, stream.status, reset_code=code, reset_by="client"))
-        if stream.forwarded:
+        if stream.state in FORWARDED:
             self._to_server.append(buf[pos:fend])
-            if stream.server_open and not stream.status:
+            if stream.state in SERVER_SENDING and not stream.status:
                 self._spend_reset()
+        self._advance(sid, stream, CLIENT_RESET)
         return None
 
     def _client_settings_frame(self, flags, sid, payload, buf, pos, fend) -> None:
@@ -388,9 +487,7 @@ class ClientSide:
             if payload:
                 return self._fail("client", f.FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
             if self._unacked_limits:
-                limit = self._unacked_limits.pop(0)
-                if limit is not None:
-                    self._stream_limit = limit
+                self._client_acked_limits()
             self._to_server.append(buf[pos:fend])
             return None
         if len(payload) % 6:
@@ -419,16 +516,13 @@ class ClientSide:
                 if value > f.MAX_WINDOW:
                     self._fail("client", f.FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE value")
                     return b""
-                delta = value - self._client_initial_window
-                self._client_initial_window = value
-                for waiting in sorted(self._waiting_bodies):
-                    self._streams[waiting].window += delta
-                    self._send_local_body(waiting, self._streams[waiting])
+                if not self._change_initial_window(value):
+                    return b""
             elif key == f.SETTINGS_MAX_FRAME_SIZE:
-                if not f.DEFAULT_MAX_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE_LIMIT:
+                value = f.capped_max_frame_size(value, lim.max_frame_size)
+                if not value:
                     self._fail("client", f.PROTOCOL_ERROR, "MAX_FRAME_SIZE value")
                     return b""
-                value = min(value, lim.max_frame_size)
                 self._client_max_frame = value
             elif key == f.SETTINGS_HEADER_TABLE_SIZE:
                 table_seen = True
@@ -439,3 +533,17 @@ class ClientSide:
         if not table_seen and lim.response_header_table_size < 4096:
             out.append((f.SETTINGS_HEADER_TABLE_SIZE, lim.response_header_table_size))
         return f.settings_frame(out)
+
+    def _change_initial_window(self, value: int) -> bool:
+        """SETTINGS_INITIAL_WINDOW_SIZE changes every stream's window by the difference
+        (RFC 9113 6.9.2); one pushed above 2^31-1 is a connection FLOW_CONTROL_ERROR."""
+        delta = value - self._client_initial_window
+        self._client_initial_window = value
+        for stream in self._streams.values():
+            stream.window += delta
+            if stream.window > f.MAX_WINDOW:
+                self._fail("client", f.FLOW_CONTROL_ERROR, "stream window overflow")
+                return False
+        for waiting in sorted(self._waiting_bodies):
+            self._send_local_body(waiting, self._streams[waiting])
+        return True

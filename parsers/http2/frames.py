@@ -103,6 +103,19 @@ def parse_settings(payload: bytes) -> list[tuple[int, int]]:
     ]
 
 
+def capped_max_frame_size(value: int, cap: int) -> int:
+    """A peer's SETTINGS_MAX_FRAME_SIZE lowered to `cap`, or 0 when the value is outside what
+    RFC 9113 6.5.2 allows (a connection PROTOCOL_ERROR)."""
+    if not DEFAULT_MAX_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT:
+        return 0
+    return min(value, cap)
+
+
+def stream_dependency(field: bytes) -> int:
+    """The stream a HEADERS or PRIORITY frame's 4-byte priority field depends on."""
+    return int.from_bytes(field, "big") & MAX_WINDOW
+
+
 def ping_ack(opaque: bytes) -> bytes:
     return frame(PING, FLAG_ACK, 0, opaque)
 

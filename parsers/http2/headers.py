@@ -190,6 +190,7 @@ class Request:
     path: str
     headers: tuple[tuple[str, str], ...]  # everything, pseudo-headers first, as received
     content_type: str
+    content_length: int = -1  # -1: no content-length field
 
     @property
     def is_grpc(self) -> bool:
@@ -205,6 +206,7 @@ def parse_request(headers: tuple[tuple[str, str], ...]) -> Request:
     regular_seen = False
     host = ""
     content_type = ""
+    content_length = -1
     for name, value in headers:
         if name[:1] == ":":
             if regular_seen or name not in REQUEST_PSEUDO or name in pseudo:
@@ -222,6 +224,13 @@ def parse_request(headers: tuple[tuple[str, str], ...]) -> Request:
             host = value
         elif name == "content-type":
             content_type = value
+        elif name == "content-length":
+            # 1*DIGIT (RFC 9110 8.6), bounded; repeated fields must agree.
+            if not (0 < len(value) <= 18 and value.isascii() and value.isdigit()):
+                raise MalformedRequest("bad content-length")
+            if content_length >= 0 and int(value) != content_length:
+                raise MalformedRequest("conflicting content-length")
+            content_length = int(value)
     method = pseudo.get(":method")
     if not method:
         raise MalformedRequest("no :method")
@@ -237,6 +246,7 @@ def parse_request(headers: tuple[tuple[str, str], ...]) -> Request:
         path=path,
         headers=headers,
         content_type=content_type,
+        content_length=content_length,
     )
 
 

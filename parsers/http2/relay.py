@@ -33,7 +33,17 @@ from parsers.http2.events import ConnectionFailed, Decision, H2Limits, StreamEnd
 from parsers.http2.grpc import denied_trailers_only
 from parsers.http2.headers import CachingDecoder, Request, encode_fields
 from parsers.http2.server_side import ServerSide
-from parsers.http2.streams import ALLOW, Evaluation, Stream
+from parsers.http2.streams import (
+    AFTER_CLIENT_END,
+    ALLOW,
+    CLIENT_END,
+    CLIENT_FORWARDED,
+    CLOSED,
+    PROXY_RESET,
+    SERVER_RESET,
+    Evaluation,
+    Stream,
+)
 
 _NO_EVENTS: list = []
 
@@ -82,6 +92,7 @@ class H2Relay(ClientSide, ServerSide):
         self._cblock: list[bytes] | None = None
         self._cblock_sid = 0
         self._cblock_end_stream = False
+        self._cblock_self_dependent = False
         self._cblock_size = 0
         self._cblock_frames = 0
         self._sblock: list[bytes] | None = None  # raw frames, forwarded once complete
@@ -94,9 +105,18 @@ class H2Relay(ClientSide, ServerSide):
         self._client_max_frame = f.DEFAULT_MAX_FRAME_SIZE
         self._client_initial_window = f.DEFAULT_WINDOW
         self._server_concurrency_sent = False
-        # MAX_CONCURRENT_STREAMS in force for the client, and those relayed but not yet ACKed.
+        # MAX_CONCURRENT_STREAMS and MAX_FRAME_SIZE in force for the client, and those relayed
+        # to it but not yet ACKed: (streams or None, frame size or None) per SETTINGS frame.
         self._stream_limit = limits.max_concurrent_streams
-        self._unacked_limits: list[int | None] = []
+        self._frame_limit_acked = f.DEFAULT_MAX_FRAME_SIZE
+        # The largest frame the client may send now: the ACKed value, or a larger one it may
+        # already use because it was sent (RFC 9113 6.5.3: it applies once the client has it).
+        self._client_frame_limit = f.DEFAULT_MAX_FRAME_SIZE
+        self._unacked_limits: list[tuple[int | None, int | None]] = []
+        # Closed streams the server or the proxy reset: the client's DATA may still be in
+        # flight on them (dropped), unlike on streams the client ended or reset (STREAM_CLOSED).
+        self._reset_streams: dict[int, None] = {}
+        self._reset_memory = max(1024, 4 * limits.max_concurrent_streams)
         # Connection-level flow control towards the client (see module docstring).
         self._client_conn_window = f.DEFAULT_WINDOW
         self._debt = 0
@@ -254,8 +274,35 @@ class H2Relay(ClientSide, ServerSide):
             step = self._server_max_frame
             for i in range(0, len(body), step):
                 self._to_server.append(f.data_frame(1, body[i : i + step], i + step >= len(body)))
-            stream.client_open = False
+            self._advance(1, stream, CLIENT_END)
         return self._take_events()
+
+    # ----------------------------------------------------------------- stream bookkeeping
+
+    def _close_stream(self, sid: int, stream: Stream, event: str) -> None:
+        """The state table said CLOSED: forget the stream, remembering a reset by the server or
+        the proxy (the client may have DATA in flight on it)."""
+        stream.state = CLOSED
+        self._streams.pop(sid, None)
+        self._waiting_bodies.discard(sid)
+        if event is PROXY_RESET or event is SERVER_RESET:
+            self._remember_reset(sid)
+
+    def _remember_reset(self, sid: int) -> None:
+        resets = self._reset_streams
+        resets[sid] = None
+        if len(resets) > self._reset_memory:
+            del resets[next(iter(resets))]  # the oldest: its in-flight DATA is long past
+
+    def _client_acked_limits(self) -> None:
+        """The client ACKed the oldest SETTINGS the relay sent it: its limits apply now."""
+        streams, frame_size = self._unacked_limits.pop(0)
+        if streams is not None:
+            self._stream_limit = streams
+        if frame_size is not None:
+            self._frame_limit_acked = frame_size
+        pending = [size for _, size in self._unacked_limits if size is not None]
+        self._client_frame_limit = max([self._frame_limit_acked, *pending])
 
     # ----------------------------------------------------------------- client -> server
 
@@ -275,8 +322,11 @@ class H2Relay(ClientSide, ServerSide):
         pos = 0
         run = -1  # start of a run of DATA frames forwarded unchanged
         out = self._to_server
-        max_frame = self.limits.max_frame_size
+        max_frame = self._client_frame_limit
         streams = self._streams
+        # The frame-header loop below and the one in receive_server look alike on purpose: each
+        # is one direction's hot path with its own fast cases inlined; a shared helper would add
+        # a Python call per frame on the path every request and response takes.
         while end - pos >= 9:
             length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
             if length > max_frame:
@@ -290,12 +340,16 @@ class H2Relay(ClientSide, ServerSide):
             sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
             if ftype == 0 and self._cblock is None:
                 stream = streams.get(sid)
-                if stream is not None and stream.forwarded and stream.client_open:
+                # DATA of a forwarded stream without a content-length to count passes as is.
+                if stream is not None and stream.state in CLIENT_FORWARDED and stream.remaining < 0:
                     if not length and not flags & 1 and not self._spend_control():
                         break
-                    if flags & 1:
-                        stream.client_open = False
-                        if not stream.server_open:
+                    if (
+                        flags & 1
+                    ):  # (the table's CLIENT_END row, inlined; OPEN and SERVER_DONE have it)
+                        state = AFTER_CLIENT_END[stream.state]
+                        stream.state = state
+                        if state == CLOSED:
                             del streams[sid]
                     if run < 0:
                         run = pos
@@ -323,6 +377,7 @@ class H2Relay(ClientSide, ServerSide):
             if self.closed:
                 break
             pos = fend
+            max_frame = self._client_frame_limit  # a SETTINGS ACK may have changed it
         if run >= 0 and not self.closed:
             out.append(buf[run:pos])
         self._cbuf = buf[pos:] if pos < end and not self.closed else b""
@@ -363,9 +418,10 @@ class H2Relay(ClientSide, ServerSide):
                     pass  # would overrun the window the proxy borrowed from: hold it
                 else:
                     self._client_conn_window -= length
-                    if flags & 1:
-                        stream = streams.get(sid)
-                        if stream is not None:
+                    stream = streams.get(sid)
+                    if stream is not None:
+                        stream.window -= length
+                        if flags & 1:
                             self._server_stream_done(sid, stream, None)
                     if run < 0:
                         run = pos

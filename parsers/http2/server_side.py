@@ -9,7 +9,15 @@ from __future__ import annotations
 from parsers.http2 import frames as f
 from parsers.http2.events import GoawayReceived, StreamEnded
 from parsers.http2.headers import HeaderBlockError
-from parsers.http2.streams import Stream
+from parsers.http2.streams import (
+    AFTER_SERVER_END,
+    CLOSED,
+    FORWARDED,
+    SERVER_END,
+    SERVER_RESET,
+    TRANSITIONS,
+    Stream,
+)
 
 
 class ServerSide:
@@ -67,10 +75,13 @@ class ServerSide:
                     self._emit_to_client(b"".join(frames))
             return None
         if ftype == f.DATA:
-            if flags & f.FLAG_END_STREAM:
-                stream = self._streams.get(sid)
-                if stream is not None:
+            stream = self._streams.get(sid)
+            if stream is not None:
+                stream.window -= len(payload)
+                if flags & f.FLAG_END_STREAM:
                     self._server_stream_done(sid, stream, None)
+                    if self.closed:
+                        return None
             return self._emit_to_client(raw, len(payload))
         if ftype == f.HEADERS:
             block = f.strip_headers_payload(flags, payload)
@@ -109,8 +120,10 @@ class ServerSide:
         if ftype == f.RST_STREAM:
             if len(payload) != 4 or not sid:
                 return self._fail("server", f.PROTOCOL_ERROR, "malformed RST_STREAM")
-            stream = self._streams.pop(sid, None)
+            stream = self._streams.get(sid)
             if stream is not None:
+                if not self._server_event(sid, stream, SERVER_RESET):
+                    return None
                 code = int.from_bytes(payload, "big")
                 self._events.append(
                     StreamEnded(sid, stream.status, reset_code=code, reset_by="server")
@@ -145,6 +158,8 @@ class ServerSide:
         stream = self._streams.get(sid)
         if stream is None:
             return None
+        if stream.state not in FORWARDED:
+            return self._fail("server", f.PROTOCOL_ERROR, f"HEADERS on stream {sid} it never saw")
         status = summary[0]
         if status and not stream.status:
             stream.status = status
@@ -184,24 +199,42 @@ class ServerSide:
     def _server_stream_done(
         self, sid: int, stream: Stream, grpc_status: str | None, grpc_message: str | None = None
     ) -> None:
-        stream.server_open = False
-        if not stream.client_open:
+        state = AFTER_SERVER_END.get(stream.state)  # (the table's SERVER_END row, inlined)
+        if state == CLOSED:
             del self._streams[sid]
+            stream.state = CLOSED
+        elif state is not None:
+            stream.state = state
+        elif not self._server_event(sid, stream, SERVER_END):  # not in the table: an error
+            return
         self._events.append(StreamEnded(sid, stream.status, grpc_status, grpc_message))
+
+    def _server_event(self, sid: int, stream: Stream, event: str) -> bool:
+        """Move a stream along the state table for a server frame. The table lacks it when the
+        server ends a stream twice or speaks on one it never saw: a server protocol error."""
+        state = TRANSITIONS.get((stream.state, event))
+        if state is None:
+            self._fail("server", f.PROTOCOL_ERROR, f"{event} on stream {sid} in a wrong state")
+            return False
+        if state == CLOSED:
+            self._close_stream(sid, stream, event)
+        else:
+            stream.state = state
+        return True
 
     def _server_settings(self, payload: bytes) -> bytes:
         lim = self.limits
         out = []
-        concurrency = None
+        concurrency = frame_size = None
         for key, value in f.parse_settings(payload):
             if key == f.SETTINGS_MAX_CONCURRENT_STREAMS:
                 value = concurrency = min(value, lim.max_concurrent_streams)
                 self._server_concurrency_sent = True
             elif key == f.SETTINGS_MAX_FRAME_SIZE:
-                if not f.DEFAULT_MAX_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE_LIMIT:
+                value = frame_size = f.capped_max_frame_size(value, lim.max_frame_size)
+                if not value:
                     self._fail("server", f.PROTOCOL_ERROR, "MAX_FRAME_SIZE value")
                     return b""
-                value = min(value, lim.max_frame_size)
                 self._server_max_frame = value
             elif key == f.SETTINGS_HEADER_TABLE_SIZE:
                 value = min(value, lim.max_header_table_size)
@@ -218,6 +251,9 @@ class ServerSide:
                 out.append((f.SETTINGS_MAX_CONCURRENT_STREAMS, lim.max_concurrent_streams))
                 self._server_concurrency_sent = True
         # The client must keep to a new limit once it acknowledged it (RFC 9113 6.5.3); the
-        # relay enforces it from that ACK on, so the server never sees more than it allowed.
-        self._unacked_limits.append(concurrency)
+        # relay enforces it from that ACK on, so the server never sees more than it allowed. A
+        # larger frame size may be used as soon as the client has read it.
+        self._unacked_limits.append((concurrency, frame_size))
+        if frame_size is not None and frame_size > self._client_frame_limit:
+            self._client_frame_limit = frame_size
         return f.settings_frame(out)

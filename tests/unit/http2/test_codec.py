@@ -24,6 +24,8 @@ from parsers.http2.headers import (
     parse_request,
 )
 
+from .harness import frames_of, get, started
+
 REQUEST = [(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/x")]
 
 
@@ -105,32 +107,6 @@ def test_grpc_framing_and_percent_encoding():
 
 
 # ---- scripted relay: bytes in, bytes out ----------------------------------------------------
-
-
-def frames_of(data: bytes) -> list[tuple[int, int, int, bytes]]:
-    out, pos = [], 0
-    while pos < len(data):
-        length = int.from_bytes(data[pos : pos + 3], "big")
-        sid = int.from_bytes(data[pos + 5 : pos + 9], "big")
-        out.append((data[pos + 3], data[pos + 4], sid, data[pos + 9 : pos + 9 + length]))
-        pos += 9 + length
-    return out
-
-
-def started(decide=lambda r: Decision(not r.path.startswith("/private")), limits=H2Limits(),
-            client_settings=(), server_settings=()) -> H2Relay:  # fmt: skip
-    relay = H2Relay(decide, limits=limits)
-    relay.receive_client(f.PREFACE + f.settings_frame(list(client_settings)))
-    relay.receive_server(f.settings_frame(list(server_settings)))
-    relay.data_to_client()
-    relay.data_to_server()
-    return relay
-
-
-def get(path: str) -> bytes:
-    return encode_fields(
-        [(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", path)]
-    )
 
 
 def test_server_settings_come_first_and_are_capped():
