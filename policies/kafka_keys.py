@@ -1,4 +1,7 @@
-"""Kafka API key names as Cilium spells them in `apiKey`, and the role expansions."""
+"""Kafka API key names as Cilium spells them in `apiKey`, and the role expansions.
+
+The numbers are Kafka's; their home for the proxy is parsers/kafka/keys.py. policies/ imports
+nothing from the project, so this copy stays: tests/unit/kafka/test_keys.py checks they agree."""
 
 from __future__ import annotations
 

@@ -27,10 +27,10 @@ from l7proxy.kafka.commands import (
     ToClient,
     ToUpstream,
 )
-from l7proxy.kafka.response_side import FETCH, ResponseSide
+from l7proxy.kafka.response_side import ResponseSide
 from l7proxy.kafka.topic_ids import TopicIdMap
 from parsers.kafka import denials
-from parsers.kafka.apis import API_TABLE, TOPIC_AUTHORIZATION_FAILED, expects_response, topics_of
+from parsers.kafka.apis import API_TABLE, expects_response, topics_of
 from parsers.kafka.codec import DecodeError
 from parsers.kafka.fastpath import Incomplete, produce_topics
 from parsers.kafka.frames import (
@@ -41,7 +41,17 @@ from parsers.kafka.frames import (
     frame,
     parse_request_header,
 )
-from parsers.kafka.responses import API_VERSIONS, METADATA, supported_versions
+from parsers.kafka.keys import (
+    API_VERSIONS,
+    CONSUMER_GROUP_HEARTBEAT,
+    FETCH,
+    FETCH_SESSION_ID_NOT_FOUND,
+    METADATA,
+    PRODUCE,
+    TOPIC_AUTHORIZATION_FAILED,
+    UNSUPPORTED_VERSION,
+)
+from parsers.kafka.responses import supported_versions
 
 __all__ = [
     "Close",
@@ -53,10 +63,6 @@ __all__ = [
     "ToUpstream",
 ]
 
-PRODUCE = 0
-CONSUMER_GROUP_HEARTBEAT = 68
-UNSUPPORTED_VERSION = 35
-FETCH_SESSION_ID_NOT_FOUND = 70
 # Versions that may carry broker endpoints in tagged fields (KIP-951): a gateway caps below them
 # so that clients only ever learn broker addresses from the responses it rewrites.
 GATEWAY_CAPS = {PRODUCE: 9, FETCH: 15}

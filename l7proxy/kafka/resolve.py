@@ -14,7 +14,8 @@ import struct
 
 from parsers.kafka.apis import API_TABLE
 from parsers.kafka.frames import frame, response_header_size
-from parsers.kafka.responses import METADATA, rewrite_metadata
+from parsers.kafka.keys import METADATA
+from parsers.kafka.responses import rewrite_metadata
 
 # Metadata v12 (Kafka 3.0) carries topic ids; a broker that takes topic ids in requests (Fetch
 # v13, Kafka 3.1) answers it.

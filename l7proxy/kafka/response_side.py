@@ -20,11 +20,15 @@ from parsers.kafka.apis import API_TABLE
 from parsers.kafka.codec import DecodeError
 from parsers.kafka.fastpath import produce_response_error
 from parsers.kafka.frames import FrameError, check_size, frame, response_header_size
-from parsers.kafka.responses import (
+from parsers.kafka.keys import (
     API_VERSIONS,
     DESCRIBE_CLUSTER,
+    FETCH,
     FIND_COORDINATOR,
     METADATA,
+    PRODUCE,
+)
+from parsers.kafka.responses import (
     cap_api_versions,
     error_codes,
     filter_topics,
@@ -33,8 +37,6 @@ from parsers.kafka.responses import (
 )
 
 _SIZE_CID = struct.Struct(">ii")
-PRODUCE = 0
-FETCH = 1
 # Largest response streamed through; far above any fetch.max.bytes a client asks for.
 MAX_RESPONSE_BYTES = 1 << 30
 # Responses up to this size (other than Fetch) are read for their error codes.

@@ -13,6 +13,19 @@ from dataclasses import dataclass
 from enum import Enum
 
 from parsers.kafka.codec import ZERO_UUID, StructCodec, compile_struct
+from parsers.kafka.keys import (
+    CLUSTER_AUTHORIZATION_FAILED,
+    DESCRIBE_TOPIC_PARTITIONS,
+    FETCH,
+    GROUP_AUTHORIZATION_FAILED,
+    LIST_OFFSETS,
+    METADATA,
+    OFFSET_FETCH,
+    PRODUCE,
+    RESOURCE_TOPIC,
+    TOPIC_AUTHORIZATION_FAILED,
+    TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+)
 from parsers.kafka.schemas import MESSAGES
 from parsers.kafka.schemas_extra import EXTRA_MESSAGES
 
@@ -20,22 +33,14 @@ from parsers.kafka.schemas_extra import EXTRA_MESSAGES
 class Kind(Enum):
     """Which authorization error a denial answers with (when no topic was the reason)."""
 
-    TOPIC = 29  # TOPIC_AUTHORIZATION_FAILED
-    GROUP = 30  # GROUP_AUTHORIZATION_FAILED
-    CLUSTER = 31  # CLUSTER_AUTHORIZATION_FAILED
-    TRANSACTIONAL = 53  # TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+    TOPIC = TOPIC_AUTHORIZATION_FAILED
+    GROUP = GROUP_AUTHORIZATION_FAILED
+    CLUSTER = CLUSTER_AUTHORIZATION_FAILED
+    TRANSACTIONAL = TRANSACTIONAL_ID_AUTHORIZATION_FAILED
 
-
-TOPIC_AUTHORIZATION_FAILED = 29
-GROUP_AUTHORIZATION_FAILED = 30
-CLUSTER_AUTHORIZATION_FAILED = 31
-TRANSACTIONAL_ID_AUTHORIZATION_FAILED = 53
-
-RESOURCE_TOPIC = 2  # config resource type for a topic
-RESOURCE_GROUP = 32
 
 # Flow names follow Cilium's Kafka API key names where Cilium has one.
-_FLOW_NAMES = {0: "produce", 1: "fetch", 2: "offsets", 3: "metadata"}
+_FLOW_NAMES = {PRODUCE: "produce", FETCH: "fetch", LIST_OFFSETS: "offsets", METADATA: "metadata"}
 
 _KINDS = {
     Kind.TOPIC: (0, 1, 2, 3, 19, 20, 21, 23, 32, 33, 37, 44, 61, 75),
@@ -178,17 +183,17 @@ def _asks_all_topics(key: int, version: int, request: dict) -> bool:
     """Requests that name no topic but are answered for every topic (the response is filtered to
     the topics the client may see): Metadata with a null list (v0: empty), OffsetFetch for all of
     a group's committed topics, DescribeTopicPartitions with an empty list."""
-    if key == 3:
+    if key == METADATA:
         return request.get("topics") is None or (version == 0 and not request.get("topics"))
-    if key == 9:
+    if key == OFFSET_FETCH:
         if version <= 7:
             return version >= 2 and request.get("topics") is None
         return any(g.get("topics") is None for g in request.get("groups") or ())
-    if key == 75:
+    if key == DESCRIBE_TOPIC_PARTITIONS:
         return not request.get("topics")
     return False
 
 
 def expects_response(key: int, request: dict) -> bool:
     """Produce with acks=0 is the one request a broker never answers."""
-    return not (key == 0 and request.get("acks") == 0)
+    return not (key == PRODUCE and request.get("acks") == 0)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from parsers.kafka.keys import API_VERSIONS, CONTROLLED_SHUTDOWN
+
 DEFAULT_MAX_FRAME_SIZE = 8 * 1024 * 1024
 _SIZE = struct.Struct(">i")
 _HEADER = struct.Struct(">hhi")  # api_key, api_version, correlation_id
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
-
-API_VERSIONS = 18
-CONTROLLED_SHUTDOWN = 7
 
 
 class FrameError(ValueError):

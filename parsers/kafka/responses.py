@@ -10,10 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from parsers.kafka.apis import API_TABLE, TOPIC_AUTHORIZATION_FAILED
+from parsers.kafka.apis import API_TABLE
 from parsers.kafka.codec import ZERO_UUID
+from parsers.kafka.keys import (
+    API_VERSIONS,
+    DESCRIBE_CLUSTER,
+    FIND_COORDINATOR,
+    METADATA,
+    TOPIC_AUTHORIZATION_FAILED,
+)
 
-API_VERSIONS, METADATA, FIND_COORDINATOR, DESCRIBE_CLUSTER = 18, 3, 10, 60
 REWRITTEN_APIS = frozenset((API_VERSIONS, METADATA, FIND_COORDINATOR, DESCRIBE_CLUSTER))
 
 Address = tuple[str, int]
