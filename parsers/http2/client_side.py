@@ -45,7 +45,6 @@ from parsers.http2.streams import (
     PROXY_RESET,
     SERVER_SENDING,
     TOO_LARGE,
-    TRANSITIONS,
     Evaluation,
     Stream,
 )
@@ -172,20 +171,6 @@ class ClientSide:
         elif length:
             self._to_client.append(f.window_update(sid, length))
         return None
-
-    def _advance(self, sid: int, stream: Stream, event: str) -> bool:
-        """Move a stream along the state table (streams.py). An event the table lacks is a
-        stream error: STREAM_CLOSED once the client had ended its side, PROTOCOL_ERROR before."""
-        state = TRANSITIONS.get((stream.state, event))
-        if state is None:
-            code = f.PROTOCOL_ERROR if stream.state in CLIENT_SENDING else f.STREAM_CLOSED
-            self._reset_both(sid, stream, code)
-            return False
-        if state == CLOSED:
-            self._close_stream(sid, stream, event)
-        else:
-            stream.state = state
-        return True
 
     def _client_headers(self, flags: int, sid: int, payload: bytes) -> None:
         fragment = f.strip_headers_payload(flags, payload)

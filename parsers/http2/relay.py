@@ -38,9 +38,12 @@ from parsers.http2.streams import (
     ALLOW,
     CLIENT_END,
     CLIENT_FORWARDED,
+    CLIENT_SENDING,
     CLOSED,
     PROXY_RESET,
+    SERVER_EVENTS,
     SERVER_RESET,
+    TRANSITIONS,
     Evaluation,
     Stream,
 )
@@ -278,6 +281,25 @@ class H2Relay(ClientSide, ServerSide):
         return self._take_events()
 
     # ----------------------------------------------------------------- stream bookkeeping
+
+    def _advance(self, sid: int, stream: Stream, event: str) -> bool:
+        """Move a stream along the state table (streams.py). An event the table lacks is an
+        error of whoever sent it: from the client a stream error (STREAM_CLOSED once it had
+        ended its side, PROTOCOL_ERROR before); from the server, which ended a stream twice or
+        spoke on one it never saw, a connection error."""
+        state = TRANSITIONS.get((stream.state, event))
+        if state is None:
+            if event in SERVER_EVENTS:
+                self._fail("server", f.PROTOCOL_ERROR, f"{event} on stream {sid} in a wrong state")
+            else:
+                code = f.PROTOCOL_ERROR if stream.state in CLIENT_SENDING else f.STREAM_CLOSED
+                self._reset_both(sid, stream, code)
+            return False
+        if state == CLOSED:
+            self._close_stream(sid, stream, event)
+        else:
+            stream.state = state
+        return True
 
     def _close_stream(self, sid: int, stream: Stream, event: str) -> None:
         """The state table said CLOSED: forget the stream, remembering a reset by the server or

@@ -15,7 +15,6 @@ from parsers.http2.streams import (
     FORWARDED,
     SERVER_END,
     SERVER_RESET,
-    TRANSITIONS,
     Stream,
 )
 
@@ -122,7 +121,7 @@ class ServerSide:
                 return self._fail("server", f.PROTOCOL_ERROR, "malformed RST_STREAM")
             stream = self._streams.get(sid)
             if stream is not None:
-                if not self._server_event(sid, stream, SERVER_RESET):
+                if not self._advance(sid, stream, SERVER_RESET):
                     return None
                 code = int.from_bytes(payload, "big")
                 self._events.append(
@@ -205,22 +204,9 @@ class ServerSide:
             stream.state = CLOSED
         elif state is not None:
             stream.state = state
-        elif not self._server_event(sid, stream, SERVER_END):  # not in the table: an error
+        elif not self._advance(sid, stream, SERVER_END):  # not in the table: an error
             return
         self._events.append(StreamEnded(sid, stream.status, grpc_status, grpc_message))
-
-    def _server_event(self, sid: int, stream: Stream, event: str) -> bool:
-        """Move a stream along the state table for a server frame. The table lacks it when the
-        server ends a stream twice or speaks on one it never saw: a server protocol error."""
-        state = TRANSITIONS.get((stream.state, event))
-        if state is None:
-            self._fail("server", f.PROTOCOL_ERROR, f"{event} on stream {sid} in a wrong state")
-            return False
-        if state == CLOSED:
-            self._close_stream(sid, stream, event)
-        else:
-            stream.state = state
-        return True
 
     def _server_settings(self, payload: bytes) -> bytes:
         lim = self.limits

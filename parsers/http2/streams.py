@@ -50,6 +50,7 @@ SERVER_RESET = "server RST_STREAM"
 PROXY_RESET = "proxy RST_STREAM"  # a stream error the relay raised
 BODY_SENT = "local body sent"
 
+SERVER_EVENTS = frozenset({SERVER_END, SERVER_RESET})
 _RESETS = (CLIENT_RESET, SERVER_RESET, PROXY_RESET)
 _LOCAL_RESETS = (CLIENT_RESET, PROXY_RESET)  # the server never knew a local stream
 
