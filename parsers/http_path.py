@@ -51,6 +51,13 @@ UNESCAPE = "unescape"
 REJECT = "reject"
 KEEP = "keep"
 ESCAPED_SLASH_MODES = (UNESCAPE, REJECT, KEEP)
+# What the gateway and the agent log at start when the config picks KEEP.
+KEEP_WARNING = (
+    "warning: path_escaped_slashes=keep: %2F and %5C in request paths are not separators for "
+    "the policy, but a backend that decodes them (nginx does) resolves `/public/..%2Fadmin` to "
+    "/admin, a path the policy never judged; use unescape (default) or reject unless the "
+    "backend treats %2F as data"
+)
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")

@@ -14,6 +14,8 @@ from l7proxy.config import (
     ProxyConfig,
     load_yaml,
 )
+from l7proxy.log import log
+from parsers.http_path import ESCAPED_SLASH_MODES, KEEP, KEEP_WARNING
 
 
 def register(sub) -> None:
@@ -46,6 +48,13 @@ def register(sub) -> None:
         metavar="HOST",
         help="host a Kafka listener on 0.0.0.0 advertises in broker addresses (default 127.0.0.1)",
     )
+    p.add_argument(
+        "--path-escaped-slashes",
+        choices=ESCAPED_SLASH_MODES,
+        default=None,
+        help="%%2F, %%5C and \\ in request paths: unescape (default: judged and forwarded as /), "
+        "reject (400), keep (Envoy's KEEP_UNCHANGED; UNSAFE if the backend decodes them)",
+    )
     p.add_argument("-c", "--config", metavar="CONFIG.yaml", help="config file (flags win)")
     p.set_defaults(func=run)
 
@@ -63,6 +72,8 @@ def build_config(args: argparse.Namespace) -> GatewayConfig:
     deny = args.deny_message if args.deny_message is not None else base.get("deny_message")
     if deny is not None:
         limits["deny_message"] = deny
+    if getattr(args, "path_escaped_slashes", None):
+        limits["path_escaped_slashes"] = args.path_escaped_slashes
     return GatewayConfig(
         listeners=tuple(listeners),
         policy_paths=tuple(args.policy or base.get("policy_paths", [])),
@@ -85,4 +96,6 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, TypeError) as exc:
         print(f"l7proxy gateway: {exc}", file=sys.stderr)
         return 2
+    if cfg.proxy.path_escaped_slashes == KEEP:
+        log(KEEP_WARNING)
     return run_gateway(cfg)
