@@ -40,6 +40,7 @@ def limits_from_config(cfg) -> H2Limits:
             max_discarded_body=cfg.h2_max_discarded_body,
             max_held_bytes=cfg.h2_max_held_bytes,
             deny_body=cfg.deny_message.encode("utf-8"),
+            path_escaped_slashes=cfg.path_escaped_slashes,
         )
         if len(_LIMITS) > 64:  # only tests make many configs
             _LIMITS.clear()

@@ -315,7 +315,9 @@ class ClientSide:
         path = request.path
         if path:  # (a plain CONNECT has no :path)
             try:
-                normalized = normalize_target(path, request.method, absolute_form=False)
+                normalized = normalize_target(
+                    path, request.method, absolute_form=False, slashes=lim.path_escaped_slashes
+                )
             except BadTarget as exc:
                 return Evaluation(BAD_TARGET, request, reason=str(exc))
             if normalized is not path:

@@ -46,6 +46,8 @@ class H2Limits:
     # injected itself (local 403 bodies): bounded by those bodies, this is a safety cap.
     max_held_bytes: int = 1024 * 1024
     deny_body: bytes = b"Access denied\r\n"
+    # How %2F, %5C and `\` in :path are read (parsers/http_path.py ESCAPED_SLASH_MODES).
+    path_escaped_slashes: str = "unescape"
     grpc_deny_message: str = "Access denied"
 
 

@@ -69,3 +69,23 @@ def test_escaped_slashes_are_slashes_by_default():
     assert got[ok]["status"] == "200"
     assert [got[s]["status"] for s in bad] == ["400"] * 3
     assert server_paths(t) == ["/public/a/b"]
+
+
+def test_the_mode_comes_from_the_limits():
+    """ProxyConfig.path_escaped_slashes reaches the relay as H2Limits.path_escaped_slashes."""
+    from l7proxy.config import ProxyConfig
+    from l7proxy.http2.policy import limits_from_config
+
+    keep = limits_from_config(ProxyConfig(path_escaped_slashes="keep"))
+    assert keep.path_escaped_slashes == "keep"
+    assert limits_from_config(ProxyConfig()).path_escaped_slashes == "unescape"
+    t = Triangle(deny_path("/private"), limits=keep)
+    kept = t.request("/public/..%2Fprivate")  # KEEP: not a separator, so /public/...: allowed
+    t.pump()
+    assert t.responses()[kept]["status"] == "200"
+    assert server_paths(t) == ["/public/..%2Fprivate"]
+    reject = limits_from_config(ProxyConfig(path_escaped_slashes="reject"))
+    t = Triangle(deny_path("/private"), limits=reject)
+    rejected = t.request("/public/a%2Fb")
+    t.pump()
+    assert t.responses()[rejected]["status"] == "400" and server_paths(t) == []
