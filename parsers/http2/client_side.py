@@ -143,9 +143,7 @@ class ClientSide:
             self._credit += length
             if sid in self._reset_streams:
                 return None  # sent before the client learnt of the reset: dropped
-            if self._spend_control():
-                self._to_client.append(f.rst_stream(sid, f.STREAM_CLOSED))
-            return None
+            return self._stream_error(sid, f.STREAM_CLOSED)  # it closed the stream itself
         if stream.remaining >= 0 and stream.state in CLIENT_SENDING:
             stream.remaining -= size
             if stream.remaining < 0 or (end_stream and stream.remaining):
