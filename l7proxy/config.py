@@ -25,6 +25,29 @@ DEFAULT_DENY_MESSAGE = "Access denied\r\n"
 
 
 @dataclass(frozen=True, slots=True)
+class KafkaConfig:
+    """Kafka's own limits (`ProxyConfig.kafka`; in a config file `limits: {kafka: {...}}`). Why
+    these values: docs/kafka.md, "Data path and performance decisions"."""
+
+    # Write buffer marks of both transports of a Kafka connection, in place of the HTTP-sized
+    # `write_high_water` / `write_low_water`: Kafka frames run to megabytes, and with a 256 KiB
+    # mark every produce request of a pipelining producer paused its client.
+    write_high_water: int = 4 * MiB
+    write_low_water: int = 1 * MiB
+    # SO_RCVBUF of the client socket and SO_SNDBUF of the broker socket; 0 leaves them to the
+    # kernel, which grows loopback buffers to megabytes that park requests the broker then reads
+    # late (512 KiB measured best for produce). It caps a connection at ~1 MiB per round trip:
+    # set 0 on a long-RTT path.
+    socket_buffer: int = 512 * KiB
+
+    def __post_init__(self) -> None:
+        if not 0 < self.write_low_water <= self.write_high_water:
+            raise ValueError("kafka write_low_water must be within 1..write_high_water")
+        if self.socket_buffer < 0:
+            raise ValueError("kafka socket_buffer must be 0 (kernel sizing) or more")
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     # HTTP/1 request head: the whole head (request line + headers), the header count, the URI.
     max_header_bytes: int = 64 * KiB
@@ -35,6 +58,8 @@ class ProxyConfig:
     max_response_header_bytes: int = 64 * KiB
     # Kafka and other length-prefixed protocols: a frame larger than this closes the connection.
     max_frame_bytes: int = 8 * MiB
+    # Kafka's own buffer sizes (the frame limit is max_frame_bytes above).
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
     # Time to receive a complete request head once its first byte arrived (408 after).
     header_timeout: float = 10 * SECOND
     # A client connection with no request in flight is closed after this long.
@@ -193,6 +218,7 @@ class GatewayConfig:
 
 
 _PROXY_FIELDS = {f.name for f in dataclasses.fields(ProxyConfig)}
+_KAFKA_FIELDS = {f.name for f in dataclasses.fields(KafkaConfig)}
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -204,6 +230,7 @@ def load_yaml(path: str | Path) -> dict:
       admin: HOST:PORT           flow_log: FILE|-        workers: N       deny_message: TEXT
       advertise_host: HOST       (what a 0.0.0.0 Kafka listener advertises; default 127.0.0.1)
       limits: {max_header_bytes: 65536, header_timeout: 10, ...}   (ProxyConfig fields)
+              kafka: {write_high_water: 4194304, socket_buffer: 524288}  (KafkaConfig fields)
     """
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
@@ -226,6 +253,12 @@ def load_yaml(path: str | Path) -> dict:
     bad = set(limits) - _PROXY_FIELDS
     if bad:
         raise ValueError(f"{path}: unknown limits {sorted(bad)}")
+    if isinstance(limits.get("kafka"), dict):
+        kafka = limits["kafka"]
+        bad = set(kafka) - _KAFKA_FIELDS
+        if bad:
+            raise ValueError(f"{path}: unknown kafka limits {sorted(bad)}")
+        limits = {**limits, "kafka": KafkaConfig(**kafka)}
     policy = data.get("policy") or []
     return {
         "listeners": [

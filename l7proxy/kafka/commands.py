@@ -71,14 +71,8 @@ class Pending:
 
 @dataclass(frozen=True, slots=True)
 class KafkaSettings:
+    """What the layer of one connection needs from the config (settings.settings_for)."""
+
     max_frame_size: int = 8 * 1024 * 1024
-    # Kafka frames run to megabytes; with the HTTP-sized 256 KiB mark every produce request would
-    # pause the client and throttle a pipelining producer. Buffers stay bounded by these marks.
-    write_high_water: int = 4 * 1024 * 1024
-    write_low_water: int = 1024 * 1024
-    # SO_RCVBUF of the client socket and SO_SNDBUF of the broker socket (0: kernel autotuning,
-    # which grows loopback buffers to megabytes). Bytes parked in the proxy path are requests
-    # the broker reads cache-cold later; 512 KiB measured best for produce (docs/kafka.md).
-    socket_buffer: int = 512 * 1024
     # Gateway mode: broker address seen in responses -> gateway listener to advertise instead.
     brokers: Mapping[Address, Address] | None = None

@@ -2,8 +2,10 @@
 in between. This module only moves bytes and carries out the layer's commands; the splice(2)
 pump for large Produce bodies is in splicer.py, what a worker's sessions share in worker.py.
 
-Backpressure: when either transport's write buffer passes the high water mark, reading from the
-other side pauses until it drains.
+It keeps the session contract of l7proxy/session.py: client reading pauses for PauseReason bits
+(the broker's buffer is full, the client's is, the broker is still being connected, too many
+requests wait, a body is being spliced, a topic id lookup runs), one deadline (the idle timeout,
+while no request is in flight), drain and close.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from l7proxy.kafka.flow_records import FlowRecorder
 from l7proxy.kafka.layer import KafkaLayer
 from l7proxy.kafka.settings import settings_for
 from l7proxy.kafka.worker import KafkaWorker, worker_for
+from l7proxy.session import NO_DEADLINE, PauseReason, Session
 
 # Requests in flight on one connection before the proxy stops reading the client.
 MAX_IN_FLIGHT = 1024
@@ -48,10 +51,10 @@ class _Upstream(asyncio.Protocol):
         self.session.upstream_lost(exc)
 
     def pause_writing(self) -> None:
-        self.session.pause_client()
+        self.session.pause_client_reading(PauseReason.UPSTREAM_FULL)
 
     def resume_writing(self) -> None:
-        self.session.resume_client()
+        self.session.resume_client_reading(PauseReason.UPSTREAM_FULL)
 
 
 def _set_buffer(transport, option: int, size: int) -> None:
@@ -68,11 +71,17 @@ def _fd(transport) -> int:
     return sock.fileno() if sock is not None else -1
 
 
-class KafkaSession(asyncio.Protocol):
+_IDLE = 1  # deadline_kind: no request in flight, the idle timeout runs
+_SPLICE_ONLY = PauseReason.SPLICE._value_
+
+
+class KafkaSession(Session):
     def __init__(
         self, ctx, settings: KafkaSettings | None = None, worker: KafkaWorker | None = None
     ) -> None:
+        super().__init__()
         self.ctx = ctx
+        self.limits = ctx.config.kafka
         self.settings = settings or settings_for(ctx)
         worker = worker or worker_for(ctx)
         self.worker = worker
@@ -80,18 +89,13 @@ class KafkaSession(asyncio.Protocol):
         self.responses = self.layer.responses
         self.kmetrics = worker.metrics
         self.recorder = FlowRecorder(ctx, worker.metrics)
-        self.client = None
         self.upstream = None
         self._queued: list[bytes] = []  # for upstream, until it is connected
         self._queued_bytes = 0
         self._connect_task = None
-        self._closed = False
         self._draining = False
-        self._holds: set[str] = set()  # reasons client reading is paused
         # The core's DeadlineSweeper (gateway/agent) tracks sessions for idle timeouts and drain.
         self.sweeper = getattr(ctx, "sweeper", None)
-        self.deadline = 0.0
-        self.deadline_kind = 0
         self._splicer: splice.Splicer | None = None
         self._splice_ok = splice.AVAILABLE
         self._held_upstream: list | None = None  # see splice_ready
@@ -101,10 +105,10 @@ class KafkaSession(asyncio.Protocol):
     # ---- client side --------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
-        self.client = transport
-        st = self.settings
-        transport.set_write_buffer_limits(st.write_high_water, st.write_low_water)
-        _set_buffer(transport, socket.SO_RCVBUF, st.socket_buffer)
+        self.transport = transport
+        limits = self.limits
+        transport.set_write_buffer_limits(limits.write_high_water, limits.write_low_water)
+        _set_buffer(transport, socket.SO_RCVBUF, limits.socket_buffer)
         if self.sweeper is not None:
             self.sweeper.add(self)
         self._arm_idle()
@@ -118,13 +122,13 @@ class KafkaSession(asyncio.Protocol):
         of them are answered."""
         in_flight = self.layer.in_flight
         if in_flight > MAX_IN_FLIGHT:
-            self._hold("in_flight")
-        elif in_flight <= MAX_IN_FLIGHT // 2 and self._holds:
-            self._release("in_flight")
+            self.pause_client_reading(PauseReason.REQUEST_QUEUE)
+        elif in_flight <= MAX_IN_FLIGHT // 2 and self.paused:
+            self.resume_client_reading(PauseReason.REQUEST_QUEUE)
         if in_flight:
-            self.deadline_kind = 0
+            self.deadline_kind = NO_DEADLINE
         else:
-            self.deadline_kind = 1
+            self.deadline_kind = _IDLE
             self.deadline = time.monotonic() + self.ctx.config.idle_timeout
             if self._draining:
                 self._close("drained", "gateway draining")
@@ -164,13 +168,13 @@ class KafkaSession(asyncio.Protocol):
             self._splice_ok
             and self.layer.request_bytes_left >= SPLICE_MIN
             and self.upstream is not None
-            and not self._closed
+            and not self.closed
             and not self.upstream.get_write_buffer_size()  # bytes queued before must go first
         )
 
     def _start_splice(self) -> None:
         if self._splicer is None:
-            cfd, ufd = _fd(self.client), _fd(self.upstream)
+            cfd, ufd = _fd(self.transport), _fd(self.upstream)
             if cfd < 0 or ufd < 0:
                 self._splice_ok = False
                 return
@@ -179,7 +183,7 @@ class KafkaSession(asyncio.Protocol):
             except OSError:
                 self._splice_ok = False
                 return
-        self._hold("splice")
+        self.pause_client_reading(PauseReason.SPLICE)
         self.splice_ready()
 
     def splice_ready(self) -> None:
@@ -189,10 +193,10 @@ class KafkaSession(asyncio.Protocol):
         too. Reading goes back to the transport for anything else (a small request, EOF, an
         error, another reason to pause the client)."""
         splicer = self._splicer
-        while not self._closed and splicer is not None:
+        while not self.closed and splicer is not None:
             if not splicer.pump():
                 return  # waiting for the client to send or the broker to read
-            if self._closed or self._holds != {"splice"}:
+            if self.closed or self.paused != _SPLICE_ONLY:
                 break
             try:
                 data = splicer.read_head(HEAD_READ)
@@ -220,7 +224,7 @@ class KafkaSession(asyncio.Protocol):
                 break
         if splicer is not None:
             splicer.unwatch()  # reading goes back to the transport
-        self._release("splice")
+        self.resume_client_reading(PauseReason.SPLICE)
 
     # SpliceOwner (splicer.py)
 
@@ -238,7 +242,7 @@ class KafkaSession(asyncio.Protocol):
         self._close("splice_error", repr(exc))
 
     def eof_received(self):
-        if self.upstream is not None and not self._closed:
+        if self.upstream is not None and not self.closed:
             self.upstream.write_eof()
         return True
 
@@ -246,8 +250,8 @@ class KafkaSession(asyncio.Protocol):
         if self.sweeper is not None:
             self.sweeper.discard(self)
         self._drop_side_work()
-        if not self._closed:
-            self._closed = True
+        if not self.closed:
+            self.closed = True
             if self.upstream is not None:
                 self.upstream.close()
             if self._connect_task is not None:
@@ -260,25 +264,12 @@ class KafkaSession(asyncio.Protocol):
         # a connection while a response is outstanding).
         if self.upstream is not None:
             self.upstream.pause_reading()
-        self._hold("client_full")
+        self.pause_client_reading(PauseReason.CLIENT_FULL)
 
     def resume_writing(self) -> None:
-        if self.upstream is not None and not self._closed:
+        if self.upstream is not None and not self.closed:
             self.upstream.resume_reading()
-        self._release("client_full")
-
-    def _hold(self, reason: str) -> None:
-        """Stop reading from the client for `reason`; reading resumes when no reason is left."""
-        if not self._holds and self.client is not None and not self._closed:
-            self.client.pause_reading()
-        self._holds.add(reason)
-
-    def _release(self, reason: str) -> None:
-        if reason not in self._holds:
-            return
-        self._holds.discard(reason)
-        if not self._holds and self.client is not None and not self._closed:
-            self.client.resume_reading()
+        self.resume_client_reading(PauseReason.CLIENT_FULL)
 
     # ---- upstream side ------------------------------------------------------------------
 
@@ -299,22 +290,22 @@ class KafkaSession(asyncio.Protocol):
                 self.ctx.proto_metrics.upstream_refused.inc()
             self._close("upstream_unreachable", f"{dest.host}:{dest.port}: {exc}")
             return
-        if self._closed:
+        if self.closed:
             transport.close()
             return
-        st = self.settings
-        transport.set_write_buffer_limits(st.write_high_water, st.write_low_water)
-        _set_buffer(transport, socket.SO_SNDBUF, st.socket_buffer)
+        limits = self.limits
+        transport.set_write_buffer_limits(limits.write_high_water, limits.write_low_water)
+        _set_buffer(transport, socket.SO_SNDBUF, limits.socket_buffer)
         self.upstream = transport
         if self._queued:
             transport.writelines(self._queued)
             self._queued.clear()
             self._queued_bytes = 0
-        self._release("connecting")
+        self.resume_client_reading(PauseReason.CONNECTING)
 
     def upstream_data(self, data: bytes) -> None:
         if self.responses.pass_response_bytes(len(data)):
-            self.client.write(data)  # the middle of a large response (Fetch records)
+            self.transport.write(data)  # the middle of a large response (Fetch records)
             return
         try:
             commands = self.responses.upstream_data(data)
@@ -325,26 +316,20 @@ class KafkaSession(asyncio.Protocol):
         self._arm_idle()
 
     def upstream_lost(self, exc) -> None:
-        if self._closed:
+        if self.closed:
             return
         if exc is not None:
             self.ctx.proto_metrics.upstream_reset.inc()
         # Requests still in flight will never be answered: tell the client by closing.
-        self._closed = True
+        self.closed = True
         self._drop_side_work()
-        self.client.close()
-
-    def pause_client(self) -> None:
-        self._hold("upstream_full")
-
-    def resume_client(self) -> None:
-        self._release("upstream_full")
+        self.transport.close()
 
     # ---- commands -----------------------------------------------------------------------
 
     def _run(self, commands: list) -> None:
         for cmd in commands:
-            if self._closed:
+            if self.closed:
                 return
             kind = type(cmd)
             if kind is ToUpstream:
@@ -355,14 +340,14 @@ class KafkaSession(asyncio.Protocol):
                 else:
                     self._queued.append(cmd.data)
                     self._queued_bytes += len(cmd.data)
-                    if self._queued_bytes > self.settings.write_high_water:
-                        self._hold("connecting")
+                    if self._queued_bytes > self.limits.write_high_water:
+                        self.pause_client_reading(PauseReason.CONNECTING)
             elif kind is ToClient:
-                self.client.write(cmd.data)
+                self.transport.write(cmd.data)
             elif kind is Record:
                 self.recorder.record(cmd)
             elif kind is ResolveTopicIds:
-                self._hold("topic_ids")
+                self.pause_client_reading(PauseReason.TOPIC_IDS)
                 self._lookup_task = asyncio.ensure_future(self._look_up_topic_ids(cmd.ids))
             elif kind is Close:
                 if self._held_upstream:
@@ -387,32 +372,32 @@ class KafkaSession(asyncio.Protocol):
             learned, result = {}, "error"
         self.kmetrics.topic_id_lookups.labels(result=result).inc()
         self._lookup_task = None
-        if self._closed:
+        if self.closed:
             return
         self.layer.learn_topic_ids(learned)
         # Release first: a request behind this one may need a lookup of its own, and its
         # ResolveTopicIds must leave the client paused (reading resumes on a later loop turn
         # only, after the commands below have run).
-        self._release("topic_ids")
+        self.resume_client_reading(PauseReason.TOPIC_IDS)
         self._run(self.layer.topic_ids_resolved())
         self._arm_idle()
         if self._can_splice():
             self._start_splice()
 
     def _write_upstream(self, chunks: list) -> None:
-        if chunks and self.upstream is not None and not self._closed:
+        if chunks and self.upstream is not None and not self.closed:
             self.upstream.writelines(chunks)
 
     def _close(self, reason: str, detail: str) -> None:
-        if self._closed:
+        if self.closed:
             return
         if reason in ("internal_error", "upstream_unreachable", "splice_error"):
             # The layer records its own closes; these two come from here and need a flow too.
             self.recorder.record(Record("REQUEST", "ERROR", -1, -1, -1, reason=reason, closes=True))
-        self._closed = True
+        self.closed = True
         self._drop_side_work()
-        if self.client is not None:
-            self.client.close()
+        if self.transport is not None:
+            self.transport.close()
         if self.upstream is not None:
             self.upstream.close()
 

@@ -1,4 +1,4 @@
-"""Kafka settings per connection, and the gateway's broker-address map.
+"""The Kafka layer's settings per connection, and the gateway's broker-address map.
 
 In gateway mode every Kafka listener fronts one broker (`--listen L --upstream B`, or several
 `listeners:` in the YAML config). Responses that name broker B (Metadata, FindCoordinator,
@@ -41,11 +41,8 @@ def set_broker_map(mapping: dict[Address, Address]) -> None:
 
 
 def settings_for(ctx) -> KafkaSettings:
-    cfg = ctx.config
-    base = KafkaSettings()
+    """The layer's settings for a connection of `ctx` (buffer sizes: ctx.config.kafka)."""
     return KafkaSettings(
-        max_frame_size=cfg.max_frame_bytes,
+        max_frame_size=ctx.config.max_frame_bytes,
         brokers=dict(_broker_map) if _broker_map else None,
-        write_high_water=max(cfg.write_high_water, base.write_high_water),
-        write_low_water=max(cfg.write_low_water, base.write_low_water),
     )

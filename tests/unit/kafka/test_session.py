@@ -8,6 +8,7 @@ from l7proxy.context import ConnContext, OriginalDestination
 from l7proxy.flows import FlowSink
 from l7proxy.kafka.layer import KafkaSettings
 from l7proxy.kafka.session import MAX_IN_FLIGHT, KafkaSession
+from l7proxy.session import PauseReason, Session
 from policies.l7 import KafkaRuleSet
 from policies.model import KafkaRule
 from tests.unit.kafka.test_layer import produce, request, response
@@ -81,7 +82,7 @@ def _run_uvloop(coro):
 
 def session(rules=None):
     s = KafkaSession(_ctx(rules), KafkaSettings())
-    s.client, s.upstream = FakeTransport(), FakeTransport()
+    s.transport, s.upstream = FakeTransport(), FakeTransport()
     return s
 
 
@@ -89,34 +90,36 @@ def test_requests_in_flight_are_bounded():
     s = session()
     for cid in range(MAX_IN_FLIGHT + 1):
         s.data_received(request(0, 9, cid, produce(["t"])))
-    assert s.client.paused  # the broker answers nothing: stop reading the client
+    assert s.transport.paused  # the broker answers nothing: stop reading the client
     s.upstream_data(b"".join(response(0, 9, cid, {}) for cid in range(MAX_IN_FLIGHT // 2 + 1)))
-    assert not s.client.paused
+    assert not s.transport.paused
 
 
 def test_client_that_does_not_read_its_answers_is_not_read_either():
     s = session(KafkaRuleSet([KafkaRule(api_keys=(0,), topic="t")]))
     s.pause_writing()  # the client's socket buffer is full
-    assert s.client.paused and s.upstream.paused is True
+    assert s.transport.paused and s.upstream.paused is True
     s.resume_writing()
-    assert not s.client.paused and not s.upstream.paused
+    assert not s.transport.paused and not s.upstream.paused
 
 
 def test_two_reasons_to_pause_release_independently():
     s = session()
+    assert isinstance(s, Session)  # the core's contract (l7proxy/session.py)
     s.pause_writing()
-    s.pause_client()  # the broker is slow too
+    s.pause_client_reading(PauseReason.UPSTREAM_FULL)  # the broker is slow too
+    assert s.paused == PauseReason.CLIENT_FULL | PauseReason.UPSTREAM_FULL
     s.resume_writing()
-    assert s.client.paused  # still waiting for the broker's buffer to drain
-    s.resume_client()
-    assert not s.client.paused
+    assert s.transport.paused  # still waiting for the broker's buffer to drain
+    s.resume_client_reading(PauseReason.UPSTREAM_FULL)
+    assert not s.transport.paused
 
 
 def test_denials_are_answered_without_the_broker():
     s = session(KafkaRuleSet([KafkaRule(api_keys=(0,), topic="t")]))
     s.data_received(request(0, 9, 5, produce(["secret"])))
     assert not s.upstream.written
-    assert int.from_bytes(s.client.written[4:8], "big") == 5
+    assert int.from_bytes(s.transport.written[4:8], "big") == 5
 
 
 def test_large_produce_bodies_are_spliced_byte_for_byte_over_real_sockets():
@@ -169,7 +172,7 @@ def test_client_closing_in_the_middle_of_a_spliced_request_closes_the_broker_sid
     got, _, sess = _splice_rig(client)
     assert got == big[: len(got)] and len(got) <= 400_000
     assert sess.spliced_bytes > 0
-    assert sess._closed and sess._splicer is None
+    assert sess.closed and sess._splicer is None
 
 
 def _splice_rig(client):
@@ -251,7 +254,7 @@ def test_a_large_produce_sent_after_a_pause_is_spliced_from_its_head():
     # second, the transport's first read (up to 256 KiB) is not spliced; of the third, only its
     # head read. (Handing reading back to the transport after a request lost 256 KiB of each.)
     assert sess.spliced_bytes >= len(second) - 256 * 1024 + len(third) - HEAD_READ
-    assert sess._closed and sess._splicer is None
+    assert sess.closed and sess._splicer is None
 
 
 def test_a_request_forwarded_from_a_head_read_reaches_the_broker_before_a_close():
@@ -276,7 +279,7 @@ def test_a_request_forwarded_from_a_head_read_reaches_the_broker_before_a_close(
     got, answers, sess = _splice_rig(client)
     assert answers == [1, 2]
     assert got == _big_request(1) + _big_request(2) + small
-    assert sess._closed
+    assert sess.closed
 
 
 class _CountingLoop:
@@ -380,14 +383,14 @@ def test_topic_id_lookups_pause_the_client_and_run_one_after_another(monkeypatch
         s = session(rules)
         s.data_received(first + second)
         await turns()
-        assert len(asked) == 1 and s.client.paused and not s.upstream.written
+        assert len(asked) == 1 and s.transport.paused and not s.upstream.written
         asked[0].set_result({bytes([1]) * 16: "t1"})
         await turns()
         assert bytes(s.upstream.written) == first
-        assert len(asked) == 2 and s.client.paused  # the second lookup holds the client
+        assert len(asked) == 2 and s.transport.paused  # the second lookup holds the client
         asked[1].set_result(answers)
         await turns()
-        assert bytes(s.upstream.written) == first + second and not s.client.paused
+        assert bytes(s.upstream.written) == first + second and not s.transport.paused
         assert s.layer.in_flight == 2
 
     _run_uvloop(main())

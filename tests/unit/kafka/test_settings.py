@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from l7proxy.config import HostPort, ListenerConfig, ProxyConfig
 from l7proxy.kafka import settings
 
@@ -29,7 +31,26 @@ def test_settings_follow_the_proxy_config_and_the_installed_map():
         settings.set_broker_map({("b", 1): ("g", 2)})
         got = settings.settings_for(Ctx())
         assert got.max_frame_size == 1234 and got.brokers == {("b", 1): ("g", 2)}
-        assert got.write_high_water >= 4 * 1024 * 1024
     finally:
         settings.set_broker_map({})
     assert settings.settings_for(Ctx()).brokers is None  # transparent modes: no rewriting
+
+
+def test_kafka_buffer_sizes_are_their_own_config_not_a_raised_copy_of_the_http_marks(tmp_path):
+    """Kafka's write marks and socket buffers are ProxyConfig.kafka (KafkaConfig), explicit and
+    settable in a config file; the HTTP marks no longer feed them."""
+    from l7proxy.config import KafkaConfig, load_yaml
+
+    cfg = ProxyConfig(write_high_water=8 * 1024 * 1024)
+    assert cfg.kafka == KafkaConfig()
+    assert (cfg.kafka.write_high_water, cfg.kafka.write_low_water) == (4 << 20, 1 << 20)
+    assert cfg.kafka.socket_buffer == 512 * 1024
+    path = tmp_path / "gw.yaml"
+    path.write_text("limits: {kafka: {write_high_water: 2097152, socket_buffer: 0}}\n")
+    limits = load_yaml(path)["limits"]
+    assert ProxyConfig(**limits).kafka == KafkaConfig(write_high_water=2 << 20, socket_buffer=0)
+    path.write_text("limits: {kafka: {write_hgh_water: 1}}\n")
+    with pytest.raises(ValueError, match="unknown kafka limits"):
+        load_yaml(path)
+    with pytest.raises(ValueError):
+        KafkaConfig(write_high_water=1024, write_low_water=4096)
