@@ -288,6 +288,8 @@ def _primitive(kind: str, flexible: bool, nullable: bool) -> tuple[Decoder, Enco
 
 
 def read_tags(buf: memoryview, pos: int) -> tuple[list[tuple[int, bytes]], int]:
+    if pos < len(buf) and buf[pos] == 0:
+        return [], pos + 1  # no tagged fields: nearly every struct
     count, pos = read_uvarint(buf, pos)
     if count * 2 > len(buf) - pos:  # each field: at least a tag and a size byte
         raise DecodeError(f"{count} tagged fields cannot fit in {len(buf) - pos} bytes")

@@ -36,7 +36,8 @@ def _request_sizes(version: int, flexible: bool) -> tuple[int, int]:
 def produce_topics(
     buf, pos: int, version: int, flexible: bool, prefix: bool = False, frame_end: int = -1
 ) -> tuple[int, list, list]:
-    """(acks, topic names, topic ids) of a Produce request body starting at `pos`.
+    """(acks, topic names, topic ids) of a Produce request body starting at `pos`, each topic
+    once.
 
     With `prefix=True`, `buf` may be the start of the frame only: the answer comes as soon as the
     last topic name is read (the records after it are not needed), and `Incomplete` is raised when
@@ -69,7 +70,8 @@ def produce_topics(
         if count * topic_size > limit - pos:
             raise DecodeError(f"{count} topics cannot fit in {limit - pos} bytes")
         names, ids = [], []
-        for _ in range(max(count, 0)):
+        last = count - 1
+        for i in range(max(count, 0)):
             if version >= 13:
                 if pos + 16 > end:
                     raise DecodeError("truncated topic id")
@@ -77,7 +79,11 @@ def produce_topics(
                 pos += 16
             else:
                 if flexible:
-                    n, pos = read_uvarint(buf, pos)
+                    n = buf[pos]
+                    if n < 0x80:
+                        pos += 1
+                    else:
+                        n, pos = read_uvarint(buf, pos)
                     n -= 1
                 else:
                     n = _I16(buf, pos)[0]
@@ -88,10 +94,14 @@ def produce_topics(
                     raise DecodeError("topic name runs past the bytes")
                 names.append(str(buf[pos : pos + n], "utf-8"))
                 pos += n
-            if prefix and len(names) + len(ids) == count:
-                return acks, names, ids
+            if prefix and i == last:
+                return acks, _distinct(names), _distinct(ids)
             if flexible:
-                parts, pos = read_uvarint(buf, pos)
+                parts = buf[pos]
+                if parts < 0x80:
+                    pos += 1
+                else:
+                    parts, pos = read_uvarint(buf, pos)
                 parts -= 1
             else:
                 parts = _I32(buf, pos)[0]
@@ -112,14 +122,19 @@ def produce_topics(
                         raise DecodeError(f"negative records length {n}")
                     pos += 4 + max(n, 0)
             if flexible:
-                pos = _skip_tags(buf, pos)
+                pos = pos + 1 if buf[pos] == 0 else _skip_tags(buf, pos)
             if pos > end:
                 raise DecodeError("produce request runs past its frame")
     except (struct.error, IndexError, DecodeError, UnicodeDecodeError) as exc:
         if prefix:
             raise Incomplete() from None
         raise DecodeError(f"truncated produce request: {exc}") from None
-    return acks, names, ids
+    return acks, _distinct(names), _distinct(ids)
+
+
+def _distinct(items: list) -> list:
+    """Each topic once, in order (a request may name one many times: one flow, one check)."""
+    return list(dict.fromkeys(items)) if len(items) > 1 else items
 
 
 def _response_sizes(version: int, flexible: bool) -> tuple[int, int, int]:
@@ -196,6 +211,8 @@ def _skip_string(buf, pos: int, flexible: bool) -> int:
 
 def _skip_tags(buf, pos: int) -> int:
     """Past a tagged-field section; each field takes at least two bytes (tag, size)."""
+    if pos < len(buf) and buf[pos] == 0:
+        return pos + 1
     count, pos = read_uvarint(buf, pos)
     if count * 2 > len(buf) - pos:
         raise DecodeError(f"{count} tagged fields cannot fit in {len(buf) - pos} bytes")
