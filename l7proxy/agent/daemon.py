@@ -28,6 +28,7 @@ from l7proxy.agent.proxy_worker_control import WorkerHandle
 from l7proxy.agent.sidecar_proxy import SidecarProxy
 from l7proxy.agent.store import EndpointRow, Store
 from l7proxy.agent.telemetry import AgentMetrics
+from l7proxy.config import ProxyConfig
 
 log = logging.getLogger("l7proxy.agent")
 
@@ -44,6 +45,7 @@ class AgentConfig:
     bpf_dir: str | None = None
     flow_capacity: int = 10_000
     proxy_worker: str = "inline"  # or "process": the node proxy outlives agent restarts
+    path_escaped_slashes: str = "unescape"  # ProxyConfig.path_escaped_slashes (issue 19)
 
 
 class Agent(AgentOps):
@@ -225,12 +227,13 @@ class Agent(AgentOps):
         if self.config.mode == "node" and self.config.proxy_worker == "process":
             self.proxy = await WorkerHandle.attach(self)
             return
+        proxy_config = ProxyConfig(path_escaped_slashes=self.config.path_escaped_slashes)
         if self.config.mode == "sidecar":
             if self.datapath.name != "bpf":
                 return  # connect() redirection needs the BPF datapath; status says so
-            proxy = SidecarProxy(self)
+            proxy = SidecarProxy(self, config=proxy_config)
         else:
-            proxy = NodeProxy(self)
+            proxy = NodeProxy(self, config=proxy_config)
         await proxy.start()
         self.proxy = proxy
 

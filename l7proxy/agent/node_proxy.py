@@ -80,9 +80,11 @@ class NodeGate(Gate):
 
 
 class NodeProxy:
-    def __init__(self, agent, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, agent, host: str = "127.0.0.1", port: int = 0, config: ProxyConfig | None = None
+    ) -> None:
         self.agent = agent
-        self.config = ProxyConfig()
+        self.config = config or ProxyConfig()
         self.flows = DirectSink(agent.flows.ingest)
         self.metrics = agent.metrics.proxy
         self.sweeper = DeadlineSweeper()

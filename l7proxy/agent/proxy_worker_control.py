@@ -58,7 +58,8 @@ class WorkerHandle:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", WORKER_MODULE, "--socket",
-                 str(agent.config.socket), "--fd", str(sock.fileno())],
+                 str(agent.config.socket), "--fd", str(sock.fileno()),
+                 "--path-escaped-slashes", agent.config.path_escaped_slashes],
                 pass_fds=(sock.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -28,7 +28,9 @@ from l7proxy.agent import policy_repo, ports
 from l7proxy.agent.loop import new_event_loop
 from l7proxy.agent.node_proxy import NodeProxy
 from l7proxy.agent.store import PolicyDoc
+from l7proxy.config import ProxyConfig
 from l7proxy.metrics import ProxyMetrics
+from parsers.http_path import ESCAPED_SLASH_MODES, UNESCAPE
 
 RECONNECT = 0.5
 METRICS_EVERY = 1.0
@@ -204,7 +206,7 @@ async def send_uplink(view: WorkerView, path: str) -> None:
 async def run(args) -> int:
     view = WorkerView(args.mode)
     sock = socket.socket(fileno=args.fd)
-    proxy = NodeProxy(view)
+    proxy = NodeProxy(view, config=ProxyConfig(path_escaped_slashes=args.path_escaped_slashes))
     await proxy.start(sock=sock)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -227,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", required=True, help="the agent's API socket")
     p.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     p.add_argument("--mode", default="node")
+    p.add_argument("--path-escaped-slashes", choices=ESCAPED_SLASH_MODES, default=UNESCAPE)
     args = p.parse_args(argv)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(run(args))

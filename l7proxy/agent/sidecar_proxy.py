@@ -78,8 +78,8 @@ class SidecarGate(Gate):
 class SidecarProxy(NodeProxy):
     """The node proxy (ingress L7 from tc) plus one sidecar listener per endpoint (egress L7)."""
 
-    def __init__(self, agent) -> None:
-        super().__init__(agent)
+    def __init__(self, agent, config=None) -> None:
+        super().__init__(agent, config=config)
         self.sidecar_map = SidecarMap(agent.datapath.pin_dir)
         self.sidecars: dict[str, tuple[object, int]] = {}
         self.sidecar_connections: dict[str, int] = {}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from l7proxy.agent.client import DEFAULT_SOCKET, SOCKET_ENV
 from l7proxy.agent.ipam import IPPool
+from parsers.http_path import ESCAPED_SLASH_MODES, KEEP, KEEP_WARNING, UNESCAPE
 
 BPF_FS = Path("/sys/fs/bpf")
 SUN_PATH_MAX = 107  # bytes of a unix socket path (sun_path is 108 with the terminating NUL)
@@ -51,6 +52,13 @@ def register(sub) -> None:
         help="pin directory on the BPF filesystem (default /sys/fs/bpf/l7proxy/default)",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--path-escaped-slashes",
+        choices=ESCAPED_SLASH_MODES,
+        default=UNESCAPE,
+        help="%%2F, %%5C and \\ in request paths: unescape (default: judged and forwarded as /), "
+        "reject (400), keep (Envoy's KEEP_UNCHANGED; UNSAFE if the backend decodes them)",
+    )
     p.set_defaults(func=run)
 
 
@@ -144,7 +152,10 @@ def run(args) -> int:
         bpf=not args.no_bpf,
         bpf_dir=args.bpf_dir,
         proxy_worker=args.proxy_worker,
+        path_escaped_slashes=args.path_escaped_slashes,
     )
+    if args.path_escaped_slashes == KEEP:
+        logging.getLogger("l7proxy.agent").warning(KEEP_WARNING)
     # uvloop runs the agent's own loop (with SO_MARK for proxy upstreams, see agent/loop.py),
     # but the global policy stays asyncio's: pyroute2 opens its own loops in worker threads for
     # netlink sockets, which uvloop cannot handle.

@@ -34,3 +34,26 @@ def test_unknown_mode_is_refused():
         ProxyConfig(path_escaped_slashes="decode")
     with pytest.raises(SystemExit):
         gateway_config("--path-escaped-slashes", "decode")
+
+
+def test_agent_flag_reaches_its_config():
+    args = build_parser().parse_args(["agent"])
+    assert args.path_escaped_slashes == "unescape"
+    args = build_parser().parse_args(["agent", "--path-escaped-slashes", "keep"])
+    assert args.path_escaped_slashes == "keep"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["agent", "--path-escaped-slashes", "decode"])
+
+
+def test_agent_proxies_take_the_mode():
+    from types import SimpleNamespace
+
+    from l7proxy.agent.node_proxy import NodeProxy
+
+    agent = SimpleNamespace(
+        flows=SimpleNamespace(ingest=lambda flow: None),
+        metrics=SimpleNamespace(proxy=None),
+    )
+    assert NodeProxy(agent).config.path_escaped_slashes == "unescape"
+    keep = ProxyConfig(path_escaped_slashes="keep")
+    assert NodeProxy(agent, config=keep).config is keep
