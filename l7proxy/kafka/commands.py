@@ -64,6 +64,7 @@ class Pending:
     started_ns: int
     synthetic: bytes | None = None  # a denial waiting its turn
     denied_topics: tuple = ()  # Metadata: (name, id) answered with 29 in the response
+    only_denied: bool = False  # Metadata v0 asked for all topics: show only the denied ones
     error_code: int = 0  # first non-zero error code seen in the response
     filter_topics: bool = False  # an "all topics" answer to filter by visibility
     learn_session: bool = False  # a Fetch opening a fetch session: read the id it gets

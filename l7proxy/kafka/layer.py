@@ -444,10 +444,10 @@ class KafkaLayer:
                                                   header.client_id, [name]).allowed  # fmt: skip
             (allowed if ok else denied).append(topic)
         if not allowed and header.api_version == 0:
-            # v0 reads an empty list as "all topics": answer it here instead.
-            names = [t.get("name") for t in denied]
-            self._deny(API_TABLE[METADATA], header, request, pending, names, out, True)
-            return
+            # v0 reads an empty list as "all topics". A broker's answer for denied topics
+            # still lists its brokers (aiokafka drops a Metadata answer without brokers and
+            # asks again until its request timeout): ask for all topics, show none of them.
+            pending.only_denied = True
         for topic in allowed:
             out.append(Record("REQUEST", "FORWARDED", METADATA, header.api_version,
                               header.correlation_id, header.client_id, topic.get("name")))  # fmt: skip

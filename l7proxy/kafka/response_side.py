@@ -48,6 +48,10 @@ SESSION_PEEK = 64
 MAX_FETCH_SESSIONS = 64  # per connection (a client keeps one per broker connection)
 
 
+def _nothing(_topic: str) -> bool:
+    return False
+
+
 class ResponseSide:
     """The broker -> client half of one KafkaLayer. It shares the queue of answers owed with the
     request side (`pending`: the request side appends, this side answers and pops, in order)
@@ -260,6 +264,8 @@ class ResponseSide:
         if key == METADATA:
             rules = self._rules()
             visible = None if rules is None or rules.allow_all else rules.topic_visible
+            if pending.only_denied:
+                visible = _nothing
             result = rewrite_metadata(body, version, visible, pending.denied_topics, brokers)
             self._topic_ids.learn(result.topic_ids)
             return result.body
