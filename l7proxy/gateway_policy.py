@@ -110,7 +110,8 @@ class GatewayPolicy:
     def load(self) -> PolicySnapshot:
         """Compile the files now on disk; raises `policies.PolicyError` (or ValueError) when
         they are invalid, leaving `current` untouched."""
-        from policies import IdentityAllocator, IPCache, compile_policy, load_paths, parse_labels
+        from l7proxy.policy_files import load_paths
+        from policies import IdentityAllocator, IPCache, compile_policy, parse_labels
 
         mtimes = self._file_mtimes()
         result = load_paths(list(self.paths), strict=True)

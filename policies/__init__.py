@@ -1,5 +1,5 @@
-"""Policy engine: YAML -> model -> identities -> compiled MapState + L7 rule sets. Pure: no I/O
-except loading files at the edge (`load_paths`)."""
+"""Policy engine: YAML -> model -> identities -> compiled MapState + L7 rule sets. Pure: no I/O;
+`l7proxy.policy_files.load_paths` reads the files and hands their text to `load_sources`."""
 
 from policies.compile import compile_policy
 from policies.compiled import CompiledPolicy, EndpointPolicy, L4Verdict, diff, l4_verdict
@@ -24,7 +24,7 @@ from policies.kafka_keys import API_KEYS as KAFKA_API_KEYS
 from policies.kafka_keys import ROLES as KAFKA_ROLES
 from policies.l7 import HttpRuleSet, HttpVerdict, KafkaRuleSet, KafkaVerdict, L7RuleSet
 from policies.labels import NAMESPACE_KEY, Label, LabelSet, Selector, parse_labels
-from policies.loader import LoadResult, load_paths, load_text
+from policies.loader import LoadResult, load_sources, load_text
 from policies.mapstate import MapChanges, MapState, PolicyEntry, PolicyKey
 from policies.model import (
     EGRESS,
@@ -84,7 +84,7 @@ __all__ = [
     "compile_policy",
     "diff",
     "l4_verdict",
-    "load_paths",
+    "load_sources",
     "load_text",
     "parse_labels",
 ]

@@ -1,18 +1,19 @@
-"""Loading policy files: the only place in `policies` that touches the filesystem."""
+"""Loading policy text: YAML/JSON streams in, rules and diagnostics out.
+
+Pure: the caller reads the files (`l7proxy.policy_files` does, for the CLI, the agent and the
+gateway) and hands over `(name, text)` pairs, so this package never touches the filesystem.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from policies.conflicts import parser_conflicts
 from policies.diagnostics import ERROR, Diagnostic, PolicyError
 from policies.model import Rule
 from policies.parse import _Ctx, parse_document
 from policies.yamlsrc import DocumentError, load_documents
-
-SUFFIXES = (".yaml", ".yml", ".json")
 
 
 @dataclass(slots=True)
@@ -31,9 +32,25 @@ class LoadResult:
 
 
 def load_text(text: str, name: str = "<string>", *, strict: bool = False) -> LoadResult:
-    """Parse one YAML/JSON stream (pure; used by load_paths and by tests)."""
-    result = LoadResult()
-    _load_into(result, text, name)
+    """Parse one YAML/JSON stream."""
+    return load_sources([(name, text)], strict=strict)
+
+
+def load_sources(
+    sources: Iterable[tuple[str, str]],
+    *,
+    diagnostics: Iterable[Diagnostic] = (),
+    strict: bool = False,
+) -> LoadResult:
+    """Parse several named texts as one policy set (conflicts are checked across them).
+
+    `diagnostics` are problems the caller found before parsing (a file it could not read); they
+    count like any other. With strict=True any error raises PolicyError.
+    """
+    result = LoadResult(diagnostics=list(diagnostics))
+    for name, text in sources:
+        result.files.append(name)
+        _load_into(result, text, name)
     result.diagnostics.extend(parser_conflicts(result.rules))
     if strict and result.errors:
         raise PolicyError(result.diagnostics)
@@ -49,44 +66,11 @@ def _load_into(result: LoadResult, text: str, name: str) -> None:
         )
         return
     before = len(result.rules)
-    errors_before = sum(1 for d in result.diagnostics if d.is_error)
+    errors_before = ctx.error_count()
     for doc, line in docs:
         if isinstance(doc, DocumentError):
-            result.diagnostics.append(Diagnostic(name, doc.line, doc.field, doc.message, ERROR))
+            ctx.error(doc.line, doc.field, doc.message)
             continue
         result.rules.extend(parse_document(doc, line, ctx))
-    errors_now = sum(1 for d in result.diagnostics if d.is_error)
-    if len(result.rules) == before and errors_now == errors_before:
-        result.diagnostics.append(
-            Diagnostic(name, 1, "document", "no network policy in this file", ERROR)
-        )
-
-
-def _expand(paths: Iterable[str | Path]) -> list[Path]:
-    out = []
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            out.extend(sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES and f.is_file()))
-        else:
-            out.append(path)
-    return out
-
-
-def load_paths(paths: Iterable[str | Path], *, strict: bool = False) -> LoadResult:
-    """Load files (directories are walked for .yaml/.yml/.json). Problems become diagnostics;
-    with strict=True any error raises PolicyError."""
-    result = LoadResult()
-    for path in _expand(paths):
-        name = str(path)
-        result.files.append(name)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            result.diagnostics.append(Diagnostic(name, 0, "file", f"cannot read: {exc}", ERROR))
-            continue
-        _load_into(result, text, name)
-    result.diagnostics.extend(parser_conflicts(result.rules))
-    if strict and result.errors:
-        raise PolicyError(result.diagnostics)
-    return result
+    if len(result.rules) == before and ctx.error_count() == errors_before:
+        ctx.error(1, "document", "no network policy in this file")

@@ -192,11 +192,11 @@ class _Builder:
         elif isinstance(event, yaml.AliasEvent):
             self.alias(event)
         elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            self.open(event)
+            self.start(event)
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             self.close()
 
-    def open(self, event) -> None:
+    def start(self, event) -> None:
         line = self.line(event)
         mapping = isinstance(event, yaml.MappingStartEvent)
         if event.tag not in (_MAP_TAGS if mapping else _SEQ_TAGS):
@@ -353,6 +353,15 @@ def load_documents(text: str, name: str = "<string>") -> list[tuple[object, int]
             if budget.text_nodes > MAX_TEXT_NODES:
                 break
     return out
+
+
+def plain(value):
+    """A loaded value as plain dicts and lists (for a YAML or JSON dumper)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 def line_of(container, key, default: int) -> int:

@@ -20,6 +20,8 @@ import yaml
 
 from l7proxy.agent.api import ApiError
 from l7proxy.agent.store import PolicyDoc
+from l7proxy.policy_files import load_paths
+from policies.yamlsrc import DocumentError, load_documents, plain
 
 KIND_SHORT = {
     "CiliumNetworkPolicy": "cnp",
@@ -31,12 +33,14 @@ CLUSTERWIDE = {"CiliumClusterwideNetworkPolicy"}
 
 def split_documents(filename: str, text: str, revision: int) -> list[PolicyDoc]:
     """One PolicyDoc per YAML/JSON document in a file (a `kind: List` is flattened)."""
-    try:
-        raw = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 0
-        raise ApiError(f"{filename}:{line}: document: not valid YAML or JSON") from None
+    raw = []
+    # the policy engine's reader: bounded (size, depth, aliases) and never raising on a YAML tag
+    for doc, _ in load_documents(text, filename):
+        if isinstance(doc, DocumentError):
+            reason = doc.message.removeprefix("invalid YAML: ")
+            raise ApiError(f"{filename}:{doc.line}: {doc.field}: not valid YAML or JSON: {reason}")
+        if doc is not None:
+            raw.append(plain(doc))
     docs: list[dict] = []
     for doc in raw:
         if isinstance(doc, dict) and doc.get("kind") == "List":
@@ -91,7 +95,7 @@ def load_rules(docs: list[PolicyDoc]):
             path.write_text(doc.text)
             paths.append(str(path))
         try:
-            result = policies.load_paths(paths, strict=True)
+            result = load_paths(paths, strict=True)
         except policies.PolicyError as exc:
             raise ApiError(
                 "the merged policy set is invalid; nothing changed",

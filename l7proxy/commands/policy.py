@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from policies import load_paths
+from l7proxy.policy_files import load_paths
 from policies.kafka_keys import api_key_number
 from policies.trace import (
     HttpRequest,

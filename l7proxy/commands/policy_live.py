@@ -60,6 +60,7 @@ def register_live(psub) -> None:
 
 def _import(args) -> int:
     import policies
+    from l7proxy.policy_files import load_paths
 
     files = []
     for path in args.files:
@@ -71,7 +72,7 @@ def _import(args) -> int:
     # Validate here first so problems name the user's files and lines; the agent checks again
     # on the merged set before it stores anything.
     try:
-        policies.load_paths(args.files, strict=True)
+        load_paths(args.files, strict=True)
     except policies.PolicyError as exc:
         for diag in exc.diagnostics:
             print(str(diag), file=sys.stderr)

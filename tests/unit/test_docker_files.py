@@ -73,7 +73,7 @@ def test_compose_puts_the_gateway_in_front_of_a_legacy_service():
 
 
 def test_the_compose_gateway_policy_is_valid():
-    import policies
+    from l7proxy.policy_files import load_paths
 
-    result = policies.load_paths([str(DOCKER / "gateway-policy.yaml")], strict=True)
+    result = load_paths([str(DOCKER / "gateway-policy.yaml")], strict=True)
     assert len(result.rules) == 1

@@ -390,3 +390,48 @@ def test_validate_json_output(capsys):
     fields = {d["field"].rsplit(".", 1)[-1] for d in doc["diagnostics"]}
     assert {"toFQDNs", "toServices", "authentication", "terminatingTLS"} <= fields
     assert all(d["severity"] == "warning" for d in doc["diagnostics"])
+
+
+TAGGED = (
+    "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: !foo x\n"
+    "spec:\n  endpointSelector: {}\n"
+)
+TAG_DIAG = "4: metadata.name: unsupported YAML tag '!foo' (only str, int, float, bool, null)"
+
+
+def test_a_yaml_tag_is_a_diagnostic_in_validate_import_and_the_agent(capsys, tmp_path):
+    """Issue 19: `name: !foo x` ended `policy validate` in a ConstructorError traceback."""
+    path = tmp_path / "tag.yaml"
+    path.write_text(TAGGED)
+    code, out, err = run(capsys, "policy", "validate", str(path))
+    assert (code, out, "Traceback" in err) == (1, f"{path}:{TAG_DIAG}\n", False)
+    # `policy import` checks before it talks to the agent (no agent listens on this socket)
+    code, out, err = run(
+        capsys, "policy", "import", str(path), "--socket", str(tmp_path / "none.sock")
+    )
+    assert code == 1 and f"{path}:{TAG_DIAG}" in err and "nothing changed" in err
+    # the agent checks again whatever reaches it over its API
+    from l7proxy.agent.api import ApiError
+    from l7proxy.agent.policy_repo import split_documents
+
+    for text, expect in (
+        (TAGGED, "p.yaml:4: metadata.name: not valid YAML or JSON: unsupported YAML tag '!foo'"),
+        ("[" * 100_000 + "]" * 100_000, "p.yaml:1: [0][0]"),  # libyaml's composer crashed here
+        ("a: [\n", "p.yaml:2: document: not valid YAML or JSON: "),
+    ):
+        with pytest.raises(ApiError) as info:
+            split_documents("p.yaml", text, 1)
+        assert str(info.value).startswith(expect), info.value
+
+
+def test_a_gateway_reload_of_a_tagged_file_keeps_the_policy_in_force(tmp_path):
+    from l7proxy.gateway_policy import GatewayPolicy
+
+    path = tmp_path / "p.yaml"
+    path.write_text(TAGGED.replace("!foo ", ""))
+    policy = GatewayPolicy([str(path)], "app=web")
+    first = policy.load()
+    path.write_text(TAGGED)
+    ok, message = policy.reload()
+    assert not ok and message == f"{path}:{TAG_DIAG}"
+    assert policy.current is first and policy.last_error == message

@@ -3,6 +3,7 @@
 import pytest
 
 import policies as P
+from l7proxy.policy_files import load_paths
 from tests.shared import CILIUM_EXAMPLES as SHARED  # noqa: E402
 
 from .helpers import labels
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def example(name: str) -> list[P.Rule]:
-    result = P.load_paths([SHARED / name])
+    result = load_paths([SHARED / name])
     assert result.ok, [str(d) for d in result.errors]
     return result.rules
 
@@ -30,7 +31,7 @@ def verdict(c, dst, src, port, proto=6, direction=P.INGRESS):
 
 def test_every_example_compiles_against_endpoints_made_from_its_own_labels():
     for path in sorted(SHARED.glob("*.yaml")):
-        rules = P.load_paths([path]).rules
+        rules = load_paths([path]).rules
         specs = {"plain": "k8s:app=plain"}
         for rule in rules:
             for i, sel in enumerate(r for r in (rule.selector,) if r is not None):
