@@ -1,5 +1,5 @@
 from l7proxy.config import ProxyConfig
-from l7proxy.http1 import session as session_mod
+from l7proxy.http1 import lifetime
 from parsers.http1 import RequestParser
 from tests.unit.http1.playbook import PathRules, Play
 
@@ -117,11 +117,11 @@ def test_header_actions_rewrite_the_forwarded_head():
 def test_header_timeout_answers_408_and_idle_closes():
     p = Play(config=ProxyConfig(header_timeout=5))
     p.client_sends(b"GET /public/a HTTP/1.1\r\nHo")
-    assert p.session.deadline_kind == session_mod.HEAD
+    assert p.session.deadline_kind == lifetime.HEAD
     p.session.on_deadline()
     assert p.client_got().startswith(b"HTTP/1.1 408 Request Timeout") and p.client.closed
     q = Play()
-    assert q.session.deadline_kind == session_mod.IDLE
+    assert q.session.deadline_kind == lifetime.IDLE
     q.session.on_deadline()
     assert q.client.closed and q.client_got() == b""
 
@@ -129,7 +129,7 @@ def test_header_timeout_answers_408_and_idle_closes():
 def test_response_timeout_answers_504():
     p = Play()
     p.client_sends(req("/public/a"))
-    assert p.session.deadline_kind == session_mod.RESPONSE
+    assert p.session.deadline_kind == lifetime.RESPONSE
     p.session.on_deadline()
     assert p.client_got().startswith(b"HTTP/1.1 504 Gateway Timeout")
     assert p.flows()[-1]["drop_reason_desc"] == "UPSTREAM_TIMEOUT"
@@ -203,9 +203,9 @@ def test_a_failing_session_closes_its_connection_only():
 def test_response_clock_starts_when_the_request_body_ends():
     p = Play(PathRules(method="POST"))
     p.client_sends(b"POST /public/u HTTP/1.1\r\nHost: w\r\nContent-Length: 4\r\n\r\nab")
-    assert p.session.deadline_kind == session_mod.IDLE  # uploading: no 504 yet
+    assert p.session.deadline_kind == lifetime.IDLE  # uploading: no 504 yet
     p.client_sends(b"cd")
-    assert p.session.deadline_kind == session_mod.RESPONSE
+    assert p.session.deadline_kind == lifetime.RESPONSE
     p.session.on_deadline()
     assert p.client_got().startswith(b"HTTP/1.1 504")
 
@@ -213,7 +213,7 @@ def test_response_clock_starts_when_the_request_body_ends():
 def test_partial_pipelined_head_does_not_replace_the_response_deadline():
     p = Play()
     p.client_sends(req("/public/a") + b"GET /public/b HT")
-    assert p.session.deadline_kind == session_mod.RESPONSE
+    assert p.session.deadline_kind == lifetime.RESPONSE
 
 
 def test_first_bytes_of_the_next_request_are_not_forwarded_with_this_one():
@@ -374,11 +374,11 @@ def test_an_idle_client_gives_its_upstream_back_to_the_pool_then_idles_out():
     p.upstream_sends(OK)
     assert p.client_got() == OK
     s = p.session
-    assert s.deadline_kind == session_mod.PARK and s.upstream is first
+    assert s.deadline_kind == lifetime.PARK and s.upstream is first
     idle_since = s.deadline - 1
     s.on_deadline()
     assert p.pool.released == [first] and s.upstream is None and not p.client.closed
-    assert s.deadline_kind == session_mod.IDLE and s.deadline == idle_since + 60
+    assert s.deadline_kind == lifetime.IDLE and s.deadline == idle_since + 60
     p.client_sends(req("/public/b"))  # the next request takes a connection from the pool
     assert len(p.pool.conns) == 2 and p.upstream_got() == req("/public/b")
     p.upstream_sends(OK)
@@ -393,7 +393,7 @@ def test_a_request_in_flight_keeps_its_upstream():
     p.client_sends(req("/public/a"))
     p.upstream_sends(OK)
     p.client_sends(req("/public/b"))  # in flight: the deadline is the response's now
-    assert p.session.deadline_kind == session_mod.RESPONSE
+    assert p.session.deadline_kind == lifetime.RESPONSE
     assert p.pool.released == [] and p.session.upstream is p.up
 
 
@@ -401,4 +401,4 @@ def test_parking_is_off_when_the_idle_timeout_comes_first():
     p = Play(config=ProxyConfig(upstream_park_after=5, idle_timeout=2))
     p.client_sends(req("/public/a"))
     p.upstream_sends(OK)
-    assert p.session.deadline_kind == session_mod.IDLE
+    assert p.session.deadline_kind == lifetime.IDLE

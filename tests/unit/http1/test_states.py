@@ -1,0 +1,97 @@
+"""The HTTP/1 session's state table (l7proxy/http1/states.py) and the session moving through it."""
+
+import pytest
+
+from l7proxy.http1 import states
+from l7proxy.http1.states import (
+    CLOSED,
+    DRAINING,
+    HANDED_OFF,
+    OPEN,
+    TUNNEL,
+    UPGRADING,
+    UPGRADING_DRAINING,
+    Input,
+    SessionStateError,
+    State,
+    next_state,
+)
+from tests.unit.http1.playbook import Play
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+UPGRADE = b"GET /public/ws HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+def test_every_state_is_reached_and_only_closed_and_handed_off_are_final():
+    reached = {OPEN}
+    frontier = [OPEN]
+    while frontier:
+        state = frontier.pop()
+        for event in Input:
+            nxt = states.TRANSITIONS.get((state, event))
+            if nxt is not None and nxt not in reached:
+                reached.add(nxt)
+                frontier.append(nxt)
+    assert reached == set(State)
+    for state in State:
+        leaves = {states.TRANSITIONS[k] for k in states.TRANSITIONS if k[0] is state} - {state}
+        assert bool(leaves) == (state not in (CLOSED, HANDED_OFF)), state
+
+
+def test_speaking_http_is_the_first_two_states():
+    # The session tests `state <= DRAINING` for "speaks HTTP" (one comparison on the hot path).
+    assert [s for s in State if s <= DRAINING] == [OPEN, DRAINING]
+
+
+def test_an_input_the_table_does_not_have_is_an_error():
+    with pytest.raises(SessionStateError, match="upgrade while TUNNEL"):
+        next_state(TUNNEL, Input.UPGRADE)
+    with pytest.raises(SessionStateError):
+        next_state(OPEN, Input.REFUSED)  # no upgrade was waiting
+
+
+def test_drain_during_an_upgrade_is_kept_when_the_upstream_refuses_it():
+    p = Play()
+    p.client_sends(UPGRADE + b"GET /public/b HTTP/1.1\r\nHost: w\r\n\r\n")
+    assert p.session.state is UPGRADING and not p.client.reading
+    p.session.drain()
+    assert p.session.state is UPGRADING_DRAINING and not p.client.closed
+    p.upstream_got()
+    p.upstream_sends(OK)  # refused: the held request is HTTP again, and the drain goes on
+    assert p.session.state is DRAINING
+    assert p.upstream_got() == b"GET /public/b HTTP/1.1\r\nHost: w\r\n\r\n"
+    p.upstream_sends(OK)
+    assert p.client_got() == OK + OK and p.client.closed and p.session.state is CLOSED
+
+
+def test_a_tunnel_is_not_drained_and_has_no_deadline():
+    p = Play()
+    p.client_sends(UPGRADE)
+    p.upstream_sends(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    assert p.session.state is TUNNEL and p.session.deadline_kind == 0
+    p.session.drain()
+    assert p.session.state is TUNNEL and not p.client.closed
+    p.client_sends(b"raw")
+    assert p.upstream_got().endswith(b"raw")
+    p.session.close()
+    assert p.session.state is CLOSED and p.session.closed and p.client.closed
+
+
+def test_a_session_in_an_impossible_state_fails_loudly():
+    p = Play()
+    with pytest.raises(SessionStateError):
+        p.session._to(Input.REFUSED)
+    assert p.session.state is OPEN  # the state is not changed by a refused input
+
+
+def test_a_refused_upgrade_forwards_the_request_held_behind_it_once():
+    p = Play()
+    p.client_sends(UPGRADE + b"GET /public/b HTTP/1.1\r\nHost: w\r\n\r\n")
+    p.upstream_got()
+    p.upstream_sends(OK)
+    assert p.session.state is OPEN and p.client.reading
+    assert p.upstream_got() == b"GET /public/b HTTP/1.1\r\nHost: w\r\n\r\n"  # (it went twice)
+    p.upstream_sends(OK)
+    assert p.client_got() == OK + OK and not p.client.closed and not p.session.queue
