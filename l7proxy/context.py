@@ -82,6 +82,7 @@ class ConnContext:
         proto: str = "http",
         direction: str = "INGRESS",
         upstreams: Any = None,
+        sweeper: Any = None,
     ) -> None:
         self.config = config
         self.client_ip, self.client_port = client[0], client[1]
@@ -96,11 +97,11 @@ class ConnContext:
         self.metrics = metrics
         self.proto_metrics: ProtoMetrics = metrics.for_proto(proto)
         self.direction = direction
-        # Shared upstream connection pool (l7proxy.http1.upstream.UpstreamPool) or None.
+        # What the worker's sessions share upstream (l7proxy.protocols.worker_upstreams) or None.
         self.upstreams = upstreams
-        # The worker's DeadlineSweeper (l7proxy.server): sessions that want timeouts add
-        # themselves and expose `deadline`, `deadline_kind`, `on_deadline()`, `drain()`.
-        self.sweeper = None
+        # The worker's DeadlineSweeper (l7proxy.server) or None: every session adds itself and
+        # keeps the contract of l7proxy/session.py (deadline, on_deadline, drain, close).
+        self.sweeper = sweeper
         self._source_dict = None
         self._destination_dict = None
 

@@ -131,8 +131,8 @@ class Gate(asyncio.Protocol):
             proto=lst.protocol if lst.protocol != "auto" else "http",
             direction=lst.direction,
             upstreams=lst.upstreams,
+            sweeper=lst.sweeper,
         )
-        ctx.sweeper = lst.sweeper
         if decision.action == "deny":
             lst.metrics.l4_drops.inc()
             if lst.flows.active:

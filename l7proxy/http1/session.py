@@ -339,4 +339,4 @@ class Http1Session(Forwarding, Upgrades, Lifetime, Session):
 
 def make_session(ctx, first_bytes: bytes = b"") -> Http1Session:
     """Protocol-registry entry point (see l7proxy/protocols.py)."""
-    return Http1Session(ctx, sweeper=getattr(ctx, "sweeper", None))
+    return Http1Session(ctx, sweeper=ctx.sweeper)

@@ -83,7 +83,7 @@ class H2Session(Session):
         self.ctx = ctx
         self.cfg = ctx.config
         self.pm = ctx.proto_metrics
-        self.sweeper = getattr(ctx, "sweeper", None)
+        self.sweeper = ctx.sweeper
         self.policy = H2Policy(ctx)
         self.relay = relay or H2Relay(
             self.policy.decide, self.policy.epoch, limits_from_config(ctx.config)

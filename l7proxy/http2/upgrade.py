@@ -61,7 +61,7 @@ def take_over_h2c(
     payload = decode_http2_settings(next(v for n, v in headers if n.lower() == "http2-settings"))
     if payload is None:
         return None
-    sweeper = getattr(ctx, "sweeper", None)
+    sweeper = ctx.sweeper
     if previous is not None and sweeper is not None:
         sweeper.discard(previous)
     ctx.proto_metrics.active.dec()

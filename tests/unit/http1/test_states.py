@@ -2,21 +2,10 @@
 
 import pytest
 
-from l7proxy.http1 import states
-from l7proxy.http1.states import (
-    CLOSED,
-    DRAINING,
-    HANDED_OFF,
-    OPEN,
-    TUNNEL,
-    UPGRADING,
-    UPGRADING_DRAINING,
-    Input,
-    SessionStateError,
-    State,
-    next_state,
-)
+from l7proxy.http1.states import TRANSITIONS, Input, SessionStateError, State, next_state
 from tests.unit.http1.playbook import Play
+
+OPEN, DRAINING, UPGRADING, UPGRADING_DRAINING, TUNNEL, HANDED_OFF, CLOSED = State
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 UPGRADE = b"GET /public/ws HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
@@ -28,13 +17,13 @@ def test_every_state_is_reached_and_only_closed_and_handed_off_are_final():
     while frontier:
         state = frontier.pop()
         for event in Input:
-            nxt = states.TRANSITIONS.get((state, event))
+            nxt = TRANSITIONS.get((state, event))
             if nxt is not None and nxt not in reached:
                 reached.add(nxt)
                 frontier.append(nxt)
     assert reached == set(State)
     for state in State:
-        leaves = {states.TRANSITIONS[k] for k in states.TRANSITIONS if k[0] is state} - {state}
+        leaves = {TRANSITIONS[k] for k in TRANSITIONS if k[0] is state} - {state}
         assert bool(leaves) == (state not in (CLOSED, HANDED_OFF)), state
 
 

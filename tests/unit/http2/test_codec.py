@@ -262,6 +262,7 @@ def test_a_failing_policy_closes_only_that_connection(capsys):
         rules=broken_rules,
         client_ip="127.0.0.1",
         client_port=1,
+        sweeper=None,
     )
     session = H2Session(ctx)
     transport = Transport()
