@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from l7proxy.flows import DROPPED, ERROR, FORWARDED
+from l7proxy.flows import DROPPED, FORWARDED
+from l7proxy.http2.flows import InFlight, emit_connection_error, emit_rejected, emit_stream_flow
 from l7proxy.http2.policy import H2Policy, limits_from_config
+from l7proxy.http2.states import ABORT, CLOSE, CLOSING, LOST, OPEN, Input, next_state
 from l7proxy.log import log
 from l7proxy.session import NO_DEADLINE, PauseReason, Session
 from parsers.http2 import (
@@ -28,23 +30,15 @@ from parsers.http2 import (
     RequestRejected,
     StreamEnded,
 )
-from parsers.http2.frames import ERROR_NAMES, REFUSED_STREAM
-from parsers.http2.grpc import STATUS_NAMES
+from parsers.http2.frames import ERROR_NAMES
 
+# The deadline's period: the relay's flood budgets are refilled per second, and the idle and
+# preface timeouts are checked at this resolution.
 TICK = 1.0
-TICKING, CLOSING = 1, 2
+# Deadline kinds: the tick while OPEN, the close grace while CLOSING (states.py).
+TICKING, CLOSE_GRACE = 1, 2
 
 _monotonic = time.monotonic
-
-
-class _Inflight:
-    __slots__ = ("start", "request", "status", "logged")
-
-    def __init__(self, start: float, request, logged) -> None:
-        self.start = start
-        self.request = request
-        self.status = 0
-        self.logged = logged  # header names a LOG mismatch action named (never their values)
 
 
 class _Upstream(asyncio.Protocol):
@@ -92,7 +86,8 @@ class H2Session(Session):
         self.connecting: asyncio.Task | None = None
         self.pending_upstream: list[bytes] = []
         self.pending_bytes = 0
-        self.inflight: dict[int, _Inflight] = {}
+        self.inflight: dict[int, InFlight] = {}
+        self.state = OPEN
         self.upstream_paused = False
         self.activity = True
         self.idle_since = self.started = _monotonic()
@@ -123,9 +118,8 @@ class H2Session(Session):
 
     def connection_lost(self, exc) -> None:
         if not self.closed:
-            self.closed = True
             self._close_upstream()
-        self.deadline_kind = NO_DEADLINE
+        self._to(LOST)
         self.pm.active.dec()
         if self.sweeper is not None:
             self.sweeper.discard(self)
@@ -168,7 +162,7 @@ class H2Session(Session):
             kind = "timeout" if isinstance(exc, TimeoutError) else "refused"
             getattr(self.pm, f"upstream_{kind}").inc()
             if not self.closed:
-                self._emit_connection_error(f"UPSTREAM_{kind.upper()}")
+                emit_connection_error(self.ctx, f"UPSTREAM_{kind.upper()}")
                 self._handle(self.relay.upstream_failed(f"upstream {kind}"))
                 self._flush()
             return
@@ -198,7 +192,7 @@ class H2Session(Session):
     def _crash(self, exc: Exception) -> None:
         log(f"http2 {self.ctx.client_ip}:{self.ctx.client_port}: closing after {exc!r}")
         self.pm.parse_errors.inc()
-        self.closed = True
+        self._to(ABORT)
         up = self.upstream
         self.upstream = None
         if up is not None and not up.closed:
@@ -247,19 +241,16 @@ class H2Session(Session):
         """Close both connections after what is buffered has been written (GOAWAY included)."""
         if self.closed:
             return
-        self.closed = True
+        self._to(CLOSE)
         self._close_upstream()
         if self.transport is not None:
             self.transport.close()
-            # A client that never reads would keep the buffered bytes forever: abort later.
-            self.deadline_kind = CLOSING
-            self.deadline = _monotonic() + self.cfg.h2_close_grace
 
     def on_deadline(self) -> None:
         """The sweeper's callback: a 1-second tick, or the grace period of a close ran out."""
         now = _monotonic()
-        if self.deadline_kind == CLOSING:
-            self.deadline_kind = NO_DEADLINE
+        if self.state is CLOSING:
+            self._to(ABORT)
             if self.transport is not None:
                 self.transport.abort()
             return
@@ -296,6 +287,18 @@ class H2Session(Session):
     def close(self) -> None:
         self._close()
 
+    def _to(self, event: Input) -> None:
+        """The one place the connection's state changes (l7proxy/http2/states.py)."""
+        state = self.state = next_state(self.state, event)
+        if state is not OPEN:
+            self.closed = True  # (the Session contract's flag, kept in step with the state)
+            if state is CLOSING:
+                # A client that never reads would keep the buffered bytes forever: abort later.
+                self.deadline_kind = CLOSE_GRACE
+                self.deadline = _monotonic() + self.cfg.h2_close_grace
+            else:
+                self.deadline_kind = NO_DEADLINE
+
     # ---- relay events: metrics and flows -----------------------------------------------------
 
     def _handle(self, events) -> None:
@@ -308,25 +311,27 @@ class H2Session(Session):
                 allowed = ev.decision.allowed
                 if allowed:
                     pm.forwarded.inc()
-                    inflight[ev.stream_id] = _Inflight(_monotonic(), ev.request, ev.decision.logged)
+                    inflight[ev.stream_id] = InFlight(_monotonic(), ev.request, ev.decision.logged)
                 else:
                     pm.denied.inc()
                     if self.ctx.flows.active:
-                        item = _Inflight(_monotonic(), ev.request, ())
+                        item = InFlight(_monotonic(), ev.request, ())
                         item.status = 200 if ev.request.is_grpc else 403
-                        self._emit_flow(item, DROPPED, "7" if ev.request.is_grpc else None)
+                        emit_stream_flow(
+                            self.ctx, item, DROPPED, "7" if ev.request.is_grpc else None
+                        )
             elif cls is StreamEnded:
                 item = inflight.pop(ev.stream_id, None)
                 if item is not None:
                     item.status = ev.status
                     pm.duration.observe(_monotonic() - item.start)
                     if self.ctx.flows.active:
-                        self._emit_flow(item, FORWARDED, ev.grpc_status, ev)
+                        emit_stream_flow(self.ctx, item, FORWARDED, ev.grpc_status, ev)
             elif cls is RequestRejected:
                 pm.received.inc()
                 pm.parse_errors.inc()
                 if self.ctx.flows.active:
-                    self._emit_rejected(ev)
+                    emit_rejected(self.ctx, ev)
             elif cls is ConnectionFailed:
                 if ev.side == "client":
                     pm.parse_errors.inc()
@@ -336,53 +341,6 @@ class H2Session(Session):
                 )
             elif cls is PrefaceReceived:
                 self._connect()
-
-    def _emit_flow(self, item: _Inflight, verdict: str, grpc_status, ended=None) -> None:
-        req = item.request
-        latency = int((_monotonic() - item.start) * 1e9)
-        http = {
-            "code": item.status,
-            "method": req.method,
-            "url": req.path,
-            "protocol": "HTTP/2",
-            "headers": [{"key": name, "value": "[mismatch]"} for name in item.logged],
-        }
-        summary = f"HTTP/2 {item.status} {latency // 1_000_000}ms ({req.method} {req.path})"
-        if req.is_grpc:
-            grpc = {"method": req.path}
-            if grpc_status is not None:
-                code = int(grpc_status) if grpc_status.isdigit() else -1
-                grpc["status_code"] = code
-                grpc["status"] = STATUS_NAMES.get(code, str(grpc_status))
-                summary += f" grpc-status {grpc['status']}"
-            http["grpc"] = grpc
-        if ended is not None and ended.reset_code is not None:
-            http["reset"] = ERROR_NAMES.get(ended.reset_code, str(ended.reset_code))
-            http["reset_by"] = ended.reset_by
-            summary += f" reset by {ended.reset_by}"
-        l7 = {
-            "type": "RESPONSE" if verdict == FORWARDED else "REQUEST",
-            "latency_ns": latency,
-            "http": http,
-        }
-        drop = "POLICY_DENIED" if verdict == DROPPED else None
-        self.ctx.flows.emit(self.ctx.flow(verdict, l7, summary, drop_reason=drop))
-
-    def _emit_rejected(self, ev: RequestRejected) -> None:
-        """A stream the proxy refused before the policy (malformed, too large, over the limit)."""
-        refused = ev.error_code == REFUSED_STREAM
-        reason = "REFUSED_STREAM" if refused else "PARSE_ERROR"
-        http = {"code": ev.status, "protocol": "HTTP/2", "headers": []}
-        l7 = {"type": "REQUEST", "latency_ns": 0, "http": http}
-        summary = f"HTTP/2 {ev.status or ERROR_NAMES.get(ev.error_code, ev.error_code)} {ev.reason}"
-        self.ctx.flows.emit(
-            self.ctx.flow(ERROR if refused else DROPPED, l7, summary, drop_reason=reason)
-        )
-
-    def _emit_connection_error(self, reason: str) -> None:
-        if self.ctx.flows.active:
-            l7 = {"type": "RESPONSE", "latency_ns": 0, "http": {"protocol": "HTTP/2"}}
-            self.ctx.flows.emit(self.ctx.flow(ERROR, l7, f"HTTP/2 {reason}", drop_reason=reason))
 
 
 def make_session(ctx, first_bytes: bytes = b"") -> H2Session:
