@@ -12,26 +12,16 @@ ipcache, read events, counters and conntrack.
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from policies import MapState
-from redirect_bpf import bpfsys, cgroups, loader, routing, structs, sync, tc
+from redirect_bpf import cgroups, conntrack, counters, ipcache, loader, routing, structs, sync, tc
 from redirect_bpf.events import EventReader
-from redirect_bpf.structs import (
-    CtEntry,
-    CtKey,
-    DpConfig,
-    EndpointInfo,
-    IpcacheKey,
-    IpcacheValue,
-)
+from redirect_bpf.policy_writer import PolicyWriter
+from redirect_bpf.structs import CtEntry, CtKey, DpConfig, EndpointInfo
 
 DEFAULT_CONFIG = {
     "flags": structs.CFG_EVENTS_FORWARDED,
@@ -43,11 +33,10 @@ DEFAULT_CONFIG = {
 }
 
 
-def _be32(ip: str) -> int:
-    return int.from_bytes(socket.inet_aton(ip), "little")
-
-
 class Datapath:
+    """One node's loaded (or re-opened) programs and maps; each concern lives in its own module
+    (ipcache, conntrack, counters, cgroups, policy_writer) and this class is the agent's handle."""
+
     def __init__(
         self,
         pin_dir: str | Path | None = None,
@@ -62,14 +51,10 @@ class Datapath:
         if not self._loaded.reused:
             self.set_config(policy_gen=1, **DEFAULT_CONFIG)
         routing.ensure_proxy_routing()
-        self._tries = {sync.DENY: self.maps["policy_deny"], sync.ALLOW: self.maps["policy_allow"]}
-        # What the kernel holds now; a restarted agent starts from the pinned state.
-        self._installed = sync.read_back(self._tries)
-        self._synced_from: dict[int, tuple] = {}  # endpoint -> (MapState object, proxy ports)
-        self._cgroup_fds: dict[str, int] = {}
+        self._policy = PolicyWriter(self.maps, self._bump_policy_generation)
+        self._cgroups = cgroups.CgroupHooks(self._loaded.progs, self.maps["ep_by_cgroup"])
         self._readers: list[EventReader] = []
         self._gc_stops: list[threading.Event] = []
-        self._proxy_cgroup_fds: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -94,10 +79,7 @@ class Datapath:
         self._readers = []
         for stop in self._gc_stops:
             stop.set()
-        for fd in [*self._cgroup_fds.values(), *self._proxy_cgroup_fds.values()]:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._cgroup_fds, self._proxy_cgroup_fds = {}, {}
+        self._cgroups.close()
         self._loaded.close()
 
     def detach_all(self) -> None:
@@ -107,16 +89,16 @@ class Datapath:
             except OSError:  # the interface is gone: only the map entries are left
                 self.maps["ep_by_ifindex"].delete(structs.u32(ifindex))
                 self.maps["ep_by_ip"].delete(structs.u32(ep.ipv4))
-                self._delete_policy_of(ep.endpoint_id)
+                self._policy.forget(ep.endpoint_id)
         # cgroups attached by an earlier agent are known only by id: find their paths
-        known = {os.stat(p).st_ino for p in self._cgroup_fds if os.path.exists(p)}
+        known = {os.stat(p).st_ino for p in self._cgroups.sidecar_fds if os.path.exists(p)}
         for cg_id, _ in list(self.maps["ep_by_cgroup"].items()):
             if cg_id.value not in known and (path := cgroups.cgroup_path_of(cg_id.value)):
                 self.detach_cgroup(path)
             self.maps["ep_by_cgroup"].delete(cg_id)
-        for path in list(self._cgroup_fds):
+        for path in list(self._cgroups.sidecar_fds):
             self.detach_cgroup(path)
-        for path in list(self._proxy_cgroup_fds):
+        for path in list(self._cgroups.proxy_fds):
             self.detach_proxy_cgroup(path)
 
     def destroy(self, *, remove_routing: bool = False) -> None:
@@ -140,68 +122,30 @@ class Datapath:
             setattr(cfg, name, value)
         self.maps["config"].put(structs.u32(0), cfg)
 
+    def _bump_policy_generation(self) -> None:
+        self.set_config(policy_gen=(self.config().policy_gen + 1) & 0xFFFFFFFF)
+
     def counters(self) -> dict[tuple[str, str, str], tuple[int, int]]:
         """(direction, verdict, reason) -> (packets, bytes), summed over CPUs."""
-        out = {}
-        counters = self.maps["counters"]
-        for slot in range(2 * 3 * structs.REASONS):
-            per_cpu = counters.get(structs.u32(slot))
-            packets = sum(c.packets for c in per_cpu)
-            if not packets:
-                continue
-            direction, rest = divmod(slot, 3 * structs.REASONS)
-            verdict, reason = divmod(rest, structs.REASONS)
-            key = (
-                structs.DIRECTION_NAMES[direction],
-                structs.VERDICT_NAMES[verdict],
-                structs.REASON_NAMES.get(reason, str(reason)),
-            )
-            out[key] = (packets, sum(c.bytes for c in per_cpu))
-        return out
+        return counters.read(self.maps["counters"])
 
     def conntrack(self) -> list[tuple[CtKey, CtEntry]]:
         return list(self.maps["conntrack"].items())
 
     def ct_gc(self, now_ns: int | None = None) -> int:
         """Delete expired conntrack entries (TCP-state-aware expiry set by the programs)."""
-        now = time.monotonic_ns() if now_ns is None else now_ns
-        ct = self.maps["conntrack"]
-        ks, vs = ct.key_size, ct.value_size
-        try:
-            expired = []
-            for keys, values, n in bpfsys.map_lookup_batches(ct.fd, ks, vs):
-                for i in range(n):
-                    # expires_ns is the first field of struct ct_entry
-                    if int.from_bytes(values[i * vs : i * vs + 8], "little") <= now:
-                        expired.append(keys[i * ks : (i + 1) * ks])
-        except NotImplementedError:
-            return ct.delete_many(k for k, v in ct.items() if v.expires_ns <= now)
-        ct.delete_many_raw(expired)
-        return len(expired)
+        return conntrack.gc(self.maps["conntrack"], now_ns)
 
     def start_gc(self, interval: float = 30.0) -> threading.Event:
         """Run ct_gc() every `interval` seconds on a daemon thread until the returned event is
         set (close() sets it too)."""
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.wait(interval):
-                try:
-                    self.ct_gc()
-                except OSError:
-                    return  # the maps were closed under us
-
-        threading.Thread(target=loop, name="ct-gc", daemon=True).start()
+        stop = conntrack.start_gc_thread(self.maps["conntrack"], interval)
         self._gc_stops.append(stop)
         return stop
 
     def prog_stats(self) -> dict[str, tuple[int, int]]:
         """name -> (run_time_ns, run_cnt); counts only while kernel.bpf_stats_enabled=1."""
-        out = {}
-        for name, fd in self._loaded.progs.items():
-            info = bpfsys.fdinfo(fd)
-            out[name] = (int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0)))
-        return out
+        return counters.prog_stats(self._loaded.progs)
 
     # -- endpoints ---------------------------------------------------------------------------
 
@@ -220,7 +164,7 @@ class Datapath:
             endpoint_id=endpoint_id,
             identity=identity,
             ifindex=ifindex,
-            ipv4=_be32(ipv4),
+            ipv4=ipcache.be32(ipv4),
             flags=old.flags if old and old.endpoint_id == endpoint_id else 0,
         )
         if old and old.ipv4 != info.ipv4:
@@ -244,7 +188,7 @@ class Datapath:
         if info:
             self.maps["ep_by_ifindex"].delete(structs.u32(ifindex))
             self.maps["ep_by_ip"].delete(structs.u32(info.ipv4))
-            self._delete_policy_of(info.endpoint_id)
+            self._policy.forget(info.endpoint_id)
 
     def attach_cgroup(
         self, cgroup_path: str | Path, endpoint_id: int, identity: int, sidecar_port: int
@@ -254,124 +198,36 @@ class Datapath:
         path = str(cgroup_path)
         cg_id = os.stat(path).st_ino
         info = EndpointInfo(endpoint_id=endpoint_id, identity=identity, sidecar_port=sidecar_port)
-        self.maps["ep_by_cgroup"].put(structs.u64(cg_id), info)
-        fd = cgroups.open_dir(path)
-        try:
-            for prog, kind in cgroups.SIDECAR_HOOKS:
-                cgroups.attach_once(self._loaded.progs[prog], fd, kind)
-        except OSError:
-            os.close(fd)
-            raise
-        old_fd = self._cgroup_fds.pop(path, None)
-        if old_fd is not None:
-            os.close(old_fd)
-        self._cgroup_fds[path] = fd
+        self._cgroups.attach_sidecar(path, cg_id, info)
         return cg_id
 
     def attach_proxy_cgroup(self, cgroup_path: str | Path) -> None:
         """Sidecar mode: processes in this cgroup (the sidecar proxy) get the original
         destination from getsockopt(SOL_IP, SO_ORIGINAL_DST) on their accepted sockets."""
-        path = str(cgroup_path)
-        fd = cgroups.open_dir(path)
-        try:
-            cgroups.attach_once(
-                self._loaded.progs["sidecar_getsockopt"], fd, loader.BPF_CGROUP_GETSOCKOPT
-            )
-        except OSError:
-            os.close(fd)
-            raise
-        old_fd = self._proxy_cgroup_fds.pop(path, None)
-        if old_fd is not None:
-            os.close(old_fd)
-        self._proxy_cgroup_fds[path] = fd
+        self._cgroups.attach_proxy(str(cgroup_path))
 
     def detach_proxy_cgroup(self, cgroup_path: str | Path) -> None:
-        fd = self._proxy_cgroup_fds.pop(str(cgroup_path), None)
-        if fd is None:  # attached by an earlier agent
-            try:
-                fd = cgroups.open_dir(cgroup_path)
-            except OSError:
-                return
-        with contextlib.suppress(OSError):
-            bpfsys.prog_detach(
-                self._loaded.progs["sidecar_getsockopt"], fd, loader.BPF_CGROUP_GETSOCKOPT
-            )
-        os.close(fd)
+        self._cgroups.detach_proxy(str(cgroup_path))
 
     def detach_cgroup(self, cgroup_path: str | Path) -> None:
-        path = str(cgroup_path)
-        fd = self._cgroup_fds.pop(path, None)
-        if fd is None:  # attached by an earlier agent
-            try:
-                fd = cgroups.open_dir(path)
-            except OSError:
-                return
-        for prog, kind in cgroups.SIDECAR_HOOKS:
-            with contextlib.suppress(OSError):
-                bpfsys.prog_detach(self._loaded.progs[prog], fd, kind)
-        with contextlib.suppress(OSError):
-            self.maps["ep_by_cgroup"].delete(structs.u64(os.fstat(fd).st_ino))
-        os.close(fd)
+        self._cgroups.detach_sidecar(str(cgroup_path))
 
     # -- ipcache -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _ipcache_key(cidr: str) -> IpcacheKey:
-        net = ipaddress.IPv4Network(cidr, strict=False)
-        return IpcacheKey(prefixlen=net.prefixlen, addr=_be32(str(net.network_address)))
-
     def ipcache_upsert(self, cidr: str, identity: int) -> None:
-        self.maps["ipcache"].put(self._ipcache_key(cidr), IpcacheValue(identity=identity))
+        ipcache.upsert(self.maps["ipcache"], cidr, identity)
 
     def ipcache_delete(self, cidr: str) -> bool:
-        return self.maps["ipcache"].delete(self._ipcache_key(cidr))
+        return ipcache.delete(self.maps["ipcache"], cidr)
 
     def ipcache_lookup(self, ip: str) -> int:
-        value = self.maps["ipcache"].get(self._ipcache_key(f"{ip}/32"))
-        return value.identity if value else structs.IDENTITY_WORLD
+        return ipcache.lookup(self.maps["ipcache"], ip)
 
     def ipcache_sync(self, entries: Mapping[str, int]) -> int:
         """Make the ipcache equal to {cidr: identity}; returns the number of changes."""
-        want = {bytes(self._ipcache_key(c)): i for c, i in entries.items()}
-        have = {bytes(k): v.identity for k, v in self.maps["ipcache"].items()}
-        changes = 0
-        for kb, identity in want.items():
-            if have.get(kb) != identity:
-                self.maps["ipcache"].put(
-                    IpcacheKey.from_buffer_copy(kb), IpcacheValue(identity=identity)
-                )
-                changes += 1
-        for kb in have.keys() - want.keys():
-            self.maps["ipcache"].delete(IpcacheKey.from_buffer_copy(kb))
-            changes += 1
-        return changes
+        return ipcache.sync(self.maps["ipcache"], entries)
 
     # -- policy ------------------------------------------------------------------------------
-
-    def _set_enforcement(self, endpoint_id: int, ingress: bool, egress: bool, identity) -> bool:
-        changed = False
-        flags = (structs.EP_INGRESS_ENFORCED if ingress else 0) | (
-            structs.EP_EGRESS_ENFORCED if egress else 0
-        )
-        for name in ("ep_by_ifindex", "ep_by_ip", "ep_by_cgroup"):
-            m = self.maps[name]
-            for k, info in m.items():
-                if info.endpoint_id != endpoint_id:
-                    continue
-                if info.flags == flags and (identity is None or info.identity == identity):
-                    continue
-                info.flags = flags
-                if identity is not None:
-                    info.identity = identity
-                m.put(k, info)
-                changed = True
-        return changed
-
-    def _delete_policy_of(self, endpoint_id: int) -> None:
-        self._installed.pop(endpoint_id, None)
-        self._synced_from.pop(endpoint_id, None)
-        for trie in self._tries.values():
-            trie.delete_many([k for k in trie.keys() if k.endpoint_id == endpoint_id])
 
     def sync_endpoint(
         self,
@@ -383,7 +239,7 @@ class Datapath:
         proxy_ports: Mapping[int, int] | None = None,
         identity: int | None = None,
     ) -> sync.SyncStats:
-        return self._sync(
+        return self._policy.write(
             {endpoint_id: (map_state, ingress_enforced, egress_enforced, identity)},
             proxy_ports or {},
         )
@@ -408,37 +264,7 @@ class Datapath:
                     ep.egress_enforced,
                     ep.identity,
                 )
-        return self._sync(work, proxy_ports or {})
-
-    def _sync(self, work: Mapping[int, tuple], proxy_ports: Mapping[int, int]) -> sync.SyncStats:
-        start = time.perf_counter()
-        adds = updates = deletes = 0
-        flags_changed = False
-        ports = tuple(sorted(proxy_ports.items()))
-        for ep_id, (map_state, ingress, egress, identity) in work.items():
-            # The policy engine keeps the MapState object of an endpoint whose rules did not
-            # change: then only the enforcement flags can differ, no entry needs a look.
-            source = (map_state, ports)
-            last = self._synced_from.get(ep_id)
-            if isinstance(map_state, MapState) and last is not None and last[0] is map_state:
-                if last[1] == ports:
-                    flags_changed |= self._set_enforcement(ep_id, ingress, egress, identity)
-                    continue
-            self._synced_from[ep_id] = source
-            desired = sync.desired_entries(ep_id, map_state, proxy_ports)
-            current = self._installed.get(ep_id, {})
-            writes, n_updates, dels = sync.plan(current, desired)
-            sync.apply(self._tries, writes, dels)
-            self._installed[ep_id] = desired
-            flags_changed |= self._set_enforcement(ep_id, ingress, egress, identity)
-            adds += len(writes) - n_updates
-            updates += n_updates
-            deletes += len(dels)
-        if adds or updates or deletes or flags_changed:
-            # Established flows re-check their verdict once on their next packet.
-            cfg = self.config()
-            self.set_config(policy_gen=(cfg.policy_gen + 1) & 0xFFFFFFFF)
-        return sync.SyncStats(adds, updates, deletes, time.perf_counter() - start)
+        return self._policy.write(work, proxy_ports or {})
 
     # -- events ------------------------------------------------------------------------------
 
