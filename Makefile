@@ -53,7 +53,7 @@ fuzz: ## atheris on each parser/layer, FUZZ_RUNS executions each; fails on a fin
 	done
 
 demo: setup ## the main job: Cilium's Star Wars demo on real namespaces
-	$(PY) -m l7proxy.demo
+	$(PY) -m demo
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache tests/bench/results

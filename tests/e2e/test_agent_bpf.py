@@ -47,7 +47,7 @@ class Galaxy:
         self.star = self.eps["deathstar"]["ip"]
         self.server = subprocess.Popen(
             ["ip", "netns", "exec", agent.prefix + "deathstar", sys.executable, "-m",
-             "l7proxy.demo", "--serve-deathstar", self.star],
+             "demo.deathstar", self.star],
             stdout=subprocess.PIPE,
             text=True,
         )  # fmt: skip

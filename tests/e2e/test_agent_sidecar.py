@@ -59,8 +59,8 @@ def test_sidecar_mode_enforces_egress_l7_for_an_unmodified_curl(tmp_path):
         )
         web = eps["web"]["ip"]
         server = subprocess.Popen(
-            ["ip", "netns", "exec", agent.prefix + "web", sys.executable, "-m", "l7proxy.demo",
-             "--serve-deathstar", web],
+            ["ip", "netns", "exec", agent.prefix + "web", sys.executable, "-m", "demo.deathstar",
+             web],
             stdout=subprocess.PIPE,
             text=True,
         )  # fmt: skip

@@ -1,5 +1,5 @@
-"""`make demo` runs in CI: the full Star Wars story with BPF, the gateway part, and cleanup on
-interruption."""
+"""`make demo` runs in CI: the full Star Wars story with BPF, the gateway part, cleanup on
+interruption, and the dependency map kept up from a terminal (and not announced without one)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -21,16 +22,14 @@ import pytest
 from tests.agent_runner import free_pool
 
 pytestmark = [pytest.mark.e2e]
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no http_proxy for it
+MAP_URL = re.compile(r"https?://\S+/map\b")
 
 
 def _env() -> tuple[dict, str]:
     prefix = f"l7d{uuid.uuid4().hex[:5]}-"
-    env = {
-        **os.environ,
-        "L7PROXY_DEMO_POOL": free_pool(20, 99),
-        "L7PROXY_DEMO_PREFIX": prefix,
-        "DEMO_WAIT": "0",
-    }
+    env = {**os.environ, "L7PROXY_DEMO_POOL": free_pool(20, 99), "L7PROXY_DEMO_PREFIX": prefix}
+    env.pop("DEMO_WAIT", None)  # the demo decides from its stdin alone
     return env, prefix
 
 
@@ -75,7 +74,7 @@ def test_make_demo_runs_the_star_wars_story_with_bpf():
     env, prefix = _env()
     started = time.monotonic()
     r = subprocess.run(
-        [sys.executable, "-m", "l7proxy.demo"],
+        [sys.executable, "-m", "demo"],
         capture_output=True,
         text=True,
         env=env,
@@ -113,6 +112,9 @@ def test_make_demo_runs_the_star_wars_story_with_bpf():
     )
     assert "SetAccessCode) grpc-status PERMISSION_DENIED" in table
     assert "17 checks, 0 unexpected" in out
+    # Not on a terminal: the agent (and its map) goes at once, so no link to it is printed.
+    assert not MAP_URL.search(out) and "Map live at" not in out, out
+    assert "The dependency map goes down with the agent now (stdin is not a terminal)" in out
     assert _leftovers(prefix) == []
     _no_brokers_left(prefix)
 
@@ -120,7 +122,7 @@ def test_make_demo_runs_the_star_wars_story_with_bpf():
 def test_demo_gateway_part_runs_without_kernel_parts():
     env, prefix = _env()
     r = subprocess.run(
-        [sys.executable, "-m", "l7proxy.demo", "--gateway"],
+        [sys.executable, "-m", "demo", "--gateway"],
         capture_output=True,
         text=True,
         env=env,
@@ -134,6 +136,7 @@ def test_demo_gateway_part_runs_without_kernel_parts():
     assert "http-request DROPPED (HTTP/1.1 403" in out, "observe --file shows the L7 deny"
     assert "kafka-request DROPPED" in out and "SetAccessCode: PERMISSION_DENIED" in out
     assert "11 checks, 0 unexpected" in out
+    assert not MAP_URL.search(out), "gateway mode has no agent, so no map link"
     _no_brokers_left(prefix)
 
 
@@ -145,7 +148,7 @@ def test_interrupted_demo_cleans_up():
     goes, the broker included."""
     env, prefix = _env()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "l7proxy.demo"],
+        [sys.executable, "-m", "demo"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -181,13 +184,82 @@ def test_interrupted_demo_cleans_up():
     _no_brokers_left(prefix)
 
 
+def _read_until(proc: subprocess.Popen, lines: queue.Queue, seen: list[str], text: str) -> str:
+    """Collect the demo's output until a line containing `text` (bounded: 150 s in all)."""
+    deadline = time.monotonic() + 150
+    while not seen or text not in seen[-1]:
+        assert proc.poll() is None or not lines.empty(), "demo ended early:\n" + "".join(seen)
+        try:
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        except queue.Empty:
+            raise AssertionError("demo stalled:\n" + "".join(seen)) from None
+    return seen[-1]
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.timeout(200)
+def test_from_a_terminal_the_map_stays_up_until_enter():
+    """stdin is a terminal (a pty): after the checks the demo keeps the agent, prints the map's
+    URL, and that URL answers with the demo's endpoints until Enter; then all is torn down and
+    the URL is dead."""
+    env, prefix = _env()
+    terminal, stdin = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "demo", "--no-extras"],  # the Star Wars part is enough for a map
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    os.close(stdin)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
+    seen: list[str] = []
+    try:
+        line = _read_until(proc, lines, seen, "Map live at")
+        url = re.fullmatch(r"Map live at (\S+) - press Enter \(or Ctrl-C\) to tear down\n", line)
+        assert url, line
+        url = url[1]
+        with LOOPBACK.open(url, timeout=5) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        with LOOPBACK.open(url + ".json", timeout=5) as graph:
+            names = {node["name"] for node in json.load(graph)["nodes"]}
+        assert {"deathstar", "tiefighter", "xwing"} <= names, names
+        time.sleep(1)
+        assert proc.poll() is None, "the demo waits for Enter:\n" + "".join(seen)
+        assert Path("/var/run/netns", prefix + "deathstar").exists()
+        os.write(terminal, b"\n")
+        assert proc.wait(60) == 0, "".join(seen)
+    finally:
+        if proc.poll() is None:  # the test failed: the demo cleans up on SIGTERM
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        os.close(terminal)
+    time.sleep(0.2)  # the reader thread drains the rest
+    while not lines.empty():
+        seen.append(lines.get())
+    out = "".join(seen)
+    assert "8 checks, 0 unexpected" in out
+    assert out.index("8 checks, 0 unexpected") < out.index("Map live at") < out.index("Clean up")
+    with pytest.raises(OSError):  # gone with the agent
+        LOOPBACK.open(url, timeout=2)
+    assert _leftovers(prefix) == []
+
+
 def test_gateway_copy_of_the_l7_policy_differs_only_in_the_port():
     """Non-root gateway runs use the 8080 copy: it must say exactly what the node-mode file says."""
     import yaml
 
-    demo = Path(__file__).resolve().parents[2] / "demo"
-    node = yaml.safe_load((demo / "sw_l3_l4_l7_policy.yaml").read_text())
-    copy = yaml.safe_load((demo / "gateway_sw_policy.yaml").read_text())
+    from demo import GATEWAY_L7, L7
+
+    node = yaml.safe_load(L7.read_text())
+    copy = yaml.safe_load(GATEWAY_L7.read_text())
     assert copy["spec"]["ingress"][0]["toPorts"][0]["ports"] == [
         {"port": "8080", "protocol": "TCP"}
     ]
@@ -200,7 +272,7 @@ def test_gateway_copy_of_the_l7_policy_differs_only_in_the_port():
 def test_sweep_brokers_stops_only_orphans_of_its_own_prefix(tmp_path):
     """A demo killed with SIGKILL leaves its broker to init; the next run with the same prefix
     stops it, and leaves brokers of other prefixes and ones with a live parent alone."""
-    from l7proxy.demo_l7parts import sweep_brokers
+    from demo.broker import sweep as sweep_brokers
 
     prefix, other = f"l7d{uuid.uuid4().hex[:5]}-", f"l7d{uuid.uuid4().hex[:5]}-"
     fake = "import time; time.sleep(60)"
@@ -215,13 +287,13 @@ def test_sweep_brokers_stops_only_orphans_of_its_own_prefix(tmp_path):
         return int(out)
 
     mine, theirs = orphan(prefix), orphan(other)
-    # A broker of a running demo: its parent's command line names l7proxy.demo (the broker's
+    # A broker of a running demo: its parent's command line is `python ... -m demo` (the broker's
     # own argv goes through the environment so the parent's does not look like a broker).
     broker = [sys.executable, "-c", fake, "noida-db", "--data-dir",
               f"{tmp_path}/l7proxy-demo-kafka-{prefix}y"]  # fmt: skip
     child = subprocess.Popen(
         [sys.executable, "-c", "import json, os, subprocess; "
-         "subprocess.run(json.loads(os.environ['BROKER']))", "l7proxy.demo"],
+         "subprocess.run(json.loads(os.environ['BROKER']))", "-m", "demo"],
         env={**os.environ, "BROKER": json.dumps(broker)},
     )  # fmt: skip
     try:

@@ -18,9 +18,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PRODUCT = ("l7proxy", "parsers", "policies", "redirect_bpf")
 PROJECT = (*PRODUCT, "demo", "tests")  # every top-level name of this repository
-# l7proxy/demo.py and demo_l7parts.py import each other and the test helpers; they are on their way
-# out of the product into the top-level demo/ package (issue 14, the demo helper removes them).
-LEAVING = {"l7proxy/demo.py", "l7proxy/demo_l7parts.py"}
 
 
 def module_name(path: Path) -> str:
@@ -34,8 +31,7 @@ def product_modules() -> dict[str, Path]:
     out = {}
     for top in PRODUCT:
         for path in sorted((REPO / top).rglob("*.py")):
-            if str(path.relative_to(REPO)) not in LEAVING:
-                out[module_name(path)] = path
+            out[module_name(path)] = path
     return out
 
 
