@@ -90,7 +90,9 @@ class ProxyConfig:
     # and the server's value); excess streams get REFUSED_STREAM.
     h2_max_concurrent_streams: int = 256
     # Largest frame accepted or relayed (SETTINGS_MAX_FRAME_SIZE is capped to it both ways).
-    h2_max_frame_size: int = 64 * KiB
+    # 16 KiB is the RFC 9113 default, so clients are told no larger size unless this is raised
+    # (h2spec 4.2 #3 assumes a server that did not raise it).
+    h2_max_frame_size: int = 16 * KiB
     # CONTINUATION frames per header block (the block's bytes are bounded by max_header_bytes).
     h2_max_continuation_frames: int = 32
     # HPACK dynamic table the client may use for requests / the server for responses (0 makes
