@@ -14,8 +14,9 @@ class H2Limits:
     # Streams a client may have open through the proxy; advertised as MAX_CONCURRENT_STREAMS
     # (the smaller of this and the server's value), excess streams get REFUSED_STREAM.
     max_concurrent_streams: int = 256
-    # Largest frame accepted or relayed; SETTINGS_MAX_FRAME_SIZE is capped to it both ways.
-    max_frame_size: int = 64 * 1024
+    # Largest frame accepted or relayed; SETTINGS_MAX_FRAME_SIZE is capped to it both ways, and
+    # a client may send frames only as large as it was told (16 KiB until then, RFC 9113).
+    max_frame_size: int = 16 * 1024
     # One header block (HEADERS + CONTINUATION), compressed bytes and frame count.
     max_header_block: int = 64 * 1024
     max_continuation_frames: int = 32
