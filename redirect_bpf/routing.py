@@ -18,6 +18,13 @@ from redirect_bpf import structs
 
 PROXY_ROUTE_TABLE = 2004
 PROXY_RULE_PRIORITY = 90
+# The one ip rule: our mark's magic byte says TO_PROXY -> the local-delivery table.
+PROXY_RULE = {
+    "table": PROXY_ROUTE_TABLE,
+    "priority": PROXY_RULE_PRIORITY,
+    "fwmark": structs.MARK_TO_PROXY,
+    "fwmask": structs.MARK_MAGIC_MASK,
+}
 
 
 def ensure_proxy_routing() -> None:
@@ -29,13 +36,7 @@ def ensure_proxy_routing() -> None:
             for r in rules
         ):
             try:
-                ipr.rule(
-                    "add",
-                    table=PROXY_ROUTE_TABLE,
-                    priority=PROXY_RULE_PRIORITY,
-                    fwmark=structs.MARK_TO_PROXY,
-                    fwmask=structs.MARK_MAGIC_MASK,
-                )
+                ipr.rule("add", **PROXY_RULE)
             except NetlinkError as e:
                 if e.code != errno.EEXIST:  # another agent on this host added it just now
                     raise
@@ -48,12 +49,6 @@ def ensure_proxy_routing() -> None:
 def remove_proxy_routing() -> None:
     with IPRoute() as ipr:
         with contextlib.suppress(NetlinkError):
-            ipr.rule(
-                "del",
-                table=PROXY_ROUTE_TABLE,
-                priority=PROXY_RULE_PRIORITY,
-                fwmark=structs.MARK_TO_PROXY,
-                fwmask=structs.MARK_MAGIC_MASK,
-            )
+            ipr.rule("del", **PROXY_RULE)
         with contextlib.suppress(NetlinkError):
             ipr.route("del", dst="0.0.0.0/0", type="local", table=PROXY_ROUTE_TABLE)
