@@ -21,55 +21,38 @@ from policies.model import (
 from policies.parse_common import (
     _as_dict,
     _as_list,
+    _check_keys,
     _Ctx,
+    _items,
     _ln,
-    _parse_selector,
     _scope_subject,
+    _selector_at,
 )
-from policies.parse_l4 import _parse_cidrs, _parse_port
+from policies.parse_l4 import _cidr_set_entry, _parse_port
 
 KNP = "NetworkPolicy"
 
 
 def _parse_knp(doc, name, line, ctx: _Ctx) -> list[Rule]:
-    spec = _as_dict(ctx, doc.get("spec"), "spec", _ln(doc, "spec", line))
+    sline = _ln(doc, "spec", line)
+    spec = _as_dict(ctx, doc.get("spec"), "spec", sline)
     if spec is None:
         return []
-    sline = _ln(doc, "spec", line)
-    for key in spec:
-        if key not in ("podSelector", "policyTypes", "ingress", "egress"):
-            ctx.error(_ln(spec, key, sline), f"spec.{key}", "unknown field")
+    _check_keys(ctx, spec, ("podSelector", "policyTypes", "ingress", "egress"), "spec", sline)
     if "podSelector" not in spec:
         ctx.error(sline, "spec.podSelector", "is required")
         return []
-    sel = _parse_selector(
-        spec["podSelector"], "spec.podSelector", _ln(spec, "podSelector", sline), ctx
-    )
+    sel = _selector_at(spec, "podSelector", "spec", sline, ctx)
     if sel is None:
         return []
-    types = spec.get("policyTypes")
-    if types is None:
-        types = ["Ingress"] + (["Egress"] if "egress" in spec else [])
-    elif not isinstance(types, list):
-        types = _as_list(ctx, types, "spec.policyTypes", _ln(spec, "policyTypes", sline))
-    for i, t in enumerate(
-        _as_list(ctx, types, "spec.policyTypes", _ln(spec, "policyTypes", sline))
-    ):
-        if t not in ("Ingress", "Egress"):
-            ctx.error(
-                _ln(spec, "policyTypes", sline),
-                f"spec.policyTypes[{i}]",
-                f"unknown policy type {t!r}",
-            )
+    types = _policy_types(spec, sline, ctx)
     sections = {}
     for key, peer_key in (("ingress", "from"), ("egress", "to")):
-        items = _as_list(ctx, spec.get(key), f"spec.{key}", _ln(spec, key, sline))
-        rules = []
-        for i, item in enumerate(items):
-            rule = _knp_rule(item, f"spec.{key}[{i}]", _ln(items, i, sline), peer_key, ctx)
-            if rule is not None:
-                rules.append(rule)
-        sections[key] = tuple(rules)
+        sections[key] = tuple(
+            rule
+            for item, ifield, iline in _items(ctx, spec, key, "spec", sline)
+            if (rule := _knp_rule(item, ifield, iline, peer_key, ctx)) is not None
+        )
     return [
         Rule(
             name=name,
@@ -86,65 +69,75 @@ def _parse_knp(doc, name, line, ctx: _Ctx) -> list[Rule]:
     ]
 
 
+def _policy_types(spec, sline, ctx: _Ctx) -> list:
+    """policyTypes; by default Ingress, plus Egress when there is an egress section."""
+    if spec.get("policyTypes") is None:
+        return ["Ingress"] + (["Egress"] if "egress" in spec else [])
+    types = _as_list(ctx, spec["policyTypes"], "spec.policyTypes", _ln(spec, "policyTypes", sline))
+    for i, t in enumerate(types):
+        if t not in ("Ingress", "Egress"):
+            ctx.error(
+                _ln(spec, "policyTypes", sline),
+                f"spec.policyTypes[{i}]",
+                f"unknown policy type {t!r}",
+            )
+    return types
+
+
 def _knp_rule(item, field, line, peer_key, ctx: _Ctx) -> PeerRule | None:
     item = _as_dict(ctx, item, field, line)
     if item is None:
         return None
-    for key in item:
-        if key not in (peer_key, "ports"):
-            ctx.error(_ln(item, key, line), f"{field}.{key}", "unknown field")
+    _check_keys(ctx, item, (peer_key, "ports"), field, line)
     endpoints, cidrs = [], []
-    peers_node = _as_list(ctx, item.get(peer_key), f"{field}.{peer_key}", _ln(item, peer_key, line))
-    for i, peer in enumerate(peers_node):
-        pfield, pline = f"{field}.{peer_key}[{i}]", _ln(peers_node, i, line)
+    for peer, pfield, pline in _items(ctx, item, peer_key, field, line):
         if not isinstance(peer, dict) or not peer:
             ctx.error(pline, pfield, "needs podSelector, namespaceSelector or ipBlock")
-            continue
-        if "ipBlock" in peer:
-            block = peer["ipBlock"]
-            if not isinstance(block, dict) or "cidr" not in block:
-                ctx.error(_ln(peer, "ipBlock", pline), f"{pfield}.ipBlock.cidr", "is required")
-                continue
-            got = _parse_cidrs(
-                {"xCIDRSet": [block]}, "x", f"{pfield}.ipBlock", _ln(peer, "ipBlock", pline), ctx
-            )
-            cidrs.extend(got)
-            continue
-        pod = ns = None
-        if "podSelector" in peer:
-            pod = _parse_selector(
-                peer["podSelector"], f"{pfield}.podSelector", _ln(peer, "podSelector", pline), ctx
-            )
-        if "namespaceSelector" in peer:
-            ns = _parse_selector(
-                peer["namespaceSelector"],
-                f"{pfield}.namespaceSelector",
-                _ln(peer, "namespaceSelector", pline),
-                ctx,
-            )
-        reqs = list(pod.requirements) if pod else []
-        if ns is None:
-            reqs.append(Requirement("k8s", NAMESPACE_KEY, "In", (ctx.namespace,)))
+        elif "ipBlock" in peer:
+            cidr = _ip_block(peer, pfield, pline, ctx)
+            cidrs.extend([cidr] if cidr is not None else [])
         else:
-            reqs.extend(
-                Requirement("k8s", NAMESPACE_LABEL_PREFIX + r.key, r.operator, r.values)
-                for r in ns.requirements
-            )
-            reqs.append(Requirement("k8s", NAMESPACE_KEY, "Exists"))
-        endpoints.append(Selector(tuple(reqs)))
+            endpoints.append(_knp_peer(peer, pfield, pline, ctx))
     ports = []
-    pnode = _as_list(ctx, item.get("ports"), f"{field}.ports", _ln(item, "ports", line))
-    for j, p in enumerate(pnode):
+    for p, field_j, line_j in _items(ctx, item, "ports", field, line):
         if isinstance(p, dict) and "protocol" not in p:
             p = {**p, "protocol": "TCP"}
-        pp = _parse_port(p, f"{field}.ports[{j}]", _ln(pnode, j, line), ctx)
+        pp = _parse_port(p, field_j, line_j, ctx, require_port=False)
         if pp is not None:
             ports.append(
                 pp if pp.proto != PROTO_ANY else PortProto(pp.port, pp.end_port, PROTO_TCP, pp.name)
             )
-    no_peers = peer_key not in item or not peers_node
-    peers = Peers(endpoints=tuple(endpoints), cidrs=tuple(cidrs), wildcard=no_peers)
-    if no_peers:
+    if not item.get(peer_key):
         # Kubernetes: a rule without from/to matches all sources, inside and outside the cluster.
         peers = Peers(entities=("all",), wildcard=True)
+    else:
+        peers = Peers(endpoints=tuple(endpoints), cidrs=tuple(cidrs), wildcard=False)
     return PeerRule(peers=peers, ports=(PortRule(tuple(ports)),) if ports else (), line=line)
+
+
+def _ip_block(peer, pfield, pline, ctx: _Ctx):
+    block = peer["ipBlock"]
+    bline = _ln(peer, "ipBlock", pline)
+    if not isinstance(block, dict) or "cidr" not in block:
+        ctx.error(bline, f"{pfield}.ipBlock.cidr", "is required")
+        return None
+    return _cidr_set_entry(block, f"{pfield}.ipBlock", bline, ctx)
+
+
+def _knp_peer(peer, pfield, pline, ctx: _Ctx) -> Selector:
+    """podSelector/namespaceSelector as one selector, the way Cilium translates them."""
+    pod = ns = None
+    if "podSelector" in peer:
+        pod = _selector_at(peer, "podSelector", pfield, pline, ctx)
+    if "namespaceSelector" in peer:
+        ns = _selector_at(peer, "namespaceSelector", pfield, pline, ctx)
+    reqs = list(pod.requirements) if pod else []
+    if ns is None:
+        reqs.append(Requirement("k8s", NAMESPACE_KEY, "In", (ctx.namespace,)))
+    else:
+        reqs.extend(
+            Requirement("k8s", NAMESPACE_LABEL_PREFIX + r.key, r.operator, r.values)
+            for r in ns.requirements
+        )
+        reqs.append(Requirement("k8s", NAMESPACE_KEY, "Exists"))
+    return Selector(tuple(reqs))

@@ -3,6 +3,8 @@ with their lines, label selectors and Cilium's namespace scoping."""
 
 from __future__ import annotations
 
+import re
+
 from policies.diagnostics import ERROR, WARNING, Diagnostic
 from policies.labels import (
     NAMESPACE_KEY,
@@ -61,52 +63,128 @@ def _as_dict(ctx: _Ctx, node, field: str, line: int) -> dict | None:
     return node
 
 
+def _check_keys(ctx: _Ctx, node, allowed, field: str, line: int, what: str = "field") -> bool:
+    """An `unknown field` error for every key of `node` outside `allowed`; True when none."""
+    ok = True
+    for key in node:
+        if key not in allowed:
+            ctx.error(_ln(node, key, line), f"{field}.{key}", f"unknown {what}")
+            ok = False
+    return ok
+
+
+def _items(ctx: _Ctx, parent, key: str, field: str, line: int):
+    """(item, item field, item line) for each entry of the list `parent[key]` (absent: none)."""
+    kfield = f"{field}.{key}" if field else key
+    node = _as_list(ctx, parent.get(key), kfield, _ln(parent, key, line))
+    for i, item in enumerate(node):
+        yield item, f"{kfield}[{i}]", _ln(node, i, line)
+
+
+def _selector_at(parent, key: str, field: str, line: int, ctx: _Ctx) -> Selector | None:
+    """The label selector `parent[key]`."""
+    return _parse_selector(parent[key], f"{field}.{key}", _ln(parent, key, line), ctx)
+
+
+def _selectors(ctx: _Ctx, parent, key: str, field: str, line: int) -> list[Selector]:
+    """The list of label selectors `parent[key]`; broken ones are reported and left out."""
+    out = []
+    for node, sfield, sline in _items(ctx, parent, key, field, line):
+        sel = _parse_selector(node, sfield, sline, ctx)
+        if sel is not None:
+            out.append(sel)
+    return out
+
+
+_OPERATORS = {"in": "In", "notin": "NotIn", "exists": "Exists", "doesnotexist": "DoesNotExist"}
+# Kubernetes label syntax (ValidateLabelSelector): a name or value of at most 63 characters,
+# alphanumeric at both ends; a key may carry a DNS-subdomain prefix `example.com/`.
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _label_key_problem(key: str) -> str | None:
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return f"invalid label key {key!r}: the prefix must be a DNS subdomain"
+    if len(name) > 63 or not _LABEL_NAME.match(name):
+        return (
+            f"invalid label key {key!r}: at most 63 characters, alphanumeric at both ends, "
+            "'-', '_' and '.' between"
+        )
+    return None
+
+
+def _label_value_problem(value: str) -> str | None:
+    if value and (len(value) > 63 or not _LABEL_NAME.match(value)):
+        return (
+            f"invalid label value {value!r}: at most 63 characters, alphanumeric at both ends, "
+            "'-', '_' and '.' between"
+        )
+    return None
+
+
+def _requirement(ctx: _Ctx, key, op: str, values, field: str, line: int) -> Requirement | None:
+    source, k = split_source(str(key))
+    problem = _label_key_problem(k) or next(
+        (p for v in values if (p := _label_value_problem(v)) is not None), None
+    )
+    if problem is not None:
+        ctx.error(line, field, problem)
+        return None
+    return Requirement(source, k, op, tuple(values))
+
+
+def _match_labels(ctx: _Ctx, node, field: str, line: int) -> list[Requirement]:
+    labels = _as_dict(
+        ctx, node.get("matchLabels"), f"{field}.matchLabels", _ln(node, "matchLabels", line)
+    )
+    out = []
+    for key, value in (labels or {}).items():
+        value = "" if value is None else str(value)
+        req = _requirement(
+            ctx, key, "In", (value,), f"{field}.matchLabels.{key}", _ln(labels, key, line)
+        )
+        if req is not None:
+            out.append(req)
+    return out
+
+
+def _expression(ctx: _Ctx, expr, efield: str, eline: int) -> Requirement | None:
+    if not isinstance(expr, dict) or "key" not in expr or "operator" not in expr:
+        ctx.error(eline, efield, "needs key and operator")
+        return None
+    op_text = str(expr["operator"])
+    op = _OPERATORS.get(op_text.lower())
+    if op is None:
+        ctx.error(
+            _ln(expr, "operator", eline),
+            f"{efield}.operator",
+            f"unknown operator {op_text!r}; expected In, NotIn, Exists or DoesNotExist",
+        )
+        return None
+    values = _as_list(ctx, expr.get("values"), f"{efield}.values", _ln(expr, "values", eline))
+    if op in ("In", "NotIn") and not values:
+        ctx.error(_ln(expr, "operator", eline), f"{efield}.values", f"{op} needs values")
+        return None
+    if op in ("Exists", "DoesNotExist") and values:
+        ctx.error(_ln(expr, "values", eline), f"{efield}.values", f"{op} must not have values")
+        return None
+    return _requirement(
+        ctx, expr["key"], op, [str(v) for v in values], efield, _ln(expr, "key", eline)
+    )
+
+
 def _parse_selector(node, field: str, line: int, ctx: _Ctx) -> Selector | None:
     node = _as_dict(ctx, node, field, line)
     if node is None:
         return None
-    reqs: list[Requirement] = []
-    for key in node:
-        if key not in ("matchLabels", "matchExpressions"):
-            ctx.error(_ln(node, key, line), f"{field}.{key}", "unknown selector field")
-    labels = _as_dict(
-        ctx, node.get("matchLabels"), f"{field}.matchLabels", _ln(node, "matchLabels", line)
-    )
-    for key, value in (labels or {}).items():
-        source, k = split_source(str(key))
-        reqs.append(Requirement(source, k, "In", ("" if value is None else str(value),)))
-    exprs = _as_list(
-        ctx,
-        node.get("matchExpressions"),
-        f"{field}.matchExpressions",
-        _ln(node, "matchExpressions", line),
-    )
-    for i, expr in enumerate(exprs):
-        efield = f"{field}.matchExpressions[{i}]"
-        eline = _ln(exprs, i, line)
-        if not isinstance(expr, dict) or "key" not in expr or "operator" not in expr:
-            ctx.error(eline, efield, "needs key and operator")
-            continue
-        op_text = str(expr["operator"])
-        op = {"in": "In", "notin": "NotIn", "exists": "Exists", "doesnotexist": "DoesNotExist"}.get(
-            op_text.lower()
-        )
-        if op is None:
-            ctx.error(
-                _ln(expr, "operator", eline),
-                f"{efield}.operator",
-                f"unknown operator {op_text!r}; expected In, NotIn, Exists or DoesNotExist",
-            )
-            continue
-        values = _as_list(ctx, expr.get("values"), f"{efield}.values", _ln(expr, "values", eline))
-        if op in ("In", "NotIn") and not values:
-            ctx.error(_ln(expr, "operator", eline), f"{efield}.values", f"{op} needs values")
-            continue
-        if op in ("Exists", "DoesNotExist") and values:
-            ctx.error(_ln(expr, "values", eline), f"{efield}.values", f"{op} must not have values")
-            continue
-        source, k = split_source(str(expr["key"]))
-        reqs.append(Requirement(source, k, op, tuple(str(v) for v in values)))
+    _check_keys(ctx, node, ("matchLabels", "matchExpressions"), field, line, "selector field")
+    reqs = _match_labels(ctx, node, field, line)
+    for expr, efield, eline in _items(ctx, node, "matchExpressions", field, line):
+        req = _expression(ctx, expr, efield, eline)
+        if req is not None:
+            reqs.append(req)
     return Selector(tuple(reqs))
 
 

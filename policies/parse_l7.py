@@ -19,7 +19,7 @@ from policies.model import (
     L7Rules,
     PortProto,
 )
-from policies.parse_common import _as_dict, _as_list, _Ctx, _ln
+from policies.parse_common import _as_dict, _as_list, _check_keys, _Ctx, _items, _ln
 
 HTTP_KEYS = {"method", "path", "host", "headers", "headerMatches"}
 KAFKA_KEYS = {"role", "apiKey", "apiVersion", "clientID", "topic"}
@@ -58,15 +58,16 @@ def _l7_ports(ports, parser, field, line, entry, ctx: _Ctx) -> list[PortProto] |
     return out
 
 
+L7_TYPES = ("http", "kafka", "dns", "l7proto")
+
+
 def _parse_l7(node, field, line, ctx: _Ctx) -> tuple[L7Rules | None, bool]:
     """(rules, drop): drop=True when the port rule must be dropped fail-closed."""
     node = _as_dict(ctx, node, field, line)
     if node is None:
         return None, False
-    for key in node:
-        if key not in ("http", "kafka", "dns", "l7proto", "l7"):
-            ctx.error(_ln(node, key, line), f"{field}.{key}", "unknown L7 rule type")
-    present = [k for k in ("http", "kafka", "dns", "l7proto") if k in node]
+    _check_keys(ctx, node, (*L7_TYPES, "l7"), field, line, "L7 rule type")
+    present = [k for k in L7_TYPES if k in node]
     if len(present) > 1:
         ctx.error(
             _ln(node, present[1], line),
@@ -75,48 +76,48 @@ def _parse_l7(node, field, line, ctx: _Ctx) -> tuple[L7Rules | None, bool]:
         )
         return None, False
     if "dns" in node:
-        patterns = _as_list(ctx, node["dns"], f"{field}.dns", _ln(node, "dns", line))
-        if any(isinstance(p, dict) and p.get("matchPattern") == "*" for p in patterns):
-            ctx.warn(
-                _ln(node, "dns", line),
-                f"{field}.dns",
-                "DNS rules are not enforced: matchPattern '*' allows every name, so the port is "
-                "allowed at L4 without DNS visibility or FQDN learning",
-            )
-            return None, False
+        return None, _dns_dropped(node, field, line, ctx)
+    if "l7" in node and "l7proto" not in node:
+        ctx.error(_ln(node, "l7", line), f"{field}.l7", "l7 needs l7proto (as in Cilium)")
+        return None, False
+    if "l7proto" in node:
         ctx.warn(
-            _ln(node, "dns", line),
-            f"{field}.dns",
-            "DNS rules are not enforced: this port rule is dropped, so DNS to these peers is not "
-            "allowed by it",
-        )
-        return None, True
-    if "l7proto" in node or "l7" in node:
-        key = "l7proto" if "l7proto" in node else "l7"
-        ctx.warn(
-            _ln(node, key, line),
-            f"{field}.{key}",
+            _ln(node, "l7proto", line),
+            f"{field}.l7proto",
             "generic L7 parsers (l7proto) are not enforced: this port rule is dropped, so these "
             "ports are not allowed by it",
         )
         return None, True
-    if "http" in node:
-        items = _as_list(ctx, node["http"], f"{field}.http", _ln(node, "http", line))
-        rules = [
-            r
-            for i, it in enumerate(items)
-            if (r := _parse_http(it, f"{field}.http[{i}]", _ln(items, i, line), ctx)) is not None
-        ]
-        return L7Rules("http", http=tuple(rules)), False
-    if "kafka" in node:
-        items = _as_list(ctx, node["kafka"], f"{field}.kafka", _ln(node, "kafka", line))
-        rules = [
-            r
-            for i, it in enumerate(items)
-            if (r := _parse_kafka(it, f"{field}.kafka[{i}]", _ln(items, i, line), ctx)) is not None
-        ]
-        return L7Rules("kafka", kafka=tuple(rules)), False
+    for parser, parse_one in (("http", _parse_http), ("kafka", _parse_kafka)):
+        if parser in node:
+            rules = [
+                r
+                for it, ifield, iline in _items(ctx, node, parser, field, line)
+                if (r := parse_one(it, ifield, iline, ctx)) is not None
+            ]
+            return L7Rules(parser, **{parser: tuple(rules)}), False
     return None, False
+
+
+def _dns_dropped(node, field, line, ctx: _Ctx) -> bool:
+    """DNS rules are not enforced: `matchPattern: '*'` keeps the port at L4, anything else drops
+    the port rule (fail closed)."""
+    patterns = _as_list(ctx, node["dns"], f"{field}.dns", _ln(node, "dns", line))
+    if any(isinstance(p, dict) and p.get("matchPattern") == "*" for p in patterns):
+        ctx.warn(
+            _ln(node, "dns", line),
+            f"{field}.dns",
+            "DNS rules are not enforced: matchPattern '*' allows every name, so the port is "
+            "allowed at L4 without DNS visibility or FQDN learning",
+        )
+        return False
+    ctx.warn(
+        _ln(node, "dns", line),
+        f"{field}.dns",
+        "DNS rules are not enforced: this port rule is dropped, so DNS to these peers is not "
+        "allowed by it",
+    )
+    return True
 
 
 def _check_regex(ctx, value, field, line) -> str | None:
@@ -138,42 +139,50 @@ def _parse_http(item, field, line, ctx: _Ctx) -> HttpRule | None:
     item = _as_dict(ctx, item, field, line)
     if item is None:
         return None
-    ok = True
-    for key in item:
-        if key not in HTTP_KEYS:
-            ctx.error(_ln(item, key, line), f"{field}.{key}", "unknown HTTP rule field")
-            ok = False
+    ok = _check_keys(ctx, item, HTTP_KEYS, field, line, "HTTP rule field")
     values = {}
     for key in ("method", "path", "host"):
         if key in item and item[key] not in (None, ""):
             v = _check_regex(ctx, item[key], f"{field}.{key}", _ln(item, key, line))
-            if v is None:
-                ok = False
+            ok = ok and v is not None
             values[key] = v or ""
-    headers: list[HeaderMatch] = []
-    hnode = _as_list(ctx, item.get("headers"), f"{field}.headers", _ln(item, "headers", line))
-    for i, h in enumerate(hnode):
+    headers, headers_ok = _headers(item, field, line, ctx)
+    matches = _header_matches(item, field, line, ctx)
+    if matches is None:  # a secret-valued requirement: the rule never matches
+        return HttpRule(method="(?!)", path="(?!)")
+    if not (ok and headers_ok and matches[1]):
+        return None
+    return HttpRule(
+        values.get("method", ""),
+        values.get("path", ""),
+        values.get("host", ""),
+        (*headers, *matches[0]),
+    )
+
+
+def _headers(item, field, line, ctx: _Ctx) -> tuple[list[HeaderMatch], bool]:
+    """`headers: ['Name value', 'Name']`: (requirements, all well-formed)."""
+    out, ok = [], True
+    for h, hfield, hline in _items(ctx, item, "headers", field, line):
         if not isinstance(h, str) or not h.strip():
-            ctx.error(
-                _ln(hnode, i, line), f"{field}.headers[{i}]", "must be 'Name value' or 'Name'"
-            )
+            ctx.error(hline, hfield, "must be 'Name value' or 'Name'")
             ok = False
             continue
         name, sep, value = h.strip().partition(" ")
-        headers.append(HeaderMatch(name.rstrip(":"), value if sep else None))
-    mnode = _as_list(
-        ctx, item.get("headerMatches"), f"{field}.headerMatches", _ln(item, "headerMatches", line)
-    )
-    for i, m in enumerate(mnode):
-        mfield, mline = f"{field}.headerMatches[{i}]", _ln(mnode, i, line)
+        out.append(HeaderMatch(name.rstrip(":"), value if sep else None))
+    return out, ok
+
+
+def _header_matches(item, field, line, ctx: _Ctx) -> tuple[list[HeaderMatch], bool] | None:
+    """`headerMatches`: (matches, all well-formed), or None when a requirement's value is a
+    Kubernetes secret (not loaded: the rule must never match)."""
+    out, ok = [], True
+    for m, mfield, mline in _items(ctx, item, "headerMatches", field, line):
         if not isinstance(m, dict) or not m.get("name"):
             ctx.error(mline, mfield, "needs name (and value, mismatch)")
             ok = False
             continue
-        for key in m:
-            if key not in ("name", "value", "secret", "mismatch"):
-                ctx.error(_ln(m, key, mline), f"{mfield}.{key}", "unknown field")
-                ok = False
+        ok = _check_keys(ctx, m, ("name", "value", "secret", "mismatch"), mfield, mline) and ok
         mismatch = str(m.get("mismatch") or "").upper()
         if mismatch not in MISMATCH_ACTIONS:
             ctx.error(
@@ -184,27 +193,27 @@ def _parse_http(item, field, line, ctx: _Ctx) -> HttpRule | None:
             ok = False
             continue
         if "secret" in m:
-            if mismatch:
-                ctx.warn(
-                    _ln(m, "secret", mline),
-                    f"{mfield}.secret",
-                    "header values from Kubernetes secrets are not loaded: the "
-                    f"{mismatch} action for header {m['name']!r} is not applied",
-                )
-                continue
-            ctx.warn(
-                _ln(m, "secret", mline),
-                f"{mfield}.secret",
-                "header values from Kubernetes secrets are not loaded: this HTTP rule never "
-                "matches (fail closed)",
+            if not mismatch:
+                _secret_warning(m, mfield, mline, ctx, "this HTTP rule never matches (fail closed)")
+                return None
+            _secret_warning(
+                m,
+                mfield,
+                mline,
+                ctx,
+                f"the {mismatch} action for header {m['name']!r} is not applied",
             )
-            return HttpRule(method="(?!)", path="(?!)")  # never matches
+            continue
         value = m.get("value")
-        headers.append(HeaderMatch(str(m["name"]), None if value is None else str(value), mismatch))
-    if not ok:
-        return None
-    return HttpRule(
-        values.get("method", ""), values.get("path", ""), values.get("host", ""), tuple(headers)
+        out.append(HeaderMatch(str(m["name"]), None if value is None else str(value), mismatch))
+    return out, ok
+
+
+def _secret_warning(m, mfield, mline, ctx: _Ctx, consequence: str) -> None:
+    ctx.warn(
+        _ln(m, "secret", mline),
+        f"{mfield}.secret",
+        f"header values from Kubernetes secrets are not loaded: {consequence}",
     )
 
 
@@ -212,52 +221,15 @@ def _parse_kafka(item, field, line, ctx: _Ctx) -> KafkaRule | None:
     item = _as_dict(ctx, item, field, line)
     if item is None:
         return None
-    for key in item:
-        if key not in KAFKA_KEYS:
-            ctx.error(_ln(item, key, line), f"{field}.{key}", "unknown Kafka rule field")
-            return None
-    if item.get("role") and item.get("apiKey"):
-        ctx.error(
-            _ln(item, "apiKey", line), f"{field}.apiKey", "role and apiKey are mutually exclusive"
-        )
+    if not _check_keys(ctx, item, KAFKA_KEYS, field, line, "Kafka rule field"):
         return None
-    keys: tuple[int, ...] = ()
-    text = []
-    if item.get("role"):
-        role = str(item["role"]).lower()
-        if role not in kafka_keys.ROLES:
-            ctx.error(
-                _ln(item, "role", line),
-                f"{field}.role",
-                f"unknown role {item['role']!r}; expected produce or consume",
-            )
-            return None
-        keys = kafka_keys.ROLES[role]
-        text.append(f"role={role}")
-    elif item.get("apiKey") not in (None, ""):
-        number = kafka_keys.api_key_number(item["apiKey"])
-        if number is None:
-            ctx.error(
-                _ln(item, "apiKey", line),
-                f"{field}.apiKey",
-                f"unknown Kafka apiKey {item['apiKey']!r}; expected a number or one of "
-                + ", ".join(kafka_keys.API_KEYS),
-            )
-            return None
-        keys = (number,)
-        text.append(f"apiKey={kafka_keys.api_key_name(number)}")
-    version = None
-    if item.get("apiVersion") not in (None, ""):
-        raw = str(item["apiVersion"]).strip()
-        if not raw.isdigit() or int(raw) > 32767:
-            ctx.error(
-                _ln(item, "apiVersion", line),
-                f"{field}.apiVersion",
-                f"invalid apiVersion {item['apiVersion']!r}",
-            )
-            return None
-        version = int(raw)
-        text.append(f"apiVersion={version}")
+    text: list[str] = []
+    keys = _kafka_api_keys(item, field, line, ctx, text)
+    if keys is None:
+        return None
+    version = _kafka_version(item, field, line, ctx, text)
+    if version is False:
+        return None
     client = str(item.get("clientID") or "")
     if client:
         text.append(f"clientID={client}")
@@ -270,3 +242,52 @@ def _parse_kafka(item, field, line, ctx: _Ctx) -> KafkaRule | None:
             return None
         text.append(f"topic={topic}")
     return KafkaRule(keys, version, client, topic, "{" + " ".join(text) + "}" if text else "{any}")
+
+
+def _kafka_api_keys(item, field, line, ctx: _Ctx, text: list[str]) -> tuple[int, ...] | None:
+    """The API keys a rule covers (role or apiKey; none: every key)."""
+    if item.get("role") and item.get("apiKey"):
+        ctx.error(
+            _ln(item, "apiKey", line), f"{field}.apiKey", "role and apiKey are mutually exclusive"
+        )
+        return None
+    if item.get("role"):
+        role = str(item["role"]).lower()
+        if role not in kafka_keys.ROLES:
+            ctx.error(
+                _ln(item, "role", line),
+                f"{field}.role",
+                f"unknown role {item['role']!r}; expected produce or consume",
+            )
+            return None
+        text.append(f"role={role}")
+        return kafka_keys.ROLES[role]
+    if item.get("apiKey") in (None, ""):
+        return ()
+    number = kafka_keys.api_key_number(item["apiKey"])
+    if number is None:
+        ctx.error(
+            _ln(item, "apiKey", line),
+            f"{field}.apiKey",
+            f"unknown Kafka apiKey {item['apiKey']!r}; expected a number or one of "
+            + ", ".join(kafka_keys.API_KEYS),
+        )
+        return None
+    text.append(f"apiKey={kafka_keys.api_key_name(number)}")
+    return (number,)
+
+
+def _kafka_version(item, field, line, ctx: _Ctx, text: list[str]):
+    """The apiVersion (None: any), or False when it is invalid."""
+    if item.get("apiVersion") in (None, ""):
+        return None
+    raw = str(item["apiVersion"]).strip()
+    if not raw.isdigit() or int(raw) > 32767:
+        ctx.error(
+            _ln(item, "apiVersion", line),
+            f"{field}.apiVersion",
+            f"invalid apiVersion {item['apiVersion']!r}",
+        )
+        return False
+    text.append(f"apiVersion={int(raw)}")
+    return int(raw)
