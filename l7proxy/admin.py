@@ -15,8 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
-MAX_ADMIN_HEAD = 16 * 1024
-ADMIN_READ_TIMEOUT = 10.0
+from l7proxy.config import AdminConfig
 
 _REASONS = {
     200: "OK",
@@ -57,7 +56,8 @@ Handler = Callable[[AdminRequest], Awaitable[AdminResponse]]
 
 
 class AdminServer:
-    def __init__(self) -> None:
+    def __init__(self, limits: AdminConfig | None = None) -> None:
+        self.limits = limits or AdminConfig()
         self._routes: dict[str, Handler] = {}
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task] = set()
@@ -91,11 +91,11 @@ class AdminServer:
         try:
             try:
                 head = await asyncio.wait_for(
-                    reader.readuntil(b"\r\n\r\n"), timeout=ADMIN_READ_TIMEOUT
+                    reader.readuntil(b"\r\n\r\n"), timeout=self.limits.read_timeout
                 )
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
                 return
-            if len(head) > MAX_ADMIN_HEAD:
+            if len(head) > self.limits.max_head_bytes:
                 return
             request = _parse_head(head)
             if request is None:

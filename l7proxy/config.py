@@ -48,6 +48,21 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin port's limits (`ProxyConfig.admin`; in a config file `limits: {admin: {...}}`;
+    its address is the top-level `admin: HOST:PORT`)."""
+
+    # A request head (request line + headers) larger than this, or not complete within
+    # `read_timeout`, ends the admin connection without an answer.
+    max_head_bytes: int = 16 * KiB
+    read_timeout: float = 10 * SECOND
+
+    def __post_init__(self) -> None:
+        if self.max_head_bytes < 1 * KiB or self.read_timeout <= 0:
+            raise ValueError("admin max_head_bytes must be at least 1024, read_timeout positive")
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     # HTTP/1 request head: the whole head (request line + headers), the header count, the URI.
     max_header_bytes: int = 64 * KiB
@@ -120,6 +135,7 @@ class ProxyConfig:
     # How often the worker's deadline sweeper looks at every session's deadline: the resolution
     # of all the timeouts above.
     sweep_interval: float = 250 * MILLISECOND
+    admin: AdminConfig = field(default_factory=AdminConfig)
     # HTTP request paths with %2F, %5C or a backslash (parsers/http_path.py, docs/proxy-core.md):
     # "unescape" judges and forwards them as `/` (how nginx reads them), "reject" answers 400,
     # "keep" (Envoy's KEEP_UNCHANGED) leaves them: unsafe before a backend that decodes them.
@@ -220,7 +236,8 @@ class GatewayConfig:
 
 
 _PROXY_FIELDS = {f.name for f in dataclasses.fields(ProxyConfig)}
-_KAFKA_FIELDS = {f.name for f in dataclasses.fields(KafkaConfig)}
+# The typed sub-configs of ProxyConfig: a mapping under `limits:` in a config file.
+_SUB_CONFIGS = {"kafka": KafkaConfig, "admin": AdminConfig}
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -233,6 +250,7 @@ def load_yaml(path: str | Path) -> dict:
       advertise_host: HOST       (what a 0.0.0.0 Kafka listener advertises; default 127.0.0.1)
       limits: {max_header_bytes: 65536, header_timeout: 10, ...}   (ProxyConfig fields)
               kafka: {write_high_water: 4194304, socket_buffer: 524288}  (KafkaConfig fields)
+              admin: {max_head_bytes: 16384, read_timeout: 10}  (AdminConfig fields)
     """
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
@@ -255,12 +273,12 @@ def load_yaml(path: str | Path) -> dict:
     bad = set(limits) - _PROXY_FIELDS
     if bad:
         raise ValueError(f"{path}: unknown limits {sorted(bad)}")
-    if isinstance(limits.get("kafka"), dict):
-        kafka = limits["kafka"]
-        bad = set(kafka) - _KAFKA_FIELDS
-        if bad:
-            raise ValueError(f"{path}: unknown kafka limits {sorted(bad)}")
-        limits = {**limits, "kafka": KafkaConfig(**kafka)}
+    for name, sub in _SUB_CONFIGS.items():
+        if isinstance(limits.get(name), dict):
+            bad = set(limits[name]) - {f.name for f in dataclasses.fields(sub)}
+            if bad:
+                raise ValueError(f"{path}: unknown {name} limits {sorted(bad)}")
+            limits = {**limits, name: sub(**limits[name])}
     policy = data.get("policy") or []
     return {
         "listeners": [

@@ -111,12 +111,12 @@ class GatewayWorker:
             server = await loop.create_server(lambda lst=lst: Gate(lst), sock=sock, backlog=4096)
             self.servers.append(server)
         if admin_sock is not None:
-            self.admin = AdminServer()
+            self.admin = AdminServer(self.cfg.proxy.admin)
             install_core_routes(self.admin, self.metrics, self._policy_info, peer_metrics)
             self._mount_map(multi=bool(peer_metrics))
             await self.admin.start(None, None, sock=admin_sock)
         if metrics_path is not None:
-            self.private = AdminServer()
+            self.private = AdminServer(self.cfg.proxy.admin)
             install_core_routes(self.private, self.metrics, self._policy_info)
             await self.private.start_unix(metrics_path)
         self.sweeper.start()

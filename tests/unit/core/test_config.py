@@ -80,3 +80,22 @@ def test_invalid_http2_limit_is_a_config_error(tmp_path):
     with pytest.raises(ValueError, match="h2_max_frame_size"):
         gateway_config("-c", str(conf), "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1",
                        "--policy", "p.yaml", "--labels", "app=web")  # fmt: skip
+
+
+def test_admin_limits_are_a_typed_sub_config(tmp_path):
+    import pytest
+
+    from l7proxy.admin import AdminServer
+    from l7proxy.config import AdminConfig, ProxyConfig, load_yaml
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("limits: {admin: {max_head_bytes: 2048, read_timeout: 3}}\n")
+    limits = ProxyConfig(**load_yaml(cfg)["limits"]).admin
+    assert limits == AdminConfig(max_head_bytes=2048, read_timeout=3)
+    assert AdminServer(limits).limits.max_head_bytes == 2048
+    assert AdminServer().limits == ProxyConfig().admin == AdminConfig()
+    cfg.write_text("limits: {admin: {max_head: 1}}\n")
+    with pytest.raises(ValueError, match="unknown admin limits"):
+        load_yaml(cfg)
+    with pytest.raises(ValueError, match="admin max_head_bytes"):
+        AdminConfig(max_head_bytes=10)
