@@ -220,6 +220,9 @@ class GatewayConfig:
     # The host a Kafka listener bound to a wildcard address (0.0.0.0, ::) advertises in the
     # broker addresses it rewrites (None: 127.0.0.1).
     advertise_host: str | None = None
+    # How often the policy files' modification times are looked at (a change reloads them, as
+    # SIGHUP does).
+    policy_watch_interval: float = 1 * SECOND
 
     def validate(self) -> None:
         if not self.listeners:

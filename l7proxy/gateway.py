@@ -34,8 +34,6 @@ from l7proxy.server import (
 )
 from l7proxy.session import drain_sessions
 
-WATCH_INTERVAL = 1.0
-
 
 class RuleRef:
     """`ctx.rules()` for one connection: the rule set of the policy in force, looked up again
@@ -162,7 +160,7 @@ class GatewayWorker:
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(WATCH_INTERVAL)
+            await asyncio.sleep(self.cfg.policy_watch_interval)
             if self.policy.changed_on_disk():
                 self.reload()
 
