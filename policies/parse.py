@@ -21,6 +21,7 @@ from policies.parse_common import (
     _check_keys,
     _Ctx,
     _items,
+    _key_error,
     _ln,
     _scope_subject,
     _selector_at,
@@ -226,22 +227,17 @@ def _parse_spec(spec, field, line, name, kind, index, ctx: _Ctx) -> Rule | None:
 
 def _subject(spec, field, line, ctx: _Ctx):
     """(endpoint selector, node selector): exactly one of them; None when neither is usable."""
+    node_problem = None
     if "endpointSelector" in spec and "nodeSelector" in spec:
-        ctx.error(
-            _ln(spec, "nodeSelector", line),
-            f"{field}.nodeSelector",
-            "endpointSelector and nodeSelector are mutually exclusive",
-        )
+        node_problem = "endpointSelector and nodeSelector are mutually exclusive"
+    elif "nodeSelector" in spec and not ctx.clusterwide:
+        node_problem = "only a CiliumClusterwideNetworkPolicy may select nodes"
+    if node_problem is not None:
+        _key_error(ctx, spec, "nodeSelector", field, line, node_problem)
     if "endpointSelector" in spec:
         sel = _selector_at(spec, "endpointSelector", field, line, ctx)
         return None if sel is None else (_scope_subject(sel, ctx), None)
     if "nodeSelector" in spec:
-        if not ctx.clusterwide:
-            ctx.error(
-                _ln(spec, "nodeSelector", line),
-                f"{field}.nodeSelector",
-                "only a CiliumClusterwideNetworkPolicy may select nodes",
-            )
         sel = _selector_at(spec, "nodeSelector", field, line, ctx)
         return None if sel is None else (None, sel)
     ctx.error(
@@ -307,6 +303,6 @@ def _rule_labels(spec, field, line, ctx: _Ctx) -> tuple[str, ...]:
 def _description(spec, field, line, ctx: _Ctx) -> str:
     description = spec.get("description") or ""
     if not isinstance(description, str):
-        ctx.error(_ln(spec, "description", line), f"{field}.description", "must be a string")
+        _key_error(ctx, spec, "description", field, line, "must be a string")
         description = str(description)
     return description

@@ -45,6 +45,25 @@ def _ln(node, key=None, default: int = 1) -> int:
     return getattr(node, "line", default) or default
 
 
+def _key_error(ctx: _Ctx, node, key: str, field: str, line: int, reason: str) -> None:
+    """An error about `node[key]`, at its line."""
+    ctx.error(_ln(node, key, line), f"{field}.{key}", reason)
+
+
+def _unenforced(ctx: _Ctx, node, key: str, field: str, line: int, deny: bool, **why) -> bool:
+    """A field this engine does not enforce: in an allow rule a warning (`why["warning"]`; what it
+    would allow is not allowed), in a deny rule an error (`why["error"]`: dropping it would allow
+    more). True when the field is there."""
+    if key not in node:
+        return False
+    kline, kfield = _ln(node, key, line), f"{field}.{key}"
+    if deny:
+        ctx.error(kline, kfield, why["error"])
+    else:
+        ctx.warn(kline, kfield, why["warning"])
+    return True
+
+
 def _as_list(ctx: _Ctx, node, field: str, line: int) -> list:
     if node is None:
         return []
@@ -157,9 +176,12 @@ def _expression(ctx: _Ctx, expr, efield: str, eline: int) -> Requirement | None:
     op_text = str(expr["operator"])
     op = _OPERATORS.get(op_text.lower())
     if op is None:
-        ctx.error(
-            _ln(expr, "operator", eline),
-            f"{efield}.operator",
+        _key_error(
+            ctx,
+            expr,
+            "operator",
+            efield,
+            eline,
             f"unknown operator {op_text!r}; expected In, NotIn, Exists or DoesNotExist",
         )
         return None
@@ -168,7 +190,7 @@ def _expression(ctx: _Ctx, expr, efield: str, eline: int) -> Requirement | None:
         ctx.error(_ln(expr, "operator", eline), f"{efield}.values", f"{op} needs values")
         return None
     if op in ("Exists", "DoesNotExist") and values:
-        ctx.error(_ln(expr, "values", eline), f"{efield}.values", f"{op} must not have values")
+        _key_error(ctx, expr, "values", efield, eline, f"{op} must not have values")
         return None
     return _requirement(
         ctx, expr["key"], op, [str(v) for v in values], efield, _ln(expr, "key", eline)

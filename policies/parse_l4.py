@@ -13,7 +13,7 @@ from policies.model import (
     PortProto,
     PortRule,
 )
-from policies.parse_common import _as_list, _check_keys, _Ctx, _items, _ln
+from policies.parse_common import _as_list, _check_keys, _Ctx, _items, _key_error, _ln, _unenforced
 from policies.parse_l7 import _l7_ports, _parse_l7
 
 NAMED_PORT = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
@@ -135,9 +135,12 @@ def _parse_port(entry, field, line, ctx: _Ctx, *, require_port: bool = True) -> 
 def _protocol(entry, field, line, ctx: _Ctx) -> int | None:
     proto_text = str(entry.get("protocol") or "ANY").upper()
     if proto_text not in PROTO_NUMBERS:
-        ctx.error(
-            _ln(entry, "protocol", line),
-            f"{field}.protocol",
+        _key_error(
+            ctx,
+            entry,
+            "protocol",
+            field,
+            line,
             f"unknown protocol {entry.get('protocol')!r}; expected TCP, UDP, SCTP or ANY",
         )
         return None
@@ -208,10 +211,8 @@ def _port_rule(entry, pfield, pline, deny, direction, ctx: _Ctx) -> tuple[PortRu
     l7 = None
     if entry.get("rules") is not None:
         if deny:
-            ctx.error(
-                _ln(entry, "rules", pline),
-                f"{pfield}.rules",
-                "L7 rules are not allowed in a deny rule",
+            _key_error(
+                ctx, entry, "rules", pfield, pline, "L7 rules are not allowed in a deny rule"
             )
         else:
             l7, drop_l7 = _parse_l7(
@@ -230,9 +231,12 @@ def _port_rule(entry, pfield, pline, deny, direction, ctx: _Ctx) -> tuple[PortRu
 def _ports(entry, pfield, pline, ctx: _Ctx) -> list[PortProto]:
     plist = _as_list(ctx, entry.get("ports"), f"{pfield}.ports", _ln(entry, "ports", pline))
     if len(plist) > MAX_PORTS:
-        ctx.error(
-            _ln(entry, "ports", pline),
-            f"{pfield}.ports",
+        _key_error(
+            ctx,
+            entry,
+            "ports",
+            pfield,
+            pline,
             f"{len(plist)} ports; at most {MAX_PORTS} in one toPorts entry (as in Cilium)",
         )
         return []
@@ -260,21 +264,25 @@ def _check_port_rule(entry, pfield, pline, direction, ctx: _Ctx) -> None:
     names = entry.get("serverNames")
     if isinstance(names, list):
         if any(n in (None, "") for n in names):
-            ctx.error(
-                _ln(entry, "serverNames", pline),
-                f"{pfield}.serverNames",
-                "an empty server name is not allowed",
+            _key_error(
+                ctx, entry, "serverNames", pfield, pline, "an empty server name is not allowed"
             )
         if names and has_l7 and "terminatingTLS" not in entry:
-            ctx.error(
-                _ln(entry, "serverNames", pline),
-                f"{pfield}.serverNames",
+            _key_error(
+                ctx,
+                entry,
+                "serverNames",
+                pfield,
+                pline,
                 "serverNames with L7 rules need terminatingTLS",
             )
     if "listener" in entry and (direction == "in" or has_l7):
-        ctx.error(
-            _ln(entry, "listener", pline),
-            f"{pfield}.listener",
+        _key_error(
+            ctx,
+            entry,
+            "listener",
+            pfield,
+            pline,
             "a listener is not allowed on ingress"
             if direction == "in"
             else "a listener is not allowed together with L7 rules",
@@ -283,22 +291,21 @@ def _check_port_rule(entry, pfield, pline, direction, ctx: _Ctx) -> None:
 
 def _not_enforced(entry, pfield, pline, deny, ctx: _Ctx) -> bool:
     """TLS and listener settings: the port rule is dropped (warning; error in a deny rule)."""
-    drop = False
-    for key, what in NOT_ENFORCED:
-        if key not in entry:
-            continue
-        kline, kfield = _ln(entry, key, pline), f"{pfield}.{key}"
-        if deny:
-            ctx.error(kline, kfield, f"{key} is not allowed in a deny rule")
-        else:
-            ctx.warn(
-                kline,
-                kfield,
-                f"{what} is not enforced: this port rule is dropped, so these ports are "
-                "not allowed by it",
-            )
-        drop = True
-    return drop
+    found = [
+        _unenforced(
+            ctx,
+            entry,
+            key,
+            pfield,
+            pline,
+            deny,
+            error=f"{key} is not allowed in a deny rule",
+            warning=f"{what} is not enforced: this port rule is dropped, so these ports are not "
+            "allowed by it",
+        )
+        for key, what in NOT_ENFORCED
+    ]
+    return any(found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,16 +337,12 @@ def _icmp_field(f, ffield, fline, ctx: _Ctx) -> ICMPField | None:
         return None
     family = str(f.get("family") or "IPv4")
     if family not in ("IPv4", "IPv6"):
-        ctx.error(
-            _ln(f, "family", fline),
-            f"{ffield}.family",
-            f"unknown family {family!r}; expected IPv4 or IPv6",
+        _key_error(
+            ctx, f, "family", ffield, fline, f"unknown family {family!r}; expected IPv4 or IPv6"
         )
         return None
     number = icmp.icmp_type(family, f["type"])
     if number is None:
-        ctx.error(
-            _ln(f, "type", fline), f"{ffield}.type", f"unknown {family} ICMP type {f['type']!r}"
-        )
+        _key_error(ctx, f, "type", ffield, fline, f"unknown {family} ICMP type {f['type']!r}")
         return None
     return ICMPField(family, number)

@@ -19,7 +19,7 @@ from policies.model import (
     L7Rules,
     PortProto,
 )
-from policies.parse_common import _as_dict, _as_list, _check_keys, _Ctx, _items, _ln
+from policies.parse_common import _as_dict, _as_list, _check_keys, _Ctx, _items, _key_error, _ln
 
 HTTP_KEYS = {"method", "path", "host", "headers", "headerMatches"}
 KAFKA_KEYS = {"role", "apiKey", "apiVersion", "clientID", "topic"}
@@ -78,7 +78,7 @@ def _parse_l7(node, field, line, ctx: _Ctx) -> tuple[L7Rules | None, bool]:
     if "dns" in node:
         return None, _dns_dropped(node, field, line, ctx)
     if "l7" in node and "l7proto" not in node:
-        ctx.error(_ln(node, "l7", line), f"{field}.l7", "l7 needs l7proto (as in Cilium)")
+        _key_error(ctx, node, "l7", field, line, "l7 needs l7proto (as in Cilium)")
         return None, False
     if "l7proto" in node:
         ctx.warn(
@@ -185,9 +185,12 @@ def _header_matches(item, field, line, ctx: _Ctx) -> tuple[list[HeaderMatch], bo
         ok = _check_keys(ctx, m, ("name", "value", "secret", "mismatch"), mfield, mline) and ok
         mismatch = str(m.get("mismatch") or "").upper()
         if mismatch not in MISMATCH_ACTIONS:
-            ctx.error(
-                _ln(m, "mismatch", mline),
-                f"{mfield}.mismatch",
+            _key_error(
+                ctx,
+                m,
+                "mismatch",
+                mfield,
+                mline,
                 f"unknown mismatch action {m.get('mismatch')!r}; expected LOG, ADD, DELETE or REPLACE",
             )
             ok = False
@@ -236,9 +239,7 @@ def _parse_kafka(item, field, line, ctx: _Ctx) -> KafkaRule | None:
     topic = str(item.get("topic") or "")
     if topic:
         if not KAFKA_TOPIC.match(topic):
-            ctx.error(
-                _ln(item, "topic", line), f"{field}.topic", f"invalid Kafka topic name {topic!r}"
-            )
+            _key_error(ctx, item, "topic", field, line, f"invalid Kafka topic name {topic!r}")
             return None
         text.append(f"topic={topic}")
     return KafkaRule(keys, version, client, topic, "{" + " ".join(text) + "}" if text else "{any}")
@@ -247,16 +248,17 @@ def _parse_kafka(item, field, line, ctx: _Ctx) -> KafkaRule | None:
 def _kafka_api_keys(item, field, line, ctx: _Ctx, text: list[str]) -> tuple[int, ...] | None:
     """The API keys a rule covers (role or apiKey; none: every key)."""
     if item.get("role") and item.get("apiKey"):
-        ctx.error(
-            _ln(item, "apiKey", line), f"{field}.apiKey", "role and apiKey are mutually exclusive"
-        )
+        _key_error(ctx, item, "apiKey", field, line, "role and apiKey are mutually exclusive")
         return None
     if item.get("role"):
         role = str(item["role"]).lower()
         if role not in kafka_keys.ROLES:
-            ctx.error(
-                _ln(item, "role", line),
-                f"{field}.role",
+            _key_error(
+                ctx,
+                item,
+                "role",
+                field,
+                line,
                 f"unknown role {item['role']!r}; expected produce or consume",
             )
             return None
@@ -266,9 +268,12 @@ def _kafka_api_keys(item, field, line, ctx: _Ctx, text: list[str]) -> tuple[int,
         return ()
     number = kafka_keys.api_key_number(item["apiKey"])
     if number is None:
-        ctx.error(
-            _ln(item, "apiKey", line),
-            f"{field}.apiKey",
+        _key_error(
+            ctx,
+            item,
+            "apiKey",
+            field,
+            line,
             f"unknown Kafka apiKey {item['apiKey']!r}; expected a number or one of "
             + ", ".join(kafka_keys.API_KEYS),
         )
@@ -283,10 +288,8 @@ def _kafka_version(item, field, line, ctx: _Ctx, text: list[str]):
         return None
     raw = str(item["apiVersion"]).strip()
     if not raw.isdigit() or int(raw) > 32767:
-        ctx.error(
-            _ln(item, "apiVersion", line),
-            f"{field}.apiVersion",
-            f"invalid apiVersion {item['apiVersion']!r}",
+        _key_error(
+            ctx, item, "apiVersion", field, line, f"invalid apiVersion {item['apiVersion']!r}"
         )
         return False
     text.append(f"apiVersion={int(raw)}")

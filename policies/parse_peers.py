@@ -4,7 +4,16 @@ the peers that are named but not enforced (toFQDNs, toServices, groups), and its
 from __future__ import annotations
 
 from policies.model import ENTITIES, PeerRule, Peers
-from policies.parse_common import _as_dict, _Ctx, _items, _ln, _scope_peer, _selectors
+from policies.parse_common import (
+    _as_dict,
+    _Ctx,
+    _items,
+    _key_error,
+    _ln,
+    _scope_peer,
+    _selectors,
+    _unenforced,
+)
 from policies.parse_l4 import _parse_cidrs, _parse_icmps, _parse_to_ports
 
 # The L3 peer kinds of one rule, in Cilium's sanitizer order: a rule names at most one of them.
@@ -68,10 +77,8 @@ def _parse_peer_rule(item, field, line, direction, deny, ctx: _Ctx) -> PeerRule 
     ports = _parse_to_ports(item, field, line, deny, direction, ctx)
     icmps = _parse_icmps(item, field, line, ctx)
     if icmps and "toPorts" in item:
-        ctx.error(
-            _ln(item, "icmps", line),
-            f"{field}.icmps",
-            "icmps and toPorts cannot be combined in one rule",
+        _key_error(
+            ctx, item, "icmps", field, line, "icmps and toPorts cannot be combined in one rule"
         )
     if ports is None:  # every port rule was dropped fail-closed
         peers = Peers(unresolved=True)
@@ -108,9 +115,12 @@ def _check_one_peer_kind(item, field, line, direction, ctx: _Ctx) -> None:
             "write one rule for each",
         )
     if direction == "out" and named[:1] == ["toServices"] and item.get("toPorts"):
-        ctx.error(
-            _ln(item, "toPorts", line),
-            f"{field}.toPorts",
+        _key_error(
+            ctx,
+            item,
+            "toPorts",
+            field,
+            line,
             "toServices and toPorts cannot be combined in one rule (Cilium refuses it too)",
         )
 
@@ -145,17 +155,20 @@ def _requires(item, prefix, field, line, ctx: _Ctx) -> list:
 def _not_enforced(item, field, line, deny, ctx: _Ctx) -> bool:
     """Peers named by a kind this engine does not resolve: a warning (an error in a deny rule,
     where dropping them would allow more). True when there was any."""
-    found = False
-    for key, reason in NOT_ENFORCED.items():
-        if key not in item:
-            continue
-        kline, kfield = _ln(item, key, line), f"{field}.{key}"
-        if deny:
-            ctx.error(kline, kfield, f"{key} is not supported in a deny rule")
-        else:
-            ctx.warn(kline, kfield, reason)
-        found = True
-    return found
+    found = [
+        _unenforced(
+            ctx,
+            item,
+            key,
+            field,
+            line,
+            deny,
+            error=f"{key} is not supported in a deny rule",
+            warning=reason,
+        )
+        for key, reason in NOT_ENFORCED.items()
+    ]
+    return any(found)
 
 
 def _names_no_peer(item, direction) -> bool:
