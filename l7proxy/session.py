@@ -92,6 +92,19 @@ class Session(asyncio.Protocol):
         raise NotImplementedError
 
 
+class SessionStateError(RuntimeError):
+    """An input a session's state table does not have in the state it is in: a bug in that
+    session (the event loop then closes its connection, never the worker)."""
+
+
+def next_state(table: dict, state: enum.Enum, event: enum.Enum, protocol: str) -> enum.Enum:
+    """The state `table` (a session's one transition table) gives for `event` in `state`."""
+    try:
+        return table[state, event]
+    except KeyError:
+        raise SessionStateError(f"{protocol} session: {event.value} while {state.name}") from None
+
+
 async def drain_sessions(sessions: Collection[Session], seconds: float) -> int:
     """Ask every session to drain, wait up to `seconds` for them to close (`sessions` is a live
     collection that closing sessions leave, such as the sweeper's set), then close the rest.

@@ -30,17 +30,17 @@ from l7proxy.http1.states import (
     DRAINING,
     HANDED_OFF,
     OPEN,
+    TRANSITIONS,
     TUNNEL,
     UPGRADING,
     UPGRADING_DRAINING,
     Input,
-    next_state,
 )
 from l7proxy.http1.upgrades import Upgrades
 from l7proxy.http1.upstream import UpstreamConn, UpstreamPool
 from l7proxy.http1.verdicts import decide, recall, remember
 from l7proxy.protocols import worker_upstreams
-from l7proxy.session import NO_DEADLINE, PauseReason, Session
+from l7proxy.session import NO_DEADLINE, PauseReason, Session, next_state
 from parsers.http1 import (
     Data,
     EndOfMessage,
@@ -330,7 +330,7 @@ class Http1Session(Forwarding, Upgrades, Lifetime, Session):
     # ---- the one place the connection's state changes (l7proxy/http1/states.py) ------------
 
     def _to(self, event: Input) -> None:
-        state = self.state = next_state(self.state, event)
+        state = self.state = next_state(TRANSITIONS, self.state, event, "HTTP/1")
         if state >= TUNNEL:
             self.deadline_kind = NO_DEADLINE  # a tunnel has no deadline; a closed one neither
             if state >= HANDED_OFF:

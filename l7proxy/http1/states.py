@@ -7,8 +7,8 @@ relays raw bytes once the upstream switched (`TUNNEL`), gave its transport to an
 refuses (`UPGRADING_DRAINING` goes back to `DRAINING`).
 
 `Http1Session._to(input)` is the only place that changes the state; an input the table does not
-have in a state is a bug in the session and raises `SessionStateError` (the event loop then
-closes that connection, never the worker).
+have in a state is a bug in the session and raises `l7proxy.session.SessionStateError` (the
+event loop then closes that connection, never the worker).
 
 `OPEN` and `DRAINING` come first, `UPGRADING` and `UPGRADING_DRAINING` next: `state <= DRAINING`
 is "speaks HTTP", which the hot path tests with one comparison.
@@ -69,14 +69,3 @@ TRANSITIONS: dict[tuple[State, Input], State] = {
     (CLOSED, DRAIN): CLOSED,
     (CLOSED, CLOSE): CLOSED,
 }
-
-
-class SessionStateError(RuntimeError):
-    """An input the state table does not have in the current state."""
-
-
-def next_state(state: State, event: Input) -> State:
-    try:
-        return TRANSITIONS[state, event]
-    except KeyError:
-        raise SessionStateError(f"HTTP/1 session: {event.value} while {state.name}") from None

@@ -19,9 +19,9 @@ import time
 from l7proxy.flows import DROPPED, FORWARDED
 from l7proxy.http2.flows import InFlight, emit_connection_error, emit_rejected, emit_stream_flow
 from l7proxy.http2.policy import H2Policy, limits_from_config
-from l7proxy.http2.states import ABORT, CLOSE, CLOSING, LOST, OPEN, Input, next_state
+from l7proxy.http2.states import ABORT, CLOSE, CLOSING, LOST, OPEN, TRANSITIONS, Input
 from l7proxy.log import log
-from l7proxy.session import NO_DEADLINE, PauseReason, Session
+from l7proxy.session import NO_DEADLINE, PauseReason, Session, next_state
 from parsers.http2 import (
     ConnectionFailed,
     H2Relay,
@@ -289,7 +289,7 @@ class H2Session(Session):
 
     def _to(self, event: Input) -> None:
         """The one place the connection's state changes (l7proxy/http2/states.py)."""
-        state = self.state = next_state(self.state, event)
+        state = self.state = next_state(TRANSITIONS, self.state, event, "HTTP/2")
         if state is not OPEN:
             self.closed = True  # (the Session contract's flag, kept in step with the state)
             if state is CLOSING:

@@ -4,7 +4,7 @@ Everything about streams lives in the sans-IO relay (parsers/http2); the session
 `OPEN` (relaying, its deadline the 1-second tick), `CLOSING` (the proxy closed it: what is
 buffered, GOAWAY included, is still being written, and a client that does not read it is aborted
 after `h2_close_grace`) or `CLOSED`. `H2Session._to(input)` is the only place that changes it;
-an input the table does not have in a state raises `SessionStateError`.
+an input the table does not have in a state raises `l7proxy.session.SessionStateError`.
 """
 
 from __future__ import annotations
@@ -37,14 +37,3 @@ TRANSITIONS: dict[tuple[State, Input], State] = {
     # A failure while handling what arrived with the close (the abort must not fail too).
     (CLOSED, ABORT): CLOSED,
 }
-
-
-class SessionStateError(RuntimeError):
-    """An input the state table does not have in the current state."""
-
-
-def next_state(state: State, event: Input) -> State:
-    try:
-        return TRANSITIONS[state, event]
-    except KeyError:
-        raise SessionStateError(f"HTTP/2 session: {event.value} while {state.name}") from None

@@ -2,7 +2,8 @@
 
 import pytest
 
-from l7proxy.http1.states import TRANSITIONS, Input, SessionStateError, State, next_state
+from l7proxy.http1.states import TRANSITIONS, Input, State
+from l7proxy.session import SessionStateError, next_state
 from tests.unit.http1.playbook import Play
 
 OPEN, DRAINING, UPGRADING, UPGRADING_DRAINING, TUNNEL, HANDED_OFF, CLOSED = State
@@ -34,9 +35,9 @@ def test_speaking_http_is_the_first_two_states():
 
 def test_an_input_the_table_does_not_have_is_an_error():
     with pytest.raises(SessionStateError, match="upgrade while TUNNEL"):
-        next_state(TUNNEL, Input.UPGRADE)
+        next_state(TRANSITIONS, TUNNEL, Input.UPGRADE, "HTTP/1")
     with pytest.raises(SessionStateError):
-        next_state(OPEN, Input.REFUSED)  # no upgrade was waiting
+        next_state(TRANSITIONS, OPEN, Input.REFUSED, "HTTP/1")  # no upgrade was waiting
 
 
 def test_drain_during_an_upgrade_is_kept_when_the_upstream_refuses_it():

@@ -6,9 +6,9 @@ import pytest
 
 from l7proxy.config import ProxyConfig
 from l7proxy.http2.session import H2Session
-from l7proxy.http2.states import TRANSITIONS, Input, SessionStateError, State, next_state
+from l7proxy.http2.states import TRANSITIONS, Input, State
 from l7proxy.metrics import ProxyMetrics
-from l7proxy.session import NO_DEADLINE
+from l7proxy.session import NO_DEADLINE, SessionStateError, next_state
 
 OPEN, CLOSING, CLOSED = State
 
@@ -50,7 +50,7 @@ def test_closed_is_final_and_every_state_is_reached():
     assert {TRANSITIONS[k] for k in TRANSITIONS} | {OPEN} == set(State)  # OPEN: the start
     assert all(TRANSITIONS[k] is CLOSED for k in TRANSITIONS if k[0] is CLOSED)
     with pytest.raises(SessionStateError, match="close while CLOSED"):
-        next_state(CLOSED, Input.CLOSE)
+        next_state(TRANSITIONS, CLOSED, Input.CLOSE, "HTTP/2")
 
 
 def test_a_close_waits_out_its_grace_then_aborts():
