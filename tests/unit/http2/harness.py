@@ -11,6 +11,23 @@ from parsers.http2 import frames as f
 from parsers.http2.headers import encode_fields
 
 
+def session_ctx(rules=lambda: None, config=None):
+    """The ConnContext attributes an H2Session reads, for tests without a listener."""
+    from types import SimpleNamespace
+
+    from l7proxy.config import ProxyConfig
+    from l7proxy.metrics import ProxyMetrics
+
+    return SimpleNamespace(
+        config=config or ProxyConfig(),
+        proto_metrics=ProxyMetrics().for_proto("http2"),
+        rules=rules,
+        client_ip="127.0.0.1",
+        client_port=1,
+        sweeper=None,
+    )
+
+
 def deny_path(prefix: str):
     """A policy: everything except paths starting with `prefix`."""
 

@@ -24,7 +24,7 @@ from parsers.http2.headers import (
     parse_request,
 )
 
-from .harness import frames_of, get, started
+from .harness import frames_of, get, session_ctx, started
 
 REQUEST = [(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/x")]
 
@@ -235,11 +235,8 @@ def test_server_goaway_then_close_refuses_only_unprocessed_streams():
 
 
 def test_a_failing_policy_closes_only_that_connection(capsys):
-    from types import SimpleNamespace
 
-    from l7proxy.config import ProxyConfig
     from l7proxy.http2.session import H2Session
-    from l7proxy.metrics import ProxyMetrics
 
     class Transport:
         aborted = False
@@ -256,14 +253,7 @@ def test_a_failing_policy_closes_only_that_connection(capsys):
     def broken_rules():
         raise RuntimeError("policy bug")
 
-    ctx = SimpleNamespace(
-        config=ProxyConfig(),
-        proto_metrics=ProxyMetrics().for_proto("http2"),
-        rules=broken_rules,
-        client_ip="127.0.0.1",
-        client_port=1,
-        sweeper=None,
-    )
+    ctx = session_ctx(broken_rules)
     session = H2Session(ctx)
     transport = Transport()
     session.connection_made(transport)

@@ -1,14 +1,12 @@
 """The HTTP/2 session's state table (l7proxy/http2/states.py) and the session moving through it."""
 
-from types import SimpleNamespace
-
 import pytest
 
 from l7proxy.config import ProxyConfig
 from l7proxy.http2.session import H2Session
 from l7proxy.http2.states import TRANSITIONS, Input, State
-from l7proxy.metrics import ProxyMetrics
 from l7proxy.session import NO_DEADLINE, SessionStateError, next_state
+from tests.unit.http2.harness import session_ctx
 
 OPEN, CLOSING, CLOSED = State
 
@@ -32,15 +30,7 @@ class _Transport:
 
 
 def _session() -> tuple[H2Session, _Transport]:
-    ctx = SimpleNamespace(
-        config=ProxyConfig(h2_close_grace=3),
-        proto_metrics=ProxyMetrics().for_proto("http2"),
-        rules=lambda: None,
-        client_ip="127.0.0.1",
-        client_port=1,
-        sweeper=None,
-    )
-    session = H2Session(ctx)
+    session = H2Session(session_ctx(config=ProxyConfig(h2_close_grace=3)))
     transport = _Transport()
     session.connection_made(transport)
     return session, transport
