@@ -107,4 +107,43 @@ elif command -v npm >/dev/null; then
 else
   step "no npm: the map page falls back to HTML lists (install nodejs/npm for the drawn graph)"
 fi
+# h2spec (HTTP/2 conformance, tests/e2e/test_h2spec.py): built offline from the Go source kept
+# beside the checkout (../shared/tools/h2spec, see its README) with Debian's Go and Go libraries,
+# plus our own small main (scripts/h2spec/main.go). The binary lives in the git-ignored venv.
+H2SPEC_SRC="$ROOT/../shared/tools/h2spec"
+H2SPEC_MAIN="$ROOT/scripts/h2spec/main.go"
+H2SPEC_BIN="$VENV/bin/h2spec"
+if [ -x "$H2SPEC_BIN" ] && [ "$H2SPEC_BIN" -nt "$H2SPEC_MAIN" ]; then
+  step "h2spec present: $H2SPEC_BIN"
+else
+  [ -f "$H2SPEC_SRC/h2spec.go" ] || die "h2spec source not found at $H2SPEC_SRC (the shared tools directory must sit beside the checkout: ../shared/tools/h2spec)"
+  GO_PKGS="golang-go golang-golang-x-net-dev golang-github-spf13-cobra-dev golang-github-fatih-color-dev
+    golang-golang-x-sys-dev golang-github-spf13-pflag-dev golang-github-mattn-go-colorable-dev
+    golang-github-mattn-go-isatty-dev golang-github-inconshreveable-mousetrap-dev"
+  missing=""
+  for p in $GO_PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+  done
+  if [ -n "$missing" ]; then
+    step "installing Debian packages for h2spec:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null || die "apt-get update failed: check that Debian's mirrors are reachable"
+    apt-get install -y -q $missing >/dev/null || die "apt-get install failed for:$missing"
+  fi
+  step "building h2spec from $H2SPEC_SRC (about a minute)"
+  gp=$(mktemp -d)
+  mkdir -p "$gp/src/github.com/summerwind"
+  cp -r "$H2SPEC_SRC" "$gp/src/github.com/summerwind/h2spec"
+  chmod -R u+w "$gp/src/github.com/summerwind/h2spec"
+  mkdir -p "$gp/src/github.com/summerwind/h2spec/cmd/h2spec"
+  cp "$H2SPEC_MAIN" "$gp/src/github.com/summerwind/h2spec/cmd/h2spec/main.go"
+  if (cd "$gp/src/github.com/summerwind/h2spec" && GO111MODULE=off GOPATH="$gp:/usr/share/gocode" \
+      GOCACHE="$gp/cache" go build -o "$gp/h2spec" ./cmd/h2spec); then
+    install -m 0755 "$gp/h2spec" "$H2SPEC_BIN"
+    rm -rf "$gp"
+  else
+    rm -rf "$gp"
+    die "building h2spec failed (see the go output above)"
+  fi
+fi
 step "done"

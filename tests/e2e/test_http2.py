@@ -6,7 +6,9 @@ import json
 import os
 import signal
 import socket
+import socketserver
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -17,7 +19,7 @@ import h2.events
 import pytest
 
 from tests.conftest import need_binary
-from tests.e2e.peers import Gateway, NginxServer, free_port, policy_yaml
+from tests.e2e.peers import Gateway, NginxServer, free_port, policy_yaml, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -373,3 +375,124 @@ def test_config_file_http2_limits_reach_the_connection(nginx_h2, tmp_path):
             client.close()
     finally:
         gw.stop()
+
+
+class RecordingH2Backend:
+    """An h2c (prior knowledge) server that records, per stream, what reached it: ("headers",
+    content-length), ("data", bytes), ("end",), ("reset", code). It answers 200 once a request
+    has ended."""
+
+    def __init__(self) -> None:
+        seen: dict[int, list[tuple]] = {}
+        self.seen = seen
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                record_h2_requests(self.request, seen)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def record_h2_requests(sock: socket.socket, seen: dict[int, list[tuple]]) -> None:
+    server = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+    )
+    server.initiate_connection()
+    sock.sendall(server.data_to_send())
+    while data := sock.recv(65536):
+        for ev in server.receive_data(data):
+            log = seen.setdefault(getattr(ev, "stream_id", 0), [])
+            if isinstance(ev, h2.events.RequestReceived):
+                log.append(("headers", dict(ev.headers).get("content-length")))
+            elif isinstance(ev, h2.events.DataReceived):
+                log.append(("data", ev.data))
+                server.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded):
+                log.append(("end",))
+                server.send_headers(ev.stream_id, [(":status", "200")], end_stream=True)
+            elif isinstance(ev, h2.events.StreamReset):
+                log.append(("reset", ev.error_code))
+        sock.sendall(server.data_to_send())
+
+
+def read_frames(sock: socket.socket, until, timeout: float = 10.0) -> list[tuple]:
+    """(type, flags, stream, payload) frames from a raw HTTP/2 socket until `until(frames)`."""
+    sock.settimeout(timeout)
+    buf, frames = b"", []
+    while not until(frames):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            length = int.from_bytes(buf[:3], "big")
+            sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            frames.append((buf[3], buf[4], sid, buf[9 : 9 + length]))
+            buf = buf[9 + length :]
+    return frames
+
+
+def test_content_length_mismatch_is_reset_and_never_reaches_the_upstream(tmp_path):
+    """RFC 9113 8.1.1 (h2spec 8.1.2.6): a body longer or shorter than its content-length is a
+    stream error PROTOCOL_ERROR; the upstream sees the head and a RST_STREAM, never the DATA
+    that broke the length nor an END_STREAM. A matching body on the same connection passes."""
+    from parsers.http2 import frames as f
+    from parsers.http2.headers import encode_fields
+
+    backend = RecordingH2Backend()
+    port = free_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_yaml(port, '- method: POST\n          path: "/public/.*"'))
+    gw = Gateway(
+        ["--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{backend.port}",
+         "--policy", str(policy), "--labels", "app=web", "--protocol", "http2"]
+    )  # fmt: skip
+
+    def head(sid: int, length: int, end_stream: bool = False) -> bytes:
+        fields = [(":method", "POST"), (":scheme", "http"), (":authority", "gw"),
+                  (":path", f"/public/s{sid}"), ("content-length", str(length))]  # fmt: skip
+        return f.headers_frames(sid, encode_fields(fields), end_stream)
+
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                f.PREFACE
+                + f.settings_frame()
+                + head(1, 1)
+                + f.data_frame(1, b"test", True)  # 4 bytes for a content-length of 1
+                + head(3, 8)
+                + f.data_frame(3, b"test", False)
+                + f.data_frame(3, b"tes", True)  # 7 of 8, then END_STREAM
+                + head(5, 4)
+                + f.data_frame(5, b"test", True)  # right
+            )
+            frames = read_frames(
+                sock,
+                lambda fr: (
+                    sum(1 for t, fl, s, _ in fr if s == 5 and fl & f.FLAG_END_STREAM)
+                    and len([1 for t, *_ in fr if t == f.RST_STREAM]) >= 2
+                ),
+            )
+        resets = {s: int.from_bytes(p, "big") for t, _, s, p in frames if t == f.RST_STREAM}
+        assert resets == {1: f.PROTOCOL_ERROR, 3: f.PROTOCOL_ERROR}
+        assert any(t == f.HEADERS and s == 5 for t, _, s, _ in frames)  # answered by upstream
+
+        def settled():
+            return all(
+                any(e[0] in ("reset", "end") for e in backend.seen.get(sid, [])) for sid in (1, 3)
+            )
+
+        assert wait_for(settled), backend.seen
+        assert backend.seen[1] == [("headers", "1"), ("reset", f.CANCEL)]
+        assert backend.seen[3] == [("headers", "8"), ("data", b"test"), ("reset", f.CANCEL)]
+        assert backend.seen[5] == [("headers", "4"), ("data", b"test"), ("end",)]
+    finally:
+        gw.stop()
+        backend.stop()
