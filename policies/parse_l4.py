@@ -156,8 +156,9 @@ def _port_number(raw, field, line, ctx: _Ctx) -> tuple[int, str] | None:
             ctx.error(line, field, f"port {port} is out of range 0-65535")
             return None
         return port, ""
-    if NAMED_PORT.match(text) and any(c.isalpha() for c in text):
-        return 0, text
+    name = text.lower()  # IANA service names compare case-insensitively (Cilium lowercases them)
+    if NAMED_PORT.match(name) and "--" not in name and any(c.isalpha() for c in name):
+        return 0, name
     ctx.error(line, field, f"invalid port {raw!r}: a number 0-65535 or a port name")
     return None
 

@@ -3,6 +3,8 @@ the peers that are named but not enforced (toFQDNs, toServices, groups), and its
 
 from __future__ import annotations
 
+import re
+
 from policies.model import ENTITIES, PeerRule, Peers
 from policies.parse_common import (
     _as_dict,
@@ -30,6 +32,8 @@ PEER_KINDS = {
         "toGroups",
     ),
 }
+FQDN_NAME = re.compile(r"^([-a-zA-Z0-9_]+\.?)+$")
+FQDN_PATTERN = re.compile(r"^([-a-zA-Z0-9_*]+\.?)+$")
 NOT_ENFORCED = {
     "toFQDNs": "DNS-based egress (toFQDNs) is not enforced: traffic to these names is not "
     "allowed by this rule",
@@ -56,6 +60,7 @@ def _parse_peer_rule(item, field, line, direction, deny, ctx: _Ctx) -> PeerRule 
     entities = _entities(item, f"{prefix}Entities", field, line, ctx)
     requires = _requires(item, prefix, field, line, ctx)
     unresolved = _not_enforced(item, field, line, deny, ctx)
+    _check_fqdns(item, field, line, ctx)
     found = bool(endpoints or cidrs or entities or nodes)
     has_l3 = found or unresolved or _names_no_peer(item, direction)
     if not has_l3 and not requires and "toPorts" not in item and "icmps" not in item:
@@ -123,6 +128,19 @@ def _check_one_peer_kind(item, field, line, direction, ctx: _Ctx) -> None:
             line,
             "toServices and toPorts cannot be combined in one rule (Cilium refuses it too)",
         )
+
+
+def _check_fqdns(item, field, line, ctx: _Ctx) -> None:
+    """toFQDNs is not enforced, but a malformed entry is still refused, as Cilium's CRD does:
+    exactly one of matchName/matchPattern, a DNS name (with `*` in a pattern) of <= 255 chars."""
+    for entry, efield, eline in _items(ctx, item, "toFQDNs", field, line):
+        keys = [k for k in ("matchName", "matchPattern") if isinstance(entry, dict) and k in entry]
+        if not isinstance(entry, dict) or len(keys) != 1 or len(entry) != 1:
+            ctx.error(eline, efield, "needs exactly one of matchName or matchPattern")
+            continue
+        value, pattern = entry[keys[0]], FQDN_NAME if keys[0] == "matchName" else FQDN_PATTERN
+        if not isinstance(value, str) or len(value) > 255 or not pattern.match(value):
+            _key_error(ctx, entry, keys[0], efield, eline, f"invalid DNS {keys[0]} {value!r}")
 
 
 def _entities(item, key, field, line, ctx: _Ctx) -> list[str]:

@@ -110,6 +110,19 @@ CASES = {
         "p.yaml:11: spec.egress[0].toPorts[0].listener: a listener is not allowed together "
         "with L7 rules",
     ),
+    # toFQDNs is not enforced, but its entries are checked as Cilium's CRD does
+    "toFQDNs entry naming both": (
+        SEL + "egress:\n- toFQDNs: [{matchName: a.example, matchPattern: '*.example'}]",
+        "p.yaml:9: spec.egress[0].toFQDNs[0]: needs exactly one of matchName or matchPattern",
+    ),
+    "toFQDNs name syntax": (
+        SEL + "egress:\n- toFQDNs: [{matchName: 'a b.example'}]",
+        "p.yaml:9: spec.egress[0].toFQDNs[0].matchName: invalid DNS matchName 'a b.example'",
+    ),
+    "port name with a double hyphen": (
+        SEL + "ingress:\n- toPorts: [{ports: [{port: web--alt}]}]",
+        "p.yaml:9: spec.ingress[0].toPorts[0].ports[0].port: invalid port 'web--alt'",
+    ),
     # label selectors (Kubernetes ValidateLabelSelector)
     "label value syntax": (
         "endpointSelector: {matchLabels: {app: 'web server'}}",
@@ -192,3 +205,8 @@ def test_network_policy_ports_may_omit_the_port_and_ip_blocks_need_a_prefix():
         "p.yaml:8: spec.ingress[0].from[0].ipBlock.cidr: '10.1.2.3' has no prefix length: "
         "write 10.1.2.3/32 (only fromCIDR/toCIDR take a bare address)"
     ]
+
+
+def test_port_names_compare_case_insensitively_as_in_cilium():
+    rules = P.load_text(cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: HTTP-Alt}]}]"), "p.yaml")
+    assert rules.ok and rules.rules[0].ingress[0].ports[0].ports[0].name == "http-alt"
