@@ -210,3 +210,96 @@ def test_network_policy_ports_may_omit_the_port_and_ip_blocks_need_a_prefix():
 def test_port_names_compare_case_insensitively_as_in_cilium():
     rules = P.load_text(cnp(SEL + "ingress:\n- toPorts: [{ports: [{port: HTTP-Alt}]}]"), "p.yaml")
     assert rules.ok and rules.rules[0].ingress[0].ports[0].ports[0].name == "http-alt"
+
+
+# Checks this engine already made before the list was written; each keeps a test here.
+EARLIER = {
+    "neither selector": ("ingress: [{}]", "spec.endpointSelector: one of endpointSelector or"),
+    "both selectors": (
+        SEL + "nodeSelector: {}",
+        "spec.nodeSelector: endpointSelector and nodeSelector are mutually exclusive",
+    ),
+    "nodeSelector in a namespaced policy": (
+        "nodeSelector: {}",
+        "spec.nodeSelector: only a CiliumClusterwideNetworkPolicy may select nodes",
+    ),
+    "In without values": (
+        "endpointSelector: {matchExpressions: [{key: app, operator: In}]}",
+        "spec.endpointSelector.matchExpressions[0].values: In needs values",
+    ),
+    "Exists with values": (
+        "endpointSelector: {matchExpressions: [{key: app, operator: Exists, values: [a]}]}",
+        "spec.endpointSelector.matchExpressions[0].values: Exists must not have values",
+    ),
+    "icmps with toPorts": (
+        SEL + "ingress:\n- icmps: [{fields: [{type: 8}]}]\n  toPorts: [{ports: [{port: '80'}]}]",
+        "spec.ingress[0].icmps: icmps and toPorts cannot be combined in one rule",
+    ),
+    "empty CIDR": (SEL + "egress:\n- toCIDR: ['']", "spec.egress[0].toCIDR[0]: invalid CIDR ''"),
+    "except outside its CIDR": (
+        SEL + "egress:\n- toCIDRSet: [{cidr: 10.0.0.0/8, except: [11.0.0.0/16]}]",
+        "spec.egress[0].toCIDRSet[0].except[0]: 11.0.0.0/16 is not inside 10.0.0.0/8",
+    ),
+    "endPort below port": (
+        SEL + "ingress:\n- toPorts: [{ports: [{port: '80', endPort: 70}]}]",
+        "spec.ingress[0].toPorts[0].ports[0].endPort: endPort 70 is below port 80",
+    ),
+    "endPort out of range": (
+        SEL + "ingress:\n- toPorts: [{ports: [{port: '80', endPort: 70000}]}]",
+        "spec.ingress[0].toPorts[0].ports[0].endPort: invalid endPort 70000",
+    ),
+    "L7 rules on port 0": (
+        SEL + "ingress:\n- toPorts:\n  - ports: [{port: '0', protocol: TCP}]\n"
+        "    rules: {http: [{}]}",
+        "spec.ingress[0].toPorts[0].ports[0].port: http rules need a non-zero port",
+    ),
+    "ICMP family": (
+        SEL + "ingress:\n- icmps: [{fields: [{type: 8, family: IPv5}]}]",
+        "spec.ingress[0].icmps[0].fields[0].family: unknown family 'IPv5'",
+    ),
+    "ICMP type": (
+        SEL + "ingress:\n- icmps: [{fields: [{type: 256}]}]",
+        "spec.ingress[0].icmps[0].fields[0].type: unknown IPv4 ICMP type 256",
+    ),
+    "headerMatches without a name": (
+        SEL + "ingress:\n- toPorts:\n  - ports: [{port: '80', protocol: TCP}]\n"
+        "    rules: {http: [{headerMatches: [{value: x}]}]}",
+        "spec.ingress[0].toPorts[0].rules.http[0].headerMatches[0]: needs name",
+    ),
+    "headerMatches mismatch action": (
+        SEL + "ingress:\n- toPorts:\n  - ports: [{port: '80', protocol: TCP}]\n"
+        "    rules: {http: [{headerMatches: [{name: a, mismatch: DROP}]}]}",
+        "spec.ingress[0].toPorts[0].rules.http[0].headerMatches[0].mismatch: unknown mismatch",
+    ),
+    "Kafka role with apiKey": (
+        SEL + "ingress:\n- toPorts:\n  - ports: [{port: '9092', protocol: TCP}]\n"
+        "    rules: {kafka: [{role: produce, apiKey: fetch}]}",
+        "spec.ingress[0].toPorts[0].rules.kafka[0].apiKey: role and apiKey are mutually",
+    ),
+    "Kafka role": (
+        SEL + "ingress:\n- toPorts:\n  - ports: [{port: '9092', protocol: TCP}]\n"
+        "    rules: {kafka: [{role: admin}]}",
+        "spec.ingress[0].toPorts[0].rules.kafka[0].role: unknown role 'admin'",
+    ),
+    "Kafka apiVersion": (
+        SEL + "ingress:\n- toPorts:\n  - ports: [{port: '9092', protocol: TCP}]\n"
+        "    rules: {kafka: [{apiVersion: x}]}",
+        "spec.ingress[0].toPorts[0].rules.kafka[0].apiVersion: invalid apiVersion 'x'",
+    ),
+    "Kafka topic": (
+        SEL + "ingress:\n- toPorts:\n  - ports: [{port: '9092', protocol: TCP}]\n"
+        "    rules: {kafka: [{topic: 'a/b'}]}",
+        "spec.ingress[0].toPorts[0].rules.kafka[0].topic: invalid Kafka topic name 'a/b'",
+    ),
+    "enableDefaultDeny not a boolean": (
+        SEL + "enableDefaultDeny: {ingress: 'no'}",
+        "spec.enableDefaultDeny.ingress: must be true or false",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EARLIER))
+def test_checks_made_before_stay_made(case):
+    spec, expected = EARLIER[case]
+    found = [e.split(": ", 1)[1] for e in errors(cnp(spec))]
+    assert any(e.startswith(expected) for e in found), (expected, found)
