@@ -1,4 +1,5 @@
-"""Shared e2e fixtures: nginx and a Python backend on loopback, and a gateway launcher."""
+"""Shared e2e fixtures: nginx, a Python backend and a Kafka broker on loopback, and a gateway
+launcher."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ def pybackend():
     server = PyBackend()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def broker():
+    """A noida-db Kafka broker for one test module (tests/e2e/kafka_broker.py)."""
+    from tests.e2e.kafka_broker import KafkaBroker
+
+    b = KafkaBroker().start()
+    yield b
+    b.stop()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from parsers.kafka.apis import API_TABLE
 from policies.l7 import KafkaRuleSet
 from policies.model import KafkaRule
 from tests.conftest import need_binary
-from tests.e2e.kafka_broker import KafkaBroker, ProxyThread
+from tests.e2e.kafka_broker import ProxyThread
 from tests.unit.kafka.samples import kafka_python_classes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -29,13 +29,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 PRODUCE, FETCH, METADATA, API_VERSIONS = 0, 1, 3, 18
 CONSUME_KEYS = (1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18)
 REQUESTS, RESPONSES = kafka_python_classes()
-
-
-@pytest.fixture(scope="module")
-def broker():
-    b = KafkaBroker().start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture

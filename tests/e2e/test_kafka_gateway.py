@@ -14,16 +14,9 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.kafka_broker import KafkaBroker, produce_denied_then_consume, start_gateway
+from tests.e2e.kafka_broker import produce_denied_then_consume, start_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(scope="module")
-def broker():
-    b = KafkaBroker().start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(params=["kafka", "auto"])
