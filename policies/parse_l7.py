@@ -40,20 +40,14 @@ def _l7_ports(ports, parser, field, line, entry, ctx: _Ctx) -> list[PortProto] |
         if pp.port == 0 and not pp.name:
             ctx.error(pline, f"{field}.ports[{j}].port", f"{parser} rules need a non-zero port")
             return None
-        if pp.proto in (PROTO_UDP, PROTO_SCTP):
-            proto = "UDP" if pp.proto == PROTO_UDP else "SCTP"
-            ctx.error(
-                pline, f"{field}.ports[{j}].protocol", f"{parser} rules apply to TCP, not {proto}"
-            )
+        if pp.proto != PROTO_TCP:
+            # Cilium refuses ANY (and an omitted protocol) too: the rule could not mean UDP/SCTP
+            proto = {PROTO_UDP: "UDP", PROTO_SCTP: "SCTP", PROTO_ANY: "ANY"}[pp.proto]
+            reason = f"{parser} rules apply to TCP, not {proto}"
+            if pp.proto == PROTO_ANY:
+                reason += ": write protocol: TCP (Cilium refuses L7 rules on ANY too)"
+            ctx.error(pline, f"{field}.ports[{j}].protocol", reason)
             return None
-        if pp.proto == PROTO_ANY:
-            ctx.warn(
-                pline,
-                f"{field}.ports[{j}].protocol",
-                f"{parser} rules apply to TCP only: UDP and SCTP on port {pp.port} are not "
-                "allowed by this rule",
-            )
-            pp = PortProto(pp.port, pp.end_port, PROTO_TCP, pp.name)
         out.append(pp)
     return out
 

@@ -489,13 +489,22 @@ def test_l7_rules_need_a_tcp_port():
         )
     )
     assert [d.reason for d in udp.errors] == ["http rules apply to TCP, not UDP"]
+    # no protocol means ANY, which Cilium's sanitizer refuses for L7 rules (it was a warning here
+    # and compiled as TCP only before issue 19)
     anyp = load(
         cnp(
             "endpointSelector: {}\ningress:\n- toPorts:\n  - ports: [{port: '80'}]\n    rules: {http: [{}]}"
         )
     )
-    assert anyp.ok and "TCP only" in anyp.diagnostics[0].reason
-    w = World(anyp.rules, EPS)
+    assert [d.reason for d in anyp.errors] == [
+        "http rules apply to TCP, not ANY: write protocol: TCP (Cilium refuses L7 rules on ANY too)"
+    ]
+    tcp = load(
+        cnp(
+            "endpointSelector: {}\ningress:\n- toPorts:\n  - ports: [{port: '80', protocol: TCP}]\n    rules: {http: [{}]}"
+        )
+    )
+    w = World(tcp.rules, EPS)
     assert (
         w.action("db", "web", 80, proto=6) == "redirect"
         and w.action("db", "web", 80, proto=17) == "deny"
