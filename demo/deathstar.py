@@ -11,6 +11,12 @@ import socketserver
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+# (method, path) -> (status, body); any other POST or PUT is 404, any GET the station's data.
+ROUTES = {
+    ("POST", "/v1/request-landing"): (200, "Ship landed\n"),
+    ("PUT", "/v1/exhaust-port"): (503, "Panic: deathstar exploded\n"),
+}
+
 
 class Deathstar(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -23,22 +29,11 @@ class Deathstar(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _drain_body(self) -> None:
+    def _route(self) -> None:
         self.rfile.read(int(self.headers.get("content-length") or 0))
+        self._answer(*ROUTES.get((self.command, self.path), (404, "Not found\n")))
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        self._drain_body()
-        if self.path == "/v1/request-landing":
-            self._answer(200, "Ship landed\n")
-        else:
-            self._answer(404, "Not found\n")
-
-    def do_PUT(self) -> None:  # noqa: N802
-        self._drain_body()
-        if self.path == "/v1/exhaust-port":
-            self._answer(503, "Panic: deathstar exploded\n")
-        else:
-            self._answer(404, "Not found\n")
+    do_POST = do_PUT = _route  # noqa: N815 (http.server's naming)
 
     def do_GET(self) -> None:  # noqa: N802
         self._answer(200, '{"name": "Death Star", "model": "DS-1 Orbital Battle Station"}\n')

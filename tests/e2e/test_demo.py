@@ -67,6 +67,59 @@ def _leftovers(prefix: str) -> list[str]:
     return left + ([str(pins)] if pins.exists() else [])
 
 
+class DemoRun:
+    """`python -m demo ARGS` with its output read by a thread, so each wait is bounded."""
+
+    def __init__(self, env: dict, stdin, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "demo", *args],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self._seen: list[str] = []
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def read_until(self, text: str, within: float = 150) -> str:
+        """The demo's output up to the first line with `text`; fails with what it printed when
+        the demo ends or stalls first."""
+        deadline = time.monotonic() + within
+        while not self._seen or text not in self._seen[-1]:
+            alive = self.proc.poll() is None or not self.lines.empty()
+            assert alive, "demo ended early:\n" + self.seen()
+            try:
+                self._seen.append(self.lines.get(timeout=max(0.1, deadline - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError("demo stalled:\n" + self.seen()) from None
+        return self._seen[-1]
+
+    def seen(self) -> str:
+        """Everything read so far (after the demo ended: all it printed)."""
+        if self.proc.poll() is not None:
+            self.reader.join(10)
+            while not self.lines.empty():
+                self._seen.append(self.lines.get())
+        return "".join(self._seen)
+
+    def stop(self) -> None:
+        """SIGTERM (the demo cleans up), SIGKILL if it does not end within 60 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 @pytest.mark.root
 @pytest.mark.bpf
 @pytest.mark.timeout(180)
@@ -147,53 +200,19 @@ def test_interrupted_demo_cleans_up():
     """SIGTERM once the Kafka broker runs (endpoints, agent, pins, broker all up): everything
     goes, the broker included."""
     env, prefix = _env()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "demo"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
-    seen: list[str] = []
+    demo = DemoRun(env, stdin=subprocess.DEVNULL)
     try:
         # A bounded wait for each line: a demo stuck (slow agent start on a loaded box) fails
         # here with what it printed, instead of blocking the test until pytest's timeout.
-        deadline = time.monotonic() + 150
-        while not any("Kafka policy: produce and consume" in ln for ln in seen):
-            assert proc.poll() is None or not lines.empty(), "demo ended early:\n" + "".join(seen)
-            try:
-                seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
-            except queue.Empty:
-                raise AssertionError("demo stalled:\n" + "".join(seen)) from None
-        assert Path("/var/run/netns", prefix + "xwing").exists(), "".join(seen)
-        assert _brokers(prefix), "the broker runs before the interrupt:\n" + "".join(seen)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 130, "".join(seen)
+        demo.read_until("Kafka policy: produce and consume")
+        assert Path("/var/run/netns", prefix + "xwing").exists(), demo.seen()
+        assert _brokers(prefix), "the broker runs before the interrupt:\n" + demo.seen()
+        demo.proc.send_signal(signal.SIGTERM)
+        assert demo.proc.wait(60) == 130, demo.seen()
     finally:
-        if proc.poll() is None:  # the test failed or timed out: the demo cleans up on SIGTERM
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        demo.stop()  # the test failed or timed out: the demo cleans up on SIGTERM
     assert _leftovers(prefix) == []
     _no_brokers_left(prefix)
-
-
-def _read_until(proc: subprocess.Popen, lines: queue.Queue, seen: list[str], text: str) -> str:
-    """Collect the demo's output until a line containing `text` (bounded: 150 s in all)."""
-    deadline = time.monotonic() + 150
-    while not seen or text not in seen[-1]:
-        assert proc.poll() is None or not lines.empty(), "demo ended early:\n" + "".join(seen)
-        try:
-            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
-        except queue.Empty:
-            raise AssertionError("demo stalled:\n" + "".join(seen)) from None
-    return seen[-1]
 
 
 @pytest.mark.root
@@ -205,20 +224,10 @@ def test_from_a_terminal_the_map_stays_up_until_enter():
     the URL is dead."""
     env, prefix = _env()
     terminal, stdin = os.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "demo", "--no-extras"],  # the Star Wars part is enough for a map
-        stdin=stdin,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    demo = DemoRun(env, stdin, "--no-extras")  # the Star Wars part is enough for a map
     os.close(stdin)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
-    seen: list[str] = []
     try:
-        line = _read_until(proc, lines, seen, "Map live at")
+        line = demo.read_until("Map live at")
         url = re.fullmatch(r"Map live at (\S+) - press Enter \(or Ctrl-C\) to tear down\n", line)
         assert url, line
         url = url[1]
@@ -228,23 +237,14 @@ def test_from_a_terminal_the_map_stays_up_until_enter():
             names = {node["name"] for node in json.load(graph)["nodes"]}
         assert {"deathstar", "tiefighter", "xwing"} <= names, names
         time.sleep(1)
-        assert proc.poll() is None, "the demo waits for Enter:\n" + "".join(seen)
+        assert demo.proc.poll() is None, "the demo waits for Enter:\n" + demo.seen()
         assert Path("/var/run/netns", prefix + "deathstar").exists()
         os.write(terminal, b"\n")
-        assert proc.wait(60) == 0, "".join(seen)
+        assert demo.proc.wait(60) == 0, demo.seen()
     finally:
-        if proc.poll() is None:  # the test failed: the demo cleans up on SIGTERM
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        demo.stop()
         os.close(terminal)
-    time.sleep(0.2)  # the reader thread drains the rest
-    while not lines.empty():
-        seen.append(lines.get())
-    out = "".join(seen)
+    out = demo.seen()
     assert "8 checks, 0 unexpected" in out
     assert out.index("8 checks, 0 unexpected") < out.index("Map live at") < out.index("Clean up")
     with pytest.raises(OSError):  # gone with the agent

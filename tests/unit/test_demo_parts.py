@@ -141,3 +141,25 @@ def test_children_are_undone_last_first_and_stopped_as_a_group():
     assert shell.poll() is not None
     ps = subprocess.run(["ps", "-o", "pid=", "-g", str(shell.pid)], capture_output=True, text=True)
     assert ps.stdout.strip() == "", "the grandchild survived"
+
+
+def test_the_deathstar_answers_as_cilium_s_example_does():
+    import http.client
+
+    from demo.deathstar import Deathstar, _Server
+
+    server = _Server(("127.0.0.1", 0), Deathstar)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        seen = []
+        for method, path in [("POST", "/v1/request-landing"), ("PUT", "/v1/exhaust-port"),
+                             ("POST", "/v1/other"), ("GET", "/v1")]:  # fmt: skip
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+            conn.request(method, path, body=b"x" if method != "GET" else None)
+            r = conn.getresponse()
+            seen.append((r.status, r.read().decode().split(":")[0].strip()))
+            conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [(200, "Ship landed"), (503, "Panic"), (404, "Not found"), (200, '{"name"')]
