@@ -60,19 +60,22 @@ def register_live(psub) -> None:
 
 def _import(args) -> int:
     import policies
-    from l7proxy.policy_files import load_paths
+    from l7proxy.policy_files import read_policy_file
 
     files = []
     for path in args.files:
-        try:
-            files.append({"name": path, "text": Path(path).read_text()})
+        try:  # bounded: a file past the engine's size limit is refused before it is read whole
+            files.append({"name": path, "text": read_policy_file(path)})
         except OSError as exc:
             print(f"{path}:0: file: {exc.strerror}", file=sys.stderr)
+            return 1
+        except ValueError as exc:
+            print(f"{path}:0: file: {exc}", file=sys.stderr)
             return 1
     # Validate here first so problems name the user's files and lines; the agent checks again
     # on the merged set before it stores anything.
     try:
-        load_paths(args.files, strict=True)
+        policies.load_sources([(f["name"], f["text"]) for f in files], strict=True)
     except policies.PolicyError as exc:
         for diag in exc.diagnostics:
             print(str(diag), file=sys.stderr)

@@ -435,3 +435,14 @@ def test_a_gateway_reload_of_a_tagged_file_keeps_the_policy_in_force(tmp_path):
     ok, message = policy.reload()
     assert not ok and message == f"{path}:{TAG_DIAG}"
     assert policy.current is first and policy.last_error == message
+
+
+def test_policy_import_refuses_an_oversized_file_before_reading_it_whole(capsys, tmp_path):
+    huge = tmp_path / "huge.yaml"
+    with open(huge, "wb") as f:
+        f.truncate(64 * 1024 * 1024)  # sparse: reading it whole would allocate 64 MiB
+    code, _, err = run(
+        capsys, "policy", "import", str(huge), "--socket", str(tmp_path / "none.sock")
+    )
+    assert code == 1
+    assert err == f"{huge}:0: file: file too large (more than 4194304 bytes)\n"
