@@ -74,8 +74,12 @@ def kafka_seeds() -> list[bytes]:
                 resp = response(key, version, 7, sample(spec.response_fields, version))
             except (TypeError, ValueError, OverflowError):
                 resp = b""
-            chunks = [(CLIENT, req)] + [(SERVER, p) for p in pieces(resp, (6,))]
-            seed = bytes([n % 3 | (4 if n % 5 == 0 else 0) | 8]) + join(chunks)
+            cut = 16 if key == 0 else 0  # Produce seeds cut through early (targets.run_kafka)
+            if cut:
+                req = request(key, version, 7, produce(["t1"] * 2 if n % 2 else ["t1"]))
+            chunks = [(CLIENT, p) for p in pieces(req, (100, 160) if cut else ())]
+            chunks += [(SERVER, p) for p in pieces(resp, (6,))]
+            seed = bytes([n % 3 | (4 if n % 5 == 0 else 0) | 8 | cut]) + join(chunks)
             if len(seed) <= MAX_INPUT:
                 seeds.append(seed)
             n += 1

@@ -130,14 +130,24 @@ def _kafka_rules():
     return _KAFKA_RULES
 
 
+_CUT_THROUGH = []  # the layer's (CUT_THROUGH_MIN, CUT_THROUGH_RETRY)
+
+
 def run_kafka(data: bytes) -> None:
     """First byte: the policy (mod 3: none, produce-t1, consume-t1 plus produce by client id),
-    bit 2 gateway mode (broker addresses rewritten), bit 3 whether topic id lookups find the id.
+    bit 2 gateway mode (broker addresses rewritten), bit 3 whether topic id lookups find the id,
+    bit 4 cut-through from 96 bytes on, retried every 48 (else from 64 KiB, more than an input
+    holds), so that the prefix parse of a Produce still arriving is fuzzed too.
     Client chunks are requests, upstream chunks the broker's answers."""
+    from l7proxy.kafka import layer as layer_module
     from l7proxy.kafka.layer import KafkaLayer, KafkaSettings, ResolveTopicIds
 
     if not data:
         return
+    if not _CUT_THROUGH:
+        _CUT_THROUGH.extend((layer_module.CUT_THROUGH_MIN, layer_module.CUT_THROUGH_RETRY))
+    cut = (96, 48) if data[0] & 16 else _CUT_THROUGH
+    layer_module.CUT_THROUGH_MIN, layer_module.CUT_THROUGH_RETRY = cut
     rules = _kafka_rules()[data[0] % 3]
     brokers = {("127.0.0.1", 9092): ("127.0.0.1", 19092)} if data[0] & 4 else None
     clock = iter(range(0, 1 << 62, 1_000_000)).__next__
