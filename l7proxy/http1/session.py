@@ -220,7 +220,7 @@ class Http1Session(Forwarding, Upgrades, Lifetime, Session):
         read was exactly this head, as it came (with `end`, it may be remembered)."""
         if rules is None:
             rules = self.ctx.rules()
-        decision = decide(rules, req)
+        decision = decide(rules, req, self.cfg.path_escaped_slashes)
         if raw is not None and end is not None and end.keep_alive and not req.upgrade:
             if not decision.status and not req.has_body:
                 remember(rules, raw, decision.req or req, decision)

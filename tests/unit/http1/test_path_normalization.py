@@ -247,3 +247,24 @@ def test_verdicts_judge_under_the_given_mode_and_cache_per_mode():
     assert kept.allowed and kept.req is None  # already normal in that mode: forwarded as is
     assert verdicts.decide(rules, req, REJECT).status == 400
     assert not verdicts.decide(rules, req, UNESCAPE).allowed
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        (UNESCAPE, b"HTTP/1.1 403 Forbidden"),
+        (REJECT, b"HTTP/1.1 400 "),
+        (KEEP, b"HTTP/1.1 200 OK"),
+    ],
+)
+def test_session_judges_under_the_configured_mode(mode, expected):
+    from l7proxy.config import ProxyConfig
+
+    play = Play(config=ProxyConfig(path_escaped_slashes=mode))
+    play.client_sends(b"GET /public/..%2Fadmin HTTP/1.1\r\nHost: web\r\n\r\n")
+    if mode == KEEP:  # the unsafe mode forwards it as it came
+        assert play.upstream_got() == b"GET /public/..%2Fadmin HTTP/1.1\r\nHost: web\r\n\r\n"
+        play.upstream_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    else:
+        assert play.upstream_got() == b""
+    assert play.client_got().startswith(expected)
