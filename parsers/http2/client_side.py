@@ -335,13 +335,13 @@ class ClientSide:
             self._spend_reset()
             return None
         kind = entry.kind
-        reason = entry.reason
-        remaining = -1  # request body bytes due by its content-length
-        if entry.request is not None and not end_stream:
-            remaining = entry.request.content_length
-        elif entry.request is not None and entry.request.content_length > 0:
-            kind = MALFORMED  # END_STREAM on the head, but a content-length promised a body
-            reason = "content-length without a body"
+        remaining = -1  # request body bytes due by its content-length (-1: none to count)
+        request = entry.request
+        if request is not None and request.content_length >= 0:
+            if not end_stream:
+                remaining = request.content_length
+            elif request.content_length:
+                kind = MALFORMED  # END_STREAM on the head, but a content-length promised a body
         if kind == ALLOW:
             block = entry.block
             stream = Stream(
@@ -373,6 +373,7 @@ class ClientSide:
             self._events.append(RequestRejected(sid, entry.reason, 0, 431))
             self._respond_locally(sid, self._too_large_block, b"", end_stream)
             return None
+        reason = entry.reason if entry.kind == MALFORMED else "content-length without a body"
         self._reject(sid, reason, f.PROTOCOL_ERROR)
         return None
 
