@@ -39,8 +39,16 @@ class KafkaConfig:
     # late (512 KiB measured best for produce). It caps a connection at ~1 MiB per round trip:
     # set 0 on a long-RTT path.
     socket_buffer: int = 512 * KiB
+    # Gateway mode: (broker address as responses name it, listener to advertise instead) pairs,
+    # so a client that bootstrapped through the gateway never connects around it. The gateway
+    # fills them in from its Kafka listeners (l7proxy/kafka/settings.py gateway_broker_map);
+    # empty in the transparent modes, which pass broker addresses through.
+    brokers: tuple[tuple[tuple[str, int], tuple[str, int]], ...] = ()
 
     def __post_init__(self) -> None:
+        # Pairs of pairs whatever they came as (a config file gives lists).
+        pairs = tuple((tuple(b), tuple(a)) for b, a in self.brokers)
+        object.__setattr__(self, "brokers", pairs)
         if not 0 < self.write_low_water <= self.write_high_water:
             raise ValueError("kafka write_low_water must be within 1..write_high_water")
         if self.socket_buffer < 0:

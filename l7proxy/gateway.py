@@ -9,6 +9,7 @@ sweeper, the SIGHUP/file-change reload and the SIGTERM drain.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import shutil
@@ -19,7 +20,7 @@ from l7proxy.admin import AdminServer, install_core_routes
 from l7proxy.config import GatewayConfig, HostPort, ListenerConfig
 from l7proxy.flows import FlowSink
 from l7proxy.gateway_policy import GatewayPolicy
-from l7proxy.kafka.settings import gateway_broker_map, set_broker_map
+from l7proxy.kafka.settings import gateway_broker_map
 from l7proxy.log import log
 from l7proxy.metrics import ProxyMetrics
 from l7proxy.protocols import worker_upstreams
@@ -181,18 +182,18 @@ class GatewayWorker:
         log("drained, exiting")
 
 
-def install_kafka_broker_map(cfg: GatewayConfig, sockets) -> dict:
+def with_kafka_broker_map(cfg: GatewayConfig, sockets) -> GatewayConfig:
     """Kafka responses naming a broker a listener fronts (Metadata, FindCoordinator,
     DescribeCluster) advertise that listener instead, so a client that bootstrapped through the
     gateway never connects around it. Built from the bound ports (a listener may ask for port 0)
-    and installed before any worker forks (docs/kafka.md)."""
+    and put in the config (proxy.kafka.brokers) before any worker forks (docs/kafka.md)."""
     bound = [
         ListenerConfig(HostPort(lc.listen.host, sock.getsockname()[1]), lc.upstream, lc.protocol)
         for lc, sock in zip(cfg.listeners, sockets, strict=True)
     ]
-    mapping = gateway_broker_map(bound, cfg.advertise_host)
-    set_broker_map(mapping)
-    return mapping
+    brokers = tuple(gateway_broker_map(bound, cfg.advertise_host).items())
+    kafka = dataclasses.replace(cfg.proxy.kafka, brokers=brokers)
+    return dataclasses.replace(cfg, proxy=cfg.proxy.replace(kafka=kafka))
 
 
 def run_gateway(cfg: GatewayConfig) -> int:
@@ -217,7 +218,7 @@ def run_gateway(cfg: GatewayConfig) -> int:
     except OSError as exc:
         log(f"cannot listen: {exc}")
         return 2
-    install_kafka_broker_map(cfg, sockets)
+    cfg = with_kafka_broker_map(cfg, sockets)
 
     def announce() -> None:
         for lc, sock in zip(cfg.listeners, sockets, strict=True):

@@ -3,7 +3,9 @@
 In gateway mode every Kafka listener fronts one broker (`--listen L --upstream B`, or several
 `listeners:` in the YAML config). Responses that name broker B (Metadata, FindCoordinator,
 DescribeCluster) are rewritten to advertise L, so a client that bootstrapped through the gateway
-never connects around it. The transparent modes install no map and pass addresses through.
+never connects around it. The gateway builds the map with `gateway_broker_map` and puts it in
+its config (`ProxyConfig.kafka.brokers`, l7proxy/gateway.py); the transparent modes have none
+and pass addresses through.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from l7proxy.kafka.commands import KafkaSettings
 
 Address = tuple[str, int]
 _WILDCARDS = ("0.0.0.0", "::", "")
-
-_broker_map: dict[Address, Address] = {}
 
 
 def gateway_broker_map(listeners: Iterable, advertise_host: str | None = None) -> dict:
@@ -34,15 +34,9 @@ def gateway_broker_map(listeners: Iterable, advertise_host: str | None = None) -
     return out
 
 
-def set_broker_map(mapping: dict[Address, Address]) -> None:
-    """Install the gateway's map (the gateway command calls this once at start)."""
-    _broker_map.clear()
-    _broker_map.update(mapping)
-
-
 def settings_for(ctx) -> KafkaSettings:
     """The layer's settings for a connection of `ctx` (buffer sizes: ctx.config.kafka)."""
     return KafkaSettings(
         max_frame_size=ctx.config.max_frame_bytes,
-        brokers=dict(_broker_map) if _broker_map else None,
+        brokers=dict(ctx.config.kafka.brokers) or None,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from l7proxy.config import HostPort, ListenerConfig, ProxyConfig
+from l7proxy.config import HostPort, KafkaConfig, ListenerConfig, ProxyConfig, load_yaml
 from l7proxy.kafka import settings
 
 
@@ -23,24 +23,29 @@ def test_one_listener_per_broker():
     ] == ("gw.example", 19093)
 
 
-def test_settings_follow_the_proxy_config_and_the_installed_map():
+def test_settings_follow_the_proxy_config():
     class Ctx:
-        config = ProxyConfig(max_frame_bytes=1234)
+        config = ProxyConfig(
+            max_frame_bytes=1234, kafka=KafkaConfig(brokers=((("b", 1), ("g", 2)),))
+        )
 
-    try:
-        settings.set_broker_map({("b", 1): ("g", 2)})
-        got = settings.settings_for(Ctx())
-        assert got.max_frame_size == 1234 and got.brokers == {("b", 1): ("g", 2)}
-    finally:
-        settings.set_broker_map({})
+    got = settings.settings_for(Ctx())
+    assert got.max_frame_size == 1234 and got.brokers == {("b", 1): ("g", 2)}
+    Ctx.config = ProxyConfig()
     assert settings.settings_for(Ctx()).brokers is None  # transparent modes: no rewriting
+
+
+def test_a_broker_map_from_a_config_file_becomes_pairs(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text("limits: {kafka: {brokers: [[[kafka-0, 9092], [gw, 19092]]]}}\n")
+    kafka = ProxyConfig(**load_yaml(path)["limits"]).kafka
+    assert kafka.brokers == ((("kafka-0", 9092), ("gw", 19092)),)
+    assert dict(kafka.brokers) == {("kafka-0", 9092): ("gw", 19092)}
 
 
 def test_kafka_buffer_sizes_are_their_own_config_not_a_raised_copy_of_the_http_marks(tmp_path):
     """Kafka's write marks and socket buffers are ProxyConfig.kafka (KafkaConfig), explicit and
     settable in a config file; the HTTP marks no longer feed them."""
-    from l7proxy.config import KafkaConfig, load_yaml
-
     cfg = ProxyConfig(write_high_water=8 * 1024 * 1024)
     assert cfg.kafka == KafkaConfig()
     assert (cfg.kafka.write_high_water, cfg.kafka.write_low_water) == (4 << 20, 1 << 20)
