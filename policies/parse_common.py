@@ -19,24 +19,51 @@ CCNP = "CiliumClusterwideNetworkPolicy"
 KNP = "NetworkPolicy"
 
 
+MAX_DIAGNOSTICS = 1000  # per file: a 4 MiB file of broken entries must not give a million
+
+
 class _Ctx:
-    """Where we are (file, kind, namespace) and the diagnostics collected so far."""
+    """Where we are (file, kind, namespace) and the diagnostics collected so far (at most
+    MAX_DIAGNOSTICS of one file are kept; one more says how many were left out, and it is an
+    error as soon as any left-out problem is one)."""
 
     def __init__(self, file: str, diagnostics: list[Diagnostic]):
         self.file = file
         self.diagnostics = diagnostics
         self.namespace = ""
         self.clusterwide = False
-        self.errors_before = 0
+        self.count = 0
+        self.errors = 0
+        self._overflow: int | None = None  # index of the "left out" diagnostic
 
     def error(self, line: int, field: str, reason: str) -> None:
-        self.diagnostics.append(Diagnostic(self.file, line, field, reason, ERROR))
+        self._add(Diagnostic(self.file, line, field, reason, ERROR))
 
     def warn(self, line: int, field: str, reason: str) -> None:
-        self.diagnostics.append(Diagnostic(self.file, line, field, reason, WARNING))
+        self._add(Diagnostic(self.file, line, field, reason, WARNING))
+
+    def _add(self, diag: Diagnostic) -> None:
+        self.count += 1
+        self.errors += diag.is_error
+        if self.count <= MAX_DIAGNOSTICS:
+            self.diagnostics.append(diag)
+            return
+        severity = ERROR if diag.is_error else WARNING
+        if self._overflow is None:
+            self._overflow = len(self.diagnostics)
+            self.diagnostics.append(None)
+        elif self.diagnostics[self._overflow].is_error:
+            severity = ERROR
+        self.diagnostics[self._overflow] = Diagnostic(
+            self.file,
+            diag.line,
+            "file",
+            f"more than {MAX_DIAGNOSTICS} problems in this file; the rest are not listed",
+            severity,
+        )
 
     def error_count(self) -> int:
-        return sum(1 for d in self.diagnostics if d.severity == ERROR)
+        return self.errors
 
 
 def _ln(node, key=None, default: int = 1) -> int:

@@ -24,6 +24,7 @@ MAX_TEXT_CHARS = 4 * 1024 * 1024  # one policy file; Kubernetes refuses objects 
 MAX_NODES = 200_000  # per document, after aliases: a small file can expand exponentially
 MAX_TEXT_NODES = 1_000_000  # per text, after aliases: many documents each under MAX_NODES
 MAX_DEPTH = 100  # Cilium's policies nest about 8 levels deep
+MAX_DOCUMENTS = 10_000  # per text
 
 # libyaml's parser when present (much faster); both give events with start marks.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -277,23 +278,24 @@ def _first_line(root, start: int) -> int:
     return getattr(root, "line", start) or start
 
 
-_DOC_START = re.compile(r"^---(\s|$)")
+_DOC_START = re.compile(r"^---(?=\s|$)", re.M)
 
 
-def _split(text: str) -> list[tuple[int, str]]:
+def _split(text: str):
     """The stream cut at `---` lines, each chunk with the 0-based line it starts on, so one
-    broken document does not hide the problems of the others."""
-    chunks: list[tuple[int, str]] = []
-    start, lines = 0, []
-    for i, raw in enumerate(text.splitlines(keepends=True)):
-        if _DOC_START.match(raw):
-            chunks.append((start, "".join(lines)))
-            # keep the '---' line (it may carry content) but blank so line numbers stay right
-            start, lines = i, [raw]
-        else:
-            lines.append(raw)
-    chunks.append((start, "".join(lines)))
-    return [(s, c) for s, c in chunks if c.strip()]
+    broken document does not hide the problems of the others. A generator over slices: no list
+    of every line of a 4 MiB text."""
+    pos, line = 0, 0
+    for match in _DOC_START.finditer(text):
+        if match.start() == 0:
+            continue
+        # the '---' line stays at the head of its chunk (it may carry content)
+        if text[pos : match.start()].strip():
+            yield line, text[pos : match.start()]
+        line += text.count("\n", pos, match.start())
+        pos = match.start()
+    if text[pos:].strip():
+        yield line, text[pos:]
 
 
 def _yaml_error(exc: yaml.YAMLError, start: int) -> DocumentError:
@@ -343,6 +345,10 @@ def load_documents(text: str, name: str = "<string>") -> list[tuple[object, int]
             return docs
     out: list[tuple[object, int]] = []
     for start, chunk in _split(text):
+        if len(out) >= MAX_DOCUMENTS:
+            error = DocumentError(start + 1, f"more than {MAX_DOCUMENTS} documents in one file")
+            out.append((error, error.line))
+            break
         try:
             out.extend(_documents(chunk, start, budget))
         except yaml.YAMLError as exc:

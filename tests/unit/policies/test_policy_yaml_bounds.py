@@ -154,3 +154,32 @@ def test_ten_thousand_loads_and_compiles_stay_within_a_fixed_memory_bound():
     # before the fix: ~1,300,000 blocks and ~100 MiB
     assert grown_blocks < 5_000, grown_blocks
     assert grown_rss < 8 * 1024, grown_rss
+
+
+def test_a_file_of_many_small_broken_documents_gives_a_bounded_answer():
+    """4 MiB of `---` lines made a million documents and a million diagnostics (40 s)."""
+    from policies.parse_common import MAX_DIAGNOSTICS
+
+    for text in ("---\n" * 1_000_000, "---\na: 1\n" * 400_000):
+        result = P.load_text(text[: yamlsrc.MAX_TEXT_CHARS], "p.yaml")
+        assert len(result.diagnostics) == MAX_DIAGNOSTICS + 1
+        assert str(result.diagnostics[-1]).endswith(
+            f"file: more than {MAX_DIAGNOSTICS} problems in this file; the rest are not listed"
+        )
+        assert not result.ok
+    docs = yamlsrc.load_documents("---\na: 1\n" * (yamlsrc.MAX_DOCUMENTS + 5))
+    assert len(docs) == yamlsrc.MAX_DOCUMENTS + 1
+    assert docs[-1][0].message == f"more than {yamlsrc.MAX_DOCUMENTS} documents in one file"
+
+
+def test_left_out_problems_still_make_the_file_invalid():
+    from policies.diagnostics import Diagnostic
+    from policies.parse_common import MAX_DIAGNOSTICS, _Ctx
+
+    diags: list[Diagnostic] = []
+    ctx = _Ctx("p.yaml", diags)
+    for i in range(MAX_DIAGNOSTICS + 3):
+        ctx.warn(i + 1, "f", "w")
+    assert len(diags) == MAX_DIAGNOSTICS + 1 and not diags[-1].is_error
+    ctx.error(9999, "f", "e")  # left out, but the file is not valid
+    assert len(diags) == MAX_DIAGNOSTICS + 1 and diags[-1].is_error and ctx.error_count() == 1
