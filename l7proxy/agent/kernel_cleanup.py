@@ -22,6 +22,7 @@ import ctypes as ct
 import os
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from functools import cache
@@ -38,6 +39,8 @@ PIN_NAMES = frozenset(
     [f"map_{n}" for n in (*structs.MAPS, structs.RINGBUF)] + [f"prog_{n}" for n in structs.PROGRAMS]
 )
 TC_FILTER_NAME = "l7proxy"  # the name redirect_bpf.tc gives its filters
+TCA_BPF_ID = 11  # linux/pkt_cls.h: the filter's program id
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 CGROUP_HOOKS = tuple(sorted({kind for _, kind in (*cgroups.SIDECAR_HOOKS, *cgroups.PROXY_HOOKS)}))
 CGROUP_PROG_PREFIX = b"sidecar_"  # the cgroup programs' names (the kernel keeps 15 bytes)
 DEFAULT_PIN_DIR = loader.PIN_ROOT / "default"
@@ -170,11 +173,24 @@ def _bpf_filters(ipr: IPRoute, ifindex: int, parent: str) -> list:
         return []  # no clsact on this link
 
 
+def filter_prog_id(opts) -> int | None:
+    """The program id of a bpf filter (TCA_BPF_ID: pyroute2 leaves it undecoded)."""
+    for slot in opts["attrs"]:
+        cell = slot.cell[1]
+        data, offset = getattr(cell, "data", None), getattr(cell, "offset", None)
+        if data is None or offset is None or len(data) < offset + 8:
+            continue
+        length, kind = struct.unpack_from("HH", data, offset)
+        if kind & NLA_TYPE_MASK == TCA_BPF_ID and length == 8:
+            return struct.unpack_from("I", data, offset + 4)[0]
+    return None
+
+
 def _filter_is_ours(f, prog_ids: set[int], by_name: bool) -> bool:
     opts = f.get_attr("TCA_OPTIONS")
     if opts is None:
         return False
-    if opts.get_attr("TCA_BPF_ID") in prog_ids:
+    if filter_prog_id(opts) in prog_ids:
         return True
     name = opts.get_attr("TCA_BPF_NAME") or ""
     return by_name and name.split(":")[0] == TC_FILTER_NAME
