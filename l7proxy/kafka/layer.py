@@ -27,8 +27,9 @@ from l7proxy.kafka.commands import (
     ToClient,
     ToUpstream,
 )
+from l7proxy.kafka.fetch_sessions import FetchSessions
 from l7proxy.kafka.response_side import ResponseSide
-from l7proxy.kafka.topic_ids import TopicIdMap
+from l7proxy.kafka.topic_ids import LookupThrottle, TopicIdMap
 from parsers.kafka import denials
 from parsers.kafka.apis import API_TABLE, expects_response, topics_of
 from parsers.kafka.codec import DecodeError
@@ -37,7 +38,6 @@ from parsers.kafka.frames import (
     FrameDecoder,
     FrameError,
     RequestHeader,
-    encode_response_header,
     frame,
     parse_request_header,
 )
@@ -70,9 +70,6 @@ GATEWAY_CAPS = {PRODUCE: 9, FETCH: 15}
 # a frame whose topics are not yet readable is tried again after this many more bytes.
 CUT_THROUGH_MIN = 64 * 1024
 CUT_THROUGH_RETRY = 64 * 1024
-# An unknown topic id is looked up with the broker at most once per this long per connection;
-# in between, requests naming it are denied (fail closed) without asking again.
-RESOLVE_RETRY_NS = 1_000_000_000
 
 
 class KafkaLayer:
@@ -97,19 +94,17 @@ class KafkaLayer:
         self.topic_names = topic_ids if topic_ids is not None else TopicIdMap()
         self._req_left = 0  # bytes of a cut-through request still to pass on
         self._cut_tried = self._cut_tried_at = -1
-        self._fetch_topics: set[str] = set()  # topics this connection's fetch session may hold
-        self._fetch_sessions: set[int] = set()  # fetch session ids the broker gave this connection
-        self._fetch_rules = None  # the rule set the last Fetch was checked against
+        self.fetch_sessions = FetchSessions()
         # While the broker is asked about unknown topic ids: the waiting request's frame, the
         # whole frames behind it, then raw bytes not yet split (see ResolveTopicIds).
         self._resolving = False
         self._parked: deque[bytes] = deque()
         self._held: list[bytes] = []
-        self._resolve_tried: dict[bytes, int] = {}  # topic id -> clock of the last lookup
+        self._lookups = LookupThrottle()  # unknown topic ids asked about lately
         self.closed = False
         self.responses = ResponseSide(
             pending=self._pending, settings=settings, rules=rules, supported=self._supported,
-            clock_ns=clock_ns, topic_ids=self.topic_names, fetch_sessions=self._fetch_sessions,
+            clock_ns=clock_ns, topic_ids=self.topic_names, fetch_sessions=self.fetch_sessions,
             close=self._close,
         )  # fmt: skip
 
@@ -195,17 +190,6 @@ class KafkaLayer:
             self._held.clear()
             out.extend(self.client_data(held))
         return out
-
-    def _may_resolve(self, ids: list, now: int) -> bool:
-        """Whether to ask the broker about `ids` now (not if each was asked about lately)."""
-        tried = self._resolve_tried
-        if all(i in tried and now - tried[i] < RESOLVE_RETRY_NS for i in ids):
-            return False
-        if len(tried) > 4096:
-            tried.clear()
-        for i in ids:
-            tried[i] = now
-        return True
 
     def _cut_through(self, out: list) -> None:
         """Start forwarding a large Produce before its last byte arrives, once its topics are
@@ -305,7 +289,7 @@ class KafkaLayer:
         if unknown_ids and allowed and not _topic_free(rules, key, version, header):
             # A topic id that no Metadata response seen here named: ask the broker, and decide
             # again when it answered; if it still is unknown, fail closed.
-            if self._may_resolve(unknown_ids, now):
+            if self._lookups.may_ask(unknown_ids, now):
                 self._resolving = True
                 self._parked.append(framed)
                 out.append(ResolveTopicIds(tuple(unknown_ids)))
@@ -321,11 +305,15 @@ class KafkaLayer:
             unknown_ids.append(b"regex")
             allowed = False
         if allowed and key == FETCH and version >= 7:
-            if not self._fetch_session_ok(rules, header, out):
+            revoked = self.fetch_sessions.revoked_topic(rules, version, header.client_id)
+            if revoked is not None:
+                self._close(out, "fetch_session_denied",
+                            f"policy changed: the fetch session holds denied topic {revoked}",
+                            header)  # fmt: skip
                 return
             epoch = request.get("session_epoch", -1)
-            if epoch > 0 and request.get("session_id") not in self._fetch_sessions:
-                self._unknown_fetch_session(header, request, pending, out)
+            if epoch > 0 and not self.fetch_sessions.opened_here(request.get("session_id")):
+                self._unknown_fetch_session(header, pending, out)
                 return
             pending.learn_session = epoch == 0
         if allowed:
@@ -344,55 +332,29 @@ class KafkaLayer:
         topic_denied = bool(verdict.denied_topics) or (verdict.allowed and bool(unknown_ids))
         self._deny(spec, header, request, pending, names, out, topic_denied=topic_denied)
 
-    def _fetch_session_ok(self, rules, header: RequestHeader, out: list) -> bool:
-        """Incremental fetch sessions (v7+) keep serving partitions that later requests need not
-        name. When the policy changed since this connection's last Fetch, re-check every topic
-        the session may hold; if one is now denied, close (the client starts a new session)."""
-        if rules is self._fetch_rules:
-            return True
-        self._fetch_rules = rules
-        denied = [
-            t for t in self._fetch_topics
-            if not rules.check(FETCH, header.api_version, header.client_id, [t]).allowed
-        ]  # fmt: skip
-        if not denied:
-            return True
-        self._fetch_topics.clear()
-        self._close(out, "fetch_session_denied",
-                    f"policy changed: the fetch session holds denied topic {denied[0]}", header)  # fmt: skip
-        return False
-
-    def _unknown_fetch_session(self, header: RequestHeader, request, pending, out: list) -> None:
+    def _unknown_fetch_session(self, header: RequestHeader, pending, out: list) -> None:
         """An incremental Fetch (epoch > 0) continuing a session this connection did not open.
         Its partitions were checked where the session was opened, perhaps under a policy since
         revoked, and the broker serves them without their being named here: answer as a broker
         that does not know the session (FETCH_SESSION_ID_NOT_FOUND), and the client opens a new
         one here with a full Fetch naming every partition."""
         version = header.api_version
-        body = bytearray(encode_response_header(header.correlation_id, FETCH, pending.flexible))
-        API_TABLE[FETCH].response_codec(version).encode(
-            body, {"error_code": FETCH_SESSION_ID_NOT_FOUND, "session_id": 0, "responses": []}
-        )
+        answer = denials.fetch_session_not_found(header.correlation_id, version)
         out.append(Record("REQUEST", "DROPPED", FETCH, version, header.correlation_id,
                           header.client_id, error_code=FETCH_SESSION_ID_NOT_FOUND,
                           reason="FETCH_SESSION_NOT_OPENED_HERE"))  # fmt: skip
-        self._answer_here(pending, frame(body), out)
+        self._answer_here(pending, answer, out)
 
     def _unsupported_api_versions(self, header: RequestHeader, spec, now: int, out: list) -> None:
         """A client opens with ApiVersions at its newest version. Newer than the proxy parses:
         answer as a broker that does not know it (UNSUPPORTED_VERSION, v0 body, the ApiVersions
         range supported), and the client retries at a version both understand."""
-        body = bytearray(encode_response_header(header.correlation_id, API_VERSIONS, False))
-        spec.response_codec(0).encode(body, {
-            "error_code": UNSUPPORTED_VERSION,
-            "api_keys": [{"api_key": API_VERSIONS, "min_version": 0,
-                          "max_version": spec.versions[1]}],
-        })  # fmt: skip
+        answer = denials.unsupported_api_versions(header.correlation_id)
         out.append(Record("REQUEST", "ERROR", API_VERSIONS, header.api_version,
                           header.correlation_id, header.client_id, error_code=UNSUPPORTED_VERSION,
                           reason="unsupported_version"))  # fmt: skip
         pending = Pending(header.correlation_id, API_VERSIONS, header.api_version, False, now)
-        self._answer_here(pending, frame(body), out)
+        self._answer_here(pending, answer, out)
 
     def _answer_here(self, pending: Pending, framed: bytes, out: list) -> None:
         """Answer `pending` with `framed` instead of the broker, in its turn behind the answers
@@ -409,7 +371,7 @@ class KafkaLayer:
 
     def _forward(self, framed, header: RequestHeader, request, pending, names, out) -> None:
         if header.api_key == FETCH and header.api_version >= 7:
-            self._fetch_topics.update(names)
+            self.fetch_sessions.hold(names)
         out.append(ToUpstream(framed))
         if expects_response(header.api_key, request):
             self._pending.append(pending)

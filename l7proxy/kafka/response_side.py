@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 
 from l7proxy.kafka.commands import KafkaSettings, Pending, Record, ToClient
+from l7proxy.kafka.fetch_sessions import FetchSessions
 from l7proxy.kafka.topic_ids import TopicIdMap
 from parsers.kafka.apis import API_TABLE
 from parsers.kafka.codec import DecodeError
@@ -45,7 +46,6 @@ INSPECT_LIMIT = 64 * 1024
 # error_code, session_id. SESSION_PEEK bytes cover it behind any sane tag section.
 _FETCH_HEAD = struct.Struct(">ihi")
 SESSION_PEEK = 64
-MAX_FETCH_SESSIONS = 64  # per connection (a client keeps one per broker connection)
 
 
 def _nothing(_topic: str) -> bool:
@@ -68,7 +68,7 @@ class ResponseSide:
         supported: dict,
         clock_ns: Callable[[], int],
         topic_ids: TopicIdMap,
-        fetch_sessions: set[int],
+        fetch_sessions: FetchSessions,
         close: Callable[[list, str, str], object],
     ) -> None:
         self._pending = pending
@@ -304,9 +304,7 @@ class ResponseSide:
         except (FrameError, IndexError, struct.error):
             return  # unreadable: the session stays unknown here (its next Fetch gets 70)
         if error_code == 0 and session_id:
-            if len(self._fetch_sessions) >= MAX_FETCH_SESSIONS:
-                self._fetch_sessions.clear()
-            self._fetch_sessions.add(session_id)
+            self._fetch_sessions.learn(session_id)
 
     def _response_done(self, out: list) -> None:
         self._peek = None  # a response shorter than the peek: nothing learned

@@ -22,3 +22,29 @@ class TopicIdMap(dict):
         if len(self) > MAX_TOPIC_IDS:
             self.clear()
         self.update(ids)
+
+
+# An unknown topic id is looked up with the broker at most once per this long per connection;
+# in between, requests naming it are denied (fail closed) without asking again.
+RESOLVE_RETRY_NS = 1_000_000_000
+
+
+class LookupThrottle:
+    """One connection's recent lookups of unknown topic ids, so that a client sending bogus ids
+    cannot turn every request into a broker round trip (bounded)."""
+
+    __slots__ = ("_tried",)
+
+    def __init__(self) -> None:
+        self._tried: dict[bytes, int] = {}  # topic id -> clock (ns) of the last lookup
+
+    def may_ask(self, ids: list, now: int) -> bool:
+        """Whether to ask the broker about `ids` now (not if each was asked about lately)."""
+        tried = self._tried
+        if all(i in tried and now - tried[i] < RESOLVE_RETRY_NS for i in ids):
+            return False
+        if len(tried) > 4096:
+            tried.clear()
+        for i in ids:
+            tried[i] = now
+        return True

@@ -17,10 +17,13 @@ from parsers.kafka.keys import (
     API_VERSIONS,
     CLUSTER_AUTHORIZATION_FAILED,
     COORDINATOR_TRANSACTION,
+    FETCH,
+    FETCH_SESSION_ID_NOT_FOUND,
     FIND_COORDINATOR,
     INIT_PRODUCER_ID,
     TOPIC_AUTHORIZATION_FAILED,
     TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    UNSUPPORTED_VERSION,
 )
 
 BUILDERS: dict[int, Builder] = {
@@ -92,6 +95,31 @@ def error_response(
     # Clients read an ApiVersions response that carries an error as v0, whatever they asked for.
     body_version = 0 if spec.key == API_VERSIONS else version
     spec.response_codec(body_version).encode(out, body)
+    return frame(out)
+
+
+def fetch_session_not_found(correlation_id: int, version: int) -> bytes:
+    """An incremental Fetch of a session the broker does not know (here: one this connection
+    did not open): FETCH_SESSION_ID_NOT_FOUND, no partitions; the client opens a new one."""
+    spec = API_TABLE[FETCH]
+    out = bytearray(encode_response_header(correlation_id, FETCH, spec.flexible(version)))
+    spec.response_codec(version).encode(
+        out, {"error_code": FETCH_SESSION_ID_NOT_FOUND, "session_id": 0, "responses": []}
+    )
+    return frame(out)
+
+
+def unsupported_api_versions(correlation_id: int) -> bytes:
+    """ApiVersions at a version newer than the proxy parses: what a broker answers then
+    (UNSUPPORTED_VERSION in the v0 layout, with the ApiVersions range it takes); the client
+    retries at a version both understand."""
+    spec = API_TABLE[API_VERSIONS]
+    out = bytearray(encode_response_header(correlation_id, API_VERSIONS, False))
+    spec.response_codec(0).encode(out, {
+        "error_code": UNSUPPORTED_VERSION,
+        "api_keys": [{"api_key": API_VERSIONS, "min_version": 0,
+                      "max_version": spec.versions[1]}],
+    })  # fmt: skip
     return frame(out)
 
 

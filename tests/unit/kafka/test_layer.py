@@ -530,7 +530,7 @@ def test_a_failed_or_sessionless_fetch_opens_no_session():
     lay.upstream_data(_fetch_answer(11, 1, 77, error_code=29))
     assert not of(ToUpstream, lay.client_data(_fetch_in_session(2, 11, 77, 1)))
     assert of(ToUpstream, lay.client_data(_fetch_in_session(3, 11, 0, -1)))  # no session: fine
-    assert not lay._fetch_sessions
+    assert not lay.fetch_sessions.ids
 
 
 def test_without_l7_rules_fetch_sessions_pass_untouched():
