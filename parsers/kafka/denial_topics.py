@@ -232,18 +232,22 @@ def create_partitions(v, req, code):
     return {"results": [{"name": t["name"], "error_code": code} for t in req["topics"]]}
 
 
+def partition_errors(indexes, code: int) -> list[dict]:
+    """The usual answer per partition: its index and the error code."""
+    return [{"partition_index": i, "error_code": code} for i in indexes]
+
+
+def named_topics(topics, code: int, index_key: str = "partition_indexes") -> list[dict]:
+    """Topics by name, each with its partitions' errors (`index_key`: where the request keeps
+    the partition indexes: a list of ints, or partition structs with `partition_index`)."""
+    return [
+        {"name": t["name"], "partitions": partition_errors(partition_indexes(t, index_key), code)}
+        for t in topics
+    ]
+
+
 def describe_producers(v, req, code):
-    return {
-        "topics": [
-            {
-                "name": t["name"],
-                "partitions": [
-                    {"partition_index": i, "error_code": code} for i in t["partition_indexes"]
-                ],
-            }  # fmt: skip
-            for t in req["topics"]
-        ]
-    }
+    return {"topics": named_topics(req["topics"], code)}
 
 
 def describe_topic_partitions(v, req, code):
@@ -262,19 +266,7 @@ def describe_topic_partitions(v, req, code):
 
 
 def offset_delete(v, req, code):
-    return {
-        "error_code": 0,
-        "topics": [
-            {
-                "name": t["name"],
-                "partitions": [
-                    {"partition_index": p["partition_index"], "error_code": code}
-                    for p in t["partitions"]
-                ],
-            }  # fmt: skip
-            for t in req["topics"]
-        ],
-    }
+    return {"error_code": 0, "topics": named_topics(req["topics"], code, "partitions")}
 
 
 def write_txn_markers(v, req, code):
@@ -282,16 +274,7 @@ def write_txn_markers(v, req, code):
         "markers": [
             {
                 "producer_id": m["producer_id"],
-                "topics": [
-                    {
-                        "name": t["name"],
-                        "partitions": [
-                            {"partition_index": i, "error_code": code}
-                            for i in t["partition_indexes"]
-                        ],
-                    }
-                    for t in m["topics"]
-                ],
+                "topics": named_topics(m["topics"], code),
             }  # fmt: skip
             for m in req["markers"]
         ]
@@ -303,7 +286,7 @@ def alter_replica_log_dirs(v, req, code):
         "results": [
             {
                 "topic_name": t["name"],
-                "partitions": [{"partition_index": i, "error_code": code} for i in t["partitions"]],
+                "partitions": partition_errors(t["partitions"], code),
             }  # fmt: skip
             for d in req["dirs"]
             for t in d["topics"]
