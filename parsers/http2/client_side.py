@@ -67,59 +67,56 @@ class ClientSide:
             self._events.append(PrefaceReceived())
         return data[len(chunk) :]
 
-    def _client_frame(self, ftype, flags, sid, payload, buf, pos, fend) -> None:
+    def _client_frame(self, ftype: int, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        """A client frame the hot loop left to the handler table (`_CLIENT_FRAMES`, built at
+        the end of this class); unknown frame types are ignored (RFC 9113 section 4.1)."""
         if self._cblock is not None and ftype != f.CONTINUATION:
             return self._fail("client", f.PROTOCOL_ERROR, "frame inside a header block")
         if not self._client_settings_seen and (ftype != f.SETTINGS or flags & f.FLAG_ACK):
             return self._fail("client", f.PROTOCOL_ERROR, "first frame is not SETTINGS")
-        if ftype == f.HEADERS:
-            return self._client_headers(flags, sid, payload)
-        if ftype == f.DATA:
-            return self._client_data(flags, sid, payload, buf[pos:fend])
-        if ftype == f.CONTINUATION:
-            return self._client_continuation(flags, sid, payload)
-        if ftype == f.WINDOW_UPDATE:
-            return self._client_window_update(sid, payload, buf, pos, fend)
-        if ftype == f.RST_STREAM:
-            return self._client_rst(sid, payload, buf, pos, fend)
-        if ftype == f.SETTINGS:
-            return self._client_settings_frame(flags, sid, payload, buf, pos, fend)
-        if ftype == f.PING:
-            if len(payload) != 8:
-                return self._fail("client", f.FRAME_SIZE_ERROR, "PING length")
-            if sid:
-                return self._fail("client", f.PROTOCOL_ERROR, "PING on a stream")
-            if not flags & f.FLAG_ACK and self._spend_control():
-                self._to_client.append(f.ping_ack(payload))
-            return None
-        if ftype == f.PRIORITY:
-            if not sid:
-                return self._fail("client", f.PROTOCOL_ERROR, "PRIORITY on stream 0")
-            if len(payload) != 5:
-                return self._stream_error(sid, f.FRAME_SIZE_ERROR)
-            if f.stream_dependency(payload[:4]) == sid:
-                stream = self._streams.get(sid)
-                if stream is not None:
-                    return self._reset_both(sid, stream, f.PROTOCOL_ERROR)
-                return self._stream_error(sid, f.PROTOCOL_ERROR)  # RFC 9113 5.3.1
+        handler = self._CLIENT_FRAMES.get(ftype)
+        if handler is None:
             self._spend_control()
             return None
-        if ftype == f.GOAWAY:
-            if sid or len(payload) < 8:
-                return self._fail("client", f.PROTOCOL_ERROR, "malformed GOAWAY")
-            self._to_server.append(buf[pos:fend])
-            self._events.append(
-                GoawayReceived(
-                    "client",
-                    int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
-                    int.from_bytes(payload[4:8], "big"),
-                )
-            )
-            return None
-        if ftype == f.PUSH_PROMISE:
-            return self._fail("client", f.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-        self._spend_control()  # unknown frame types are ignored (RFC 9113 section 4.1)
+        return handler(self, flags, sid, payload, raw)
+
+    def _client_ping(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        if len(payload) != 8:
+            return self._fail("client", f.FRAME_SIZE_ERROR, "PING length")
+        if sid:
+            return self._fail("client", f.PROTOCOL_ERROR, "PING on a stream")
+        if not flags & f.FLAG_ACK and self._spend_control():
+            self._to_client.append(f.ping_ack(payload))
         return None
+
+    def _client_priority(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        if not sid:
+            return self._fail("client", f.PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:
+            return self._stream_error(sid, f.FRAME_SIZE_ERROR)
+        if f.stream_dependency(payload[:4]) == sid:
+            stream = self._streams.get(sid)
+            if stream is not None:
+                return self._reset_both(sid, stream, f.PROTOCOL_ERROR)
+            return self._stream_error(sid, f.PROTOCOL_ERROR)  # RFC 9113 5.3.1
+        self._spend_control()  # otherwise dropped: deprecated, the relay does not prioritize
+        return None
+
+    def _client_goaway(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        if sid or len(payload) < 8:
+            return self._fail("client", f.PROTOCOL_ERROR, "malformed GOAWAY")
+        self._to_server.append(raw)
+        self._events.append(
+            GoawayReceived(
+                "client",
+                int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
+                int.from_bytes(payload[4:8], "big"),
+            )
+        )
+        return None
+
+    def _client_push_promise(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        return self._fail("client", f.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
 
     def _client_data(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
         """DATA the hot loop did not forward: a stream with a content-length to count, a denied
@@ -170,7 +167,7 @@ class ClientSide:
             self._to_client.append(f.window_update(sid, length))
         return None
 
-    def _client_headers(self, flags: int, sid: int, payload: bytes) -> None:
+    def _client_headers(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
         fragment = f.strip_headers_payload(flags, payload)
         if fragment is None:
             return self._fail("client", f.PROTOCOL_ERROR, "HEADERS padding")
@@ -193,7 +190,7 @@ class ClientSide:
             return self._fail("client", f.ENHANCE_YOUR_CALM, "header block too large")
         return None
 
-    def _client_continuation(self, flags: int, sid: int, payload: bytes) -> None:
+    def _client_continuation(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
         if self._cblock is None or sid != self._cblock_sid:
             return self._fail("client", f.PROTOCOL_ERROR, "unexpected CONTINUATION")
         self._cblock_frames += 1
@@ -410,7 +407,7 @@ class ClientSide:
         stream.body = b""
         self._advance(sid, stream, BODY_SENT)
 
-    def _client_window_update(self, sid, payload, buf, pos, fend) -> None:
+    def _client_window_update(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
         if len(payload) != 4:
             return self._fail("client", f.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
@@ -426,7 +423,7 @@ class ClientSide:
                 if increment - taken:
                     self._to_server.append(f.window_update(0, increment - taken))
             else:
-                self._to_server.append(buf[pos:fend])
+                self._to_server.append(raw)
             if self._held:
                 self._release_held()
             if self._waiting_bodies:
@@ -444,12 +441,12 @@ class ClientSide:
         if stream.window > f.MAX_WINDOW:
             return self._reset_both(sid, stream, f.FLOW_CONTROL_ERROR)  # RFC 9113 6.9.1
         if stream.state in FORWARDED:
-            self._to_server.append(buf[pos:fend])
+            self._to_server.append(raw)
         elif stream.body:
             self._send_local_body(sid, stream)
         return None
 
-    def _client_rst(self, sid, payload, buf, pos, fend) -> None:
+    def _client_rst(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
         if len(payload) != 4:
             return self._fail("client", f.FRAME_SIZE_ERROR, "RST_STREAM length")
         if not sid or sid > self._max_client_sid:
@@ -460,13 +457,13 @@ class ClientSide:
         code = int.from_bytes(payload, "big")
         self._events.append(StreamEnded(sid, stream.status, reset_code=code, reset_by="client"))
         if stream.state in FORWARDED:
-            self._to_server.append(buf[pos:fend])
+            self._to_server.append(raw)
             if stream.state in SERVER_SENDING and not stream.status:
                 self._spend_reset()
         self._advance(sid, stream, CLIENT_RESET)
         return None
 
-    def _client_settings_frame(self, flags, sid, payload, buf, pos, fend) -> None:
+    def _client_settings_frame(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
         if sid:
             return self._fail("client", f.PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & f.FLAG_ACK:
@@ -474,7 +471,7 @@ class ClientSide:
                 return self._fail("client", f.FRAME_SIZE_ERROR, "SETTINGS ACK with payload")
             if self._unacked_limits:
                 self._client_acked_limits()
-            self._to_server.append(buf[pos:fend])
+            self._to_server.append(raw)
             return None
         if len(payload) % 6:
             return self._fail("client", f.FRAME_SIZE_ERROR, "SETTINGS length")
@@ -533,3 +530,17 @@ class ClientSide:
         for waiting in sorted(self._waiting_bodies):
             self._send_local_body(waiting, self._streams[waiting])
         return True
+
+    # One handler per frame type, each (self, flags, stream id, payload, raw frame).
+    _CLIENT_FRAMES = {
+        f.DATA: _client_data,
+        f.HEADERS: _client_headers,
+        f.PRIORITY: _client_priority,
+        f.RST_STREAM: _client_rst,
+        f.SETTINGS: _client_settings_frame,
+        f.PUSH_PROMISE: _client_push_promise,
+        f.PING: _client_ping,
+        f.GOAWAY: _client_goaway,
+        f.WINDOW_UPDATE: _client_window_update,
+        f.CONTINUATION: _client_continuation,
+    }

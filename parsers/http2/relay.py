@@ -395,7 +395,7 @@ class H2Relay(ClientSide, ServerSide):
                     break
                 pos = fend
                 continue
-            self._client_frame(ftype, flags, sid, buf[pos + 9 : fend], buf, pos, fend)
+            self._client_frame(ftype, flags, sid, buf[pos + 9 : fend], buf[pos:fend])
             if self.closed:
                 break
             pos = fend

@@ -52,101 +52,117 @@ class ServerSide:
                 self._client_conn_window -= data_length
             self._to_client.append(raw)
 
-    def _server_frame(self, ftype, flags, sid, payload, raw) -> None:
+    def _server_frame(self, ftype: int, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        """A server frame the hot loop left to the handler table (`_SERVER_FRAMES`, at the end
+        of this class); PRIORITY and unknown frame types are dropped."""
         if not self._server_settings_seen and (ftype != f.SETTINGS or flags & f.FLAG_ACK):
             return self._fail("server", f.PROTOCOL_ERROR, "upstream did not start with SETTINGS")
         if self._sblock is not None:
             if ftype != f.CONTINUATION or sid != self._sblock_sid:
                 return self._fail("server", f.PROTOCOL_ERROR, "frame inside a header block")
-            self._sblock.append(raw)
-            self._sblock_parts.append(payload)
-            self._sblock_size += len(payload)
-            if self._sblock_size > self.limits.max_header_block or len(self._sblock) > (
-                self.limits.max_continuation_frames + 1
-            ):
-                return self._fail("server", f.ENHANCE_YOUR_CALM, "response header block too large")
-            if flags & f.FLAG_END_HEADERS:
-                frames, parts = self._sblock, self._sblock_parts
-                self._sblock = None
-                self._sblock_parts = []
-                self._server_block(self._sblock_sid, self._sblock_end_stream, b"".join(parts))
-                if not self.closed:
-                    self._emit_to_client(b"".join(frames))
-            return None
-        if ftype == f.DATA:
-            stream = self._streams.get(sid)
-            if stream is not None:
-                stream.window -= len(payload)
-                if flags & f.FLAG_END_STREAM:
-                    self._server_stream_done(sid, stream, None)
-                    if self.closed:
-                        return None
-            return self._emit_to_client(raw, len(payload))
-        if ftype == f.HEADERS:
-            block = f.strip_headers_payload(flags, payload)
-            if block is None:
-                return self._fail("server", f.PROTOCOL_ERROR, "HEADERS padding")
-            if flags & f.FLAG_END_HEADERS:
-                self._server_block(sid, flags & f.FLAG_END_STREAM, block)
-                if not self.closed:
-                    self._emit_to_client(raw)
-                return None
-            self._sblock = [raw]
-            self._sblock_parts = [block]
-            self._sblock_sid = sid
-            self._sblock_end_stream = bool(flags & f.FLAG_END_STREAM)
-            self._sblock_size = len(block)
-            return None
-        if ftype == f.SETTINGS:
-            if sid:
-                return self._fail("server", f.PROTOCOL_ERROR, "SETTINGS on a stream")
-            if flags & f.FLAG_ACK:
-                if self._swallow_server_acks:
-                    self._swallow_server_acks -= 1
-                    return None
-                return self._emit_to_client(raw)
-            if len(payload) % 6:
-                return self._fail("server", f.FRAME_SIZE_ERROR, "SETTINGS length")
-            first = not self._server_settings_seen
-            settings = self._server_settings(payload)
-            if settings and first:
-                self._to_client.insert(0, settings)  # before anything the proxy queued
-            elif settings:
-                self._emit_to_client(settings)
-            return None
-        if ftype == f.WINDOW_UPDATE:
-            return self._emit_to_client(raw)
-        if ftype == f.RST_STREAM:
-            if len(payload) != 4 or not sid:
-                return self._fail("server", f.PROTOCOL_ERROR, "malformed RST_STREAM")
-            stream = self._streams.get(sid)
-            if stream is not None:
-                if not self._advance(sid, stream, SERVER_RESET):
-                    return None
-                code = int.from_bytes(payload, "big")
-                self._events.append(
-                    StreamEnded(sid, stream.status, reset_code=code, reset_by="server")
-                )
-            return self._emit_to_client(raw)
-        if ftype == f.PING:
-            if len(payload) != 8 or sid:
-                return self._fail("server", f.PROTOCOL_ERROR, "malformed PING")
-            if not flags & f.FLAG_ACK:
-                self._to_server.append(f.ping_ack(payload))
-            return None
-        if ftype == f.GOAWAY:
-            if sid or len(payload) < 8:
-                return self._fail("server", f.PROTOCOL_ERROR, "malformed GOAWAY")
-            last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
-            if self._server_goaway_last is None or last < self._server_goaway_last:
-                self._server_goaway_last = last
-            self._events.append(GoawayReceived("server", last, int.from_bytes(payload[4:8], "big")))
-            return self._emit_to_client(raw)
-        if ftype == f.PUSH_PROMISE:
-            return self._fail("server", f.PROTOCOL_ERROR, "PUSH_PROMISE although push is off")
-        if ftype == f.CONTINUATION:
+            return self._server_continuation(flags, sid, payload, raw)
+        handler = self._SERVER_FRAMES.get(ftype)
+        if handler is not None:
+            return handler(self, flags, sid, payload, raw)
+        return None
+
+    def _server_continuation(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        if self._sblock is None:
             return self._fail("server", f.PROTOCOL_ERROR, "unexpected CONTINUATION")
-        return None  # PRIORITY and unknown types are dropped
+        self._sblock.append(raw)
+        self._sblock_parts.append(payload)
+        self._sblock_size += len(payload)
+        if self._sblock_size > self.limits.max_header_block or len(self._sblock) > (
+            self.limits.max_continuation_frames + 1
+        ):
+            return self._fail("server", f.ENHANCE_YOUR_CALM, "response header block too large")
+        if flags & f.FLAG_END_HEADERS:
+            frames, parts = self._sblock, self._sblock_parts
+            self._sblock = None
+            self._sblock_parts = []
+            self._server_block(self._sblock_sid, self._sblock_end_stream, b"".join(parts))
+            if not self.closed:
+                self._emit_to_client(b"".join(frames))
+        return None
+
+    def _server_data(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        stream = self._streams.get(sid)
+        if stream is not None:
+            stream.window -= len(payload)
+            if flags & f.FLAG_END_STREAM:
+                self._server_stream_done(sid, stream, None)
+                if self.closed:
+                    return None
+        return self._emit_to_client(raw, len(payload))
+
+    def _server_headers(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        block = f.strip_headers_payload(flags, payload)
+        if block is None:
+            return self._fail("server", f.PROTOCOL_ERROR, "HEADERS padding")
+        if flags & f.FLAG_END_HEADERS:
+            self._server_block(sid, flags & f.FLAG_END_STREAM, block)
+            if not self.closed:
+                self._emit_to_client(raw)
+            return None
+        self._sblock = [raw]
+        self._sblock_parts = [block]
+        self._sblock_sid = sid
+        self._sblock_end_stream = bool(flags & f.FLAG_END_STREAM)
+        self._sblock_size = len(block)
+        return None
+
+    def _server_settings_frame(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        if sid:
+            return self._fail("server", f.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & f.FLAG_ACK:
+            if self._swallow_server_acks:
+                self._swallow_server_acks -= 1
+                return None
+            return self._emit_to_client(raw)
+        if len(payload) % 6:
+            return self._fail("server", f.FRAME_SIZE_ERROR, "SETTINGS length")
+        first = not self._server_settings_seen
+        settings = self._server_settings(payload)
+        if settings and first:
+            self._to_client.insert(0, settings)  # before anything the proxy queued
+        elif settings:
+            self._emit_to_client(settings)
+        return None
+
+    def _server_window_update(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        if len(payload) != 4:
+            return self._fail("server", f.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        return self._emit_to_client(raw)
+
+    def _server_rst(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        if len(payload) != 4 or not sid:
+            return self._fail("server", f.PROTOCOL_ERROR, "malformed RST_STREAM")
+        stream = self._streams.get(sid)
+        if stream is not None:
+            if not self._advance(sid, stream, SERVER_RESET):
+                return None
+            code = int.from_bytes(payload, "big")
+            self._events.append(StreamEnded(sid, stream.status, reset_code=code, reset_by="server"))
+        return self._emit_to_client(raw)
+
+    def _server_ping(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        if len(payload) != 8 or sid:
+            return self._fail("server", f.PROTOCOL_ERROR, "malformed PING")
+        if not flags & f.FLAG_ACK:
+            self._to_server.append(f.ping_ack(payload))
+        return None
+
+    def _server_goaway(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        if sid or len(payload) < 8:
+            return self._fail("server", f.PROTOCOL_ERROR, "malformed GOAWAY")
+        last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+        if self._server_goaway_last is None or last < self._server_goaway_last:
+            self._server_goaway_last = last
+        self._events.append(GoawayReceived("server", last, int.from_bytes(payload[4:8], "big")))
+        return self._emit_to_client(raw)
+
+    def _server_push_promise(self, flags: int, sid: int, payload: bytes, raw: bytes) -> None:
+        return self._fail("server", f.PROTOCOL_ERROR, "PUSH_PROMISE although push is off")
 
     def _server_block(self, sid: int, end_stream: int, block: bytes) -> None:
         summary = self._response_summaries.get(block)
@@ -243,3 +259,16 @@ class ServerSide:
         if frame_size is not None and frame_size > self._client_frame_limit:
             self._client_frame_limit = frame_size
         return f.settings_frame(out)
+
+    # One handler per frame type, each (self, flags, stream id, payload, raw frame).
+    _SERVER_FRAMES = {
+        f.DATA: _server_data,
+        f.HEADERS: _server_headers,
+        f.RST_STREAM: _server_rst,
+        f.SETTINGS: _server_settings_frame,
+        f.PUSH_PROMISE: _server_push_promise,
+        f.PING: _server_ping,
+        f.GOAWAY: _server_goaway,
+        f.WINDOW_UPDATE: _server_window_update,
+        f.CONTINUATION: _server_continuation,
+    }

@@ -419,3 +419,24 @@ def test_streams_ended_by_a_proxy_reset_report_the_reset():
     assert [
         (e.stream_id, e.reset_code, e.reset_by) for e in events if isinstance(e, StreamEnded)
     ] == [(1, f.PROTOCOL_ERROR, "proxy")]
+
+
+def test_server_frames_with_bad_lengths_are_server_errors():
+    for frame_bytes in (
+        f.frame(f.WINDOW_UPDATE, 0, 0, bytes(5)),
+        f.frame(f.RST_STREAM, 0, 1, bytes(3)),
+        f.frame(f.PING, 0, 0, bytes(9)),
+        f.frame(f.SETTINGS, 0, 0, bytes(5)),
+    ):
+        relay = started(ALLOW_ALL)
+        events = relay.receive_server(frame_bytes)
+        assert relay.closed
+        assert [e.side for e in events if isinstance(e, ConnectionFailed)] == ["server"]
+
+
+def test_unknown_and_priority_frames_are_dropped_by_the_handler_tables():
+    relay = started(ALLOW_ALL)
+    relay.receive_client(f.frame(0x42, 0, 0, b"ext") + f.frame(f.PRIORITY, 0, 1, bytes(5)))
+    relay.receive_server(f.frame(0x42, 0, 0, b"ext") + f.frame(f.PRIORITY, 0, 1, bytes(5)))
+    assert not relay.closed
+    assert relay.data_to_client() == b"" and relay.data_to_server() == b""
