@@ -27,6 +27,7 @@ BPF_PERCPU_ARRAY(counters, struct counter, 2 * 3 * REASONS);
 BPF_RINGBUF_OUTPUT(events, EVENT_RING_SIZE / 4096);
 BPF_TABLE("lru_hash", __u64, struct sidecar_orig, sidecar_by_cookie, SIDECAR_MAP_SIZE);
 BPF_TABLE("lru_hash", struct sidecar_addr, struct sidecar_orig, sidecar_by_addr, SIDECAR_MAP_SIZE);
+BPF_HASH(nodes, __be32, struct node_info, NODE_MAP_SIZE);
 
 #define NSEC 1000000000ULL
 #define PARSE_IPV6 1
@@ -380,9 +381,13 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
         return TC_ACT_SHOT;
 
     __u32 mark_identity = 0;
-    __u8 from_proxy = 0;
+    __u8 from_proxy = 0, marked = 0;
     if (dir == DIR_INGRESS && (skb->mark & MARK_MAGIC_MASK) == MARK_FROM_PROXY) {
         from_proxy = 1;
+        marked = 1;
+        mark_identity = skb->mark & MARK_IDENTITY_MASK;
+    } else if (dir == DIR_INGRESS && (skb->mark & MARK_MAGIC_MASK) == MARK_FROM_OVERLAY) {
+        marked = 1;  // the source identity came in the VNI from a known node (from_overlay)
         mark_identity = skb->mark & MARK_IDENTITY_MASK;
     }
 
@@ -453,7 +458,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
     ep = ep_by_ifindex.lookup(&ifindex);
     if (!ep)
         return TC_ACT_OK;
-    __u32 peer = dir == DIR_INGRESS ? (from_proxy ? mark_identity : identity_of(t.saddr))
+    __u32 peer = dir == DIR_INGRESS ? (marked ? mark_identity : identity_of(t.saddr))
                                     : identity_of(t.daddr);
     __u32 src_id = dir == DIR_INGRESS ? peer : ep->identity;
     __u32 dst_id = dir == DIR_INGRESS ? ep->identity : peer;
@@ -524,6 +529,116 @@ int from_endpoint(struct __sk_buff *skb)
 int to_endpoint(struct __sk_buff *skb)
 {
     return handle(skb, DIR_INGRESS);
+}
+
+// -- across nodes (redirect_bpf/overlay.py attaches these) ------------------------------------
+
+// A packet from another node to a local endpoint: if the endpoint's ingress policy sends the
+// flow to the proxy, assign it here (tc ingress is the only place bpf_sk_assign works); anything
+// else goes on to the endpoint's to_endpoint, which checks the policy with the same identity.
+// Replies of flows the endpoint opened are never redirected (its conntrack entry says so).
+static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t, __u32 src_id)
+{
+    __be32 daddr = t->daddr;
+    struct endpoint_info *ep = ep_by_ip.lookup(&daddr);
+    if (!ep || ep->sidecar_port)
+        return TC_ACT_OK;
+    struct ct_key key = {};
+    ct_key_of(t, ep->ifindex, &key);
+    struct ct_entry *ct = conntrack.lookup(&key);
+    if (ct && ct->direction == DIR_EGRESS)
+        return TC_ACT_OK;
+    struct verdict v = {};
+    policy_lookup(ep->endpoint_id, src_id, DIR_INGRESS, t->proto, t->dport, &v);
+    if (!v.found || v.value.deny || !v.value.redirect)
+        return TC_ACT_OK;
+    __u8 syn = (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+    if (assign_to_proxy(skb, t, v.value.proxy_port) < 0) {
+        count(DIR_INGRESS, VERDICT_DROPPED, REASON_NO_PROXY, skb->len);
+        emit(t, src_id, ep->identity, ep->endpoint_id, DIR_INGRESS, VERDICT_DROPPED,
+             REASON_NO_PROXY, &v);
+        return TC_ACT_SHOT;
+    }
+    count(DIR_INGRESS, VERDICT_REDIRECTED, syn ? REASON_NEW_FLOW : REASON_CT_ESTABLISHED,
+          skb->len);
+    if (syn)
+        emit(t, src_id, ep->identity, ep->endpoint_id, DIR_INGRESS, VERDICT_REDIRECTED,
+             REASON_NEW_FLOW, &v);
+    return TC_ACT_OK;
+}
+
+static __always_inline int overlay_drop(struct __sk_buff *skb, struct tuple *t, __u32 src_id,
+                                        __u8 dir, __u8 reason)
+{
+    count(dir, VERDICT_DROPPED, reason, skb->len);
+    emit(t, src_id, identity_of(t->daddr), 0, dir, VERDICT_DROPPED, reason, 0);
+    return TC_ACT_SHOT;
+}
+
+// tc ingress of the VXLAN device (collect-metadata mode): a decapsulated packet. The VNI is the
+// source identity, believed only when the outer source is a known node's underlay IP.
+int from_overlay(struct __sk_buff *skb)
+{
+    struct bpf_tunnel_key tk = {};
+    struct tuple t = {};
+    int parsed = parse(skb, &t);
+    if (parsed != 0)
+        return TC_ACT_SHOT;  // the overlay carries IPv4 only
+    if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), 0) < 0)
+        return overlay_drop(skb, &t, IDENTITY_WORLD, DIR_INGRESS, REASON_UNKNOWN_TUNNEL_SOURCE);
+    __be32 outer_src = bpf_htonl(tk.remote_ipv4);
+    __u32 src_id = tk.tunnel_id & MARK_IDENTITY_MASK;
+    if (!nodes.lookup(&outer_src))
+        return overlay_drop(skb, &t, src_id, DIR_INGRESS, REASON_UNKNOWN_TUNNEL_SOURCE);
+    if (src_id == IDENTITY_ANY || src_id == IDENTITY_HOST)
+        return overlay_drop(skb, &t, src_id, DIR_INGRESS, REASON_INVALID_IDENTITY);
+    // The inner frame's destination MAC is the sender's device (VXLAN here runs without ARP):
+    // make the stack take it as ours, and carry the identity to to_endpoint in the mark.
+    bpf_skb_change_type(skb, 0 /* PACKET_HOST */);
+    skb->mark = MARK_FROM_OVERLAY | src_id;
+    return remote_ingress(skb, &t, src_id);
+}
+
+// tc egress of the VXLAN device: everything routed into the cluster CIDR. The tunnel goes to
+// the node the ipcache names for the destination, the VNI is the source identity: the proxy's
+// mark, else the local endpoint's identity, else this node's own traffic (remote-node there).
+int to_overlay(struct __sk_buff *skb)
+{
+    struct tuple t = {};
+    if (parse(skb, &t) != 0)
+        return TC_ACT_SHOT;
+    __u32 src_id = IDENTITY_REMOTE_NODE;
+    if ((skb->mark & MARK_MAGIC_MASK) == MARK_FROM_PROXY) {
+        src_id = skb->mark & MARK_IDENTITY_MASK;
+    } else {
+        __be32 saddr = t.saddr;
+        struct endpoint_info *ep = ep_by_ip.lookup(&saddr);
+        if (ep)
+            src_id = ep->identity;
+    }
+    struct ipcache_key key = {.prefixlen = 32, .addr = t.daddr};
+    struct ipcache_value *dst = ipcache.lookup(&key);
+    if (!dst || !dst->tunnel_endpoint)
+        return overlay_drop(skb, &t, src_id, DIR_EGRESS, REASON_NO_TUNNEL_ENDPOINT);
+    struct bpf_tunnel_key tk = {
+        .remote_ipv4 = bpf_ntohl(dst->tunnel_endpoint),
+        .tunnel_id = src_id,
+        .tunnel_ttl = 64,
+    };
+    if (bpf_skb_set_tunnel_key(skb, &tk, sizeof(tk), BPF_F_ZERO_CSUM_TX) < 0)
+        return TC_ACT_SHOT;
+    return TC_ACT_OK;
+}
+
+// tc ingress of the underlay device in native routing: no identity on the wire, the ipcache
+// knows the source (unknown -> world). Only the proxy redirect happens here; to_endpoint does
+// the rest.
+int from_netdev(struct __sk_buff *skb)
+{
+    struct tuple t = {};
+    if (parse(skb, &t) != 0)
+        return TC_ACT_OK;
+    return remote_ingress(skb, &t, identity_of(t.saddr));
 }
 
 #define SIDECAR_PASS 0

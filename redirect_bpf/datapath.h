@@ -23,6 +23,9 @@
 #ifndef SIDECAR_MAP_SIZE
 #define SIDECAR_MAP_SIZE 65536
 #endif
+#ifndef NODE_MAP_SIZE
+#define NODE_MAP_SIZE 4096
+#endif
 
 #define DIR_INGRESS 0
 #define DIR_EGRESS 1
@@ -30,6 +33,7 @@
 #define IDENTITY_ANY 0
 #define IDENTITY_HOST 1
 #define IDENTITY_WORLD 2
+#define IDENTITY_REMOTE_NODE 6  // another node's own addresses (not its pods)
 
 // skb/socket marks. The proxy marks its upstream sockets FROM_PROXY | source identity so the
 // destination's ingress check sees the real source and the packets are never redirected again.
@@ -38,6 +42,8 @@
 #define MARK_IDENTITY_MASK 0x00FFFFFF
 #define MARK_FROM_PROXY 0x7A000000
 #define MARK_TO_PROXY 0x7B000000
+// Set by from_overlay on a decapsulated packet from a known node: the identity is the VNI.
+#define MARK_FROM_OVERLAY 0x7C000000
 
 #define VERDICT_FORWARDED 0
 #define VERDICT_DROPPED 1
@@ -50,7 +56,10 @@
 #define REASON_CT_REPLY 4       // forwarded as the reply of a tracked flow
 #define REASON_CT_ESTABLISHED 5 // forwarded as part of a tracked flow
 #define REASON_NEW_FLOW 6       // forwarded after a policy lookup
-#define REASONS 8               // counter slots per verdict
+#define REASON_UNKNOWN_TUNNEL_SOURCE 7  // VXLAN from an address that is no known node
+#define REASON_INVALID_IDENTITY 8       // VXLAN carrying identity 0 or host (never sent)
+#define REASON_NO_TUNNEL_ENDPOINT 9     // a cluster address no known node owns
+#define REASONS 16              // counter slots per verdict
 
 #define MATCH_NONE 0
 #define MATCH_L3 1  // identity-specific entry
@@ -93,7 +102,13 @@ struct ipcache_key {
 
 struct ipcache_value {
     __u32 identity;
-    __u32 pad;
+    __be32 tunnel_endpoint; // underlay IP of the node owning the address; 0 = this node / none
+};
+
+// A known node, keyed by its underlay IP (network byte order): only these may send VXLAN.
+struct node_info {
+    __u32 node_id;          // userspace's handle, reported nowhere in the kernel
+    __u32 flags;
 };
 
 struct endpoint_info {

@@ -1,4 +1,11 @@
-"""The ipcache map: CIDR -> security identity, an LPM trie the programs look peers up in."""
+"""The ipcache map: CIDR -> security identity (and, for other nodes' addresses, the underlay IP
+of the node that owns them), an LPM trie the programs look peers and tunnel endpoints up in.
+
+Two writers share it. The agent syncs its own view ({cidr: identity}: local endpoints, CIDR
+identities) with sync(); the cluster sink (redirect_bpf/cluster_sink.py) owns every entry with
+a tunnel endpoint. sync() leaves those alone, except that it may change their identity: an entry
+the sink wrote is deleted only by the sink.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +22,22 @@ def be32(ip: str) -> int:
     return int.from_bytes(socket.inet_aton(ip), "little")
 
 
+def ip_of(addr_be: int) -> str:
+    return socket.inet_ntoa(addr_be.to_bytes(4, "little"))
+
+
 def key(cidr: str) -> IpcacheKey:
     net = ipaddress.IPv4Network(cidr, strict=False)
     return IpcacheKey(prefixlen=net.prefixlen, addr=be32(str(net.network_address)))
 
 
-def upsert(ipcache, cidr: str, identity: int) -> None:
-    ipcache.put(key(cidr), IpcacheValue(identity=identity))
+def cidr_of(k: IpcacheKey) -> str:
+    return f"{ip_of(k.addr)}/{k.prefixlen}"
+
+
+def upsert(ipcache, cidr: str, identity: int, tunnel_endpoint: str | None = None) -> None:
+    tunnel = be32(tunnel_endpoint) if tunnel_endpoint else 0
+    ipcache.put(key(cidr), IpcacheValue(identity=identity, tunnel_endpoint=tunnel))
 
 
 def delete(ipcache, cidr: str) -> bool:
@@ -33,16 +49,39 @@ def lookup(ipcache, ip: str) -> int:
     return value.identity if value else structs.IDENTITY_WORLD
 
 
+def entry(ipcache, cidr: str) -> tuple[int, str | None] | None:
+    """(identity, tunnel endpoint or None) of exactly this CIDR, or None."""
+    value = ipcache.get(key(cidr))
+    if value is None:
+        return None
+    return value.identity, ip_of(value.tunnel_endpoint) if value.tunnel_endpoint else None
+
+
+def remote_entries(ipcache) -> dict[str, tuple[int, str]]:
+    """{cidr: (identity, tunnel endpoint)} of every entry the cluster sink owns."""
+    return {
+        cidr_of(k): (v.identity, ip_of(v.tunnel_endpoint))
+        for k, v in ipcache.items()
+        if v.tunnel_endpoint
+    }
+
+
 def sync(ipcache, entries: Mapping[str, int]) -> int:
-    """Make the ipcache equal to {cidr: identity}; returns the number of changes."""
+    """Make the local part of the ipcache equal to {cidr: identity}; returns the number of
+    changes. Entries with a tunnel endpoint keep it (and stay when `entries` lacks them)."""
     want = {bytes(key(c)): i for c, i in entries.items()}
-    have = {bytes(k): v.identity for k, v in ipcache.items()}
+    have = {bytes(k): (v.identity, v.tunnel_endpoint) for k, v in ipcache.items()}
     changes = 0
     for kb, identity in want.items():
-        if have.get(kb) != identity:
-            ipcache.put(IpcacheKey.from_buffer_copy(kb), IpcacheValue(identity=identity))
+        old = have.get(kb)
+        if old is None or old[0] != identity:
+            tunnel = old[1] if old else 0
+            value = IpcacheValue(identity=identity, tunnel_endpoint=tunnel)
+            ipcache.put(IpcacheKey.from_buffer_copy(kb), value)
             changes += 1
     for kb in have.keys() - want.keys():
+        if have[kb][1]:
+            continue  # the cluster sink's: it deletes it when the node or pod goes
         ipcache.delete(IpcacheKey.from_buffer_copy(kb))
         changes += 1
     return changes

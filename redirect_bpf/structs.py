@@ -23,11 +23,13 @@ DIRECTION_NAMES = {DIR_INGRESS: "INGRESS", DIR_EGRESS: "EGRESS"}
 IDENTITY_ANY = 0
 IDENTITY_HOST = identity.HOST
 IDENTITY_WORLD = identity.WORLD
+IDENTITY_REMOTE_NODE = identity.REMOTE_NODE
 
 MARK_MAGIC_MASK = 0xFF000000
 MARK_IDENTITY_MASK = 0x00FFFFFF
 MARK_FROM_PROXY = 0x7A000000
 MARK_TO_PROXY = 0x7B000000
+MARK_FROM_OVERLAY = 0x7C000000
 
 VERDICT_FORWARDED = 0
 VERDICT_DROPPED = 1
@@ -41,7 +43,10 @@ REASON_NO_PROXY = 3
 REASON_CT_REPLY = 4
 REASON_CT_ESTABLISHED = 5
 REASON_NEW_FLOW = 6
-REASONS = 8
+REASON_UNKNOWN_TUNNEL_SOURCE = 7
+REASON_INVALID_IDENTITY = 8
+REASON_NO_TUNNEL_ENDPOINT = 9
+REASONS = 16
 # Hubble's drop_reason_desc names where one exists (POLICY_DENIED, POLICY_DENY).
 REASON_NAMES = {
     REASON_NONE: "",
@@ -51,6 +56,9 @@ REASON_NAMES = {
     REASON_CT_REPLY: "CT_REPLY",
     REASON_CT_ESTABLISHED: "CT_ESTABLISHED",
     REASON_NEW_FLOW: "NEW_FLOW",
+    REASON_UNKNOWN_TUNNEL_SOURCE: "UNKNOWN_TUNNEL_SOURCE",
+    REASON_INVALID_IDENTITY: "INVALID_IDENTITY",
+    REASON_NO_TUNNEL_ENDPOINT: "NO_TUNNEL_ENDPOINT",
 }
 
 MATCH_NONE = 0
@@ -101,7 +109,12 @@ class IpcacheKey(ct.Structure):
 
 
 class IpcacheValue(ct.Structure):
-    _fields_ = [("identity", u32), ("pad", u32)]
+    # tunnel_endpoint: the owning node's underlay IP (network byte order), 0 = local or none
+    _fields_ = [("identity", u32), ("tunnel_endpoint", u32)]
+
+
+class NodeInfo(ct.Structure):
+    _fields_ = [("node_id", u32), ("flags", u32)]
 
 
 class EndpointInfo(ct.Structure):
@@ -215,6 +228,7 @@ MAPS: dict[str, tuple[type, type, bool]] = {
     "counters": (u32, Counter, True),
     "sidecar_by_cookie": (u64, SidecarOrig, False),
     "sidecar_by_addr": (SidecarAddr, SidecarOrig, False),
+    "nodes": (u32, NodeInfo, False),
 }
 RINGBUF = "events"
 PROGRAMS = (
@@ -224,4 +238,7 @@ PROGRAMS = (
     "sidecar_connect6",
     "sidecar_sockops",
     "sidecar_getsockopt",
+    "from_overlay",
+    "to_overlay",
+    "from_netdev",
 )

@@ -85,3 +85,14 @@ def has_filters(ifname: str) -> bool:
             if any(f.get_attr("TCA_KIND") == "bpf" for f in filters):
                 found += 1
         return found == 2
+
+
+def attach_ingress(ifname: str, *, ingress_fd: int, name: str = "l7proxy") -> int:
+    """Only a tc ingress program; the clsact is added if missing and not replaced (the device may
+    be shared, e.g. an underlay link)."""
+    with IPRoute() as ipr:
+        ifindex = _ifindex(ipr, ifname)
+        with contextlib.suppress(NetlinkError):
+            ipr.tc("add", "clsact", ifindex)
+        _add_filters(ipr, ifindex, ingress_fd, None, name)
+        return ifindex

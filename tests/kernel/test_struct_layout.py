@@ -78,4 +78,7 @@ def test_loaded_programs_are_the_expected_types(fresh):
         "sidecar_connect6": 18,
         "sidecar_sockops": 13,  # BPF_PROG_TYPE_SOCK_OPS
         "sidecar_getsockopt": 25,  # BPF_PROG_TYPE_CGROUP_SOCKOPT
+        "from_overlay": 3,  # the cluster devices (redirect_bpf/overlay.py)
+        "to_overlay": 3,
+        "from_netdev": 3,
     }

@@ -23,6 +23,7 @@ SIZES = {
     "ENDPOINT_MAP_SIZE",
     "EVENT_RING_SIZE",
     "SIDECAR_MAP_SIZE",
+    "NODE_MAP_SIZE",
 }
 
 
