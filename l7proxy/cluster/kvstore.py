@@ -1,0 +1,236 @@
+"""The cluster's key-value store: a small async interface, and etcd behind it (aetcd).
+
+Everything the cluster layer needs from a store is here: reads, puts and deletes, one kind of
+transaction (compare create/mod revision or value, then put/delete), leases, and prefix watches
+that start from a revision. The rest of `l7proxy/cluster/` talks only to `KVStore`, so etcd's
+client library stays in this one module. Every failure to reach the store is `KVStoreDown`,
+with the address, so callers can say plainly that the kvstore is unreachable.
+
+Why aetcd: it is asyncio-native (the agent is one event loop; etcd3 is thread/blocking and needs
+the pure-Python protobuf implementation here), maintained (1.0, 2026), and speaks etcd's v3 gRPC
+API including transactions, leases and watches with a start revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+OP_TIMEOUT_S = 2.0  # one request; a down etcd fails this fast instead of hanging a command
+
+
+class KVStoreDown(Exception):
+    """The store cannot be reached (or did not answer in time)."""
+
+
+class WatchCompacted(Exception):
+    """The watch's start revision was compacted away: the caller must list again."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision compacted up to {revision}")
+        self.revision = revision
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    key: str
+    value: str
+    mod_revision: int
+    create_revision: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    key: str
+    target: str  # "create" | "mod" | "value"
+    equal: bool  # == when True, != when False
+    value: int | str
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    kind: str  # "put" | "delete"
+    key: str
+    value: str = ""
+    lease: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    kind: str  # "put" | "delete"
+    key: str
+    value: str
+    revision: int
+
+
+def put(key: str, value: str, lease: int | None = None) -> Op:
+    return Op("put", key, value, lease)
+
+
+def delete(key: str) -> Op:
+    return Op("delete", key)
+
+
+def created(key: str) -> Compare:
+    """True when the key exists."""
+    return Compare(key, "create", False, 0)
+
+
+def absent(key: str) -> Compare:
+    return Compare(key, "create", True, 0)
+
+
+class KVStore(Protocol):
+    url: str
+
+    async def get(self, key: str) -> Item | None: ...
+    async def list(self, prefix: str) -> tuple[list[Item], int]: ...
+    async def put(self, key: str, value: str, lease: int | None = None) -> int: ...
+    async def delete(self, key: str) -> bool: ...
+    async def txn(self, compare: list[Compare], success: list[Op]) -> bool: ...
+    async def lease_grant(self, ttl: int) -> int: ...
+    async def lease_keepalive(self, lease: int) -> int: ...
+    async def lease_revoke(self, lease: int) -> None: ...
+    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]: ...
+    async def close(self) -> None: ...
+
+
+def parse_url(url: str) -> list[tuple[str, int]]:
+    """`etcd://HOST:PORT[,HOST:PORT...]` -> [(host, port)]; ValueError says what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme != "etcd" or not rest:
+        raise ValueError(
+            f"{url!r}: give etcd://HOST:PORT[,HOST:PORT...] (e.g. etcd://10.0.0.1:2379)"
+        )
+    out = []
+    for part in rest.rstrip("/").split(","):
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{url!r}: {part!r} is not HOST:PORT (e.g. 10.0.0.1:2379)")
+        out.append((host, int(port)))
+    if len(out) > 1 and not all(_is_ipv4(h) for h, _ in out):
+        raise ValueError(f"{url!r}: several endpoints must all be IPv4 addresses")
+    return out
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return False
+
+
+class EtcdKV:
+    """`KVStore` over etcd's v3 API. One gRPC channel; with several endpoints the channel's
+    target is gRPC's `ipv4:` address list, so it fails over between them by itself."""
+
+    def __init__(self, url: str, timeout: float = OP_TIMEOUT_S) -> None:
+        import aetcd
+
+        self.url = url
+        self.timeout = timeout
+        endpoints = parse_url(url)
+        if len(endpoints) == 1:
+            host, port = endpoints[0]
+        else:  # "ipv4:a:2379,b:2379" once aetcd appends the last port
+            host = "ipv4:" + ",".join(f"{h}:{p}" for h, p in endpoints[:-1]) + ","
+            host += endpoints[-1][0]
+            port = endpoints[-1][1]
+        self._client = aetcd.Client(host, port, timeout=timeout)
+        self._aetcd = aetcd
+
+    async def _call(self, coro):
+        try:
+            return await asyncio.wait_for(coro, self.timeout + 0.5)
+        except (TimeoutError, self._aetcd.ClientError, OSError) as exc:
+            raise KVStoreDown(f"etcd at {self.url} is unreachable ({type(exc).__name__})") from None
+
+    async def get(self, key: str) -> Item | None:
+        got = await self._call(self._client.get(key.encode()))
+        return _item(got) if got is not None else None
+
+    async def list(self, prefix: str) -> tuple[list[Item], int]:
+        got = await self._call(self._client.get_prefix(prefix.encode()))
+        return [_item(kv) for kv in got], int(got.header.revision)
+
+    async def put(self, key: str, value: str, lease: int | None = None) -> int:
+        done = await self._call(self._client.put(key.encode(), value.encode(), lease=lease))
+        return int(done.header.revision)
+
+    async def delete(self, key: str) -> bool:
+        done = await self._call(self._client.delete(key.encode()))
+        return bool(done and done.deleted)
+
+    async def txn(self, compare: list[Compare], success: list[Op]) -> bool:
+        t = self._client.transactions
+        cmps = []
+        for c in compare:
+            target = {"create": t.create, "mod": t.mod, "value": t.value}[c.target](c.key.encode())
+            value = c.value.encode() if isinstance(c.value, str) else c.value
+            cmps.append((target == value) if c.equal else (target != value))
+        ops = [
+            t.put(o.key.encode(), o.value.encode(), lease=o.lease)
+            if o.kind == "put"
+            else t.delete(o.key.encode())
+            for o in success
+        ]
+        ok, _ = await self._call(self._client.transaction(compare=cmps, success=ops, failure=[]))
+        return bool(ok)
+
+    async def lease_grant(self, ttl: int) -> int:
+        lease = await self._call(self._client.lease(ttl))
+        return int(lease.id)
+
+    async def lease_keepalive(self, lease: int) -> int:
+        """The lease's TTL after the refresh; 0 when the lease is gone."""
+        reply = await self._call(self._client.refresh_lease(lease))
+        return int(reply.TTL) if reply is not None else 0
+
+    async def lease_revoke(self, lease: int) -> None:
+        await self._call(self._client.revoke_lease(lease))
+
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+        """Events under `prefix` from `start_revision` on (inclusive). Ends by raising
+        `KVStoreDown` when the connection drops, `WatchCompacted` when etcd compacted past it."""
+        try:
+            stream = await self._call(
+                self._client.watch_prefix(prefix.encode(), start_revision=start_revision)
+            )
+        except self._aetcd.RevisionCompactedError as exc:
+            raise WatchCompacted(exc.compacted_revision) from None
+        try:
+            async for ev in stream:
+                kv = ev.kv
+                kind = "put" if ev.kind == self._aetcd.EventKind.PUT else "delete"
+                yield WatchEvent(kind, kv.key.decode(), kv.value.decode(), int(kv.mod_revision))
+        except self._aetcd.RevisionCompactedError as exc:
+            raise WatchCompacted(exc.compacted_revision) from None
+        except (self._aetcd.ClientError, OSError) as exc:
+            raise KVStoreDown(f"etcd at {self.url}: watch ended ({type(exc).__name__})") from None
+        finally:
+            with _suppress():
+                await asyncio.wait_for(stream.cancel(), 1.0)
+
+    async def close(self) -> None:
+        with _suppress():
+            await asyncio.wait_for(self._client.close(), 2.0)
+
+
+def _suppress():
+    import contextlib
+
+    return contextlib.suppress(Exception)
+
+
+def _item(kv) -> Item:
+    return Item(
+        kv.key.decode(),
+        kv.value.decode(),
+        int(kv.mod_revision),
+        int(kv.create_revision),
+        int(kv.lease),
+    )
