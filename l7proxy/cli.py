@@ -18,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
         "HTTP/1.1, HTTP/2/gRPC and Kafka enforcement in a uvloop proxy. "
         "Accepts Cilium's CiliumNetworkPolicy YAML unchanged.",
     )
+    parser.add_argument(
+        "--node",
+        metavar="NAME",
+        help="talk to this lab node's agent (`l7proxy lab up`): node1, node2, ...",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda args: print(f"l7proxy {__version__}") or 0)
@@ -33,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.node or args.command == "cluster":
+        from l7proxy.lab.state import select_node
+
+        try:
+            select_node(args.node)
+        except LookupError as exc:
+            print(f"l7proxy: error: --node {args.node}: {exc}", file=sys.stderr)
+            return 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -3,8 +3,8 @@ of the node that owns them), an LPM trie the programs look peers and tunnel endp
 
 Two writers share it. The agent syncs its own view ({cidr: identity}: local endpoints, CIDR
 identities) with sync(); the cluster sink (redirect_bpf/cluster_sink.py) owns every entry with
-a tunnel endpoint. sync() leaves those alone, except that it may change their identity: an entry
-the sink wrote is deleted only by the sink.
+a tunnel endpoint. sync() leaves those alone: another node's addresses (its pods, its own IPs as
+remote-node) are what the cluster says they are, also when a CIDR rule names the same /32.
 """
 
 from __future__ import annotations
@@ -68,16 +68,14 @@ def remote_entries(ipcache) -> dict[str, tuple[int, str]]:
 
 def sync(ipcache, entries: Mapping[str, int]) -> int:
     """Make the local part of the ipcache equal to {cidr: identity}; returns the number of
-    changes. Entries with a tunnel endpoint keep it (and stay when `entries` lacks them)."""
+    changes. Entries with a tunnel endpoint are the cluster sink's and stay as they are."""
     want = {bytes(key(c)): i for c, i in entries.items()}
     have = {bytes(k): (v.identity, v.tunnel_endpoint) for k, v in ipcache.items()}
     changes = 0
     for kb, identity in want.items():
         old = have.get(kb)
-        if old is None or old[0] != identity:
-            tunnel = old[1] if old else 0
-            value = IpcacheValue(identity=identity, tunnel_endpoint=tunnel)
-            ipcache.put(IpcacheKey.from_buffer_copy(kb), value)
+        if old is None or (old[0] != identity and not old[1]):
+            ipcache.put(IpcacheKey.from_buffer_copy(kb), IpcacheValue(identity=identity))
             changes += 1
     for kb in have.keys() - want.keys():
         if have[kb][1]:

@@ -7,10 +7,12 @@ kept in the agent's store so they stay the same across restarts.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
+from redirect_bpf.cluster_sink import ClusterDatapath
 from redirect_bpf.datapath import Datapath
 from redirect_bpf.loader import pin_dir_for
 
@@ -41,6 +43,17 @@ class BpfDatapath:
         self.dp.ipcache_sync(ipcache_entries)
         ids = {name: ep_id for name, ep_id in self.ids.items() if name in compiled.endpoints}
         self.last_sync = self.dp.sync(compiled, ids, proxy_ports)
+
+    def cluster_sink(self, routing: str, cluster_cidr: str, underlay_ip: str) -> ClusterDatapath:
+        """Cluster mode: the sink that writes other nodes and their pods into the maps and
+        routes, after making this node's VXLAN device or underlay hook (redirect_bpf/overlay.py)."""
+        sink = ClusterDatapath(
+            self.dp, routing=routing, cluster_cidr=cluster_cidr, underlay_ip=underlay_ip
+        )
+        # pyroute2 cannot run netlink on the agent's (running) event loop thread: a worker does it
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(sink.setup).result()
+        return sink
 
     def status(self) -> dict:
         attached = len(self.dp.endpoints())

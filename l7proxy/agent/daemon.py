@@ -28,7 +28,7 @@ from l7proxy.agent.proxy_worker_control import WorkerHandle
 from l7proxy.agent.sidecar_proxy import SidecarProxy
 from l7proxy.agent.store import EndpointRow, Store
 from l7proxy.agent.telemetry import AgentMetrics
-from l7proxy.cluster.agent_mode import ClusterMode
+from l7proxy.cluster.agent_mode import ClusterMode, default_underlay_ip
 from l7proxy.config import ProxyConfig
 
 log = logging.getLogger("l7proxy.agent")
@@ -86,6 +86,14 @@ class Agent(AgentOps, ClusterMode):
             self.datapath.labels_of = self._labels_of
         self._stopping = asyncio.Event()
         self.policy_error: str | None = None
+
+    def _cluster_sink_default(self):
+        # cluster datapath hook: with BPF, other nodes and their pods go into the maps and routes
+        if not hasattr(self.datapath, "cluster_sink"):
+            return super()._cluster_sink_default()
+        c = self.config
+        underlay = c.underlay_ip or default_underlay_ip(c.kvstore)
+        return self.datapath.cluster_sink(c.routing, c.cluster_cidr, underlay)
 
     # life cycle
 

@@ -220,4 +220,4 @@ class ClusterMode(Owner):
 
 
 def _relevant(labels) -> list[str]:
-    return policies.identity_relevant(policies.parse_labels(",".join(labels))).to_strings()
+    return policies.identity.identity_relevant(policies.parse_labels(",".join(labels))).to_strings()
