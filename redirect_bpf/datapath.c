@@ -631,13 +631,37 @@ int to_overlay(struct __sk_buff *skb)
 }
 
 // tc ingress of the underlay device in native routing: no identity on the wire, the ipcache
-// knows the source (unknown -> world). Only the proxy redirect happens here; to_endpoint does
-// the rest.
+// knows the source (unknown -> world). Only the proxy's sockets are served here (answers to its
+// upstreams, redirects by the ingress policy); to_endpoint does the rest.
 int from_netdev(struct __sk_buff *skb)
 {
     struct tuple t = {};
     if (parse(skb, &t) != 0)
         return TC_ACT_OK;
+    __be32 daddr = t.daddr;
+    if (t.proto == IPPROTO_TCP && ep_by_ip.lookup(&daddr)) {
+        // The proxy's upstream to another node keeps the client pod's address (no identity on
+        // the wire here), so the answers are addressed to a local pod: hand them to the
+        // proxy's socket, which this namespace holds, instead of routing them to the pod.
+        struct bpf_sock_tuple st = {};
+        st.ipv4.saddr = t.saddr;
+        st.ipv4.daddr = t.daddr;
+        st.ipv4.sport = t.sport;
+        st.ipv4.dport = t.dport;
+        struct bpf_sock *sk =
+            bpf_skc_lookup_tcp(skb, &st, sizeof(st.ipv4), BPF_F_CURRENT_NETNS, 0);
+        if (sk) {
+            long ret = -1;
+            if (sk->state != BPF_TCP_LISTEN)
+                ret = bpf_sk_assign(skb, sk, 0);
+            bpf_sk_release(sk);
+            if (ret == 0) {
+                skb->mark = MARK_TO_PROXY;
+                count(DIR_INGRESS, VERDICT_REDIRECTED, REASON_CT_REPLY, skb->len);
+                return TC_ACT_OK;
+            }
+        }
+    }
     return remote_ingress(skb, &t, identity_of(t.saddr));
 }
 

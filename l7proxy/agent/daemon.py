@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -173,6 +174,17 @@ class Agent(AgentOps, ClusterMode):
     def _labels_of(self, identity: int) -> list[str]:
         labels = self.allocator.labels_of(identity)
         return [str(lb) for lb in labels] if labels is not None else []
+
+    def upstream_keeps_source(self, src_ip: str, dst_ip: str) -> bool:
+        """Native cluster routing carries no identity on the wire: the proxy's upstream from a
+        local pod to another node's pod connects from the pod's own address, so the far side's
+        ipcache finds the client (from_netdev hands the answers back to the proxy)."""
+        c = self.config
+        if not c.kvstore or c.routing != "native" or src_ip not in self._by_ip:
+            return False
+        if dst_ip in self._by_ip:
+            return False
+        return ipaddress.ip_address(dst_ip) in ipaddress.ip_network(c.cluster_cidr)
 
     def peer(self, ip: str) -> tuple[int, list[str], str | None]:
         """(identity, labels, endpoint name or None) of an address, as the ipcache sees it."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from l7proxy.platform import set_mark
+from l7proxy.platform import set_mark, set_transparent
 
 try:
     import uvloop
@@ -23,13 +23,16 @@ except ImportError:  # pragma: no cover - uvloop is a dependency
 
 
 class MarkedHost(str):
-    """An upstream host name that also carries the SO_MARK for the connection."""
+    """An upstream host name that also carries the SO_MARK for the connection, and the source
+    address to connect from (cluster native routing keeps the client pod's address)."""
 
     mark: int
+    source: str
 
-    def __new__(cls, value: str, mark: int) -> MarkedHost:
+    def __new__(cls, value: str, mark: int, source: str = "") -> MarkedHost:
         obj = super().__new__(cls, value)
         obj.mark = mark
+        obj.source = source
         return obj
 
 
@@ -41,6 +44,9 @@ class MarkingLoop(_Base):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             set_mark(sock, mark)
+            if getattr(host, "source", ""):
+                set_transparent(sock)  # bind to an address this namespace does not hold
+                sock.bind((host.source, 0))
             sock.setblocking(False)
             await self.sock_connect(sock, (str(host), port))
         except BaseException:

@@ -26,16 +26,20 @@ from l7proxy.server import DeadlineSweeper, Gate, Listener
 from l7proxy.session import drain_sessions
 
 
-def marked_destination(ip: str, port: int, source_identity: int) -> OriginalDestination:
-    """The upstream address with the source identity's mark (MarkingLoop sets SO_MARK from it).
+def marked_destination(
+    ip: str, port: int, source_identity: int, source_ip: str = ""
+) -> OriginalDestination:
+    """The upstream address with the source identity's mark (MarkingLoop sets SO_MARK from it),
+    and the client's address when the upstream must come from it (native cluster routing).
     The pool keys idle upstreams by destination; MarkedDestination keeps identities apart."""
     mark = MARK_FROM_PROXY | (source_identity & MARK_IDENTITY_MASK)
-    return MarkedDestination(MarkedHost(ip, mark), port, mark)
+    return MarkedDestination(MarkedHost(ip, mark, source_ip), port, mark, source_ip)
 
 
 @dataclass(frozen=True, slots=True)
 class MarkedDestination(OriginalDestination):
     mark: int = 0
+    source: str = ""
 
 
 LISTEN_BACKLOG = 4096  # one shared listener for every endpoint on the node
@@ -123,7 +127,9 @@ class NodeProxy:
         """The listener as this one connection sees it: its peers, its port, its rules."""
         self.connections += 1
         cp = connection_policy(self.agent, src_ip, dst_ip, dport)
-        dest = marked_destination(dst_ip, dport, cp.src_identity)
+        keeps = getattr(self.agent, "upstream_keeps_source", None)  # not in a worker process
+        source = src_ip if keeps is not None and keeps(src_ip, dst_ip) else ""
+        dest = marked_destination(dst_ip, dport, cp.src_identity, source)
         lst = self._listener(dport, cp.decision, cp.rules, (cp.dst_identity, cp.dst_labels), dest)
         lst.direction = cp.direction
         return lst

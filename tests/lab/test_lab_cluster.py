@@ -81,13 +81,9 @@ def test_entity_remote_node_and_cidr_rules(lab):
 
 
 def test_egress_l7_on_the_source_node_keeps_the_client_identity(lab):
-    if lab.routing == "native":
-        pytest.skip(
-            "native routing: the source node's proxy connects from the node's address "
-            "(remote-node on the far side); docs/cluster-datapath.md, Known gaps"
-        )
     backend = lab.ips["backend"]
-    # node1's proxy enforces GET-only; its upstream carries frontend's identity in the VNI, which
+    # node1's proxy enforces GET-only; its upstream carries frontend's identity (tunnel: in the
+    # VNI; native: frontend's own address, which node2's ipcache knows), which
     # backend's "any endpoint -> 9090" rule needs (the node itself would be remote-node: denied)
     assert lab.curl("node1", "frontend", f"http://{backend}:9090/x") == "200"
     assert lab.curl("node1", "frontend", f"http://{backend}:9090/x", method="POST") == "403"
