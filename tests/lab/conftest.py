@@ -143,3 +143,6 @@ def lab(request):
         if route:
             subprocess.run(["ip", "route", "del", route], check=False)
         cli("lab", "down", timeout=120)
+        left = [p.name for p in Path("/var/run/netns").glob("l7lab-*")]
+        left += [p.name for p in Path("/sys/fs/bpf/l7proxy").glob("lab-*")]
+        assert not left, f"lab down left {left}"

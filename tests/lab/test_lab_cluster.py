@@ -11,13 +11,14 @@ frontend and other run on node1, backend on node2 (tests/lab/policy.yaml):
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.lab.conftest import HERE, wait_for
+from tests.lab.conftest import HERE, REPO, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -127,3 +128,56 @@ def test_forged_vxlan_identities_are_dropped(lab):
         if f["verdict"] != "DROPPED" and f.get("l4", {}).get("TCP", {}).get("source_port") == 40000
     ]  # fmt: skip
     assert not forwarded, f"a forged packet got through: {forwarded}"
+
+
+def test_a_removed_node_s_pods_are_dropped_not_tunnelled(lab):
+    """Last in the module: node3's agent is killed and its lease expires; node1 forgets node3's
+    pods (ipcache, nodes map, routes) and drops traffic to them instead of sending it to a
+    stale tunnel, while node3's own datapath (pinned) still serves the pod locally."""
+    from tests.lab.conftest import _endpoint, cli
+
+    _endpoint(lab, "node3", "web3", "app=web3")
+    web3 = lab.ips["web3"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    lab.servers.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "l7proxy",
+                "--node",
+                "node3",
+                "endpoint",
+                "exec",
+                "web3",
+                "--",
+                sys.executable,
+                str(HERE / "servers.py"),
+                "8080",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    )
+    wait_for(lambda: lab.curl("node1", "other", f"http://{web3}:8080/") == "200", 20, "web3")
+    cli("lab", "node", "stop", "node3")
+    wait_for(
+        lambda: "node3" not in {n["name"] for n in lab.status()["nodes"]},
+        30,
+        "node3's lease to expire",
+    )
+    wait_for(lambda: lab.curl("node1", "other", f"http://{web3}:8080/", wait=2) == "000", 20,
+             "node1 to stop reaching web3")  # fmt: skip
+    if lab.routing == "tunnel":
+        wait_for(
+            lambda: any(
+                f.get("drop_reason_desc") == "NO_TUNNEL_ENDPOINT"
+                and f["destination"].get("ip") == web3
+                for f in lab.flows("node1", 500)
+            ),
+            10,
+            "a NO_TUNNEL_ENDPOINT drop on node1",
+        )
+    # the pod itself still answers on its node: only the cluster forgot it
+    assert lab.host_curl("l7lab-node3", f"http://{web3}:8080/") == "200"
