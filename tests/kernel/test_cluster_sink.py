@@ -1,0 +1,64 @@
+"""The cluster sink over the real maps of a loaded datapath (tunnel routing, so no netlink): what
+node_up/ipcache_set write, that the agent's ipcache sync leaves those entries alone, and that a
+sink built after a restart still removes a node an earlier agent learnt."""
+
+from __future__ import annotations
+
+import pytest
+
+from redirect_bpf import ipcache, structs
+from redirect_bpf.cluster_sink import ClusterDatapath
+
+pytestmark = pytest.mark.bpf
+
+UNDERLAY, MOVED, POD_CIDR, POD = "10.249.0.2", "10.249.0.3", "10.248.5.0/24", "10.248.5.7/32"
+
+
+@pytest.fixture
+def sink(clean):
+    s = ClusterDatapath(clean.dp, routing="tunnel", cluster_cidr="10.248.0.0/16")
+    yield s
+    s.node_down("nodeX")
+
+
+def test_node_up_writes_the_nodes_map_and_remote_node_entries(sink):
+    sink.node_up("nodeX", UNDERLAY, POD_CIDR)
+    sink.ipcache_set(POD, 4711, UNDERLAY)
+    assert UNDERLAY in sink.nodes()
+    ipc = sink.dp.maps["ipcache"]
+    assert ipcache.entry(ipc, f"{UNDERLAY}/32") == (structs.IDENTITY_REMOTE_NODE, UNDERLAY)
+    assert ipcache.entry(ipc, "10.248.5.1/32") == (structs.IDENTITY_REMOTE_NODE, UNDERLAY)
+    assert ipcache.entry(ipc, POD_CIDR) == (structs.IDENTITY_WORLD, UNDERLAY)
+    assert ipcache.entry(ipc, POD) == (4711, UNDERLAY)
+    assert sink.dp.ipcache_lookup("10.248.5.7") == 4711
+
+
+def test_the_agents_ipcache_sync_leaves_the_sinks_entries_alone(sink):
+    sink.node_up("nodeX", UNDERLAY, POD_CIDR)
+    sink.ipcache_set(POD, 4711, UNDERLAY)
+    # the agent's view: its own entries, and a CIDR identity for the same /32 as the pod
+    sink.dp.ipcache_sync({"10.250.99.0/24": 16777300, POD: 16777301})
+    ipc = sink.dp.maps["ipcache"]
+    assert ipcache.entry(ipc, POD) == (4711, UNDERLAY)
+    assert ipcache.entry(ipc, POD_CIDR) == (structs.IDENTITY_WORLD, UNDERLAY)
+    assert ipcache.entry(ipc, "10.250.99.0/24") == (16777300, None)
+    sink.dp.ipcache_sync({})
+    assert ipcache.entry(ipc, "10.250.99.0/24") is None
+    assert ipcache.entry(ipc, POD) == (4711, UNDERLAY)
+
+
+def test_a_restarted_agent_s_sink_removes_a_node_it_did_not_learn(sink):
+    sink.node_up("nodeX", UNDERLAY, POD_CIDR)
+    sink.ipcache_set(POD, 4711, UNDERLAY)
+    again = ClusterDatapath(sink.dp, routing="tunnel", cluster_cidr="10.248.0.0/16")
+    again.node_down("nodeX")
+    assert UNDERLAY not in again.nodes()
+    assert ipcache.remote_entries(sink.dp.maps["ipcache"]) == {}
+
+
+def test_a_node_that_moved_keeps_only_its_new_underlay_address(sink):
+    sink.node_up("nodeX", UNDERLAY, POD_CIDR)
+    sink.node_up("nodeX", MOVED, POD_CIDR)
+    assert UNDERLAY not in sink.nodes() and MOVED in sink.nodes()
+    tunnels = {t for _, t in ipcache.remote_entries(sink.dp.maps["ipcache"]).values()}
+    assert tunnels == {MOVED}
