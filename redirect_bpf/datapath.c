@@ -567,6 +567,34 @@ static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t
     return TC_ACT_OK;
 }
 
+// The node proxy's upstream to another node's pod connects from the client pod's address (so
+// the far side sees the client, also its proxy), so the answers are addressed to a local pod:
+// hand them to the proxy's socket, which this namespace holds, instead of routing them to the
+// pod. Returns 1 when the packet was assigned.
+static __always_inline int proxy_upstream_answer(struct __sk_buff *skb, struct tuple *t)
+{
+    __be32 daddr = t->daddr;
+    if (t->proto != IPPROTO_TCP || !ep_by_ip.lookup(&daddr))
+        return 0;
+    struct bpf_sock_tuple st = {};
+    st.ipv4.saddr = t->saddr;
+    st.ipv4.daddr = t->daddr;
+    st.ipv4.sport = t->sport;
+    st.ipv4.dport = t->dport;
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &st, sizeof(st.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return 0;
+    long ret = -1;
+    if (sk->state != BPF_TCP_LISTEN)
+        ret = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (ret != 0)
+        return 0;
+    skb->mark = MARK_TO_PROXY;
+    count(DIR_INGRESS, VERDICT_REDIRECTED, REASON_CT_REPLY, skb->len);
+    return 1;
+}
+
 static __always_inline int overlay_drop(struct __sk_buff *skb, struct tuple *t, __u32 src_id,
                                         __u8 dir, __u8 reason)
 {
@@ -595,6 +623,8 @@ int from_overlay(struct __sk_buff *skb)
     // The inner frame's destination MAC is the sender's device (VXLAN here runs without ARP):
     // make the stack take it as ours, and carry the identity to to_endpoint in the mark.
     bpf_skb_change_type(skb, 0 /* PACKET_HOST */);
+    if (proxy_upstream_answer(skb, &t))
+        return TC_ACT_OK;
     skb->mark = MARK_FROM_OVERLAY | src_id;
     return remote_ingress(skb, &t, src_id);
 }
@@ -638,30 +668,8 @@ int from_netdev(struct __sk_buff *skb)
     struct tuple t = {};
     if (parse(skb, &t) != 0)
         return TC_ACT_OK;
-    __be32 daddr = t.daddr;
-    if (t.proto == IPPROTO_TCP && ep_by_ip.lookup(&daddr)) {
-        // The proxy's upstream to another node keeps the client pod's address (no identity on
-        // the wire here), so the answers are addressed to a local pod: hand them to the
-        // proxy's socket, which this namespace holds, instead of routing them to the pod.
-        struct bpf_sock_tuple st = {};
-        st.ipv4.saddr = t.saddr;
-        st.ipv4.daddr = t.daddr;
-        st.ipv4.sport = t.sport;
-        st.ipv4.dport = t.dport;
-        struct bpf_sock *sk =
-            bpf_skc_lookup_tcp(skb, &st, sizeof(st.ipv4), BPF_F_CURRENT_NETNS, 0);
-        if (sk) {
-            long ret = -1;
-            if (sk->state != BPF_TCP_LISTEN)
-                ret = bpf_sk_assign(skb, sk, 0);
-            bpf_sk_release(sk);
-            if (ret == 0) {
-                skb->mark = MARK_TO_PROXY;
-                count(DIR_INGRESS, VERDICT_REDIRECTED, REASON_CT_REPLY, skb->len);
-                return TC_ACT_OK;
-            }
-        }
-    }
+    if (proxy_upstream_answer(skb, &t))
+        return TC_ACT_OK;
     return remote_ingress(skb, &t, identity_of(t.saddr));
 }
 

@@ -176,11 +176,11 @@ class Agent(AgentOps, ClusterMode):
         return [str(lb) for lb in labels] if labels is not None else []
 
     def upstream_keeps_source(self, src_ip: str, dst_ip: str) -> bool:
-        """Native cluster routing carries no identity on the wire: the proxy's upstream from a
-        local pod to another node's pod connects from the pod's own address, so the far side's
-        ipcache finds the client (from_netdev hands the answers back to the proxy)."""
+        """Cluster mode: the proxy's upstream from a local pod to another node's pod connects
+        from the pod's own address, so the far side (its ipcache in native routing, its proxy in
+        both) finds the client; from_overlay/from_netdev hand the answers back to the proxy."""
         c = self.config
-        if not c.kvstore or c.routing != "native" or src_ip not in self._by_ip:
+        if not c.kvstore or src_ip not in self._by_ip:
             return False
         if dst_ip in self._by_ip:
             return False

@@ -92,6 +92,7 @@ def lab(request):
         _endpoint(lab, "node1", "frontend", "app=frontend")
         _endpoint(lab, "node1", "other", "app=other")
         _endpoint(lab, "node2", "backend", "app=backend")
+        _endpoint(lab, "node3", "reader", "app=reader")
         lab.nodes = {n["name"]: n for n in lab.status()["nodes"]}
         env = dict(os.environ, PYTHONPATH=str(REPO))
         lab.servers.append(

@@ -2,10 +2,10 @@
 deny over allow, entity and CIDR rules, L7 HTTP on the destination's and on the source's node,
 replies through enforced directions, and (tunnel) forged VXLAN identities being dropped.
 
-frontend and other run on node1, backend on node2 (tests/lab/policy.yaml):
-  backend  ingress: frontend -> 8080 with HTTP GET /public.*; any endpoint -> 9090, but
+frontend and other run on node1, backend on node2, reader on node3 (tests/lab/policy.yaml):
+  backend  ingress: frontend, reader -> 8080 with HTTP GET /public.*; any endpoint -> 9090, but
            `other` denied there; remote-node and 10.251.0.1/32 -> 9091. egress: nothing.
-  frontend ingress: nothing. egress: backend 8080; backend 9090 with HTTP GET only.
+  frontend ingress: nothing. egress: backend 8080 and 9090 with HTTP GET only.
 """
 
 from __future__ import annotations
@@ -38,17 +38,33 @@ def test_every_node_is_up_with_its_own_pod_cidr(lab):
     )
 
 
+def _l7_denials(lab, node: str, path: str) -> list[dict]:
+    return [
+        f for f in lab.flows(node)
+        if f.get("l7") and f["verdict"] == "DROPPED" and path in str(f["l7"])
+    ]  # fmt: skip
+
+
 def test_l7_ingress_rule_on_the_destination_node(lab):
     backend = lab.ips["backend"]
-    assert lab.curl("node1", "frontend", f"http://{backend}:8080/public/a") == "200"
-    assert lab.curl("node1", "frontend", f"http://{backend}:8080/private") == "403"
-    # the 403 came from node2's proxy: its flow names the client on node1 by its labels
-    denied = [
-        f for f in lab.flows("node2")
-        if f.get("l7") and f["verdict"] == "DROPPED" and "/private" in str(f["l7"])
-    ]  # fmt: skip
+    assert lab.curl("node3", "reader", f"http://{backend}:8080/public/a") == "200"
+    assert lab.curl("node3", "reader", f"http://{backend}:8080/private/r") == "403"
+    # the 403 came from node2's proxy: its flow names the client on node3 by its labels
+    denied = _l7_denials(lab, "node2", "/private/r")
     assert denied, "node2 recorded no L7 denial"
-    assert "k8s:app=frontend" in denied[-1]["source"]["labels"]
+    assert "k8s:app=reader" in denied[-1]["source"]["labels"]
+
+
+def test_l7_on_both_nodes_for_one_flow(lab):
+    """frontend's egress L7 (GET only, node1's proxy) and backend's ingress L7 (GET /public.*,
+    node2's proxy): node2's proxy still sees frontend, not node1."""
+    backend = lab.ips["backend"]
+    assert lab.curl("node1", "frontend", f"http://{backend}:8080/public/f") == "200"
+    assert lab.curl("node1", "frontend", f"http://{backend}:8080/private/f") == "403"
+    assert lab.curl("node1", "frontend", f"http://{backend}:8080/public/f", method="POST") == "403"
+    denied = _l7_denials(lab, "node2", "/private/f")
+    assert denied and "k8s:app=frontend" in denied[-1]["source"]["labels"]
+    assert _l7_denials(lab, "node1", "/public/f"), "the POST was not denied on node1"
 
 
 def test_l3_by_labels_and_l4_ports(lab):
