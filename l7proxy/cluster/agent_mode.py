@@ -21,6 +21,7 @@ from l7proxy.cluster.kvstore import EtcdKV, KVStoreDown, parse_url
 from l7proxy.cluster.link import ClusterLink, LinkConfig, Owner
 from l7proxy.cluster.records import PolicySet
 from l7proxy.cluster.sink import RecordingSink
+from policies.identity import identity_relevant
 
 log = logging.getLogger("l7proxy.agent")
 
@@ -220,4 +221,4 @@ class ClusterMode(Owner):
 
 
 def _relevant(labels) -> list[str]:
-    return policies.identity_relevant(policies.parse_labels(",".join(labels))).to_strings()
+    return identity_relevant(policies.parse_labels(",".join(labels))).to_strings()

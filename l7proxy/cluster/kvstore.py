@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -129,6 +130,10 @@ class EtcdKV:
     target is gRPC's `ipv4:` address list, so it fails over between them by itself."""
 
     def __init__(self, url: str, timeout: float = OP_TIMEOUT_S) -> None:
+        # The agent forks (pyroute2's netns helpers) while gRPC's threads run; gRPC's fork
+        # handlers then abort the child ("Check failed: next_worker->state == KICKED"). The
+        # children never use gRPC, so the handlers are turned off before gRPC is loaded.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         import aetcd
 
         self.url = url
