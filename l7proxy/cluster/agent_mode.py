@@ -21,7 +21,6 @@ from l7proxy.cluster.kvstore import EtcdKV, KVStoreDown, parse_url
 from l7proxy.cluster.link import ClusterLink, LinkConfig, Owner
 from l7proxy.cluster.records import PolicySet
 from l7proxy.cluster.sink import RecordingSink
-from policies.identity import identity_relevant
 
 log = logging.getLogger("l7proxy.agent")
 
@@ -128,8 +127,7 @@ class ClusterMode(Owner):
         self._cluster_schedule_recompile()
 
     async def cluster_ipcache_changed(self) -> None:
-        self.ipcache = self._rebuild_ipcache()
-        self._cluster_schedule_recompile()
+        self._cluster_schedule_recompile()  # the recompile rebuilds the ipcache, once per burst
 
     async def cluster_policy_changed(self, policy: PolicySet) -> None:
         if not self._cluster_ready:
@@ -164,6 +162,7 @@ class ClusterMode(Owner):
         await asyncio.sleep(0)  # let the rest of the burst arrive first
         async with self._lock:
             self._cluster_pending = False  # a change from here on schedules another run
+            self.ipcache = self._rebuild_ipcache()
             compiled = await asyncio.to_thread(self._recompile, self.store.revision())
             await asyncio.to_thread(self._install, compiled)
 
@@ -221,4 +220,4 @@ class ClusterMode(Owner):
 
 
 def _relevant(labels) -> list[str]:
-    return identity_relevant(policies.parse_labels(",".join(labels))).to_strings()
+    return policies.identity.identity_relevant(policies.parse_labels(",".join(labels))).to_strings()
