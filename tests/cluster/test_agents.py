@@ -174,3 +174,36 @@ def test_sigkilled_agent_comes_back_with_its_lease_cidr_and_identities(cluster, 
     assert eps(b)["web2"]["identity"] == ident
     st = json.loads(ok(b, "status", "-o", "json"))["cluster"]
     assert st["remote_nodes"] == ["node1"] and st["remote_endpoints"] == 1
+
+
+def test_same_new_labels_on_two_agents_at_once_get_one_id(cluster):
+    import subprocess
+    import sys
+
+    a, b = cluster("node1"), cluster("node2")
+    for i in range(3):
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "l7proxy",
+                    "endpoint",
+                    "create",
+                    f"{agent_name}-{i}",
+                    "--labels",
+                    f"app=race{i}",
+                ],
+                env=agent.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for agent_name, agent in (("a", a), ("b", b))
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+        assert eps(a)[f"a-{i}"]["identity"] == eps(b)[f"b-{i}"]["identity"]
+    ids = {eps(a)[f"a-{i}"]["identity"] for i in range(3)}
+    assert len(ids) == 3
