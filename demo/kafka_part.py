@@ -52,8 +52,10 @@ CHECKS = (
     Check("empire-outpost", "produce", "empire-announce", "rebels!",
           "refused (TopicAuthorizationFailed)",
           lambda s: s.startswith("refused") and "Authorization" in s),
-    Check("empire-outpost", "consume", "deathstar-plans", None, "denied: none of the plans reach it",
-          lambda s: "exhaust port" not in s, denied_by_proxy=True),
+    Check("empire-outpost", "consume", "deathstar-plans", None,
+          "refused (TopicAuthorizationFailed): none of the plans reach it",
+          lambda s: s.startswith("refused") and "Authorization" in s and "exhaust port" not in s,
+          denied_by_proxy=True),
 )  # fmt: skip
 
 

@@ -20,8 +20,8 @@ from l7proxy.agent.loop import MarkedHost
 from l7proxy.config import ProxyConfig
 from l7proxy.context import OriginalDestination
 from l7proxy.flows import FlowSink
-from l7proxy.http1.upstream import UpstreamPool
 from l7proxy.platform import MARK_FROM_PROXY, MARK_IDENTITY_MASK, transparent_listener
+from l7proxy.protocols import worker_upstreams
 from l7proxy.server import DeadlineSweeper, Gate, Listener
 from l7proxy.session import drain_sessions
 
@@ -88,9 +88,7 @@ class NodeProxy:
         self.flows = DirectSink(agent.flows.ingest)
         self.metrics = agent.metrics.proxy
         self.sweeper = DeadlineSweeper()
-        self.pool = UpstreamPool(
-            self.config.upstream_pool_size, self.config.upstream_connect_timeout
-        )
+        self.pool = worker_upstreams(self.config)
         self.host, self.port = host, port
         self.server: asyncio.AbstractServer | None = None
         self.base = self._listener(0, None, lambda: None, (0, ()), None)

@@ -31,15 +31,10 @@ from pathlib import Path
 
 import pytest
 
+from l7proxy.platform import free_port
 from tests.e2e.peers import Gateway
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api_versions_ok(host: str, port: int) -> bool:

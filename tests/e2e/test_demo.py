@@ -157,12 +157,16 @@ def test_make_demo_runs_the_star_wars_story_with_bpf():
     assert "-> empire-outpost produce empire-announce: refused: TopicAuthorization" in out
     assert "-> empire-outpost consume empire-announce: read ['the deathstar is operational']" in out
     assert "-> empire-hq produce deathstar-plans: produced" in out
+    # The denied consumer is told so at once (given its topic), not left asking for 4 s.
+    assert "-> empire-outpost consume deathstar-plans: refused: TopicAuthorization" in out
     assert "-> terminal SetAccessCode: PERMISSION_DENIED" in out
     assert "-> terminal GetName: Door 42" in out
     table = out.split("=== The Kafka and gRPC flows")[1]
     assert re.search(
         r"kafka-request\s+DROPPED\s+Kafka request \w+ v\d+ topic deathstar-plans", table
     )
+    folded = re.findall(r"topic deathstar-plans\s+\(x(\d+)\)", table)
+    assert all(int(n) <= 5 for n in folded), f"the denied consumer kept asking: {folded}"
     assert "SetAccessCode) grpc-status PERMISSION_DENIED" in table
     assert "17 checks, 0 unexpected" in out
     # Not on a terminal: the agent (and its map) goes at once, so no link to it is printed.

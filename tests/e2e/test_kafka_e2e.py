@@ -18,6 +18,8 @@ import uuid
 import pytest
 
 from parsers.kafka.apis import API_TABLE
+from parsers.kafka.keys import API_VERSIONS, FETCH, METADATA, PRODUCE
+from policies.kafka_keys import ROLES
 from policies.l7 import KafkaRuleSet
 from policies.model import KafkaRule
 from tests.conftest import need_binary
@@ -26,8 +28,8 @@ from tests.unit.kafka.samples import kafka_python_classes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-PRODUCE, FETCH, METADATA, API_VERSIONS = 0, 1, 3, 18
-CONSUME_KEYS = (1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 18)
+CONSUME_KEYS = ROLES["consume"]
+PRODUCE_KEYS = ROLES["produce"]
 REQUESTS, RESPONSES = kafka_python_classes()
 
 
@@ -66,7 +68,10 @@ def test_aiokafka_produce_and_group_consume(proxy_for):
 
     topic = topic_name()
     rules = KafkaRuleSet(
-        [KafkaRule(api_keys=(0, 3, 18), topic=topic), KafkaRule(api_keys=CONSUME_KEYS, topic=topic)]
+        [
+            KafkaRule(api_keys=PRODUCE_KEYS, topic=topic),
+            KafkaRule(api_keys=CONSUME_KEYS, topic=topic),
+        ]
     )
     proxy = proxy_for(rules)
 
@@ -107,7 +112,7 @@ def test_aiokafka_denied_topic_fails_fast_with_topic_authorization_failed(proxy_
     from aiokafka.errors import TopicAuthorizationFailedError
 
     allowed = topic_name()
-    rules = KafkaRuleSet([KafkaRule(api_keys=(0, 3, 18), topic=allowed)])
+    rules = KafkaRuleSet([KafkaRule(api_keys=PRODUCE_KEYS, topic=allowed)])
     proxy = proxy_for(rules)
 
     async def main():
@@ -196,7 +201,7 @@ def produce_request(topics, version):
 @pytest.mark.parametrize("version", [7, 9])
 def test_produce_to_two_topics_one_denied(proxy_for, version):
     allowed = topic_name()
-    proxy = proxy_for(KafkaRuleSet([KafkaRule(api_keys=(0, 3, 18), topic=allowed)]))
+    proxy = proxy_for(KafkaRuleSet([KafkaRule(api_keys=PRODUCE_KEYS, topic=allowed)]))
     resp = roundtrip(proxy.address, produce_request([allowed, "denied"], version), version, 11)
     assert resp._header.correlation_id == 11
     codes = {(t.name, p.error_code) for t in resp.responses for p in t.partition_responses}
@@ -252,7 +257,10 @@ def test_confluent_kafka_produce_consume_and_denied(proxy_for):
 
     topic = topic_name()
     rules = KafkaRuleSet(
-        [KafkaRule(api_keys=(0, 3, 18), topic=topic), KafkaRule(api_keys=CONSUME_KEYS, topic=topic)]
+        [
+            KafkaRule(api_keys=PRODUCE_KEYS, topic=topic),
+            KafkaRule(api_keys=CONSUME_KEYS, topic=topic),
+        ]
     )
     proxy = proxy_for(rules)
     results = []
@@ -292,7 +300,10 @@ def test_kcat_produce_consume_and_denied(proxy_for):
     kcat = need_binary("kcat")
     topic = topic_name()
     rules = KafkaRuleSet(
-        [KafkaRule(api_keys=(0, 3, 18), topic=topic), KafkaRule(api_keys=CONSUME_KEYS, topic=topic)]
+        [
+            KafkaRule(api_keys=PRODUCE_KEYS, topic=topic),
+            KafkaRule(api_keys=CONSUME_KEYS, topic=topic),
+        ]
     )
     proxy = proxy_for(rules)
     produce = subprocess.run(

@@ -394,3 +394,20 @@ def test_topic_id_lookups_pause_the_client_and_run_one_after_another(monkeypatch
         assert s.layer.in_flight == 2
 
     _run_uvloop(main())
+
+
+def test_the_sessions_of_one_worker_share_its_kafka_state():
+    """One KafkaWorker per worker, kept by the worker's sweeper: the topic id map learned on one
+    connection serves the others (the client's Metadata and Fetch often use two connections).
+    Without a sweeper a session has its own."""
+    from l7proxy.server import DeadlineSweeper
+
+    sweeper = DeadlineSweeper()
+    ctx_a, ctx_b = _ctx(None), _ctx(None)
+    ctx_a.sweeper = ctx_b.sweeper = sweeper
+    a, b = KafkaSession(ctx_a), KafkaSession(ctx_b)
+    assert a.worker is b.worker and a.layer.topic_names is b.layer.topic_names
+    a.layer.learn_topic_ids({bytes([7]) * 16: "t7"})
+    assert b.layer.topic_names[bytes([7]) * 16] == "t7"
+    alone = KafkaSession(_ctx(None))
+    assert alone.worker is not a.worker and not alone.layer.topic_names
