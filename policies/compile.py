@@ -283,9 +283,12 @@ def compile_policy(
         rules = tuple(canonical.get(r, r) for r in rules)
     diagnostics: list[Diagnostic] = []
     endpoint_ids = {name: allocator.allocate(labels) for name, labels in sorted(endpoints.items())}
-    for net in sorted(
-        set(_cidrs(rules)), key=lambda n: (n.version, int(n.network_address), n.prefixlen)
-    ):
+    nets = set(_cidrs(rules))
+    # CIDRs no rule names any more give their identities (and ipcache entries) back first.
+    for cidr, number in allocator.release_cidrs_except(nets):
+        if ipcache.get(cidr) == number:
+            ipcache.delete(cidr)
+    for net in sorted(nets, key=lambda n: (n.version, int(n.network_address), n.prefixlen)):
         number = allocator.allocate_cidr(net)
         if ipcache.get(net) is None:
             ipcache.upsert(net, number)

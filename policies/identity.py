@@ -161,6 +161,21 @@ class IdentityAllocator:
         if labels is not None:
             self._by_labels.pop(labels, None)
 
+    def release_cidrs_except(self, keep) -> list[tuple[str, int]]:
+        """Release every CIDR identity whose prefix is not in `keep` (a set of ip_network); returns
+        the released (cidr, identity) pairs. A long-running agent or gateway recompiles for as long
+        as it runs: without this, every CIDR any policy ever named would keep its identity."""
+        wanted = {str(net) for net in keep}
+        released = []
+        for number, labels in list(self._by_id.items()):
+            if number < LOCAL_SCOPE:
+                continue
+            cidrs = [lab.key for lab in labels if lab.source == "cidr"]
+            if cidrs and cidrs[0] not in wanted:
+                self.release(number)
+                released.append((cidrs[0], number))
+        return released
+
     def identities(self) -> dict[int, LabelSet]:
         """Every known identity (reserved, cluster and local), by number."""
         return dict(self._by_id)

@@ -127,8 +127,7 @@ class ClusterMode(Owner):
         self._cluster_schedule_recompile()
 
     async def cluster_ipcache_changed(self) -> None:
-        self.ipcache = self._rebuild_ipcache()
-        self._cluster_schedule_recompile()
+        self._cluster_schedule_recompile()  # the recompile rebuilds the ipcache, once per burst
 
     async def cluster_policy_changed(self, policy: PolicySet) -> None:
         if not self._cluster_ready:
@@ -163,6 +162,7 @@ class ClusterMode(Owner):
         await asyncio.sleep(0)  # let the rest of the burst arrive first
         async with self._lock:
             self._cluster_pending = False  # a change from here on schedules another run
+            self.ipcache = self._rebuild_ipcache()
             compiled = await asyncio.to_thread(self._recompile, self.store.revision())
             await asyncio.to_thread(self._install, compiled)
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 OP_TIMEOUT_S = 2.0  # one request; a down etcd fails this fast instead of hanging a command
+LIST_PAGE = 5000  # keys per range request when listing a prefix
 
 
 class KVStoreDown(Exception):
@@ -129,7 +131,12 @@ class EtcdKV:
     target is gRPC's `ipv4:` address list, so it fails over between them by itself."""
 
     def __init__(self, url: str, timeout: float = OP_TIMEOUT_S) -> None:
+        # The agent forks (pyroute2's netns helpers) while gRPC's threads run; gRPC's fork
+        # handlers then abort the child ("Check failed: next_worker->state == KICKED"). The
+        # children never use gRPC, so the handlers are turned off before gRPC is loaded.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         import aetcd
+        import grpc
 
         self.url = url
         self.timeout = timeout
@@ -142,11 +149,12 @@ class EtcdKV:
             port = endpoints[-1][1]
         self._client = aetcd.Client(host, port, timeout=timeout)
         self._aetcd = aetcd
+        self._rpc_error = grpc.RpcError  # raw calls (paged list) are not wrapped by aetcd
 
     async def _call(self, coro):
         try:
             return await asyncio.wait_for(coro, self.timeout + 0.5)
-        except (TimeoutError, self._aetcd.ClientError, OSError) as exc:
+        except (TimeoutError, self._aetcd.ClientError, OSError, self._rpc_error) as exc:
             raise KVStoreDown(f"etcd at {self.url} is unreachable ({type(exc).__name__})") from None
 
     async def get(self, key: str) -> Item | None:
@@ -154,8 +162,26 @@ class EtcdKV:
         return _item(got) if got is not None else None
 
     async def list(self, prefix: str) -> tuple[list[Item], int]:
-        got = await self._call(self._client.get_prefix(prefix.encode()))
-        return [_item(kv) for kv in got], int(got.header.revision)
+        """Every key under `prefix` at one revision, read in pages of LIST_PAGE keys (one
+        answer for 50,000 ipcache entries would pass gRPC's 4 MiB message limit)."""
+        from aetcd import rpc, utils
+
+        await self._call(self._client.connect())
+        start, end = prefix.encode(), utils.prefix_range_end(prefix.encode())
+        items: list[Item] = []
+        revision = 0
+        while True:
+            request = rpc.RangeRequest(key=start, range_end=end, limit=LIST_PAGE, revision=revision)
+            got = await self._call(
+                self._client.kvstub.Range(
+                    request, timeout=self.timeout, metadata=self._client.metadata
+                )
+            )
+            revision = revision or int(got.header.revision)  # later pages read the same snapshot
+            items.extend(_item(kv) for kv in got.kvs)
+            if not got.more or not got.kvs:
+                return items, revision
+            start = got.kvs[-1].key + b"\0"
 
     async def put(self, key: str, value: str, lease: int | None = None) -> int:
         done = await self._call(self._client.put(key.encode(), value.encode(), lease=lease))

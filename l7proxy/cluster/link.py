@@ -83,6 +83,7 @@ class ClusterLink:
         self._tasks: list[asyncio.Task] = []
         self._gc = GcState()
         self._sink_lock = asyncio.Lock()
+        self._sink_batch: list | None = None  # while joining: sink calls made in one thread hop
 
     # start and stop
 
@@ -125,15 +126,20 @@ class ClusterLink:
         await self.kv.put(keys.node(self.config.node), self.record.dumps(), self.lease)
         revision = await self.identities.load()
         self.watches[keys.IDENTITY_ID] = self._watch(keys.IDENTITY_ID, self._on_identity, revision)
-        for prefix, on_event in (
-            (keys.NODES, self._on_node),
-            (keys.IPCACHE, self._on_ip),
-            (keys.POLICY, self._on_policy),
-        ):
-            items, revision = await self.kv.list(prefix)
-            for item in items:
-                await on_event(WatchEvent("put", item.key, item.value, item.mod_revision))
-            self.watches[prefix] = self._watch(prefix, on_event, revision)
+        self._sink_batch = []
+        try:
+            for prefix, on_event in (
+                (keys.NODES, self._on_node),
+                (keys.IPCACHE, self._on_ip),
+                (keys.POLICY, self._on_policy),
+            ):
+                items, revision = await self.kv.list(prefix)
+                for item in items:
+                    await on_event(WatchEvent("put", item.key, item.value, item.mod_revision))
+                self.watches[prefix] = self._watch(prefix, on_event, revision)
+        finally:
+            batch, self._sink_batch = self._sink_batch, None
+        await asyncio.to_thread(_run_all, batch)  # 50,000 entries: one hop, not 50,000
 
     def _watch(self, prefix: str, on_event, revision: int) -> ResumableWatch:
         watch = ResumableWatch(self.kv, prefix, on_event, self._relister(prefix, on_event))
@@ -370,6 +376,9 @@ class ClusterLink:
         return set()
 
     async def _sink(self, fn, *args) -> None:
+        if self._sink_batch is not None:
+            self._sink_batch.append((fn, args))
+            return
         async with self._sink_lock:  # one call at a time, in order, off the loop
             await asyncio.to_thread(fn, *args)
 
@@ -391,3 +400,8 @@ class ClusterLink:
             "watch_resumes": {p: w.resumes for p, w in self.watches.items()},
             "watch_relists": {p: w.relists for p, w in self.watches.items()},
         }
+
+
+def _run_all(calls: list) -> None:
+    for fn, args in calls:
+        fn(*args)

@@ -183,3 +183,32 @@ def test_left_out_problems_still_make_the_file_invalid():
     assert len(diags) == MAX_DIAGNOSTICS + 1 and not diags[-1].is_error
     ctx.error(9999, "f", "e")  # left out, but the file is not valid
     assert len(diags) == MAX_DIAGNOSTICS + 1 and diags[-1].is_error and ctx.error_count() == 1
+
+
+def test_cidr_identities_of_rules_gone_are_released():
+    """One allocator and ipcache across reloads, a different CIDR each time (a gateway or agent
+    living through many policy changes): the identity table and the ipcache stay bounded, and a
+    CIDR still named keeps its identity."""
+    from policies import IdentityAllocator, IPCache, compile_policy, load_text, parse_labels
+
+    allocator, ipcache = IdentityAllocator(), IPCache()
+    endpoints = {"web": parse_labels("app=web")}
+    template = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: p}}
+spec:
+  endpointSelector: {{matchLabels: {{app: web}}}}
+  ingress:
+  - fromCIDR: ["192.0.2.0/24", "10.{a}.{b}.0/24"]
+"""
+    kept = None
+    for i in range(300):
+        rules = load_text(template.format(a=i // 256, b=i % 256), "p.yaml").rules
+        compile_policy(rules, endpoints, allocator, ipcache, i + 1)
+        number = ipcache.get("192.0.2.0/24")
+        assert kept in (None, number), "a CIDR still named kept its identity"
+        kept = number
+    cidr_ids = [n for n in allocator.identities() if n >= 1 << 24]
+    assert len(cidr_ids) == 2, cidr_ids
+    assert sorted(c for c, _ in ipcache.items()) == ["10.1.43.0/24", "192.0.2.0/24"]
