@@ -146,6 +146,39 @@ def test_forged_vxlan_identities_are_dropped(lab):
     assert not forwarded, f"a forged packet got through: {forwarded}"
 
 
+def test_established_cross_node_flow_survives_agent_restarts(lab):
+    """reader (node3) keeps one connection to backend (node2) while both nodes' agents are
+    SIGKILLed and started again: the pinned programs and maps, the VXLAN device and the routes
+    stay, and the restarted agents' setup leaves them as they are."""
+    from tests.lab.conftest import cli
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    client = subprocess.Popen(
+        [sys.executable, "-m", "l7proxy", "--node", "node3", "endpoint", "exec", "reader", "--",
+         sys.executable, str(HERE / "keepalive_client.py"), lab.ips["backend"], "9090"],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def ask(path: str) -> str:
+        client.stdin.write(path + "\n")
+        client.stdin.flush()
+        return client.stdout.readline().strip()
+
+    try:
+        assert ask("/before") == "200"
+        cli("lab", "node", "stop", "node2")
+        cli("lab", "node", "stop", "node3")
+        assert ask("/agents-down") == "200"
+        cli("lab", "node", "start", "node2")
+        cli("lab", "node", "start", "node3")
+        assert ask("/agents-back") == "200"
+    finally:
+        client.kill()
+        client.wait(10)
+    # and new connections work after the restart
+    assert lab.curl("node3", "reader", f"http://{lab.ips['backend']}:8080/public/n") == "200"
+
+
 def test_a_removed_node_s_pods_are_dropped_not_tunnelled(lab):
     """Last in the module: node3's agent is killed and its lease expires; node1 forgets node3's
     pods (ipcache, nodes map, routes) and drops traffic to them instead of sending it to a
