@@ -533,48 +533,13 @@ int to_endpoint(struct __sk_buff *skb)
 
 // -- across nodes (redirect_bpf/overlay.py attaches these) ------------------------------------
 
-// A packet from another node to a local endpoint: if the endpoint's ingress policy sends the
-// flow to the proxy, assign it here (tc ingress is the only place bpf_sk_assign works); anything
-// else goes on to the endpoint's to_endpoint, which checks the policy with the same identity.
-// Replies of flows the endpoint opened are never redirected (its conntrack entry says so).
-static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t, __u32 src_id)
-{
-    __be32 daddr = t->daddr;
-    struct endpoint_info *ep = ep_by_ip.lookup(&daddr);
-    if (!ep || ep->sidecar_port)
-        return TC_ACT_OK;
-    struct ct_key key = {};
-    ct_key_of(t, ep->ifindex, &key);
-    struct ct_entry *ct = conntrack.lookup(&key);
-    if (ct && ct->direction == DIR_EGRESS)
-        return TC_ACT_OK;
-    struct verdict v = {};
-    policy_lookup(ep->endpoint_id, src_id, DIR_INGRESS, t->proto, t->dport, &v);
-    if (!v.found || v.value.deny || !v.value.redirect)
-        return TC_ACT_OK;
-    __u8 syn = (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-    if (assign_to_proxy(skb, t, v.value.proxy_port) < 0) {
-        count(DIR_INGRESS, VERDICT_DROPPED, REASON_NO_PROXY, skb->len);
-        emit(t, src_id, ep->identity, ep->endpoint_id, DIR_INGRESS, VERDICT_DROPPED,
-             REASON_NO_PROXY, &v);
-        return TC_ACT_SHOT;
-    }
-    count(DIR_INGRESS, VERDICT_REDIRECTED, syn ? REASON_NEW_FLOW : REASON_CT_ESTABLISHED,
-          skb->len);
-    if (syn)
-        emit(t, src_id, ep->identity, ep->endpoint_id, DIR_INGRESS, VERDICT_REDIRECTED,
-             REASON_NEW_FLOW, &v);
-    return TC_ACT_OK;
-}
-
 // The node proxy's upstream to another node's pod connects from the client pod's address (so
 // the far side sees the client, also its proxy), so the answers are addressed to a local pod:
 // hand them to the proxy's socket, which this namespace holds, instead of routing them to the
-// pod. Returns 1 when the packet was assigned.
+// pod. The caller knows the destination is a local endpoint. Returns 1 when assigned.
 static __always_inline int proxy_upstream_answer(struct __sk_buff *skb, struct tuple *t)
 {
-    __be32 daddr = t->daddr;
-    if (t->proto != IPPROTO_TCP || !ep_by_ip.lookup(&daddr))
+    if (t->proto != IPPROTO_TCP)
         return 0;
     struct bpf_sock_tuple st = {};
     st.ipv4.saddr = t->saddr;
@@ -593,6 +558,43 @@ static __always_inline int proxy_upstream_answer(struct __sk_buff *skb, struct t
     skb->mark = MARK_TO_PROXY;
     count(DIR_INGRESS, VERDICT_REDIRECTED, REASON_CT_REPLY, skb->len);
     return 1;
+}
+
+// A packet from another node to a local endpoint. A flow the endpoint's own hooks track (either
+// direction) goes straight on to to_endpoint: one conntrack lookup is all an established flow
+// costs here. Otherwise: an answer to the proxy's upstream goes to the proxy's socket, and a flow
+// the endpoint's ingress policy sends to the proxy is assigned here (tc ingress is the only place
+// bpf_sk_assign works); anything else goes on to to_endpoint, which checks the policy with the
+// same identity.
+static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t, __u32 src_id)
+{
+    __be32 daddr = t->daddr;
+    struct endpoint_info *ep = ep_by_ip.lookup(&daddr);
+    if (!ep || ep->sidecar_port)
+        return TC_ACT_OK;
+    struct ct_key key = {};
+    ct_key_of(t, ep->ifindex, &key);
+    if (conntrack.lookup(&key))
+        return TC_ACT_OK;
+    if (proxy_upstream_answer(skb, t))
+        return TC_ACT_OK;
+    struct verdict v = {};
+    policy_lookup(ep->endpoint_id, src_id, DIR_INGRESS, t->proto, t->dport, &v);
+    if (!v.found || v.value.deny || !v.value.redirect)
+        return TC_ACT_OK;
+    __u8 syn = (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+    if (assign_to_proxy(skb, t, v.value.proxy_port) < 0) {
+        count(DIR_INGRESS, VERDICT_DROPPED, REASON_NO_PROXY, skb->len);
+        emit(t, src_id, ep->identity, ep->endpoint_id, DIR_INGRESS, VERDICT_DROPPED,
+             REASON_NO_PROXY, &v);
+        return TC_ACT_SHOT;
+    }
+    count(DIR_INGRESS, VERDICT_REDIRECTED, syn ? REASON_NEW_FLOW : REASON_CT_ESTABLISHED,
+          skb->len);
+    if (syn)
+        emit(t, src_id, ep->identity, ep->endpoint_id, DIR_INGRESS, VERDICT_REDIRECTED,
+             REASON_NEW_FLOW, &v);
+    return TC_ACT_OK;
 }
 
 static __always_inline int overlay_drop(struct __sk_buff *skb, struct tuple *t, __u32 src_id,
@@ -623,8 +625,6 @@ int from_overlay(struct __sk_buff *skb)
     // The inner frame's destination MAC is the sender's device (VXLAN here runs without ARP):
     // make the stack take it as ours, and carry the identity to to_endpoint in the mark.
     bpf_skb_change_type(skb, 0 /* PACKET_HOST */);
-    if (proxy_upstream_answer(skb, &t))
-        return TC_ACT_OK;
     skb->mark = MARK_FROM_OVERLAY | src_id;
     return remote_ingress(skb, &t, src_id);
 }
@@ -667,8 +667,6 @@ int from_netdev(struct __sk_buff *skb)
 {
     struct tuple t = {};
     if (parse(skb, &t) != 0)
-        return TC_ACT_OK;
-    if (proxy_upstream_answer(skb, &t))
         return TC_ACT_OK;
     return remote_ingress(skb, &t, identity_of(t.saddr));
 }
