@@ -18,9 +18,10 @@ from dataclasses import dataclass, replace
 
 from l7proxy.cluster import ipam, keys
 from l7proxy.cluster.identities import ClusterIdentities, GcState
-from l7proxy.cluster.kvstore import Item, KVStore, KVStoreDown, WatchEvent
+from l7proxy.cluster.kvstore import Compare, Item, KVStore, KVStoreDown, WatchEvent, put
 from l7proxy.cluster.records import IPEntry, NodeRecord, PolicySet
 from l7proxy.cluster.sink import ClusterSink
+from l7proxy.cluster.status import link_status
 from l7proxy.cluster.watch import ResumableWatch
 
 log = logging.getLogger("l7proxy.cluster")
@@ -212,14 +213,15 @@ class ClusterLink:
         KVStoreDown when etcd is unreachable, ValueError on a concurrent change."""
         if not self.reachable:
             raise KVStoreDown(self.unreachable_reason())
-        from l7proxy.cluster.kvstore import Compare, put
-
         ok = await self.kv.txn(
             [Compare(keys.POLICY, "mod", True, self.policy_mod)],
             [put(keys.POLICY, policy.dumps())],
         )
         if not ok:
             raise ValueError("the cluster's policy changed during this import; run it again")
+
+    def status(self) -> dict:
+        return link_status(self)
 
     def unreachable_reason(self) -> str:
         since = f" for {time.monotonic() - self.down_since:.0f}s" if self.down_since else ""
@@ -381,25 +383,6 @@ class ClusterLink:
             return
         async with self._sink_lock:  # one call at a time, in order, off the loop
             await asyncio.to_thread(fn, *args)
-
-    def status(self) -> dict:
-        return {
-            "kvstore": self.config.url,
-            "node": self.config.node,
-            "state": "ok" if self.reachable else "unreachable",
-            "detail": "" if self.reachable else self.unreachable_reason(),
-            "lease": f"{self.lease:x}",
-            "pod_cidr": self.pod_cidr,
-            "routing": self.config.routing,
-            "underlay_ip": self.config.underlay_ip,
-            "remote_nodes": sorted(self.nodes),
-            "remote_endpoints": len(self.remote_ips),
-            "identities": len(self.identities.by_id),
-            "waiting_for_identity": sorted(self.waiting),
-            "policy_revision": self.policy.revision if self.policy else 0,
-            "watch_resumes": {p: w.resumes for p, w in self.watches.items()},
-            "watch_relists": {p: w.relists for p, w in self.watches.items()},
-        }
 
 
 def _run_all(calls: list) -> None:

@@ -152,6 +152,7 @@ def test_etcd_outage_then_recovery_without_restarts(cluster, etcd):
     etcd.start()
     out, err = waiting.communicate(timeout=30)
     assert waiting.returncode == 0, err
+    assert "new labels need etcd" in err and "db1 created" in out
     # both converge: node1 sees node2's two pods, policy import works again
     until(lambda: json.loads(ok(a, "status", "-o", "json"))["cluster"]["remote_endpoints"] == 2, 20)
     assert ok(a, "policy", "import", L7).strip() == "Revision: 2"
