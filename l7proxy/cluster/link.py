@@ -284,7 +284,7 @@ class ClusterLink:
         for labels, number in list(self.my_refs.items()):
             if not await self.identities.reference(labels, number, self.lease):
                 # gone from etcd (GC after a long outage): re-create it with the same number
-                if not await self.identities._create(labels, number, self.lease):
+                if not await self.identities.recreate(labels, number, self.lease):
                     log.error("identity %d for %s was taken by other labels", number, labels)
         for ip, entry in list(self.my_ips.items()):
             await self.kv.put(keys.ipcache(ip), entry.dumps(), self.lease)
@@ -303,6 +303,9 @@ class ClusterLink:
             self.identities.learn(number, ev.value)
         elif number not in self.my_refs.values():
             self.identities.forget(number)
+        else:  # deleted while this node uses it (by hand, or GC racing a lost lease): put it back
+            log.warning("identity %d was deleted while in use here: re-creating it", number)
+            self.dirty = True
         await self.owner.cluster_identities_changed()
 
     async def _on_node(self, ev: WatchEvent) -> None:
