@@ -5,6 +5,11 @@ endpoint's address as a /32 (or the prefix the user gave), a link route to the r
 a default route via it. The host side carries the router address and a /32 route back to the
 endpoint. Every step is undone if a later one fails. In sidecar mode an endpoint also has a
 cgroup (`cgroup_path`), where `endpoint exec` runs commands and the connect() hooks attach.
+
+A container's endpoint (`adopt`) is the same plumbing in a namespace someone else made (a container
+runtime, through the CNI plugin): the agent adds the veth into it by path and names the inner end as
+the runtime asked (CNI_IFNAME), and `release` removes only the veth; the namespace stays the
+runtime's.
 """
 
 from __future__ import annotations
@@ -75,6 +80,55 @@ def create(netns_name: str, host_if: str, ip: str, prefixlen: int, router: str) 
     except BaseException:
         delete(netns_name, host_if)
         raise
+
+
+def adopt(netns_path: str, host_if: str, ifname: str, ip: str, prefixlen: int, router: str) -> str:
+    """Plumb an endpoint into an existing namespace (a file such as /run/netns/cni-...); returns
+    the inner interface's MAC address. Undone entirely if any step fails."""
+    peer_tmp = "t" + host_if[1:]
+    fd = os.open(netns_path, os.O_RDONLY)
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": peer_tmp, "net_ns_fd": fd})
+    finally:
+        os.close(fd)
+    try:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=host_if)[0]
+            ipr.addr("add", index=idx, address=router, prefixlen=32)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("replace", dst=f"{ip}/32", oif=idx)
+        with NetNS(netns_path) as ns:
+            (eth,) = ns.link_lookup(ifname=peer_tmp)
+            ns.link("set", index=eth, ifname=ifname)
+            ns.addr("add", index=eth, address=ip, prefixlen=prefixlen)
+            ns.link("set", index=eth, state="up")
+            for lo in ns.link_lookup(ifname="lo"):
+                ns.link("set", index=lo, state="up")
+            ns.route("add", dst=f"{router}/32", oif=eth, scope=SCOPE_LINK)
+            ns.route("add", dst="0.0.0.0/0", gateway=router, oif=eth)
+            return ns.get_links(eth)[0].get_attr("IFLA_ADDRESS")
+    except BaseException:
+        release(host_if)
+        raise
+
+
+def inner_address(netns_path: str, ifname: str) -> str | None:
+    """The IPv4 address on `ifname` inside the namespace, or None (CNI CHECK)."""
+    with NetNS(netns_path) as ns:
+        found = ns.link_lookup(ifname=ifname)
+        if not found:
+            return None
+        for addr in ns.get_addr(index=found[0], family=2):
+            return addr.get_attr("IFA_ADDRESS")
+    return None
+
+
+def release(host_if: str) -> None:
+    """Remove a container endpoint's veth (its peer in the runtime's namespace goes with it)."""
+    with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+        for idx in ipr.link_lookup(ifname=host_if):
+            ipr.link("del", index=idx)
 
 
 def delete(netns_name: str, host_if: str) -> None:
