@@ -27,7 +27,8 @@ else
 fi
 
 APT_PKGS="python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 iptables python3-venv python3-dev
-  haproxy nginx-light wrk nghttp2-client kcat iperf3 curl chromium procps"
+  haproxy nginx-light wrk nghttp2-client kcat iperf3 curl chromium procps
+  podman runc containernetworking-plugins busybox-static"
 missing=""
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -148,5 +149,12 @@ else
     rm -rf "$gp"
     die "building h2spec failed (see the go output above)"
   fi
+fi
+# The CNI plugin (docs/cni.md): `podman run --network l7proxy` puts a container under the agent.
+# Rewritten on every run (two small files), so it always starts this checkout's code.
+if [ "$IMAGE_BUILD" = 1 ]; then
+  step "CNI plugin: installed by the container's entrypoint on the node, not in the image"
+else
+  step "CNI plugin: $("$VENV/bin/python" -m l7proxy cni install)"
 fi
 step "done"

@@ -14,6 +14,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -297,7 +298,11 @@ def test_cni_conformance_against_the_agent(agent, lab, netns):
 def test_agent_down_is_a_clear_error_and_restart_keeps_and_reaps(agent, lab, netns):
     lab.run("survivor", {"app": "survivor"}, "/bin/httpd", "-f", "-p", "80", "-h", "/www")
     lab.run("victim", {"app": "victim"}, "/bin/sleep", "600")
+    lab.run("echo", {"app": "echo"}, "/bin/nc", "-l", "-p", "9000", "-e", "/bin/cat")
+    lab.run("client", {"app": "client"}, "/bin/sleep", "600")
     eps = endpoints(agent)
+    stream = EchoStream(eps["client"]["netns"], eps["echo"]["ip"], 9000)
+    assert stream.roundtrip("before") == "before"
     conf = {"cniVersion": "1.0.0", "name": lab.network, **json.loads(lab.conflist.read_text())[
         "plugins"][0]}  # fmt: skip
     agent.stop()
@@ -314,8 +319,11 @@ def test_agent_down_is_a_clear_error_and_restart_keeps_and_reaps(agent, lab, net
         # The victim dies while the agent is down: podman's DEL cannot reach it.
         r = lab.podman("rm", "-f", "-t", "0", "victim", check=False)
         assert r.returncode == 0, r.stderr
+        assert stream.roundtrip("while-away") == "while-away"
     finally:
         agent.start()
+    assert stream.roundtrip("after") == "after"  # the same TCP connection, across the restart
+    stream.close()
     after = endpoints(agent)
     assert "victim" not in after, "the dead container's endpoint was not reaped"
     assert after["survivor"]["ip"] == eps["survivor"]["ip"]
@@ -323,5 +331,36 @@ def test_agent_down_is_a_clear_error_and_restart_keeps_and_reaps(agent, lab, net
     r = subprocess.run(["curl", "-s", "-m", "3", f"http://{eps['survivor']['ip']}/"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.stdout == "deathstar\n"  # host -> the kept endpoint, through its re-attached veth
-    lab.rm("survivor")
-    assert "survivor" not in endpoints(agent)
+    for name in ("survivor", "echo", "client"):
+        lab.rm(name)
+    assert not {"survivor", "echo", "client"} & set(endpoints(agent))
+
+
+ECHO_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+for line in sys.stdin:
+    s.sendall(line.encode())
+    print(s.recv(4096).decode().strip(), flush=True)
+"""
+
+
+class EchoStream:
+    """One TCP connection from a container's namespace, kept open across agent restarts."""
+
+    def __init__(self, netns: str, ip: str, port: int) -> None:
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net={netns}", sys.executable, "-c", ECHO_CLIENT, ip, str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def roundtrip(self, word: str) -> str:
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)

@@ -179,3 +179,21 @@ def test_store_keeps_container_columns(tmp_path):
 
 def compact(doc: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()  # as podman (Go) writes JSON
+
+
+def test_cni_install_command(tmp_path, capsys):
+    from l7proxy.cli import main
+
+    argv = ["cni", "install", "--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(tmp_path / "d")]
+    assert (
+        main([*argv, "--socket", "/run/a.sock", "--chain", "bandwidth", "--podman-root", "/p"]) == 0
+    )
+    assert "l7proxy-cni" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "d" / "50-l7proxy.conflist").read_text())
+    ours = doc["plugins"][0]
+    assert (ours["agentSocket"], ours["podmanState"]) == (
+        "/run/a.sock",
+        ["/p/libpod/bolt_state.db"],
+    )
+    assert doc["plugins"][1]["type"] == "bandwidth"
+    assert main([*argv, "--network", "a/b"]) == 2
