@@ -180,6 +180,15 @@ def test_podman_rm_leaves_nothing_behind(agent, lab):
     (endpoint_id,) = before["ep_by_ifindex"]
     ok(agent, "policy", "import", str(L3L4))  # gives endpoints policy keys to leave behind
     try:
+        # A restart is DEL then ADD (a new namespace): still one endpoint, one map entry.
+        lab.podman("restart", "-t", "0", "shortlived")
+        mine = [e for e in endpoints(agent).values() if e["container_id"] == ep["container_id"]]
+        assert len(mine) == 1 and mine[0]["netns"] != ep["netns"]
+        assert len(kernel_state(agent, mine[0]["ip"])["ep_by_ifindex"]) == 1
+        if mine[0]["ip"] != ep["ip"]:
+            assert kernel_state(agent, ep["ip"])["ep_by_ifindex"] == []
+        ep = mine[0]
+        (endpoint_id,) = kernel_state(agent, ep["ip"])["ep_by_ifindex"]
         lab.rm("shortlived")
         assert "shortlived" not in endpoints(agent)
         r = subprocess.run(["ip", "link", "show", ep["host_if"]], capture_output=True)
