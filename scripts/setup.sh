@@ -135,7 +135,14 @@ fi
 # h2spec (HTTP/2 conformance, tests/e2e/test_h2spec.py): built offline from the Go source kept
 # beside the checkout (../shared/tools/h2spec, see its README) with Debian's Go and Go libraries,
 # plus our own small main (scripts/h2spec/main.go). The binary lives in the git-ignored venv.
+# The shared tools sit beside the checkout; a clone made elsewhere on the same machine finds them
+# at /work/shared, or wherever L7PROXY_SHARED points.
 H2SPEC_SRC="$ROOT/../shared/tools/h2spec"
+for shared in "${L7PROXY_SHARED:-}" /work/shared; do
+  if [ ! -f "$H2SPEC_SRC/h2spec.go" ] && [ -n "$shared" ] && [ -f "$shared/tools/h2spec/h2spec.go" ]; then
+    H2SPEC_SRC="$shared/tools/h2spec"
+  fi
+done
 H2SPEC_MAIN="$ROOT/scripts/h2spec/main.go"
 H2SPEC_BIN="$VENV/bin/h2spec"
 if [ "$IMAGE_BUILD" = 1 ] || [ "$PRODUCT" = 1 ] || [ ! -f "$ROOT/tests/e2e/test_h2spec.py" ]; then
