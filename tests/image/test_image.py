@@ -128,7 +128,7 @@ def test_gateway_from_the_image_in_front_of_a_real_backend(image, tmp_path):
         status, body = request("PUT", base + "/v1/exhaust-port")
         assert status == 403 and "Access denied" in body
     finally:
-        podman("rm", "-f", "-t", "0", name, check=False)
+        podman("rm", "-f", "-v", "-t", "0", name, check=False)  # -v: its anonymous volume
         backend.shutdown()
 
 
@@ -164,5 +164,5 @@ def test_agent_from_the_image_loads_the_datapath(image, tmp_path):
         assert "loaded at" in parts["datapath"]["detail"]
         assert all(p["state"] in ("ok", "off") for p in parts.values()), json.dumps(parts)
     finally:
-        podman("rm", "-f", "-t", "10", name, check=False)
+        podman("rm", "-f", "-v", "-t", "10", name, check=False)
         shutil.rmtree(pin_dir, ignore_errors=True)
