@@ -186,6 +186,7 @@ fi
 if [ "$IMAGE_BUILD" = 1 ] || [ "$PRODUCT" = 1 ]; then
   step "CNI plugin: not installed here (run \`l7proxy cni install\` on a node with a runtime)"
 else
-  step "CNI plugin: $("$VENV/bin/python" -m l7proxy cni install)"
+  out=$("$VENV/bin/python" -m l7proxy cni install) || die "l7proxy cni install failed (see above)"
+  step "CNI plugin: $out"
 fi
 step "done"
