@@ -88,11 +88,13 @@ class ClusterMode(Owner):
             await self.cluster.identity_for(labels)
             await self.cluster.endpoint_added(ep.ip, ep.identity)
         self._cluster_ready = True
-        if (
-            self.cluster.policy is not None
-            and self.cluster.policy.revision != self.store.revision()
+        # The cluster's set wins over what this node had stored (a node that ran alone before
+        # joining drops its own set; one that joins an empty cluster runs with none).
+        cluster_set = self.cluster.policy or PolicySet(0, ())
+        if cluster_set.revision != self.store.revision() or (
+            self.cluster.policy is None and self.store.policies()
         ):
-            await self.cluster_policy_changed(self.cluster.policy)
+            await self.cluster_policy_changed(cluster_set)
         else:
             await self.cluster.policy_in_force(self.store.revision(), self.policy_error or "")
 
@@ -133,7 +135,8 @@ class ClusterMode(Owner):
         if not self._cluster_ready:
             return
         async with self._lock:
-            if policy.revision == self.store.revision() and self.compiled is not None:
+            same = [d.key for d in self.store.policies()] == [d.key for d in policy.docs]
+            if policy.revision == self.store.revision() and same and self.compiled is not None:
                 return
             docs = list(policy.docs)
             try:

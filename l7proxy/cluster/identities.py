@@ -97,6 +97,11 @@ class ClusterIdentities:
         lease). False if the id is gone from etcd (then allocate again)."""
         return await self._reference(labels, number, lease)
 
+    async def recreate(self, labels: str, number: int, lease: int) -> bool:
+        """Put back an id this node still uses after it vanished from etcd, with its number;
+        False if that number or these labels now belong to another id."""
+        return await self._create(labels, number, lease)
+
     async def _reference(self, labels: str, number: int, lease: int) -> bool:
         index = keys.identity_labels(labels)
         return await self.kv.txn(

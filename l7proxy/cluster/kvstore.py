@@ -147,6 +147,7 @@ class EtcdKV:
             host = "ipv4:" + ",".join(f"{h}:{p}" for h, p in endpoints[:-1]) + ","
             host += endpoints[-1][0]
             port = endpoints[-1][1]
+        self._target = (host, port)
         self._client = aetcd.Client(host, port, timeout=timeout)
         self._aetcd = aetcd
         self._rpc_error = grpc.RpcError  # raw calls (paged list) are not wrapped by aetcd
@@ -221,25 +222,37 @@ class EtcdKV:
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Events under `prefix` from `start_revision` on (inclusive). Ends by raising
-        `KVStoreDown` when the connection drops, `WatchCompacted` when etcd compacted past it."""
+        `KVStoreDown` when the connection drops, `WatchCompacted` when etcd compacted past it.
+
+        Each watch has a client (gRPC channel) of its own, made afresh on every call: aetcd
+        multiplexes watches over one stream, and after etcd restarted, watches re-created on
+        that client sometimes never delivered an event again."""
+        aetcd = self._aetcd
+        client = aetcd.Client(*self._target, timeout=self.timeout)
         try:
-            stream = await self._call(
-                self._client.watch_prefix(prefix.encode(), start_revision=start_revision)
-            )
-        except self._aetcd.RevisionCompactedError as exc:
-            raise WatchCompacted(exc.compacted_revision) from None
-        try:
-            async for ev in stream:
-                kv = ev.kv
-                kind = "put" if ev.kind == self._aetcd.EventKind.PUT else "delete"
-                yield WatchEvent(kind, kv.key.decode(), kv.value.decode(), int(kv.mod_revision))
-        except self._aetcd.RevisionCompactedError as exc:
-            raise WatchCompacted(exc.compacted_revision) from None
-        except (self._aetcd.ClientError, OSError) as exc:
-            raise KVStoreDown(f"etcd at {self.url}: watch ended ({type(exc).__name__})") from None
+            try:
+                stream = await asyncio.wait_for(
+                    client.watch_prefix(prefix.encode(), start_revision=start_revision),
+                    self.timeout + 0.5,
+                )
+            except aetcd.RevisionCompactedError as exc:
+                raise WatchCompacted(exc.compacted_revision) from None
+            except (TimeoutError, aetcd.ClientError, OSError, self._rpc_error) as exc:
+                raise KVStoreDown(f"etcd at {self.url}: no watch ({type(exc).__name__})") from None
+            try:
+                async for ev in stream:
+                    kv = ev.kv
+                    kind = "put" if ev.kind == aetcd.EventKind.PUT else "delete"
+                    yield WatchEvent(kind, kv.key.decode(), kv.value.decode(), int(kv.mod_revision))
+            except aetcd.RevisionCompactedError as exc:
+                raise WatchCompacted(exc.compacted_revision) from None
+            except (aetcd.ClientError, OSError, self._rpc_error) as exc:
+                raise KVStoreDown(
+                    f"etcd at {self.url}: watch ended ({type(exc).__name__})"
+                ) from None
         finally:
             with _suppress():
-                await asyncio.wait_for(stream.cancel(), 1.0)
+                await asyncio.wait_for(client.close(), 2.0)
 
     async def close(self) -> None:
         with _suppress():

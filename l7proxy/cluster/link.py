@@ -18,9 +18,10 @@ from dataclasses import dataclass, replace
 
 from l7proxy.cluster import ipam, keys
 from l7proxy.cluster.identities import ClusterIdentities, GcState
-from l7proxy.cluster.kvstore import Item, KVStore, KVStoreDown, WatchEvent
+from l7proxy.cluster.kvstore import Compare, Item, KVStore, KVStoreDown, WatchEvent, put
 from l7proxy.cluster.records import IPEntry, NodeRecord, PolicySet
 from l7proxy.cluster.sink import ClusterSink
+from l7proxy.cluster.status import link_status
 from l7proxy.cluster.watch import ResumableWatch
 
 log = logging.getLogger("l7proxy.cluster")
@@ -212,14 +213,15 @@ class ClusterLink:
         KVStoreDown when etcd is unreachable, ValueError on a concurrent change."""
         if not self.reachable:
             raise KVStoreDown(self.unreachable_reason())
-        from l7proxy.cluster.kvstore import Compare, put
-
         ok = await self.kv.txn(
             [Compare(keys.POLICY, "mod", True, self.policy_mod)],
             [put(keys.POLICY, policy.dumps())],
         )
         if not ok:
             raise ValueError("the cluster's policy changed during this import; run it again")
+
+    def status(self) -> dict:
+        return link_status(self)
 
     def unreachable_reason(self) -> str:
         since = f" for {time.monotonic() - self.down_since:.0f}s" if self.down_since else ""
@@ -282,7 +284,7 @@ class ClusterLink:
         for labels, number in list(self.my_refs.items()):
             if not await self.identities.reference(labels, number, self.lease):
                 # gone from etcd (GC after a long outage): re-create it with the same number
-                if not await self.identities._create(labels, number, self.lease):
+                if not await self.identities.recreate(labels, number, self.lease):
                     log.error("identity %d for %s was taken by other labels", number, labels)
         for ip, entry in list(self.my_ips.items()):
             await self.kv.put(keys.ipcache(ip), entry.dumps(), self.lease)
@@ -301,6 +303,9 @@ class ClusterLink:
             self.identities.learn(number, ev.value)
         elif number not in self.my_refs.values():
             self.identities.forget(number)
+        else:  # deleted while this node uses it (by hand, or GC racing a lost lease): put it back
+            log.warning("identity %d was deleted while in use here: re-creating it", number)
+            self.dirty = True
         await self.owner.cluster_identities_changed()
 
     async def _on_node(self, ev: WatchEvent) -> None:
@@ -381,25 +386,6 @@ class ClusterLink:
             return
         async with self._sink_lock:  # one call at a time, in order, off the loop
             await asyncio.to_thread(fn, *args)
-
-    def status(self) -> dict:
-        return {
-            "kvstore": self.config.url,
-            "node": self.config.node,
-            "state": "ok" if self.reachable else "unreachable",
-            "detail": "" if self.reachable else self.unreachable_reason(),
-            "lease": f"{self.lease:x}",
-            "pod_cidr": self.pod_cidr,
-            "routing": self.config.routing,
-            "underlay_ip": self.config.underlay_ip,
-            "remote_nodes": sorted(self.nodes),
-            "remote_endpoints": len(self.remote_ips),
-            "identities": len(self.identities.by_id),
-            "waiting_for_identity": sorted(self.waiting),
-            "policy_revision": self.policy.revision if self.policy else 0,
-            "watch_resumes": {p: w.resumes for p, w in self.watches.items()},
-            "watch_relists": {p: w.relists for p, w in self.watches.items()},
-        }
 
 
 def _run_all(calls: list) -> None:

@@ -45,3 +45,24 @@ async def cluster_status(url: str) -> dict:
         "nodes": sorted(nodes, key=lambda n: n["name"]),
         "pod_cidrs": len(cidrs),
     }
+
+
+def link_status(link) -> dict:
+    """The `cluster` part of `l7proxy status` on one node."""
+    return {
+        "kvstore": link.config.url,
+        "node": link.config.node,
+        "state": "ok" if link.reachable else "unreachable",
+        "detail": "" if link.reachable else link.unreachable_reason(),
+        "lease": f"{link.lease:x}",
+        "pod_cidr": link.pod_cidr,
+        "routing": link.config.routing,
+        "underlay_ip": link.config.underlay_ip,
+        "remote_nodes": sorted(link.nodes),
+        "remote_endpoints": len(link.remote_ips),
+        "identities": len(link.identities.by_id),
+        "waiting_for_identity": sorted(link.waiting),
+        "policy_revision": link.policy.revision if link.policy else 0,
+        "watch_resumes": {p: w.resumes for p, w in link.watches.items()},
+        "watch_relists": {p: w.relists for p, w in link.watches.items()},
+    }

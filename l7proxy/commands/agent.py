@@ -235,5 +235,14 @@ def run(args) -> int:
     from l7proxy.agent.loop import new_event_loop
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(Agent(config).run_forever())
+        try:
+            runner.run(Agent(config).run_forever())
+        except Exception as exc:
+            if config.kvstore and type(exc).__name__ == "KVStoreDown":
+                print(
+                    f"l7proxy agent: error: {exc}: start etcd or check --kvstore {config.kvstore}",
+                    file=sys.stderr,
+                )
+                return 1
+            raise
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 from l7proxy.agent import ports
@@ -62,13 +63,21 @@ def _create(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ep = Client(args.socket).call(
-        "endpoint.create",
-        name=args.name,
-        labels=args.labels,
-        ip=args.ip,
-        ports=[p.to_json() for p in named],
-    )
+    # In cluster mode a label set no node has used yet needs etcd for its identity: while etcd
+    # is down the create waits for it (no client timeout) and says so once.
+    note = threading.Timer(WAIT_NOTE_S, _waiting_note)
+    note.daemon = True
+    note.start()
+    try:
+        ep = Client(args.socket, timeout=None).call(
+            "endpoint.create",
+            name=args.name,
+            labels=args.labels,
+            ip=args.ip,
+            ports=[p.to_json() for p in named],
+        )
+    finally:
+        note.cancel()
     shown = _ports_text(ep.get("ports"))
     print(
         f"endpoint {ep['name']} created: netns {ep['netns']}, ip {ep['ip']}/{ep['prefixlen']}, "
@@ -82,12 +91,26 @@ def _ports_text(items) -> str:
     return ",".join(f"{p['name']}={p['port']}/{p['protocol']}" for p in items or ())
 
 
+WAIT_NOTE_S = 3.0
+
+
+def _waiting_note() -> None:
+    print(
+        "waiting for the agent: in cluster mode new labels need etcd for their identity "
+        "(`l7proxy status` shows cluster.waiting_for_identity); Ctrl-C stops waiting here only",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _list(args) -> int:
     eps = Client(args.socket).call("endpoint.list")
     if args.output == "json":
         print(json.dumps(eps, indent=2))
         return 0
-    rows = [("NAME", "IP", "IDENTITY", "INGRESS", "EGRESS", "HOST-IF", "PORTS", "LABELS")]
+    rows = [
+        ("NAME", "IP", "IDENTITY", "INGRESS", "EGRESS", "HOST-IF", "PORTS", "CONTAINER", "LABELS")
+    ]
     for ep in eps:
         pol = ep.get("policy") or {}
         rows.append(
@@ -99,6 +122,7 @@ def _list(args) -> int:
                 "Enabled" if pol.get("egress") else "Disabled",
                 ep["host_if"],
                 _ports_text(ep.get("ports")) or "-",
+                f"{ep['runtime']}:{ep['container_id'][:12]}" if ep.get("container_id") else "-",
                 ",".join(lb for lb in ep["labels"] if "io.kubernetes.pod.namespace" not in lb),
             )
         )

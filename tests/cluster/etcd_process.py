@@ -4,11 +4,13 @@ directory of its own; `stop()`/`start()` keep the data, like an etcd outage and 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 READY_TIMEOUT = 20.0
@@ -49,13 +51,18 @@ class EtcdProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited: {self.log()}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
+            if self._healthy():
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"etcd did not listen within {READY_TIMEOUT}s: {self.log()}")
+
+    def _healthy(self) -> bool:
+        """etcd answers /health with true once it has a leader (listening comes earlier)."""
+        url = f"http://127.0.0.1:{self.port}/health"
+        with contextlib.suppress(OSError, ValueError):
+            with urllib.request.urlopen(url, timeout=0.5) as reply:
+                return json.loads(reply.read()).get("health") == "true"
+        return False
 
     def log(self) -> str:
         with contextlib.suppress(OSError):

@@ -152,6 +152,7 @@ def test_etcd_outage_then_recovery_without_restarts(cluster, etcd):
     etcd.start()
     out, err = waiting.communicate(timeout=30)
     assert waiting.returncode == 0, err
+    assert "new labels need etcd" in err and "db1 created" in out
     # both converge: node1 sees node2's two pods, policy import works again
     until(lambda: json.loads(ok(a, "status", "-o", "json"))["cluster"]["remote_endpoints"] == 2, 20)
     assert ok(a, "policy", "import", L7).strip() == "Revision: 2"
@@ -207,3 +208,17 @@ def test_same_new_labels_on_two_agents_at_once_get_one_id(cluster):
         assert eps(a)[f"a-{i}"]["identity"] == eps(b)[f"b-{i}"]["identity"]
     ids = {eps(a)[f"a-{i}"]["identity"] for i in range(3)}
     assert len(ids) == 3
+
+
+def test_a_node_that_ran_alone_takes_the_clusters_policy_set_when_it_joins(cluster, tmp_path):
+    state = tmp_path / "alone"
+    state.mkdir()
+    with AgentProcess(pool=free_pool(), state_dir=state, admin=False) as alone:
+        assert ok(alone, "policy", "import", L3L4).strip() == "Revision: 1"
+    b = cluster("node2")
+    ok(b, "policy", "import", L7)
+    ok(b, "policy", "import", L7)  # cluster revision 2
+    a = cluster("node1", state_dir=state)
+    got = json.loads(ok(a, "policy", "get", "-o", "json"))
+    assert got == json.loads(ok(b, "policy", "get", "-o", "json")) and got["revision"] == 2
+    assert got["policies"][0]["document"]["spec"]["ingress"][0]["toPorts"][0]["rules"]  # L7's

@@ -199,3 +199,31 @@ def test_a_restarted_node_takes_back_its_lease_cidr_and_identities(etcd):
             await b.close()
 
     run(main())
+
+
+def test_an_identity_deleted_while_in_use_is_put_back(etcd):
+    async def main():
+        await wipe(etcd.url)
+        a = _link(etcd.url, "node1", "192.0.2.1", ttl=6)
+        await a.start()
+        try:
+            web = await a.identity_for(WEB)
+            kv = EtcdKV(etcd.url)
+            await kv.delete(keys.identity_id(web))
+            await kv.delete(keys.identity_labels(WEB))
+
+            async def back():
+                got = await kv.get(keys.identity_id(web))
+                return got is not None and got.value == WEB
+
+            deadline = time.monotonic() + 10
+            while not await back():
+                assert time.monotonic() < deadline, "identity not re-created"
+                await asyncio.sleep(0.1)
+            index = await kv.get(keys.identity_labels(WEB))
+            assert index is not None and index.value == str(web)
+            await kv.close()
+        finally:
+            await a.close()
+
+    run(main())
