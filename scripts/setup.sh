@@ -27,7 +27,7 @@ else
 fi
 
 APT_PKGS="python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 iptables python3-venv python3-dev
-  haproxy nginx-light wrk nghttp2-client kcat iperf3 curl chromium procps"
+  haproxy nginx-light wrk nghttp2-client kcat iperf3 curl chromium procps dnsmasq-base dnsutils"
 missing=""
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
