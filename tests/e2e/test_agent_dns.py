@@ -294,6 +294,14 @@ def test_dns_flows_and_metrics(lab):
     agent, outside = lab
     dig(agent, outside, "api.example.com")
     dig(agent, outside, "evil.test")
+    # garbage to the DNS port: dropped with a flow, and the proxy keeps answering
+    garbage = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"s.sendto(b'\\x00\\x01garbage', ('{outside.addr(53)}', 53))"
+    )
+    assert in_pod(agent, sys.executable, "-c", garbage).returncode == 0
+    time.sleep(0.3)
+    assert dig(agent, outside, "api.example.com") == ("NOERROR", [outside.addr(10)])
     flows = [
         json.loads(ln) for ln in ok(agent, "observe", "--last", "2000", "-o", "json").splitlines()
     ]

@@ -163,3 +163,19 @@ def test_identities_survive_a_restart_of_the_allocator():
     restored = P.IdentityAllocator(allocator.to_state())
     _, _, ipcache2 = compile_with(learned, allocator=restored)
     assert ipcache2.lookup("192.0.2.10") == before
+
+
+def test_trace_explains_a_dns_verdict_and_an_fqdn_selected_ip():
+    from policies.trace import parse_peer, trace
+
+    client = parse_peer("app=client", None)
+    dns = parse_peer("app=dns", None)
+    refused = trace(rules(POLICY), client, dns, 53, P.PROTO_UDP, dns="evil.com")
+    assert refused.verdict == "DENIED" and refused.l7["rule_sets"][0]["parser"] == "dns"
+    assert any("evil.com. does not match matchPattern:*.example.com." in ln for ln in refused.log)
+    allowed = trace(rules(POLICY), client, dns, 53, P.PROTO_UDP, dns="www.example.com")
+    assert allowed.verdict == "ALLOWED"
+    world = parse_peer("reserved:world", "192.0.2.9")
+    learned = trace(rules(POLICY), client, world, 443, P.PROTO_TCP, fqdn="api.example.com")
+    assert learned.verdict == "ALLOWED"
+    assert trace(rules(POLICY), client, world, 443, P.PROTO_TCP).verdict == "DENIED"
