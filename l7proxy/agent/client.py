@@ -26,6 +26,15 @@ def add_socket_arg(parser) -> None:
     )
 
 
+def agent_action(parser, action, outputs: tuple[str, ...] = ()) -> None:
+    """Make `parser` a command that talks to the agent: its --socket, an -o/--output choice when
+    `outputs` are given (the first is the default), and `action(args)` run with `run`."""
+    if outputs:
+        parser.add_argument("-o", "--output", choices=outputs, default=outputs[0])
+    add_socket_arg(parser)
+    parser.set_defaults(func=lambda a: run(lambda: action(a)))
+
+
 class AgentError(Exception):
     def __init__(self, message: str, details: list[str] | None = None) -> None:
         super().__init__(message)

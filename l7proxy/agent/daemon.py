@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import policies
+from l7proxy.admin import AdminRequest, AdminResponse, AdminServer, install_core_routes
 from l7proxy.agent import netdev, policy_repo, ports
 from l7proxy.agent.api import ApiError, ApiServer
 from l7proxy.agent.datapath_choice import make_datapath
@@ -31,6 +32,7 @@ from l7proxy.agent.sidecar_proxy import SidecarProxy
 from l7proxy.agent.store import EndpointRow, Store
 from l7proxy.agent.telemetry import AgentMetrics
 from l7proxy.config import ProxyConfig
+from l7proxy.depmap import mount
 
 log = logging.getLogger("l7proxy.agent")
 
@@ -260,8 +262,6 @@ class Agent(AgentOps, FqdnLearning):
         self.proxy = proxy
 
     async def _start_admin(self, host: str, port: int) -> None:
-        from l7proxy.admin import AdminRequest, AdminResponse, AdminServer, install_core_routes
-
         self.admin = AdminServer()
 
         def policy_info() -> dict:
@@ -277,7 +277,5 @@ class Agent(AgentOps, FqdnLearning):
             return AdminResponse.json(self.status())
 
         self.admin.add_route("/status", status_route)
-        from l7proxy.depmap import mount
-
         self.map_service = mount(self.admin, self.flows)  # /map, /map.json, /map/events
         self.admin_addr = await self.admin.start(host, port)

@@ -70,32 +70,38 @@ def _cmdlines() -> dict[int, list[str]]:
     return out
 
 
-def agent_pin_dir(argv: list[str]) -> Path | None:
-    """The pin directory of an `l7proxy agent` command line; None for anything else (and for an
-    agent with --no-bpf, which has nothing in the kernel)."""
+def agent_args(argv: list[str]) -> list[str] | None:
+    """The arguments after `l7proxy agent` in a command line; None for any other process."""
     for i, arg in enumerate(argv[:-1]):
         if os.path.basename(arg) == "l7proxy" and argv[i + 1] == "agent":
-            break
-    else:
-        return None
-    rest = argv[i + 2 :]
-    if "--no-bpf" in rest:
+            return argv[i + 2 :]
+    return None
+
+
+def agent_pin_dir(args: list[str]) -> Path | None:
+    """The pin directory an agent with these arguments uses; None with --no-bpf."""
+    if "--no-bpf" in args:
         return None
     pin_dir = DEFAULT_PIN_DIR
-    for j, arg in enumerate(rest):
-        if arg == "--bpf-dir" and j + 1 < len(rest):
-            pin_dir = Path(rest[j + 1])
+    for j, arg in enumerate(args):
+        if arg == "--bpf-dir" and j + 1 < len(args):
+            pin_dir = Path(args[j + 1])
         elif arg.startswith("--bpf-dir="):
             pin_dir = Path(arg.partition("=")[2])
     return Path(os.path.normpath(pin_dir))
 
 
-def running_agents(pin_dir: Path | None = None) -> dict[int, Path]:
-    """pid -> pin directory of every running agent with BPF (only those using `pin_dir` if set)."""
+def running_agents(pin_dir: Path | None = None) -> dict[int, Path | None]:
+    """pid -> pin directory (None: --no-bpf) of every running agent; with `pin_dir`, only the
+    agent that uses it."""
+    want = Path(os.path.normpath(pin_dir)) if pin_dir is not None else None
     out = {}
     for pid, argv in _cmdlines().items():
-        used = agent_pin_dir(argv)
-        if used is not None and (pin_dir is None or used == Path(os.path.normpath(pin_dir))):
+        args = agent_args(argv)
+        if args is None:
+            continue
+        used = agent_pin_dir(args)
+        if want is None or used == want:
             out[pid] = used
     return out
 
@@ -373,7 +379,8 @@ def uninstall(pin_dir: Path | None = None, state_dir: Path | None = None) -> Rep
             "the one of this agent"
         )
     # The routing rule is shared by every datapath of the host: it goes with the last one.
-    if not pin_dirs() and not running_agents() and has_proxy_routing():
+    bpf_agents = [d for d in running_agents().values() if d is not None]
+    if not pin_dirs() and not bpf_agents and has_proxy_routing():
         routing.remove_proxy_routing()
         report.did(
             f"policy routing for proxied packets (rule pref {routing.PROXY_RULE_PRIORITY}, "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+import policies
 from l7proxy.agent.api import ApiError
 from l7proxy.agent.store import PolicyDoc
 from l7proxy.policy_files import load_paths
@@ -84,8 +85,6 @@ def remove(current: Iterable[PolicyDoc], name: str) -> tuple[list[PolicyDoc], li
 
 def load_rules(docs: list[PolicyDoc]):
     """Load the documents with the policy engine; raise ApiError with its diagnostics."""
-    import policies
-
     if not docs:
         return []
     with tempfile.TemporaryDirectory(prefix="l7proxy-policy-") as tmp:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from l7proxy.agent import ports
-from l7proxy.agent.client import Client, add_socket_arg, run
+from l7proxy.agent.client import Client, agent_action
 
 
 def register(sub) -> None:
@@ -31,13 +31,10 @@ def register(sub) -> None:
         "toPorts port: NAME resolve to NUMBER. PROTO (TCP, UDP, SCTP; default TCP) is shown "
         "only: the rule's protocol decides",
     )
-    add_socket_arg(c)
-    c.set_defaults(func=lambda a: run(lambda: _create(a)))
+    agent_action(c, _create)
 
     ls = esub.add_parser("list", help="list endpoints")
-    ls.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    add_socket_arg(ls)
-    ls.set_defaults(func=lambda a: run(lambda: _list(a)))
+    agent_action(ls, _list, outputs=("table", "json"))
 
     x = esub.add_parser(
         "exec",
@@ -45,13 +42,11 @@ def register(sub) -> None:
     )
     x.add_argument("name")
     x.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
-    add_socket_arg(x)
-    x.set_defaults(func=lambda a: run(lambda: _exec(a)))
+    agent_action(x, _exec)
 
     d = esub.add_parser("delete", help="delete an endpoint and its namespace")
     d.add_argument("name")
-    add_socket_arg(d)
-    d.set_defaults(func=lambda a: run(lambda: _delete(a)))
+    agent_action(d, _delete)
 
 
 def _named_port(text: str) -> ports.NamedPort:

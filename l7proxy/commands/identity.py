@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 
-from l7proxy.agent.client import Client, add_socket_arg, run
+from l7proxy.agent.client import Client, agent_action
 
 
 def register(sub) -> None:
     p = sub.add_parser("identity", help="security identities (via the agent)")
     isub = p.add_subparsers(dest="identity_command", metavar="ACTION", required=True)
     ls = isub.add_parser("list", help="list identities and their labels")
-    ls.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    add_socket_arg(ls)
-    ls.set_defaults(func=lambda a: run(lambda: _list(a)))
+    agent_action(ls, _list, outputs=("table", "json"))
 
 
 def _list(args) -> int:

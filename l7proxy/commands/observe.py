@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from l7proxy.agent.client import Client, add_socket_arg, run
+from l7proxy.agent.client import Client, agent_action
 from l7proxy.agent.flowlog import PROTOCOLS, VERDICTS, FlowFilter, compact
 
 
@@ -24,8 +24,7 @@ def register(sub) -> None:
     p.add_argument("--protocol", choices=PROTOCOLS)
     p.add_argument("-o", "--output", choices=("compact", "json"), default="compact")
     p.add_argument("--file", metavar="FLOWLOG", help="read a gateway's flow log, not the agent")
-    add_socket_arg(p)
-    p.set_defaults(func=lambda a: run(lambda: _observe(a)))
+    agent_action(p, _observe)
 
 
 def _filter(args) -> FlowFilter:

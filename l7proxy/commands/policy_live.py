@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from l7proxy.agent.client import Client, add_socket_arg, run
+from l7proxy.agent.client import Client, agent_action
 
 _MARK = "_l7proxy_live_registered"
 
@@ -42,20 +42,16 @@ def register_live(psub) -> None:
         "import", help="import policy files into the agent (atomic; prints the new revision)"
     )
     imp.add_argument("files", nargs="+", metavar="FILE")
-    add_socket_arg(imp)
-    imp.set_defaults(func=lambda a: run(lambda: _import(a)))
+    agent_action(imp, _import)
 
     get = psub.add_parser("get", help="print the agent's policy repository")
-    get.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
-    add_socket_arg(get)
-    get.set_defaults(func=lambda a: run(lambda: _get(a)))
+    agent_action(get, _get, outputs=("yaml", "json"))
 
     delete = psub.add_parser("delete", help="delete policies by name, or --all")
     which = delete.add_mutually_exclusive_group(required=True)
     which.add_argument("name", nargs="?", help="metadata.name (or the key kind/namespace/name)")
     which.add_argument("--all", action="store_true")
-    add_socket_arg(delete)
-    delete.set_defaults(func=lambda a: run(lambda: _delete(a)))
+    agent_action(delete, _delete)
 
 
 def _import(args) -> int:

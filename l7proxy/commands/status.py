@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 
-from l7proxy.agent.client import Client, add_socket_arg, run
+from l7proxy.agent.client import Client, agent_action
 
 
 def register(sub) -> None:
     p = sub.add_parser("status", help="agent health, counts and policy revision")
-    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    add_socket_arg(p)
-    p.set_defaults(func=lambda a: run(lambda: _status(a)))
+    agent_action(p, _status, outputs=("text", "json"))
 
 
 def _status(args) -> int:

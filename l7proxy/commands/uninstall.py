@@ -16,7 +16,8 @@ def register(sub) -> None:
         "restarted agent re-opens it): pinned BPF maps and programs, tc filters and clsact on "
         "endpoint veths, cgroup hooks, the policy-routing rule for proxied packets and the "
         "proxy worker process. Found from what the kernel shows, so it also works after the "
-        "agent was killed. Refuses while an agent runs (stop it first, or --force). Endpoints' "
+        "agent was killed. Refuses while an agent runs (with --bpf-dir: the agent using it; "
+        "stop it first, or --force). Endpoints' "
         "network namespaces and veths stay (delete endpoints before stopping the agent). "
         "Running it again removes nothing.",
     )
@@ -50,7 +51,7 @@ def run(args) -> int:
     pin_dir = Path(os.path.normpath(args.bpf_dir)) if args.bpf_dir else None
     agents = kernel_cleanup.running_agents(pin_dir)
     if agents and not args.force:
-        pids = ", ".join(f"{pid} ({d})" for pid, d in sorted(agents.items()))
+        pids = ", ".join(f"{pid} ({d or 'no BPF'})" for pid, d in sorted(agents.items()))
         print(
             f"error: an l7proxy agent is running: pid {pids}; stop it first "
             "(its state stays for a restart until you uninstall), or pass --force",
@@ -58,7 +59,7 @@ def run(args) -> int:
         )
         return 1
     for pid, d in sorted(agents.items()):
-        print(f"warning: agent pid {pid} still runs with {d}: it no longer enforces anything")
+        print(f"warning: agent pid {pid} still runs ({d or 'no BPF'}); its kernel state goes")
     state_dir = Path(args.state_dir) if args.state_dir else None
     report = kernel_cleanup.uninstall(pin_dir, state_dir)
     for line in report.removed:

@@ -1,6 +1,7 @@
 """The service dependency map: flows -> graph -> `/map`, `/map.json`, `/map/events`, DOT.
 
-Start-up paths call `mount(admin, flow_sink)`; `make demo` calls `hold(url)` or `hold_async(url)`.
+Start-up paths call `mount(admin, flow_sink)`; `make demo` (demo/live_map.py) asks `hold.wait_plan`
+whether to keep the agent, and so its map, up for a person.
 """
 
 from l7proxy.depmap.dot import to_dot

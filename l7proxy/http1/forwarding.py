@@ -165,6 +165,9 @@ class Forwarding:
             self._close()
             return
         self.queue.pop(0)
+        if self.state is not OPEN and self._is_upgrade_answered(ex):
+            self._upgrade_refused()  # (it once stayed held, the client paused, until idle)
+            return
         self._next()
 
     # ---- answers (called by UpstreamConn) ----------------------------------------------------

@@ -103,14 +103,7 @@ class H2Session(Session):
         self.deadline = _monotonic() + TICK
 
     def data_received(self, data: bytes) -> None:
-        self.activity = True
-        try:
-            events = self.relay.receive_client(data)
-            if events:
-                self._handle(events)
-            self._flush()
-        except Exception as exc:  # a bug closes this connection, never the worker
-            self._crash(exc)
+        self._relay(self.relay.receive_client, data)
 
     def eof_received(self):
         self._close()
@@ -180,13 +173,17 @@ class H2Session(Session):
         self._flush()
 
     def upstream_data(self, data: bytes) -> None:
+        self._relay(self.relay.receive_server, data)
+
+    def _relay(self, receive, data: bytes) -> None:
+        """Bytes from either side through the relay, then what it has to send both ways."""
         self.activity = True
         try:
-            events = self.relay.receive_server(data)
+            events = receive(data)
             if events:
                 self._handle(events)
             self._flush()
-        except Exception as exc:
+        except Exception as exc:  # a bug closes this connection, never the worker
             self._crash(exc)
 
     def _crash(self, exc: Exception) -> None:

@@ -9,25 +9,53 @@ from pathlib import Path
 import pytest
 
 from l7proxy.agent import kernel_cleanup
-from l7proxy.agent.kernel_cleanup import DEFAULT_PIN_DIR, Report, agent_pin_dir, pin_dirs
+from l7proxy.agent.kernel_cleanup import (
+    DEFAULT_PIN_DIR,
+    Report,
+    agent_args,
+    agent_pin_dir,
+    pin_dirs,
+)
 from l7proxy.cli import main
 
 
 def test_agent_command_lines_and_their_pin_dirs():
     py = "/work/main/.venv/bin/python"
-    assert agent_pin_dir([py, "-m", "l7proxy", "agent", "--pool", "10.1.0.0/16"]) == DEFAULT_PIN_DIR
-    assert agent_pin_dir(
-        ["/usr/local/bin/l7proxy", "agent", "--bpf-dir", "/sys/fs/bpf/x/"]
-    ) == Path("/sys/fs/bpf/x")
-    assert agent_pin_dir([py, "-m", "l7proxy", "agent", "--bpf-dir=/sys/fs/bpf/y"]) == Path(
+
+    def pin_dir(argv):
+        args = agent_args(argv)
+        assert args is not None, f"not seen as an agent: {argv}"
+        return agent_pin_dir(args)
+
+    assert pin_dir([py, "-m", "l7proxy", "agent", "--pool", "10.1.0.0/16"]) == DEFAULT_PIN_DIR
+    assert pin_dir(["/usr/local/bin/l7proxy", "agent", "--bpf-dir", "/sys/fs/bpf/x/"]) == Path(
+        "/sys/fs/bpf/x"
+    )
+    assert pin_dir([py, "-m", "l7proxy", "agent", "--bpf-dir=/sys/fs/bpf/y"]) == Path(
         "/sys/fs/bpf/y"
     )
-    assert (
-        agent_pin_dir([py, "-m", "l7proxy", "agent", "--no-bpf"]) is None
-    )  # nothing in the kernel
-    assert agent_pin_dir([py, "-m", "l7proxy", "uninstall"]) is None
-    assert agent_pin_dir([py, "-m", "l7proxy.agent.proxy_worker_process", "--fd", "3"]) is None
-    assert agent_pin_dir(["vim", "l7proxy", "agent.md"]) is None
+    assert pin_dir([py, "-m", "l7proxy", "agent", "--no-bpf"]) is None  # an agent, nothing pinned
+    assert agent_args([py, "-m", "l7proxy", "uninstall"]) is None
+    assert agent_args([py, "-m", "l7proxy.agent.proxy_worker_process", "--fd", "3"]) is None
+    assert agent_args(["vim", "l7proxy", "agent.md"]) is None
+
+
+def test_running_agents_scoped_to_a_pin_dir(monkeypatch):
+    py = "python3"
+    monkeypatch.setattr(
+        kernel_cleanup,
+        "_cmdlines",
+        lambda: {
+            10: [py, "-m", "l7proxy", "agent", "--bpf-dir", "/sys/fs/bpf/l7proxy/a"],
+            11: [py, "-m", "l7proxy", "agent", "--no-bpf"],
+            12: [py, "-m", "l7proxy", "status"],
+        },
+    )
+    assert kernel_cleanup.running_agents() == {10: Path("/sys/fs/bpf/l7proxy/a"), 11: None}
+    assert kernel_cleanup.running_agents(Path("/sys/fs/bpf/l7proxy/a/")) == {
+        10: Path("/sys/fs/bpf/l7proxy/a")
+    }
+    assert kernel_cleanup.running_agents(Path("/sys/fs/bpf/l7proxy/b")) == {}
 
 
 def test_pin_directories_are_recognised_by_their_contents(tmp_path):
@@ -75,7 +103,7 @@ def test_uninstall_with_force_goes_on_and_prints_what_it_removed(monkeypatch, ca
     monkeypatch.setattr("os.geteuid", lambda: 0)
     assert main(["uninstall", "--force", "--bpf-dir", "/sys/fs/bpf/l7proxy/default/"]) == 0
     out = capsys.readouterr().out
-    assert "warning: agent pid 4242 still runs" in out
+    assert "warning: agent pid 4242 still runs (/sys/fs/bpf/l7proxy/default)" in out
     assert "removed pins /sys/fs/bpf/l7proxy/default (12 maps, 6 programs)" in out
     assert calls == [(Path("/sys/fs/bpf/l7proxy/default"), None)]
 

@@ -41,7 +41,7 @@ class Recorder:
         self.data.append(data)
 
 
-def make_listener(action="allow", protocol="http-test", identity=2):
+def make_listener(action="allow", protocol="http-test", identity=2, config=None):
     out = io.StringIO()
     decision = SimpleNamespace(action=action, identity=identity, labels=("reserved:world",))
     return Listener(
@@ -51,7 +51,7 @@ def make_listener(action="allow", protocol="http-test", identity=2):
         classify=lambda ip: decision,
         rules_for=lambda ip: lambda: None,
         endpoint=lambda: (256, ("k8s:app=web",)),
-        config=ProxyConfig(),
+        config=config or ProxyConfig(),
         flows=FlowSink(stream=out),
         metrics=ProxyMetrics(),
         sweeper=DeadlineSweeper(),
@@ -107,6 +107,17 @@ def test_auto_sniffs_then_hands_over_the_first_bytes():
         assert bad.closed and bad.protocol is None
     finally:
         protocols._FACTORIES.pop("http", None)
+
+
+def test_undecided_bytes_past_the_configured_sniff_limit_close_the_connection():
+    start = b"PRI * HTTP/2.0\r\n"  # 16 bytes of the HTTP/2 preface: not decided yet
+    for limit, closed in ((64, False), (8, True)):
+        lst, _ = make_listener(protocol="auto", config=ProxyConfig(sniff_max_bytes=limit))
+        t = PeerTransport()
+        gate = Gate(lst)
+        gate.connection_made(t)
+        gate.data_received(start)
+        assert t.closed is closed and t.protocol is None
 
 
 def test_deadline_sweeper_calls_due_sessions_only():

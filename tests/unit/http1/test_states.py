@@ -85,3 +85,18 @@ def test_a_refused_upgrade_forwards_the_request_held_behind_it_once():
     assert p.upstream_got() == b"GET /public/b HTTP/1.1\r\nHost: w\r\n\r\n"  # (it went twice)
     p.upstream_sends(OK)
     assert p.client_got() == OK + OK and not p.client.closed and not p.session.queue
+
+
+def test_an_upgrade_the_upstream_fails_is_answered_and_http_goes_on():
+    p = Play()
+    p.client_sends(UPGRADE + b"GET /public/b HTTP/1.1\r\nHost: w\r\n\r\n")
+    first = p.up
+    p.upstream_got()
+    first.connection_lost(ConnectionResetError())  # before any byte of an answer: 503
+    assert p.client_got().startswith(b"HTTP/1.1 503 Service Unavailable")
+    # The held request is HTTP again (it once stayed held, the client paused, until idle).
+    assert p.session.state is OPEN and p.client.reading
+    assert p.up is not first
+    assert p.upstream_got() == b"GET /public/b HTTP/1.1\r\nHost: w\r\n\r\n"
+    p.upstream_sends(OK)
+    assert p.client_got() == OK
