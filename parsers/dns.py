@@ -1,25 +1,37 @@
-"""DNS messages for the DNS proxy, sans-IO, on dnspython: read a query (its one question), build
-the REFUSED answer the proxy gives instead of the server, read an answer's addresses and TTLs, and
-the two-byte length framing of DNS over TCP.
+"""DNS messages for the DNS proxy, sans-IO: read a query (its one question), build the REFUSED
+answer the proxy gives instead of the server, read an answer's addresses, TTLs and CNAME chain,
+and the two-byte length framing of DNS over TCP.
+
+Read by hand (RFC 1035 section 4), not with dnspython: dnspython cost ~0.3 ms of CPU per allowed
+query (parse query 43 µs, parse answer 263 µs, build REFUSED 240 µs), which held the proxy near
+1,000 q/s; this reader reads only the header, the question and the answer section. dnspython is
+the oracle of the differential test (tests/unit/dns). Names are returned in lower case with a
+trailing dot; a byte outside letters, digits, '-' and '_' is escaped as \\DDD (as dnspython does),
+so a label that holds a '.' can never read as two labels.
 
 Anything that is not a well-formed query with exactly one question raises DnsError: the proxy
 drops it with a flow (it never answers what it could not read)."""
 
 from __future__ import annotations
 
+import socket
+import struct
 from dataclasses import dataclass
 
-import dns.exception
-import dns.flags
-import dns.message
-import dns.name
-import dns.opcode
-import dns.rcode
-import dns.rdatatype
-
 MAX_UDP_MESSAGE = 65535
-MAX_TCP_MESSAGE = 65535
-REFUSED = dns.rcode.REFUSED
+MAX_NAME = 255
+MAX_POINTERS = 32  # compression pointers followed in one name
+REFUSED = 5
+QR, RD, TC = 0x8000, 0x0100, 0x0200
+TYPE_A, TYPE_CNAME, TYPE_AAAA = 1, 5, 28
+CLASS_IN = 1
+TYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA",
+              33: "SRV", 35: "NAPTR", 41: "OPT", 64: "SVCB", 65: "HTTPS", 255: "ANY"}  # fmt: skip
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+_HEADER = struct.Struct("!HHHHHH")
+_RR = struct.Struct("!HHIH")
+_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
+_LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 
 
 class DnsError(ValueError):
@@ -30,8 +42,9 @@ class DnsError(ValueError):
 class DnsQuery:
     id: int
     name: str  # lower case, trailing dot
-    qtype: str  # "A", "AAAA", ...
-    message: object  # the dns.message.Message, to build an answer from
+    qtype: str  # "A", "AAAA", ... ("TYPE99" for others)
+    flags: int
+    question: bytes  # the question section as sent (name, type, class)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,62 +53,127 @@ class DnsAnswer:
     rcode: str  # "NOERROR", "NXDOMAIN", ...
     name: str  # the question's name
     qtype: str
-    # (ip, ttl) of every A/AAAA record of the answer section
-    ips: tuple[tuple[str, int], ...]
-    # the names that lead to these IPs: the question and every CNAME on the way
-    names: tuple[str, ...]
+    ips: tuple[tuple[str, int], ...]  # (ip, ttl) of every A/AAAA record of the answer section
+    names: tuple[str, ...]  # the question and every CNAME on the way to the IPs
     truncated: bool
 
 
+def _type_name(number: int) -> str:
+    return TYPE_NAMES.get(number, f"TYPE{number}")
+
+
+def read_name(wire: bytes, offset: int) -> tuple[str, int]:
+    """(the name at `offset`, the offset after it where it is written). Pointers must point
+    backwards (no loops), at most MAX_POINTERS of them; labels <= 63 bytes, names <= 255."""
+    parts: list[str] = []
+    end = -1
+    length = 0
+    jumps = 0
+    pos = offset
+    while True:
+        if pos >= len(wire):
+            raise DnsError("malformed DNS message: a name runs past the end")
+        size = wire[pos]
+        if size & 0xC0 == 0xC0:
+            if pos + 1 >= len(wire):
+                raise DnsError("malformed DNS message: a cut compression pointer")
+            target = ((size & 0x3F) << 8) | wire[pos + 1]
+            if end < 0:
+                end = pos + 2
+            jumps += 1
+            if target >= pos or jumps > MAX_POINTERS:
+                raise DnsError("malformed DNS message: a compression pointer loop")
+            pos = target
+            continue
+        if size & 0xC0:
+            raise DnsError("malformed DNS message: an unknown label type")
+        pos += 1
+        if size == 0:
+            break
+        label = wire[pos : pos + size]
+        if len(label) != size:
+            raise DnsError("malformed DNS message: a label runs past the end")
+        length += size + 1
+        if length > MAX_NAME:
+            raise DnsError("malformed DNS message: a name longer than 255 bytes")
+        label = label.translate(_LOWER)
+        if _PLAIN.issuperset(label):
+            parts.append(label.decode("ascii"))
+        else:
+            parts.append("".join(chr(b) if b in _PLAIN else f"\\{b:03d}" for b in label))
+        pos += size
+    return ".".join(parts) + ".", (end if end >= 0 else pos)
+
+
+def _header(wire: bytes) -> tuple[int, int, int, int]:
+    if len(wire) < 12:
+        raise DnsError("malformed DNS message: ShortHeader")
+    ident, flags, qd, an, _ns, _ar = _HEADER.unpack_from(wire)
+    return ident, flags, qd, an
+
+
+def _question(wire: bytes) -> tuple[str, int, int]:
+    name, pos = read_name(wire, 12)
+    if pos + 4 > len(wire):
+        raise DnsError("malformed DNS message: a cut question")
+    return name, struct.unpack_from("!H", wire, pos)[0], pos + 4
+
+
 def parse_query(wire: bytes) -> DnsQuery:
-    try:
-        msg = dns.message.from_wire(wire)
-    except (dns.exception.DNSException, ValueError, IndexError) as exc:
-        raise DnsError(f"malformed DNS message: {type(exc).__name__}") from None
-    if msg.flags & dns.flags.QR:
+    ident, flags, qd, _ = _header(wire)
+    if flags & QR:
         raise DnsError("a DNS response where a query was expected")
-    if msg.opcode() != dns.opcode.QUERY:
-        raise DnsError(f"DNS opcode {dns.opcode.to_text(msg.opcode())} is not a query")
-    if len(msg.question) != 1:
-        raise DnsError(f"a DNS query with {len(msg.question)} questions (one expected)")
-    q = msg.question[0]
-    return DnsQuery(msg.id, q.name.to_text().lower(), dns.rdatatype.to_text(q.rdtype), msg)
+    if (flags >> 11) & 0xF:
+        raise DnsError(f"DNS opcode {(flags >> 11) & 0xF} is not a query")
+    if qd != 1:
+        raise DnsError(f"a DNS query with {qd} questions (one expected)")
+    name, qtype, end = _question(wire)
+    return DnsQuery(ident, name, _type_name(qtype), flags, wire[12:end])
 
 
 def refused(query: DnsQuery) -> bytes:
-    """The answer Cilium's proxy gives to a name the policy does not allow: REFUSED, same id and
-    question, no records."""
-    resp = dns.message.make_response(query.message)
-    resp.set_rcode(REFUSED)
-    return resp.to_wire()
+    """The answer Cilium's proxy gives to a name the policy does not allow: REFUSED, same id,
+    RD copied, the question echoed, no records (and no EDNS)."""
+    flags = QR | (query.flags & RD) | REFUSED
+    return _HEADER.pack(query.id, flags, 1, 0, 0, 0) + query.question
 
 
 def parse_answer(wire: bytes) -> DnsAnswer:
-    try:
-        msg = dns.message.from_wire(wire)
-    except (dns.exception.DNSException, ValueError, IndexError) as exc:
-        raise DnsError(f"malformed DNS answer: {type(exc).__name__}") from None
-    if not msg.flags & dns.flags.QR or len(msg.question) != 1:
+    ident, flags, qd, an = _header(wire)
+    if not flags & QR or qd != 1:
         raise DnsError("not a DNS answer to one question")
-    q = msg.question[0]
-    name = q.name.to_text().lower()
+    name, qtype, pos = _question(wire)
     ips: list[tuple[str, int]] = []
     chain = [name]
-    for rrset in msg.answer:
-        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            ips.extend((rd.address, rrset.ttl) for rd in rrset)
-        elif rrset.rdtype == dns.rdatatype.CNAME:
-            owner = rrset.name.to_text().lower()
-            if owner in chain:
-                chain.extend(rd.target.to_text().lower() for rd in rrset)
+    for _ in range(an):
+        owner, pos = read_name(wire, pos)
+        if pos + 10 > len(wire):
+            raise DnsError("malformed DNS answer: a cut record")
+        rtype, rclass, ttl, size = _RR.unpack_from(wire, pos)
+        pos += 10
+        rdata = wire[pos : pos + size]
+        if len(rdata) != size:
+            raise DnsError("malformed DNS answer: record data runs past the end")
+        if rclass != CLASS_IN:
+            pass  # only Internet-class addresses are learned
+        elif rtype == TYPE_A and size == 4:
+            ips.append((socket.inet_ntop(socket.AF_INET, rdata), ttl))
+        elif rtype == TYPE_AAAA and size == 16:
+            ips.append((socket.inet_ntop(socket.AF_INET6, rdata), ttl))
+        elif rtype in (TYPE_A, TYPE_AAAA):
+            raise DnsError("malformed DNS answer: an address of the wrong length")
+        elif rtype == TYPE_CNAME and owner in chain:
+            target, _ = read_name(wire, pos)
+            chain.append(target)
+        pos += size
     return DnsAnswer(
-        id=msg.id,
-        rcode=dns.rcode.to_text(msg.rcode()),
+        id=ident,
+        rcode=RCODE_NAMES.get(flags & 0xF, f"RCODE{flags & 0xF}"),
         name=name,
-        qtype=dns.rdatatype.to_text(q.rdtype),
+        qtype=_type_name(qtype),
         ips=tuple(ips),
         names=tuple(dict.fromkeys(chain)),
-        truncated=bool(msg.flags & dns.flags.TC),
+        truncated=bool(flags & TC),
     )
 
 

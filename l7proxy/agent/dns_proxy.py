@@ -58,7 +58,7 @@ class DnsProxy:
         self.refusals = r.counter("dns_refused_total", "DNS queries answered REFUSED by policy")
         self.update_time = r.histogram(
             "fqdn_datapath_update_seconds",
-            "Time an answer was held until its IPs were in the datapath",
+            "Time an answer with new IPs was held until they were in the datapath",
         )
 
     async def start(self) -> None:
@@ -161,8 +161,8 @@ class DnsProxy:
             return None
         if answer.rcode == "NOERROR" and answer.ips and src_ep is not None:
             held = time.monotonic()
-            await self.agent.learn_fqdn(src_ep, answer.names, answer.ips)
-            self.update_time.observe(time.monotonic() - held)
+            if await self.agent.learn_fqdn(src_ep, answer.names, answer.ips):
+                self.update_time.observe(time.monotonic() - held)
         self.responses.labels(rcode=answer.rcode).inc()
         latency = time.monotonic_ns() - started
         self._flow(ends, "FORWARDED", "RESPONSE", query, "", answer=answer, latency=latency)

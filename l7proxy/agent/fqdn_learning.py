@@ -29,12 +29,14 @@ class FqdnLearning:
         self._fqdn_compiled_gen = 0  # the table generation the installed policy has
         self._fqdn_gc_task: asyncio.Task | None = None
 
-    async def learn_fqdn(self, endpoint: str, names, ips) -> None:
-        """Called by the DNS proxy with an allowed answer, before it is released to the pod."""
+    async def learn_fqdn(self, endpoint: str, names, ips) -> bool:
+        """Called by the DNS proxy with an allowed answer, before it is released to the pod;
+        True when the datapath had to be updated (the answer was held for it)."""
         if not self.fqdn.learn(endpoint, names, ips, time.time()):
-            return  # every IP was known: its expiry moved, nothing in the datapath changes
+            return False  # every IP was known: its expiry moved, nothing in the datapath changes
         self._fqdn_learned_gen += 1
         await self._fqdn_apply(self._fqdn_learned_gen)
+        return True
 
     async def _fqdn_apply(self, generation: int) -> None:
         async with self._lock:

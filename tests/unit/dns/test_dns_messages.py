@@ -2,6 +2,7 @@
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rrset
 import pytest
@@ -49,7 +50,9 @@ def test_answer_follows_the_cname_chain():
     [
         (b"", "malformed"),
         (b"\x00" * 5, "malformed"),
-        (b"\xff" * 40, "malformed"),
+        (b"\xff" * 40, "response"),
+        (b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01", "loop"),
+        (b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05ab", "past the end"),
         (dns.message.make_response(dns.message.make_query("a.", "A")).to_wire(), "response"),
         (dns.message.Message().to_wire(), "0 questions"),
     ],
@@ -70,3 +73,10 @@ def test_tcp_framing_in_pieces():
     assert out == [q1, q2]
     with pytest.raises(DnsError, match="zero-length"):
         TcpDeframer().feed(b"\x00\x00")
+
+
+def test_a_dot_inside_a_label_never_reads_as_two_labels():
+    q = dns.message.make_query(dns.name.Name([b"allowed.example", b"com", b""]), "A")
+    got = parse_query(q.to_wire())
+    assert got.name == "allowed\\046example.com."
+    assert got.name.count(".") == 2  # the name's own two separators only (dnspython: '\\.')
