@@ -266,6 +266,21 @@ def _fqdn_selectors(rules: Iterable[Rule]):
             yield from pr.peers.fqdns
 
 
+class LearnedLabels:
+    """What compile_policy would give a newly learned IP (the agent's fast path: when that label
+    set already has an identity, only an ipcache entry is new and nothing needs compiling)."""
+
+    def __init__(self, rules: Iterable[Rule]):
+        rules = tuple(rules)
+        self.selectors = tuple(dict.fromkeys(_fqdn_selectors(rules)))
+        self.nets = set(_cidrs(rules))
+
+    def labels(self, names: Iterable[str], ip: str) -> LabelSet | None:
+        """The label set of `ip` if `names` are all the names it was learned for."""
+        selected = fqdn.learned_ips(self.selectors, {name: (ip,) for name in names})
+        return fqdn.ip_labels(selected, self.nets).get(ip)
+
+
 def _learned_identities(rules, nets, learned, allocator, ipcache) -> dict[str, int]:
     """Give every learned IP that a toFQDNs selector selects the identity of its selector set
     (ipcache /32 entries); entries and identities no longer needed go away. A learned /32 wins

@@ -42,6 +42,10 @@ class BpfDatapath:
         ids = {name: ep_id for name, ep_id in self.ids.items() if name in compiled.endpoints}
         self.last_sync = self.dp.sync(compiled, ids, proxy_ports)
 
+    def ipcache_upsert(self, cidr: str, identity: int) -> None:
+        """One entry, no full sync: a learned IP whose identity the maps already know."""
+        self.dp.ipcache_upsert(cidr, identity)
+
     def status(self) -> dict:
         attached = len(self.dp.endpoints())
         how = "re-opened pins" if self.dp.reused else "loaded"

@@ -22,6 +22,7 @@ class FqdnCache:
         self.max_ips = max_ips
         # endpoint -> name -> ip -> expiry (seconds since the epoch)
         self._eps: dict[str, dict[str, dict[str, float]]] = {}
+        self.dirty = False  # changed since the last to_state()
         if state and state.get("version") == STATE_VERSION:
             for ep, names in state.get("endpoints", {}).items():
                 self._eps[ep] = {n: dict(ips) for n, ips in names.items()}
@@ -63,10 +64,15 @@ class FqdnCache:
                     del names[name]
             if not names:
                 del self._eps[ep]
+        self.dirty = self.dirty or changed
         return changed
 
     def forget_endpoint(self, endpoint: str) -> bool:
         return self._eps.pop(endpoint, None) is not None
+
+    def names_of(self, ip: str) -> set[str]:
+        """Every name, over all endpoints, that `ip` was learned for."""
+        return {name for names in self._eps.values() for name, ips in names.items() if ip in ips}
 
     def learned(self) -> dict[str, set[str]]:
         """{name: IPs} over every endpoint: what toFQDNs selectors resolve against."""
@@ -89,4 +95,5 @@ class FqdnCache:
         return sum(len(ips) for names in self._eps.values() for ips in names.values())
 
     def to_state(self) -> dict:
+        self.dirty = False
         return {"version": STATE_VERSION, "endpoints": self._eps}

@@ -2,8 +2,9 @@
 into the ipcache and policy before the answer is released, forget them when their TTL ran out
 and no connection uses them, and keep the table in the store across restarts.
 
-A new IP for a name recompiles with the previous compilation (only what changed is rebuilt; an
-IP that joins an existing selector set only adds an ipcache entry) and installs the diff. Many
+An IP new to the node whose set of selecting toFQDNs selectors already has an identity needs only
+its ipcache entry (kernel and agent: the fast path, no compile). Anything else recompiles with the
+previous compilation (only what changed is rebuilt) and installs the diff. Many
 answers arriving together share one recompile: each waits for a compile that started after its
 own IPs were recorded.
 """
@@ -17,6 +18,7 @@ import socket
 import time
 
 from l7proxy.agent.fqdn_cache import FqdnCache
+from policies.compile import LearnedLabels
 from policies.fqdn import is_fqdn_identity
 
 log = logging.getLogger("l7proxy.agent")
@@ -28,15 +30,42 @@ class FqdnLearning:
         self._fqdn_learned_gen = 0  # bumped by every change of the table
         self._fqdn_compiled_gen = 0  # the table generation the installed policy has
         self._fqdn_gc_task: asyncio.Task | None = None
+        self._fqdn_index = None  # (rules, LearnedLabels) of the installed compilation
 
     async def learn_fqdn(self, endpoint: str, names, ips) -> bool:
         """Called by the DNS proxy with an allowed answer, before it is released to the pod;
         True when the datapath had to be updated (the answer was held for it)."""
+        fresh = [ip for ip, _ in ips if self.ipcache.get(ip) is None]
         if not self.fqdn.learn(endpoint, names, ips, time.time()):
             return False  # every IP was known: its expiry moved, nothing in the datapath changes
         self._fqdn_learned_gen += 1
+        if fresh and await self._fqdn_fast_path(fresh):
+            return True
         await self._fqdn_apply(self._fqdn_learned_gen)
         return True
+
+    async def _fqdn_fast_path(self, fresh: list[str]) -> bool:
+        """IPs new to the node whose selector set already has an identity: one ipcache entry
+        each (kernel and agent), no compile. False (nothing done) when any needs a compile."""
+        async with self._lock:
+            compiled = self.compiled
+            if compiled is None:
+                return False
+            if self._fqdn_index is None or self._fqdn_index[0] is not compiled.rules:
+                self._fqdn_index = (compiled.rules, LearnedLabels(compiled.rules))
+            index = self._fqdn_index[1]
+            entries = []
+            for ip in fresh:
+                labels = index.labels(self.fqdn.names_of(ip), ip)
+                number = self.allocator.lookup(labels) if labels is not None else None
+                if number is None or self.ipcache.get(ip) is not None:
+                    return False
+                entries.append((f"{ip}/32" if ":" not in ip else f"{ip}/128", number))
+            for cidr, number in entries:
+                self.ipcache.upsert(cidr, number)
+                if ":" not in cidr:
+                    self.datapath.ipcache_upsert(cidr, number)
+            return True
 
     async def _fqdn_apply(self, generation: int) -> None:
         async with self._lock:
@@ -48,7 +77,6 @@ class FqdnLearning:
             self._fqdn_compiled_gen = start_gen
 
     def _fqdn_recompile(self):
-        self.store.put("fqdn", self.fqdn.to_state())
         return self._compile_rules(self.compiled.rules, self.compiled.revision, self.compiled)
 
     def start_fqdn_gc(self, interval: float) -> None:
@@ -61,6 +89,7 @@ class FqdnLearning:
                 if self.fqdn.gc(time.time(), self._ips_with_connections()):
                     self._fqdn_learned_gen += 1
                     await self._fqdn_apply(self._fqdn_learned_gen)
+                self.save_fqdn()
             except Exception:  # noqa: BLE001 - the sweep must outlive one bad round
                 log.exception("FQDN garbage collection failed")
 
@@ -96,6 +125,13 @@ class FqdnLearning:
             "identities": len(numbers),
         }
 
+    def save_fqdn(self) -> None:
+        """The learned table into the store (every GC round when it changed, and at stop): a
+        restart keeps what was learned up to a second before."""
+        if self.fqdn.dirty:
+            self.store.put("fqdn", self.fqdn.to_state())
+
     def stop_fqdn_gc(self) -> None:
         if self._fqdn_gc_task is not None:
             self._fqdn_gc_task.cancel()
+        self.save_fqdn()

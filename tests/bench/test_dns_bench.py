@@ -82,14 +82,14 @@ LOAD = textwrap.dedent(
 FIRST_CONNECT = textwrap.dedent(
     """
     import socket, sys
-    ok = 0
+    ok, bad = 0, []
     for i in range(int(sys.argv[1])):
         ip = socket.gethostbyname(f"n{i}.fresh.example.com")
         try:
             socket.create_connection((ip, 80), timeout=1).close(); ok += 1
-        except OSError:
-            pass
-    print(ok)
+        except OSError as exc:
+            bad.append(f"{ip}: {exc}")
+    print(ok, "; ".join(bad[:5]))
     """
 )
 
@@ -149,7 +149,10 @@ def test_dns_proxy_numbers(tmp_path):
                 _in_pod(agent, sys.executable, "-c", LOAD, outside.addr(53), port, "qps")
             )
             rows[label] = {**lat, **qps}
-        ok = int(_in_pod(agent, sys.executable, "-c", FIRST_CONNECT, str(FRESH), timeout=600))
+        ok, _, bad = _in_pod(
+            agent, sys.executable, "-c", FIRST_CONNECT, str(FRESH), timeout=600
+        ).partition(" ")
+        ok = int(ok)
         metrics = agent.cli("metrics").stdout
         hold = [ln for ln in metrics.splitlines() if ln.startswith("fqdn_datapath_update_seconds_")]
         print("\nDNS proxy (node mode), dnsmasq in a namespace, one client")
@@ -159,7 +162,9 @@ def test_dns_proxy_numbers(tmp_path):
         added = rows["proxy"]["p99_ms"] - rows["direct"]["p99_ms"]
         print(f"added p50 {rows['proxy']['p50_ms'] - rows['direct']['p50_ms']:.3f} ms, p99 {added:.3f} ms;"
               f" q/s ratio {rows['proxy']['qps'] / rows['direct']['qps']:.2f}")  # fmt: skip
-        print(f"first connect after the answer: {ok}/{FRESH} fresh names")
+        print(f"first connect after the answer: {ok}/{FRESH} fresh names {bad.strip()}")
+        if ok != FRESH:
+            print(agent.cli("observe", "--verdict", "DROPPED", "--last", "20").stdout)
         print("\n".join(hold[-3:]))
         assert ok == FRESH
     finally:

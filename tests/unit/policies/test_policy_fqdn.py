@@ -179,3 +179,16 @@ def test_trace_explains_a_dns_verdict_and_an_fqdn_selected_ip():
     learned = trace(rules(POLICY), client, world, 443, P.PROTO_TCP, fqdn="api.example.com")
     assert learned.verdict == "ALLOWED"
     assert trace(rules(POLICY), client, world, 443, P.PROTO_TCP).verdict == "DENIED"
+
+
+def test_learned_labels_predict_the_compilers_identity():
+    from policies.compile import LearnedLabels
+
+    compiled, allocator, ipcache = compile_with({"a.s3.example.com": ["192.0.2.1"]})
+    index = LearnedLabels(compiled.rules)
+    # a new IP for another *.s3 name: same selector set, so the same (existing) identity
+    labels = index.labels(["b.s3.example.com."], "192.0.2.2")
+    assert allocator.lookup(labels) == ipcache.lookup("192.0.2.1")
+    # inside the policy's 10.9.0.0/16: another label set, not allocated yet
+    assert allocator.lookup(index.labels(["b.s3.example.com."], "10.9.0.1")) is None
+    assert index.labels(["evil.com."], "192.0.2.3") is None
