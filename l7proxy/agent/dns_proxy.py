@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 import policies
 from l7proxy import flows
+from l7proxy.agent.dns_upstream import UdpUpstreams
 from l7proxy.config import ProxyConfig
 from l7proxy.platform import (
     proxy_mark,
@@ -48,6 +49,7 @@ class DnsProxy:
         self.inflight = 0
         self._replies: OrderedDict[tuple[str, int], socket.socket] = OrderedDict()
         self._tasks: set[asyncio.Task] = set()
+        self.upstreams = UdpUpstreams()
         r = agent.metrics.registry
         self.requests = r.counter(
             "dns_requests_total", "DNS queries seen by the DNS proxy, by verdict", ("verdict",)
@@ -177,20 +179,16 @@ class DnsProxy:
         return rs if rs is not None and rs.parser == "dns" else None
 
     async def _forward(self, wire: bytes, dst, proto: str, src_id: int) -> bytes:
+        timeout = self.config.dns_upstream_timeout
+        if proto == "UDP":
+            return await self.upstreams.ask(wire, dst, src_id, timeout)
         loop = asyncio.get_running_loop()
-        kind = socket.SOCK_DGRAM if proto == "UDP" else socket.SOCK_STREAM
-        sock = socket.socket(socket.AF_INET, kind)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             set_mark(sock, proxy_mark(src_id))  # the server's ingress sees the pod's identity
             sock.setblocking(False)
-            async with asyncio.timeout(self.config.dns_upstream_timeout):
+            async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, dst)
-                if proto == "UDP":
-                    await loop.sock_sendall(sock, wire)
-                    while True:  # a stray datagram with another id is not the answer
-                        data = await loop.sock_recv(sock, 65535)
-                        if data[:2] == wire[:2]:
-                            return data
                 await loop.sock_sendall(sock, frame(wire))
                 deframer = TcpDeframer()
                 while True:
@@ -261,6 +259,7 @@ class DnsProxy:
             self.tcp_server.close()
         for task in list(self._tasks):
             task.cancel()
+        self.upstreams.close()
         for sock in self._replies.values():
             sock.close()
         self._replies.clear()
