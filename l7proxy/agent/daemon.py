@@ -244,7 +244,8 @@ class Agent(AgentOps, FqdnLearning):
     async def _start_proxy(self) -> None:
         """The node proxy inline or as a worker process, or the sidecar proxy (--mode); in node
         mode also the DNS proxy (in the agent: it writes the ipcache before releasing answers)."""
-        if self.config.mode == "node":
+        if self.config.mode == "node" or self.datapath.name == "bpf":
+            # sidecar mode too: DNS is redirected by the tc programs, as in node mode
             self.dns_proxy = DnsProxy(self, self.proxy_config)
             await self.dns_proxy.start()
             self.start_fqdn_gc(self.proxy_config.dns_gc_interval)

@@ -153,10 +153,10 @@ spec:
 """
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+@pytest.fixture(scope="module", params=["node", "sidecar"])
+def lab(request, tmp_path_factory):
     assert shutil.which("dnsmasq") and shutil.which("dig"), "make setup installs dnsmasq and dig"
-    agent = AgentProcess(pool=free_pool(), bpf=True)
+    agent = AgentProcess(pool=free_pool(), bpf=True, mode=request.param)
     agent.start()
     outside = None
     etc = None
