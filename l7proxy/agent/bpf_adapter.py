@@ -33,8 +33,10 @@ class BpfDatapath:
         self.dp.attach_endpoint(host_if, self.ids[name], identity, ip)
 
     def endpoint_removed(self, name: str, host_if: str, ip: str) -> None:
-        with contextlib.suppress(LookupError, OSError):
+        try:
             self.dp.detach_endpoint(host_if)
+        except (LookupError, OSError):  # the veth is gone (a container's namespace with it)
+            self.dp.forget_endpoint(ip)
         self.dp.ipcache_delete(f"{ip}/32")
 
     def apply(self, compiled, ipcache_entries: dict[str, int], proxy_ports: dict[int, int]) -> None:

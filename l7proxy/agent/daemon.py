@@ -20,6 +20,7 @@ import policies
 from l7proxy.admin import AdminRequest, AdminResponse, AdminServer, install_core_routes
 from l7proxy.agent import netdev, policy_repo, ports
 from l7proxy.agent.api import ApiError, ApiServer
+from l7proxy.agent.container_ops import ContainerOps
 from l7proxy.agent.datapath_choice import make_datapath
 from l7proxy.agent.dns_proxy import DnsProxy
 from l7proxy.agent.flowlog import FlowLog
@@ -52,7 +53,7 @@ class AgentConfig:
     path_escaped_slashes: str = "unescape"  # ProxyConfig.path_escaped_slashes (issue 19)
 
 
-class Agent(AgentOps, FqdnLearning):
+class Agent(AgentOps, ContainerOps, FqdnLearning):
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.store = Store(config.state_dir / "state.db")
@@ -101,6 +102,7 @@ class Agent(AgentOps, FqdnLearning):
         else:
             await asyncio.to_thread(self._install, compiled)
         self._register_ops()
+        self._register_container_ops()
         await self.api.start(self.config.socket)
         if self.config.admin:
             await self._start_admin(*self.config.admin)
@@ -141,8 +143,11 @@ class Agent(AgentOps, FqdnLearning):
             self.config.socket.unlink()
 
     def _restore_endpoints(self) -> None:
+        self._reap_dead_containers()  # their runtime owns the namespace: never re-created
         for ep in self.store.endpoints():
-            if not (netdev.netns_exists(ep.netns) and netdev.link_exists(ep.host_if)):
+            if not ep.adopted and not (
+                netdev.netns_exists(ep.netns) and netdev.link_exists(ep.host_if)
+            ):
                 # A reboot took the namespace away: rebuild its plumbing with the same address.
                 netdev.delete(ep.netns, ep.host_if)
                 netdev.create(ep.netns, ep.host_if, ep.ip, ep.prefixlen, self.pool.router)
@@ -233,7 +238,10 @@ class Agent(AgentOps, FqdnLearning):
             ep = self._by_ip.get(peer.get("ip") or "")
             if ep is not None:
                 peer.setdefault("pod_name", ep.name)
-                peer.setdefault("namespace", "default")
+                peer.setdefault("namespace", _namespace_of(ep.labels))
+                if ep.adopted:
+                    peer.setdefault("container_id", ep.container_id[:12])
+                    peer.setdefault("runtime", ep.runtime)
                 if not peer.get("labels"):
                     peer["labels"] = list(ep.labels)
                 if not peer.get("identity"):
@@ -280,3 +288,10 @@ class Agent(AgentOps, FqdnLearning):
         self.admin.add_route("/status", status_route)
         self.map_service = mount(self.admin, self.flows)  # /map, /map.json, /map/events
         self.admin_addr = await self.admin.start(host, port)
+
+
+def _namespace_of(labels) -> str:
+    for label in labels:
+        if label.startswith("k8s:io.kubernetes.pod.namespace="):
+            return label.partition("=")[2]
+    return "default"

@@ -129,6 +129,8 @@ class FlowLog:
 
 def _peer(ep: dict, port: int | None) -> str:
     name = ep.get("pod_name") or ep.get("ip") or "?"
+    if ep.get("container_id"):  # a container endpoint: name it as its runtime does
+        name = f"{name}[{ep.get('runtime') or 'cni'}:{ep['container_id']}]"
     where = f"{name}:{port}" if port else name
     ident = ep.get("identity")
     return f"{where} (ID:{ident})" if ident is not None else where

@@ -5,19 +5,27 @@ endpoint's address as a /32 (or the prefix the user gave), a link route to the r
 a default route via it. The host side carries the router address and a /32 route back to the
 endpoint. Every step is undone if a later one fails. In sidecar mode an endpoint also has a
 cgroup (`cgroup_path`), where `endpoint exec` runs commands and the connect() hooks attach.
+
+A container's endpoint (`adopt`) is the same plumbing in a namespace someone else made (a container
+runtime, through the CNI plugin): the agent adds the veth into it by path and names the inner end as
+the runtime asked (CNI_IFNAME), and `release` removes only the veth; the namespace stays the
+runtime's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 SCOPE_LINK = 253
+CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/var/run/netns")
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
 AGENT_CGROUPS = CGROUP_ROOT / "l7proxy"  # one cgroup per endpoint below it
@@ -75,6 +83,90 @@ def create(netns_name: str, host_if: str, ip: str, prefixlen: int, router: str) 
     except BaseException:
         delete(netns_name, host_if)
         raise
+
+
+def adopt(netns_path: str, host_if: str, ifname: str, ip: str, prefixlen: int, router: str) -> str:
+    """Plumb an endpoint into an existing namespace (a file such as /run/netns/cni-...); returns
+    the inner interface's MAC address. Undone entirely if any step fails."""
+    peer_tmp = "t" + host_if[1:]
+    fd = os.open(netns_path, os.O_RDONLY)
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": peer_tmp, "net_ns_fd": fd})
+    finally:
+        os.close(fd)
+    try:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=host_if)[0]
+            ipr.addr("add", index=idx, address=router, prefixlen=32)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("replace", dst=f"{ip}/32", oif=idx)
+
+        def inside() -> str:
+            with IPRoute() as ns:
+                (eth,) = ns.link_lookup(ifname=peer_tmp)
+                ns.link("set", index=eth, ifname=ifname)
+                ns.addr("add", index=eth, address=ip, prefixlen=prefixlen)
+                ns.link("set", index=eth, state="up")
+                for lo in ns.link_lookup(ifname="lo"):
+                    ns.link("set", index=lo, state="up")
+                ns.route("add", dst=f"{router}/32", oif=eth, scope=SCOPE_LINK)
+                ns.route("add", dst="0.0.0.0/0", gateway=router, oif=eth)
+                return ns.get_links(eth)[0].get_attr("IFLA_ADDRESS")
+
+        return in_netns(netns_path, inside)
+    except BaseException:
+        release(host_if)
+        raise
+
+
+def in_netns(netns_path: str, work):
+    """`work()` run on a short-lived thread that entered the namespace (setns is per thread).
+    pyroute2's NetNS forks a helper process instead: 22 ms per container ADD against 9 ms."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(netns_path, os.O_RDONLY)
+            try:
+                if _libc().setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns({netns_path}) failed")
+            finally:
+                os.close(fd)
+            result["value"] = work()
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="in-netns")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def inner_address(netns_path: str, ifname: str) -> str | None:
+    """The IPv4 address on `ifname` inside the namespace, or None (CNI CHECK)."""
+
+    def inside() -> str | None:
+        with IPRoute() as ns:
+            found = ns.link_lookup(ifname=ifname)
+            for addr in ns.get_addr(index=found[0], family=2) if found else ():
+                return addr.get_attr("IFA_ADDRESS")
+        return None
+
+    return in_netns(netns_path, inside)
+
+
+def release(host_if: str) -> None:
+    """Remove a container endpoint's veth (its peer in the runtime's namespace goes with it)."""
+    with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+        for idx in ipr.link_lookup(ifname=host_if):
+            ipr.link("del", index=idx)
 
 
 def delete(netns_name: str, host_if: str) -> None:

@@ -142,24 +142,56 @@ class AgentOps:
             await asyncio.to_thread(
                 netdev.create, netns_name, host_if, ip, prefixlen, self.pool.router
             )
-            try:
-                self.store.add_endpoint(row, self.allocator.to_state())
-                self._index(row)
-                self._endpoint_id(name)
-                # Datapath calls run in threads: pyroute2 cannot share the agent's uvloop.
-                await asyncio.to_thread(self.datapath.endpoint_added, name, host_if, ip, identity)
-                if hasattr(self.proxy, "endpoint_added"):
-                    await self.proxy.endpoint_added(row)
-                compiled = await asyncio.to_thread(self._recompile, self.store.revision())
-                await asyncio.to_thread(self._install, compiled)
-            except BaseException:
-                self.store.delete_endpoint(name)
-                self._by_ip.pop(ip, None)
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(self.datapath.endpoint_removed, name, host_if, ip)
-                await asyncio.to_thread(netdev.delete, netns_name, host_if)
-                raise
+            await self._register(row, lambda: netdev.delete(netns_name, host_if))
         return row.to_json()
+
+    async def _register(self, row: EndpointRow, unplumb) -> None:
+        """Store, index, attach and compile a plumbed endpoint; on any failure undo all of it
+        (`unplumb` removes the plumbing) and raise. Called under the agent lock."""
+        try:
+            self.store.add_endpoint(row, self.allocator.to_state())
+            self._index(row)
+            self._endpoint_id(row.name)
+            # Datapath calls run in threads: pyroute2 cannot share the agent's uvloop.
+            await asyncio.to_thread(
+                self.datapath.endpoint_added, row.name, row.host_if, row.ip, row.identity
+            )
+            if hasattr(self.proxy, "endpoint_added"):
+                await self.proxy.endpoint_added(row)
+            compiled = await asyncio.to_thread(self._recompile, self.store.revision())
+            await asyncio.to_thread(self._install, compiled)
+        except BaseException:
+            self.store.delete_endpoint(row.name)
+            self._by_ip.pop(row.ip, None)
+            self._release_identity(row.identity)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(
+                    self.datapath.endpoint_removed, row.name, row.host_if, row.ip
+                )
+            await asyncio.to_thread(unplumb)
+            raise
+
+    async def _unregister(self, ep: EndpointRow, unplumb) -> None:
+        """Detach, unplumb and forget an endpoint, then recompile. Called under the agent lock."""
+        if hasattr(self.proxy, "endpoint_removed"):
+            await self.proxy.endpoint_removed(ep)
+        await asyncio.to_thread(self.datapath.endpoint_removed, ep.name, ep.host_if, ep.ip)
+        await asyncio.to_thread(unplumb)
+        self.store.delete_endpoint(ep.name)
+        self._by_ip.pop(ep.ip, None)
+        self.endpoint_ids.pop(ep.name, None)
+        self.store.put("endpoint_ids", self.endpoint_ids)
+        self._release_identity(ep.identity)
+        self.ipcache = self._rebuild_ipcache()
+        compiled = await asyncio.to_thread(self._recompile, self.store.revision())
+        await asyncio.to_thread(self._install, compiled)
+
+    def _release_identity(self, identity: int) -> None:
+        """An endpoint identity no endpoint carries any more is released (and its number not
+        reused), so containers that come and go leave no identity behind."""
+        if not any(ep.identity == identity for ep in self.store.endpoints()):
+            self.allocator.release(identity)
+            self.store.put("identities", self.allocator.to_state())
 
     async def op_endpoint_list(self, args: dict) -> list[dict]:
         out = []
@@ -183,17 +215,10 @@ class AgentOps:
             ep = self.store.endpoint(name)
             if ep is None:
                 raise ApiError(f"no endpoint named {name}")
-            if hasattr(self.proxy, "endpoint_removed"):
-                await self.proxy.endpoint_removed(ep)
-            await asyncio.to_thread(self.datapath.endpoint_removed, ep.name, ep.host_if, ep.ip)
-            await asyncio.to_thread(netdev.delete, ep.netns, ep.host_if)
-            self.store.delete_endpoint(name)
-            self._by_ip.pop(ep.ip, None)
-            self.endpoint_ids.pop(name, None)
-            self.store.put("endpoint_ids", self.endpoint_ids)
-            self.ipcache = self._rebuild_ipcache()
-            compiled = await asyncio.to_thread(self._recompile, self.store.revision())
-            await asyncio.to_thread(self._install, compiled)
+            if ep.adopted:
+                await self._unregister(ep, lambda: netdev.release(ep.host_if))
+            else:
+                await self._unregister(ep, lambda: netdev.delete(ep.netns, ep.host_if))
         return {"deleted": name}
 
     def _rebuild_ipcache(self):

@@ -51,6 +51,14 @@ class EndpointRow:
     identity: int
     created: float
     ports: tuple[NamedPort, ...] = ()  # named ports, sorted by name
+    container_id: str = ""  # set for a container's namespace adopted through CNI
+    runtime: str = ""  # "podman", "cni", ...: who owns the namespace (empty: the agent)
+    ifname: str = ""  # the interface name inside the container (CNI_IFNAME)
+
+    @property
+    def adopted(self) -> bool:
+        """The namespace belongs to a container runtime: `netns` is its path, not a name."""
+        return bool(self.container_id)
 
     def to_json(self) -> dict:
         return {
@@ -63,6 +71,9 @@ class EndpointRow:
             "identity": self.identity,
             "created": self.created,
             "ports": [p.to_json() for p in self.ports],
+            "container_id": self.container_id,
+            "runtime": self.runtime,
+            "ifname": self.ifname,
         }
 
 
@@ -77,6 +88,7 @@ class PolicyDoc:
 
 
 PORTS_KEY = "endpoint_ports"  # {endpoint name: [{"name", "port", "protocol"}, ...]}
+CONTAINERS_KEY = "endpoint_containers"  # {endpoint name: [container id, runtime, ifname]}
 
 
 class Store:
@@ -115,8 +127,8 @@ class Store:
             "SELECT name, netns, host_if, ip, prefixlen, labels, identity, created "
             "FROM endpoints ORDER BY name"
         ).fetchall()
-        ports = self._ports()
-        return [_endpoint(row, ports) for row in rows]
+        ports, containers = self._ports(), self.get(CONTAINERS_KEY, {})
+        return [_endpoint(row, ports, containers) for row in rows]
 
     def endpoint(self, name: str) -> EndpointRow | None:
         row = self._db.execute(
@@ -124,7 +136,7 @@ class Store:
             "FROM endpoints WHERE name = ?",
             (name,),
         ).fetchone()
-        return _endpoint(row, self._ports()) if row else None
+        return _endpoint(row, self._ports(), self.get(CONTAINERS_KEY, {})) if row else None
 
     def add_endpoint(self, ep: EndpointRow, identity_state: dict) -> None:
         """Store the endpoint, its named ports and the allocator state that gave it its
@@ -149,6 +161,11 @@ class Store:
             if ep.ports:
                 ports[ep.name] = [p.to_json() for p in ep.ports]
             self._put_raw(PORTS_KEY, ports)
+            containers = self.get(CONTAINERS_KEY, {})
+            containers.pop(ep.name, None)
+            if ep.adopted:
+                containers[ep.name] = [ep.container_id, ep.runtime, ep.ifname]
+            self._put_raw(CONTAINERS_KEY, containers)
 
     def delete_endpoint(self, name: str) -> None:
         with self._lock, self._tx():
@@ -156,6 +173,9 @@ class Store:
             ports = self.get(PORTS_KEY, {})
             if ports.pop(name, None) is not None:
                 self._put_raw(PORTS_KEY, ports)
+            containers = self.get(CONTAINERS_KEY, {})
+            if containers.pop(name, None) is not None:
+                self._put_raw(CONTAINERS_KEY, containers)
 
     def _ports(self) -> dict[str, tuple[NamedPort, ...]]:
         return {
@@ -212,8 +232,9 @@ class _Transaction:
         return False
 
 
-def _endpoint(row, ports: dict[str, tuple[NamedPort, ...]]) -> EndpointRow:
+def _endpoint(row, ports: dict[str, tuple[NamedPort, ...]], containers: dict) -> EndpointRow:
     name, netns, host_if, ip, prefixlen, labels, identity, created = row
+    container_id, runtime, ifname = containers.get(name) or ("", "", "")
     return EndpointRow(
         name,
         netns,
@@ -224,4 +245,7 @@ def _endpoint(row, ports: dict[str, tuple[NamedPort, ...]]) -> EndpointRow:
         identity,
         created,
         ports.get(name, ()),
+        container_id,
+        runtime,
+        ifname,
     )

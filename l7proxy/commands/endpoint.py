@@ -87,7 +87,9 @@ def _list(args) -> int:
     if args.output == "json":
         print(json.dumps(eps, indent=2))
         return 0
-    rows = [("NAME", "IP", "IDENTITY", "INGRESS", "EGRESS", "HOST-IF", "PORTS", "LABELS")]
+    rows = [
+        ("NAME", "IP", "IDENTITY", "INGRESS", "EGRESS", "HOST-IF", "PORTS", "CONTAINER", "LABELS")
+    ]
     for ep in eps:
         pol = ep.get("policy") or {}
         rows.append(
@@ -99,6 +101,7 @@ def _list(args) -> int:
                 "Enabled" if pol.get("egress") else "Disabled",
                 ep["host_if"],
                 _ports_text(ep.get("ports")) or "-",
+                f"{ep['runtime']}:{ep['container_id'][:12]}" if ep.get("container_id") else "-",
                 ",".join(lb for lb in ep["labels"] if "io.kubernetes.pod.namespace" not in lb),
             )
         )

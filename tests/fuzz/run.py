@@ -4,7 +4,8 @@ Instruments parsers/, policies/ and l7proxy/ for coverage, starts from the commi
 (tests/fuzz/corpus/TARGET) plus what earlier runs found interesting (a working corpus under
 $FUZZ_WORK, default /tmp/l7fuzz), and runs every input through budget.check. A finding (an
 undeclared exception, an input over its CPU or allocation budget, or libFuzzer's own crash,
-timeout or out-of-memory) is written by libFuzzer to tests/fuzz/regressions/TARGET/ and the run
+timeout or out-of-memory; a budget finding is confirmed without instrumentation first,
+recheck.py) is written by libFuzzer to tests/fuzz/regressions/TARGET/ and the run
 exits non-zero; `make test` then replays it for good. Inputs are at most budget.MAX_INPUT bytes.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import atheris
 
 from tests.fuzz import budget
 from tests.fuzz.seeds import CORPUS, REGRESSIONS
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
@@ -44,6 +48,8 @@ def main() -> None:
     def one_input(data: bytes) -> None:
         count[0] += 1
         finding = budget.check(target, data, sample=count[0] % budget.SAMPLE_EVERY == 0)
+        if finding is not None and finding.kind != "exception":
+            finding = _recheck(args.target, data, finding)
         if finding is not None:
             raise FuzzFinding(str(finding))
 
@@ -52,6 +58,17 @@ def main() -> None:
             f"-artifact_prefix={findings}/", str(work), str(CORPUS / args.target)]  # fmt: skip
     atheris.Setup(argv, one_input)
     atheris.Fuzz()
+
+
+def _recheck(target: str, data: bytes, finding: budget.Finding) -> budget.Finding | None:
+    """A budget finding holds only if it holds without instrumentation (recheck.py)."""
+    done = subprocess.run([sys.executable, "-m", "tests.fuzz.recheck", target], input=data,
+                          capture_output=True, cwd=REPO, timeout=600)  # fmt: skip
+    if done.returncode == 0:
+        print(f"recheck: not over budget without instrumentation ({finding})", file=sys.stderr)
+        return None
+    detail = done.stdout.decode(errors="replace").strip() or done.stderr.decode(errors="replace")
+    return budget.Finding(finding.kind, f"{detail} (without instrumentation)")
 
 
 class FuzzFinding(Exception):

@@ -1,0 +1,1 @@
+"""The CNI plugin (`l7proxy-cni`) and its installer: containers as the agent's endpoints."""
