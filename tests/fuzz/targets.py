@@ -200,7 +200,11 @@ def run_dns(data: bytes) -> None:
                 refused(result)
         except DnsError:
             pass
-    for message in TcpDeframer().feed(data):
+    try:
+        messages = TcpDeframer().feed(data)
+    except DnsError:
+        messages = []
+    for message in messages:
         try:
             parse_query(message)
         except DnsError:
