@@ -142,6 +142,19 @@ class IdentityAllocator:
     def labels_of(self, identity: int) -> LabelSet | None:
         return self._by_id.get(identity)
 
+    def learn(self, number: int, labels: Iterable[str]) -> LabelSet:
+        """Take an identity allocated elsewhere (the cluster's kvstore) into this cache, so
+        compiles and lookups here see the same number as every other node."""
+        labelset = LabelSet(_label_from_str(s) for s in labels)
+        old = self._by_id.get(number)
+        if old is not None and old != labelset:
+            self._by_labels.pop(old, None)
+        self._by_id[number] = labelset
+        self._by_labels[labelset] = number
+        if FIRST_CLUSTER_ID <= number < LOCAL_SCOPE:
+            self._next_cluster = max(self._next_cluster, number + 1)
+        return labelset
+
     def release(self, identity: int) -> None:
         if identity in RESERVED:
             return

@@ -38,10 +38,12 @@ else
 fi
 
 # The product: bcc and headers for the datapath, iproute2/iptables, a venv. The tests add their
-# peers (nginx, haproxy, wrk, kcat, iperf3, chromium, podman for the CNI tests...).
+# peers (nginx, haproxy, wrk, kcat, iperf3, chromium, podman for the CNI tests, etcd for the
+# cluster tests and the lab...).
 PRODUCT_PKGS="python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 iptables python3-venv procps"
 TEST_PKGS="python3-dev haproxy nginx-light wrk nghttp2-client kcat iperf3 curl chromium
-  podman runc containernetworking-plugins busybox-static debootstrap dnsmasq-base dnsutils"
+  podman runc containernetworking-plugins busybox-static debootstrap etcd-server etcd-client
+  dnsmasq-base dnsutils"
 APT_PKGS=$PRODUCT_PKGS
 [ "$PRODUCT" = 1 ] || APT_PKGS="$PRODUCT_PKGS $TEST_PKGS"
 missing=""

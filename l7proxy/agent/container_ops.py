@@ -79,7 +79,9 @@ class ContainerOps:
                 ip,
                 32,
                 tuple(labels),
-                self.allocator.allocate(labelset(labels)),
+                await self._cluster_identity(labels)  # cluster mode: etcd's id for these labels
+                if self.cluster is not None
+                else self.allocator.allocate(labelset(labels)),
                 time.time(),
                 (),
                 container_id,

@@ -32,6 +32,7 @@ from l7proxy.agent.proxy_worker_control import WorkerHandle
 from l7proxy.agent.sidecar_proxy import SidecarProxy
 from l7proxy.agent.store import EndpointRow, Store
 from l7proxy.agent.telemetry import AgentMetrics
+from l7proxy.cluster.agent_mode import ClusterMode
 from l7proxy.config import ProxyConfig
 from l7proxy.depmap import mount
 
@@ -51,9 +52,18 @@ class AgentConfig:
     flow_capacity: int = 10_000
     proxy_worker: str = "inline"  # or "process": the node proxy outlives agent restarts
     path_escaped_slashes: str = "unescape"  # ProxyConfig.path_escaped_slashes (issue 19)
+    # cluster mode (issue 15): all of these matter only with kvstore set (docs/cluster.md)
+    kvstore: str | None = None  # etcd://HOST:PORT[,HOST:PORT...]
+    node_name: str = ""
+    cluster_cidr: str = ""
+    node_cidr_mask_size: int = 24
+    routing: str = "tunnel"  # or "native"
+    underlay_ip: str = ""  # default: the source address towards the first etcd endpoint
+    node_lease_ttl: int = 15  # seconds
+    identity_gc_interval: float = 60.0  # seconds between identity GC rounds
 
 
-class Agent(AgentOps, ContainerOps, FqdnLearning):
+class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.store = Store(config.state_dir / "state.db")
@@ -89,6 +99,8 @@ class Agent(AgentOps, ContainerOps, FqdnLearning):
 
     async def start(self) -> None:
         netdev.enable_forwarding()
+        if self.config.kvstore:
+            await self._join_cluster()  # the pod CIDR, identities and policy come from etcd
         await asyncio.to_thread(self._restore_endpoints)
         self.datapath.start(self._emit_threadsafe(asyncio.get_running_loop()))
         await self._start_proxy()
@@ -106,6 +118,8 @@ class Agent(AgentOps, ContainerOps, FqdnLearning):
         await self.api.start(self.config.socket)
         if self.config.admin:
             await self._start_admin(*self.config.admin)
+        if self.cluster is not None:
+            await self._cluster_after_start()
         log.info("agent ready on %s", self.config.socket)
 
     async def run_forever(self) -> None:
@@ -132,6 +146,8 @@ class Agent(AgentOps, ContainerOps, FqdnLearning):
         self.stop_fqdn_gc()
         if self.dns_proxy is not None:
             await self.dns_proxy.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.admin is not None:
             await self.map_service.close()
             await self.admin.close()
@@ -219,6 +235,7 @@ class Agent(AgentOps, ContainerOps, FqdnLearning):
             str(cidr): int(identity) for cidr, identity in self.ipcache.items() if ":" not in cidr
         }
         entries[f"{self.pool.router}/32"] = policies.HOST
+        entries.update(self._cluster_ipcache_entries())  # other nodes' pods (cluster mode)
         entries.update({f"{ip}/32": ep.identity for ip, ep in self._by_ip.items()})
         return entries
 

@@ -54,6 +54,7 @@ class AgentOps:
         api.op("policy.live", self.op_policy_live)
         api.op("metrics", self.op_metrics)
         api.op("observe", self.op_observe)
+        api.op("cluster.info", self.op_cluster_info)
         api.stream("observe.follow", self.stream_observe)
         if hasattr(self.proxy, "follow"):  # the out-of-process node proxy's channels
             api.stream("proxy.state", self.proxy.follow)
@@ -104,6 +105,7 @@ class AgentOps:
                 "flows": self.flows.total,
             },
             "policy_revision": self.store.revision(),
+            **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
         }
 
     async def op_endpoint_create(self, args: dict) -> dict:
@@ -115,6 +117,11 @@ class AgentOps:
             named = ports.from_json(args.get("ports"))
         except ValueError as exc:
             raise ApiError(str(exc)) from None
+        cluster_identity = None
+        if self.cluster is not None:  # may wait for etcd (new labels): outside the lock
+            if self.store.endpoint(name):
+                raise ApiError(f"endpoint {name} already exists")
+            cluster_identity = await self._cluster_identity(labels)
         async with self._lock:
             if self.store.endpoint(name):
                 raise ApiError(f"endpoint {name} already exists")
@@ -127,7 +134,7 @@ class AgentOps:
                 ip, prefixlen = self.pool.allocate(used), 32
             netns_name = self.config.netns_prefix + name
             host_if = netdev.host_ifname(netns_name)
-            identity = self.allocator.allocate(labelset(labels))
+            identity = cluster_identity or self.allocator.allocate(labelset(labels))
             row = EndpointRow(
                 name,
                 netns_name,
@@ -152,6 +159,8 @@ class AgentOps:
             self.store.add_endpoint(row, self.allocator.to_state())
             self._index(row)
             self._endpoint_id(row.name)
+            if self.cluster is not None:  # its IP -> identity for every other node
+                await self.cluster.endpoint_added(row.ip, row.identity)
             # Datapath calls run in threads: pyroute2 cannot share the agent's uvloop.
             await asyncio.to_thread(
                 self.datapath.endpoint_added, row.name, row.host_if, row.ip, row.identity
@@ -164,6 +173,9 @@ class AgentOps:
             self.store.delete_endpoint(row.name)
             self._by_ip.pop(row.ip, None)
             self._release_identity(row.identity)
+            if self.cluster is not None:
+                with contextlib.suppress(Exception):
+                    await self._cluster_endpoint_removed(row)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
                     self.datapath.endpoint_removed, row.name, row.host_if, row.ip
@@ -182,6 +194,8 @@ class AgentOps:
         self.endpoint_ids.pop(ep.name, None)
         self.store.put("endpoint_ids", self.endpoint_ids)
         self._release_identity(ep.identity)
+        if self.cluster is not None:
+            await self._cluster_endpoint_removed(ep)
         self.ipcache = self._rebuild_ipcache()
         compiled = await asyncio.to_thread(self._recompile, self.store.revision())
         await asyncio.to_thread(self._install, compiled)
@@ -189,6 +203,8 @@ class AgentOps:
     def _release_identity(self, identity: int) -> None:
         """An endpoint identity no endpoint carries any more is released (and its number not
         reused), so containers that come and go leave no identity behind."""
+        if self.cluster is not None:
+            return  # a cluster id: other nodes' pods may carry it; etcd's GC decides
         if not any(ep.identity == identity for ep in self.store.endpoints()):
             self.allocator.release(identity)
             self.store.put("identities", self.allocator.to_state())
@@ -224,6 +240,8 @@ class AgentOps:
     def _rebuild_ipcache(self):
         cache = policies.IPCache()
         cache.upsert(f"{self.pool.router}/32", policies.HOST)
+        for cidr, identity in self._cluster_ipcache_entries().items():
+            cache.upsert(cidr, identity)
         for ep in self._by_ip.values():
             cache.upsert(f"{ep.ip}/32", ep.identity)
         return cache
@@ -251,6 +269,8 @@ class AgentOps:
         files = args.get("files") or []
         if not files:
             raise ApiError("no policy files given")
+        if self.cluster is not None:
+            return await self._cluster_policy_import(files)
         async with self._lock:
             revision = self.store.revision() + 1
             new = []
@@ -269,6 +289,8 @@ class AgentOps:
         return out
 
     async def op_policy_delete(self, args: dict) -> dict:
+        if self.cluster is not None:
+            return await self._cluster_policy_delete(args)
         async with self._lock:
             current = self.store.policies()
             if args.get("all"):

@@ -59,6 +59,35 @@ def register(sub) -> None:
         help="%%2F, %%5C and \\ in request paths: unescape (default: judged and forwarded as /), "
         "reject (400), keep (Envoy's KEEP_UNCHANGED; UNSAFE if the backend decodes them)",
     )
+    cluster = p.add_argument_group(
+        "cluster mode",
+        "identities, the ipcache, nodes, pod CIDRs and policies in etcd (docs/cluster.md)",
+    )
+    cluster.add_argument(
+        "--kvstore", metavar="etcd://HOST:PORT[,HOST:PORT...]", help="join a cluster through etcd"
+    )
+    cluster.add_argument("--node-name", default="", help="this node's name in the cluster")
+    cluster.add_argument(
+        "--cluster-cidr", default="", help="pod addresses of the whole cluster, e.g. 10.252.0.0/16"
+    )
+    cluster.add_argument(
+        "--node-cidr-mask-size", type=int, default=24, help="each node leases one /N of it (24)"
+    )
+    cluster.add_argument("--routing", choices=("tunnel", "native"), default="tunnel")
+    cluster.add_argument(
+        "--underlay-ip",
+        default="",
+        help="this node's address for other nodes (default: the "
+        "source address of the route to the first etcd endpoint)",
+    )
+    cluster.add_argument(
+        "--node-lease-ttl", type=int, default=15, metavar="S",
+        help="seconds after which a silent node is removed everywhere (15)",
+    )  # fmt: skip
+    cluster.add_argument(
+        "--identity-gc-interval", type=float, default=60.0, metavar="S",
+        help="seconds between rounds of deleting identities no node references (60)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -104,6 +133,9 @@ def argument_problem(args, mounts: str | None = None) -> str | None:
             return (
                 f"--admin {args.admin!r}: give HOST:PORT with a port 0-65535 (e.g. 127.0.0.1:9962)"
             )
+    problem = cluster_problem(args)
+    if problem:
+        return problem
     state_dir = Path(args.state_dir)
     if state_dir.exists() and not state_dir.is_dir():
         return f"--state-dir {args.state_dir!r} is a file: give a directory (it holds state.db)"
@@ -126,6 +158,39 @@ def argument_problem(args, mounts: str | None = None) -> str | None:
                 f"give a directory under a bpf mount, e.g. {example} "
                 f"(mount one with: mount -t bpf bpf {BPF_FS})"
             )
+    return None
+
+
+def cluster_problem(args) -> str | None:
+    kvstore = getattr(args, "kvstore", None)
+    if not kvstore:
+        return None
+    from l7proxy.cluster import ipam
+    from l7proxy.cluster.kvstore import parse_url
+
+    try:
+        parse_url(kvstore)
+    except ValueError as exc:
+        return f"--kvstore {exc}"
+    if not args.node_name or "/" in args.node_name or len(args.node_name) > 63:
+        return "--kvstore needs --node-name NAME (no '/', at most 63 characters), e.g. node1"
+    if not args.cluster_cidr:
+        return "--kvstore needs --cluster-cidr CIDR, e.g. --cluster-cidr 10.252.0.0/16"
+    try:
+        ipam.subnets(args.cluster_cidr, args.node_cidr_mask_size)
+    except ValueError as exc:
+        return str(exc)
+    if args.underlay_ip:
+        import ipaddress
+
+        try:
+            ipaddress.IPv4Address(args.underlay_ip)
+        except ValueError:
+            return f"--underlay-ip {args.underlay_ip!r}: give this node's IPv4 address"
+    if not 1 <= args.node_lease_ttl <= 86400:
+        return f"--node-lease-ttl {args.node_lease_ttl}: give 1-86400 seconds"
+    if args.identity_gc_interval <= 0:
+        return "--identity-gc-interval: give a positive number of seconds"
     return None
 
 
@@ -153,6 +218,14 @@ def run(args) -> int:
         bpf_dir=args.bpf_dir,
         proxy_worker=args.proxy_worker,
         path_escaped_slashes=args.path_escaped_slashes,
+        kvstore=args.kvstore,
+        node_name=args.node_name,
+        cluster_cidr=args.cluster_cidr,
+        node_cidr_mask_size=args.node_cidr_mask_size,
+        routing=args.routing,
+        underlay_ip=args.underlay_ip,
+        node_lease_ttl=args.node_lease_ttl,
+        identity_gc_interval=args.identity_gc_interval,
     )
     if args.path_escaped_slashes == KEEP:
         logging.getLogger("l7proxy.agent").warning(KEEP_WARNING)
@@ -162,5 +235,14 @@ def run(args) -> int:
     from l7proxy.agent.loop import new_event_loop
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(Agent(config).run_forever())
+        try:
+            runner.run(Agent(config).run_forever())
+        except Exception as exc:
+            if config.kvstore and type(exc).__name__ == "KVStoreDown":
+                print(
+                    f"l7proxy agent: error: {exc}: start etcd or check --kvstore {config.kvstore}",
+                    file=sys.stderr,
+                )
+                return 1
+            raise
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 from l7proxy.agent import ports
@@ -62,13 +63,21 @@ def _create(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ep = Client(args.socket).call(
-        "endpoint.create",
-        name=args.name,
-        labels=args.labels,
-        ip=args.ip,
-        ports=[p.to_json() for p in named],
-    )
+    # In cluster mode a label set no node has used yet needs etcd for its identity: while etcd
+    # is down the create waits for it (no client timeout) and says so once.
+    note = threading.Timer(WAIT_NOTE_S, _waiting_note)
+    note.daemon = True
+    note.start()
+    try:
+        ep = Client(args.socket, timeout=None).call(
+            "endpoint.create",
+            name=args.name,
+            labels=args.labels,
+            ip=args.ip,
+            ports=[p.to_json() for p in named],
+        )
+    finally:
+        note.cancel()
     shown = _ports_text(ep.get("ports"))
     print(
         f"endpoint {ep['name']} created: netns {ep['netns']}, ip {ep['ip']}/{ep['prefixlen']}, "
@@ -80,6 +89,18 @@ def _create(args) -> int:
 
 def _ports_text(items) -> str:
     return ",".join(f"{p['name']}={p['port']}/{p['protocol']}" for p in items or ())
+
+
+WAIT_NOTE_S = 3.0
+
+
+def _waiting_note() -> None:
+    print(
+        "waiting for the agent: in cluster mode new labels need etcd for their identity "
+        "(`l7proxy status` shows cluster.waiting_for_identity); Ctrl-C stops waiting here only",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _list(args) -> int:

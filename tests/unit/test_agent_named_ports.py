@@ -108,7 +108,7 @@ class _FakeClient:
     calls: list = []
     endpoints: list = []
 
-    def __init__(self, socket=None) -> None:
+    def __init__(self, socket=None, timeout=None) -> None:
         pass
 
     def call(self, op, **args):

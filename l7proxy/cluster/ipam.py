@@ -1,0 +1,53 @@
+"""Host-scope IPAM: each node leases one pod CIDR from the cluster CIDR through etcd.
+
+A pod CIDR key holds the node's name and sits on the node's lease, so a node that is gone for
+longer than its lease TTL frees its CIDR. Pod addresses inside the CIDR are then allocated by
+the node alone (l7proxy/agent/ipam.py), with no etcd round trip per pod.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from l7proxy.cluster import keys
+from l7proxy.cluster.kvstore import KVStore, absent, put
+
+
+class ClusterCidrFull(Exception):
+    pass
+
+
+def subnets(cluster_cidr: str, mask_size: int) -> list[str]:
+    net = ipaddress.ip_network(cluster_cidr, strict=True)
+    if net.version != 4 or not net.prefixlen <= mask_size <= 30:
+        raise ValueError(
+            f"--cluster-cidr {cluster_cidr} with --node-cidr-mask-size {mask_size}: need an IPv4 "
+            f"network no longer than /{mask_size}, and a mask size of at most 30"
+        )
+    if 2 ** (mask_size - net.prefixlen) > 65536:
+        raise ValueError(
+            f"--node-cidr-mask-size {mask_size}: too many node CIDRs; use a larger one"
+        )
+    return [str(s) for s in net.subnets(new_prefix=mask_size)]
+
+
+async def lease_pod_cidr(
+    kv: KVStore, node: str, cluster_cidr: str, mask_size: int, lease: int, preferred: str | None
+) -> str:
+    """This node's pod CIDR: the one it holds already, else `preferred` (what it had before a
+    restart) if free, else the first free one. Each claim is a create-only transaction."""
+    candidates = subnets(cluster_cidr, mask_size)
+    items, _ = await kv.list(keys.PODCIDRS)
+    owner = {i.key[len(keys.PODCIDRS) :].replace("_", "/"): i.value for i in items}
+    mine = [c for c, n in owner.items() if n == node and c in candidates]
+    if mine:
+        cidr = mine[0]
+        await kv.put(keys.podcidr(cidr), node, lease)  # re-attach it to this lease
+        return cidr
+    order = ([preferred] if preferred in candidates else []) + candidates
+    for cidr in order:
+        if cidr in owner:
+            continue
+        if await kv.txn([absent(keys.podcidr(cidr))], [put(keys.podcidr(cidr), node, lease)]):
+            return cidr
+    raise ClusterCidrFull(f"no free /{mask_size} left in {cluster_cidr} for node {node}")
