@@ -12,10 +12,11 @@ import pytest
 
 from tests.agent_runner import AgentProcess, free_pool
 from tests.e2e.test_agent_dns import Outside, ok
+from tests.shared import CILIUM_EXAMPLES
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(180)]
 
-EXAMPLES = Path("/work/shared/conformance/cilium-examples")
+EXAMPLES = CILIUM_EXAMPLES
 DNS_EXAMPLE = EXAMPLES / "examples__policies__l7__dns__dns.yaml"
 FQDN_EXAMPLE = EXAMPLES / "examples__policies__l3__fqdn__fqdn.yaml"
 

@@ -2,15 +2,14 @@
 the DNS port redirects to a DNS rule set with the example's names, and toFQDNs allows exactly the
 IPs learned for its names, on its ports."""
 
-from pathlib import Path
-
 import pytest
 
 import policies as P
+from tests.shared import CILIUM_EXAMPLES
 
 from .helpers import labels
 
-EXAMPLES = Path("/work/shared/conformance/cilium-examples")
+EXAMPLES = CILIUM_EXAMPLES
 pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="../shared is not present")
 
 
