@@ -148,6 +148,17 @@ class ProxyConfig:
     # "unescape" judges and forwards them as `/` (how nginx reads them), "reject" answers 400,
     # "keep" (Envoy's KEEP_UNCHANGED) leaves them: unsafe before a backend that decodes them.
     path_escaped_slashes: str = UNESCAPE
+    # DNS proxy (docs/dns.md): how long an allowed query waits for the server; how many queries
+    # one proxy has in flight (more are dropped, counted); the largest DNS-over-TCP message.
+    dns_upstream_timeout: float = 2 * SECOND
+    dns_max_inflight: int = 4096
+    dns_max_tcp_message: int = 65535
+    # toFQDNs: an answer's TTL is raised to at least dns_min_ttl (Cilium's tofqdns-min-ttl);
+    # one endpoint keeps at most dns_max_ips_per_name IPs per name (tofqdns-endpoint-max-ip-per-
+    # hostname, oldest first out); expired IPs are looked at every dns_gc_interval.
+    dns_min_ttl: float = 0
+    dns_max_ips_per_name: int = 1000
+    dns_gc_interval: float = 1 * SECOND
 
     def __post_init__(self) -> None:
         if self.max_response_header_bytes < 1 * KiB:
@@ -157,7 +168,7 @@ class ProxyConfig:
         for name in (
             "h2_max_concurrent_streams", "h2_max_continuation_frames", "h2_reset_burst",
             "h2_reset_refill", "h2_control_burst", "h2_control_refill", "http1_max_pipeline",
-            "sniff_max_bytes",
+            "sniff_max_bytes", "dns_max_inflight", "dns_max_ips_per_name",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

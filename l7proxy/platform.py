@@ -26,6 +26,7 @@ from redirect_bpf.structs import MARK_FROM_PROXY, MARK_IDENTITY_MASK  # noqa: F4
 
 IP_TRANSPARENT = 19
 SO_ORIGINAL_DST = 80
+IP_RECVORIGDSTADDR = 20  # also IP_ORIGDSTADDR, the cmsg type it delivers
 
 
 def set_transparent(sock: socket.socket) -> None:
@@ -59,6 +60,44 @@ def transparent_listener(
         set_transparent(sock)
         sock.bind((host, port))
         sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def transparent_udp(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
+    """A UDP socket the datapath can assign redirected datagrams to; each datagram's original
+    destination arrives as an IP_ORIGDSTADDR cmsg (see recv_with_original_dst)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        set_transparent(sock)
+        sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def recv_with_original_dst(sock: socket.socket, size: int):
+    """(data, source (ip, port), original destination (ip, port) or None) of one datagram."""
+    data, ancillary, _flags, source = sock.recvmsg(size, 64)
+    for level, kind, raw in ancillary:
+        if level == socket.SOL_IP and kind == IP_RECVORIGDSTADDR and len(raw) >= 8:
+            # struct sockaddr_in: family, port (network order), address
+            return data, source, (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big"))
+    return data, source, None
+
+
+def reply_socket(source: tuple[str, int]) -> socket.socket:
+    """A UDP socket that sends from `source` (the original destination, not a local address):
+    the DNS proxy's answers must come from the server the client asked."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        set_transparent(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(source)
     except OSError:
         sock.close()
         raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 
+from policies import fqdn
 from policies import identity as ids
 from policies.compiled import CompiledPolicy, EndpointPolicy
 from policies.diagnostics import WARNING, Diagnostic
@@ -49,6 +50,7 @@ from policies.selection import has_named_ports, is_host, named_port_numbers, sel
 from policies.selectors import Universe
 
 ALL_PORTS = PortProto(0, 0, PROTO_ANY)
+RULE_SETS = {"http": HttpRuleSet, "kafka": KafkaRuleSet, "dns": fqdn.DnsRuleSet}
 
 
 class _Acc:
@@ -244,8 +246,7 @@ class _Compiler:
         number = int.from_bytes(digest, "big") & 0x7FFFFFFF or 1
         while number in self.l7:
             number = number % 0x7FFFFFFF + 1
-        cls = HttpRuleSet if parser == "http" else KafkaRuleSet
-        self.l7[number] = cls(rules, allow_all=allow_all, sources=sources)
+        self.l7[number] = RULE_SETS[parser](rules, allow_all=allow_all, sources=sources)
         self.l7_sets[content] = number
         return number
 
@@ -259,6 +260,42 @@ def _cidrs(rules: Iterable[Rule]):
                     yield from c.excepts
 
 
+def _fqdn_selectors(rules: Iterable[Rule]):
+    for rule in rules:
+        for pr in rule.egress:
+            yield from pr.peers.fqdns
+
+
+class LearnedLabels:
+    """What compile_policy would give a newly learned IP (the agent's fast path: when that label
+    set already has an identity, only an ipcache entry is new and nothing needs compiling)."""
+
+    def __init__(self, rules: Iterable[Rule]):
+        rules = tuple(rules)
+        self.selectors = tuple(dict.fromkeys(_fqdn_selectors(rules)))
+        self.nets = set(_cidrs(rules))
+
+    def labels(self, names: Iterable[str], ip: str) -> LabelSet | None:
+        """The label set of `ip` if `names` are all the names it was learned for."""
+        selected = fqdn.learned_ips(self.selectors, {name: (ip,) for name in names})
+        return fqdn.ip_labels(selected, self.nets).get(ip)
+
+
+def _learned_identities(rules, nets, learned, allocator, ipcache) -> dict[str, int]:
+    """Give every learned IP that a toFQDNs selector selects the identity of its selector set
+    (ipcache /32 entries); entries and identities no longer needed go away. A learned /32 wins
+    over a policy CIDR's own /32 entry and comes back out when the name is forgotten."""
+    selected = fqdn.learned_ips(_fqdn_selectors(rules), learned or {})
+    wanted = fqdn.ip_labels(selected, nets)
+    for cidr, number in ipcache.items():
+        labels = allocator.labels_of(number) if number >= ids.LOCAL_SCOPE else None
+        if labels is not None and fqdn.is_fqdn_identity(labels):
+            ip = cidr.rsplit("/", 1)[0]
+            if wanted.get(ip) != labels:
+                ipcache.delete(cidr)
+    return {ip: labels for ip, labels in wanted.items()}
+
+
 def compile_policy(
     rules: Iterable[Rule],
     endpoints: Mapping[str, LabelSet],
@@ -268,12 +305,16 @@ def compile_policy(
     *,
     named_ports: Mapping[str, Mapping[str, int]] | None = None,
     previous: CompiledPolicy | None = None,
+    learned: Mapping[str, Iterable[str]] | None = None,
 ) -> CompiledPolicy:
     """Deterministic: the same rules, endpoints and allocator state give the same result.
 
     With `previous` (the last compilation with the same allocator), endpoints whose selecting
     rules are unchanged (by value) keep their MapState object, L7 rule sets keep their ids, and
     only the rest is recompiled; the result equals a full compilation.
+
+    `learned` is the DNS proxy's table {name: IPs its allowed answers returned}; toFQDNs peers
+    resolve to the identities given here to those IPs (see policies.fqdn).
     """
     rules = tuple(rules)
     if previous is not None:
@@ -284,6 +325,7 @@ def compile_policy(
     diagnostics: list[Diagnostic] = []
     endpoint_ids = {name: allocator.allocate(labels) for name, labels in sorted(endpoints.items())}
     nets = set(_cidrs(rules))
+    learned_labels = _learned_identities(rules, nets, learned, allocator, ipcache)
     # CIDRs no rule names any more give their identities (and ipcache entries) back first.
     for cidr, number in allocator.release_cidrs_except(nets):
         if ipcache.get(cidr) == number:
@@ -292,6 +334,12 @@ def compile_policy(
         number = allocator.allocate_cidr(net)
         if ipcache.get(net) is None:
             ipcache.upsert(net, number)
+    keep = set()
+    for ip, labels in sorted(learned_labels.items()):
+        number = allocator.allocate(labels)
+        keep.add(number)
+        ipcache.upsert(ip, number)
+    allocator.release_fqdn_except(keep)
     identities = allocator.identities()
     for labels in endpoints.values():
         if is_host(labels) and len(labels) > 1:

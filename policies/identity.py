@@ -38,7 +38,8 @@ RESERVED = {
 RESERVED_BY_NAME = {name: number for number, name in RESERVED.items()}
 
 FIRST_CLUSTER_ID = 256  # Cilium's first cluster-scope identity
-LOCAL_SCOPE = 1 << 24  # CIDR identities live here
+LOCAL_SCOPE = 1 << 24  # CIDR identities and those of IPs learned from DNS live here
+_LOCAL_SOURCES = ("cidr", "fqdn")  # node-local label sources: never sent to other nodes
 STATE_VERSION = 1
 
 # Labels that change per pod or per rollout say nothing about who an endpoint is (Cilium's
@@ -73,7 +74,7 @@ def identity_relevant(labels: LabelSet) -> LabelSet:
 def reserved_of(labels: LabelSet) -> int | None:
     """The reserved identity of a label set that carries a `reserved:` label (and no `cidr:`
     label): `reserved:host` alone or with node labels is HOST."""
-    if any(lab.source == "cidr" for lab in labels):
+    if any(lab.source in _LOCAL_SOURCES for lab in labels):
         return None
     for lab in labels:
         if lab.source == "reserved" and lab.key in RESERVED_BY_NAME:
@@ -120,7 +121,7 @@ class IdentityAllocator:
         reserved = reserved_of(labels)
         if reserved is not None:
             return reserved
-        if any(lab.source == "cidr" for lab in labels):
+        if any(lab.source in _LOCAL_SOURCES for lab in labels):
             number = self._next_local
             self._next_local += 1
         else:
@@ -174,6 +175,16 @@ class IdentityAllocator:
             if cidrs and cidrs[0] not in wanted:
                 self.release(number)
                 released.append((cidrs[0], number))
+        return released
+
+    def release_fqdn_except(self, keep: set[int]) -> list[int]:
+        """Release every learned-IP identity (an `fqdn:` label) not in `keep`; returns them."""
+        released = []
+        for number, labels in list(self._by_id.items()):
+            if number >= LOCAL_SCOPE and number not in keep:
+                if any(lab.source == "fqdn" for lab in labels):
+                    self.release(number)
+                    released.append(number)
         return released
 
     def identities(self) -> dict[int, LabelSet]:

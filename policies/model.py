@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field, fields
 
+from policies.fqdn import FQDNSelector
 from policies.labels import Selector
 
 INGRESS = 0
@@ -63,6 +64,7 @@ class Peers:
     cidrs: tuple[CIDRRule, ...] = ()
     entities: tuple[str, ...] = ()
     nodes: tuple[Selector, ...] = ()
+    fqdns: tuple[FQDNSelector, ...] = ()  # toFQDNs: the IPs DNS answers gave for these names
     wildcard: bool = False
     # Set when the section named peers only through unsupported fields (toFQDNs, toServices):
     # such a rule allows nothing (fail closed).
@@ -75,6 +77,7 @@ class Peers:
         parts += [f"cidr {c}" for c in self.cidrs]
         parts += [f"entity {e}" for e in self.entities]
         parts += [f"nodes {s}" for s in self.nodes]
+        parts += [f"fqdn {s}" for s in self.fqdns]
         if parts:
             return "; ".join(parts)
         if self.unresolved:
@@ -142,13 +145,14 @@ class KafkaRule:
 
 @dataclass(frozen=True, slots=True)
 class L7Rules:
-    parser: str  # "http" or "kafka"
+    parser: str  # "http", "kafka" or "dns"
     http: tuple[HttpRule, ...] = ()
     kafka: tuple[KafkaRule, ...] = ()
+    dns: tuple[FQDNSelector, ...] = ()
 
     @property
     def rules(self) -> tuple:
-        return self.http if self.parser == "http" else self.kafka
+        return getattr(self, self.parser)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
-"""Parsing `toPorts[].rules`: HTTP and Kafka rules (validated, regexes compiled with RE2), and the
-unsupported L7 kinds (dns, l7proto) as fail-closed warnings."""
+"""Parsing `toPorts[].rules`: HTTP, Kafka and DNS rules (validated, regexes compiled with RE2),
+and the unsupported L7 kind (l7proto) as a fail-closed warning."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 import re2
 
 from policies import kafka_keys
+from policies.fqdn import FQDNSelector, check_selector
 from policies.model import (
     PROTO_ANY,
     PROTO_SCTP,
@@ -19,7 +20,7 @@ from policies.model import (
     L7Rules,
     PortProto,
 )
-from policies.parse_common import _as_dict, _as_list, _check_keys, _Ctx, _items, _key_error, _ln
+from policies.parse_common import _as_dict, _check_keys, _Ctx, _items, _key_error, _ln
 
 HTTP_KEYS = {"method", "path", "host", "headers", "headerMatches"}
 KAFKA_KEYS = {"role", "apiKey", "apiVersion", "clientID", "topic"}
@@ -30,7 +31,7 @@ KAFKA_TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,255}$")
 
 
 def _l7_ports(ports, parser, field, line, entry, ctx: _Ctx) -> list[PortProto] | None:
-    """L7 rules are enforced by a TCP proxy: they need a port, and TCP."""
+    """L7 rules are enforced by a TCP proxy: they need a port, and TCP (DNS: UDP, TCP or ANY)."""
     pline = _ln(entry, "ports", line)
     if not ports:
         ctx.error(pline, f"{field}.ports", f"{parser} rules need a port")
@@ -40,7 +41,11 @@ def _l7_ports(ports, parser, field, line, entry, ctx: _Ctx) -> list[PortProto] |
         if pp.port == 0 and not pp.name:
             ctx.error(pline, f"{field}.ports[{j}].port", f"{parser} rules need a non-zero port")
             return None
-        if pp.proto != PROTO_TCP:
+        if parser == "dns":
+            if pp.proto == PROTO_SCTP:
+                ctx.error(pline, f"{field}.ports[{j}].protocol", "dns rules apply to UDP and TCP")
+                return None
+        elif pp.proto != PROTO_TCP:
             # Cilium refuses ANY (and an omitted protocol) too: the rule could not mean UDP/SCTP
             proto = {PROTO_UDP: "UDP", PROTO_SCTP: "SCTP", PROTO_ANY: "ANY"}[pp.proto]
             reason = f"{parser} rules apply to TCP, not {proto}"
@@ -70,7 +75,7 @@ def _parse_l7(node, field, line, ctx: _Ctx) -> tuple[L7Rules | None, bool]:
         )
         return None, False
     if "dns" in node:
-        return None, _dns_dropped(node, field, line, ctx)
+        return L7Rules("dns", dns=tuple(_parse_dns(node, field, line, ctx))), False
     if "l7" in node and "l7proto" not in node:
         _key_error(ctx, node, "l7", field, line, "l7 needs l7proto (as in Cilium)")
         return None, False
@@ -93,25 +98,21 @@ def _parse_l7(node, field, line, ctx: _Ctx) -> tuple[L7Rules | None, bool]:
     return None, False
 
 
-def _dns_dropped(node, field, line, ctx: _Ctx) -> bool:
-    """DNS rules are not enforced: `matchPattern: '*'` keeps the port at L4, anything else drops
-    the port rule (fail closed)."""
-    patterns = _as_list(ctx, node["dns"], f"{field}.dns", _ln(node, "dns", line))
-    if any(isinstance(p, dict) and p.get("matchPattern") == "*" for p in patterns):
-        ctx.warn(
-            _ln(node, "dns", line),
-            f"{field}.dns",
-            "DNS rules are not enforced: matchPattern '*' allows every name, so the port is "
-            "allowed at L4 without DNS visibility or FQDN learning",
-        )
-        return False
-    ctx.warn(
-        _ln(node, "dns", line),
-        f"{field}.dns",
-        "DNS rules are not enforced: this port rule is dropped, so DNS to these peers is not "
-        "allowed by it",
-    )
-    return True
+def _parse_dns(node, field, line, ctx: _Ctx) -> list[FQDNSelector]:
+    """`dns: [{matchName: ...} | {matchPattern: ...}]`: the names the DNS proxy forwards."""
+    out = []
+    for entry, efield, eline in _items(ctx, node, "dns", field, line):
+        keys = [k for k in ("matchName", "matchPattern") if isinstance(entry, dict) and k in entry]
+        if not isinstance(entry, dict) or len(keys) != 1 or len(entry) != 1:
+            ctx.error(eline, efield, "needs exactly one of matchName or matchPattern")
+            continue
+        why = check_selector(keys[0], entry[keys[0]])
+        if why:
+            _key_error(ctx, entry, keys[0], efield, eline, why)
+            continue
+        name = entry[keys[0]]
+        out.append(FQDNSelector(name, "") if keys[0] == "matchName" else FQDNSelector("", name))
+    return out
 
 
 def _check_regex(ctx, value, field, line) -> str | None:

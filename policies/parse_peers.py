@@ -1,10 +1,10 @@
 """One ingress/egress rule (`PeerRule`): its peers (endpoints, CIDRs, entities, nodes, requires),
-the peers that are named but not enforced (toFQDNs, toServices, groups), and its ports."""
+toFQDNs (the IPs DNS answers gave for the names), the peers that are named but not enforced
+(toServices, groups), and its ports."""
 
 from __future__ import annotations
 
-import re
-
+from policies.fqdn import FQDNSelector, check_selector
 from policies.model import ENTITIES, PeerRule, Peers
 from policies.parse_common import (
     _as_dict,
@@ -32,13 +32,7 @@ PEER_KINDS = {
         "toGroups",
     ),
 }
-# Cilium's CRD patterns ^([-a-zA-Z0-9_]+[.]?)+$ (and with *), rewritten without the nested
-# quantifier: Go's regexp does not backtrack, Python's re did for seconds on ~25 characters.
-FQDN_NAME = re.compile(r"^[-a-zA-Z0-9_]+(?:\.[-a-zA-Z0-9_]+)*\.?$")
-FQDN_PATTERN = re.compile(r"^[-a-zA-Z0-9_*]+(?:\.[-a-zA-Z0-9_*]+)*\.?$")
 NOT_ENFORCED = {
-    "toFQDNs": "DNS-based egress (toFQDNs) is not enforced: traffic to these names is not "
-    "allowed by this rule",
     "toServices": "toServices is not enforced: traffic to these services is not allowed by this "
     "rule",
     "toGroups": "toGroups is not enforced: traffic to these groups is not allowed by this rule",
@@ -62,8 +56,8 @@ def _parse_peer_rule(item, field, line, direction, deny, ctx: _Ctx) -> PeerRule 
     entities = _entities(item, f"{prefix}Entities", field, line, ctx)
     requires = _requires(item, prefix, field, line, ctx)
     unresolved = _not_enforced(item, field, line, deny, ctx)
-    _check_fqdns(item, field, line, ctx)
-    found = bool(endpoints or cidrs or entities or nodes)
+    fqdns = _fqdns(item, field, line, deny, ctx)
+    found = bool(endpoints or cidrs or entities or nodes or fqdns)
     has_l3 = found or unresolved or _names_no_peer(item, direction)
     if not has_l3 and not requires and "toPorts" not in item and "icmps" not in item:
         # `- {}`: no L3 and no L4 selects nobody; it only turns on default deny (Cilium).
@@ -73,6 +67,7 @@ def _parse_peer_rule(item, field, line, direction, deny, ctx: _Ctx) -> PeerRule 
         cidrs=tuple(cidrs),
         entities=tuple(entities),
         nodes=tuple(nodes),
+        fqdns=tuple(fqdns),
         wildcard=not has_l3 and not requires,
         unresolved=unresolved and not found,
     )
@@ -132,17 +127,25 @@ def _check_one_peer_kind(item, field, line, direction, ctx: _Ctx) -> None:
         )
 
 
-def _check_fqdns(item, field, line, ctx: _Ctx) -> None:
-    """toFQDNs is not enforced, but a malformed entry is still refused, as Cilium's CRD does:
-    exactly one of matchName/matchPattern, a DNS name (with `*` in a pattern) of <= 255 chars."""
+def _fqdns(item, field, line, deny, ctx: _Ctx) -> list[FQDNSelector]:
+    """toFQDNs entries, checked as Cilium's CRD does: exactly one of matchName/matchPattern, a DNS
+    name (with `*` in a pattern) of <= 255 chars. Not in deny rules (Cilium has no toFQDNs there)."""
+    out = []
+    if deny and item.get("toFQDNs"):
+        _key_error(ctx, item, "toFQDNs", field, line, "toFQDNs is not supported in a deny rule")
+        return out
     for entry, efield, eline in _items(ctx, item, "toFQDNs", field, line):
         keys = [k for k in ("matchName", "matchPattern") if isinstance(entry, dict) and k in entry]
         if not isinstance(entry, dict) or len(keys) != 1 or len(entry) != 1:
             ctx.error(eline, efield, "needs exactly one of matchName or matchPattern")
             continue
-        value, pattern = entry[keys[0]], FQDN_NAME if keys[0] == "matchName" else FQDN_PATTERN
-        if not isinstance(value, str) or len(value) > 255 or not pattern.match(value):
-            _key_error(ctx, entry, keys[0], efield, eline, f"invalid DNS {keys[0]} {value!r}")
+        why = check_selector(keys[0], entry[keys[0]])
+        if why:
+            _key_error(ctx, entry, keys[0], efield, eline, why)
+            continue
+        name = entry[keys[0]]
+        out.append(FQDNSelector(name, "") if keys[0] == "matchName" else FQDNSelector("", name))
+    return out
 
 
 def _entities(item, key, field, line, ctx: _Ctx) -> list[str]:

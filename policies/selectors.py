@@ -10,6 +10,7 @@ import bisect
 import ipaddress
 
 from policies import identity as ids
+from policies.fqdn import FQDN_CIDR_SOURCE, FQDN_FAMILY_SOURCE, FQDN_SOURCE, FQDNSelector
 from policies.labels import LabelSet, Selector
 from policies.model import CIDRRule, Peers
 
@@ -46,8 +47,13 @@ class Universe:
         self.cidr: list[tuple[int, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
         by_len: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self.cluster: set[int] = set()
+        # learned-IP identities: (number, selector texts, policy CIDRs around its IPs, family)
+        self.fqdn: list[tuple[int, frozenset[str], frozenset[str], int]] = []
         for number, labels in sorted(identities.items()):
             net = None
+            if number >= ids.LOCAL_SCOPE and any(lab.source == FQDN_SOURCE for lab in labels):
+                self.fqdn.append(_fqdn_entry(number, labels))
+                continue
             for label in labels:
                 self.by_key.setdefault(label.key, []).append(number)
                 if label.source == "cidr":
@@ -65,6 +71,11 @@ class Universe:
         self._endpoint_cache: dict[Selector, frozenset[int]] = {}
         self._cidr_cache: dict[CIDRRule, frozenset[int]] = {}
         self._entity_cache: dict[str, frozenset[int]] = {}
+
+    def select_fqdn(self, sel: FQDNSelector) -> frozenset[int]:
+        """The identities of the IPs learned for names this selector matches."""
+        text = str(sel)
+        return frozenset(n for n, sels, _, _ in self.fqdn if text in sels)
 
     def select_endpoints(self, sel: Selector) -> frozenset[int]:
         found = self._endpoint_cache.get(sel)
@@ -106,6 +117,10 @@ class Universe:
                 inner = (fam, plen, values[j])
                 if not any(_inside(inner, ex) for ex in excepts):
                     out.add(numbers[j])
+        # a learned IP inside the prefix (and in none of its excepts) is selected too: its
+        # identity names every policy CIDR around it
+        own, outs = str(rule.cidr), {str(ex) for ex in rule.excepts}
+        out.update(n for n, _, nets, _ in self.fqdn if own in nets and not nets & outs)
         if rule.cidr.prefixlen == 0 and not rule.excepts:
             out |= {ids.WORLD, ids.WORLD_IPV4 if rule.cidr.version == 4 else ids.WORLD_IPV6}
         found = frozenset(out)
@@ -129,6 +144,7 @@ class Universe:
             if version in (0, 6):
                 out.add(ids.WORLD_IPV6)
             out |= {n for n, net in self.cidr if version in (0, net.version)}
+            out |= {n for n, _, _, fam in self.fqdn if version in (0, fam)}
             return frozenset(out)
         if entity == "cluster":
             return frozenset(self.cluster)
@@ -145,7 +161,7 @@ class Universe:
     def resolve(self, peers: Peers, requires: tuple[Selector, ...] = ()) -> frozenset[int]:
         """Identities selected by a peer description; {0} means any peer."""
         if peers.unresolved and not (
-            peers.endpoints or peers.cidrs or peers.entities or peers.nodes
+            peers.endpoints or peers.cidrs or peers.entities or peers.nodes or peers.fqdns
         ):
             return frozenset()
         if peers.wildcard:
@@ -164,7 +180,16 @@ class Universe:
             out |= found
         for sel in peers.nodes:
             out |= self.select_nodes(sel)
+        for sel in peers.fqdns:
+            out |= self.select_fqdn(sel)
         return frozenset(out)
+
+
+def _fqdn_entry(number: int, labels: LabelSet) -> tuple[int, frozenset[str], frozenset[str], int]:
+    sels = frozenset(lab.key for lab in labels if lab.source == FQDN_SOURCE)
+    nets = frozenset(lab.key for lab in labels if lab.source == FQDN_CIDR_SOURCE)
+    family = next((int(lab.key) for lab in labels if lab.source == FQDN_FAMILY_SOURCE), 4)
+    return number, sels, nets, family
 
 
 def _and(sel: Selector, requires: tuple[Selector, ...]) -> Selector:

@@ -109,7 +109,14 @@ def parse_port(text: str) -> tuple[int, int]:
 
 class _Tracer:
     def __init__(
-        self, rules: list[Rule], src: Peer, dst: Peer, port: int, proto: int, named_ports=None
+        self,
+        rules: list[Rule],
+        src: Peer,
+        dst: Peer,
+        port: int,
+        proto: int,
+        named_ports=None,
+        learned=None,
     ):
         self.rules = rules
         # {"src"|"dst": {port name: number}}: what `toPorts: [{port: NAME}]` resolves to, as in
@@ -128,6 +135,7 @@ class _Tracer:
         self.compiled: CompiledPolicy = compile_policy(
             rules, endpoints, self.allocator, self.ipcache, revision=1,
             named_ports={k: v for k, v in self.named_ports.items() if k in endpoints},
+            learned=learned,
         )  # fmt: skip
         self.universe = Universe(self.allocator.identities())
         self.src_id = self._identity(src)
@@ -294,10 +302,19 @@ def trace(
     http: HttpRequest | None = None,
     kafka: KafkaRequest | None = None,
     named_ports: Mapping[str, Mapping[str, int]] | None = None,
+    dns: str | None = None,
+    fqdn: str | None = None,
 ) -> TraceResult:
     """`named_ports`: {"src"|"dst": {name: number}}, the endpoints' named ports (the agent's
-    `endpoint create --port`), so rules on a named port resolve as in the agent's compile."""
-    t = _Tracer(rules, src, dst, port, proto, named_ports)
+    `endpoint create --port`), so rules on a named port resolve as in the agent's compile.
+    `dns`: a DNS query name, judged by the DNS rule set of the port (if the port has one).
+    `fqdn`: the destination IP was returned by DNS for this name (toFQDNs resolve it)."""
+    learned = {fqdn: [dst.ip]} if fqdn and dst.ip else None
+    if fqdn and not dst.ip:
+        raise TraceInputError("--fqdn needs the destination's IP (--dst-ip)")
+    t = _Tracer(rules, src, dst, port, proto, named_ports, learned)
+    if fqdn:
+        t.log.append(f"learned: {dst.ip} was returned by DNS for {fqdn}")
     t.log.append(
         f"flow: {src.labels}{f' [{src.ip}]' if src.ip else ''} -> {dst.labels}"
         f"{f' [{dst.ip}]' if dst.ip else ''} port {port}/{PROTO_NAMES.get(proto, proto)}"
@@ -310,20 +327,23 @@ def trace(
     l7 = None
     verdict = "ALLOWED" if l3l4_ok else "DENIED"
     redirects = [(n, i) for n, i in (("egress", egress_l7), ("ingress", ingress_l7)) if i]
+    request = http is not None or kafka is not None or dns is not None
     if redirects and l3l4_ok:
-        l7 = _l7_section(t, redirects, http, kafka)
+        l7 = _l7_section(t, redirects, http, kafka, dns)
         if l7["verdict"] == "DENIED":
             verdict = "DENIED"
-    elif (http is not None or kafka is not None) and l3l4_ok:
+    elif request and l3l4_ok:
         t.log.append("l7: no L7 rules apply to this port: the request is not inspected")
-    elif http is not None or kafka is not None:
+    elif request:
         t.log.append("l7: the connection is dropped at L3/L4 before any request is seen")
     t.log.append(f"verdict: {verdict}")
     return TraceResult(verdict, egress, ingress, l7, t.log)
 
 
-def _request_for(rs, http, kafka) -> tuple[tuple, str] | None:
+def _request_for(rs, http, kafka, dns=None) -> tuple[tuple, str] | None:
     """The check arguments and the log label of the request this rule set's parser reads."""
+    if rs.parser == "dns" and dns is not None:
+        return (dns,), f"DNS query {dns}"
     if rs.parser == "http" and http is not None:
         return (http.method, http.path, http.host, http.headers), f"HTTP {http.method} {http.path}"
     if rs.parser == "kafka" and kafka is not None:
@@ -354,7 +374,7 @@ def _check_request(t: _Tracer, side: str, rs, args: tuple, label: str, info: dic
     return v.allowed
 
 
-def _l7_section(t: _Tracer, redirects, http, kafka) -> dict:
+def _l7_section(t: _Tracer, redirects, http, kafka, dns=None) -> dict:
     sets = []
     matched: list[dict] = []
     verdict = "ALLOWED"
@@ -366,12 +386,12 @@ def _l7_section(t: _Tracer, redirects, http, kafka) -> dict:
         t.log.append(
             f"l7 ({side}): redirected to the proxy, {rs.parser} rules: {'; '.join(rs.describe())}"
         )
-        request = _request_for(rs, http, kafka)
+        request = _request_for(rs, http, kafka, dns)
         if request is not None:
             request_given = True
             if not _check_request(t, side, rs, *request, info, matched):
                 verdict = "DENIED"
-        elif http is not None or kafka is not None:
+        elif http is not None or kafka is not None or dns is not None:
             request_given = True
             verdict = "DENIED"
             info["allowed"] = False

@@ -243,7 +243,8 @@ static __always_inline void emit(struct tuple *t, __u32 src_id, __u32 dst_id, __
 }
 
 // Hand the packet to the proxy's transparent socket in this (host) namespace: an existing
-// accepted connection by the original tuple, else the listener on 127.0.0.1:proxy_port.
+// accepted connection by the original tuple, else the listener on 127.0.0.1:proxy_port (UDP:
+// the DNS proxy's socket there).
 // Fails (returns -1) when no proxy socket exists; the caller then drops ("no proxy").
 static __always_inline int assign_to_proxy(struct __sk_buff *skb, struct tuple *t,
                                            __u16 proxy_port)
@@ -252,7 +253,19 @@ static __always_inline int assign_to_proxy(struct __sk_buff *skb, struct tuple *
     struct bpf_sock *sk;
     long ret;
 
-    if (t->proto != IPPROTO_TCP || proxy_port == 0)
+    if (proxy_port == 0)
+        return -1;
+    if (t->proto == IPPROTO_UDP) {
+        // DNS: every datagram goes to the proxy's one UDP socket on 127.0.0.1:proxy_port, which
+        // reads the original destination with IP_RECVORIGDSTADDR.
+        st.ipv4.daddr = bpf_htonl(0x7f000001);
+        st.ipv4.dport = bpf_htons(proxy_port);
+        sk = bpf_sk_lookup_udp(skb, &st, sizeof(st.ipv4), BPF_F_CURRENT_NETNS, 0);
+        if (!sk)
+            return -1;
+        goto assign;
+    }
+    if (t->proto != IPPROTO_TCP)
         return -1;
     st.ipv4.saddr = t->saddr;
     st.ipv4.daddr = t->daddr;

@@ -42,7 +42,8 @@ fi
 # cluster tests and the lab...).
 PRODUCT_PKGS="python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 iptables python3-venv procps"
 TEST_PKGS="python3-dev haproxy nginx-light wrk nghttp2-client kcat iperf3 curl chromium
-  podman runc containernetworking-plugins busybox-static debootstrap etcd-server etcd-client"
+  podman runc containernetworking-plugins busybox-static debootstrap etcd-server etcd-client
+  dnsmasq-base dnsutils"
 APT_PKGS=$PRODUCT_PKGS
 [ "$PRODUCT" = 1 ] || APT_PKGS="$PRODUCT_PKGS $TEST_PKGS"
 missing=""

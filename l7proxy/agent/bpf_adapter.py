@@ -57,6 +57,10 @@ class BpfDatapath:
             pool.submit(sink.setup).result()
         return sink
 
+    def ipcache_upsert(self, cidr: str, identity: int) -> None:
+        """One entry, no full sync: a learned IP whose identity the maps already know."""
+        self.dp.ipcache_upsert(cidr, identity)
+
     def status(self) -> dict:
         attached = len(self.dp.endpoints())
         how = "re-opened pins" if self.dp.reused else "loaded"

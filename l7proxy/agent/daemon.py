@@ -23,7 +23,9 @@ from l7proxy.agent import netdev, policy_repo, ports
 from l7proxy.agent.api import ApiError, ApiServer
 from l7proxy.agent.container_ops import ContainerOps
 from l7proxy.agent.datapath_choice import make_datapath
+from l7proxy.agent.dns_proxy import DnsProxy
 from l7proxy.agent.flowlog import FlowLog
+from l7proxy.agent.fqdn_learning import FqdnLearning
 from l7proxy.agent.ipam import IPPool
 from l7proxy.agent.node_proxy import NodeProxy
 from l7proxy.agent.ops import AgentOps, labelset
@@ -62,10 +64,11 @@ class AgentConfig:
     identity_gc_interval: float = 60.0  # seconds between identity GC rounds
 
 
-class Agent(AgentOps, ContainerOps, ClusterMode):
+class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.store = Store(config.state_dir / "state.db")
+        self.proxy_config = ProxyConfig(path_escaped_slashes=config.path_escaped_slashes)
         self.pool = IPPool(config.pool)
         self.allocator = policies.IdentityAllocator(self.store.get("identities"))
         self.ipcache = policies.IPCache()
@@ -77,6 +80,8 @@ class Agent(AgentOps, ContainerOps, ClusterMode):
         self.datapath = make_datapath(config.bpf, config.bpf_dir)
         self.compiled = None
         self.proxy = None  # the node or sidecar proxy workers, once started
+        self.dns_proxy: DnsProxy | None = None  # node mode: rules.dns and toFQDNs learning
+        self._init_fqdn(self.proxy_config.dns_min_ttl, self.proxy_config.dns_max_ips_per_name)
         self.api = ApiServer()
         self.admin = None
         self.admin_addr: tuple[str, int] | None = None
@@ -147,6 +152,9 @@ class Agent(AgentOps, ContainerOps, ClusterMode):
     async def stop(self) -> None:
         """Stop the agent; endpoints, pinned maps and attached programs stay (restart-safe)."""
         await self.api.close()
+        self.stop_fqdn_gc()
+        if self.dns_proxy is not None:
+            await self.dns_proxy.close()
         if self.cluster is not None:
             await self.cluster.close()
         if self.admin is not None:
@@ -212,14 +220,21 @@ class Agent(AgentOps, ContainerOps, ClusterMode):
         rules = policy_repo.load_rules(docs)
         return self._compile_rules(rules, revision)
 
-    def _compile_rules(self, rules, revision: int):
+    def _compile_rules(self, rules, revision: int, previous=None):
         rows = self.store.endpoints()
         endpoints = {ep.name: labelset(ep.labels) for ep in rows}
         # `toPorts: [{port: NAME}]` resolves against these (ingress: the selected endpoint's own,
         # egress: every peer's); the kernel's maps and the proxy both read the result.
         named = ports.table((ep.name, ep.ports) for ep in rows)
         return policies.compile_policy(
-            rules, endpoints, self.allocator, self.ipcache, revision, named_ports=named
+            rules,
+            endpoints,
+            self.allocator,
+            self.ipcache,
+            revision,
+            named_ports=named,
+            previous=previous,
+            learned=self.fqdn.learned(),
         )
 
     def _install(self, compiled) -> None:
@@ -228,6 +243,8 @@ class Agent(AgentOps, ContainerOps, ClusterMode):
         self.store.put("identities", self.allocator.to_state())
         # No proxy: no ports, and the datapath drops redirected flows ("no proxy"), fail-closed.
         ports = self.proxy.l7_ports(compiled) if self.proxy is not None else {}
+        if self.dns_proxy is not None:
+            ports.update(self.dns_proxy.l7_ports(compiled))  # DNS rule sets go to the DNS proxy
         self.datapath.apply(compiled, self._ipcache_entries(), ports)
         if self.proxy is not None:
             self.proxy.update(compiled, old)
@@ -270,11 +287,17 @@ class Agent(AgentOps, ContainerOps, ClusterMode):
     # proxy and admin
 
     async def _start_proxy(self) -> None:
-        """The node proxy inline or as a worker process, or the sidecar proxy (--mode)."""
+        """The node proxy inline or as a worker process, or the sidecar proxy (--mode); in node
+        mode also the DNS proxy (in the agent: it writes the ipcache before releasing answers)."""
+        if self.config.mode == "node" or self.datapath.name == "bpf":
+            # sidecar mode too: DNS is redirected by the tc programs, as in node mode
+            self.dns_proxy = DnsProxy(self, self.proxy_config)
+            await self.dns_proxy.start()
+            self.start_fqdn_gc(self.proxy_config.dns_gc_interval)
         if self.config.mode == "node" and self.config.proxy_worker == "process":
             self.proxy = await WorkerHandle.attach(self)
             return
-        proxy_config = ProxyConfig(path_escaped_slashes=self.config.path_escaped_slashes)
+        proxy_config = self.proxy_config
         if self.config.mode == "sidecar":
             if self.datapath.name != "bpf":
                 return  # connect() redirection needs the BPF datapath; status says so

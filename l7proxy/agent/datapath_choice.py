@@ -30,6 +30,9 @@ class NullDatapath:
     def apply(self, compiled, ipcache_entries: dict[str, int], proxy_ports: dict[int, int]) -> None:
         pass
 
+    def ipcache_upsert(self, cidr: str, identity: int) -> None:
+        pass
+
     def status(self) -> dict:
         return {"state": "disabled", "detail": self.reason}
 

@@ -90,6 +90,7 @@ class AgentOps:
                 "api": {"state": "ok", "detail": str(self.config.socket)},
                 "datapath": self.datapath.status(),
                 "proxy": proxy,
+                "fqdn": self.fqdn_status(),
                 "admin": {
                     "state": "ok" if self.admin_addr else "off",
                     "detail": f"{self.admin_addr[0]}:{self.admin_addr[1]}"

@@ -56,6 +56,10 @@ def register(sub) -> None:
     tr.add_argument("--kafka-api-version", type=int, default=0, metavar="N")
     tr.add_argument("--kafka-topic", action="append", default=[], metavar="T")
     tr.add_argument("--kafka-client-id", metavar="ID")
+    tr.add_argument("--dns", metavar="NAME", help="a DNS query: forwarded or REFUSED?")
+    tr.add_argument(
+        "--fqdn", metavar="NAME", help="the destination IP (--dst-ip) was a DNS answer for NAME"
+    )
     tr.add_argument("-o", "--output", choices=("text", "json"), default="text")
     tr.set_defaults(func=_trace)
 
@@ -137,15 +141,18 @@ def _trace(args) -> int:
             )
         elif args.kafka_topic or args.kafka_client_id:
             raise TraceInputError("--kafka-topic/--kafka-client-id need --kafka-api-key")
-        if http and kafka:
-            raise TraceInputError("give either --http or --kafka-api-key, not both")
+        if sum(x is not None for x in (http, kafka, args.dns)) > 1:
+            raise TraceInputError("give one of --http, --kafka-api-key or --dns")
         loaded = load_paths(paths)
         if not loaded.ok:
             for diag in loaded.errors:
                 print(str(diag), file=sys.stderr)
             raise TraceInputError("the policy files have errors")
         named = live.named_ports if live is not None else None
-        result = trace(loaded.rules, src, dst, port, proto, http, kafka, named_ports=named)
+        result = trace(
+            loaded.rules, src, dst, port, proto, http, kafka, named_ports=named,
+            dns=args.dns, fqdn=args.fqdn,
+        )  # fmt: skip
     except TraceInputError as exc:
         print(f"policy trace: {exc}", file=sys.stderr)
         return 2

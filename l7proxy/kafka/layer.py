@@ -32,7 +32,7 @@ from l7proxy.kafka.response_side import ResponseSide
 from l7proxy.kafka.topic_ids import LookupThrottle, TopicIdMap
 from parsers.kafka import denials
 from parsers.kafka.apis import API_TABLE, expects_response, topics_of
-from parsers.kafka.codec import DecodeError
+from parsers.kafka.codec import DecodeError, decode_bounded
 from parsers.kafka.fastpath import Incomplete, produce_topics
 from parsers.kafka.frames import (
     FrameDecoder,
@@ -363,11 +363,10 @@ class KafkaLayer:
         self._pending.append(pending)
         self.responses.flush_answers(out)
 
-    @staticmethod
-    def _decode(spec, header: RequestHeader, framed: bytes) -> dict:
-        return spec.request_codec(header.api_version).decode(
-            memoryview(framed), header.body_offset
-        )[0]
+    def _decode(self, spec, header: RequestHeader, framed: bytes) -> dict:
+        codec = spec.request_codec(header.api_version)
+        limit = self._settings.max_request_elements
+        return decode_bounded(codec, memoryview(framed), header.body_offset, limit)[0]
 
     def _forward(self, framed, header: RequestHeader, request, pending, names, out) -> None:
         if header.api_key == FETCH and header.api_version >= 7:

@@ -9,12 +9,15 @@ Counts and lengths from the wire are checked before anything is allocated or loo
 array of N elements needs N times its element's smallest encoding in the bytes that remain, a
 tagged-field section two bytes per field, and a negative length other than null (-1; compact
 forms cannot be lower) is a DecodeError. Every element read moves forward, so decoding costs at
-most a constant per byte of input.
+most a constant per byte of input. That constant is large in Python (a dict per struct element):
+`decode_bounded` also caps the array elements of one message in all (requests: the layer's
+max_request_elements), checked as each count is read, before its elements are decoded.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -31,6 +34,25 @@ ZERO_UUID = bytes(16)
 
 class DecodeError(ValueError):
     """The bytes do not match the schema (truncated, negative length, bad varint)."""
+
+
+class _Budget(threading.local):
+    left = -1  # array elements the message being decoded may still hold; -1: no bound
+    limit = -1
+
+
+_budget = _Budget()
+
+
+def decode_bounded(codec, buf: memoryview, pos: int, max_elements: int) -> tuple[Any, int]:
+    """`codec.decode(buf, pos)` refusing (DecodeError) a message whose arrays hold more than
+    `max_elements` elements in all, nested ones included, before decoding them."""
+    budget = _budget
+    budget.left = budget.limit = max_elements
+    try:
+        return codec.decode(buf, pos)
+    finally:
+        budget.left = budget.limit = -1
 
 
 Decoder = Callable[[memoryview, int], tuple[Any, int]]
@@ -170,6 +192,11 @@ def _array(
             return None, pos
         if n * item_size > len(buf) - pos:
             raise DecodeError(f"array of {n} cannot fit in {len(buf) - pos} bytes")
+        budget = _budget
+        if budget.left >= 0:
+            budget.left -= n
+            if budget.left < 0:
+                raise DecodeError(f"more than {budget.limit} array elements in one message")
         items = []
         append = items.append
         for _ in range(n):

@@ -33,6 +33,7 @@ def main() -> None:
 
     with atheris.instrument_imports(include=["parsers", "policies", "l7proxy"]):
         import l7proxy.kafka.layer  # noqa: F401
+        import parsers.dns  # noqa: F401
         import parsers.http1  # noqa: F401
         import parsers.http2  # noqa: F401
         import policies  # noqa: F401

@@ -91,11 +91,34 @@ def policy_seeds() -> list[bytes]:
     return [p.read_bytes() for p in sorted(root.glob("*/*")) if p.is_file()]
 
 
-SEEDS = {"http1": http1_seeds, "http2": http2_seeds, "kafka": kafka_seeds, "policy": policy_seeds}
+def dns_seeds() -> list[bytes]:
+    import dns.message
+    import dns.rrset
+
+    seeds = []
+    for name, qtype in (("a.example.com.", "A"), ("b.example.com.", "AAAA"), ("x.test.", "TXT")):
+        query = dns.message.make_query(name, qtype)
+        answer = dns.message.make_response(query)
+        answer.answer.append(dns.rrset.from_text("c." + name, 30, "IN", "A", "192.0.2.1"))
+        answer.answer.insert(0, dns.rrset.from_text(name, 60, "IN", "CNAME", "c." + name))
+        seeds += [query.to_wire(), answer.to_wire()]
+        seeds.append(len(seeds[-2]).to_bytes(2, "big") + seeds[-2])
+    return seeds
 
 
-def write_seeds() -> None:
+SEEDS = {
+    "http1": http1_seeds,
+    "http2": http2_seeds,
+    "kafka": kafka_seeds,
+    "policy": policy_seeds,
+    "dns": dns_seeds,
+}
+
+
+def write_seeds(only=None) -> None:
     for target, build in SEEDS.items():
+        if only and target not in only:
+            continue
         folder = CORPUS / target
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob("seed-*"):
@@ -107,4 +130,6 @@ def write_seeds() -> None:
 
 
 if __name__ == "__main__":
-    write_seeds()
+    import sys
+
+    write_seeds(sys.argv[1:])

@@ -185,6 +185,32 @@ def run_policy(data: bytes) -> None:
         P.compile_policy(result.rules, _ENDPOINTS, P.IdentityAllocator(), P.IPCache(), 1)
 
 
+# ---- DNS: queries, answers and TCP framing (parsers/dns.py) -----------------------------------
+
+
+def run_dns(data: bytes) -> None:
+    """The bytes as a query, as an answer (REFUSED is built for a query that reads), and as a
+    DNS-over-TCP stream whose messages are read as queries. DnsError is the declared answer."""
+    from parsers.dns import DnsError, TcpDeframer, parse_answer, parse_query, refused
+
+    for parse in (parse_query, parse_answer):
+        try:
+            result = parse(data)
+            if parse is parse_query:
+                refused(result)
+        except DnsError:
+            pass
+    try:
+        messages = TcpDeframer().feed(data)
+    except DnsError:
+        messages = []
+    for message in messages:
+        try:
+            parse_query(message)
+        except DnsError:
+            pass
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -192,5 +218,6 @@ TARGETS: dict[str, Target] = {
         Target("http2", run_http2),
         Target("kafka", run_kafka),
         Target("policy", run_policy),
+        Target("dns", run_dns, ()),
     )
 }

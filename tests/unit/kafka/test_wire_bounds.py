@@ -195,3 +195,55 @@ def test_issue_request_closes_the_layer_connection_fast():
         out, took = _timed(lay.client_data, raw)
         assert lay.closed and [type(c) for c in out if isinstance(c, Close)] == [Close]
         assert took < FAST
+
+
+# Red-team finding after issue 19: every count fits its bytes, but each decoded element costs
+# ~2 us and ~250 bytes as a dict, then a policy check and a flow record per Metadata topic. A
+# 2 MB Metadata v9 of one million empty topic names (2 bytes each) cost a real gateway
+# (`--workers 1`) 27 s of CPU and 1.8 GiB; its other clients timed out meanwhile. A request may
+# now hold at most KafkaSettings.max_request_elements array elements in all (100,000 by
+# default), checked as each array's count is read, before any of it is decoded.
+def _metadata_v9(count: int) -> bytes:
+    from parsers.kafka.codec import write_uvarint
+
+    body = bytearray(struct.pack(">hhih", 3, 9, 1, -1) + b"\x00")
+    write_uvarint(body, count + 1)
+    body += b"\x01\x00" * count + b"\x00\x00\x00\x00"
+    return struct.pack(">i", len(body)) + bytes(body)
+
+
+def test_a_request_of_a_million_tiny_elements_is_refused_fast():
+    from l7proxy.kafka.layer import Close, KafkaLayer, KafkaSettings
+    from policies.l7 import KafkaRuleSet
+    from policies.model import KafkaRule
+
+    rules = KafkaRuleSet([KafkaRule(api_keys=(0, 3), topic="t1")])
+    lay = KafkaLayer(lambda: rules, KafkaSettings())
+    out, took = _timed(lay.client_data, _metadata_v9(1_000_000))
+    assert lay.closed and [type(c) for c in out if isinstance(c, Close)] == [Close]
+    assert took < FAST
+
+
+def test_the_element_budget_counts_nested_arrays_and_allows_what_fits():
+    from parsers.kafka.codec import compile_struct, decode_bounded
+
+    any_version = (0, 0x7FFF)
+    parts = ("parts", "[]int32", any_version, None, None, None, None, ())
+    fields = (("topics", "[]", any_version, None, None, None, None, (parts,)),)
+    nested = compile_struct(fields, 0, False)
+    # 3 topics of 2 partitions each: 3 + 6 = 9 elements.
+    raw = struct.pack(">i", 3) + struct.pack(">iii", 2, 7, 8) * 3
+    assert decode_bounded(nested, memoryview(raw), 0, 9)[0]["topics"][2] == {"parts": [7, 8]}
+    with pytest.raises(DecodeError, match="more than 8 array elements"):
+        decode_bounded(nested, memoryview(raw), 0, 8)
+
+    spec = API_TABLE[3]
+    raw = _metadata_v9(1000)
+    header = parse_request_header(raw, spec.flexible_min, 4)
+    codec = spec.request_codec(9)
+    value, _ = decode_bounded(codec, memoryview(raw), header.body_offset, 1000)
+    assert len(value["topics"]) == 1000
+    with pytest.raises(DecodeError, match="more than 999 array elements"):
+        decode_bounded(codec, memoryview(raw), header.body_offset, 999)
+    # Without a bound (responses, tests), the plain decoder is unchanged.
+    assert len(codec.decode(memoryview(raw), header.body_offset)[0]["topics"]) == 1000

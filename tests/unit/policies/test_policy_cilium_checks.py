@@ -110,7 +110,7 @@ CASES = {
         "p.yaml:11: spec.egress[0].toPorts[0].listener: a listener is not allowed together "
         "with L7 rules",
     ),
-    # toFQDNs is not enforced, but its entries are checked as Cilium's CRD does
+    # toFQDNs and dns entries are checked as Cilium's CRD does
     "toFQDNs entry naming both": (
         SEL + "egress:\n- toFQDNs: [{matchName: a.example, matchPattern: '*.example'}]",
         "p.yaml:9: spec.egress[0].toFQDNs[0]: needs exactly one of matchName or matchPattern",
@@ -118,6 +118,20 @@ CASES = {
     "toFQDNs name syntax": (
         SEL + "egress:\n- toFQDNs: [{matchName: 'a b.example'}]",
         "p.yaml:9: spec.egress[0].toFQDNs[0].matchName: invalid DNS matchName 'a b.example'",
+    ),
+    "toFQDNs double star": (
+        SEL + "egress:\n- toFQDNs: [{matchPattern: '**.example.com'}]",
+        "p.yaml:9: spec.egress[0].toFQDNs[0].matchPattern: invalid matchPattern '**.example.com': "
+        "'**' is not a pattern",
+    ),
+    "dns rule double star": (
+        SEL + "egress:\n- toEndpoints: [{}]\n  toPorts:\n  - ports: [{port: '53', protocol: UDP}]\n"
+        "    rules: {dns: [{matchPattern: '**'}]}",
+        "p.yaml:12: spec.egress[0].toPorts[0].rules.dns[0].matchPattern: invalid matchPattern '**'",
+    ),
+    "toFQDNs in a deny rule": (
+        SEL + "egressDeny:\n- toFQDNs: [{matchName: a.example}]",
+        "p.yaml:9: spec.egressDeny[0].toFQDNs: toFQDNs is not supported in a deny rule",
     ),
     "port name with a double hyphen": (
         SEL + "ingress:\n- toPorts: [{ports: [{port: web--alt}]}]",

@@ -61,8 +61,8 @@ def test_every_cilium_example_validates(capsys):
     assert len(files) >= 50
     code, out, _ = run(capsys, "policy", "validate", *files)
     assert code == 0, out
-    # unsupported fields are named, never dropped silently
-    assert "toFQDNs" in out and "toServices" in out and "dns" in out
+    # unsupported fields are named, never dropped silently; toFQDNs and dns rules are enforced
+    assert "toServices" in out and "toFQDNs" not in out and "rules.dns" not in out
 
 
 SW = str(CORPUS / "valid" / "star-wars.yaml")
@@ -388,7 +388,7 @@ def test_validate_json_output(capsys):
     doc = json.loads(out)
     assert code == 0 and doc["valid"] is True and doc["rules"] == 1
     fields = {d["field"].rsplit(".", 1)[-1] for d in doc["diagnostics"]}
-    assert {"toFQDNs", "toServices", "authentication", "terminatingTLS"} <= fields
+    assert {"toServices", "authentication", "terminatingTLS"} <= fields
     assert all(d["severity"] == "warning" for d in doc["diagnostics"])
 
 

@@ -1,0 +1,99 @@
+"""The names the DNS proxy learned: per endpoint, name -> {IP: expiry}, from the allowed answers
+that endpoint got (Cilium's per-endpoint DNS cache). The policy compiler reads the union as
+`learned` ({name: IPs}); IPs are node-local facts, never shared with other nodes.
+
+An IP stays for the answer's TTL (raised to `min_ttl`); an endpoint keeps at most `max_ips` IPs
+per name (the soonest to expire go first). An expired IP that still has live connections (the
+caller passes the IPs conntrack holds) is kept until they close, so a TTL never cuts a
+connection. Times are seconds on the wall clock (`time.time()`), so the table survives a restart
+through `to_state()`/`FqdnCache(state=...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+STATE_VERSION = 1
+
+
+class FqdnCache:
+    def __init__(self, min_ttl: float = 0, max_ips: int = 1000, state: dict | None = None):
+        self.min_ttl = min_ttl
+        self.max_ips = max_ips
+        # endpoint -> name -> ip -> expiry (seconds since the epoch)
+        self._eps: dict[str, dict[str, dict[str, float]]] = {}
+        self.dirty = False  # changed since the last to_state()
+        if state and state.get("version") == STATE_VERSION:
+            for ep, names in state.get("endpoints", {}).items():
+                self._eps[ep] = {n: dict(ips) for n, ips in names.items()}
+
+    def learn(
+        self, endpoint: str, names: Iterable[str], ips: Iterable[tuple[str, int]], now: float
+    ) -> bool:
+        """Record an allowed answer; True when an IP is new for a name (the policy must then
+        be recompiled before the answer is released)."""
+        ips = list(ips)
+        if not ips:
+            return False
+        table = self._eps.setdefault(endpoint, {})
+        changed = False
+        for name in names:
+            known = table.setdefault(name, {})
+            for ip, ttl in ips:
+                if ip not in known:
+                    changed = True
+                known[ip] = max(known.get(ip, 0), now + max(ttl, self.min_ttl))
+            if len(known) > self.max_ips:
+                for ip in sorted(known, key=known.get)[: len(known) - self.max_ips]:
+                    del known[ip]
+                changed = True
+        return changed
+
+    def gc(self, now: float, alive: set[str] = frozenset()) -> bool:
+        """Forget expired IPs, except those in `alive` (IPs with live connections); True when
+        something was forgotten."""
+        changed = False
+        for ep in list(self._eps):
+            names = self._eps[ep]
+            for name in list(names):
+                ips = names[name]
+                for ip in [ip for ip, exp in ips.items() if exp <= now and ip not in alive]:
+                    del ips[ip]
+                    changed = True
+                if not ips:
+                    del names[name]
+            if not names:
+                del self._eps[ep]
+        self.dirty = self.dirty or changed
+        return changed
+
+    def forget_endpoint(self, endpoint: str) -> bool:
+        return self._eps.pop(endpoint, None) is not None
+
+    def names_of(self, ip: str) -> set[str]:
+        """Every name, over all endpoints, that `ip` was learned for."""
+        return {name for names in self._eps.values() for name, ips in names.items() if ip in ips}
+
+    def learned(self) -> dict[str, set[str]]:
+        """{name: IPs} over every endpoint: what toFQDNs selectors resolve against."""
+        out: dict[str, set[str]] = {}
+        for names in self._eps.values():
+            for name, ips in names.items():
+                out.setdefault(name, set()).update(ips)
+        return out
+
+    def entries(self) -> list[dict]:
+        """For `fqdn cache list`: one row per endpoint, name and IP."""
+        return [
+            {"endpoint": ep, "name": name, "ip": ip, "expires": exp}
+            for ep, names in sorted(self._eps.items())
+            for name, ips in sorted(names.items())
+            for ip, exp in sorted(ips.items())
+        ]
+
+    def size(self) -> int:
+        return sum(len(ips) for names in self._eps.values() for ips in names.values())
+
+    def to_state(self) -> dict:
+        self.dirty = False
+        return {"version": STATE_VERSION, "endpoints": self._eps}
