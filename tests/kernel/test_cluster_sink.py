@@ -14,11 +14,22 @@ pytestmark = pytest.mark.bpf
 UNDERLAY, MOVED, POD_CIDR, POD = "10.249.0.2", "10.249.0.3", "10.248.5.0/24", "10.248.5.7/32"
 
 
+def _local_entries(dp) -> dict[str, int]:
+    return {
+        ipcache.cidr_of(k): v.identity
+        for k, v in dp.maps["ipcache"].items()
+        if not v.tunnel_endpoint
+    }
+
+
 @pytest.fixture
 def sink(clean):
+    """The shared topology's ipcache (its pods and hosts) is put back afterwards."""
+    saved = _local_entries(clean.dp)
     s = ClusterDatapath(clean.dp, routing="tunnel", cluster_cidr="10.248.0.0/16")
     yield s
     s.node_down("nodeX")
+    clean.dp.ipcache_sync(saved)
 
 
 def test_node_up_writes_the_nodes_map_and_remote_node_entries(sink):
@@ -37,12 +48,13 @@ def test_the_agents_ipcache_sync_leaves_the_sinks_entries_alone(sink):
     sink.node_up("nodeX", UNDERLAY, POD_CIDR)
     sink.ipcache_set(POD, 4711, UNDERLAY)
     # the agent's view: its own entries, and a CIDR identity for the same /32 as the pod
-    sink.dp.ipcache_sync({"10.250.99.0/24": 16777300, POD: 16777301})
+    saved = _local_entries(sink.dp)
+    sink.dp.ipcache_sync({**saved, "10.250.99.0/24": 16777300, POD: 16777301})
     ipc = sink.dp.maps["ipcache"]
     assert ipcache.entry(ipc, POD) == (4711, UNDERLAY)
     assert ipcache.entry(ipc, POD_CIDR) == (structs.IDENTITY_WORLD, UNDERLAY)
     assert ipcache.entry(ipc, "10.250.99.0/24") == (16777300, None)
-    sink.dp.ipcache_sync({})
+    sink.dp.ipcache_sync(saved)
     assert ipcache.entry(ipc, "10.250.99.0/24") is None
     assert ipcache.entry(ipc, POD) == (4711, UNDERLAY)
 
