@@ -86,6 +86,10 @@ def _scalar(event: yaml.ScalarEvent, line: int):
         tag = _RESOLVER.resolve(yaml.ScalarNode, event.value, event.implicit)
         if tag == _TIMESTAMP or tag.startswith(_CORE + "merge"):
             return event.value
+        if tag in (_INT, _FLOAT) and ":" in event.value:
+            # YAML 1.1 base 60 (`1:20` = 80): Kubernetes' reader has no such numbers, so a
+            # `port: 1:20` reaches Cilium as the string "1:20" (and is refused there too).
+            return event.value
     if tag == _STR:
         return event.value
     if tag == _NULL:

@@ -36,7 +36,7 @@ from l7proxy.http1.states import (
     UPGRADING_DRAINING,
     Input,
 )
-from l7proxy.http1.upgrades import Upgrades, head_without_h2c
+from l7proxy.http1.upgrades import Upgrades
 from l7proxy.http1.upstream import UpstreamConn, UpstreamPool
 from l7proxy.http1.verdicts import decide, recall, remember
 from l7proxy.protocols import worker_upstreams
@@ -243,12 +243,8 @@ class Http1Session(Forwarding, Upgrades, Lifetime, Session):
                 self.h2c = (req, headers, decision, raw)
                 self.parsing = None
                 return
-        head = decision.raw or raw
-        if req.upgrade and decision.allowed:
-            # An h2c offer the proxy did not take over is not forwarded (upgrades.py).
-            head = head_without_h2c(req, decision.raw) or head
         self.pm.received.value += 1  # (Counter child: .inc() without the call, per request)
-        ex = Exchange(req, decision.allowed, head, _monotonic())
+        ex = Exchange(req, decision.allowed, decision.raw or raw, _monotonic())
         if decision.logged:
             ex.logged = decision.logged
         if end is not None:

@@ -12,53 +12,8 @@ from l7proxy.flows import FORWARDED
 from l7proxy.http1.exchange import Exchange, emit_flow
 from l7proxy.http1.states import H2C, REFUSED, SWITCHED, UPGRADE, UPGRADING, UPGRADING_DRAINING
 from l7proxy.session import PauseReason
-from parsers.http1 import Request, head_bytes
 
 _monotonic = time.monotonic
-
-
-def _offers_h2(req: Request) -> bool:
-    return any(n.lower() == b"upgrade" and b"h2" in v.lower() for n, v in req.headers)
-
-
-def head_without_h2c(req: Request, head: bytes | None) -> bytes | None:
-    """The head to forward for an allowed Upgrade request that the proxy does not take over as
-    h2c itself (pipelined, with a body, or unusable HTTP2-Settings), with any HTTP/2 offer
-    removed: `h2c`-like tokens (anything starting with `h2`) from Upgrade, HTTP2-Settings, and
-    their Connection tokens. None when there is no such offer (forward `head` as it is).
-
-    Forwarded as it came, an upstream that speaks h2c (Go's x/net/http2/h2c) answers 101 and the
-    connection becomes a raw tunnel: every later HTTP/2 request on it would reach the upstream
-    without being judged. Envoy strips the offer the same way. `head` is the canonical head
-    built by `build_head` (header actions or normalization changed it), else None."""
-    if not _offers_h2(req):
-        return None
-    line, *fields = (head or head_bytes(req)).split(b"\r\n")
-    headers = [f.split(b": ", 1) for f in fields if f]
-    out = []
-    upgrade_left = False
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"http2-settings":
-            continue
-        if lname == b"upgrade":
-            tokens = [t.strip() for t in value.split(b",")]
-            value = b", ".join(t for t in tokens if t and not t.lower().startswith(b"h2"))
-            if not value:
-                continue
-            upgrade_left = True
-        out.append([name, value])
-    for pair in out:
-        if pair[0].lower() == b"connection":
-            drop = (b"http2-settings",) if upgrade_left else (b"http2-settings", b"upgrade")
-            tokens = [t.strip() for t in pair[1].split(b",")]
-            pair[1] = b", ".join(t for t in tokens if t and t.lower() not in drop)
-    parts = [line, b"\r\n"]
-    for name, value in out:
-        if value or name.lower() != b"connection":
-            parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
 
 
 class Upgrades:
@@ -133,9 +88,7 @@ class Upgrades:
             return
         # No usable HTTP2-Settings: the request goes on as an HTTP/1 upgrade, as any other.
         self.pm.received.value += 1
-        ex = Exchange(
-            req, True, head_without_h2c(req, decision.raw) or decision.raw or raw, _monotonic()
-        )
+        ex = Exchange(req, True, decision.raw or raw, _monotonic())
         ex.logged = decision.logged or ()
         ex.complete = True
         self.parsing = ex

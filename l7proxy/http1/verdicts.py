@@ -115,6 +115,14 @@ def decide(rules, req: Request, slashes: str = UNESCAPE) -> Decision:
 
 
 def _evaluate(rules, req: Request, slashes: str) -> Decision:
+    decision = _evaluate_target(rules, req, slashes)
+    if decision.allowed and _offers_h2(req):
+        raw = head_without_h2c(decision.req or req, decision.raw)
+        decision = Decision(True, raw, decision.logged, decision.req, decision.status)
+    return decision
+
+
+def _evaluate_target(rules, req: Request, slashes: str) -> Decision:
     target = req.target
     try:
         normalized = normalize_target_bytes(target, req.method, slashes)
@@ -126,6 +134,53 @@ def _evaluate(rules, req: Request, slashes: str) -> Decision:
     decision = _judge(rules, req)
     raw = decision.raw or head_bytes(req) if decision.allowed else None
     return Decision(decision.allowed, raw, decision.logged, req)
+
+
+def _offers_h2(req: Request) -> bool:
+    return any(n.lower() == b"upgrade" and b"h2" in v.lower() for n, v in req.headers)
+
+
+def head_without_h2c(req: Request, head: bytes | None) -> bytes | None:
+    """The head to forward for an allowed request that offers HTTP/2 in Upgrade, with the
+    offer removed: `h2c`-like tokens (anything starting with `h2`) from Upgrade, HTTP2-Settings,
+    and their Connection tokens. None when there is no such offer (forward `head` as it is).
+
+    Forwarded as it came, an upstream that speaks h2c (Go's x/net/http2/h2c) answers 101 and the
+    connection becomes a raw tunnel: every later HTTP/2 request on it would reach the upstream
+    without being judged. That happened for an h2c Upgrade the session does not take over
+    itself (pipelined, with a body, unusable HTTP2-Settings) and for `Upgrade: h2c` with
+    `Connection: HTTP2-Settings` but no `upgrade` token, which Go upgrades and the parser does
+    not take for an upgrade. Envoy strips the offer the same way. The session's own h2c
+    takeover reads the request's headers, not this head. `head` is the canonical head built by
+    `build_head` (header actions or normalization changed it), else None."""
+    if not _offers_h2(req):
+        return None
+    line, *fields = (head or head_bytes(req)).split(b"\r\n")
+    headers = [f.split(b": ", 1) for f in fields if f]
+    out = []
+    upgrade_left = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"http2-settings":
+            continue
+        if lname == b"upgrade":
+            tokens = [t.strip() for t in value.split(b",")]
+            value = b", ".join(t for t in tokens if t and not t.lower().startswith(b"h2"))
+            if not value:
+                continue
+            upgrade_left = True
+        out.append([name, value])
+    for pair in out:
+        if pair[0].lower() == b"connection":
+            drop = (b"http2-settings",) if upgrade_left else (b"http2-settings", b"upgrade")
+            tokens = [t.strip() for t in pair[1].split(b",")]
+            pair[1] = b", ".join(t for t in tokens if t and t.lower() not in drop)
+    parts = [line, b"\r\n"]
+    for name, value in out:
+        if value or name.lower() != b"connection":
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def _judge(rules, req: Request) -> Decision:

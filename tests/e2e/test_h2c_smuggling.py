@@ -6,7 +6,9 @@ An h2c Upgrade the proxy takes over itself (the first request of a connection, n
 HTTP/2 session the proxy judges stream by stream. One it did not take over (pipelined behind
 another request) used to be forwarded with its `Upgrade: h2c` offer: Go answered 101, the
 connection became a raw tunnel, and an HTTP/2 `GET /admin` sent next was served unjudged. The
-offer is now stripped from what is forwarded, so the upstream answers in HTTP/1.1.
+offer is now stripped from what is forwarded, so the upstream answers in HTTP/1.1. The same for
+`Upgrade: h2c` with `Connection: HTTP2-Settings` but no `upgrade` token, which Go upgrades and
+the proxy's parser does not take for an upgrade, pipelined or not.
 """
 
 from __future__ import annotations
@@ -86,13 +88,15 @@ def go_h2c(tmp_path_factory):
     proc.wait(10)
 
 
-def _upgrade_then_get_admin(port: int, before: bytes) -> tuple[bytes, list[tuple]]:
+def _upgrade_then_get_admin(
+    port: int, before: bytes, connection: bytes = b"Upgrade, HTTP2-Settings"
+) -> tuple[bytes, list[tuple]]:
     """Send `before`, then an h2c Upgrade for /public/x; if the answer has a 101, an HTTP/2
     GET /admin on the same connection. (everything read, the HTTP/2 events (kind, ...))."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     settings = conn.initiate_upgrade_connection()
     upgrade = (
-        b"GET /public/x HTTP/1.1\r\nHost: web\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"GET /public/x HTTP/1.1\r\nHost: web\r\nConnection: " + connection + b"\r\n"
         b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n"
     )
     events: list[tuple] = []
@@ -146,12 +150,32 @@ def test_the_h2c_upgrade_the_proxy_takes_over_is_judged_stream_by_stream(go_h2c)
     assert not any(b"SECRET" in e[2] for e in events if e[0] == "data")
 
 
-def test_a_pipelined_h2c_upgrade_does_not_open_an_unjudged_tunnel(go_h2c):
+@pytest.mark.parametrize(
+    "connection",
+    [
+        b"Upgrade, HTTP2-Settings",
+        # Go upgrades on these too; the parser does not take them for an upgrade.
+        b"HTTP2-Settings",
+        b"keep-alive, HTTP2-Settings",
+    ],
+)
+def test_a_pipelined_h2c_upgrade_does_not_open_an_unjudged_tunnel(go_h2c, connection):
     gw, log = go_h2c
     seen = len(log.read_text())
-    raw, events = _upgrade_then_get_admin(gw.port, b"GET /public/x HTTP/1.1\r\nHost: web\r\n\r\n")
+    before = b"GET /public/x HTTP/1.1\r\nHost: web\r\n\r\n"
+    raw, events = _upgrade_then_get_admin(gw.port, before, connection)
     assert b"SECRET" not in raw and not any(b"SECRET" in e[2] for e in events if e[0] == "data")
     assert b" 101 " not in raw, raw
     assert raw.count(b"HTTP/1.1 200 OK") == 2, raw  # both answered by Go, in HTTP/1.1
     time.sleep(0.2)
     assert log.read_text()[seen:].splitlines() == ["HTTP/1.1 /public/x"] * 2
+
+
+def test_an_h2c_offer_without_connection_upgrade_does_not_open_an_unjudged_tunnel(go_h2c):
+    gw, log = go_h2c
+    seen = len(log.read_text())
+    raw, events = _upgrade_then_get_admin(gw.port, b"", b"HTTP2-Settings")
+    assert b"SECRET" not in raw and not any(b"SECRET" in e[2] for e in events if e[0] == "data")
+    assert b" 101 " not in raw and raw.count(b"HTTP/1.1 200 OK") == 1, raw
+    time.sleep(0.2)
+    assert log.read_text()[seen:].splitlines() == ["HTTP/1.1 /public/x"]

@@ -147,3 +147,22 @@ def test_an_upgrade_offering_websocket_and_h2c_keeps_only_websocket():
     assert p.upstream_got() == (
         b"GET /public/ws HTTP/1.1\r\nHost: w\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
     )
+
+
+def test_an_h2c_offer_without_connection_upgrade_is_not_forwarded():
+    # Go's h2c handler upgrades on `Upgrade: h2c` + `Connection: HTTP2-Settings` alone, which the
+    # parser does not take for an upgrade: it went through as an ordinary request, Go answered
+    # 101 and the session became a tunnel all the same.
+    for connection in (b"HTTP2-Settings", b"keep-alive, HTTP2-Settings"):
+        p = Play()
+        head = (
+            b"GET /public/up HTTP/1.1\r\nHost: w\r\nConnection: " + connection + b"\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        )
+        for _ in range(2):  # the second one is the remembered head
+            p.client_sends(head)
+            sent = p.upstream_got()
+            assert sent.startswith(b"GET /public/up HTTP/1.1\r\nHost: w\r\n"), sent
+            assert b"h2c" not in sent.lower() and b"http2-settings" not in sent.lower(), sent
+            p.upstream_sends(OK)
+            assert p.client_got() == OK

@@ -212,3 +212,24 @@ spec:
     cidr_ids = [n for n in allocator.identities() if n >= 1 << 24]
     assert len(cidr_ids) == 2, cidr_ids
     assert sorted(c for c, _ in ipcache.items()) == ["10.1.43.0/24", "192.0.2.0/24"]
+
+
+def test_base_60_numbers_stay_strings_as_kubernetes_reads_them():
+    """YAML 1.1 reads `1:20` as 80; Kubernetes' reader (and so Cilium) sees the string "1:20",
+    which is not a port. Red-team finding: `port: 1:20` was enforced here as port 80."""
+    from policies import load_text
+
+    text = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - toPorts:
+    - ports:
+      - {port: 1:20, protocol: TCP}
+"""
+    result = load_text(text, "p.yaml")
+    errors = [d for d in result.diagnostics if d.severity == "error"]
+    assert errors and "1:20" in errors[0].reason and errors[0].line == 10
