@@ -42,7 +42,7 @@ bench: setup-bench ## side-by-side benchmarks against direct, Envoy and HAProxy;
 	$(PYTEST) -m bench -s -p no:cacheprovider tests/bench
 
 FUZZ_RUNS    ?= 1000000
-FUZZ_TARGETS ?= http1 http2 kafka policy
+FUZZ_TARGETS ?= http1 http2 kafka policy dns
 FUZZ_LOGS    ?= /tmp/l7fuzz
 fuzz: ## atheris on each parser/layer, FUZZ_RUNS executions each; fails on a finding (docs/fuzzing.md)
 	@$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install --quiet -e '.[fuzz]'
