@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from policies.diagnostics import ERROR, WARNING, Diagnostic
+from policies.fqdn import FQDNSelector, check_selector
 from policies.labels import (
     NAMESPACE_KEY,
     Requirement,
@@ -256,3 +257,21 @@ def _scope_peer(sel: Selector, ctx: _Ctx) -> Selector:
     if ctx.clusterwide:
         return sel.with_requirement(Requirement("k8s", NAMESPACE_KEY, "Exists"))
     return sel.with_requirement(Requirement("k8s", NAMESPACE_KEY, "In", (ctx.namespace,)))
+
+
+def _fqdn_selectors(ctx: _Ctx, parent, key: str, field: str, line: int) -> list[FQDNSelector]:
+    """`KEY: [{matchName: ...} | {matchPattern: ...}]` (toFQDNs, rules.dns), each entry checked
+    as Cilium's CRD checks it."""
+    out = []
+    for entry, efield, eline in _items(ctx, parent, key, field, line):
+        keys = [k for k in ("matchName", "matchPattern") if isinstance(entry, dict) and k in entry]
+        if not isinstance(entry, dict) or len(keys) != 1 or len(entry) != 1:
+            ctx.error(eline, efield, "needs exactly one of matchName or matchPattern")
+            continue
+        why = check_selector(keys[0], entry[keys[0]])
+        if why:
+            _key_error(ctx, entry, keys[0], efield, eline, why)
+            continue
+        name = entry[keys[0]]
+        out.append(FQDNSelector(name, "") if keys[0] == "matchName" else FQDNSelector("", name))
+    return out

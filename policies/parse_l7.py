@@ -8,7 +8,7 @@ import re
 import re2
 
 from policies import kafka_keys
-from policies.fqdn import FQDNSelector, check_selector
+from policies.fqdn import FQDNSelector
 from policies.model import (
     PROTO_ANY,
     PROTO_SCTP,
@@ -20,7 +20,15 @@ from policies.model import (
     L7Rules,
     PortProto,
 )
-from policies.parse_common import _as_dict, _check_keys, _Ctx, _items, _key_error, _ln
+from policies.parse_common import (
+    _as_dict,
+    _check_keys,
+    _Ctx,
+    _fqdn_selectors,
+    _items,
+    _key_error,
+    _ln,
+)
 
 HTTP_KEYS = {"method", "path", "host", "headers", "headerMatches"}
 KAFKA_KEYS = {"role", "apiKey", "apiVersion", "clientID", "topic"}
@@ -100,19 +108,7 @@ def _parse_l7(node, field, line, ctx: _Ctx) -> tuple[L7Rules | None, bool]:
 
 def _parse_dns(node, field, line, ctx: _Ctx) -> list[FQDNSelector]:
     """`dns: [{matchName: ...} | {matchPattern: ...}]`: the names the DNS proxy forwards."""
-    out = []
-    for entry, efield, eline in _items(ctx, node, "dns", field, line):
-        keys = [k for k in ("matchName", "matchPattern") if isinstance(entry, dict) and k in entry]
-        if not isinstance(entry, dict) or len(keys) != 1 or len(entry) != 1:
-            ctx.error(eline, efield, "needs exactly one of matchName or matchPattern")
-            continue
-        why = check_selector(keys[0], entry[keys[0]])
-        if why:
-            _key_error(ctx, entry, keys[0], efield, eline, why)
-            continue
-        name = entry[keys[0]]
-        out.append(FQDNSelector(name, "") if keys[0] == "matchName" else FQDNSelector("", name))
-    return out
+    return _fqdn_selectors(ctx, node, "dns", field, line)
 
 
 def _check_regex(ctx, value, field, line) -> str | None:

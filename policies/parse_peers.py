@@ -4,11 +4,12 @@ toFQDNs (the IPs DNS answers gave for the names), the peers that are named but n
 
 from __future__ import annotations
 
-from policies.fqdn import FQDNSelector, check_selector
+from policies.fqdn import FQDNSelector
 from policies.model import ENTITIES, PeerRule, Peers
 from policies.parse_common import (
     _as_dict,
     _Ctx,
+    _fqdn_selectors,
     _items,
     _key_error,
     _ln,
@@ -130,22 +131,10 @@ def _check_one_peer_kind(item, field, line, direction, ctx: _Ctx) -> None:
 def _fqdns(item, field, line, deny, ctx: _Ctx) -> list[FQDNSelector]:
     """toFQDNs entries, checked as Cilium's CRD does: exactly one of matchName/matchPattern, a DNS
     name (with `*` in a pattern) of <= 255 chars. Not in deny rules (Cilium has no toFQDNs there)."""
-    out = []
     if deny and item.get("toFQDNs"):
         _key_error(ctx, item, "toFQDNs", field, line, "toFQDNs is not supported in a deny rule")
-        return out
-    for entry, efield, eline in _items(ctx, item, "toFQDNs", field, line):
-        keys = [k for k in ("matchName", "matchPattern") if isinstance(entry, dict) and k in entry]
-        if not isinstance(entry, dict) or len(keys) != 1 or len(entry) != 1:
-            ctx.error(eline, efield, "needs exactly one of matchName or matchPattern")
-            continue
-        why = check_selector(keys[0], entry[keys[0]])
-        if why:
-            _key_error(ctx, entry, keys[0], efield, eline, why)
-            continue
-        name = entry[keys[0]]
-        out.append(FQDNSelector(name, "") if keys[0] == "matchName" else FQDNSelector("", name))
-    return out
+        return []
+    return _fqdn_selectors(ctx, item, "toFQDNs", field, line)
 
 
 def _entities(item, key, field, line, ctx: _Ctx) -> list[str]:
