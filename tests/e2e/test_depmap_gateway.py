@@ -61,8 +61,9 @@ def refused_from(source_ip: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(5)
         s.bind((source_ip, 0))
-        s.connect(("127.0.0.1", port))
         try:
+            # The gateway resets right after accept: the RST may even beat connect()'s return.
+            s.connect(("127.0.0.1", port))
             s.sendall(b"GET /public/x HTTP/1.1\r\nHost: x\r\n\r\n")
             return s.recv(100) == b""
         except ConnectionResetError:
