@@ -24,6 +24,25 @@ WHEELHOUSE=${L7PROXY_WHEELHOUSE:-}
 step() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
 
+# apt_install WHAT PKG...: install the packages not yet installed (one apt-get run), or say they are.
+apt_install() {
+  local what=$1 missing="" p
+  shift
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+  done
+  if [ -z "$missing" ]; then
+    step "$what present"
+    return
+  fi
+  step "installing $what:$missing"
+  export DEBIAN_FRONTEND=noninteractive
+  # policy-rc.d keeps nginx/haproxy from starting as services; tests start their own on loopback.
+  [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
+  apt-get update -q >/dev/null || die "apt-get update failed: check that Debian's mirrors are reachable"
+  apt-get install -y -q $missing >/dev/null || die "apt-get install failed for:$missing"
+}
+
 [ "$(id -u)" = 0 ] || die "run as root (apt packages, kernel headers and BPF need it): sudo make setup"
 
 # An image build (docker/Dockerfile) has no kernel of its own to check: the running container
@@ -46,20 +65,7 @@ TEST_PKGS="python3-dev haproxy nginx-light wrk nghttp2-client kcat iperf3 curl c
   dnsmasq-base dnsutils"
 APT_PKGS=$PRODUCT_PKGS
 [ "$PRODUCT" = 1 ] || APT_PKGS="$PRODUCT_PKGS $TEST_PKGS"
-missing=""
-for p in $APT_PKGS; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-  step "installing Debian packages:$missing"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >/dev/null || die "apt-get update failed: check that Debian's mirrors are reachable"
-  # policy-rc.d keeps nginx/haproxy from starting as services; tests start their own on loopback.
-  [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
-  apt-get install -y -q $missing >/dev/null || die "apt-get install failed for:$missing"
-else
-  step "Debian packages present"
-fi
+apt_install "Debian packages" $APT_PKGS
 
 KREL=$(uname -r)
 MODDIR=/lib/modules/$KREL
@@ -157,16 +163,7 @@ else
   GO_PKGS="golang-go golang-golang-x-net-dev golang-github-spf13-cobra-dev golang-github-fatih-color-dev
     golang-golang-x-sys-dev golang-github-spf13-pflag-dev golang-github-mattn-go-colorable-dev
     golang-github-mattn-go-isatty-dev golang-github-inconshreveable-mousetrap-dev"
-  missing=""
-  for p in $GO_PKGS; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-  done
-  if [ -n "$missing" ]; then
-    step "installing Debian packages for h2spec:$missing"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >/dev/null || die "apt-get update failed: check that Debian's mirrors are reachable"
-    apt-get install -y -q $missing >/dev/null || die "apt-get install failed for:$missing"
-  fi
+  apt_install "Debian packages for h2spec" $GO_PKGS
   step "building h2spec from $H2SPEC_SRC (about a minute)"
   gp=$(mktemp -d)
   mkdir -p "$gp/src/github.com/summerwind"
