@@ -91,7 +91,7 @@ class NodeProxy:
         self.config = config or ProxyConfig()
         self.flows = DirectSink(agent.flows.ingest)
         self.metrics = agent.metrics.proxy
-        self.sweeper = DeadlineSweeper()
+        self.sweeper = DeadlineSweeper(self.config.sweep_interval)
         self.pool = worker_upstreams(self.config)
         self.host, self.port = host, port
         self.server: asyncio.AbstractServer | None = None
