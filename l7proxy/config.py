@@ -44,11 +44,17 @@ class KafkaConfig:
     # fills them in from its Kafka listeners (l7proxy/kafka/settings.py gateway_broker_map);
     # empty in the transparent modes, which pass broker addresses through.
     brokers: tuple[tuple[tuple[str, int], tuple[str, int]], ...] = ()
+    # Array elements one request may hold in all, nested ones included (decode_bounded in
+    # parsers/kafka/codec.py): each costs a dict, a policy check and a flow record, and real
+    # clients send thousands at most. A 2 MB Metadata of 1 M topics cost a worker 27 s before.
+    max_request_elements: int = 100_000
 
     def __post_init__(self) -> None:
         # Pairs of pairs whatever they came as (a config file gives lists).
         pairs = tuple((tuple(b), tuple(a)) for b, a in self.brokers)
         object.__setattr__(self, "brokers", pairs)
+        if self.max_request_elements < 1:
+            raise ValueError("kafka max_request_elements must be at least 1")
         if not 0 < self.write_low_water <= self.write_high_water:
             raise ValueError("kafka write_low_water must be within 1..write_high_water")
         if self.socket_buffer < 0:

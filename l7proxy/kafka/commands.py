@@ -75,8 +75,6 @@ class KafkaSettings:
     """What the layer of one connection needs from the config (settings.settings_for)."""
 
     max_frame_size: int = 8 * 1024 * 1024
-    # Array elements one request may hold in all (parsers/kafka/codec.py decode_bounded): each
-    # costs a dict, a policy check, a flow record; real clients send thousands at most.
-    max_request_elements: int = 100_000
+    max_request_elements: int = 100_000  # ProxyConfig.kafka.max_request_elements
     # Gateway mode: broker address seen in responses -> gateway listener to advertise instead.
     brokers: Mapping[Address, Address] | None = None

@@ -38,5 +38,6 @@ def settings_for(ctx) -> KafkaSettings:
     """The layer's settings for a connection of `ctx` (buffer sizes: ctx.config.kafka)."""
     return KafkaSettings(
         max_frame_size=ctx.config.max_frame_bytes,
+        max_request_elements=ctx.config.kafka.max_request_elements,
         brokers=dict(ctx.config.kafka.brokers) or None,
     )

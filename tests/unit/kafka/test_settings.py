@@ -59,3 +59,19 @@ def test_kafka_buffer_sizes_are_their_own_config_not_a_raised_copy_of_the_http_m
         load_yaml(path)
     with pytest.raises(ValueError):
         KafkaConfig(write_high_water=1024, write_low_water=4096)
+
+
+def test_the_request_element_bound_is_a_proxy_config_limit(tmp_path):
+    """max_request_elements lives in ProxyConfig.kafka like the other limits and reaches the
+    layer's settings; a config file may set it, and it must be positive."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("limits: {kafka: {max_request_elements: 500}}\n")
+
+    class Ctx:
+        config = ProxyConfig(**load_yaml(path)["limits"])
+
+    assert settings.settings_for(Ctx()).max_request_elements == 500
+    Ctx.config = ProxyConfig()
+    assert settings.settings_for(Ctx()).max_request_elements == 100_000
+    with pytest.raises(ValueError, match="max_request_elements"):
+        KafkaConfig(max_request_elements=0)
