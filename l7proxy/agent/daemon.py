@@ -36,6 +36,8 @@ from l7proxy.agent.telemetry import AgentMetrics
 from l7proxy.cluster.agent_mode import ClusterMode, default_underlay_ip
 from l7proxy.config import ProxyConfig
 from l7proxy.depmap import mount
+from l7proxy.services.lb_adapter import DEFAULT_CGROUP
+from l7proxy.services.ops import ServiceOps
 
 log = logging.getLogger("l7proxy.agent")
 
@@ -62,9 +64,11 @@ class AgentConfig:
     underlay_ip: str = ""  # default: the source address towards the first etcd endpoint
     node_lease_ttl: int = 15  # seconds
     identity_gc_interval: float = 60.0  # seconds between identity GC rounds
+    # services (issue 16): the cgroup v2 directory the socket LB attaches to ('' = off)
+    sock_lb_cgroup: str = DEFAULT_CGROUP
 
 
-class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
+class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.store = Store(config.state_dir / "state.db")
@@ -112,6 +116,7 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
             await self._join_cluster()  # the pod CIDR, identities and policy come from etcd
         await asyncio.to_thread(self._restore_endpoints)
         self.datapath.start(self._emit_threadsafe(asyncio.get_running_loop()))
+        await asyncio.to_thread(self._start_services)  # VIPs translate before the API opens
         await self._start_proxy()
         try:
             compiled = await asyncio.to_thread(self._recompile, self.store.revision())
@@ -124,11 +129,13 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
             await asyncio.to_thread(self._install, compiled)
         self._register_ops()
         self._register_container_ops()
+        self._register_service_ops()
         await self.api.start(self.config.socket)
         if self.config.admin:
             await self._start_admin(*self.config.admin)
         if self.cluster is not None:
             await self._cluster_after_start()
+            await self._services_join_cluster()
         log.info("agent ready on %s", self.config.socket)
 
     async def run_forever(self) -> None:
@@ -155,6 +162,7 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
         self.stop_fqdn_gc()
         if self.dns_proxy is not None:
             await self.dns_proxy.close()
+        await self._stop_services()
         if self.cluster is not None:
             await self.cluster.close()
         if self.admin is not None:
@@ -248,6 +256,7 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
         self.datapath.apply(compiled, self._ipcache_entries(), ports)
         if self.proxy is not None:
             self.proxy.update(compiled, old)
+        self._services_refresh()  # endpoints or the cluster's ipcache may have moved backends
 
     def _ipcache_entries(self) -> dict[str, int]:
         """Endpoints, CIDR identities from the policy, and the node's router address as host."""

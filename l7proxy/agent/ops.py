@@ -91,6 +91,7 @@ class AgentOps:
                 "datapath": self.datapath.status(),
                 "proxy": proxy,
                 "fqdn": self.fqdn_status(),
+                "services": self.services_status(),
                 "admin": {
                     "state": "ok" if self.admin_addr else "off",
                     "detail": f"{self.admin_addr[0]}:{self.admin_addr[1]}"

@@ -51,6 +51,13 @@ def register(sub) -> None:
         default=None,
         help="pin directory on the BPF filesystem (default /sys/fs/bpf/l7proxy/default)",
     )
+    p.add_argument(
+        "--sock-lb-cgroup",
+        default="/sys/fs/cgroup/unified",
+        metavar="PATH",
+        help="services: the cgroup v2 directory whose processes get socket-level load "
+        "balancing (default: the root, i.e. the host and every pod; '' turns it off)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
         "--path-escaped-slashes",
@@ -226,6 +233,7 @@ def run(args) -> int:
         underlay_ip=args.underlay_ip,
         node_lease_ttl=args.node_lease_ttl,
         identity_gc_interval=args.identity_gc_interval,
+        sock_lb_cgroup=args.sock_lb_cgroup,
     )
     if args.path_escaped_slashes == KEEP:
         logging.getLogger("l7proxy.agent").warning(KEEP_WARNING)

@@ -1,0 +1,108 @@
+"""The agent's kernel side of services: redirect_bpf.sock_lb behind the agent's calls, or a
+null load balancer when BPF is off (the agent still stores services and shows their backends).
+
+Maglev tables are computed here (pure code in maglev.py) and cached by backend set: 16381
+slots take ~10-20 ms in Python, and most refreshes change no backend set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+from l7proxy.services import maglev
+from l7proxy.services.model import Backend, Service
+
+log = logging.getLogger("l7proxy.services")
+
+DEFAULT_CGROUP = "/sys/fs/cgroup/unified"  # the cgroup v2 root: the host and every pod
+MAGLEV_CACHE = 256
+
+
+class NullLb:
+    name = "disabled"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def sync(self, plan) -> None:
+        pass
+
+    def status(self) -> dict:
+        return {"state": "disabled", "detail": f"no socket LB: {self.reason}"}
+
+    def close(self) -> None:
+        pass
+
+
+class KernelLb:
+    name = "bpf"
+
+    def __init__(self, pin_dir: Path, cgroup: str) -> None:
+        from redirect_bpf.sock_lb import SockLB
+
+        self.lb = SockLB(pin_dir)
+        self.cgroup = cgroup
+        self.flags = self.lb.attach(cgroup)
+        self._tables: OrderedDict[tuple[str, ...], tuple[int, ...]] = OrderedDict()
+
+    def _maglev(self, backends: tuple[Backend, ...]) -> tuple[int, ...]:
+        """slot -> index into `backends` (in the given order), via the table over names."""
+        names = tuple(sorted(b.key for b in backends))
+        table = self._tables.get(names)
+        if table is None:
+            table = tuple(maglev.table(names))
+            self._tables[names] = table
+            if len(self._tables) > MAGLEV_CACHE:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(names)
+        position = {b.key: i for i, b in enumerate(backends)}
+        remap = [position[n] for n in names]
+        return tuple(remap[i] for i in table)
+
+    def sync(self, plan: list[tuple[Service, tuple[Backend, ...]]]) -> None:
+        from redirect_bpf.sock_lb import LbService
+
+        desired = []
+        for svc, backends in plan:
+            desired.append(
+                LbService(
+                    svc.vip,
+                    svc.port,
+                    svc.protocol,
+                    tuple((b.ip, b.port) for b in backends),
+                    svc.affinity_timeout,
+                    self._maglev(backends) if svc.algorithm == "maglev" and backends else None,
+                )
+            )
+        self.lb.sync(desired)
+
+    def status(self) -> dict:
+        preorder = "preorder" if self.flags & 64 else "attach order"
+        return {
+            "state": "ok",
+            "detail": f"socket LB on {self.cgroup} ({preorder}), "
+            f"{len(self.lb.services())} frontends, pins {self.lb.pin_dir}",
+        }
+
+    def close(self) -> None:
+        self.lb.close()  # attached programs keep translating while the agent is away
+
+
+def lb_pin_dir(datapath_pin_dir: Path) -> Path:
+    """Next to the datapath's pins, in a directory of its own (its loader wipes its own)."""
+    return datapath_pin_dir.with_name(datapath_pin_dir.name + "-lb")  # bpffs refuses dots
+
+
+def make_lb(datapath, cgroup: str):
+    if getattr(datapath, "name", "") != "bpf":
+        return NullLb(getattr(datapath, "reason", "the BPF datapath is off"))
+    if not cgroup:
+        return NullLb("turned off (--sock-lb-cgroup '')")
+    try:
+        return KernelLb(lb_pin_dir(Path(datapath.pin_dir)), cgroup)
+    except Exception as exc:  # the agent runs without socket LB rather than not at all
+        log.error("socket LB could not start: %s", exc)
+        return NullLb(f"failed to start: {exc}")

@@ -1,0 +1,197 @@
+"""The agent's service operations (`service create|list|get|delete`) and the refresh that hands
+every service with its current backends to the kernel.
+
+Mixed into `Agent` (daemon.py) like AgentOps. A refresh runs after every change that can move a
+backend: a service change, and every policy install (which follows each endpoint create and
+delete, and each cluster ipcache or identity change). It is cheap when nothing moved: backends
+are resolved in Python, the kernel side writes only the diff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from l7proxy.agent.api import ApiError
+from l7proxy.cluster.kvstore import KVStoreDown
+from l7proxy.services import backends as resolver
+from l7proxy.services.cluster_sync import ClusterServices, ServiceExists
+from l7proxy.services.lb_adapter import NullLb, make_lb
+from l7proxy.services.model import Backend, Service, ServiceError, build
+from l7proxy.services.table import ServiceTable
+
+log = logging.getLogger("l7proxy.services")
+
+
+class ServiceOps:
+    lb = NullLb("not started")
+    services: ServiceTable | None = None
+    cluster_services: ClusterServices | None = None
+    service_backends: dict[str, tuple[Backend, ...]] = {}
+
+    def _start_services(self) -> None:
+        """Before the API opens: the table from SQLite, the kernel LB, a first refresh."""
+        self.services = ServiceTable(self.store)
+        self.service_backends = {}
+        self._backend_index: dict[tuple[str, int], str] = {}
+        self.lb = make_lb(self.datapath, self.config.sock_lb_cgroup)
+        self.flows.add_enricher(self._service_enrich)
+        self._services_refresh()
+
+    async def _services_join_cluster(self) -> None:
+        """Cluster mode, after the link is up: etcd's services replace the cached table."""
+        self.cluster_services = ClusterServices(self.cluster.kv, self._cluster_services_changed)
+        try:
+            await self.cluster_services.start()
+        except KVStoreDown as exc:  # keep the cached table; the watch is not running
+            log.error("services: etcd unreachable at start, running from the cache: %s", exc)
+            self.cluster_services = None
+
+    async def _cluster_services_changed(self, services: list[Service]) -> None:
+        async with self._lock:
+            if self.services.replace(services):
+                await asyncio.to_thread(self._services_refresh)
+
+    async def _stop_services(self) -> None:
+        if self.cluster_services is not None:
+            await self.cluster_services.close()
+        self.lb.close()
+
+    def _register_service_ops(self) -> None:
+        self.api.op("service.create", self.op_service_create)
+        self.api.op("service.list", self.op_service_list)
+        self.api.op("service.get", self.op_service_get)
+        self.api.op("service.delete", self.op_service_delete)
+
+    # -- refresh ---------------------------------------------------------------------------------
+
+    def _known_endpoints(self) -> list[resolver.KnownEndpoint]:
+        known = {
+            ep.ip: resolver.KnownEndpoint(ep.name, ep.ip, tuple(ep.labels))
+            for ep in self.store.endpoints()
+        }
+        if self.cluster is not None:
+            for ip, entry in list(self.cluster.remote_ips.items()):  # the loop may add some
+                if ip not in known:
+                    labels = tuple(self._labels_of(entry.identity))
+                    known[ip] = resolver.KnownEndpoint("", ip, labels)
+        return list(known.values())
+
+    def _services_refresh(self) -> None:
+        """Resolve every service's backends and write the kernel's diff (any thread, under the
+        agent lock or before the API opens)."""
+        if self.services is None:
+            return
+        known = self._known_endpoints()
+        plan, current, index = [], {}, {}
+        for svc in self.services.all():
+            chosen = resolver.resolve(svc, known)
+            plan.append((svc, chosen))
+            current[svc.key] = chosen
+            for b in chosen:
+                index[(b.ip, b.port)] = svc.name
+        self.lb.sync(plan)
+        self.service_backends, self._backend_index = current, index
+
+    def _service_enrich(self, flow: dict) -> None:
+        dst = flow.get("destination")
+        if isinstance(dst, dict):
+            name = self._backend_index.get((dst.get("ip"), dst.get("port")))
+            if name:
+                flow.setdefault("service", name)
+
+    def services_status(self) -> dict:
+        return self.lb.status()
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def _describe(self, svc: Service) -> dict:
+        out = svc.to_json()
+        out["endpoints"] = [
+            {"ip": b.ip, "port": b.port, "endpoint": b.endpoint}
+            for b in self.service_backends.get(svc.key, ())
+        ]
+        return out
+
+    async def op_service_create(self, args: dict) -> dict:
+        try:
+            svc = build(
+                name=str(args.get("name") or ""),
+                vip=str(args.get("vip") or ""),
+                selector=str(args.get("selector") or ""),
+                target_port=args.get("target_port"),
+                backends=list(args.get("backends") or []),
+                node_port=args.get("node_port"),
+                affinity=str(args.get("affinity") or "none"),
+                affinity_timeout=args.get("affinity_timeout"),
+                dsr=bool(args.get("dsr")),
+                algorithm=str(args.get("algorithm") or "random"),
+                namespace=str(args.get("namespace") or "default"),
+                created=time.time(),
+            )
+        except (ServiceError, TypeError, ValueError) as exc:
+            raise ApiError(str(exc)) from None
+        self._check_new(svc)
+        if self.cluster_services is not None:
+            try:
+                await self.cluster_services.create(svc)
+            except ServiceExists as exc:
+                raise ApiError(str(exc)) from None
+            except KVStoreDown as exc:
+                raise ApiError(
+                    f"service create needs the kvstore: {exc}; nothing changed, "
+                    "run it again when etcd is back"
+                ) from None
+        elif self.cluster is not None:
+            raise ApiError("service create needs the kvstore, which was down at agent start")
+        async with self._lock:
+            self._check_new(svc)  # re-checked under the lock (the watch may have brought it)
+            self.services.put(svc)
+            await asyncio.to_thread(self._services_refresh)
+        return self._describe(svc)
+
+    def _check_new(self, svc: Service) -> None:
+        old = self.services.get(svc.key)
+        if old is not None and old != svc:
+            raise ApiError(f"service {svc.name} already exists (delete it first)")
+        other = self.services.by_frontend(svc.vip, svc.port, svc.protocol)
+        if other is not None and other.key != svc.key:
+            raise ApiError(f"{svc.frontend} is already the VIP of service {other.name}")
+        if svc.node_port:
+            for s in self.services.all():
+                if s.key != svc.key and s.node_port == svc.node_port:
+                    raise ApiError(f"node port {svc.node_port} is taken by service {s.name}")
+
+    async def op_service_list(self, args: dict) -> list[dict]:
+        return [self._describe(s) for s in self.services.all()]
+
+    async def op_service_get(self, args: dict) -> dict:
+        svc = self.services.get(_key(args))
+        if svc is None:
+            raise ApiError(f"no service named {args.get('name')!r}")
+        return self._describe(svc)
+
+    async def op_service_delete(self, args: dict) -> dict:
+        key = _key(args)
+        if self.services.get(key) is None:
+            raise ApiError(f"no service named {args.get('name')!r}")
+        if self.cluster is not None:
+            if self.cluster_services is None:
+                raise ApiError("service delete needs the kvstore, which was down at agent start")
+            namespace, _, name = key.partition("/")
+            try:
+                await self.cluster_services.delete(namespace, name)
+            except KVStoreDown as exc:
+                raise ApiError(
+                    f"service delete needs the kvstore: {exc}; nothing changed, "
+                    "run it again when etcd is back"
+                ) from None
+        async with self._lock:
+            self.services.delete(key)
+            await asyncio.to_thread(self._services_refresh)
+        return {"deleted": args.get("name")}
+
+
+def _key(args: dict) -> str:
+    return f"{args.get('namespace') or 'default'}/{args.get('name') or ''}"
