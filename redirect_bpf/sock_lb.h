@@ -1,0 +1,89 @@
+// Socket-level service load balancing (issue 16): map keys and values. Every struct has one
+// Python mirror in redirect_bpf/sock_lb_structs.py; tests/kernel/test_sock_lb.py checks sizes.
+#ifndef L7PROXY_SOCK_LB_H
+#define L7PROXY_SOCK_LB_H
+
+#ifndef LB_SERVICE_MAP_SIZE
+#define LB_SERVICE_MAP_SIZE 65536
+#endif
+#ifndef LB_BACKEND_MAP_SIZE
+#define LB_BACKEND_MAP_SIZE 262144
+#endif
+#ifndef LB_MAGLEV_MAP_SIZE
+#define LB_MAGLEV_MAP_SIZE 4096  // services with --lb maglev (64 KiB each, allocated on use)
+#endif
+#ifndef LB_AFFINITY_MAP_SIZE
+#define LB_AFFINITY_MAP_SIZE 65536
+#endif
+#ifndef LB_REVNAT_MAP_SIZE
+#define LB_REVNAT_MAP_SIZE 262144
+#endif
+#ifndef MAGLEV_M
+#define MAGLEV_M 16381  // Cilium's default table size (a prime)
+#endif
+
+#define LB_FLAG_AFFINITY 1
+#define LB_FLAG_MAGLEV 2
+
+// VIP:port:proto -> service (Cilium: lb4_key with backend_slot 0)
+struct lb_svc_key {
+    __be32 vip;
+    __be16 port;
+    __u8 proto;
+    __u8 pad;
+};
+
+struct lb_svc {
+    __u32 svc_id;
+    __u16 count;  // backend slots 1..count in lb_slots
+    __u8 flags;   // LB_FLAG_*
+    __u8 pad;
+    __u32 affinity_timeout_s;
+};
+
+// (service, slot 1..count) -> backend id: random selection picks a slot
+struct lb_slot_key {
+    __u32 svc_id;
+    __u32 slot;
+};
+
+struct lb_backend {
+    __be32 ip;
+    __be16 port;
+    __u8 proto;
+    __u8 pad;
+};
+
+// One Maglev lookup table per service: slot -> backend id
+struct lb_maglev_row {
+    __u32 ids[MAGLEV_M];
+};
+
+// Session affinity: the client (its network namespace) and the service -> backend
+struct lb_affinity_key {
+    __u64 netns_cookie;
+    __u32 svc_id;
+    __u32 pad;
+};
+
+struct lb_affinity_val {
+    __u32 backend_id;
+    __u32 pad;
+    __u64 last_ns;
+};
+
+// Reverse translation for getpeername()/recvmsg(): socket + backend address -> VIP
+struct lb_revnat_key {
+    __u64 cookie;
+    __be32 ip;
+    __be16 port;
+    __u16 pad;
+};
+
+struct lb_revnat_val {
+    __be32 vip;
+    __be16 port;
+    __u16 pad;
+};
+
+#endif

@@ -1,0 +1,316 @@
+"""Load, pin, attach and fill the socket-level load balancer (sock_lb.c).
+
+    lb = SockLB(pin_dir)                       # compiled once, re-opened from pins after that
+    lb.attach("/sys/fs/cgroup/unified")        # every process below this cgroup v2 directory
+    lb.sync([LbService(...), ...])             # the whole desired set; writes only the diff
+    lb.close()                                 # agent exit: programs keep translating
+    lb.destroy()                               # detach and unpin
+
+Its pins live in their own directory (the datapath's loader owns and wipes its own), and its
+programs attach with BPF_F_ALLOW_MULTI | BPF_F_PREORDER: sidecar mode attaches its connect4
+redirection to each endpoint's (child) cgroup, and a child's programs normally run before the
+parent's; PREORDER (Linux 6.15) runs this translation first, so the sidecar's policy check and
+redirection see the backend, not the VIP. Kernels without it get plain ALLOW_MULTI (the order
+is then attach order within one cgroup); `attached_flags` says which one was used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from redirect_bpf import bpfsys
+from redirect_bpf import sock_lb_structs as S
+from redirect_bpf.maps import BpfMap
+
+SRC_DIR = Path(__file__).resolve().parent
+SOURCE = SRC_DIR / "sock_lb.c"
+
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+ATTACH_TYPES = {  # enum bpf_attach_type
+    "sock_lb_connect4": 10,  # BPF_CGROUP_INET4_CONNECT
+    "sock_lb_sendmsg4": 14,  # BPF_CGROUP_UDP4_SENDMSG
+    "sock_lb_recvmsg4": 19,  # BPF_CGROUP_UDP4_RECVMSG
+    "sock_lb_getpeername4": 29,  # BPF_CGROUP_INET4_GETPEERNAME (Linux 5.8)
+}
+BPF_F_ALLOW_MULTI = 2
+BPF_F_PREORDER = 1 << 6
+
+
+@dataclass(frozen=True, slots=True)
+class LbService:
+    """One frontend as the kernel sees it. `maglev` is the lookup table (slot -> index into
+    `backends`), or None for random selection."""
+
+    vip: str
+    port: int
+    proto: str  # "TCP" | "UDP"
+    backends: tuple[tuple[str, int], ...]
+    affinity_timeout: int = 0
+    maglev: tuple[int, ...] | None = None
+
+    @property
+    def frontend(self) -> tuple[str, int, str]:
+        return (self.vip, self.port, self.proto)
+
+
+@dataclass
+class _Written:
+    svc_id: int
+    service: LbService
+    backend_ids: tuple[int, ...]
+
+
+def _pins_complete(pin_dir: Path) -> bool:
+    names = [f"map_{n}" for n in S.MAPS] + [f"prog_{n}" for n in S.PROGRAMS]
+    return all((pin_dir / n).exists() for n in names)
+
+
+def unpin(pin_dir: Path) -> None:
+    if not pin_dir.is_dir():
+        return
+    for entry in pin_dir.iterdir():
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            entry.unlink()
+    with contextlib.suppress(OSError):
+        pin_dir.rmdir()
+
+
+class SockLB:
+    def __init__(self, pin_dir: str | Path, cflags: Iterable[str] = ()) -> None:
+        self.pin_dir = Path(pin_dir)
+        self.bpf = None
+        self.reused = _pins_complete(self.pin_dir)
+        if self.reused:
+            try:
+                self._open()
+            except ValueError:  # an older struct layout: start over
+                self.reused = False
+        if not self.reused:
+            unpin(self.pin_dir)
+            self._compile(tuple(cflags))
+        self._lock = threading.Lock()
+        self._written: dict[tuple[str, int, str], _Written] = {}
+        self._recover()
+        self._svc_ids = IdPool(w.svc_id for w in self._written.values())
+        self._backend_ids = IdPool(b for w in self._written.values() for b in w.backend_ids)
+        self.attached: dict[str, int] = {}  # cgroup path -> flags used
+        self.last_sync = (0, 0)  # (services changed, map writes)
+
+    # -- load ----------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        self.maps = {}
+        for name, (key, value) in S.MAPS.items():
+            fd = bpfsys.obj_get(self.pin_dir / f"map_{name}")
+            self.maps[name] = BpfMap(name, fd, key, value)
+        self.progs = {n: bpfsys.obj_get(self.pin_dir / f"prog_{n}") for n in S.PROGRAMS}
+
+    def _compile(self, cflags: tuple[str, ...]) -> None:
+        from bcc import BPF
+
+        bpf = BPF(src_file=str(SOURCE), cflags=[f"-I{SRC_DIR}", *cflags])
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        self.progs = {}
+        for name, attach_type in ATTACH_TYPES.items():
+            fn = bpf.load_func(name, BPF_PROG_TYPE_CGROUP_SOCK_ADDR, attach_type=attach_type)
+            self.progs[name] = os.dup(fn.fd)
+            bpfsys.obj_pin(fn.fd, self.pin_dir / f"prog_{name}")
+        self.maps = {}
+        for name, (key, value) in S.MAPS.items():
+            fd = os.dup(bpf[name.encode()].get_fd())
+            self.maps[name] = BpfMap(name, fd, key, value)
+            bpfsys.obj_pin(fd, self.pin_dir / f"map_{name}")
+        self.bpf = bpf  # kept for the layout test; cleanup() drops bcc's own fds on close
+
+    # -- attach --------------------------------------------------------------------------------
+
+    def attach(self, cgroup: str | Path) -> int:
+        """Attach every program to a cgroup v2 directory (once); returns the flags used."""
+        path = str(cgroup)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        used = BPF_F_ALLOW_MULTI | BPF_F_PREORDER
+        try:
+            for name, kind in ATTACH_TYPES.items():
+                prog = self.progs[name]
+                if bpfsys.prog_id(prog) in bpfsys.attached_prog_ids(fd, kind):
+                    continue
+                try:
+                    bpfsys.prog_attach(prog, fd, kind, used)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or not used & BPF_F_PREORDER:
+                        raise
+                    used = BPF_F_ALLOW_MULTI  # a kernel before 6.15
+                    bpfsys.prog_attach(prog, fd, kind, used)
+        finally:
+            os.close(fd)
+        self.attached[path] = used
+        return used
+
+    def detach(self, cgroup: str | Path) -> None:
+        path = str(cgroup)
+        self.attached.pop(path, None)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            for name, kind in ATTACH_TYPES.items():
+                with contextlib.suppress(OSError):
+                    bpfsys.prog_detach(self.progs[name], fd, kind)
+        finally:
+            os.close(fd)
+
+    # -- services ------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """What an earlier agent wrote (re-opened pins): ids stay, only the diff is written."""
+        services = self.maps["lb_services"]
+        for key, svc in services.items():
+            ids, backends = [], []
+            for slot in range(1, svc.count + 1):
+                bid = self.maps["lb_slots"].get(S.SlotKey(svc.svc_id, slot))
+                be = self.maps["lb_backends"].get(bid) if bid is not None else None
+                if be is None:
+                    break
+                ids.append(bid.value)
+                backends.append((S.ip_of(be.ip), S.port_of(be.port)))
+            proto = next((n for n, v in S.PROTO.items() if v == key.proto), "TCP")
+            lbs = LbService(
+                S.ip_of(key.vip),
+                S.port_of(key.port),
+                proto,
+                tuple(backends),
+                svc.affinity_timeout_s,
+                () if svc.flags & S.LB_FLAG_MAGLEV else None,  # rewritten on the first sync
+            )
+            self._written[lbs.frontend] = _Written(svc.svc_id, lbs, tuple(ids))
+
+    def services(self) -> dict[tuple[str, int, str], LbService]:
+        return {f: w.service for f, w in self._written.items()}
+
+    def sync(self, desired: Iterable[LbService]) -> tuple[int, int]:
+        """Make the maps hold exactly `desired`; returns (services changed, map writes)."""
+        with self._lock:
+            want = {s.frontend: s for s in desired}
+            writes = changed = 0
+            for frontend in [f for f in self._written if f not in want]:
+                writes += self._remove(self._written.pop(frontend))
+                changed += 1
+            for frontend, service in want.items():
+                old = self._written.get(frontend)
+                if old is not None and old.service == service:
+                    continue
+                writes += self._write(service, old)
+                changed += 1
+            self.last_sync = (changed, writes)
+            return self.last_sync
+
+    def _write(self, service: LbService, old: _Written | None) -> int:
+        m = self.maps
+        svc_id = old.svc_id if old else self._svc_ids.take()
+        proto = S.PROTO[service.proto]
+        # Backends keep their id while they stay (affinity to them survives a change of others)
+        kept = dict(zip(old.service.backends, old.backend_ids, strict=True)) if old else {}
+        ids = []
+        writes = 0
+        for ip, port in service.backends:
+            bid = kept.get((ip, port))
+            if bid is None:
+                bid = self._backend_ids.take()
+                m["lb_backends"].put(S.u32(bid), S.Backend(S.be32(ip), S.be16(port), proto))
+                writes += 1
+            ids.append(bid)
+        for slot, bid in enumerate(ids, start=1):
+            m["lb_slots"].put(S.SlotKey(svc_id, slot), S.u32(bid))
+            writes += 1
+        flags = S.LB_FLAG_AFFINITY if service.affinity_timeout else 0
+        if service.maglev is not None and ids:
+            row = S.MaglevRow()
+            if len(service.maglev) != S.MAGLEV_M:
+                raise ValueError(
+                    f"a Maglev table has {S.MAGLEV_M} slots, not {len(service.maglev)}"
+                )
+            row.ids[:] = [ids[i] for i in service.maglev]
+            m["lb_maglev"].put(S.u32(svc_id), row)
+            flags |= S.LB_FLAG_MAGLEV
+            writes += 1
+        key = S.SvcKey(S.be32(service.vip), S.be16(service.port), proto, 0)
+        m["lb_services"].put(key, S.Svc(svc_id, len(ids), flags, 0, service.affinity_timeout))
+        writes += 1
+        # Now nothing refers to what is gone: slots past the new count, removed backends
+        if old is not None:
+            for slot in range(len(ids) + 1, len(old.backend_ids) + 1):
+                m["lb_slots"].delete(S.SlotKey(svc_id, slot))
+                writes += 1
+            for bid in set(old.backend_ids) - set(ids):
+                m["lb_backends"].delete(S.u32(bid))
+                self._backend_ids.give(bid)
+                writes += 1
+            if not flags & S.LB_FLAG_MAGLEV and old.service.maglev is not None:
+                m["lb_maglev"].delete(S.u32(svc_id))
+                writes += 1
+        self._written[service.frontend] = _Written(svc_id, service, tuple(ids))
+        return writes
+
+    def _remove(self, old: _Written) -> int:
+        m = self.maps
+        s = old.service
+        m["lb_services"].delete(S.SvcKey(S.be32(s.vip), S.be16(s.port), S.PROTO[s.proto], 0))
+        for slot in range(1, len(old.backend_ids) + 1):
+            m["lb_slots"].delete(S.SlotKey(old.svc_id, slot))
+        for bid in old.backend_ids:
+            m["lb_backends"].delete(S.u32(bid))
+            self._backend_ids.give(bid)
+        m["lb_maglev"].delete(S.u32(old.svc_id))
+        self._svc_ids.give(old.svc_id)
+        return 2 + 2 * len(old.backend_ids)
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop this process's fds; pins and attachments stay (the kernel keeps translating)."""
+        for m in self.maps.values():
+            m.close()
+        for fd in self.progs.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.maps, self.progs = {}, {}
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+    def destroy(self, cgroups: Iterable[str | Path] = ()) -> None:
+        for path in [*self.attached, *cgroups]:
+            self.detach(path)
+        self.close()
+        unpin(self.pin_dir)
+
+
+class IdPool:
+    """Ids 1, 2, ...: the lowest released id first, so maps sized for N live services never
+    fill however often services and backends come and go."""
+
+    def __init__(self, used: Iterable[int] = ()) -> None:
+        self._used = set(used)
+        self._next = max(self._used, default=0) + 1
+        self._free = [n for n in range(1, self._next) if n not in self._used]
+        heapq.heapify(self._free)
+
+    def take(self) -> int:
+        n = heapq.heappop(self._free) if self._free else self._next
+        if n == self._next:
+            self._next += 1
+        self._used.add(n)
+        return n
+
+    def give(self, n: int) -> None:
+        if n in self._used:
+            self._used.discard(n)
+            heapq.heappush(self._free, n)

@@ -1,0 +1,59 @@
+"""A service client for the tests, run inside an endpoint's namespace and the LB's cgroup.
+
+    python -m tests.services.client tcp VIP PORT COUNT [PATH]  -> one JSON line per connection:
+        {"backend": NAME | null, "status": int | null, "peer": [ip, port], "error": str | null}
+    python -m tests.services.client udp VIP PORT COUNT         -> {"backend", "source", "error"}
+
+Each TCP connection is a new socket: connect, one GET, read the answer, close.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+TIMEOUT = 1.0
+
+
+def tcp(vip: str, port: int, path: str) -> dict:
+    out = {"backend": None, "status": None, "peer": None, "error": None}
+    try:
+        with socket.create_connection((vip, port), timeout=TIMEOUT) as s:
+            out["peer"] = list(s.getpeername())
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        out["status"] = int(head.split()[1]) if head else None
+        if out["status"] == 200:
+            out["backend"] = body.decode().split()[0]
+    except OSError as exc:
+        out["error"] = type(exc).__name__ + ": " + str(exc)
+    return out
+
+
+def udp(vip: str, port: int, n: int) -> dict:
+    out = {"backend": None, "source": None, "error": None}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(TIMEOUT)
+        try:
+            s.sendto(f"ping{n}".encode(), (vip, port))
+            data, source = s.recvfrom(2048)
+            out["backend"], out["source"] = data.decode().split()[0], list(source)
+        except OSError as exc:
+            out["error"] = type(exc).__name__ + ": " + str(exc)
+    return out
+
+
+def main() -> None:
+    kind, vip, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    path = sys.argv[5] if len(sys.argv) > 5 else "/"
+    for n in range(count):
+        result = tcp(vip, port, path) if kind == "tcp" else udp(vip, port, n)
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
