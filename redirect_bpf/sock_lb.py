@@ -119,7 +119,9 @@ class SockLB:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         self.progs = {}
         for name, attach_type in ATTACH_TYPES.items():
-            fn = bpf.load_func(name, BPF_PROG_TYPE_CGROUP_SOCK_ADDR, attach_type=attach_type)
+            fn = bpf.load_func(
+                name.encode(), BPF_PROG_TYPE_CGROUP_SOCK_ADDR, attach_type=attach_type
+            )
             self.progs[name] = os.dup(fn.fd)
             bpfsys.obj_pin(fn.fd, self.pin_dir / f"prog_{name}")
         self.maps = {}

@@ -95,11 +95,17 @@ class ServiceOps:
         self.service_backends, self._backend_index = current, index
 
     def _service_enrich(self, flow: dict) -> None:
+        """A flow to a backend names its service (observe, the flow log): the packets carry
+        the backend's address, the VIP was translated away at connect()."""
         dst = flow.get("destination")
-        if isinstance(dst, dict):
-            name = self._backend_index.get((dst.get("ip"), dst.get("port")))
-            if name:
-                flow.setdefault("service", name)
+        if not isinstance(dst, dict) or not self._backend_index:
+            return
+        for l4 in (flow.get("l4") or {}).values():
+            if isinstance(l4, dict) and "destination_port" in l4:
+                name = self._backend_index.get((dst.get("ip"), l4["destination_port"]))
+                if name:
+                    flow.setdefault("service", name)
+                return
 
     def services_status(self) -> dict:
         return self.lb.status()

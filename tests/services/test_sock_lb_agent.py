@@ -97,3 +97,109 @@ def test_no_backend_fails_the_connect(node, service):
     service("empty", "--vip", f"{VIP}:83/TCP", "--selector", "app=nothing", "--target-port", "80")
     result = node.client("tcp", VIP, "83", "1")[0]
     assert result["error"] and "PermissionError" in result["error"], result
+
+
+ZONE_A_ONLY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: client-to-zone-a
+spec:
+  endpointSelector:
+    matchLabels:
+      app: client
+  egress:
+    - toEndpoints:
+        - matchLabels:
+            zone: a
+      toPorts:
+        - ports:
+            - port: "8080"
+              protocol: TCP
+"""
+
+PUBLIC_ONLY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: web-public-only
+spec:
+  endpointSelector:
+    matchLabels:
+      app: web
+  ingress:
+    - fromEndpoints:
+        - matchLabels:
+            app: client
+      toPorts:
+        - ports:
+            - port: "8080"
+              protocol: TCP
+          rules:
+            http:
+              - method: GET
+                path: "/public.*"
+"""
+
+
+@pytest.fixture
+def policy(node, tmp_path):
+    def load(text: str) -> None:
+        path = tmp_path / "policy.yaml"
+        path.write_text(text)
+        node.ok("policy", "import", str(path))
+
+    yield load
+    node.agent.cli("policy", "delete", "--all")
+
+
+def test_policy_judges_the_backend_not_the_vip(node, service, policy):
+    service("web-pol", "--vip", f"{VIP}:84/TCP", "--selector", "app=web", "--target-port", "8080")
+    policy(ZONE_A_ONLY)
+    results = node.client("tcp", VIP, "84", "18")
+    answered = backends(r for r in results if r["status"] == 200)
+    failed = [r for r in results if r["status"] is None]
+    assert set(answered) <= {"web1", "web2"} and answered, results
+    assert failed, "web3 was never chosen in 18 random picks (p = 0.07%)"
+    out = node.ok("observe", "--verdict", "DROPPED", "-o", "json", "--last", "200")
+    flows = [json.loads(line) for line in out.splitlines()]
+    dropped_to = {f["destination"]["ip"] for f in flows}
+    assert node.ips["web3"] in dropped_to and VIP not in dropped_to
+    named = [f for f in flows if f["destination"]["ip"] == node.ips["web3"]]
+    assert all(f.get("service") == "web-pol" for f in named)
+
+
+def test_l7_rules_apply_through_the_vip(node, service, policy):
+    service("web-l7", "--vip", f"{VIP}:85/TCP", "--selector", "app=web", "--target-port", "8080")
+    policy(PUBLIC_ONLY)
+    public = node.client("tcp", VIP, "85", "15", "/public/x")
+    assert all(r["status"] == 200 for r in public), public
+    assert len(backends(public)) >= 2  # the proxy forwards to the backend connect() chose
+    private = node.client("tcp", VIP, "85", "5", "/private")
+    assert [r["status"] for r in private] == [403] * 5
+
+
+def test_bad_input_is_one_line_from_the_cli(node):
+    cases = [
+        (["--vip", "10.96.0.1", "--selector", "app=web"], "IPv4:PORT"),
+        (["--vip", "10.96.0.1:80/SCTP", "--selector", "app=web"], "TCP or UDP"),
+        (
+            ["--vip", "10.96.0.1:80", "--selector", "app=web", "--backend", "10.0.0.1:80"],
+            "not both",
+        ),
+        (["--vip", "10.96.0.1:80", "--selector", "app=web", "--node-port", "80"], "30000-32767"),
+    ]
+    for args, message in cases:
+        r = node.agent.cli("service", "create", "bad", *args)
+        assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = node.agent.cli("service", "get", "nope")
+    assert r.returncode == 1 and r.stderr.strip() == "error: no service named 'nope'"
+    node.ok("service", "create", "dup", "--vip", f"{VIP}:86", "--backend", "10.0.0.1:80")
+    try:
+        r = node.agent.cli(
+            "service", "create", "dup2", "--vip", f"{VIP}:86", "--backend", "1.2.3.4:80"
+        )
+        assert r.returncode == 1 and "already the VIP of service dup" in r.stderr
+    finally:
+        node.ok("service", "delete", "dup")

@@ -1,0 +1,67 @@
+"""The socket LB's struct mirrors (redirect_bpf/sock_lb_structs.py) match what bcc compiled, the
+programs are pinned and re-opened without compiling, and the writer's diff and id reuse hold
+against the real maps."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import uuid
+from pathlib import Path
+
+import pytest
+
+from redirect_bpf import bpfsys
+from redirect_bpf import sock_lb_structs as S
+from redirect_bpf.sock_lb import LbService, SockLB
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(120)]
+
+
+def layout(cls) -> list[tuple[str, int, int]]:
+    return [(name, getattr(cls, name).offset, getattr(cls, name).size) for name, _ in cls._fields_]
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    lb = SockLB(Path(f"/sys/fs/bpf/l7svc-layout-{uuid.uuid4().hex[:8]}"))
+    try:
+        assert lb.bpf is not None and not lb.reused
+        yield lb
+    finally:
+        lb.destroy()
+
+
+@pytest.mark.parametrize("name", sorted(S.MAPS))
+def test_map_structs_mirror_the_c(fresh, name):
+    key, value = S.MAPS[name]
+    table = fresh.bpf[name.encode()]
+    for mirror, compiled in ((key, table.Key), (value, table.Leaf)):
+        assert ct.sizeof(mirror) == ct.sizeof(compiled), name
+        if issubclass(compiled, ct.Structure) and issubclass(mirror, ct.Structure):
+            assert layout(mirror) == layout(compiled), name
+    info = bpfsys.fdinfo(fresh.maps[name].fd)
+    assert (int(info["key_size"]), int(info["value_size"])) == (ct.sizeof(key), ct.sizeof(value))
+
+
+def test_writer_diffs_reuses_ids_and_recovers_from_pins(fresh):
+    a = LbService("10.96.99.1", 80, "TCP", (("10.0.0.1", 8080), ("10.0.0.2", 8080)))
+    b = LbService("10.96.99.2", 53, "UDP", (("10.0.0.3", 53),), affinity_timeout=5)
+    assert fresh.sync([a, b])[0] == 2
+    assert fresh.sync([a, b]) == (0, 0)  # nothing changed: nothing written
+    fewer = LbService(a.vip, a.port, a.proto, a.backends[:1])
+    changed, writes = fresh.sync([fewer, b])
+    assert changed == 1 and writes <= 4  # one slot, the service, a slot and a backend deleted
+    svc = fresh.maps["lb_services"].get(S.SvcKey(S.be32(a.vip), S.be16(80), 6, 0))
+    assert svc.count == 1
+    assert fresh.maps["lb_slots"].get(S.SlotKey(svc.svc_id, 2)) is None
+    # a second handle re-opens the pins and knows what is written (ids kept, no rewrite)
+    again = SockLB(fresh.pin_dir)
+    try:
+        assert again.reused and again.bpf is None
+        assert again.services() == fresh.services()
+        assert again.sync([fewer, b]) == (0, 0)
+    finally:
+        again.close()
+    fresh.sync([])
+    assert list(fresh.maps["lb_services"].keys()) == []
+    assert list(fresh.maps["lb_backends"].keys()) == []
