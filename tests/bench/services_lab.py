@@ -150,7 +150,7 @@ class ServicesLab:
     def wrk(self, url: str, seconds: float, new_connections: bool) -> float:
         """Requests per second of wrk -t1 -c50 from the client namespace (and the LB cgroup)."""
         join = str(self.cgroup / "cgroup.procs")
-        args = ["ip", "netns", "exec", self.client_ns, "wrk", "-t1", "-c50", f"-d{seconds}s"]
+        args = ["ip", "netns", "exec", self.client_ns, "wrk", "-t1", "-c50", f"-d{int(seconds)}s"]
         if new_connections:
             args += ["-H", "Connection: close"]
         r = subprocess.run(
