@@ -4,9 +4,10 @@ At CNI ADD the container's cgroup does not exist yet; the agent opens the sideca
 container's namespace and attaches the connect() hooks when the runtime makes the cgroup. Checked:
 the Star Wars trio (tiefighter PUT -> 403, POST lands, xwing dropped in the kernel) with an egress
 L7 rule that the tiefighter's sidecar enforces, its *first* connection (made by the container's
-command as it starts) already going through the sidecar, the hooks' map entry gone after
-`podman rm -f`, and what holds while a cgroup is pending (an endpoint whose cgroup never comes:
-its tc programs enforce the same policy, L7 through the node proxy).
+command as it starts) already going through the sidecar, the hooks re-attached by a restarted
+agent, the hooks' map entry gone after `podman rm -f`, and what holds while a cgroup is pending
+(an endpoint whose cgroup never comes: its tc programs enforce the same policy, L7 through the
+node proxy).
 """
 
 from __future__ import annotations
@@ -138,6 +139,15 @@ def test_star_wars_trio_in_sidecar_mode(agent, lab, policies):
             "container_id"][:12]
         for f in flows
     )  # fmt: skip
+
+    # A restarted agent finds the running container's cgroup and re-attaches with its new port.
+    agent.restart()
+    assert endpoints(agent)["tiefighter"]["cgroup"] == str(cgroup)
+    new_port = int(re.search(r"tiefighter:(\d+)", _proxy_detail(agent)).group(1))
+    assert cgroup_entries(agent).get(cgroup.stat().st_ino) == new_port
+    assert " 403 " in exec_in("tiefighter", PUT).splitlines()[0]
+    assert sidecar_conns(agent, "tiefighter") == 1
+    port = new_port
 
     for name in TRIO:
         lab.rm(name)
