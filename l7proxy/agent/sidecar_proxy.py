@@ -103,6 +103,21 @@ class SidecarProxy(NodeProxy):
         self.cgroups.start()
         for ep in self.agent.store.endpoints():
             await self.endpoint_added(ep)
+        await asyncio.to_thread(self._forget_stale_cgroups)
+
+    def _forget_stale_cgroups(self) -> None:
+        """After a restart: entries for cgroups no endpoint holds now (a container removed while
+        the agent was down; its cgroup went with it) leave the map."""
+        held = {cg_id for _, cg_id in self.container_cgroups.values()}
+        for ep in self.agent.store.endpoints():
+            if not ep.adopted:
+                with contextlib.suppress(OSError):
+                    held.add(cgroup_path(ep.netns).stat().st_ino)
+        table = self.agent.datapath.dp.maps["ep_by_cgroup"]
+        for key, _ in list(table.items()):
+            if key.value not in held:
+                with contextlib.suppress(KeyError, OSError):
+                    table.delete(key)
 
     async def endpoint_added(self, ep) -> None:
         sock = await asyncio.to_thread(listen_in_netns, ep.netns)

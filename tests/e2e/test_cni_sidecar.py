@@ -5,7 +5,8 @@ container's namespace and attaches the connect() hooks when the runtime makes th
 the Star Wars trio (tiefighter PUT -> 403, POST lands, xwing dropped in the kernel) with an egress
 L7 rule that the tiefighter's sidecar enforces, its *first* connection (made by the container's
 command as it starts) already going through the sidecar, the hooks re-attached by a restarted
-agent, the hooks' map entry gone after `podman rm -f`, and what holds while a cgroup is pending
+agent (and the entry of a container removed while it was down dropped), the hooks' map entry gone
+after `podman rm -f`, and what holds while a cgroup is pending
 (an endpoint whose cgroup never comes: its tc programs enforce the same policy, L7 through the
 node proxy).
 """
@@ -140,8 +141,17 @@ def test_star_wars_trio_in_sidecar_mode(agent, lab, policies):
         for f in flows
     )  # fmt: skip
 
-    # A restarted agent finds the running container's cgroup and re-attaches with its new port.
-    agent.restart()
+    # A restarted agent finds the running container's cgroup and re-attaches with its new port;
+    # a container removed while it was down (DEL could not reach it) leaves no map entry.
+    xwing_cgroup = Path(endpoints(agent)["xwing"]["cgroup"]).stat().st_ino
+    assert xwing_cgroup in cgroup_entries(agent)
+    agent.stop()
+    try:
+        assert lab.podman("rm", "-f", "-t", "0", "xwing", check=False).returncode == 0
+    finally:
+        agent.start()
+    assert "xwing" not in endpoints(agent)
+    assert xwing_cgroup not in cgroup_entries(agent)
     assert endpoints(agent)["tiefighter"]["cgroup"] == str(cgroup)
     new_port = int(re.search(r"tiefighter:(\d+)", _proxy_detail(agent)).group(1))
     assert cgroup_entries(agent).get(cgroup.stat().st_ino) == new_port
@@ -149,7 +159,7 @@ def test_star_wars_trio_in_sidecar_mode(agent, lab, policies):
     assert sidecar_conns(agent, "tiefighter") == 1
     port = new_port
 
-    for name in TRIO:
+    for name in ("deathstar", "tiefighter"):
         lab.rm(name)
     assert not set(TRIO) & set(endpoints(agent))
     assert "tiefighter:" not in _proxy_detail(agent)
