@@ -47,6 +47,16 @@ def cgroup_names(container_id: str) -> list[str]:
     return [pattern.format(id=container_id) for pattern in CGROUP_NAMES]
 
 
+def populated(cgroup: Path) -> bool:
+    """cgroup v2's `cgroup.events` says whether any process is in it (or below); a directory
+    without that file (not a cgroup v2 one) counts as populated."""
+    try:
+        events = (cgroup / "cgroup.events").read_text()
+    except OSError:
+        return True
+    return "populated 0" not in events
+
+
 class CgroupWatcher:
     """container id -> callback(path), called once when the container's cgroup exists."""
 
@@ -98,9 +108,12 @@ class CgroupWatcher:
             self._by_name.pop(name, None)
 
     def find(self, container_id: str) -> Path | None:
+        """The container's cgroup if it exists with processes in it. An empty one is the last
+        run's, not yet removed (`podman restart` is DEL, ADD, then a new cgroup of the same
+        name): the new one's IN_CREATE resolves the wait instead."""
         for parent in (self.root / p for p in self.parents):
             for name in cgroup_names(container_id):
-                if (parent / name).is_dir():
+                if (parent / name).is_dir() and populated(parent / name):
                     return parent / name
         return None
 

@@ -116,3 +116,31 @@ def test_cancelled_wait_is_never_called(tmp_path):
 
     asyncio.run(main())
     assert seen == []
+
+
+def test_an_empty_cgroup_left_from_the_last_run_waits_for_the_new_one(tmp_path):
+    # podman restart: DEL, then ADD while the old libpod-<id> may still be there, empty.
+    old = tmp_path / "libpod_parent" / f"libpod-{CID}"
+    old.mkdir(parents=True)
+    (old / "cgroup.events").write_text("populated 0\nfrozen 0\n")
+    seen = []
+
+    async def main():
+        w = CgroupWatcher(tmp_path, rescan_interval=0.05)
+        w.start()
+        try:
+            w.wait_for(CID, seen.append)
+            await asyncio.sleep(0.2)  # rescans too: the empty one is not taken
+            assert seen == [] and CID in w.pending
+            (old / "cgroup.events").unlink()
+            old.rmdir()
+            old.mkdir()  # runc makes the new one
+            for _ in range(50):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            w.close()
+
+    asyncio.run(main())
+    assert seen == [old]
