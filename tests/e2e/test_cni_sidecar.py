@@ -3,12 +3,12 @@
 At CNI ADD the container's cgroup does not exist yet; the agent opens the sidecar listener in the
 container's namespace and attaches the connect() hooks when the runtime makes the cgroup. Checked:
 the Star Wars trio (tiefighter PUT -> 403, POST lands, xwing dropped in the kernel) with an egress
-L7 rule that the tiefighter's sidecar enforces, its *first* connection (made by the container's
-command as it starts) already going through the sidecar, the hooks re-attached by a restarted
-agent (and the entry of a container removed while it was down dropped), the hooks' map entry gone
-after `podman rm -f`, and what holds while a cgroup is pending
-(an endpoint whose cgroup never comes: its tc programs enforce the same policy, L7 through the
-node proxy).
+L7 rule that the tiefighter's sidecar enforces; its *first* connection (made by the container's
+command as it starts) already going through the sidecar, also after `podman restart` (a new
+namespace and a new cgroup of the same name); the hooks re-attached by a restarted agent, and the
+entry of a container removed while it was down dropped; the hooks' map entry gone after `podman
+rm -f`; and what holds while a cgroup is pending (an endpoint whose cgroup never comes: its tc
+programs enforce the same policy, L7 through the node proxy).
 """
 
 from __future__ import annotations
@@ -140,6 +140,23 @@ def test_star_wars_trio_in_sidecar_mode(agent, lab, policies):
             "container_id"][:12]
         for f in flows
     )  # fmt: skip
+
+    # podman restart: DEL, ADD into a new namespace, then runc makes a new cgroup of the same
+    # name; the hooks follow to it before the command's first connection again.
+    lab.podman("exec", "tiefighter", "sh", "-c", ": > /first")
+    lab.podman("restart", "-t", "0", "tiefighter")
+    restarted = endpoints(agent)["tiefighter"]
+    assert restarted["netns"] != eps["tiefighter"]["netns"]
+    assert restarted["cgroup"] == str(cgroup)
+    port = int(re.search(r"tiefighter:(\d+)", _proxy_detail(agent)).group(1))
+    assert cgroup_entries(agent).get(cgroup.stat().st_ino) == port
+    for _ in range(30):
+        answer = lab.podman("exec", "tiefighter", "cat", "/first", check=False).stdout
+        if answer:
+            break
+        subprocess.run(["sleep", "0.1"])
+    assert " 403 " in answer.splitlines()[0], answer
+    assert sidecar_conns(agent, "tiefighter") == 4, "after the restart it bypassed the sidecar"
 
     # A restarted agent finds the running container's cgroup and re-attaches with its new port;
     # a container removed while it was down (DEL could not reach it) leaves no map entry.
