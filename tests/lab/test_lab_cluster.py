@@ -1,5 +1,6 @@
 """Pods on different nodes of a 3-node lab, tunnel and native routing: L3 by labels, L4 ports,
-deny over allow, entity and CIDR rules, L7 HTTP on the destination's and on the source's node,
+deny over allow, entity and CIDR rules, L7 HTTP on the destination's and on the source's node
+(inline, then in a proxy worker process on node1),
 a Kafka topic denied across nodes, replies through enforced directions, (tunnel) forged VXLAN
 identities being dropped; then the failure cases: a bad policy, etcd down, agents killed, and
 a node removed (last: it kills node3).
@@ -19,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -124,6 +126,29 @@ def test_egress_l7_on_the_source_node_keeps_the_client_identity(lab):
         and f.get("l4", {}).get("TCP", {}).get("destination_port") == 9090
     ]  # fmt: skip
     assert fwd and fwd[-1]["source"]["identity"] == lab.identities["frontend"]
+
+
+def test_egress_l7_in_a_proxy_worker_process_keeps_the_client_identity(lab):
+    """node1's agent restarted with `--proxy-worker process`: the worker resolves other nodes'
+    pods from the agent's state as the agent does, and its upstream carries frontend's identity
+    (native routing: frontend's own address) like the inline proxy's. node1 keeps the worker."""
+    cli("lab", "node", "stop", "node1")
+    cli("lab", "node", "start", "node1", "--proxy-worker", "process")
+    proxy = json.loads(cli("status", "-o", "json", node="node1"))["parts"]["proxy"]
+    assert "worker pid" in proxy["detail"], proxy
+    backend = lab.ips["backend"]
+    url = f"http://{backend}:9090/worker"
+    since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")  # RFC 3339 times sort as text
+    # 200 needs both: the worker allows frontend -> backend (it knows backend's identity) and
+    # node2 sees frontend (remote-node, node1's own address, is not allowed on 9090)
+    wait_for(lambda: lab.curl("node1", "frontend", url) == "200", 20, "the worker's GET")
+    assert lab.curl("node1", "frontend", url, method="POST") == "403"
+    seen = {
+        f["source"]["identity"] for f in lab.flows("node2")
+        if f["time"] >= since and f["destination"].get("ip") == backend
+        and f.get("l4", {}).get("TCP", {}).get("destination_port") == 9090
+    }  # fmt: skip
+    assert seen == {lab.identities["frontend"]}, seen
 
 
 @pytest.mark.tunnel_only  # native routing has no VXLAN device: the test exists for tunnel only
