@@ -132,8 +132,21 @@ def remote_view(node: str) -> tuple[set[str], set[str]]:
     return nodes, tunnels
 
 
+def ipcache_identity(node: str, ip: str) -> int | None:
+    """The identity a node's BPF ipcache holds for exactly ip/32 (None: no such entry)."""
+    from redirect_bpf import ipcache, structs
+
+    value = pinned_map(node, "ipcache").get(bytes(ipcache.key(f"{ip}/32")))
+    return structs.IpcacheValue.from_buffer_copy(value).identity if value else None
+
+
 def _endpoint(lab: Lab, node: str, name: str, labels: str) -> None:
     cli("endpoint", "create", name, "--labels", labels, node=node)
+    learn_endpoint(lab, node, name)
+
+
+def learn_endpoint(lab: Lab, node: str, name: str) -> None:
+    """Note an endpoint's address and identity as its node lists it."""
     for ep in json.loads(cli("endpoint", "list", "-o", "json", node=node)):
         if ep["name"] == name:
             lab.ips[name], lab.identities[name] = ep["ip"], ep["identity"]

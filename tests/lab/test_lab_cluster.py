@@ -31,6 +31,8 @@ from tests.lab.conftest import (
     _endpoint,
     cli,
     in_pod,
+    ipcache_identity,
+    learn_endpoint,
     pinned_map,
     remote_view,
     wait_for,
@@ -276,9 +278,9 @@ def test_a_bad_policy_is_refused_and_no_node_changes(lab, tmp_path):
 
 def test_etcd_down_keeps_flows_and_verdicts_and_refuses_imports(lab):
     """etcd stopped: an established cross-node flow and every verdict keep working from the
-    cached state, a known label set still gets its endpoint, and `policy import` fails at once
-    saying why. etcd started again: every node is back without a restart, and the endpoint
-    made during the outage is known across the cluster."""
+    cached state, a known label set still gets its endpoint, a new one waits (saying so), and
+    `policy import` fails at once saying why. etcd started again: every node is back without a
+    restart, the waiting endpoint completes, and both endpoints are known across the cluster."""
     backend = lab.ips["backend"]
     flow = KeepAlive("node3", "reader", backend, 9090)
     try:
@@ -302,9 +304,29 @@ def test_etcd_down_keeps_flows_and_verdicts_and_refuses_imports(lab):
         assert "needs the kvstore" in out.stderr and "unreachable" in out.stderr, out.stderr
         _endpoint(lab, "node3", "frontend2", "app=frontend")  # a known label set: no etcd needed
         assert lab.identities["frontend2"] == lab.identities["frontend"]
+        late = subprocess.Popen(  # new labels: their identity needs etcd, so this one waits
+            [sys.executable, "-m", "l7proxy", "--node", "node2", "endpoint", "create", "late",
+             "--labels", "app=late"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )  # fmt: skip
+        asked = time.monotonic()
+        wait_for(
+            lambda: "app=late" in "".join(_link("node2")["waiting_for_identity"]),
+            10, "node2 to say which labels wait for an identity",
+        )  # fmt: skip
+        time.sleep(max(0.0, asked + 3.5 - time.monotonic()))  # the CLI's note comes after 3 s
+        assert late.poll() is None, "an endpoint with new labels did not wait for etcd"
     finally:
         cli("lab", "etcd", "start")
         flow.close()
+    out, err = late.communicate(timeout=60)
+    assert late.returncode == 0 and "new labels need etcd" in err, err
+    learn_endpoint(lab, "node2", "late")
+    wait_for(
+        lambda: ipcache_identity("node1", lab.ips["late"]) == lab.identities["late"],
+        20, "node1's ipcache to hold the endpoint made while etcd was down",
+    )  # fmt: skip
     wait_for(
         lambda: all(_link_state(n) == "ok" for n in ("node1", "node2", "node3")),
         30, "every node to reach etcd again",
@@ -319,8 +341,12 @@ def test_etcd_down_keeps_flows_and_verdicts_and_refuses_imports(lab):
     wait_for(lambda: lab.curl("node3", "frontend2", url) == "200", 20, "frontend2 -> backend")
 
 
+def _link(node: str) -> dict:
+    return json.loads(cli("status", "-o", "json", node=node))["cluster"]
+
+
 def _link_state(node: str) -> str:
-    return json.loads(cli("status", "-o", "json", node=node))["cluster"]["state"]
+    return _link(node)["state"]
 
 
 def test_established_cross_node_flow_survives_agent_restarts(lab):
