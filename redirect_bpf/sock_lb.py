@@ -115,7 +115,7 @@ class SockLB:
     def _compile(self, cflags: tuple[str, ...]) -> None:
         from bcc import BPF
 
-        bpf = BPF(src_file=str(SOURCE), cflags=[f"-I{SRC_DIR}", *cflags])
+        bpf = BPF(src_file=str(SOURCE).encode(), cflags=[f"-I{SRC_DIR}", *cflags])
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         self.progs = {}
         for name, attach_type in ATTACH_TYPES.items():

@@ -90,7 +90,8 @@ class ServicesLab:
         listen = "\n".join(f"listen {BACKEND_IP}:{p} reuseport;" for p in BACKEND_PORTS)
         conf = self.workdir / "nginx.conf"
         conf.write_text(
-            f"daemon off; worker_processes 1; pid {self.workdir}/nginx.pid;\n"
+            # one process: killing it leaves no orphaned worker holding the test's stdout
+            f"daemon off; master_process off; pid {self.workdir}/nginx.pid;\n"
             f"error_log {self.workdir}/error.log warn;\n"
             "events { worker_connections 4096; }\n"
             "http { access_log off; keepalive_requests 1000000; keepalive_timeout 600s;\n"
