@@ -6,17 +6,21 @@
     lb.close()                                 # agent exit: programs keep translating
     lb.destroy()                               # detach and unpin
 
-Its pins live in their own directory (the datapath's loader owns and wipes its own), and its
-programs attach with BPF_F_ALLOW_MULTI | BPF_F_PREORDER: sidecar mode attaches its connect4
-redirection to each endpoint's (child) cgroup, and a child's programs normally run before the
-parent's; PREORDER (Linux 6.15) runs this translation first, so the sidecar's policy check and
-redirection see the backend, not the VIP. Kernels without it get plain ALLOW_MULTI (the order
-is then attach order within one cgroup); `attached_flags` says which one was used.
+Its pins sit in the datapath's pin directory under names of their own (map_lb_*,
+prog_sock_lb_*, link_sock_lb_*), and the attachments are BPF links pinned there too: whoever
+removes the directory (the datapath's loader when it starts over, `l7proxy uninstall`, `lab
+down`, a test's clean-up) also detaches the programs, so no attachment outlives its pins.
+Links attach with BPF_F_PREORDER: sidecar mode attaches its connect4 redirection to each
+endpoint's (child) cgroup, and a child's programs normally run before the parent's; PREORDER
+(Linux 6.15) runs this translation first, so the sidecar's policy check and redirection see the
+backend, not the VIP. Kernels without it get plain multi-attach order; `attach()` returns the
+flags used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes as ct
 import errno
 import heapq
 import os
@@ -39,8 +43,29 @@ ATTACH_TYPES = {  # enum bpf_attach_type
     "sock_lb_recvmsg4": 19,  # BPF_CGROUP_UDP4_RECVMSG
     "sock_lb_getpeername4": 29,  # BPF_CGROUP_INET4_GETPEERNAME (Linux 5.8)
 }
-BPF_F_ALLOW_MULTI = 2
 BPF_F_PREORDER = 1 << 6
+PIN_NAMES = (
+    [f"map_{n}" for n in S.MAPS]
+    + [f"prog_{n}" for n in S.PROGRAMS]
+    + [f"link_{n}" for n in S.PROGRAMS]
+)
+
+
+class _LinkOpts(ct.Structure):
+    """The head of libbpf's struct bpf_link_create_opts (sz, flags); the rest stays zero."""
+
+    _fields_ = [("sz", ct.c_size_t), ("flags", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+def _link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int) -> int:
+    fn = bpfsys.lib().bpf_link_create
+    fn.restype, fn.argtypes = ct.c_int, [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+    opts = _LinkOpts(ct.sizeof(_LinkOpts), flags, 0)
+    fd = fn(prog_fd, target_fd, attach_type, ct.byref(opts))
+    if fd < 0:
+        err = ct.get_errno() or -fd
+        raise OSError(err, f"link create: {os.strerror(err)}")
+    return fd
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +98,10 @@ def _pins_complete(pin_dir: Path) -> bool:
 
 
 def unpin(pin_dir: Path) -> None:
-    if not pin_dir.is_dir():
-        return
-    for entry in pin_dir.iterdir():
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            entry.unlink()
-    with contextlib.suppress(OSError):
-        pin_dir.rmdir()
+    """Remove this LB's pins (links first: that detaches), never the datapath's."""
+    for name in sorted(PIN_NAMES, key=lambda n: not n.startswith("link_")):
+        with contextlib.suppress(FileNotFoundError):
+            (pin_dir / name).unlink()
 
 
 class SockLB:
@@ -134,40 +156,38 @@ class SockLB:
     # -- attach --------------------------------------------------------------------------------
 
     def attach(self, cgroup: str | Path) -> int:
-        """Attach every program to a cgroup v2 directory (once); returns the flags used."""
+        """Attach every program to one cgroup v2 directory through pinned links (a restarted
+        agent finds them and attaches nothing); returns the flags used."""
         path = str(cgroup)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        used = BPF_F_ALLOW_MULTI | BPF_F_PREORDER
+        used = BPF_F_PREORDER
         try:
             for name, kind in ATTACH_TYPES.items():
-                prog = self.progs[name]
-                if bpfsys.prog_id(prog) in bpfsys.attached_prog_ids(fd, kind):
+                pin = self.pin_dir / f"link_{name}"
+                if pin.exists():
                     continue
                 try:
-                    bpfsys.prog_attach(prog, fd, kind, used)
+                    link = _link_create(self.progs[name], fd, kind, used)
                 except OSError as exc:
-                    if exc.errno != errno.EINVAL or not used & BPF_F_PREORDER:
+                    if exc.errno != errno.EINVAL or not used:
                         raise
-                    used = BPF_F_ALLOW_MULTI  # a kernel before 6.15
-                    bpfsys.prog_attach(prog, fd, kind, used)
+                    used = 0  # a kernel before 6.15: no PREORDER
+                    link = _link_create(self.progs[name], fd, kind, used)
+                try:
+                    bpfsys.obj_pin(link, pin)
+                finally:
+                    os.close(link)
         finally:
             os.close(fd)
         self.attached[path] = used
         return used
 
-    def detach(self, cgroup: str | Path) -> None:
-        path = str(cgroup)
-        self.attached.pop(path, None)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            return
-        try:
-            for name, kind in ATTACH_TYPES.items():
-                with contextlib.suppress(OSError):
-                    bpfsys.prog_detach(self.progs[name], fd, kind)
-        finally:
-            os.close(fd)
+    def detach(self) -> None:
+        """Unpin the links: the programs leave the cgroup."""
+        self.attached.clear()
+        for name in S.PROGRAMS:
+            with contextlib.suppress(FileNotFoundError):
+                (self.pin_dir / f"link_{name}").unlink()
 
     # -- services ------------------------------------------------------------------------------
 
@@ -288,9 +308,9 @@ class SockLB:
             self.bpf.cleanup()
             self.bpf = None
 
-    def destroy(self, cgroups: Iterable[str | Path] = ()) -> None:
-        for path in [*self.attached, *cgroups]:
-            self.detach(path)
+    def destroy(self) -> None:
+        """Detach (unpin the links) and remove every pin of this LB."""
+        self.detach()
         self.close()
         unpin(self.pin_dir)
 

@@ -92,8 +92,9 @@ class KernelLb:
 
 
 def lb_pin_dir(datapath_pin_dir: Path) -> Path:
-    """Next to the datapath's pins, in a directory of its own (its loader wipes its own)."""
-    return datapath_pin_dir.with_name(datapath_pin_dir.name + "-lb")  # bpffs refuses dots
+    """The datapath's own pin directory (the LB's pins have names of their own there): what
+    removes the datapath's pins removes the LB's links too, and with them the attachments."""
+    return datapath_pin_dir
 
 
 def make_lb(datapath, cgroup: str):

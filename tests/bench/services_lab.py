@@ -171,7 +171,9 @@ class ServicesLab:
             self.nginx.kill()
             self.nginx.wait()
         if self.lb is not None:
-            self.lb.destroy([self.cgroup])
+            self.lb.destroy()
+            with contextlib.suppress(OSError):
+                self.pin_dir.rmdir()
         for ns in (self.client_ns, self.backend_ns):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         for _ in range(50):

@@ -23,12 +23,14 @@ def layout(cls) -> list[tuple[str, int, int]]:
 
 @pytest.fixture(scope="module")
 def fresh():
-    lb = SockLB(Path(f"/sys/fs/bpf/l7svc-layout-{uuid.uuid4().hex[:8]}"))
+    pin_dir = Path(f"/sys/fs/bpf/l7svc-layout-{uuid.uuid4().hex[:8]}")
+    lb = SockLB(pin_dir)
     try:
         assert lb.bpf is not None and not lb.reused
         yield lb
     finally:
         lb.destroy()
+        pin_dir.rmdir()  # destroy() removes only the LB's own pins
 
 
 @pytest.mark.parametrize("name", sorted(S.MAPS))
@@ -65,3 +67,31 @@ def test_writer_diffs_reuses_ids_and_recovers_from_pins(fresh):
     fresh.sync([])
     assert list(fresh.maps["lb_services"].keys()) == []
     assert list(fresh.maps["lb_backends"].keys()) == []
+
+
+def test_attachments_live_only_as_long_as_their_pins(tmp_path):
+    from tests.services.conftest import attached_programs
+
+    cgroup = Path(f"/sys/fs/cgroup/unified/l7svc-links-{uuid.uuid4().hex[:8]}")
+    cgroup.mkdir()
+    pin_dir = Path(f"/sys/fs/bpf/l7svc-links-{uuid.uuid4().hex[:8]}")
+    lb = SockLB(pin_dir)
+    try:
+        flags = lb.attach(cgroup)
+        assert flags & 64  # BPF_F_PREORDER: this kernel (6.18) has it
+        names = sorted(p.name for p in attached_programs(cgroup))
+        assert names == ["sock_lb_connect", "sock_lb_getpeer", "sock_lb_recvmsg", "sock_lb_sendmsg"]
+        assert lb.attach(cgroup) == flags  # again: the pinned links are there, nothing added
+        assert len(attached_programs(cgroup)) == 4
+        lb.close()
+        # whoever removes the pin directory (rm -r, `lab down`, the datapath starting over)
+        # detaches the programs: no attachment outlives its pins
+        for entry in pin_dir.iterdir():
+            entry.unlink()
+        assert attached_programs(cgroup) == []
+    finally:
+        lb.close()
+        for entry in pin_dir.iterdir() if pin_dir.exists() else ():
+            entry.unlink()
+        pin_dir.rmdir()
+        cgroup.rmdir()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from l7proxy.services.lb_adapter import lb_pin_dir
 from tests.agent_runner import AgentProcess, free_pool
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
@@ -91,9 +89,8 @@ class ServiceNode:
             proc.kill()
             proc.wait()
         try:
-            self.agent.close()
+            self.agent.close()  # removing its pins unpins the LB's links: detached
         finally:
-            shutil.rmtree(lb_pin_dir(self.agent.pin_dir), ignore_errors=True)
             for _ in range(50):  # the last client processes may still be leaving the cgroup
                 with contextlib.suppress(FileNotFoundError):
                     try:
@@ -111,3 +108,25 @@ def node():
         yield n.start()
     finally:
         n.close()
+
+
+def attached_programs(cgroup: Path) -> list[Path]:
+    """Names of the programs attached to a cgroup for the socket LB's hooks (bpftool-free)."""
+    from l7proxy.agent.kernel_cleanup import prog_fd_by_id, prog_name
+    from redirect_bpf import bpfsys
+    from redirect_bpf.sock_lb import ATTACH_TYPES
+
+    names = []
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for kind in ATTACH_TYPES.values():
+            for pid in bpfsys.attached_prog_ids(fd, kind):
+                with contextlib.suppress(OSError):
+                    pfd = prog_fd_by_id(pid)
+                    try:
+                        names.append(Path(prog_name(pfd).decode()))
+                    finally:
+                        os.close(pfd)
+    finally:
+        os.close(fd)
+    return names
