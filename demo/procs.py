@@ -24,8 +24,15 @@ def module(name: str, *args: str) -> list[str]:
 
 
 def shown(argv: list[str]) -> list[str]:
-    """argv as the demo prints it: `python` instead of the venv's full interpreter path."""
-    return ["python" if a == sys.executable else a for a in argv]
+    """argv as the demo prints it: `l7proxy` for `python -m l7proxy` (as a user types it), and
+    `python` instead of the venv's full interpreter path."""
+    out: list[str] = []
+    for a in argv:
+        if out[-2:] == ["python", "-m"] and a == "l7proxy":
+            out[-2:] = ["l7proxy"]
+        else:
+            out.append("python" if a == sys.executable else a)
+    return out
 
 
 def in_ns(netns: str, argv: list[str]) -> list[str]:
