@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from demo.procs import Children, shown, uninterrupted
+from demo.procs import Children, deferred_interrupts, shown, uninterrupted
 from demo.story import Story
 from l7proxy.lab import pidfile, processes, state, underlay
 
@@ -57,10 +57,17 @@ def lab_cli(story: Story, *args: str) -> subprocess.CompletedProcess:
     end, then goes on unwinding (and `lab down` removes whatever `lab up` made)."""
     argv = [sys.executable, "-m", "l7proxy", "lab", *args]
     story.command(shown(argv))
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    with deferred_interrupts() as held:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     try:
+        if held:
+            raise KeyboardInterrupt
         out, _ = proc.communicate()
     except KeyboardInterrupt:
         story.say(f"interrupted: waiting for `l7proxy lab {args[0]}` to finish first")

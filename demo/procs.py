@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def module(name: str, *args: str) -> list[str]:
@@ -71,8 +71,11 @@ class Children:
     def start(self, argv: list[str], **kw) -> subprocess.Popen:
         kw.setdefault("stdout", subprocess.DEVNULL)
         kw.setdefault("stderr", subprocess.DEVNULL)
-        proc = start_group(argv, **kw)
-        self._undo.append(proc)
+        with deferred_interrupts() as held:
+            proc = start_group(argv, **kw)
+            self._undo.append(proc)
+        if held:
+            raise KeyboardInterrupt
         return proc
 
     def start_server(self, argv: list[str]) -> subprocess.Popen:
@@ -95,6 +98,27 @@ class Children:
                 item = self._undo.pop()  # e.g. the broker before its data directory
                 with contextlib.suppress(Exception):
                     stop(item) if isinstance(item, subprocess.Popen) else item()
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[list[int]]:
+    """Ctrl-C or SIGTERM while a child is being started is held back until the `with` ends (the
+    list then holds it; the caller raises KeyboardInterrupt): raised inside Popen, it would leave
+    a child running that nobody has a handle on."""
+    held: list[int] = []
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def hold(signum, frame) -> None:
+        if old[signum] is not signal.SIG_IGN:  # inside `uninterrupted` it stays ignored
+            held.append(signum)
+
+    for sig in old:
+        signal.signal(sig, hold)
+    try:
+        yield held
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -37,12 +37,16 @@ def _env() -> dict:
 
 
 @pytest.mark.timeout(200)
-def test_sigterm_during_the_cluster_part_takes_the_lab_down(no_lab):
+@pytest.mark.parametrize("when", ["during lab up", "with pods talking across nodes"])
+def test_sigterm_during_the_cluster_part_takes_the_lab_down(no_lab, when):
     demo = DemoRun(_env(), subprocess.DEVNULL, "--cluster-only")
     try:
-        demo.read_until(ACROSS_NODES)  # etcd, two agents, endpoints, a deathstar on node1
-        assert Path("/var/run/netns/l7lab-node1-deathstar").exists(), demo.seen()
-        assert any("demo.deathstar" in item for item in lab_leftovers()), demo.seen()
+        if when == "during lab up":  # the demo lets `lab up` finish, then takes it down
+            demo.read_until("$ l7proxy lab up")
+        else:
+            demo.read_until(ACROSS_NODES)  # etcd, two agents, endpoints, a deathstar on node1
+            assert Path("/var/run/netns/l7lab-node1-deathstar").exists(), demo.seen()
+            assert any("demo.deathstar" in item for item in lab_leftovers()), demo.seen()
         demo.proc.send_signal(signal.SIGTERM)
         assert demo.proc.wait(120) == 130, demo.seen()
     finally:

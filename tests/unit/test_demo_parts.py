@@ -203,3 +203,24 @@ def test_the_lab_of_a_running_demo_is_left_alone(lab_dir):
     problem = lab_session.blocker(Story())
     assert problem == f"another demo (pid {os.getpid()}) is running its cluster part"
     assert (lab_dir / "lab.json").exists()
+
+
+def test_an_interrupt_while_a_child_starts_is_held_until_it_has_started():
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with procs.deferred_interrupts() as held:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the middle of the start
+            started = True
+        assert started and held == [signal.SIGTERM]
+        with procs.uninterrupted(), procs.deferred_interrupts() as held:
+            os.kill(os.getpid(), signal.SIGTERM)  # cleanup ignores it, and so does the start
+        assert held == []
+        with pytest.raises(KeyboardInterrupt):  # afterwards the demo's handler is back
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, old)
