@@ -56,8 +56,8 @@ def lab_cli(story: Story, *args: str) -> subprocess.CompletedProcess:
     the terminal does not cut `lab up` (or `lab down`) half-way: an interruption waits for it to
     end, then goes on unwinding (and `lab down` removes whatever `lab up` made)."""
     argv = [sys.executable, "-m", "l7proxy", "lab", *args]
-    story.command(shown(argv))
-    with deferred_interrupts() as held:
+    with deferred_interrupts() as held:  # from the moment the command shows, it runs whole
+        story.command(shown(argv))
         proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
