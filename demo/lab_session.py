@@ -94,7 +94,7 @@ def blocker(story: Story) -> str | None:
             "a lab is up (see `l7proxy lab status`), and the demo leaves it alone: run "
             "`l7proxy lab down` first, or the demo with --no-cluster"
         )
-    story.say("a lab left by an earlier demo run (killed before it could clean up): removing it")
+    story.say("a lab left by an earlier demo run (killed, or run with --keep): removing it")
     with uninterrupted():
         for path in state.lab_dir().glob(f"{SERVER_PIDFILE_PREFIX}*.pid"):
             pidfile.stop(path)

@@ -76,7 +76,7 @@ def test_a_killed_demo_s_lab_is_removed_by_the_next_run(no_lab):
     )  # fmt: skip
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
-    assert "a lab left by an earlier demo run (killed before it could clean up)" in out
+    assert "a lab left by an earlier demo run (killed, or run with --keep)" in out
     assert out.count("$ l7proxy lab down") == 2  # the leftover, then its own
     assert "-> xwing: no answer within 2s (packets dropped)   [expected: dropped in the" in out
     assert "-> node1's kernel: " in out and "identity" in out
