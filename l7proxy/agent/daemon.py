@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,7 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
         self.allocator = policies.IdentityAllocator(self.store.get("identities"))
         self.ipcache = policies.IPCache()
         self.ipcache.upsert(f"{self.pool.router}/32", policies.HOST)
+        self.node_label = config.node_name or socket.gethostname()
         self.flows = FlowLog(config.flow_capacity)
         self.metrics = AgentMetrics(self)
         self.flows.add_enricher(self._enrich)
@@ -268,6 +270,8 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
         return emit
 
     def _enrich(self, flow: dict) -> None:
+        # Hubble's node_name: the cluster node's name, or this host's name on a single node
+        flow["node_name"] = self.node_label
         for side in ("source", "destination"):
             peer = flow.get(side)
             if not isinstance(peer, dict):
