@@ -46,8 +46,12 @@ BPF_HASH(ep_by_ip6, struct ip6_key, struct endpoint_info, ENDPOINT_MAP_SIZE);
 #define IPPROTO_ICMP6 58
 #define ICMP6_ECHO_REQUEST 128
 #define ICMP6_ECHO_REPLY 129
-#define ICMP6_ND_FIRST 133  // router solicitation .. redirect (RFC 4861): always pass
-#define ICMP6_ND_LAST 137
+// Link-local control that always passes (like ARP): multicast listener discovery (130-132,
+// MLDv2 report 143; a namespace sends it as soon as its interface is up) and neighbour
+// discovery (133-137: router solicitation .. redirect, RFC 4861).
+#define ICMP6_LINK_FIRST 130
+#define ICMP6_LINK_LAST 137
+#define ICMP6_MLD2_REPORT 143
 #define IPV6_EXT_HEADERS 4  // extension headers skipped before the L4 header, at most
 
 // saddr/daddr for IPv4, saddr6/daddr6 for IPv6 (the other pair is unused, never read).
@@ -577,10 +581,13 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
     __u32 zero = 0;
     __u32 len = skb->len;
 
-    // Neighbour discovery is how IPv6 finds its next hop: never policy's business.
-    if (v6 && t->proto == IPPROTO_ICMP6 && bpf_ntohs(t->dport) >= ICMP6_ND_FIRST &&
-        bpf_ntohs(t->dport) <= ICMP6_ND_LAST)
-        return TC_ACT_OK;
+    // Neighbour and multicast listener discovery are how IPv6 finds its next hop and its
+    // groups: never policy's business (and no event, as for ARP).
+    if (v6 && t->proto == IPPROTO_ICMP6) {
+        __u16 type = bpf_ntohs(t->dport);
+        if ((type >= ICMP6_LINK_FIRST && type <= ICMP6_LINK_LAST) || type == ICMP6_MLD2_REPORT)
+            return TC_ACT_OK;
+    }
     struct dp_config *cfg = config.lookup(&zero);
     if (!cfg)
         return TC_ACT_SHOT;

@@ -22,6 +22,9 @@ def register(sub) -> None:
     c.add_argument("--labels", required=True, help="k=v[,k=v...] (source k8s: unless given)")
     c.add_argument("--ip", help="A.B.C.D[/NN] instead of the next free address of the pool")
     c.add_argument(
+        "--ip6", help="an IPv6 address instead of the next free one of the agent's --pool6"
+    )
+    c.add_argument(
         "--port",
         dest="ports",
         action="append",
@@ -74,6 +77,7 @@ def _create(args) -> int:
             name=args.name,
             labels=args.labels,
             ip=args.ip,
+            ip6=args.ip6,
             ports=[p.to_json() for p in named],
         )
     finally:
@@ -81,7 +85,8 @@ def _create(args) -> int:
     shown = _ports_text(ep.get("ports"))
     print(
         f"endpoint {ep['name']} created: netns {ep['netns']}, ip {ep['ip']}/{ep['prefixlen']}, "
-        f"identity {ep['identity']}, host veth {ep['host_if']}"
+        + (f"ip6 {ep['ip6']}/128, " if ep.get("ip6") else "")
+        + f"identity {ep['identity']}, host veth {ep['host_if']}"
         + (f", ports {shown}" if shown else "")
     )
     return 0
@@ -116,7 +121,7 @@ def _list(args) -> int:
         rows.append(
             (
                 ep["name"],
-                ep["ip"],
+                ep["ip"] + (f",{ep['ip6']}" if ep.get("ip6") else ""),
                 str(ep["identity"]),
                 "Enabled" if pol.get("ingress") else "Disabled",
                 "Enabled" if pol.get("egress") else "Disabled",

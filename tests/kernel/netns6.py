@@ -155,3 +155,35 @@ def ping6_ok(netns: str, ip: str, timeout: float = 3.0) -> bool:
         return False
     finally:
         s.close()
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping4_ok(netns: str, ip: str, timeout: float = 3.0) -> bool:
+    """One ICMP echo request from netns to ip, answered (a raw socket; the checksum is ours)."""
+    s = in_netns(netns, socket.socket, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident, seq = os.getpid() & 0xFFFF, random.randrange(1 << 16)
+    head = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"l7"
+    packet = head[:2] + struct.pack("!H", _checksum(head)) + head[4:]
+    try:
+        s.sendto(packet, (ip, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            data, _ = s.recvfrom(1024)
+            icmp = data[(data[0] & 0xF) * 4 :]  # after the IP header
+            kind, _, _, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
+            if kind == 0 and (rid, rseq) == (ident, seq):
+                return True
+        return False
+    except OSError:
+        return False
+    finally:
+        s.close()

@@ -22,12 +22,14 @@ from tests.kernel.netns6 import (
     EchoServer6,
     Pod6,
     free_subnets,
+    ping4_ok,
     ping6_ok,
     pod6,
     sock6_in,
     tcp6_ok,
     udp6_ok,
 )
+from tests.shared import CILIUM_EXAMPLES
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(120)]
 
@@ -377,3 +379,29 @@ def test_a_v4_only_cidr_policy_never_reaches_ipv6_and_the_reverse(t6):
             _enforce(t6, rule)
             assert _ok(a, peer4, port4, reach4) is reach4, rule
             assert _ok(a, peer6, port6, not reach4) is (not reach4), rule
+
+
+def test_ciliums_icmp_example_allows_ping_and_ping6_only(t6):
+    """examples/policies/l4/icmp.yaml, verbatim: egress ICMP type 8 (IPv4) and EchoRequest
+    (IPv6) for app=myService; both pings pass, nothing else leaves the endpoint."""
+    a, b, _, _ = t6.pods
+    path = CILIUM_EXAMPLES / "examples__policies__l4__icmp.yaml"
+    result = P.load_text(path.read_text(), str(path))
+    assert result.ok, [str(d) for d in result.diagnostics]
+    ns = "k8s:io.kubernetes.pod.namespace=default"
+    endpoints = {
+        "a": P.parse_labels(f"k8s:app=myService,{ns}"),
+        "b": P.parse_labels(f"k8s:app=b,{ns}"),
+    }
+    ipcache = P.IPCache(t6.base_ipcache.items())
+    compiled = P.compile_policy(result.rules, endpoints, P.IdentityAllocator(None), ipcache, 1)
+    for name, p in (("a", a), ("b", b)):
+        ipcache.upsert(f"{p.pod_ip6}/128", compiled.endpoints[name].identity)
+        ipcache.upsert(f"{p.pod_ip}/32", compiled.endpoints[name].identity)
+    t6.dp.ipcache_sync(dict(ipcache.items()))
+    t6.dp.sync(compiled, {"a": t6.ids[0], "b": t6.ids[1]}, proxy_ports={})
+    assert compiled.endpoints["a"].egress_enforced
+    assert ping6_ok(a.netns, b.pod_ip6)
+    assert ping4_ok(a.netns, b.pod_ip)
+    assert not tcp6_ok(a.netns, b.pod_ip6, t6.servers6[1].port, timeout=BLOCKED)
+    assert not tcp_ok(a.netns, b.pod_ip, t6.servers6[1].port, timeout=BLOCKED)
