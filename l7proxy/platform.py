@@ -159,7 +159,10 @@ class SidecarMap:
         if value is None:
             return None
         self._map.delete(key)
-        ip = str(ipaddress.IPv4Address(socket.ntohl(value.daddr)))
+        if any(value.daddr6):  # a native IPv6 destination (connect6)
+            ip = str(ipaddress.IPv6Address(bytes(value.daddr6)))
+        else:
+            ip = str(ipaddress.IPv4Address(socket.ntohl(value.daddr)))
         return SidecarOrigin(ip, socket.ntohs(value.dport), value.src_identity, value.dst_identity)
 
     def close(self) -> None:

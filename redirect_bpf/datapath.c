@@ -903,9 +903,11 @@ int from_netdev(struct __sk_buff *skb)
 #define SIDECAR_REDIRECT 2
 
 // Sidecar mode, shared by connect4 and connect6: the verdict for a connect() to daddr:dport
-// from this cgroup; on redirect the original destination is kept by socket cookie.
-static __always_inline int sidecar_decide(struct bpf_sock_addr *ctx, __be32 daddr,
-                                          __be16 dport, __u16 *sidecar_port)
+// (daddr6 for a native IPv6 destination, v6 a constant) from this cgroup; on redirect the
+// original destination is kept by socket cookie.
+static __always_inline int sidecar_decide_family(struct bpf_sock_addr *ctx, __be32 daddr,
+                                                 __be32 *daddr6, __be16 dport,
+                                                 __u16 *sidecar_port, const int v6)
 {
     if (ctx->protocol != IPPROTO_TCP)
         return SIDECAR_PASS;
@@ -916,18 +918,21 @@ static __always_inline int sidecar_decide(struct bpf_sock_addr *ctx, __be32 dadd
     struct bpf_sock *sk = ctx->sk;
     if (sk && (sk->mark & MARK_MAGIC_MASK) == MARK_FROM_PROXY)
         return SIDECAR_PASS;  // the proxy's own upstream connection
-    if (daddr == bpf_htonl(0x7f000001) && dport == bpf_htons(ep->sidecar_port))
+    if (!v6 && daddr == bpf_htonl(0x7f000001) && dport == bpf_htons(ep->sidecar_port))
         return SIDECAR_PASS;
-    __u32 dst_id = identity_of(daddr);
+    __u32 dst_id = v6 ? identity_of6(daddr6) : identity_of(daddr);
     struct verdict v = {};
     __u8 reason;
     policy_lookup(ep->endpoint_id, dst_id, DIR_EGRESS, IPPROTO_TCP, dport, &v);
     __u8 verdict = decide(ep, DIR_EGRESS, &v, &reason);
     struct tuple t = {.saddr = 0, .daddr = daddr, .sport = 0, .dport = dport,
                       .proto = IPPROTO_TCP};
+    if (v6)
+        __builtin_memcpy(t.daddr6, daddr6, 16);
     if (verdict == VERDICT_DROPPED) {
         count(DIR_EGRESS, verdict, reason, 0);
-        emit(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, verdict, reason, &v);
+        emit_family(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, verdict, reason, &v,
+                    v6);
         return SIDECAR_DENY;
     }
     if (verdict != VERDICT_REDIRECTED)
@@ -938,13 +943,21 @@ static __always_inline int sidecar_decide(struct bpf_sock_addr *ctx, __be32 dadd
         .src_identity = ep->identity,
         .dst_identity = dst_id,
     };
+    if (v6)
+        __builtin_memcpy(orig.daddr6, daddr6, 16);
     __u64 cookie = bpf_get_socket_cookie(ctx);
     sidecar_by_cookie.update(&cookie, &orig);
     *sidecar_port = ep->sidecar_port;
     count(DIR_EGRESS, VERDICT_REDIRECTED, REASON_NEW_FLOW, 0);
-    emit(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, VERDICT_REDIRECTED,
-         REASON_NEW_FLOW, &v);
+    emit_family(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, VERDICT_REDIRECTED,
+                REASON_NEW_FLOW, &v, v6);
     return SIDECAR_REDIRECT;
+}
+
+static __always_inline int sidecar_decide(struct bpf_sock_addr *ctx, __be32 daddr,
+                                          __be16 dport, __u16 *sidecar_port)
+{
+    return sidecar_decide_family(ctx, daddr, 0, dport, sidecar_port, 0);
 }
 
 // Sidecar mode, cgroup/connect4: an L7-marked connect() goes to the sidecar proxy on
@@ -962,15 +975,32 @@ int sidecar_connect4(struct bpf_sock_addr *ctx)
     return 1;
 }
 
-// Sidecar mode, cgroup/connect6: the same for IPv4-mapped destinations (::ffff:a.b.c.d) of
-// AF_INET6 sockets. Native IPv6 is outside this datapath's policy and passes here.
+// Sidecar mode, cgroup/connect6: the same for AF_INET6 sockets. An IPv4-mapped destination
+// (::ffff:a.b.c.d) is checked as IPv4; a native IPv6 one against ipcache6. Either way a
+// redirect goes to ::ffff:127.0.0.1:sidecar_port, the sidecar's one IPv4 listener (so an
+// IPV6_V6ONLY socket cannot be redirected: its connect() fails), and the original IPv6
+// destination is kept in sidecar_orig.daddr6.
 int sidecar_connect6(struct bpf_sock_addr *ctx)
 {
-    if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 ||
-        ctx->user_ip6[2] != bpf_htonl(0x0000ffff))
-        return 1;
     __u16 port = 0;
-    int action = sidecar_decide(ctx, ctx->user_ip6[3], (__be16)ctx->user_port, &port);
+    int action;
+    if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 ||
+        ctx->user_ip6[2] != bpf_htonl(0x0000ffff)) {
+        __be32 daddr6[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
+                            ctx->user_ip6[3]};
+        action = sidecar_decide_family(ctx, 0, daddr6, (__be16)ctx->user_port, &port, 1);
+        if (action == SIDECAR_DENY)
+            return 0;
+        if (action == SIDECAR_REDIRECT) {
+            ctx->user_ip6[0] = 0;
+            ctx->user_ip6[1] = 0;
+            ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+            ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+            ctx->user_port = bpf_htons(port);
+        }
+        return 1;
+    }
+    action = sidecar_decide(ctx, ctx->user_ip6[3], (__be16)ctx->user_port, &port);
     if (action == SIDECAR_DENY)
         return 0;
     if (action == SIDECAR_REDIRECT) {
@@ -1017,8 +1047,8 @@ int sidecar_getsockopt(struct bpf_sockopt *ctx)
         return 1;
     struct sidecar_addr key = {.ip = sk->dst_ip4, .port = (__be16)sk->dst_port};
     struct sidecar_orig *orig = sidecar_by_addr.lookup(&key);
-    if (!orig)
-        return 1;
+    if (!orig || orig->daddr == 0)
+        return 1;  // not ours, or an IPv6 destination (no sockaddr_in for it)
     struct sockaddr_in *sin = ctx->optval;
     if ((void *)(sin + 1) > ctx->optval_end)
         return 1;

@@ -234,11 +234,12 @@ struct sidecar_addr {
 };
 
 struct sidecar_orig {
-    __be32 daddr;
+    __be32 daddr;          // 0 for an IPv6 destination (then daddr6)
     __be16 dport;
     __u16 pad;
     __u32 src_identity;
     __u32 dst_identity;
+    __be32 daddr6[4];      // a native IPv6 destination of connect6, else zero
 };
 
 #endif

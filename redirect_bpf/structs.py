@@ -245,6 +245,7 @@ class SidecarOrig(ct.Structure):
         ("pad", u16),
         ("src_identity", u32),
         ("dst_identity", u32),
+        ("daddr6", Addr6),  # a native IPv6 destination (daddr 0), else zero
     ]
 
 

@@ -143,3 +143,58 @@ def test_dual_stack_endpoints_l3_l4_and_l7_over_ipv6(dual):
     assert any(f["verdict"] == "DROPPED" and f["l7"]["http"]["code"] == 403 for f in l7), l7
     assert drops[0]["destination"]["ip"] == star6
     assert drops[0]["source"]["identity"] == eps["xwing"]["identity"]
+
+
+SIDECAR_EGRESS_L7 = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-egress}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+    - toEndpoints:
+        - matchLabels: {app: web}
+      toPorts:
+        - ports: [{port: "80", protocol: TCP}]
+          rules:
+            http:
+              - method: GET
+                path: /public/.*
+"""
+
+
+def test_sidecar_mode_redirects_curl_6_to_a_native_ipv6_destination(tmp_path):
+    """connect6 sends the client's IPv6 connect() to its sidecar, which forwards to the original
+    IPv6 destination: 200 / 403 as the rule says; outside the cgroup the node proxy does it."""
+    policy = tmp_path / "egress.yaml"
+    policy.write_text(SIDECAR_EGRESS_L7)
+    agent = AgentProcess(
+        pool=free_pool(), bpf=True, mode="sidecar", extra_args=("--pool6", free_pool6())
+    )
+    agent.start()
+    server = None
+    try:
+        ok(agent, "endpoint", "create", "web", "--labels", "app=web")
+        ok(agent, "endpoint", "create", "client", "--labels", "app=client")
+        eps = {e["name"]: e for e in json.loads(ok(agent, "endpoint", "list", "-o", "json"))}
+        web6 = eps["web"]["ip6"]
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", agent.prefix + "web", sys.executable, "-c", SERVER],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout.readline().strip() == "listening"
+        ok(agent, "policy", "import", str(policy))
+        curl6 = ["curl", "-6", "-s", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}"]
+        in_cgroup = ("endpoint", "exec", "client", "--", *curl6)
+        assert ok(agent, *in_cgroup, f"http://[{web6}]/public/plans") == "200"
+        assert ok(agent, *in_cgroup, f"http://[{web6}]/private/plans") == "403"
+        detail = json.loads(ok(agent, "status", "-o", "json"))["parts"]["proxy"]["detail"]
+        assert "client:" in detail and "(2 conns)" in detail, detail
+        outside = curl(agent, "client", "GET", f"http://[{web6}]/private/plans")
+        assert outside == "403"  # tc's redirect to the node proxy, outside the cgroup
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        agent.close()
