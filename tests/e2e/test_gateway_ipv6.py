@@ -1,8 +1,10 @@
 """The gateway listening and forwarding on IPv6 (issue 17): curl -6 to [::1], an IPv6 upstream,
-the source identity from an IPv6 --peer CIDR, and the L7 rule's 200 / 403."""
+the source identity from an IPv6 --peer CIDR, and the L7 rule's 200 / 403; gRPC over IPv6 with
+one method denied."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -60,6 +62,65 @@ def curl6(url: str) -> str:
         text=True,
     )
     return r.stdout
+
+
+@contextlib.contextmanager
+def gateway6(args: list[str]):
+    """`l7proxy gateway ARGS` until its `ready:` line; stopped afterwards."""
+    err = open(tempfile.mktemp(prefix="l7proxy-gw6-"), "w+")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "l7proxy", "gateway", *args],
+        stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while "ready:" not in Path(err.name).read_text():
+            assert proc.poll() is None, Path(err.name).read_text()
+            assert time.monotonic() < deadline, Path(err.name).read_text()
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        err.close()
+        Path(err.name).unlink()
+
+
+def test_grpc_over_ipv6_through_the_gateway(tmp_path):
+    from concurrent import futures
+
+    import grpc
+
+    from tests.e2e.protos.grpc_service import OPTIONS, compile_echo, make_servicer
+
+    (tmp_path / "protos").mkdir()
+    pb2, pb2_grpc = compile_echo(tmp_path / "protos")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=OPTIONS)
+    servicer = make_servicer(pb2, pb2_grpc)
+    pb2_grpc.add_EchoServicer_to_server(servicer, server)
+    upstream = server.add_insecure_port("[::1]:0")
+    server.start()
+    port = free_port6()
+    policy = tmp_path / "grpc.yaml"
+    policy.write_text(
+        policy_yaml(port, '- method: POST\n          path: "/l7test.Echo/Unary"').replace(
+            "app: web", "app: grpc"
+        )
+    )
+    try:
+        with gateway6(
+            ["--listen", f"[::1]:{port}", "--upstream", f"[::1]:{upstream}", "--policy",
+             str(policy), "--labels", "app=grpc", "--protocol", "http2"]
+        ):  # fmt: skip
+            with grpc.insecure_channel(f"ipv6:[::1]:{port}", options=OPTIONS) as channel:
+                stub = pb2_grpc.EchoStub(channel)
+                assert stub.Unary(pb2.Msg(text="hi6"), timeout=10).text == "hi6"
+                with pytest.raises(grpc.RpcError) as denied:
+                    stub.Secret(pb2.Msg(), timeout=10)
+                assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "Secret" not in servicer.calls
+    finally:
+        server.stop(grace=None)
 
 
 def test_gateway_listens_and_forwards_on_ipv6(backend6, tmp_path):
