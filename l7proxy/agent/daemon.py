@@ -222,8 +222,9 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
         return identity, self._labels_of(identity), None
 
     def _index(self, ep: EndpointRow) -> None:
-        self._by_ip[ep.ip] = ep
-        self.ipcache.upsert(f"{ep.ip}/32", ep.identity)
+        if ep.ip:  # "" for an IPv6-only endpoint
+            self._by_ip[ep.ip] = ep
+            self.ipcache.upsert(f"{ep.ip}/32", ep.identity)
         if ep.ip6:
             self._by_ip[ep.ip6] = ep
             self.ipcache.upsert(f"{ep.ip6}/128", ep.identity)

@@ -32,7 +32,7 @@ class IPPool:
 
     def allocate(self, used: Iterable[str]) -> str:
         """The lowest free address after the router (deterministic, so tests can predict it)."""
-        taken = {ipaddress.ip_address(ip) for ip in used}
+        taken = {ipaddress.ip_address(ip) for ip in used if ip}  # "": no address of this family
         taken.add(ipaddress.ip_address(self.router))
         for host in self.network.hosts():
             if host not in taken:

@@ -95,20 +95,24 @@ def create(
                 peer={"ifname": peer_tmp, "net_ns_fd": netns_name},
             )
             idx = ipr.link_lookup(ifname=host_if)[0]
-            ipr.addr("add", index=idx, address=router, prefixlen=32)
+            if ip:  # "" for an IPv6-only endpoint
+                ipr.addr("add", index=idx, address=router, prefixlen=32)
             ipr.link("set", index=idx, state="up")
-            ipr.route("replace", dst=f"{ip}/32", oif=idx)
+            if ip:
+                ipr.route("replace", dst=f"{ip}/32", oif=idx)
             if ip6:
                 _host_side_v6(ipr, idx, ip6, router6)
         with NetNS(netns_name) as ns:
             (eth,) = ns.link_lookup(ifname=peer_tmp)
             ns.link("set", index=eth, ifname="eth0")
-            ns.addr("add", index=eth, address=ip, prefixlen=prefixlen)
+            if ip:
+                ns.addr("add", index=eth, address=ip, prefixlen=prefixlen)
             ns.link("set", index=eth, state="up")
             (lo,) = ns.link_lookup(ifname="lo")
             ns.link("set", index=lo, state="up")
-            ns.route("add", dst=f"{router}/32", oif=eth, scope=SCOPE_LINK)
-            ns.route("add", dst="0.0.0.0/0", gateway=router, oif=eth)
+            if ip:
+                ns.route("add", dst=f"{router}/32", oif=eth, scope=SCOPE_LINK)
+                ns.route("add", dst="0.0.0.0/0", gateway=router, oif=eth)
             if ip6:
                 _inside_v6(ns, eth, ip6, router6)
     except BaseException:

@@ -128,7 +128,9 @@ class AgentOps:
             if self.store.endpoint(name):
                 raise ApiError(f"endpoint {name} already exists")
             used = [ep.ip for ep in self.store.endpoints()]
-            if args.get("ip"):
+            if args.get("ipv6_only"):
+                ip, prefixlen = self._ipv6_only(args), 0
+            elif args.get("ip"):
                 ip, _, plen = str(args["ip"]).partition("/")
                 ip = self.pool.validate(ip, used)
                 prefixlen = int(plen or 32)
@@ -161,6 +163,19 @@ class AgentOps:
             )
             await self._register(row, lambda: netdev.delete(netns_name, host_if))
         return row.to_json()
+
+    def _ipv6_only(self, args: dict) -> str:
+        """An IPv6-only endpoint has no IPv4 address (""); refused where that cannot work."""
+        if self.pool6 is None:
+            raise ApiError("--ipv6-only needs an agent with an IPv6 pool: start it with --pool6")
+        if args.get("ip"):
+            raise ApiError("--ipv6-only and --ip contradict each other: give one of them")
+        if self.cluster is not None:
+            raise ApiError(
+                "--ipv6-only: cluster mode publishes IPv4 addresses only; "
+                "create a dual-stack endpoint instead"
+            )
+        return ""
 
     def _allocate_ip6(self, wanted) -> str:
         """The IPv6 address of a new endpoint: the one asked for (`--ip6`) or the pool's next
@@ -272,7 +287,8 @@ class AgentOps:
         for cidr, identity in self._cluster_ipcache_entries().items():
             cache.upsert(cidr, identity)
         for ep in self._by_ip.values():
-            cache.upsert(f"{ep.ip}/32", ep.identity)
+            if ep.ip:
+                cache.upsert(f"{ep.ip}/32", ep.identity)
             if ep.ip6:
                 cache.upsert(f"{ep.ip6}/128", ep.identity)
         return cache

@@ -198,3 +198,28 @@ def test_sidecar_mode_redirects_curl_6_to_a_native_ipv6_destination(tmp_path):
             server.kill()
             server.wait()
         agent.close()
+
+
+def test_an_ipv6_only_endpoint_gets_no_ipv4_and_is_enforced(dual):
+    agent = dual
+    out = ok(
+        agent, "endpoint", "create", "scout", "--labels", "org=empire,class=scout", "--ipv6-only"
+    )
+    assert "ip6 " in out and " ip " not in out, out
+    eps = {e["name"]: e for e in json.loads(ok(agent, "endpoint", "list", "-o", "json"))}
+    assert eps["scout"]["ip"] == "" and ":" in eps["scout"]["ip6"]
+    inside = subprocess.run(
+        ["ip", "netns", "exec", agent.prefix + "scout", "ip", "-4", "-o", "addr", "show", "eth0"],
+        capture_output=True,
+        text=True,
+    )
+    assert inside.stdout.strip() == ""  # no IPv4 address at all
+    refused = agent.cli("endpoint", "create", "bad", "--labels", "a=b", "--ipv6-only", "--ip",
+                        "10.1.2.3")  # fmt: skip
+    assert refused.returncode != 0 and "contradict" in refused.stderr
+    url6 = f"http://[{eps['deathstar']['ip6']}]"
+    ok(agent, "policy", "import", L7)
+    assert curl(agent, "scout", "PUT", url6 + "/v1/exhaust-port") == "403"
+    assert curl(agent, "scout", "POST", url6 + "/v1/request-landing") == "200"
+    ok(agent, "endpoint", "delete", "scout")
+    assert "scout" not in ok(agent, "endpoint", "list")
