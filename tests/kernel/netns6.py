@@ -36,6 +36,11 @@ class Pod6:
             ["ip", "netns", "exec", self.netns, *args], capture_output=True, text=True, **kw
         )
 
+    def popen(self, *args: str, **kw):
+        import subprocess
+
+        return subprocess.Popen(["ip", "netns", "exec", self.netns, *args], **kw)
+
 
 def enable_ipv6_forwarding() -> None:
     """The host routes between the pods' /64s (the agent sets the same)."""
