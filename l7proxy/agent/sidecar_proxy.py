@@ -186,7 +186,7 @@ class SidecarProxy(NodeProxy):
 
     def sidecar_view(self, ep, origin):
         self.sidecar_connections[ep.name] = self.sidecar_connections.get(ep.name, 0) + 1
-        cp = connection_policy(self.agent, ep.ip, origin.ip, origin.port)
+        cp = connection_policy(self.agent, ep.ip or ep.ip6, origin.ip, origin.port)
         dest = marked_destination(origin.ip, origin.port, cp.src_identity)
         lst = self._listener(
             origin.port, cp.decision, cp.rules, (cp.dst_identity, cp.dst_labels), dest
