@@ -311,6 +311,20 @@ class DnsProxy:
     def _flow(self, ends: Ends, *args, **kw) -> None:
         self.agent.flows.ingest(dns_flow(ends, *args, **kw))
 
+    # sidecar mode: DNS over TCP that the connect4 hook sent to the endpoint's sidecar listener
+
+    def takes_tcp(self, endpoint_ip: str, dst: tuple[str, int]) -> bool:
+        """True when a dns rule redirects TCP from this endpoint to dst (the sidecar hands such
+        a connection over instead of proxying it as HTTP)."""
+        src_ep = self._peer(endpoint_ip)[2]
+        return self._rules(src_ep, self._peer(dst[0])[0], dst[1], "TCP") is not None
+
+    def adopt_tcp(self, transport, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        """Serve an accepted connection from `src` to the original destination `dst`."""
+        protocol = _DnsOverTcp(self, src, dst)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
     def l7_ports(self, compiled) -> dict[int, int]:
         return {n: self.port for n, rs in compiled.l7.items() if rs.parser == "dns"}
 
@@ -344,16 +358,18 @@ class _Job:
 class _DnsOverTcp(asyncio.Protocol):
     """One redirected DNS-over-TCP connection: messages in, answers out in the same order."""
 
-    def __init__(self, proxy: DnsProxy) -> None:
+    def __init__(self, proxy: DnsProxy, peer=None, local=None) -> None:
         self.proxy = proxy
         self.deframer = TcpDeframer()
         self.transport = None
         self.queue: asyncio.Queue | None = None
+        self.peer, self.local = peer, local  # given when a sidecar listener accepted it
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.peer = transport.get_extra_info("peername")[:2]
-        self.local = transport.get_extra_info("sockname")[:2]  # the original destination
+        if self.peer is None:  # redirected by tc to the transparent listener
+            self.peer = transport.get_extra_info("peername")[:2]
+            self.local = transport.get_extra_info("sockname")[:2]  # the original destination
         self.queue = asyncio.Queue()
         self.task = asyncio.ensure_future(self._serve())
 
