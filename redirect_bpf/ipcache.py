@@ -14,6 +14,7 @@ import socket
 from collections.abc import Mapping
 
 from redirect_bpf import structs
+from redirect_bpf.bpfsys import BPF_NOEXIST
 from redirect_bpf.structs import IpcacheKey, IpcacheValue
 
 
@@ -74,7 +75,17 @@ def sync(ipcache, entries: Mapping[str, int]) -> int:
     changes = 0
     for kb, identity in want.items():
         old = have.get(kb)
-        if old is None or (old[0] != identity and not old[1]):
+        if old is None:
+            # only if still absent: the sink (another thread) may have put the same address
+            # with its tunnel endpoint since `have` was read, and that entry must win
+            try:
+                ipcache.put(
+                    IpcacheKey.from_buffer_copy(kb), IpcacheValue(identity=identity), BPF_NOEXIST
+                )
+            except FileExistsError:
+                continue
+            changes += 1
+        elif old[0] != identity and not old[1]:
             ipcache.put(IpcacheKey.from_buffer_copy(kb), IpcacheValue(identity=identity))
             changes += 1
     for kb in have.keys() - want.keys():

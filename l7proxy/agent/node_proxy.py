@@ -127,7 +127,7 @@ class NodeProxy:
         """The listener as this one connection sees it: its peers, its port, its rules."""
         self.connections += 1
         cp = connection_policy(self.agent, src_ip, dst_ip, dport)
-        keeps = getattr(self.agent, "upstream_keeps_source", None)  # not in a worker process
+        keeps = getattr(self.agent, "upstream_keeps_source", None)  # the agent or a worker's view
         source = src_ip if keeps is not None and keeps(src_ip, dst_ip) else ""
         dest = marked_destination(dst_ip, dport, cp.src_identity, source)
         lst = self._listener(dport, cp.decision, cp.rules, (cp.dst_identity, cp.dst_labels), dest)

@@ -92,6 +92,10 @@ class WorkerHandle:
             "router": agent.pool.router,
             "identities": agent.allocator.to_state(),
             "endpoints": [ep.to_json() for ep in agent.store.endpoints()],
+            # cluster mode: other nodes' pods (the worker resolves peers as the agent does) and
+            # the cluster CIDR (an upstream to a pod there connects from the client's address)
+            "remote": agent._cluster_ipcache_entries(),
+            "cluster_cidr": agent.config.cluster_cidr if agent.config.kvstore else "",
             "documents": [
                 {
                     "key": d.key,

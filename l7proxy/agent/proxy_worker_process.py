@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -93,10 +94,13 @@ class WorkerView:
         self._by_ip: dict[str, dict] = {}
         self.allocator = policies.IdentityAllocator(None)
         self.ipcache = policies.IPCache()
+        self.cluster_cidr = ""
 
     def apply(self, state: dict) -> None:
         allocator = policies.IdentityAllocator(state["identities"])
         ipcache = policies.IPCache()
+        for cidr, identity in state.get("remote", {}).items():  # other nodes' pods
+            ipcache.upsert(cidr, identity)
         ipcache.upsert(f"{state['router']}/32", policies.HOST)
         by_ip = {}
         endpoints = {}
@@ -114,7 +118,15 @@ class WorkerView:
             rules, endpoints, allocator, ipcache, state["revision"], named_ports=named
         )
         self.allocator, self.ipcache, self._by_ip = allocator, ipcache, by_ip
+        self.cluster_cidr = state.get("cluster_cidr", "")
         self.compiled, self.seq = compiled, state["seq"]
+
+    def upstream_keeps_source(self, src_ip: str, dst_ip: str) -> bool:
+        """The agent's rule (Agent.upstream_keeps_source): an upstream from a local pod to
+        another node's pod connects from the pod's own address."""
+        if not self.cluster_cidr or src_ip not in self._by_ip or dst_ip in self._by_ip:
+            return False
+        return ipaddress.ip_address(dst_ip) in ipaddress.ip_network(self.cluster_cidr)
 
     def peer(self, ip: str) -> tuple[int, list[str], str | None]:
         ep = self._by_ip.get(ip)

@@ -73,6 +73,7 @@ class ClusterLink:
         self.my_ips: dict[str, IPEntry] = {}
         self.my_refs: dict[str, int] = {}  # labels key -> id this node references
         self.remote_ips: dict[str, IPEntry] = {}
+        self.remote_revs: dict[str, int] = {}  # ip -> etcd revision of its latest put
         self.nodes: dict[str, NodeRecord] = {}
         self.policy: PolicySet | None = None
         self.policy_mod = 0  # mod revision of the policy key (0: no policy stored yet)
@@ -322,15 +323,31 @@ class ClusterLink:
             ):
                 await self._sink(self.sink.node_up, name, record.underlay_ip, record.pod_cidr)
             return
-        if self.nodes.pop(name, None) is not None:
-            log.info("node %s left the cluster (lease expired or removed)", name)
-            gone = [ip for ip, e in self.remote_ips.items() if e.node == name]
-            for ip in gone:
-                del self.remote_ips[ip]
-                await self._sink(self.sink.ipcache_delete, f"{ip}/32")
-            await self._sink(self.sink.node_down, name)
-            if gone:
-                await self.owner.cluster_ipcache_changed()
+        if self.nodes.pop(name, None) is None:
+            return
+        log.info("node %s left the cluster (lease expired or removed)", name)
+        # Its tunnel endpoint, nodes-map entry and routes first: nothing more goes there.
+        await self._sink(self.sink.node_down, name)
+        # Then its pods. The ipcache watch runs beside this one and may be deleting the same
+        # entries (they lived under the same lease), so each entry is checked again after every
+        # await. An entry written after this delete belongs to the node's next life (it came
+        # back and the ipcache watch was quicker than this one): it stays, and goes back into
+        # the maps, which node_down just emptied of everything behind the node's address.
+        changed = False
+        for ip, entry in list(self.remote_ips.items()):
+            if entry.node != name or self.remote_ips.get(ip) is not entry:
+                continue
+            if ev.revision and self.remote_revs.get(ip, 0) > ev.revision:
+                await self._sink(
+                    self.sink.ipcache_set, f"{ip}/32", entry.identity, entry.host_ip or None
+                )
+                continue
+            del self.remote_ips[ip]
+            self.remote_revs.pop(ip, None)
+            changed = True
+            await self._sink(self.sink.ipcache_delete, f"{ip}/32")
+        if changed:
+            await self.owner.cluster_ipcache_changed()
 
     async def _on_ip(self, ev: WatchEvent) -> None:
         ip = ev.key[len(keys.IPCACHE) :]
@@ -338,6 +355,7 @@ class ClusterLink:
             entry = IPEntry.loads(ev.value)
             if entry.node == self.config.node:
                 return
+            self.remote_revs[ip] = ev.revision
             if self.remote_ips.get(ip) == entry:
                 return
             self.remote_ips[ip] = entry
@@ -346,6 +364,7 @@ class ClusterLink:
             )
         elif ip in self.remote_ips:
             del self.remote_ips[ip]
+            self.remote_revs.pop(ip, None)
             await self._sink(self.sink.ipcache_delete, f"{ip}/32")
         else:
             return

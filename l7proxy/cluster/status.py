@@ -65,4 +65,5 @@ def link_status(link) -> dict:
         "policy_revision": link.policy.revision if link.policy else 0,
         "watch_resumes": {p: w.resumes for p, w in link.watches.items()},
         "watch_relists": {p: w.relists for p, w in link.watches.items()},
+        "watch_errors": {p: w.handler_errors for p, w in link.watches.items()},
     }

@@ -1,5 +1,8 @@
 """A prefix watch that survives disconnects: it resumes from the revision after the last event
-it handled, and lists again only when etcd compacted past that revision."""
+it handled, and lists again only when etcd compacted past that revision. A handler that raises
+is logged and counted, and the watch goes on with the next event: an exception escaping here
+would end the watch's task without a word, and the node would stop hearing about that prefix
+for the rest of its life (what once kept a removed node's tunnel in every other node's maps)."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class ResumableWatch:
         self.next_revision = 0
         self.resumes = 0  # watch restarted from next_revision after a disconnect
         self.relists = 0  # full re-lists after a compaction
+        self.handler_errors = 0  # events whose handler raised (logged with the traceback)
 
     async def run(self, start_revision: int) -> None:
         self.next_revision = start_revision
@@ -39,7 +43,7 @@ class ResumableWatch:
                     self.resumes += 1
                 first = False
                 async for event in self.kv.watch(self.prefix, self.next_revision):
-                    await self.on_event(event)
+                    await self._handle(event)
                     self.next_revision = event.revision + 1
             except WatchCompacted as exc:
                 log.warning("watch %s: %s; listing again", self.prefix, exc)
@@ -54,3 +58,12 @@ class ResumableWatch:
             except KVStoreDown as exc:
                 log.debug("watch %s: %s", self.prefix, exc)
             await asyncio.sleep(RETRY_S)
+
+    async def _handle(self, event: WatchEvent) -> None:
+        try:
+            await self.on_event(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.handler_errors += 1
+            log.exception("watch %s: handling %s %s failed", self.prefix, event.kind, event.key)

@@ -38,6 +38,12 @@ def register(sub) -> None:
     node.add_argument("action", choices=("stop", "start"))
     node.add_argument("name")
     node.add_argument("--graceful", action="store_true", help="stop with SIGTERM instead")
+    node.add_argument(
+        "--proxy-worker",
+        choices=("inline", "process"),
+        help="start: run the node's proxy in the agent or in a worker process (kept for later "
+        "starts; default: as before)",
+    )
     node.set_defaults(func=_node)
 
 
@@ -146,6 +152,9 @@ def _node(args) -> int:
             ran = processes.stop_agent(node, sig=sig)
             print(f"{node.name}: agent {'stopped' if ran else 'was not running'}")
         else:
+            if args.proxy_worker:
+                node.args = processes.agent_args(node, lab, proxy_worker=args.proxy_worker)
+                lab.save()
             processes.start_agent(node)
             processes.wait_agent(node, time.monotonic() + processes.AGENT_READY_S)
             print(f"{node.name}: agent running, socket {node.socket}")

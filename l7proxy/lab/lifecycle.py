@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+from l7proxy.agent.proxy_worker_control import stop_worker
 from l7proxy.lab import pidfile, processes, state, underlay
 
 ROUTINGS = ("tunnel", "native")
@@ -70,6 +71,9 @@ def down() -> list[str]:
     for path in pidfiles:
         if pidfile.stop(path):
             done.append(f"stopped agent {path.parent.name}")
+    for state_dir in sorted(d.glob("*/state")) if d.is_dir() else []:
+        # a node started with --proxy-worker process: its worker outlives the agent on purpose
+        stop_worker(state_dir)
     if processes.stop_etcd():
         done.append("stopped etcd")
     done += underlay.remove_all()

@@ -41,7 +41,9 @@ def etcd_args(data_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def agent_args(node: state.NodeState, lab: state.LabState) -> list[str]:
+def agent_args(
+    node: state.NodeState, lab: state.LabState, *, proxy_worker: str = "inline"
+) -> list[str]:
     return [
         sys.executable, "-m", "l7proxy", "agent",
         "--state-dir", str(Path(node.dir) / "state"),
@@ -54,6 +56,7 @@ def agent_args(node: state.NodeState, lab: state.LabState) -> list[str]:
         "--routing", lab.routing,
         "--underlay-ip", node.underlay_ip,
         "--node-lease-ttl", str(lab.lease_ttl),
+        "--proxy-worker", proxy_worker,
     ]  # fmt: skip
 
 

@@ -74,3 +74,27 @@ def test_a_node_that_moved_keeps_only_its_new_underlay_address(sink):
     assert UNDERLAY not in sink.nodes() and MOVED in sink.nodes()
     tunnels = {t for _, t in ipcache.remote_entries(sink.dp.maps["ipcache"]).values()}
     assert tunnels == {MOVED}
+
+
+class _StaleView:
+    """The real ipcache map, except that items() is the view sync() read a moment before the
+    sink (another thread) put POD: sync's write lands after the sink's."""
+
+    def __init__(self, real, stale: list):
+        self.real, self.stale = real, stale
+
+    def items(self):
+        return iter(self.stale)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_sync_that_read_before_the_sink_wrote_does_not_overwrite_it(sink):
+    sink.node_up("nodeX", UNDERLAY, POD_CIDR)
+    ipc = sink.dp.maps["ipcache"]
+    stale = list(ipc.items())  # POD is not there yet
+    sink.ipcache_set(POD, 4711, UNDERLAY)
+    # the agent lists other nodes' pods too (its proxy resolves identities from the same view)
+    ipcache.sync(_StaleView(ipc, stale), {**_local_entries(sink.dp), POD: 4711})
+    assert ipcache.entry(ipc, POD) == (4711, UNDERLAY)

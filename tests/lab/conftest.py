@@ -73,8 +73,80 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def in_pod(node: str, ep: str, *cmd: str, **popen) -> subprocess.Popen:
+    """A long-running command inside an endpoint (`l7proxy --node N endpoint exec EP -- ...`:
+    the returned process is the command itself, which `ip netns exec` became)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    argv = [sys.executable, "-m", "l7proxy", "--node", node, "endpoint", "exec", ep, "--", *cmd]
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    return subprocess.Popen(argv, env=env, **popen)
+
+
+class KeepAlive:
+    """One keep-alive HTTP connection from a pod, one GET per ask()."""
+
+    def __init__(self, node: str, ep: str, ip: str, port: int) -> None:
+        script = str(HERE / "keepalive_client.py")
+        self.proc = in_pod(node, ep, sys.executable, script, ip, str(port),
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def ask(self, path: str) -> str:
+        self.proc.stdin.write(path + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def pinned_map(node: str, name: str) -> dict[bytes, bytes]:
+    """A node's pinned BPF map as {key bytes: value bytes}."""
+    from l7proxy.lab import state
+    from redirect_bpf import bpfsys, structs
+    from redirect_bpf.maps import BpfMap
+
+    key_type, value_type, percpu = structs.MAPS[name]
+    fd = bpfsys.obj_get(state.BPF_PIN_ROOT / f"lab-{node}" / f"map_{name}")
+    bpf_map = BpfMap(name, fd, key_type, value_type, percpu)
+    try:
+        return {bytes(k): bytes(v) for k, v in bpf_map.items()}
+    finally:
+        bpf_map.close()
+
+
+def remote_view(node: str) -> tuple[set[str], set[str]]:
+    """What a node's maps say about the others: (underlay IPs in its nodes map, tunnel
+    endpoints its ipcache entries carry)."""
+    from redirect_bpf import ipcache, structs
+
+    nodes = {
+        ipcache.ip_of(structs.u32.from_buffer_copy(k).value) for k in pinned_map(node, "nodes")
+    }
+    tunnels = {
+        ipcache.ip_of(v.tunnel_endpoint)
+        for v in map(structs.IpcacheValue.from_buffer_copy, pinned_map(node, "ipcache").values())
+        if v.tunnel_endpoint
+    }
+    return nodes, tunnels
+
+
+def ipcache_identity(node: str, ip: str) -> int | None:
+    """The identity a node's BPF ipcache holds for exactly ip/32 (None: no such entry)."""
+    from redirect_bpf import ipcache, structs
+
+    value = pinned_map(node, "ipcache").get(bytes(ipcache.key(f"{ip}/32")))
+    return structs.IpcacheValue.from_buffer_copy(value).identity if value else None
+
+
 def _endpoint(lab: Lab, node: str, name: str, labels: str) -> None:
     cli("endpoint", "create", name, "--labels", labels, node=node)
+    learn_endpoint(lab, node, name)
+
+
+def learn_endpoint(lab: Lab, node: str, name: str) -> None:
+    """Note an endpoint's address and identity as its node lists it."""
     for ep in json.loads(cli("endpoint", "list", "-o", "json", node=node)):
         if ep["name"] == name:
             lab.ips[name], lab.identities[name] = ep["ip"], ep["identity"]
@@ -94,29 +166,9 @@ def lab(request):
         _endpoint(lab, "node2", "backend", "app=backend")
         _endpoint(lab, "node3", "reader", "app=reader")
         lab.nodes = {n["name"]: n for n in lab.status()["nodes"]}
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        servers = str(HERE / "servers.py")
         lab.servers.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "l7proxy",
-                    "--node",
-                    "node2",
-                    "endpoint",
-                    "exec",
-                    "backend",
-                    "--",
-                    sys.executable,
-                    str(HERE / "servers.py"),
-                    "8080",
-                    "9090",
-                    "9091",
-                ],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            in_pod("node2", "backend", sys.executable, servers, "8080", "9090", "9091")
         )
         backend = lab.ips["backend"]
         wait_for(
