@@ -178,7 +178,7 @@ class DnsProxy:
         if proto == "UDP":
             try:
                 self.upstreams.send(wire, dst, ends.src_id, lambda a, e: self._answered(job, a, e))
-            except OSError as exc:  # answered after the REQUEST flow below
+            except Exception as exc:  # noqa: BLE001 - answered after the REQUEST flow below
                 asyncio.get_running_loop().call_soon(self._answered, job, None, exc)
         else:
             self._spawn(self._tcp_forward(job, wire))
