@@ -55,6 +55,9 @@ class AgentConfig:
     flow_capacity: int = 10_000
     proxy_worker: str = "inline"  # or "process": the node proxy outlives agent restarts
     path_escaped_slashes: str = "unescape"  # ProxyConfig.path_escaped_slashes (issue 19)
+    dns_min_ttl: float = 0  # ProxyConfig.dns_* (issue 21, docs/dns.md)
+    dns_max_ips_per_name: int = 1000
+    dns_nice: int = -10
     # cluster mode (issue 15): all of these matter only with kvstore set (docs/cluster.md)
     kvstore: str | None = None  # etcd://HOST:PORT[,HOST:PORT...]
     node_name: str = ""
@@ -70,7 +73,12 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.store = Store(config.state_dir / "state.db")
-        self.proxy_config = ProxyConfig(path_escaped_slashes=config.path_escaped_slashes)
+        self.proxy_config = ProxyConfig(
+            path_escaped_slashes=config.path_escaped_slashes,
+            dns_min_ttl=config.dns_min_ttl,
+            dns_max_ips_per_name=config.dns_max_ips_per_name,
+            dns_nice=config.dns_nice,
+        )
         self.pool = IPPool(config.pool)
         self.pool6 = IPPool(config.pool6, 6) if config.pool6 else None
         self.allocator = policies.IdentityAllocator(self.store.get("identities"))

@@ -238,6 +238,7 @@ class AgentOps:
         self._release_identity(ep.identity)
         if self.cluster is not None:
             await self._cluster_endpoint_removed(ep)
+        await self.fqdn_forget_endpoint(ep.name)  # its learned names (issue 21)
         self.ipcache = self._rebuild_ipcache()
         compiled = await asyncio.to_thread(self._recompile, self.store.revision())
         await asyncio.to_thread(self._install, compiled)

@@ -83,6 +83,11 @@ class SidecarGate(Gate):
         if origin is None:  # not sent by the connect4 hook: nothing to proxy to
             transport.abort()
             return
+        dns = self.proxy.agent.dns_proxy
+        dst = (origin.ip, origin.port)
+        if dns is not None and dns.takes_tcp(self.endpoint.ip, dst):  # DNS over TCP (issue 21)
+            dns.adopt_tcp(transport, (self.endpoint.ip, peer[1]), dst)
+            return
         self.lst = self.proxy.sidecar_view(self.endpoint, origin)
         super().connection_made(transport)
 

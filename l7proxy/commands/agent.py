@@ -65,6 +65,23 @@ def register(sub) -> None:
         help="%%2F, %%5C and \\ in request paths: unescape (default: judged and forwarded as /), "
         "reject (400), keep (Envoy's KEEP_UNCHANGED; UNSAFE if the backend decodes them)",
     )
+    dns = p.add_argument_group("DNS proxy and toFQDNs (docs/dns.md)")
+    dns.add_argument(
+        "--dns-min-ttl", type=float, default=0, help="learned IPs stay at least this many seconds"
+    )
+    dns.add_argument(
+        "--dns-max-ips-per-name",
+        type=int,
+        default=1000,
+        help="unexpired IPs one endpoint keeps per name (the oldest expire first)",
+    )
+    dns.add_argument(
+        "--dns-nice",
+        type=int,
+        default=-10,
+        help="CPU nice value of the agent's event-loop thread, which answers DNS (default -10; "
+        "0 leaves it alone)",
+    )
     cluster = p.add_argument_group(
         "cluster mode",
         "identities, the ipcache, nodes, pod CIDRs and policies in etcd (docs/cluster.md)",
@@ -235,6 +252,9 @@ def run(args) -> int:
         bpf_dir=args.bpf_dir,
         proxy_worker=args.proxy_worker,
         path_escaped_slashes=args.path_escaped_slashes,
+        dns_min_ttl=args.dns_min_ttl,
+        dns_max_ips_per_name=args.dns_max_ips_per_name,
+        dns_nice=args.dns_nice,
         kvstore=args.kvstore,
         node_name=args.node_name,
         cluster_cidr=args.cluster_cidr,
