@@ -126,5 +126,13 @@ def test_while_etcd_is_down_changes_are_refused_and_services_stay(two_nodes):
             assert endpoints_of(agent, "ext") == ["192.0.2.1"]
     finally:
         etcd.start()
-    ok(a, "service", "create", "x", "--vip", "10.96.16.23:80", "--backend", "192.0.2.2:80")
+    # etcd is back: the client reconnects within its backoff, then the create goes through and
+    # the other node's watch (resumed) brings it
+    args = ("service", "create", "x", "--vip", "10.96.16.23:80", "--backend", "192.0.2.2:80")
+
+    def created() -> bool:
+        r = a.cli(*args)  # a try whose answer was lost may have written it: "already exists"
+        return r.returncode == 0 or "already exists" in r.stderr
+
+    assert until(created, timeout=30)
     assert until(lambda: endpoints_of(b, "x") == ["192.0.2.2"])
