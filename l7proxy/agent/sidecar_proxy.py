@@ -79,12 +79,18 @@ class SidecarGate(Gate):
         self.proxy, self.endpoint = proxy, endpoint
 
     def connection_made(self, transport) -> None:
+        peer = transport.get_extra_info("peername") or ("127.0.0.1", 0)
         try:
             origin = self.proxy.sidecar_map.pop(transport.get_extra_info("socket"))
         except OSError:  # the client is gone already (no peer address)
             origin = None
         if origin is None:  # not sent by the connect4 hook: nothing to proxy to
             transport.abort()
+            return
+        dns = self.proxy.agent.dns_proxy
+        dst = (origin.ip, origin.port)
+        if dns is not None and dns.takes_tcp(self.endpoint.ip, dst):  # DNS over TCP (issue 21)
+            dns.adopt_tcp(transport, (self.endpoint.ip, peer[1]), dst)
             return
         self.lst = self.proxy.sidecar_view(self.endpoint, origin)
         super().connection_made(transport)
@@ -189,7 +195,7 @@ class SidecarProxy(NodeProxy):
 
     def sidecar_view(self, ep, origin):
         self.sidecar_connections[ep.name] = self.sidecar_connections.get(ep.name, 0) + 1
-        cp = connection_policy(self.agent, ep.ip, origin.ip, origin.port)
+        cp = connection_policy(self.agent, ep.ip or ep.ip6, origin.ip, origin.port)
         dest = marked_destination(origin.ip, origin.port, cp.src_identity)
         lst = self._listener(
             origin.port, cp.decision, cp.rules, (cp.dst_identity, cp.dst_labels), dest

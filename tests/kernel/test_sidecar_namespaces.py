@@ -120,8 +120,8 @@ def two_endpoints(t):
     identity, destination and L7 port."""
     net = f"10.250.{t.spare_octet}"
     with cgroup() as cg_a, cgroup() as cg_b:
-        a = Endpoint(t.pods[0].netns, cg_a, 211, 2011, f"{net}.11", 3011, 80)
-        b = Endpoint(t.pods[1].netns, cg_b, 212, 2012, f"{net}.12", 3012, 8080)
+        a = Endpoint(t.pods[0].netns, cg_a, 221, 2021, f"{net}.11", 3011, 80)
+        b = Endpoint(t.pods[1].netns, cg_b, 222, 2022, f"{net}.12", 3012, 8080)
         for ep in (a, b):
             t.dp.ipcache_upsert(f"{ep.dest}/32", ep.dest_id)
         try:
