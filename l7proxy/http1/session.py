@@ -163,7 +163,11 @@ class Http1Session(Forwarding, Upgrades, Lifetime, SplicedBodies, Session):
         if parser.in_head and not self.queue and self.deadline_kind != HEAD and not self.closed:
             self._set_deadline(HEAD, self.cfg.header_timeout)
         elif self.parsing is not None and self.parsing.body_left:
-            self._splice_request_body()  # a large Content-Length body goes on: bodies.py
+            # A large Content-Length body goes on (bodies.py). If it is spliced this parser is
+            # dropped, and its last event list (this read's body) would live on with it in a
+            # reference cycle until a full GC: 28 MiB more RSS under the upload bench.
+            events.clear()
+            self._splice_request_body()
 
     def _handle(self, events) -> None:
         for ev in events:
