@@ -28,6 +28,7 @@ response body has the same (no) deadline as on the Python path.
 
 from __future__ import annotations
 
+import errno
 import time
 
 from l7proxy import splice
@@ -140,6 +141,16 @@ class RequestBodyPump(_BodyPump):
         self.moved += n
         session = self.session
         session.deadline = _monotonic() + session.cfg.idle_timeout  # the upload progresses
+
+    def splice_failed(self, exc: OSError) -> None:
+        """EPIPE is the upstream's side (a pooled connection it had closed, say): the client
+        gets the 503 it gets on the Python path; anything else closes both."""
+        self.broken = True
+        self.close()
+        session = self.session
+        if exc.errno == errno.EPIPE and self.up is session.upstream and not self.up.got_bytes:
+            session.on_upstream_lost(self.up, "reset")
+        session._close()
 
     def source_eof_in_message(self) -> None:
         """The client closed in the middle of the body: the upstream gets a cut request, on a

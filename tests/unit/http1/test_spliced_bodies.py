@@ -390,3 +390,32 @@ def test_request_keep_alive_rules():
     assert not bodies.request_keeps_alive(b"1.1", ((b"Connection", b"Upgrade, close"),))
     assert not bodies.request_keeps_alive(b"1.0", ())
     assert bodies.request_keeps_alive(b"1.0", ((b"connection", b"Keep-Alive"),))
+
+
+def closes_after_head(backend: Backend, conn: socket.socket) -> None:
+    """Reads a request head and closes at once, resetting the body the proxy sends."""
+    pending = bytearray()
+    while b"\r\n\r\n" not in pending:
+        pending += conn.recv(65536)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    conn.close()
+
+
+def test_an_upstream_gone_mid_upload_gets_the_client_a_503_or_a_close(make, moved):
+    _, proxy = make(serve=closes_after_head)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        c.sendall(post("/public/up", 4 * MIB) + body(100 * 1024))
+        time.sleep(0.1)
+        try:
+            c.sendall(body(2 * MIB))
+        except OSError:
+            pass  # the proxy closed first
+        out = b""
+        try:
+            while chunk := c.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
+    # The upstream's reset reaches the proxy as a lost connection (503) or through the pump
+    # (EPIPE: 503; a reset: the client is closed): never a hang, never a 200.
+    assert out == b"" or out.startswith(b"HTTP/1.1 503")
