@@ -1,8 +1,9 @@
 """HTTP/1.1 numbers of issue 4, side by side: direct nginx, Envoy, HAProxy and the project.
 
 Every proxy runs one worker with the rule "GET /public/.*, else 403" (the upload scenario also
-allows POST /upload/.*). Each scenario starts its proxies fresh, checks that each enforces the rule,
-then measures them one after another.
+allows POST /upload/.*; the download scenario fetches a 1 MiB static file under /public/). Each
+scenario starts its proxies fresh, checks that each enforces the rule, then measures them one
+after another.
 """
 
 from __future__ import annotations
