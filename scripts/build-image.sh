@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the product image with podman, offline-friendly: no registry and no TLS inside the build.
-#   scripts/build-image.sh [TAG]        (default localhost/l7proxy:latest)
+#   scripts/build-image.sh [TAG]             agent and gateway (default localhost/l7proxy:latest)
+#   scripts/build-image.sh --gateway [TAG]   gateway only: no bcc, LLVM or kernel headers
+#                                            (docker/Dockerfile.gateway; localhost/l7proxy-gateway:latest)
 # 1. base: debootstrap --variant=minbase bookworm from the Debian mirror apt already uses, then
 #    `podman import` as localhost/debian-base:bookworm (once; ~30 s);
 # 2. wheelhouse: `pip wheel` of the project and its dependencies on the host into build/wheelhouse
@@ -8,7 +10,15 @@
 # 3. `podman build --from` the base; setup.sh --product installs only what the product needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TAG=${1:-localhost/l7proxy:latest}
+DOCKERFILE=docker/Dockerfile
+DEFAULT_TAG=localhost/l7proxy:latest
+if [ "${1:-}" = "--gateway" ]; then
+  DOCKERFILE=docker/Dockerfile.gateway
+  DEFAULT_TAG=localhost/l7proxy-gateway:latest
+  shift
+fi
+case "${1:-}" in -*) printf 'build-image: unknown option %s (--gateway [TAG])\n' "$1" >&2; exit 2 ;; esac
+TAG=${1:-$DEFAULT_TAG}
 BASE=${L7PROXY_BASE_IMAGE:-localhost/debian-base:bookworm}
 PY=${L7PROXY_PYTHON:-${L7PROXY_VENV:-$PWD/.venv}/bin/python}  # the interpreter whose pip makes wheels
 PODMAN=(podman --runtime runc)
@@ -36,8 +46,8 @@ fi
 step "wheelhouse: pip wheel of the project and its dependencies into build/wheelhouse"
 "$PY" -m pip wheel -q -w build/wheelhouse . || die "pip wheel failed: check that PyPI is reachable from this host"
 
-step "podman build $TAG (apt inside the build; pip from the wheelhouse only)"
+step "podman build $TAG from $DOCKERFILE (apt inside the build; pip from the wheelhouse only)"
 "${PODMAN[@]}" build -q --network host --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
-  --from "$BASE" -f docker/Dockerfile -t "$TAG" . >/dev/null || die "podman build failed"
+  --from "$BASE" -f "$DOCKERFILE" -t "$TAG" . >/dev/null || die "podman build failed"
 size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$TAG")
 step "built $TAG: $((size / 1024 / 1024)) MiB"

@@ -4,7 +4,9 @@
 path), gives it an address from the node's pool, labels it and attaches the datapath, exactly as
 `endpoint.create` does for a namespace it makes itself. `endpoint.release` is DEL (idempotent: an
 unknown container is released already) and `endpoint.check` is CHECK. An endpoint is keyed by
-(container id, interface name), the pair CNI keys attachments by. Mixed into `Agent`.
+(container id, interface name), the pair CNI keys attachments by. In sidecar mode the sidecar
+proxy attaches the connect() hooks once the runtime has made the container's cgroup (after ADD;
+sidecar_proxy.py). Mixed into `Agent`.
 """
 
 from __future__ import annotations
@@ -54,8 +56,6 @@ class ContainerOps:
         netns_path = str(args.get("netns") or "")
         if not netns_path.startswith("/") or not os.path.exists(netns_path):
             raise ApiError(f"network namespace {netns_path!r} does not exist")
-        if self.config.mode == "sidecar":
-            raise ApiError("container endpoints need --mode node (sidecar mode: not yet)")
         runtime = str(args.get("runtime") or "cni")[:32]
         labels = normalize_labels(args.get("labels") or [])
         async with self._lock:

@@ -215,7 +215,8 @@ class AgentOps:
             item = ep.to_json()
             item["policy"] = self._enforcement(ep.name)
             if self.config.mode == "sidecar":
-                item["cgroup"] = str(netdev.cgroup_path(ep.netns))
+                cgroup_of = getattr(self.proxy, "cgroup_of", None)  # a container's: once made
+                item["cgroup"] = cgroup_of(ep) if cgroup_of else str(netdev.cgroup_path(ep.netns))
             out.append(item)
         return out
 

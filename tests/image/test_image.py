@@ -7,7 +7,9 @@ scripts/build-image.sh makes the base with debootstrap, the wheelhouse on the ho
   PUT is answered 403 by the gateway;
 - `l7proxy agent` with the documented privileges (host network and pid, bpffs, cgroups, netns and
   state from the host) far enough that `status` says the datapath loaded and every part is ok;
-and the image carries none of the test peers.
+and the image carries none of the test peers. The gateway-only image (`build-image.sh --gateway`,
+docker/Dockerfile.gateway) runs the same gateway test and carries no bcc, LLVM, kernel headers or
+network tools.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ pytestmark = [pytest.mark.image, pytest.mark.root, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 TAG = "localhost/l7proxy:test-image"
+GATEWAY_TAG = "localhost/l7proxy-gateway:test-image"
+GATEWAY_MAX_MIB = 300  # 225 MiB measured (121 of them the debootstrap base)
 PODMAN = ["podman", "--runtime", "runc"]
 RUN_FLAGS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--network", "host"]
 TEST_PEERS = ("nginx", "haproxy", "wrk", "iperf3", "kcat", "chromium", "podman", "h2load")
@@ -46,19 +50,33 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return r
 
 
-@pytest.fixture(scope="module")
-def image():
+def build(*args: str) -> str:
+    """scripts/build-image.sh ARGS; returns the tag, printing its size."""
+    tag = args[-1]
     r = subprocess.run(
-        [str(REPO / "scripts" / "build-image.sh"), TAG],
+        [str(REPO / "scripts" / "build-image.sh"), *args],
         capture_output=True,
         text=True,
         timeout=1700,
         env={**os.environ, "L7PROXY_PYTHON": sys.executable},
     )
     assert r.returncode == 0, f"build-image.sh failed:\n{r.stdout}\n{r.stderr}"
-    size = int(podman("image", "inspect", "--format", "{{.Size}}", TAG).stdout)
-    print(f"\nimage {TAG}: {size / 2**20:.0f} MiB")
-    return TAG
+    print(f"\nimage {tag}: {image_mib(tag):.0f} MiB")
+    return tag
+
+
+def image_mib(tag: str) -> float:
+    return int(podman("image", "inspect", "--format", "{{.Size}}", tag).stdout) / 2**20
+
+
+@pytest.fixture(scope="module")
+def image():
+    return build(TAG)
+
+
+@pytest.fixture(scope="module")
+def gateway_image():
+    return build("--gateway", GATEWAY_TAG)
 
 
 def free_port() -> int:
@@ -101,6 +119,30 @@ def test_image_carries_no_test_peers(image):
 
 
 def test_gateway_from_the_image_in_front_of_a_real_backend(image, tmp_path):
+    gateway_allows_and_denies(image, tmp_path)
+
+
+def test_gateway_only_image_has_no_kernel_parts(gateway_image):
+    checks = (
+        "python3 -c 'import bcc' 2>/dev/null && echo bcc; "
+        "ls /usr/lib/x86_64-linux-gnu/ | grep -i -E 'llvm|clang'; "
+        "ls -d /usr/src/linux-headers-* /lib/modules/*/build 2>/dev/null; "
+        "for t in ip tc iptables bpftool pip "
+        + " ".join(TEST_PEERS)
+        + "; do command -v $t; done; true"
+    )
+    r = podman("run", "--rm", *RUN_FLAGS, "--entrypoint", "/bin/sh", gateway_image, "-c", checks)
+    assert r.stdout.strip() == "", f"the gateway-only image carries: {r.stdout.split()}"
+    r = podman("run", "--rm", *RUN_FLAGS, gateway_image)
+    assert r.stdout.startswith("usage: l7proxy gateway")
+    assert image_mib(gateway_image) < GATEWAY_MAX_MIB
+
+
+def test_gateway_from_the_gateway_only_image(gateway_image, tmp_path):
+    gateway_allows_and_denies(gateway_image, tmp_path)
+
+
+def gateway_allows_and_denies(image: str, tmp_path: Path) -> None:
     backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Backend)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
     gport = free_port()
