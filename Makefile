@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 RUFF   := $(VENV)/bin/ruff
 
-.PHONY: help setup setup-bench test test-unit test-kernel test-e2e test-image lint fmt bench fuzz demo clean
+.PHONY: help setup setup-bench test test-unit test-kernel test-e2e test-image lint fmt bench fuzz demo demo-cluster clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,8 +55,11 @@ fuzz: ## atheris on each parser/layer, FUZZ_RUNS executions each; fails on a fin
 		grep -E '^Done|^stat::(number_of_executed_units|average_exec_per_sec)' $(FUZZ_LOGS)/$$t.log; \
 	done
 
-demo: setup ## the main job: Cilium's Star Wars demo on real namespaces
+demo: setup ## the main job: Cilium's Star Wars demo on real namespaces (ends on a 2-node lab)
 	$(PY) -m demo
+
+demo-cluster: setup ## only the demo's cluster part: deathstar and ships on two lab nodes
+	$(PY) -m demo --cluster-only
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache tests/bench/results

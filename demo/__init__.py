@@ -3,8 +3,10 @@
 With root and BPF: an agent (node mode) makes the endpoints deathstar, tiefighter and xwing as
 network namespaces; the L3/L4 policy drops the xwing in the kernel, the L7 policy lets the
 tiefighter request landing and answers its PUT /v1/exhaust-port with 403 Access denied; then
-Kafka (roles per topic) and gRPC (one rule per method) on endpoints of the same agent. Without
-root or BPF it says so and runs the same stories through `l7proxy gateway` on loopback.
+Kafka (roles per topic) and gRPC (one rule per method) on endpoints of the same agent; last, the
+Star Wars story across the nodes of a local lab (`l7proxy lab up --nodes 2`: etcd, two node
+namespaces, an agent each), the deathstar on node1 and the ships on node2. Without root or BPF it
+says so and runs the same stories through `l7proxy gateway` on loopback.
 
 Every step prints the command it runs and the verdict it actually saw; a verdict that differs
 from what the policy promises is marked and makes the demo exit 1. Everything it made is removed

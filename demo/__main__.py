@@ -1,4 +1,5 @@
-"""`python -m demo` (`make demo`): pick node or gateway mode, run the parts, count the checks."""
+"""`python -m demo` (`make demo`): pick node or gateway mode, run the parts (node mode ends with
+the cluster part on a local lab), count the checks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import time
 
 import demo
-from demo import grpc_part, kafka_part, live_map, node, node_session, starwars
+from demo import cluster_part, grpc_part, kafka_part, live_map, node, node_session, starwars
 from demo.story import Story
 from l7proxy.agent.datapath_choice import bpf_problem
 
@@ -21,6 +22,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool", default=os.environ.get("L7PROXY_DEMO_POOL", "10.251.10.0/24"))
     p.add_argument("--prefix", default=os.environ.get("L7PROXY_DEMO_PREFIX", "l7demo-"))
     p.add_argument("--no-extras", action="store_true", help="skip the Kafka and gRPC parts")
+    p.add_argument(
+        "--no-cluster", action="store_true", help="skip the cluster part (a 2-node local lab)"
+    )
+    p.add_argument(
+        "--cluster-only", action="store_true", help="run only the cluster part (make demo-cluster)"
+    )
     return p.parse_args(argv)
 
 
@@ -36,10 +43,22 @@ def node_mode(story: Story, args: argparse.Namespace, started: float) -> int:
     print("Root and BPF present: real namespaces, BPF on the veths, node-mode proxy.")
     with node_session.session(story, args.pool, args.prefix, args.keep) as run:
         node.run_story(story, run, extras=not args.no_extras)
+        if not args.no_cluster:
+            cluster_part.cluster_part(story, keep=args.keep)
         code = report(story, started)
         if not args.keep:
             live_map.keep_up(run.map_url())
     return code
+
+
+def cluster_only(
+    story: Story, args: argparse.Namespace, started: float, problem: str | None
+) -> int:
+    if problem:
+        print(f"The cluster part needs the kernel datapath: {problem}.", file=sys.stderr)
+        return 1
+    cluster_part.cluster_part(story, keep=args.keep, required=True)
+    return report(story, started)
 
 
 def gateway_mode(story: Story, args: argparse.Namespace, started: float) -> int:
@@ -71,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     print("l7proxy demo: Cilium's Star Wars getting-started (deathstar, tiefighter, xwing)")
     problem = None if args.gateway else bpf_problem()
     try:
+        if args.cluster_only:
+            return cluster_only(story, args, started, problem)
         if args.gateway:
             print("Running the gateway-mode part only (--gateway).")
         elif problem:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def module(name: str, *args: str) -> list[str]:
@@ -24,8 +24,15 @@ def module(name: str, *args: str) -> list[str]:
 
 
 def shown(argv: list[str]) -> list[str]:
-    """argv as the demo prints it: `python` instead of the venv's full interpreter path."""
-    return ["python" if a == sys.executable else a for a in argv]
+    """argv as the demo prints it: `l7proxy` for `python -m l7proxy` (as a user types it), and
+    `python` instead of the venv's full interpreter path."""
+    out: list[str] = []
+    for a in argv:
+        if out[-2:] == ["python", "-m"] and a == "l7proxy":
+            out[-2:] = ["l7proxy"]
+        else:
+            out.append("python" if a == sys.executable else a)
+    return out
 
 
 def in_ns(netns: str, argv: list[str]) -> list[str]:
@@ -64,8 +71,11 @@ class Children:
     def start(self, argv: list[str], **kw) -> subprocess.Popen:
         kw.setdefault("stdout", subprocess.DEVNULL)
         kw.setdefault("stderr", subprocess.DEVNULL)
-        proc = start_group(argv, **kw)
-        self._undo.append(proc)
+        with deferred_interrupts() as held:
+            proc = start_group(argv, **kw)
+            self._undo.append(proc)
+        if held:
+            raise KeyboardInterrupt
         return proc
 
     def start_server(self, argv: list[str]) -> subprocess.Popen:
@@ -88,6 +98,27 @@ class Children:
                 item = self._undo.pop()  # e.g. the broker before its data directory
                 with contextlib.suppress(Exception):
                     stop(item) if isinstance(item, subprocess.Popen) else item()
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[list[int]]:
+    """Ctrl-C or SIGTERM while a child is being started is held back until the `with` ends (the
+    list then holds it; the caller raises KeyboardInterrupt): raised inside Popen, it would leave
+    a child running that nobody has a handle on."""
+    held: list[int] = []
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def hold(signum, frame) -> None:
+        if old[signum] is not signal.SIG_IGN:  # inside `uninterrupted` it stays ignored
+            held.append(signum)
+
+    for sig in old:
+        signal.signal(sig, hold)
+    try:
+        yield held
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@ may request landing, the xwing (org=alliance) may not reach it, and nobody may P
 /v1/exhaust-port.
 
 Node mode walks through no policy, the L3/L4 policy (the xwing dropped in the kernel) and the
-L7 policy (the PUT answered 403 by the node proxy). Gateway mode shows the L7 policy on loopback.
+L7 policy (the PUT answered 403 by the node proxy); the cluster part walks the same way across
+two lab nodes (`policy_walk`). Gateway mode shows the L7 policy on loopback.
 """
 
 from __future__ import annotations
@@ -84,6 +85,31 @@ def _expect_kernel_drops(story: Story, run: NodeRun) -> None:
     )
 
 
+def policy_walk(
+    story: Story,
+    ship: Ship,
+    import_policy: Callable[[Path], None],
+    kernel_drops: Callable[[], None],
+) -> None:
+    """No policy, the L3/L4 policy, the L7 policy: the node-mode story, on one node or across
+    nodes (`import_policy` and `kernel_drops` say where the policy goes and the drops show)."""
+    story.step("Without a policy, both ships can land")
+    expect_landing(story, ship, "tiefighter")
+    expect_landing(story, ship, "xwing")
+
+    story.step("L3/L4 policy: only org=empire may reach the deathstar on TCP/80")
+    story.show(L3L4)
+    import_policy(L3L4)
+    expect_landing(story, ship, "tiefighter")
+    expect_no_answer(story, ship, "xwing", "dropped in the kernel (no answer)")
+    kernel_drops()
+
+    story.step("L7 policy: empire ships may only POST /v1/request-landing")
+    story.show(L7)
+    import_policy(L7)
+    expect_l7_policy(story, ship, "still dropped in the kernel")
+
+
 def node_part(story: Story, run: NodeRun) -> None:
     story.step("Endpoints: a namespace with a veth, an IP and labels for each ship")
     star = _start_deathstar(story, run)
@@ -91,21 +117,10 @@ def node_part(story: Story, run: NodeRun) -> None:
     def ship(name: str, method: str, path: str) -> Outcome:
         return curl(story, in_ns(run.netns(name), []), method, f"http://{star}/{path}")
 
-    story.step("Without a policy, both ships can land")
-    expect_landing(story, ship, "tiefighter")
-    expect_landing(story, ship, "xwing")
+    def import_policy(policy: Path) -> None:
+        run_cli(story, run.env, "policy", "import", str(policy))
 
-    story.step("L3/L4 policy: only org=empire may reach the deathstar on TCP/80")
-    story.show(L3L4)
-    run_cli(story, run.env, "policy", "import", str(L3L4))
-    expect_landing(story, ship, "tiefighter")
-    expect_no_answer(story, ship, "xwing", "dropped in the kernel (no answer)")
-    _expect_kernel_drops(story, run)
-
-    story.step("L7 policy: empire ships may only POST /v1/request-landing")
-    story.show(L7)
-    run_cli(story, run.env, "policy", "import", str(L7))
-    expect_l7_policy(story, ship, "still dropped in the kernel")
+    policy_walk(story, ship, import_policy, lambda: _expect_kernel_drops(story, run))
     trace = ("--src-endpoint", "tiefighter", "--dst-endpoint", "deathstar", "--dport", "80")
     run_cli(story, run.env, "policy", "trace", *trace, "--http", "PUT", "/v1/exhaust-port")
 

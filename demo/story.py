@@ -75,9 +75,10 @@ def run_cli(
 
 
 def curl(story: Story, prefix: list[str], method: str, url: str, extra=()) -> Outcome:
-    """curl, run after `prefix` (`ip netns exec NS` or nothing); what answered, or why nothing."""
+    """curl, run after `prefix` (`ip netns exec NS`, `l7proxy --node N endpoint exec EP --` or
+    nothing); what answered, or why nothing."""
     argv = [*prefix, "curl", "-s", "-m", str(CURL_TIMEOUT), "-X", method, *extra, url]
-    story.command(argv)
+    story.command(shown(argv))
     with tempfile.NamedTemporaryFile() as body:
         r = subprocess.run(
             [*argv, "-o", body.name, "-w", "%{http_code}"], capture_output=True, text=True

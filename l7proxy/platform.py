@@ -25,13 +25,21 @@ from l7proxy.context import OriginalDestination
 from redirect_bpf.structs import MARK_FROM_PROXY, MARK_IDENTITY_MASK  # noqa: F401
 
 IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
 SO_ORIGINAL_DST = 80
 IP_RECVORIGDSTADDR = 20  # also IP_ORIGDSTADDR, the cmsg type it delivers
 
 
 def set_transparent(sock: socket.socket) -> None:
     """Needed by a node-mode listener: its accepted sockets answer from the original destination."""
-    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def proxy_mark(source_identity: int) -> int:
@@ -53,9 +61,12 @@ def transparent_listener(
     port: int = 0, host: str = "127.0.0.1", backlog: int = 1024
 ) -> socket.socket:
     """A TCP listener the datapath can assign redirected connections to (needs CAP_NET_ADMIN).
-    The tc program looks listeners up on 127.0.0.1:port, which also finds 0.0.0.0:port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    The tc program looks listeners up on 127.0.0.1:port, which also finds 0.0.0.0:port; IPv6
+    flows on [::1]:port (an IPv6-only socket beside the IPv4 one, on the same port)."""
+    sock = socket.socket(family_of(host), socket.SOCK_STREAM)
     try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         set_transparent(sock)
         sock.bind((host, port))
@@ -148,7 +159,10 @@ class SidecarMap:
         if value is None:
             return None
         self._map.delete(key)
-        ip = str(ipaddress.IPv4Address(socket.ntohl(value.daddr)))
+        if any(value.daddr6):  # a native IPv6 destination (connect6)
+            ip = str(ipaddress.IPv6Address(bytes(value.daddr6)))
+        else:
+            ip = str(ipaddress.IPv4Address(socket.ntohl(value.daddr)))
         return SidecarOrigin(ip, socket.ntohs(value.dport), value.src_identity, value.dst_identity)
 
     def close(self) -> None:

@@ -216,7 +216,8 @@ def _label_from_str(text: str) -> Label:
 
 
 class IPCache:
-    """IP prefix -> identity with longest-prefix lookup; unknown addresses are WORLD."""
+    """IP prefix -> identity with longest-prefix lookup; unknown addresses are WORLD (IPv4) or
+    WORLD_IPV6 (IPv6), as the datapath gives them."""
 
     def __init__(self, entries: Iterable[tuple[str, int]] = ()):
         # per (version, prefix_len): {network_int: identity}
@@ -259,7 +260,7 @@ class IPCache:
             identity = self._tables[(addr.version, length)].get(masked)
             if identity is not None:
                 return identity, f"{_addr(addr.version, masked)}/{length}"
-        return WORLD, None
+        return (WORLD if addr.version == 4 else WORLD_IPV6), None
 
     def items(self) -> list[tuple[str, int]]:
         out = []

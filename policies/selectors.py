@@ -25,6 +25,13 @@ _CLUSTER_RESERVED = frozenset(
         ids.INGRESS_IDENTITY,
     }
 )
+# The identities an unknown peer of each family gets. The datapath keeps reserved:world (2) for
+# IPv4, as Cilium does with IPv6 off (the IPv4 path and its events stay as they were), and gives
+# IPv6 world-ipv6 (10), as Cilium does in dual stack; world-ipv4 (9) is selected too, so a
+# policy means the same wherever 9 is assigned. So world-ipv6 (and ::/0) never selects an IPv4
+# peer, world-ipv4 (and 0.0.0.0/0) never an IPv6 one, and world selects both.
+_WORLD_OF_FAMILY = {4: frozenset({ids.WORLD, ids.WORLD_IPV4}), 6: frozenset({ids.WORLD_IPV6})}
+
 _ENTITY_RESERVED = {
     "host": {ids.HOST},
     "remote-node": {ids.REMOTE_NODE},
@@ -122,7 +129,7 @@ class Universe:
         own, outs = str(rule.cidr), {str(ex) for ex in rule.excepts}
         out.update(n for n, _, nets, _ in self.fqdn if own in nets and not nets & outs)
         if rule.cidr.prefixlen == 0 and not rule.excepts:
-            out |= {ids.WORLD, ids.WORLD_IPV4 if rule.cidr.version == 4 else ids.WORLD_IPV6}
+            out |= _WORLD_OF_FAMILY[rule.cidr.version]
         found = frozenset(out)
         self._cidr_cache[rule] = found
         return found
@@ -138,11 +145,10 @@ class Universe:
             return ANY
         if entity in ("world", "world-ipv4", "world-ipv6"):
             version = {"world": 0, "world-ipv4": 4, "world-ipv6": 6}[entity]
-            out = {ids.WORLD}
-            if version in (0, 4):
-                out.add(ids.WORLD_IPV4)
-            if version in (0, 6):
-                out.add(ids.WORLD_IPV6)
+            out = set()
+            for family in (4, 6):
+                if version in (0, family):
+                    out |= _WORLD_OF_FAMILY[family]
             out |= {n for n, net in self.cidr if version in (0, net.version)}
             out |= {n for n, _, _, fam in self.fqdn if version in (0, fam)}
             return frozenset(out)

@@ -26,14 +26,16 @@ def gc(ct, now_ns: int | None = None) -> int:
     return len(expired)
 
 
-def start_gc_thread(ct, interval: float) -> threading.Event:
-    """Run gc(ct) every `interval` seconds until the returned event is set."""
+def start_gc_thread(maps, interval: float) -> threading.Event:
+    """Run gc() over each conntrack map (IPv4, IPv6) every `interval` seconds until the returned
+    event is set."""
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(interval):
             try:
-                gc(ct)
+                for ct in maps:
+                    gc(ct)
             except OSError:
                 return  # the maps were closed under us
 

@@ -2,6 +2,11 @@
 // conntrack, fail-closed redirection to the proxy (bpf_sk_assign), verdict events, and the
 // sidecar-mode connect() redirection. Loaded by redirect_bpf/loader.py with bcc.
 //
+// IPv4 and IPv6 share one handler, handle_family(), instantiated twice with a constant family:
+// the policy tries (identity/port/proto keys) and counters are family-free; the ipcache,
+// conntrack and endpoint-by-address maps have v6 twins (ipcache6, conntrack6, ep_by_ip6), so
+// the IPv4 path keeps its 32-bit keys and its cost.
+//
 // One file on purpose: bcc rewrites map syntax (map.lookup()) and finds programs only in the
 // main source file, so only plain definitions (datapath.h) can live in headers. Sections:
 // maps, shared helpers (identity, policy lookup, verdict, events), tc programs, sidecar programs.
@@ -28,6 +33,9 @@ BPF_RINGBUF_OUTPUT(events, EVENT_RING_SIZE / 4096);
 BPF_TABLE("lru_hash", __u64, struct sidecar_orig, sidecar_by_cookie, SIDECAR_MAP_SIZE);
 BPF_TABLE("lru_hash", struct sidecar_addr, struct sidecar_orig, sidecar_by_addr, SIDECAR_MAP_SIZE);
 BPF_HASH(nodes, __be32, struct node_info, NODE_MAP_SIZE);
+BPF_LPM_TRIE(ipcache6, struct ipcache6_key, struct ipcache_value, IPCACHE_SIZE);
+BPF_TABLE("lru_hash", struct ct6_key, struct ct_entry, conntrack6, CT6_MAP_SIZE);
+BPF_HASH(ep_by_ip6, struct ip6_key, struct endpoint_info, ENDPOINT_MAP_SIZE);
 
 #define NSEC 1000000000ULL
 #define PARSE_IPV6 1
@@ -35,7 +43,18 @@ BPF_HASH(nodes, __be32, struct node_info, NODE_MAP_SIZE);
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
+#define IPPROTO_ICMP6 58
+#define ICMP6_ECHO_REQUEST 128
+#define ICMP6_ECHO_REPLY 129
+// Link-local control that always passes (like ARP): multicast listener discovery (130-132,
+// MLDv2 report 143; a namespace sends it as soon as its interface is up) and neighbour
+// discovery (133-137: router solicitation .. redirect, RFC 4861).
+#define ICMP6_LINK_FIRST 130
+#define ICMP6_LINK_LAST 137
+#define ICMP6_MLD2_REPORT 143
+#define IPV6_EXT_HEADERS 4  // extension headers skipped before the L4 header, at most
 
+// saddr/daddr for IPv4, saddr6/daddr6 for IPv6 (the other pair is unused, never read).
 struct tuple {
     __be32 saddr;
     __be32 daddr;
@@ -43,6 +62,8 @@ struct tuple {
     __be16 dport;
     __u8 proto;
     __u8 tcp_flags;
+    __be32 saddr6[4];
+    __be32 daddr6[4];
 };
 
 struct verdict {
@@ -69,6 +90,81 @@ static __always_inline __u32 identity_of(__be32 addr)
     return v ? v->identity : IDENTITY_WORLD;
 }
 
+static __always_inline __u32 identity_of6(__be32 *addr)
+{
+    struct ipcache6_key key = {.prefixlen = 128};
+    __builtin_memcpy(key.addr, addr, 16);
+    struct ipcache_value *v = ipcache6.lookup(&key);
+    return v ? v->identity : IDENTITY_WORLD_IPV6;
+}
+
+// The L4 part of a tuple, TCP/UDP/ICMP(v6), from the header at l4. Returns -1 if truncated.
+static __always_inline int parse_l4(void *data_end, __u8 *l4, struct tuple *t)
+{
+    if (t->proto == IPPROTO_TCP) {
+        if ((void *)l4 + 14 > data_end)
+            return -1;
+        struct tcphdr *tcp = (void *)l4;
+        t->sport = tcp->source;
+        t->dport = tcp->dest;
+        t->tcp_flags = l4[13];
+    } else if (t->proto == IPPROTO_UDP) {
+        struct udphdr *udp = (void *)l4;
+        if ((void *)(udp + 1) > data_end)
+            return -1;
+        t->sport = udp->source;
+        t->dport = udp->dest;
+    } else if (t->proto == IPPROTO_ICMP6) {
+        if ((void *)l4 + 8 > data_end)
+            return -1;
+        // As for ICMPv4: policy port = type (a reply looks up its request), the echo id keeps
+        // flows apart.
+        t->dport = bpf_htons(l4[0] == ICMP6_ECHO_REPLY ? ICMP6_ECHO_REQUEST : l4[0]);
+        t->sport = *(__be16 *)(l4 + 4);
+    }
+    return 0;
+}
+
+// IPv6: addresses, then up to IPV6_EXT_HEADERS extension headers (hop-by-hop, routing,
+// destination options, fragment) to the L4 header. A non-first fragment has no ports.
+static __always_inline int parse6(void *data_end, __u8 *ip6, struct tuple *t)
+{
+    if ((void *)ip6 + 40 > data_end)
+        return -1;
+    __builtin_memcpy(t->saddr6, ip6 + 8, 16);
+    __builtin_memcpy(t->daddr6, ip6 + 24, 16);
+    t->saddr = 0;
+    t->daddr = 0;
+    t->sport = 0;
+    t->dport = 0;
+    t->tcp_flags = 0;
+    __u8 nexthdr = ip6[6];
+    __u8 *l4 = ip6 + 40;
+#pragma unroll
+    for (int i = 0; i < IPV6_EXT_HEADERS; i++) {
+        if (nexthdr == 0 || nexthdr == 43 || nexthdr == 60) {
+            if ((void *)l4 + 8 > data_end)
+                return -1;
+            nexthdr = l4[0];
+            l4 += ((__u32)l4[1] + 1) * 8;
+        } else if (nexthdr == 44) {
+            if ((void *)l4 + 8 > data_end)
+                return -1;
+            nexthdr = l4[0];
+            __u16 offset = (((__u16)l4[2] << 8) | l4[3]) & 0xfff8;
+            l4 += 8;
+            if (offset) {
+                t->proto = nexthdr;
+                return PARSE_IPV6;
+            }
+        }
+    }
+    t->proto = nexthdr;
+    if (parse_l4(data_end, l4, t) < 0)
+        return -1;
+    return PARSE_IPV6;
+}
+
 static __always_inline int parse(struct __sk_buff *skb, struct tuple *t)
 {
     void *data = (void *)(long)skb->data;
@@ -76,13 +172,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct tuple *t)
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > data_end)
         return -1;
-    if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-        __u8 *ip6 = (void *)(eth + 1);
-        if ((void *)ip6 + 40 > data_end)
-            return -1;
-        t->proto = ip6[6];  // next header
-        return PARSE_IPV6;
-    }
+    if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+        return parse6(data_end, (void *)(eth + 1), t);
     if (eth->h_proto != bpf_htons(ETH_P_IP))
         return -1;  // ARP and friends
     struct iphdr *ip = (void *)(eth + 1);
@@ -120,24 +211,6 @@ static __always_inline int parse(struct __sk_buff *skb, struct tuple *t)
         t->sport = *(__be16 *)(icmp + 4);
     }
     return 0;
-}
-
-// IPv6 is outside this datapath's policy (IPv4 only): neighbour discovery passes, anything else
-// is dropped in a direction the endpoint enforces, so IPv6 can never bypass the IPv4 policy.
-static __always_inline int ipv6_default(struct __sk_buff *skb, __u8 dir, __u8 nexthdr)
-{
-    if (nexthdr == 58)  // ICMPv6
-        return TC_ACT_OK;
-    __u32 ifindex = skb->ifindex;
-    struct endpoint_info *ep = ep_by_ifindex.lookup(&ifindex);
-    if (!ep)
-        return TC_ACT_OK;
-    __u8 enforced = dir == DIR_INGRESS ? (ep->flags & EP_INGRESS_ENFORCED)
-                                       : (ep->flags & EP_EGRESS_ENFORCED);
-    if (!enforced)
-        return TC_ACT_OK;
-    count(dir, VERDICT_DROPPED, REASON_POLICY_DENIED, skb->len);
-    return TC_ACT_SHOT;
 }
 
 // Cilium's precedence, one lookup after another: any deny (identity-specific, then L4-only)
@@ -203,12 +276,10 @@ static __always_inline __u8 decide(struct endpoint_info *ep, __u8 direction, str
     return v->value.redirect ? VERDICT_REDIRECTED : VERDICT_FORWARDED;
 }
 
-static __always_inline void emit(struct tuple *t, __u32 src_id, __u32 dst_id, __u32 ep_id,
-                                 __u8 direction, __u8 verdict, __u8 reason, struct verdict *v)
+static __always_inline void fill_event(struct flow_event *e, struct tuple *t, __u32 src_id,
+                                       __u32 dst_id, __u32 ep_id, __u8 direction, __u8 verdict,
+                                       __u8 reason, struct verdict *v)
 {
-    struct flow_event *e = events.ringbuf_reserve(sizeof(struct flow_event));
-    if (!e)
-        return;
     e->ts_ns = bpf_ktime_get_ns();
     e->src_identity = src_id;
     e->dst_identity = dst_id;
@@ -239,50 +310,99 @@ static __always_inline void emit(struct tuple *t, __u32 src_id, __u32 dst_id, __
         e->match_prefix_len = plen;
         e->match_port = plen >= 16 ? port : (plen == 0 ? 0 : port & (0xffff << (16 - plen)));
     }
+}
+
+// One verdict event: struct flow_event for IPv4, struct flow_event6 (its addresses after it)
+// for IPv6.
+static __always_inline void emit_family(struct tuple *t, __u32 src_id, __u32 dst_id,
+                                        __u32 ep_id, __u8 direction, __u8 verdict, __u8 reason,
+                                        struct verdict *v, const int v6)
+{
+    if (v6) {
+        struct flow_event6 *e6 = events.ringbuf_reserve(sizeof(struct flow_event6));
+        if (!e6)
+            return;
+        fill_event(&e6->base, t, src_id, dst_id, ep_id, direction, verdict, reason, v);
+        __builtin_memcpy(e6->saddr6, t->saddr6, 16);
+        __builtin_memcpy(e6->daddr6, t->daddr6, 16);
+        events.ringbuf_submit(e6, 0);
+        return;
+    }
+    struct flow_event *e = events.ringbuf_reserve(sizeof(struct flow_event));
+    if (!e)
+        return;
+    fill_event(e, t, src_id, dst_id, ep_id, direction, verdict, reason, v);
     events.ringbuf_submit(e, 0);
 }
 
+static __always_inline void emit(struct tuple *t, __u32 src_id, __u32 dst_id, __u32 ep_id,
+                                 __u8 direction, __u8 verdict, __u8 reason, struct verdict *v)
+{
+    emit_family(t, src_id, dst_id, ep_id, direction, verdict, reason, v, 0);
+}
+
+// The proxy's own address in a socket lookup: 127.0.0.1:port, or [::1]:port for IPv6.
+static __always_inline void proxy_dst(struct bpf_sock_tuple *st, __u16 proxy_port, const int v6)
+{
+    if (v6) {
+        st->ipv6.daddr[0] = 0;
+        st->ipv6.daddr[1] = 0;
+        st->ipv6.daddr[2] = 0;
+        st->ipv6.daddr[3] = bpf_htonl(1);
+        st->ipv6.dport = bpf_htons(proxy_port);
+    } else {
+        st->ipv4.daddr = bpf_htonl(0x7f000001);
+        st->ipv4.dport = bpf_htons(proxy_port);
+    }
+}
+
 // Hand the packet to the proxy's transparent socket in this (host) namespace: an existing
-// accepted connection by the original tuple, else the listener on 127.0.0.1:proxy_port (UDP:
-// the DNS proxy's socket there).
+// accepted connection by the original tuple, else the listener on 127.0.0.1:proxy_port, or on
+// [::1]:proxy_port for IPv6 (UDP: the DNS proxy's socket there).
 // Fails (returns -1) when no proxy socket exists; the caller then drops ("no proxy").
-static __always_inline int assign_to_proxy(struct __sk_buff *skb, struct tuple *t,
-                                           __u16 proxy_port)
+static __always_inline int assign_to_proxy_family(struct __sk_buff *skb, struct tuple *t,
+                                                  __u16 proxy_port, const int v6)
 {
     struct bpf_sock_tuple st = {};
     struct bpf_sock *sk;
     long ret;
+    __u32 st_size = v6 ? sizeof(st.ipv6) : sizeof(st.ipv4);
 
     if (proxy_port == 0)
         return -1;
     if (t->proto == IPPROTO_UDP) {
         // DNS: every datagram goes to the proxy's one UDP socket on 127.0.0.1:proxy_port, which
         // reads the original destination with IP_RECVORIGDSTADDR.
-        st.ipv4.daddr = bpf_htonl(0x7f000001);
-        st.ipv4.dport = bpf_htons(proxy_port);
-        sk = bpf_sk_lookup_udp(skb, &st, sizeof(st.ipv4), BPF_F_CURRENT_NETNS, 0);
+        proxy_dst(&st, proxy_port, v6);
+        sk = bpf_sk_lookup_udp(skb, &st, st_size, BPF_F_CURRENT_NETNS, 0);
         if (!sk)
             return -1;
         goto assign;
     }
     if (t->proto != IPPROTO_TCP)
         return -1;
-    st.ipv4.saddr = t->saddr;
-    st.ipv4.daddr = t->daddr;
-    st.ipv4.sport = t->sport;
-    st.ipv4.dport = t->dport;
+    if (v6) {
+        __builtin_memcpy(st.ipv6.saddr, t->saddr6, 16);
+        __builtin_memcpy(st.ipv6.daddr, t->daddr6, 16);
+        st.ipv6.sport = t->sport;
+        st.ipv6.dport = t->dport;
+    } else {
+        st.ipv4.saddr = t->saddr;
+        st.ipv4.daddr = t->daddr;
+        st.ipv4.sport = t->sport;
+        st.ipv4.dport = t->dport;
+    }
     // A bare SYN opens a new connection: go to the listener (skip TIME_WAIT leftovers).
     if ((t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
-        sk = bpf_skc_lookup_tcp(skb, &st, sizeof(st.ipv4), BPF_F_CURRENT_NETNS, 0);
+        sk = bpf_skc_lookup_tcp(skb, &st, st_size, BPF_F_CURRENT_NETNS, 0);
         if (sk) {
             if (sk->state != BPF_TCP_LISTEN)
                 goto assign;
             bpf_sk_release(sk);
         }
     }
-    st.ipv4.daddr = bpf_htonl(0x7f000001);
-    st.ipv4.dport = bpf_htons(proxy_port);
-    sk = bpf_skc_lookup_tcp(skb, &st, sizeof(st.ipv4), BPF_F_CURRENT_NETNS, 0);
+    proxy_dst(&st, proxy_port, v6);
+    sk = bpf_skc_lookup_tcp(skb, &st, st_size, BPF_F_CURRENT_NETNS, 0);
     if (!sk)
         return -1;
     if (sk->state != BPF_TCP_LISTEN) {
@@ -296,6 +416,12 @@ assign:
         return -1;
     skb->mark = MARK_TO_PROXY;  // ip rule: local delivery for the assigned socket
     return 0;
+}
+
+static __always_inline int assign_to_proxy(struct __sk_buff *skb, struct tuple *t,
+                                           __u16 proxy_port)
+{
+    return assign_to_proxy_family(skb, t, proxy_port, 0);
 }
 
 // The conntrack key of a packet: its two (address, port) ends in a fixed order, so a flow and
@@ -318,6 +444,60 @@ static __always_inline void ct_key_of(struct tuple *t, __u32 ifindex, struct ct_
     }
     key->proto = t->proto;
     key->ifindex = ifindex;
+}
+
+// ct_key_of for IPv6 (conntrack6): the same order, on 128-bit addresses compared word by word
+// (any fixed order works, as long as both directions of a flow compute the same one).
+static __always_inline void ct6_key_of(struct tuple *t, __u32 ifindex, struct ct6_key *key)
+{
+    __be16 sport = t->sport, dport = t->dport;
+    if (t->proto == IPPROTO_ICMP6)
+        dport = sport;
+    int order = 0;  // <0: saddr first, >0: daddr first
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (order == 0 && t->saddr6[i] != t->daddr6[i])
+            order = t->saddr6[i] < t->daddr6[i] ? -1 : 1;
+    }
+    if (order < 0 || (order == 0 && sport <= dport)) {
+        __builtin_memcpy(key->addr_lo, t->saddr6, 16);
+        __builtin_memcpy(key->addr_hi, t->daddr6, 16);
+        key->port_lo = sport;
+        key->port_hi = dport;
+    } else {
+        __builtin_memcpy(key->addr_lo, t->daddr6, 16);
+        __builtin_memcpy(key->addr_hi, t->saddr6, 16);
+        key->port_lo = dport;
+        key->port_hi = sport;
+    }
+    key->proto = t->proto;
+    key->ifindex = ifindex;
+}
+
+// Conntrack access by family: conntrack with the v4 key, conntrack6 with the v6 one.
+static __always_inline struct ct_entry *ct_find(struct ct_key *k4, struct ct6_key *k6,
+                                                const int v6)
+{
+    if (v6)
+        return conntrack6.lookup(k6);
+    return conntrack.lookup(k4);
+}
+
+static __always_inline void ct_forget(struct ct_key *k4, struct ct6_key *k6, const int v6)
+{
+    if (v6)
+        conntrack6.delete(k6);
+    else
+        conntrack.delete(k4);
+}
+
+static __always_inline void ct_store(struct ct_key *k4, struct ct6_key *k6, struct ct_entry *e,
+                                     const int v6)
+{
+    if (v6)
+        conntrack6.update(k6, e);
+    else
+        conntrack.update(k4, e);
 }
 
 static __always_inline __u64 ct_lifetime(struct dp_config *cfg, struct tuple *t, __u8 flags)
@@ -358,10 +538,18 @@ static __always_inline void ct_touch(struct ct_entry *ct, struct dp_config *cfg,
 // Ingress policy of a local destination endpoint, checked at the source's from-endpoint so an
 // ingress L7 redirect can still use bpf_sk_assign (only possible at tc ingress).
 static __always_inline int local_ingress_redirect(struct tuple *t, __u32 src_id,
-                                                  struct verdict *v, __u32 *dst_ep_id)
+                                                  struct verdict *v, __u32 *dst_ep_id,
+                                                  const int v6)
 {
-    __be32 daddr = t->daddr;
-    struct endpoint_info *dst = ep_by_ip.lookup(&daddr);
+    struct endpoint_info *dst;
+    if (v6) {
+        struct ip6_key daddr6;
+        __builtin_memcpy(daddr6.addr, t->daddr6, 16);
+        dst = ep_by_ip6.lookup(&daddr6);
+    } else {
+        __be32 daddr = t->daddr;
+        dst = ep_by_ip.lookup(&daddr);
+    }
     if (!dst)
         return 0;
     struct verdict in = {};
@@ -374,21 +562,32 @@ static __always_inline int local_ingress_redirect(struct tuple *t, __u32 src_id,
     return 0;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
+// The peer's identity: the ipcache entry of the source (ingress) or destination (egress).
+static __always_inline __u32 peer_identity(struct tuple *t, __u8 dir, const int v6)
+{
+    if (v6)
+        return identity_of6(dir == DIR_INGRESS ? t->saddr6 : t->daddr6);
+    return identity_of(dir == DIR_INGRESS ? t->saddr : t->daddr);
+}
+
+// One parsed packet of family v6 (a constant: each family gets its own inlined copy).
+static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct tuple *t,
+                                         const int v6)
 {
     struct endpoint_info *ep;
     __u32 ifindex = skb->ifindex;
-    struct tuple t;
     struct verdict v = {};
     __u8 verdict, reason;
     __u32 zero = 0;
     __u32 len = skb->len;
 
-    int parsed = parse(skb, &t);
-    if (parsed == PARSE_IPV6)
-        return ipv6_default(skb, dir, t.proto);
-    if (parsed < 0)
-        return TC_ACT_OK;  // not IP (ARP) or truncated
+    // Neighbour and multicast listener discovery are how IPv6 finds its next hop and its
+    // groups: never policy's business (and no event, as for ARP).
+    if (v6 && t->proto == IPPROTO_ICMP6) {
+        __u16 type = bpf_ntohs(t->dport);
+        if ((type >= ICMP6_LINK_FIRST && type <= ICMP6_LINK_LAST) || type == ICMP6_MLD2_REPORT)
+            return TC_ACT_OK;
+    }
     struct dp_config *cfg = config.lookup(&zero);
     if (!cfg)
         return TC_ACT_SHOT;
@@ -407,18 +606,22 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
     // One lookup finds the flow in both directions: the key is the tuple in a fixed order plus
     // the endpoint's device, so both hooks of one endpoint share the entry.
     struct ct_key key = {};
-    ct_key_of(&t, ifindex, &key);
-    struct ct_entry *ct = conntrack.lookup(&key);
+    struct ct6_key key6 = {};
+    if (v6)
+        ct6_key_of(t, ifindex, &key6);
+    else
+        ct_key_of(t, ifindex, &key);
+    struct ct_entry *ct = ct_find(&key, &key6, v6);
     if (ct && ct->direction != dir) {
-        if (t.proto == IPPROTO_TCP &&
-            (t.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+        if (t->proto == IPPROTO_TCP &&
+            (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
             // A new connection on the reversed tuple of an old one (roles swapped): never a
             // reply; forget the old entry and check it as a new flow.
-            conntrack.delete(&key);
+            ct_forget(&key, &key6, v6);
             ct = NULL;
         } else {
             // A reply: the other direction of a flow this endpoint tracks.
-            ct_touch(ct, cfg, &t, 1);
+            ct_touch(ct, cfg, t, 1);
             count(dir, VERDICT_FORWARDED, REASON_CT_REPLY, len);
             return TC_ACT_OK;
         }
@@ -430,13 +633,13 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
             if (!ep)
                 return TC_ACT_OK;  // not an endpoint (any more)
             policy_lookup(ep->endpoint_id, dir == DIR_INGRESS ? ct->src_identity : ct->dst_identity,
-                          dir, t.proto, t.dport, &v);
+                          dir, t->proto, t->dport, &v);
             verdict = decide(ep, dir, &v, &reason);
             if (verdict == VERDICT_REDIRECTED && from_proxy)
                 verdict = VERDICT_FORWARDED;
             __u32 unused_ep;
             if (verdict == VERDICT_FORWARDED && dir == DIR_EGRESS &&
-                local_ingress_redirect(&t, ct->src_identity, &v, &unused_ep))
+                local_ingress_redirect(t, ct->src_identity, &v, &unused_ep, v6))
                 verdict = VERDICT_REDIRECTED;
             if (verdict == VERDICT_DROPPED ||
                 (verdict == VERDICT_REDIRECTED) != ((ct->flags & CT_REDIRECTED) != 0)) {
@@ -444,19 +647,19 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
                 if (verdict != VERDICT_DROPPED)
                     reason = REASON_POLICY_DENIED;
                 __u32 src = ct->src_identity, dst = ct->dst_identity;
-                conntrack.delete(&key);
+                ct_forget(&key, &key6, v6);
                 count(dir, VERDICT_DROPPED, reason, len);
-                emit(&t, src, dst, ep->endpoint_id, dir, VERDICT_DROPPED, reason, &v);
+                emit_family(t, src, dst, ep->endpoint_id, dir, VERDICT_DROPPED, reason, &v, v6);
                 return TC_ACT_SHOT;
             }
             ct->policy_gen = cfg->policy_gen;
         }
-        ct_touch(ct, cfg, &t, 0);
+        ct_touch(ct, cfg, t, 0);
         if (ct->flags & CT_REDIRECTED) {
-            if (assign_to_proxy(skb, &t, ct->proxy_port) < 0) {
+            if (assign_to_proxy_family(skb, t, ct->proxy_port, v6) < 0) {
                 count(dir, VERDICT_DROPPED, REASON_NO_PROXY, len);
-                emit(&t, ct->src_identity, ct->dst_identity, ct->endpoint_id, dir,
-                     VERDICT_DROPPED, REASON_NO_PROXY, 0);
+                emit_family(t, ct->src_identity, ct->dst_identity, ct->endpoint_id, dir,
+                            VERDICT_DROPPED, REASON_NO_PROXY, 0, v6);
                 return TC_ACT_SHOT;
             }
             count(dir, VERDICT_REDIRECTED, REASON_CT_ESTABLISHED, len);
@@ -471,12 +674,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
     ep = ep_by_ifindex.lookup(&ifindex);
     if (!ep)
         return TC_ACT_OK;
-    __u32 peer = dir == DIR_INGRESS ? (marked ? mark_identity : identity_of(t.saddr))
-                                    : identity_of(t.daddr);
+    __u32 peer = dir == DIR_INGRESS && marked ? mark_identity : peer_identity(t, dir, v6);
     __u32 src_id = dir == DIR_INGRESS ? peer : ep->identity;
     __u32 dst_id = dir == DIR_INGRESS ? ep->identity : peer;
     __u32 event_ep = ep->endpoint_id;
-    policy_lookup(ep->endpoint_id, peer, dir, t.proto, t.dport, &v);
+    policy_lookup(ep->endpoint_id, peer, dir, t->proto, t->dport, &v);
     verdict = decide(ep, dir, &v, &reason);
     if (verdict == VERDICT_REDIRECTED && dir == DIR_INGRESS) {
         if (from_proxy) {
@@ -489,30 +691,31 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
         }
     }
     if (verdict == VERDICT_FORWARDED && dir == DIR_EGRESS &&
-        local_ingress_redirect(&t, src_id, &v, &event_ep)) {
+        local_ingress_redirect(t, src_id, &v, &event_ep, v6)) {
         verdict = VERDICT_REDIRECTED;
     }
-    if (verdict == VERDICT_REDIRECTED && assign_to_proxy(skb, &t, v.value.proxy_port) < 0) {
+    if (verdict == VERDICT_REDIRECTED &&
+        assign_to_proxy_family(skb, t, v.value.proxy_port, v6) < 0) {
         verdict = VERDICT_DROPPED;
         reason = REASON_NO_PROXY;
     }
     if (verdict == VERDICT_DROPPED) {
         count(dir, verdict, reason, len);
-        emit(&t, src_id, dst_id, event_ep, dir, verdict, reason, &v);
+        emit_family(t, src_id, dst_id, event_ep, dir, verdict, reason, &v, v6);
         return TC_ACT_SHOT;
     }
 
     // Only a SYN opens a TCP flow. A mid-stream packet without an entry (a flow cut by a policy
     // change, or one that predates the datapath) is checked packet by packet; creating an entry
     // for it would let the cut flow's other direction pass as "replies".
-    if (t.proto == IPPROTO_TCP && (t.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
+    if (t->proto == IPPROTO_TCP && (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
         count(dir, verdict, reason, len);
         return TC_ACT_OK;
     }
 
     struct ct_entry entry = {
-        .orig_saddr = t.saddr,
-        .orig_sport = t.sport,
+        .orig_saddr = t->saddr,
+        .orig_sport = t->sport,
         .direction = dir,
         .src_identity = src_id,
         .dst_identity = dst_id,
@@ -520,16 +723,27 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
         .endpoint_id = ep->endpoint_id,
         .proxy_port = verdict == VERDICT_REDIRECTED ? v.value.proxy_port : 0,
         .flags = verdict == VERDICT_REDIRECTED ? CT_REDIRECTED : 0,
-        .tcp_flags = t.tcp_flags,
+        .tcp_flags = t->tcp_flags,
     };
-    if (t.tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+    if (t->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
         entry.flags |= CT_CLOSING;
-    entry.expires_ns = bpf_ktime_get_coarse_ns() + ct_lifetime(cfg, &t, entry.flags);
-    conntrack.update(&key, &entry);
+    entry.expires_ns = bpf_ktime_get_coarse_ns() + ct_lifetime(cfg, t, entry.flags);
+    ct_store(&key, &key6, &entry, v6);
     count(dir, verdict, reason, len);
     if (verdict == VERDICT_REDIRECTED || (cfg->flags & CFG_EVENTS_FORWARDED))
-        emit(&t, src_id, dst_id, event_ep, dir, verdict, reason, &v);
+        emit_family(t, src_id, dst_id, event_ep, dir, verdict, reason, &v, v6);
     return TC_ACT_OK;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
+{
+    struct tuple t;
+    int parsed = parse(skb, &t);
+    if (parsed == PARSE_IPV6)
+        return handle_family(skb, dir, &t, 1);
+    if (parsed < 0)
+        return TC_ACT_OK;  // not IP (ARP) or truncated
+    return handle_family(skb, dir, &t, 0);
 }
 
 // tc ingress of the host-side veth: packets leaving the endpoint (its egress policy).
@@ -689,9 +903,11 @@ int from_netdev(struct __sk_buff *skb)
 #define SIDECAR_REDIRECT 2
 
 // Sidecar mode, shared by connect4 and connect6: the verdict for a connect() to daddr:dport
-// from this cgroup; on redirect the original destination is kept by socket cookie.
-static __always_inline int sidecar_decide(struct bpf_sock_addr *ctx, __be32 daddr,
-                                          __be16 dport, __u16 *sidecar_port)
+// (daddr6 for a native IPv6 destination, v6 a constant) from this cgroup; on redirect the
+// original destination is kept by socket cookie.
+static __always_inline int sidecar_decide_family(struct bpf_sock_addr *ctx, __be32 daddr,
+                                                 __be32 *daddr6, __be16 dport,
+                                                 __u16 *sidecar_port, const int v6)
 {
     if (ctx->protocol != IPPROTO_TCP)
         return SIDECAR_PASS;
@@ -702,18 +918,21 @@ static __always_inline int sidecar_decide(struct bpf_sock_addr *ctx, __be32 dadd
     struct bpf_sock *sk = ctx->sk;
     if (sk && (sk->mark & MARK_MAGIC_MASK) == MARK_FROM_PROXY)
         return SIDECAR_PASS;  // the proxy's own upstream connection
-    if (daddr == bpf_htonl(0x7f000001) && dport == bpf_htons(ep->sidecar_port))
+    if (!v6 && daddr == bpf_htonl(0x7f000001) && dport == bpf_htons(ep->sidecar_port))
         return SIDECAR_PASS;
-    __u32 dst_id = identity_of(daddr);
+    __u32 dst_id = v6 ? identity_of6(daddr6) : identity_of(daddr);
     struct verdict v = {};
     __u8 reason;
     policy_lookup(ep->endpoint_id, dst_id, DIR_EGRESS, IPPROTO_TCP, dport, &v);
     __u8 verdict = decide(ep, DIR_EGRESS, &v, &reason);
     struct tuple t = {.saddr = 0, .daddr = daddr, .sport = 0, .dport = dport,
                       .proto = IPPROTO_TCP};
+    if (v6)
+        __builtin_memcpy(t.daddr6, daddr6, 16);
     if (verdict == VERDICT_DROPPED) {
         count(DIR_EGRESS, verdict, reason, 0);
-        emit(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, verdict, reason, &v);
+        emit_family(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, verdict, reason, &v,
+                    v6);
         return SIDECAR_DENY;
     }
     if (verdict != VERDICT_REDIRECTED)
@@ -724,13 +943,21 @@ static __always_inline int sidecar_decide(struct bpf_sock_addr *ctx, __be32 dadd
         .src_identity = ep->identity,
         .dst_identity = dst_id,
     };
+    if (v6)
+        __builtin_memcpy(orig.daddr6, daddr6, 16);
     __u64 cookie = bpf_get_socket_cookie(ctx);
     sidecar_by_cookie.update(&cookie, &orig);
     *sidecar_port = ep->sidecar_port;
     count(DIR_EGRESS, VERDICT_REDIRECTED, REASON_NEW_FLOW, 0);
-    emit(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, VERDICT_REDIRECTED,
-         REASON_NEW_FLOW, &v);
+    emit_family(&t, ep->identity, dst_id, ep->endpoint_id, DIR_EGRESS, VERDICT_REDIRECTED,
+                REASON_NEW_FLOW, &v, v6);
     return SIDECAR_REDIRECT;
+}
+
+static __always_inline int sidecar_decide(struct bpf_sock_addr *ctx, __be32 daddr,
+                                          __be16 dport, __u16 *sidecar_port)
+{
+    return sidecar_decide_family(ctx, daddr, 0, dport, sidecar_port, 0);
 }
 
 // Sidecar mode, cgroup/connect4: an L7-marked connect() goes to the sidecar proxy on
@@ -748,15 +975,32 @@ int sidecar_connect4(struct bpf_sock_addr *ctx)
     return 1;
 }
 
-// Sidecar mode, cgroup/connect6: the same for IPv4-mapped destinations (::ffff:a.b.c.d) of
-// AF_INET6 sockets. Native IPv6 is outside this datapath's policy and passes here.
+// Sidecar mode, cgroup/connect6: the same for AF_INET6 sockets. An IPv4-mapped destination
+// (::ffff:a.b.c.d) is checked as IPv4; a native IPv6 one against ipcache6. Either way a
+// redirect goes to ::ffff:127.0.0.1:sidecar_port, the sidecar's one IPv4 listener (so an
+// IPV6_V6ONLY socket cannot be redirected: its connect() fails), and the original IPv6
+// destination is kept in sidecar_orig.daddr6.
 int sidecar_connect6(struct bpf_sock_addr *ctx)
 {
-    if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 ||
-        ctx->user_ip6[2] != bpf_htonl(0x0000ffff))
-        return 1;
     __u16 port = 0;
-    int action = sidecar_decide(ctx, ctx->user_ip6[3], (__be16)ctx->user_port, &port);
+    int action;
+    if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 ||
+        ctx->user_ip6[2] != bpf_htonl(0x0000ffff)) {
+        __be32 daddr6[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
+                            ctx->user_ip6[3]};
+        action = sidecar_decide_family(ctx, 0, daddr6, (__be16)ctx->user_port, &port, 1);
+        if (action == SIDECAR_DENY)
+            return 0;
+        if (action == SIDECAR_REDIRECT) {
+            ctx->user_ip6[0] = 0;
+            ctx->user_ip6[1] = 0;
+            ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+            ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+            ctx->user_port = bpf_htons(port);
+        }
+        return 1;
+    }
+    action = sidecar_decide(ctx, ctx->user_ip6[3], (__be16)ctx->user_port, &port);
     if (action == SIDECAR_DENY)
         return 0;
     if (action == SIDECAR_REDIRECT) {
@@ -803,8 +1047,8 @@ int sidecar_getsockopt(struct bpf_sockopt *ctx)
         return 1;
     struct sidecar_addr key = {.ip = sk->dst_ip4, .port = (__be16)sk->dst_port};
     struct sidecar_orig *orig = sidecar_by_addr.lookup(&key);
-    if (!orig)
-        return 1;
+    if (!orig || orig->daddr == 0)
+        return 1;  // not ours, or an IPv6 destination (no sockaddr_in for it)
     struct sockaddr_in *sin = ctx->optval;
     if ((void *)(sin + 1) > ctx->optval_end)
         return 1;

@@ -14,6 +14,11 @@
 #ifndef CT_MAP_SIZE
 #define CT_MAP_SIZE 262144
 #endif
+// IPv6 flows get their own conntrack (conntrack6, 44-byte keys), smaller by default: an LRU map
+// allocates all its entries up front.
+#ifndef CT6_MAP_SIZE
+#define CT6_MAP_SIZE 65536
+#endif
 #ifndef ENDPOINT_MAP_SIZE
 #define ENDPOINT_MAP_SIZE 1024
 #endif
@@ -34,6 +39,9 @@
 #define IDENTITY_HOST 1
 #define IDENTITY_WORLD 2
 #define IDENTITY_REMOTE_NODE 6  // another node's own addresses (not its pods)
+// An IPv6 peer the ipcache does not know (Cilium's dual-stack world-ipv6); an unknown IPv4 peer
+// stays IDENTITY_WORLD, so the IPv4 path and its events are what they were.
+#define IDENTITY_WORLD_IPV6 10
 
 // skb/socket marks. The proxy marks its upstream sockets FROM_PROXY | source identity so the
 // destination's ingress check sees the real source and the packets are never redirected again.
@@ -100,6 +108,12 @@ struct ipcache_key {
     __be32 addr;
 };
 
+// The IPv6 twin of the ipcache (ipcache6): the same values, 128-bit prefixes.
+struct ipcache6_key {
+    __u32 prefixlen;
+    __be32 addr[4];
+};
+
 struct ipcache_value {
     __u32 identity;
     __be32 tunnel_endpoint; // underlay IP of the node owning the address; 0 = this node / none
@@ -119,6 +133,12 @@ struct endpoint_info {
     __u8 flags;            // EP_*_ENFORCED
     __u8 pad;
     __u16 sidecar_port;    // host order; 0 = node mode
+    __be32 ipv6[4];        // all zero: the endpoint has no IPv6 address
+};
+
+// Key of ep_by_ip6: an endpoint's IPv6 address.
+struct ip6_key {
+    __be32 addr[4];
 };
 
 struct ct_key {
@@ -130,6 +150,19 @@ struct ct_key {
     __u8 pad;
     __u16 pad2;
     __u32 ifindex;         // the endpoint's host-side veth: both its hooks share the entry
+};
+
+// The IPv6 twin of ct_key (conntrack6): the same fields with 128-bit addresses. Its value is
+// struct ct_entry with orig_saddr 0 (the initiator is the end that saw direction's hook).
+struct ct6_key {
+    __be32 addr_lo[4];
+    __be32 addr_hi[4];
+    __be16 port_lo;
+    __be16 port_hi;
+    __u8 proto;
+    __u8 pad;
+    __u16 pad2;
+    __u32 ifindex;
 };
 
 struct ct_entry {
@@ -186,6 +219,14 @@ struct flow_event {
     __u16 match_port;      // host order, already masked to the prefix
 };
 
+// An IPv6 flow's event: the IPv4 record (saddr/daddr 0) followed by the two addresses. The
+// reader tells the two apart by the record's size.
+struct flow_event6 {
+    struct flow_event base;
+    __be32 saddr6[4];
+    __be32 daddr6[4];
+};
+
 struct sidecar_addr {
     __be32 ip;
     __be16 port;
@@ -193,11 +234,12 @@ struct sidecar_addr {
 };
 
 struct sidecar_orig {
-    __be32 daddr;
+    __be32 daddr;          // 0 for an IPv6 destination (then daddr6)
     __be16 dport;
     __u16 pad;
     __u32 src_identity;
     __u32 dst_identity;
+    __be32 daddr6[4];      // a native IPv6 destination of connect6, else zero
 };
 
 #endif

@@ -2,8 +2,9 @@
 ipcache, read events, counters and conntrack.
 
     dp = Datapath(node="node1")                 # /sys/fs/bpf/l7proxy/node1, reused if pinned
-    dp.attach_endpoint("lxc123", endpoint_id=7, identity=1234, ipv4="10.0.0.5")
-    dp.ipcache_upsert("10.0.0.5/32", 1234)
+    dp.attach_endpoint("lxc123", endpoint_id=7, identity=1234, ipv4="10.0.0.5",
+                       ipv6="fd00:a7::5")           # either address may be None (single stack)
+    dp.ipcache_upsert("10.0.0.5/32", 1234)      # or an IPv6 prefix: the ipcache6 twin map
     stats = dp.sync(compiled, {"web": 7}, proxy_ports={3: 15001})
     reader = dp.events(on_flow=print)           # own thread; stop() it
     dp.close()                                  # agent exit: programs keep enforcing
@@ -21,7 +22,7 @@ from pathlib import Path
 from redirect_bpf import cgroups, conntrack, counters, ipcache, loader, routing, structs, sync, tc
 from redirect_bpf.events import EventReader
 from redirect_bpf.policy_writer import PolicyWriter
-from redirect_bpf.structs import CtEntry, CtKey, DpConfig, EndpointInfo
+from redirect_bpf.structs import Ct6Key, CtEntry, CtKey, DpConfig, EndpointInfo, Ip6Key
 
 DEFAULT_CONFIG = {
     "flags": structs.CFG_EVENTS_FORWARDED,
@@ -88,7 +89,7 @@ class Datapath:
                 self.detach_endpoint(socket.if_indextoname(ifindex))
             except OSError:  # the interface is gone: only the map entries are left
                 self.maps["ep_by_ifindex"].delete(structs.u32(ifindex))
-                self.maps["ep_by_ip"].delete(structs.u32(ep.ipv4))
+                self._forget_addresses(ep)
                 self._policy.forget(ep.endpoint_id)
         # cgroups attached by an earlier agent are known only by id: find their paths
         known = {os.stat(p).st_ino for p in self._cgroups.sidecar_fds if os.path.exists(p)}
@@ -130,16 +131,23 @@ class Datapath:
         return counters.read(self.maps["counters"])
 
     def conntrack(self) -> list[tuple[CtKey, CtEntry]]:
+        """The IPv4 flows (conntrack6() has the IPv6 ones)."""
         return list(self.maps["conntrack"].items())
 
+    def conntrack6(self) -> list[tuple[Ct6Key, CtEntry]]:
+        return list(self.maps["conntrack6"].items())
+
     def ct_gc(self, now_ns: int | None = None) -> int:
-        """Delete expired conntrack entries (TCP-state-aware expiry set by the programs)."""
-        return conntrack.gc(self.maps["conntrack"], now_ns)
+        """Delete expired conntrack entries of both families (TCP-state-aware expiry set by the
+        programs)."""
+        return sum(conntrack.gc(self.maps[m], now_ns) for m in ("conntrack", "conntrack6"))
 
     def start_gc(self, interval: float = 30.0) -> threading.Event:
         """Run ct_gc() every `interval` seconds on a daemon thread until the returned event is
         set (close() sets it too)."""
-        stop = conntrack.start_gc_thread(self.maps["conntrack"], interval)
+        stop = conntrack.start_gc_thread(
+            [self.maps["conntrack"], self.maps["conntrack6"]], interval
+        )
         self._gc_stops.append(stop)
         return stop
 
@@ -154,24 +162,38 @@ class Datapath:
         return {k.value: v for k, v in self.maps["ep_by_ifindex"].items()}
 
     def attach_endpoint(
-        self, ifname: str, endpoint_id: int, identity: int, ipv4: str
+        self,
+        ifname: str,
+        endpoint_id: int,
+        identity: int,
+        ipv4: str | None,
+        ipv6: str | None = None,
     ) -> EndpointInfo:
-        """Enforce for an endpoint whose host-side veth is `ifname`. Until the first sync both
-        directions are unenforced (allow), like an endpoint without policy."""
+        """Enforce for an endpoint whose host-side veth is `ifname` (an IPv4 address, an IPv6
+        address or both). Until the first sync both directions are unenforced (allow), like an
+        endpoint without policy."""
+        if not ipv4 and not ipv6:
+            raise ValueError(f"endpoint {endpoint_id}: needs an IPv4 or an IPv6 address")
         ifindex = socket.if_nametoindex(ifname)
         old = self.maps["ep_by_ifindex"].get(structs.u32(ifindex))
         info = EndpointInfo(
             endpoint_id=endpoint_id,
             identity=identity,
             ifindex=ifindex,
-            ipv4=ipcache.be32(ipv4),
+            ipv4=ipcache.be32(ipv4) if ipv4 else 0,
             flags=old.flags if old and old.endpoint_id == endpoint_id else 0,
         )
-        if old and old.ipv4 != info.ipv4:
-            self.maps["ep_by_ip"].delete(structs.u32(old.ipv4))
+        if ipv6:
+            info.ipv6 = ipcache.addr6(ipv6)
+        if old:
+            self._forget_addresses(old)
         self.maps["ep_by_ifindex"].put(structs.u32(ifindex), info)
-        self.maps["ep_by_ip"].put(structs.u32(info.ipv4), info)
-        self.ipcache_upsert(f"{ipv4}/32", identity)
+        if ipv4:
+            self.maps["ep_by_ip"].put(structs.u32(info.ipv4), info)
+            self.ipcache_upsert(f"{ipv4}/32", identity)
+        if ipv6:
+            self.maps["ep_by_ip6"].put(Ip6Key(addr=info.ipv6), info)
+            self.ipcache_upsert(f"{ipv6}/128", identity)
         # A restarted agent finds the pinned programs still attached: leave them alone.
         if not (old and tc.has_filters(ifname)):
             tc.attach(
@@ -187,20 +209,37 @@ class Datapath:
         tc.detach(ifname)
         if info:
             self.maps["ep_by_ifindex"].delete(structs.u32(ifindex))
-            self.maps["ep_by_ip"].delete(structs.u32(info.ipv4))
+            self._forget_addresses(info)
             self._policy.forget(info.endpoint_id)
 
-    def forget_endpoint(self, ipv4: str) -> bool:
+    def _forget_addresses(self, info: EndpointInfo) -> None:
+        """Remove an endpoint's entries by address (ep_by_ip, ep_by_ip6)."""
+        if info.ipv4:
+            self.maps["ep_by_ip"].delete(structs.u32(info.ipv4))
+        if any(info.ipv6):
+            self.maps["ep_by_ip6"].delete(Ip6Key(addr=info.ipv6))
+
+    def forget_endpoint(self, ip: str) -> bool:
         """Remove an endpoint whose veth is already gone (its container's namespace went away
-        with it): its map entries by address and its policy entries. True if it was known."""
-        addr = ipcache.be32(ipv4)
+        with it), found by either of its addresses: its map entries by address and its policy
+        entries. True if it was known."""
+        if ipcache.family(ip) == 6:
+            want = bytes(ipcache.addr6(ip))
+            match = lambda info: bytes(info.ipv6) == want  # noqa: E731
+        else:
+            want4 = ipcache.be32(ip)
+            match = lambda info: info.ipv4 == want4  # noqa: E731
         found = False
         for key, info in list(self.maps["ep_by_ifindex"].items()):
-            if info.ipv4 == addr:
+            if match(info):
                 self.maps["ep_by_ifindex"].delete(key)
+                self._forget_addresses(info)
                 self._policy.forget(info.endpoint_id)
                 found = True
-        self.maps["ep_by_ip"].delete(structs.u32(addr))
+        if ipcache.family(ip) == 6:
+            self.maps["ep_by_ip6"].delete(Ip6Key(addr=ipcache.addr6(ip)))
+        else:
+            self.maps["ep_by_ip"].delete(structs.u32(ipcache.be32(ip)))
         return found
 
     def attach_cgroup(
@@ -228,17 +267,21 @@ class Datapath:
     # -- ipcache -----------------------------------------------------------------------------
 
     def ipcache_upsert(self, cidr: str, identity: int) -> None:
-        ipcache.upsert(self.maps["ipcache"], cidr, identity)
+        """An IPv4 or IPv6 prefix (the latter goes to the ipcache6 twin)."""
+        ipcache.upsert(ipcache.map_for(self.maps, cidr), cidr, identity)
 
     def ipcache_delete(self, cidr: str) -> bool:
-        return ipcache.delete(self.maps["ipcache"], cidr)
+        return ipcache.delete(ipcache.map_for(self.maps, cidr), cidr)
 
     def ipcache_lookup(self, ip: str) -> int:
-        return ipcache.lookup(self.maps["ipcache"], ip)
+        return ipcache.lookup(ipcache.map_for(self.maps, ip), ip)
 
     def ipcache_sync(self, entries: Mapping[str, int]) -> int:
-        """Make the ipcache equal to {cidr: identity}; returns the number of changes."""
-        return ipcache.sync(self.maps["ipcache"], entries)
+        """Make both ipcaches equal to {cidr: identity} (IPv4 and IPv6 prefixes mixed); returns
+        the number of changes."""
+        v4 = {c: i for c, i in entries.items() if ipcache.family(c) == 4}
+        v6 = {c: i for c, i in entries.items() if ipcache.family(c) == 6}
+        return ipcache.sync(self.maps["ipcache"], v4) + ipcache.sync(self.maps["ipcache6"], v6)
 
     # -- policy ------------------------------------------------------------------------------
 

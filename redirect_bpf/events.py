@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from redirect_bpf import bpfsys, structs
-from redirect_bpf.structs import FlowEvent
+from redirect_bpf.structs import FlowEvent, FlowEvent6
 
 LabelsOf = Callable[[int], list[str]]
 
@@ -31,8 +31,23 @@ def _rfc3339(ts_ns: int) -> str:
     return f"{base}.{nanos:09d}Z"
 
 
-def to_flow(e: FlowEvent, *, node_name: str = "l7proxy", labels_of: LabelsOf | None = None) -> dict:
-    """One kernel event as a flow dict (docs/contracts.md), with the matched policy key."""
+def _ip6(addr) -> str:
+    return str(ipaddress.IPv6Address(bytes(addr)))
+
+
+def to_flow(
+    e: FlowEvent | FlowEvent6,
+    *,
+    node_name: str = "l7proxy",
+    labels_of: LabelsOf | None = None,
+) -> dict:
+    """One kernel event as a flow dict (docs/contracts.md), with the matched policy key. An
+    IPv6 record (FlowEvent6) carries its addresses after the IPv4 record's fields."""
+    if isinstance(e, FlowEvent6):
+        saddr, daddr = _ip6(e.saddr6), _ip6(e.daddr6)
+        e = e.base
+    else:
+        saddr, daddr = (_ip(e.saddr) if e.saddr else ""), _ip(e.daddr)
     labels_of = labels_of or (lambda _identity: [])
     # Kernel time is CLOCK_MONOTONIC; shift it onto the wall clock.
     wall_ns = time.time_ns() - (time.monotonic_ns() - e.ts_ns)
@@ -41,8 +56,8 @@ def to_flow(e: FlowEvent, *, node_name: str = "l7proxy", labels_of: LabelsOf | N
     verdict = structs.VERDICT_NAMES.get(e.verdict, "ERROR")
     direction = structs.DIRECTION_NAMES.get(e.direction, "UNKNOWN")
     l4 = (
-        {"ICMPv4": {"type": dport}}
-        if e.proto == 1
+        {proto: {"type": dport}}
+        if e.proto in (1, 58)
         else {proto: {"source_port": sport, "destination_port": dport}}
     )
     flow = {
@@ -53,12 +68,12 @@ def to_flow(e: FlowEvent, *, node_name: str = "l7proxy", labels_of: LabelsOf | N
         "source": {
             "identity": e.src_identity,
             "labels": labels_of(e.src_identity),
-            "ip": _ip(e.saddr) if e.saddr else "",
+            "ip": saddr,
         },
         "destination": {
             "identity": e.dst_identity,
             "labels": labels_of(e.dst_identity),
-            "ip": _ip(e.daddr),
+            "ip": daddr,
         },
         "l4": l4,
         "Summary": f"{proto} {verdict.lower()} {direction.lower()}"
@@ -130,7 +145,8 @@ class EventReader:
 
     def _sample(self, _ctx, data, size) -> int:
         if size >= ct.sizeof(FlowEvent):
-            event = FlowEvent.from_buffer_copy(ct.string_at(data, ct.sizeof(FlowEvent)))
+            record = FlowEvent6 if size >= ct.sizeof(FlowEvent6) else FlowEvent
+            event = record.from_buffer_copy(ct.string_at(data, ct.sizeof(record)))
             try:
                 self._on_flow(to_flow(event, node_name=self._node_name, labels_of=self._labels_of))
             except Exception:  # a consumer bug must not kill the reader

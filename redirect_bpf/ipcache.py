@@ -5,6 +5,10 @@ Two writers share it. The agent syncs its own view ({cidr: identity}: local endp
 identities) with sync(); the cluster sink (redirect_bpf/cluster_sink.py) owns every entry with
 a tunnel endpoint. sync() leaves those alone: another node's addresses (its pods, its own IPs as
 remote-node) are what the cluster says they are, also when a CIDR rule names the same /32.
+
+IPv6 prefixes live in the twin map ipcache6 (128-bit keys, same values): key() picks the key type
+by the prefix's family, and the caller passes the map of that family (map_for() names it). An
+IPv6 address the ipcache does not know is world-ipv6 (10), an IPv4 one world (2).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Mapping
 
 from redirect_bpf import structs
 from redirect_bpf.bpfsys import BPF_NOEXIST
-from redirect_bpf.structs import IpcacheKey, IpcacheValue
+from redirect_bpf.structs import Addr6, Ipcache6Key, IpcacheKey, IpcacheValue
 
 
 def be32(ip: str) -> int:
@@ -27,12 +31,35 @@ def ip_of(addr_be: int) -> str:
     return socket.inet_ntoa(addr_be.to_bytes(4, "little"))
 
 
-def key(cidr: str) -> IpcacheKey:
-    net = ipaddress.IPv4Network(cidr, strict=False)
+def addr6(ip: str) -> Addr6:
+    """An IPv6 address as the maps hold it (16 bytes, network order)."""
+    return Addr6.from_buffer_copy(ipaddress.IPv6Address(ip).packed)
+
+
+def ip6_of(addr: Addr6) -> str:
+    return str(ipaddress.IPv6Address(bytes(addr)))
+
+
+def family(cidr: str) -> int:
+    """4 or 6: the family of a prefix or an address."""
+    return 6 if ":" in cidr else 4
+
+
+def map_for(maps, cidr: str):
+    """The ipcache map that holds this prefix: maps["ipcache"] or maps["ipcache6"]."""
+    return maps["ipcache6"] if family(cidr) == 6 else maps["ipcache"]
+
+
+def key(cidr: str) -> IpcacheKey | Ipcache6Key:
+    net = ipaddress.ip_network(cidr, strict=False)
+    if net.version == 6:
+        return Ipcache6Key(prefixlen=net.prefixlen, addr=addr6(str(net.network_address)))
     return IpcacheKey(prefixlen=net.prefixlen, addr=be32(str(net.network_address)))
 
 
-def cidr_of(k: IpcacheKey) -> str:
+def cidr_of(k: IpcacheKey | Ipcache6Key) -> str:
+    if isinstance(k, Ipcache6Key):
+        return f"{ip6_of(k.addr)}/{k.prefixlen}"
     return f"{ip_of(k.addr)}/{k.prefixlen}"
 
 
@@ -46,6 +73,9 @@ def delete(ipcache, cidr: str) -> bool:
 
 
 def lookup(ipcache, ip: str) -> int:
+    if family(ip) == 6:
+        value = ipcache.get(key(f"{ip}/128"))
+        return value.identity if value else structs.IDENTITY_WORLD_IPV6
     value = ipcache.get(key(f"{ip}/32"))
     return value.identity if value else structs.IDENTITY_WORLD
 
@@ -69,7 +99,9 @@ def remote_entries(ipcache) -> dict[str, tuple[int, str]]:
 
 def sync(ipcache, entries: Mapping[str, int]) -> int:
     """Make the local part of the ipcache equal to {cidr: identity}; returns the number of
-    changes. Entries with a tunnel endpoint are the cluster sink's and stay as they are."""
+    changes. Entries with a tunnel endpoint are the cluster sink's and stay as they are. The
+    entries are all of the map's family (Datapath.ipcache_sync splits them)."""
+    key_type = ipcache.key_type
     want = {bytes(key(c)): i for c, i in entries.items()}
     have = {bytes(k): (v.identity, v.tunnel_endpoint) for k, v in ipcache.items()}
     changes = 0
@@ -80,17 +112,17 @@ def sync(ipcache, entries: Mapping[str, int]) -> int:
             # with its tunnel endpoint since `have` was read, and that entry must win
             try:
                 ipcache.put(
-                    IpcacheKey.from_buffer_copy(kb), IpcacheValue(identity=identity), BPF_NOEXIST
+                    key_type.from_buffer_copy(kb), IpcacheValue(identity=identity), BPF_NOEXIST
                 )
             except FileExistsError:
                 continue
             changes += 1
         elif old[0] != identity and not old[1]:
-            ipcache.put(IpcacheKey.from_buffer_copy(kb), IpcacheValue(identity=identity))
+            ipcache.put(key_type.from_buffer_copy(kb), IpcacheValue(identity=identity))
             changes += 1
     for kb in have.keys() - want.keys():
         if have[kb][1]:
             continue  # the cluster sink's: it deletes it when the node or pod goes
-        ipcache.delete(IpcacheKey.from_buffer_copy(kb))
+        ipcache.delete(key_type.from_buffer_copy(kb))
         changes += 1
     return changes

@@ -3,6 +3,7 @@ MARK_TO_PROXY, and this rule makes the stack deliver them locally instead of for
 
     ip rule add fwmark 0x7B000000/0xFF000000 lookup 2004 pref 90
     ip route add local 0.0.0.0/0 dev lo table 2004
+    (and the same for IPv6: ip -6 rule ..., ip -6 route add local ::/0 dev lo table 2004)
 """
 
 from __future__ import annotations
@@ -27,28 +28,41 @@ PROXY_RULE = {
 }
 
 
+_DEFAULT_ROUTE = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
+
+
 def ensure_proxy_routing() -> None:
-    """Packets the tc program assigned to a proxy socket (MARK_TO_PROXY) are delivered locally."""
+    """Packets the tc program assigned to a proxy socket (MARK_TO_PROXY) are delivered locally,
+    IPv4 and IPv6 alike."""
     with IPRoute() as ipr:
-        rules = ipr.get_rules(family=socket.AF_INET)
-        if not any(
-            r.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE and r.get_attr("FRA_FWMARK") is not None
-            for r in rules
-        ):
-            try:
-                ipr.rule("add", **PROXY_RULE)
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:  # another agent on this host added it just now
-                    raise
         lo = ipr.link_lookup(ifname="lo")[0]
-        ipr.route(
-            "replace", dst="0.0.0.0/0", type="local", oif=lo, table=PROXY_ROUTE_TABLE, scope=254
-        )
+        for family, default in _DEFAULT_ROUTE.items():
+            rules = ipr.get_rules(family=family)
+            if not any(
+                r.get_attr("FRA_TABLE") == PROXY_ROUTE_TABLE
+                and r.get_attr("FRA_FWMARK") is not None
+                for r in rules
+            ):
+                try:
+                    ipr.rule("add", family=family, **PROXY_RULE)
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:  # another agent on this host added it just now
+                        raise
+            ipr.route(
+                "replace",
+                family=family,
+                dst=default,
+                type="local",
+                oif=lo,
+                table=PROXY_ROUTE_TABLE,
+                scope=254,
+            )
 
 
 def remove_proxy_routing() -> None:
     with IPRoute() as ipr:
-        with contextlib.suppress(NetlinkError):
-            ipr.rule("del", **PROXY_RULE)
-        with contextlib.suppress(NetlinkError):
-            ipr.route("del", dst="0.0.0.0/0", type="local", table=PROXY_ROUTE_TABLE)
+        for family, default in _DEFAULT_ROUTE.items():
+            with contextlib.suppress(NetlinkError):
+                ipr.rule("del", family=family, **PROXY_RULE)
+            with contextlib.suppress(NetlinkError):
+                ipr.route("del", family=family, dst=default, type="local", table=PROXY_ROUTE_TABLE)

@@ -24,6 +24,7 @@ IDENTITY_ANY = 0
 IDENTITY_HOST = identity.HOST
 IDENTITY_WORLD = identity.WORLD
 IDENTITY_REMOTE_NODE = identity.REMOTE_NODE
+IDENTITY_WORLD_IPV6 = identity.WORLD_IPV6
 
 MARK_MAGIC_MASK = 0xFF000000
 MARK_IDENTITY_MASK = 0x00FFFFFF
@@ -75,7 +76,7 @@ CT_CLOSING = 4
 
 CFG_EVENTS_FORWARDED = 1
 
-PROTO_NAMES = {1: "ICMPv4", 6: "TCP", 17: "UDP", 132: "SCTP"}
+PROTO_NAMES = {1: "ICMPv4", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 
 # Bits of a policy key after its prefixlen field that always match: endpoint, identity, direction.
 POLICY_FIXED_BITS = 32 + 32 + 8
@@ -108,6 +109,18 @@ class IpcacheKey(ct.Structure):
     _fields_ = [("prefixlen", u32), ("addr", u32)]  # addr in network byte order
 
 
+# An IPv6 address as the maps hold it: 16 bytes in network order (four __be32 words in C).
+Addr6 = u32 * 4
+
+
+class Ipcache6Key(ct.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", Addr6)]
+
+
+class Ip6Key(ct.Structure):
+    _fields_ = [("addr", Addr6)]
+
+
 class IpcacheValue(ct.Structure):
     # tunnel_endpoint: the owning node's underlay IP (network byte order), 0 = local or none
     _fields_ = [("identity", u32), ("tunnel_endpoint", u32)]
@@ -126,6 +139,7 @@ class EndpointInfo(ct.Structure):
         ("flags", u8),
         ("pad", u8),
         ("sidecar_port", u16),
+        ("ipv6", Addr6),  # all zero: no IPv6 address
     ]
 
 
@@ -133,6 +147,19 @@ class CtKey(ct.Structure):
     _fields_ = [
         ("addr_lo", u32),
         ("addr_hi", u32),
+        ("port_lo", u16),
+        ("port_hi", u16),
+        ("proto", u8),
+        ("pad", u8),
+        ("pad2", u16),
+        ("ifindex", u32),
+    ]
+
+
+class Ct6Key(ct.Structure):
+    _fields_ = [
+        ("addr_lo", Addr6),
+        ("addr_hi", Addr6),
         ("port_lo", u16),
         ("port_hi", u16),
         ("proto", u8),
@@ -201,6 +228,12 @@ class FlowEvent(ct.Structure):
     ]
 
 
+class FlowEvent6(ct.Structure):
+    """An IPv6 flow's record: FlowEvent (saddr/daddr 0) and then the two addresses."""
+
+    _fields_ = [("base", FlowEvent), ("saddr6", Addr6), ("daddr6", Addr6)]
+
+
 class SidecarAddr(ct.Structure):
     _fields_ = [("ip", u32), ("port", u16), ("pad", u16)]
 
@@ -212,6 +245,7 @@ class SidecarOrig(ct.Structure):
         ("pad", u16),
         ("src_identity", u32),
         ("dst_identity", u32),
+        ("daddr6", Addr6),  # a native IPv6 destination (daddr 0), else zero
     ]
 
 
@@ -229,6 +263,9 @@ MAPS: dict[str, tuple[type, type, bool]] = {
     "sidecar_by_cookie": (u64, SidecarOrig, False),
     "sidecar_by_addr": (SidecarAddr, SidecarOrig, False),
     "nodes": (u32, NodeInfo, False),
+    "ipcache6": (Ipcache6Key, IpcacheValue, False),
+    "conntrack6": (Ct6Key, CtEntry, False),
+    "ep_by_ip6": (Ip6Key, EndpointInfo, False),
 }
 RINGBUF = "events"
 PROGRAMS = (

@@ -31,15 +31,20 @@ class BpfDatapath:
     def start(self, emit: Callable[[dict], None]) -> None:
         self.reader = self.dp.events(on_flow=emit, labels_of=lambda i: self.labels_of(i))
 
-    def endpoint_added(self, name: str, host_if: str, ip: str, identity: int) -> None:
-        self.dp.attach_endpoint(host_if, self.ids[name], identity, ip)
+    def endpoint_added(
+        self, name: str, host_if: str, ip: str, identity: int, ip6: str = ""
+    ) -> None:
+        self.dp.attach_endpoint(host_if, self.ids[name], identity, ip or None, ip6 or None)
 
-    def endpoint_removed(self, name: str, host_if: str, ip: str) -> None:
+    def endpoint_removed(self, name: str, host_if: str, ip: str, ip6: str = "") -> None:
         try:
             self.dp.detach_endpoint(host_if)
         except (LookupError, OSError):  # the veth is gone (a container's namespace with it)
-            self.dp.forget_endpoint(ip)
-        self.dp.ipcache_delete(f"{ip}/32")
+            self.dp.forget_endpoint(ip or ip6)
+        if ip:
+            self.dp.ipcache_delete(f"{ip}/32")
+        if ip6:
+            self.dp.ipcache_delete(f"{ip6}/128")
 
     def apply(self, compiled, ipcache_entries: dict[str, int], proxy_ports: dict[int, int]) -> None:
         self.dp.ipcache_sync(ipcache_entries)

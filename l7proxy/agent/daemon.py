@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class AgentConfig:
     state_dir: Path = Path("/var/lib/l7proxy")
     socket: Path = Path("/var/run/l7proxy/agent.sock")
     pool: str = "10.200.0.0/16"
+    pool6: str = ""  # an IPv6 CIDR: every endpoint is dual stack (ipam.DEFAULT_POOL6); "" = off
     netns_prefix: str = ""
     mode: str = "node"
     admin: tuple[str, int] | None = None
@@ -53,6 +55,9 @@ class AgentConfig:
     flow_capacity: int = 10_000
     proxy_worker: str = "inline"  # or "process": the node proxy outlives agent restarts
     path_escaped_slashes: str = "unescape"  # ProxyConfig.path_escaped_slashes (issue 19)
+    dns_min_ttl: float = 0  # ProxyConfig.dns_* (issue 21, docs/dns.md)
+    dns_max_ips_per_name: int = 1000
+    dns_nice: int = -10
     # cluster mode (issue 15): all of these matter only with kvstore set (docs/cluster.md)
     kvstore: str | None = None  # etcd://HOST:PORT[,HOST:PORT...]
     node_name: str = ""
@@ -68,11 +73,20 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.store = Store(config.state_dir / "state.db")
-        self.proxy_config = ProxyConfig(path_escaped_slashes=config.path_escaped_slashes)
+        self.proxy_config = ProxyConfig(
+            path_escaped_slashes=config.path_escaped_slashes,
+            dns_min_ttl=config.dns_min_ttl,
+            dns_max_ips_per_name=config.dns_max_ips_per_name,
+            dns_nice=config.dns_nice,
+        )
         self.pool = IPPool(config.pool)
+        self.pool6 = IPPool(config.pool6, 6) if config.pool6 else None
         self.allocator = policies.IdentityAllocator(self.store.get("identities"))
         self.ipcache = policies.IPCache()
         self.ipcache.upsert(f"{self.pool.router}/32", policies.HOST)
+        if self.pool6 is not None:
+            self.ipcache.upsert(f"{self.pool6.router}/128", policies.HOST)
+        self.node_label = config.node_name or socket.gethostname()
         self.flows = FlowLog(config.flow_capacity)
         self.metrics = AgentMetrics(self)
         self.flows.add_enricher(self._enrich)
@@ -107,7 +121,7 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
     # life cycle
 
     async def start(self) -> None:
-        netdev.enable_forwarding()
+        netdev.enable_forwarding(ipv6=self.pool6 is not None)
         if self.config.kvstore:
             await self._join_cluster()  # the pod CIDR, identities and policy come from etcd
         await asyncio.to_thread(self._restore_endpoints)
@@ -175,10 +189,18 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
             ):
                 # A reboot took the namespace away: rebuild its plumbing with the same address.
                 netdev.delete(ep.netns, ep.host_if)
-                netdev.create(ep.netns, ep.host_if, ep.ip, ep.prefixlen, self.pool.router)
+                netdev.create(
+                    ep.netns, ep.host_if, ep.ip, ep.prefixlen, self.pool.router, *self._v6(ep)
+                )
             self._index(ep)
             self._endpoint_id(ep.name)
-            self.datapath.endpoint_added(ep.name, ep.host_if, ep.ip, ep.identity)
+            self.datapath.endpoint_added(ep.name, ep.host_if, ep.ip, ep.identity, ep.ip6)
+
+    def _v6(self, ep: EndpointRow) -> tuple[str | None, str | None]:
+        """(IPv6 address, IPv6 router) for netdev.create, (None, None) for single stack."""
+        if not ep.ip6 or self.pool6 is None:
+            return None, None
+        return ep.ip6, self.pool6.router
 
     def _endpoint_id(self, name: str) -> int:
         if name not in self.endpoint_ids:
@@ -210,8 +232,12 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
         return identity, self._labels_of(identity), None
 
     def _index(self, ep: EndpointRow) -> None:
-        self._by_ip[ep.ip] = ep
-        self.ipcache.upsert(f"{ep.ip}/32", ep.identity)
+        if ep.ip:  # "" for an IPv6-only endpoint
+            self._by_ip[ep.ip] = ep
+            self.ipcache.upsert(f"{ep.ip}/32", ep.identity)
+        if ep.ip6:
+            self._by_ip[ep.ip6] = ep
+            self.ipcache.upsert(f"{ep.ip6}/128", ep.identity)
 
     # policy compile: one CompiledPolicy for everything, handed to datapath and proxy
 
@@ -250,13 +276,16 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
             self.proxy.update(compiled, old)
 
     def _ipcache_entries(self) -> dict[str, int]:
-        """Endpoints, CIDR identities from the policy, and the node's router address as host."""
-        entries = {
-            str(cidr): int(identity) for cidr, identity in self.ipcache.items() if ":" not in cidr
-        }
+        """Endpoints, CIDR identities from the policy, and the node's router addresses as host
+        (IPv4 and IPv6 prefixes; the datapath puts each into its family's map)."""
+        entries = {str(cidr): int(identity) for cidr, identity in self.ipcache.items()}
         entries[f"{self.pool.router}/32"] = policies.HOST
+        if self.pool6 is not None:
+            entries[f"{self.pool6.router}/128"] = policies.HOST
         entries.update(self._cluster_ipcache_entries())  # other nodes' pods (cluster mode)
-        entries.update({f"{ip}/32": ep.identity for ip, ep in self._by_ip.items()})
+        entries.update(
+            {f"{ip}/{128 if ':' in ip else 32}": ep.identity for ip, ep in self._by_ip.items()}
+        )
         return entries
 
     # flows
@@ -268,6 +297,8 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning):
         return emit
 
     def _enrich(self, flow: dict) -> None:
+        # Hubble's node_name: the cluster node's name, or this host's name on a single node
+        flow["node_name"] = self.node_label
         for side in ("source", "destination"):
             peer = flow.get(side)
             if not isinstance(peer, dict):

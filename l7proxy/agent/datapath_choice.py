@@ -21,10 +21,12 @@ class NullDatapath:
     def start(self, emit: Callable[[dict], None]) -> None:
         pass
 
-    def endpoint_added(self, name: str, host_if: str, ip: str, identity: int) -> None:
+    def endpoint_added(
+        self, name: str, host_if: str, ip: str, identity: int, ip6: str = ""
+    ) -> None:
         pass
 
-    def endpoint_removed(self, name: str, host_if: str, ip: str) -> None:
+    def endpoint_removed(self, name: str, host_if: str, ip: str, ip6: str = "") -> None:
         pass
 
     def apply(self, compiled, ipcache_entries: dict[str, int], proxy_ports: dict[int, int]) -> None:

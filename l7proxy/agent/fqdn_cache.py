@@ -2,8 +2,9 @@
 that endpoint got (Cilium's per-endpoint DNS cache). The policy compiler reads the union as
 `learned` ({name: IPs}); IPs are node-local facts, never shared with other nodes.
 
-An IP stays for the answer's TTL (raised to `min_ttl`); an endpoint keeps at most `max_ips` IPs
-per name (the soonest to expire go first). An expired IP that still has live connections (the
+An IP stays for the answer's TTL (raised to `min_ttl`); an endpoint keeps at most `max_ips`
+unexpired IPs per name (over the cap, the soonest to expire are expired at once, and gc() forgets
+them), so a name whose IPs rotate on every answer (S3) stays bounded. An expired IP that still has live connections (the
 caller passes the IPs conntrack holds) is kept until they close, so a TTL never cuts a
 connection. Times are seconds on the wall clock (`time.time()`), so the table survives a restart
 through `to_state()`/`FqdnCache(state=...)`.
@@ -11,7 +12,7 @@ through `to_state()`/`FqdnCache(state=...)`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 STATE_VERSION = 1
 
@@ -22,7 +23,8 @@ class FqdnCache:
         self.max_ips = max_ips
         # endpoint -> name -> ip -> expiry (seconds since the epoch)
         self._eps: dict[str, dict[str, dict[str, float]]] = {}
-        self.dirty = False  # changed since the last to_state()
+        self.dirty = False  # an IP came or went since the last to_state()
+        self.refreshed = False  # only expiries moved since the last to_state()
         if state and state.get("version") == STATE_VERSION:
             for ep, names in state.get("endpoints", {}).items():
                 self._eps[ep] = {n: dict(ips) for n, ips in names.items()}
@@ -40,26 +42,45 @@ class FqdnCache:
         for name in names:
             known = table.setdefault(name, {})
             for ip, ttl in ips:
-                if ip not in known:
+                expiry = now + max(ttl, self.min_ttl)
+                old = known.get(ip)
+                if old is None:
                     changed = True
-                known[ip] = max(known.get(ip, 0), now + max(ttl, self.min_ttl))
+                    known[ip] = expiry
+                elif expiry > old:
+                    known[ip] = expiry
             if len(known) > self.max_ips:
-                for ip in sorted(known, key=known.get)[: len(known) - self.max_ips]:
-                    del known[ip]
-                changed = True
+                self._over_cap(known, now)
+        self.dirty = self.dirty or changed
+        self.refreshed = True
         return changed
 
-    def gc(self, now: float, alive: set[str] = frozenset()) -> bool:
-        """Forget expired IPs, except those in `alive` (IPs with live connections); True when
-        something was forgotten."""
+    def _over_cap(self, known: dict[str, float], now: float) -> None:
+        """More than max_ips unexpired IPs for one name: the soonest to expire are marked
+        expired now. The next GC round forgets them unless a connection still uses them (a
+        cap, like a TTL, never cuts a connection), and recompiles once for all of them."""
+        live = [ip for ip, expiry in known.items() if expiry > now]
+        if len(live) > self.max_ips:
+            for ip in sorted(live, key=known.get)[: len(live) - self.max_ips]:
+                known[ip] = now
+            self.dirty = True
+
+    def gc(self, now: float, alive: Callable[[], set[str]] = frozenset) -> bool:
+        """Forget expired IPs, except those in `alive()` (IPs with live connections, asked for
+        only when some IP has expired); True when something was forgotten."""
         changed = False
+        keep: set[str] | None = None
         for ep in list(self._eps):
             names = self._eps[ep]
             for name in list(names):
                 ips = names[name]
-                for ip in [ip for ip, exp in ips.items() if exp <= now and ip not in alive]:
-                    del ips[ip]
-                    changed = True
+                expired = [ip for ip, exp in ips.items() if exp <= now]
+                if expired and keep is None:
+                    keep = alive()
+                for ip in expired:
+                    if ip not in keep:
+                        del ips[ip]
+                        changed = True
                 if not ips:
                     del names[name]
             if not names:
@@ -68,7 +89,10 @@ class FqdnCache:
         return changed
 
     def forget_endpoint(self, endpoint: str) -> bool:
-        return self._eps.pop(endpoint, None) is not None
+        """An endpoint was deleted: its names go (IPs other endpoints learned stay)."""
+        gone = self._eps.pop(endpoint, None) is not None
+        self.dirty = self.dirty or gone
+        return gone
 
     def names_of(self, ip: str) -> set[str]:
         """Every name, over all endpoints, that `ip` was learned for."""
@@ -95,5 +119,9 @@ class FqdnCache:
         return sum(len(ips) for names in self._eps.values() for ips in names.values())
 
     def to_state(self) -> dict:
-        self.dirty = False
-        return {"version": STATE_VERSION, "endpoints": self._eps}
+        """A copy (safe to serialize on another thread while the table changes)."""
+        self.dirty = self.refreshed = False
+        endpoints = {
+            ep: {n: dict(ips) for n, ips in names.items()} for ep, names in self._eps.items()
+        }
+        return {"version": STATE_VERSION, "endpoints": endpoints}

@@ -16,16 +16,23 @@ class PoolExhausted(Exception):
     pass
 
 
+# The agent's IPv6 pool when `--pool6 default` asks for dual stack without naming one: a ULA
+# prefix (RFC 4193, fd00::/8) that mirrors the IPv4 default 10.200.0.0/16.
+DEFAULT_POOL6 = "fd00:10:200::/64"
+
+
 class IPPool:
-    def __init__(self, cidr: str) -> None:
+    def __init__(self, cidr: str, version: int = 4) -> None:
         self.network = ipaddress.ip_network(cidr, strict=False)
-        if self.network.version != 4 or self.network.prefixlen > 30:
+        if version == 4 and (self.network.version != 4 or self.network.prefixlen > 30):
             raise ValueError(f"pool {cidr}: need an IPv4 network of /30 or larger")
+        if version == 6 and (self.network.version != 6 or self.network.prefixlen > 126):
+            raise ValueError(f"pool {cidr}: need an IPv6 network of /126 or larger")
         self.router = str(self.network.network_address + 1)
 
     def allocate(self, used: Iterable[str]) -> str:
         """The lowest free address after the router (deterministic, so tests can predict it)."""
-        taken = {ipaddress.ip_address(ip) for ip in used}
+        taken = {ipaddress.ip_address(ip) for ip in used if ip}  # "": no address of this family
         taken.add(ipaddress.ip_address(self.router))
         for host in self.network.hosts():
             if host not in taken:

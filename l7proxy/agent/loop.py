@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from l7proxy.platform import set_mark, set_transparent
+from l7proxy.platform import family_of, set_mark, set_transparent
 
 try:
     import uvloop
@@ -41,7 +41,7 @@ class MarkingLoop(_Base):
         mark = getattr(host, "mark", 0)
         if not mark or kw.get("sock") is not None:
             return await super().create_connection(protocol_factory, host, port, **kw)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(family_of(str(host)), socket.SOCK_STREAM)
         try:
             set_mark(sock, mark)
             if getattr(host, "source", ""):

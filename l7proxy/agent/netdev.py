@@ -10,6 +10,11 @@ A container's endpoint (`adopt`) is the same plumbing in a namespace someone els
 runtime, through the CNI plugin): the agent adds the veth into it by path and names the inner end as
 the runtime asked (CNI_IFNAME), and `release` removes only the veth; the namespace stays the
 runtime's.
+
+A dual-stack endpoint (the agent's --pool6) gets the same shape in IPv6: its address as a /128
+without duplicate address detection (DAD would hold it back for a second or more), a route to
+the IPv6 router address and a default route via it; the host side carries that router address
+(/128) and a /128 route back.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 SCOPE_LINK = 253
+IFA_F_NODAD = 0x02  # no duplicate address detection: the agent owns the pool
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/var/run/netns")
 CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
@@ -49,12 +55,33 @@ def link_exists(ifname: str) -> bool:
         return bool(ipr.link_lookup(ifname=ifname))
 
 
-def enable_forwarding() -> None:
+def enable_forwarding(ipv6: bool = False) -> None:
     # Endpoints talk to each other through the host: the node must route.
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    if ipv6:
+        Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1\n")
 
 
-def create(netns_name: str, host_if: str, ip: str, prefixlen: int, router: str) -> None:
+def _host_side_v6(ipr, idx: int, ip6: str, router6: str) -> None:
+    ipr.addr("add", index=idx, address=router6, prefixlen=128, flags=IFA_F_NODAD)
+    ipr.route("replace", dst=f"{ip6}/128", oif=idx)
+
+
+def _inside_v6(ns, eth: int, ip6: str, router6: str) -> None:
+    ns.addr("add", index=eth, address=ip6, prefixlen=128, flags=IFA_F_NODAD)
+    ns.route("add", dst=f"{router6}/128", oif=eth, family=10)
+    ns.route("add", dst="::/0", gateway=router6, oif=eth, family=10)
+
+
+def create(
+    netns_name: str,
+    host_if: str,
+    ip: str,
+    prefixlen: int,
+    router: str,
+    ip6: str | None = None,
+    router6: str | None = None,
+) -> None:
     if netns_exists(netns_name):
         raise FileExistsError(f"network namespace {netns_name} already exists")
     peer_tmp = "t" + host_if[1:]
@@ -68,18 +95,26 @@ def create(netns_name: str, host_if: str, ip: str, prefixlen: int, router: str) 
                 peer={"ifname": peer_tmp, "net_ns_fd": netns_name},
             )
             idx = ipr.link_lookup(ifname=host_if)[0]
-            ipr.addr("add", index=idx, address=router, prefixlen=32)
+            if ip:  # "" for an IPv6-only endpoint
+                ipr.addr("add", index=idx, address=router, prefixlen=32)
             ipr.link("set", index=idx, state="up")
-            ipr.route("replace", dst=f"{ip}/32", oif=idx)
+            if ip:
+                ipr.route("replace", dst=f"{ip}/32", oif=idx)
+            if ip6:
+                _host_side_v6(ipr, idx, ip6, router6)
         with NetNS(netns_name) as ns:
             (eth,) = ns.link_lookup(ifname=peer_tmp)
             ns.link("set", index=eth, ifname="eth0")
-            ns.addr("add", index=eth, address=ip, prefixlen=prefixlen)
+            if ip:
+                ns.addr("add", index=eth, address=ip, prefixlen=prefixlen)
             ns.link("set", index=eth, state="up")
             (lo,) = ns.link_lookup(ifname="lo")
             ns.link("set", index=lo, state="up")
-            ns.route("add", dst=f"{router}/32", oif=eth, scope=SCOPE_LINK)
-            ns.route("add", dst="0.0.0.0/0", gateway=router, oif=eth)
+            if ip:
+                ns.route("add", dst=f"{router}/32", oif=eth, scope=SCOPE_LINK)
+                ns.route("add", dst="0.0.0.0/0", gateway=router, oif=eth)
+            if ip6:
+                _inside_v6(ns, eth, ip6, router6)
     except BaseException:
         delete(netns_name, host_if)
         raise

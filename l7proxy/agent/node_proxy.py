@@ -12,6 +12,7 @@ proxy's own traffic is never redirected again.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from l7proxy.platform import MARK_FROM_PROXY, MARK_IDENTITY_MASK, transparent_li
 from l7proxy.protocols import worker_upstreams
 from l7proxy.server import DeadlineSweeper, Gate, Listener
 from l7proxy.session import drain_sessions
+
+log = logging.getLogger("l7proxy.agent")
 
 
 def marked_destination(
@@ -95,6 +98,7 @@ class NodeProxy:
         self.pool = worker_upstreams(self.config)
         self.host, self.port = host, port
         self.server: asyncio.AbstractServer | None = None
+        self.server6: asyncio.AbstractServer | None = None  # [::1]:port, for IPv6 flows
         self.base = self._listener(0, None, lambda: None, (0, ()), None)
         self.connections = 0
 
@@ -106,6 +110,17 @@ class NodeProxy:
         self.server = await loop.create_server(
             lambda: NodeGate(self), sock=sock, backlog=LISTEN_BACKLOG
         )
+        # IPv6 flows are assigned to [::1] on the same port. A host without IPv6 has none to
+        # redirect: the datapath then finds no listener and drops (fail closed).
+        try:
+            sock6 = node_listener(self.port, "::1")
+        except OSError as exc:
+            log.warning("node proxy: no IPv6 listener on [::1]:%d (%s)", self.port, exc)
+        else:
+            sock6.setblocking(False)
+            self.server6 = await loop.create_server(
+                lambda: NodeGate(self), sock=sock6, backlog=LISTEN_BACKLOG
+            )
         self.sweeper.start()
 
     def _listener(self, port, decision, rules, endpoint, dest) -> Listener:
@@ -149,8 +164,9 @@ class NodeProxy:
     async def close(self, drain_time: float = 2.0) -> None:
         """Stop accepting, let requests in flight finish (briefly: an agent restart should be
         quick), then close what is left."""
-        if self.server is not None:
-            self.server.close()
+        for server in (self.server, self.server6):
+            if server is not None:
+                server.close()
         await drain_sessions(self.sweeper.sessions, drain_time)
         self.sweeper.stop()
         self.pool.close()

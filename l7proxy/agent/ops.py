@@ -81,6 +81,8 @@ class AgentOps:
             "state_dir": str(self.config.state_dir),
             "pool": str(self.pool.network),
             "router": self.pool.router,
+            "pool6": str(self.pool6.network) if self.pool6 is not None else "",
+            "router6": self.pool6.router if self.pool6 is not None else "",
             "parts": {
                 "store": {"state": "ok", "detail": str(self.store.path)},
                 "policy": {
@@ -126,12 +128,15 @@ class AgentOps:
             if self.store.endpoint(name):
                 raise ApiError(f"endpoint {name} already exists")
             used = [ep.ip for ep in self.store.endpoints()]
-            if args.get("ip"):
+            if args.get("ipv6_only"):
+                ip, prefixlen = self._ipv6_only(args), 0
+            elif args.get("ip"):
                 ip, _, plen = str(args["ip"]).partition("/")
                 ip = self.pool.validate(ip, used)
                 prefixlen = int(plen or 32)
             else:
                 ip, prefixlen = self.pool.allocate(used), 32
+            ip6 = self._allocate_ip6(args.get("ip6"))
             netns_name = self.config.netns_prefix + name
             host_if = netdev.host_ifname(netns_name)
             identity = cluster_identity or self.allocator.allocate(labelset(labels))
@@ -145,12 +150,47 @@ class AgentOps:
                 identity,
                 time.time(),
                 named,
+                ip6=ip6,
             )
             await asyncio.to_thread(
-                netdev.create, netns_name, host_if, ip, prefixlen, self.pool.router
+                netdev.create,
+                netns_name,
+                host_if,
+                ip,
+                prefixlen,
+                self.pool.router,
+                *self._v6(row),
             )
             await self._register(row, lambda: netdev.delete(netns_name, host_if))
         return row.to_json()
+
+    def _ipv6_only(self, args: dict) -> str:
+        """An IPv6-only endpoint has no IPv4 address (""); refused where that cannot work."""
+        if self.pool6 is None:
+            raise ApiError("--ipv6-only needs an agent with an IPv6 pool: start it with --pool6")
+        if args.get("ip"):
+            raise ApiError("--ipv6-only and --ip contradict each other: give one of them")
+        if self.cluster is not None:
+            raise ApiError(
+                "--ipv6-only: cluster mode publishes IPv4 addresses only; "
+                "create a dual-stack endpoint instead"
+            )
+        return ""
+
+    def _allocate_ip6(self, wanted) -> str:
+        """The IPv6 address of a new endpoint: the one asked for (`--ip6`) or the pool's next
+        free one; "" when the agent runs single stack (no --pool6)."""
+        if self.pool6 is None:
+            if wanted:
+                raise ApiError("--ip6 needs an agent with an IPv6 pool: start it with --pool6")
+            return ""
+        used6 = [ep.ip6 for ep in self.store.endpoints() if ep.ip6]
+        try:
+            if wanted:
+                return self.pool6.validate(str(wanted), used6)
+            return self.pool6.allocate(used6)
+        except ValueError as exc:
+            raise ApiError(f"--ip6 {wanted}: {exc}") from None
 
     async def _register(self, row: EndpointRow, unplumb) -> None:
         """Store, index, attach and compile a plumbed endpoint; on any failure undo all of it
@@ -163,7 +203,7 @@ class AgentOps:
                 await self.cluster.endpoint_added(row.ip, row.identity)
             # Datapath calls run in threads: pyroute2 cannot share the agent's uvloop.
             await asyncio.to_thread(
-                self.datapath.endpoint_added, row.name, row.host_if, row.ip, row.identity
+                self.datapath.endpoint_added, row.name, row.host_if, row.ip, row.identity, row.ip6
             )
             if hasattr(self.proxy, "endpoint_added"):
                 await self.proxy.endpoint_added(row)
@@ -172,13 +212,14 @@ class AgentOps:
         except BaseException:
             self.store.delete_endpoint(row.name)
             self._by_ip.pop(row.ip, None)
+            self._by_ip.pop(row.ip6, None)
             self._release_identity(row.identity)
             if self.cluster is not None:
                 with contextlib.suppress(Exception):
                     await self._cluster_endpoint_removed(row)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(
-                    self.datapath.endpoint_removed, row.name, row.host_if, row.ip
+                    self.datapath.endpoint_removed, row.name, row.host_if, row.ip, row.ip6
                 )
             await asyncio.to_thread(unplumb)
             raise
@@ -187,15 +228,17 @@ class AgentOps:
         """Detach, unplumb and forget an endpoint, then recompile. Called under the agent lock."""
         if hasattr(self.proxy, "endpoint_removed"):
             await self.proxy.endpoint_removed(ep)
-        await asyncio.to_thread(self.datapath.endpoint_removed, ep.name, ep.host_if, ep.ip)
+        await asyncio.to_thread(self.datapath.endpoint_removed, ep.name, ep.host_if, ep.ip, ep.ip6)
         await asyncio.to_thread(unplumb)
         self.store.delete_endpoint(ep.name)
         self._by_ip.pop(ep.ip, None)
+        self._by_ip.pop(ep.ip6, None)
         self.endpoint_ids.pop(ep.name, None)
         self.store.put("endpoint_ids", self.endpoint_ids)
         self._release_identity(ep.identity)
         if self.cluster is not None:
             await self._cluster_endpoint_removed(ep)
+        await self.fqdn_forget_endpoint(ep.name)  # its learned names (issue 21)
         self.ipcache = self._rebuild_ipcache()
         compiled = await asyncio.to_thread(self._recompile, self.store.revision())
         await asyncio.to_thread(self._install, compiled)
@@ -241,10 +284,15 @@ class AgentOps:
     def _rebuild_ipcache(self):
         cache = policies.IPCache()
         cache.upsert(f"{self.pool.router}/32", policies.HOST)
+        if self.pool6 is not None:
+            cache.upsert(f"{self.pool6.router}/128", policies.HOST)
         for cidr, identity in self._cluster_ipcache_entries().items():
             cache.upsert(cidr, identity)
         for ep in self._by_ip.values():
-            cache.upsert(f"{ep.ip}/32", ep.identity)
+            if ep.ip:
+                cache.upsert(f"{ep.ip}/32", ep.identity)
+            if ep.ip6:
+                cache.upsert(f"{ep.ip6}/128", ep.identity)
         return cache
 
     def identities(self) -> list[dict]:

@@ -90,6 +90,7 @@ class WorkerHandle:
             "seq": f"{os.getpid()}-{self.seq}",
             "revision": agent.store.revision(),
             "router": agent.pool.router,
+            "router6": agent.pool6.router if agent.pool6 is not None else "",
             "identities": agent.allocator.to_state(),
             "endpoints": [ep.to_json() for ep in agent.store.endpoints()],
             # cluster mode: other nodes' pods (the worker resolves peers as the agent does) and

@@ -102,11 +102,15 @@ class WorkerView:
         for cidr, identity in state.get("remote", {}).items():  # other nodes' pods
             ipcache.upsert(cidr, identity)
         ipcache.upsert(f"{state['router']}/32", policies.HOST)
+        if state.get("router6"):  # a dual-stack agent (--pool6)
+            ipcache.upsert(f"{state['router6']}/128", policies.HOST)
         by_ip = {}
         endpoints = {}
         for ep in state["endpoints"]:
-            by_ip[ep["ip"]] = ep
-            ipcache.upsert(f"{ep['ip']}/32", ep["identity"])
+            for ip, plen in ((ep["ip"], 32), (ep.get("ip6", ""), 128)):
+                if ip:  # an IPv6-only endpoint has no IPv4 address, a v4 one no IPv6
+                    by_ip[ip] = ep
+                    ipcache.upsert(f"{ip}/{plen}", ep["identity"])
             endpoints[ep["name"]] = policies.parse_labels(",".join(ep["labels"]))
         docs = [PolicyDoc(**d) for d in state["documents"]]
         rules = policy_repo.load_rules(docs)

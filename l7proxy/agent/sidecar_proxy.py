@@ -83,6 +83,11 @@ class SidecarGate(Gate):
         if origin is None:  # not sent by the connect4 hook: nothing to proxy to
             transport.abort()
             return
+        dns = self.proxy.agent.dns_proxy
+        dst = (origin.ip, origin.port)
+        if dns is not None and dns.takes_tcp(self.endpoint.ip, dst):  # DNS over TCP (issue 21)
+            dns.adopt_tcp(transport, (self.endpoint.ip, peer[1]), dst)
+            return
         self.lst = self.proxy.sidecar_view(self.endpoint, origin)
         super().connection_made(transport)
 
@@ -186,7 +191,7 @@ class SidecarProxy(NodeProxy):
 
     def sidecar_view(self, ep, origin):
         self.sidecar_connections[ep.name] = self.sidecar_connections.get(ep.name, 0) + 1
-        cp = connection_policy(self.agent, ep.ip, origin.ip, origin.port)
+        cp = connection_policy(self.agent, ep.ip or ep.ip6, origin.ip, origin.port)
         dest = marked_destination(origin.ip, origin.port, cp.src_identity)
         lst = self._listener(
             origin.port, cp.decision, cp.rules, (cp.dst_identity, cp.dst_labels), dest

@@ -2,7 +2,8 @@
 
 Endpoints, the identity allocator's state, the IP pool and the policy repository live here, so a
 restarted agent keeps every identity and endpoint it had. Endpoints' named ports live in the
-key-value table (`endpoint_ports`), so a state directory made before they existed opens as is.
+key-value table (`endpoint_ports`), so a state directory made before they existed opens as is;
+so do dual-stack endpoints' IPv6 addresses (`endpoint_ipv6`).
 Each public method is one transaction; `policy_replace` swaps the whole policy set and bumps the
 revision in the same transaction, which is what makes `policy import` atomic.
 """
@@ -54,6 +55,7 @@ class EndpointRow:
     container_id: str = ""  # set for a container's namespace adopted through CNI
     runtime: str = ""  # "podman", "cni", ...: who owns the namespace (empty: the agent)
     ifname: str = ""  # the interface name inside the container (CNI_IFNAME)
+    ip6: str = ""  # the IPv6 address of a dual-stack endpoint (the agent's --pool6), else ""
 
     @property
     def adopted(self) -> bool:
@@ -74,6 +76,7 @@ class EndpointRow:
             "container_id": self.container_id,
             "runtime": self.runtime,
             "ifname": self.ifname,
+            "ip6": self.ip6,
         }
 
 
@@ -89,6 +92,7 @@ class PolicyDoc:
 
 PORTS_KEY = "endpoint_ports"  # {endpoint name: [{"name", "port", "protocol"}, ...]}
 CONTAINERS_KEY = "endpoint_containers"  # {endpoint name: [container id, runtime, ifname]}
+IPV6_KEY = "endpoint_ipv6"  # {endpoint name: IPv6 address}
 
 
 class Store:
@@ -128,7 +132,8 @@ class Store:
             "FROM endpoints ORDER BY name"
         ).fetchall()
         ports, containers = self._ports(), self.get(CONTAINERS_KEY, {})
-        return [_endpoint(row, ports, containers) for row in rows]
+        ipv6 = self.get(IPV6_KEY, {})
+        return [_endpoint(row, ports, containers, ipv6) for row in rows]
 
     def endpoint(self, name: str) -> EndpointRow | None:
         row = self._db.execute(
@@ -136,7 +141,9 @@ class Store:
             "FROM endpoints WHERE name = ?",
             (name,),
         ).fetchone()
-        return _endpoint(row, self._ports(), self.get(CONTAINERS_KEY, {})) if row else None
+        if not row:
+            return None
+        return _endpoint(row, self._ports(), self.get(CONTAINERS_KEY, {}), self.get(IPV6_KEY, {}))
 
     def add_endpoint(self, ep: EndpointRow, identity_state: dict) -> None:
         """Store the endpoint, its named ports and the allocator state that gave it its
@@ -166,6 +173,11 @@ class Store:
             if ep.adopted:
                 containers[ep.name] = [ep.container_id, ep.runtime, ep.ifname]
             self._put_raw(CONTAINERS_KEY, containers)
+            ipv6 = self.get(IPV6_KEY, {})
+            ipv6.pop(ep.name, None)
+            if ep.ip6:
+                ipv6[ep.name] = ep.ip6
+            self._put_raw(IPV6_KEY, ipv6)
 
     def delete_endpoint(self, name: str) -> None:
         with self._lock, self._tx():
@@ -176,6 +188,9 @@ class Store:
             containers = self.get(CONTAINERS_KEY, {})
             if containers.pop(name, None) is not None:
                 self._put_raw(CONTAINERS_KEY, containers)
+            ipv6 = self.get(IPV6_KEY, {})
+            if ipv6.pop(name, None) is not None:
+                self._put_raw(IPV6_KEY, ipv6)
 
     def _ports(self) -> dict[str, tuple[NamedPort, ...]]:
         return {
@@ -232,7 +247,9 @@ class _Transaction:
         return False
 
 
-def _endpoint(row, ports: dict[str, tuple[NamedPort, ...]], containers: dict) -> EndpointRow:
+def _endpoint(
+    row, ports: dict[str, tuple[NamedPort, ...]], containers: dict, ipv6: dict
+) -> EndpointRow:
     name, netns, host_if, ip, prefixlen, labels, identity, created = row
     container_id, runtime, ifname = containers.get(name) or ("", "", "")
     return EndpointRow(
@@ -248,4 +265,5 @@ def _endpoint(row, ports: dict[str, tuple[NamedPort, ...]], containers: dict) ->
         container_id,
         runtime,
         ifname,
+        ipv6.get(name, ""),
     )

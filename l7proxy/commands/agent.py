@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from l7proxy.agent.client import DEFAULT_SOCKET, SOCKET_ENV
-from l7proxy.agent.ipam import IPPool
+from l7proxy.agent.ipam import DEFAULT_POOL6, IPPool
 from parsers.http_path import ESCAPED_SLASH_MODES, KEEP, KEEP_WARNING, UNESCAPE
 
 BPF_FS = Path("/sys/fs/bpf")
@@ -31,6 +31,12 @@ def register(sub) -> None:
         help=f"API socket path (default ${SOCKET_ENV} or {DEFAULT_SOCKET})",
     )
     p.add_argument("--pool", default="10.200.0.0/16", help="the node's endpoint IP pool (CIDR)")
+    p.add_argument(
+        "--pool6",
+        default="",
+        help="an IPv6 pool (CIDR, /126 or larger) makes every endpoint dual stack; "
+        f"'default' is {DEFAULT_POOL6}; unset: IPv4 only",
+    )
     p.add_argument(
         "--netns-prefix",
         default="",
@@ -58,6 +64,23 @@ def register(sub) -> None:
         default=UNESCAPE,
         help="%%2F, %%5C and \\ in request paths: unescape (default: judged and forwarded as /), "
         "reject (400), keep (Envoy's KEEP_UNCHANGED; UNSAFE if the backend decodes them)",
+    )
+    dns = p.add_argument_group("DNS proxy and toFQDNs (docs/dns.md)")
+    dns.add_argument(
+        "--dns-min-ttl", type=float, default=0, help="learned IPs stay at least this many seconds"
+    )
+    dns.add_argument(
+        "--dns-max-ips-per-name",
+        type=int,
+        default=1000,
+        help="unexpired IPs one endpoint keeps per name (the oldest expire first)",
+    )
+    dns.add_argument(
+        "--dns-nice",
+        type=int,
+        default=-10,
+        help="CPU nice value of the agent's event-loop thread, which answers DNS (default -10; "
+        "0 leaves it alone)",
     )
     cluster = p.add_argument_group(
         "cluster mode",
@@ -115,6 +138,11 @@ def fs_type(path: Path, mounts: str | None = None) -> str | None:
     return kind
 
 
+def pool6_of(text: str) -> str:
+    """--pool6 as a CIDR ("default" names ipam.DEFAULT_POOL6, "" stays off)."""
+    return DEFAULT_POOL6 if text == "default" else text
+
+
 def argument_problem(args, mounts: str | None = None) -> str | None:
     """What is wrong with the agent's arguments, as one line that says what to do, or None.
     Checked before the agent touches anything (the kernel's errors came after attaching)."""
@@ -122,6 +150,11 @@ def argument_problem(args, mounts: str | None = None) -> str | None:
         IPPool(args.pool)
     except ValueError as exc:
         return f"--pool {args.pool!r}: {exc} (e.g. --pool 10.200.0.0/16)"
+    if args.pool6:
+        try:
+            IPPool(pool6_of(args.pool6), 6)
+        except ValueError as exc:
+            return f"--pool6 {args.pool6!r}: {exc} (e.g. --pool6 {DEFAULT_POOL6})"
     if "/" in args.netns_prefix or "\0" in args.netns_prefix:
         return f"--netns-prefix {args.netns_prefix!r}: a namespace name cannot hold '/' (e.g. l7-)"
     if args.admin is not None:
@@ -211,6 +244,7 @@ def run(args) -> int:
         state_dir=Path(args.state_dir),
         socket=Path(args.socket),
         pool=args.pool,
+        pool6=pool6_of(args.pool6),
         netns_prefix=args.netns_prefix,
         mode=args.mode,
         admin=_hostport(args.admin) if args.admin else None,
@@ -218,6 +252,9 @@ def run(args) -> int:
         bpf_dir=args.bpf_dir,
         proxy_worker=args.proxy_worker,
         path_escaped_slashes=args.path_escaped_slashes,
+        dns_min_ttl=args.dns_min_ttl,
+        dns_max_ips_per_name=args.dns_max_ips_per_name,
+        dns_nice=args.dns_nice,
         kvstore=args.kvstore,
         node_name=args.node_name,
         cluster_cidr=args.cluster_cidr,

@@ -22,6 +22,14 @@ def register(sub) -> None:
     c.add_argument("--labels", required=True, help="k=v[,k=v...] (source k8s: unless given)")
     c.add_argument("--ip", help="A.B.C.D[/NN] instead of the next free address of the pool")
     c.add_argument(
+        "--ip6", help="an IPv6 address instead of the next free one of the agent's --pool6"
+    )
+    c.add_argument(
+        "--ipv6-only",
+        action="store_true",
+        help="no IPv4 address, only one from the agent's --pool6 (node mode on one node)",
+    )
+    c.add_argument(
         "--port",
         dest="ports",
         action="append",
@@ -74,14 +82,18 @@ def _create(args) -> int:
             name=args.name,
             labels=args.labels,
             ip=args.ip,
+            ip6=args.ip6,
+            ipv6_only=args.ipv6_only,
             ports=[p.to_json() for p in named],
         )
     finally:
         note.cancel()
     shown = _ports_text(ep.get("ports"))
     print(
-        f"endpoint {ep['name']} created: netns {ep['netns']}, ip {ep['ip']}/{ep['prefixlen']}, "
-        f"identity {ep['identity']}, host veth {ep['host_if']}"
+        f"endpoint {ep['name']} created: netns {ep['netns']}, "
+        + (f"ip {ep['ip']}/{ep['prefixlen']}, " if ep["ip"] else "")
+        + (f"ip6 {ep['ip6']}/128, " if ep.get("ip6") else "")
+        + f"identity {ep['identity']}, host veth {ep['host_if']}"
         + (f", ports {shown}" if shown else "")
     )
     return 0
@@ -116,7 +128,7 @@ def _list(args) -> int:
         rows.append(
             (
                 ep["name"],
-                ep["ip"],
+                ",".join(ip for ip in (ep["ip"], ep.get("ip6")) if ip),
                 str(ep["identity"]),
                 "Enabled" if pol.get("ingress") else "Disabled",
                 "Enabled" if pol.get("egress") else "Disabled",

@@ -28,4 +28,6 @@ def _status(args) -> int:
     print(f"Flows seen:      {counts['flows']}")
     print(f"Policy revision: {st['policy_revision']}")
     print(f"IP pool:         {st['pool']} (router {st['router']})")
+    if st.get("pool6"):
+        print(f"IPv6 pool:       {st['pool6']} (router {st['router6']})")
     return 0

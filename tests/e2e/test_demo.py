@@ -1,5 +1,7 @@
-"""`make demo` runs in CI: the full Star Wars story with BPF, the gateway part, cleanup on
-interruption, and the dependency map kept up from a terminal (and not announced without one)."""
+"""`make demo` runs in CI: the full Star Wars story with BPF (ending with the cluster part on a
+2-node lab), the gateway part, cleanup on interruption, and the dependency map kept up from a
+terminal (and not announced without one). tests/lab/test_demo_cluster.py interrupts and kills
+the cluster part."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent_runner import free_pool
+from tests.conftest import need_binary
 
 pytestmark = [pytest.mark.e2e]
 LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no http_proxy for it
@@ -65,6 +68,41 @@ def _leftovers(prefix: str) -> list[str]:
     left = [n for n in names if n.startswith(prefix)]
     pins = Path("/sys/fs/bpf/l7proxy") / prefix.strip("-")
     return left + ([str(pins)] if pins.exists() else [])
+
+
+def _live_cmdlines() -> list[tuple[int, bytes]]:
+    """(pid, NUL-separated argv) of every process that is not a zombie."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            ):
+                found.append((int(proc.name), (proc / "cmdline").read_bytes()))
+        except OSError:
+            continue
+    return found
+
+
+def lab_leftovers() -> list[str]:
+    """What a cluster part could leave: lab namespaces, pins, the lab directory, the lab's etcd
+    and agents (their command lines name the lab directory), deathstars in lab endpoints."""
+    from l7proxy.lab import state
+
+    netns = Path("/var/run/netns")
+    left = (
+        [p.name for p in netns.iterdir() if p.name.startswith("l7lab-")] if netns.exists() else []
+    )
+    pins = state.BPF_PIN_ROOT
+    left += [str(p) for p in pins.iterdir() if p.name.startswith("lab-")] if pins.exists() else []
+    if state.lab_dir().exists():
+        left.append(str(state.lab_dir()))
+    for pid, argv in _live_cmdlines():
+        if str(state.lab_dir()).encode() in argv or b"demo.deathstar\x0010.252." in argv:
+            text = argv.replace(b"\0", b" ").decode(errors="replace")
+            left.append(f"pid {pid}: {text}")
+    return left
 
 
 class DemoRun:
@@ -122,8 +160,10 @@ class DemoRun:
 
 @pytest.mark.root
 @pytest.mark.bpf
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(260)
 def test_make_demo_runs_the_star_wars_story_with_bpf():
+    need_binary("etcd")
+    assert lab_leftovers() == [], "a lab is up: the cluster part would skip"
     env, prefix = _env()
     started = time.monotonic()
     r = subprocess.run(
@@ -131,13 +171,13 @@ def test_make_demo_runs_the_star_wars_story_with_bpf():
         capture_output=True,
         text=True,
         env=env,
-        timeout=170,
+        timeout=250,
         stdin=subprocess.DEVNULL,
     )
     took = time.monotonic() - started
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
-    assert took < 180
+    assert took < 250
     assert "Root and BPF present" in out
     # The verdicts the demo saw, each printed next to what the policy promises.
     assert "-> xwing: HTTP 200 Ship landed   [expected: lands: ok]" in out
@@ -168,11 +208,21 @@ def test_make_demo_runs_the_star_wars_story_with_bpf():
     folded = re.findall(r"topic deathstar-plans\s+\(x(\d+)\)", table)
     assert all(int(n) <= 5 for n in folded), f"the denied consumer kept asking: {folded}"
     assert "SetAccessCode) grpc-status PERMISSION_DENIED" in table
-    assert "17 checks, 0 unexpected" in out
+    # The cluster part: the same story with the deathstar on node1 and the ships on node2.
+    cluster = out.split("=== Cluster: the deathstar on node1")[1]
+    assert "$ l7proxy lab up --nodes 2 --routing tunnel" in cluster
+    assert "$ l7proxy --node node2 policy import" in cluster
+    assert "-> xwing: no answer within 2s (packets dropped)   [expected: dropped in the" in cluster
+    assert "-> node1's kernel: " in cluster and "UNEXPECTED" not in cluster
+    assert "-> tiefighter PUT /v1/exhaust-port: HTTP 403 Access denied" in cluster
+    assert "-> cluster status: node1 on revision 2, node2 on revision 2   [expected" in cluster
+    assert "$ l7proxy lab down" in cluster
+    assert "27 checks, 0 unexpected" in out
     # Not on a terminal: the agent (and its map) goes at once, so no link to it is printed.
     assert not MAP_URL.search(out) and "Map live at" not in out, out
     assert "The dependency map goes down with the agent now (stdin is not a terminal)" in out
     assert _leftovers(prefix) == []
+    assert lab_leftovers() == []
     _no_brokers_left(prefix)
 
 
@@ -204,7 +254,7 @@ def test_interrupted_demo_cleans_up():
     """SIGTERM once the Kafka broker runs (endpoints, agent, pins, broker all up): everything
     goes, the broker included."""
     env, prefix = _env()
-    demo = DemoRun(env, stdin=subprocess.DEVNULL)
+    demo = DemoRun(env, subprocess.DEVNULL, "--no-cluster")
     try:
         # A bounded wait for each line: a demo stuck (slow agent start on a loaded box) fails
         # here with what it printed, instead of blocking the test until pytest's timeout.
@@ -228,7 +278,7 @@ def test_from_a_terminal_the_map_stays_up_until_enter():
     the URL is dead."""
     env, prefix = _env()
     terminal, stdin = os.openpty()
-    demo = DemoRun(env, stdin, "--no-extras")  # the Star Wars part is enough for a map
+    demo = DemoRun(env, stdin, "--no-extras", "--no-cluster")  # Star Wars is enough for a map
     os.close(stdin)
     try:
         line = demo.read_until("Map live at")
@@ -323,12 +373,4 @@ def test_sweep_brokers_stops_only_orphans_of_its_own_prefix(tmp_path):
 
 def _pids(text: str) -> list[int]:
     """Live (not zombie) processes with `text` in their command line."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
-                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
+    return [pid for pid, argv in _live_cmdlines() if text.encode() in argv]

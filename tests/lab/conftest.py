@@ -159,6 +159,7 @@ def lab(request):
     cli("lab", "down")
     lab = Lab(request.param)
     route = None
+    orphan = None  # left running on purpose: `lab down` must stop what runs in lab namespaces
     try:
         cli("lab", "up", "--nodes", "3", "--routing", lab.routing, "--lease-ttl", "5", timeout=240)
         _endpoint(lab, "node1", "frontend", "app=frontend")
@@ -166,6 +167,7 @@ def lab(request):
         _endpoint(lab, "node2", "backend", "app=backend")
         _endpoint(lab, "node3", "reader", "app=reader")
         lab.nodes = {n["name"]: n for n in lab.status()["nodes"]}
+        orphan = in_pod("node3", "reader", "sleep", "600")
         servers = str(HERE / "servers.py")
         lab.servers.append(
             in_pod("node2", "backend", sys.executable, servers, "8080", "9090", "9091")
@@ -199,6 +201,14 @@ def lab(request):
         left = [p.name for p in Path("/var/run/netns").glob("l7lab-*")]
         left += [p.name for p in Path("/sys/fs/bpf/l7proxy").glob("lab-*")]
         assert not left, f"lab down left {left}"
+        if orphan is not None:
+            try:
+                orphan.wait(10)
+            except subprocess.TimeoutExpired:
+                orphan.kill()
+                raise AssertionError(
+                    "lab down left a process running in a pod's namespace"
+                ) from None
 
 
 def pytest_collection_modifyitems(config, items):

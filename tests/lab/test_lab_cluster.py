@@ -95,6 +95,7 @@ def test_l3_by_labels_and_l4_ports(lab):
     ]  # fmt: skip
     assert drops and drops[-1]["traffic_direction"] == "INGRESS"
     assert "k8s:app=other" in drops[-1]["source"]["labels"]
+    assert drops[-1]["node_name"] == "node2"  # Hubble's field names the node that saw it
 
 
 def test_deny_beats_allow_across_nodes(lab):

@@ -4,6 +4,7 @@ the broker sweep's notion of a running demo, and the children's cleanup order.""
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import demo
-from demo import broker, kafka_part, live_map, procs
+from demo import broker, kafka_part, lab_session, live_map, procs
 from tests.unit.test_import_structure import REPO, find_cycles, module_name, project_edges
 
 MODULES = {module_name(p): p for p in sorted((REPO / "demo").rglob("*.py"))}
@@ -163,3 +164,63 @@ def test_the_deathstar_answers_as_cilium_s_example_does():
         server.shutdown()
         server.server_close()
     assert seen == [(200, "Ship landed"), (503, "Panic"), (404, "Not found"), (200, '{"name"')]
+
+
+def test_commands_are_printed_as_a_user_types_them():
+    argv = [sys.executable, "-m", "l7proxy", "--node", "node1", "endpoint", "exec", "deathstar",
+            "--", sys.executable, "-m", "demo.deathstar", "10.252.0.2"]  # fmt: skip
+    assert procs.shown(argv) == [
+        "l7proxy", "--node", "node1", "endpoint", "exec", "deathstar",
+        "--", "python", "-m", "demo.deathstar", "10.252.0.2",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def lab_dir(tmp_path, monkeypatch):
+    """A lab directory holding a lab's state file (no namespaces, no processes: nothing of it
+    is touched, since the demo must leave a lab that is not its own alone)."""
+    from l7proxy.lab import state
+
+    monkeypatch.setenv(state.LAB_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(lab_session.processes, "etcd_binary", lambda: "/usr/bin/etcd")
+    state.LabState("tunnel", state.CLUSTER_CIDR, "etcd://10.251.0.1:2379", [], 10, {}).save()
+    return tmp_path
+
+
+def test_a_lab_brought_up_by_hand_is_left_alone(lab_dir):
+    from demo.story import Story
+
+    problem = lab_session.blocker(Story())
+    assert problem and "l7proxy lab down` first" in problem and "--no-cluster" in problem
+    assert (lab_dir / "lab.json").exists()
+
+
+def test_the_lab_of_a_running_demo_is_left_alone(lab_dir):
+    from demo.story import Story
+    from l7proxy.lab import pidfile
+
+    pidfile.write(lab_dir / lab_session.OWNER_FILE, os.getpid())  # this process: alive
+    problem = lab_session.blocker(Story())
+    assert problem == f"another demo (pid {os.getpid()}) is running its cluster part"
+    assert (lab_dir / "lab.json").exists()
+
+
+def test_an_interrupt_while_a_child_starts_is_held_until_it_has_started():
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with procs.deferred_interrupts() as held:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the middle of the start
+            started = True
+        assert started and held == [signal.SIGTERM]
+        with procs.uninterrupted(), procs.deferred_interrupts() as held:
+            os.kill(os.getpid(), signal.SIGTERM)  # cleanup ignores it, and so does the start
+        assert held == []
+        with pytest.raises(KeyboardInterrupt):  # afterwards the demo's handler is back
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -97,7 +97,7 @@ def test_ipcache_longest_prefix_and_unknown_is_world():
     assert c.lookup("10.200.0.1") == 100
     assert c.lookup("192.0.2.1") == P.WORLD
     assert c.lookup("fd00::5") == 400
-    assert c.lookup("fd01::5") == P.WORLD
+    assert c.lookup("fd01::5") == P.WORLD_IPV6  # as the datapath's ipcache6 says
     c.delete("10.1.0.0/16")
     assert c.lookup("10.1.9.9") == 100
 

@@ -1,0 +1,138 @@
+"""IPv6 and dual stack without the kernel (issue 17): the agent's IPv6 pool, the store's IPv6
+addresses, what the world entities and the family-wide CIDRs select, and events with IPv6
+addresses."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import textwrap
+
+import pytest
+
+import policies as P
+from l7proxy.agent.ipam import DEFAULT_POOL6, IPPool
+from l7proxy.agent.store import EndpointRow, Store
+from l7proxy.commands.agent import pool6_of
+from redirect_bpf import events, ipcache, structs
+
+
+def test_ipv6_pool_has_a_router_and_allocates_after_it():
+    pool = IPPool("fd00:10:200::/64", 6)
+    assert pool.router == "fd00:10:200::1"
+    assert pool.allocate([]) == "fd00:10:200::2"
+    assert pool.allocate(["fd00:10:200::2"]) == "fd00:10:200::3"
+    assert pool.validate("fd00:10:200::99", []) == "fd00:10:200::99"
+    with pytest.raises(ValueError, match="router"):
+        pool.validate("fd00:10:200::1", [])
+    with pytest.raises(ValueError, match="IPv6 network of /126"):
+        IPPool("10.0.0.0/8", 6)
+    with pytest.raises(ValueError, match="IPv4 network"):
+        IPPool("fd00::/64")
+    assert pool6_of("default") == DEFAULT_POOL6 and pool6_of("") == ""
+    assert ipaddress.ip_network(DEFAULT_POOL6).is_private  # a ULA prefix
+
+
+def test_store_keeps_an_endpoints_ipv6_address(tmp_path):
+    store = Store(tmp_path / "state.db")
+    dual = EndpointRow("web", "p-web", "l7a", "10.251.0.2", 32, (), 256, 1.0, ip6="fd00::2")
+    single = EndpointRow("db", "p-db", "l7b", "10.251.0.3", 32, (), 257, 1.0)
+    store.add_endpoint(dual, {})
+    store.add_endpoint(single, {})
+    store.close()
+    again = Store(tmp_path / "state.db")
+    assert {e.name: e.ip6 for e in again.endpoints()} == {"web": "fd00::2", "db": ""}
+    assert again.endpoint("web").to_json()["ip6"] == "fd00::2"
+    again.delete_endpoint("web")
+    assert again.get("endpoint_ipv6") == {}
+
+
+def _selected(peer: str) -> set[int]:
+    text = textwrap.dedent(
+        f"""
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {{name: p, namespace: default}}
+        spec:
+          endpointSelector: {{matchLabels: {{app: a}}}}
+          egress:
+          - {peer}
+        """
+    )
+    result = P.load_text(text, "p.yaml")
+    assert result.ok, [str(d) for d in result.diagnostics]
+    eps = {"a": P.parse_labels("k8s:app=a,k8s:io.kubernetes.pod.namespace=default")}
+    compiled = P.compile_policy(result.rules, eps, P.IdentityAllocator(None), P.IPCache(), 1)
+    return {k.identity for k in compiled.endpoints["a"].map_state}
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [
+        ("toEntities: [world-ipv6]", {P.WORLD_IPV6}),
+        ("toEntities: [world-ipv4]", {P.WORLD, P.WORLD_IPV4}),
+        ("toEntities: [world]", {P.WORLD, P.WORLD_IPV4, P.WORLD_IPV6}),
+        ('toCIDR: ["::/0"]', {P.WORLD_IPV6}),
+        ('toCIDR: ["0.0.0.0/0"]', {P.WORLD, P.WORLD_IPV4}),
+    ],
+)
+def test_world_entities_and_default_routes_stay_in_their_family(peer, expected):
+    """The datapath gives an unknown IPv4 peer 2 and an unknown IPv6 peer 10: world-ipv6 must
+    not select 2, or an IPv6-only rule would open IPv4."""
+    # (a CIDR rule also selects its own CIDR identity, in the local scope)
+    reserved = {n for n in _selected(peer) if n < 256}  # reserved identities
+    assert reserved == expected
+
+
+def test_unknown_ipv6_is_world_ipv6_in_the_ipcache_and_the_engine():
+    assert P.IPCache().lookup("2001:db8::1") == P.WORLD_IPV6
+    assert P.IPCache().lookup("192.0.2.1") == P.WORLD
+    assert structs.IDENTITY_WORLD_IPV6 == P.WORLD_IPV6
+    k = ipcache.key("fd00:1::/48")
+    assert isinstance(k, structs.Ipcache6Key) and k.prefixlen == 48
+    assert ipcache.cidr_of(k) == "fd00:1::/48"
+    assert ipcache.cidr_of(ipcache.key("10.1.0.0/16")) == "10.1.0.0/16"
+
+
+def test_an_ipv6_event_record_becomes_a_flow_with_ipv6_addresses():
+    assert ct.sizeof(structs.FlowEvent6) == ct.sizeof(structs.FlowEvent) + 32 == 80
+    e = structs.FlowEvent6()
+    e.base.proto, e.base.verdict, e.base.reason = 58, 1, 1
+    e.base.dport = 128 << 8  # network order: type 128
+    e.saddr6 = ipcache.addr6("fd00::2")
+    e.daddr6 = ipcache.addr6("fd00::3")
+    flow = events.to_flow(e)
+    assert (flow["source"]["ip"], flow["destination"]["ip"]) == ("fd00::2", "fd00::3")
+    assert flow["l4"] == {"ICMPv6": {"type": 128}}
+    assert flow["drop_reason_desc"] == "POLICY_DENIED"
+
+
+def test_policy_trace_with_ipv6_destinations(capsys, tmp_path):
+    """`policy trace --dst reserved:world --dst-ip` with IPv6 addresses: CIDR with except, and
+    world-ipv6 selecting IPv6 only."""
+    import json
+
+    from l7proxy.cli import main
+
+    pol = tmp_path / "egress.yaml"
+    pol.write_text(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: e}\nspec:\n"
+        "  endpointSelector: {matchLabels: {app: crawler}}\n  egress:\n"
+        "  - toCIDRSet: [{cidr: 'fd00:1::/48', except: ['fd00:1:0:9::/64']}]\n"
+        "  - toEntities: [world-ipv4]\n    toPorts: [{ports: [{port: '80', protocol: TCP}]}]\n"
+    )
+
+    def trace(ip: str, port: str = "443") -> dict:
+        argv = ["policy", "trace", "-p", str(pol), "--src", "app=crawler"]
+        argv += ["--dst", "reserved:world", "--dst-ip", ip, "--dport", port, "-o", "json"]
+        code = main(argv)
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return json.loads(out.out)
+
+    assert trace("fd00:1:0:2::5")["verdict"] == "ALLOWED"
+    assert trace("fd00:1:0:9::5")["verdict"] == "DENIED"  # the except
+    unknown = trace("2001:db8::1", "80")
+    assert unknown["egress"]["peer_identity"] == P.WORLD_IPV6
+    assert unknown["verdict"] == "DENIED"  # world-ipv4 does not cover IPv6
+    assert trace("192.0.2.1", "80")["verdict"] == "ALLOWED"
