@@ -108,6 +108,10 @@ class ProxyConfig:
     # HTTP/1 pipelining: requests queued behind the one in flight before the client is no longer
     # read (reading resumes when half of them are answered).
     http1_max_pipeline: int = 32
+    # HTTP/1 Content-Length bodies (request and response) with at least this many bytes still
+    # to come after the read that held the head move socket -> pipe -> socket with splice(2),
+    # not through Python (l7proxy/http1/bodies.py); 0 keeps every body on the Python path.
+    http1_splice_min_body: int = 64 * KiB
     # An HTTP/1 client connection with no request in flight keeps its upstream connection this
     # long for its next request, then gives it back to the pool: idle clients don't each pin an
     # upstream socket (10,000 idle keep-alive clients hold 10,000 fds, not 20,000).
@@ -184,6 +188,8 @@ class ProxyConfig:
         for name in ("h2_max_header_table_size", "h2_response_header_table_size"):
             if not 0 <= getattr(self, name) < 1 << 32:
                 raise ValueError(f"{name} must be within 0..2^32-1")
+        if self.http1_splice_min_body < 0:
+            raise ValueError("http1_splice_min_body must be 0 (off) or a byte count")
         if not -20 <= self.dns_nice <= 19:
             raise ValueError("dns_nice must be within -20..19")
         if self.sweep_interval <= 0:

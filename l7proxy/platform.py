@@ -7,8 +7,9 @@ socket carries SO_MARK = MARK_FROM_PROXY | source identity, so the destination's
 sees the real source identity and the datapath never redirects the proxy's own traffic.
 
 Sidecar mode: cgroup/connect4 rewrote the client's connect() to 127.0.0.1:sidecar_port and kept
-the original destination in a pinned map keyed by the client's address; `SidecarDestination`
-reads (and removes) it. `original_dst_nat` covers iptables REDIRECT setups (SO_ORIGINAL_DST).
+the original destination in a pinned map keyed by the connection (namespace cookie, client
+address, sidecar port); `SidecarDestination` reads (and removes) it. `original_dst_nat` covers
+iptables REDIRECT setups (SO_ORIGINAL_DST).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 SO_ORIGINAL_DST = 80
 IP_RECVORIGDSTADDR = 20  # also IP_ORIGDSTADDR, the cmsg type it delivers
+SO_NETNS_COOKIE = 71
 
 
 def set_transparent(sock: socket.socket) -> None:
@@ -127,6 +129,12 @@ def original_dst_nat(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(packed), port
 
 
+def netns_cookie(sock) -> int:
+    """The kernel's cookie of the network namespace a socket lives in (Linux >= 5.14), the same
+    number bpf_get_netns_cookie gives a BPF program for that socket."""
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+
+
 @dataclass(frozen=True, slots=True)
 class SidecarOrigin:
     ip: str
@@ -151,10 +159,10 @@ class SidecarMap:
             SidecarOrig,
         )
 
-    def pop(self, client_ip: str, client_port: int) -> SidecarOrigin | None:
-        key = self._key(
-            ip=int.from_bytes(socket.inet_aton(client_ip), "little"), port=socket.htons(client_port)
-        )
+    def pop(self, conn) -> SidecarOrigin | None:
+        """The original destination of an accepted sidecar connection (a socket, or asyncio's
+        wrapper of one), removed from the map: one lookup per connection."""
+        key = self.key_of(conn)
         value = self._map.get(key)
         if value is None:
             return None
@@ -164,6 +172,17 @@ class SidecarMap:
         else:
             ip = str(ipaddress.IPv4Address(socket.ntohl(value.daddr)))
         return SidecarOrigin(ip, socket.ntohs(value.dport), value.src_identity, value.dst_identity)
+
+    def key_of(self, conn):
+        """The connection as the sock_ops program keyed it: the namespace the listener (and the
+        client) live in, the client's address and the sidecar's port."""
+        client_ip, client_port = conn.getpeername()[:2]
+        return self._key(
+            netns=netns_cookie(conn),
+            ip=int.from_bytes(socket.inet_aton(client_ip), "little"),
+            port=socket.htons(client_port),
+            proxy_port=socket.htons(conn.getsockname()[1]),
+        )
 
     def close(self) -> None:
         self._map.close()
@@ -184,9 +203,9 @@ class SidecarDestination:
         self.map = SidecarMap(pin_dir)
 
     def __call__(self, transport) -> OriginalDestination:
-        host, port = transport.get_extra_info("peername")[:2]
-        origin = self.map.pop(host, port)
+        origin = self.map.pop(transport.get_extra_info("socket"))
         if origin is None:
+            host, port = transport.get_extra_info("peername")[:2]
             raise LookupError(f"no original destination for {host}:{port}")
         return OriginalDestination(origin.ip, origin.port)
 

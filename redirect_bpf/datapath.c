@@ -1010,28 +1010,52 @@ int sidecar_connect6(struct bpf_sock_addr *ctx)
     return 1;
 }
 
-// Sidecar mode, sock_ops: once the local port is chosen, re-key the original destination by
-// the client's address so the proxy can find it from its accepted socket's peer address.
-int sidecar_sockops(struct bpf_sock_ops *skops)
+// Sidecar mode, sock_ops on the client's socket: the key of its connection to the sidecar.
+static __always_inline void sidecar_key_of(struct bpf_sock_ops *skops, struct sidecar_addr *key)
 {
-    if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
-        return 1;
-    if (skops->family != 2 /* AF_INET */ && skops->family != 10 /* AF_INET6, v4-mapped */)
-        return 1;
-    __u64 cookie = bpf_get_socket_cookie(skops);
-    struct sidecar_orig *orig = sidecar_by_cookie.lookup(&cookie);
-    if (!orig)
-        return 1;
     // Read both fields, then pick: a conditional field offset is rejected by the verifier.
     __be32 local4 = skops->local_ip4;
     __be32 local6 = skops->local_ip6[3];
-    struct sidecar_addr addr = {
-        .ip = skops->family == 2 ? local4 : local6,
-        .port = bpf_htons((__u16)skops->local_port),
-    };
-    struct sidecar_orig copy = *orig;
-    sidecar_by_addr.update(&addr, &copy);
-    sidecar_by_cookie.delete(&cookie);
+    key->netns = bpf_get_netns_cookie(skops);
+    key->ip = skops->family == 2 ? local4 : local6;
+    key->port = bpf_htons((__u16)skops->local_port);
+    key->proxy_port = bpf_htons((__u16)bpf_ntohl(skops->remote_port));  // u32, network order
+}
+
+// Sidecar mode, sock_ops: once the local port is chosen, re-key the original destination by
+// the connection (namespace, client address, sidecar port) so the proxy can find it from its
+// accepted socket, and follow the socket's state so the entry leaves with the connection.
+int sidecar_sockops(struct bpf_sock_ops *skops)
+{
+    if (skops->family != 2 /* AF_INET */ && skops->family != 10 /* AF_INET6, v4-mapped */)
+        return 1;
+    struct sidecar_addr key = {};
+    if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+        __u64 cookie = bpf_get_socket_cookie(skops);
+        struct sidecar_orig *orig = sidecar_by_cookie.lookup(&cookie);
+        if (!orig)
+            return 1;
+        sidecar_key_of(skops, &key);
+        struct sidecar_orig copy = *orig;
+        copy.flags = 0;
+        sidecar_by_addr.update(&key, &copy);
+        sidecar_by_cookie.delete(&cookie);
+        bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+        return 1;
+    }
+    if (skops->op != BPF_SOCK_OPS_STATE_CB || skops->args[1] != BPF_TCP_CLOSE)
+        return 1;
+    // The client's socket is done. Never connected (the sidecar refused or timed out), or a
+    // proxy read the entry already: delete it. Connected but unread (the client sent and closed
+    // before the proxy accepted): leave it for the proxy, which deletes what it reads.
+    sidecar_key_of(skops, &key);
+    struct sidecar_orig *orig = sidecar_by_addr.lookup(&key);
+    if (!orig)
+        return 1;
+    if (skops->args[0] == BPF_TCP_SYN_SENT || (orig->flags & SIDECAR_READ))
+        sidecar_by_addr.delete(&key);
+    else
+        orig->flags |= SIDECAR_CLIENT_CLOSED;
     return 1;
 }
 
@@ -1045,7 +1069,14 @@ int sidecar_getsockopt(struct bpf_sockopt *ctx)
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
         return 1;
-    struct sidecar_addr key = {.ip = sk->dst_ip4, .port = (__be16)sk->dst_port};
+    // The accepted socket: its peer is the client, its local port the sidecar's, and it lives
+    // in the endpoint's namespace like the client.
+    struct sidecar_addr key = {
+        .netns = bpf_get_netns_cookie(ctx),
+        .ip = sk->dst_ip4,
+        .port = (__be16)sk->dst_port,
+        .proxy_port = bpf_htons((__u16)sk->src_port),
+    };
     struct sidecar_orig *orig = sidecar_by_addr.lookup(&key);
     if (!orig || orig->daddr == 0)
         return 1;  // not ours, or an IPv6 destination (no sockaddr_in for it)
@@ -1058,5 +1089,10 @@ int sidecar_getsockopt(struct bpf_sockopt *ctx)
     ctx->optlen = sizeof(*sin);
     asm volatile("" ::: "memory");  // two 4-byte stores: the verifier rejects a merged 8-byte one
     ctx->retval = 0;
+    // Asked again on the same socket, the proxy gets the same answer until the client closes.
+    if (orig->flags & SIDECAR_CLIENT_CLOSED)
+        sidecar_by_addr.delete(&key);
+    else
+        orig->flags |= SIDECAR_READ;
     return 1;
 }

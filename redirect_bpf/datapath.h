@@ -227,16 +227,23 @@ struct flow_event6 {
     __be32 daddr6[4];
 };
 
+// One sidecar connection, as both ends see it: 127.0.0.1 is in every endpoint's namespace, so
+// the client's address alone would let one endpoint's sidecar read another's entry.
 struct sidecar_addr {
-    __be32 ip;
-    __be16 port;
-    __u16 pad;
+    __u64 netns;           // network namespace cookie (bpf_get_netns_cookie, SO_NETNS_COOKIE)
+    __be32 ip;             // the client's local address
+    __be16 port;           // the client's local port
+    __be16 proxy_port;     // the sidecar listener's port (the rewritten destination)
 };
+
+// sidecar_orig.flags: who has seen the entry, so the last of the two deletes it.
+#define SIDECAR_READ 1          // a proxy's getsockopt(SO_ORIGINAL_DST) answered from it
+#define SIDECAR_CLIENT_CLOSED 2 // the client's socket closed before any proxy read it
 
 struct sidecar_orig {
     __be32 daddr;          // 0 for an IPv6 destination (then daddr6)
     __be16 dport;
-    __u16 pad;
+    __u16 flags;           // SIDECAR_*
     __u32 src_identity;
     __u32 dst_identity;
     __be32 daddr6[4];      // a native IPv6 destination of connect6, else zero

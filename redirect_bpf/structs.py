@@ -76,6 +76,9 @@ CT_CLOSING = 4
 
 CFG_EVENTS_FORWARDED = 1
 
+SIDECAR_READ = 1  # sidecar_orig.flags: a proxy's SO_ORIGINAL_DST answered from it
+SIDECAR_CLIENT_CLOSED = 2  # the client's socket closed before any proxy read it
+
 PROTO_NAMES = {1: "ICMPv4", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 
 # Bits of a policy key after its prefixlen field that always match: endpoint, identity, direction.
@@ -235,14 +238,14 @@ class FlowEvent6(ct.Structure):
 
 
 class SidecarAddr(ct.Structure):
-    _fields_ = [("ip", u32), ("port", u16), ("pad", u16)]
+    _fields_ = [("netns", u64), ("ip", u32), ("port", u16), ("proxy_port", u16)]
 
 
 class SidecarOrig(ct.Structure):
     _fields_ = [
         ("daddr", u32),
         ("dport", u16),
-        ("pad", u16),
+        ("flags", u16),
         ("src_identity", u32),
         ("dst_identity", u32),
         ("daddr6", Addr6),  # a native IPv6 destination (daddr 0), else zero

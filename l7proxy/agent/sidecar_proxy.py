@@ -3,8 +3,9 @@
 Each endpoint gets a cgroup (`<cgroup root>/l7proxy/<netns>`); processes started with
 `l7proxy endpoint exec` run in it. The datapath's cgroup/connect4 program rewrites a connect()
 that the endpoint's egress policy marks for L7 to 127.0.0.1:<sidecar port> *inside the endpoint's
-namespace*, where this module listens; sock_ops stores the original destination by the client's
-address, and the sidecar pops it per connection. The node proxy keeps serving ingress L7
+namespace*, where this module listens; sock_ops stores the original destination by the
+connection (namespace cookie, client address, sidecar port), and the sidecar pops it per
+connection. The node proxy keeps serving ingress L7
 redirects from tc, so the same policy files work unchanged. The sidecar's upstream sockets live
 in the host namespace and carry the source identity in SO_MARK like the node proxy's.
 
@@ -79,7 +80,10 @@ class SidecarGate(Gate):
 
     def connection_made(self, transport) -> None:
         peer = transport.get_extra_info("peername") or ("127.0.0.1", 0)
-        origin = self.proxy.sidecar_map.pop(peer[0], peer[1])
+        try:
+            origin = self.proxy.sidecar_map.pop(transport.get_extra_info("socket"))
+        except OSError:  # the client is gone already (no peer address)
+            origin = None
         if origin is None:  # not sent by the connect4 hook: nothing to proxy to
             transport.abort()
             return

@@ -26,6 +26,7 @@ class Exchange:
         "start",
         "error",
         "logged",
+        "body_left",
     )
 
     def __init__(self, req: Request | None, allowed: bool, raw: bytes | None, start: float):
@@ -41,6 +42,9 @@ class Exchange:
         self.start = start
         self.error: ParseError | None = None
         self.logged: tuple[str, ...] = ()
+        # Content-Length body bytes not read yet, for an allowed request that may be spliced
+        # (l7proxy/http1/bodies.py); 0 otherwise.
+        self.body_left = 0
 
 
 def emit_flow(ctx, ex: Exchange, verdict: str, now: float) -> None:

@@ -88,6 +88,7 @@ class Lifetime:
         if self.closed:
             return
         speaks_http = self.state <= DRAINING  # not upgrading nor a tunnel (see states.py)
+        self._close_pumps()  # (bodies.py) before the sockets they hold go
         self._to(CLOSE)
         up = self.upstream
         self.upstream = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from l7proxy.http1.bodies import SplicedBodies, request_content_length
 from l7proxy.http1.exchange import Exchange
 from l7proxy.http1.forwarding import Forwarding
 from l7proxy.http1.lifetime import HEAD, IDLE, Lifetime
@@ -70,11 +71,11 @@ def _deny_responses(message: str) -> tuple[bytes, bytes]:
     return hit
 
 
-class Http1Session(Forwarding, Upgrades, Lifetime, Session):
+class Http1Session(Forwarding, Upgrades, Lifetime, SplicedBodies, Session):
     # Slots: an idle keep-alive connection costs memory, not CPU (10,000 of them in the bench).
     __slots__ = (
         "ctx", "cfg", "pm", "pool", "sweeper", "parser", "queue", "parsing", "upstream", "state",
-        "upgrade_buffer", "connecting", "deny_bytes", "deny_close_bytes", "h2c",
+        "upgrade_buffer", "connecting", "deny_bytes", "deny_close_bytes", "h2c", "pumps",
     )  # fmt: skip
 
     def __init__(self, ctx, pool: UpstreamPool | None = None, sweeper=None) -> None:
@@ -94,6 +95,7 @@ class Http1Session(Forwarding, Upgrades, Lifetime, Session):
         self.connecting: asyncio.Task | None = None
         self.deny_bytes, self.deny_close_bytes = _deny_responses(cfg.deny_message)
         self.h2c: tuple | None = None  # an allowed h2c Upgrade waiting for its Upgrade event
+        self.pumps: set | None = None  # bodies being spliced (bodies.py)
 
     # ---- asyncio: client side ----------------------------------------------------------------
 
@@ -160,6 +162,12 @@ class Http1Session(Forwarding, Upgrades, Lifetime, Session):
         self._handle(events)
         if parser.in_head and not self.queue and self.deadline_kind != HEAD and not self.closed:
             self._set_deadline(HEAD, self.cfg.header_timeout)
+        elif self.parsing is not None and self.parsing.body_left:
+            # A large Content-Length body goes on (bodies.py). If it is spliced this parser is
+            # dropped, and its last event list (this read's body) would live on with it in a
+            # reference cycle until a full GC: 28 MiB more RSS under the upload bench.
+            events.clear()
+            self._splice_request_body()
 
     def _handle(self, events) -> None:
         for ev in events:
@@ -187,6 +195,7 @@ class Http1Session(Forwarding, Upgrades, Lifetime, Session):
 
     def connection_lost(self, exc) -> None:
         tunnel = self.state is TUNNEL
+        self._close_pumps()  # their dup()s would keep both sockets open
         self._to(CLOSE)
         self.pm.active.dec()
         if self.sweeper is not None:
@@ -209,6 +218,9 @@ class Http1Session(Forwarding, Upgrades, Lifetime, Session):
     def resume_writing(self) -> None:
         up = self.upstream
         if up is not None and up.transport is not None and not up.closed:
+            if self.pumps and self._pumping_response():
+                return  # the upstream is read by the pump, not the transport
+
             up.transport.resume_reading()
 
     # ---- requests ----------------------------------------------------------------------------
@@ -247,6 +259,9 @@ class Http1Session(Forwarding, Upgrades, Lifetime, Session):
         ex = Exchange(req, decision.allowed, decision.raw or raw, _monotonic())
         if decision.logged:
             ex.logged = decision.logged
+        if req.has_body and decision.allowed and not req.chunked and not req.upgrade:
+            if self.cfg.http1_splice_min_body:
+                ex.body_left = max(0, request_content_length(req.headers))
         if end is not None:
             ex.complete = True
             if not end.keep_alive or self.state is DRAINING:
@@ -264,6 +279,8 @@ class Http1Session(Forwarding, Upgrades, Lifetime, Session):
         ex = self.parsing
         if ex is None or not ex.allowed:
             return  # a denied request's body is read and dropped
+        if ex.body_left:
+            ex.body_left -= len(data)
         chunks = encode_chunk(data) if ex.req.chunked else (data,)
         if ex.sent:
             up = self.upstream

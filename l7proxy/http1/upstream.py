@@ -27,6 +27,7 @@ class UpstreamConn(asyncio.Protocol):
         "in_head",
         "held",
         "max_head",
+        "body_left",
     )
 
     def __init__(self, dest) -> None:
@@ -43,6 +44,9 @@ class UpstreamConn(asyncio.Protocol):
         self.in_head = False
         self.held = b""
         self.max_head = 0  # max_response_header_bytes, set by the session with each request
+        # Body bytes of the response in flight still to come, while it waits for the client's
+        # write buffer to empty before the rest is spliced (l7proxy/http1/bodies.py).
+        self.body_left = 0
 
     # -- asyncio --
     def connection_made(self, transport) -> None:
@@ -55,11 +59,13 @@ class UpstreamConn(asyncio.Protocol):
         if session is None:  # an idle pooled connection must stay silent
             self.close()
             return
+        head_end = -1
         if self.in_head:
             # The common case in one look: a whole final head (not 1xx) within the limit.
             end = -1 if self.held else data.find(b"\r\n\r\n")
             if 9 < end <= self.max_head - 4 and data[9] != 49:  # 49: b"1"
                 self.in_head = False
+                head_end = end
             else:
                 data = self._through_head(data)
                 if not data:
@@ -68,7 +74,8 @@ class UpstreamConn(asyncio.Protocol):
         if self.tunnel:
             return
         self.got_bytes = True
-        for event in self.parser.receive_data(data):
+        events = self.parser.receive_data(data)
+        for event in events:
             cls = event.__class__
             if cls is ResponseEnd:
                 session.on_response_end(event)
@@ -77,6 +84,12 @@ class UpstreamConn(asyncio.Protocol):
                 session.on_tunnel()
         if self.parser.error is not None and not self.closed:
             session.on_upstream_lost(self, "invalid")
+        elif not events:
+            if head_end >= 0 or self.body_left:
+                # A body that goes on after this read: the rest may be spliced.
+                session.splice_response_body(self, data, head_end)
+        elif self.body_left:
+            self.body_left = 0
 
     def _through_head(self, data: bytes) -> bytes:
         """What may go to the client now: nothing while the head is incomplete, complete 1xx

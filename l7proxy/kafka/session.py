@@ -1,6 +1,6 @@
 """The Kafka protocol session: one client connection, one upstream connection, a KafkaLayer
 in between. This module only moves bytes and carries out the layer's commands; the splice(2)
-pump for large Produce bodies is in splicer.py, what a worker's sessions share in worker.py.
+pump for large Produce bodies is in l7proxy/splice.py, what a worker's sessions share in worker.py.
 
 It keeps the session contract of l7proxy/session.py: client reading pauses for PauseReason bits
 (the broker's buffer is full, the client's is, the broker is still being connected, too many
@@ -14,7 +14,7 @@ import asyncio
 import socket
 import time
 
-from l7proxy.kafka import splicer as splice
+from l7proxy import splice
 from l7proxy.kafka.commands import (
     Close,
     KafkaSettings,
@@ -205,7 +205,7 @@ class KafkaSession(Session):
             if data is None:
                 # Handing back to the transport here sent the first 256 KiB of nearly every
                 # next request through Python (21 % of the bytes): wait for the head instead.
-                splicer.wait_for_client()
+                splicer.wait_for_source()
                 return
             if not data:
                 break  # end of stream: the transport reads it again
@@ -226,16 +226,16 @@ class KafkaSession(Session):
             splicer.unwatch()  # reading goes back to the transport
         self.resume_client_reading(PauseReason.SPLICE)
 
-    # SpliceOwner (splicer.py)
+    # SpliceOwner (l7proxy/splice.py)
 
-    def request_bytes_left(self) -> int:
+    def splice_bytes_left(self) -> int:
         return self.layer.request_bytes_left
 
     def spliced(self, n: int) -> None:
         self.layer.pass_request_bytes(n)
         self.spliced_bytes += n
 
-    def client_eof_in_request(self) -> None:
+    def source_eof_in_message(self) -> None:
         self._close("client_eof", "client closed in the middle of a request")
 
     def splice_failed(self, exc: OSError) -> None:

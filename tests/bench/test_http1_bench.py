@@ -1,8 +1,9 @@
 """HTTP/1.1 numbers of issue 4, side by side: direct nginx, Envoy, HAProxy and the project.
 
 Every proxy runs one worker with the rule "GET /public/.*, else 403" (the upload scenario also
-allows POST /upload/.*). Each scenario starts its proxies fresh, checks that each enforces the rule,
-then measures them one after another.
+allows POST /upload/.*; the download scenario fetches a 1 MiB static file under /public/). Each
+scenario starts its proxies fresh, checks that each enforces the rule, then measures them one
+after another.
 """
 
 from __future__ import annotations
@@ -129,6 +130,34 @@ def test_upload_1mib(backend, workdir, rounds, round_seconds, record):
         f"wrk -t1 -c{UPLOAD_CONNECTIONS} POST /upload/blob with a 1 MiB body; nginx reads the "
         f"whole body before it answers; MiB/s = requests/s; {_turns(rounds, round_seconds)}",
         harness.MIB_S,
+        rows,
+    )
+    _finish(record, result, failures)
+
+
+DOWNLOAD = "/public/blob-1m.bin"
+DOWNLOAD_MIB_S = harness.Metric("download", "MiB/s", True)
+
+
+def test_download_1mib(nginx, backend, workdir, rounds, round_seconds, record):
+    """The response direction of the upload row: a 1 MiB static file, Content-Length framed."""
+    warmed: set[str] = set()
+    (nginx.directory / "www" / "public" / "blob-1m.bin").write_bytes(b"d" * MIB)
+
+    def measure(ep: Endpoint) -> Row:
+        _checked(ep)
+        res = _wrk(ep, DOWNLOAD, round_seconds, warmed, connections=UPLOAD_CONNECTIONS)
+        if res.non_2xx or res.socket_errors or res.requests == 0:
+            raise peers.PeerError(f"{res.non_2xx} non-2xx, {res.socket_errors} socket errors")
+        return Row(ep.peer, res.req_s, res.p50_ms, res.p99_ms, ep.proc.rss_mib())
+
+    with PeerSet(workdir, backend, [PUBLIC_GET], http2=False) as peer_set:
+        rows, failures = harness.measure_rows(peer_set.endpoints, measure, rounds)
+    result = ScenarioResult(
+        "HTTP/1.1 1 MiB download",
+        f"wrk -t1 -c{UPLOAD_CONNECTIONS} keep-alive GET {DOWNLOAD} (a 1 MiB static file, "
+        f"Content-Length framed); MiB/s = requests/s; {_turns(rounds, round_seconds)}",
+        DOWNLOAD_MIB_S,
         rows,
     )
     _finish(record, result, failures)

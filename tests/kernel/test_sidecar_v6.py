@@ -38,8 +38,8 @@ def test_connect6_redirects_a_native_ipv6_destination_and_denies_by_policy(clean
     dest, dest_id, ep_id, identity = f"{net}::7", 3101, 211, 2101
     sidecar_map = platform.SidecarMap(t.dp.pin_dir)
 
-    def proxy_body(peer):
-        origin = sidecar_map.pop(*peer[:2])
+    def proxy_body(conn):
+        origin = sidecar_map.pop(conn)
         if origin is None:
             return "no-origin"
         return f"orig=[{origin.ip}]:{origin.port} src={origin.source_identity}"
@@ -48,7 +48,7 @@ def test_connect6_redirects_a_native_ipv6_destination_and_denies_by_policy(clean
     http_responder(proxy, proxy_body)
     sh("ip", "addr", "add", f"{dest}/128", "dev", "lo", "nodad")
     real = socket.create_server((dest, 80), family=socket.AF_INET6)
-    http_responder(real, lambda peer: "real-server")
+    http_responder(real, lambda conn: "real-server")
     try:
         with cgroup() as cg:
             t.dp.ipcache_upsert(f"{net}::/64", dest_id)

@@ -54,6 +54,9 @@ class FakeTransport:
     def set_write_buffer_limits(self, high=None, low=None) -> None:
         pass
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # (everything written is taken at once)
+
     def get_extra_info(self, name, default=None):
         return default
 

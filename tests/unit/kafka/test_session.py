@@ -310,7 +310,7 @@ def test_a_spliced_stream_keeps_its_client_watcher_and_does_not_retry_into_eagai
     import os as real_os
     import types
 
-    from l7proxy.kafka import splicer as splicer_mod
+    from l7proxy import splice as splicer_mod
 
     counts: dict = {}
     eagain = [0]
