@@ -146,10 +146,11 @@ class EndpointInfo(ct.Structure):
     ]
 
 
-class CtKey(ct.Structure):
-    _fields_ = [
-        ("addr_lo", u32),
-        ("addr_hi", u32),
+def _ct_key_fields(addr: type) -> list[tuple[str, type]]:
+    """The connection-tracking key of one family: the same layout around its address type."""
+    return [
+        ("addr_lo", addr),
+        ("addr_hi", addr),
         ("port_lo", u16),
         ("port_hi", u16),
         ("proto", u8),
@@ -157,19 +158,14 @@ class CtKey(ct.Structure):
         ("pad2", u16),
         ("ifindex", u32),
     ]
+
+
+class CtKey(ct.Structure):
+    _fields_ = _ct_key_fields(u32)
 
 
 class Ct6Key(ct.Structure):
-    _fields_ = [
-        ("addr_lo", Addr6),
-        ("addr_hi", Addr6),
-        ("port_lo", u16),
-        ("port_hi", u16),
-        ("proto", u8),
-        ("pad", u8),
-        ("pad2", u16),
-        ("ifindex", u32),
-    ]
+    _fields_ = _ct_key_fields(Addr6)
 
 
 class CtEntry(ct.Structure):
