@@ -20,10 +20,8 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import os
-import signal
 import socket
 import struct
-import time
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from l7proxy import proc
 from l7proxy.agent.netdev import AGENT_CGROUPS
 from l7proxy.agent.proxy_worker_control import WORKER_MODULES, stop_worker
 from redirect_bpf import bpfsys, cgroups, loader, routing, sock_lb, structs, tc
@@ -63,12 +62,12 @@ class Report:
 
 def _cmdlines() -> dict[int, list[str]]:
     out = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
             with contextlib.suppress(OSError):
-                raw = (proc / "cmdline").read_bytes()
+                raw = (entry / "cmdline").read_bytes()
                 if raw:
-                    out[int(proc.name)] = raw.rstrip(b"\0").decode(errors="replace").split("\0")
+                    out[int(entry.name)] = raw.rstrip(b"\0").decode(errors="replace").split("\0")
     return out
 
 
@@ -340,16 +339,6 @@ def has_proxy_routing() -> bool:
         )
 
 
-def stop_pid(pid: int, timeout: float = 5.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
 # -- the whole run -------------------------------------------------------------------------------
 
 
@@ -373,7 +362,7 @@ def uninstall(pin_dir: Path | None = None, state_dir: Path | None = None) -> Rep
             report.did(f"proxy worker process {pid}")
     elif not scoped:
         for pid in worker_pids():
-            stop_pid(pid)
+            proc.stop([pid])
             report.did(f"proxy worker process {pid}")
     elif workers := worker_pids():
         report.kept.append(

@@ -9,6 +9,8 @@ import signal
 import time
 from pathlib import Path
 
+from l7proxy import proc
+
 
 def start_time(pid: int) -> str | None:
     """Field 22 of /proc/PID/stat (clock ticks since boot), or None when there is no such pid."""
@@ -30,10 +32,7 @@ def alive(path: Path) -> int | None:
         pid = int(pid_text)
     except (OSError, ValueError):
         return None
-    state = None
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    if state in (None, "Z") or start_time(pid) != started:
+    if not proc.running(pid) or start_time(pid) != started:
         return None
     return pid
 

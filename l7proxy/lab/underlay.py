@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from l7proxy import proc
 from l7proxy.lab import state
 
 UNDERLAY_MTU = 9000
@@ -88,29 +87,7 @@ def stop_processes_in(name: str, grace_s: float = 2.0) -> int:
     """Stop what still runs inside a lab namespace (servers a user started with `endpoint exec`,
     a lab agent whose pidfile was lost): removing the namespace's name would leave them running
     in an unreachable namespace. SIGTERM, then SIGKILL after `grace_s`. Returns how many."""
-    pids = _pids_in(name)
-    found = len(pids)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if _alive(pid)]
-        time.sleep(0.05)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return found
-
-
-def _pids_in(name: str) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, check=False)
-    return [int(p) for p in out.stdout.split() if p.isdigit() and int(p) != os.getpid()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"  # a zombie has exited
-    except (OSError, IndexError):
-        return False
+    pids = [int(p) for p in out.stdout.split() if p.isdigit() and int(p) != os.getpid()]
+    proc.stop(pids, grace_s)
+    return len(pids)
