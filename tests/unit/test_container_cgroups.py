@@ -5,10 +5,22 @@ parent made later, by the rescan, and never after a cancel."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from l7proxy.agent.container_cgroups import CgroupWatcher, cgroup_names
 
 CID = "a06a9f0870cdc48864a336c2aaf46eb1ba534349c032ebed3b348586e9da4323"
+
+
+@contextlib.contextmanager
+def _watching(root, **kw):
+    """A started CgroupWatcher, closed again on the way out."""
+    w = CgroupWatcher(root, **kw)
+    w.start()
+    try:
+        yield w
+    finally:
+        w.close()
 
 
 async def _found_within(watcher: CgroupWatcher, cid: str, make, timeout: float = 2.0):
@@ -28,15 +40,11 @@ def test_found_when_the_runtime_makes_it(tmp_path):
     parent.mkdir()
 
     async def main():
-        w = CgroupWatcher(tmp_path, rescan_interval=60)
-        w.start()
-        try:
+        with _watching(tmp_path, rescan_interval=60) as w:
             loop = asyncio.get_running_loop()
             started = loop.time()
             path = await _found_within(w, CID, lambda: (parent / f"libpod-{CID}").mkdir())
             return path, loop.time() - started, dict(w.pending)
-        finally:
-            w.close()
 
     path, took, pending = asyncio.run(main())
     assert path == parent / f"libpod-{CID}"
@@ -49,9 +57,7 @@ def test_existing_cgroup_answers_at_once_and_other_names_do_not_match(tmp_path):
     seen = []
 
     async def main():
-        w = CgroupWatcher(tmp_path, rescan_interval=60)
-        w.start()
-        try:
+        with _watching(tmp_path, rescan_interval=60) as w:
             w.wait_for(CID, seen.append)
             other = "f" * 64
             w.wait_for(other, seen.append)
@@ -59,8 +65,6 @@ def test_existing_cgroup_answers_at_once_and_other_names_do_not_match(tmp_path):
             (tmp_path / "libpod_parent" / "conmon").mkdir()
             await asyncio.sleep(0.2)
             return set(w.pending)
-        finally:
-            w.close()
 
     pending = asyncio.run(main())
     assert seen == [tmp_path / "machine.slice" / f"libpod-{CID}.scope"]
@@ -69,17 +73,13 @@ def test_existing_cgroup_answers_at_once_and_other_names_do_not_match(tmp_path):
 
 def test_parent_made_after_start_is_watched(tmp_path):
     async def main():
-        w = CgroupWatcher(tmp_path, rescan_interval=60)
-        w.start()
-        try:
+        with _watching(tmp_path, rescan_interval=60) as w:
 
             def make():
                 (tmp_path / "libpod_parent").mkdir()
                 (tmp_path / "libpod_parent" / f"libpod-{CID}").mkdir()
 
             return await _found_within(w, CID, make)
-        finally:
-            w.close()
 
     assert asyncio.run(main()) == tmp_path / "libpod_parent" / f"libpod-{CID}"
 
@@ -87,14 +87,10 @@ def test_parent_made_after_start_is_watched(tmp_path):
 def test_rescan_finds_what_no_event_announced(tmp_path):
     # A parent outside the root's watch (nested) is found by the periodic rescan alone.
     async def main():
-        w = CgroupWatcher(tmp_path, parents=("a/b",), rescan_interval=0.05)
-        w.start()
-        try:
+        with _watching(tmp_path, parents=("a/b",), rescan_interval=0.05) as w:
             return await _found_within(
                 w, CID, lambda: (tmp_path / "a" / "b" / f"libpod-{CID}").mkdir(parents=True)
             )
-        finally:
-            w.close()
 
     assert asyncio.run(main()) == tmp_path / "a" / "b" / f"libpod-{CID}"
 
@@ -104,15 +100,11 @@ def test_cancelled_wait_is_never_called(tmp_path):
     seen = []
 
     async def main():
-        w = CgroupWatcher(tmp_path, rescan_interval=0.05)
-        w.start()
-        try:
+        with _watching(tmp_path, rescan_interval=0.05) as w:
             w.wait_for(CID, seen.append)
             w.cancel(CID)
             (tmp_path / "libpod_parent" / f"libpod-{CID}").mkdir()
             await asyncio.sleep(0.2)
-        finally:
-            w.close()
 
     asyncio.run(main())
     assert seen == []
@@ -126,9 +118,7 @@ def test_an_empty_cgroup_left_from_the_last_run_waits_for_the_new_one(tmp_path):
     seen = []
 
     async def main():
-        w = CgroupWatcher(tmp_path, rescan_interval=0.05)
-        w.start()
-        try:
+        with _watching(tmp_path, rescan_interval=0.05) as w:
             w.wait_for(CID, seen.append)
             await asyncio.sleep(0.2)  # rescans too: the empty one is not taken
             assert seen == [] and CID in w.pending
@@ -139,8 +129,6 @@ def test_an_empty_cgroup_left_from_the_last_run_waits_for_the_new_one(tmp_path):
                 if seen:
                     break
                 await asyncio.sleep(0.01)
-        finally:
-            w.close()
 
     asyncio.run(main())
     assert seen == [old]
