@@ -17,12 +17,11 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(args, check=check, capture_output=True, text=True)
 
 
-@dataclass(frozen=True, slots=True)
-class Pod:
+class InNetns:
+    """run/popen a command inside self.netns (shared by the IPv4 and the IPv6 pods)."""
+
+    __slots__ = ()
     netns: str
-    host_if: str
-    pod_ip: str
-    host_ip: str
 
     def run(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -31,6 +30,14 @@ class Pod:
 
     def popen(self, *args: str, **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.netns, *args], **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Pod(InNetns):
+    netns: str
+    host_if: str
+    pod_ip: str
+    host_ip: str
 
 
 def free_octets(n: int) -> list[int]:
@@ -95,22 +102,26 @@ def in_netns(netns: str, fn, *args):
     return result["value"]
 
 
-def sock_in(netns: str | None, kind: int = socket.SOCK_STREAM) -> socket.socket:
+def sock_in(
+    netns: str | None, kind: int = socket.SOCK_STREAM, proto: int = 0, family: int = socket.AF_INET
+) -> socket.socket:
     if netns is None:
-        return socket.socket(socket.AF_INET, kind)
-    return in_netns(netns, socket.socket, socket.AF_INET, kind)
+        return socket.socket(family, kind, proto)
+    return in_netns(netns, socket.socket, family, kind, proto)
 
 
 class EchoServer:
     """TCP and UDP echo on one port of an address, served by daemon threads."""
 
+    family = socket.AF_INET
+
     def __init__(self, netns: str | None, ip: str, port: int = 0):
-        self.tcp = sock_in(netns)
+        self.tcp = sock_in(netns, family=self.family)
         self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.tcp.bind((ip, port))
         self.port = self.tcp.getsockname()[1]
         self.tcp.listen(64)
-        self.udp = sock_in(netns, socket.SOCK_DGRAM)
+        self.udp = sock_in(netns, socket.SOCK_DGRAM, family=self.family)
         self.udp.bind((ip, self.port))
         self.peers: list[tuple[str, int]] = []
         self._closed = False
@@ -158,9 +169,11 @@ class EchoServer:
 BLOCKED = 0.5
 
 
-def tcp_ok(netns: str | None, ip: str, port: int, timeout: float = 5.0) -> bool:
+def tcp_ok(
+    netns: str | None, ip: str, port: int, timeout: float = 5.0, family: int = socket.AF_INET
+) -> bool:
     """A TCP connect plus one echoed message from inside netns."""
-    s = sock_in(netns)
+    s = sock_in(netns, family=family)
     s.settimeout(timeout)
     try:
         s.connect((ip, port))
@@ -172,8 +185,10 @@ def tcp_ok(netns: str | None, ip: str, port: int, timeout: float = 5.0) -> bool:
         s.close()
 
 
-def udp_ok(netns: str | None, ip: str, port: int, timeout: float = 3.0) -> bool:
-    s = sock_in(netns, socket.SOCK_DGRAM)
+def udp_ok(
+    netns: str | None, ip: str, port: int, timeout: float = 3.0, family: int = socket.AF_INET
+) -> bool:
+    s = sock_in(netns, socket.SOCK_DGRAM, family=family)
     s.settimeout(timeout)
     try:
         s.sendto(b"ping", (ip, port))

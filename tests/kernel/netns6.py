@@ -14,32 +14,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.kernel.netns import EchoServer, in_netns, sh
+from tests.kernel.netns import EchoServer, InNetns, sh, sock_in, tcp_ok, udp_ok
 
 # Test pods take /64s of this ULA prefix (fd00:250:<n>::/64): host ::1, pod ::2.
 TEST_PREFIX = "fd00:250"
 
 
 @dataclass(frozen=True, slots=True)
-class Pod6:
+class Pod6(InNetns):
     netns: str
     host_if: str
     pod_ip: str | None  # IPv4, None for an IPv6-only pod
     host_ip: str | None
     pod_ip6: str
     host_ip6: str
-
-    def run(self, *args: str, **kw):
-        import subprocess
-
-        return subprocess.run(
-            ["ip", "netns", "exec", self.netns, *args], capture_output=True, text=True, **kw
-        )
-
-    def popen(self, *args: str, **kw):
-        import subprocess
-
-        return subprocess.Popen(["ip", "netns", "exec", self.netns, *args], **kw)
 
 
 def enable_ipv6_forwarding() -> None:
@@ -89,56 +77,46 @@ def pod6(subnet: int, v4_octet: int | None = None) -> Iterator[Pod6]:
 
 
 def sock6_in(netns: str | None, kind: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
-    if netns is None:
-        return socket.socket(socket.AF_INET6, kind, proto)
-    return in_netns(netns, socket.socket, socket.AF_INET6, kind, proto)
+    return sock_in(netns, kind, proto, family=socket.AF_INET6)
 
 
 class EchoServer6(EchoServer):
     """EchoServer on an IPv6 address (TCP and UDP on one port)."""
 
-    def __init__(self, netns: str | None, ip: str, port: int = 0):
-        import threading
-
-        self.tcp = sock6_in(netns)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind((ip, port))
-        self.port = self.tcp.getsockname()[1]
-        self.tcp.listen(64)
-        self.udp = sock6_in(netns, socket.SOCK_DGRAM)
-        self.udp.bind((ip, self.port))
-        self.peers = []
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-        threading.Thread(target=self._udp, daemon=True).start()
+    family = socket.AF_INET6
 
 
 def tcp6_ok(netns: str | None, ip: str, port: int, timeout: float = 5.0) -> bool:
-    s = sock6_in(netns)
-    s.settimeout(timeout)
-    try:
-        s.connect((ip, port))
-        s.sendall(b"ping")
-        return s.recv(16) == b"ping"
-    except OSError:
-        return False
-    finally:
-        s.close()
+    return tcp_ok(netns, ip, port, timeout, family=socket.AF_INET6)
 
 
 def udp6_ok(netns: str | None, ip: str, port: int, timeout: float = 3.0) -> bool:
-    s = sock6_in(netns, socket.SOCK_DGRAM)
-    s.settimeout(timeout)
+    return udp_ok(netns, ip, port, timeout, family=socket.AF_INET6)
+
+
+ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY = 128, 129
+
+
+def _echo_answered(s: socket.socket, packet: bytes, ip: str, reply: int, timeout: float) -> bool:
+    """Send one ICMP/ICMPv6 echo request (packet) to ip on the raw socket s and wait for the echo
+    reply kind with the same id and sequence; closes s. An IPv4 raw socket also hands back the IP
+    header, which is skipped."""
+    ident_seq = packet[4:8]
     try:
-        s.sendto(b"ping", (ip, port))
-        return s.recvfrom(16)[0] == b"ping"
+        s.sendto(packet, (ip, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            data, _ = s.recvfrom(1024)
+            if s.family == socket.AF_INET:
+                data = data[(data[0] & 0xF) * 4 :]  # after the IP header
+            if data[0] == reply and data[4:8] == ident_seq:
+                return True
+        return False
     except OSError:
         return False
     finally:
         s.close()
-
-
-ICMP6_ECHO_REQUEST, ICMP6_ECHO_REPLY = 128, 129
 
 
 def ping6_ok(netns: str, ip: str, timeout: float = 3.0) -> bool:
@@ -146,20 +124,8 @@ def ping6_ok(netns: str, ip: str, timeout: float = 3.0) -> bool:
     kernel fills in the ICMPv6 checksum)."""
     s = sock6_in(netns, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
     ident, seq = os.getpid() & 0xFFFF, random.randrange(1 << 16)
-    try:
-        s.sendto(struct.pack("!BBHHH", ICMP6_ECHO_REQUEST, 0, 0, ident, seq) + b"l7", (ip, 0))
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            s.settimeout(left)
-            data, _ = s.recvfrom(1024)
-            kind, _, _, rid, rseq = struct.unpack("!BBHHH", data[:8])
-            if kind == ICMP6_ECHO_REPLY and (rid, rseq) == (ident, seq):
-                return True
-        return False
-    except OSError:
-        return False
-    finally:
-        s.close()
+    packet = struct.pack("!BBHHH", ICMP6_ECHO_REQUEST, 0, 0, ident, seq) + b"l7"
+    return _echo_answered(s, packet, ip, ICMP6_ECHO_REPLY, timeout)
 
 
 def _checksum(data: bytes) -> int:
@@ -173,22 +139,8 @@ def _checksum(data: bytes) -> int:
 
 def ping4_ok(netns: str, ip: str, timeout: float = 3.0) -> bool:
     """One ICMP echo request from netns to ip, answered (a raw socket; the checksum is ours)."""
-    s = in_netns(netns, socket.socket, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s = sock_in(netns, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     ident, seq = os.getpid() & 0xFFFF, random.randrange(1 << 16)
     head = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"l7"
     packet = head[:2] + struct.pack("!H", _checksum(head)) + head[4:]
-    try:
-        s.sendto(packet, (ip, 0))
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            s.settimeout(left)
-            data, _ = s.recvfrom(1024)
-            icmp = data[(data[0] & 0xF) * 4 :]  # after the IP header
-            kind, _, _, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
-            if kind == 0 and (rid, rseq) == (ident, seq):
-                return True
-        return False
-    except OSError:
-        return False
-    finally:
-        s.close()
+    return _echo_answered(s, packet, ip, 0, timeout)
