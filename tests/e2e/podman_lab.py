@@ -103,6 +103,12 @@ class PodmanLab:
             self.podman("rm", "-f", "-t", "0", cid, check=False)
         shutil.rmtree(self.base, ignore_errors=True)
 
+    def __enter__(self) -> PodmanLab:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def run_plugin(plugin: Path, command: str, conf: dict, **env: str) -> tuple[int, dict]:
     """Run the installed plugin as a runtime does: CNI_* in the environment, config on stdin."""

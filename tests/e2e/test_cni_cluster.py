@@ -46,21 +46,15 @@ def agent(etcd, cidr):
             "--identity-gc-interval", "3600",
         ),
     )  # fmt: skip
-    a.start()
-    try:
+    with a:
         yield a
-    finally:
-        a.close()
 
 
 @pytest.fixture(scope="module")
 def lab(agent, tmp_path_factory):
     rootfs = build_rootfs(tmp_path_factory.mktemp("cni-rootfs") / "busybox")
-    lab = PodmanLab(tmp_path_factory.mktemp("podman"), rootfs, agent.socket)
-    try:
+    with PodmanLab(tmp_path_factory.mktemp("podman"), rootfs, agent.socket) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def etcd_get(etcd: EtcdProcess, key: str) -> str | None:

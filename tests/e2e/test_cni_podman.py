@@ -47,23 +47,15 @@ def rootfs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def agent():
-    a = AgentProcess(pool=free_pool(), bpf=True)
-    a.start()
-    try:
+    with AgentProcess(pool=free_pool(), bpf=True) as a:
         yield a
-    finally:
-        a.close()
 
 
 @pytest.fixture(scope="module")
 def lab(agent, rootfs, tmp_path_factory):
-    lab = PodmanLab(
-        tmp_path_factory.mktemp("podman"), rootfs, agent.socket, ("portmap", "bandwidth")
-    )
-    try:
+    base = tmp_path_factory.mktemp("podman")
+    with PodmanLab(base, rootfs, agent.socket, ("portmap", "bandwidth")) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def ok(agent: AgentProcess, *args: str) -> str:

@@ -59,21 +59,14 @@ def rootfs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def agent():
-    a = AgentProcess(pool=free_pool(), bpf=True, mode="sidecar")
-    a.start()
-    try:
+    with AgentProcess(pool=free_pool(), bpf=True, mode="sidecar") as a:
         yield a
-    finally:
-        a.close()
 
 
 @pytest.fixture(scope="module")
 def lab(agent, rootfs, tmp_path_factory):
-    lab = PodmanLab(tmp_path_factory.mktemp("podman"), rootfs, agent.socket)
-    try:
+    with PodmanLab(tmp_path_factory.mktemp("podman"), rootfs, agent.socket) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 @pytest.fixture
