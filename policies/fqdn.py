@@ -119,10 +119,10 @@ class DnsRuleSet:
     def explain(self, name: str) -> list[tuple[int, bool, str]]:
         """(rule index, matched, why) per rule, for `policy trace --dns`; -1 is allow-all."""
         name = normalize(name)
-        out = [
-            (i, r.matches(name), f"{name} {'matches' if r.matches(name) else 'does not match'} {r}")
-            for i, r in enumerate(self.rules)
-        ]
+        out = []
+        for i, r in enumerate(self.rules):
+            hit = r.matches(name)
+            out.append((i, hit, f"{name} {'matches' if hit else 'does not match'} {r}"))
         if self.allow_all and not any(ok for _, ok, _ in out):
             out.append((-1, True, "a plain L4 allow covers this port: every name is forwarded"))
         return out
