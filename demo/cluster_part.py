@@ -69,7 +69,7 @@ def _endpoints(story: Story, run: ClusterRun) -> str:
     story.step(f"The deathstar serves HTTP on {star}:80, on node1")
     argv = _in_endpoint("deathstar", module("deathstar", star))
     story.command(shown(argv))
-    run.start_server(argv)
+    run.children.start_server(argv)
     return star
 
 

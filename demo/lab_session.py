@@ -5,8 +5,8 @@ A lab's names are fixed (`l7lab-*`, the lab directory), so a machine has one lab
 demo marks the lab it brings up with its own pid (`demo.pid` in the lab directory, pid and start
 time like the lab's pidfiles). A lab left by a demo that was killed outright (SIGKILL) is removed
 by the next run; a lab someone brought up by hand, or one that another running demo uses, is left
-alone and the cluster part says why it does not run. `lab down` removes namespaces, not the
-processes in them, so the servers the demo starts in lab endpoints have pidfiles there too.
+alone and the cluster part says why it does not run. `lab down` also stops what still runs in
+the lab's namespaces, so the servers the demo starts in lab endpoints go with it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from demo.story import Story
 from l7proxy.lab import pidfile, processes, state, underlay
 
 OWNER_FILE = "demo.pid"
-SERVER_PIDFILE_PREFIX = "demo-server-"
 
 
 @dataclass
@@ -34,12 +33,6 @@ class ClusterRun:
     children: Children = field(default_factory=Children)
     ips: dict[str, str] = field(default_factory=dict)
     identities: dict[str, int] = field(default_factory=dict)
-
-    def start_server(self, argv: list[str]) -> None:
-        """A server inside an endpoint of the lab. `lab down` removes namespaces, not the
-        processes in them: the pidfile lets the next run stop it if this one is killed."""
-        proc = self.children.start_server(argv)
-        pidfile.write(state.lab_dir() / f"{SERVER_PIDFILE_PREFIX}{proc.pid}.pid", proc.pid)
 
 
 def _owner() -> Path:
@@ -96,9 +89,7 @@ def blocker(story: Story) -> str | None:
         )
     story.say("a lab left by an earlier demo run (killed, or run with --keep): removing it")
     with uninterrupted():
-        for path in state.lab_dir().glob(f"{SERVER_PIDFILE_PREFIX}*.pid"):
-            pidfile.stop(path)
-        lab_cli(story, "down")
+        lab_cli(story, "down")  # also stops the killed run's servers in the lab's namespaces
     return None
 
 
