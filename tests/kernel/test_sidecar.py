@@ -77,7 +77,8 @@ print(s.recv(4096).decode().split("\\r\\n\\r\\n", 1)[1])
 """
 
 
-V4_MAPPED_CLIENT = """
+# An AF_INET6 client: a v4-mapped destination here, a native IPv6 one in test_sidecar_v6.py.
+INET6_CLIENT = """
 import socket, sys
 s = socket.socket(socket.AF_INET6)
 s.settimeout(5)
@@ -139,7 +140,7 @@ def test_sidecar_redirects_unmodified_curl_and_spares_the_proxy(clean):
             denied = run_in(cg, curl, "-s", "--max-time", "5", f"http://{dest}:81/")
             assert denied.returncode == 7
             # An AF_INET6 socket to the IPv4-mapped address goes the same way (connect6).
-            mapped = run_in(cg, sys.executable, "-c", V4_MAPPED_CLIENT, f"::ffff:{dest}", "80")
+            mapped = run_in(cg, sys.executable, "-c", INET6_CLIENT, f"::ffff:{dest}", "80")
             assert mapped.stdout.strip() == f"orig={dest}:80 src={identity}", mapped.stderr
             # Attaching again (as a restarted agent does) is idempotent; detaching detaches.
             t.dp.attach_cgroup(cg, ep_id, identity, sidecar_port=proxy.getsockname()[1])

@@ -15,20 +15,9 @@ from l7proxy import platform
 from policies import EGRESS, PolicyEntry, PolicyKey
 from tests.conftest import need_binary
 from tests.kernel.netns import sh
-from tests.kernel.test_sidecar import cgroup, http_responder, run_in
+from tests.kernel.test_sidecar import INET6_CLIENT, TCP, cgroup, http_responder, run_in
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(60)]
-
-TCP = 6
-
-V6_CLIENT = """
-import socket, sys
-s = socket.socket(socket.AF_INET6)
-s.settimeout(5)
-s.connect((sys.argv[1], int(sys.argv[2])))
-s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
-print(s.recv(4096).decode().split("\\r\\n\\r\\n", 1)[1])
-"""
 
 
 def test_connect6_redirects_a_native_ipv6_destination_and_denies_by_policy(clean):
@@ -67,7 +56,7 @@ def test_connect6_redirects_a_native_ipv6_destination_and_denies_by_policy(clean
                 got = run_in(cg, curl, "-6", "-s", "--max-time", "5", f"http://[{dest}]/")
                 assert got.returncode == 0, got.stderr
                 assert got.stdout == f"orig=[{dest}]:80 src={identity}"
-                py = run_in(cg, sys.executable, "-c", V6_CLIENT, dest, "80")
+                py = run_in(cg, sys.executable, "-c", INET6_CLIENT, dest, "80")
                 assert py.stdout.strip() == f"orig=[{dest}]:80 src={identity}", py.stderr
                 denied = run_in(cg, curl, "-6", "-s", "--max-time", "5", f"http://[{dest}]:81/")
                 assert denied.returncode == 7  # connect() refused with EPERM
