@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent_runner import AgentProcess, free_pool
+from tests.e2e.dns_lab import dns_lab
 from tests.e2e.test_agent_dns import Outside
 
 pytestmark = [pytest.mark.bench, pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(600)]
@@ -167,60 +168,56 @@ def _agent_cpu_per_query(agent, outside, count: int = 2000) -> float:
     return (cpu() - before) / (count + 50) * 1e6
 
 
-def test_dns_proxy_numbers(tmp_path):
+def test_dns_proxy_numbers():
     agent = AgentProcess(pool=free_pool(), bpf=True)
-    agent.start()
-    outside = None
-    try:
-        outside = BenchOutside(agent.prefix)
-        agent.cli("endpoint", "create", "client", "--labels", "app=client", check=True)
-        (tmp_path / "p.yaml").write_text(POLICY.format(dns=outside.addr(53)))
-        agent.cli("policy", "import", str(tmp_path / "p.yaml"), check=True)
-        etc = Path("/etc/netns") / (agent.prefix + "client")
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "resolv.conf").write_text(f"nameserver {outside.addr(53)}\n")
-        time.sleep(1)
-        rounds = []
-        for _ in range(ROUNDS):
-            rounds.append(
-                json.loads(_in_pod(agent, sys.executable, "-c", LATENCY, outside.addr(53), SLOTS))
-            )
-        qps = {
-            label: json.loads(_in_pod(agent, sys.executable, "-c", QPS, outside.addr(53), port))[
-                "qps"
+    with dns_lab(agent, BenchOutside, POLICY) as outside:
+        try:
+            etc = Path("/etc/netns") / (agent.prefix + "client")
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "resolv.conf").write_text(f"nameserver {outside.addr(53)}\n")
+            time.sleep(1)
+            rounds = []
+            for _ in range(ROUNDS):
+                rounds.append(
+                    json.loads(
+                        _in_pod(agent, sys.executable, "-c", LATENCY, outside.addr(53), SLOTS)
+                    )
+                )
+            qps = {
+                label: json.loads(
+                    _in_pod(agent, sys.executable, "-c", QPS, outside.addr(53), port)
+                )["qps"]
+                for label, port in (("direct", "5353"), ("proxy", "53"))
+            }
+            agent_cpu = _agent_cpu_per_query(agent, outside)
+            ok, _, bad = _in_pod(
+                agent, sys.executable, "-c", FIRST_CONNECT, str(FRESH), timeout=600
+            ).partition(" ")
+            ok = int(ok)
+            metrics = agent.cli("metrics").stdout
+            hold = [
+                ln for ln in metrics.splitlines() if ln.startswith("fqdn_datapath_update_seconds_")
             ]
-            for label, port in (("direct", "5353"), ("proxy", "53"))
-        }
-        agent_cpu = _agent_cpu_per_query(agent, outside)
-        ok, _, bad = _in_pod(
-            agent, sys.executable, "-c", FIRST_CONNECT, str(FRESH), timeout=600
-        ).partition(" ")
-        ok = int(ok)
-        metrics = agent.cli("metrics").stdout
-        hold = [ln for ln in metrics.splitlines() if ln.startswith("fqdn_datapath_update_seconds_")]
-        print("\nDNS proxy (node mode), dnsmasq in a namespace, one client; paired rounds of "
-              f"{SLOTS} ms, one query per path per ms (1,000 q/s through the proxy)")  # fmt: skip
-        print(f"{'round':6} {'direct p50':>10} {'proxy p50':>10} {'added':>7} "
-              f"{'direct p99':>10} {'proxy p99':>10} {'added':>7}   (ms)")  # fmt: skip
-        added99 = []
-        for n, r in enumerate(rounds, 1):
-            d, p = r["direct"], r["proxy"]
-            added99.append(p["p99_ms"] - d["p99_ms"])
-            print(f"{n:<6} {d['p50_ms']:10.3f} {p['p50_ms']:10.3f} {p['p50_ms'] - d['p50_ms']:7.3f} "
-                  f"{d['p99_ms']:10.3f} {p['p99_ms']:10.3f} {added99[-1]:7.3f}")  # fmt: skip
-        median = sorted(added99)[len(added99) // 2]
-        print(f"p99 added, median of {ROUNDS} rounds: {median:.3f} ms (target <= 1 ms: "
-              f"{'met' if median <= 1 else 'NOT met'})")  # fmt: skip
-        print(f"32 in flight: proxy {qps['proxy']:.0f} q/s, direct {qps['direct']:.0f} q/s "
-              f"(ratio {qps['proxy'] / qps['direct']:.2f}); agent CPU per proxied query "
-              f"{agent_cpu:.0f} us")  # fmt: skip
-        print(f"first connect after the answer: {ok}/{FRESH} fresh names {bad.strip()}")
-        if ok != FRESH:
-            print(agent.cli("observe", "--verdict", "DROPPED", "--last", "20").stdout)
-        print("\n".join(hold[-3:]))
-        assert ok == FRESH
-    finally:
-        shutil.rmtree(f"/etc/netns/{agent.prefix}client", ignore_errors=True)
-        if outside is not None:
-            outside.close()
-        agent.close()
+            print("\nDNS proxy (node mode), dnsmasq in a namespace, one client; paired rounds of "
+                  f"{SLOTS} ms, one query per path per ms (1,000 q/s through the proxy)")  # fmt: skip
+            print(f"{'round':6} {'direct p50':>10} {'proxy p50':>10} {'added':>7} "
+                  f"{'direct p99':>10} {'proxy p99':>10} {'added':>7}   (ms)")  # fmt: skip
+            added99 = []
+            for n, r in enumerate(rounds, 1):
+                d, p = r["direct"], r["proxy"]
+                added99.append(p["p99_ms"] - d["p99_ms"])
+                print(f"{n:<6} {d['p50_ms']:10.3f} {p['p50_ms']:10.3f} {p['p50_ms'] - d['p50_ms']:7.3f} "
+                      f"{d['p99_ms']:10.3f} {p['p99_ms']:10.3f} {added99[-1]:7.3f}")  # fmt: skip
+            median = sorted(added99)[len(added99) // 2]
+            print(f"p99 added, median of {ROUNDS} rounds: {median:.3f} ms (target <= 1 ms: "
+                  f"{'met' if median <= 1 else 'NOT met'})")  # fmt: skip
+            print(f"32 in flight: proxy {qps['proxy']:.0f} q/s, direct {qps['direct']:.0f} q/s "
+                  f"(ratio {qps['proxy'] / qps['direct']:.2f}); agent CPU per proxied query "
+                  f"{agent_cpu:.0f} us")  # fmt: skip
+            print(f"first connect after the answer: {ok}/{FRESH} fresh names {bad.strip()}")
+            if ok != FRESH:
+                print(agent.cli("observe", "--verdict", "DROPPED", "--last", "20").stdout)
+            print("\n".join(hold[-3:]))
+            assert ok == FRESH
+        finally:
+            shutil.rmtree(f"/etc/netns/{agent.prefix}client", ignore_errors=True)

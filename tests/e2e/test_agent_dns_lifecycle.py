@@ -21,12 +21,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from redirect_bpf import ipcache, loader
 from tests.agent_runner import AgentProcess, free_pool
+from tests.e2e.dns_lab import dns_lab
 from tests.e2e.test_agent_dns import Outside, ok, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -126,20 +126,9 @@ def lab():
     agent = AgentProcess(
         pool=free_pool(), bpf=True, extra_args=("--dns-max-ips-per-name", str(CAP))
     )
-    agent.start()
-    outside = None
-    try:
-        outside = RotatingOutside(agent.prefix)
-        for pod in ("client", "client2"):
-            ok(agent, "endpoint", "create", pod, "--labels", "app=client")
-        policy = Path(agent.state_dir) / "rot.yaml"
-        policy.write_text(POLICY.format(dns=outside.addr(54)))
-        ok(agent, "policy", "import", str(policy))
+    pods = ("client", "client2")
+    with dns_lab(agent, RotatingOutside, POLICY, pods=pods, dns_host=54) as outside:
         yield agent, outside
-    finally:
-        if outside is not None:
-            outside.close()
-        agent.close()
 
 
 def resolve_and_connect(agent, outside, pod: str, names: list[str]) -> tuple[int, int, str]:

@@ -6,12 +6,12 @@ TCP must still reach the DNS proxy (allowed names answered, others REFUSED), and
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
 from tests.agent_runner import AgentProcess, free_pool
-from tests.e2e.test_agent_dns import POLICY, Outside, ok
+from tests.e2e.dns_lab import dns_lab
+from tests.e2e.test_agent_dns import POLICY, Outside
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -20,19 +20,8 @@ pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.ti
 def lab():
     assert shutil.which("dnsmasq") and shutil.which("dig"), "make setup installs dnsmasq and dig"
     agent = AgentProcess(pool=free_pool(), bpf=True, mode="sidecar")
-    agent.start()
-    outside = None
-    try:
-        outside = Outside(agent.prefix)
-        ok(agent, "endpoint", "create", "client", "--labels", "app=client")
-        policy = Path(agent.state_dir) / "fqdn.yaml"
-        policy.write_text(POLICY.format(dns=outside.addr(53)))
-        ok(agent, "policy", "import", str(policy))
+    with dns_lab(agent, Outside, POLICY) as outside:
         yield agent, outside
-    finally:
-        if outside is not None:
-            outside.close()
-        agent.close()
 
 
 def dig_in_cgroup(agent, outside, name: str, *extra: str) -> tuple[str, list[str]]:
