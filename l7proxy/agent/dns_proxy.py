@@ -198,7 +198,7 @@ class DnsProxy:
                     error = DnsError("answer id mismatch")
         if error is not None:
             dst = ends.dst
-            reason = f"no answer from {dst[0]}:{dst[1]}: {error or type(error).__name__}"
+            reason = f"no answer from {dst[0]}:{dst[1]}: {str(error) or type(error).__name__}"
             self._finish(job, None)
             self._flow(ends, "DROPPED", "RESPONSE", query, reason, drop="DNS_UPSTREAM")
             return
