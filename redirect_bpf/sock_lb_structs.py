@@ -1,11 +1,12 @@
 """The one Python mirror of every struct and #define in sock_lb.h (checked by
-tests/kernel/test_sock_lb.py against what bcc reports), and of the cookie hash in sock_lb.c."""
+tests/kernel/test_sock_lb_layout.py against what bcc reports), and of the cookie hash in sock_lb.c."""
 
 from __future__ import annotations
 
 import ctypes as ct
 import socket
-import struct
+
+from redirect_bpf.ipcache import be32, ip_of  # noqa: F401 (re-exported)
 
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
 
@@ -71,21 +72,8 @@ MAPS.update(
 )
 
 
-def be32(ip: str) -> int:
-    """An IPv4 address as the u32 whose memory holds it in network order."""
-    return struct.unpack("=I", socket.inet_aton(ip))[0]
-
-
-def be16(port: int) -> int:
-    return struct.unpack("=H", struct.pack("!H", port))[0]
-
-
-def ip_of(value: int) -> str:
-    return socket.inet_ntoa(struct.pack("=I", value))
-
-
-def port_of(value: int) -> int:
-    return struct.unpack("!H", struct.pack("=H", value))[0]
+# Addresses and ports as the maps hold them (network order), the same helpers the datapath uses
+be16, port_of = socket.htons, socket.ntohs
 
 
 def mix64(x: int) -> int:
