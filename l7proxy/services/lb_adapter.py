@@ -80,7 +80,9 @@ class KernelLb:
         self.lb.sync(desired)
 
     def status(self) -> dict:
-        preorder = "preorder" if self.flags & 64 else "attach order"
+        from redirect_bpf.sock_lb import BPF_F_PREORDER
+
+        preorder = "preorder" if self.flags & BPF_F_PREORDER else "attach order"
         return {
             "state": "ok",
             "detail": f"socket LB on {self.cgroup} ({preorder}), "
@@ -91,19 +93,15 @@ class KernelLb:
         self.lb.close()  # attached programs keep translating while the agent is away
 
 
-def lb_pin_dir(datapath_pin_dir: Path) -> Path:
-    """The datapath's own pin directory (the LB's pins have names of their own there): what
-    removes the datapath's pins removes the LB's links too, and with them the attachments."""
-    return datapath_pin_dir
-
-
 def make_lb(datapath, cgroup: str):
     if getattr(datapath, "name", "") != "bpf":
         return NullLb(getattr(datapath, "reason", "the BPF datapath is off"))
     if not cgroup:
         return NullLb("turned off (--sock-lb-cgroup '')")
     try:
-        return KernelLb(lb_pin_dir(Path(datapath.pin_dir)), cgroup)
+        # The datapath's own pin directory (the LB's pins have names of their own there): what
+        # removes the datapath's pins removes the LB's links too, and with them the attachments.
+        return KernelLb(Path(datapath.pin_dir), cgroup)
     except Exception as exc:  # the agent runs without socket LB rather than not at all
         log.error("socket LB could not start: %s", exc)
         return NullLb(f"failed to start: {exc}")
