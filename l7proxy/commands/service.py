@@ -6,6 +6,7 @@ import json
 import sys
 
 from l7proxy.agent.client import Client, agent_action
+from l7proxy.commands.endpoint import _table  # the same columns as `endpoint list`
 from l7proxy.services.model import ServiceError, build
 
 
@@ -104,9 +105,7 @@ def _list(args) -> int:
                 _backends_text(s),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
+    print(_table(rows))
     return 0
 
 
