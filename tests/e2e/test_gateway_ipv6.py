@@ -12,28 +12,17 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.peers import policy_yaml
+from tests.services.backend_server import handler
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        body = b"hello over ipv6\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 class _Server6(ThreadingHTTPServer):
@@ -48,7 +37,7 @@ def free_port6() -> int:
 
 @pytest.fixture
 def backend6():
-    server = _Server6(("::1", 0), _Handler)
+    server = _Server6(("::1", 0), handler(lambda _: b"hello over ipv6\n"))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1]
     server.shutdown()
@@ -130,19 +119,10 @@ def test_gateway_listens_and_forwards_on_ipv6(backend6, tmp_path):
         policy_yaml(port, from_block="fromEndpoints: [{matchLabels: {org: empire}}]\n    ")
     )
     flows = tmp_path / "flows.log"
-    err = open(tempfile.mktemp(prefix="l7proxy-gw6-"), "w+")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "l7proxy", "gateway", "--listen", f"[::1]:{port}",
-         "--upstream", f"[::1]:{backend6}", "--policy", str(policy), "--labels", "app=web",
-         "--peer", "::1/128=org=empire", "--flow-log", str(flows)],
-        stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while "ready:" not in Path(err.name).read_text():
-            assert proc.poll() is None, Path(err.name).read_text()
-            assert time.monotonic() < deadline, Path(err.name).read_text()
-            time.sleep(0.05)
+    with gateway6(
+        ["--listen", f"[::1]:{port}", "--upstream", f"[::1]:{backend6}", "--policy", str(policy),
+         "--labels", "app=web", "--peer", "::1/128=org=empire", "--flow-log", str(flows)]
+    ):  # fmt: skip
         assert curl6(f"http://[::1]:{port}/public/a") == "200"
         assert curl6(f"http://[::1]:{port}/private") == "403"
         deadline = time.monotonic() + 5
@@ -155,8 +135,3 @@ def test_gateway_listens_and_forwards_on_ipv6(backend6, tmp_path):
         assert {f["verdict"] for f in l7} == {"FORWARDED", "DROPPED"}, seen
         assert all(f["source"]["ip"] == "::1" for f in l7), l7
         assert all("org=empire" in f["source"]["labels"] for f in l7), l7
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        err.close()
-        Path(err.name).unlink()

@@ -9,20 +9,22 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HTTP_PORT = 8080
 UDP_PORT = 5353
 
 
-def main() -> None:
-    name, ip = sys.argv[1], sys.argv[2]
+def handler(body_of: Callable[[BaseHTTPRequestHandler], bytes]) -> type[BaseHTTPRequestHandler]:
+    """A quiet handler answering every GET with 200 and body_of(request); also the e2e tests'
+    backend (tests/e2e/test_gateway_ipv6.py)."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
 
         def do_GET(self):  # noqa: N802 (http.server's naming)
-            body = f"{name} {self.path} {self.client_address[0]}\n".encode()
+            body = body_of(self)
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -31,8 +33,15 @@ def main() -> None:
         def log_message(self, *args):
             pass
 
+    return Handler
+
+
+def main() -> None:
+    name, ip = sys.argv[1], sys.argv[2]
     ThreadingHTTPServer.allow_reuse_address = True
-    httpd = ThreadingHTTPServer((ip, HTTP_PORT), Handler)
+    httpd = ThreadingHTTPServer(
+        (ip, HTTP_PORT), handler(lambda r: f"{name} {r.path} {r.client_address[0]}\n".encode())
+    )
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind((ip, UDP_PORT))
 
