@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from policies.labels import Label, LabelSet
+from policies.ruleset_text import RuleSetText
 
 DNS_CHARS = "[-a-zA-Z0-9_]"
 # Cilium's CRD patterns ^([-a-zA-Z0-9_]+[.]?)+$ (and with *), rewritten without the nested
@@ -93,7 +94,7 @@ class DnsVerdict:
     matched: tuple[int, ...]  # indexes of the rules that allow the name
 
 
-class DnsRuleSet:
+class DnsRuleSet(RuleSetText):
     """The DNS proxy's rules for one redirected port: a query is forwarded when a rule matches
     its name, else answered REFUSED."""
 
@@ -126,14 +127,6 @@ class DnsRuleSet:
         if self.allow_all and not any(ok for _, ok, _ in out):
             out.append((-1, True, "a plain L4 allow covers this port: every name is forwarded"))
         return out
-
-    def describe(self) -> list[str]:
-        if self.allow_all and not self.rules:
-            return ["allow-all"]
-        return [str(r) for r in self.rules] + (["allow-all"] if self.allow_all else [])
-
-    def key(self) -> tuple:
-        return (self.parser, self.rules, self.allow_all)
 
 
 def selector_labels(

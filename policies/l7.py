@@ -18,6 +18,7 @@ import re2
 
 from policies.kafka_keys import METADATA, api_key_name
 from policies.model import HeaderMatch, HttpRule, KafkaRule
+from policies.ruleset_text import RuleSetText
 
 _SET_OPTIONS = re2.Options()
 _SET_OPTIONS.max_mem = 64 << 20  # room for a few thousand rules in one automaton
@@ -114,21 +115,7 @@ def _header_ok(h: HeaderMatch, table: dict[str, list[str]]) -> bool:
     return h.value is None or h.value in values
 
 
-class _RuleSetText:
-    """What HTTP and Kafka rule sets share: their text for trace/CLI and their identity key."""
-
-    __slots__ = ()
-
-    def describe(self) -> list[str]:
-        if self.allow_all and not self.rules:
-            return ["allow-all"]
-        return [str(r) for r in self.rules] + (["allow-all"] if self.allow_all else [])
-
-    def key(self) -> tuple:
-        return (self.parser, self.rules, self.allow_all)
-
-
-class HttpRuleSet(_RuleSetText):
+class HttpRuleSet(RuleSetText):
     parser = "http"
 
     def __init__(self, rules: Sequence[HttpRule], allow_all: bool = False, sources=()):
@@ -279,7 +266,7 @@ class _KafkaKeyIndex:
         self.first_verdict = KafkaVerdict(True, (), (first,))
 
 
-class KafkaRuleSet(_RuleSetText):
+class KafkaRuleSet(RuleSetText):
     parser = "kafka"
 
     def __init__(self, rules: Sequence[KafkaRule], allow_all: bool = False, sources=()):
