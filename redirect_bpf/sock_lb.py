@@ -44,11 +44,9 @@ ATTACH_TYPES = {  # enum bpf_attach_type
     "sock_lb_getpeername4": 29,  # BPF_CGROUP_INET4_GETPEERNAME (Linux 5.8)
 }
 BPF_F_PREORDER = 1 << 6
-PIN_NAMES = (
-    [f"map_{n}" for n in S.MAPS]
-    + [f"prog_{n}" for n in S.PROGRAMS]
-    + [f"link_{n}" for n in S.PROGRAMS]
-)
+OBJECT_PINS = [f"map_{n}" for n in S.MAPS] + [f"prog_{n}" for n in S.PROGRAMS]
+LINK_PINS = [f"link_{n}" for n in S.PROGRAMS]  # the attachments: unpinning one detaches it
+PIN_NAMES = OBJECT_PINS + LINK_PINS
 
 
 class _LinkOpts(ct.Structure):
@@ -93,15 +91,18 @@ class _Written:
 
 
 def _pins_complete(pin_dir: Path) -> bool:
-    names = [f"map_{n}" for n in S.MAPS] + [f"prog_{n}" for n in S.PROGRAMS]
-    return all((pin_dir / n).exists() for n in names)
+    return all((pin_dir / n).exists() for n in OBJECT_PINS)
+
+
+def _unlink(pin_dir: Path, names: Iterable[str]) -> None:
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            (pin_dir / name).unlink()
 
 
 def unpin(pin_dir: Path) -> None:
     """Remove this LB's pins (links first: that detaches), never the datapath's."""
-    for name in sorted(PIN_NAMES, key=lambda n: not n.startswith("link_")):
-        with contextlib.suppress(FileNotFoundError):
-            (pin_dir / name).unlink()
+    _unlink(pin_dir, LINK_PINS + OBJECT_PINS)
 
 
 class SockLB:
@@ -185,9 +186,7 @@ class SockLB:
     def detach(self) -> None:
         """Unpin the links: the programs leave the cgroup."""
         self.attached.clear()
-        for name in S.PROGRAMS:
-            with contextlib.suppress(FileNotFoundError):
-                (self.pin_dir / f"link_{name}").unlink()
+        _unlink(self.pin_dir, LINK_PINS)
 
     # -- services ------------------------------------------------------------------------------
 
