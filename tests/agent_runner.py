@@ -149,6 +149,34 @@ class AgentProcess:
         self.close()
 
 
+def ok(agent: AgentProcess, *args: str) -> str:
+    """`l7proxy <args>` against agent, asserted to succeed (its stderr and the agent's log in the
+    message); its stdout."""
+    r = agent.cli(*args)
+    assert r.returncode == 0, f"l7proxy {' '.join(args)} failed: {r.stderr}\n{agent.log()}"
+    return r.stdout
+
+
+def client_egress_l7(port: int) -> str:
+    """A CiliumNetworkPolicy: app=client may send only GET /public/.* to app=web on TCP port."""
+    return f"""\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: client-egress}}
+spec:
+  endpointSelector: {{matchLabels: {{app: client}}}}
+  egress:
+    - toEndpoints:
+        - matchLabels: {{app: web}}
+      toPorts:
+        - ports: [{{port: "{port}", protocol: TCP}}]
+          rules:
+            http:
+              - method: GET
+                path: /public/.*
+"""
+
+
 def sweep_namespaces(prefix: str) -> list[str]:
     """Delete every namespace named PREFIX* (and its host veth); returns what was removed."""
     if not prefix:

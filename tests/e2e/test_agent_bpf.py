@@ -17,19 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_runner import AgentProcess, free_pool
+from tests.agent_runner import AgentProcess, free_pool, ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(150)]
 
 REPO = Path(__file__).resolve().parents[2]
 L3L4 = str(REPO / "demo" / "sw_l3_l4_policy.yaml")
 L7 = str(REPO / "demo" / "sw_l3_l4_l7_policy.yaml")
-
-
-def ok(a: AgentProcess, *args: str) -> str:
-    r = a.cli(*args)
-    assert r.returncode == 0, f"l7proxy {' '.join(args)} failed: {r.stderr}\n{a.log()}"
-    return r.stdout
 
 
 class Galaxy:

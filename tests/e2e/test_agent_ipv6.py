@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_runner import AgentProcess, free_pool
+from tests.agent_runner import AgentProcess, client_egress_l7, free_pool, ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -48,12 +48,6 @@ s = S(("::", 80), H)
 print("listening", flush=True)
 s.serve_forever()
 """
-
-
-def ok(a: AgentProcess, *args: str) -> str:
-    r = a.cli(*args)
-    assert r.returncode == 0, f"l7proxy {' '.join(args)} failed: {r.stderr}\n{a.log()}"
-    return r.stdout
 
 
 def free_pool6() -> str:
@@ -145,22 +139,7 @@ def test_dual_stack_endpoints_l3_l4_and_l7_over_ipv6(dual):
     assert drops[0]["source"]["identity"] == eps["xwing"]["identity"]
 
 
-SIDECAR_EGRESS_L7 = """
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: client-egress}
-spec:
-  endpointSelector: {matchLabels: {app: client}}
-  egress:
-    - toEndpoints:
-        - matchLabels: {app: web}
-      toPorts:
-        - ports: [{port: "80", protocol: TCP}]
-          rules:
-            http:
-              - method: GET
-                path: /public/.*
-"""
+SIDECAR_EGRESS_L7 = client_egress_l7(80)
 
 
 def test_sidecar_mode_redirects_curl_6_to_a_native_ipv6_destination(tmp_path):

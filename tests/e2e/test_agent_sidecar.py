@@ -15,34 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_runner import AgentProcess, free_pool
+from tests.agent_runner import AgentProcess, client_egress_l7, free_pool, ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(120)]
 
-EGRESS_L7 = textwrap.dedent(
-    """
-    apiVersion: cilium.io/v2
-    kind: CiliumNetworkPolicy
-    metadata: {name: client-egress}
-    spec:
-      endpointSelector: {matchLabels: {app: client}}
-      egress:
-        - toEndpoints:
-            - matchLabels: {app: web}
-          toPorts:
-            - ports: [{port: "80", protocol: TCP}]
-              rules:
-                http:
-                  - method: GET
-                    path: /public/.*
-    """
-)
-
-
-def ok(a: AgentProcess, *args: str) -> str:
-    r = a.cli(*args)
-    assert r.returncode == 0, f"l7proxy {' '.join(args)} failed: {r.stderr}\n{a.log()}"
-    return r.stdout
+EGRESS_L7 = client_egress_l7(80)
 
 
 def test_sidecar_mode_enforces_egress_l7_for_an_unmodified_curl(tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_runner import AgentProcess, free_pool
+from tests.agent_runner import AgentProcess, free_pool, ok
 from tests.conftest import need_binary
 from tests.path_table import BAD, ROWS, verdict
 
@@ -158,12 +158,6 @@ class Backends:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(10)
         self.py_log.close()
-
-
-def ok(a: AgentProcess, *args: str) -> str:
-    r = a.cli(*args)
-    assert r.returncode == 0, f"l7proxy {' '.join(args)} failed: {r.stderr}\n{a.log()}"
-    return r.stdout
 
 
 def send(agent: AgentProcess, ip: str, port: int, targets: list[str], in_cgroup: bool) -> list:

@@ -8,41 +8,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from l7proxy.agent import netdev
-from tests.agent_runner import AgentProcess, free_pool
+from tests.agent_runner import AgentProcess, client_egress_l7, free_pool, ok
 from tests.services.conftest import attached_programs
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(180)]
 
 VIP = "10.96.16.30"
-EGRESS_L7 = textwrap.dedent(
-    """
-    apiVersion: cilium.io/v2
-    kind: CiliumNetworkPolicy
-    metadata: {name: client-egress}
-    spec:
-      endpointSelector: {matchLabels: {app: client}}
-      egress:
-        - toEndpoints:
-            - matchLabels: {app: web}
-          toPorts:
-            - ports: [{port: "8080", protocol: TCP}]
-              rules:
-                http:
-                  - method: GET
-                    path: /public/.*
-    """
-)
-
-
-def ok(a: AgentProcess, *args: str) -> str:
-    r = a.cli(*args)
-    assert r.returncode == 0, f"l7proxy {' '.join(args)} failed: {r.stderr}\n{a.log()}"
-    return r.stdout
+EGRESS_L7 = client_egress_l7(8080)
 
 
 def test_sidecar_l7_rules_see_the_backend_behind_a_vip(tmp_path):
