@@ -22,6 +22,7 @@ class BpfMap:
         self.max_entries = int(info["max_entries"])
         self.map_type = int(info["map_type"])
         if self.key_size != ct.sizeof(key_type) or self.value_size != ct.sizeof(value_type):
+            self.close()  # it owned the fd: a caller that gets the error has nothing to close
             raise ValueError(
                 f"map {name}: kernel key/value size {self.key_size}/{self.value_size} differs "
                 f"from the Python mirror {ct.sizeof(key_type)}/{ct.sizeof(value_type)}"

@@ -130,9 +130,15 @@ class SockLB:
 
     def _open(self) -> None:
         self.maps = {}
-        for name, (key, value) in S.MAPS.items():
-            fd = bpfsys.obj_get(self.pin_dir / f"map_{name}")
-            self.maps[name] = BpfMap(name, fd, key, value)
+        try:
+            for name, (key, value) in S.MAPS.items():
+                fd = bpfsys.obj_get(self.pin_dir / f"map_{name}")
+                self.maps[name] = BpfMap(name, fd, key, value)
+        except Exception:  # an older layout: the maps opened so far go, as in loader.open_pinned
+            for m in self.maps.values():
+                m.close()
+            self.maps = {}
+            raise
         self.progs = {n: bpfsys.obj_get(self.pin_dir / f"prog_{n}") for n in S.PROGRAMS}
 
     def _compile(self, cflags: tuple[str, ...]) -> None:
