@@ -106,10 +106,14 @@ class NodePort:
 
     # -- attach --------------------------------------------------------------------------------
 
+    def set_node_ip(self, node_ip: str) -> None:
+        """The NodePort address and SNAT source (the programs pass everything on until set)."""
+        self.maps["np_config"].put(S.u32(0), S.Config(S.be32(node_ip), 0))
+
     def attach(self, device: str, node_ip: str) -> None:
         """The programs on the device's tc ingress and egress (replacing an earlier agent's),
         with `node_ip` as the NodePort address and SNAT source."""
-        self.maps["np_config"].put(S.u32(0), S.Config(S.be32(node_ip), 0))
+        self.set_node_ip(node_ip)
         with IPRoute() as ipr:
             links = ipr.link_lookup(ifname=device)
             if not links:

@@ -83,4 +83,12 @@ MAPS: dict[str, tuple[type, type]] = {
     "np_affinity": (AffinityKey, AffinityVal),
 }
 # The maps it opens from the socket LB's and the datapath's pins (they must exist first)
-SHARED_MAPS = ("lb_services", "lb_slots", "lb_backends", "lb_maglev", "ep_by_ip", "ipcache", "nodes")
+SHARED_MAPS = (
+    "lb_services",
+    "lb_slots",
+    "lb_backends",
+    "lb_maglev",
+    "ep_by_ip",
+    "ipcache",
+    "nodes",
+)

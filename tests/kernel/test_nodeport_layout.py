@@ -6,6 +6,7 @@ beside other filters on a device and leave alone what is not theirs."""
 from __future__ import annotations
 
 import ctypes as ct
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -60,8 +61,6 @@ def test_shared_maps_are_the_pinned_ones(fresh, name):
     try:
         assert bpfsys.fdinfo(fd)["map_id"] == own
     finally:
-        import os
-
         os.close(fd)
 
 
