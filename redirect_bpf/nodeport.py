@@ -55,11 +55,16 @@ def unpin(pin_dir: Path) -> None:
 
 
 class NodePort:
-    def __init__(self, pin_dir: str | Path, cflags: Iterable[str] = ()) -> None:
+    def __init__(
+        self, pin_dir: str | Path, cflags: Iterable[str] = (), *, rebuild: bool = False
+    ) -> None:
+        """`rebuild`: compile even over complete pins. The caller says so when the socket LB was
+        compiled afresh: pinned programs would still hold the LB's old maps (the datapath
+        starting over removes every pin, NodePort's too)."""
         self.pin_dir = Path(pin_dir)
         self.bpf = None
         self.device: str | None = None
-        self.reused = _pins_complete(self.pin_dir)
+        self.reused = not rebuild and _pins_complete(self.pin_dir)
         if self.reused:
             try:
                 self._open()

@@ -60,7 +60,7 @@ class KernelLb:
         from redirect_bpf.nodeport import NodePort
 
         try:
-            nodeport = NodePort(pin_dir)
+            nodeport = NodePort(pin_dir, rebuild=not self.lb.reused)
         except Exception as exc:
             log.error("NodePort could not start: %s", exc)
             self.nodeport_error = f"failed to start: {exc}"

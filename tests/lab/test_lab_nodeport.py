@@ -99,6 +99,12 @@ def np_lab(request, tmp_path_factory):
         cli("lab", "down", timeout=120)
 
 
+def test_status_names_the_nodeport_device(np_lab):
+    for node, ip in (("node1", NODE1), ("node2", NODE2)):
+        detail = json.loads(cli("status", "-o", "json", node=node))["parts"]["services"]["detail"]
+        assert f"NodePort on eth0 ({ip})" in detail, detail
+
+
 def _served(results: list[dict]) -> list[tuple[str, str]]:
     """(backend name, the client address the backend saw) per answer; all must have answered."""
     failed = [r for r in results if not r["ok"]]
