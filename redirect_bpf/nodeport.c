@@ -374,8 +374,9 @@ int np_from_netdev(struct __sk_buff *skb)
     struct np_config *cfg = np_config.lookup(&zero);
     if (!cfg || !cfg->node_ip)
         return TC_ACT_UNSPEC;
-    // An answer to a SNATed flow: back to the frontend's address, out to the client
-    struct np_rev *rev = np_rev.lookup(&p.t);
+    // An answer to a SNATed flow (addressed to this node): back to the frontend's address,
+    // out to the client
+    struct np_rev *rev = p.t.daddr == cfg->node_ip ? np_rev.lookup(&p.t) : 0;
     if (rev && (rev->flags & NP_REV_SNAT)) {
         __be32 front_ip = rev->front_ip, client_ip = rev->client_ip;
         __be16 front_port = rev->front_port, client_port = rev->client_port;
