@@ -287,6 +287,14 @@ static __always_inline int to_backend(struct __sk_buff *skb, struct pkt *p, stru
     __u64 now = bpf_ktime_get_ns();
     struct np_ct *ct = np_ct.lookup(&t);
     struct np_ct fresh = {};
+    if (ct) {
+        // A backend that left the service gets no more packets of its flows: pick again (an
+        // established TCP flow then meets a backend that resets it, not a black hole)
+        __u32 bid = ct->backend_id;
+        struct lb_backend *still = lb_backends.lookup(&bid);
+        if (!still || still->ip != ct->backend_ip || still->port != ct->backend_port)
+            ct = 0;
+    }
     if (!ct) {
         struct lb_svc_key skey = {.vip = fe->vip, .port = fe->vport, .proto = t.proto};
         struct lb_svc *svc = lb_services.lookup(&skey);

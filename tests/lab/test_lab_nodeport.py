@@ -165,3 +165,22 @@ def test_policy_still_denies_the_backend_through_the_nodeport(np_lab):
     assert drops, "node1 recorded no drop for the guarded backend"
     assert drops[-1].get("service") == "guarded"
     assert drops[-1]["l4"]["TCP"]["destination_port"] == 8080
+
+
+def test_a_removed_backend_loses_its_nodeport_flows_at_once(np_lab):
+    """Last (it deletes web3): a UDP flow that NodePort tracked to web3 goes to another
+    backend with its next datagram once web3 left the service."""
+    sport = next(
+        p
+        for p in range(42001, 42100)
+        if _served(outside("udp", NODE1, 30053, 1, sport=p))[0][0] == "web3"
+    )
+    assert _served(outside("udp", NODE1, 30053, 1, sport=sport))[0][0] == "web3"  # tracked
+    cli("endpoint", "delete", "web3", node="node2")
+    wait_for(
+        lambda: len(json.loads(cli("service", "get", "names", node="node1"))["endpoints"]) == 2,
+        30,
+        "web3 gone from the service on node1",
+    )
+    again = _served(outside("udp", NODE1, 30053, 3, sport=sport))
+    assert {name for name, _ in again} <= {"web1", "web2"}, again
