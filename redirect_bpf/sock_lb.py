@@ -124,6 +124,7 @@ class SockLB:
         self._svc_ids = IdPool(w.svc_id for w in self._written.values())
         self._backend_ids = IdPool(b for w in self._written.values() for b in w.backend_ids)
         self.attached: dict[str, int] = {}  # cgroup path -> flags used
+        self._unpinned: set[tuple[int, int]] = set()
         self.last_sync = (0, 0)  # (services changed, map writes)
 
     # -- load ----------------------------------------------------------------------------------
@@ -219,6 +220,12 @@ class SockLB:
             )
             self._written[lbs.frontend] = _Written(svc.svc_id, lbs, tuple(ids))
 
+    def translated_from(self, cookie: int, ip: str, port: int) -> tuple[str, int] | None:
+        """The VIP:port a socket (by its cookie) was connected through to backend ip:port, or
+        None if the LB did not translate it (or its entry was evicted)."""
+        val = self.maps["lb_revnat"].get(S.RevnatKey(cookie, S.be32(ip), S.be16(port), 0))
+        return None if val is None else (S.ip_of(val.vip), S.port_of(val.port))
+
     def services(self) -> dict[tuple[str, int, str], LbService]:
         return {f: w.service for f, w in self._written.items()}
 
@@ -227,6 +234,7 @@ class SockLB:
         with self._lock:
             want = {s.frontend: s for s in desired}
             writes = changed = 0
+            self._unpinned = set()  # (service id, backend id) pairs that left
             for frontend in [f for f in self._written if f not in want]:
                 writes += self._remove(self._written.pop(frontend))
                 changed += 1
@@ -236,6 +244,7 @@ class SockLB:
                     continue
                 writes += self._write(service, old)
                 changed += 1
+            writes += self._drop_affinity(self._unpinned)
             self.last_sync = (changed, writes)
             return self.last_sync
 
@@ -279,6 +288,7 @@ class SockLB:
             for bid in set(old.backend_ids) - set(ids):
                 m["lb_backends"].delete(S.u32(bid))
                 self._backend_ids.give(bid)
+                self._unpinned.add((svc_id, bid))
                 writes += 1
             if not flags & S.LB_FLAG_MAGLEV and old.service.maglev is not None:
                 m["lb_maglev"].delete(S.u32(svc_id))
@@ -295,9 +305,22 @@ class SockLB:
         for bid in old.backend_ids:
             m["lb_backends"].delete(S.u32(bid))
             self._backend_ids.give(bid)
+            self._unpinned.add((old.svc_id, bid))
         m["lb_maglev"].delete(S.u32(old.svc_id))
         self._svc_ids.give(old.svc_id)
         return 2 + 2 * len(old.backend_ids)
+
+    def _drop_affinity(self, gone: set[tuple[int, int]]) -> int:
+        """Forget the clients pinned to backends that left their service. The program would
+        skip a pin whose backend id is gone, but ids are reused (the lowest free first): a
+        stale pin could then send the client to another service's new backend."""
+        if not gone:
+            return 0
+        aff = self.maps["lb_affinity"]
+        stale = [k for k, v in aff.items() if (k.svc_id, v.backend_id) in gone]
+        for key in stale:
+            aff.delete(key)
+        return len(stale)
 
     # -- life cycle ----------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
-from l7proxy.services import maglev
+from l7proxy.services import backends as resolver
+from l7proxy.services import maglev, sock_terminate
 from l7proxy.services.model import Backend, Service
 
 log = logging.getLogger("l7proxy.services")
@@ -28,6 +29,9 @@ class NullLb:
 
     def sync(self, plan) -> None:
         pass
+
+    def terminate(self, targets) -> int:
+        return 0
 
     def status(self) -> dict:
         return {"state": "disabled", "detail": f"no socket LB: {self.reason}"}
@@ -66,7 +70,8 @@ class KernelLb:
         from redirect_bpf.sock_lb import LbService
 
         desired = []
-        for svc, backends in plan:
+        for svc, all_backends in plan:
+            backends = resolver.serving(all_backends)  # terminating ones take no new flow
             desired.append(
                 LbService(
                     svc.vip,
@@ -78,6 +83,10 @@ class KernelLb:
                 )
             )
         self.lb.sync(desired)
+
+    def terminate(self, targets: sock_terminate.Targets) -> int:
+        """Reset the sockets this LB connected to backends that are gone (sock_terminate)."""
+        return sock_terminate.destroy(targets, self.lb.translated_from)
 
     def status(self) -> dict:
         from redirect_bpf.sock_lb import BPF_F_PREORDER

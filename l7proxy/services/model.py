@@ -31,6 +31,9 @@ class Backend:
     ip: str
     port: int
     endpoint: str = ""  # the endpoint's name when a selector chose it ("" for --backend)
+    # Kubernetes' EndpointSlice condition: the endpoint is being deleted (a grace period runs).
+    # It gets no new flow while the service has a serving backend; its connections go on.
+    terminating: bool = False
 
     @property
     def key(self) -> str:

@@ -203,3 +203,82 @@ def test_bad_input_is_one_line_from_the_cli(node):
         assert r.returncode == 1 and "already the VIP of service dup" in r.stderr
     finally:
         node.ok("service", "delete", "dup")
+
+
+def _terminating(node, service: str) -> set[str]:
+    svc = json.loads(node.ok("service", "get", service))
+    return {e["endpoint"] for e in svc["endpoints"] if e["terminating"]}
+
+
+def test_terminating_backend_finishes_its_flows_and_a_deleted_one_is_reset(node, service):
+    node.add_backend("web4", "zone=b")
+    holder = None
+    try:
+        zone_b = ("--selector", "app=web,zone=b")
+        service("grace", "--vip", f"{VIP}:87/TCP", *zone_b, "--target-port", "7070")
+        service("grace-udp", "--vip", f"{VIP}:87/UDP", *zone_b, "--target-port", "5353")
+        holder = node.popen("tests.services.holder", VIP, "87", "87", "12")
+        held = json.loads(holder.stdout.readline())
+        # 12 TCP connections and 12 connected UDP sockets over web3 and web4 (p of none to
+        # web4 on either: 2 * 2^-12)
+        assert set(held["tcp"]) == set(held["udp"]) == {"web3", "web4"}, held
+        deleting = node.cli_popen("endpoint", "delete", "web4", "--grace-period", "2")
+        deadline = time.monotonic() + 1.5
+        while _terminating(node, "grace") != {"web4"}:
+            assert time.monotonic() < deadline, "web4 never showed as terminating"
+            time.sleep(0.05)
+        # terminating: no new flow goes to it ...
+        fresh = node.popen("tests.services.holder", VIP, "87", "87", "8")
+        new = json.loads(fresh.stdout.readline())
+        fresh.communicate(timeout=10)
+        assert set(new["tcp"]) == set(new["udp"]) == {"web3"}, new
+        # ... and the established ones still work
+        holder.stdin.write("ask\n")
+        holder.stdin.flush()
+        assert json.loads(holder.stdout.readline()) == held
+        out, err = deleting.communicate(timeout=30)
+        assert deleting.returncode == 0, err
+        node.stop_server("web4")
+        # deleted: its sockets are reset at once (not left to time out), the others untouched
+        started = time.monotonic()
+        holder.stdin.write("ask\n")
+        holder.stdin.flush()
+        after = json.loads(holder.stdout.readline())
+        elapsed = time.monotonic() - started
+        for kind in ("tcp", "udp"):
+            want = ["ECONNABORTED" if b == "web4" else b for b in held[kind]]
+            assert after[kind] == want, (kind, after)
+        assert elapsed < 0.5, elapsed  # a blackholed socket would wait out its 1 s timeout
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        if "web4" in node.servers:
+            node.agent.cli("endpoint", "delete", "web4")
+            node.stop_server("web4")
+
+
+def test_backend_churn_under_load_fails_no_connection(node, service):
+    """The issue's test: a client loop (connect, one request, close) while one backend is
+    scaled down gracefully (terminating for 1 s, then deleted): 0 failed connections."""
+    node.add_backend("web5", "zone=c")
+    try:
+        service("churn", "--vip", f"{VIP}:88/TCP", "--selector", "app=web", "--target-port", "8080")
+        loop = node.popen("tests.services.client", "tcp-for", VIP, "88", "3.5")
+        time.sleep(1.0)
+        drained = time.monotonic()
+        node.ok("endpoint", "delete", "web5", "--grace-period", "1")
+        node.stop_server("web5")
+        out, _ = loop.communicate(timeout=30)
+        results = [json.loads(line) for line in out.splitlines()]
+        failed = [r for r in results if r["status"] != 200]
+        assert not failed, failed[:5]
+        assert len(results) > 50, len(results)
+        seen = backends(results)
+        assert seen["web5"] > 0 and set(seen) == {"web1", "web2", "web3", "web5"}, seen
+        late = [r for r in results if r["started"] > drained + 0.2]  # drained well before
+        assert late and "web5" not in backends(late), backends(late)
+    finally:
+        if "web5" in node.servers:
+            node.agent.cli("endpoint", "delete", "web5")
+            node.stop_server("web5")
