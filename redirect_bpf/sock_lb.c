@@ -19,6 +19,7 @@ BPF_TABLE("lru_hash", struct lb_affinity_key, struct lb_affinity_val, lb_affinit
           LB_AFFINITY_MAP_SIZE);
 BPF_TABLE("lru_hash", struct lb_revnat_key, struct lb_revnat_val, lb_revnat,
           LB_REVNAT_MAP_SIZE);
+BPF_HASH(lb_svc_stats, __u32, struct lb_svc_stats, LB_SERVICE_MAP_SIZE);
 
 // A 64-bit finalizer (splitmix64): spreads socket cookies, which count up, over the table.
 // redirect_bpf/sock_lb_structs.py mirrors it so tests can predict a socket's slot.
@@ -99,7 +100,26 @@ static __always_inline struct lb_backend *select_backend(struct bpf_sock_addr *c
     return be;
 }
 
-// 1: translated or not a service; 0: a service without a usable backend (the call fails)
+static __always_inline void count(__u32 svc_id, int per_socket, int found)
+{
+    struct lb_svc_stats *st = lb_svc_stats.lookup(&svc_id);
+    if (!st) {
+        struct lb_svc_stats zero = {};
+        lb_svc_stats.update(&svc_id, &zero);  // BPF_ANY: a racing first writer is harmless
+        st = lb_svc_stats.lookup(&svc_id);
+        if (!st)
+            return;
+    }
+    if (!found)
+        __sync_fetch_and_add(&st->no_backend, 1);
+    else if (per_socket == 2)
+        __sync_fetch_and_add(&st->datagrams, 1);
+    else
+        __sync_fetch_and_add(&st->connects, 1);
+}
+
+// 1: translated or not a service; 0: a service without a usable backend (the call fails).
+// per_socket: 0 TCP connect, 1 connected UDP, 2 a datagram of an unconnected UDP socket.
 static __always_inline int translate(struct bpf_sock_addr *ctx, int per_socket)
 {
     __u8 proto = ctx->protocol;
@@ -111,6 +131,7 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int per_socket)
         return 1;
     __u64 cookie = bpf_get_socket_cookie(ctx);
     struct lb_backend *be = select_backend(ctx, svc, cookie, per_socket);
+    count(svc->svc_id, per_socket, be != 0);
     if (!be)
         return 0;
     struct lb_revnat_key rkey = {.cookie = cookie, .ip = be->ip, .port = be->port};
@@ -144,7 +165,7 @@ int sock_lb_connect4(struct bpf_sock_addr *ctx)
 
 int sock_lb_sendmsg4(struct bpf_sock_addr *ctx)
 {
-    return translate(ctx, 1);
+    return translate(ctx, 2);
 }
 
 int sock_lb_recvmsg4(struct bpf_sock_addr *ctx)

@@ -72,6 +72,15 @@ struct lb_affinity_val {
     __u64 last_ns;
 };
 
+// Per-service counters (the agent's l7proxy_service_* metrics): translations at connect()
+// (TCP, connected UDP) and sendmsg() (each datagram of an unconnected UDP socket), and calls
+// that failed because the service had no backend. Reset when a service id is (re)assigned.
+struct lb_svc_stats {
+    __u64 connects;
+    __u64 datagrams;
+    __u64 no_backend;
+};
+
 // Reverse translation for getpeername()/recvmsg(): socket + backend address -> VIP
 struct lb_revnat_key {
     __u64 cookie;

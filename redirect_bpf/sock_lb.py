@@ -226,6 +226,17 @@ class SockLB:
         val = self.maps["lb_revnat"].get(S.RevnatKey(cookie, S.be32(ip), S.be16(port), 0))
         return None if val is None else (S.ip_of(val.vip), S.port_of(val.port))
 
+    def stats(self) -> dict[tuple[str, int, str], tuple[int, int, int]]:
+        """frontend -> (connects, datagrams, no backend) since the service got its id."""
+        with self._lock:
+            ids = {w.svc_id: f for f, w in self._written.items()}
+        out = {}
+        for key, st in self.maps["lb_svc_stats"].items():
+            frontend = ids.get(key.value)
+            if frontend is not None:
+                out[frontend] = (st.connects, st.datagrams, st.no_backend)
+        return out
+
     def services(self) -> dict[tuple[str, int, str], LbService]:
         return {f: w.service for f, w in self._written.items()}
 
@@ -251,6 +262,8 @@ class SockLB:
     def _write(self, service: LbService, old: _Written | None) -> int:
         m = self.maps
         svc_id = old.svc_id if old else self._svc_ids.take()
+        if old is None:  # a reused id starts its counters over
+            m["lb_svc_stats"].delete(S.u32(svc_id))
         proto = S.PROTO[service.proto]
         # Backends keep their id while they stay (affinity to them survives a change of others)
         kept = dict(zip(old.service.backends, old.backend_ids, strict=True)) if old else {}
@@ -307,6 +320,7 @@ class SockLB:
             self._backend_ids.give(bid)
             self._unpinned.add((old.svc_id, bid))
         m["lb_maglev"].delete(S.u32(old.svc_id))
+        m["lb_svc_stats"].delete(S.u32(old.svc_id))
         self._svc_ids.give(old.svc_id)
         return 2 + 2 * len(old.backend_ids)
 

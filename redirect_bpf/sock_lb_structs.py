@@ -54,6 +54,10 @@ class AffinityVal(ct.Structure):
     _fields_ = [("backend_id", u32), ("pad", u32), ("last_ns", u64)]
 
 
+class SvcStats(ct.Structure):
+    _fields_ = [("connects", u64), ("datagrams", u64), ("no_backend", u64)]
+
+
 class RevnatKey(ct.Structure):
     _fields_ = [("cookie", u64), ("ip", u32), ("port", u16), ("pad", u16)]
 
@@ -69,6 +73,7 @@ MAPS.update(
     lb_maglev=(u32, MaglevRow),
     lb_affinity=(AffinityKey, AffinityVal),
     lb_revnat=(RevnatKey, RevnatVal),
+    lb_svc_stats=(u32, SvcStats),
 )
 
 

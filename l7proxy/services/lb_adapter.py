@@ -30,8 +30,11 @@ class NullLb:
     def sync(self, plan) -> None:
         pass
 
-    def terminate(self, targets) -> int:
-        return 0
+    def terminate(self, targets) -> dict:
+        return {}
+
+    def stats(self) -> dict:
+        return {}
 
     def status(self) -> dict:
         return {"state": "disabled", "detail": f"no socket LB: {self.reason}"}
@@ -84,9 +87,14 @@ class KernelLb:
             )
         self.lb.sync(desired)
 
-    def terminate(self, targets: sock_terminate.Targets) -> int:
-        """Reset the sockets this LB connected to backends that are gone (sock_terminate)."""
+    def terminate(self, targets: sock_terminate.Targets) -> dict[tuple[str, str, int], int]:
+        """Reset the sockets this LB connected to backends that are gone (sock_terminate);
+        how many per frontend (proto, VIP, port)."""
         return sock_terminate.destroy(targets, self.lb.translated_from)
+
+    def stats(self) -> dict[tuple[str, int, str], tuple[int, int, int]]:
+        """frontend (VIP, port, proto) -> (connects, datagrams, no backend), from the kernel."""
+        return self.lb.stats()
 
     def status(self) -> dict:
         from redirect_bpf.sock_lb import BPF_F_PREORDER

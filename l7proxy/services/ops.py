@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 
 from l7proxy.agent.api import ApiError
 from l7proxy.cluster.kvstore import KVStoreDown
@@ -37,8 +38,9 @@ class ServiceOps:
         self.service_backends = {}
         self._backend_index: dict[tuple[str, int], str] = {}
         self._frontend_backends: dict[tuple[str, int, str], set[tuple[str, int]]] = {}
+        self._frontend_keys: dict[tuple[str, int, str], str] = {}  # frontend -> service key
         self.terminating_endpoints: set[str] = set()  # local endpoints in their grace period
-        self.sockets_reset = 0
+        self.sockets_reset: Counter[str] = Counter()  # service key -> sockets reset
         self.lb = make_lb(self.datapath, self.config.sock_lb_cgroup)
         self.flows.add_enricher(self._service_enrich)
         self._services_refresh()
@@ -90,11 +92,12 @@ class ServiceOps:
         if self.services is None:
             return
         known = self._known_endpoints()
-        plan, current, index, frontends = [], {}, {}, {}
+        plan, current, index, frontends, keys = [], {}, {}, {}, {}
         for svc in self.services.all():
             chosen = resolver.resolve(svc, known)
             plan.append((svc, chosen))
             current[svc.key] = chosen
+            keys[(svc.vip, svc.port, svc.protocol)] = svc.key
             frontends[(svc.vip, svc.port, svc.protocol)] = {(b.ip, b.port) for b in chosen}
             for b in chosen:
                 index[(b.ip, b.port)] = svc.name
@@ -105,12 +108,15 @@ class ServiceOps:
         if gone:
             try:
                 reset = self.lb.terminate(gone)
-            except OSError as exc:  # the LB keeps working; the sockets time out on their own
-                log.error("services: resetting sockets to removed backends failed: %s", exc)
+            except Exception:  # best effort: the LB is right, the sockets time out on their own
+                log.exception("services: resetting sockets to removed backends failed")
             else:
-                self.sockets_reset += reset
+                for (proto, vip, port), n in reset.items():
+                    # every gone frontend had a service before this refresh
+                    self.sockets_reset[self._frontend_keys[(vip, port, proto)]] += n
                 if reset:
-                    log.info("services: reset %d sockets to removed backends", reset)
+                    log.info("services: reset %d sockets to removed backends", reset.total())
+        self._frontend_keys = keys
 
     async def _endpoint_terminate(self, name: str, grace: float) -> None:
         """An endpoint's deletion grace period (`endpoint delete --grace-period`): it takes no

@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import struct
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,18 +122,21 @@ Targets = dict[tuple[str, str, int], set[tuple[str, int]]]
 ViaLookup = Callable[[int, str, int], "tuple[str, int] | None"]
 
 
-def destroy_here(targets: Targets, via: ViaLookup) -> int:
-    """Destroy, in the calling thread's network namespace, the sockets `targets` names."""
-    destroyed = 0
+def destroy_here(targets: Targets, via: ViaLookup) -> Counter[tuple[str, str, int]]:
+    """Destroy, in the calling thread's network namespace, the sockets `targets` names;
+    returns how many per frontend (proto, VIP, port)."""
+    destroyed: Counter[tuple[str, str, int]] = Counter()
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(2.0)
         for proto_name in sorted({p for p, _, _ in targets}):
             proto, states = PROTOCOLS[proto_name]
             for sock in dump(nl, proto, states):
                 vips = targets.get((proto_name, *sock.dst))
-                if not vips or via(sock.cookie, *sock.dst) not in vips:
+                if not vips:
                     continue
-                destroyed += destroy_one(nl, sock)
+                vip = via(sock.cookie, *sock.dst)
+                if vip in vips and destroy_one(nl, sock):
+                    destroyed[(proto_name, *vip)] += 1
     return destroyed
 
 
@@ -154,11 +158,12 @@ def namespaces() -> list[str]:
     return list(seen.values())
 
 
-def destroy(targets: Targets, via: ViaLookup) -> int:
-    """Destroy the LB's sockets to gone backends in every namespace; returns how many."""
+def destroy(targets: Targets, via: ViaLookup) -> Counter[tuple[str, str, int]]:
+    """Destroy the LB's sockets to gone backends in every namespace; returns how many per
+    frontend (proto, VIP, port)."""
+    total: Counter[tuple[str, str, int]] = Counter()
     if not targets:
-        return 0
-    total = 0
+        return total
     own = os.stat("/proc/self/ns/net")
     for path in namespaces():
         try:

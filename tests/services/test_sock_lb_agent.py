@@ -205,6 +205,16 @@ def test_bad_input_is_one_line_from_the_cli(node):
         node.ok("service", "delete", "dup")
 
 
+def metric(node, name: str, **labels: str) -> float | None:
+    """One sample of `l7proxy metrics`, by name and exact labels (None if absent)."""
+    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    for line in node.ok("metrics").splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == want:
+            return float(value)
+    return None
+
+
 def _terminating(node, service: str) -> set[str]:
     svc = json.loads(node.ok("service", "get", service))
     return {e["endpoint"] for e in svc["endpoints"] if e["terminating"]}
@@ -227,6 +237,9 @@ def test_terminating_backend_finishes_its_flows_and_a_deleted_one_is_reset(node,
         while _terminating(node, "grace") != {"web4"}:
             assert time.monotonic() < deadline, "web4 never showed as terminating"
             time.sleep(0.05)
+        ids = {"namespace": "default", "service": "grace"}
+        for state in ("serving", "terminating"):
+            assert metric(node, "l7proxy_service_backends", **ids, state=state) == 1
         # terminating: no new flow goes to it ...
         fresh = node.popen("tests.services.holder", VIP, "87", "87", "8")
         new = json.loads(fresh.stdout.readline())
@@ -249,6 +262,9 @@ def test_terminating_backend_finishes_its_flows_and_a_deleted_one_is_reset(node,
             want = ["ECONNABORTED" if b == "web4" else b for b in held[kind]]
             assert after[kind] == want, (kind, after)
         assert elapsed < 0.5, elapsed  # a blackholed socket would wait out its 1 s timeout
+        for name, kind in (("grace", "tcp"), ("grace-udp", "udp")):
+            reset = metric(node, "l7proxy_service_sockets_reset_total", **{**ids, "service": name})
+            assert reset == held[kind].count("web4"), (name, reset)
     finally:
         if holder is not None:
             holder.kill()
@@ -266,8 +282,13 @@ def test_backend_churn_under_load_fails_no_connection(node, service):
         service("churn", "--vip", f"{VIP}:88/TCP", "--selector", "app=web", "--target-port", "8080")
         loop = node.popen("tests.services.client", "tcp-for", VIP, "88", "3.5")
         time.sleep(1.0)
-        drained = time.monotonic()
-        node.ok("endpoint", "delete", "web5", "--grace-period", "1")
+        deleting = node.cli_popen("endpoint", "delete", "web5", "--grace-period", "1")
+        while _terminating(node, "churn") != {"web5"}:
+            assert deleting.poll() is None, deleting.communicate()
+            time.sleep(0.02)
+        drained = time.monotonic()  # at the latest
+        _, err = deleting.communicate(timeout=30)
+        assert deleting.returncode == 0, err
         node.stop_server("web5")
         out, _ = loop.communicate(timeout=30)
         results = [json.loads(line) for line in out.splitlines()]
@@ -276,8 +297,17 @@ def test_backend_churn_under_load_fails_no_connection(node, service):
         assert len(results) > 50, len(results)
         seen = backends(results)
         assert seen["web5"] > 0 and set(seen) == {"web1", "web2", "web3", "web5"}, seen
-        late = [r for r in results if r["started"] > drained + 0.2]  # drained well before
+        late = [r for r in results if r["started"] > drained]
         assert late and "web5" not in backends(late), backends(late)
+        # metrics count the service's flows (each connect() once, in the kernel) ...
+        ids = {"namespace": "default", "service": "churn"}
+        assert metric(node, "l7proxy_service_flows_total", **ids, kind="connect") == len(results)
+        assert metric(node, "l7proxy_service_no_backend_total", **ids) == 0
+        # ... and observe names the service next to the backend the flow went to
+        out = node.ok("observe", "-o", "json", "--to-label", "zone=c", "--last", "100")
+        flows = [json.loads(line) for line in out.splitlines()]
+        to_web5 = [f for f in flows if f["destination"].get("ip") == node.ips["web5"]]
+        assert to_web5 and all(f.get("service") == "churn" for f in to_web5), to_web5[:3]
     finally:
         if "web5" in node.servers:
             node.agent.cli("endpoint", "delete", "web5")
