@@ -13,7 +13,7 @@
 BPF_HASH(lb_services, struct lb_svc_key, struct lb_svc, LB_SERVICE_MAP_SIZE);
 BPF_HASH(lb_slots, struct lb_slot_key, __u32, LB_BACKEND_MAP_SIZE);
 BPF_HASH(lb_backends, __u32, struct lb_backend, LB_BACKEND_MAP_SIZE);
-BPF_F_TABLE("hash", __u32, struct lb_maglev_row, lb_maglev, LB_MAGLEV_MAP_SIZE,
+BPF_F_TABLE("hash", struct lb_maglev_key, struct lb_maglev_chunk, lb_maglev, LB_MAGLEV_MAP_SIZE,
             BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", struct lb_affinity_key, struct lb_affinity_val, lb_affinity,
           LB_AFFINITY_MAP_SIZE);
@@ -40,17 +40,15 @@ static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct lb_s
     if (svc->count == 0)
         return 0;
     if (svc->flags & LB_FLAG_MAGLEV) {
-        __u32 svc_id = svc->svc_id;
-        struct lb_maglev_row *row = lb_maglev.lookup(&svc_id);
-        if (!row)
+        __u64 m = svc->maglev_m;
+        if (m == 0 || m > MAGLEV_MAX_M)
             return 0;
-        __u32 slot = (__u32)(mix64(cookie) % MAGLEV_M);
-        // The verifier does not follow '%': hide the value from the compiler so the bound
-        // check below stays in the program and proves the index.
-        asm volatile("" : "+r"(slot));
-        if (slot >= MAGLEV_M)
+        __u32 slot = (__u32)(mix64(cookie) % m);
+        struct lb_maglev_key mkey = {.svc_id = svc->svc_id, .chunk = slot >> MAGLEV_CHUNK_SHIFT};
+        struct lb_maglev_chunk *chunk = lb_maglev.lookup(&mkey);
+        if (!chunk)
             return 0;
-        id = row->ids[slot];
+        id = chunk->ids[slot & (MAGLEV_CHUNK - 1)];
     } else {
         // Random; a datagram socket keeps one backend (its cookie picks it), so a UDP
         // "conversation" on an unconnected socket is not spread over backends per datagram.
