@@ -4,7 +4,7 @@ Each backend gets a permutation of the M table slots from two hashes of its name
 skip, as in the paper and Cilium's pkg/maglev); the table maps every slot to one backend, and
 the same backend names give the same table on every node.
 
-Two changes to the paper's table, both because of what the issue asks (removing one of N
+Three changes to the paper's table, all because of what the issue asks (removing one of N
 backends moves at most 1.2/N of flows) and what was measured (docs/services.md):
 
 - **The fill goes by rank.** The paper lets backends take turns, each claiming its next free
