@@ -193,6 +193,10 @@ def test_bad_input_is_one_line_from_the_cli(node):
         r = node.agent.cli("service", "create", "bad", *args)
         assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for grace in ("-1", "4000"):  # kubectl's flag, bounded; refused before the agent is asked
+        r = node.agent.cli("endpoint", "delete", "web1", "--grace-period", grace)
+        assert r.returncode == 2 and "0-3600 seconds" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = node.agent.cli("service", "get", "nope")
     assert r.returncode == 1 and r.stderr.strip() == "error: no service named 'nope'"
     node.ok("service", "create", "dup", "--vip", f"{VIP}:86", "--backend", "10.0.0.1:80")
