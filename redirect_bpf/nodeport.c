@@ -46,8 +46,8 @@ BPF_TABLE_PINNED("hash", struct lb_slot_key, __u32, lb_slots, LB_BACKEND_MAP_SIZ
                  NP_PIN("map_lb_slots"));
 BPF_TABLE_PINNED("hash", __u32, struct lb_backend, lb_backends, LB_BACKEND_MAP_SIZE,
                  NP_PIN("map_lb_backends"));
-BPF_TABLE_PINNED("hash", __u32, struct lb_maglev_row, lb_maglev, LB_MAGLEV_MAP_SIZE,
-                 NP_PIN("map_lb_maglev"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct lb_maglev_key, struct lb_maglev_chunk, lb_maglev,
+                 LB_MAGLEV_MAP_SIZE, NP_PIN("map_lb_maglev"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", __be32, struct endpoint_info, ep_by_ip, ENDPOINT_MAP_SIZE,
                  NP_PIN("map_ep_by_ip"));
 BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, IPCACHE_SIZE,
@@ -170,16 +170,16 @@ static __always_inline __u32 pick(struct lb_svc *svc, struct np_tuple *t)
         return 0;
     // The client's address and port only: whichever node a flow enters, it gets one backend.
     __u64 h = mix64(((__u64)t->saddr << 32) | ((__u64)t->sport << 8) | t->proto);
-    if (svc->flags & LB_FLAG_MAGLEV) {
-        __u32 svc_id = svc->svc_id;
-        struct lb_maglev_row *row = lb_maglev.lookup(&svc_id);
-        if (!row)
+    if (svc->flags & LB_FLAG_MAGLEV) {  // the socket LB's table: M slots in chunks
+        __u64 m = svc->maglev_m;
+        if (m == 0 || m > MAGLEV_MAX_M)
             return 0;
-        __u32 slot = (__u32)(h % MAGLEV_M);
-        asm volatile("" : "+r"(slot));  // keep the bound check below (see sock_lb.c)
-        if (slot >= MAGLEV_M)
+        __u32 slot = (__u32)(h % m);
+        struct lb_maglev_key mkey = {.svc_id = svc->svc_id, .chunk = slot >> MAGLEV_CHUNK_SHIFT};
+        struct lb_maglev_chunk *chunk = lb_maglev.lookup(&mkey);
+        if (!chunk)
             return 0;
-        return row->ids[slot];
+        return chunk->ids[slot & (MAGLEV_CHUNK - 1)];
     }
     struct lb_slot_key key = {.svc_id = svc->svc_id, .slot = bpf_get_prandom_u32() % svc->count + 1};
     __u32 *found = lb_slots.lookup(&key);
@@ -287,9 +287,12 @@ static __always_inline int to_backend(struct __sk_buff *skb, struct pkt *p, stru
     __u64 now = bpf_ktime_get_ns();
     struct np_ct *ct = np_ct.lookup(&t);
     struct np_ct fresh = {};
-    if (ct) {
-        // A backend that left the service gets no more packets of its flows: pick again (an
-        // established TCP flow then meets a backend that resets it, not a black hole)
+    int opening = t.proto == IPPROTO_UDP ||
+                  (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+    if (ct && opening) {
+        // A backend that left the service (deleted or terminating) gets no new connection
+        // and no more datagrams, even on a tracked tuple: pick again. An established TCP flow
+        // keeps its backend, so a terminating backend finishes it (graceful).
         __u32 bid = ct->backend_id;
         struct lb_backend *still = lb_backends.lookup(&bid);
         if (!still || still->ip != ct->backend_ip || still->port != ct->backend_port)
@@ -366,8 +369,7 @@ static __always_inline int to_backend(struct __sk_buff *skb, struct pkt *p, stru
         skb->mark = MARK_FROM_PROXY | IDENTITY_WORLD;
         return forward(skb, cfg->node_ip, bip);
     }
-    int syn = t.proto == IPPROTO_UDP || (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-    if (syn && add_dsr_option(skb, t.daddr, t.dport) < 0)
+    if (opening && add_dsr_option(skb, t.daddr, t.dport) < 0)
         return TC_ACT_SHOT;
     skb->mark = MARK_FROM_PROXY | IDENTITY_WORLD;  // the client is outside the cluster
     return forward(skb, t.saddr, bip);
