@@ -46,6 +46,7 @@ PROTO = {"UDP": policies.PROTO_UDP, "TCP": policies.PROTO_TCP}
 MAX_REPLY_SOCKETS = 256  # one per DNS server address the pods ask; oldest closed first
 MAX_DATAGRAMS_PER_WAKEUP = 64
 MAX_CACHED = 4096  # peers / verdicts remembered per compiled policy
+FLOW_BATCH_DELAY = 0.005  # seconds: the flows of the queries answered meanwhile go out together
 
 
 class DnsProxy:
@@ -62,6 +63,9 @@ class DnsProxy:
         self._cache_key: tuple = (None, None)  # (compiled, ipcache) the caches below hold for
         self._peers: dict[str, tuple] = {}
         self._verdicts: dict[tuple, object] = {}
+        # (time_ns, ends, args, kw) of flows to build; one timer hands them to the flow log
+        self._flows: list[tuple] = []
+        self._flows_timer: asyncio.TimerHandle | None = None
         r = agent.metrics.registry
         self.requests = r.counter(
             "dns_requests_total", "DNS queries seen by the DNS proxy, by verdict", ("verdict",)
@@ -74,6 +78,11 @@ class DnsProxy:
             "fqdn_datapath_update_seconds",
             "Time an answer with new IPs was held until they were in the datapath",
         )
+        # the counters' children, looked up once rather than per query
+        self._verdict_count = {
+            v: self.requests.labels(verdict=v) for v in ("FORWARDED", "REFUSED", "DROPPED")
+        }
+        self._rcode_count: dict[str, object] = {}
 
     async def start(self) -> None:
         """UDP and TCP on one port number (the kernel policy entry carries one proxy port)."""
@@ -120,20 +129,21 @@ class DnsProxy:
                 log.warning("DNS proxy UDP receive: %s", exc)
                 return
             if dst is None or self.inflight >= self.config.dns_max_inflight:
-                self.requests.labels(verdict="DROPPED").inc()
+                self._verdict_count["DROPPED"].inc()
                 continue
             try:
-                self.handle(data, src, dst, "UDP", self._udp_replier(src, dst))
+                self.handle(data, src, dst, "UDP", None)
             except Exception:  # noqa: BLE001 - one query must never stop the proxy
                 log.exception("DNS query from %s failed", src)
 
-    def _udp_replier(self, src, dst):
-        def reply(answer: bytes | None) -> None:
-            if answer is not None:
-                with contextlib.suppress(OSError):
-                    self._reply_socket(dst).sendto(answer, src)
-
-        return reply
+    def _send(self, reply, ends: Ends, answer: bytes | None) -> None:
+        """Give the client its answer: `reply(answer)`, or for UDP (reply None) a datagram from
+        the server's address (nothing when the query is dropped)."""
+        if reply is not None:
+            reply(answer)
+        elif answer is not None:
+            with contextlib.suppress(OSError):
+                self._reply_socket(ends.dst).sendto(answer, ends.src)
 
     def _reply_socket(self, source: tuple[str, int]) -> socket.socket:
         sock = self._replies.get(source)
@@ -155,29 +165,29 @@ class DnsProxy:
 
     def handle(self, wire: bytes, src, dst, proto: str, reply) -> None:
         """Judge one query; `reply(bytes)` (the answer or REFUSED) or `reply(None)` (dropped)
-        is called exactly once, now or later."""
+        is called exactly once, now or later; `reply` None: answer over UDP from `dst`."""
         started = time.monotonic_ns()
         ends = Ends(src, dst, proto, self._peer(src[0]), self._peer(dst[0]))
         try:
             query = parse_query(wire)
         except DnsError as exc:
-            self.requests.labels(verdict="DROPPED").inc()
-            reply(None)
+            self._verdict_count["DROPPED"].inc()
+            self._send(reply, ends, None)
             self._flow(ends, "DROPPED", "REQUEST", None, str(exc), drop="MALFORMED_DNS")
             return
         rules = self._rules(ends.src_ep, ends.dst_id, dst[1], proto)
         if rules is None or not rules.check(query.name).allowed:
-            self.requests.labels(verdict="REFUSED").inc()
+            self._verdict_count["REFUSED"].inc()
             self.refusals.inc()
-            reply(refused(query))
+            self._send(reply, ends, refused(query))
             self._flow(ends, "DROPPED", "REQUEST", query, "", drop="POLICY_DENIED", rcode=5)
             return
-        self.requests.labels(verdict="FORWARDED").inc()
-        job = _Job(ends, query, reply, started)
+        self._verdict_count["FORWARDED"].inc()
+        job = _Job(self, ends, query, reply, started)
         self.inflight += 1
         if proto == "UDP":
             try:
-                self.upstreams.send(wire, dst, ends.src_id, lambda a, e: self._answered(job, a, e))
+                self.upstreams.send(wire, dst, ends.src_id, job.answered)
             except Exception as exc:  # noqa: BLE001 - answered after the REQUEST flow below
                 asyncio.get_running_loop().call_soon(self._answered, job, None, exc)
         else:
@@ -225,7 +235,10 @@ class DnsProxy:
 
     def _release(self, job: _Job, wire: bytes, answer) -> None:
         self._finish(job, wire)
-        self.responses.labels(rcode=answer.rcode).inc()
+        counter = self._rcode_count.get(answer.rcode)
+        if counter is None:
+            counter = self._rcode_count[answer.rcode] = self.responses.labels(rcode=answer.rcode)
+        counter.inc()
         latency = time.monotonic_ns() - job.started
         self._flow(job.ends, "FORWARDED", "RESPONSE", job.query, "", answer=answer, latency=latency)
 
@@ -237,7 +250,7 @@ class DnsProxy:
 
     def _finish(self, job: _Job, wire: bytes | None) -> None:
         self.inflight -= 1
-        job.reply(wire)
+        self._send(job.reply, job.ends, wire)
 
     def _peer(self, ip: str) -> tuple:
         """agent.peer(ip), remembered until the policy or the ipcache object changes."""
@@ -308,8 +321,27 @@ class DnsProxy:
         finally:
             sock.close()
 
+    # flows: off the query's path
+
     def _flow(self, ends: Ends, *args, **kw) -> None:
-        self.agent.flows.ingest(dns_flow(ends, *args, **kw))
+        """Note a flow; it is built and handed to the flow log (observe, metrics, the live map)
+        with the others of the next FLOW_BATCH_DELAY, stamped with the time it happened. The
+        answer never waits for it, and the log's readers wake once per batch."""
+        self._flows.append((time.time_ns(), ends, args, kw))
+        if self._flows_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flows_timer = loop.call_later(FLOW_BATCH_DELAY, self.flush_flows)
+
+    def flush_flows(self) -> None:
+        """Every noted flow into the flow log now."""
+        if self._flows_timer is not None:
+            self._flows_timer.cancel()
+            self._flows_timer = None
+        noted, self._flows = self._flows, []
+        if noted:
+            self.agent.flows.ingest_many(
+                [dns_flow(ends, *args, time_ns=at, **kw) for at, ends, args, kw in noted]
+            )
 
     # sidecar mode: DNS over TCP that the connect4 hook sent to the endpoint's sidecar listener
 
@@ -332,6 +364,7 @@ class DnsProxy:
         return {"state": "ok", "detail": f"DNS proxy on 127.0.0.1:{self.port} (UDP and TCP)"}
 
     async def close(self) -> None:
+        self.flush_flows()
         if self.udp is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.udp.fileno())
@@ -349,10 +382,15 @@ class DnsProxy:
 class _Job:
     """A forwarded query waiting for its answer."""
 
-    __slots__ = ("ends", "query", "reply", "started")
+    __slots__ = ("proxy", "ends", "query", "reply", "started")
 
-    def __init__(self, ends: Ends, query, reply, started: int) -> None:
-        self.ends, self.query, self.reply, self.started = ends, query, reply, started
+    def __init__(self, proxy: DnsProxy, ends: Ends, query, reply, started: int) -> None:
+        self.proxy, self.ends, self.query, self.reply, self.started = (
+            proxy, ends, query, reply, started
+        )  # fmt: skip
+
+    def answered(self, wire: bytes | None, error: Exception | None) -> None:
+        self.proxy._answered(self, wire, error)
 
 
 class _DnsOverTcp(asyncio.Protocol):

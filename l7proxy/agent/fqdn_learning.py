@@ -55,6 +55,8 @@ class FqdnLearning:
         if not self.fqdn.learn(endpoint, names, ips, time.time()):
             # every IP was known: its expiry moved, nothing in the datapath changes, unless an
             # earlier answer's update that carries one of these IPs has not finished yet
+            if not self._fqdn_installing:
+                return None
             waits = {self._fqdn_installing.get(ip) for ip, _ in ips} - {None}
             if not waits:
                 return None
