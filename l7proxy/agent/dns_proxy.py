@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ from l7proxy.agent.dns_flows import Ends, dns_flow
 from l7proxy.agent.dns_upstream import UdpUpstreams
 from l7proxy.config import ProxyConfig
 from l7proxy.platform import (
+    family_of,
     proxy_mark,
     recv_with_original_dst,
     reply_socket,
@@ -54,8 +56,9 @@ class DnsProxy:
         self.agent = agent
         self.config = config or ProxyConfig()
         self.port = 0
-        self.udp: socket.socket | None = None
-        self.tcp_server: asyncio.AbstractServer | None = None
+        self.udp: socket.socket | None = None  # IPv4; udp_sockets: with the IPv6 one
+        self.udp_sockets: list[socket.socket] = []
+        self.tcp_servers: list[asyncio.AbstractServer] = []
         self.inflight = 0
         self._replies: OrderedDict[tuple[str, int], socket.socket] = OrderedDict()
         self._tasks: set[asyncio.Task] = set()
@@ -85,25 +88,51 @@ class DnsProxy:
         self._rcode_count: dict[str, object] = {}
 
     async def start(self) -> None:
-        """UDP and TCP on one port number (the kernel policy entry carries one proxy port)."""
+        """UDP and TCP on one port number (the kernel policy entry carries one proxy port), on
+        127.0.0.1 and on [::1] (the tc program hands IPv6 DNS to the latter). Without IPv6 on
+        the host only IPv4: IPv6 DNS to a dns rule's port then finds no proxy socket and is
+        dropped (fail closed)."""
         for _ in range(50):
             udp = transparent_udp(0)
             port = udp.getsockname()[1]
+            socks = [udp]
             try:
-                tcp = transparent_listener(port)
+                socks.append(transparent_listener(port))
+                socks += self._ipv6_sockets(port)
             except OSError:
-                udp.close()
+                for sock in socks:
+                    sock.close()
                 continue
             break
         else:
             raise OSError("no port free for both UDP and TCP for the DNS proxy")
         self.udp, self.port = udp, port
-        udp.setblocking(False)
-        tcp.setblocking(False)
+        self.udp_sockets = [sock for sock in socks if sock.type == socket.SOCK_DGRAM]
         self._raise_priority()
         loop = asyncio.get_running_loop()
-        loop.add_reader(udp.fileno(), self._on_datagrams)
-        self.tcp_server = await loop.create_server(lambda: _DnsOverTcp(self), sock=tcp)
+        for sock in socks:
+            sock.setblocking(False)
+            if sock.type == socket.SOCK_DGRAM:
+                loop.add_reader(sock.fileno(), self._on_datagrams, sock)
+            else:
+                server = await loop.create_server(lambda: _DnsOverTcp(self), sock=sock)
+                self.tcp_servers.append(server)
+
+    def _ipv6_sockets(self, port: int) -> list[socket.socket]:
+        """UDP and TCP on [::1]:port; [] when the host has no IPv6 loopback (OSError: the port
+        is taken, try another)."""
+        try:
+            udp6 = transparent_udp(port, "::1")
+        except OSError as exc:
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                log.warning("DNS proxy: no IPv6 socket (%s); IPv6 DNS is dropped", exc)
+                return []
+            raise
+        try:
+            return [udp6, transparent_listener(port, "::1")]
+        except OSError:
+            udp6.close()
+            raise
 
     def _raise_priority(self) -> None:
         """A proxied query needs this thread on a CPU twice (the query, the answer); on a busy
@@ -119,10 +148,10 @@ class DnsProxy:
 
     # UDP
 
-    def _on_datagrams(self) -> None:
+    def _on_datagrams(self, sock: socket.socket) -> None:
         for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
             try:
-                data, src, dst = recv_with_original_dst(self.udp, 65535)
+                data, src, dst = recv_with_original_dst(sock, 65535)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -303,7 +332,7 @@ class DnsProxy:
 
     async def _forward_tcp(self, wire: bytes, dst, src_id: int) -> bytes:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(family_of(dst[0]), socket.SOCK_STREAM)
         try:
             set_mark(sock, proxy_mark(src_id))  # the server's ingress sees the pod's identity
             sock.setblocking(False)
@@ -361,16 +390,19 @@ class DnsProxy:
         return {n: self.port for n, rs in compiled.l7.items() if rs.parser == "dns"}
 
     def status(self) -> dict:
-        return {"state": "ok", "detail": f"DNS proxy on 127.0.0.1:{self.port} (UDP and TCP)"}
+        where = f"127.0.0.1:{self.port}"
+        if len(self.udp_sockets) > 1:
+            where += f" and [::1]:{self.port}"
+        return {"state": "ok", "detail": f"DNS proxy on {where} (UDP and TCP)"}
 
     async def close(self) -> None:
         self.flush_flows()
-        if self.udp is not None:
+        for sock in self.udp_sockets:
             with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.udp.fileno())
-            self.udp.close()
-        if self.tcp_server is not None:
-            self.tcp_server.close()
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        for server in self.tcp_servers:
+            server.close()
         for task in list(self._tasks):
             task.cancel()
         self.upstreams.close()
