@@ -48,7 +48,7 @@ PROTO = {"UDP": policies.PROTO_UDP, "TCP": policies.PROTO_TCP}
 MAX_REPLY_SOCKETS = 256  # one per DNS server address the pods ask; oldest closed first
 MAX_DATAGRAMS_PER_WAKEUP = 64
 MAX_CACHED = 4096  # peers / verdicts remembered per compiled policy
-FLOW_BATCH_DELAY = 0.005  # seconds: the flows of the queries answered meanwhile go out together
+FLOW_BATCH_DELAY = 0.005  # seconds: at most this late while queries keep the proxy busy
 
 
 class DnsProxy:
@@ -66,9 +66,10 @@ class DnsProxy:
         self._cache_key: tuple = (None, None)  # (compiled, ipcache) the caches below hold for
         self._peers: dict[str, tuple] = {}
         self._verdicts: dict[tuple, object] = {}
-        # (time_ns, ends, args, kw) of flows to build; one timer hands them to the flow log
+        # (time_ns, ends, args, kw) of flows to build, handed to the flow log together
         self._flows: list[tuple] = []
         self._flows_timer: asyncio.TimerHandle | None = None
+        self._flows_soon: asyncio.Handle | None = None
         r = agent.metrics.registry
         self.requests = r.counter(
             "dns_requests_total", "DNS queries seen by the DNS proxy, by verdict", ("verdict",)
@@ -353,19 +354,26 @@ class DnsProxy:
     # flows: off the query's path
 
     def _flow(self, ends: Ends, *args, **kw) -> None:
-        """Note a flow; it is built and handed to the flow log (observe, metrics, the live map)
-        with the others of the next FLOW_BATCH_DELAY, stamped with the time it happened. The
-        answer never waits for it, and the log's readers wake once per batch."""
+        """Note a flow, stamped with the time it happened; it is built and handed to the flow
+        log (observe, metrics, the live map) later, together with the others noted by then: as
+        soon as no forwarded query waits for its answer (at the end of this loop iteration), or
+        FLOW_BATCH_DELAY after the first when queries keep coming. An answer on its way never
+        waits behind flows, and the log's readers wake once per batch."""
         self._flows.append((time.time_ns(), ends, args, kw))
-        if self._flows_timer is None:
+        loop = None
+        if self.inflight == 0 and self._flows_soon is None:
             loop = asyncio.get_running_loop()
+            self._flows_soon = loop.call_soon(self.flush_flows)
+        if self._flows_timer is None:
+            loop = loop or asyncio.get_running_loop()
             self._flows_timer = loop.call_later(FLOW_BATCH_DELAY, self.flush_flows)
 
     def flush_flows(self) -> None:
         """Every noted flow into the flow log now."""
-        if self._flows_timer is not None:
-            self._flows_timer.cancel()
-            self._flows_timer = None
+        for handle in (self._flows_timer, self._flows_soon):
+            if handle is not None:
+                handle.cancel()
+        self._flows_timer = self._flows_soon = None
         noted, self._flows = self._flows, []
         if noted:
             self.agent.flows.ingest_many(
