@@ -48,7 +48,8 @@ PROTO = {"UDP": policies.PROTO_UDP, "TCP": policies.PROTO_TCP}
 MAX_REPLY_SOCKETS = 256  # one per DNS server address the pods ask; oldest closed first
 MAX_DATAGRAMS_PER_WAKEUP = 64
 MAX_CACHED = 4096  # peers / verdicts remembered per compiled policy
-FLOW_BATCH_DELAY = 0.005  # seconds: at most this late while queries keep the proxy busy
+FLOW_BATCH_DELAY = 0.005  # seconds: noted flows wait at least this long for company...
+FLOW_MAX_DELAY = 0.010  # ...and at most this long for a moment with no answer outstanding
 
 
 class DnsProxy:
@@ -70,6 +71,7 @@ class DnsProxy:
         self._flows: list[tuple] = []
         self._flows_timer: asyncio.TimerHandle | None = None
         self._flows_soon: asyncio.Handle | None = None
+        self._flows_due = False  # FLOW_BATCH_DELAY passed: flush once nothing waits
         r = agent.metrics.registry
         self.requests = r.counter(
             "dns_requests_total", "DNS queries seen by the DNS proxy, by verdict", ("verdict",)
@@ -354,19 +356,23 @@ class DnsProxy:
     # flows: off the query's path
 
     def _flow(self, ends: Ends, *args, **kw) -> None:
-        """Note a flow, stamped with the time it happened; it is built and handed to the flow
-        log (observe, metrics, the live map) later, together with the others noted by then: as
-        soon as no forwarded query waits for its answer (at the end of this loop iteration), or
-        FLOW_BATCH_DELAY after the first when queries keep coming. An answer on its way never
-        waits behind flows, and the log's readers wake once per batch."""
+        """Note a flow, stamped with the time it happened. Noted flows are built and handed to
+        the flow log (observe, metrics, the live map) together: FLOW_BATCH_DELAY after the
+        first, at the next moment no forwarded query waits for its answer (right after an
+        answer or a REFUSED went out), or at FLOW_MAX_DELAY when queries never stop. So an
+        answer on its way never waits behind flows, and the log's readers wake once per batch
+        rather than once per flow."""
         self._flows.append((time.time_ns(), ends, args, kw))
-        loop = None
-        if self.inflight == 0 and self._flows_soon is None:
-            loop = asyncio.get_running_loop()
-            self._flows_soon = loop.call_soon(self.flush_flows)
         if self._flows_timer is None:
-            loop = loop or asyncio.get_running_loop()
-            self._flows_timer = loop.call_later(FLOW_BATCH_DELAY, self.flush_flows)
+            loop = asyncio.get_running_loop()
+            self._flows_timer = loop.call_later(FLOW_BATCH_DELAY, self._flows_wait_idle)
+        elif self._flows_due and self.inflight == 0 and self._flows_soon is None:
+            self._flows_soon = asyncio.get_running_loop().call_soon(self.flush_flows)
+
+    def _flows_wait_idle(self) -> None:
+        self._flows_due = True
+        delay = FLOW_MAX_DELAY - FLOW_BATCH_DELAY
+        self._flows_timer = asyncio.get_running_loop().call_later(delay, self.flush_flows)
 
     def flush_flows(self) -> None:
         """Every noted flow into the flow log now."""
@@ -374,6 +380,7 @@ class DnsProxy:
             if handle is not None:
                 handle.cancel()
         self._flows_timer = self._flows_soon = None
+        self._flows_due = False
         noted, self._flows = self._flows, []
         if noted:
             self.agent.flows.ingest_many(
