@@ -1,5 +1,6 @@
 """DNS policy over IPv6 end to end (issues 21 and 17; root, real kernel, real dnsmasq, real
-clients): a dual-stack agent (--pool6) in node mode, a pod with an IPv6 address, and the outside
+clients): a dual-stack agent (--pool6) in node and in sidecar mode, a pod with an IPv6 address,
+and the outside
 namespace of test_agent_dns.py with an IPv6 prefix and a second dnsmasq on its IPv6 address.
 
 The tc program hands IPv6 DNS to the DNS proxy's [::1] sockets (UDP and TCP): allowed names are
@@ -90,10 +91,12 @@ class Outside6(Outside):
         return f"fd00:53:{self.net}::{host}"
 
 
-@pytest.fixture(scope="module")
-def lab6():
+@pytest.fixture(scope="module", params=["node", "sidecar"])
+def lab6(request):
     assert shutil.which("dnsmasq") and shutil.which("dig"), "make setup installs dnsmasq and dig"
-    agent = AgentProcess(pool=free_pool(), bpf=True, extra_args=("--pool6", free_pool6()))
+    agent = AgentProcess(
+        pool=free_pool(), bpf=True, mode=request.param, extra_args=("--pool6", free_pool6())
+    )
     with dns_lab(agent, Outside6, POLICY, dns_host="53") as outside:
         etc = Path("/etc/netns") / (agent.prefix + "client")
         try:
