@@ -1,7 +1,7 @@
 """DNS policy over IPv6 end to end (issues 21 and 17; root, real kernel, real dnsmasq, real
 clients): a dual-stack agent (--pool6) in node and in sidecar mode, a pod with an IPv6 address,
-and the outside
-namespace of test_agent_dns.py with an IPv6 prefix and a second dnsmasq on its IPv6 address.
+and the outside namespace of test_agent_dns.py with an IPv6 prefix and a second dnsmasq on its
+IPv6 address.
 
 The tc program hands IPv6 DNS to the DNS proxy's [::1] sockets (UDP and TCP): allowed names are
 forwarded over IPv6 to the server the pod asked, others answered REFUSED, and the AAAA answer's
