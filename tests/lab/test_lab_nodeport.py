@@ -5,24 +5,31 @@ address and port; a backend the policy closes to the outside stays closed throug
 
 web1, web2 and guarded run on node1, web3 on node2; the client is 10.251.0.50 on the underlay
 bridge (no cgroup hooks matter: it connects to node IPs, which the socket LB never translates).
+
+The same lab checks the service's VIP from inside the cluster (socket LB at connect()): from a
+client pod on each node (client1, client2) and from each node's host namespace, to backends on
+both nodes across the tunnel or native routes.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
 
 import pytest
 
-from tests.lab.conftest import HERE, Lab, _endpoint, cli, in_pod, wait_for
+from tests.lab.conftest import HERE, REPO, Lab, _endpoint, cli, in_pod, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
 EXT_NS, EXT_LINK, EXT_IP = "l7lab-ext", "l7lab-ext0", "10.251.0.50"
 NODE1, NODE2 = "10.251.0.11", "10.251.0.12"
 WEB = {"web1", "web2", "web3"}
+CLIENTS = {"node1": "client1", "node2": "client2"}  # a client pod on each node (socket LB)
 GUARDED_POLICY = """\
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -71,6 +78,8 @@ def np_lab(request, tmp_path_factory):
             _endpoint(lab, node, name, labels)
             server = str(HERE / "named_server.py")
             lab.servers.append(in_pod(node, name, sys.executable, server, name, "8080", "5353"))
+        for node, name in CLIENTS.items():
+            _endpoint(lab, node, name, "app=client")
         _external_namespace()
         policy = tmp_path_factory.mktemp("np") / "guarded.yaml"
         policy.write_text(GUARDED_POLICY)
@@ -165,6 +174,51 @@ def test_policy_still_denies_the_backend_through_the_nodeport(np_lab):
     assert drops, "node1 recorded no drop for the guarded backend"
     assert drops[-1].get("service") == "guarded"
     assert drops[-1]["l4"]["TCP"]["destination_port"] == 8080
+
+
+def in_cluster(lab: Lab, node: str, pod: str | None, *args: str) -> list[dict]:
+    """tests/services/client.py in a pod (or, with None, the node's host namespace): every
+    process on the machine is under the root cgroup the lab's socket LB is attached to."""
+    module = (sys.executable, "-m", "tests.services.client", *args)
+    if pod:
+        out = cli("endpoint", "exec", pod, "--", *module, node=node, timeout=60)
+    else:
+        cmd = ["nsenter", f"--net=/var/run/netns/l7lab-{node}", "--", *module]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, check=True)
+        out = out.stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+SOURCES = [("node1", "client1"), ("node2", "client2"), ("node1", None), ("node2", None)]
+
+
+@pytest.mark.parametrize(("node", "pod"), SOURCES, ids=["pod1", "pod2", "host1", "host2"])
+def test_the_vip_from_pods_and_hosts_reaches_backends_on_both_nodes(np_lab, node, pod):
+    """Socket LB at connect(): the VIP becomes a backend on this node or the other before the
+    first packet, which then crosses the cluster datapath (tunnel or native) like any pod
+    traffic; getpeername() still says the VIP, and UDP answers come from the VIP."""
+    results = in_cluster(np_lab, node, pod, "tcp", "10.96.0.10", "80", "30")
+    assert all(r["status"] == 200 for r in results), [r for r in results if r["status"] != 200]
+    spread = Counter(r["backend"] for r in results)
+    assert set(spread) == WEB, spread  # web1, web2 on node1 and web3 on node2
+    assert {tuple(r["peer"]) for r in results} == {("10.96.0.10", 80)}  # getpeername4
+    seen = {(r["backend"], r["seen"]) for r in results}
+    if pod:  # no NAT on the way: every backend, local or remote, sees the pod itself
+        assert {ip for _, ip in seen} == {np_lab.ips[pod]}, seen
+    else:  # the host's own source: towards its pods the router address of its pod CIDR,
+        # across the cluster its underlay address
+        status = next(n for n in np_lab.status()["nodes"] if n["name"] == node)
+        router = str(next(ipaddress.ip_network(status["pod_cidr"]).hosts()))
+        local = {"web1", "web2"} if node == "node1" else {"web3"}
+        expected = {(b, router if b in local else status["underlay_ip"]) for b in WEB}
+        assert seen == expected, seen
+    answers = in_cluster(np_lab, node, pod, "udp", "10.96.0.53", "53", "30")
+    assert all(r["error"] is None for r in answers), [r for r in answers if r["error"]]
+    assert set(Counter(r["backend"] for r in answers)) == WEB
+    assert {tuple(r["source"]) for r in answers} == {("10.96.0.53", 53)}  # recvmsg4
+    if pod:
+        assert {r["seen"] for r in answers} == {np_lab.ips[pod]}
 
 
 def test_a_removed_backend_loses_its_nodeport_flows_at_once(np_lab):

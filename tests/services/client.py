@@ -1,8 +1,10 @@
 """A service client for the tests, run inside an endpoint's namespace and the LB's cgroup.
 
     python -m tests.services.client tcp VIP PORT COUNT [PATH]  -> one JSON line per connection:
-        {"backend": NAME | null, "status": int | null, "peer": [ip, port], "error": str | null}
-    python -m tests.services.client udp VIP PORT COUNT         -> {"backend", "source", "error"}
+        {"backend": NAME | null, "status": int | null, "peer": [ip, port], "error": str | null,
+         "seen": the client address the backend reports after its name, if it does}
+    python -m tests.services.client udp VIP PORT COUNT         -> {"backend", "source", "error",
+                                                                   "seen"}
     python -m tests.services.client tcp-for VIP PORT SECONDS   -> as tcp, new connections one
         after the other for SECONDS (a client under load while backends change), each line with
         the CLOCK_MONOTONIC time it started
@@ -21,7 +23,7 @@ TIMEOUT = 1.0
 
 
 def tcp(vip: str, port: int, path: str) -> dict:
-    out = {"backend": None, "status": None, "peer": None, "error": None}
+    out = {"backend": None, "status": None, "peer": None, "error": None, "seen": None}
     try:
         with socket.create_connection((vip, port), timeout=TIMEOUT) as s:
             out["peer"] = list(s.getpeername())
@@ -32,20 +34,23 @@ def tcp(vip: str, port: int, path: str) -> dict:
         head, _, body = data.partition(b"\r\n\r\n")
         out["status"] = int(head.split()[1]) if head else None
         if out["status"] == 200:
-            out["backend"] = body.decode().split()[0]
+            words = body.decode().split()
+            out["backend"], out["seen"] = words[0], (words[1:2] or [None])[0]
     except OSError as exc:
         out["error"] = type(exc).__name__ + ": " + str(exc)
     return out
 
 
 def udp(vip: str, port: int, n: int) -> dict:
-    out = {"backend": None, "source": None, "error": None}
+    out = {"backend": None, "source": None, "error": None, "seen": None}
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(TIMEOUT)
         try:
             s.sendto(f"ping{n}".encode(), (vip, port))
             data, source = s.recvfrom(2048)
-            out["backend"], out["source"] = data.decode().split()[0], list(source)
+            words = data.decode().split()
+            out["backend"], out["source"] = words[0], list(source)
+            out["seen"] = (words[1:2] or [None])[0]
         except OSError as exc:
             out["error"] = type(exc).__name__ + ": " + str(exc)
     return out
