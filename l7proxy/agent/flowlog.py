@@ -96,6 +96,10 @@ class FlowLog:
         """Called once per flow after enrichment (metrics count flows here)."""
         self._observers.append(fn)
 
+    def remove_observer(self, fn: Callable[[dict], None]) -> None:
+        if fn in self._observers:
+            self._observers.remove(fn)
+
     def ingest(self, flow: dict) -> None:
         for enrich in self._enrichers:
             enrich(flow)

@@ -242,6 +242,8 @@ class DepMap:
         # sink emitting both a REQUEST and a RESPONSE flow counts each request once.
         self._pending: OrderedDict[tuple, int] = OrderedDict()
         self._peers: dict[tuple, Peer] = {}  # classify() results; identities repeat a lot
+        # (id(source), id(destination)) -> (source, destination, their classify() results)
+        self._pairs: dict[tuple[int, int], tuple] = {}
 
     def add(self, flow: dict) -> bool:
         """Aggregate one flow. False when it was ignored (malformed or over the edge limit)."""
@@ -264,8 +266,17 @@ class DepMap:
         if flow.get("is_reply"):
             # A reply travels server -> client; the edge belongs to the client -> server direction.
             src, dst, sport, dport = dst, src, dport, sport
-        src_peer, src_side = self._classify(src)
-        dst_peer, dst_side = self._classify(dst)
+        # A proxy hands over the same two peer dicts with every flow of a connection: their
+        # classification is looked up by identity (the entry holds both, so an id is never
+        # reused while it is cached), and their nodes have absorbed them already.
+        pair_key = (id(src), id(dst))
+        pair = self._pairs.get(pair_key)
+        known = pair is not None and pair[0] is src and pair[1] is dst
+        if known:
+            src_peer, src_side, dst_peer, dst_side = pair[2]
+        else:
+            src_peer, src_side = self._classify(src)
+            dst_peer, dst_side = self._classify(dst)
         protocol = _protocol(flow, l4_proto)
         key = edge_id(src_peer.key, dst_peer.key, protocol, dport)
         edge = self.edges.get(key)
@@ -275,12 +286,16 @@ class DepMap:
 
         self.version += 1
         version = self.version
-        for peer, (identity, labels, _) in ((src_peer, src_side), (dst_peer, dst_side)):
-            node = self.nodes.get(peer.key)
-            if node is None:
-                node = self.nodes[peer.key] = Node(peer, version)
-            if node.absorb(identity, labels):
-                node.version = version
+        if not known:
+            for peer, (identity, labels, _) in ((src_peer, src_side), (dst_peer, dst_side)):
+                node = self.nodes.get(peer.key)
+                if node is None:
+                    node = self.nodes[peer.key] = Node(peer, version)
+                if node.absorb(identity, labels):
+                    node.version = version
+            if len(self._pairs) >= CLASSIFY_CACHE:
+                self._pairs.clear()
+            self._pairs[pair_key] = (src, dst, (src_peer, src_side, dst_peer, dst_side))
         if edge is None:
             edge = Edge(
                 src_peer.key, dst_peer.key, protocol, dport, version, deque(maxlen=self.recent)
