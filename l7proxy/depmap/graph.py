@@ -267,26 +267,29 @@ class DepMap:
             # A reply travels server -> client; the edge belongs to the client -> server direction.
             src, dst, sport, dport = dst, src, dport, sport
         # A proxy hands over the same two peer dicts with every flow of a connection: their
-        # classification is looked up by identity (the entry holds both, so an id is never
-        # reused while it is cached), and their nodes have absorbed them already.
+        # classification and their edges are looked up by identity (the entry holds both
+        # dicts, so an id is never reused while it is cached; edges are never removed), and
+        # their nodes have absorbed them already.
+        protocol = _protocol(flow, l4_proto)
         pair_key = (id(src), id(dst))
         pair = self._pairs.get(pair_key)
-        known = pair is not None and pair[0] is src and pair[1] is dst
-        if known:
-            src_peer, src_side, dst_peer, dst_side = pair[2]
+        if pair is not None and pair[0] is src and pair[1] is dst:
+            edge = pair[3].get((protocol, dport))
+            if edge is None:
+                src_peer, _, dst_peer, _ = pair[2]
+                edge = self._edge(src_peer, dst_peer, protocol, dport)
+                if edge is None:
+                    return False
+                pair[3][protocol, dport] = edge
+            self.version += 1
         else:
             src_peer, src_side = self._classify(src)
             dst_peer, dst_side = self._classify(dst)
-        protocol = _protocol(flow, l4_proto)
-        key = edge_id(src_peer.key, dst_peer.key, protocol, dport)
-        edge = self.edges.get(key)
-        if edge is None and len(self.edges) >= self.max_edges:
-            self.flows_ignored += 1
-            return False
-
-        self.version += 1
-        version = self.version
-        if not known:
+            edge = self._edge(src_peer, dst_peer, protocol, dport)
+            if edge is None:
+                return False
+            self.version += 1
+            version = self.version
             for peer, (identity, labels, _) in ((src_peer, src_side), (dst_peer, dst_side)):
                 node = self.nodes.get(peer.key)
                 if node is None:
@@ -295,12 +298,9 @@ class DepMap:
                     node.version = version
             if len(self._pairs) >= CLASSIFY_CACHE:
                 self._pairs.clear()
-            self._pairs[pair_key] = (src, dst, (src_peer, src_side, dst_peer, dst_side))
-        if edge is None:
-            edge = Edge(
-                src_peer.key, dst_peer.key, protocol, dport, version, deque(maxlen=self.recent)
-            )
-            self.edges[key] = edge
+            classified = (src_peer, src_side, dst_peer, dst_side)
+            self._pairs[pair_key] = (src, dst, classified, {(protocol, dport): edge})
+        version = self.version
 
         if self._counts(flow, (src.get("ip"), sport, dst.get("ip"), dport)):
             verdict = flow.get("verdict", "")
@@ -320,6 +320,22 @@ class DepMap:
         edge.last_seen = flow.get("time", "") or edge.last_seen
         edge.version = version
         return True
+
+    def _edge(self, src_peer: Peer, dst_peer: Peer, protocol: str, port: int) -> Edge | None:
+        """The edge, made when new (at the map's version of the flow that makes it); None when
+        the map is at max_edges (the flow is ignored)."""
+        key = edge_id(src_peer.key, dst_peer.key, protocol, port)
+        edge = self.edges.get(key)
+        if edge is None:
+            if len(self.edges) >= self.max_edges:
+                self.flows_ignored += 1
+                return None
+            edge = Edge(
+                src_peer.key, dst_peer.key, protocol, port, self.version + 1,
+                deque(maxlen=self.recent),
+            )  # fmt: skip
+            self.edges[key] = edge
+        return edge
 
     def _classify(self, side: dict) -> tuple[Peer, tuple]:
         key = _side(side)
