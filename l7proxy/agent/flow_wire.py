@@ -30,6 +30,7 @@ _FIXED = (
 )
 _OPTIONAL = ("drop_reason_desc", "l7")
 _KNOWN = frozenset(_FIXED + _OPTIONAL)
+_FIXED_SET = frozenset(_FIXED)
 # Peer pairs a worker remembers per channel connection before it starts a fresh table; the agent
 # keeps twice as many, so every reference a worker may still use is known to it.
 MAX_PEERS = 4096
@@ -64,9 +65,8 @@ class FlowEncoder:
             ports is None
             or type(src) is not dict
             or type(dst) is not dict
-            or len(flow) > len(_KNOWN)
-            or not all(key in _KNOWN for key in flow)
-            or not all(key in flow for key in _FIXED)
+            or not flow.keys() <= _KNOWN
+            or not flow.keys() >= _FIXED_SET
         ):
             return None, None
         refs = self._refs
