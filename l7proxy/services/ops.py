@@ -15,6 +15,7 @@ import time
 from collections import Counter
 
 from l7proxy.agent.api import ApiError
+from l7proxy.cluster.agent_mode import default_underlay_ip
 from l7proxy.cluster.kvstore import KVStoreDown
 from l7proxy.services import backends as resolver
 from l7proxy.services.cluster_sync import ClusterServices, ServiceExists
@@ -41,9 +42,16 @@ class ServiceOps:
         self._frontend_keys: dict[tuple[str, int, str], str] = {}  # frontend -> service key
         self.terminating_endpoints: set[str] = set()  # local endpoints in their grace period
         self.sockets_reset: Counter[str] = Counter()  # service key -> sockets reset
-        self.lb = make_lb(self.datapath, self.config.sock_lb_cgroup)
+        self.lb = make_lb(self.datapath, self.config.sock_lb_cgroup, self._node_ip())
         self.flows.add_enricher(self._service_enrich)
         self._services_refresh()
+
+    def _node_ip(self) -> str:
+        """NodePort's address: the node's underlay IP (cluster mode only)."""
+        c = self.config
+        if not c.kvstore:
+            return ""
+        return c.underlay_ip or default_underlay_ip(c.kvstore)
 
     async def _services_join_cluster(self) -> None:
         """Cluster mode, after the link is up: etcd's services replace the cached table."""
