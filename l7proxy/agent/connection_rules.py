@@ -15,6 +15,7 @@ import policies
 from l7proxy.listener_decision import L4Decision
 
 PROTO_TCP = 6
+_UNSET = object()  # no CompiledPolicy looked at yet
 
 
 class Both:
@@ -85,18 +86,30 @@ def connection_policy(agent, src_ip: str, dst_ip: str, dport: int) -> ConnPolicy
     l7_ids = tuple(v.l7_id for v, _ in redirects)
     captured = tuple(compiled.l7.get(i) for i in l7_ids) if compiled is not None else ()
 
+    # The answer for the CompiledPolicy in force, kept until the agent installs another (an
+    # installed one is never changed in place): per request one identity check instead of
+    # rebuilding the list, and one Both object per revision, so the verdict memo that is keyed
+    # by the rule-set object (l7proxy/http1/verdicts.py) keeps its entries between requests.
+    memo: tuple = (_UNSET, None)
+
     def rules():
+        nonlocal memo
         current = agent.compiled
+        if current is memo[0]:
+            return memo[1]
         sets = [
             current.l7.get(i, old) if current is not None else old
             for i, old in zip(l7_ids, captured, strict=True)
         ]
         sets = [s for s in sets if s is not None]
         if not sets:
-            return None
-        if len(sets) == 2 and sets[0].parser == sets[1].parser:
-            return Both(sets[0], sets[1])
-        return sets[0]
+            found = None
+        elif len(sets) == 2 and sets[0].parser == sets[1].parser:
+            found = Both(sets[0], sets[1])
+        else:
+            found = sets[0]
+        memo = (current, found)
+        return found
 
     direction = (
         "INGRESS"
