@@ -67,3 +67,30 @@ def test_both_sides_apply_and_a_newly_installed_policy_is_read_at_the_next_reque
         id(s) for s in again.l7.values()
     }
     assert allowed(second, "/public/a") and not allowed(second, "/private/x")
+
+
+TIGHTER = POLICY.replace('path: "/public/.*"', 'path: "/public/only"')
+
+
+def test_an_open_connection_meets_a_tightened_rule_and_a_denied_port_at_its_next_request():
+    """Rule-set ids are content hashes: a changed rule is a new id, and an open keep-alive
+    connection must not keep the set it captured at connect time."""
+    world = World(POLICY, ENDPOINTS)
+    agent = Agent(world)
+    cp = connection_policy(agent, "10.0.0.2", "10.0.0.3", 80)
+    assert allowed(cp.rules(), "/public/a")
+    tight = World(TIGHTER, ENDPOINTS)
+    agent.compiled, agent.world = tight.compiled, tight
+    rules = cp.rules()
+    assert not allowed(rules, "/public/a") and allowed(rules, "/public/only")
+    # The web policy's ingress rule is gone: the client's egress L7 rules alone apply.
+    loose = World(POLICY.split("---")[1], ENDPOINTS)
+    agent.compiled, agent.world = loose.compiled, loose
+    assert allowed(cp.rules(), "/private/x")
+    # No policy lets the client reach web on 80 any more: nothing passes.
+    only_web = World(POLICY.split("---")[0].replace('port: "80"', 'port: "81"'), ENDPOINTS)
+    agent.compiled, agent.world = only_web.compiled, only_web
+    assert not allowed(cp.rules(), "/public/a")
+    # The agent lost its policy: nothing passes.
+    agent.compiled = None
+    assert not allowed(cp.rules(), "/public/a")
