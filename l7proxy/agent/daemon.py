@@ -65,6 +65,10 @@ class AgentConfig:
     node_name: str = ""
     cluster_cidr: str = ""
     node_cidr_mask_size: int = 24
+    cluster_cidr6: str = ""  # dual stack: each node also leases an IPv6 pod CIDR from this
+    node_cidr_mask_size6: int = 64
+    underlay_ip6: str = ""  # next hop for IPv6 pods in native routing (default: the underlay
+    #                         device's global IPv6 address, if any)
     routing: str = "tunnel"  # or "native"
     underlay_ip: str = ""  # default: the source address towards the first etcd endpoint
     node_lease_ttl: int = 15  # seconds
@@ -120,12 +124,12 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
             return super()._cluster_sink_default()
         c = self.config
         underlay = c.underlay_ip or default_underlay_ip(c.kvstore)
-        return self.datapath.cluster_sink(c.routing, c.cluster_cidr, underlay)
+        return self.datapath.cluster_sink(c.routing, c.cluster_cidr, underlay, c.cluster_cidr6)
 
     # life cycle
 
     async def start(self) -> None:
-        netdev.enable_forwarding(ipv6=self.pool6 is not None)
+        netdev.enable_forwarding(ipv6=self.pool6 is not None or bool(self.config.cluster_cidr6))
         if self.config.kvstore:
             await self._join_cluster()  # the pod CIDR, identities and policy come from etcd
         await asyncio.to_thread(self._restore_endpoints)
