@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -35,6 +34,7 @@ from l7proxy.agent.sidecar_proxy import SidecarProxy
 from l7proxy.agent.store import EndpointRow, Store
 from l7proxy.agent.telemetry import AgentMetrics
 from l7proxy.cluster.agent_mode import ClusterMode, default_underlay_ip
+from l7proxy.cluster.ipam import in_cluster
 from l7proxy.config import ProxyConfig
 from l7proxy.depmap import mount
 from l7proxy.services.lb_adapter import DEFAULT_CGROUP
@@ -233,7 +233,7 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
             return False
         if dst_ip in self._by_ip:
             return False
-        return ipaddress.ip_address(dst_ip) in ipaddress.ip_network(c.cluster_cidr)
+        return in_cluster(dst_ip, c.cluster_cidr, c.cluster_cidr6)
 
     def peer(self, ip: str) -> tuple[int, list[str], str | None]:
         """(identity, labels, endpoint name or None) of an address, as the ipcache sees it."""

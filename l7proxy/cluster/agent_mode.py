@@ -81,10 +81,11 @@ class ClusterMode(Owner):
             cluster_cidr6=c.cluster_cidr6,
             mask_size6=c.node_cidr_mask_size6,
         )
-        if c.cluster_cidr6:
-            config = replace(
-                config, underlay_ip6=c.underlay_ip6 or default_underlay_ip6(config.underlay_ip)
+        if c.cluster_cidr6:  # pyroute2 cannot run on this (running) loop's thread
+            underlay6 = c.underlay_ip6 or await asyncio.to_thread(
+                default_underlay_ip6, config.underlay_ip
             )
+            config = replace(config, underlay_ip6=underlay6)
         if self.cluster_sink is None:
             self.cluster_sink = self._cluster_sink_default()
         self.cluster = ClusterLink(

@@ -17,6 +17,12 @@ class ClusterCidrFull(Exception):
     pass
 
 
+def in_cluster(ip: str, *cluster_cidrs: str) -> bool:
+    """Is ip a pod address of the cluster (in the IPv4 or the IPv6 cluster CIDR; "" = none)?"""
+    addr = ipaddress.ip_address(ip)
+    return any(c and addr in ipaddress.ip_network(c) for c in cluster_cidrs)
+
+
 def subnets(cluster_cidr: str, mask_size: int, version: int = 4) -> list[str]:
     """The node CIDRs of a cluster CIDR: IPv4 (--cluster-cidr) or IPv6 (--cluster-cidr6)."""
     six = "6" if version == 6 else ""
