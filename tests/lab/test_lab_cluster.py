@@ -290,6 +290,13 @@ def test_ipv6_across_nodes_by_labels_and_l7(lab):
     # egress L7 (GET only) on node1; node2's "any endpoint -> 9090" needs frontend's identity
     assert lab.curl("node1", "frontend", f"{url}:9090/x6") == "200"
     assert lab.curl("node1", "frontend", f"{url}:9090/x6", method="POST") == "403"
+    # an IPv6-only pod (no IPv4 address) in cluster mode, with reader's labels
+    cli("endpoint", "create", "reader6", "--labels", "app=reader", "--ipv6-only", node="node3")
+    learn_endpoint(lab, "node3", "reader6")
+    assert lab.ips["reader6"] == "" and lab.ips6["reader6"]
+    wait_for(lambda: ipcache_entry("node2", lab.ips6["reader6"]), 10, "reader6 on node2")
+    assert lab.curl("node3", "reader6", f"{url}:8080/public/only6") == "200"
+    cli("endpoint", "delete", "reader6", node="node3")
 
 
 def test_a_bad_policy_is_refused_and_no_node_changes(lab, tmp_path):
