@@ -1119,11 +1119,27 @@ int sidecar_sockops(struct bpf_sock_ops *skops)
 }
 
 // Sidecar mode, cgroup/getsockopt on the proxy's cgroup: getsockopt(SOL_IP, SO_ORIGINAL_DST)
-// on an accepted connection answers with the destination connect4 rewrote, so proxies that ask
-// the standard question (as behind iptables REDIRECT) work unmodified.
+// on an accepted connection answers with the destination connect4/connect6 rewrote, so proxies
+// that ask the standard question (as behind iptables REDIRECT) work unmodified. IPv6:
+// getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST) (same number, 80) answers a struct sockaddr_in6
+// (an IPv4 destination as ::ffff:a.b.c.d), and so does SOL_IP for a native IPv6 destination
+// when the caller's buffer holds one (Envoy passes a sockaddr_storage and reads its family; a
+// 16-byte buffer gets the kernel's own answer, ENOENT).
+#define SOL_IPV6_LEVEL 41
+#define SO_ORIGINAL_DST_OPT 80  // also IP6T_SO_ORIGINAL_DST
+
+struct sockaddr_in6_out {
+    __u16 family;
+    __be16 port;
+    __be32 flowinfo;
+    __be32 addr[4];
+    __u32 scope_id;
+};
+
 int sidecar_getsockopt(struct bpf_sockopt *ctx)
 {
-    if (ctx->level != 0 /* SOL_IP */ || ctx->optname != 80 /* SO_ORIGINAL_DST */)
+    if ((ctx->level != 0 /* SOL_IP */ && ctx->level != SOL_IPV6_LEVEL) ||
+        ctx->optname != SO_ORIGINAL_DST_OPT)
         return 1;
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
@@ -1137,16 +1153,38 @@ int sidecar_getsockopt(struct bpf_sockopt *ctx)
         .proxy_port = bpf_htons((__u16)sk->src_port),
     };
     struct sidecar_orig *orig = sidecar_by_addr.lookup(&key);
-    if (!orig || orig->daddr == 0)
-        return 1;  // not ours, or an IPv6 destination (no sockaddr_in for it)
-    struct sockaddr_in *sin = ctx->optval;
-    if ((void *)(sin + 1) > ctx->optval_end)
-        return 1;
-    sin->sin_family = 2;  // AF_INET
-    sin->sin_port = orig->dport;
-    sin->sin_addr.s_addr = orig->daddr;
-    ctx->optlen = sizeof(*sin);
-    asm volatile("" ::: "memory");  // two 4-byte stores: the verifier rejects a merged 8-byte one
+    if (!orig)
+        return 1;  // not ours
+    if (ctx->level == 0 && orig->daddr != 0) {
+        struct sockaddr_in *sin = ctx->optval;
+        if ((void *)(sin + 1) > ctx->optval_end)
+            return 1;
+        sin->sin_family = 2;  // AF_INET
+        sin->sin_port = orig->dport;
+        sin->sin_addr.s_addr = orig->daddr;
+        ctx->optlen = sizeof(*sin);
+    } else {
+        struct sockaddr_in6_out *sin6 = ctx->optval;
+        if ((void *)(sin6 + 1) > ctx->optval_end)
+            return 1;
+        sin6->family = 10;  // AF_INET6
+        sin6->port = orig->dport;
+        sin6->flowinfo = 0;
+        sin6->scope_id = 0;
+        if (orig->daddr != 0) {
+            sin6->addr[0] = 0;
+            sin6->addr[1] = 0;
+            sin6->addr[2] = bpf_htonl(0xffff);
+            sin6->addr[3] = orig->daddr;
+        } else {
+            sin6->addr[0] = orig->daddr6[0];
+            sin6->addr[1] = orig->daddr6[1];
+            sin6->addr[2] = orig->daddr6[2];
+            sin6->addr[3] = orig->daddr6[3];
+        }
+        ctx->optlen = sizeof(*sin6);
+    }
+    asm volatile("" ::: "memory");  // 4-byte stores: the verifier rejects merged 8-byte ones
     ctx->retval = 0;
     // Asked again on the same socket, the proxy gets the same answer until the client closes.
     if (orig->flags & SIDECAR_CLIENT_CLOSED)
