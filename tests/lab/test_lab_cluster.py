@@ -270,6 +270,8 @@ def test_ipv6_across_nodes_by_labels_and_l7(lab):
     nodes = {n["name"]: n for n in lab.status()["nodes"]}
     assert ipaddress.ip_address(backend6) in ipaddress.ip_network(nodes["node2"]["pod_cidr6"])
     assert len({n["pod_cidr6"] for n in nodes.values()}) == 3
+    table = cli("cluster", "status")
+    assert "POD CIDR6" in table and nodes["node2"]["pod_cidr6"] in table
     # node1's ipcache6: backend's address, its identity, node2's IPv4 underlay as endpoint
     entry = ipcache_entry("node1", backend6)
     assert entry is not None and entry.identity == lab.identities["backend"]
