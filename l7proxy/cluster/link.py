@@ -79,7 +79,8 @@ class ClusterLink:
         self.pod_cidr = ""
         self.pod_cidr6 = ""
         self.record: NodeRecord | None = None
-        self.my_ips: dict[str, IPEntry] = {}
+        self.my_ips: dict[str, IPEntry] = {}  # address -> its key's value (two for dual stack)
+        self.my_endpoints: set[str] = set()  # each local endpoint by its first address
         self.my_refs: dict[str, int] = {}  # labels key -> id this node references
         self.remote_ips: dict[str, IPEntry] = {}
         self.remote_revs: dict[str, int] = {}  # ip -> etcd revision of its latest put
@@ -220,6 +221,7 @@ class ClusterLink:
     async def endpoint_added(self, ip: str, identity: int, ip6: str = "") -> None:
         """One ipcache key per address (a dual-stack pod has two, an IPv6-only one only ip6),
         under the same prefix as Cilium keeps both families."""
+        self.my_endpoints.add(ip or ip6)
         for addr in (ip, ip6):
             if not addr:
                 continue
@@ -229,6 +231,7 @@ class ClusterLink:
         await self._publish_record(endpoints=self._endpoint_count())
 
     async def endpoint_removed(self, ip: str, labels: str, still_used: bool, ip6: str = "") -> None:
+        self.my_endpoints.discard(ip or ip6)
         for addr in (ip, ip6):
             if addr:
                 self.my_ips.pop(addr, None)
@@ -238,10 +241,8 @@ class ClusterLink:
         await self._publish_record(endpoints=self._endpoint_count())
 
     def _endpoint_count(self) -> int:
-        """Endpoints, not addresses: a dual-stack pod's two keys carry the same identity and
-        node, so count the IPv6 ones only where no IPv4 key exists at all (IPv6-only pods)."""
-        v4 = sum(1 for ip in self.my_ips if ":" not in ip)
-        return v4 or len(self.my_ips)
+        """Endpoints, not addresses (a dual-stack pod has two keys)."""
+        return len(self.my_endpoints)
 
     async def policy_in_force(self, revision: int, error: str = "") -> None:
         await self._publish_record(policy_revision=revision, policy_error=error)
