@@ -22,10 +22,17 @@ ERROR = "ERROR"
 SUBSCRIBER_QUEUE_SIZE = 10_000
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted (flows come in bursts)
+
+
 def rfc3339_nano(ns: int | None = None) -> str:
+    global _second
     ns = time.time_ns() if ns is None else ns
     secs, frac = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+    last = _second  # one read: a tuple swapped whole is safe for other threads
+    if last[0] != secs:
+        last = _second = (secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)))
+    return f"{last[1]}.{frac:09d}Z"
 
 
 def endpoint(identity: int, labels, ip: str | None = None) -> dict:

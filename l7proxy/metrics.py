@@ -93,6 +93,11 @@ class _Metric:
             child = self._children[key] = self._new_child()
         return child
 
+    def clear(self) -> None:
+        """Forget every labelled child (a gauge or counter rebuilt at scrape time, whose label
+        sets come and go, such as one per service)."""
+        self._children.clear()
+
     def _default(self):
         if self.labelnames:
             raise ValueError(f"{self.name} has labels {self.labelnames}; use .labels(...)")

@@ -29,6 +29,7 @@ IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 SO_ORIGINAL_DST = 80
 IP_RECVORIGDSTADDR = 20  # also IP_ORIGDSTADDR, the cmsg type it delivers
+IPV6_RECVORIGDSTADDR = 74  # also IPV6_ORIGDSTADDR
 SO_NETNS_COOKIE = 71
 
 
@@ -81,11 +82,16 @@ def transparent_listener(
 
 def transparent_udp(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
     """A UDP socket the datapath can assign redirected datagrams to; each datagram's original
-    destination arrives as an IP_ORIGDSTADDR cmsg (see recv_with_original_dst)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    destination arrives as an IP_ORIGDSTADDR cmsg (see recv_with_original_dst). On "::1" an
+    IPv6-only socket (IPV6_ORIGDSTADDR), which the tc program looks up for IPv6 datagrams."""
+    sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
     try:
         set_transparent(sock)
-        sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
@@ -94,19 +100,24 @@ def transparent_udp(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
 
 
 def recv_with_original_dst(sock: socket.socket, size: int):
-    """(data, source (ip, port), original destination (ip, port) or None) of one datagram."""
+    """(data, source (ip, port), original destination (ip, port) or None) of one datagram, on
+    an IPv4 or an IPv6 socket of transparent_udp()."""
     data, ancillary, _flags, source = sock.recvmsg(size, 64)
     for level, kind, raw in ancillary:
         if level == socket.SOL_IP and kind == IP_RECVORIGDSTADDR and len(raw) >= 8:
             # struct sockaddr_in: family, port (network order), address
             return data, source, (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big"))
-    return data, source, None
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(raw) >= 24:
+            # struct sockaddr_in6: family, port (network order), flow info, address, scope
+            ip = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+            return data, source[:2], (ip, int.from_bytes(raw[2:4], "big"))
+    return data, source[:2], None
 
 
 def reply_socket(source: tuple[str, int]) -> socket.socket:
     """A UDP socket that sends from `source` (the original destination, not a local address):
     the DNS proxy's answers must come from the server the client asked."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(family_of(source[0]), socket.SOCK_DGRAM)
     try:
         set_transparent(sock)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -13,12 +13,13 @@
 BPF_HASH(lb_services, struct lb_svc_key, struct lb_svc, LB_SERVICE_MAP_SIZE);
 BPF_HASH(lb_slots, struct lb_slot_key, __u32, LB_BACKEND_MAP_SIZE);
 BPF_HASH(lb_backends, __u32, struct lb_backend, LB_BACKEND_MAP_SIZE);
-BPF_F_TABLE("hash", __u32, struct lb_maglev_row, lb_maglev, LB_MAGLEV_MAP_SIZE,
+BPF_F_TABLE("hash", struct lb_maglev_key, struct lb_maglev_chunk, lb_maglev, LB_MAGLEV_MAP_SIZE,
             BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", struct lb_affinity_key, struct lb_affinity_val, lb_affinity,
           LB_AFFINITY_MAP_SIZE);
 BPF_TABLE("lru_hash", struct lb_revnat_key, struct lb_revnat_val, lb_revnat,
           LB_REVNAT_MAP_SIZE);
+BPF_HASH(lb_svc_stats, __u32, struct lb_svc_stats, LB_SERVICE_MAP_SIZE);
 
 // A 64-bit finalizer (splitmix64): spreads socket cookies, which count up, over the table.
 // redirect_bpf/sock_lb_structs.py mirrors it so tests can predict a socket's slot.
@@ -39,17 +40,15 @@ static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct lb_s
     if (svc->count == 0)
         return 0;
     if (svc->flags & LB_FLAG_MAGLEV) {
-        __u32 svc_id = svc->svc_id;
-        struct lb_maglev_row *row = lb_maglev.lookup(&svc_id);
-        if (!row)
+        __u64 m = svc->maglev_m;
+        if (m == 0 || m > MAGLEV_MAX_M)
             return 0;
-        __u32 slot = (__u32)(mix64(cookie) % MAGLEV_M);
-        // The verifier does not follow '%': hide the value from the compiler so the bound
-        // check below stays in the program and proves the index.
-        asm volatile("" : "+r"(slot));
-        if (slot >= MAGLEV_M)
+        __u32 slot = (__u32)(mix64(cookie) % m);
+        struct lb_maglev_key mkey = {.svc_id = svc->svc_id, .chunk = slot >> MAGLEV_CHUNK_SHIFT};
+        struct lb_maglev_chunk *chunk = lb_maglev.lookup(&mkey);
+        if (!chunk)
             return 0;
-        id = row->ids[slot];
+        id = chunk->ids[slot & (MAGLEV_CHUNK - 1)];
     } else {
         // Random; a datagram socket keeps one backend (its cookie picks it), so a UDP
         // "conversation" on an unconnected socket is not spread over backends per datagram.
@@ -99,7 +98,26 @@ static __always_inline struct lb_backend *select_backend(struct bpf_sock_addr *c
     return be;
 }
 
-// 1: translated or not a service; 0: a service without a usable backend (the call fails)
+static __always_inline void count(__u32 svc_id, int per_socket, int found)
+{
+    struct lb_svc_stats *st = lb_svc_stats.lookup(&svc_id);
+    if (!st) {
+        struct lb_svc_stats zero = {};
+        lb_svc_stats.update(&svc_id, &zero);  // BPF_ANY: a racing first writer is harmless
+        st = lb_svc_stats.lookup(&svc_id);
+        if (!st)
+            return;
+    }
+    if (!found)
+        __sync_fetch_and_add(&st->no_backend, 1);
+    else if (per_socket == 2)
+        __sync_fetch_and_add(&st->datagrams, 1);
+    else
+        __sync_fetch_and_add(&st->connects, 1);
+}
+
+// 1: translated or not a service; 0: a service without a usable backend (the call fails).
+// per_socket: 0 TCP connect, 1 connected UDP, 2 a datagram of an unconnected UDP socket.
 static __always_inline int translate(struct bpf_sock_addr *ctx, int per_socket)
 {
     __u8 proto = ctx->protocol;
@@ -111,6 +129,7 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int per_socket)
         return 1;
     __u64 cookie = bpf_get_socket_cookie(ctx);
     struct lb_backend *be = select_backend(ctx, svc, cookie, per_socket);
+    count(svc->svc_id, per_socket, be != 0);
     if (!be)
         return 0;
     struct lb_revnat_key rkey = {.cookie = cookie, .ip = be->ip, .port = be->port};
@@ -144,7 +163,7 @@ int sock_lb_connect4(struct bpf_sock_addr *ctx)
 
 int sock_lb_sendmsg4(struct bpf_sock_addr *ctx)
 {
-    return translate(ctx, 1);
+    return translate(ctx, 2);
 }
 
 int sock_lb_recvmsg4(struct bpf_sock_addr *ctx)

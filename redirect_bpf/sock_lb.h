@@ -10,7 +10,9 @@
 #define LB_BACKEND_MAP_SIZE 262144
 #endif
 #ifndef LB_MAGLEV_MAP_SIZE
-#define LB_MAGLEV_MAP_SIZE 4096  // services with --lb maglev (64 KiB each, allocated on use)
+// Maglev table chunks (16 KiB each, allocated on use): 4096 services at M = 16381 (4 chunks),
+// 512 at M = 131071 (32 chunks)
+#define LB_MAGLEV_MAP_SIZE 16384
 #endif
 #ifndef LB_AFFINITY_MAP_SIZE
 #define LB_AFFINITY_MAP_SIZE 65536
@@ -18,9 +20,11 @@
 #ifndef LB_REVNAT_MAP_SIZE
 #define LB_REVNAT_MAP_SIZE 262144
 #endif
-#ifndef MAGLEV_M
-#define MAGLEV_M 16381  // Cilium's default table size (a prime)
-#endif
+// A service's Maglev table has M slots, M a prime chosen per service from its backend count
+// (l7proxy/services/maglev.py, 16381..131071); it is stored in chunks of MAGLEV_CHUNK slots.
+#define MAGLEV_CHUNK_SHIFT 12
+#define MAGLEV_CHUNK (1 << MAGLEV_CHUNK_SHIFT)
+#define MAGLEV_MAX_M 131071
 
 #define LB_FLAG_AFFINITY 1
 #define LB_FLAG_MAGLEV 2
@@ -39,6 +43,7 @@ struct lb_svc {
     __u8 flags;   // LB_FLAG_*
     __u8 pad;
     __u32 affinity_timeout_s;
+    __u32 maglev_m;  // the Maglev table's size (LB_FLAG_MAGLEV), else 0
 };
 
 // (service, slot 1..count) -> backend id: random selection picks a slot
@@ -54,9 +59,15 @@ struct lb_backend {
     __u8 pad;
 };
 
-// One Maglev lookup table per service: slot -> backend id
-struct lb_maglev_row {
-    __u32 ids[MAGLEV_M];
+// One Maglev lookup table per service, in chunks: (service, slot / MAGLEV_CHUNK) -> the
+// backend ids of those slots
+struct lb_maglev_key {
+    __u32 svc_id;
+    __u32 chunk;
+};
+
+struct lb_maglev_chunk {
+    __u32 ids[MAGLEV_CHUNK];
 };
 
 // Session affinity: the client (its network namespace) and the service -> backend
@@ -70,6 +81,15 @@ struct lb_affinity_val {
     __u32 backend_id;
     __u32 pad;
     __u64 last_ns;
+};
+
+// Per-service counters (the agent's l7proxy_service_* metrics): translations at connect()
+// (TCP, connected UDP) and sendmsg() (each datagram of an unconnected UDP socket), and calls
+// that failed because the service had no backend. Reset when a service id is (re)assigned.
+struct lb_svc_stats {
+    __u64 connects;
+    __u64 datagrams;
+    __u64 no_backend;
 };
 
 // Reverse translation for getpeername()/recvmsg(): socket + backend address -> VIP

@@ -69,7 +69,8 @@ def _link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int) -> 
 @dataclass(frozen=True, slots=True)
 class LbService:
     """One frontend as the kernel sees it. `maglev` is the lookup table (slot -> index into
-    `backends`), or None for random selection."""
+    `backends`; its length is the table size M, up to MAGLEV_MAX_M), or None for random
+    selection."""
 
     vip: str
     port: int
@@ -88,6 +89,7 @@ class _Written:
     svc_id: int
     service: LbService
     backend_ids: tuple[int, ...]
+    maglev_chunks: int = 0  # lb_maglev entries (svc_id, 0..n-1)
 
 
 def _pins_complete(pin_dir: Path) -> bool:
@@ -124,6 +126,7 @@ class SockLB:
         self._svc_ids = IdPool(w.svc_id for w in self._written.values())
         self._backend_ids = IdPool(b for w in self._written.values() for b in w.backend_ids)
         self.attached: dict[str, int] = {}  # cgroup path -> flags used
+        self._unpinned: set[tuple[int, int]] = set()
         self.last_sync = (0, 0)  # (services changed, map writes)
 
     # -- load ----------------------------------------------------------------------------------
@@ -217,7 +220,25 @@ class SockLB:
                 svc.affinity_timeout_s,
                 () if svc.flags & S.LB_FLAG_MAGLEV else None,  # rewritten on the first sync
             )
-            self._written[lbs.frontend] = _Written(svc.svc_id, lbs, tuple(ids))
+            chunks = -(-svc.maglev_m // S.MAGLEV_CHUNK) if svc.flags & S.LB_FLAG_MAGLEV else 0
+            self._written[lbs.frontend] = _Written(svc.svc_id, lbs, tuple(ids), chunks)
+
+    def translated_from(self, cookie: int, ip: str, port: int) -> tuple[str, int] | None:
+        """The VIP:port a socket (by its cookie) was connected through to backend ip:port, or
+        None if the LB did not translate it (or its entry was evicted)."""
+        val = self.maps["lb_revnat"].get(S.RevnatKey(cookie, S.be32(ip), S.be16(port), 0))
+        return None if val is None else (S.ip_of(val.vip), S.port_of(val.port))
+
+    def stats(self) -> dict[tuple[str, int, str], tuple[int, int, int]]:
+        """frontend -> (connects, datagrams, no backend) since the service got its id."""
+        with self._lock:
+            ids = {w.svc_id: f for f, w in self._written.items()}
+        out = {}
+        for key, st in self.maps["lb_svc_stats"].items():
+            frontend = ids.get(key.value)
+            if frontend is not None:
+                out[frontend] = (st.connects, st.datagrams, st.no_backend)
+        return out
 
     def services(self) -> dict[tuple[str, int, str], LbService]:
         return {f: w.service for f, w in self._written.items()}
@@ -227,6 +248,7 @@ class SockLB:
         with self._lock:
             want = {s.frontend: s for s in desired}
             writes = changed = 0
+            self._unpinned = set()  # (service id, backend id) pairs that left
             for frontend in [f for f in self._written if f not in want]:
                 writes += self._remove(self._written.pop(frontend))
                 changed += 1
@@ -236,12 +258,15 @@ class SockLB:
                     continue
                 writes += self._write(service, old)
                 changed += 1
+            writes += self._drop_affinity(self._unpinned)
             self.last_sync = (changed, writes)
             return self.last_sync
 
     def _write(self, service: LbService, old: _Written | None) -> int:
         m = self.maps
         svc_id = old.svc_id if old else self._svc_ids.take()
+        if old is None:  # a reused id starts its counters over
+            m["lb_svc_stats"].delete(S.u32(svc_id))
         proto = S.PROTO[service.proto]
         # Backends keep their id while they stay (affinity to them survives a change of others)
         kept = dict(zip(old.service.backends, old.backend_ids, strict=True)) if old else {}
@@ -258,18 +283,25 @@ class SockLB:
             m["lb_slots"].put(S.SlotKey(svc_id, slot), S.u32(bid))
             writes += 1
         flags = S.LB_FLAG_AFFINITY if service.affinity_timeout else 0
+        size = chunks = 0
         if service.maglev is not None and ids:
-            row = S.MaglevRow()
-            if len(service.maglev) != S.MAGLEV_M:
-                raise ValueError(
-                    f"a Maglev table has {S.MAGLEV_M} slots, not {len(service.maglev)}"
-                )
-            row.ids[:] = [ids[i] for i in service.maglev]
-            m["lb_maglev"].put(S.u32(svc_id), row)
+            size = len(service.maglev)
+            if not 0 < size <= S.MAGLEV_MAX_M:
+                raise ValueError(f"a Maglev table has 1-{S.MAGLEV_MAX_M} slots, not {size}")
+            # every chunk before the entry that names the new size (a lookup meanwhile reads
+            # the old size's slots from new chunks: a valid backend either way)
+            table = [ids[i] for i in service.maglev]
+            chunks = -(-size // S.MAGLEV_CHUNK)
+            for c in range(chunks):
+                part = table[c * S.MAGLEV_CHUNK : (c + 1) * S.MAGLEV_CHUNK]
+                chunk = S.MaglevChunk()
+                chunk.ids[: len(part)] = part
+                m["lb_maglev"].put(S.MaglevKey(svc_id, c), chunk)
+                writes += 1
             flags |= S.LB_FLAG_MAGLEV
-            writes += 1
         key = S.SvcKey(S.be32(service.vip), S.be16(service.port), proto, 0)
-        m["lb_services"].put(key, S.Svc(svc_id, len(ids), flags, 0, service.affinity_timeout))
+        entry = S.Svc(svc_id, len(ids), flags, 0, service.affinity_timeout, size)
+        m["lb_services"].put(key, entry)
         writes += 1
         # Now nothing refers to what is gone: slots past the new count, removed backends
         if old is not None:
@@ -279,11 +311,12 @@ class SockLB:
             for bid in set(old.backend_ids) - set(ids):
                 m["lb_backends"].delete(S.u32(bid))
                 self._backend_ids.give(bid)
+                self._unpinned.add((svc_id, bid))
                 writes += 1
-            if not flags & S.LB_FLAG_MAGLEV and old.service.maglev is not None:
-                m["lb_maglev"].delete(S.u32(svc_id))
+            for c in range(chunks, old.maglev_chunks):  # a smaller table, or none now
+                m["lb_maglev"].delete(S.MaglevKey(svc_id, c))
                 writes += 1
-        self._written[service.frontend] = _Written(svc_id, service, tuple(ids))
+        self._written[service.frontend] = _Written(svc_id, service, tuple(ids), chunks)
         return writes
 
     def _remove(self, old: _Written) -> int:
@@ -295,9 +328,24 @@ class SockLB:
         for bid in old.backend_ids:
             m["lb_backends"].delete(S.u32(bid))
             self._backend_ids.give(bid)
-        m["lb_maglev"].delete(S.u32(old.svc_id))
+            self._unpinned.add((old.svc_id, bid))
+        for c in range(old.maglev_chunks):
+            m["lb_maglev"].delete(S.MaglevKey(old.svc_id, c))
+        m["lb_svc_stats"].delete(S.u32(old.svc_id))
         self._svc_ids.give(old.svc_id)
         return 2 + 2 * len(old.backend_ids)
+
+    def _drop_affinity(self, gone: set[tuple[int, int]]) -> int:
+        """Forget the clients pinned to backends that left their service. The program would
+        skip a pin whose backend id is gone, but ids are reused (the lowest free first): a
+        stale pin could then send the client to another service's new backend."""
+        if not gone:
+            return 0
+        aff = self.maps["lb_affinity"]
+        stale = [k for k, v in aff.items() if (k.svc_id, v.backend_id) in gone]
+        for key in stale:
+            aff.delete(key)
+        return len(stale)
 
     # -- life cycle ----------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ from redirect_bpf.ipcache import be32, ip_of  # noqa: F401 (re-exported)
 
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
 
-MAGLEV_M = 16381
+MAGLEV_CHUNK = 4096  # slots per lb_maglev entry (1 << MAGLEV_CHUNK_SHIFT)
+MAGLEV_MAX_M = 131071
 LB_FLAG_AFFINITY = 1
 LB_FLAG_MAGLEV = 2
 PROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
@@ -31,6 +32,7 @@ class Svc(ct.Structure):
         ("flags", u8),
         ("pad", u8),
         ("affinity_timeout_s", u32),
+        ("maglev_m", u32),
     ]
 
 
@@ -42,8 +44,12 @@ class Backend(ct.Structure):
     _fields_ = [("ip", u32), ("port", u16), ("proto", u8), ("pad", u8)]
 
 
-class MaglevRow(ct.Structure):
-    _fields_ = [("ids", u32 * MAGLEV_M)]
+class MaglevKey(ct.Structure):
+    _fields_ = [("svc_id", u32), ("chunk", u32)]
+
+
+class MaglevChunk(ct.Structure):
+    _fields_ = [("ids", u32 * MAGLEV_CHUNK)]
 
 
 class AffinityKey(ct.Structure):
@@ -52,6 +58,10 @@ class AffinityKey(ct.Structure):
 
 class AffinityVal(ct.Structure):
     _fields_ = [("backend_id", u32), ("pad", u32), ("last_ns", u64)]
+
+
+class SvcStats(ct.Structure):
+    _fields_ = [("connects", u64), ("datagrams", u64), ("no_backend", u64)]
 
 
 class RevnatKey(ct.Structure):
@@ -66,9 +76,10 @@ MAPS.update(
     lb_services=(SvcKey, Svc),
     lb_slots=(SlotKey, u32),
     lb_backends=(u32, Backend),
-    lb_maglev=(u32, MaglevRow),
+    lb_maglev=(MaglevKey, MaglevChunk),
     lb_affinity=(AffinityKey, AffinityVal),
     lb_revnat=(RevnatKey, RevnatVal),
+    lb_svc_stats=(u32, SvcStats),
 )
 
 

@@ -21,7 +21,17 @@ class Ends:
 
 
 def dns_flow(
-    ends: Ends, verdict, kind, query, reason, *, drop=None, rcode=None, answer=None, latency=0
+    ends: Ends,
+    verdict,
+    kind,
+    query,
+    reason,
+    *,
+    drop=None,
+    rcode=None,
+    answer=None,
+    latency=0,
+    time_ns: int | None = None,
 ) -> dict:
     dns = {"observation_source": "proxy"}
     if query is not None:
@@ -57,6 +67,7 @@ def dns_flow(
         summary=summary,
         direction="EGRESS",
         drop_reason=drop,
+        time_ns=time_ns,
     )
     flow["l4"] = {ends.proto: flow["l4"]["TCP"]}
     return flow

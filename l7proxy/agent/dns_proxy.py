@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ from l7proxy.agent.dns_flows import Ends, dns_flow
 from l7proxy.agent.dns_upstream import UdpUpstreams
 from l7proxy.config import ProxyConfig
 from l7proxy.platform import (
+    family_of,
     proxy_mark,
     recv_with_original_dst,
     reply_socket,
@@ -46,6 +48,8 @@ PROTO = {"UDP": policies.PROTO_UDP, "TCP": policies.PROTO_TCP}
 MAX_REPLY_SOCKETS = 256  # one per DNS server address the pods ask; oldest closed first
 MAX_DATAGRAMS_PER_WAKEUP = 64
 MAX_CACHED = 4096  # peers / verdicts remembered per compiled policy
+FLOW_BATCH_DELAY = 0.005  # seconds: noted flows wait at least this long for company...
+FLOW_MAX_DELAY = 0.010  # ...and at most this long for a moment with no answer outstanding
 
 
 class DnsProxy:
@@ -53,8 +57,9 @@ class DnsProxy:
         self.agent = agent
         self.config = config or ProxyConfig()
         self.port = 0
-        self.udp: socket.socket | None = None
-        self.tcp_server: asyncio.AbstractServer | None = None
+        self.udp: socket.socket | None = None  # IPv4; udp_sockets: with the IPv6 one
+        self.udp_sockets: list[socket.socket] = []
+        self.tcp_servers: list[asyncio.AbstractServer] = []
         self.inflight = 0
         self._replies: OrderedDict[tuple[str, int], socket.socket] = OrderedDict()
         self._tasks: set[asyncio.Task] = set()
@@ -62,6 +67,11 @@ class DnsProxy:
         self._cache_key: tuple = (None, None)  # (compiled, ipcache) the caches below hold for
         self._peers: dict[str, tuple] = {}
         self._verdicts: dict[tuple, object] = {}
+        # (time_ns, ends, args, kw) of flows to build, handed to the flow log together
+        self._flows: list[tuple] = []
+        self._flows_timer: asyncio.TimerHandle | None = None
+        self._flows_soon: asyncio.Handle | None = None
+        self._flows_due = False  # FLOW_BATCH_DELAY passed: flush once nothing waits
         r = agent.metrics.registry
         self.requests = r.counter(
             "dns_requests_total", "DNS queries seen by the DNS proxy, by verdict", ("verdict",)
@@ -74,27 +84,58 @@ class DnsProxy:
             "fqdn_datapath_update_seconds",
             "Time an answer with new IPs was held until they were in the datapath",
         )
+        # the counters' children, looked up once rather than per query
+        self._verdict_count = {
+            v: self.requests.labels(verdict=v) for v in ("FORWARDED", "REFUSED", "DROPPED")
+        }
+        self._rcode_count: dict[str, object] = {}
 
     async def start(self) -> None:
-        """UDP and TCP on one port number (the kernel policy entry carries one proxy port)."""
+        """UDP and TCP on one port number (the kernel policy entry carries one proxy port), on
+        127.0.0.1 and on [::1] (the tc program hands IPv6 DNS to the latter). Without IPv6 on
+        the host only IPv4: IPv6 DNS to a dns rule's port then finds no proxy socket and is
+        dropped (fail closed)."""
         for _ in range(50):
             udp = transparent_udp(0)
             port = udp.getsockname()[1]
+            socks = [udp]
             try:
-                tcp = transparent_listener(port)
+                socks.append(transparent_listener(port))
+                socks += self._ipv6_sockets(port)
             except OSError:
-                udp.close()
+                for sock in socks:
+                    sock.close()
                 continue
             break
         else:
             raise OSError("no port free for both UDP and TCP for the DNS proxy")
         self.udp, self.port = udp, port
-        udp.setblocking(False)
-        tcp.setblocking(False)
+        self.udp_sockets = [sock for sock in socks if sock.type == socket.SOCK_DGRAM]
         self._raise_priority()
         loop = asyncio.get_running_loop()
-        loop.add_reader(udp.fileno(), self._on_datagrams)
-        self.tcp_server = await loop.create_server(lambda: _DnsOverTcp(self), sock=tcp)
+        for sock in socks:
+            sock.setblocking(False)
+            if sock.type == socket.SOCK_DGRAM:
+                loop.add_reader(sock.fileno(), self._on_datagrams, sock)
+            else:
+                server = await loop.create_server(lambda: _DnsOverTcp(self), sock=sock)
+                self.tcp_servers.append(server)
+
+    def _ipv6_sockets(self, port: int) -> list[socket.socket]:
+        """UDP and TCP on [::1]:port; [] when the host has no IPv6 loopback (OSError: the port
+        is taken, try another)."""
+        try:
+            udp6 = transparent_udp(port, "::1")
+        except OSError as exc:
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                log.warning("DNS proxy: no IPv6 socket (%s); IPv6 DNS is dropped", exc)
+                return []
+            raise
+        try:
+            return [udp6, transparent_listener(port, "::1")]
+        except OSError:
+            udp6.close()
+            raise
 
     def _raise_priority(self) -> None:
         """A proxied query needs this thread on a CPU twice (the query, the answer); on a busy
@@ -110,30 +151,31 @@ class DnsProxy:
 
     # UDP
 
-    def _on_datagrams(self) -> None:
+    def _on_datagrams(self, sock: socket.socket) -> None:
         for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
             try:
-                data, src, dst = recv_with_original_dst(self.udp, 65535)
+                data, src, dst = recv_with_original_dst(sock, 65535)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.warning("DNS proxy UDP receive: %s", exc)
                 return
             if dst is None or self.inflight >= self.config.dns_max_inflight:
-                self.requests.labels(verdict="DROPPED").inc()
+                self._verdict_count["DROPPED"].inc()
                 continue
             try:
-                self.handle(data, src, dst, "UDP", self._udp_replier(src, dst))
+                self.handle(data, src, dst, "UDP", None)
             except Exception:  # noqa: BLE001 - one query must never stop the proxy
                 log.exception("DNS query from %s failed", src)
 
-    def _udp_replier(self, src, dst):
-        def reply(answer: bytes | None) -> None:
-            if answer is not None:
-                with contextlib.suppress(OSError):
-                    self._reply_socket(dst).sendto(answer, src)
-
-        return reply
+    def _send(self, reply, ends: Ends, answer: bytes | None) -> None:
+        """Give the client its answer: `reply(answer)`, or for UDP (reply None) a datagram from
+        the server's address (nothing when the query is dropped)."""
+        if reply is not None:
+            reply(answer)
+        elif answer is not None:
+            with contextlib.suppress(OSError):
+                self._reply_socket(ends.dst).sendto(answer, ends.src)
 
     def _reply_socket(self, source: tuple[str, int]) -> socket.socket:
         sock = self._replies.get(source)
@@ -155,29 +197,29 @@ class DnsProxy:
 
     def handle(self, wire: bytes, src, dst, proto: str, reply) -> None:
         """Judge one query; `reply(bytes)` (the answer or REFUSED) or `reply(None)` (dropped)
-        is called exactly once, now or later."""
+        is called exactly once, now or later; `reply` None: answer over UDP from `dst`."""
         started = time.monotonic_ns()
         ends = Ends(src, dst, proto, self._peer(src[0]), self._peer(dst[0]))
         try:
             query = parse_query(wire)
         except DnsError as exc:
-            self.requests.labels(verdict="DROPPED").inc()
-            reply(None)
+            self._verdict_count["DROPPED"].inc()
+            self._send(reply, ends, None)
             self._flow(ends, "DROPPED", "REQUEST", None, str(exc), drop="MALFORMED_DNS")
             return
         rules = self._rules(ends.src_ep, ends.dst_id, dst[1], proto)
         if rules is None or not rules.check(query.name).allowed:
-            self.requests.labels(verdict="REFUSED").inc()
+            self._verdict_count["REFUSED"].inc()
             self.refusals.inc()
-            reply(refused(query))
+            self._send(reply, ends, refused(query))
             self._flow(ends, "DROPPED", "REQUEST", query, "", drop="POLICY_DENIED", rcode=5)
             return
-        self.requests.labels(verdict="FORWARDED").inc()
-        job = _Job(ends, query, reply, started)
+        self._verdict_count["FORWARDED"].inc()
+        job = _Job(self, ends, query, reply, started)
         self.inflight += 1
         if proto == "UDP":
             try:
-                self.upstreams.send(wire, dst, ends.src_id, lambda a, e: self._answered(job, a, e))
+                self.upstreams.send(wire, dst, ends.src_id, job.answered)
             except Exception as exc:  # noqa: BLE001 - answered after the REQUEST flow below
                 asyncio.get_running_loop().call_soon(self._answered, job, None, exc)
         else:
@@ -225,7 +267,10 @@ class DnsProxy:
 
     def _release(self, job: _Job, wire: bytes, answer) -> None:
         self._finish(job, wire)
-        self.responses.labels(rcode=answer.rcode).inc()
+        counter = self._rcode_count.get(answer.rcode)
+        if counter is None:
+            counter = self._rcode_count[answer.rcode] = self.responses.labels(rcode=answer.rcode)
+        counter.inc()
         latency = time.monotonic_ns() - job.started
         self._flow(job.ends, "FORWARDED", "RESPONSE", job.query, "", answer=answer, latency=latency)
 
@@ -237,7 +282,7 @@ class DnsProxy:
 
     def _finish(self, job: _Job, wire: bytes | None) -> None:
         self.inflight -= 1
-        job.reply(wire)
+        self._send(job.reply, job.ends, wire)
 
     def _peer(self, ip: str) -> tuple:
         """agent.peer(ip), remembered until the policy or the ipcache object changes."""
@@ -290,7 +335,7 @@ class DnsProxy:
 
     async def _forward_tcp(self, wire: bytes, dst, src_id: int) -> bytes:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(family_of(dst[0]), socket.SOCK_STREAM)
         try:
             set_mark(sock, proxy_mark(src_id))  # the server's ingress sees the pod's identity
             sock.setblocking(False)
@@ -308,8 +353,39 @@ class DnsProxy:
         finally:
             sock.close()
 
+    # flows: off the query's path
+
     def _flow(self, ends: Ends, *args, **kw) -> None:
-        self.agent.flows.ingest(dns_flow(ends, *args, **kw))
+        """Note a flow, stamped with the time it happened. Noted flows are built and handed to
+        the flow log (observe, metrics, the live map) together: FLOW_BATCH_DELAY after the
+        first, at the next moment no forwarded query waits for its answer (right after an
+        answer or a REFUSED went out), or at FLOW_MAX_DELAY when queries never stop. So an
+        answer on its way never waits behind flows, and the log's readers wake once per batch
+        rather than once per flow."""
+        self._flows.append((time.time_ns(), ends, args, kw))
+        if self._flows_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flows_timer = loop.call_later(FLOW_BATCH_DELAY, self._flows_wait_idle)
+        elif self._flows_due and self.inflight == 0 and self._flows_soon is None:
+            self._flows_soon = asyncio.get_running_loop().call_soon(self.flush_flows)
+
+    def _flows_wait_idle(self) -> None:
+        self._flows_due = True
+        delay = FLOW_MAX_DELAY - FLOW_BATCH_DELAY
+        self._flows_timer = asyncio.get_running_loop().call_later(delay, self.flush_flows)
+
+    def flush_flows(self) -> None:
+        """Every noted flow into the flow log now."""
+        for handle in (self._flows_timer, self._flows_soon):
+            if handle is not None:
+                handle.cancel()
+        self._flows_timer = self._flows_soon = None
+        self._flows_due = False
+        noted, self._flows = self._flows, []
+        if noted:
+            self.agent.flows.ingest_many(
+                [dns_flow(ends, *args, time_ns=at, **kw) for at, ends, args, kw in noted]
+            )
 
     # sidecar mode: DNS over TCP that the connect4 hook sent to the endpoint's sidecar listener
 
@@ -329,15 +405,19 @@ class DnsProxy:
         return {n: self.port for n, rs in compiled.l7.items() if rs.parser == "dns"}
 
     def status(self) -> dict:
-        return {"state": "ok", "detail": f"DNS proxy on 127.0.0.1:{self.port} (UDP and TCP)"}
+        where = f"127.0.0.1:{self.port}"
+        if len(self.udp_sockets) > 1:
+            where += f" and [::1]:{self.port}"
+        return {"state": "ok", "detail": f"DNS proxy on {where} (UDP and TCP)"}
 
     async def close(self) -> None:
-        if self.udp is not None:
+        self.flush_flows()
+        for sock in self.udp_sockets:
             with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.udp.fileno())
-            self.udp.close()
-        if self.tcp_server is not None:
-            self.tcp_server.close()
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        for server in self.tcp_servers:
+            server.close()
         for task in list(self._tasks):
             task.cancel()
         self.upstreams.close()
@@ -349,10 +429,15 @@ class DnsProxy:
 class _Job:
     """A forwarded query waiting for its answer."""
 
-    __slots__ = ("ends", "query", "reply", "started")
+    __slots__ = ("proxy", "ends", "query", "reply", "started")
 
-    def __init__(self, ends: Ends, query, reply, started: int) -> None:
-        self.ends, self.query, self.reply, self.started = ends, query, reply, started
+    def __init__(self, proxy: DnsProxy, ends: Ends, query, reply, started: int) -> None:
+        self.proxy, self.ends, self.query, self.reply, self.started = (
+            proxy, ends, query, reply, started
+        )  # fmt: skip
+
+    def answered(self, wire: bytes | None, error: Exception | None) -> None:
+        self.proxy._answered(self, wire, error)
 
 
 class _DnsOverTcp(asyncio.Protocol):

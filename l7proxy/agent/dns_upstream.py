@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from l7proxy.platform import proxy_mark, set_mark
+from l7proxy.platform import family_of, proxy_mark, set_mark
 
 MAX_UPSTREAMS = 256  # (server, identity) pairs kept open; the least recently used is closed
 MAX_ANSWERS_PER_WAKEUP = 64
@@ -38,7 +38,7 @@ class _Upstream:
     def __init__(self, loop, server: tuple[str, int], src_id: int, timeout: float) -> None:
         self.loop = loop
         self.timeout = timeout
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock = socket.socket(family_of(server[0]), socket.SOCK_DGRAM)
         try:
             set_mark(self.sock, proxy_mark(src_id))  # the server's ingress sees the pod's identity
             self.sock.setblocking(False)

@@ -23,11 +23,16 @@ class FqdnCache:
         self.max_ips = max_ips
         # endpoint -> name -> ip -> expiry (seconds since the epoch)
         self._eps: dict[str, dict[str, dict[str, float]]] = {}
+        # ip -> name -> how many endpoints learned that IP for that name (names_of's index)
+        self._by_ip: dict[str, dict[str, int]] = {}
         self.dirty = False  # an IP came or went since the last to_state()
         self.refreshed = False  # only expiries moved since the last to_state()
         if state and state.get("version") == STATE_VERSION:
             for ep, names in state.get("endpoints", {}).items():
                 self._eps[ep] = {n: dict(ips) for n, ips in names.items()}
+                for name, ips in self._eps[ep].items():
+                    for ip in ips:
+                        self._index(ip, name, 1)
 
     def learn(
         self, endpoint: str, names: Iterable[str], ips: Iterable[tuple[str, int]], now: float
@@ -47,6 +52,7 @@ class FqdnCache:
                 if old is None:
                     changed = True
                     known[ip] = expiry
+                    self._index(ip, name, 1)
                 elif expiry > old:
                     known[ip] = expiry
             if len(known) > self.max_ips:
@@ -80,6 +86,7 @@ class FqdnCache:
                 for ip in expired:
                     if ip not in keep:
                         del ips[ip]
+                        self._index(ip, name, -1)
                         changed = True
                 if not ips:
                     del names[name]
@@ -90,13 +97,28 @@ class FqdnCache:
 
     def forget_endpoint(self, endpoint: str) -> bool:
         """An endpoint was deleted: its names go (IPs other endpoints learned stay)."""
-        gone = self._eps.pop(endpoint, None) is not None
+        names = self._eps.pop(endpoint, None)
+        for name, ips in (names or {}).items():
+            for ip in ips:
+                self._index(ip, name, -1)
+        gone = names is not None
         self.dirty = self.dirty or gone
         return gone
 
+    def _index(self, ip: str, name: str, delta: int) -> None:
+        names = self._by_ip.setdefault(ip, {})
+        count = names.get(name, 0) + delta
+        if count > 0:
+            names[name] = count
+        else:
+            names.pop(name, None)
+            if not names:
+                del self._by_ip[ip]
+
     def names_of(self, ip: str) -> set[str]:
-        """Every name, over all endpoints, that `ip` was learned for."""
-        return {name for names in self._eps.values() for name, ips in names.items() if ip in ips}
+        """Every name, over all endpoints, that `ip` was learned for (an index lookup: the
+        fast path asks this for every IP new to the node)."""
+        return set(self._by_ip.get(ip, ()))
 
     def learned(self) -> dict[str, set[str]]:
         """{name: IPs} over every endpoint: what toFQDNs selectors resolve against."""

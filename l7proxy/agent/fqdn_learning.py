@@ -55,6 +55,8 @@ class FqdnLearning:
         if not self.fqdn.learn(endpoint, names, ips, time.time()):
             # every IP was known: its expiry moved, nothing in the datapath changes, unless an
             # earlier answer's update that carries one of these IPs has not finished yet
+            if not self._fqdn_installing:
+                return None
             waits = {self._fqdn_installing.get(ip) for ip, _ in ips} - {None}
             if not waits:
                 return None
@@ -105,8 +107,7 @@ class FqdnLearning:
                 entries.append((f"{ip}/32" if ":" not in ip else f"{ip}/128", number))
             for cidr, number in entries:
                 self.ipcache.upsert(cidr, number)
-                if ":" not in cidr:
-                    self.datapath.ipcache_upsert(cidr, number)
+                self.datapath.ipcache_upsert(cidr, number)  # an IPv6 one into ipcache6
             return True
 
     async def _fqdn_apply(self, generation: int) -> None:
@@ -150,6 +151,11 @@ class FqdnLearning:
                     continue
                 for addr in (key.addr_lo, key.addr_hi):
                     alive.add(socket.inet_ntoa(addr.to_bytes(4, "little")))
+            for key, entry in dp.conntrack6():
+                if entry.expires_ns <= now or entry.flags & CT_CLOSING:
+                    continue
+                for addr in (key.addr_lo, key.addr_hi):
+                    alive.add(socket.inet_ntop(socket.AF_INET6, bytes(addr)))
         return alive
 
     def fqdn_status(self) -> dict:

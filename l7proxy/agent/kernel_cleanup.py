@@ -32,12 +32,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 from l7proxy import proc
 from l7proxy.agent.netdev import AGENT_CGROUPS
 from l7proxy.agent.proxy_worker_control import WORKER_MODULES, stop_worker
-from redirect_bpf import bpfsys, cgroups, loader, routing, sock_lb, structs, tc
+from redirect_bpf import bpfsys, cgroups, loader, nodeport, routing, sock_lb, structs, tc
 
 PIN_NAMES = frozenset(
     [f"map_{n}" for n in (*structs.MAPS, structs.RINGBUF)]
     + [f"prog_{n}" for n in structs.PROGRAMS]
     + sock_lb.PIN_NAMES  # the services' socket LB: its maps, programs and cgroup links
+    + nodeport.PIN_NAMES  # NodePort: its maps and tc programs (filters found by program id)
 )
 TC_FILTER_NAME = "l7proxy"  # the name redirect_bpf.tc gives its filters
 TCA_BPF_ID = 11  # linux/pkt_cls.h: the filter's program id

@@ -256,6 +256,8 @@ class AgentOps:
         for ep in self.store.endpoints():
             item = ep.to_json()
             item["policy"] = self._enforcement(ep.name)
+            if ep.name in self.terminating_endpoints:
+                item["terminating"] = True  # in its deletion grace period
             if self.config.mode == "sidecar":
                 cgroup_of = getattr(self.proxy, "cgroup_of", None)  # a container's: once made
                 item["cgroup"] = cgroup_of(ep) if cgroup_of else str(netdev.cgroup_path(ep.netns))
@@ -270,14 +272,20 @@ class AgentOps:
 
     async def op_endpoint_delete(self, args: dict) -> dict:
         name = str(args.get("name") or "")
-        async with self._lock:
-            ep = self.store.endpoint(name)
-            if ep is None:
-                raise ApiError(f"no endpoint named {name}")
-            if ep.adopted:
-                await self._unregister(ep, lambda: netdev.release(ep.host_if))
-            else:
-                await self._unregister(ep, lambda: netdev.delete(ep.netns, ep.host_if))
+        grace = _grace_period(args.get("grace_period"))
+        try:
+            if grace:  # services: no new flows to it, established ones finish (issue 16)
+                await self._endpoint_terminate(name, grace)
+            async with self._lock:
+                ep = self.store.endpoint(name)
+                if ep is None:
+                    raise ApiError(f"no endpoint named {name}")
+                if ep.adopted:
+                    await self._unregister(ep, lambda: netdev.release(ep.host_if))
+                else:
+                    await self._unregister(ep, lambda: netdev.delete(ep.netns, ep.host_if))
+        finally:
+            self.terminating_endpoints.discard(name)
         return {"deleted": name}
 
     def _rebuild_ipcache(self):
@@ -381,3 +389,17 @@ class AgentOps:
                 yield {"flow": await queue.get()}
         finally:
             self.flows.unsubscribe(queue)
+
+
+MAX_GRACE_PERIOD = 3600.0
+
+
+def _grace_period(value) -> float:
+    """`endpoint delete --grace-period S` (kubectl's flag): 0 deletes at once."""
+    try:
+        grace = float(value or 0)
+    except (TypeError, ValueError):
+        raise ApiError(f"--grace-period {value!r}: give seconds (e.g. 30)") from None
+    if not 0 <= grace <= MAX_GRACE_PERIOD:
+        raise ApiError(f"--grace-period {value}: give 0-{MAX_GRACE_PERIOD:.0f} seconds")
+    return grace

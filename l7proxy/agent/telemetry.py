@@ -37,6 +37,29 @@ class AgentMetrics:
         self.identity_count = r.gauge(
             "identity_count", "Security identities (reserved and allocated)"
         )
+        # services (issue 16); Cilium has no per-service flow counter, so these are our names
+        svc = ("namespace", "service")
+        self.service_flows = r.counter(
+            "l7proxy_service_flows_total",
+            "Socket-LB translations to a backend, by service and kind (connect: TCP or "
+            "connected UDP; datagram: one unconnected UDP sendmsg)",
+            (*svc, "kind"),
+        )
+        self.service_no_backend = r.counter(
+            "l7proxy_service_no_backend_total",
+            "connect()/sendmsg() calls to a service VIP refused: no backend",
+            svc,
+        )
+        self.service_backends = r.gauge(
+            "l7proxy_service_backends",
+            "Backends of a service, serving or terminating (in an endpoint's grace period)",
+            (*svc, "state"),
+        )
+        self.service_sockets_reset = r.counter(
+            "l7proxy_service_sockets_reset_total",
+            "Sockets reset because the backend they were connected to left the service",
+            svc,
+        )
 
     def count_flow(self, flow: dict) -> None:
         if flow.get("event_type") == "L7":
@@ -89,8 +112,31 @@ class AgentMetrics:
         for proto, n in counts.items():
             self.proxy_redirects.labels(protocol=proto).set(n)
 
+    def _refresh_services(self) -> None:
+        agent = self.agent
+        if agent.services is None:
+            return
+        for metric in (self.service_flows, self.service_no_backend, self.service_backends):
+            metric.clear()  # deleted services leave the exposition
+        stats = agent.lb.stats()
+        for svc in agent.services.all():
+            ids = {"namespace": svc.namespace, "service": svc.name}
+            connects, datagrams, no_backend = stats.get((svc.vip, svc.port, svc.protocol), (0,) * 3)
+            self.service_flows.labels(**ids, kind="connect").set(connects)
+            if svc.protocol == "UDP":
+                self.service_flows.labels(**ids, kind="datagram").set(datagrams)
+            self.service_no_backend.labels(**ids).set(no_backend)
+            backends = agent.service_backends.get(svc.key, ())
+            terminating = sum(1 for b in backends if b.terminating)
+            self.service_backends.labels(**ids, state="serving").set(len(backends) - terminating)
+            self.service_backends.labels(**ids, state="terminating").set(terminating)
+        for key, n in agent.sockets_reset.items():
+            namespace, _, name = key.partition("/")
+            self.service_sockets_reset.labels(namespace=namespace, service=name).set(n)
+
     def render(self) -> str:
         self._refresh()
+        self._refresh_services()
         worker = getattr(self.agent.proxy, "metrics_text", "")
         return worker + self.registry.render()
 

@@ -55,6 +55,13 @@ def register(sub) -> None:
 
     d = esub.add_parser("delete", help="delete an endpoint and its namespace")
     d.add_argument("name")
+    d.add_argument(
+        "--grace-period",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first let it finish its service connections: no new ones for SECONDS, then delete",
+    )
     agent_action(d, _delete)
 
 
@@ -161,7 +168,13 @@ def _exec(args) -> int:
 
 
 def _delete(args) -> int:
-    Client(args.socket).call("endpoint.delete", name=args.name)
+    grace = args.grace_period
+    if not 0 <= grace <= 3600:
+        print(f"error: --grace-period {grace:g}: give 0-3600 seconds", file=sys.stderr)
+        return 2
+    Client(args.socket, timeout=60 + grace).call(
+        "endpoint.delete", name=args.name, grace_period=grace
+    )
     print(f"endpoint {args.name} deleted")
     return 0
 

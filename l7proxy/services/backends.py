@@ -20,6 +20,7 @@ class KnownEndpoint:
     name: str  # local endpoint name, or "" for another node's pod
     ip: str
     labels: tuple[str, ...]  # "source:key=value" strings as the agent stores them
+    terminating: bool = False  # a local endpoint in its deletion grace period
 
 
 def label_map(labels: Iterable[str]) -> dict[str, str]:
@@ -43,11 +44,19 @@ def resolve(service: Service, endpoints: Iterable[KnownEndpoint]) -> tuple[Backe
     if not service.selector:
         return service.backends
     chosen = {
-        ep.ip: Backend(ep.ip, service.target_port, ep.name)
+        ep.ip: Backend(ep.ip, service.target_port, ep.name, ep.terminating)
         for ep in endpoints
         if selects(service, ep.labels)
     }
     return tuple(sorted(chosen.values(), key=lambda b: _ip_order(b.ip)))
+
+
+def serving(backends: tuple[Backend, ...]) -> tuple[Backend, ...]:
+    """The backends that take new flows: the ones not terminating, or, when every one is
+    terminating, all of them (Kubernetes' "proxy terminating endpoints" fallback, which Cilium
+    follows too: a service whose pods are all being replaced keeps answering)."""
+    ready = tuple(b for b in backends if not b.terminating)
+    return ready or backends
 
 
 def _ip_order(ip: str) -> tuple[int, ...]:

@@ -1,8 +1,11 @@
-"""The agent's kernel side of services: redirect_bpf.sock_lb behind the agent's calls, or a
-null load balancer when BPF is off (the agent still stores services and shows their backends).
+"""The agent's kernel side of services: redirect_bpf.sock_lb behind the agent's calls (and, in
+cluster mode, redirect_bpf.nodeport on the underlay device for NodePort and VIP traffic from
+outside), or a null load balancer when BPF is off (the agent still stores services and shows
+their backends).
 
-Maglev tables are computed here (pure code in maglev.py) and cached by backend set: 16381
-slots take ~10-20 ms in Python, and most refreshes change no backend set.
+Maglev tables are computed here (pure code in maglev.py) and cached by backend set: a table
+takes ~20 ms in Python at M = 16381 (up to 16 backends) and 0.2-0.5 s at M = 131071 (66 and
+more), and most refreshes change no backend set.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
-from l7proxy.services import maglev
+from l7proxy.services import backends as resolver
+from l7proxy.services import maglev, sock_terminate
 from l7proxy.services.model import Backend, Service
 
 log = logging.getLogger("l7proxy.services")
@@ -29,6 +33,12 @@ class NullLb:
     def sync(self, plan) -> None:
         pass
 
+    def terminate(self, targets) -> dict:
+        return {}
+
+    def stats(self) -> dict:
+        return {}
+
     def status(self) -> dict:
         return {"state": "disabled", "detail": f"no socket LB: {self.reason}"}
 
@@ -39,13 +49,38 @@ class NullLb:
 class KernelLb:
     name = "bpf"
 
-    def __init__(self, pin_dir: Path, cgroup: str) -> None:
+    def __init__(self, pin_dir: Path, cgroup: str, node_ip: str = "") -> None:
         from redirect_bpf.sock_lb import SockLB
 
         self.lb = SockLB(pin_dir)
         self.cgroup = cgroup
         self.flags = self.lb.attach(cgroup)
         self._tables: OrderedDict[tuple[str, ...], tuple[int, ...]] = OrderedDict()
+        self.nodeport = None
+        self.nodeport_error = "" if node_ip else "no node IP (cluster mode only)"
+        if node_ip:
+            self._start_nodeport(pin_dir, node_ip)
+
+    def _start_nodeport(self, pin_dir: Path, node_ip: str) -> None:
+        """Per-packet LB on the device holding the node IP; without it the socket LB still
+        works (NodePort is refused by nobody, only not answered)."""
+        from redirect_bpf import overlay
+        from redirect_bpf.nodeport import NodePort
+
+        try:
+            nodeport = NodePort(pin_dir, rebuild=not self.lb.reused)
+        except Exception as exc:
+            log.error("NodePort could not start: %s", exc)
+            self.nodeport_error = f"failed to start: {exc}"
+            return
+        try:
+            nodeport.attach(overlay.device_of(node_ip), node_ip)
+        except Exception as exc:
+            nodeport.close()
+            log.error("NodePort could not attach: %s", exc)
+            self.nodeport_error = f"failed to attach: {exc}"
+            return
+        self.nodeport, self.node_ip = nodeport, node_ip
 
     def _maglev(self, backends: tuple[Backend, ...]) -> tuple[int, ...]:
         """slot -> index into `backends` (in the given order), via the table over names."""
@@ -66,7 +101,8 @@ class KernelLb:
         from redirect_bpf.sock_lb import LbService
 
         desired = []
-        for svc, backends in plan:
+        for svc, all_backends in plan:
+            backends = resolver.serving(all_backends)  # terminating ones take no new flow
             desired.append(
                 LbService(
                     svc.vip,
@@ -77,23 +113,45 @@ class KernelLb:
                     self._maglev(backends) if svc.algorithm == "maglev" and backends else None,
                 )
             )
-        self.lb.sync(desired)
+        self.lb.sync(desired)  # the backends and Maglev rows NodePort reads, before its frontends
+        if self.nodeport is not None:
+            from redirect_bpf.nodeport import NpFrontend
+
+            self.nodeport.sync(
+                NpFrontend(svc.vip, svc.port, svc.protocol, svc.node_port, svc.dsr)
+                for svc, _ in plan
+            )
+
+    def terminate(self, targets: sock_terminate.Targets) -> dict[tuple[str, str, int], int]:
+        """Reset the sockets this LB connected to backends that are gone (sock_terminate);
+        how many per frontend (proto, VIP, port)."""
+        return sock_terminate.destroy(targets, self.lb.translated_from)
+
+    def stats(self) -> dict[tuple[str, int, str], tuple[int, int, int]]:
+        """frontend (VIP, port, proto) -> (connects, datagrams, no backend), from the kernel."""
+        return self.lb.stats()
 
     def status(self) -> dict:
         from redirect_bpf.sock_lb import BPF_F_PREORDER
 
         preorder = "preorder" if self.flags & BPF_F_PREORDER else "attach order"
+        if self.nodeport is not None:
+            nodeport = f"NodePort on {self.nodeport.device} ({self.node_ip})"
+        else:
+            nodeport = f"no NodePort: {self.nodeport_error}"
         return {
             "state": "ok",
             "detail": f"socket LB on {self.cgroup} ({preorder}), "
-            f"{len(self.lb.services())} frontends, pins {self.lb.pin_dir}",
+            f"{len(self.lb.services())} frontends, {nodeport}, pins {self.lb.pin_dir}",
         }
 
     def close(self) -> None:
         self.lb.close()  # attached programs keep translating while the agent is away
+        if self.nodeport is not None:
+            self.nodeport.close()
 
 
-def make_lb(datapath, cgroup: str):
+def make_lb(datapath, cgroup: str, node_ip: str = ""):
     if getattr(datapath, "name", "") != "bpf":
         return NullLb(getattr(datapath, "reason", "the BPF datapath is off"))
     if not cgroup:
@@ -101,7 +159,7 @@ def make_lb(datapath, cgroup: str):
     try:
         # The datapath's own pin directory (the LB's pins have names of their own there): what
         # removes the datapath's pins removes the LB's links too, and with them the attachments.
-        return KernelLb(Path(datapath.pin_dir), cgroup)
+        return KernelLb(Path(datapath.pin_dir), cgroup, node_ip)
     except Exception as exc:  # the agent runs without socket LB rather than not at all
         log.error("socket LB could not start: %s", exc)
         return NullLb(f"failed to start: {exc}")

@@ -19,7 +19,7 @@ LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_./:-]{0,250}[A-Za-z0-9])?$")
 NODE_PORT_RANGE = (30000, 32767)  # Kubernetes' default service-node-port-range
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, Kubernetes' default for ClientIP affinity
 MAX_AFFINITY_TIMEOUT = 86400
-MAX_BACKENDS = 256  # per service; Maglev's M=16381 keeps reassignment near 1/N up to ~160
+MAX_BACKENDS = 256  # fixed --backend addresses per service (a selector may pick more)
 
 
 class ServiceError(ValueError):
@@ -31,6 +31,9 @@ class Backend:
     ip: str
     port: int
     endpoint: str = ""  # the endpoint's name when a selector chose it ("" for --backend)
+    # Kubernetes' EndpointSlice condition: the endpoint is being deleted (a grace period runs).
+    # It gets no new flow while the service has a serving backend; its connections go on.
+    terminating: bool = False
 
     @property
     def key(self) -> str:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 
 from l7proxy.agent.api import ApiError
+from l7proxy.cluster.agent_mode import default_underlay_ip
 from l7proxy.cluster.kvstore import KVStoreDown
 from l7proxy.services import backends as resolver
 from l7proxy.services.cluster_sync import ClusterServices, ServiceExists
@@ -29,15 +31,27 @@ class ServiceOps:
     services: ServiceTable | None = None
     cluster_services: ClusterServices | None = None
     service_backends: dict[str, tuple[Backend, ...]] = {}
+    terminating_endpoints: set[str] = set()  # rebound per agent in _start_services
 
     def _start_services(self) -> None:
         """Before the API opens: the table from SQLite, the kernel LB, a first refresh."""
         self.services = ServiceTable(self.store)
         self.service_backends = {}
         self._backend_index: dict[tuple[str, int], str] = {}
-        self.lb = make_lb(self.datapath, self.config.sock_lb_cgroup)
+        self._frontend_backends: dict[tuple[str, int, str], set[tuple[str, int]]] = {}
+        self._frontend_keys: dict[tuple[str, int, str], str] = {}  # frontend -> service key
+        self.terminating_endpoints: set[str] = set()  # local endpoints in their grace period
+        self.sockets_reset: Counter[str] = Counter()  # service key -> sockets reset
+        self.lb = make_lb(self.datapath, self.config.sock_lb_cgroup, self._node_ip())
         self.flows.add_enricher(self._service_enrich)
         self._services_refresh()
+
+    def _node_ip(self) -> str:
+        """NodePort's address: the node's underlay IP (cluster mode only)."""
+        c = self.config
+        if not c.kvstore:
+            return ""
+        return c.underlay_ip or default_underlay_ip(c.kvstore)
 
     async def _services_join_cluster(self) -> None:
         """Cluster mode, after the link is up: etcd's services replace the cached table."""
@@ -68,7 +82,9 @@ class ServiceOps:
 
     def _known_endpoints(self) -> list[resolver.KnownEndpoint]:
         known = {
-            ep.ip: resolver.KnownEndpoint(ep.name, ep.ip, tuple(ep.labels))
+            ep.ip: resolver.KnownEndpoint(
+                ep.name, ep.ip, tuple(ep.labels), ep.name in self.terminating_endpoints
+            )
             for ep in self.store.endpoints()
         }
         if self.cluster is not None:
@@ -84,15 +100,43 @@ class ServiceOps:
         if self.services is None:
             return
         known = self._known_endpoints()
-        plan, current, index = [], {}, {}
+        plan, current, index, frontends, keys = [], {}, {}, {}, {}
         for svc in self.services.all():
             chosen = resolver.resolve(svc, known)
             plan.append((svc, chosen))
             current[svc.key] = chosen
+            keys[(svc.vip, svc.port, svc.protocol)] = svc.key
+            frontends[(svc.vip, svc.port, svc.protocol)] = {(b.ip, b.port) for b in chosen}
             for b in chosen:
                 index[(b.ip, b.port)] = svc.name
-        self.lb.sync(plan)
+        self.lb.sync(plan)  # first: from here on no new flow goes to a backend that left
+        gone = _gone(self._frontend_backends, frontends)
         self.service_backends, self._backend_index = current, index
+        self._frontend_backends = frontends
+        if gone:
+            try:
+                reset = self.lb.terminate(gone)
+            except Exception:  # best effort: the LB is right, the sockets time out on their own
+                log.exception("services: resetting sockets to removed backends failed")
+            else:
+                for (proto, vip, port), n in reset.items():
+                    # every gone frontend had a service before this refresh
+                    self.sockets_reset[self._frontend_keys[(vip, port, proto)]] += n
+                if reset:
+                    log.info("services: reset %d sockets to removed backends", reset.total())
+        self._frontend_keys = keys
+
+    async def _endpoint_terminate(self, name: str, grace: float) -> None:
+        """An endpoint's deletion grace period (`endpoint delete --grace-period`): it takes no
+        new service flow from now on, its established connections go on; the caller deletes
+        it afterwards (and the refresh then resets what is still connected), then discards the
+        name from `terminating_endpoints`."""
+        async with self._lock:
+            if self.store.endpoint(name) is None:
+                raise ApiError(f"no endpoint named {name}")
+            self.terminating_endpoints.add(name)
+            await asyncio.to_thread(self._services_refresh)
+        await asyncio.sleep(grace)
 
     def _service_enrich(self, flow: dict) -> None:
         """A flow to a backend names its service (observe, the flow log): the packets carry
@@ -115,7 +159,7 @@ class ServiceOps:
     def _describe(self, svc: Service) -> dict:
         out = svc.to_json()
         out["endpoints"] = [
-            {"ip": b.ip, "port": b.port, "endpoint": b.endpoint}
+            {"ip": b.ip, "port": b.port, "endpoint": b.endpoint, "terminating": b.terminating}
             for b in self.service_backends.get(svc.key, ())
         ]
         return out
@@ -201,3 +245,13 @@ class ServiceOps:
 
 def _key(args: dict) -> str:
     return f"{args.get('namespace') or 'default'}/{args.get('name') or ''}"
+
+
+def _gone(before: dict, after: dict) -> dict[tuple[str, str, int], set[tuple[str, int]]]:
+    """The backends that left each frontend (terminating ones have not left), as
+    sock_terminate's targets: (proto, backend ip, port) -> the VIPs whose sockets must go."""
+    out: dict[tuple[str, str, int], set[tuple[str, int]]] = {}
+    for (vip, port, proto), backends in before.items():
+        for ip, bport in backends - after.get((vip, port, proto), set()):
+            out.setdefault((proto, ip, bport), set()).add((vip, port))
+    return out

@@ -76,6 +76,9 @@ class ServicesLab:
         self.pin_dir = Path(f"/sys/fs/bpf/l7sb{tag}-lb")
         self.nginx: subprocess.Popen | None = None
         self.lb = None
+        self.np_pin_dir = Path(f"/sys/fs/bpf/l7sb{tag}-np")
+        self.nodeport = None
+        self._np_objects: list = []
 
     def start(self) -> ServicesLab:
         c, b = self.client_ns, self.backend_ns
@@ -146,6 +149,35 @@ class ServicesLab:
         if self.lb is not None:
             self.lb.sync([])
 
+    def use_nodeport(self, node_port: int) -> dict[str, int]:
+        """NodePort on the backend's veth (tc ingress and egress, as on a node's underlay
+        device): BACKEND_IP:node_port balances over the three nginx ports, which the datapath's
+        endpoint map calls local (DNAT only). Its own pin directory (datapath, socket LB maps,
+        NodePort). Returns the programs' fds for their bpf_stats."""
+        from redirect_bpf import loader, structs
+        from redirect_bpf.ipcache import be32
+        from redirect_bpf.nodeport import NodePort, NpFrontend
+        from redirect_bpf.sock_lb import LbService, SockLB
+
+        dp = loader.load(self.np_pin_dir)
+        lb = SockLB(self.np_pin_dir)
+        self._np_objects = [dp, lb]
+        self.nodeport = NodePort(self.np_pin_dir)
+        lb.sync([LbService(vip(0), 80, "TCP", tuple((BACKEND_IP, p) for p in BACKEND_PORTS))])
+        self.nodeport.sync([NpFrontend(vip(0), 80, "TCP", node_port=node_port)])
+        key_type, value_type, _ = structs.MAPS["ep_by_ip"]
+        info = value_type(endpoint_id=1, identity=1000, ipv4=be32(BACKEND_IP))
+        dp.maps["ep_by_ip"].put(key_type(be32(BACKEND_IP)), info)
+        self.nodeport.set_node_ip(BACKEND_IP)
+        # nsenter, not `ip netns exec`: that remounts /sys and hides the pins
+        enter = ("nsenter", f"--net=/var/run/netns/{self.backend_ns}")
+        sh(*enter, "tc", "qdisc", "add", "dev", "sbb0", "clsact")
+        for hook, prog in (("ingress", "np_from_netdev"), ("egress", "np_to_netdev")):
+            pin = self.np_pin_dir / f"prog_{prog}"
+            sh(*enter, "tc", "filter", "add", "dev", "sbb0", hook, "prio", "1", "bpf", "da",
+               "pinned", str(pin))  # fmt: skip
+        return dict(self.nodeport.progs)
+
     # -- load ---------------------------------------------------------------------------------
 
     def wrk(self, url: str, seconds: float, new_connections: bool) -> float:
@@ -174,6 +206,13 @@ class ServicesLab:
             self.lb.destroy()
             with contextlib.suppress(OSError):
                 self.pin_dir.rmdir()
+        if self.nodeport is not None:
+            from redirect_bpf import loader
+
+            self.nodeport.close()
+            for obj in self._np_objects:
+                obj.close()
+            loader.unpin(self.np_pin_dir)  # the filters go with the backend's namespace
         for ns in (self.client_ns, self.backend_ns):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         for _ in range(50):

@@ -4,7 +4,8 @@ queried directly on a port without a dns rule), queries per second through the p
 (32 in flight, one client), and first-connect success over 1,000 fresh names (each resolved and
 connected to at once; every name is new, so every answer is held for a datapath update).
 Prints one table. Noisy on a shared 2-core machine, so the latency is measured in pairs: each
-millisecond one query per path, both paths under the same load, in three rounds.
+millisecond one query per path, both paths under the same load, in five rounds (the median
+round counts), each with the load average beside it.
 Also prints the agent's CPU per proxied query."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tests.e2e.test_agent_dns import Outside
 pytestmark = [pytest.mark.bench, pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(600)]
 
 FRESH = 1000
-ROUNDS = 3
+ROUNDS = 5  # the median of five rounds: one round hit by a GC pause or a neighbour is outvoted
 SLOTS = "3000"  # paired queries per round (3 s at 1,000 q/s per path)
 POLICY = """
 apiVersion: cilium.io/v2
@@ -183,6 +184,7 @@ def test_dns_proxy_numbers():
                         _in_pod(agent, sys.executable, "-c", LATENCY, outside.addr(53), SLOTS)
                     )
                 )
+                rounds[-1]["load"] = os.getloadavg()[0]
             qps = {
                 label: json.loads(
                     _in_pod(agent, sys.executable, "-c", QPS, outside.addr(53), port)
@@ -201,16 +203,19 @@ def test_dns_proxy_numbers():
             print("\nDNS proxy (node mode), dnsmasq in a namespace, one client; paired rounds of "
                   f"{SLOTS} ms, one query per path per ms (1,000 q/s through the proxy)")  # fmt: skip
             print(f"{'round':6} {'direct p50':>10} {'proxy p50':>10} {'added':>7} "
-                  f"{'direct p99':>10} {'proxy p99':>10} {'added':>7}   (ms)")  # fmt: skip
+                  f"{'direct p99':>10} {'proxy p99':>10} {'added':>7}   (ms)  load")  # fmt: skip
             added99 = []
             for n, r in enumerate(rounds, 1):
                 d, p = r["direct"], r["proxy"]
                 added99.append(p["p99_ms"] - d["p99_ms"])
                 print(f"{n:<6} {d['p50_ms']:10.3f} {p['p50_ms']:10.3f} {p['p50_ms'] - d['p50_ms']:7.3f} "
-                      f"{d['p99_ms']:10.3f} {p['p99_ms']:10.3f} {added99[-1]:7.3f}")  # fmt: skip
+                      f"{d['p99_ms']:10.3f} {p['p99_ms']:10.3f} {added99[-1]:7.3f}        "
+                      f"{r['load']:.2f}")  # fmt: skip
             median = sorted(added99)[len(added99) // 2]
+            added50 = sorted(r["proxy"]["p50_ms"] - r["direct"]["p50_ms"] for r in rounds)
             print(f"p99 added, median of {ROUNDS} rounds: {median:.3f} ms (target <= 1 ms: "
-                  f"{'met' if median <= 1 else 'NOT met'})")  # fmt: skip
+                  f"{'met' if median <= 1 else 'NOT met'}); p50 added, median "
+                  f"{added50[len(added50) // 2]:.3f} ms")  # fmt: skip
             print(f"32 in flight: proxy {qps['proxy']:.0f} q/s, direct {qps['direct']:.0f} q/s "
                   f"(ratio {qps['proxy'] / qps['direct']:.2f}); agent CPU per proxied query "
                   f"{agent_cpu:.0f} us")  # fmt: skip

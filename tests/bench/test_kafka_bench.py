@@ -9,6 +9,9 @@ tests/e2e/kafka_broker.py), with both clients:
 - Tansu (Rust, in-memory storage engine): ~2.4 us of broker CPU per record, so the run is less
   CPU-bound and the proxy's CPU mostly fits in what is idle.
 Latency runs against both; consume against noida-db only (Tansu returns part of the log).
+A floor row (issue 20) puts HAProxy in TCP mode (splice, no L7) and a kernel-only sockmap relay
+(tests/bench/sockmap_relay.py) on the same confluent-kafka/Tansu path: what a second TCP
+connection costs here whoever moves the bytes.
 
 The proxy is the real `l7proxy gateway --protocol kafka` process with a CiliumNetworkPolicy that
 allows produce and consume on the bench topic only; it advertises itself in Metadata so the
@@ -33,13 +36,16 @@ import sys
 import tempfile
 import textwrap
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from l7proxy.platform import free_port
 from tests.bench import harness
 from tests.bench.conftest import bench_duration
-from tests.bench.harness import PROJECT, Metric, Row, ScenarioResult, Target
+from tests.bench.harness import HAPROXY, PROJECT, Metric, Row, ScenarioResult, Target
+from tests.bench.peers import haproxy_binary
 from tests.e2e.kafka_broker import KafkaBroker, TansuBroker, start_gateway
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(900)]
@@ -225,7 +231,8 @@ def _script(code: str, *args: str, timeout: float) -> dict:
 
 
 @contextlib.contextmanager
-def _broker(kind: type[KafkaBroker] = KafkaBroker):
+def _broker(kind: Callable[[], KafkaBroker] = KafkaBroker):
+    """A started broker: `kind` is a broker class, or anything that returns an unstarted one."""
     b = kind().start()
     try:
         yield b
@@ -239,18 +246,25 @@ def _broker(kind: type[KafkaBroker] = KafkaBroker):
 
 
 @contextlib.contextmanager
-def _proxy(broker, topic: str):
+def _gateway(broker, topic: str):
     """The real `l7proxy gateway --protocol kafka` (one worker, no flow log, as the HTTP
     benches run it) in front of `broker`, with a CiliumNetworkPolicy allowing produce and
-    consume on `topic` only; yields its address. The gateway advertises itself in Metadata,
-    so the clients never go around it."""
+    consume on `topic` only. The gateway advertises itself in Metadata, so the clients never
+    go around it."""
     with tempfile.TemporaryDirectory(prefix="l7proxy-kafka-bench-") as tmp:
         gw = start_gateway(broker, Path(tmp), "kafka", extra=("--workers", "1"), topic=topic,
                            flow_log=False)  # fmt: skip
         try:
-            yield f"127.0.0.1:{gw.port}"
+            yield gw
         finally:
             gw.stop()
+
+
+@contextlib.contextmanager
+def _proxy(broker, topic: str):
+    """`_gateway`, yielding its address."""
+    with _gateway(broker, topic) as gw:
+        yield f"127.0.0.1:{gw.port}"
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +364,147 @@ def test_produce_throughput(client, script, settings, broker_name, topic, record
     )  # fmt: skip
     record(result)
     assert errors == 0 and all(r.value > 0 for r in rows)
+
+
+class _TansuBehind(TansuBroker):
+    """Tansu advertising another address (a TCP proxy in front of it) in Metadata, so that
+    clients bootstrapped through the proxy keep using it."""
+
+    advertised = 0
+
+    def command(self) -> list[str]:
+        argv = super().command()
+        argv[argv.index("--advertised-listener-url") + 1] = f"tcp://{self.host}:{self.advertised}"
+        return argv
+
+
+HAPROXY_TCP = """global
+  nbthread 1
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option splice-auto
+frontend kafka
+  bind 127.0.0.1:{port}
+  default_backend broker
+backend broker
+  server broker 127.0.0.1:{broker}
+"""
+L4_SPLICE = f"{HAPROXY} TCP mode (splice, no L7)"
+KERNEL_RELAY = "sockmap relay (kernel only, no L7)"
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of all threads of `pid` so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+@contextlib.contextmanager
+def _haproxy_tcp(broker_port: int, port: int):
+    """HAProxy 2.6 relaying 127.0.0.1:`port` to the broker in TCP mode, splicing."""
+    with tempfile.TemporaryDirectory(prefix="l7proxy-kafka-haproxy-") as tmp:
+        cfg = Path(tmp) / "haproxy.cfg"
+        cfg.write_text(HAPROXY_TCP.format(port=port, broker=broker_port))
+        proc = subprocess.Popen([haproxy_binary(), "-db", "-f", str(cfg)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def _sockmap_relay(broker_port: int, port: int):
+    """tests/bench/sockmap_relay.py relaying 127.0.0.1:`port` to the broker in the kernel."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.sockmap_relay", str(port), str(broker_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            proc.kill()
+            raise RuntimeError(f"sockmap relay: {proc.communicate(timeout=10)[1].strip()[-300:]}")
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_produce_floor(topic, record):
+    """The floor of the confluent-kafka/Tansu produce ratio on this machine (issue 20): the same
+    producer through HAProxy in TCP mode (C, one thread, splice, no L7) and through a relay that
+    moves every byte in the kernel (sockmap, no user space, no L7), next to direct and l7proxy.
+    Rotating path order, fresh brokers per round; each relay fronts a Tansu of its own that
+    advertises the relay's port, so the client stays on it. Besides throughput, the user-space
+    proxies' CPU per produced message (from /proc; the sockmap relay's work is in softirq and
+    kworker context, on nobody's account)."""
+    if haproxy_binary() is None:
+        pytest.fail("haproxy is not installed (make setup)")
+    seconds = bench_duration() / PRODUCE_ROUNDS
+    direct = f"direct {TansuBroker.name}"
+    rates: dict[str, list[float]] = {direct: [], PROJECT: [], L4_SPLICE: [], KERNEL_RELAY: []}
+    cpu: dict[str, list[float]] = {PROJECT: [], L4_SPLICE: []}
+    for i in range(PRODUCE_ROUNDS):
+        behind_haproxy, behind_relay = _TansuBehind(), _TansuBehind()
+        behind_haproxy.advertised, behind_relay.advertised = free_port(), free_port()
+        with (
+            _broker(TansuBroker) as broker,
+            _gateway(broker, topic) as gateway,
+            _broker(lambda b=behind_haproxy: b) as second,
+            _haproxy_tcp(second.port, behind_haproxy.advertised) as haproxy,
+            _broker(lambda b=behind_relay: b) as third,
+            _sockmap_relay(third.port, behind_relay.advertised),
+        ):
+            paths = [
+                (direct, broker.address, None),
+                (PROJECT, f"127.0.0.1:{gateway.port}", gateway.proc.pid),
+                (L4_SPLICE, f"127.0.0.1:{behind_haproxy.advertised}", haproxy.pid),
+                (KERNEL_RELAY, f"127.0.0.1:{behind_relay.advertised}", None),
+            ]
+            # The first connection through each relay (imports, topic creation) is not timed.
+            for _, addr, _pid in paths[1:]:
+                _script(PRODUCER, addr, topic, "0.3", timeout=60)
+            k = i % len(paths)
+            for peer, addr, pid in paths[k:] + paths[:k]:
+                before = _cpu_seconds(pid) if pid else 0.0
+                res = _script(PRODUCER, addr, topic, f"{seconds:g}", timeout=seconds + 120)
+                assert res["errors"] == 0 and res["ok"] > 0, (peer, res)
+                rates[peer].append(res["ok"] / res["seconds"])
+                if pid:
+                    cpu[peer].append((_cpu_seconds(pid) - before) / res["ok"] * 1e6)
+    rows = tuple(
+        Row(
+            peer,
+            statistics.median(values),
+            note="rounds: " + ", ".join(f"{v:,.0f}" for v in values)
+            + (f"; proxy CPU {statistics.median(cpu[peer]):.2f} us/msg" if peer in cpu else ""),
+        )
+        for peer, values in rates.items()
+    )  # fmt: skip
+    med = {peer: statistics.median(v) for peer, v in rates.items()}
+    result = ScenarioResult(
+        "kafka produce floor (confluent-kafka, tansu)",
+        f"confluent-kafka, 1 KiB records, acks=1, {PRODUCE_ROUNDS} rotating rounds of {seconds:g}s, "
+        f"fresh brokers per round, each relay in front of a Tansu of its own; median",
+        MSG_S, rows, (Target(direct, 0.9),),
+        notes=tuple(
+            f"{peer} / direct: {med[peer] / med[direct]:.2f}x" for peer in rates if peer != direct
+        ) + tuple(
+            f"{peer}: proxy CPU per message, median {statistics.median(v):.2f} us "
+            f"(rounds: {', '.join(f'{x:.2f}' for x in v)})"
+            for peer, v in cpu.items()
+        ),
+    )  # fmt: skip
+    record(result)
 
 
 @pytest.mark.parametrize("broker_name", list(BROKERS))

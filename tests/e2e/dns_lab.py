@@ -19,10 +19,11 @@ def dns_lab(
     policy: str,
     *,
     pods: tuple[str, ...] = ("client",),
-    dns_host: int = 53,
+    dns_host: int | str = 53,
 ) -> Iterator[Outside]:
-    """Start `agent`, build the outside namespace, create `pods` and import `policy`; yields the
-    outside namespace, and takes it and the agent down again."""
+    """Start `agent`, build the outside namespace, create `pods` and import `policy` (its `{dns}`
+    the server at `dns_host`); yields the outside namespace, and takes it and the agent down
+    again."""
     agent.start()
     outside = None
     try:
@@ -30,7 +31,9 @@ def dns_lab(
         for pod in pods:
             ok(agent, "endpoint", "create", pod, "--labels", "app=client")
         path = Path(agent.state_dir) / "fqdn.yaml"
-        path.write_text(policy.format(dns=outside.addr(dns_host)))
+        # an int: the server's IPv4 host number; a str: its IPv6 one (Outside6, addr6)
+        dns = outside.addr(dns_host) if isinstance(dns_host, int) else outside.addr6(dns_host)
+        path.write_text(policy.format(dns=dns))
         ok(agent, "policy", "import", str(path))
         yield outside
     finally:

@@ -69,6 +69,32 @@ def test_writer_diffs_reuses_ids_and_recovers_from_pins(fresh):
     assert list(fresh.maps["lb_backends"].keys()) == []
 
 
+def test_maglev_tables_of_any_size_are_written_in_chunks(fresh):
+    from l7proxy.services import maglev
+
+    backends = (("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80))
+    names = [f"{ip}:{port}" for ip, port in backends]  # sorted, as the table indexes them
+    big = LbService("10.96.99.3", 80, "TCP", backends, maglev=tuple(maglev.table(names, 131071)))
+    fresh.sync([big])
+    svc = fresh.maps["lb_services"].get(S.SvcKey(S.be32(big.vip), S.be16(80), 6, 0))
+    assert svc.maglev_m == 131071 and svc.flags & S.LB_FLAG_MAGLEV
+
+    def chunks() -> dict[int, list[int]]:
+        rows = fresh.maps["lb_maglev"].items()
+        return {k.chunk: list(v.ids) for k, v in rows if k.svc_id == svc.svc_id}
+
+    written = chunks()
+    assert sorted(written) == list(range(32))  # 131071 slots in chunks of 4096
+    ids = [fresh.maps["lb_slots"].get(S.SlotKey(svc.svc_id, n)).value for n in (1, 2, 3)]
+    flat = [i for c in range(32) for i in written[c]][:131071]
+    assert flat == [ids[i] for i in big.maglev]
+    small = LbService(big.vip, 80, "TCP", backends, maglev=tuple(maglev.table(names, 16381)))
+    fresh.sync([small])  # a smaller table: the chunks past it go
+    assert sorted(chunks()) == [0, 1, 2, 3]
+    fresh.sync([])
+    assert list(fresh.maps["lb_maglev"].keys()) == []
+
+
 def test_attachments_live_only_as_long_as_their_pins(tmp_path):
     from tests.services.conftest import attached_programs
 

@@ -1,5 +1,6 @@
 """A service backend for the tests: HTTP on :8080 and UDP on :5353 answer with the backend's
-name (and, for HTTP, the path and the client's address). Prints "listening" when both are up.
+name (and, for HTTP, the path and the client's address); TCP :7070 answers every line of a
+long-lived connection with the name. Prints "listening" when all are up.
 
     python -m tests.services.backend_server NAME IP
 """
@@ -14,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HTTP_PORT = 8080
 UDP_PORT = 5353
+LINE_PORT = 7070
 
 
 def handler(body_of: Callable[[BaseHTTPRequestHandler], bytes]) -> type[BaseHTTPRequestHandler]:
@@ -51,6 +53,20 @@ def main() -> None:
             udp.sendto(f"{name} {data.decode(errors='replace')}".encode(), peer)
 
     threading.Thread(target=echo, daemon=True).start()
+    lines = socket.create_server((ip, LINE_PORT))
+
+    def answer(conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                f.write(f"{name} {line.decode(errors='replace')}".encode())
+                f.flush()
+
+    def accept() -> None:
+        while True:
+            conn, _ = lines.accept()
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
     print("listening", flush=True)
     httpd.serve_forever()
 

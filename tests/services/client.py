@@ -3,6 +3,9 @@
     python -m tests.services.client tcp VIP PORT COUNT [PATH]  -> one JSON line per connection:
         {"backend": NAME | null, "status": int | null, "peer": [ip, port], "error": str | null}
     python -m tests.services.client udp VIP PORT COUNT         -> {"backend", "source", "error"}
+    python -m tests.services.client tcp-for VIP PORT SECONDS   -> as tcp, new connections one
+        after the other for SECONDS (a client under load while backends change), each line with
+        the CLOCK_MONOTONIC time it started
 
 Each TCP connection is a new socket: connect, one GET, read the answer, close.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import time
 
 TIMEOUT = 1.0
 
@@ -48,8 +52,14 @@ def udp(vip: str, port: int, n: int) -> dict:
 
 
 def main() -> None:
-    kind, vip, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    kind, vip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     path = sys.argv[5] if len(sys.argv) > 5 else "/"
+    if kind == "tcp-for":
+        end = time.monotonic() + float(sys.argv[4])
+        while (started := time.monotonic()) < end:
+            print(json.dumps({**tcp(vip, port, path), "started": started}), flush=True)
+        return
+    count = int(sys.argv[4])
     for n in range(count):
         result = tcp(vip, port, path) if kind == "tcp" else udp(vip, port, n)
         print(json.dumps(result), flush=True)

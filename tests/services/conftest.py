@@ -84,6 +84,33 @@ class ServiceNode:
         assert r.returncode == 0, r.stderr
         return [json.loads(line) for line in r.stdout.splitlines()]
 
+    def popen(self, module: str, *args: str, endpoint: str = "client") -> subprocess.Popen:
+        """A long-running client module in an endpoint and the LB's cgroup, with pipes."""
+        join = str(self.cgroup / "cgroup.procs")
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.agent.prefix + endpoint, sys.executable, "-m", module,
+             *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: Path(join).write_text(str(os.getpid())),
+        )  # fmt: skip
+
+    def cli_popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "l7proxy", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.agent.env,
+        )
+
+    def stop_server(self, name: str) -> None:
+        proc = self.servers.pop(name, None)
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
     def close(self) -> None:
         for proc in self.servers.values():
             proc.kill()

@@ -193,6 +193,10 @@ def test_bad_input_is_one_line_from_the_cli(node):
         r = node.agent.cli("service", "create", "bad", *args)
         assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for grace in ("-1", "4000"):  # kubectl's flag, bounded; refused before the agent is asked
+        r = node.agent.cli("endpoint", "delete", "web1", "--grace-period", grace)
+        assert r.returncode == 2 and "0-3600 seconds" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = node.agent.cli("service", "get", "nope")
     assert r.returncode == 1 and r.stderr.strip() == "error: no service named 'nope'"
     node.ok("service", "create", "dup", "--vip", f"{VIP}:86", "--backend", "10.0.0.1:80")
@@ -203,3 +207,108 @@ def test_bad_input_is_one_line_from_the_cli(node):
         assert r.returncode == 1 and "already the VIP of service dup" in r.stderr
     finally:
         node.ok("service", "delete", "dup")
+
+
+def metric(node, name: str, **labels: str) -> float | None:
+    """One sample of `l7proxy metrics`, by name and exact labels (None if absent)."""
+    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    for line in node.ok("metrics").splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == want:
+            return float(value)
+    return None
+
+
+def _terminating(node, service: str) -> set[str]:
+    svc = json.loads(node.ok("service", "get", service))
+    return {e["endpoint"] for e in svc["endpoints"] if e["terminating"]}
+
+
+def test_graceful_scale_down_finishes_flows_resets_the_deleted_and_fails_no_connection(
+    node, service
+):
+    """A backend (web4) scaled down: terminating for 2 s, then deleted. Held connections to it
+    keep working while it terminates and are reset at once when it is deleted; and the issue's
+    churn test: a client loop (connect, one request, close) meanwhile sees 0 failures."""
+    node.add_backend("web4", "zone=b")
+    holder = loop = None
+    try:
+        zone_b = ("--selector", "app=web,zone=b")
+        service("grace", "--vip", f"{VIP}:87/TCP", *zone_b, "--target-port", "7070")
+        service("grace-udp", "--vip", f"{VIP}:87/UDP", *zone_b, "--target-port", "5353")
+        service("churn", "--vip", f"{VIP}:88/TCP", "--selector", "app=web", "--target-port", "8080")
+        holder = node.popen("tests.services.holder", VIP, "87", "87", "16")
+        held = json.loads(holder.stdout.readline())
+        # 16 TCP connections and 16 connected UDP sockets over web3 and web4 (p that one
+        # of the four lists misses a backend: 4 * 2^-16)
+        assert set(held["tcp"]) == set(held["udp"]) == {"web3", "web4"}, held
+        loop = node.popen("tests.services.client", "tcp-for", VIP, "88", "6")
+        time.sleep(1.0)
+        deleting = node.cli_popen("endpoint", "delete", "web4", "--grace-period", "2")
+        while _terminating(node, "grace") != {"web4"}:
+            assert deleting.poll() is None, deleting.communicate()
+            time.sleep(0.02)
+        drained = time.monotonic()  # at the latest
+        ids = {"namespace": "default", "service": "grace"}
+        for state in ("serving", "terminating"):
+            assert metric(node, "l7proxy_service_backends", **ids, state=state) == 1
+        # terminating: no new flow goes to it ...
+        fresh = node.popen("tests.services.holder", VIP, "87", "87", "8")
+        new = json.loads(fresh.stdout.readline())
+        fresh.communicate(timeout=10)
+        assert set(new["tcp"]) == set(new["udp"]) == {"web3"}, new
+        # ... and the established ones still work
+        holder.stdin.write("ask\n")
+        holder.stdin.flush()
+        assert json.loads(holder.stdout.readline()) == held
+        _, err = deleting.communicate(timeout=30)
+        assert deleting.returncode == 0, err
+        node.stop_server("web4")
+        # deleted: its sockets are reset at once (not left to time out), the others untouched
+        started = time.monotonic()
+        holder.stdin.write("ask\n")
+        holder.stdin.flush()
+        after = json.loads(holder.stdout.readline())
+        elapsed = time.monotonic() - started
+        for kind in ("tcp", "udp"):
+            want = ["ECONNABORTED" if b == "web4" else b for b in held[kind]]
+            assert after[kind] == want, (kind, after)
+        assert elapsed < 0.5, elapsed  # a blackholed socket would wait out its 1 s timeout
+        for name, kind in (("grace", "tcp"), ("grace-udp", "udp")):
+            reset = metric(node, "l7proxy_service_sockets_reset_total", **{**ids, "service": name})
+            assert reset == held[kind].count("web4"), (name, reset)
+        _check_churn(node, loop, drained)
+    finally:
+        for proc in (holder, loop):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+        if "web4" in node.servers:
+            node.agent.cli("endpoint", "delete", "web4")
+            node.stop_server("web4")
+
+
+def _check_churn(node, loop, drained: float) -> None:
+    """0 failed connections across the scale-down, web4 used before and not after."""
+    out, _ = loop.communicate(timeout=30)
+    results = [json.loads(line) for line in out.splitlines()]
+    failed = [r for r in results if r["status"] != 200]
+    assert not failed, failed[:5]
+    assert len(results) > 50, len(results)
+    seen = backends(results)
+    assert seen["web4"] > 0 and set(seen) == {"web1", "web2", "web3", "web4"}, seen
+    late = [r for r in results if r["started"] > drained]
+    assert late and "web4" not in backends(late), backends(late)
+    # metrics count the service's flows (each connect() once, in the kernel) ...
+    ids = {"namespace": "default", "service": "churn"}
+    assert metric(node, "l7proxy_service_flows_total", **ids, kind="connect") == len(results)
+    assert metric(node, "l7proxy_service_no_backend_total", **ids) == 0
+    # ... and observe names the service next to the backend the flow went to
+    out = node.ok("observe", "-o", "json", "--to-label", "app=web", "--last", "200")
+    flows = [json.loads(line) for line in out.splitlines()]
+    to_http = [
+        f for f in flows if (f.get("l4") or {}).get("TCP", {}).get("destination_port") == 8080
+    ]
+    assert to_http and all(f.get("service") == "churn" for f in to_http), to_http[:3]
+    web = {node.ips[n] for n in ("web1", "web2", "web3")}
+    assert {f["destination"]["ip"] for f in to_http} <= web  # the backend, never the VIP

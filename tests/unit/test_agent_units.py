@@ -139,6 +139,28 @@ async def _flow_log_case():
     assert len(seen) == 5 and log.total == 5
 
 
+def test_flow_log_takes_a_batch_like_single_flows():
+    """ingest_many (the DNS proxy's batches): every flow kept, observed and queued in order, an
+    unfiltered subscriber gets them all, a filtered one only its matches."""
+    log = FlowLog(capacity=10)
+    seen = []
+    log.add_enricher(lambda f: f.setdefault("node_name", "n1"))
+    log.add_observer(seen.append)
+    every, dropped = log.subscribe(), log.subscribe(FlowFilter(verdict="DROPPED"))
+    log.ingest_many(
+        [
+            _flow("DROPPED" if i % 2 else "FORWARDED", [], [], event="L3_L4") | {"n": i}
+            for i in range(4)
+        ]
+    )
+    log.ingest(_flow("DROPPED", [], [], event="L3_L4") | {"n": 4})
+    assert [f["n"] for f in log.last(None, FlowFilter())] == [0, 1, 2, 3, 4]
+    assert [f["n"] for f in seen] == [0, 1, 2, 3, 4] and log.total == 5
+    assert all(f["node_name"] == "n1" for f in seen)
+    assert [every.get_nowait()["n"] for _ in range(every.qsize())] == [0, 1, 2, 3, 4]
+    assert [dropped.get_nowait()["n"] for _ in range(dropped.qsize())] == [1, 3, 4]
+
+
 def test_compact_line_reads_like_hubble():
     line = compact(_flow("DROPPED", [], [], {"type": "REQUEST", "http": {"code": 403}}))
     assert line == (

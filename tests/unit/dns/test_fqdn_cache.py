@@ -64,3 +64,32 @@ def test_cname_names_all_learn_the_ips_and_state_round_trips():
     restored = FqdnCache(state=c.to_state())
     assert restored.learned() == {"www.example.": {"192.0.2.5"}, "edge.example.": {"192.0.2.5"}}
     assert restored.forget_endpoint("ep") and restored.learned() == {}
+
+
+def test_names_of_index_follows_learn_gc_forget_and_restart():
+    """names_of() is an index kept with the table; it must equal a scan of the table after
+    every kind of change (learn, expiry with and without live connections, endpoint delete, a
+    state round trip)."""
+
+    def scan(c: FqdnCache, ip: str) -> set[str]:
+        return {e["name"] for e in c.entries() if e["ip"] == ip}
+
+    c = FqdnCache(max_ips=2)
+    c.learn("a", ["x.example.", "cdn.example."], [("192.0.2.1", 10), ("192.0.2.2", 1)], now=0.0)
+    c.learn("b", ["y.example."], [("192.0.2.1", 10)], now=0.0)
+    c.learn("b", ["x.example."], [("192.0.2.3", 1), ("192.0.2.4", 50), ("192.0.2.5", 60)], now=0)
+    ips = [f"192.0.2.{i}" for i in range(1, 7)]
+    steps = [
+        lambda: None,
+        lambda: c.gc(now=5.0, alive=lambda: {"192.0.2.2"}),
+        lambda: c.gc(now=6.0),
+        lambda: c.forget_endpoint("a"),
+        lambda: c.learn("a", ["x.example."], [("192.0.2.6", 5)], now=7.0),
+    ]
+    for step in steps:
+        step()
+        assert {ip: c.names_of(ip) for ip in ips} == {ip: scan(c, ip) for ip in ips}
+    assert c.names_of("192.0.2.1") == {"y.example."}  # "a" went; "b" still has it for y
+    restored = FqdnCache(state=c.to_state())
+    assert {ip: restored.names_of(ip) for ip in ips} == {ip: scan(c, ip) for ip in ips}
+    assert restored.names_of("192.0.2.6") == {"x.example."}

@@ -1,0 +1,186 @@
+"""NodePort from outside the cluster on a 2-node lab, tunnel and native routing (docs/services.md):
+a service with 3 backends on 2 nodes reached from an "external" namespace on the underlay
+through either node's port, with SNAT and with DSR, TCP and UDP; answers come from the node's
+address and port; a backend the policy closes to the outside stays closed through the NodePort.
+
+web1, web2 and guarded run on node1, web3 on node2; the client is 10.251.0.50 on the underlay
+bridge (no cgroup hooks matter: it connects to node IPs, which the socket LB never translates).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from tests.lab.conftest import HERE, Lab, _endpoint, cli, in_pod, wait_for
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf]
+
+EXT_NS, EXT_LINK, EXT_IP = "l7lab-ext", "l7lab-ext0", "10.251.0.50"
+NODE1, NODE2 = "10.251.0.11", "10.251.0.12"
+WEB = {"web1", "web2", "web3"}
+GUARDED_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: guarded}
+spec:
+  endpointSelector: {matchLabels: {app: guarded}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: nobody}}]
+"""
+SERVICES = [  # name, frontend, selector, target port, node port, extra
+    ("web", "10.96.0.10:80/TCP", "app=web", "8080", "30080", ("--lb", "maglev")),
+    ("web-dsr", "10.96.0.11:80/TCP", "app=web", "8080", "30081", ("--lb", "maglev", "--dsr")),
+    ("names", "10.96.0.53:53/UDP", "app=web", "5353", "30053", ()),
+    ("names-dsr", "10.96.0.54:53/UDP", "app=web", "5353", "30054", ("--dsr",)),
+    ("guarded", "10.96.0.12:80/TCP", "app=guarded", "8080", "30082", ()),
+]
+
+
+def outside(kind: str, host: str, port: int, n: int, sport: int = 0) -> list[dict]:
+    """n requests from the external namespace (tests/lab/outside_client.py)."""
+    cmd = ["ip", "netns", "exec", EXT_NS, sys.executable, str(HERE / "outside_client.py"),
+           kind, host, str(port), str(n), *(("--sport", str(sport)) if sport else ())]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10 + 3 * n, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def _external_namespace() -> None:
+    run = lambda *a: subprocess.run(a, check=True)  # noqa: E731
+    run("ip", "netns", "add", EXT_NS)
+    run("ip", "link", "add", EXT_LINK, "type", "veth", "peer", "name", "eth0", "netns", EXT_NS)
+    run("ip", "link", "set", EXT_LINK, "master", "l7lab0", "up")
+    for args in (("addr", "add", f"{EXT_IP}/24", "dev", "eth0"), ("link", "set", "eth0", "up"),
+                 ("link", "set", "lo", "up")):  # fmt: skip
+        run("ip", "-n", EXT_NS, *args)
+
+
+@pytest.fixture(scope="module", params=["tunnel", "native"])
+def np_lab(request, tmp_path_factory):
+    cli("lab", "down")
+    lab = Lab(request.param)
+    try:
+        cli("lab", "up", "--nodes", "2", "--routing", lab.routing, "--lease-ttl", "5", timeout=240)
+        for node, name, labels in (("node1", "web1", "app=web"), ("node1", "web2", "app=web"),
+                                   ("node2", "web3", "app=web"),
+                                   ("node1", "guarded", "app=guarded")):  # fmt: skip
+            _endpoint(lab, node, name, labels)
+            server = str(HERE / "named_server.py")
+            lab.servers.append(in_pod(node, name, sys.executable, server, name, "8080", "5353"))
+        _external_namespace()
+        policy = tmp_path_factory.mktemp("np") / "guarded.yaml"
+        policy.write_text(GUARDED_POLICY)
+        cli("policy", "import", str(policy), node="node1")
+        for name, frontend, selector, target, node_port, extra in SERVICES:
+            cli("service", "create", name, "--vip", frontend, "--selector", selector,
+                "--target-port", target, "--node-port", node_port, *extra, node="node1")  # fmt: skip
+
+        def ready(node: str) -> bool:
+            svc = json.loads(cli("service", "get", "web", node=node))
+            return len(svc["endpoints"]) == 3
+
+        wait_for(lambda: ready("node1") and ready("node2"), 30, "3 web backends on both nodes")
+        wait_for(
+            lambda: all(r["ok"] for r in outside("tcp", NODE2, 30080, 1)),
+            30,
+            "the servers answering through the NodePort",
+        )
+        yield lab
+    finally:
+        for server in lab.servers:
+            server.kill()
+            server.wait(10)
+        subprocess.run(["ip", "netns", "del", EXT_NS], check=False, capture_output=True)
+        subprocess.run(["ip", "link", "del", EXT_LINK], check=False, capture_output=True)
+        cli("lab", "down", timeout=120)
+
+
+def test_status_names_the_nodeport_device(np_lab):
+    for node, ip in (("node1", NODE1), ("node2", NODE2)):
+        detail = json.loads(cli("status", "-o", "json", node=node))["parts"]["services"]["detail"]
+        assert f"NodePort on eth0 ({ip})" in detail, detail
+
+
+def _served(results: list[dict]) -> list[tuple[str, str]]:
+    """(backend name, the client address the backend saw) per answer; all must have answered."""
+    failed = [r for r in results if not r["ok"]]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:2]}"
+    return [tuple(r["body"].split()) for r in results]
+
+
+@pytest.mark.parametrize("node_ip", [NODE1, NODE2])
+def test_nodeport_snat_reaches_backends_on_both_nodes(np_lab, node_ip):
+    served = _served(outside("tcp", node_ip, 30080, 30))
+    assert {name for name, _ in served} == WEB, Counter(served)
+    local = {"web1", "web2"} if node_ip == NODE1 else {"web3"}
+    for name, seen in set(served):
+        # a backend on the node the client entered sees the client; one on the other node sees
+        # the entry node (SNAT: the answer must come back through it)
+        assert seen == (EXT_IP if name in local else node_ip), (name, seen)
+
+
+def test_nodeport_dsr_keeps_the_client_address(np_lab):
+    served = _served(outside("tcp", NODE2, 30081, 30))
+    assert {name for name, _ in served} == WEB
+    # every backend saw the client itself: the far node answered it directly, as NODE2:30081
+    assert {seen for _, seen in served} == {EXT_IP}
+
+
+@pytest.mark.parametrize("port", [30053, 30054], ids=["snat", "dsr"])
+def test_udp_nodeport_answers_come_from_the_node_port(np_lab, port):
+    results = outside("udp", NODE2, port, 30)
+    served = _served(results)
+    assert {name for name, _ in served} == WEB, Counter(served)
+    # recvfrom() names the real source of each answer: always the node and its port, also for
+    # the backends on node1 (DSR: node1 rewrote the source of its pod's answer)
+    assert {tuple(r["peer"]) for r in results} == {(NODE2, port)}
+    if port == 30054:
+        assert {seen for _, seen in served} == {EXT_IP}
+
+
+def test_every_node_picks_the_same_backend_for_a_flow(np_lab):
+    """Maglev over the client's address and port: entering by node1 or node2, one backend."""
+    for sport in (41001, 41002, 41003):
+        first = _served(outside("tcp", NODE1, 30080, 1, sport=sport))[0][0]
+        second = _served(outside("tcp", NODE2, 30080, 1, sport=sport))[0][0]
+        assert first == second, sport
+
+
+def test_policy_still_denies_the_backend_through_the_nodeport(np_lab):
+    # the guarded pod accepts nobody from outside: through its own node (local DNAT, the
+    # client's address: world) and through the other (SNAT/DSR: world or remote-node)
+    for node_ip in (NODE1, NODE2):
+        results = outside("tcp", node_ip, 30082, 1)
+        assert not results[0]["ok"], node_ip
+    guarded = np_lab.ips["guarded"]
+    drops = [
+        f
+        for f in np_lab.flows("node1")
+        if f["verdict"] == "DROPPED" and f["destination"].get("ip") == guarded
+    ]
+    assert drops, "node1 recorded no drop for the guarded backend"
+    assert drops[-1].get("service") == "guarded"
+    assert drops[-1]["l4"]["TCP"]["destination_port"] == 8080
+
+
+def test_a_removed_backend_loses_its_nodeport_flows_at_once(np_lab):
+    """Last (it deletes web3): a UDP flow that NodePort tracked to web3 goes to another
+    backend with its next datagram once web3 left the service."""
+    sport = next(
+        p
+        for p in range(42001, 42100)
+        if _served(outside("udp", NODE1, 30053, 1, sport=p))[0][0] == "web3"
+    )
+    assert _served(outside("udp", NODE1, 30053, 1, sport=sport))[0][0] == "web3"  # tracked
+    cli("endpoint", "delete", "web3", node="node2")
+    wait_for(
+        lambda: len(json.loads(cli("service", "get", "names", node="node1"))["endpoints"]) == 2,
+        30,
+        "web3 gone from the service on node1",
+    )
+    again = _served(outside("udp", NODE1, 30053, 3, sport=sport))
+    assert {name for name, _ in again} <= {"web1", "web2"}, again
