@@ -4,7 +4,8 @@ sidecar proxies ask per connection; the gateway's one-endpoint counterpart is ga
 A connection between two peers can meet L7 rules twice: the source endpoint's egress policy and
 the destination endpoint's ingress policy. Cilium applies both; so does `Both`, which passes a
 request only when each side's rule set passes it. Rules are re-read from the agent's current
-CompiledPolicy on every request, so a new revision applies to the next request.
+CompiledPolicy when a new one is installed, so a new revision applies to the next request of an
+open connection: a tightened rule, or a port the policy now denies, stops it.
 """
 
 from __future__ import annotations
@@ -50,11 +51,60 @@ class ConnPolicy:
     dst_labels: tuple[str, ...]
 
 
-def connection_policy(agent, src_ip: str, dst_ip: str, dport: int) -> ConnPolicy:
+def _verdicts(compiled, agent, src_ip: str, dst_ip: str, dport: int):
+    """(identities, labels, per-side (verdict, direction)) for a connection under `compiled`."""
     src_id, src_labels, src_ep = agent.peer(src_ip)
     dst_id, dst_labels, dst_ep = agent.peer(dst_ip)
+    sides = []  # (endpoint, peer identity, direction)
+    if src_ep is not None:
+        sides.append((src_ep, dst_id, policies.EGRESS))
+    if dst_ep is not None:
+        sides.append((dst_ep, src_id, policies.INGRESS))
+    verdicts = [
+        (policies.l4_verdict(compiled, ep, peer, direction, PROTO_TCP, dport), direction)
+        for ep, peer, direction in sides
+    ]
+    return (src_id, src_labels, dst_id, dst_labels, dst_ep), verdicts
+
+
+def _rule_set(compiled, verdicts, parser: str | None):
+    """The L7 rules one request of an open connection meets under `compiled`: None when the
+    policy now allows the port without L7 rules; a rule set that passes nothing when it now
+    denies the connection or asks for another protocol's parser (fail closed)."""
+    if any(v.action == "deny" for v, _ in verdicts):
+        return _nothing(parser)
+    sets = [compiled.l7.get(v.l7_id) for v, _ in verdicts if v.action == "redirect"]
+    if any(s is None for s in sets):  # a redirect to a rule set the policy lacks: never pass
+        return _nothing(parser)
+    if not sets:
+        return None
+    if parser is not None and any(s.parser != parser for s in sets):
+        return _nothing(parser)
+    if len(sets) == 2 and sets[0].parser == sets[1].parser:
+        return Both(sets[0], sets[1])
+    if len(sets) == 2:
+        return _nothing(parser)
+    return sets[0]
+
+
+_NOTHING: dict[str, object] = {}
+
+
+def _nothing(parser: str | None):
+    """A rule set of `parser` that passes no request (one per parser, shared)."""
+    name = parser or "http"
+    found = _NOTHING.get(name)
+    if found is None:
+        kind = policies.KafkaRuleSet if name == "kafka" else policies.HttpRuleSet
+        found = _NOTHING[name] = kind((), allow_all=False)
+    return found
+
+
+def connection_policy(agent, src_ip: str, dst_ip: str, dport: int) -> ConnPolicy:
     compiled = agent.compiled
     if compiled is None:  # nothing compiled (yet, or the stored set failed): fail closed
+        src_id, src_labels, _ = agent.peer(src_ip)
+        dst_id, dst_labels, _ = agent.peer(dst_ip)
         return ConnPolicy(
             L4Decision("deny", src_id, tuple(src_labels), "no compiled policy in the agent"),
             lambda: None,
@@ -63,17 +113,8 @@ def connection_policy(agent, src_ip: str, dst_ip: str, dport: int) -> ConnPolicy
             dst_id,
             tuple(dst_labels),
         )
-    sides = []  # (endpoint, peer identity, direction)
-    if src_ep is not None:
-        sides.append((src_ep, dst_id, policies.EGRESS))
-    if dst_ep is not None:
-        sides.append((dst_ep, src_id, policies.INGRESS))
-    verdicts = []
-    for ep, peer, direction in sides:
-        if compiled is not None:
-            verdicts.append(
-                (policies.l4_verdict(compiled, ep, peer, direction, PROTO_TCP, dport), direction)
-            )
+    peers, verdicts = _verdicts(compiled, agent, src_ip, dst_ip, dport)
+    src_id, src_labels, dst_id, dst_labels, dst_ep = peers
     denied = [v for v, _ in verdicts if v.action == "deny"]
     redirects = [(v, d) for v, d in verdicts if v.action == "redirect"]
     if denied:
@@ -82,21 +123,28 @@ def connection_policy(agent, src_ip: str, dst_ip: str, dport: int) -> ConnPolicy
         action, reason = "redirect", "; ".join(v.reason for v, _ in redirects)
     else:
         action, reason = "allow", verdicts[0][0].reason if verdicts else "no policy for these peers"
-    l7_ids = tuple(v.l7_id for v, _ in redirects)
-    captured = tuple(compiled.l7.get(i) for i in l7_ids) if compiled is not None else ()
+    first = _rule_set(compiled, verdicts, None)
+    parser = first.parser if first is not None else None
+
+    # The answer for the CompiledPolicy in force, kept until the agent installs another (an
+    # installed one is never changed in place): per request one identity check, and one Both
+    # object per revision, so the verdict memo keyed by the rule-set object
+    # (l7proxy/http1/verdicts.py) keeps its entries between requests. A new revision judges the
+    # open connection again, from its peers' current identities: rule-set ids are content
+    # hashes, so a changed rule is a new id and must not fall back to the captured set.
+    memo: tuple = (compiled, first)
 
     def rules():
+        nonlocal memo
         current = agent.compiled
-        sets = [
-            current.l7.get(i, old) if current is not None else old
-            for i, old in zip(l7_ids, captured, strict=True)
-        ]
-        sets = [s for s in sets if s is not None]
-        if not sets:
-            return None
-        if len(sets) == 2 and sets[0].parser == sets[1].parser:
-            return Both(sets[0], sets[1])
-        return sets[0]
+        if current is memo[0]:
+            return memo[1]
+        if current is None:  # the agent lost its policy: pass nothing
+            found = _nothing(parser)
+        else:
+            found = _rule_set(current, _verdicts(current, agent, src_ip, dst_ip, dport)[1], parser)
+        memo = (current, found)
+        return found
 
     direction = (
         "INGRESS"

@@ -314,7 +314,8 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
         flow["node_name"] = self.node_label
         for side in ("source", "destination"):
             peer = flow.get(side)
-            if not isinstance(peer, dict):
+            if not isinstance(peer, dict) or "pod_name" in peer:
+                # (filled already: a proxy shares one peer dict among its connection's flows)
                 continue
             ep = self._by_ip.get(peer.get("ip") or "")
             if ep is not None:

@@ -98,13 +98,17 @@ class FlowLog:
         """Called once per flow after enrichment (metrics count flows here)."""
         self._observers.append(fn)
 
+    def remove_observer(self, fn: Callable[[dict], None]) -> None:
+        if fn in self._observers:
+            self._observers.remove(fn)
+
     def ingest(self, flow: dict) -> None:
         self.ingest_many((flow,))
 
     def ingest_many(self, flows: Iterable[dict]) -> None:
         """Several flows in one go (the DNS proxy hands over a batch every few milliseconds):
         each is enriched, kept and counted as by ingest(), and a subscriber's queue gets them in
-        a row, so its reader (the live map) wakes once per batch rather than once per flow."""
+        a row, so its reader wakes once per batch rather than once per flow."""
         enrichers, observers, subscribers = self._enrichers, self._observers, self._subscribers
         for flow in flows:
             for enrich in enrichers:

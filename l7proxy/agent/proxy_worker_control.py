@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from l7proxy.agent.flow_wire import FlowDecoder
 from l7proxy.agent.node_proxy import node_listener
 
 WORKER_MODULE = "l7proxy.agent.proxy_worker_process"
@@ -125,8 +126,23 @@ class WorkerHandle:
             self.connected -= 1
 
     def uplink(self, args: dict, item: dict) -> None:
-        """The `proxy.flows` channel: flows into the agent's log, metrics text kept for /metrics."""
-        if "flow" in item:
+        """The `proxy.flows` channel: flows into the agent's log, metrics text kept for /metrics.
+        Flows come compact (`peers` then `flows` lines, l7proxy/agent/flow_wire.py; the peers
+        table belongs to the channel connection, so it lives in that connection's `args`) or
+        whole (`flow`, also what a worker from before the compact form sends)."""
+        if "flows" in item:
+            decoder = args.get("_flow_decoder")
+            if not isinstance(decoder, FlowDecoder):
+                return  # rows naming peers this connection never sent
+            ingest = self.agent.flows.ingest
+            for row in item["flows"]:
+                ingest(decoder.flow(row))
+        elif "peers" in item:
+            decoder = args.get("_flow_decoder")
+            if not isinstance(decoder, FlowDecoder):
+                decoder = args["_flow_decoder"] = FlowDecoder()
+            decoder.peers(item["peers"])
+        elif "flow" in item:
             self.agent.flows.ingest(item["flow"])
         elif "metrics" in item:
             self.metrics_text = item["metrics"]

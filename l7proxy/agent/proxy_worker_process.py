@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import policies
 from l7proxy.agent import policy_repo, ports
+from l7proxy.agent.flow_wire import FlowEncoder
 from l7proxy.agent.loop import new_event_loop
 from l7proxy.agent.node_proxy import NodeProxy
 from l7proxy.agent.store import PolicyDoc
@@ -36,6 +37,13 @@ from parsers.http_path import ESCAPED_SLASH_MODES, UNESCAPE
 RECONNECT = 0.5
 METRICS_EVERY = 1.0
 BACKLOG = 10_000  # flows kept while the agent is away
+# Compact flows per `flows` line (about 100-300 bytes each): far below the agent's line limit.
+FLOWS_PER_LINE = 256
+FLOW_BATCH_DELAY = 0.01
+
+
+def _line(item: dict) -> bytes:
+    return json.dumps(item, separators=(",", ":")).encode() + b"\n"
 
 
 class Uplink:
@@ -61,9 +69,42 @@ class Uplink:
         return batch
 
     def sending(self, items: list[dict]) -> None:
+        """One line goes out carrying `items` (none for a peers or metrics line)."""
+        self.sent += 1
         for item in items:
-            self.sent += 1
             self.inflight.append((self.sent, item))
+
+    def encode(self, items: list[dict], encoder: FlowEncoder) -> bytes:
+        """The lines for `items`, in their order: the flows of a run go as one `flows` line
+        (with the `peers` lines they need first), any other item as its own line."""
+        out: list[bytes] = []
+        run: list[list] = []
+        carried: list[dict] = []
+
+        def end_run() -> None:
+            if run:
+                self.sending(carried[:])
+                out.append(_line({"flows": run[:]}))
+                run.clear()
+                carried.clear()
+
+        for item in items:
+            flow = item.get("flow")
+            peers, row = encoder.row(flow) if flow is not None else (None, None)
+            if row is None:
+                end_run()
+                self.sending([item] if flow is not None else [])
+                out.append(_line(item))
+                continue
+            if peers is not None:  # a line before the run's line, which names it
+                self.sending([])
+                out.append(_line(peers))
+            run.append(row)
+            carried.append(item)
+            if len(run) >= FLOWS_PER_LINE:
+                end_run()
+        end_run()
+        return b"".join(out)
 
     def acked(self, n: int) -> None:
         while self.inflight and self.inflight[0][0] <= n:
@@ -179,6 +220,7 @@ async def send_uplink(view: WorkerView, path: str) -> None:
         gone = None
         try:
             reader, writer = await _open(path, "proxy.flows")
+            encoder = FlowEncoder()  # the agent's side of this connection knows no peers yet
             # EOF on the acknowledgement stream means the agent stopped: watching for it lets
             # the worker switch to the next agent without waiting for a write to fail.
             gone = asyncio.ensure_future(_read_acks(reader, uplink))
@@ -191,13 +233,7 @@ async def send_uplink(view: WorkerView, path: str) -> None:
                         batch.append({"metrics": view.metrics.proxy.render()})
                         last_metrics = loop.time()
                     if batch:
-                        uplink.sending(batch)
-                        writer.write(
-                            b"".join(
-                                json.dumps(item, separators=(",", ":")).encode() + b"\n"
-                                for item in batch
-                            )
-                        )
+                        writer.write(uplink.encode(batch, encoder))
                     await writer.drain()
                     if writer.is_closing() or gone.done():
                         raise ConnectionResetError("the agent went away")
@@ -210,6 +246,9 @@ async def send_uplink(view: WorkerView, path: str) -> None:
                             return_when=asyncio.FIRST_COMPLETED,
                         )
                         woken.cancel()
+                    # Under load a flow comes at every loop turn: gathered for a few ms, they
+                    # cost the agent one wake-up and one acknowledgement per write, not per turn.
+                    await asyncio.sleep(FLOW_BATCH_DELAY)
             finally:
                 writer.close()
         except OSError:

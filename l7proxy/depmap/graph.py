@@ -242,6 +242,8 @@ class DepMap:
         # sink emitting both a REQUEST and a RESPONSE flow counts each request once.
         self._pending: OrderedDict[tuple, int] = OrderedDict()
         self._peers: dict[tuple, Peer] = {}  # classify() results; identities repeat a lot
+        # (id(source), id(destination)) -> (source, destination, their classify() results)
+        self._pairs: dict[tuple[int, int], tuple] = {}
 
     def add(self, flow: dict) -> bool:
         """Aggregate one flow. False when it was ignored (malformed or over the edge limit)."""
@@ -264,28 +266,41 @@ class DepMap:
         if flow.get("is_reply"):
             # A reply travels server -> client; the edge belongs to the client -> server direction.
             src, dst, sport, dport = dst, src, dport, sport
-        src_peer, src_side = self._classify(src)
-        dst_peer, dst_side = self._classify(dst)
+        # A proxy hands over the same two peer dicts with every flow of a connection: their
+        # classification and their edges are looked up by identity (the entry holds both
+        # dicts, so an id is never reused while it is cached; edges are never removed), and
+        # their nodes have absorbed them already.
         protocol = _protocol(flow, l4_proto)
-        key = edge_id(src_peer.key, dst_peer.key, protocol, dport)
-        edge = self.edges.get(key)
-        if edge is None and len(self.edges) >= self.max_edges:
-            self.flows_ignored += 1
-            return False
-
-        self.version += 1
+        pair_key = (id(src), id(dst))
+        pair = self._pairs.get(pair_key)
+        if pair is not None and pair[0] is src and pair[1] is dst:
+            edge = pair[3].get((protocol, dport))
+            if edge is None:
+                src_peer, _, dst_peer, _ = pair[2]
+                edge = self._edge(src_peer, dst_peer, protocol, dport)
+                if edge is None:
+                    return False
+                pair[3][protocol, dport] = edge
+            self.version += 1
+        else:
+            src_peer, src_side = self._classify(src)
+            dst_peer, dst_side = self._classify(dst)
+            edge = self._edge(src_peer, dst_peer, protocol, dport)
+            if edge is None:
+                return False
+            self.version += 1
+            version = self.version
+            for peer, (identity, labels, _) in ((src_peer, src_side), (dst_peer, dst_side)):
+                node = self.nodes.get(peer.key)
+                if node is None:
+                    node = self.nodes[peer.key] = Node(peer, version)
+                if node.absorb(identity, labels):
+                    node.version = version
+            if len(self._pairs) >= CLASSIFY_CACHE:
+                self._pairs.clear()
+            classified = (src_peer, src_side, dst_peer, dst_side)
+            self._pairs[pair_key] = (src, dst, classified, {(protocol, dport): edge})
         version = self.version
-        for peer, (identity, labels, _) in ((src_peer, src_side), (dst_peer, dst_side)):
-            node = self.nodes.get(peer.key)
-            if node is None:
-                node = self.nodes[peer.key] = Node(peer, version)
-            if node.absorb(identity, labels):
-                node.version = version
-        if edge is None:
-            edge = Edge(
-                src_peer.key, dst_peer.key, protocol, dport, version, deque(maxlen=self.recent)
-            )
-            self.edges[key] = edge
 
         if self._counts(flow, (src.get("ip"), sport, dst.get("ip"), dport)):
             verdict = flow.get("verdict", "")
@@ -305,6 +320,22 @@ class DepMap:
         edge.last_seen = flow.get("time", "") or edge.last_seen
         edge.version = version
         return True
+
+    def _edge(self, src_peer: Peer, dst_peer: Peer, protocol: str, port: int) -> Edge | None:
+        """The edge, made when new (at the map's version of the flow that makes it); None when
+        the map is at max_edges (the flow is ignored)."""
+        key = edge_id(src_peer.key, dst_peer.key, protocol, port)
+        edge = self.edges.get(key)
+        if edge is None:
+            if len(self.edges) >= self.max_edges:
+                self.flows_ignored += 1
+                return None
+            edge = Edge(
+                src_peer.key, dst_peer.key, protocol, port, self.version + 1,
+                deque(maxlen=self.recent),
+            )  # fmt: skip
+            self.edges[key] = edge
+        return edge
 
     def _classify(self, side: dict) -> tuple[Peer, tuple]:
         key = _side(side)

@@ -64,7 +64,9 @@ def emit_flow(ctx, ex: Exchange, verdict: str, now: float) -> None:
             "url": url,
             "protocol": "HTTP/" + req.version.decode(),
             # LOG mismatches name the header; its value may be a secret and is never logged.
-            "headers": [{"key": name, "value": "[mismatch]"} for name in ex.logged],
+            "headers": [{"key": name, "value": "[mismatch]"} for name in ex.logged]
+            if ex.logged
+            else [],
         },
     }
     summary = f"HTTP/{req.version.decode()} {ex.status} {latency // 1_000_000}ms ({method} {url})"

@@ -513,3 +513,41 @@ def test_named_port_from_the_endpoint_resolves_in_the_kernel_and_survives_a_rest
             server.wait()
         agent.close()
     assert not agent.pin_dir.exists()
+
+
+TWO_REQUESTS = """
+import http.client, sys
+conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=3)
+for _ in range(2):
+    conn.request("POST", "/v1/request-landing")
+    r = conn.getresponse(); r.read()
+    print(r.status, flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_tightened_rule_applies_to_the_next_request_of_an_open_connection(galaxy, tmp_path):
+    """Rule-set ids are content hashes: the node proxy must judge an open keep-alive connection
+    by the policy now in force, not by the rule set it captured when it connected."""
+    agent = galaxy.agent
+    ok(agent, "policy", "import", L7)
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", agent.prefix + "tiefighter", sys.executable, "-c", TWO_REQUESTS,
+         galaxy.star],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert client.stdout.readline().strip() == "200"
+        tight = tmp_path / "tight.yaml"
+        tight.write_text(Path(L7).read_text().replace("/v1/request-landing", "/v1/other"))
+        ok(agent, "policy", "import", str(tight))
+        client.stdin.write("\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "403"  # same connection, the new rule
+        client.stdin.write("\n")
+        client.stdin.flush()
+    finally:
+        client.kill()
+        client.wait()

@@ -168,3 +168,35 @@ def test_grpc_flows_make_a_grpc_edge_with_method_and_status():
     assert (e["protocol"], e["port"]) == ("grpc", 50051)
     assert e["recent"][0]["http"]["grpc"]["status"] == "PERMISSION_DENIED"
     assert e["recent"][0]["http"]["protocol"] == "HTTP/2"
+
+
+def test_flows_sharing_a_connections_peer_dicts_count_per_edge_as_separate_dicts_do():
+    """A proxy hands over the same two peer dicts with every flow of a connection; the map
+    caches their classification and edges by identity, and must count exactly as for copies."""
+    shared = http_flow(TIEFIGHTER, DEATHSTAR)
+    src, dst = shared["source"], shared["destination"]
+
+    def same_peers(**kw):
+        flow = http_flow(TIEFIGHTER, DEATHSTAR, **kw)
+        flow["source"], flow["destination"] = src, dst
+        return flow
+
+    kinds = [{}, {"verdict": "DROPPED", "code": 403}, {"port": 8080}, {}, {"port": 8080}]
+    cached, fresh = DepMap(), DepMap()
+    for kw in kinds:
+        cached.add(same_peers(**kw))
+        fresh.add(http_flow(TIEFIGHTER, DEATHSTAR, **kw))
+    assert cached.to_dict(with_recent=False) == fresh.to_dict(with_recent=False)
+    g = cached.to_dict(with_recent=False)
+    assert [(e["port"], e["forwarded"], e["dropped"]) for e in g["edges"]] == [
+        (80, 2, 1),
+        (8080, 2, 0),
+    ]
+    # At the edge limit a cached pair's new edge is refused too, and the old ones still count.
+    small = DepMap(max_edges=1)
+    small.add(same_peers())
+    small.add(same_peers(port=8080))
+    small.add(same_peers())
+    edges = small.to_dict(with_recent=False)["edges"]
+    assert [(e["port"], e["forwarded"]) for e in edges] == [(80, 2)]
+    assert small.flows_ignored == 1

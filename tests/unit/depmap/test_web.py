@@ -67,6 +67,28 @@ def test_mount_serves_page_json_dot_assets_and_feeds_from_the_sink():
     asyncio.run(scenario())
 
 
+def test_the_agents_flow_log_feeds_the_map_in_line_and_wakes_streams_once_per_turn():
+    """On the agent's FlowLog the map is an observer: a flow is counted before ingest returns
+    (no queue, no consumer task), streams are woken once per loop turn, close detaches it."""
+    from l7proxy.agent.flowlog import FlowLog
+
+    async def scenario():
+        log = FlowLog()
+        service = mount(AdminServer(), log)
+        woken = service._changed
+        for sport in range(3):
+            log.ingest(http_flow(TIEFIGHTER, DEATHSTAR, sport=sport))
+        assert service.map.flows_seen == 3  # counted in line
+        assert not woken.is_set() and service._changed is woken  # the wake waits for the turn
+        await asyncio.sleep(0)
+        assert woken.is_set() and service._changed is not woken  # one wake for the three
+        await service.close()
+        log.ingest(http_flow(TIEFIGHTER, DEATHSTAR))
+        assert service.map.flows_seen == 3  # detached
+
+    asyncio.run(scenario())
+
+
 def test_event_stream_sends_snapshot_then_only_changes_and_resumes_by_last_event_id():
     async def scenario():
         admin = AdminServer()
