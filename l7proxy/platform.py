@@ -140,6 +140,14 @@ def original_dst_nat(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(packed), port
 
 
+def original_dst_nat6(sock: socket.socket) -> tuple[str, int]:
+    """IP6T_SO_ORIGINAL_DST (SOL_IPV6, 80): the original IPv6 destination, as ip6tables
+    REDIRECT and the sidecar's getsockopt hook answer it (an IPv4 one as ::ffff:a.b.c.d)."""
+    raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+    (port,) = struct.unpack_from("!H", raw, 2)
+    return str(ipaddress.IPv6Address(raw[8:24])), port
+
+
 def netns_cookie(sock) -> int:
     """The kernel's cookie of the network namespace a socket lives in (Linux >= 5.14), the same
     number bpf_get_netns_cookie gives a BPF program for that socket."""

@@ -764,16 +764,25 @@ int to_endpoint(struct __sk_buff *skb)
 // the far side sees the client, also its proxy), so the answers are addressed to a local pod:
 // hand them to the proxy's socket, which this namespace holds, instead of routing them to the
 // pod. The caller knows the destination is a local endpoint. Returns 1 when assigned.
-static __always_inline int proxy_upstream_answer(struct __sk_buff *skb, struct tuple *t)
+static __always_inline int proxy_upstream_answer(struct __sk_buff *skb, struct tuple *t,
+                                                 const int v6)
 {
     if (t->proto != IPPROTO_TCP)
         return 0;
     struct bpf_sock_tuple st = {};
-    st.ipv4.saddr = t->saddr;
-    st.ipv4.daddr = t->daddr;
-    st.ipv4.sport = t->sport;
-    st.ipv4.dport = t->dport;
-    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &st, sizeof(st.ipv4), BPF_F_CURRENT_NETNS, 0);
+    __u32 st_size = v6 ? sizeof(st.ipv6) : sizeof(st.ipv4);
+    if (v6) {
+        __builtin_memcpy(st.ipv6.saddr, t->saddr6, 16);
+        __builtin_memcpy(st.ipv6.daddr, t->daddr6, 16);
+        st.ipv6.sport = t->sport;
+        st.ipv6.dport = t->dport;
+    } else {
+        st.ipv4.saddr = t->saddr;
+        st.ipv4.daddr = t->daddr;
+        st.ipv4.sport = t->sport;
+        st.ipv4.dport = t->dport;
+    }
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &st, st_size, BPF_F_CURRENT_NETNS, 0);
     if (!sk)
         return 0;
     long ret = -1;
@@ -787,96 +796,129 @@ static __always_inline int proxy_upstream_answer(struct __sk_buff *skb, struct t
     return 1;
 }
 
-// A packet from another node to a local endpoint. A flow the endpoint's own hooks track (either
+// A packet from another node to a local endpoint (v6 a constant: each family gets its own
+// copy, so IPv4 keeps its 32-bit lookups). A flow the endpoint's own hooks track (either
 // direction) goes straight on to to_endpoint: one conntrack lookup is all an established flow
 // costs here. Otherwise: an answer to the proxy's upstream goes to the proxy's socket, and a flow
 // the endpoint's ingress policy sends to the proxy is assigned here (tc ingress is the only place
 // bpf_sk_assign works); anything else goes on to to_endpoint, which checks the policy with the
 // same identity.
-static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t, __u32 src_id)
+static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t, __u32 src_id,
+                                          const int v6)
 {
-    __be32 daddr = t->daddr;
-    struct endpoint_info *ep = ep_by_ip.lookup(&daddr);
+    struct endpoint_info *ep;
+    if (v6) {
+        struct ip6_key daddr6;
+        __builtin_memcpy(daddr6.addr, t->daddr6, 16);
+        ep = ep_by_ip6.lookup(&daddr6);
+    } else {
+        __be32 daddr = t->daddr;
+        ep = ep_by_ip.lookup(&daddr);
+    }
     if (!ep || ep->sidecar_port)
         return TC_ACT_OK;
     struct ct_key key = {};
-    ct_key_of(t, ep->ifindex, &key);
-    if (conntrack.lookup(&key))
+    struct ct6_key key6 = {};
+    if (v6)
+        ct6_key_of(t, ep->ifindex, &key6);
+    else
+        ct_key_of(t, ep->ifindex, &key);
+    if (ct_find(&key, &key6, v6))
         return TC_ACT_OK;
-    if (proxy_upstream_answer(skb, t))
+    if (proxy_upstream_answer(skb, t, v6))
         return TC_ACT_OK;
     struct verdict v = {};
     policy_lookup(ep->endpoint_id, src_id, DIR_INGRESS, t->proto, t->dport, &v);
     if (!v.found || v.value.deny || !v.value.redirect)
         return TC_ACT_OK;
     __u8 syn = (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-    if (assign_to_proxy(skb, t, v.value.proxy_port) < 0) {
+    if (assign_to_proxy_family(skb, t, v.value.proxy_port, v6) < 0) {
         count(DIR_INGRESS, VERDICT_DROPPED, REASON_NO_PROXY, skb->len);
-        emit(t, src_id, ep->identity, ep->endpoint_id, DIR_INGRESS, VERDICT_DROPPED,
-             REASON_NO_PROXY, &v);
+        emit_family(t, src_id, ep->identity, ep->endpoint_id, DIR_INGRESS, VERDICT_DROPPED,
+                    REASON_NO_PROXY, &v, v6);
         return TC_ACT_SHOT;
     }
     count(DIR_INGRESS, VERDICT_REDIRECTED, syn ? REASON_NEW_FLOW : REASON_CT_ESTABLISHED,
           skb->len);
     if (syn)
-        emit(t, src_id, ep->identity, ep->endpoint_id, DIR_INGRESS, VERDICT_REDIRECTED,
-             REASON_NEW_FLOW, &v);
+        emit_family(t, src_id, ep->identity, ep->endpoint_id, DIR_INGRESS, VERDICT_REDIRECTED,
+                    REASON_NEW_FLOW, &v, v6);
     return TC_ACT_OK;
 }
 
 static __always_inline int overlay_drop(struct __sk_buff *skb, struct tuple *t, __u32 src_id,
-                                        __u8 dir, __u8 reason)
+                                        __u8 dir, __u8 reason, const int v6)
 {
     count(dir, VERDICT_DROPPED, reason, skb->len);
-    emit(t, src_id, identity_of(t->daddr), 0, dir, VERDICT_DROPPED, reason, 0);
+    __u32 dst_id = v6 ? identity_of6(t->daddr6) : identity_of(t->daddr);
+    emit_family(t, src_id, dst_id, 0, dir, VERDICT_DROPPED, reason, 0, v6);
     return TC_ACT_SHOT;
 }
 
-// tc ingress of the VXLAN device (collect-metadata mode): a decapsulated packet. The VNI is the
-// source identity, believed only when the outer source is a known node's underlay IP.
-int from_overlay(struct __sk_buff *skb)
+// from_overlay for one inner family. The VNI is the source identity, believed only when the
+// outer source (always IPv4: the underlay is IPv4 for both inner families) is a known node.
+static __always_inline int from_overlay_family(struct __sk_buff *skb, struct tuple *t,
+                                               const int v6)
 {
     struct bpf_tunnel_key tk = {};
-    struct tuple t = {};
-    int parsed = parse(skb, &t);
-    if (parsed != 0)
-        return TC_ACT_SHOT;  // the overlay carries IPv4 only
+    __u32 world = v6 ? IDENTITY_WORLD_IPV6 : IDENTITY_WORLD;
     if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), 0) < 0)
-        return overlay_drop(skb, &t, IDENTITY_WORLD, DIR_INGRESS, REASON_UNKNOWN_TUNNEL_SOURCE);
+        return overlay_drop(skb, t, world, DIR_INGRESS, REASON_UNKNOWN_TUNNEL_SOURCE, v6);
     __be32 outer_src = bpf_htonl(tk.remote_ipv4);
     __u32 src_id = tk.tunnel_id & MARK_IDENTITY_MASK;
     if (!nodes.lookup(&outer_src))
-        return overlay_drop(skb, &t, src_id, DIR_INGRESS, REASON_UNKNOWN_TUNNEL_SOURCE);
+        return overlay_drop(skb, t, src_id, DIR_INGRESS, REASON_UNKNOWN_TUNNEL_SOURCE, v6);
     if (src_id == IDENTITY_ANY || src_id == IDENTITY_HOST)
-        return overlay_drop(skb, &t, src_id, DIR_INGRESS, REASON_INVALID_IDENTITY);
+        return overlay_drop(skb, t, src_id, DIR_INGRESS, REASON_INVALID_IDENTITY, v6);
     // The inner frame's destination MAC is the sender's device (VXLAN here runs without ARP):
     // make the stack take it as ours, and carry the identity to to_endpoint in the mark.
     bpf_skb_change_type(skb, 0 /* PACKET_HOST */);
     skb->mark = MARK_FROM_OVERLAY | src_id;
-    return remote_ingress(skb, &t, src_id);
+    return remote_ingress(skb, t, src_id, v6);
 }
 
-// tc egress of the VXLAN device: everything routed into the cluster CIDR. The tunnel goes to
-// the node the ipcache names for the destination, the VNI is the source identity: the proxy's
-// mark, else the local endpoint's identity, else this node's own traffic (remote-node there).
-int to_overlay(struct __sk_buff *skb)
+// tc ingress of the VXLAN device (collect-metadata mode): a decapsulated IPv4 or IPv6 packet.
+int from_overlay(struct __sk_buff *skb)
 {
     struct tuple t = {};
-    if (parse(skb, &t) != 0)
-        return TC_ACT_SHOT;
+    int parsed = parse(skb, &t);
+    if (parsed == PARSE_IPV6)
+        return from_overlay_family(skb, &t, 1);
+    if (parsed != 0)
+        return TC_ACT_SHOT;  // not IP, or truncated
+    return from_overlay_family(skb, &t, 0);
+}
+
+// to_overlay for one inner family: the tunnel endpoint of the destination (ipcache or
+// ipcache6; the endpoint is an IPv4 underlay address either way) and the source identity.
+static __always_inline int to_overlay_family(struct __sk_buff *skb, struct tuple *t,
+                                             const int v6)
+{
     __u32 src_id = IDENTITY_REMOTE_NODE;
+    struct endpoint_info *ep = 0;
+    struct ipcache_value *dst;
     if ((skb->mark & MARK_MAGIC_MASK) == MARK_FROM_PROXY) {
         src_id = skb->mark & MARK_IDENTITY_MASK;
+    } else if (v6) {
+        struct ip6_key saddr6;
+        __builtin_memcpy(saddr6.addr, t->saddr6, 16);
+        ep = ep_by_ip6.lookup(&saddr6);
     } else {
-        __be32 saddr = t.saddr;
-        struct endpoint_info *ep = ep_by_ip.lookup(&saddr);
-        if (ep)
-            src_id = ep->identity;
+        __be32 saddr = t->saddr;
+        ep = ep_by_ip.lookup(&saddr);
     }
-    struct ipcache_key key = {.prefixlen = 32, .addr = t.daddr};
-    struct ipcache_value *dst = ipcache.lookup(&key);
+    if (ep)
+        src_id = ep->identity;
+    if (v6) {
+        struct ipcache6_key key6 = {.prefixlen = 128};
+        __builtin_memcpy(key6.addr, t->daddr6, 16);
+        dst = ipcache6.lookup(&key6);
+    } else {
+        struct ipcache_key key = {.prefixlen = 32, .addr = t->daddr};
+        dst = ipcache.lookup(&key);
+    }
     if (!dst || !dst->tunnel_endpoint)
-        return overlay_drop(skb, &t, src_id, DIR_EGRESS, REASON_NO_TUNNEL_ENDPOINT);
+        return overlay_drop(skb, t, src_id, DIR_EGRESS, REASON_NO_TUNNEL_ENDPOINT, v6);
     struct bpf_tunnel_key tk = {
         .remote_ipv4 = bpf_ntohl(dst->tunnel_endpoint),
         .tunnel_id = src_id,
@@ -887,15 +929,32 @@ int to_overlay(struct __sk_buff *skb)
     return TC_ACT_OK;
 }
 
+// tc egress of the VXLAN device: everything routed into the cluster CIDRs. The tunnel goes to
+// the node the ipcache names for the destination, the VNI is the source identity: the proxy's
+// mark, else the local endpoint's identity, else this node's own traffic (remote-node there).
+int to_overlay(struct __sk_buff *skb)
+{
+    struct tuple t = {};
+    int parsed = parse(skb, &t);
+    if (parsed == PARSE_IPV6)
+        return to_overlay_family(skb, &t, 1);
+    if (parsed != 0)
+        return TC_ACT_SHOT;
+    return to_overlay_family(skb, &t, 0);
+}
+
 // tc ingress of the underlay device in native routing: no identity on the wire, the ipcache
-// knows the source (unknown -> world). Only the proxy's sockets are served here (answers to its
-// upstreams, redirects by the ingress policy); to_endpoint does the rest.
+// knows the source (unknown -> world / world-ipv6). Only the proxy's sockets are served here
+// (answers to its upstreams, redirects by the ingress policy); to_endpoint does the rest.
 int from_netdev(struct __sk_buff *skb)
 {
     struct tuple t = {};
-    if (parse(skb, &t) != 0)
+    int parsed = parse(skb, &t);
+    if (parsed == PARSE_IPV6)
+        return remote_ingress(skb, &t, identity_of6(t.saddr6), 1);
+    if (parsed != 0)
         return TC_ACT_OK;
-    return remote_ingress(skb, &t, identity_of(t.saddr));
+    return remote_ingress(skb, &t, identity_of(t.saddr), 0);
 }
 
 #define SIDECAR_PASS 0
@@ -1060,11 +1119,27 @@ int sidecar_sockops(struct bpf_sock_ops *skops)
 }
 
 // Sidecar mode, cgroup/getsockopt on the proxy's cgroup: getsockopt(SOL_IP, SO_ORIGINAL_DST)
-// on an accepted connection answers with the destination connect4 rewrote, so proxies that ask
-// the standard question (as behind iptables REDIRECT) work unmodified.
+// on an accepted connection answers with the destination connect4/connect6 rewrote, so proxies
+// that ask the standard question (as behind iptables REDIRECT) work unmodified. IPv6:
+// getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST) (same number, 80) answers a struct sockaddr_in6
+// (an IPv4 destination as ::ffff:a.b.c.d), and so does SOL_IP for a native IPv6 destination
+// when the caller's buffer holds one (Envoy passes a sockaddr_storage and reads its family; a
+// 16-byte buffer gets the kernel's own answer, ENOENT).
+#define SOL_IPV6_LEVEL 41
+#define SO_ORIGINAL_DST_OPT 80  // also IP6T_SO_ORIGINAL_DST
+
+struct sockaddr_in6_out {
+    __u16 family;
+    __be16 port;
+    __be32 flowinfo;
+    __be32 addr[4];
+    __u32 scope_id;
+};
+
 int sidecar_getsockopt(struct bpf_sockopt *ctx)
 {
-    if (ctx->level != 0 /* SOL_IP */ || ctx->optname != 80 /* SO_ORIGINAL_DST */)
+    if ((ctx->level != 0 /* SOL_IP */ && ctx->level != SOL_IPV6_LEVEL) ||
+        ctx->optname != SO_ORIGINAL_DST_OPT)
         return 1;
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
@@ -1078,16 +1153,38 @@ int sidecar_getsockopt(struct bpf_sockopt *ctx)
         .proxy_port = bpf_htons((__u16)sk->src_port),
     };
     struct sidecar_orig *orig = sidecar_by_addr.lookup(&key);
-    if (!orig || orig->daddr == 0)
-        return 1;  // not ours, or an IPv6 destination (no sockaddr_in for it)
-    struct sockaddr_in *sin = ctx->optval;
-    if ((void *)(sin + 1) > ctx->optval_end)
-        return 1;
-    sin->sin_family = 2;  // AF_INET
-    sin->sin_port = orig->dport;
-    sin->sin_addr.s_addr = orig->daddr;
-    ctx->optlen = sizeof(*sin);
-    asm volatile("" ::: "memory");  // two 4-byte stores: the verifier rejects a merged 8-byte one
+    if (!orig)
+        return 1;  // not ours
+    if (ctx->level == 0 && orig->daddr != 0) {
+        struct sockaddr_in *sin = ctx->optval;
+        if ((void *)(sin + 1) > ctx->optval_end)
+            return 1;
+        sin->sin_family = 2;  // AF_INET
+        sin->sin_port = orig->dport;
+        sin->sin_addr.s_addr = orig->daddr;
+        ctx->optlen = sizeof(*sin);
+    } else {
+        struct sockaddr_in6_out *sin6 = ctx->optval;
+        if ((void *)(sin6 + 1) > ctx->optval_end)
+            return 1;
+        sin6->family = 10;  // AF_INET6
+        sin6->port = orig->dport;
+        sin6->flowinfo = 0;
+        sin6->scope_id = 0;
+        if (orig->daddr != 0) {
+            sin6->addr[0] = 0;
+            sin6->addr[1] = 0;
+            sin6->addr[2] = bpf_htonl(0xffff);
+            sin6->addr[3] = orig->daddr;
+        } else {
+            sin6->addr[0] = orig->daddr6[0];
+            sin6->addr[1] = orig->daddr6[1];
+            sin6->addr[2] = orig->daddr6[2];
+            sin6->addr[3] = orig->daddr6[3];
+        }
+        ctx->optlen = sizeof(*sin6);
+    }
+    asm volatile("" ::: "memory");  // 4-byte stores: the verifier rejects merged 8-byte ones
     ctx->retval = 0;
     // Asked again on the same socket, the proxy gets the same answer until the client closes.
     if (orig->flags & SIDECAR_CLIENT_CLOSED)

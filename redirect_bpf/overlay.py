@@ -10,12 +10,18 @@ Native routing:
     tc: ingress from_netdev on the underlay device (proxy redirects for remote sources)
     ip route replace CLUSTER_CIDR unreachable         nothing leaves for an unknown node...
     ip route replace POD_CIDR via UNDERLAY_IP         ...only for the nodes the cluster knows
+Dual stack: the same for the cluster's IPv6 CIDR (routed into l7vxlan, or unreachable) and each
+node's IPv6 pod CIDR. Tunnel: VXLAN over the IPv4 underlay carries the IPv6 inner packets. Native:
+    ip -6 route replace POD_CIDR6 via UNDERLAY_IP6    the node's IPv6 address on the underlay
+(an IPv6 route cannot take an IPv4 next hop: Linux refuses `via inet` for IPv6 with "IPv6 does
+not support RTA_VIA attribute", and an IPv4 nexthop object for an IPv6 route likewise).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import socket
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -88,27 +94,34 @@ def _has_filter(ifname: str, parent: str) -> bool:
             return False
 
 
+def _family(cidr: str) -> int:
+    return socket.AF_INET6 if ":" in cidr else socket.AF_INET
+
+
 def route_cluster(cluster_cidr: str, routing: str) -> None:
-    """The catch-all for the cluster CIDR: into the tunnel (to_overlay drops what no node owns)
-    or unreachable (native: only known nodes' pod CIDRs have routes)."""
+    """The catch-all for a cluster CIDR (either family): into the tunnel (to_overlay drops what
+    no node owns) or unreachable (native: only known nodes' pod CIDRs have routes)."""
+    family = _family(cluster_cidr)
     with IPRoute() as ipr:
         if routing == TUNNEL:
             idx = ipr.link_lookup(ifname=VXLAN_DEVICE)[0]
-            ipr.route("replace", dst=cluster_cidr, oif=idx)
+            ipr.route("replace", dst=cluster_cidr, oif=idx, family=family)
         else:
-            ipr.route("replace", dst=cluster_cidr, type="unreachable")
+            ipr.route("replace", dst=cluster_cidr, type="unreachable", family=family)
 
 
-def route_node(pod_cidr: str, underlay_ip: str) -> None:
+def route_node(pod_cidr: str, gateway: str) -> None:
+    """A node's pod CIDR via its underlay address of the same family."""
     with IPRoute() as ipr:
-        ipr.route("replace", dst=pod_cidr, gateway=underlay_ip)
+        ipr.route("replace", dst=pod_cidr, gateway=gateway, family=_family(pod_cidr))
 
 
 def unroute_node(pod_cidr: str) -> None:
     with IPRoute() as ipr, contextlib.suppress(NetlinkError):
-        ipr.route("del", dst=pod_cidr)
+        ipr.route("del", dst=pod_cidr, family=_family(pod_cidr))
 
 
 def router_ip(pod_cidr: str) -> str:
-    """A node's router address: the first host of its pod CIDR (what its endpoints route via)."""
-    return str(next(ipaddress.IPv4Network(pod_cidr).hosts()))
+    """A node's router address: the first address after the network's (what its endpoints route
+    via; l7proxy/agent/ipam.py's IPPool.router), IPv4 or IPv6."""
+    return str(ipaddress.ip_network(pod_cidr).network_address + 1)

@@ -234,3 +234,12 @@ def sweep_stale(now: float | None = None, names: set[str] | None = None) -> list
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(str(entry))
     return removed
+
+
+def free_pool6() -> str:
+    """A /64 of fd00:10:<random>::/64 with no route on this host (parallel runs)."""
+    routes = subprocess.run(["ip", "-6", "route"], capture_output=True, text=True).stdout
+    while True:
+        pool = f"fd00:10:{random.randrange(0x300, 0xFFFF):x}::"
+        if pool not in routes:
+            return pool + "/64"

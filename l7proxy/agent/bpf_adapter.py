@@ -51,11 +51,17 @@ class BpfDatapath:
         ids = {name: ep_id for name, ep_id in self.ids.items() if name in compiled.endpoints}
         self.last_sync = self.dp.sync(compiled, ids, proxy_ports)
 
-    def cluster_sink(self, routing: str, cluster_cidr: str, underlay_ip: str) -> ClusterDatapath:
+    def cluster_sink(
+        self, routing: str, cluster_cidr: str, underlay_ip: str, cluster_cidr6: str = ""
+    ) -> ClusterDatapath:
         """Cluster mode: the sink that writes other nodes and their pods into the maps and
         routes, after making this node's VXLAN device or underlay hook (redirect_bpf/overlay.py)."""
         sink = ClusterDatapath(
-            self.dp, routing=routing, cluster_cidr=cluster_cidr, underlay_ip=underlay_ip
+            self.dp,
+            routing=routing,
+            cluster_cidr=cluster_cidr,
+            underlay_ip=underlay_ip,
+            cluster_cidr6=cluster_cidr6,
         )
         # pyroute2 cannot run netlink on the agent's (running) event loop thread: a worker does it
         with concurrent.futures.ThreadPoolExecutor(1) as pool:

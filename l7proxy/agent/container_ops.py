@@ -71,6 +71,7 @@ class ContainerOps:
                 container_id, str(args.get("pod_name") or ""), {e.name for e in eps}
             )
             ip = self.pool.allocate([ep.ip for ep in eps])
+            ip6 = self._allocate_ip6(None)  # "" unless the agent is dual stack (--pool6)
             host_if = netdev.host_ifname(f"{container_id}/{ifname}")
             row = EndpointRow(
                 name,
@@ -87,16 +88,18 @@ class ContainerOps:
                 container_id,
                 runtime,
                 ifname,
+                ip6=ip6,
             )
             try:
                 mac = await asyncio.to_thread(
-                    netdev.adopt, netns_path, host_if, ifname, ip, 32, self.pool.router
-                )
+                    netdev.adopt, netns_path, host_if, ifname, ip, 32, self.pool.router,
+                    *self._v6(row),
+                )  # fmt: skip
             except BaseException:
                 self._release_identity(row.identity)  # a failed ADD leaves nothing behind
                 raise
             await self._register(row, lambda: netdev.release(host_if))
-        return {**row.to_json(), "mac": mac, "router": self.pool.router}
+        return {**row.to_json(), "mac": mac, **self._routers(row)}
 
     async def op_endpoint_release(self, args: dict) -> dict:
         container_id, ifname = _key(args)
@@ -115,7 +118,12 @@ class ContainerOps:
         problems = await asyncio.to_thread(_problems, ep)
         if problems:
             raise ApiError(f"endpoint {ep.name} is broken: {'; '.join(problems)}")
-        return {**ep.to_json(), "router": self.pool.router}
+        return {**ep.to_json(), **self._routers(ep)}
+
+    def _routers(self, row: EndpointRow) -> dict:
+        """The gateways the CNI result names: IPv4, and IPv6 for a dual-stack endpoint."""
+        router6 = self._v6(row)[1]
+        return {"router": self.pool.router, **({"router6": router6} if router6 else {})}
 
     def _reap_dead_containers(self) -> list[str]:
         """At start: forget container endpoints whose namespace went away while the agent was
@@ -124,7 +132,7 @@ class ContainerOps:
         for ep in self.store.endpoints():
             if ep.adopted and not (os.path.exists(ep.netns) and netdev.link_exists(ep.host_if)):
                 netdev.release(ep.host_if)
-                self.datapath.endpoint_removed(ep.name, ep.host_if, ep.ip)
+                self.datapath.endpoint_removed(ep.name, ep.host_if, ep.ip, ep.ip6)
                 self.store.delete_endpoint(ep.name)
                 self.endpoint_ids.pop(ep.name, None)
                 self._release_identity(ep.identity)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -35,6 +34,7 @@ from l7proxy.agent.sidecar_proxy import SidecarProxy
 from l7proxy.agent.store import EndpointRow, Store
 from l7proxy.agent.telemetry import AgentMetrics
 from l7proxy.cluster.agent_mode import ClusterMode, default_underlay_ip
+from l7proxy.cluster.ipam import in_cluster
 from l7proxy.config import ProxyConfig
 from l7proxy.depmap import mount
 from l7proxy.services.lb_adapter import DEFAULT_CGROUP
@@ -65,6 +65,10 @@ class AgentConfig:
     node_name: str = ""
     cluster_cidr: str = ""
     node_cidr_mask_size: int = 24
+    cluster_cidr6: str = ""  # dual stack: each node also leases an IPv6 pod CIDR from this
+    node_cidr_mask_size6: int = 64
+    underlay_ip6: str = ""  # next hop for IPv6 pods in native routing (default: the underlay
+    #                         device's global IPv6 address, if any)
     routing: str = "tunnel"  # or "native"
     underlay_ip: str = ""  # default: the source address towards the first etcd endpoint
     node_lease_ttl: int = 15  # seconds
@@ -120,12 +124,12 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
             return super()._cluster_sink_default()
         c = self.config
         underlay = c.underlay_ip or default_underlay_ip(c.kvstore)
-        return self.datapath.cluster_sink(c.routing, c.cluster_cidr, underlay)
+        return self.datapath.cluster_sink(c.routing, c.cluster_cidr, underlay, c.cluster_cidr6)
 
     # life cycle
 
     async def start(self) -> None:
-        netdev.enable_forwarding(ipv6=self.pool6 is not None)
+        netdev.enable_forwarding(ipv6=self.pool6 is not None or bool(self.config.cluster_cidr6))
         if self.config.kvstore:
             await self._join_cluster()  # the pod CIDR, identities and policy come from etcd
         await asyncio.to_thread(self._restore_endpoints)
@@ -229,7 +233,7 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
             return False
         if dst_ip in self._by_ip:
             return False
-        return ipaddress.ip_address(dst_ip) in ipaddress.ip_network(c.cluster_cidr)
+        return in_cluster(dst_ip, c.cluster_cidr, c.cluster_cidr6)
 
     def peer(self, ip: str) -> tuple[int, list[str], str | None]:
         """(identity, labels, endpoint name or None) of an address, as the ipcache sees it."""

@@ -120,9 +120,19 @@ def create(
         raise
 
 
-def adopt(netns_path: str, host_if: str, ifname: str, ip: str, prefixlen: int, router: str) -> str:
+def adopt(
+    netns_path: str,
+    host_if: str,
+    ifname: str,
+    ip: str,
+    prefixlen: int,
+    router: str,
+    ip6: str | None = None,
+    router6: str | None = None,
+) -> str:
     """Plumb an endpoint into an existing namespace (a file such as /run/netns/cni-...); returns
-    the inner interface's MAC address. Undone entirely if any step fails."""
+    the inner interface's MAC address. A dual-stack agent also gives it ip6 (a /128 routed via
+    router6, as create() does). Undone entirely if any step fails."""
     peer_tmp = "t" + host_if[1:]
     fd = os.open(netns_path, os.O_RDONLY)
     try:
@@ -136,6 +146,8 @@ def adopt(netns_path: str, host_if: str, ifname: str, ip: str, prefixlen: int, r
             ipr.addr("add", index=idx, address=router, prefixlen=32)
             ipr.link("set", index=idx, state="up")
             ipr.route("replace", dst=f"{ip}/32", oif=idx)
+            if ip6:
+                _host_side_v6(ipr, idx, ip6, router6)
 
         def inside() -> str:
             with IPRoute() as ns:
@@ -147,6 +159,8 @@ def adopt(netns_path: str, host_if: str, ifname: str, ip: str, prefixlen: int, r
                     ns.link("set", index=lo, state="up")
                 ns.route("add", dst=f"{router}/32", oif=eth, scope=SCOPE_LINK)
                 ns.route("add", dst="0.0.0.0/0", gateway=router, oif=eth)
+                if ip6:
+                    _inside_v6(ns, eth, ip6, router6)
                 return ns.get_links(eth)[0].get_attr("IFLA_ADDRESS")
 
         return in_netns(netns_path, inside)

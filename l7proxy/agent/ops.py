@@ -168,14 +168,12 @@ class AgentOps:
     def _ipv6_only(self, args: dict) -> str:
         """An IPv6-only endpoint has no IPv4 address (""); refused where that cannot work."""
         if self.pool6 is None:
-            raise ApiError("--ipv6-only needs an agent with an IPv6 pool: start it with --pool6")
+            raise ApiError(
+                "--ipv6-only needs an agent with an IPv6 pool: start it with --pool6 "
+                "(cluster mode: --cluster-cidr6)"
+            )
         if args.get("ip"):
             raise ApiError("--ipv6-only and --ip contradict each other: give one of them")
-        if self.cluster is not None:
-            raise ApiError(
-                "--ipv6-only: cluster mode publishes IPv4 addresses only; "
-                "create a dual-stack endpoint instead"
-            )
         return ""
 
     def _allocate_ip6(self, wanted) -> str:
@@ -201,7 +199,7 @@ class AgentOps:
             self._index(row)
             self._endpoint_id(row.name)
             if self.cluster is not None:  # its IP -> identity for every other node
-                await self.cluster.endpoint_added(row.ip, row.identity)
+                await self.cluster.endpoint_added(row.ip, row.identity, row.ip6)
             # Datapath calls run in threads: pyroute2 cannot share the agent's uvloop.
             await asyncio.to_thread(
                 self.datapath.endpoint_added, row.name, row.host_if, row.ip, row.identity, row.ip6

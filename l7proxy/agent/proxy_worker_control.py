@@ -98,6 +98,7 @@ class WorkerHandle:
             # the cluster CIDR (an upstream to a pod there connects from the client's address)
             "remote": agent._cluster_ipcache_entries(),
             "cluster_cidr": agent.config.cluster_cidr if agent.config.kvstore else "",
+            "cluster_cidr6": agent.config.cluster_cidr6 if agent.config.kvstore else "",
             "documents": [
                 {
                     "key": d.key,

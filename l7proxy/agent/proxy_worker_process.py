@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
 import signal
@@ -30,6 +29,7 @@ from l7proxy.agent.flow_wire import FlowEncoder
 from l7proxy.agent.loop import new_event_loop
 from l7proxy.agent.node_proxy import NodeProxy
 from l7proxy.agent.store import PolicyDoc
+from l7proxy.cluster.ipam import in_cluster
 from l7proxy.config import ProxyConfig
 from l7proxy.metrics import ProxyMetrics
 from parsers.http_path import ESCAPED_SLASH_MODES, UNESCAPE
@@ -136,6 +136,7 @@ class WorkerView:
         self.allocator = policies.IdentityAllocator(None)
         self.ipcache = policies.IPCache()
         self.cluster_cidr = ""
+        self.cluster_cidr6 = ""
 
     def apply(self, state: dict) -> None:
         allocator = policies.IdentityAllocator(state["identities"])
@@ -164,6 +165,7 @@ class WorkerView:
         )
         self.allocator, self.ipcache, self._by_ip = allocator, ipcache, by_ip
         self.cluster_cidr = state.get("cluster_cidr", "")
+        self.cluster_cidr6 = state.get("cluster_cidr6", "")
         self.compiled, self.seq = compiled, state["seq"]
 
     def upstream_keeps_source(self, src_ip: str, dst_ip: str) -> bool:
@@ -171,7 +173,7 @@ class WorkerView:
         another node's pod connects from the pod's own address."""
         if not self.cluster_cidr or src_ip not in self._by_ip or dst_ip in self._by_ip:
             return False
-        return ipaddress.ip_address(dst_ip) in ipaddress.ip_network(self.cluster_cidr)
+        return in_cluster(dst_ip, self.cluster_cidr, self.cluster_cidr6)
 
     def peer(self, ip: str) -> tuple[int, list[str], str | None]:
         ep = self._by_ip.get(ip)

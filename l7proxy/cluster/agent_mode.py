@@ -9,8 +9,10 @@ other nodes' pods enter the ipcache. Without `--kvstore` none of these methods i
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
+from dataclasses import replace
 
 import policies
 from l7proxy.agent import policy_repo
@@ -18,7 +20,7 @@ from l7proxy.agent.api import ApiError
 from l7proxy.agent.ipam import IPPool
 from l7proxy.cluster import keys
 from l7proxy.cluster.kvstore import EtcdKV, KVStoreDown, parse_url
-from l7proxy.cluster.link import ClusterLink, LinkConfig, Owner
+from l7proxy.cluster.link import ClusterLink, LinkConfig, Owner, host_prefix
 from l7proxy.cluster.records import PolicySet
 from l7proxy.cluster.sink import RecordingSink
 
@@ -33,6 +35,26 @@ def default_underlay_ip(url: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((host, port))  # no packet is sent: this only picks the route
         return s.getsockname()[0]
+
+
+def default_underlay_ip6(underlay_ip: str) -> str:
+    """A global IPv6 address on the device that holds the IPv4 underlay address ("" if none):
+    what other nodes route this node's IPv6 pod CIDR via in native routing."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        index = next(
+            (a["index"] for a in ipr.get_addr(family=socket.AF_INET)
+             if a.get_attr("IFA_ADDRESS") == underlay_ip),
+            None,
+        )  # fmt: skip
+        if index is None:
+            return ""
+        for addr in ipr.get_addr(family=socket.AF_INET6, index=index):
+            ip = ipaddress.IPv6Address(addr.get_attr("IFA_ADDRESS"))
+            if ip.is_global or ip.is_private and not ip.is_link_local:
+                return str(ip)
+    return ""
 
 
 class ClusterMode(Owner):
@@ -56,7 +78,14 @@ class ClusterMode(Owner):
             underlay_ip=c.underlay_ip or default_underlay_ip(c.kvstore),
             lease_ttl=c.node_lease_ttl,
             gc_interval=c.identity_gc_interval,
+            cluster_cidr6=c.cluster_cidr6,
+            mask_size6=c.node_cidr_mask_size6,
         )
+        if c.cluster_cidr6:  # pyroute2 cannot run on this (running) loop's thread
+            underlay6 = c.underlay_ip6 or await asyncio.to_thread(
+                default_underlay_ip6, config.underlay_ip
+            )
+            config = replace(config, underlay_ip6=underlay6)
         if self.cluster_sink is None:
             self.cluster_sink = self._cluster_sink_default()
         self.cluster = ClusterLink(
@@ -69,6 +98,8 @@ class ClusterMode(Owner):
         )
         await self.cluster.start()
         self.pool = IPPool(self.cluster.pod_cidr)
+        if self.cluster.pod_cidr6:  # dual stack: every endpoint also gets an IPv6 address
+            self.pool6 = IPPool(self.cluster.pod_cidr6, 6)
         self.ipcache = self._rebuild_ipcache()
         self._learn_cluster_identities()
         log.info(
@@ -78,6 +109,12 @@ class ClusterMode(Owner):
             self.cluster.pod_cidr,
             config.underlay_ip,
         )
+        if self.cluster.pod_cidr6:
+            log.info(
+                "dual stack: IPv6 pod CIDR %s, IPv6 underlay %s",
+                self.cluster.pod_cidr6,
+                config.underlay_ip6 or "(none: no native IPv6 routes to this node)",
+            )
 
     async def _cluster_after_start(self) -> None:
         """Re-publish the restored endpoints (a restart re-uses their identities) and take the
@@ -86,7 +123,7 @@ class ClusterMode(Owner):
             labels = keys.labels_key(_relevant(ep.labels))
             self.cluster.my_refs[labels] = ep.identity
             await self.cluster.identity_for(labels)
-            await self.cluster.endpoint_added(ep.ip, ep.identity)
+            await self.cluster.endpoint_added(ep.ip, ep.identity, ep.ip6)
         self._cluster_ready = True
         # The cluster's set wins over what this node had stored (a node that ran alone before
         # joining drops its own set; one that joins an empty cluster runs with none).
@@ -111,7 +148,7 @@ class ClusterMode(Owner):
     def _cluster_ipcache_entries(self) -> dict[str, int]:
         if self.cluster is None:
             return {}
-        return {f"{ip}/32": e.identity for ip, e in self.cluster.remote_ips.items()}
+        return {host_prefix(ip): e.identity for ip, e in self.cluster.remote_ips.items()}
 
     async def _cluster_endpoint_removed(self, ep) -> None:
         labels = keys.labels_key(_relevant(ep.labels))
@@ -120,7 +157,7 @@ class ClusterMode(Owner):
             for other in self.store.endpoints()
             if other.name != ep.name
         )
-        await self.cluster.endpoint_removed(ep.ip, labels, still_used)
+        await self.cluster.endpoint_removed(ep.ip, labels, still_used, ep.ip6)
 
     # Owner: called by the link on the event loop
 

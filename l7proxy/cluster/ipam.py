@@ -17,26 +17,46 @@ class ClusterCidrFull(Exception):
     pass
 
 
-def subnets(cluster_cidr: str, mask_size: int) -> list[str]:
-    net = ipaddress.ip_network(cluster_cidr, strict=True)
-    if net.version != 4 or not net.prefixlen <= mask_size <= 30:
+def in_cluster(ip: str, *cluster_cidrs: str) -> bool:
+    """Is ip a pod address of the cluster (in the IPv4 or the IPv6 cluster CIDR; "" = none)?"""
+    addr = ipaddress.ip_address(ip)
+    return any(c and addr in ipaddress.ip_network(c) for c in cluster_cidrs)
+
+
+def subnets(cluster_cidr: str, mask_size: int, version: int = 4) -> list[str]:
+    """The node CIDRs of a cluster CIDR: IPv4 (--cluster-cidr) or IPv6 (--cluster-cidr6)."""
+    six = "6" if version == 6 else ""
+    longest = 126 if version == 6 else 30
+    try:
+        net = ipaddress.ip_network(cluster_cidr, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"--cluster-cidr{six} {cluster_cidr}: {exc}") from None
+    if net.version != version or not net.prefixlen <= mask_size <= longest:
         raise ValueError(
-            f"--cluster-cidr {cluster_cidr} with --node-cidr-mask-size {mask_size}: need an IPv4 "
-            f"network no longer than /{mask_size}, and a mask size of at most 30"
+            f"--cluster-cidr{six} {cluster_cidr} with --node-cidr-mask-size{six} {mask_size}: "
+            f"need an IPv{version} network no longer than /{mask_size}, and a mask size of at "
+            f"most {longest}"
         )
     if 2 ** (mask_size - net.prefixlen) > 65536:
         raise ValueError(
-            f"--node-cidr-mask-size {mask_size}: too many node CIDRs; use a larger one"
+            f"--node-cidr-mask-size{six} {mask_size}: too many node CIDRs (over 65536); give a smaller one or a longer cluster CIDR"
         )
     return [str(s) for s in net.subnets(new_prefix=mask_size)]
 
 
 async def lease_pod_cidr(
-    kv: KVStore, node: str, cluster_cidr: str, mask_size: int, lease: int, preferred: str | None
+    kv: KVStore,
+    node: str,
+    cluster_cidr: str,
+    mask_size: int,
+    lease: int,
+    preferred: str | None,
+    version: int = 4,
 ) -> str:
-    """This node's pod CIDR: the one it holds already, else `preferred` (what it had before a
-    restart) if free, else the first free one. Each claim is a create-only transaction."""
-    candidates = subnets(cluster_cidr, mask_size)
+    """This node's pod CIDR (of the cluster CIDR's family): the one it holds already, else
+    `preferred` (what it had before a restart) if free, else the first free one. Each claim is
+    a create-only transaction. Both families' CIDRs share the key prefix."""
+    candidates = subnets(cluster_cidr, mask_size, version)
     items, _ = await kv.list(keys.PODCIDRS)
     owner = {i.key[len(keys.PODCIDRS) :].replace("_", "/"): i.value for i in items}
     mine = [c for c, n in owner.items() if n == node and c in candidates]

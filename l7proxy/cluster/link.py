@@ -40,6 +40,14 @@ class LinkConfig:
     lease_ttl: int = 15
     gc_interval: float = 60.0
     start_timeout: float = 60.0
+    cluster_cidr6: str = ""  # dual stack: an IPv6 pod CIDR per node too
+    mask_size6: int = 64
+    underlay_ip6: str = ""  # published for native routing's IPv6 routes
+
+
+def host_prefix(ip: str) -> str:
+    """An address as the ipcache's host prefix: /32, or /128 for IPv6."""
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
 class Owner:
@@ -64,13 +72,15 @@ class ClusterLink:
         self.kv = kv
         self.sink = sink
         self.owner = owner
-        self.saved = dict(saved)  # {"lease", "pod_cidr"} from the agent's store
+        self.saved = dict(saved)  # {"lease", "pod_cidr", "pod_cidr6"} from the agent's store
         self._save = save
         self.identities = ClusterIdentities(kv, config.node)
         self.lease = 0
         self.pod_cidr = ""
+        self.pod_cidr6 = ""
         self.record: NodeRecord | None = None
-        self.my_ips: dict[str, IPEntry] = {}
+        self.my_ips: dict[str, IPEntry] = {}  # address -> its key's value (two for dual stack)
+        self.my_endpoints: set[str] = set()  # each local endpoint by its first address
         self.my_refs: dict[str, int] = {}  # labels key -> id this node references
         self.remote_ips: dict[str, IPEntry] = {}
         self.remote_revs: dict[str, int] = {}  # ip -> etcd revision of its latest put
@@ -120,10 +130,17 @@ class ClusterLink:
             self.lease,
             self.saved.get("pod_cidr"),
         )
-        self.saved.update(lease=self.lease, pod_cidr=self.pod_cidr)
+        self.pod_cidr6 = await self._lease_pod_cidr6(self.saved.get("pod_cidr6"))
+        self.saved.update(lease=self.lease, pod_cidr=self.pod_cidr, pod_cidr6=self.pod_cidr6)
         self._save(self.saved)
         self.record = NodeRecord(
-            self.config.node, self.config.underlay_ip, self.pod_cidr, self.config.routing, 0
+            self.config.node,
+            self.config.underlay_ip,
+            self.pod_cidr,
+            self.config.routing,
+            0,
+            pod_cidr6=self.pod_cidr6,
+            underlay_ip6=self.config.underlay_ip6,
         )
         await self.kv.put(keys.node(self.config.node), self.record.dumps(), self.lease)
         revision = await self.identities.load()
@@ -142,6 +159,14 @@ class ClusterLink:
         finally:
             batch, self._sink_batch = self._sink_batch, None
         await asyncio.to_thread(_run_all, batch)  # 50,000 entries: one hop, not 50,000
+
+    async def _lease_pod_cidr6(self, preferred: str | None) -> str:
+        c = self.config
+        if not c.cluster_cidr6:
+            return ""
+        return await ipam.lease_pod_cidr(
+            self.kv, c.node, c.cluster_cidr6, c.mask_size6, self.lease, preferred, 6
+        )
 
     def _watch(self, prefix: str, on_event, revision: int) -> ResumableWatch:
         watch = ResumableWatch(self.kv, prefix, on_event, self._relister(prefix, on_event))
@@ -193,18 +218,31 @@ class ClusterLink:
         self.my_refs[labels] = number
         return number
 
-    async def endpoint_added(self, ip: str, identity: int) -> None:
-        entry = IPEntry(ip, identity, self.config.underlay_ip, self.config.node)
-        self.my_ips[ip] = entry
-        await self._write(self.kv.put(keys.ipcache(ip), entry.dumps(), self.lease))
-        await self._publish_record(endpoints=len(self.my_ips))
+    async def endpoint_added(self, ip: str, identity: int, ip6: str = "") -> None:
+        """One ipcache key per address (a dual-stack pod has two, an IPv6-only one only ip6),
+        under the same prefix as Cilium keeps both families."""
+        self.my_endpoints.add(ip or ip6)
+        for addr in (ip, ip6):
+            if not addr:
+                continue
+            entry = IPEntry(addr, identity, self.config.underlay_ip, self.config.node)
+            self.my_ips[addr] = entry
+            await self._write(self.kv.put(keys.ipcache(addr), entry.dumps(), self.lease))
+        await self._publish_record(endpoints=self._endpoint_count())
 
-    async def endpoint_removed(self, ip: str, labels: str, still_used: bool) -> None:
-        self.my_ips.pop(ip, None)
-        await self._write(self.kv.delete(keys.ipcache(ip)))
+    async def endpoint_removed(self, ip: str, labels: str, still_used: bool, ip6: str = "") -> None:
+        self.my_endpoints.discard(ip or ip6)
+        for addr in (ip, ip6):
+            if addr:
+                self.my_ips.pop(addr, None)
+                await self._write(self.kv.delete(keys.ipcache(addr)))
         if not still_used and self.my_refs.pop(labels, None) is not None:
             await self._write(self.identities.release(labels))
-        await self._publish_record(endpoints=len(self.my_ips))
+        await self._publish_record(endpoints=self._endpoint_count())
+
+    def _endpoint_count(self) -> int:
+        """Endpoints, not addresses (a dual-stack pod has two keys)."""
+        return len(self.my_endpoints)
 
     async def policy_in_force(self, revision: int, error: str = "") -> None:
         await self._publish_record(policy_revision=revision, policy_error=error)
@@ -280,6 +318,7 @@ class ClusterLink:
             self.kv, self.config.node, self.config.cluster_cidr, self.config.mask_size,
             self.lease, self.pod_cidr,
         )  # fmt: skip
+        self.pod_cidr6 = await self._lease_pod_cidr6(self.pod_cidr6)
         if self.record is not None:
             await self.kv.put(keys.node(self.config.node), self.record.dumps(), self.lease)
         for labels, number in list(self.my_refs.items()):
@@ -317,11 +356,11 @@ class ClusterLink:
             record = NodeRecord.loads(ev.value)
             old = self.nodes.get(name)
             self.nodes[name] = record
-            if old is None or (old.underlay_ip, old.pod_cidr) != (
-                record.underlay_ip,
-                record.pod_cidr,
-            ):
-                await self._sink(self.sink.node_up, name, record.underlay_ip, record.pod_cidr)
+            if old is None or _routing_of(old) != _routing_of(record):
+                args = (record.underlay_ip, record.pod_cidr)
+                if record.pod_cidr6 or record.underlay_ip6:  # a dual-stack node
+                    args += (record.pod_cidr6, record.underlay_ip6)
+                await self._sink(self.sink.node_up, name, *args)
             return
         if self.nodes.pop(name, None) is None:
             return
@@ -339,13 +378,13 @@ class ClusterLink:
                 continue
             if ev.revision and self.remote_revs.get(ip, 0) > ev.revision:
                 await self._sink(
-                    self.sink.ipcache_set, f"{ip}/32", entry.identity, entry.host_ip or None
+                    self.sink.ipcache_set, host_prefix(ip), entry.identity, entry.host_ip or None
                 )
                 continue
             del self.remote_ips[ip]
             self.remote_revs.pop(ip, None)
             changed = True
-            await self._sink(self.sink.ipcache_delete, f"{ip}/32")
+            await self._sink(self.sink.ipcache_delete, host_prefix(ip))
         if changed:
             await self.owner.cluster_ipcache_changed()
 
@@ -360,12 +399,12 @@ class ClusterLink:
                 return
             self.remote_ips[ip] = entry
             await self._sink(
-                self.sink.ipcache_set, f"{ip}/32", entry.identity, entry.host_ip or None
+                self.sink.ipcache_set, host_prefix(ip), entry.identity, entry.host_ip or None
             )
         elif ip in self.remote_ips:
             del self.remote_ips[ip]
             self.remote_revs.pop(ip, None)
-            await self._sink(self.sink.ipcache_delete, f"{ip}/32")
+            await self._sink(self.sink.ipcache_delete, host_prefix(ip))
         else:
             return
         await self.owner.cluster_ipcache_changed()
@@ -405,6 +444,11 @@ class ClusterLink:
             return
         async with self._sink_lock:  # one call at a time, in order, off the loop
             await asyncio.to_thread(fn, *args)
+
+
+def _routing_of(record: NodeRecord) -> tuple[str, ...]:
+    """What the datapath knows of a node: a change here is a new node_up."""
+    return (record.underlay_ip, record.pod_cidr, record.pod_cidr6, record.underlay_ip6)
 
 
 def _run_all(calls: list) -> None:

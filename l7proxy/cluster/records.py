@@ -21,13 +21,20 @@ class NodeRecord:
     policy_revision: int  # the policy revision this node has in force
     endpoints: int = 0
     policy_error: str = ""
+    pod_cidr6: str = ""  # a dual-stack node's IPv6 pod CIDR ("" = IPv4 only)
+    underlay_ip6: str = ""  # its IPv6 address on the underlay (native routing's IPv6 next hop)
 
     def dumps(self) -> str:
+        addresses = [{"Type": "InternalIP", "IP": self.underlay_ip}]
+        if self.underlay_ip6:
+            addresses.append({"Type": "InternalIP", "IP": self.underlay_ip6})
+        extra = {"IPv6AllocCIDR": self.pod_cidr6} if self.pod_cidr6 else {}
         return json.dumps(
             {
                 "Name": self.name,
-                "IPAddresses": [{"Type": "InternalIP", "IP": self.underlay_ip}],
+                "IPAddresses": addresses,
                 "IPv4AllocCIDR": self.pod_cidr,
+                **extra,
                 "Routing": self.routing,
                 "PolicyRevision": self.policy_revision,
                 "Endpoints": self.endpoints,
@@ -40,14 +47,18 @@ class NodeRecord:
     def loads(cls, text: str) -> NodeRecord:
         d = json.loads(text)
         ips = [a["IP"] for a in d.get("IPAddresses", []) if a.get("Type") == "InternalIP"]
+        ips4 = [ip for ip in ips if ":" not in ip]
+        ips6 = [ip for ip in ips if ":" in ip]
         return cls(
             str(d["Name"]),
-            ips[0] if ips else "",
+            ips4[0] if ips4 else "",
             str(d.get("IPv4AllocCIDR", "")),
             str(d.get("Routing", "")),
             int(d.get("PolicyRevision", 0)),
             int(d.get("Endpoints", 0)),
             str(d.get("PolicyError", "")),
+            str(d.get("IPv6AllocCIDR", "")),
+            ips6[0] if ips6 else "",
         )
 
 

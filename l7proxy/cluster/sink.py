@@ -12,7 +12,14 @@ from typing import Protocol
 
 
 class ClusterSink(Protocol):
-    def node_up(self, name: str, underlay_ip: str, pod_cidr: str) -> None: ...
+    def node_up(
+        self,
+        name: str,
+        underlay_ip: str,
+        pod_cidr: str,
+        pod_cidr6: str = "",
+        underlay_ip6: str = "",
+    ) -> None: ...
     def node_down(self, name: str) -> None: ...
     def ipcache_set(self, cidr: str, identity: int, node_underlay_ip: str | None) -> None: ...
     def ipcache_delete(self, cidr: str) -> None: ...
@@ -22,15 +29,24 @@ class RecordingSink:
     """Remembers the current remote state and every call, in order."""
 
     def __init__(self) -> None:
-        self.nodes: dict[str, tuple[str, str]] = {}
+        self.nodes: dict[str, tuple[str, ...]] = {}
         self.ipcache: dict[str, tuple[int, str | None]] = {}
         self.calls: list[tuple] = []
         self._lock = threading.Lock()
 
-    def node_up(self, name: str, underlay_ip: str, pod_cidr: str) -> None:
+    def node_up(
+        self,
+        name: str,
+        underlay_ip: str,
+        pod_cidr: str,
+        pod_cidr6: str = "",
+        underlay_ip6: str = "",
+    ) -> None:
         with self._lock:
-            self.nodes[name] = (underlay_ip, pod_cidr)
-            self.calls.append(("node_up", name, underlay_ip, pod_cidr))
+            # a single-stack node records what it did before dual stack existed
+            extra = (pod_cidr6, underlay_ip6) if pod_cidr6 or underlay_ip6 else ()
+            self.nodes[name] = (underlay_ip, pod_cidr, *extra)
+            self.calls.append(("node_up", name, underlay_ip, pod_cidr, *extra))
 
     def node_down(self, name: str) -> None:
         with self._lock:

@@ -105,18 +105,24 @@ def endpoint_labels(
 
 
 def build_result(version: str, ep: dict) -> dict:
-    """The CNI result: the host veth, the container's interface, its /32 and the default route."""
+    """The CNI result: the host veth, the container's interface, its /32 and the default route;
+    a dual-stack endpoint's /128 and IPv6 default route too."""
     ip = {"address": f"{ep['ip']}/{ep['prefixlen']}", "gateway": ep["router"], "interface": 1}
+    ips, routes = [ip], [{"dst": "0.0.0.0/0", "gw": ep["router"]}]
+    if ep.get("ip6") and ep.get("router6"):
+        ips.append({"address": f"{ep['ip6']}/128", "gateway": ep["router6"], "interface": 1})
+        routes.append({"dst": "::/0", "gw": ep["router6"]})
     if version != "1.0.0":
-        ip["version"] = "4"  # 0.x results name the IP version
+        for entry in ips:  # 0.x results name the IP version
+            entry["version"] = "6" if ":" in entry["address"] else "4"
     return {
         "cniVersion": version,
         "interfaces": [
             {"name": ep["host_if"]},
             {"name": ep["ifname"], "mac": ep.get("mac") or "", "sandbox": ep["netns"]},
         ],
-        "ips": [ip],
-        "routes": [{"dst": "0.0.0.0/0", "gw": ep["router"]}],
+        "ips": ips,
+        "routes": routes,
         "dns": {},
     }
 

@@ -103,6 +103,15 @@ def register(sub) -> None:
     cluster.add_argument(
         "--node-cidr-mask-size", type=int, default=24, help="each node leases one /N of it (24)"
     )
+    cluster.add_argument(
+        "--cluster-cidr6", default="",
+        help="dual stack: IPv6 pod addresses of the whole cluster, e.g. fd00:10:252::/56 "
+        "(each node leases one /--node-cidr-mask-size6 of it and every pod gets both families)",
+    )  # fmt: skip
+    cluster.add_argument(
+        "--node-cidr-mask-size6", type=int, default=64,
+        help="each node leases one /N of --cluster-cidr6 (64)",
+    )  # fmt: skip
     cluster.add_argument("--routing", choices=("tunnel", "native"), default="tunnel")
     cluster.add_argument(
         "--underlay-ip",
@@ -110,6 +119,12 @@ def register(sub) -> None:
         help="this node's address for other nodes (default: the "
         "source address of the route to the first etcd endpoint)",
     )
+    cluster.add_argument(
+        "--underlay-ip6", default="",
+        help="with --cluster-cidr6 and native routing: this node's IPv6 address on the underlay, "
+        "the next hop other nodes route its IPv6 pods via (default: a global IPv6 address on the "
+        "device that holds --underlay-ip)",
+    )  # fmt: skip
     cluster.add_argument(
         "--node-lease-ttl", type=int, default=15, metavar="S",
         help="seconds after which a silent node is removed everywhere (15)",
@@ -220,13 +235,28 @@ def cluster_problem(args) -> str | None:
         ipam.subnets(args.cluster_cidr, args.node_cidr_mask_size)
     except ValueError as exc:
         return str(exc)
-    if args.underlay_ip:
-        import ipaddress
+    import ipaddress
 
+    if args.underlay_ip:
         try:
             ipaddress.IPv4Address(args.underlay_ip)
         except ValueError:
             return f"--underlay-ip {args.underlay_ip!r}: give this node's IPv4 address"
+    if args.pool6 and not args.cluster_cidr6:
+        return (
+            "--pool6 with --kvstore: pods' IPv6 addresses come from the cluster; give "
+            "--cluster-cidr6 CIDR instead, e.g. --cluster-cidr6 fd00:10:252::/56"
+        )
+    if args.cluster_cidr6:
+        try:
+            ipam.subnets(args.cluster_cidr6, args.node_cidr_mask_size6, 6)
+        except ValueError as exc:
+            return str(exc)
+    if args.underlay_ip6:
+        try:
+            ipaddress.IPv6Address(args.underlay_ip6)
+        except ValueError:
+            return f"--underlay-ip6 {args.underlay_ip6!r}: give this node's IPv6 address"
     if not 1 <= args.node_lease_ttl <= 86400:
         return f"--node-lease-ttl {args.node_lease_ttl}: give 1-86400 seconds"
     if args.identity_gc_interval <= 0:
@@ -266,6 +296,9 @@ def run(args) -> int:
         node_name=args.node_name,
         cluster_cidr=args.cluster_cidr,
         node_cidr_mask_size=args.node_cidr_mask_size,
+        cluster_cidr6=args.cluster_cidr6,
+        node_cidr_mask_size6=args.node_cidr_mask_size6,
+        underlay_ip6=args.underlay_ip6,
         routing=args.routing,
         underlay_ip=args.underlay_ip,
         node_lease_ttl=args.node_lease_ttl,

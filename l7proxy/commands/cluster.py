@@ -50,10 +50,14 @@ def _status(args) -> int:
         print(json.dumps(st, indent=2))
         return 0
     print(f"kvstore {st['kvstore']}, cluster policy revision {st['revision']}")
-    print(f"{'NODE':<16}{'UNDERLAY IP':<17}{'POD CIDR':<20}{'ROUTING':<9}{'HEALTH':<8}POLICY REV")
+    six = any(n.get("pod_cidr6") for n in st["nodes"])  # a dual-stack cluster: one more column
+    head = f"{'NODE':<16}{'UNDERLAY IP':<17}{'POD CIDR':<20}{'ROUTING':<9}{'HEALTH':<8}"
+    print(head + (f"{'POLICY REV':<12}POD CIDR6" if six else "POLICY REV"))
     for n in st["nodes"]:
-        print(
+        line = (
             f"{n['name']:<16}{n['underlay_ip']:<17}{n['pod_cidr']:<20}{n['routing']:<9}"
-            f"{n['health']:<8}{n['policy_revision']}"
+            f"{n['health']:<8}"
         )
+        rev = str(n["policy_revision"])
+        print(line + (f"{rev:<12}{n.get('pod_cidr6', '')}" if six else rev))
     return 0

@@ -51,7 +51,7 @@ def up(nodes: int, routing: str, *, lease_ttl: int = 10, cluster_cidr: str = sta
     underlay.ensure_bridge()
     for i, node in enumerate(lab.nodes.values(), start=1):
         Path(node.dir).mkdir(parents=True, exist_ok=True)
-        underlay.add_host(node.netns, node.host_link, state.node_ip(i))
+        underlay.add_host(node.netns, node.host_link, state.node_ip(i), state.node_ip6(i))
     processes.start_etcd(lab)
     for node in lab.nodes.values():
         processes.start_agent(node)

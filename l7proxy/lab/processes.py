@@ -53,6 +53,7 @@ def agent_args(
         "--kvstore", lab.etcd_url,
         "--node-name", node.name,
         "--cluster-cidr", lab.cluster_cidr,
+        *(("--cluster-cidr6", lab.cluster_cidr6) if lab.cluster_cidr6 else ()),
         "--routing", lab.routing,
         "--underlay-ip", node.underlay_ip,
         "--node-lease-ttl", str(lab.lease_ttl),

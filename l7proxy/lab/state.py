@@ -20,6 +20,11 @@ UNDERLAY = "10.251.0.0/24"
 BRIDGE_IP = "10.251.0.1"
 ETCD_PORT, ETCD_PEER_PORT = 2379, 2380
 CLUSTER_CIDR = "10.252.0.0/16"
+# Dual stack (issue 17): pods get an IPv6 address from a /64 per node of this, and each host an
+# IPv6 underlay address next to its IPv4 one (native routing's IPv6 next hop; VXLAN stays IPv4).
+CLUSTER_CIDR6 = "fd00:10:252::/56"
+UNDERLAY6 = "fd00:10:251::/64"
+BRIDGE_IP6 = "fd00:10:251::1"
 BPF_PIN_ROOT = Path("/sys/fs/bpf/l7proxy")
 MAX_NODES = 200
 
@@ -31,6 +36,11 @@ def lab_dir() -> Path:
 def node_ip(index: int) -> str:
     """node1 -> 10.251.0.11, ..."""
     return f"10.251.0.{10 + index}"
+
+
+def node_ip6(index: int) -> str:
+    """node1 -> fd00:10:251::11, ... (the same digits as its IPv4 host part)"""
+    return f"fd00:10:251::{10 + index}"
 
 
 @dataclass
@@ -53,6 +63,7 @@ class LabState:
     etcd_args: list[str]
     lease_ttl: int
     nodes: dict[str, NodeState]
+    cluster_cidr6: str = CLUSTER_CIDR6
 
     @property
     def path(self) -> Path:

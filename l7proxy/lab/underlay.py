@@ -18,6 +18,7 @@ from pyroute2 import IPRoute, NetNS, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from l7proxy import proc
+from l7proxy.agent.netdev import IFA_F_NODAD
 from l7proxy.lab import state
 
 UNDERLAY_MTU = 9000
@@ -32,11 +33,16 @@ def ensure_bridge() -> None:
         prefix = ipaddress.IPv4Network(state.UNDERLAY).prefixlen
         with contextlib.suppress(NetlinkError):  # EEXIST on a second lab up
             ipr.addr("add", index=idx, address=state.BRIDGE_IP, prefixlen=prefix)
+        prefix6 = ipaddress.IPv6Network(state.UNDERLAY6).prefixlen
+        with contextlib.suppress(NetlinkError):
+            ipr.addr(
+                "add", index=idx, address=state.BRIDGE_IP6, prefixlen=prefix6, flags=IFA_F_NODAD
+            )
         ipr.link("set", index=idx, mtu=UNDERLAY_MTU, state="up")
 
 
-def add_host(netns_name: str, host_link: str, ip: str) -> None:
-    """A node's host namespace with eth0 on the bridge."""
+def add_host(netns_name: str, host_link: str, ip: str, ip6: str = "") -> None:
+    """A node's host namespace with eth0 on the bridge (IPv4, and IPv6 if ip6 is given)."""
     netns.create(netns_name)
     prefix = ipaddress.IPv4Network(state.UNDERLAY).prefixlen
     with IPRoute() as ipr:
@@ -51,6 +57,9 @@ def add_host(netns_name: str, host_link: str, ip: str) -> None:
         (eth,) = ns.link_lookup(ifname=peer)
         ns.link("set", index=eth, ifname="eth0", mtu=UNDERLAY_MTU)
         ns.addr("add", index=eth, address=ip, prefixlen=prefix)
+        if ip6:
+            prefix6 = ipaddress.IPv6Network(state.UNDERLAY6).prefixlen
+            ns.addr("add", index=eth, address=ip6, prefixlen=prefix6, flags=IFA_F_NODAD)
         ns.link("set", index=eth, state="up")
         (lo,) = ns.link_lookup(ifname="lo")
         ns.link("set", index=lo, state="up")

@@ -86,10 +86,12 @@ class ServiceOps:
                 ep.name, ep.ip, tuple(ep.labels), ep.name in self.terminating_endpoints
             )
             for ep in self.store.endpoints()
+            if ep.ip  # an IPv6-only endpoint: services have IPv4 backends only
         }
         if self.cluster is not None:
             for ip, entry in list(self.cluster.remote_ips.items()):  # the loop may add some
-                if ip not in known:
+                # a dual-stack cluster publishes pods' IPv6 addresses too: not service backends
+                if ip not in known and ":" not in ip:
                     labels = tuple(self._labels_of(entry.identity))
                     known[ip] = resolver.KnownEndpoint("", ip, labels)
         return list(known.values())

@@ -5,7 +5,6 @@ node proxy gets 403 / 200 as the L7 rule says, exactly as over IPv4."""
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_runner import AgentProcess, client_egress_l7, free_pool, ok
+from tests.agent_runner import AgentProcess, client_egress_l7, free_pool, free_pool6, ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -48,15 +47,6 @@ s = S(("::", 80), H)
 print("listening", flush=True)
 s.serve_forever()
 """
-
-
-def free_pool6() -> str:
-    """A /64 of fd00:10:<random>::/64 with no route on this host (parallel runs)."""
-    routes = subprocess.run(["ip", "-6", "route"], capture_output=True, text=True).stdout
-    while True:
-        pool = f"fd00:10:{random.randrange(0x300, 0xFFFF):x}::"
-        if pool not in routes:
-            return pool + "/64"
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """Real podman containers as the agent's endpoints through the l7proxy CNI plugin (issue 18).
 
-One agent with the BPF datapath and the node proxy serves the module; podman runs busybox
+One dual-stack agent (--pool6) with the BPF datapath and the node proxy serves the module; podman runs busybox
 containers from a rootfs (no registry) on a CNI network whose plugin list is l7proxy-cni, then
 portmap and bandwidth. Checked: the Star Wars trio under the L3/L4 and L7 policies (xwing dropped
-in the kernel, tiefighter PUT -> 403, POST lands), `endpoint list` and `observe` naming the
+in the kernel, tiefighter PUT -> 403, POST lands; the same over IPv6: each container has both
+families), `endpoint list` and `observe` naming the
 containers, chaining, `podman rm -f` leaving nothing behind, the CNI conformance points against
 the installed plugin, and agent restarts (endpoints kept; a container gone meanwhile reaped).
 """
@@ -23,7 +24,7 @@ import pytest
 
 from l7proxy.agent import netdev
 from redirect_bpf import ipcache, loader, structs
-from tests.agent_runner import AgentProcess, free_pool
+from tests.agent_runner import AgentProcess, free_pool, free_pool6
 from tests.e2e.podman_lab import PodmanLab, build_rootfs, run_plugin
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -47,7 +48,7 @@ def rootfs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def agent():
-    with AgentProcess(pool=free_pool(), bpf=True) as a:
+    with AgentProcess(pool=free_pool(), bpf=True, extra_args=("--pool6", free_pool6())) as a:
         yield a
 
 
@@ -124,9 +125,14 @@ def test_star_wars_trio_under_policy(agent, lab):
     netns = {name: eps[name]["netns"] for name in TRIO}
     assert curl(netns["xwing"], "GET", star + "/") == "200"  # no policy yet
 
+    star6 = f"http://[{eps['deathstar']['ip6']}]"  # each container has an IPv6 address too
+    assert curl(netns["xwing"], "GET", star6 + "/") == "200"
+
     ok(agent, "policy", "import", str(L3L4))
     assert curl(netns["xwing"], "GET", star + "/") == "timeout"  # dropped in the kernel
     assert curl(netns["tiefighter"], "GET", star + "/") == "200"
+    assert curl(netns["xwing"], "GET", star6 + "/") == "timeout"  # the same policy over IPv6
+    assert curl(netns["tiefighter"], "GET", star6 + "/") == "200"
     # A process inside the container, not only its namespace, goes through the same path.
     # (busybox-static's wget crashes without NSS files; nc speaks HTTP/1.0 well enough.)
     request = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {eps['deathstar']['ip']} 80"
@@ -135,6 +141,7 @@ def test_star_wars_trio_under_policy(agent, lab):
 
     ok(agent, "policy", "import", str(_l7_policy(lab.base)))
     assert curl(netns["tiefighter"], "PUT", star + "/v1/exhaust-port") == "403"
+    assert curl(netns["tiefighter"], "PUT", star6 + "/v1/exhaust-port") == "403"
     assert curl(netns["tiefighter"], "POST", star + "/cgi-bin/request-landing") == "200"
     assert curl(netns["xwing"], "POST", star + "/cgi-bin/request-landing") == "timeout"
 
@@ -259,10 +266,12 @@ def test_cni_conformance_against_the_agent(agent, lab, netns):
     assert code == 0, result
     ep = endpoints(agent)["conf"]
     assert result["cniVersion"] == "1.0.0"
+    status = agent.client.call("status")
     assert result["ips"] == [
-        {"address": f"{ep['ip']}/32", "gateway": agent.client.call("status")["router"],
-         "interface": 1},
-    ]  # fmt: skip
+        {"address": f"{ep['ip']}/32", "gateway": status["router"], "interface": 1},
+        {"address": f"{ep['ip6']}/128", "gateway": status["router6"], "interface": 1},
+    ]
+    assert result["routes"][1] == {"dst": "::/0", "gw": status["router6"]}
     assert result["interfaces"][1]["sandbox"] == netns and result["interfaces"][1]["mac"]
     inner = subprocess.run(["ip", "-n", Path(netns).name, "-4", "-o", "addr", "show", "eth0"],
                            capture_output=True, text=True).stdout  # fmt: skip

@@ -98,3 +98,24 @@ def test_a_sync_that_read_before_the_sink_wrote_does_not_overwrite_it(sink):
     # the agent lists other nodes' pods too (its proxy resolves identities from the same view)
     ipcache.sync(_StaleView(ipc, stale), {**_local_entries(sink.dp), POD: 4711})
     assert ipcache.entry(ipc, POD) == (4711, UNDERLAY)
+
+
+POD_CIDR6, POD6 = "fd00:248:5::/64", "fd00:248:5::7/128"
+
+
+def test_a_dual_stack_node_goes_into_ipcache6_with_its_ipv4_tunnel_endpoint(sink):
+    """IPv6 pods ride VXLAN over the IPv4 underlay: their ipcache6 entries carry the node's IPv4
+    address, and node_down clears both families."""
+    sink.node_up("nodeX", UNDERLAY, POD_CIDR, POD_CIDR6)
+    sink.ipcache_set(POD6, 4711, UNDERLAY)
+    ipc6 = sink.dp.maps["ipcache6"]
+    assert ipcache.entry(ipc6, POD6) == (4711, UNDERLAY)
+    assert ipcache.entry(ipc6, POD_CIDR6) == (structs.IDENTITY_WORLD_IPV6, UNDERLAY)
+    assert ipcache.entry(ipc6, "fd00:248:5::1/128") == (structs.IDENTITY_REMOTE_NODE, UNDERLAY)
+    assert sink.dp.ipcache_lookup("fd00:248:5::7") == 4711
+    sink.ipcache_delete(POD6)
+    assert POD6 not in ipcache.remote_entries(ipc6)
+    sink.ipcache_set(POD6, 4711, UNDERLAY)
+    sink.node_down("nodeX")
+    assert ipcache.remote_entries(ipc6) == {}
+    assert ipcache.remote_entries(sink.dp.maps["ipcache"]) == {}

@@ -33,6 +33,7 @@ def cli(*args: str, node: str | None = None, timeout: float = 60, check: bool = 
 class Lab:
     routing: str
     ips: dict[str, str] = field(default_factory=dict)  # endpoint -> IP
+    ips6: dict[str, str] = field(default_factory=dict)  # endpoint -> IPv6 (the lab is dual stack)
     identities: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, dict] = field(default_factory=dict)  # cluster status per node
     servers: list[subprocess.Popen] = field(default_factory=list)
@@ -116,28 +117,37 @@ def pinned_map(node: str, name: str) -> dict[bytes, bytes]:
         bpf_map.close()
 
 
-def remote_view(node: str) -> tuple[set[str], set[str]]:
+def remote_view(node: str, maps: tuple[str, ...] = ("ipcache", "ipcache6")) -> tuple[set, set]:
     """What a node's maps say about the others: (underlay IPs in its nodes map, tunnel
-    endpoints its ipcache entries carry)."""
+    endpoints its ipcache entries carry, IPv4 and IPv6 ones unless `maps` says which)."""
     from redirect_bpf import ipcache, structs
 
     nodes = {
         ipcache.ip_of(structs.u32.from_buffer_copy(k).value) for k in pinned_map(node, "nodes")
     }
+    values = [v for name in maps for v in pinned_map(node, name).values()]
     tunnels = {
         ipcache.ip_of(v.tunnel_endpoint)
-        for v in map(structs.IpcacheValue.from_buffer_copy, pinned_map(node, "ipcache").values())
+        for v in map(structs.IpcacheValue.from_buffer_copy, values)
         if v.tunnel_endpoint
     }
     return nodes, tunnels
 
 
-def ipcache_identity(node: str, ip: str) -> int | None:
-    """The identity a node's BPF ipcache holds for exactly ip/32 (None: no such entry)."""
+def ipcache_entry(node: str, ip: str):
+    """A node's BPF ipcache (ipcache6 for IPv6) value for exactly ip/32 or ip/128, or None."""
     from redirect_bpf import ipcache, structs
 
-    value = pinned_map(node, "ipcache").get(bytes(ipcache.key(f"{ip}/32")))
-    return structs.IpcacheValue.from_buffer_copy(value).identity if value else None
+    six = ipcache.family(ip) == 6
+    key = ipcache.key(f"{ip}/128" if six else f"{ip}/32")
+    value = pinned_map(node, "ipcache6" if six else "ipcache").get(bytes(key))
+    return structs.IpcacheValue.from_buffer_copy(value) if value else None
+
+
+def ipcache_identity(node: str, ip: str) -> int | None:
+    """The identity a node's BPF ipcache holds for exactly ip/32 (None: no such entry)."""
+    value = ipcache_entry(node, ip)
+    return value.identity if value else None
 
 
 def _endpoint(lab: Lab, node: str, name: str, labels: str) -> None:
@@ -150,6 +160,7 @@ def learn_endpoint(lab: Lab, node: str, name: str) -> None:
     for ep in json.loads(cli("endpoint", "list", "-o", "json", node=node)):
         if ep["name"] == name:
             lab.ips[name], lab.identities[name] = ep["ip"], ep["identity"]
+            lab.ips6[name] = ep.get("ip6", "")
 
 
 @pytest.fixture(scope="module", params=["tunnel", "native"])

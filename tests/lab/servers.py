@@ -1,8 +1,10 @@
-"""A pod's test servers: HTTP/1.1 on every port given, 200 "ok PORT PATH" for GET, 201 for POST.
+"""A pod's test servers: HTTP/1.1 on every port given (IPv4 and IPv6: one dual-stack socket on
+[::]), 200 "ok PORT PATH" for GET, 201 for POST.
 Run inside an endpoint: `l7proxy --node N endpoint exec EP -- python servers.py 8080 9090`."""
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,8 +29,16 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+class DualStackServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def main() -> None:
-    servers = [ThreadingHTTPServer(("0.0.0.0", int(p)), Handler) for p in sys.argv[1:]]
+    servers = [DualStackServer(("::", int(p)), Handler) for p in sys.argv[1:]]
     for s in servers[1:]:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     print("listening", flush=True)

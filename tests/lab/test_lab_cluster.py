@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from redirect_bpf import ipcache
 from tests.lab.conftest import (
     HERE,
     REPO,
@@ -31,6 +32,7 @@ from tests.lab.conftest import (
     _endpoint,
     cli,
     in_pod,
+    ipcache_entry,
     ipcache_identity,
     learn_endpoint,
     pinned_map,
@@ -258,6 +260,47 @@ def lab_status() -> dict:
     return json.loads(cli("cluster", "status", "-o", "json"))
 
 
+def test_ipv6_across_nodes_by_labels_and_l7(lab):
+    """Dual stack (the lab's --cluster-cidr6): pods have an IPv6 address from their node's IPv6
+    pod CIDR, and the same policy holds for IPv6 flows across nodes: ingress L3 and L7 judged
+    on node2 with the sender's identity (tunnel: the VNI of an IPv6 packet in VXLAN over IPv4;
+    native: node2's ipcache6), deny over allow, and egress L7 on node1 keeping the client's
+    identity."""
+    backend6 = lab.ips6["backend"]
+    nodes = {n["name"]: n for n in lab.status()["nodes"]}
+    assert ipaddress.ip_address(backend6) in ipaddress.ip_network(nodes["node2"]["pod_cidr6"])
+    assert len({n["pod_cidr6"] for n in nodes.values()}) == 3
+    table = cli("cluster", "status")
+    assert "POD CIDR6" in table and nodes["node2"]["pod_cidr6"] in table
+    # node1's ipcache6: backend's address, its identity, node2's IPv4 underlay as endpoint
+    entry = ipcache_entry("node1", backend6)
+    assert entry is not None and entry.identity == lab.identities["backend"]
+    assert ipcache.ip_of(entry.tunnel_endpoint) == nodes["node2"]["underlay_ip"]
+    url = f"http://[{backend6}]"
+    assert lab.curl("node3", "reader", f"{url}:8080/public/6") == "200"
+    assert lab.curl("node3", "reader", f"{url}:8080/private/6") == "403"
+    denied = _l7_denials(lab, "node2", "/private/6")
+    assert denied and "k8s:app=reader" in denied[-1]["source"]["labels"]
+    assert lab.curl("node1", "other", f"{url}:9090/") == "000"  # deny beats "any endpoint"
+    drops = [
+        f for f in lab.flows("node2")
+        if f["verdict"] == "DROPPED" and f["destination"].get("ip") == backend6
+        and f["source"]["identity"] == lab.identities["other"]
+    ]  # fmt: skip
+    assert drops and drops[-1]["traffic_direction"] == "INGRESS"
+    assert drops[-1]["source"]["ip"] == lab.ips6["other"]
+    # egress L7 (GET only) on node1; node2's "any endpoint -> 9090" needs frontend's identity
+    assert lab.curl("node1", "frontend", f"{url}:9090/x6") == "200"
+    assert lab.curl("node1", "frontend", f"{url}:9090/x6", method="POST") == "403"
+    # an IPv6-only pod (no IPv4 address) in cluster mode, with reader's labels
+    cli("endpoint", "create", "reader6", "--labels", "app=reader", "--ipv6-only", node="node3")
+    learn_endpoint(lab, "node3", "reader6")
+    assert lab.ips["reader6"] == "" and lab.ips6["reader6"]
+    wait_for(lambda: ipcache_entry("node2", lab.ips6["reader6"]), 10, "reader6 on node2")
+    assert lab.curl("node3", "reader6", f"{url}:8080/public/only6") == "200"
+    cli("endpoint", "delete", "reader6", node="node3")
+
+
 def test_a_bad_policy_is_refused_and_no_node_changes(lab, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_POLICY)
@@ -381,6 +424,7 @@ def test_a_removed_node_s_pods_are_dropped_not_tunnelled(lab):
     lab.servers.append(in_pod("node3", "web3", sys.executable, str(HERE / "servers.py"), "8080"))
     wait_for(lambda: lab.curl("node1", "other", f"http://{web3}:8080/") == "200", 20, "web3")
     assert node3["underlay_ip"] in remote_view("node1")[0]
+    assert node3["underlay_ip"] in remote_view("node1", ("ipcache6",))[1]  # its IPv6 pods
     cli("lab", "node", "stop", "node3")
     wait_for(
         lambda: "node3" not in {n["name"] for n in lab.status()["nodes"]},

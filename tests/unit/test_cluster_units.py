@@ -4,6 +4,7 @@ layout and the agent's argument checks for the cluster flags."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -61,6 +62,7 @@ def _args(**kw):
     base = dict(
         kvstore="etcd://127.0.0.1:2379", node_name="node1", cluster_cidr="10.252.0.0/16",
         node_cidr_mask_size=24, underlay_ip="", node_lease_ttl=15, identity_gc_interval=60.0,
+        pool6="", cluster_cidr6="", node_cidr_mask_size6=64, underlay_ip6="",
     )  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
@@ -74,6 +76,28 @@ def test_cluster_flag_checks_say_what_to_give():
     assert "--underlay-ip" in cluster_problem(_args(underlay_ip="nope"))
     assert "--node-lease-ttl" in cluster_problem(_args(node_lease_ttl=0))
     assert "mask size" in cluster_problem(_args(node_cidr_mask_size=31))
+    # dual stack
+    assert cluster_problem(_args(cluster_cidr6="fd00:10:252::/56")) is None
+    assert "--cluster-cidr6" in cluster_problem(_args(cluster_cidr6="10.9.0.0/16"))
+    assert "--node-cidr-mask-size6" in cluster_problem(_args(cluster_cidr6="fd00::/40"))
+    assert "--cluster-cidr6" in cluster_problem(_args(pool6="fd00:1::/64"))
+    assert "--underlay-ip6" in cluster_problem(
+        _args(cluster_cidr6="fd00:10:252::/56", underlay_ip6="10.0.0.1")
+    )
+
+
+def test_a_dual_stack_node_record_reads_like_cilium_s():
+    rec = NodeRecord(
+        "n2", "192.0.2.2", "10.252.2.0/24", "native", 3,
+        pod_cidr6="fd00:10:252:2::/64", underlay_ip6="2001:db8::2",
+    )  # fmt: skip
+    d = json.loads(rec.dumps())
+    assert d["IPv6AllocCIDR"] == "fd00:10:252:2::/64"
+    assert {a["IP"] for a in d["IPAddresses"]} == {"192.0.2.2", "2001:db8::2"}
+    assert NodeRecord.loads(rec.dumps()) == rec
+    single = NodeRecord("n1", "192.0.2.1", "10.252.1.0/24", "tunnel", 0)
+    assert "IPv6AllocCIDR" not in json.loads(single.dumps())
+    assert NodeRecord.loads(single.dumps()) == single
 
 
 def test_recording_sink_keeps_the_remote_state():

@@ -123,6 +123,11 @@ def test_result_shape_for_1_0_and_0_4():
     assert "sandbox" not in res["interfaces"][0]  # the host side (chained plugins read it)
     assert res["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.9.0.1"}]
     assert plugin.build_result("0.4.0", ep)["ips"][0]["version"] == "4"
+    dual = {**ep, "ip6": "fd00:9::5", "router6": "fd00:9::1"}
+    res = plugin.build_result("1.0.0", dual)
+    assert res["ips"][1] == {"address": "fd00:9::5/128", "gateway": "fd00:9::1", "interface": 1}
+    assert res["routes"][1] == {"dst": "::/0", "gw": "fd00:9::1"}
+    assert [i["version"] for i in plugin.build_result("0.4.0", dual)["ips"]] == ["4", "6"]
 
 
 def test_podman_labels_from_a_state_file(tmp_path):
