@@ -63,7 +63,9 @@ def main() -> None:
     if kind == "tcp-for":
         end = time.monotonic() + float(sys.argv[4])
         while (started := time.monotonic()) < end:
-            print(json.dumps({**tcp(vip, port, path, LOOP_TIMEOUT), "started": started}), flush=True)
+            print(
+                json.dumps({**tcp(vip, port, path, LOOP_TIMEOUT), "started": started}), flush=True
+            )
         return
     count = int(sys.argv[4])
     for n in range(count):
