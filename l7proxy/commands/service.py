@@ -73,6 +73,8 @@ def _create(args) -> int:
         return 2
     svc = Client(args.socket).call("service.create", **fields)
     print(f"service {svc['name']} created: {_frontend(svc)} -> {_backends_text(svc)}")
+    for warning in svc.get("warnings", ()):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -42,6 +42,10 @@ class NullLb:
     def status(self) -> dict:
         return {"state": "disabled", "detail": f"no socket LB: {self.reason}"}
 
+    def nodeport_missing(self) -> str:
+        """Why this node does not serve NodePort/DSR ("" when it does)."""
+        return f"no BPF load balancer on this node ({self.reason})"
+
     def close(self) -> None:
         pass
 
@@ -130,6 +134,10 @@ class KernelLb:
     def stats(self) -> dict[tuple[str, int, str], tuple[int, int, int]]:
         """frontend (VIP, port, proto) -> (connects, datagrams, no backend), from the kernel."""
         return self.lb.stats()
+
+    def nodeport_missing(self) -> str:
+        """Why this node does not serve NodePort/DSR ("" when it does)."""
+        return "" if self.nodeport is not None else self.nodeport_error
 
     def status(self) -> dict:
         from redirect_bpf.sock_lb import BPF_F_PREORDER

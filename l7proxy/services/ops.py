@@ -201,7 +201,12 @@ class ServiceOps:
             self._check_new(svc)  # re-checked under the lock (the watch may have brought it)
             self.services.put(svc)
             await asyncio.to_thread(self._services_refresh)
-        return self._describe(svc)
+        out = self._describe(svc)
+        missing = self.lb.nodeport_missing() if (svc.node_port or svc.dsr) else ""
+        if missing:  # stored (other nodes may serve it), but say this node does not
+            what = f"node port {svc.node_port}" if svc.node_port else "DSR"
+            out["warnings"] = [f"{what} is stored but not served on this node: {missing}"]
+        return out
 
     def _check_new(self, svc: Service) -> None:
         old = self.services.get(svc.key)

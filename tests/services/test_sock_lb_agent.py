@@ -207,6 +207,19 @@ def test_bad_input_is_one_line_from_the_cli(node):
         assert r.returncode == 1 and "already the VIP of service dup" in r.stderr
     finally:
         node.ok("service", "delete", "dup")
+    # A single node has no NodePort datapath: the service is stored, and the CLI says so.
+    r = node.agent.cli(
+        "service", "create", "np", "--vip", f"{VIP}:87", "--backend", "10.0.0.1:80",
+        "--node-port", "30087",
+    )  # fmt: skip
+    try:
+        assert r.returncode == 0 and "created" in r.stdout, r.stderr
+        assert r.stderr.strip() == (
+            "warning: node port 30087 is stored but not served on this node: "
+            "no node IP (cluster mode only)"
+        ), r.stderr
+    finally:
+        node.ok("service", "delete", "np")
 
 
 def metric(node, name: str, **labels: str) -> float | None:
