@@ -343,8 +343,9 @@ def _ok(src: Pod6, ip: str, port: int, expected: bool) -> bool:
 
 def test_cidr_set_with_except_and_the_world_entities(t6):
     a = t6.pods[0]
-    net = f"fd00:251:{uuid.uuid4().int % 0xFFFF:x}"
-    inside, excepted, world6 = f"{net}::1", f"{net}::8001", f"fd00:252:{net[-4:]}::1"
+    group = f"{uuid.uuid4().int % 0xFFFF:x}"  # 1-4 hex digits
+    net = f"fd00:251:{group}"
+    inside, excepted, world6 = f"{net}::1", f"{net}::8001", f"fd00:252:{group}::1"
     world4 = f"10.250.{free_octets(1)[0]}.1"
     with lo_servers(inside, excepted, world6, world4) as ports:
         port = dict(zip((inside, excepted, world6, world4), ports, strict=True))
