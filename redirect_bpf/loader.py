@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from redirect_bpf import bpfsys, structs
-from redirect_bpf.maps import BpfMap
+from redirect_bpf.maps import BpfMap, open_pinned_maps, release
 
 SRC_DIR = Path(__file__).resolve().parent
 SOURCE = SRC_DIR / "datapath.c"
@@ -41,15 +41,8 @@ class Loaded:
 
     def close(self) -> None:
         """Drop this process's fds; pinned objects and attachments stay in the kernel."""
-        for m in self.maps.values():
-            m.close()
-        for fd in [self.ringbuf_fd, *self.progs.values(), *self.extra_fds]:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.maps, self.progs, self.ringbuf_fd = {}, {}, -1
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        release(self.maps, [self.ringbuf_fd, *self.progs.values(), *self.extra_fds], self.bpf)
+        self.maps, self.progs, self.ringbuf_fd, self.bpf = {}, {}, -1, None
 
 
 def pin_dir_for(node: str) -> Path:
@@ -63,15 +56,12 @@ def _pins_complete(pin_dir: Path) -> bool:
 
 
 def open_pinned(pin_dir: Path) -> Loaded:
-    maps = {}
+    maps = open_pinned_maps(pin_dir, structs.MAPS)
     try:
-        for name, (key, value, percpu) in structs.MAPS.items():
-            maps[name] = BpfMap(name, bpfsys.obj_get(pin_dir / f"map_{name}"), key, value, percpu)
         ringbuf = bpfsys.obj_get(pin_dir / f"map_{structs.RINGBUF}")
         progs = {n: bpfsys.obj_get(pin_dir / f"prog_{n}") for n in structs.PROGRAMS}
     except Exception:
-        for m in maps.values():
-            m.close()
+        release(maps, (), None)
         raise
     return Loaded(pin_dir, maps, ringbuf, progs, reused=True)
 

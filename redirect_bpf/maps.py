@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import os
 from collections.abc import Iterable, Iterator
@@ -107,3 +108,29 @@ class BpfMap:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def open_pinned_maps(pin_dir, specs: dict) -> dict[str, BpfMap]:
+    """Every map of `specs` ({name: (key type, value type[, percpu])}) from its pin `map_NAME`;
+    on an error (a missing pin, another layout) the maps opened so far are closed first."""
+    maps: dict[str, BpfMap] = {}
+    try:
+        for name, spec in specs.items():
+            maps[name] = BpfMap(name, bpfsys.obj_get(pin_dir / f"map_{name}"), *spec)
+    except Exception:
+        for m in maps.values():
+            m.close()
+        raise
+    return maps
+
+
+def release(maps: dict[str, BpfMap], fds, bpf) -> None:
+    """Drop a loaded object's fds (maps, programs, others) and its bcc module, if any; the pinned
+    objects and their attachments stay in the kernel."""
+    for m in maps.values():
+        m.close()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if bpf is not None:
+        bpf.cleanup()

@@ -24,7 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from redirect_bpf import bpfsys, tc
 from redirect_bpf import nodeport_structs as S
-from redirect_bpf.maps import BpfMap
+from redirect_bpf.maps import BpfMap, open_pinned_maps, release
 
 SRC_DIR = Path(__file__).resolve().parent
 SOURCE = SRC_DIR / "nodeport.c"
@@ -75,16 +75,8 @@ class NodePort:
             self._compile(tuple(cflags))
 
     def _open(self) -> None:
-        self.maps = {}
-        try:
-            for name, (key, value) in S.MAPS.items():
-                fd = bpfsys.obj_get(self.pin_dir / f"map_{name}")
-                self.maps[name] = BpfMap(name, fd, key, value)
-        except Exception:
-            for m in self.maps.values():
-                m.close()
-            self.maps = {}
-            raise
+        self.maps = {}  # close() works whatever the open raises
+        self.maps = open_pinned_maps(self.pin_dir, S.MAPS)
         self.progs = {n: bpfsys.obj_get(self.pin_dir / f"prog_{n}") for n in S.PROGRAMS}
 
     def _compile(self, cflags: tuple[str, ...]) -> None:
@@ -167,15 +159,8 @@ class NodePort:
     # -- life cycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        for m in self.maps.values():
-            m.close()
-        for fd in self.progs.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.maps, self.progs = {}, {}
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        release(self.maps, self.progs.values(), self.bpf)
+        self.maps, self.progs, self.bpf = {}, {}, None
 
     def destroy(self) -> None:
         self.detach()

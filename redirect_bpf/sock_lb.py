@@ -31,7 +31,7 @@ from pathlib import Path
 
 from redirect_bpf import bpfsys
 from redirect_bpf import sock_lb_structs as S
-from redirect_bpf.maps import BpfMap
+from redirect_bpf.maps import BpfMap, open_pinned_maps, release
 
 SRC_DIR = Path(__file__).resolve().parent
 SOURCE = SRC_DIR / "sock_lb.c"
@@ -132,16 +132,8 @@ class SockLB:
     # -- load ----------------------------------------------------------------------------------
 
     def _open(self) -> None:
-        self.maps = {}
-        try:
-            for name, (key, value) in S.MAPS.items():
-                fd = bpfsys.obj_get(self.pin_dir / f"map_{name}")
-                self.maps[name] = BpfMap(name, fd, key, value)
-        except Exception:  # an older layout: the maps opened so far go, as in loader.open_pinned
-            for m in self.maps.values():
-                m.close()
-            self.maps = {}
-            raise
+        self.maps = {}  # close() works whatever the open raises
+        self.maps = open_pinned_maps(self.pin_dir, S.MAPS)  # an older layout raises
         self.progs = {n: bpfsys.obj_get(self.pin_dir / f"prog_{n}") for n in S.PROGRAMS}
 
     def _compile(self, cflags: tuple[str, ...]) -> None:
@@ -351,15 +343,8 @@ class SockLB:
 
     def close(self) -> None:
         """Drop this process's fds; pins and attachments stay (the kernel keeps translating)."""
-        for m in self.maps.values():
-            m.close()
-        for fd in self.progs.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.maps, self.progs = {}, {}
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        release(self.maps, self.progs.values(), self.bpf)
+        self.maps, self.progs, self.bpf = {}, {}, None
 
     def destroy(self) -> None:
         """Detach (unpin the links) and remove every pin of this LB."""
