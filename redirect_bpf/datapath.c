@@ -356,6 +356,23 @@ static __always_inline void proxy_dst(struct bpf_sock_tuple *st, __u16 proxy_por
     }
 }
 
+// The packet's own 4-tuple in a socket lookup.
+static __always_inline void packet_tuple(struct bpf_sock_tuple *st, const struct tuple *t,
+                                         const int v6)
+{
+    if (v6) {
+        __builtin_memcpy(st->ipv6.saddr, t->saddr6, 16);
+        __builtin_memcpy(st->ipv6.daddr, t->daddr6, 16);
+        st->ipv6.sport = t->sport;
+        st->ipv6.dport = t->dport;
+    } else {
+        st->ipv4.saddr = t->saddr;
+        st->ipv4.daddr = t->daddr;
+        st->ipv4.sport = t->sport;
+        st->ipv4.dport = t->dport;
+    }
+}
+
 // Hand the packet to the proxy's transparent socket in this (host) namespace: an existing
 // accepted connection by the original tuple, else the listener on 127.0.0.1:proxy_port, or on
 // [::1]:proxy_port for IPv6 (UDP: the DNS proxy's socket there).
@@ -381,17 +398,7 @@ static __always_inline int assign_to_proxy_family(struct __sk_buff *skb, struct 
     }
     if (t->proto != IPPROTO_TCP)
         return -1;
-    if (v6) {
-        __builtin_memcpy(st.ipv6.saddr, t->saddr6, 16);
-        __builtin_memcpy(st.ipv6.daddr, t->daddr6, 16);
-        st.ipv6.sport = t->sport;
-        st.ipv6.dport = t->dport;
-    } else {
-        st.ipv4.saddr = t->saddr;
-        st.ipv4.daddr = t->daddr;
-        st.ipv4.sport = t->sport;
-        st.ipv4.dport = t->dport;
-    }
+    packet_tuple(&st, t, v6);
     // A bare SYN opens a new connection: go to the listener (skip TIME_WAIT leftovers).
     if ((t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
         sk = bpf_skc_lookup_tcp(skb, &st, st_size, BPF_F_CURRENT_NETNS, 0);
@@ -771,17 +778,7 @@ static __always_inline int proxy_upstream_answer(struct __sk_buff *skb, struct t
         return 0;
     struct bpf_sock_tuple st = {};
     __u32 st_size = v6 ? sizeof(st.ipv6) : sizeof(st.ipv4);
-    if (v6) {
-        __builtin_memcpy(st.ipv6.saddr, t->saddr6, 16);
-        __builtin_memcpy(st.ipv6.daddr, t->daddr6, 16);
-        st.ipv6.sport = t->sport;
-        st.ipv6.dport = t->dport;
-    } else {
-        st.ipv4.saddr = t->saddr;
-        st.ipv4.daddr = t->daddr;
-        st.ipv4.sport = t->sport;
-        st.ipv4.dport = t->dport;
-    }
+    packet_tuple(&st, t, v6);
     struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &st, st_size, BPF_F_CURRENT_NETNS, 0);
     if (!sk)
         return 0;
