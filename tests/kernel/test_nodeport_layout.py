@@ -5,7 +5,6 @@ beside other filters on a device and leave alone what is not theirs."""
 
 from __future__ import annotations
 
-import ctypes as ct
 import os
 import subprocess
 import uuid
@@ -18,12 +17,9 @@ from redirect_bpf import bpfsys, loader, tc
 from redirect_bpf import nodeport_structs as S
 from redirect_bpf.nodeport import FILTER_NAME, NodePort, NpFrontend
 from redirect_bpf.sock_lb import SockLB
+from tests.kernel.layouts import assert_map_mirrors
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(180)]
-
-
-def layout(cls) -> list[tuple[str, int, int]]:
-    return [(name, getattr(cls, name).offset, getattr(cls, name).size) for name, _ in cls._fields_]
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +44,7 @@ def fresh():
 def test_map_structs_mirror_the_c(fresh, name):
     key, value = S.MAPS[name]
     table = fresh.bpf[name.encode()]
-    for mirror, compiled in ((key, table.Key), (value, table.Leaf)):
-        assert ct.sizeof(mirror) == ct.sizeof(compiled), name
-        if issubclass(compiled, ct.Structure) and issubclass(mirror, ct.Structure):
-            assert layout(mirror) == layout(compiled), name
+    assert_map_mirrors(key, value, table, name)
 
 
 @pytest.mark.parametrize("name", S.SHARED_MAPS)

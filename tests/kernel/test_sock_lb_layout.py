@@ -13,12 +13,9 @@ import pytest
 from redirect_bpf import bpfsys
 from redirect_bpf import sock_lb_structs as S
 from redirect_bpf.sock_lb import LbService, SockLB
+from tests.kernel.layouts import assert_map_mirrors
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(120)]
-
-
-def layout(cls) -> list[tuple[str, int, int]]:
-    return [(name, getattr(cls, name).offset, getattr(cls, name).size) for name, _ in cls._fields_]
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +34,7 @@ def fresh():
 def test_map_structs_mirror_the_c(fresh, name):
     key, value = S.MAPS[name]
     table = fresh.bpf[name.encode()]
-    for mirror, compiled in ((key, table.Key), (value, table.Leaf)):
-        assert ct.sizeof(mirror) == ct.sizeof(compiled), name
-        if issubclass(compiled, ct.Structure) and issubclass(mirror, ct.Structure):
-            assert layout(mirror) == layout(compiled), name
+    assert_map_mirrors(key, value, table, name)
     info = bpfsys.fdinfo(fresh.maps[name].fd)
     assert (int(info["key_size"]), int(info["value_size"])) == (ct.sizeof(key), ct.sizeof(value))
 

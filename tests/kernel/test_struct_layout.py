@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from redirect_bpf import bpfsys, structs
+from tests.kernel.layouts import layout
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(60)]
 
@@ -26,10 +27,6 @@ def fresh():
         yield dp
     finally:
         dp.destroy()
-
-
-def layout(cls) -> list[tuple[str, int, int]]:
-    return [(name, getattr(cls, name).offset, getattr(cls, name).size) for name, _ in cls._fields_]
 
 
 def assert_same(mirror, compiled, what):
