@@ -66,6 +66,18 @@ def run_in(cg: Path, *argv: str, timeout: float = 10) -> subprocess.CompletedPro
     return subprocess.run(argv, preexec_fn=enter, capture_output=True, text=True, timeout=timeout)
 
 
+def popen_in(cg: Path, *argv: str, **kw) -> subprocess.Popen:
+    """A process started inside the cgroup `cg` (its hooks apply from its first syscall), its
+    stdout and stderr piped as text."""
+
+    def enter():
+        (cg / "cgroup.procs").write_text(str(os.getpid()))
+
+    return subprocess.Popen(
+        argv, preexec_fn=enter, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
+
+
 MARKED_CLIENT = """
 import socket, sys
 s = socket.socket()
@@ -179,18 +191,7 @@ def test_sidecar_proxy_asks_so_original_dst_unmodified(clean):
     dest, dest_id, ep_id, identity = f"{net}.9", 3002, 202, 2002
     with cgroup() as app, cgroup() as proxy_cg:
         t.dp.attach_proxy_cgroup(proxy_cg)
-
-        def enter():
-            (proxy_cg / "cgroup.procs").write_text(str(os.getpid()))
-
-        proxy = subprocess.Popen(
-            [sys.executable, "-c", GETSOCKOPT_PROXY],
-            cwd=REPO,
-            preexec_fn=enter,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proxy = popen_in(proxy_cg, sys.executable, "-c", GETSOCKOPT_PROXY, cwd=REPO)
         try:
             port = int(proxy.stdout.readline())
             t.dp.ipcache_upsert(f"{net}.0/24", dest_id)

@@ -4,7 +4,6 @@ the IPv6 original destination in the pinned map, and fails a denied one."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -16,7 +15,14 @@ from l7proxy import platform
 from policies import EGRESS, PolicyEntry, PolicyKey
 from tests.conftest import REPO, need_binary
 from tests.kernel.netns import sh
-from tests.kernel.test_sidecar import INET6_CLIENT, TCP, cgroup, http_responder, run_in
+from tests.kernel.test_sidecar import (
+    INET6_CLIENT,
+    TCP,
+    cgroup,
+    http_responder,
+    popen_in,
+    run_in,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(60)]
 
@@ -104,18 +110,7 @@ def test_an_unmodified_proxy_asks_ip6t_so_original_dst(clean):
     dest, dest_id, ep_id, identity = f"{net}::9", 3102, 212, 2102
     with cgroup() as app, cgroup() as proxy_cg:
         t.dp.attach_proxy_cgroup(proxy_cg)
-
-        def enter():
-            (proxy_cg / "cgroup.procs").write_text(str(os.getpid()))
-
-        proxy = subprocess.Popen(
-            [sys.executable, "-c", GETSOCKOPT6_PROXY],
-            cwd=REPO,
-            preexec_fn=enter,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proxy = popen_in(proxy_cg, sys.executable, "-c", GETSOCKOPT6_PROXY, cwd=REPO)
         try:
             port = int(proxy.stdout.readline())
             t.dp.ipcache_upsert(f"{net}::/64", dest_id)
