@@ -65,6 +65,20 @@ def obj_get(path: str | Path) -> int:
     return _check(lib().bpf_obj_get(str(path).encode()), f"open pinned {path}")
 
 
+def pins_present(pin_dir: Path, names) -> bool:
+    """Every pin `names` exists under `pin_dir`."""
+    return all((pin_dir / n).exists() for n in names)
+
+
+def unlink_pins(pin_dir: Path, names) -> None:
+    """Remove the pins `names` under `pin_dir` (absent ones are fine)."""
+    for name in names:
+        try:
+            (pin_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
 def map_update(fd: int, key: ct.Structure, value, flags: int = BPF_ANY) -> None:
     _check(lib().bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags), "map update")
 

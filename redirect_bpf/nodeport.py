@@ -44,14 +44,8 @@ class NpFrontend:
     dsr: bool = False
 
 
-def _pins_complete(pin_dir: Path) -> bool:
-    return all((pin_dir / n).exists() for n in PIN_NAMES)
-
-
 def unpin(pin_dir: Path) -> None:
-    for name in PIN_NAMES:
-        with contextlib.suppress(FileNotFoundError):
-            (pin_dir / name).unlink()
+    bpfsys.unlink_pins(pin_dir, PIN_NAMES)
 
 
 class NodePort:
@@ -64,7 +58,7 @@ class NodePort:
         self.pin_dir = Path(pin_dir)
         self.bpf = None
         self.device: str | None = None
-        self.reused = not rebuild and _pins_complete(self.pin_dir)
+        self.reused = not rebuild and bpfsys.pins_present(self.pin_dir, PIN_NAMES)
         if self.reused:
             try:
                 self._open()

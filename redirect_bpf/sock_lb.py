@@ -19,7 +19,6 @@ flags used.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes as ct
 import errno
 import heapq
@@ -92,26 +91,16 @@ class _Written:
     maglev_chunks: int = 0  # lb_maglev entries (svc_id, 0..n-1)
 
 
-def _pins_complete(pin_dir: Path) -> bool:
-    return all((pin_dir / n).exists() for n in OBJECT_PINS)
-
-
-def _unlink(pin_dir: Path, names: Iterable[str]) -> None:
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            (pin_dir / name).unlink()
-
-
 def unpin(pin_dir: Path) -> None:
     """Remove this LB's pins (links first: that detaches), never the datapath's."""
-    _unlink(pin_dir, LINK_PINS + OBJECT_PINS)
+    bpfsys.unlink_pins(pin_dir, LINK_PINS + OBJECT_PINS)
 
 
 class SockLB:
     def __init__(self, pin_dir: str | Path, cflags: Iterable[str] = ()) -> None:
         self.pin_dir = Path(pin_dir)
         self.bpf = None
-        self.reused = _pins_complete(self.pin_dir)
+        self.reused = bpfsys.pins_present(self.pin_dir, OBJECT_PINS)
         if self.reused:
             try:
                 self._open()
@@ -187,7 +176,7 @@ class SockLB:
     def detach(self) -> None:
         """Unpin the links: the programs leave the cgroup."""
         self.attached.clear()
-        _unlink(self.pin_dir, LINK_PINS)
+        bpfsys.unlink_pins(self.pin_dir, LINK_PINS)
 
     # -- services ------------------------------------------------------------------------------
 
