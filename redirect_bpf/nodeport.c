@@ -42,6 +42,7 @@ static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags
 // Shared, opened from the pins of the socket LB and of the datapath
 BPF_TABLE_PINNED("hash", struct lb_svc_key, struct lb_svc, lb_services, LB_SERVICE_MAP_SIZE,
                  NP_PIN("map_lb_services"));
+BPF_TABLE_PINNED("hash", __u32, struct lb_rev, lb_revs, LB_REV_MAP_SIZE, NP_PIN("map_lb_revs"));
 BPF_TABLE_PINNED("hash", struct lb_slot_key, __u32, lb_slots, LB_BACKEND_MAP_SIZE,
                  NP_PIN("map_lb_slots"));
 BPF_TABLE_PINNED("hash", __u32, struct lb_backend, lb_backends, LB_BACKEND_MAP_SIZE,
@@ -164,7 +165,31 @@ static __always_inline int forward(struct __sk_buff *skb, __be32 saddr, __be32 d
 
 // -- backend selection (the socket LB's maps) -----------------------------------------------
 
-static __always_inline __u32 pick(struct lb_svc *svc, struct np_tuple *t)
+#define LB_LOOKUP_TRIES 4
+
+// The service's current revision, copied, as sock_lb.c's lb_lookup (the same checks: an
+// lb_services element may be reused for another key under a reader): 1 found, 0 not a
+// service, -1 none consistent.
+static __always_inline int lb_lookup(struct lb_svc_key *key, struct lb_rev *out, __u32 *rev_out)
+{
+#pragma unroll
+    for (int i = 0; i < LB_LOOKUP_TRIES; i++) {
+        struct lb_svc *svc = lb_services.lookup(key);
+        if (!svc)
+            return 0;
+        __u32 rev = *(volatile __u32 *)&svc->rev;
+        struct lb_rev *r = lb_revs.lookup(&rev);
+        if (r && r->svc.vip == key->vip && r->svc.port == key->port &&
+            r->svc.proto == key->proto) {
+            __builtin_memcpy(out, r, sizeof(*out));
+            *rev_out = rev;
+            return 1;
+        }
+    }
+    return -1;
+}
+
+static __always_inline __u32 pick(struct lb_rev *svc, __u32 rev, struct np_tuple *t)
 {
     if (svc->count == 0)
         return 0;
@@ -175,18 +200,19 @@ static __always_inline __u32 pick(struct lb_svc *svc, struct np_tuple *t)
         if (m == 0 || m > MAGLEV_MAX_M)
             return 0;
         __u32 slot = (__u32)(h % m);
-        struct lb_maglev_key mkey = {.svc_id = svc->svc_id, .chunk = slot >> MAGLEV_CHUNK_SHIFT};
+        struct lb_maglev_key mkey = {.rev = rev, .chunk = slot >> MAGLEV_CHUNK_SHIFT};
         struct lb_maglev_chunk *chunk = lb_maglev.lookup(&mkey);
         if (!chunk)
             return 0;
         return chunk->ids[slot & (MAGLEV_CHUNK - 1)];
     }
-    struct lb_slot_key key = {.svc_id = svc->svc_id, .slot = bpf_get_prandom_u32() % svc->count + 1};
+    struct lb_slot_key key = {.rev = rev, .slot = bpf_get_prandom_u32() % svc->count + 1};
     __u32 *found = lb_slots.lookup(&key);
     return found ? *found : 0;
 }
 
-static __always_inline __u32 select_backend(struct lb_svc *svc, struct np_tuple *t, __u64 now)
+static __always_inline __u32 select_backend(struct lb_rev *svc, __u32 rev, struct np_tuple *t,
+                                            __u64 now)
 {
     struct np_affinity_key akey = {.client_ip = t->saddr, .svc_id = svc->svc_id};
     if (svc->flags & LB_FLAG_AFFINITY) {
@@ -199,7 +225,7 @@ static __always_inline __u32 select_backend(struct lb_svc *svc, struct np_tuple 
             }
         }
     }
-    __u32 id = pick(svc, t);
+    __u32 id = pick(svc, rev, t);
     if (id && (svc->flags & LB_FLAG_AFFINITY)) {
         struct np_affinity_val val = {.backend_id = id, .last_ns = now};
         np_affinity.update(&akey, &val);
@@ -289,21 +315,32 @@ static __always_inline int to_backend(struct __sk_buff *skb, struct pkt *p, stru
     struct np_ct fresh = {};
     int opening = t.proto == IPPROTO_UDP ||
                   (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-    if (ct && opening) {
-        // A backend that left the service (deleted or terminating) gets no new connection
-        // and no more datagrams, even on a tracked tuple: pick again. An established TCP flow
-        // keeps its backend, so a terminating backend finishes it (graceful).
-        __u32 bid = ct->backend_id;
-        struct lb_backend *still = lb_backends.lookup(&bid);
-        if (!still || still->ip != ct->backend_ip || still->port != ct->backend_port)
-            ct = 0;
+    if (ct) {
+        __u8 gone = ct->flags & NP_CT_GONE;
+        if (opening) {
+            // A backend that left the service (deleted or terminating) gets no new connection
+            // and no more datagrams, even on a tracked tuple: pick again. An established TCP
+            // flow keeps its backend, so a terminating backend finishes it (graceful).
+            __u32 bid = ct->backend_id;
+            struct lb_backend *still = lb_backends.lookup(&bid);
+            if (gone || !still || still->ip != ct->backend_ip || still->port != ct->backend_port)
+                ct = 0;
+        } else if (gone) {
+            // An established TCP flow whose backend was deleted (the agent marked it): it
+            // would be blackholed. To the node port, the packet goes on to this node's own
+            // stack untranslated: nothing listens there, so TCP answers it with a reset from
+            // the node port (sequence number = the segment's ACK: the client's socket takes
+            // it). A VIP from outside cannot be answered so (not this node's address): dropped.
+            return t.daddr == cfg->node_ip ? TC_ACT_UNSPEC : TC_ACT_SHOT;
+        }
     }
     if (!ct) {
         struct lb_svc_key skey = {.vip = fe->vip, .port = fe->vport, .proto = t.proto};
-        struct lb_svc *svc = lb_services.lookup(&skey);
-        if (!svc)
+        struct lb_rev svc;
+        __u32 rev = 0;
+        if (lb_lookup(&skey, &svc, &rev) <= 0)
             return TC_ACT_SHOT;
-        __u32 id = select_backend(svc, &t, now);
+        __u32 id = select_backend(&svc, rev, &t, now);
         struct lb_backend *be = id ? lb_backends.lookup(&id) : 0;
         if (!be)
             return TC_ACT_SHOT;  // a service without a usable backend

@@ -147,6 +147,27 @@ class NodePort:
             writes += 1
         return writes
 
+    def reset_flows_to(self, gone: Iterable[tuple[str, str, int]]) -> int:
+        """Mark the tracked flows to backends that were deleted ((proto, IP, port) each):
+        their next TCP packet is answered with a reset instead of following the backend into
+        nothing (a SYN or datagram on such a tuple picks a new backend anyway). One walk over
+        np_ct; returns how many flows were marked."""
+        wanted = {(S.PROTO[proto], S.be32(ip), S.be16(port)) for proto, ip, port in gone}
+        if not wanted:
+            return 0
+        m = self.maps["np_ct"]
+        marked = 0
+        for key, ct in list(m.items()):
+            if (key.proto, ct.backend_ip, ct.backend_port) not in wanted:
+                continue
+            if ct.flags & S.NP_CT_GONE:
+                continue
+            ct.flags |= S.NP_CT_GONE
+            with contextlib.suppress(OSError):  # evicted meanwhile: nothing left to reset
+                m.put(key, ct, bpfsys.BPF_EXIST)
+                marked += 1
+        return marked
+
     def frontends(self) -> int:
         return sum(1 for _ in self.maps["np_frontends"].keys())
 

@@ -11,6 +11,7 @@
 #define NSEC 1000000000ULL
 
 BPF_HASH(lb_services, struct lb_svc_key, struct lb_svc, LB_SERVICE_MAP_SIZE);
+BPF_HASH(lb_revs, __u32, struct lb_rev, LB_REV_MAP_SIZE);
 BPF_HASH(lb_slots, struct lb_slot_key, __u32, LB_BACKEND_MAP_SIZE);
 BPF_HASH(lb_backends, __u32, struct lb_backend, LB_BACKEND_MAP_SIZE);
 BPF_F_TABLE("hash", struct lb_maglev_key, struct lb_maglev_chunk, lb_maglev, LB_MAGLEV_MAP_SIZE,
@@ -33,8 +34,34 @@ static __always_inline __u64 mix64(__u64 x)
     return x;
 }
 
-static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct lb_svc *svc,
-                                          __u64 cookie, int per_socket)
+#define LB_LOOKUP_TRIES 4
+
+// The service's current revision, copied: 1 found, 0 not a service, -1 none consistent (the
+// call fails rather than go to the VIP untranslated). The revision an lb_services element
+// names is checked to be this service's: an element replaced by a concurrent update can be
+// reused at once for another key (hash maps recycle freed elements), and a reader holding it
+// would read that key's revision. The revision itself is never modified while in use.
+static __always_inline int lb_lookup(struct lb_svc_key *key, struct lb_rev *out, __u32 *rev_out)
+{
+#pragma unroll
+    for (int i = 0; i < LB_LOOKUP_TRIES; i++) {
+        struct lb_svc *svc = lb_services.lookup(key);
+        if (!svc)
+            return 0;
+        __u32 rev = *(volatile __u32 *)&svc->rev;
+        struct lb_rev *r = lb_revs.lookup(&rev);
+        if (r && r->svc.vip == key->vip && r->svc.port == key->port &&
+            r->svc.proto == key->proto) {
+            __builtin_memcpy(out, r, sizeof(*out));
+            *rev_out = rev;
+            return 1;
+        }
+    }
+    return -1;
+}
+
+static __always_inline __u32 pick_backend(struct lb_rev *svc, __u32 rev, __u64 cookie,
+                                          int per_socket)
 {
     __u32 id = 0;
     if (svc->count == 0)
@@ -44,7 +71,7 @@ static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct lb_s
         if (m == 0 || m > MAGLEV_MAX_M)
             return 0;
         __u32 slot = (__u32)(mix64(cookie) % m);
-        struct lb_maglev_key mkey = {.svc_id = svc->svc_id, .chunk = slot >> MAGLEV_CHUNK_SHIFT};
+        struct lb_maglev_key mkey = {.rev = rev, .chunk = slot >> MAGLEV_CHUNK_SHIFT};
         struct lb_maglev_chunk *chunk = lb_maglev.lookup(&mkey);
         if (!chunk)
             return 0;
@@ -53,7 +80,7 @@ static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct lb_s
         // Random; a datagram socket keeps one backend (its cookie picks it), so a UDP
         // "conversation" on an unconnected socket is not spread over backends per datagram.
         __u32 r = per_socket ? (__u32)mix64(cookie) : bpf_get_prandom_u32();
-        struct lb_slot_key key = {.svc_id = svc->svc_id, .slot = r % svc->count + 1};
+        struct lb_slot_key key = {.rev = rev, .slot = r % svc->count + 1};
         __u32 *found = lb_slots.lookup(&key);
         if (!found)
             return 0;
@@ -66,8 +93,8 @@ static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct lb_s
 // pick (then pinned). The client is the socket's network namespace, as Cilium's socket LB does:
 // the source address is not chosen yet at connect() time.
 static __always_inline struct lb_backend *select_backend(struct bpf_sock_addr *ctx,
-                                                         struct lb_svc *svc, __u64 cookie,
-                                                         int per_socket)
+                                                         struct lb_rev *svc, __u32 rev,
+                                                         __u64 cookie, int per_socket)
 {
     struct lb_affinity_key akey = {};
     __u64 now = 0;
@@ -87,7 +114,7 @@ static __always_inline struct lb_backend *select_backend(struct bpf_sock_addr *c
             }
         }
     }
-    id = pick_backend(ctx, svc, cookie, per_socket);
+    id = pick_backend(svc, rev, cookie, per_socket);
     if (!id)
         return 0;
     be = lb_backends.lookup(&id);
@@ -124,12 +151,16 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int per_socket)
     if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
         return 1;
     struct lb_svc_key key = {.vip = ctx->user_ip4, .port = (__be16)ctx->user_port, .proto = proto};
-    struct lb_svc *svc = lb_services.lookup(&key);
-    if (!svc)
+    struct lb_rev svc;
+    __u32 rev = 0;
+    int found = lb_lookup(&key, &svc, &rev);
+    if (found == 0)
         return 1;
+    if (found < 0)
+        return 0;
     __u64 cookie = bpf_get_socket_cookie(ctx);
-    struct lb_backend *be = select_backend(ctx, svc, cookie, per_socket);
-    count(svc->svc_id, per_socket, be != 0);
+    struct lb_backend *be = select_backend(ctx, &svc, rev, cookie, per_socket);
+    count(svc.svc_id, per_socket, be != 0);
     if (!be)
         return 0;
     struct lb_revnat_key rkey = {.cookie = cookie, .ip = be->ip, .port = be->port};

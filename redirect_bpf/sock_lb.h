@@ -6,6 +6,9 @@
 #ifndef LB_SERVICE_MAP_SIZE
 #define LB_SERVICE_MAP_SIZE 65536
 #endif
+#ifndef LB_REV_MAP_SIZE
+#define LB_REV_MAP_SIZE 131072  // two revisions per service while a change is written
+#endif
 #ifndef LB_BACKEND_MAP_SIZE
 #define LB_BACKEND_MAP_SIZE 262144
 #endif
@@ -37,18 +40,31 @@ struct lb_svc_key {
     __u8 pad;
 };
 
+// The service's current revision. A change never rewrites what a concurrent connect() may be
+// reading: the agent writes a new revision (its lb_revs entry, slots, Maglev rows, new
+// backends), points this entry at it, waits out an RCU grace period, and only then deletes the
+// old revision and the backends it alone used (redirect_bpf/sock_lb.py).
 struct lb_svc {
-    __u32 svc_id;
-    __u16 count;  // backend slots 1..count in lb_slots
-    __u8 flags;   // LB_FLAG_*
+    __u32 rev;
+    __u32 pad;
+};
+
+// One revision of a service, never modified while in use. `svc` names the service it belongs
+// to: a hash map element freed by an update of lb_services can be reused at once for another
+// key, so a reader checks that the revision it found is its own service's.
+struct lb_rev {
+    struct lb_svc_key svc;
+    __u32 svc_id;     // stable while the service lives: affinity and the counters
+    __u16 count;      // backend slots 1..count in lb_slots
+    __u8 flags;       // LB_FLAG_*
     __u8 pad;
     __u32 affinity_timeout_s;
     __u32 maglev_m;  // the Maglev table's size (LB_FLAG_MAGLEV), else 0
 };
 
-// (service, slot 1..count) -> backend id: random selection picks a slot
+// (revision, slot 1..count) -> backend id: random selection picks a slot
 struct lb_slot_key {
-    __u32 svc_id;
+    __u32 rev;
     __u32 slot;
 };
 
@@ -59,10 +75,10 @@ struct lb_backend {
     __u8 pad;
 };
 
-// One Maglev lookup table per service, in chunks: (service, slot / MAGLEV_CHUNK) -> the
+// One Maglev lookup table per revision, in chunks: (revision, slot / MAGLEV_CHUNK) -> the
 // backend ids of those slots
 struct lb_maglev_key {
-    __u32 svc_id;
+    __u32 rev;
     __u32 chunk;
 };
 

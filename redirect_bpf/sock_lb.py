@@ -24,8 +24,10 @@ import errno
 import heapq
 import os
 import threading
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from redirect_bpf import bpfsys
@@ -86,9 +88,48 @@ class LbService:
 @dataclass
 class _Written:
     svc_id: int
+    rev: int  # the revision lb_services names
     service: LbService
     backend_ids: tuple[int, ...]
-    maglev_chunks: int = 0  # lb_maglev entries (svc_id, 0..n-1)
+    slots: int = 0  # lb_slots entries (rev, 1..n)
+    maglev_chunks: int = 0  # lb_maglev entries (rev, 0..n-1)
+
+
+@dataclass
+class _Retired:
+    """What one sync replaced: deleted after an RCU grace period."""
+
+    revs: list[tuple[int, int, int]] = field(default_factory=list)  # (rev, slots, chunks)
+    backends: list[tuple[int, int]] = field(default_factory=list)  # (service id, backend id)
+    svc_ids: list[int] = field(default_factory=list)
+
+    def rev(self, old: _Written) -> None:
+        self.revs.append((old.rev, old.slots, old.maglev_chunks))
+
+    def backend(self, svc_id: int, bid: int) -> None:
+        self.backends.append((svc_id, bid))
+
+    def __bool__(self) -> bool:
+        return bool(self.revs or self.backends or self.svc_ids)
+
+
+@cache
+def _libc() -> ct.CDLL:
+    return ct.CDLL(None, use_errno=True)
+
+
+MEMBARRIER_CMD_GLOBAL = 1
+SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283}
+
+
+def rcu_barrier() -> None:
+    """Wait until every BPF program running now has finished: the LB's programs run inside an
+    RCU read-side section, and membarrier(MEMBARRIER_CMD_GLOBAL) is synchronize_rcu() (a few
+    ms). Without it (another architecture, nohz_full), a pause well above any program's run."""
+    number = SYS_MEMBARRIER.get(os.uname().machine)
+    if number is not None and _libc().syscall(number, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0:
+        return
+    time.sleep(0.05)
 
 
 def unpin(pin_dir: Path) -> None:
@@ -114,8 +155,8 @@ class SockLB:
         self._recover()
         self._svc_ids = IdPool(w.svc_id for w in self._written.values())
         self._backend_ids = IdPool(b for w in self._written.values() for b in w.backend_ids)
+        self._revs = IdPool(w.rev for w in self._written.values())
         self.attached: dict[str, int] = {}  # cgroup path -> flags used
-        self._unpinned: set[tuple[int, int]] = set()
         self.last_sync = (0, 0)  # (services changed, map writes)
 
     # -- load ----------------------------------------------------------------------------------
@@ -181,13 +222,20 @@ class SockLB:
     # -- services ------------------------------------------------------------------------------
 
     def _recover(self) -> None:
-        """What an earlier agent wrote (re-opened pins): ids stay, only the diff is written."""
-        services = self.maps["lb_services"]
-        for key, svc in services.items():
+        """What an earlier agent wrote (re-opened pins): ids stay, only the diff is written.
+        What no service's revision uses any more (an agent stopped in the middle of a sync)
+        is deleted."""
+        m = self.maps
+        live_revs: set[int] = set()
+        for key, svc in m["lb_services"].items():
+            rev = m["lb_revs"].get(S.u32(svc.rev))
+            if rev is None:  # cannot be written so; written anew if still wanted
+                m["lb_services"].delete(key)
+                continue
             ids, backends = [], []
-            for slot in range(1, svc.count + 1):
-                bid = self.maps["lb_slots"].get(S.SlotKey(svc.svc_id, slot))
-                be = self.maps["lb_backends"].get(bid) if bid is not None else None
+            for slot in range(1, rev.count + 1):
+                bid = m["lb_slots"].get(S.SlotKey(svc.rev, slot))
+                be = m["lb_backends"].get(bid) if bid is not None else None
                 if be is None:
                     break
                 ids.append(bid.value)
@@ -198,11 +246,22 @@ class SockLB:
                 S.port_of(key.port),
                 proto,
                 tuple(backends),
-                svc.affinity_timeout_s,
-                () if svc.flags & S.LB_FLAG_MAGLEV else None,  # rewritten on the first sync
+                rev.affinity_timeout_s,
+                () if rev.flags & S.LB_FLAG_MAGLEV else None,  # rewritten on the first sync
             )
-            chunks = -(-svc.maglev_m // S.MAGLEV_CHUNK) if svc.flags & S.LB_FLAG_MAGLEV else 0
-            self._written[lbs.frontend] = _Written(svc.svc_id, lbs, tuple(ids), chunks)
+            chunks = -(-rev.maglev_m // S.MAGLEV_CHUNK) if rev.flags & S.LB_FLAG_MAGLEV else 0
+            self._written[lbs.frontend] = _Written(
+                rev.svc_id, svc.rev, lbs, tuple(ids), rev.count, chunks
+            )
+            live_revs.add(svc.rev)
+        used = {b for w in self._written.values() for b in w.backend_ids}
+        for key, rev in m["lb_revs"].items():
+            if key.value not in live_revs:
+                chunks = -(-rev.maglev_m // S.MAGLEV_CHUNK) if rev.flags & S.LB_FLAG_MAGLEV else 0
+                self._delete_rev(key.value, rev.count, chunks)
+        for key in m["lb_backends"].keys():
+            if key.value not in used:
+                m["lb_backends"].delete(key)
 
     def translated_from(self, cookie: int, ip: str, port: int) -> tuple[str, int] | None:
         """The VIP:port a socket (by its cookie) was connected through to backend ip:port, or
@@ -225,29 +284,64 @@ class SockLB:
         return {f: w.service for f, w in self._written.items()}
 
     def sync(self, desired: Iterable[LbService]) -> tuple[int, int]:
-        """Make the maps hold exactly `desired`; returns (services changed, map writes)."""
+        """Make the maps hold exactly `desired`; returns (services changed, map writes).
+
+        Nothing a concurrent connect() may be reading is modified or deleted while it may read
+        it (Cilium's order, plus an RCU wait): (1) each new or changed service gets a new
+        revision, written in full beside the old one (its backends that are new, its slots, its
+        Maglev rows, its lb_revs entry); (2) each service's lb_services entry is pointed at its
+        new revision (removed services' entries deleted); (3) after one RCU grace period, when
+        no program still runs with the old entries, the old revisions and the backends only
+        they used are deleted, and only then are their ids handed out again. So a connect()
+        picks from one consistent revision, old or new, and an id is never reused under it."""
         with self._lock:
+            m = self.maps
             want = {s.frontend: s for s in desired}
             writes = changed = 0
-            self._unpinned = set()  # (service id, backend id) pairs that left
-            for frontend in [f for f in self._written if f not in want]:
-                writes += self._remove(self._written.pop(frontend))
-                changed += 1
+            retired = _Retired()
+            fresh: list[tuple[_Written, _Written | None]] = []
             for frontend, service in want.items():
                 old = self._written.get(frontend)
                 if old is not None and old.service == service:
                     continue
-                writes += self._write(service, old)
+                new, n = self._write_rev(service, old)
+                fresh.append((new, old))
+                writes += n
                 changed += 1
-            writes += self._drop_affinity(self._unpinned)
+            for new, old in fresh:
+                m["lb_services"].put(self._key(new.service), S.Svc(new.rev, 0))
+                writes += 1
+                self._written[new.service.frontend] = new
+                if old is not None:
+                    retired.rev(old)
+                    for bid in set(old.backend_ids) - set(new.backend_ids):
+                        retired.backend(old.svc_id, bid)
+            for frontend in [f for f in self._written if f not in want]:
+                old = self._written.pop(frontend)
+                m["lb_services"].delete(self._key(old.service))
+                writes += 1
+                changed += 1
+                retired.rev(old)
+                for bid in old.backend_ids:
+                    retired.backend(old.svc_id, bid)
+                retired.svc_ids.append(old.svc_id)
+            if retired:
+                rcu_barrier()
+                writes += self._delete_retired(retired)
             self.last_sync = (changed, writes)
             return self.last_sync
 
-    def _write(self, service: LbService, old: _Written | None) -> int:
+    @staticmethod
+    def _key(service: LbService) -> S.SvcKey:
+        return S.SvcKey(S.be32(service.vip), S.be16(service.port), S.PROTO[service.proto], 0)
+
+    def _write_rev(self, service: LbService, old: _Written | None) -> tuple[_Written, int]:
+        """A new revision of a service, beside whatever is in use; returns it and the writes."""
         m = self.maps
         svc_id = old.svc_id if old else self._svc_ids.take()
         if old is None:  # a reused id starts its counters over
             m["lb_svc_stats"].delete(S.u32(svc_id))
+        rev = self._revs.take()
         proto = S.PROTO[service.proto]
         # Backends keep their id while they stay (affinity to them survives a change of others)
         kept = dict(zip(old.service.backends, old.backend_ids, strict=True)) if old else {}
@@ -261,7 +355,7 @@ class SockLB:
                 writes += 1
             ids.append(bid)
         for slot, bid in enumerate(ids, start=1):
-            m["lb_slots"].put(S.SlotKey(svc_id, slot), S.u32(bid))
+            m["lb_slots"].put(S.SlotKey(rev, slot), S.u32(bid))
             writes += 1
         flags = S.LB_FLAG_AFFINITY if service.affinity_timeout else 0
         size = chunks = 0
@@ -269,52 +363,48 @@ class SockLB:
             size = len(service.maglev)
             if not 0 < size <= S.MAGLEV_MAX_M:
                 raise ValueError(f"a Maglev table has 1-{S.MAGLEV_MAX_M} slots, not {size}")
-            # every chunk before the entry that names the new size (a lookup meanwhile reads
-            # the old size's slots from new chunks: a valid backend either way)
             table = [ids[i] for i in service.maglev]
             chunks = -(-size // S.MAGLEV_CHUNK)
             for c in range(chunks):
                 part = table[c * S.MAGLEV_CHUNK : (c + 1) * S.MAGLEV_CHUNK]
                 chunk = S.MaglevChunk()
                 chunk.ids[: len(part)] = part
-                m["lb_maglev"].put(S.MaglevKey(svc_id, c), chunk)
+                m["lb_maglev"].put(S.MaglevKey(rev, c), chunk)
                 writes += 1
             flags |= S.LB_FLAG_MAGLEV
-        key = S.SvcKey(S.be32(service.vip), S.be16(service.port), proto, 0)
-        entry = S.Svc(svc_id, len(ids), flags, 0, service.affinity_timeout, size)
-        m["lb_services"].put(key, entry)
+        entry = S.Rev(
+            self._key(service), svc_id, len(ids), flags, 0, service.affinity_timeout, size
+        )
+        m["lb_revs"].put(S.u32(rev), entry)
         writes += 1
-        # Now nothing refers to what is gone: slots past the new count, removed backends
-        if old is not None:
-            for slot in range(len(ids) + 1, len(old.backend_ids) + 1):
-                m["lb_slots"].delete(S.SlotKey(svc_id, slot))
-                writes += 1
-            for bid in set(old.backend_ids) - set(ids):
-                m["lb_backends"].delete(S.u32(bid))
-                self._backend_ids.give(bid)
-                self._unpinned.add((svc_id, bid))
-                writes += 1
-            for c in range(chunks, old.maglev_chunks):  # a smaller table, or none now
-                m["lb_maglev"].delete(S.MaglevKey(svc_id, c))
-                writes += 1
-        self._written[service.frontend] = _Written(svc_id, service, tuple(ids), chunks)
-        return writes
+        return _Written(svc_id, rev, service, tuple(ids), len(ids), chunks), writes
 
-    def _remove(self, old: _Written) -> int:
+    def _delete_rev(self, rev: int, slots: int, chunks: int) -> int:
         m = self.maps
-        s = old.service
-        m["lb_services"].delete(S.SvcKey(S.be32(s.vip), S.be16(s.port), S.PROTO[s.proto], 0))
-        for slot in range(1, len(old.backend_ids) + 1):
-            m["lb_slots"].delete(S.SlotKey(old.svc_id, slot))
-        for bid in old.backend_ids:
-            m["lb_backends"].delete(S.u32(bid))
+        m["lb_revs"].delete(S.u32(rev))
+        for slot in range(1, slots + 1):
+            m["lb_slots"].delete(S.SlotKey(rev, slot))
+        for c in range(chunks):
+            m["lb_maglev"].delete(S.MaglevKey(rev, c))
+        return 1 + slots + chunks
+
+    def _delete_retired(self, retired: _Retired) -> int:
+        """After the grace period: old revisions, the backends that left, their affinity pins;
+        then their ids go back to the pools."""
+        writes = 0
+        for rev, slots, chunks in retired.revs:
+            writes += self._delete_rev(rev, slots, chunks)
+            self._revs.give(rev)
+        for _, bid in retired.backends:
+            self.maps["lb_backends"].delete(S.u32(bid))
+            writes += 1
+        writes += self._drop_affinity(set(retired.backends))
+        for _, bid in retired.backends:
             self._backend_ids.give(bid)
-            self._unpinned.add((old.svc_id, bid))
-        for c in range(old.maglev_chunks):
-            m["lb_maglev"].delete(S.MaglevKey(old.svc_id, c))
-        m["lb_svc_stats"].delete(S.u32(old.svc_id))
-        self._svc_ids.give(old.svc_id)
-        return 2 + 2 * len(old.backend_ids)
+        for svc_id in retired.svc_ids:
+            self.maps["lb_svc_stats"].delete(S.u32(svc_id))
+            self._svc_ids.give(svc_id)
+        return writes
 
     def _drop_affinity(self, gone: set[tuple[int, int]]) -> int:
         """Forget the clients pinned to backends that left their service. The program would

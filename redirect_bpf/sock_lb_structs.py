@@ -26,7 +26,12 @@ class SvcKey(ct.Structure):
 
 
 class Svc(ct.Structure):
+    _fields_ = [("rev", u32), ("pad", u32)]
+
+
+class Rev(ct.Structure):
     _fields_ = [
+        ("svc", SvcKey),
         ("svc_id", u32),
         ("count", u16),
         ("flags", u8),
@@ -37,7 +42,7 @@ class Svc(ct.Structure):
 
 
 class SlotKey(ct.Structure):
-    _fields_ = [("svc_id", u32), ("slot", u32)]
+    _fields_ = [("rev", u32), ("slot", u32)]
 
 
 class Backend(ct.Structure):
@@ -45,7 +50,7 @@ class Backend(ct.Structure):
 
 
 class MaglevKey(ct.Structure):
-    _fields_ = [("svc_id", u32), ("chunk", u32)]
+    _fields_ = [("rev", u32), ("chunk", u32)]
 
 
 class MaglevChunk(ct.Structure):
@@ -74,6 +79,7 @@ class RevnatVal(ct.Structure):
 
 MAPS.update(
     lb_services=(SvcKey, Svc),
+    lb_revs=(u32, Rev),
     lb_slots=(SlotKey, u32),
     lb_backends=(u32, Backend),
     lb_maglev=(MaglevKey, MaglevChunk),

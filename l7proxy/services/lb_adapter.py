@@ -128,7 +128,17 @@ class KernelLb:
 
     def terminate(self, targets: sock_terminate.Targets) -> dict[tuple[str, str, int], int]:
         """Reset the sockets this LB connected to backends that are gone (sock_terminate);
-        how many per frontend (proto, VIP, port)."""
+        how many per frontend (proto, VIP, port). NodePort's tracked TCP flows to them are
+        marked so their next packet gets a reset (not counted: np_ct does not know the
+        frontend a flow came through)."""
+        if self.nodeport is not None:
+            try:
+                marked = self.nodeport.reset_flows_to(targets)
+            except OSError as exc:  # best effort, as the sockets: such flows time out
+                log.warning("services: marking NodePort flows to removed backends: %s", exc)
+            else:
+                if marked:
+                    log.info("services: %d NodePort flows to removed backends reset", marked)
         return sock_terminate.destroy(targets, self.lb.translated_from)
 
     def stats(self) -> dict[tuple[str, int, str], tuple[int, int, int]]:

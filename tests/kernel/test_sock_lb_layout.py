@@ -44,12 +44,20 @@ def test_writer_diffs_reuses_ids_and_recovers_from_pins(fresh):
     b = LbService("10.96.99.2", 53, "UDP", (("10.0.0.3", 53),), affinity_timeout=5)
     assert fresh.sync([a, b])[0] == 2
     assert fresh.sync([a, b]) == (0, 0)  # nothing changed: nothing written
+    key = S.SvcKey(S.be32(a.vip), S.be16(80), 6, 0)
+    before = fresh.maps["lb_services"].get(key).rev
     fewer = LbService(a.vip, a.port, a.proto, a.backends[:1])
     changed, writes = fresh.sync([fewer, b])
-    assert changed == 1 and writes <= 4  # one slot, the service, a slot and a backend deleted
-    svc = fresh.maps["lb_services"].get(S.SvcKey(S.be32(a.vip), S.be16(80), 6, 0))
-    assert svc.count == 1
-    assert fresh.maps["lb_slots"].get(S.SlotKey(svc.svc_id, 2)) is None
+    # a new revision (its slot and lb_revs entry), the service entry pointed at it, then the
+    # old revision (entry, 2 slots) and the backend that left deleted
+    assert changed == 1 and writes == 7
+    rev = fresh.maps["lb_services"].get(key).rev
+    assert rev != before and fresh.maps["lb_revs"].get(S.u32(rev)).count == 1
+    assert fresh.maps["lb_revs"].get(S.u32(before)) is None
+    assert {k.rev for k in fresh.maps["lb_slots"].keys()} == {
+        rev,
+        fresh.maps["lb_services"].get(S.SvcKey(S.be32(b.vip), S.be16(53), 17, 0)).rev,
+    }
     # a second handle re-opens the pins and knows what is written (ids kept, no rewrite)
     again = SockLB(fresh.pin_dir)
     try:
@@ -59,8 +67,8 @@ def test_writer_diffs_reuses_ids_and_recovers_from_pins(fresh):
     finally:
         again.close()
     fresh.sync([])
-    assert list(fresh.maps["lb_services"].keys()) == []
-    assert list(fresh.maps["lb_backends"].keys()) == []
+    for name in ("lb_services", "lb_revs", "lb_slots", "lb_backends"):
+        assert list(fresh.maps[name].keys()) == [], name
 
 
 def test_maglev_tables_of_any_size_are_written_in_chunks(fresh):
@@ -70,21 +78,23 @@ def test_maglev_tables_of_any_size_are_written_in_chunks(fresh):
     names = [f"{ip}:{port}" for ip, port in backends]  # sorted, as the table indexes them
     big = LbService("10.96.99.3", 80, "TCP", backends, maglev=tuple(maglev.table(names, 131071)))
     fresh.sync([big])
-    svc = fresh.maps["lb_services"].get(S.SvcKey(S.be32(big.vip), S.be16(80), 6, 0))
+    key = S.SvcKey(S.be32(big.vip), S.be16(80), 6, 0)
+    rev = fresh.maps["lb_services"].get(key).rev
+    svc = fresh.maps["lb_revs"].get(S.u32(rev))
     assert svc.maglev_m == 131071 and svc.flags & S.LB_FLAG_MAGLEV
 
-    def chunks() -> dict[int, list[int]]:
-        rows = fresh.maps["lb_maglev"].items()
-        return {k.chunk: list(v.ids) for k, v in rows if k.svc_id == svc.svc_id}
+    def chunks() -> dict[tuple[int, int], list[int]]:
+        return {(k.rev, k.chunk): list(v.ids) for k, v in fresh.maps["lb_maglev"].items()}
 
     written = chunks()
-    assert sorted(written) == list(range(32))  # 131071 slots in chunks of 4096
-    ids = [fresh.maps["lb_slots"].get(S.SlotKey(svc.svc_id, n)).value for n in (1, 2, 3)]
-    flat = [i for c in range(32) for i in written[c]][:131071]
+    assert sorted(written) == [(rev, c) for c in range(32)]  # 131071 slots in chunks of 4096
+    ids = [fresh.maps["lb_slots"].get(S.SlotKey(rev, n)).value for n in (1, 2, 3)]
+    flat = [i for c in range(32) for i in written[(rev, c)]][:131071]
     assert flat == [ids[i] for i in big.maglev]
     small = LbService(big.vip, 80, "TCP", backends, maglev=tuple(maglev.table(names, 16381)))
-    fresh.sync([small])  # a smaller table: the chunks past it go
-    assert sorted(chunks()) == [0, 1, 2, 3]
+    fresh.sync([small])  # a new revision with a smaller table: the old one's chunks go
+    rev = fresh.maps["lb_services"].get(key).rev
+    assert sorted(chunks()) == [(rev, c) for c in range(4)]
     fresh.sync([])
     assert list(fresh.maps["lb_maglev"].keys()) == []
 

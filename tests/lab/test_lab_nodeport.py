@@ -221,20 +221,48 @@ def test_the_vip_from_pods_and_hosts_reaches_backends_on_both_nodes(np_lab, node
         assert {r["seen"] for r in answers} == {np_lab.ips[pod]}
 
 
-def test_a_removed_backend_loses_its_nodeport_flows_at_once(np_lab):
+def _hold(node_ip: str, port: int, sport: int) -> subprocess.Popen:
+    """An outside TCP connection from `sport`, open and idle until a line is written to it."""
+    cmd = ["ip", "netns", "exec", EXT_NS, sys.executable, str(HERE / "outside_client.py"),
+           "hold", node_ip, str(port), "1", "--sport", str(sport)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert json.loads(proc.stdout.readline()) == {"connected": 1}
+    return proc
+
+
+def test_a_deleted_backend_loses_its_nodeport_flows_at_once(np_lab):
     """Last (it deletes web3): a UDP flow that NodePort tracked to web3 goes to another
-    backend with its next datagram once web3 left the service."""
+    backend with its next datagram once web3 left the service; a TCP connection to web3
+    through node1's port (SNAT) and through node2's (local) is reset by its next packet
+    instead of being blackholed."""
     sport = next(
         p
         for p in range(42001, 42100)
         if _served(outside("udp", NODE1, 30053, 1, sport=p))[0][0] == "web3"
     )
     assert _served(outside("udp", NODE1, 30053, 1, sport=sport))[0][0] == "web3"  # tracked
-    cli("endpoint", "delete", "web3", node="node2")
-    wait_for(
-        lambda: len(json.loads(cli("service", "get", "names", node="node1"))["endpoints"]) == 2,
-        30,
-        "web3 gone from the service on node1",
+    # Maglev over the client's address and port: this port reaches web3 through either node
+    tcp_port = next(
+        p
+        for p in range(43001, 43100)
+        if _served(outside("tcp", NODE1, 30080, 1, sport=p))[0][0] == "web3"
     )
-    again = _served(outside("udp", NODE1, 30053, 3, sport=sport))
-    assert {name for name, _ in again} <= {"web1", "web2"}, again
+    held = [_hold(ip, 30080, tcp_port) for ip in (NODE1, NODE2)]
+    try:
+        cli("endpoint", "delete", "web3", node="node2")
+        wait_for(
+            lambda: len(json.loads(cli("service", "get", "names", node="node1"))["endpoints"]) == 2,
+            30,
+            "web3 gone from the service on node1",
+        )
+        again = _served(outside("udp", NODE1, 30053, 3, sport=sport))
+        assert {name for name, _ in again} <= {"web1", "web2"}, again
+        for proc in held:  # a request on the idle connection: reset, not a 5 s timeout
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            answer = json.loads(proc.stdout.readline())
+            assert answer["error"] == "ConnectionResetError" and answer["seconds"] < 3, answer
+    finally:
+        for proc in held:
+            proc.kill()
+            proc.wait()
