@@ -312,20 +312,13 @@ static __always_inline int to_backend(struct __sk_buff *skb, struct pkt *p, stru
     struct np_tuple t = p->t;
     __u64 now = bpf_ktime_get_ns();
     struct np_ct *ct = np_ct.lookup(&t);
-    struct np_ct fresh = {};
+    struct np_ct fresh = {};  // the flow's entry, copied (or new)
+    int tracked = 0;
     int opening = t.proto == IPPROTO_UDP ||
                   (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     if (ct) {
         __u8 gone = ct->flags & NP_CT_GONE;
-        if (opening) {
-            // A backend that left the service (deleted or terminating) gets no new connection
-            // and no more datagrams, even on a tracked tuple: pick again. An established TCP
-            // flow keeps its backend, so a terminating backend finishes it (graceful).
-            __u32 bid = ct->backend_id;
-            struct lb_backend *still = lb_backends.lookup(&bid);
-            if (gone || !still || still->ip != ct->backend_ip || still->port != ct->backend_port)
-                ct = 0;
-        } else if (gone) {
+        if (!opening && gone) {
             // An established TCP flow whose backend was deleted (the agent marked it): it
             // would be blackholed. To the node port, the packet goes on to this node's own
             // stack untranslated: nothing listens there, so TCP answers it with a reset from
@@ -333,8 +326,22 @@ static __always_inline int to_backend(struct __sk_buff *skb, struct pkt *p, stru
             // it). A VIP from outside cannot be answered so (not this node's address): dropped.
             return t.daddr == cfg->node_ip ? TC_ACT_UNSPEC : TC_ACT_SHOT;
         }
+        tracked = 1;
+        if (opening) {
+            // A backend that left the service (deleted or terminating) gets no new connection
+            // and no more datagrams, even on a tracked tuple: pick again. An established TCP
+            // flow keeps its backend, so a terminating backend finishes it (graceful).
+            __u32 bid = ct->backend_id;
+            struct lb_backend *still = lb_backends.lookup(&bid);
+            if (gone || !still || still->ip != ct->backend_ip || still->port != ct->backend_port)
+                tracked = 0;
+        }
+        if (tracked) {
+            ct->last_ns = now;
+            __builtin_memcpy(&fresh, ct, sizeof(fresh));
+        }
     }
-    if (!ct) {
+    if (!tracked) {
         struct lb_svc_key skey = {.vip = fe->vip, .port = fe->vport, .proto = t.proto};
         struct lb_rev svc;
         __u32 rev = 0;
@@ -389,14 +396,11 @@ static __always_inline int to_backend(struct __sk_buff *skb, struct pkt *p, stru
         }
         fresh.last_ns = now;
         np_ct.update(&t, &fresh);
-        ct = &fresh;
-    } else {
-        ct->last_ns = now;
     }
-    __be32 bip = ct->backend_ip;
-    __be16 bport = ct->backend_port;
-    __u8 flags = ct->flags;
-    __be16 nat_port = ct->nat_port;
+    __be32 bip = fresh.backend_ip;
+    __be16 bport = fresh.backend_port;
+    __u8 flags = fresh.flags;
+    __be16 nat_port = fresh.nat_port;
     rewrite(skb, p, 0, t.daddr, bip, t.dport, bport);
     if (flags & NP_CT_LOCAL)
         return TC_ACT_UNSPEC;  // on to the datapath's program and to_endpoint, as any packet

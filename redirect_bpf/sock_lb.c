@@ -36,6 +36,23 @@ static __always_inline __u64 mix64(__u64 x)
 
 #define LB_LOOKUP_TRIES 4
 
+#ifdef LB_TEST_READER_DELAY
+// Fault injection (tests/kernel/test_sock_lb_churn.py compiles with it): a reader that holds
+// what it looked up for a while (LB_TEST_READER_DELAY clock reads, tens of microseconds), as
+// one on a busy or preempted CPU does, so a writer's ordering faults show in every run instead
+// of once in a while. A fixed count: a loop that may end early costs the verifier a path per
+// iteration.
+static __always_inline void reader_delay(void)
+{
+    __u64 sink = 0;
+    for (int i = 0; i < LB_TEST_READER_DELAY; i++)
+        sink += bpf_ktime_get_ns();
+    asm volatile("" : : "r"(sink));
+}
+#else
+static __always_inline void reader_delay(void) {}
+#endif
+
 // The service's current revision, copied: 1 found, 0 not a service, -1 none consistent (the
 // call fails rather than go to the VIP untranslated). The revision an lb_services element
 // names is checked to be this service's: an element replaced by a concurrent update can be
@@ -48,6 +65,8 @@ static __always_inline int lb_lookup(struct lb_svc_key *key, struct lb_rev *out,
         struct lb_svc *svc = lb_services.lookup(key);
         if (!svc)
             return 0;
+        if (i == 0)
+            reader_delay();
         __u32 rev = *(volatile __u32 *)&svc->rev;
         struct lb_rev *r = lb_revs.lookup(&rev);
         if (r && r->svc.vip == key->vip && r->svc.port == key->port &&
@@ -80,6 +99,7 @@ static __always_inline __u32 pick_backend(struct lb_rev *svc, __u32 rev, __u64 c
         // Random; a datagram socket keeps one backend (its cookie picks it), so a UDP
         // "conversation" on an unconnected socket is not spread over backends per datagram.
         __u32 r = per_socket ? (__u32)mix64(cookie) : bpf_get_prandom_u32();
+        reader_delay();
         struct lb_slot_key key = {.rev = rev, .slot = r % svc->count + 1};
         __u32 *found = lb_slots.lookup(&key);
         if (!found)
