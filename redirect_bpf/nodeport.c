@@ -49,6 +49,8 @@ BPF_TABLE_PINNED("hash", __u32, struct lb_backend, lb_backends, LB_BACKEND_MAP_S
                  NP_PIN("map_lb_backends"));
 BPF_TABLE_PINNED("hash", struct lb_maglev_key, struct lb_maglev_chunk, lb_maglev,
                  LB_MAGLEV_MAP_SIZE, NP_PIN("map_lb_maglev"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct lb_svc_stats, lb_svc_stats, LB_SERVICE_MAP_SIZE,
+                 NP_PIN("map_lb_svc_stats"));
 BPF_TABLE_PINNED("hash", __be32, struct endpoint_info, ep_by_ip, ENDPOINT_MAP_SIZE,
                  NP_PIN("map_ep_by_ip"));
 BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, IPCACHE_SIZE,
@@ -351,6 +353,15 @@ static __always_inline int to_backend(struct __sk_buff *skb, struct pkt *p, stru
         struct lb_backend *be = id ? lb_backends.lookup(&id) : 0;
         if (!be)
             return TC_ACT_SHOT;  // a service without a usable backend
+        __u32 sid = svc.svc_id;  // the socket LB creates the entry with its first connect()
+        struct lb_svc_stats *st = lb_svc_stats.lookup(&sid);
+        if (!st) {
+            struct lb_svc_stats zero = {};
+            lb_svc_stats.update(&sid, &zero);  // BPF_ANY: a racing first writer is harmless
+            st = lb_svc_stats.lookup(&sid);
+        }
+        if (st)
+            __sync_fetch_and_add(&st->nodeport, 1);
         fresh.backend_ip = be->ip;
         fresh.backend_port = be->port;
         fresh.backend_id = id;

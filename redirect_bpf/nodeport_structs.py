@@ -89,6 +89,7 @@ SHARED_MAPS = (
     "lb_slots",
     "lb_backends",
     "lb_maglev",
+    "lb_svc_stats",
     "ep_by_ip",
     "ipcache",
     "nodes",

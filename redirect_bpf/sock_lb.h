@@ -100,12 +100,14 @@ struct lb_affinity_val {
 };
 
 // Per-service counters (the agent's l7proxy_service_* metrics): translations at connect()
-// (TCP, connected UDP) and sendmsg() (each datagram of an unconnected UDP socket), and calls
-// that failed because the service had no backend. Reset when a service id is (re)assigned.
+// (TCP, connected UDP) and sendmsg() (each datagram of an unconnected UDP socket), calls
+// that failed because the service had no backend, and new NodePort flows. Reset when a
+// service id is (re)assigned.
 struct lb_svc_stats {
     __u64 connects;
     __u64 datagrams;
     __u64 no_backend;
+    __u64 nodeport;  // new NodePort flows (nodeport.c), by the frontend they came through
 };
 
 // Reverse translation for getpeername()/recvmsg(): socket + backend address -> VIP

@@ -269,15 +269,16 @@ class SockLB:
         val = self.maps["lb_revnat"].get(S.RevnatKey(cookie, S.be32(ip), S.be16(port), 0))
         return None if val is None else (S.ip_of(val.vip), S.port_of(val.port))
 
-    def stats(self) -> dict[tuple[str, int, str], tuple[int, int, int]]:
-        """frontend -> (connects, datagrams, no backend) since the service got its id."""
+    def stats(self) -> dict[tuple[str, int, str], tuple[int, int, int, int]]:
+        """frontend -> (connects, datagrams, no backend, NodePort flows) since the service got
+        its id."""
         with self._lock:
             ids = {w.svc_id: f for f, w in self._written.items()}
         out = {}
         for key, st in self.maps["lb_svc_stats"].items():
             frontend = ids.get(key.value)
             if frontend is not None:
-                out[frontend] = (st.connects, st.datagrams, st.no_backend)
+                out[frontend] = (st.connects, st.datagrams, st.no_backend, st.nodeport)
         return out
 
     def services(self) -> dict[tuple[str, int, str], LbService]:

@@ -66,7 +66,7 @@ class AffinityVal(ct.Structure):
 
 
 class SvcStats(ct.Structure):
-    _fields_ = [("connects", u64), ("datagrams", u64), ("no_backend", u64)]
+    _fields_ = [("connects", u64), ("datagrams", u64), ("no_backend", u64), ("nodeport", u64)]
 
 
 class RevnatKey(ct.Structure):

@@ -41,8 +41,9 @@ class AgentMetrics:
         svc = ("namespace", "service")
         self.service_flows = r.counter(
             "l7proxy_service_flows_total",
-            "Socket-LB translations to a backend, by service and kind (connect: TCP or "
-            "connected UDP; datagram: one unconnected UDP sendmsg)",
+            "Translations to a backend, by service and kind (connect: TCP or connected UDP, "
+            "socket LB; datagram: one unconnected UDP sendmsg; nodeport: a new NodePort flow "
+            "through this node)",
             (*svc, "kind"),
         )
         self.service_no_backend = r.counter(
@@ -121,10 +122,13 @@ class AgentMetrics:
         stats = agent.lb.stats()
         for svc in agent.services.all():
             ids = {"namespace": svc.namespace, "service": svc.name}
-            connects, datagrams, no_backend = stats.get((svc.vip, svc.port, svc.protocol), (0,) * 3)
+            frontend = (svc.vip, svc.port, svc.protocol)
+            connects, datagrams, no_backend, nodeport = stats.get(frontend, (0,) * 4)
             self.service_flows.labels(**ids, kind="connect").set(connects)
             if svc.protocol == "UDP":
                 self.service_flows.labels(**ids, kind="datagram").set(datagrams)
+            if svc.node_port:
+                self.service_flows.labels(**ids, kind="nodeport").set(nodeport)
             self.service_no_backend.labels(**ids).set(no_backend)
             backends = agent.service_backends.get(svc.key, ())
             terminating = sum(1 for b in backends if b.terminating)

@@ -141,7 +141,7 @@ class KernelLb:
                     log.info("services: %d NodePort flows to removed backends reset", marked)
         return sock_terminate.destroy(targets, self.lb.translated_from)
 
-    def stats(self) -> dict[tuple[str, int, str], tuple[int, int, int]]:
+    def stats(self) -> dict[tuple[str, int, str], tuple[int, int, int, int]]:
         """frontend (VIP, port, proto) -> (connects, datagrams, no backend), from the kernel."""
         return self.lb.stats()
 

@@ -121,10 +121,24 @@ def _served(results: list[dict]) -> list[tuple[str, str]]:
     return [tuple(r["body"].split()) for r in results]
 
 
+def _nodeport_flows(node: str, service: str) -> float:
+    """l7proxy_service_flows_total{kind="nodeport"} of a service on a node."""
+    want = f'l7proxy_service_flows_total{{namespace="default",service="{service}",kind="nodeport"}}'
+    for line in cli("metrics", node=node).splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == want:
+            return float(value)
+    raise AssertionError(f"no {want} on {node}")
+
+
 @pytest.mark.parametrize("node_ip", [NODE1, NODE2])
 def test_nodeport_snat_reaches_backends_on_both_nodes(np_lab, node_ip):
+    node = "node1" if node_ip == NODE1 else "node2"
+    before = _nodeport_flows(node, "web")
     served = _served(outside("tcp", node_ip, 30080, 30))
     assert {name for name, _ in served} == WEB, Counter(served)
+    # each connection is one new NodePort flow, counted where it entered
+    assert _nodeport_flows(node, "web") - before == 30
     local = {"web1", "web2"} if node_ip == NODE1 else {"web3"}
     for name, seen in set(served):
         # a backend on the node the client entered sees the client; one on the other node sees
