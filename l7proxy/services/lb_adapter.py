@@ -142,7 +142,8 @@ class KernelLb:
         return sock_terminate.destroy(targets, self.lb.translated_from)
 
     def stats(self) -> dict[tuple[str, int, str], tuple[int, int, int, int]]:
-        """frontend (VIP, port, proto) -> (connects, datagrams, no backend), from the kernel."""
+        """frontend (VIP, port, proto) -> (connects, datagrams, no backend, NodePort flows),
+        from the kernel."""
         return self.lb.stats()
 
     def nodeport_missing(self) -> str:
