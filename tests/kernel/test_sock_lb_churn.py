@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -70,12 +71,14 @@ def test_connects_during_service_changes_reach_that_service_only():
     pin_dir = Path(f"/sys/fs/bpf/l7svc-churn-{uuid.uuid4().hex[:8]}")
     cgroup = Path(f"/sys/fs/cgroup/unified/l7svc-churn-{uuid.uuid4().hex[:8]}")
     cgroup.mkdir()
-    servers = [_server("127.0.0.1", 19301 + i, b"A") for i in range(4)]
-    servers += [_server("127.0.0.2", 19401 + i, b"B") for i in range(4)]
-    # every lookup held for 20 us (fault injection, sock_lb.c): the writer's changes land
-    # inside readers' windows in every run, not only on a loaded machine
-    lb = SockLB(pin_dir, cflags=[f"-DLB_TEST_READER_DELAY={DELAY}"])
+    servers: list[socket.socket] = []
+    lb = client = None
     try:
+        servers += [_server("127.0.0.1", 19301 + i, b"A") for i in range(4)]
+        servers += [_server("127.0.0.2", 19401 + i, b"B") for i in range(4)]
+        # every lookup held for tens of microseconds (fault injection, sock_lb.c): the
+        # writer's changes land inside readers' windows in every run, not only on a loaded host
+        lb = SockLB(pin_dir, cflags=[f"-DLB_TEST_READER_DELAY={DELAY}"])
         lb.attach(cgroup)
         a = [("127.0.0.1", 19301 + i) for i in range(4)]
         b = [("127.0.0.2", 19401 + i) for i in range(4)]
@@ -107,8 +110,12 @@ def test_connects_during_service_changes_reach_that_service_only():
         assert syncs > 50, syncs
         assert set(seen) == {"A"} and seen["A"] > 200, (seen, syncs)
     finally:
-        lb.destroy()
-        pin_dir.rmdir()
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        if lb is not None:
+            lb.destroy()
+        shutil.rmtree(pin_dir, ignore_errors=True)  # also what a failed load left
         for srv in servers:
             srv.close()
         for _ in range(50):  # the client may still be leaving the cgroup
