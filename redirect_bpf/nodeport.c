@@ -32,6 +32,8 @@
 #define AF_INET 2
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_ACK 0x10
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_RST 0x04
 #define VXLAN_PORT 4789
 #define IP_OFF ETH_HLEN
 // bcc 0.26 declares bpf_redirect_neigh with 3 arguments; the kernel's helper (5.10) takes 4
@@ -339,6 +341,12 @@ static __always_inline int to_backend(struct __sk_buff *skb, struct pkt *p, stru
                 tracked = 0;
         }
         if (tracked) {
+            // Closing (FIN or RST from the client): the agent's GC removes the entry once
+            // idle for a while; a SYN on the same tuple opens it again.
+            if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+                ct->flags |= NP_CT_CLOSING;
+            else if (opening && (ct->flags & NP_CT_CLOSING))
+                ct->flags &= ~NP_CT_CLOSING;
             ct->last_ns = now;
             __builtin_memcpy(&fresh, ct, sizeof(fresh));
         }

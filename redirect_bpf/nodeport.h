@@ -24,6 +24,7 @@
 #define NP_CT_SNAT 2   // another node: DNAT + SNAT to this node, answers come back here
 #define NP_CT_DSR 4    // another node: DNAT, the service address in an IP option
 #define NP_CT_GONE 8   // the backend was deleted (set by the agent): the flow is reset
+#define NP_CT_CLOSING 16  // the client sent FIN or RST: the agent's GC removes it once idle
 
 // np_rev.flags: what a packet matching the key gets
 #define NP_REV_SRC 1   // leaving by the underlay: its source becomes the frontend

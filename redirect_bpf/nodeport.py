@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,39 @@ class NpFrontend:
 
 def unpin(pin_dir: Path) -> None:
     bpfsys.unlink_pins(pin_dir, PIN_NAMES)
+
+
+CLOSED_IDLE_NS = 10 * 10**9  # Cilium's CT_CLOSE_TIMEOUT: a closed flow's entry lives 10 s
+
+
+def gc_closed(maps: dict[str, BpfMap], now_ns: int, idle_ns: int = CLOSED_IDLE_NS) -> int:
+    """Delete the np_ct entries of TCP flows the client closed (FIN or RST seen) and idle for
+    `idle_ns` (now_ns and the entries' times are CLOCK_MONOTONIC, bpf_ktime_get_ns), with the
+    np_rev entry that maps their answers back (SNAT and local DNAT; a DSR flow's sits on the
+    backend's node and ages out there). Returns how many flows were removed. Open flows, and
+    UDP, are left to LRU eviction."""
+    config = maps["np_config"].get(S.u32(0))
+    node_ip = config.node_ip if config is not None else 0
+    ct_map, rev_map = maps["np_ct"], maps["np_rev"]
+    removed = 0
+    for key, ct in list(ct_map.items()):
+        if not ct.flags & S.NP_CT_CLOSING or now_ns - ct.last_ns < idle_ns:
+            continue
+        again = ct_map.get(key)  # a SYN on the same tuple may have opened it again
+        if again is None or not again.flags & S.NP_CT_CLOSING or again.last_ns != ct.last_ns:
+            continue
+        ct_map.delete(key)
+        removed += 1
+        if ct.flags & S.NP_CT_SNAT:
+            rkey = S.Tuple(ct.backend_ip, node_ip, ct.backend_port, ct.nat_port, key.proto)
+        elif ct.flags & S.NP_CT_LOCAL:
+            rkey = S.Tuple(ct.backend_ip, key.saddr, ct.backend_port, key.sport, key.proto)
+        else:
+            continue
+        rev = rev_map.get(rkey)
+        if rev is not None and (rev.client_ip, rev.client_port) == (key.saddr, key.sport):
+            rev_map.delete(rkey)
+    return removed
 
 
 class NodePort:
@@ -167,6 +201,10 @@ class NodePort:
                 m.put(key, ct, bpfsys.BPF_EXIST)
                 marked += 1
         return marked
+
+    def gc(self, now_ns: int | None = None, idle_ns: int = CLOSED_IDLE_NS) -> int:
+        """Remove the closed flows (gc_closed); returns how many."""
+        return gc_closed(self.maps, time.monotonic_ns() if now_ns is None else now_ns, idle_ns)
 
     def frontends(self) -> int:
         return sum(1 for _ in self.maps["np_frontends"].keys())

@@ -10,7 +10,7 @@ from redirect_bpf.sock_lb_structs import PROTO, be16, be32, ip_of, port_of  # no
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
 
 NP_FRONTEND_DSR = 1
-NP_CT_LOCAL, NP_CT_SNAT, NP_CT_DSR, NP_CT_GONE = 1, 2, 4, 8
+NP_CT_LOCAL, NP_CT_SNAT, NP_CT_DSR, NP_CT_GONE, NP_CT_CLOSING = 1, 2, 4, 8, 16
 NP_REV_SRC, NP_REV_SNAT = 1, 2
 DSR_OPT_TYPE, DSR_OPT_LEN = 0x9A, 8
 

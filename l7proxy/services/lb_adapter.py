@@ -39,6 +39,9 @@ class NullLb:
     def stats(self) -> dict:
         return {}
 
+    def gc(self) -> int:
+        return 0
+
     def status(self) -> dict:
         return {"state": "disabled", "detail": f"no socket LB: {self.reason}"}
 
@@ -149,6 +152,10 @@ class KernelLb:
     def nodeport_missing(self) -> str:
         """Why this node does not serve NodePort/DSR ("" when it does)."""
         return "" if self.nodeport is not None else self.nodeport_error
+
+    def gc(self) -> int:
+        """NodePort's closed flows removed (redirect_bpf/nodeport.py gc_closed)."""
+        return self.nodeport.gc() if self.nodeport is not None else 0
 
     def status(self) -> dict:
         from redirect_bpf.sock_lb import BPF_F_PREORDER

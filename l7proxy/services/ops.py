@@ -10,6 +10,7 @@ are resolved in Python, the kernel side writes only the diff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -24,6 +25,8 @@ from l7proxy.services.model import Backend, Service, ServiceError, build
 from l7proxy.services.table import ServiceTable
 
 log = logging.getLogger("l7proxy.services")
+
+NODEPORT_GC_INTERVAL = 10.0  # seconds between sweeps of NodePort's closed flows
 
 
 class ServiceOps:
@@ -54,7 +57,10 @@ class ServiceOps:
         return c.underlay_ip or default_underlay_ip(c.kvstore)
 
     async def _services_join_cluster(self) -> None:
-        """Cluster mode, after the link is up: etcd's services replace the cached table."""
+        """Cluster mode, after the link is up: etcd's services replace the cached table; the
+        sweep of NodePort's closed flows starts (NodePort runs in cluster mode only)."""
+        self._nodeport_gc_stop = asyncio.Event()
+        self._nodeport_gc_task = asyncio.create_task(self._nodeport_gc(), name="nodeport gc")
         self.cluster_services = ClusterServices(self.cluster.kv, self._cluster_services_changed)
         try:
             await self.cluster_services.start()
@@ -67,7 +73,26 @@ class ServiceOps:
             if self.services.replace(services):
                 await asyncio.to_thread(self._services_refresh)
 
+    async def _nodeport_gc(self) -> None:
+        """Every NODEPORT_GC_INTERVAL until stopped; a sweep in progress finishes first (the
+        maps' fds stay open until then)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._nodeport_gc_stop.wait(), NODEPORT_GC_INTERVAL)
+                return
+            try:
+                removed = await asyncio.to_thread(self.lb.gc)
+            except Exception:  # best effort: LRU eviction still bounds the maps
+                log.exception("services: NodePort flow GC failed")
+            else:
+                if removed:
+                    log.debug("services: %d closed NodePort flows removed", removed)
+
     async def _stop_services(self) -> None:
+        task = getattr(self, "_nodeport_gc_task", None)
+        if task is not None:
+            self._nodeport_gc_stop.set()
+            await task
         if self.cluster_services is not None:
             await self.cluster_services.close()
         self.lb.close()

@@ -111,3 +111,39 @@ def _filters(link: str) -> dict[str, list[tuple[int, str]]]:
                     found.append((f["info"] >> 16, opts.get_attr("TCA_BPF_NAME").split(":")[0]))
             out[parent] = sorted(found)
         return out
+
+
+def test_gc_removes_closed_idle_flows_and_their_answers_mapping(fresh):
+    """np_ct entries the client closed (FIN/RST seen) and idle for the timeout go, with the
+    np_rev entry of a SNATed or local flow; open flows, recent closes and UDP stay."""
+    node, client, backend = S.be32("192.0.2.7"), S.be32("198.51.100.9"), S.be32("10.0.1.5")
+    fresh.set_node_ip("192.0.2.7")
+    ct_map, rev_map = fresh.maps["np_ct"], fresh.maps["np_rev"]
+    now = 100 * 10**9
+    cases = {  # client port -> (ct flags, seconds idle, removed?)
+        1001: (S.NP_CT_SNAT | S.NP_CT_CLOSING, 11, True),
+        1002: (S.NP_CT_LOCAL | S.NP_CT_CLOSING, 11, True),
+        1003: (S.NP_CT_SNAT | S.NP_CT_CLOSING, 3, False),  # closed a moment ago
+        1004: (S.NP_CT_SNAT, 60, False),  # open (idle: LRU's business)
+    }
+    revs = {}
+    for port, (flags, idle, _) in cases.items():
+        key = S.Tuple(client, node, S.be16(port), S.be16(30080), 6)
+        nat = S.be16(port + 5000)
+        ct_map.put(key, S.Conntrack(backend, S.be16(8080), nat, 1, flags, 0, 0, now - idle * 10**9))
+        if flags & S.NP_CT_SNAT:
+            rkey = S.Tuple(backend, node, S.be16(8080), nat, 6)
+        else:
+            rkey = S.Tuple(backend, client, S.be16(8080), S.be16(port), 6)
+        rev_map.put(rkey, S.Rev(node, S.be16(30080), S.be16(port), client, S.NP_REV_SNAT))
+        revs[port] = rkey
+    try:
+        assert fresh.gc(now_ns=now) == 2
+        for port, (_, _, removed) in cases.items():
+            key = S.Tuple(client, node, S.be16(port), S.be16(30080), 6)
+            assert (ct_map.get(key) is None) == removed, port
+            assert (rev_map.get(revs[port]) is None) == removed, port
+    finally:
+        for port in cases:
+            ct_map.delete(S.Tuple(client, node, S.be16(port), S.be16(30080), 6))
+            rev_map.delete(revs[port])

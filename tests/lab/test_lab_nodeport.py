@@ -18,16 +18,22 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from redirect_bpf import nodeport_structs as NS
+from redirect_bpf.maps import open_pinned_maps, release
+from redirect_bpf.nodeport import gc_closed
 from tests.lab.conftest import HERE, REPO, Lab, _endpoint, cli, in_pod, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
 EXT_NS, EXT_LINK, EXT_IP = "l7lab-ext", "l7lab-ext0", "10.251.0.50"
 NODE1, NODE2 = "10.251.0.11", "10.251.0.12"
+NODE1_PINS = Path("/sys/fs/bpf/l7proxy/lab-node1")  # l7proxy/lab/lifecycle.py
 WEB = {"web1", "web2", "web3"}
 CLIENTS = {"node1": "client1", "node2": "client2"}  # a client pod on each node (socket LB)
 GUARDED_POLICY = """\
@@ -233,6 +239,29 @@ def test_the_vip_from_pods_and_hosts_reaches_backends_on_both_nodes(np_lab, node
     assert {tuple(r["source"]) for r in answers} == {("10.96.0.53", 53)}  # recvmsg4
     if pod:
         assert {r["seen"] for r in answers} == {np_lab.ips[pod]}
+
+
+def test_a_closed_nodeport_flow_is_marked_and_collected(np_lab):
+    """A TCP connection through node1's port that the client closed: its np_ct entry is
+    marked closing (the client's FIN), and the GC (the agent sweeps every 10 s for flows idle
+    10 s; here at once) removes it with its answers' mapping (np_rev)."""
+    sport = 44001
+    _served(outside("tcp", NODE1, 30080, 1, sport=sport))
+    names = ("np_ct", "np_rev", "np_config")
+    maps = open_pinned_maps(NODE1_PINS, {n: NS.MAPS[n] for n in names})
+    try:
+        key = NS.Tuple(NS.be32(EXT_IP), NS.be32(NODE1), NS.be16(sport), NS.be16(30080), 6)
+        ct = maps["np_ct"].get(key)
+        assert ct is not None and ct.flags & NS.NP_CT_CLOSING, ct and ct.flags
+        if ct.flags & NS.NP_CT_SNAT:
+            rkey = NS.Tuple(ct.backend_ip, NS.be32(NODE1), ct.backend_port, ct.nat_port, 6)
+        else:
+            rkey = NS.Tuple(ct.backend_ip, key.saddr, ct.backend_port, key.sport, 6)
+        assert maps["np_rev"].get(rkey) is not None
+        assert gc_closed(maps, time.monotonic_ns(), idle_ns=0) >= 1
+        assert maps["np_ct"].get(key) is None and maps["np_rev"].get(rkey) is None
+    finally:
+        release(maps, (), None)
 
 
 def _hold(node_ip: str, port: int, sport: int) -> subprocess.Popen:
