@@ -107,6 +107,32 @@ def test_an_ipv6_event_record_becomes_a_flow_with_ipv6_addresses():
     assert flow["drop_reason_desc"] == "POLICY_DENIED"
 
 
+def test_event_addresses_read_as_the_agent_writes_them():
+    """The reader formats addresses with inet_ntop/inet_ntoa (fast), but must give the same text
+    as ipaddress, which the agent's tables are keyed by: also in ::/80, where glibc would write
+    a dotted quad (::ffff:1.2.3.4, ::0.1.0.2) and ipaddress does not."""
+    import socket
+
+    for text in (
+        "fd00::5", "2001:db8:0:1:1:1:1:1", "2001:db8::1:0:0:1", "1::", "::", "::1", "::1:2",
+        "::ffff:1.2.3.4", "::1.2.3.4", "64:ff9b::1.2.3.4", "fe80::1:0:0:0", "0:0:1::",
+    ):  # fmt: skip
+        addr = ipaddress.IPv6Address(text)
+        assert events._ip6(ipcache.addr6(text)) == str(addr), text
+    for text in ("10.200.0.5", "0.0.0.1", "255.255.255.255", "192.168.1.0"):
+        be = int.from_bytes(socket.inet_aton(text), "little")  # a __be32 as ctypes reads it
+        assert events._ip(be) == text
+
+
+def test_event_times_share_the_formatted_second():
+    import datetime as dt
+
+    for ts in (1_700_000_000_123_456_789, 1_700_000_000_999_999_999, 1_700_000_001_000_000_001):
+        secs, nanos = divmod(ts, 1_000_000_000)
+        wall = dt.datetime.fromtimestamp(secs, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        assert events._rfc3339(ts) == f"{wall}.{nanos:09d}Z"
+
+
 def test_policy_trace_with_ipv6_destinations(capsys, tmp_path):
     """`policy trace --dst reserved:world --dst-ip` with IPv6 addresses: CIDR with except, and
     world-ipv6 selecting IPv6 only."""
