@@ -25,7 +25,8 @@ LabelsOf = Callable[[int], list[str]]
 # Every new redirected or dropped flow passes through here, on the reader thread, which holds the
 # GIL while it formats: the proxy's event loop waits meanwhile. inet_ntop formats an address in a
 # fraction of a microsecond; an ipaddress object costs 1 us for IPv4 and 8 us for IPv6.
-_NATIVE_U32 = struct.Struct("=I")  # a __be32 read as a native int: packing it back gives the wire bytes
+# A __be32 as ctypes reads it (a native int): packed back in native order, it is the wire bytes.
+_NATIVE_U32 = struct.Struct("=I")
 _V6_FALLBACK = bytes(10)  # ::/80 (IPv4-mapped and -compatible): glibc writes a dotted quad there
 
 
