@@ -124,6 +124,24 @@ def test_event_addresses_read_as_the_agent_writes_them():
         assert events._ip(be) == text
 
 
+def test_in_cluster_answers_as_ipaddress_does():
+    """in_cluster compares integers against CIDRs parsed once; the answer must be ipaddress's,
+    for both families, mixed families, IPv4-mapped addresses and a scoped one."""
+    from l7proxy.cluster.ipam import in_cluster
+
+    cidrs = [("10.252.0.0/16", "fd00:10:252::/48"), ("10.252.0.0/16", ""), ("", "fd00::/8"),
+             ("", ""), ("0.0.0.0/0", "::ffff:0:0/96")]  # fmt: skip
+    addrs = ["10.252.2.5", "10.253.0.1", "10.252.255.255", "fd00:10:252:2::5", "fd00:10:253::1",
+             "::ffff:10.252.2.5", "fe80::1%eth0", "::", "0.0.0.0"]  # fmt: skip
+    for pair in cidrs:
+        for ip in addrs:
+            addr = ipaddress.ip_address(ip)
+            expected = any(c and addr in ipaddress.ip_network(c) for c in pair)
+            assert in_cluster(ip, *pair) == expected, (ip, pair)
+    with pytest.raises(ValueError):
+        in_cluster("not-an-address", "10.252.0.0/16")
+
+
 def test_event_times_share_the_formatted_second():
     import datetime as dt
 
