@@ -142,6 +142,20 @@ def test_in_cluster_answers_as_ipaddress_does():
         in_cluster("not-an-address", "10.252.0.0/16")
 
 
+def test_ipcache_lookup_by_text_object_or_cached_text_gives_one_answer():
+    """IPCache.lookup caches the parsed text of an address; objects and text, a first and a
+    repeated lookup, an IPv4-mapped IPv6 address and a bad one behave as before."""
+    cache = P.IPCache([("10.0.0.0/8", 300), ("fd00::/64", 301), ("fd00::5/128", 302)])
+    for _ in range(2):
+        assert cache.lookup("10.1.2.3") == cache.lookup(ipaddress.ip_address("10.1.2.3")) == 300
+        assert cache.lookup("fd00::5") == cache.lookup(ipaddress.ip_address("fd00::5")) == 302
+        assert cache.lookup_prefix("fd00::6") == (301, "fd00::/64")
+        assert cache.lookup("::ffff:10.1.2.3") == P.WORLD_IPV6  # IPv6, not the IPv4 /8
+        assert cache.lookup_prefix("11.0.0.1") == (P.WORLD, None)
+    with pytest.raises(ValueError):
+        cache.lookup("10.1.2.300")
+
+
 def test_event_times_share_the_formatted_second():
     import datetime as dt
 
