@@ -6,7 +6,8 @@ veths and hops, the same proxy, only the family differs. Target: IPv6 >= 0.95x I
 On a shared 2-core machine one wrk run swings by a factor of two with other people's work (the
 per-round ratios of one run ranged 0.51-1.63 at load 2-3), so the method matters more than any
 single number: both families are warmed up first (connections, the verdict memo), then
-`BENCH_ROUNDS` (default 6) rounds of one run per family, the order alternating (v4 v6, v6 v4,
+`BENCH_ROUNDS` (default 10) rounds of one run per family (`BENCH_NODE_SECONDS`, default 2 s:
+short, so the two runs of a round see much the same load), the order alternating (v4 v6, v6 v4,
 ...) so neither family always runs first or last. The ratio is the median of the per-round
 ratios (each from two runs seconds apart), with the ratio of the per-family medians next to it.
 Beside it, the CPU time per request of the proxy (the agent: the bottleneck, one core) and of
@@ -28,13 +29,14 @@ from pathlib import Path
 import pytest
 
 from tests.agent_runner import AgentProcess, free_pool
-from tests.bench.test_agent_node_bench import L7_RULES, POLICY, SECONDS, _wrk
+from tests.bench.test_agent_node_bench import L7_RULES, POLICY, _wrk
 from tests.conftest import need_binary
 from tests.e2e.test_agent_ipv6 import free_pool6
 
 pytestmark = [pytest.mark.bench, pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(300)]
 
-ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "6")))
+ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "10")))
+SECONDS = max(1, int(os.environ.get("BENCH_NODE_SECONDS", "2")))  # short: pairs close in time
 FAMILIES = ("IPv4", "IPv6")
 
 
@@ -94,7 +96,7 @@ def test_node_proxy_http1_over_ipv6_vs_ipv4():
         for i in range(ROUNDS):
             for family in FAMILIES if i % 2 == 0 else FAMILIES[::-1]:
                 proxy, web = _cpu_seconds(agent.proc.pid), _cpu_seconds(*workers)
-                rps, errors = _wrk(agent, urls[family])
+                rps, errors = _wrk(agent, urls[family], SECONDS)
                 served = rps * SECONDS / 1e6  # millions of requests: CPU seconds -> us/request
                 runs[family].append((
                     rps, errors,
