@@ -10,6 +10,7 @@ Kafka) gets the mark without knowing about it; anything else connects as usual.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 
 from l7proxy.platform import family_of, set_mark, set_transparent
@@ -48,13 +49,36 @@ class MarkingLoop(_Base):
                 set_transparent(sock)  # bind to an address this namespace does not hold
                 sock.bind((host.source, 0))
             sock.setblocking(False)
-            await self.sock_connect(sock, (str(host), port))
+            await connect_numeric(self, sock, str(host), port)
         except BaseException:
             sock.close()
             raise
         for unused in ("family", "proto", "flags", "local_addr"):
             kw.pop(unused, None)
         return await super().create_connection(protocol_factory, sock=sock, **kw)
+
+
+async def connect_numeric(loop, sock: socket.socket, host: str, port: int) -> None:
+    """connect() a non-blocking socket to an address literal. uvloop's sock_connect resolves
+    even a literal through getaddrinfo on its thread pool: a round trip through another thread
+    and about 100 us of CPU per upstream connection, for nothing. A name goes that way still."""
+    try:
+        socket.inet_pton(sock.family, host)
+    except (OSError, ValueError):
+        await loop.sock_connect(sock, (host, port))
+        return
+    err = sock.connect_ex((host, port))
+    if err == errno.EINPROGRESS:
+        done = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"connect to {host} port {port}: {errno.errorcode.get(err, err)}")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

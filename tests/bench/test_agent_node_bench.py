@@ -46,10 +46,10 @@ SECONDS = max(1, int(os.environ.get("BENCH_NODE_SECONDS", "3")))
 L4, L7 = "L3/L4 policy (BPF only)", "L7 policy, node proxy"
 
 
-def _wrk(agent: AgentProcess, url: str) -> tuple[float, int]:
+def _wrk(agent: AgentProcess, url: str, seconds: int = SECONDS) -> tuple[float, int]:
     r = subprocess.run(
         ["ip", "netns", "exec", agent.prefix + "client", need_binary("wrk"), "-t1", "-c50",
-         f"-d{SECONDS}s", url],
+         f"-d{seconds}s", url],
         capture_output=True,
         text=True,
     )  # fmt: skip

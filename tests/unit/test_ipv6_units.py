@@ -107,6 +107,64 @@ def test_an_ipv6_event_record_becomes_a_flow_with_ipv6_addresses():
     assert flow["drop_reason_desc"] == "POLICY_DENIED"
 
 
+def test_event_addresses_read_as_the_agent_writes_them():
+    """The reader formats addresses with inet_ntop/inet_ntoa (fast), but must give the same text
+    as ipaddress, which the agent's tables are keyed by: also in ::/80, where glibc would write
+    a dotted quad (::ffff:1.2.3.4, ::0.1.0.2) and ipaddress does not."""
+    import socket
+
+    for text in (
+        "fd00::5", "2001:db8:0:1:1:1:1:1", "2001:db8::1:0:0:1", "1::", "::", "::1", "::1:2",
+        "::ffff:1.2.3.4", "::1.2.3.4", "64:ff9b::1.2.3.4", "fe80::1:0:0:0", "0:0:1::",
+    ):  # fmt: skip
+        addr = ipaddress.IPv6Address(text)
+        assert events._ip6(ipcache.addr6(text)) == str(addr), text
+    for text in ("10.200.0.5", "0.0.0.1", "255.255.255.255", "192.168.1.0"):
+        be = int.from_bytes(socket.inet_aton(text), "little")  # a __be32 as ctypes reads it
+        assert events._ip(be) == text
+
+
+def test_in_cluster_answers_as_ipaddress_does():
+    """in_cluster compares integers against CIDRs parsed once; the answer must be ipaddress's,
+    for both families, mixed families, IPv4-mapped addresses and a scoped one."""
+    from l7proxy.cluster.ipam import in_cluster
+
+    cidrs = [("10.252.0.0/16", "fd00:10:252::/48"), ("10.252.0.0/16", ""), ("", "fd00::/8"),
+             ("", ""), ("0.0.0.0/0", "::ffff:0:0/96")]  # fmt: skip
+    addrs = ["10.252.2.5", "10.253.0.1", "10.252.255.255", "fd00:10:252:2::5", "fd00:10:253::1",
+             "::ffff:10.252.2.5", "fe80::1%eth0", "::", "0.0.0.0"]  # fmt: skip
+    for pair in cidrs:
+        for ip in addrs:
+            addr = ipaddress.ip_address(ip)
+            expected = any(c and addr in ipaddress.ip_network(c) for c in pair)
+            assert in_cluster(ip, *pair) == expected, (ip, pair)
+    with pytest.raises(ValueError):
+        in_cluster("not-an-address", "10.252.0.0/16")
+
+
+def test_ipcache_lookup_by_text_object_or_cached_text_gives_one_answer():
+    """IPCache.lookup caches the parsed text of an address; objects and text, a first and a
+    repeated lookup, an IPv4-mapped IPv6 address and a bad one behave as before."""
+    cache = P.IPCache([("10.0.0.0/8", 300), ("fd00::/64", 301), ("fd00::5/128", 302)])
+    for _ in range(2):
+        assert cache.lookup("10.1.2.3") == cache.lookup(ipaddress.ip_address("10.1.2.3")) == 300
+        assert cache.lookup("fd00::5") == cache.lookup(ipaddress.ip_address("fd00::5")) == 302
+        assert cache.lookup_prefix("fd00::6") == (301, "fd00::/64")
+        assert cache.lookup("::ffff:10.1.2.3") == P.WORLD_IPV6  # IPv6, not the IPv4 /8
+        assert cache.lookup_prefix("11.0.0.1") == (P.WORLD, None)
+    with pytest.raises(ValueError):
+        cache.lookup("10.1.2.300")
+
+
+def test_event_times_share_the_formatted_second():
+    import datetime as dt
+
+    for ts in (1_700_000_000_123_456_789, 1_700_000_000_999_999_999, 1_700_000_001_000_000_001):
+        secs, nanos = divmod(ts, 1_000_000_000)
+        wall = dt.datetime.fromtimestamp(secs, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        assert events._rfc3339(ts) == f"{wall}.{nanos:09d}Z"
+
+
 def test_policy_trace_with_ipv6_destinations(capsys, tmp_path):
     """`policy trace --dst reserved:world --dst-ip` with IPv6 addresses: CIDR with except, and
     world-ipv6 selecting IPv6 only."""
