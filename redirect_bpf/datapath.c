@@ -522,13 +522,13 @@ static __always_inline __u64 ct_lifetime(struct dp_config *cfg, struct tuple *t,
 }
 
 // Jiffies that may pass before a tracked packet writes its entry's lifetime again: 64 ticks is
-// 64 ms at HZ=1000 and 0.64 s at HZ=100, so expires_ns is never more than a second stale.
+// 64 ms at HZ=1000, 256 ms at HZ=250, 0.64 s at HZ=100: expires_ns is never a second stale.
 #define CT_REFRESH_TICKS 64
 
 // A tracked packet: flags and lifetime. The common case (nothing new, refreshed within
 // CT_REFRESH_TICKS) reads jiffies, which the verifier inlines to one load, and writes nothing:
-// under iperf3 the clock helper was ~80-100 ns of a run and a write every packet would bounce
-// the entry's cache line between the CPUs of the two directions.
+// no clock helper per packet (76 against 94 ns per tracked packet in BPF_PROG_TEST_RUN), and
+// the entry's cache line stays shared by the CPUs of the flow's two directions.
 static __always_inline void ct_touch(struct ct_entry *ct, struct dp_config *cfg, struct tuple *t,
                                      __u8 reply)
 {
