@@ -161,8 +161,9 @@ def test_datapath_numbers():
     results: dict = {"seconds_per_run": seconds}
     with pod(o[0]) as a, pod(o[1]) as b:
         dp = Datapath(pin, node="bench")
-        null_bpf, null_fd = null_program()
+        null_bpf = None
         try:
+            null_bpf, null_fd = null_program()
             # -- iperf3: interleave without/with, keep each side's best of three (shared machine)
             bare, prog = [], []
             ns = cnt = 0  # program run time and runs, summed over the "with" runs
@@ -238,7 +239,8 @@ def test_datapath_numbers():
             assert one.touched == 1
             results |= {"sync_10000_s": full_s, "sync_one_rule_s": one.seconds}
         finally:
-            null_bpf.cleanup()
+            if null_bpf is not None:
+                null_bpf.cleanup()
             dp.destroy()
 
     targets = {
