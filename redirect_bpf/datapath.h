@@ -178,7 +178,7 @@ struct ct_entry {
     __u8 tcp_flags;        // union of TCP flags seen
     __u8 direction;        // hook that saw the first packet: DIR_EGRESS (from-endpoint) or DIR_INGRESS
     __u8 pad;
-    __u32 pad2;            // explicit: no implicit tail padding in any shared struct
+    __u32 refreshed;       // low 32 bits of jiffies when expires_ns was last written
 };
 
 struct dp_config {

@@ -182,7 +182,7 @@ class CtEntry(ct.Structure):
         ("tcp_flags", u8),
         ("direction", u8),
         ("pad", u8),
-        ("pad2", u32),
+        ("refreshed", u32),  # jiffies (low 32 bits) of the last lifetime write
     ]
 
 

@@ -3,6 +3,10 @@
 - iperf3 TCP between two endpoints with the programs attached and an allowing policy, against the
   same stream with no programs: target >= 0.97x.
 - per-packet program cost from kernel.bpf_stats_enabled (run_time_ns / run_cnt): target <= 150 ns.
+  bpf_stats is not free: each run is timed between two clock reads, and in a 10 Gbit/s stream the
+  program's first instructions and data come from a cold cache. So every round also times a tc
+  program that only returns, on the same veths in the same kind of stream: that floor is printed,
+  and the cost is judged both raw and net of it.
 - syncing 10,000 policy entries: target < 1 s; a one-rule change writes exactly one entry.
 
 Prints the numbers and met/MISSED per target, writes tests/bench/results/datapath.json. Asserts
@@ -30,6 +34,7 @@ pytestmark = [pytest.mark.bench, pytest.mark.root, pytest.mark.bpf, pytest.mark.
 
 RESULTS = Path(__file__).with_name("results")
 ALLOW = PolicyEntry(False, 0, ("bench",))
+NULL_PROGRAM = "int pass(struct __sk_buff *skb) { return 0; }"  # TC_ACT_OK, nothing else
 
 
 def iperf(client, server_pod, seconds: float) -> float:
@@ -105,6 +110,44 @@ def isolated_costs(dp) -> dict[str, int]:
     return out
 
 
+def stream_cost(progs: dict[str, int], a, b, seconds: float) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of progs summed over one iperf3 stream a->b, bpf_stats on."""
+    from redirect_bpf import counters
+
+    old = sysctl("kernel.bpf_stats_enabled", "1")
+    try:
+        before = counters.prog_stats(progs)
+        iperf(a, b, seconds)
+        after = counters.prog_stats(progs)
+    finally:
+        sysctl("kernel.bpf_stats_enabled", old)
+    return (
+        sum(after[n][0] - before[n][0] for n in progs),
+        sum(after[n][1] - before[n][1] for n in progs),
+    )
+
+
+def null_program():
+    """NULL_PROGRAM loaded (bcc module, prog fd): a tc program that only returns TC_ACT_OK."""
+    from bcc import BPF
+
+    bpf = BPF(text=NULL_PROGRAM)
+    return bpf, bpf.load_func("pass", BPF.SCHED_CLS).fd
+
+
+def floor_cost(fd: int, a, b, seconds: float) -> tuple[int, int]:
+    """stream_cost of the null program on both hooks of both veths: the measurement's floor."""
+    from redirect_bpf import tc
+
+    try:
+        for pod_ in (a, b):
+            tc.attach(pod_.host_if, ingress_fd=fd, egress_fd=fd, name="bench-null")
+        return stream_cost({"pass": fd}, a, b, seconds)
+    finally:
+        for pod_ in (a, b):
+            tc.detach(pod_.host_if)
+
+
 def status(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
@@ -118,11 +161,15 @@ def test_datapath_numbers():
     results: dict = {"seconds_per_run": seconds}
     with pod(o[0]) as a, pod(o[1]) as b:
         dp = Datapath(pin, node="bench")
+        null_bpf = None
         try:
+            null_bpf, null_fd = null_program()
             # -- iperf3: interleave without/with, keep each side's best of three (shared machine)
             bare, prog = [], []
             ns = cnt = 0  # program run time and runs, summed over the "with" runs
             per_round: list[float] = []  # ns per run of each "with" run
+            floor_ns = floor_cnt = 0  # the same for NULL_PROGRAM
+            floor_round: list[float] = []
             old_stats = sysctl("kernel.bpf_stats_enabled")
             try:
                 for _ in range(3):
@@ -143,26 +190,25 @@ def test_datapath_numbers():
                     )
                     # Throughput with the programs as a user runs them: bpf_stats off (it adds
                     # two clock reads to every program run). Then a separate stream measures the
-                    # per-run cost with the stats on.
+                    # per-run cost with the stats on, and one more the floor (NULL_PROGRAM).
                     prog.append(iperf(a, b, seconds))
-                    sysctl("kernel.bpf_stats_enabled", "1")
-                    before = dp.prog_stats()
-                    iperf(a, b, seconds)
-                    after = dp.prog_stats()
-                    round_ns = round_cnt = 0
-                    for name in ("from_endpoint", "to_endpoint"):
-                        round_ns += after[name][0] - before[name][0]
-                        round_cnt += after[name][1] - before[name][1]
+                    fds = dp.prog_fds
+                    round_ns, round_cnt = stream_cost(
+                        {n: fds[n] for n in ("from_endpoint", "to_endpoint")}, a, b, seconds
+                    )
                     ns, cnt = ns + round_ns, cnt + round_cnt
                     per_round.append(round_ns / max(round_cnt, 1))
-                    sysctl("kernel.bpf_stats_enabled", old_stats)
                     dp.detach_endpoint(a.host_if)
                     dp.detach_endpoint(b.host_if)
+                    f_ns, f_cnt = floor_cost(null_fd, a, b, seconds)
+                    floor_ns, floor_cnt = floor_ns + f_ns, floor_cnt + f_cnt
+                    floor_round.append(f_ns / max(f_cnt, 1))
             finally:
                 sysctl("kernel.bpf_stats_enabled", old_stats)
             ratio = max(prog) / max(bare)
-            assert cnt > 0, "the programs never ran"
+            assert cnt > 0 and floor_cnt > 0, "the programs never ran"
             per_packet = ns / cnt
+            floor = floor_ns / floor_cnt
             results |= {
                 "iperf3_gbps_without": bare,
                 "iperf3_gbps_with": prog,
@@ -170,6 +216,9 @@ def test_datapath_numbers():
                 "program_runs": cnt,
                 "ns_per_packet": per_packet,
                 "ns_per_packet_per_run": per_round,
+                "floor_ns_per_run": floor,
+                "floor_ns_per_run_per_round": floor_round,
+                "ns_per_packet_net": per_packet - floor,
             }
 
             # -- the same programs in isolation (BPF_PROG_TEST_RUN, no stats overhead)
@@ -190,21 +239,27 @@ def test_datapath_numbers():
             assert one.touched == 1
             results |= {"sync_10000_s": full_s, "sync_one_rule_s": one.seconds}
         finally:
+            if null_bpf is not None:
+                null_bpf.cleanup()
             dp.destroy()
 
     targets = {
         "iperf3 with/without >= 0.97": status(ratio >= 0.97),
-        "program cost <= 150 ns/packet": status(per_packet <= 150),
+        "program cost <= 150 ns/run, raw bpf_stats": status(per_packet <= 150),
+        "program cost <= 150 ns/run, net of the measured floor": status(per_packet - floor <= 150),
         "sync 10,000 entries < 1 s": status(full_s < 1.0),
     }
     results["targets"] = targets
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "datapath.json").write_text(json.dumps(results, indent=2))
+    load = open("/proc/loadavg").read().split()[:3]
     print(
-        f"\ndatapath: iperf3 without {max(bare):.2f} Gbit/s, with {max(prog):.2f} Gbit/s "
+        f"\ndatapath (load average {' '.join(load)}): iperf3 without {max(bare):.2f} Gbit/s, with {max(prog):.2f} Gbit/s "
         f"(ratio {ratio:.3f}, runs {bare} / {prog})\n"
         f"datapath: {per_packet:.1f} ns per program run over {cnt} runs (bpf_stats, on a separate stream; "
         f"per iperf3 run: {', '.join(f'{x:.0f}' for x in per_round)})\n"
+        f"datapath: floor (a program that only returns, same stream) {floor:.1f} ns per run "
+        f"({', '.join(f'{x:.0f}' for x in floor_round)}): net {per_packet - floor:.1f} ns\n"
         f"datapath: isolated test runs (ns): {results['test_run_ns']}\n"
         f"datapath: sync 10,000 entries {full_s * 1000:.1f} ms, one-rule change "
         f"{one.seconds * 1e6:.0f} us touching {one.touched} entry\n"
