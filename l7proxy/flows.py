@@ -74,6 +74,31 @@ def build_flow(
     return flow
 
 
+class PendingFlow:
+    """A flow whose dict is built only when someone reads it (`FlowSink.emit_pending`): the
+    agent keeps thousands of flows for `observe --last` that nobody may ever ask for, and on
+    the request path building one costs more than the proxy's own work (docs/bench.md, "Node
+    mode"). Subclasses keep what they need and implement `_build`. `first`: the first flow of
+    its connection (the agent builds that one at once, which names the connection's peers)."""
+
+    __slots__ = ("first", "enriched", "_flow")
+
+    def __init__(self, first: bool = False) -> None:
+        self.first = first
+        self.enriched = False  # (the agent's flow log enriches a flow once, when it reads it)
+        self._flow: dict | None = None
+
+    def flow(self) -> dict:
+        """The flow's dict, built once."""
+        flow = self._flow
+        if flow is None:
+            flow = self._flow = self._build()
+        return flow
+
+    def _build(self) -> dict:
+        raise NotImplementedError
+
+
 class FlowSink:
     """Writes flows as JSON lines (to `path`, "-" for stdout, None for nowhere) and fans out."""
 
@@ -107,6 +132,10 @@ class FlowSink:
                 queue.put_nowait(flow)
             except asyncio.QueueFull:
                 pass
+
+    def emit_pending(self, pending: PendingFlow) -> None:
+        """A flow built only when read: this sink writes every flow, so it builds it now."""
+        self.emit(pending.flow())
 
     def subscribe(self, maxsize: int = SUBSCRIBER_QUEUE_SIZE) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(maxsize)
