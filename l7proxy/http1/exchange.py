@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from l7proxy.flows import DROPPED, ERROR, FORWARDED, PendingFlow, build_flow, rfc3339_nano
+from l7proxy.flows import DROPPED, ERROR, HttpFlow
 from parsers.http1 import ParseError, Request
 
 _monotonic = time.monotonic
@@ -47,71 +47,21 @@ class Exchange:
         self.body_left = 0
 
 
-class HttpFlow(PendingFlow):
-    """The flow of one answered request, built when read (l7proxy/flows.py, `PendingFlow`)."""
-
-    __slots__ = (
-        "source", "destination", "sport", "dport", "direction", "req", "verdict", "status",
-        "latency", "logged", "time_ns",
-    )  # fmt: skip
-
-    def __init__(self, ctx, ex: Exchange, verdict: str, now: float) -> None:
-        super().__init__(not ctx.has_peers)
-        self.source, self.destination = ctx.peers()
-        self.sport, self.dport, self.direction = ctx.client_port, ctx.listener_port, ctx.direction
-        self.req = ex.req
-        self.verdict = verdict
-        self.status = ex.status
-        self.latency = int((now - ex.start) * 1e9)
-        self.logged = ex.logged
-        self.time_ns = time.time_ns()
-
-    @property
-    def l7_type(self) -> str:
-        return "RESPONSE" if self.verdict == FORWARDED else "REQUEST"
-
-    @property
-    def drop_reason(self) -> str | None:
-        return "POLICY_DENIED" if self.verdict == DROPPED else None
-
-    def time_text(self) -> str:
-        return rfc3339_nano(self.time_ns)
-
-    def _build(self) -> dict:
-        req, verdict, latency, status = self.req, self.verdict, self.latency, self.status
-        method = req.method.decode("latin-1")
-        url = req.target.decode("latin-1")
-        version = req.version.decode()
-        l7 = {
-            "type": self.l7_type,
-            "latency_ns": latency,
-            "http": {
-                "code": status,
-                "method": method,
-                "url": url,
-                "protocol": "HTTP/" + version,
-                # LOG mismatches name the header; its value may be a secret and is never logged.
-                "headers": [{"key": name, "value": "[mismatch]"} for name in self.logged],
-            },
-        }
-        return build_flow(
-            verdict=verdict,
-            source=self.source,
-            destination=self.destination,
-            source_port=self.sport,
-            destination_port=self.dport,
-            l7=l7,
-            summary=f"HTTP/{version} {status} {latency // 1_000_000}ms ({method} {url})",
-            direction=self.direction,
-            drop_reason=self.drop_reason,
-            time_ns=self.time_ns,
-        )
-
-
 def emit_flow(ctx, ex: Exchange, verdict: str, now: float) -> None:
+    """The exchange's flow, built when read (l7proxy/flows.py, `HttpFlow`)."""
     flows = ctx.flows
-    if flows.active:
-        flows.emit_pending(HttpFlow(ctx, ex, verdict, now))
+    if not flows.active:
+        return
+    first = not ctx.has_peers
+    source, destination = ctx.peers()
+    req = ex.req
+    flows.emit_pending(
+        HttpFlow(
+            source, destination, ctx.client_port, ctx.listener_port, ctx.direction, verdict,
+            req.method, req.target, req.version, ex.status, int((now - ex.start) * 1e9),
+            ex.logged, time.time_ns(), first,
+        )
+    )  # fmt: skip
 
 
 def emit_error_flow(ctx, ex: Exchange, status: int, reason: str) -> None:
