@@ -56,9 +56,9 @@ def node_listener(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
 
 class DirectSink(FlowSink):
     """The proxies' flow sink in the agent: every flow goes straight into the agent's flow log
-    (no queue and no task switch per request; the log fans out to observers itself). The
-    agent's log keeps an HTTP/1 flow unbuilt until it is read (`FlowLog.ingest_pending`); a
-    worker process's uplink takes built ones."""
+    (no queue and no task switch per request; the log fans out to observers itself). An
+    HTTP/1 flow stays unbuilt until it is read: the agent's log keeps it so
+    (`FlowLog.ingest_pending`), a worker process's uplink sends its fields (flow_wire.py)."""
 
     def __init__(self, log) -> None:
         super().__init__(None)
