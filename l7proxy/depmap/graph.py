@@ -131,6 +131,8 @@ class Edge:
     redirected: int = 0
     last_seen: str = ""
     drop_reasons: dict[str, int] = field(default_factory=dict)
+    # The newest flow when it came unbuilt (`add_pending`): last_seen is formatted when read.
+    last_pending: Any = None
 
     @property
     def key(self) -> str:
@@ -147,7 +149,9 @@ class Edge:
             "dropped": self.dropped,
             "errors": self.errors,
             "redirected": self.redirected,
-            "last_seen": self.last_seen,
+            "last_seen": self.last_pending.time_text()
+            if self.last_pending is not None
+            else self.last_seen,
             "drop_reasons": dict(sorted(self.drop_reasons.items())),
         }
         if with_recent:
@@ -325,7 +329,9 @@ class DepMap:
         # The flow itself, summarized when read: the hot path stays cheap. Emitters hand over
         # a flow and never change it afterwards.
         edge.recent.append(flow)
-        edge.last_seen = flow.get("time", "") or edge.last_seen
+        last = flow.get("time", "")
+        if last:
+            edge.last_seen, edge.last_pending = last, None
         edge.version = version
         return True
 
@@ -343,14 +349,15 @@ class DepMap:
             return self.add(pending.flow())
         self.flows_seen += 1
         self.version += 1
-        l7_type, verdict = pending.l7_type, pending.verdict
-        # (a RESPONSE flow counts at once while no REQUEST flow waits for its response)
-        if (l7_type == "RESPONSE" and not self._pending) or self._counts(
-            l7_type, verdict, (src.get("ip"), pending.sport, dst.get("ip"), dport)
+        verdict = pending.verdict
+        if verdict == FORWARDED and not self._pending:
+            edge.forwarded += 1  # (a RESPONSE flow, and no REQUEST flow waits for its response)
+        elif self._counts(
+            pending.l7_type, verdict, (src.get("ip"), pending.sport, dst.get("ip"), dport)
         ):
             _tally(edge, verdict, pending.drop_reason)
         edge.recent.append(pending)
-        edge.last_seen = pending.time_text()
+        edge.last_pending = pending
         edge.version = self.version
         return True
 

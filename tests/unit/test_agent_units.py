@@ -197,6 +197,7 @@ def test_node_proxy_flows_are_built_when_read_and_the_map_counts_them_unbuilt():
     assert flows[1]["drop_reason_desc"] == "POLICY_DENIED" and flows[1]["l7"]["type"] == "REQUEST"
     assert flows[2]["Summary"].startswith("HTTP/1.1 200 ") and flows[2]["l7"]["http"]["code"] == 200
     assert [r["http"]["url"] for r in edge.to_dict()["recent"]][:2] == ["/public/d", "/public/c"]
+    assert edge.to_dict()["last_seen"] == flows[-1]["time"]
     queue = log.subscribe()
     play.client_sends(b"GET /public/e HTTP/1.1\r\nHost: web\r\n\r\n")
     play.upstream_sends(ok)
