@@ -40,6 +40,11 @@ http {{
     listen 127.0.0.1:{port} http2;
     root {dir}/html;
     location /public/upload {{ client_max_body_size 64m; return 200 "uploaded\\n"; }}
+    location /public/after-body {{ proxy_pass http://unix:{dir}/answer.sock:/; }}
+  }}
+  server {{
+    listen unix:{dir}/answer.sock;
+    return 200 "answered after the whole request\\n";
   }}
 }}
 """
@@ -48,7 +53,8 @@ BIG_FILE_BYTES = 8 * 1024 * 1024
 
 class NginxH2(NginxServer):
     """nginx serving h2c with prior knowledge: /public/index.html, /public/big.bin (8 MiB),
-    /private.html."""
+    /private.html; /public/upload answers at once, /public/after-body only after the whole request
+    (nginx reads a proxied request's body before it passes it on)."""
 
     def __init__(self, binary: str) -> None:
         files = {
