@@ -370,8 +370,6 @@ class _StopBody(Exception):
 _RESPONSE_MEMO: dict[bytes, tuple[int, ResponseEnd]] = {}
 RESPONSE_MEMO_MAX = 256
 RESPONSE_MEMO_HEAD = 2048
-# A read larger than this is parsed in one piece (learning splits it: a copy of the read).
-_LEARN_MAX = 16384
 
 
 class ResponseParser:
