@@ -6,6 +6,8 @@ less, and splits into the proxy's own code and the kernel. Run under the bench l
 
     flock /tmp/l7bench.lock env PYTHONPATH=$PWD python -m tests.bench.cpu_per_request [SECONDS]
 
+`--tree DIR` adds a gateway run from another source tree (before/after, taking turns).
+
 With `--profile DIR` it also records, for the gateway, a py-spy profile (--native, flame graph
 SVG and raw collapsed stacks) and `strace -c -f` syscall counts over a short window of the same
 load, and `perf stat` for HAProxy (docs/bench.md, "Where the keep-alive GET's time goes").
@@ -16,15 +18,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from l7proxy.platform import free_port
 from tests.bench import peers
 from tests.bench.harness import DIRECT, HAPROXY, PROJECT
-from tests.bench.peers import PUBLIC_GET, Endpoint, PeerSet
+from tests.bench.peers import PUBLIC_GET, Endpoint, PeerSet, Proc
 
 PATH = "/public/index.html"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -107,6 +111,10 @@ def main() -> None:
     ap.add_argument("seconds", nargs="?", type=float, default=3.0, help="per round (3)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", type=Path, help="also record py-spy, strace and perf here")
+    ap.add_argument(
+        "--tree", type=Path, action="append", default=[],
+        help="also a gateway run from this source tree (e.g. main's), taking turns",
+    )  # fmt: skip
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cpu-per-req-") as tmp:
         work = Path(tmp)
@@ -115,17 +123,30 @@ def main() -> None:
             backend = Endpoint(DIRECT, nginx.http_port, nginx.proc)
             with PeerSet(work, backend, [PUBLIC_GET], http2=False) as peer_set:
                 eps = [peer_set.get(HAPROXY), peer_set.get(PROJECT)]
+                for tree in args.tree:
+                    port = free_port()
+                    argv = ["env", f"PYTHONPATH={tree}", *peer_set._project(port)]
+                    proc = Proc(f"gateway {tree.name}", argv, work).start()
+                    peer_set._procs.append(proc)  # (stopped with the others)
+                    proc.wait_listening(port)
+                    eps.append(Endpoint(str(tree), port, proc))
+                rows: dict[str, list[dict]] = {ep.peer: [] for ep in eps}
                 for ep in eps:
                     wrk(ep, 1)  # warm-up
                 print(f"load average {os.getloadavg()[0]:.2f}")
                 for r in range(args.rounds):
                     for ep in eps:
                         m = per_request(ep, args.seconds)
+                        rows[ep.peer].append(m)
                         print(
                             f"round {r + 1} {ep.peer:8} {m['req_s']:9,.0f} req/s  "
                             f"user {m['user_us']:5.1f} us  sys {m['sys_us']:5.1f} us  per request"
                         )
                 print(f"load average {os.getloadavg()[0]:.2f}")
+                for peer, ms in rows.items():
+                    cpu = statistics.median(m["user_us"] + m["sys_us"] for m in ms)
+                    rps = statistics.median(m["req_s"] for m in ms)
+                    print(f"median {peer:8} {rps:9,.0f} req/s  CPU {cpu:5.1f} us per request")
                 if args.profile:
                     profile(eps[1], eps[0], args.profile, args.seconds)
         finally:
