@@ -110,6 +110,21 @@ class ConnContext:
         self.proto_metrics = self.metrics.for_proto(proto)
         return self
 
+    @property
+    def has_peers(self) -> bool:
+        """Whether a flow of this connection was built already (`peers` made its dicts)."""
+        return self._source_dict is not None
+
+    def peers(self) -> tuple[dict, dict]:
+        """The flow's source and destination dicts: built once, shared by every flow of this
+        connection (the agent enriches them once)."""
+        if self._source_dict is None:
+            self._source_dict = endpoint(self.source_identity, self.source_labels, self.client_ip)
+            self._destination_dict = endpoint(
+                self.destination_identity, self.destination_labels, self.destination.host
+            )
+        return self._source_dict, self._destination_dict
+
     def flow(
         self,
         verdict: str,
@@ -119,15 +134,11 @@ class ConnContext:
         event_type: str = "L7",
     ) -> dict:
         """A Hubble-shaped flow for this connection (source = client, destination = upstream)."""
-        if self._source_dict is None:
-            self._source_dict = endpoint(self.source_identity, self.source_labels, self.client_ip)
-            self._destination_dict = endpoint(
-                self.destination_identity, self.destination_labels, self.destination.host
-            )
+        source, destination = self.peers()
         return build_flow(
             verdict=verdict,
-            source=self._source_dict,
-            destination=self._destination_dict,
+            source=source,
+            destination=destination,
             source_port=self.client_port,
             destination_port=self.listener_port,
             l7=l7,

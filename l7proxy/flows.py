@@ -74,6 +74,100 @@ def build_flow(
     return flow
 
 
+class PendingFlow:
+    """A flow whose dict is built only when someone reads it (`FlowSink.emit_pending`): the
+    agent keeps thousands of flows for `observe --last` that nobody may ever ask for, and on
+    the request path building one costs more than the proxy's own work (docs/bench.md, "Node
+    mode"). Subclasses keep what they need and implement `_build`. `first`: the first flow of
+    its connection (the agent builds that one at once, which names the connection's peers)."""
+
+    __slots__ = ("first", "enriched", "_flow")
+
+    def __init__(self, first: bool = False) -> None:
+        self.first = first
+        self.enriched = False  # (the agent's flow log enriches a flow once, when it reads it)
+        self._flow: dict | None = None
+
+    def flow(self) -> dict:
+        """The flow's dict, built once."""
+        flow = self._flow
+        if flow is None:
+            flow = self._flow = self._build()
+        return flow
+
+    def _build(self) -> dict:
+        raise NotImplementedError
+
+
+def _text(value: bytes | str) -> str:
+    return value if type(value) is str else value.decode("latin-1")
+
+
+class HttpFlow(PendingFlow):
+    """The flow of one answered HTTP/1 request, built when read. The session keeps the
+    request's bytes (decoded only at build time); a worker's flow sent to the agent
+    (l7proxy/agent/flow_wire.py) comes back with strings."""
+
+    __slots__ = (
+        "source", "destination", "sport", "dport", "direction", "verdict", "method", "url",
+        "version", "status", "latency", "logged", "time_ns",
+    )  # fmt: skip
+
+    def __init__(
+        self, source: dict, destination: dict, sport: int, dport: int, direction: str,
+        verdict: str, method: bytes | str, url: bytes | str, version: bytes | str, status: int,
+        latency: int, logged: tuple[str, ...], time_ns: int, first: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(first)
+        self.source, self.destination = source, destination
+        self.sport, self.dport, self.direction = sport, dport, direction
+        self.verdict = verdict
+        self.method, self.url, self.version = method, url, version
+        self.status = status
+        self.latency = latency  # ns
+        self.logged = logged  # LOG mismatches: header names only, never values (secrets)
+        self.time_ns = time_ns
+
+    @property
+    def l7_type(self) -> str:
+        return "RESPONSE" if self.verdict == FORWARDED else "REQUEST"
+
+    @property
+    def drop_reason(self) -> str | None:
+        return "POLICY_DENIED" if self.verdict == DROPPED else None
+
+    def time_text(self) -> str:
+        return rfc3339_nano(self.time_ns)
+
+    def _build(self) -> dict:
+        method, url, version = _text(self.method), _text(self.url), _text(self.version)
+        status, latency = self.status, self.latency
+        l7 = {
+            "type": self.l7_type,
+            "latency_ns": latency,
+            "http": {
+                "code": status,
+                "method": method,
+                "url": url,
+                "protocol": "HTTP/" + version,
+                # LOG mismatches name the header; its value may be a secret and is never logged.
+                "headers": [{"key": name, "value": "[mismatch]"} for name in self.logged],
+            },
+        }
+        return build_flow(
+            verdict=self.verdict,
+            source=self.source,
+            destination=self.destination,
+            source_port=self.sport,
+            destination_port=self.dport,
+            l7=l7,
+            summary=f"HTTP/{version} {status} {latency // 1_000_000}ms ({method} {url})",
+            direction=self.direction,
+            drop_reason=self.drop_reason,
+            time_ns=self.time_ns,
+        )
+
+
 class FlowSink:
     """Writes flows as JSON lines (to `path`, "-" for stdout, None for nowhere) and fans out."""
 
@@ -107,6 +201,10 @@ class FlowSink:
                 queue.put_nowait(flow)
             except asyncio.QueueFull:
                 pass
+
+    def emit_pending(self, pending: PendingFlow) -> None:
+        """A flow built only when read: this sink writes every flow, so it builds it now."""
+        self.emit(pending.flow())
 
     def subscribe(self, maxsize: int = SUBSCRIBER_QUEUE_SIZE) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(maxsize)

@@ -364,6 +364,14 @@ class _StopBody(Exception):
     """Raised from on_headers_complete when the response has no body by request semantics."""
 
 
+# Response heads the strict parser framed by Content-Length, memoised (see `ResponseParser`):
+# head bytes -> (body length, the ResponseEnd event). Bounded by count and head size, like the
+# request memo of l7proxy/http1/verdicts.py: at most 256 heads of at most 2 KiB.
+_RESPONSE_MEMO: dict[bytes, tuple[int, ResponseEnd]] = {}
+RESPONSE_MEMO_MAX = 256
+RESPONSE_MEMO_HEAD = 2048
+
+
 class ResponseParser:
     """Upstream side. Only finds message boundaries and statuses: the bytes themselves are
     forwarded to the client unchanged. Call `expect(method)` before each response.
@@ -371,11 +379,19 @@ class ResponseParser:
     Events: ResponseEnd(status, keep_alive) per final response (1xx are passed over), Upgrade
     after a 101 or a 2xx to CONNECT. With `report_heads`, also Response(status) per head.
     For the common GET the llhttp parser runs with one Python callback per response
-    (on_message_complete); HEAD and CONNECT swap in a parser that also sees the head."""
+    (on_message_complete); HEAD and CONNECT swap in a parser that also sees the head.
+
+    The response memo: a read that starts a response while the parser is at rest (between
+    messages), holds a head byte-identical to one the parser took before, with Content-Length
+    framing and no Transfer-Encoding, and is exactly that head plus that many body bytes, is one
+    whole response with the same status and keep-alive: llhttp counts a Content-Length body
+    without looking at it, so those bytes would give the same events. The parser is skipped
+    for it (nginx's heads repeat within each second of its Date). A head is learnt only from a
+    read the parser ended exactly at its last byte, fed in two parts to know that."""
 
     __slots__ = (
-        "_parser", "_events", "_no_body", "_connect", "_status", "_error", "_tunnel",
-        "_full", "report_heads", "_heads",
+        "_parser", "_events", "_no_body", "_connect", "_status", "error", "_tunnel",
+        "_full", "report_heads", "_heads", "_rest", "_method",
     )  # fmt: skip
 
     def __init__(self, report_heads: bool = False) -> None:
@@ -387,8 +403,11 @@ class ResponseParser:
         self._no_body = False
         self._connect = False
         self._status = 0
-        self._error: str | None = None
+        # Why the upstream's bytes are not HTTP/1 (a plain attribute: read once per response).
+        self.error: str | None = None
+        self._method = b"GET"  # what `expect` was told last
         self._tunnel = False
+        self._rest = True  # between messages: the next byte starts a response
 
     def _new_parser(self):
         if self._full:
@@ -397,6 +416,9 @@ class ResponseParser:
 
     def expect(self, method: bytes) -> None:
         """Called between responses, before the request goes out."""
+        if method == self._method:
+            return  # (the common case: the same method as the last request on this connection)
+        self._method = method
         no_body = method == b"HEAD"
         connect = method == b"CONNECT"
         self._no_body = no_body
@@ -405,10 +427,7 @@ class ResponseParser:
         if full != self._full:
             self._full = full
             self._parser = self._new_parser()
-
-    @property
-    def error(self) -> str | None:
-        return self._error
+            self._rest = True
 
     @property
     def tunnel(self) -> bool:
@@ -424,9 +443,48 @@ class ResponseParser:
         """The response in progress has no length: the upstream's close is its end."""
         return not self._parser.should_keep_alive()
 
-    def receive_data(self, data: bytes) -> list:
-        if self._error is not None or self._tunnel:
+    def receive_data(self, data: bytes, head_end: int = -1) -> list:
+        """`head_end`: where the response head that starts `data` ends (the index of its
+        blank line's CRLF CRLF), when the caller found it; the memo is used only then."""
+        if self.error is not None or self._tunnel:
             return []
+        if head_end > 0 and self._rest and not self._full:
+            key = data[: head_end + 4]
+            hit = _RESPONSE_MEMO.get(key)
+            if hit is not None and len(data) == head_end + 4 + hit[0]:
+                return [hit[1]]  # (the parser stays at rest)
+            if head_end + 4 <= RESPONSE_MEMO_HEAD:
+                return self._learn(data, key)
+        return self._learn(data, None)
+
+    def _learn(self, data: bytes, head: bytes | None) -> list:
+        """Parse `data` in two parts (views, no copy), so that a response ending exactly at
+        its last byte is known: the parser is at rest after it. With `head` (`data` starts a
+        response and the parser was at rest), remember that head if it was Content-Length
+        framed and `data` was exactly that one response."""
+        if len(data) < 2 or self._full:
+            # (A HEAD or CONNECT parser stops at the head: what follows it in a read is not
+            # parsed, so that read is never split.)
+            self._rest = False
+            return self._feed(data)
+        view = memoryview(data)
+        events = self._feed(view[:-1])
+        if self.error is not None or self._tunnel:
+            self._rest = False
+            return events
+        first = len(events)
+        events += self._feed(view[-1:])
+        self._events = events
+        self._rest = len(events) > first and events[-1].__class__ is ResponseEnd
+        if head is not None and self._rest and first == 0 and len(events) == 1:
+            lower = head.lower()
+            if b"\ncontent-length:" in lower and b"transfer-encoding" not in lower:
+                if len(_RESPONSE_MEMO) >= RESPONSE_MEMO_MAX:
+                    _RESPONSE_MEMO.clear()
+                _RESPONSE_MEMO[head] = (len(data) - len(head), events[0])
+        return events
+
+    def _feed(self, data: bytes) -> list:
         events = self._events = []
         try:
             self._parser.feed_data(data)
@@ -444,7 +502,7 @@ class ResponseParser:
                 else:
                     events.append(ResponseEnd(self._status, True))
             else:
-                self._error = str(exc) or "invalid response"
+                self.error = str(exc) or "invalid response"
         return events
 
     def on_message_complete(self) -> None:

@@ -98,7 +98,7 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
         self.flows = FlowLog(config.flow_capacity)
         self.metrics = AgentMetrics(self)
         self.flows.add_enricher(self._enrich)
-        self.flows.add_observer(self.metrics.count_flow)
+        self.flows.add_observer(self.metrics.count_flow, l7=False)  # (L7 counted by the proxy)
         self.datapath = make_datapath(config.bpf, config.bpf_dir)
         self.compiled = None
         self.proxy = None  # the node or sidecar proxy workers, once started

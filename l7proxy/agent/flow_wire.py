@@ -10,11 +10,18 @@ their remaining fields (`{"flows": [[ref, time, ...], ...]}`), about 100 bytes e
 The agent rebuilds each flow as the same dict (same keys, same order as `build_flow`), with the
 peer dicts shared per connection as in the inline proxy, so its enrichment and the map see the
 same thing in both modes. A flow of another shape goes whole (`{"flow": {...}}`), as before.
+
+An HTTP/1 flow not built yet (`HttpFlow`, l7proxy/flows.py) goes as its fields, in a row that
+starts with "http" (`["http", ref, time_ns, verdict, direction, sport, dport, method, url,
+version, status, latency_ns, [logged header names]]`), and the agent makes an `HttpFlow` of it
+again: neither side builds the dict unless the agent's log is read (l7proxy/agent/flowlog.py).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+from l7proxy.flows import HttpFlow
 
 # The fields of build_flow's dict, in its order; the optional ones last.
 _FIXED = (
@@ -49,12 +56,38 @@ def _tcp_ports(flow: dict) -> tuple[int, int] | None:
     return sport, dport
 
 
+def _text(value: bytes | str) -> str:
+    return value if type(value) is str else value.decode("latin-1")
+
+
 class FlowEncoder:
     """The worker's side, one per channel connection (the agent's table starts empty)."""
 
     def __init__(self) -> None:
         self._refs: dict[tuple[int, int], tuple[int, dict, dict]] = {}
         self._next = 0
+
+    def _ref(self, src: dict, dst: dict) -> tuple[int, dict | None]:
+        """The reference of a peer pair, and the peers item to send first when it is new."""
+        refs = self._refs
+        key = (id(src), id(dst))
+        entry = refs.get(key)
+        if entry is not None and entry[1] is src and entry[2] is dst:
+            return entry[0], None
+        if len(refs) >= MAX_PEERS:
+            refs.clear()
+        self._next += 1
+        refs[key] = (self._next, src, dst)  # holds both: ids stay unique
+        return self._next, {"peers": [self._next, src, dst]}
+
+    def http_row(self, flow: HttpFlow) -> tuple[dict | None, list]:
+        """(a peers item to send before it or None, the row of an HTTP/1 flow not built)."""
+        ref, peers = self._ref(flow.source, flow.destination)
+        return peers, [
+            "http", ref, flow.time_ns, flow.verdict, flow.direction, flow.sport, flow.dport,
+            _text(flow.method), _text(flow.url), _text(flow.version), flow.status, flow.latency,
+            list(flow.logged),
+        ]  # fmt: skip
 
     def row(self, flow: dict) -> tuple[dict | None, list | None]:
         """(a peers item to send before it or None, the compact row), or (None, None) for a
@@ -69,18 +102,9 @@ class FlowEncoder:
             or not flow.keys() >= _FIXED_SET
         ):
             return None, None
-        refs = self._refs
-        key = (id(src), id(dst))
-        entry = refs.get(key)
-        peers = None
-        if entry is None or entry[1] is not src or entry[2] is not dst:
-            if len(refs) >= MAX_PEERS:
-                refs.clear()
-            self._next += 1
-            entry = refs[key] = (self._next, src, dst)  # holds both: ids stay unique
-            peers = {"peers": [self._next, src, dst]}
+        ref, peers = self._ref(src, dst)
         return peers, [
-            entry[0],
+            ref,
             flow["time"],
             flow["verdict"],
             flow["traffic_direction"],
@@ -99,14 +123,41 @@ class FlowDecoder:
 
     def __init__(self) -> None:
         self._peers: OrderedDict[int, tuple[dict, dict]] = OrderedDict()
+        self._new: set[int] = set()  # peer pairs no HTTP row named yet
 
     def peers(self, item: list) -> None:
         ref, src, dst = item
         if type(ref) is not int or type(src) is not dict or type(dst) is not dict:
             raise ValueError("bad peers item")
         self._peers[ref] = (src, dst)
+        self._new.add(ref)
         while len(self._peers) > 2 * MAX_PEERS:
-            self._peers.popitem(last=False)
+            self._new.discard(self._peers.popitem(last=False)[0])
+
+    def http(self, row: list) -> HttpFlow:
+        """An HTTP/1 row as an `HttpFlow` (built when read; the first of its peer pair is
+        marked `first`, so the agent builds and enriches that one at once). ValueError for a
+        row that does not fit."""
+        (_, ref, time_ns, verdict, direction, sport, dport, method, url, version, status,
+         latency, logged) = row  # fmt: skip
+        pair = self._peers.get(ref)
+        if pair is None:
+            raise ValueError(f"unknown peers {ref!r}")
+        # (One expression: this runs per request in the agent beside a worker process.)
+        if not (
+            type(time_ns) is int and type(verdict) is str and type(direction) is str
+            and type(sport) is int and type(dport) is int and type(method) is str
+            and type(url) is str and type(version) is str and type(status) is int
+            and type(latency) is int and type(logged) is list
+        ) or (logged and not all(type(name) is str for name in logged)):  # fmt: skip
+            raise ValueError("bad http row")
+        first = ref in self._new
+        if first:
+            self._new.discard(ref)
+        return HttpFlow(
+            pair[0], pair[1], sport, dport, direction, verdict, method, url, version, status,
+            latency, tuple(logged), time_ns, first,
+        )  # fmt: skip
 
     def flow(self, row: list) -> dict:
         """One compact flow as its dict; ValueError for a row that does not fit."""

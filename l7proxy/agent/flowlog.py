@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from l7proxy.flows import PendingFlow
+
 VERDICTS = ("FORWARDED", "DROPPED", "REDIRECTED", "ERROR")
 PROTOCOLS = ("http", "kafka", "tcp", "udp")
 
@@ -84,26 +86,74 @@ def _has_protocol(flow: dict, protocol: str) -> bool:
 
 
 class FlowLog:
+    """The flows kept are dicts, or `PendingFlow`s (l7proxy/flows.py) from the node proxy: an L7
+    flow nobody reads as it comes (no `observe --follow`, no live map) is kept unbuilt, and is
+    built and enriched when `last` first reads it. The first flow of each connection is built
+    at once, which enriches the peer dicts the connection's flows share: a later flow names
+    the same pods even when one is gone by the time it is read."""
+
     def __init__(self, capacity: int = 10_000) -> None:
-        self._flows: deque[dict] = deque(maxlen=capacity)
+        self._flows: deque[dict | PendingFlow] = deque(maxlen=capacity)
         self._subscribers: list[tuple[FlowFilter, asyncio.Queue]] = []
         self._enrichers: list[Callable[[dict], None]] = []
         self._observers: list[Callable[[dict], None]] = []
+        # How each observer takes a PendingFlow: its own callable, None (it skips L7 flows),
+        # or absent (it needs the dict: while there is such an observer, flows are built).
+        self._on_pending: dict[Callable, Callable | None] = {}
+        self._pending_observers: list[Callable] = []
+        self._eager = 0
         self.total = 0
 
     def add_enricher(self, fn: Callable[[dict], None]) -> None:
         self._enrichers.append(fn)
 
-    def add_observer(self, fn: Callable[[dict], None]) -> None:
-        """Called once per flow after enrichment (metrics count flows here)."""
+    def add_observer(
+        self, fn: Callable[[dict], None], l7: bool = True, pending: Callable | None = None
+    ) -> None:
+        """Called once per flow after enrichment (metrics count flows here). For the node
+        proxy's flows kept unbuilt: `pending(flow)` is called with the PendingFlow instead;
+        `l7=False` says `fn` ignores L7 flows (it is not called for them). Without either, every
+        flow is built at once while `fn` observes."""
         self._observers.append(fn)
+        if pending is not None:
+            self._on_pending[fn] = pending
+        elif not l7:
+            self._on_pending[fn] = None
+        else:
+            self._eager += 1
+        self._pending_observers = [p for p in self._on_pending.values() if p is not None]
 
     def remove_observer(self, fn: Callable[[dict], None]) -> None:
         if fn in self._observers:
             self._observers.remove(fn)
+            if fn in self._on_pending:
+                del self._on_pending[fn]
+            else:
+                self._eager -= 1
+            self._pending_observers = [p for p in self._on_pending.values() if p is not None]
 
     def ingest(self, flow: dict) -> None:
         self.ingest_many((flow,))
+
+    def ingest_pending(self, pending: PendingFlow) -> None:
+        """An L7 flow of the node proxy: built now only when someone needs it as a dict now."""
+        if pending.first or self._subscribers or self._eager:
+            self.ingest_many((pending.flow(),))
+            return
+        self._flows.append(pending)
+        self.total += 1
+        for observe in self._pending_observers:
+            observe(pending)
+
+    def _read(self, item: dict | PendingFlow) -> dict:
+        if type(item) is dict:
+            return item
+        flow = item.flow()
+        if not item.enriched:
+            item.enriched = True
+            for enrich in self._enrichers:
+                enrich(flow)
+        return flow
 
     def ingest_many(self, flows: Iterable[dict]) -> None:
         """Several flows in one go (the DNS proxy hands over a batch every few milliseconds):
@@ -125,7 +175,8 @@ class FlowLog:
                         pass  # a slow observer loses flows; the datapath never waits for it
 
     def last(self, n: int | None, flt: FlowFilter) -> list[dict]:
-        matched = [f for f in self._flows if flt.matches(f)]
+        read = self._read
+        matched = [f for f in map(read, self._flows) if flt.matches(f)]
         return matched if n is None else matched[-n:] if n > 0 else []
 
     def subscribe(self, flt: FlowFilter | None = None, maxsize: int = 10_000) -> asyncio.Queue:

@@ -56,11 +56,14 @@ def node_listener(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
 
 class DirectSink(FlowSink):
     """The proxies' flow sink in the agent: every flow goes straight into the agent's flow log
-    (no queue and no task switch per request; the log fans out to observers itself)."""
+    (no queue and no task switch per request; the log fans out to observers itself). An
+    HTTP/1 flow stays unbuilt until it is read: the agent's log keeps it so
+    (`FlowLog.ingest_pending`), a worker process's uplink sends its fields (flow_wire.py)."""
 
-    def __init__(self, ingest) -> None:
+    def __init__(self, log) -> None:
         super().__init__(None)
-        self._ingest = ingest
+        self._ingest = log.ingest
+        self._pending = getattr(log, "ingest_pending", None)
         self._update_active()
 
     def _update_active(self) -> None:
@@ -68,6 +71,12 @@ class DirectSink(FlowSink):
 
     def emit(self, flow: dict) -> None:
         self._ingest(flow)
+
+    def emit_pending(self, pending) -> None:
+        if self._pending is not None:
+            self._pending(pending)
+        else:
+            self._ingest(pending.flow())
 
 
 class NodeGate(Gate):
@@ -92,7 +101,7 @@ class NodeProxy:
     ) -> None:
         self.agent = agent
         self.config = config or ProxyConfig()
-        self.flows = DirectSink(agent.flows.ingest)
+        self.flows = DirectSink(agent.flows)
         self.metrics = agent.metrics.proxy
         self.sweeper = DeadlineSweeper(self.config.sweep_interval)
         self.pool = worker_upstreams(self.config)

@@ -134,9 +134,18 @@ class WorkerHandle:
             decoder = args.get("_flow_decoder")
             if not isinstance(decoder, FlowDecoder):
                 return  # rows naming peers this connection never sent
-            ingest = self.agent.flows.ingest
+            flows = self.agent.flows
+            ingest = flows.ingest
+            pending = getattr(flows, "ingest_pending", None)
             for row in item["flows"]:
-                ingest(decoder.flow(row))
+                if row and row[0] == "http":
+                    flow = decoder.http(row)
+                    if pending is not None:
+                        pending(flow)
+                    else:
+                        ingest(flow.flow())
+                else:
+                    ingest(decoder.flow(row))
         elif "peers" in item:
             decoder = args.get("_flow_decoder")
             if not isinstance(decoder, FlowDecoder):

@@ -31,6 +31,7 @@ from l7proxy.agent.node_proxy import NodeProxy
 from l7proxy.agent.store import PolicyDoc
 from l7proxy.cluster.ipam import in_cluster
 from l7proxy.config import ProxyConfig
+from l7proxy.flows import HttpFlow
 from l7proxy.metrics import ProxyMetrics
 from parsers.http_path import ESCAPED_SLASH_MODES, UNESCAPE
 
@@ -64,6 +65,11 @@ class Uplink:
         self.pending.append({"flow": flow})
         self.wake.set()
 
+    def ingest_pending(self, flow: HttpFlow) -> None:
+        """An HTTP/1 flow not built: it goes to the agent as its fields (flow_wire.py)."""
+        self.pending.append({"flow": flow})
+        self.wake.set()
+
     def take(self) -> list[dict]:
         batch, self.pending = list(self.pending), deque(maxlen=BACKLOG)
         return batch
@@ -90,7 +96,12 @@ class Uplink:
 
         for item in items:
             flow = item.get("flow")
-            peers, row = encoder.row(flow) if flow is not None else (None, None)
+            if flow is None:
+                peers, row = None, None
+            elif type(flow) is HttpFlow:
+                peers, row = encoder.http_row(flow)
+            else:
+                peers, row = encoder.row(flow)
             if row is None:
                 end_run()
                 self.sending([item] if flow is not None else [])

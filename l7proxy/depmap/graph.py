@@ -131,6 +131,8 @@ class Edge:
     redirected: int = 0
     last_seen: str = ""
     drop_reasons: dict[str, int] = field(default_factory=dict)
+    # The newest flow when it came unbuilt (`add_pending`): last_seen is formatted when read.
+    last_pending: Any = None
 
     @property
     def key(self) -> str:
@@ -147,7 +149,9 @@ class Edge:
             "dropped": self.dropped,
             "errors": self.errors,
             "redirected": self.redirected,
-            "last_seen": self.last_seen,
+            "last_seen": self.last_pending.time_text()
+            if self.last_pending is not None
+            else self.last_seen,
             "drop_reasons": dict(sorted(self.drop_reasons.items())),
         }
         if with_recent:
@@ -191,8 +195,11 @@ def _protocol(flow: dict, l4_proto: str) -> str:
     return l4_proto or "unknown"
 
 
-def summarize(flow: dict) -> dict[str, Any]:
-    """The compact record kept in an edge's ring of recent flows: the L7 details that matter."""
+def summarize(flow) -> dict[str, Any]:
+    """The compact record kept in an edge's ring of recent flows: the L7 details that matter.
+    `flow` is a dict or a `PendingFlow` (l7proxy/flows.py), built now."""
+    if type(flow) is not dict:
+        flow = flow.flow()
     src = flow.get("source") or {}
     dst = flow.get("destination") or {}
     _, sport, dport = _l4_ports(flow)
@@ -225,6 +232,19 @@ def summarize(flow: dict) -> dict[str, Any]:
             if kafka.get(k) is not None
         }
     return rec
+
+
+def _tally(edge: Edge, verdict: str, drop_reason: str | None) -> None:
+    if verdict == FORWARDED:
+        edge.forwarded += 1
+    elif verdict == DROPPED:
+        edge.dropped += 1
+        reason = drop_reason or "UNKNOWN"
+        edge.drop_reasons[reason] = edge.drop_reasons.get(reason, 0) + 1
+    elif verdict == ERROR:
+        edge.errors += 1
+    elif verdict == REDIRECTED:
+        edge.redirected += 1
 
 
 class DepMap:
@@ -302,23 +322,43 @@ class DepMap:
             self._pairs[pair_key] = (src, dst, classified, {(protocol, dport): edge})
         version = self.version
 
-        if self._counts(flow, (src.get("ip"), sport, dst.get("ip"), dport)):
-            verdict = flow.get("verdict", "")
-            if verdict == FORWARDED:
-                edge.forwarded += 1
-            elif verdict == DROPPED:
-                edge.dropped += 1
-                reason = flow.get("drop_reason_desc") or "UNKNOWN"
-                edge.drop_reasons[reason] = edge.drop_reasons.get(reason, 0) + 1
-            elif verdict == ERROR:
-                edge.errors += 1
-            elif verdict == REDIRECTED:
-                edge.redirected += 1
+        l7_type = (flow.get("l7") or {}).get("type")
+        verdict = flow.get("verdict", "")
+        if self._counts(l7_type, verdict, (src.get("ip"), sport, dst.get("ip"), dport)):
+            _tally(edge, verdict, flow.get("drop_reason_desc"))
         # The flow itself, summarized when read: the hot path stays cheap. Emitters hand over
         # a flow and never change it afterwards.
         edge.recent.append(flow)
-        edge.last_seen = flow.get("time", "") or edge.last_seen
+        last = flow.get("time", "")
+        if last:
+            edge.last_seen, edge.last_pending = last, None
         edge.version = version
+        return True
+
+    def add_pending(self, pending) -> bool:
+        """An HTTP flow of the node proxy not built yet (`HttpFlow`, l7proxy/http1/exchange.py):
+        when its connection's peers and edge are known (from the connection's first flow, which
+        comes built), it is counted from its fields and kept unbuilt in the edge's ring of
+        recent flows, summarized when read; otherwise it is built and added as a dict."""
+        src, dst, dport = pending.source, pending.destination, pending.dport
+        pair = self._pairs.get((id(src), id(dst)))
+        edge = None
+        if pair is not None and pair[0] is src and pair[1] is dst:
+            edge = pair[3].get(("http", dport))
+        if edge is None:
+            return self.add(pending.flow())
+        self.flows_seen += 1
+        self.version += 1
+        verdict = pending.verdict
+        if verdict == FORWARDED and not self._pending:
+            edge.forwarded += 1  # (a RESPONSE flow, and no REQUEST flow waits for its response)
+        elif self._counts(
+            pending.l7_type, verdict, (src.get("ip"), pending.sport, dst.get("ip"), dport)
+        ):
+            _tally(edge, verdict, pending.drop_reason)
+        edge.recent.append(pending)
+        edge.last_pending = pending
+        edge.version = self.version
         return True
 
     def _edge(self, src_peer: Peer, dst_peer: Peer, protocol: str, port: int) -> Edge | None:
@@ -346,7 +386,7 @@ class DepMap:
             peer = self._peers[key] = classify(*key)
         return peer, key
 
-    def _counts(self, flow: dict, conn: tuple) -> bool:
+    def _counts(self, l7_type: str | None, verdict: str, conn: tuple) -> bool:
         """Whether this flow adds to the counts: each L7 request once, each L3/L4 event once.
 
         A REQUEST flow counts; a forwarded one also leaves a pending mark on its connection, since
@@ -355,9 +395,8 @@ class DepMap:
         the gateway does; a denied request is a DROPPED REQUEST flow with no response flow). The
         pending table is bounded: the oldest marks go first.
         """
-        l7_type = (flow.get("l7") or {}).get("type")
         if l7_type == "REQUEST":
-            if flow.get("verdict") != FORWARDED:
+            if verdict != FORWARDED:
                 return True
             self._pending[conn] = self._pending.get(conn, 0) + 1
             self._pending.move_to_end(conn)

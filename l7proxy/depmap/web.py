@@ -106,7 +106,7 @@ class MapService:
         self._sink = flow_sink
         if hasattr(flow_sink, "add_observer"):
             self._loop = asyncio.get_running_loop()
-            flow_sink.add_observer(self.observe)
+            flow_sink.add_observer(self.observe, pending=self.observe_pending)
             return
         self._queue = flow_sink.subscribe()
         self._task = asyncio.get_running_loop().create_task(self.consume(self._queue))
@@ -114,6 +114,12 @@ class MapService:
     def observe(self, flow: dict) -> None:
         """One flow, in line (FlowLog observer): added now, streams woken at the end of the turn."""
         if self.map.add(flow) and not self._wake_pending:
+            self._wake_pending = True
+            self._loop.call_soon(self._wake_once)
+
+    def observe_pending(self, pending) -> None:
+        """One node proxy flow not built yet (FlowLog observer): added from its fields."""
+        if self.map.add_pending(pending) and not self._wake_pending:
             self._wake_pending = True
             self._loop.call_soon(self._wake_once)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from l7proxy.flows import DROPPED, ERROR, FORWARDED
+from l7proxy.flows import DROPPED, ERROR, HttpFlow
 from parsers.http1 import ParseError, Request
 
 _monotonic = time.monotonic
@@ -48,30 +48,20 @@ class Exchange:
 
 
 def emit_flow(ctx, ex: Exchange, verdict: str, now: float) -> None:
+    """The exchange's flow, built when read (l7proxy/flows.py, `HttpFlow`)."""
     flows = ctx.flows
     if not flows.active:
         return
+    first = not ctx.has_peers
+    source, destination = ctx.peers()
     req = ex.req
-    method = req.method.decode("latin-1")
-    url = req.target.decode("latin-1")
-    latency = int((now - ex.start) * 1e9)
-    l7 = {
-        "type": "RESPONSE" if verdict == FORWARDED else "REQUEST",
-        "latency_ns": latency,
-        "http": {
-            "code": ex.status,
-            "method": method,
-            "url": url,
-            "protocol": "HTTP/" + req.version.decode(),
-            # LOG mismatches name the header; its value may be a secret and is never logged.
-            "headers": [{"key": name, "value": "[mismatch]"} for name in ex.logged]
-            if ex.logged
-            else [],
-        },
-    }
-    summary = f"HTTP/{req.version.decode()} {ex.status} {latency // 1_000_000}ms ({method} {url})"
-    drop = "POLICY_DENIED" if verdict == DROPPED else None
-    flows.emit(ctx.flow(verdict, l7, summary, drop_reason=drop))
+    flows.emit_pending(
+        HttpFlow(
+            source, destination, ctx.client_port, ctx.listener_port, ctx.direction, verdict,
+            req.method, req.target, req.version, ex.status, int((now - ex.start) * 1e9),
+            ex.logged, time.time_ns(), first,
+        )
+    )  # fmt: skip
 
 
 def emit_error_flow(ctx, ex: Exchange, status: int, reason: str) -> None:

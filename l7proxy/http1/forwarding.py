@@ -13,10 +13,10 @@ import time
 
 from l7proxy.flows import DROPPED, FORWARDED
 from l7proxy.http1.exchange import Exchange, emit_error_flow, emit_flow
-from l7proxy.http1.lifetime import IDLE, PARK
+from l7proxy.http1.lifetime import IDLE, PARK, RESPONSE
 from l7proxy.http1.states import DRAINING, OPEN, TUNNEL, UPGRADING_DRAINING
 from l7proxy.http1.upstream import UpstreamConn
-from l7proxy.session import PauseReason
+from l7proxy.session import NO_DEADLINE, PauseReason
 from parsers.http1 import head_bytes, simple_response
 
 _monotonic = time.monotonic
@@ -67,7 +67,8 @@ class Forwarding:
         up.parser.expect(ex.req.method)
         up.got_bytes = False
         up.in_head = True  # (UpstreamConn.begin, inlined: this runs per request)
-        up.max_head = self.cfg.max_response_header_bytes
+        cfg = self.cfg
+        up.max_head = cfg.max_response_header_bytes
         head = ex.raw or head_bytes(ex.req)
         if ex.pending:
             up.transport.writelines([head, *ex.pending])
@@ -75,7 +76,12 @@ class Forwarding:
         else:
             up.transport.write(head)
         if ex.complete:
-            self._await_response(ex.start)
+            timeout = cfg.upstream_response_timeout  # (_await_response, inlined)
+            if timeout:
+                self.deadline_kind = RESPONSE
+                self.deadline = ex.start + timeout
+            else:
+                self.deadline_kind = NO_DEADLINE
         else:
             # The body is still coming (paced by backpressure): the response clock starts when
             # it ends; meanwhile a client that stops sending is cut after the idle timeout.

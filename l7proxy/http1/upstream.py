@@ -74,7 +74,7 @@ class UpstreamConn(asyncio.Protocol):
         if self.tunnel:
             return
         self.got_bytes = True
-        events = self.parser.receive_data(data)
+        events = self.parser.receive_data(data, head_end)
         for event in events:
             cls = event.__class__
             if cls is ResponseEnd:

@@ -161,6 +161,49 @@ def test_flow_log_takes_a_batch_like_single_flows():
     assert [dropped.get_nowait()["n"] for _ in range(dropped.qsize())] == [1, 3, 4]
 
 
+def test_node_proxy_flows_are_built_when_read_and_the_map_counts_them_unbuilt():
+    """The node proxy's HTTP/1 flows go to the agent's log through DirectSink: the first of a
+    connection is built (and enriched) at once, the rest stay unbuilt while nobody needs them
+    as dicts; the live map counts them from their fields; `last` builds and enriches them, equal
+    to what the proxy would have built at once; a subscriber makes them built at once."""
+    from l7proxy.agent.node_proxy import DirectSink
+    from l7proxy.depmap.graph import DepMap
+    from tests.unit.http1.playbook import Play
+
+    log = FlowLog(capacity=100)
+    log.add_enricher(lambda f: f.update(node_name="n1"))  # (as the agent's does)
+    counted = []
+    log.add_observer(counted.append, l7=False)  # (the agent's metrics: L7 flows not counted)
+    depmap = DepMap()
+    log.add_observer(depmap.add, pending=depmap.add_pending)
+    play = Play()
+    play.session.ctx.flows = DirectSink(log)
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    for path in (b"/public/a", b"/private/b", b"/public/c", b"/public/d"):
+        play.client_sends(b"GET " + path + b" HTTP/1.1\r\nHost: web\r\n\r\n")
+        if path.startswith(b"/public/"):
+            play.upstream_sends(ok)
+    assert log.total == 4 and len(counted) == 1  # the first, built at once
+    kept = list(log._flows)
+    assert type(kept[0]) is dict and all(f._flow is None for f in kept[1:])  # unbuilt
+    edge = next(iter(depmap.edges.values()))
+    assert (edge.forwarded, edge.dropped, depmap.flows_seen) == (3, 1, 4)
+    assert edge.drop_reasons == {"POLICY_DENIED": 1}
+    flows = log.last(None, FlowFilter())
+    assert [f["l7"]["http"]["url"] for f in flows] == ["/public/a", "/private/b", "/public/c",
+                                                       "/public/d"]  # fmt: skip
+    assert [f["verdict"] for f in flows] == ["FORWARDED", "DROPPED", "FORWARDED", "FORWARDED"]
+    assert all(f["node_name"] == "n1" and f["source"] is flows[0]["source"] for f in flows)
+    assert flows[1]["drop_reason_desc"] == "POLICY_DENIED" and flows[1]["l7"]["type"] == "REQUEST"
+    assert flows[2]["Summary"].startswith("HTTP/1.1 200 ") and flows[2]["l7"]["http"]["code"] == 200
+    assert [r["http"]["url"] for r in edge.to_dict()["recent"]][:2] == ["/public/d", "/public/c"]
+    assert edge.to_dict()["last_seen"] == flows[-1]["time"]
+    queue = log.subscribe()
+    play.client_sends(b"GET /public/e HTTP/1.1\r\nHost: web\r\n\r\n")
+    play.upstream_sends(ok)
+    assert type(log._flows[-1]) is dict and queue.get_nowait()["l7"]["http"]["url"] == "/public/e"
+
+
 def test_compact_line_reads_like_hubble():
     line = compact(_flow("DROPPED", [], [], {"type": "REQUEST", "http": {"code": 403}}))
     assert line == (

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from l7proxy.agent import proxy_worker_process
-from l7proxy.agent.flow_wire import FlowEncoder
+from l7proxy.agent.flow_wire import FlowDecoder, FlowEncoder
 from l7proxy.agent.proxy_worker_control import WorkerHandle
 from l7proxy.agent.proxy_worker_process import Uplink
 from l7proxy.config import ProxyConfig
@@ -104,3 +106,40 @@ def test_a_long_backlog_goes_in_lines_of_bounded_size(monkeypatch):
     handle, got = agent_side()
     deliver(handle, data, {})
     assert [f["Summary"] for f in got] == [f"#{n}" for n in range(10)]
+
+
+def test_http_flows_go_as_their_fields_and_come_back_unbuilt_equal_to_the_workers():
+    """An HTTP/1 flow not built (HttpFlow) crosses as an "http" row: the agent gets an HttpFlow
+    again (the first of its connection marked, to be built at once), whose dict is the one the
+    worker would have built; a row of the wrong shape is refused."""
+    from l7proxy.flows import HttpFlow
+
+    a = ctx(5555)
+    src, dst = a.peers()
+    sent = [
+        HttpFlow(src, dst, 5555, 80, "INGRESS", "FORWARDED", b"GET", b"/public/a", b"1.1",
+                 200, 1500, (), 1_700_000_000_123_456_789),
+        HttpFlow(src, dst, 5555, 80, "INGRESS", "DROPPED", b"GET", b"/private/x", b"1.1",
+                 403, 900, ("X-Token",), 1_700_000_001_000_000_000),
+    ]  # fmt: skip
+    uplink = Uplink()
+    for flow in sent:
+        uplink.ingest_pending(flow)
+    data = uplink.encode(uplink.take(), FlowEncoder())
+    assert [next(iter(json.loads(line))) for line in data.splitlines()] == ["peers", "flows"]
+    got: list = []
+    agent = SimpleNamespace(flows=SimpleNamespace(ingest=got.append, ingest_pending=got.append))
+    deliver(WorkerHandle(agent, pid=0, port=0, reused=False), data, {})
+    assert [type(f) for f in got] == [HttpFlow, HttpFlow] and [f.first for f in got] == [
+        True,
+        False,
+    ]
+    assert [f.flow() for f in got] == json.loads(json.dumps([f.flow() for f in sent]))
+    assert got[1].flow()["l7"]["http"]["headers"] == [{"key": "X-Token", "value": "[mismatch]"}]
+    assert got[0].source is got[1].source  # one dict per connection, as inline
+    row = json.loads(data.splitlines()[1])["flows"][0]
+    decoder = FlowDecoder()
+    decoder.peers([row[1], src, dst])
+    for bad in (row[:5], [*row[:7], 7, *row[8:]], [*row[:12], [1]]):
+        with pytest.raises(ValueError):
+            decoder.http(bad)

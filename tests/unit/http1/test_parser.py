@@ -169,6 +169,43 @@ def test_response_parser_boundaries():
     )[-1] == ResponseEnd(200, False)
 
 
+def test_response_memo_gives_the_parsers_events_and_never_more(monkeypatch):
+    import parsers.http1 as http1
+
+    monkeypatch.setattr(http1, "_RESPONSE_MEMO", {})
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
+    end = len(head) - 4
+    r = ResponseParser()
+    assert r.receive_data(head + b"abc", end) == [ResponseEnd(200, True)]
+    assert http1._RESPONSE_MEMO[head][0] == 3  # learnt: it ended at the read's last byte
+    # A hit: the same head and length, any body bytes (Content-Length is only counted).
+    llhttp, r._parser = r._parser, None  # would fail if it were fed
+    assert r.receive_data(head + b"xyz", end) == [ResponseEnd(200, True)]
+    r._parser = llhttp
+    assert r.receive_data(head + b"abcd", end) == [ResponseEnd(200, True)]  # another length
+    assert r.error and "abcd" not in str(http1._RESPONSE_MEMO)  # parsed: a stray byte after it
+    monkeypatch.undo()
+    monkeypatch.setattr(http1, "_RESPONSE_MEMO", {head: (3, ResponseEnd(200, True))})
+    # Not exactly one response: the strict parser decides (here: a second, broken one follows).
+    r = ResponseParser()
+    assert r.receive_data(head + b"abcHTTP/1.1 2x0\r\n\r\n", end) == [ResponseEnd(200, True)]
+    assert r.error
+    # Mid-message: the parser is not at rest, so a read that looks like a known head is parsed.
+    r = ResponseParser()
+    assert r.receive_data(b"HTTP/1.1 404 No\r\nContent-Length: 5\r\n\r\nab", 34) == []
+    # ("HTT" ends the 404's body; what follows is no response.)
+    assert r.receive_data(head + b"abc", end) == [ResponseEnd(404, True)] and r.error
+    # A chunked head is never remembered: its body's bytes decide where it ends.
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    r = ResponseParser()
+    assert r.receive_data(chunked + b"0\r\n\r\n", len(chunked) - 4) == [ResponseEnd(200, True)]
+    assert chunked not in http1._RESPONSE_MEMO
+    # HEAD: the body length the head announces never follows, the memo is not used.
+    r = ResponseParser()
+    r.expect(b"HEAD")
+    assert r.receive_data(head, end) == [ResponseEnd(200, True)]
+
+
 def test_serialisers():
     assert (
         build_head(b"GET", b"/", b"1.1", [(b"Host", b"a")]) == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
