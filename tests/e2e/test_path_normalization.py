@@ -6,6 +6,7 @@ h2c backend that records `:path`."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import threading
@@ -93,7 +94,8 @@ class H2PathBackend:
             h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
         )
         h2conn.initiate_connection()
-        with conn:
+        with conn, contextlib.suppress(ConnectionError):
+            # (the proxy may reset its upstream when the client is done: that ends the serving)
             conn.sendall(h2conn.data_to_send())
             while data := conn.recv(65536):
                 for ev in h2conn.receive_data(data):
