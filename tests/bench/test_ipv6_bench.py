@@ -1,7 +1,8 @@
 """IPv6 datapath numbers (issue 17), side by side in one run:
 
 - iperf3 over IPv6 between two dual-stack endpoints with the programs attached and an allowing
-  policy, against the same stream with no programs: target >= 0.97x;
+  policy, against the same stream with no programs: target >= 0.97x, judged on the ratio of the
+  medians of `BENCH_ROUNDS` (default 6) rounds whose order alternates;
 - per-packet cost in isolation (BPF_PROG_TEST_RUN) of a tracked IPv6 packet, next to the same
   IPv4 packet: the IPv6 path's extra cost is its 128-bit keys.
 
@@ -12,7 +13,9 @@ measurements are real (traffic flowed).
 from __future__ import annotations
 
 import json
+import os
 import socket
+import statistics
 import struct
 import subprocess
 import time
@@ -32,6 +35,7 @@ pytestmark = [pytest.mark.bench, pytest.mark.root, pytest.mark.bpf, pytest.mark.
 
 RESULTS = Path(__file__).with_name("results")
 ALLOW = PolicyEntry(False, 0, ("bench",))
+ROUNDS = max(2, int(os.environ.get("BENCH_ROUNDS", "6")))
 
 
 def iperf6(client, server, seconds: float) -> float:
@@ -105,8 +109,8 @@ def test_ipv6_datapath_numbers():
         dp = Datapath(f"/sys/fs/bpf/l7proxy/bench-{uuid.uuid4().hex[:8]}", node="bench")
         try:
             bare, prog = [], []
-            for _ in range(3):
-                bare.append(iperf6(a, b, seconds))
+
+            def attach() -> None:
                 dp.attach_endpoint(a.host_if, 1, 7001, a.pod_ip, a.pod_ip6)
                 dp.attach_endpoint(b.host_if, 2, 7002, b.pod_ip, b.pod_ip6)
                 dp.sync_endpoint(
@@ -117,26 +121,50 @@ def test_ipv6_datapath_numbers():
                     2, {PolicyKey(7001, INGRESS, 6, 0, 0): ALLOW}, ingress_enforced=True,
                     egress_enforced=True,
                 )  # fmt: skip
-                prog.append(iperf6(a, b, seconds))
+
+            def detach() -> None:
                 dp.detach_endpoint(a.host_if)
                 dp.detach_endpoint(b.host_if)
+
+            # Rounds of one stream each way, the order alternating (bare first, then programs
+            # first), so neither side always meets the warmer or the quieter moment.
+            for r in range(ROUNDS):
+                if r % 2 == 0:
+                    bare.append(iperf6(a, b, seconds))
+                    attach()
+                    prog.append(iperf6(a, b, seconds))
+                    detach()
+                else:
+                    attach()
+                    prog.append(iperf6(a, b, seconds))
+                    detach()
+                    bare.append(iperf6(a, b, seconds))
             costs = isolated(dp)
         finally:
             dp.destroy()
-    ratio = max(prog) / max(bare)
     assert min(bare) > 0 and min(prog) > 0
+    # The verdict: the ratio of the two medians (one stream swings +-15 % on a 2-core VM, so
+    # one best-of-3 pair cannot resolve 3 %); the best-of ratio and per-round ratios are kept.
+    ratio = statistics.median(prog) / statistics.median(bare)
+    best = max(prog) / max(bare)
+    rounds = [p / q for p, q in zip(prog, bare, strict=True)]
     results = {
         "iperf3_v6_gbps_without": bare,
         "iperf3_v6_gbps_with": prog,
         "iperf3_v6_ratio": ratio,
+        "iperf3_v6_ratio_best_of": best,
+        "iperf3_v6_ratio_per_round": rounds,
         "test_run_ns": costs,
         "targets": {"iperf3 over IPv6 with/without >= 0.97": "met" if ratio >= 0.97 else "MISSED"},
     }
+    load = open("/proc/loadavg").read().split()[:3]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ipv6.json").write_text(json.dumps(results, indent=2))
     print(
-        f"\nipv6: iperf3 without {max(bare):.2f} Gbit/s, with {max(prog):.2f} Gbit/s "
-        f"(ratio {ratio:.3f}, runs {bare} / {prog})\nipv6: isolated test runs (ns): {costs}\n"
+        f"\nipv6 (load average {' '.join(load)}): iperf3 median without "
+        f"{statistics.median(bare):.2f} Gbit/s, with {statistics.median(prog):.2f} Gbit/s "
+        f"(ratio of medians {ratio:.3f}; best of each {best:.3f}; per round "
+        f"{' '.join(f'{x:.3f}' for x in rounds)})\nipv6: isolated test runs (ns): {costs}\n"
         + "\n".join(f"  {k}: {v}" for k, v in results["targets"].items()),
         flush=True,
     )
