@@ -459,6 +459,23 @@ int np_from_netdev(struct __sk_buff *skb)
     struct np_frontend *fe = np_frontends.lookup(&fkey);
     if (fe)
         return to_backend(skb, &p, cfg, fe);
+    // A connection straight to a local backend's port that reuses the backend-side tuple of an
+    // earlier node-port flow (same client address and port): that flow is over (one tuple, one
+    // connection), so its reverse entry must not rewrite this connection's replies to the
+    // node port's address. Its tracked entry goes too, so that a later node-port connection
+    // on the client's tuple starts afresh and writes its reverse entry again.
+    if ((p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+        struct np_tuple back = {.saddr = p.t.daddr, .daddr = p.t.saddr, .sport = p.t.dport,
+                                .dport = p.t.sport, .proto = p.t.proto};
+        struct np_rev *old = np_rev.lookup(&back);
+        if (old && (old->flags & NP_REV_SRC)) {
+            struct np_tuple front = {.saddr = old->client_ip, .daddr = old->front_ip,
+                                     .sport = old->client_port, .dport = old->front_port,
+                                     .proto = p.t.proto};
+            np_ct.delete(&front);
+            np_rev.delete(&back);
+        }
+    }
     // The backend's node of a DSR flow
     if (p.ihl == 28)
         learn_dsr(skb, IP_OFF);

@@ -241,6 +241,31 @@ def test_the_vip_from_pods_and_hosts_reaches_backends_on_both_nodes(np_lab, node
         assert {r["seen"] for r in answers} == {np_lab.ips[pod]}
 
 
+def test_a_direct_connection_reusing_a_nodeport_flows_tuple_gets_its_own_answers(np_lab):
+    """A client that reached a local backend through node1's port, then connects straight to
+    that backend's address and port from the same source port: the node-port flow's reverse
+    entry (backend:8080 -> client:port, rewritten to node1:30080) must not rewrite the direct
+    connection's answers (before the fix its SYN-ACK came from node1:30080 and the connect()
+    failed)."""
+    sport, name = next(
+        (p, served[0])
+        for p in range(45001, 45100)
+        if (served := _served(outside("tcp", NODE1, 30080, 1, sport=p))[0])[0] in {"web1", "web2"}
+    )
+    pod_ip = np_lab.ips[name]
+    route = ("ip", "-n", EXT_NS, "route", "replace", f"{pod_ip}/32", "via", NODE1)
+    subprocess.run(route, check=True)
+    try:
+        direct = outside("tcp", pod_ip, 8080, 1, sport=sport)
+        assert direct[0]["ok"], direct
+        assert direct[0]["peer"] == [pod_ip, 8080]
+        assert direct[0]["body"].split()[0] == name
+        # and the node port works again on the same tuple afterwards
+        assert _served(outside("tcp", NODE1, 30080, 1, sport=sport))[0][0] in WEB
+    finally:
+        subprocess.run(("ip", "-n", EXT_NS, "route", "del", f"{pod_ip}/32"), check=False)
+
+
 def test_a_closed_nodeport_flow_is_marked_and_collected(np_lab):
     """A TCP connection through node1's port that the client closed: its np_ct entry is
     marked closing (the client's FIN), and the GC (the agent sweeps every 10 s for flows idle
