@@ -643,6 +643,14 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
             return TC_ACT_OK;
         }
     }
+    if (ct && (ct->flags & CT_CLOSING) && t->proto == IPPROTO_TCP &&
+        (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+        // A new connection on the tuple of one that closed: it gets its own verdict, from the
+        // policy and identities of now (the old one may have been redirected, or its peer's
+        // address may belong to another identity since), never the old flow's.
+        ct_forget(&key, &key6, v6);
+        ct = NULL;
+    }
     if (ct) {
         if (ct->policy_gen != cfg->policy_gen) {
             // Policy changed since this flow was allowed: re-check it once.

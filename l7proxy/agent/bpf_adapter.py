@@ -16,6 +16,8 @@ from redirect_bpf.cluster_sink import ClusterDatapath
 from redirect_bpf.datapath import Datapath
 from redirect_bpf.loader import pin_dir_for
 
+CT_GC_INTERVAL = 10.0  # seconds; the shortest lifetime, a closing TCP flow's, is 10 s
+
 
 class BpfDatapath:
     name = "bpf"
@@ -30,6 +32,9 @@ class BpfDatapath:
 
     def start(self, emit: Callable[[dict], None]) -> None:
         self.reader = self.dp.events(on_flow=emit, labels_of=lambda i: self.labels_of(i))
+        # Expired flows leave conntrack (the programs only set the expiry; LRU eviction alone
+        # would keep a closed flow's entry until the map fills)
+        self.dp.start_gc(CT_GC_INTERVAL)
 
     def endpoint_added(
         self, name: str, host_if: str, ip: str, identity: int, ip6: str = ""

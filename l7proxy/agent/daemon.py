@@ -33,6 +33,7 @@ from l7proxy.agent.proxy_worker_control import WorkerHandle
 from l7proxy.agent.sidecar_proxy import SidecarProxy
 from l7proxy.agent.store import EndpointRow, Store
 from l7proxy.agent.telemetry import AgentMetrics
+from l7proxy.agent.timewait import TimeWaitReaper
 from l7proxy.cluster.agent_mode import ClusterMode, default_underlay_ip
 from l7proxy.cluster.ipam import in_cluster
 from l7proxy.config import ProxyConfig
@@ -102,6 +103,7 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
         self.datapath = make_datapath(config.bpf, config.bpf_dir)
         self.compiled = None
         self.proxy = None  # the node or sidecar proxy workers, once started
+        self.timewait: TimeWaitReaper | None = None  # node mode: see agent/timewait.py
         self.dns_proxy: DnsProxy | None = None  # node mode: rules.dns and toFQDNs learning
         self._init_fqdn(self.proxy_config.dns_min_ttl, self.proxy_config.dns_max_ips_per_name)
         self.api = ApiServer()
@@ -188,6 +190,8 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
             await self.admin.close()
         if self.proxy is not None:
             await self.proxy.close()
+        if self.timewait is not None:
+            self.timewait.stop()
         self.datapath.close()
         self.store.close()
         with contextlib.suppress(FileNotFoundError):
@@ -339,6 +343,8 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
             self.dns_proxy = DnsProxy(self, self.proxy_config)
             await self.dns_proxy.start()
             self.start_fqdn_gc(self.proxy_config.dns_gc_interval)
+        if self.config.mode == "node" and self.datapath.name == "bpf":
+            self.timewait = TimeWaitReaper(on_reaped=self.metrics.timewait_reaped.inc).start()
         if self.config.mode == "node" and self.config.proxy_worker == "process":
             self.proxy = await WorkerHandle.attach(self)
             return

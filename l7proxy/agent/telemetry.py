@@ -62,6 +62,13 @@ class AgentMetrics:
             svc,
         )
 
+        self.timewait_reaped = r.counter(
+            "l7proxy_proxy_timewait_reaped_total",
+            "TIME_WAIT sockets the node proxy's transparent connections left in the host "
+            "namespace, destroyed so the client can reuse its port at once",
+        )
+        self.timewait_reaped.inc(0)  # 0 is an answer: shown before the first one
+
     def count_flow(self, flow: dict) -> None:
         if flow.get("event_type") == "L7":
             return  # L7 outcomes are counted by the proxy in policy_l7_total

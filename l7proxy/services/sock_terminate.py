@@ -24,96 +24,23 @@ client that reached the backend's address directly is left alone.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import socket
-import struct
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
+from l7proxy import sock_diag
 from l7proxy.agent import netdev
 
 log = logging.getLogger("l7proxy.services")
-
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-SOCK_DESTROY = 21
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 
 # TCP states a connection to a backend can be in (not LISTEN, TIME_WAIT or CLOSE)
 TCP_STATES = sum(1 << s for s in (1, 2, 3, 4, 5, 8, 9, 11))
 UDP_CONNECTED = 1 << 1  # a connected UDP socket is TCP_ESTABLISHED in sock_diag's terms
 
-_NLMSG = struct.Struct("=IHHII")  # struct nlmsghdr
-_REQ = struct.Struct("=BBBBI")  # struct inet_diag_req_v2 up to its inet_diag_sockid
-_SOCKID = struct.Struct(">HH16s16s")  # sport, dport, src, dst (network order) ...
-_SOCKID_TAIL = struct.Struct("=III")  # ... if, cookie[2] (host order)
-SOCKID_LEN = _SOCKID.size + _SOCKID_TAIL.size  # 48
-_MSG_HEAD = struct.Struct("=BBBB")  # inet_diag_msg: family, state, timer, retrans, then id
-
 PROTOCOLS = {"TCP": (socket.IPPROTO_TCP, TCP_STATES), "UDP": (socket.IPPROTO_UDP, UDP_CONNECTED)}
-
-
-@dataclass(frozen=True, slots=True)
-class DiagSocket:
-    proto: int
-    dst: tuple[str, int]
-    cookie: int
-    sockid: bytes  # inet_diag_sockid as the kernel sent it: SOCK_DESTROY names it so
-
-
-def _request(kind: int, flags: int, proto: int, states: int, sockid: bytes, seq: int) -> bytes:
-    body = _REQ.pack(socket.AF_INET, proto, 0, 0, states) + sockid
-    return _NLMSG.pack(_NLMSG.size + len(body), kind, flags, seq, 0) + body
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
-    offset = 0
-    while offset + _NLMSG.size <= len(data):
-        length, kind, _, _, _ = _NLMSG.unpack_from(data, offset)
-        if length < _NLMSG.size:
-            return
-        yield kind, data[offset + _NLMSG.size : offset + length]
-        offset += (length + 3) & ~3
-
-
-def dump(nl: socket.socket, proto: int, states: int) -> list[DiagSocket]:
-    """Every IPv4 socket of `proto` in the states given, in the netlink socket's namespace."""
-    nl.send(_request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, proto, states,
-                     bytes(SOCKID_LEN), 1))  # fmt: skip
-    out = []
-    while True:
-        data = nl.recv(1 << 16)
-        if not data:
-            return out
-        for kind, body in _messages(data):
-            if kind == NLMSG_DONE:
-                return out
-            if kind == NLMSG_ERROR:
-                code = -struct.unpack_from("=i", body)[0]
-                raise OSError(code, f"sock_diag dump: {os.strerror(code)}")
-            sockid = body[_MSG_HEAD.size : _MSG_HEAD.size + SOCKID_LEN]
-            _, dport, _, dst = _SOCKID.unpack_from(sockid)
-            _, c0, c1 = _SOCKID_TAIL.unpack_from(sockid, _SOCKID.size)
-            out.append(DiagSocket(proto, (socket.inet_ntoa(dst[:4]), dport), c0 | c1 << 32, sockid))
-
-
-def destroy_one(nl: socket.socket, sock: DiagSocket) -> bool:
-    """SOCK_DESTROY one socket; False when it is already gone."""
-    nl.send(_request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, sock.proto, 0, sock.sockid, 2))
-    for kind, body in _messages(nl.recv(4096)):
-        if kind == NLMSG_ERROR:
-            code = -struct.unpack_from("=i", body)[0]
-            if code == 0:
-                return True
-            if code == errno.ENOENT:
-                return False
-            raise OSError(code, f"sock_diag destroy: {os.strerror(code)}")
-    return False
 
 
 # (proto "TCP"|"UDP", backend ip, backend port) -> the VIPs (ip, port) whose sockets must go
@@ -126,16 +53,15 @@ def destroy_here(targets: Targets, via: ViaLookup) -> Counter[tuple[str, str, in
     """Destroy, in the calling thread's network namespace, the sockets `targets` names;
     returns how many per frontend (proto, VIP, port)."""
     destroyed: Counter[tuple[str, str, int]] = Counter()
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
-        nl.settimeout(2.0)
+    with sock_diag.open_diag() as nl:
         for proto_name in sorted({p for p, _, _ in targets}):
             proto, states = PROTOCOLS[proto_name]
-            for sock in dump(nl, proto, states):
+            for sock in sock_diag.dump(nl, proto, states):
                 vips = targets.get((proto_name, *sock.dst))
                 if not vips:
                     continue
                 vip = via(sock.cookie, *sock.dst)
-                if vip in vips and destroy_one(nl, sock):
+                if vip in vips and sock_diag.destroy_one(nl, sock):
                     destroyed[(proto_name, *vip)] += 1
     return destroyed
 

@@ -26,7 +26,13 @@ LOOP_TIMEOUT = 5.0  # tcp-for: a slow answer on a loaded machine is not a failed
 def tcp(vip: str, port: int, path: str, timeout: float = TIMEOUT) -> dict:
     out = {"backend": None, "status": None, "peer": None, "error": None, "seen": None}
     try:
-        with socket.create_connection((vip, port), timeout=timeout) as s:
+        with socket.socket() as s:
+            s.settimeout(timeout)
+            try:
+                s.connect((vip, port))
+            except OSError:
+                out["local"] = list(s.getsockname())
+                raise
             out["peer"] = list(s.getpeername())
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n".encode())
             data = b""

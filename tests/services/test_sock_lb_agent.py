@@ -327,7 +327,10 @@ def _check_churn(node, loop, drained: float) -> None:
         for r in results
         if r["status"] != 200
     ]
-    assert not failed, (failed[:5], len(results), node.ok("observe", "--last", "30"))
+    assert not failed, "\n".join(
+        [json.dumps(r) for r in failed[:5]]
+        + [f"{len(results)} connections", node.ok("observe", "--last", "30")]
+    )
     assert len(results) > 50, len(results)
     seen = backends(results)
     assert seen["web4"] > 0 and set(seen) == {"web1", "web2", "web3", "web4"}, seen
