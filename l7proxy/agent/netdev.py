@@ -62,6 +62,16 @@ def enable_forwarding(ipv6: bool = False) -> None:
         Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1\n")
 
 
+def no_dad(ifname: str) -> None:
+    """No duplicate address detection on a veth end (the calling thread's namespace), set
+    before the link comes up. Its link-local address would otherwise stay tentative for a second
+    or two, and the kernel sends no neighbour solicitation from an interface whose only
+    link-local address is tentative: a dual-stack endpoint's first IPv6 connections could time
+    out (the agent owns the addresses; nothing can be duplicated)."""
+    with contextlib.suppress(FileNotFoundError):  # IPv6 disabled on the host
+        Path(f"/proc/sys/net/ipv6/conf/{ifname}/accept_dad").write_text("0\n")
+
+
 def _host_side_v6(ipr, idx: int, ip6: str, router6: str) -> None:
     ipr.addr("add", index=idx, address=router6, prefixlen=128, flags=IFA_F_NODAD)
     ipr.route("replace", dst=f"{ip6}/128", oif=idx)
@@ -95,6 +105,9 @@ def create(
                 peer={"ifname": peer_tmp, "net_ns_fd": netns_name},
             )
             idx = ipr.link_lookup(ifname=host_if)[0]
+            if ip6:
+                no_dad(host_if)
+                in_netns(str(NETNS_DIR / netns_name), lambda: no_dad(peer_tmp))
             if ip:  # "" for an IPv6-only endpoint
                 ipr.addr("add", index=idx, address=router, prefixlen=32)
             ipr.link("set", index=idx, state="up")
@@ -143,6 +156,8 @@ def adopt(
     try:
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=host_if)[0]
+            if ip6:
+                no_dad(host_if)
             ipr.addr("add", index=idx, address=router, prefixlen=32)
             ipr.link("set", index=idx, state="up")
             ipr.route("replace", dst=f"{ip}/32", oif=idx)
@@ -150,6 +165,8 @@ def adopt(
                 _host_side_v6(ipr, idx, ip6, router6)
 
         def inside() -> str:
+            if ip6:
+                no_dad(peer_tmp)
             with IPRoute() as ns:
                 (eth,) = ns.link_lookup(ifname=peer_tmp)
                 ns.link("set", index=eth, ifname=ifname)
