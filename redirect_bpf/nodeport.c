@@ -173,7 +173,9 @@ static __always_inline int forward(struct __sk_buff *skb, __be32 saddr, __be32 d
 
 // The service's current revision, copied, as sock_lb.c's lb_lookup (the same checks: an
 // lb_services element may be reused for another key under a reader): 1 found, 0 not a
-// service, -1 none consistent.
+// service, -1 none consistent. A copy because bcc rewrites `map.lookup()` only in the file it
+// compiles (not in a header or a macro); tests/unit/services/test_lb_lookup_copies.py keeps
+// the two the same.
 static __always_inline int lb_lookup(struct lb_svc_key *key, struct lb_rev *out, __u32 *rev_out)
 {
 #pragma unroll
