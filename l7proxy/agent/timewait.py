@@ -19,8 +19,11 @@ address of the host (a bind() to it fails). Only a transparent socket can have s
 the host's own connections always have one of its addresses and are left alone.
 
 When: the namespace's TIME_WAIT count (/proc/net/sockstat, one small read) is checked every
-`interval`; a dump of the TIME_WAIT sockets (a walk of the whole TCP hash, ~1.2 ms on a host with
-262,144 buckets) runs only when that count differs from what the last sweep left.
+`interval` (100 ms), every 20 ms while sweeps keep finding some; a dump of the TIME_WAIT sockets
+(a walk of the whole TCP hash, ~1.2 ms per family on a host with 262,144 buckets) runs only when
+that count differs from what the last sweep left. Short connections through the proxy (wrk -c4,
+`Connection: close`): 100 ms left 4 client SYN retransmits in ~14,000 connections (a port reused
+inside the window), 20 ms while busy none in three runs.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ log = logging.getLogger("l7proxy.agent")
 
 SOCKSTAT = "/proc/net/sockstat"
 LOCAL_CACHE_SECONDS = 10.0
+BUSY_INTERVAL = 0.02  # after a sweep that destroyed something: connections are closing now
 
 
 def time_wait_count(path: str = SOCKSTAT) -> int:
@@ -70,6 +74,7 @@ class TimeWaitReaper:
         self.interval = interval
         self.on_reaped = on_reaped or (lambda n: None)
         self.reaped = 0
+        self._last = 0
         self._left = -1  # TIME_WAIT sockets the last sweep kept (the host's own)
         self._local: dict[str, tuple[bool, float]] = {}
         self._stop = threading.Event()
@@ -108,10 +113,9 @@ class TimeWaitReaper:
         return time_wait_count() != self._left
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(BUSY_INTERVAL if self._last else self.interval):
             try:
-                if self.due():
-                    self.sweep()
+                self._last = self.sweep() if self.due() else 0
             except OSError as exc:  # a kernel without SOCK_DESTROY, or a transient failure
                 log.warning("TIME_WAIT reaper: %s; retrying in 5 s", exc)
                 self._stop.wait(5.0)
