@@ -344,7 +344,10 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
             await self.dns_proxy.start()
             self.start_fqdn_gc(self.proxy_config.dns_gc_interval)
         if self.config.mode == "node" and self.datapath.name == "bpf":
-            self.timewait = TimeWaitReaper(on_reaped=self.metrics.timewait_reaped.inc).start()
+            self.timewait = TimeWaitReaper(
+                on_reaped=self.metrics.timewait_reaped.inc,
+                ipv6=self.pool6 is not None or bool(self.config.cluster_cidr6),
+            ).start()
         if self.config.mode == "node" and self.config.proxy_worker == "process":
             self.proxy = await WorkerHandle.attach(self)
             return
