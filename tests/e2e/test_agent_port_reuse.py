@@ -45,9 +45,9 @@ print(json.dumps({"status": int(data.split()[1]), "connect_s": connected}))
 """
 
 
-@pytest.fixture
-def galaxy():
-    agent = AgentProcess(pool=free_pool(), bpf=True)
+@pytest.fixture(params=["inline", "process"])
+def galaxy(request):
+    agent = AgentProcess(pool=free_pool(), bpf=True, extra_args=("--proxy-worker", request.param))
     agent.start()
     g = None
     try:
