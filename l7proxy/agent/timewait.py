@@ -55,15 +55,15 @@ def time_wait_count(path: str = SOCKSTAT) -> int:
 
 
 def is_host_address(ip: str) -> bool:
-    """True if `ip` is an address of this namespace: bind() to it works without IP_FREEBIND."""
+    """True if `ip` is an address of this namespace: bind() to it works without IP_FREEBIND.
+    An address bind() cannot judge (a link-local one needs its interface) counts as the host's:
+    what is not known to be a transparent socket's is left alone."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         try:
             s.bind((ip, 0))
         except OSError as exc:
-            if exc.errno == errno.EADDRNOTAVAIL:
-                return False
-            raise
+            return exc.errno != errno.EADDRNOTAVAIL
     return True
 
 

@@ -25,3 +25,5 @@ def test_only_addresses_of_this_namespace_are_host_addresses():
     if socket.has_ipv6:
         assert is_host_address("::1")
         assert not is_host_address("2001:db8::77")
+        # bind() cannot judge a link-local address without its interface: left alone
+        assert is_host_address("fe80::1")
