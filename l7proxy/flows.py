@@ -99,7 +99,8 @@ class PendingFlow:
         raise NotImplementedError
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """A request field as text: the session keeps bytes, a worker's flow comes with strings."""
     return value if type(value) is str else value.decode("latin-1")
 
 
@@ -140,7 +141,7 @@ class HttpFlow(PendingFlow):
         return rfc3339_nano(self.time_ns)
 
     def _build(self) -> dict:
-        method, url, version = _text(self.method), _text(self.url), _text(self.version)
+        method, url, version = as_text(self.method), as_text(self.url), as_text(self.version)
         status, latency = self.status, self.latency
         l7 = {
             "type": self.l7_type,

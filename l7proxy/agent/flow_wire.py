@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from l7proxy.flows import HttpFlow
+from l7proxy.flows import HttpFlow, as_text
 
 # The fields of build_flow's dict, in its order; the optional ones last.
 _FIXED = (
@@ -56,10 +56,6 @@ def _tcp_ports(flow: dict) -> tuple[int, int] | None:
     return sport, dport
 
 
-def _text(value: bytes | str) -> str:
-    return value if type(value) is str else value.decode("latin-1")
-
-
 class FlowEncoder:
     """The worker's side, one per channel connection (the agent's table starts empty)."""
 
@@ -85,7 +81,7 @@ class FlowEncoder:
         ref, peers = self._ref(flow.source, flow.destination)
         return peers, [
             "http", ref, flow.time_ns, flow.verdict, flow.direction, flow.sport, flow.dport,
-            _text(flow.method), _text(flow.url), _text(flow.version), flow.status, flow.latency,
+            as_text(flow.method), as_text(flow.url), as_text(flow.version), flow.status, flow.latency,
             list(flow.logged),
         ]  # fmt: skip
 

@@ -63,7 +63,7 @@ class DirectSink(FlowSink):
     def __init__(self, log) -> None:
         super().__init__(None)
         self._ingest = log.ingest
-        self._pending = getattr(log, "ingest_pending", None)
+        self.emit_pending = log.ingest_pending  # (FlowLog's, or a worker's Uplink's)
         self._update_active()
 
     def _update_active(self) -> None:
@@ -71,12 +71,6 @@ class DirectSink(FlowSink):
 
     def emit(self, flow: dict) -> None:
         self._ingest(flow)
-
-    def emit_pending(self, pending) -> None:
-        if self._pending is not None:
-            self._pending(pending)
-        else:
-            self._ingest(pending.flow())
 
 
 class NodeGate(Gate):

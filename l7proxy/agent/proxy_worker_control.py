@@ -135,15 +135,10 @@ class WorkerHandle:
             if not isinstance(decoder, FlowDecoder):
                 return  # rows naming peers this connection never sent
             flows = self.agent.flows
-            ingest = flows.ingest
-            pending = getattr(flows, "ingest_pending", None)
+            ingest, pending = flows.ingest, flows.ingest_pending
             for row in item["flows"]:
                 if row and row[0] == "http":
-                    flow = decoder.http(row)
-                    if pending is not None:
-                        pending(flow)
-                    else:
-                        ingest(flow.flow())
+                    pending(decoder.http(row))
                 else:
                     ingest(decoder.flow(row))
         elif "peers" in item:

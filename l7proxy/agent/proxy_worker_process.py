@@ -65,10 +65,9 @@ class Uplink:
         self.pending.append({"flow": flow})
         self.wake.set()
 
-    def ingest_pending(self, flow: HttpFlow) -> None:
-        """An HTTP/1 flow not built: it goes to the agent as its fields (flow_wire.py)."""
-        self.pending.append({"flow": flow})
-        self.wake.set()
+    # An HTTP/1 flow not built (HttpFlow) queues the same way; send() turns it into a row of
+    # its fields (flow_wire.py)
+    ingest_pending = ingest
 
     def take(self) -> list[dict]:
         batch, self.pending = list(self.pending), deque(maxlen=BACKLOG)

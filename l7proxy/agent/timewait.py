@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 
 from l7proxy import sock_diag
+from l7proxy.platform import family_of
 
 log = logging.getLogger("l7proxy.agent")
 
@@ -58,8 +59,7 @@ def is_host_address(ip: str) -> bool:
     """True if `ip` is an address of this namespace: bind() to it works without IP_FREEBIND.
     An address bind() cannot judge (a link-local one needs its interface) counts as the host's:
     what is not known to be a transparent socket's is left alone."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
+    with socket.socket(family_of(ip), socket.SOCK_DGRAM) as s:
         try:
             s.bind((ip, 0))
         except OSError as exc:
@@ -78,7 +78,6 @@ class TimeWaitReaper:
         # each family's dump walks the whole hash: no IPv6 endpoints, no IPv6 walk
         self.families = (socket.AF_INET, socket.AF_INET6) if ipv6 else (socket.AF_INET,)
         self.on_reaped = on_reaped or (lambda n: None)
-        self.reaped = 0
         self._last = 0
         self._left = -1  # TIME_WAIT sockets the last sweep kept (the host's own)
         self._local: dict[str, tuple[bool, float]] = {}
@@ -110,7 +109,6 @@ class TimeWaitReaper:
             gone = sock_diag.destroy_many(nl, doomed) if doomed else 0
         self._left = kept
         if gone:
-            self.reaped += gone
             self.on_reaped(gone)
         return gone
 

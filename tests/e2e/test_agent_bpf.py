@@ -61,9 +61,10 @@ class Galaxy:
         self.server.wait()
 
 
-@pytest.fixture
-def galaxy():
-    agent = AgentProcess(pool=free_pool(), bpf=True)
+@contextlib.contextmanager
+def running_galaxy(*extra_args: str):
+    """An agent with BPF (and `extra_args`) and the Galaxy made through it; all gone after."""
+    agent = AgentProcess(pool=free_pool(), bpf=True, extra_args=extra_args)
     agent.start()
     g = None
     try:
@@ -74,6 +75,12 @@ def galaxy():
             g.close()
         agent.close()
         assert not agent.pin_dir.exists()
+
+
+@pytest.fixture
+def galaxy():
+    with running_galaxy() as g:
+        yield g
 
 
 def _metric(text: str, name: str) -> float:

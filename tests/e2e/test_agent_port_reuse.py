@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from tests.agent_runner import AgentProcess, free_pool, ok
-from tests.e2e.test_agent_bpf import L7, Galaxy
+from tests.agent_runner import ok
+from tests.e2e.test_agent_bpf import L7, running_galaxy
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -47,16 +47,8 @@ print(json.dumps({"status": int(data.split()[1]), "connect_s": connected}))
 
 @pytest.fixture(params=["inline", "process"])
 def galaxy(request):
-    agent = AgentProcess(pool=free_pool(), bpf=True, extra_args=("--proxy-worker", request.param))
-    agent.start()
-    g = None
-    try:
-        g = Galaxy(agent)
+    with running_galaxy("--proxy-worker", request.param) as g:
         yield g
-    finally:
-        if g is not None:
-            g.close()
-        agent.close()
 
 
 def connect_from(galaxy, port: int) -> dict:

@@ -51,7 +51,7 @@ def test_agent_proxies_take_the_mode():
     from l7proxy.agent.node_proxy import NodeProxy
 
     agent = SimpleNamespace(
-        flows=SimpleNamespace(ingest=lambda flow: None),
+        flows=SimpleNamespace(ingest=lambda flow: None, ingest_pending=lambda flow: None),
         metrics=SimpleNamespace(proxy=None),
     )
     assert NodeProxy(agent).config.path_escaped_slashes == "unescape"
