@@ -135,12 +135,11 @@ class WorkerHandle:
             if not isinstance(decoder, FlowDecoder):
                 return  # rows naming peers this connection never sent
             flows = self.agent.flows
-            ingest, pending = flows.ingest, flows.ingest_pending
             for row in item["flows"]:
                 if row and row[0] == "http":
-                    pending(decoder.http(row))
+                    flows.ingest_pending(decoder.http(row))
                 else:
-                    ingest(decoder.flow(row))
+                    flows.ingest(decoder.flow(row))
         elif "peers" in item:
             decoder = args.get("_flow_decoder")
             if not isinstance(decoder, FlowDecoder):
