@@ -127,10 +127,18 @@ class WorkerHandle:
 
     def uplink(self, args: dict, item: dict) -> None:
         """The `proxy.flows` channel: flows into the agent's log, metrics text kept for /metrics.
-        Flows come compact (`peers` then `flows` lines, l7proxy/agent/flow_wire.py; the peers
-        table belongs to the channel connection, so it lives in that connection's `args`) or
+        Flows come compact (`peers` and `shapes` lines, then `http` or `flows` lines,
+        l7proxy/agent/flow_wire.py; those tables belong to the channel connection, so they live
+        in that connection's `args`) or
         whole (`flow`, also what a worker from before the compact form sends)."""
-        if "flows" in item:
+        if "http" in item:
+            decoder = args.get("_flow_decoder")
+            if not isinstance(decoder, FlowDecoder):
+                return  # flows naming peers this connection never sent
+            ingest = self.agent.flows.ingest_pending
+            for flow in decoder.http_run(item["http"]):
+                ingest(flow)
+        elif "flows" in item:
             decoder = args.get("_flow_decoder")
             if not isinstance(decoder, FlowDecoder):
                 return  # rows naming peers this connection never sent
@@ -140,6 +148,10 @@ class WorkerHandle:
                     flows.ingest_pending(decoder.http(row))
                 else:
                     flows.ingest(decoder.flow(row))
+        elif "shapes" in item:
+            decoder = args.get("_flow_decoder")
+            if isinstance(decoder, FlowDecoder):
+                decoder.shapes(item["shapes"])
         elif "peers" in item:
             decoder = args.get("_flow_decoder")
             if not isinstance(decoder, FlowDecoder):

@@ -80,33 +80,54 @@ class Uplink:
             self.inflight.append((self.sent, item))
 
     def encode(self, items: list[dict], encoder: FlowEncoder) -> bytes:
-        """The lines for `items`, in their order: the flows of a run go as one `flows` line
-        (with the `peers` lines they need first), any other item as its own line."""
+        """The lines for `items`, in their order: a run of HTTP/1 flows not built goes as one
+        `http` line (after the `shapes` line of its new shapes), a run of other proxy flows as
+        one `flows` line, each with the `peers` lines they need first; any other item as its
+        own line (flow_wire.py)."""
         out: list[bytes] = []
-        run: list[list] = []
+        run: list[list] = []  # rows of a `flows` line
+        http: list[int] = []  # the flat `http` line: t0, then 4 numbers a flow
+        shapes: list[list] = []  # new shapes the `http` line uses
         carried: list[dict] = []
 
         def end_run() -> None:
-            if run:
+            if shapes:
+                self.sending([])
+                out.append(_line({"shapes": shapes[:]}))
+                shapes.clear()
+            if run or http:
                 self.sending(carried[:])
-                out.append(_line({"flows": run[:]}))
+                out.append(_line({"flows": run[:]} if run else {"http": http[:]}))
                 run.clear()
+                http.clear()
                 carried.clear()
 
         for item in items:
             flow = item.get("flow")
-            if flow is None:
-                peers, row = None, None
-            elif type(flow) is HttpFlow:
-                peers, row = encoder.http_row(flow)
-            else:
-                peers, row = encoder.row(flow)
-            if row is None:
+            if type(flow) is HttpFlow:
+                if run:
+                    end_run()
+                peers, shape, sid = encoder.http_shape(flow)
+                if peers is not None:  # a line before the run's line, which names it
+                    self.sending([])
+                    out.append(_line(peers))
+                if shape is not None:
+                    shapes.append(shape)
+                if not http:
+                    http.append(flow.time_ns)
+                http += (sid, flow.time_ns - http[0], flow.sport, flow.latency)
+                carried.append(item)
+                if len(carried) >= FLOWS_PER_LINE:
+                    end_run()
+                continue
+            peers, row = (None, None) if flow is None else encoder.row(flow)
+            if row is None or http:
                 end_run()
+            if row is None:
                 self.sending([item] if flow is not None else [])
                 out.append(_line(item))
                 continue
-            if peers is not None:  # a line before the run's line, which names it
+            if peers is not None:
                 self.sending([])
                 out.append(_line(peers))
             run.append(row)

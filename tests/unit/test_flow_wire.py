@@ -3,6 +3,7 @@ what the worker's sessions emitted, in order, key for key."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from types import SimpleNamespace
 
@@ -46,8 +47,10 @@ def agent_side() -> tuple[WorkerHandle, list[dict]]:
 
 
 def deliver(handle: WorkerHandle, data: bytes, args: dict) -> None:
+    """Each line to the handler; a line it refuses is dropped, as the agent's API server does."""
     for line in data.splitlines():
-        handle.uplink(args, json.loads(line))
+        with contextlib.suppress(ValueError):
+            handle.uplink(args, json.loads(line))
 
 
 def test_compact_flows_arrive_as_the_dicts_sent_in_order_with_shared_peers():
@@ -108,10 +111,31 @@ def test_a_long_backlog_goes_in_lines_of_bounded_size(monkeypatch):
     assert [f["Summary"] for f in got] == [f"#{n}" for n in range(10)]
 
 
-def test_http_flows_go_as_their_fields_and_come_back_unbuilt_equal_to_the_workers():
-    """An HTTP/1 flow not built (HttpFlow) crosses as an "http" row: the agent gets an HttpFlow
-    again (the first of its connection marked, to be built at once), whose dict is the one the
-    worker would have built; a row of the wrong shape is refused."""
+def http_flows(a: ConnContext, urls: list[str], verdict: str = "FORWARDED") -> list:
+    from l7proxy.flows import HttpFlow
+
+    src, dst = a.peers()
+    return [
+        HttpFlow(src, dst, 5555, 80, "INGRESS", verdict, b"GET", url.encode(), b"1.1",
+                 200 if verdict == "FORWARDED" else 403, 1500 + n, (), 1_700_000_000_000_000_000 + n)
+        for n, url in enumerate(urls)
+    ]  # fmt: skip
+
+
+def pending_side() -> tuple[WorkerHandle, list]:
+    got: list = []
+    agent = SimpleNamespace(flows=SimpleNamespace(ingest=got.append, ingest_pending=got.append))
+    return WorkerHandle(agent, pid=0, port=0, reused=False), got
+
+
+def kinds(data: bytes) -> list[str]:
+    return [next(iter(json.loads(line))) for line in data.splitlines()]
+
+
+def test_http_flows_go_as_shapes_and_numbers_and_come_back_unbuilt_equal_to_the_workers():
+    """An HTTP/1 flow not built (HttpFlow) crosses as its shape (sent once) and four numbers:
+    the agent gets an HttpFlow again (the first of its connection marked, to be built at once),
+    whose dict is the one the worker would have built."""
     from l7proxy.flows import HttpFlow
 
     a = ctx(5555)
@@ -121,25 +145,117 @@ def test_http_flows_go_as_their_fields_and_come_back_unbuilt_equal_to_the_worker
                  200, 1500, (), 1_700_000_000_123_456_789),
         HttpFlow(src, dst, 5555, 80, "INGRESS", "DROPPED", b"GET", b"/private/x", b"1.1",
                  403, 900, ("X-Token",), 1_700_000_001_000_000_000),
+        HttpFlow(src, dst, 5555, 80, "INGRESS", "FORWARDED", b"GET", b"/public/a", b"1.1",
+                 200, 1700, (), 1_700_000_000_999_000_000),  # earlier than the one before
     ]  # fmt: skip
     uplink = Uplink()
     for flow in sent:
         uplink.ingest_pending(flow)
     data = uplink.encode(uplink.take(), FlowEncoder())
-    assert [next(iter(json.loads(line))) for line in data.splitlines()] == ["peers", "flows"]
-    got: list = []
-    agent = SimpleNamespace(flows=SimpleNamespace(ingest=got.append, ingest_pending=got.append))
-    deliver(WorkerHandle(agent, pid=0, port=0, reused=False), data, {})
-    assert [type(f) for f in got] == [HttpFlow, HttpFlow] and [f.first for f in got] == [
+    assert kinds(data) == ["peers", "shapes", "http"]
+    assert len(json.loads(data.splitlines()[1])["shapes"]) == 2  # the third repeats the first
+    assert len(json.loads(data.splitlines()[2])["http"]) == 1 + 4 * 3
+    handle, got = pending_side()
+    deliver(handle, data, {})
+    assert [type(f) for f in got] == [HttpFlow] * 3 and [f.first for f in got] == [
         True,
+        False,
         False,
     ]
     assert [f.flow() for f in got] == json.loads(json.dumps([f.flow() for f in sent]))
     assert got[1].flow()["l7"]["http"]["headers"] == [{"key": "X-Token", "value": "[mismatch]"}]
-    assert got[0].source is got[1].source  # one dict per connection, as inline
-    row = json.loads(data.splitlines()[1])["flows"][0]
+    assert got[0].source is got[1].source is got[2].source  # one dict per connection, as inline
+
+
+def test_shapes_are_sent_once_per_channel_connection_and_flows_keep_their_order():
+    a, b = ctx(5555), ctx(6666)
+    uplink = Uplink()
+    connection = FlowEncoder()
+    for flow in http_flows(a, ["/a", "/b"]):
+        uplink.ingest_pending(flow)
+    first = uplink.encode(uplink.take(), connection)
+    uplink.ingest_pending(http_flows(a, ["/b"])[0])
+    uplink.ingest(b.flow("FORWARDED", HTTP, "not http/1"))  # a dict between HTTP flows
+    uplink.ingest_pending(http_flows(a, ["/c"])[0])
+    second = uplink.encode(uplink.take(), connection)
+    assert kinds(first) == ["peers", "shapes", "http"]
+    assert kinds(second) == ["http", "peers", "flows", "shapes", "http"]
+    args: dict = {}
+    handle, got = pending_side()
+    deliver(handle, first + second, args)
+    urls = [f.flow()["l7"]["http"]["url"] if type(f) is not dict else "dict" for f in got]
+    assert urls == ["/a", "/b", "/b", "dict", "/c"]
+    # The next agent connection gets its shapes and peers again; without them, nothing.
+    uplink.ingest_pending(http_flows(a, ["/a"])[0])
+    again = uplink.encode(uplink.take(), FlowEncoder())
+    assert kinds(again) == ["peers", "shapes", "http"]
+    handle, lost = pending_side()
+    deliver(handle, second, {})
+    assert [type(f) for f in lost] == [dict]  # only the dict flow, whose peers came with it
+
+
+def test_many_shapes_start_fresh_tables_without_confusing_the_agent(monkeypatch):
+    """URLs that never repeat: the worker's shape table starts afresh every MAX_SHAPES, ids keep
+    growing, and the agent (keeping twice as many) names every flow right."""
+    from l7proxy.agent import flow_wire
+
+    monkeypatch.setattr(flow_wire, "MAX_SHAPES", 3)
+    monkeypatch.setattr(proxy_worker_process, "FLOWS_PER_LINE", 4)
+    a = ctx(5555)
+    urls = [f"/item/{n % 11}" for n in range(40)]
+    uplink = Uplink()
+    connection = FlowEncoder()
+    handle, got = pending_side()
+    args: dict = {}
+    for start in range(0, 40, 5):
+        for flow in http_flows(a, urls[start : start + 5]):
+            uplink.ingest_pending(flow)
+        deliver(handle, uplink.encode(uplink.take(), connection), args)
+    assert [f.flow()["l7"]["http"]["url"] for f in got] == urls
+    assert [f.time_ns for f in got] == [1_700_000_000_000_000_000 + n % 5 for n in range(40)]
+
+
+def test_http_lines_that_do_not_fit_are_refused():
+    a = ctx(5555)
+    uplink = Uplink()
+    uplink.ingest_pending(http_flows(a, ["/a"])[0])
+    peers, shapes, http = (
+        json.loads(line) for line in uplink.encode(uplink.take(), FlowEncoder()).splitlines()
+    )
     decoder = FlowDecoder()
-    decoder.peers([row[1], src, dst])
+    with pytest.raises(ValueError):
+        decoder.shapes(shapes["shapes"])  # its peers never came
+    decoder.peers(peers["peers"])
+    shape = shapes["shapes"][0]
+    for bad in ([shape[:9]], [[*shape[:4], "80", *shape[5:]]], [[*shape[:9], [1]]]):
+        with pytest.raises(ValueError):
+            decoder.shapes(bad)
+    decoder.shapes(shapes["shapes"])
+    run = http["http"]
+    assert len(list(decoder.http_run(run))) == 1
+    for bad in ([], run[:4], [run[0], 99, *run[2:]], [*run[:3], "5555", run[4]], ["0", *run[1:]]):
+        with pytest.raises(ValueError):
+            list(decoder.http_run(bad))
+
+
+def test_http_rows_of_a_worker_from_before_shapes_still_decode():
+    """A worker started before the shaped form (it keeps running across an agent upgrade) sends
+    each HTTP/1 flow as an "http" row of all its fields in a `flows` line."""
+    from l7proxy.flows import HttpFlow
+
+    a = ctx(5555)
+    src, dst = a.peers()
+    (flow,) = http_flows(a, ["/public/a"])
+    row = ["http", 7, flow.time_ns, "FORWARDED", "INGRESS", 5555, 80, "GET", "/public/a", "1.1",
+           200, flow.latency, []]  # fmt: skip
+    handle, got = pending_side()
+    args: dict = {}
+    handle.uplink(args, json.loads(json.dumps({"peers": [7, src, dst]})))
+    handle.uplink(args, {"flows": [row]})
+    assert [type(f) for f in got] == [HttpFlow] and got[0].first
+    assert got[0].flow() == json.loads(json.dumps(flow.flow()))
+    decoder = FlowDecoder()
+    decoder.peers([7, src, dst])
     for bad in (row[:5], [*row[:7], 7, *row[8:]], [*row[:12], [1]]):
         with pytest.raises(ValueError):
             decoder.http(bad)
