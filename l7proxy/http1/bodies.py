@@ -32,12 +32,15 @@ import errno
 import time
 
 from l7proxy import splice
-from l7proxy.http1.states import DRAINING
+from l7proxy.http1.states import DRAINING, OPEN
 from l7proxy.session import PauseReason
 from parsers.http1 import EndOfMessage, RequestParser, ResponseEnd, ResponseParser
 
 _monotonic = time.monotonic
 AVAILABLE = splice.AVAILABLE
+# What the pump reads of the request after a spliced one: a head (and the first body bytes).
+HEAD_READ = 4 * 1024
+_SPLICE_ONLY = int(PauseReason.SPLICE)
 
 
 def request_content_length(headers) -> int:
@@ -128,13 +131,25 @@ class _BodyPump:
 
 
 class RequestBodyPump(_BodyPump):
-    """client -> upstream, the rest of an allowed Content-Length request body."""
+    """client -> upstream, the rest of an allowed Content-Length request body. When it is
+    through, the pump reads the next request's head itself (HEAD_READ bytes, waiting for it if
+    the client has not sent it yet) rather than handing back to the transport, whose 256 KiB
+    read would carry the first quarter of the next large body through Python (as for Kafka's
+    Produce, docs/kafka.md)."""
 
-    __slots__ = ("keep_alive",)
+    __slots__ = ("keep_alive", "waiting_head", "idle")
 
     def __init__(self, session, up, left: int, keep_alive: bool) -> None:
         super().__init__(session, up, left, session.transport, up.transport)
         self.keep_alive = keep_alive
+        self.waiting_head = False
+        self.idle = False
+
+    def splice_ready(self) -> None:
+        if self.waiting_head:
+            self._next_head()
+        elif self.splicer.pump() and not self.broken and not self.splicer.closed:
+            self._through()
 
     def spliced(self, n: int) -> None:
         self.left -= n
@@ -167,7 +182,50 @@ class RequestBodyPump(_BodyPump):
             cfg.max_header_bytes, cfg.max_header_count, cfg.max_uri_bytes
         )
         session._on_end(EndOfMessage((), self.keep_alive))
+        if session.closed or session.paused != _SPLICE_ONLY or session.state is not OPEN:
+            self._hand_back(b"")  # not another request now (closing, draining, paused)
+            return
+        # The next head is read when it comes (not now: a client that pipelines would nest
+        # one call per request; and wrk-like clients send it only after the answer).
+        self.waiting_head = True
+        self.splicer.wait_for_source()
+
+    def _next_head(self) -> None:
+        try:
+            data = self.splicer.read_head(HEAD_READ)
+        except OSError:
+            data = b""  # the transport's read meets the end or the error
+        if data is None:
+            self.splicer.wait_for_source()
+            return
+        self._hand_back(data)
+
+    def _hand_back(self, data: bytes) -> None:
+        """Reading goes back to the transport, after the session took `data` (the start of
+        the next request, read here). While the session takes it the pump stays, unwatched
+        (`idle`): when that request's body is spliced too, its pump is this one, and its
+        pipe and dup()s are not made again (`SplicedBodies._splice_request_body`)."""
+        session = self.session
+        self.waiting_head = False
+        if not data or session.closed:
+            self.close()
+            session.resume_client_reading(PauseReason.SPLICE)
+            return
+        self.splicer.unwatch()
+        self.idle = True
         session.resume_client_reading(PauseReason.SPLICE)
+        try:
+            session.data_received(data)
+        finally:
+            if self.idle:  # not taken by the next body
+                self.close()
+
+    def again(self, left: int, keep_alive: bool) -> RequestBodyPump:
+        """This idle pump for the next body on the same connection pair."""
+        self.idle = False
+        self.left = left
+        self.keep_alive = keep_alive
+        return self
 
 
 class ResponseBodyPump(_BodyPump):
@@ -231,10 +289,14 @@ class SplicedBodies:
         if up is None or up.closed or up.transport.get_write_buffer_size():
             return
         keep_alive = request_keeps_alive(ex.req.version, ex.req.headers)
-        try:
-            pump = RequestBodyPump(self, up, ex.body_left, keep_alive)
-        except OSError:
-            return  # out of fds or pipes: the Python path carries this body
+        pump = self._idle_request_pump(up)
+        if pump is not None:
+            pump.again(ex.body_left, keep_alive)
+        else:
+            try:
+                pump = RequestBodyPump(self, up, ex.body_left, keep_alive)
+            except OSError:
+                return  # out of fds or pipes: the Python path carries this body
         ex.body_left = 0
         self._add_pump(pump)
         self.pause_client_reading(PauseReason.SPLICE)
@@ -271,6 +333,14 @@ class SplicedBodies:
         self._add_pump(pump)
         up.transport.pause_reading()
         pump.splice_ready()
+
+    def _idle_request_pump(self, up) -> RequestBodyPump | None:
+        """The request pump of the body before, reading this request's head, if it pumps to
+        the same upstream connection."""
+        for pump in self.pumps or ():
+            if pump.__class__ is RequestBodyPump and pump.idle and pump.up is up:
+                return pump
+        return None
 
     def _add_pump(self, pump: _BodyPump) -> None:
         if self.pumps is None:

@@ -419,3 +419,89 @@ def test_an_upstream_gone_mid_upload_gets_the_client_a_503_or_a_close(make, move
     # The upstream's reset reaches the proxy as a lost connection (503) or through the pump
     # (EPIPE: 503; a reset: the client is closed): never a hang, never a 200.
     assert out == b"" or out.startswith(b"HTTP/1.1 503")
+
+
+@pytest.fixture
+def splicers(monkeypatch):
+    """How many pipes (Splicer objects) the pumps made."""
+    made = [0]
+    original = bodies.splice.Splicer.__init__
+
+    def counting(self, *args, **kw):
+        made[0] += 1
+        original(self, *args, **kw)
+
+    monkeypatch.setattr(bodies.splice.Splicer, "__init__", counting)
+    return made
+
+
+def test_uploads_one_after_another_take_their_heads_from_the_pump_and_one_pipe(
+    make, moved, splicers
+):
+    """As wrk sends them: each upload (head and whole body in one send) after the answer to
+    the one before. After the first, the pump reads each next head itself (HEAD_READ bytes), so
+    all but those bytes of every later body go through the pipe, and the pipe is the first one;
+    a denied and a small request between them are judged as ever, and the pump goes on after."""
+    backend, proxy = make()
+    size = 512 * 1024
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        for n in range(4):
+            c.sendall(post("/public/up", size) + body(size, n))
+            assert read_response(c)[1] == b"got %d" % size
+        first = moved["RequestBodyPump"]
+        c.sendall(get("/secret"))
+        assert recv_exact(c, len(DENY)) == DENY
+        c.sendall(post("/public/small", 5) + b"hello")
+        assert read_response(c)[1] == b"got 5"
+        c.sendall(post("/public/up", size) + body(size, 9))
+        assert read_response(c)[1] == b"got %d" % size
+    assert [d for _, d in backend.requests] == [body(size, n) for n in range(4)] + [
+        b"hello",
+        body(size, 9),
+    ]
+    # The first body's head came through the transport (up to 256 KiB of it with it); each of
+    # the next three lost at most HEAD_READ bytes to Python.
+    assert first >= 4 * size - 256 * 1024 - 3 * bodies.HEAD_READ
+    assert moved["RequestBodyPump"] >= first + size - 256 * 1024
+    assert splicers[0] <= 2  # the first pipe for four bodies; at most one more after the small one
+
+
+def test_pipelined_uploads_all_arrive_exactly(make, moved):
+    """Twelve uploads sent in one go: each body ends, the pump reads the next head at its
+    turn, no request is lost or merged, and nothing nests per request."""
+    backend, proxy = make()
+    sizes = [300_000 + 997 * n for n in range(12)]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as c:
+        c.sendall(b"".join(post("/public/up", n) + body(n, n) for n in sizes) + get("/secret"))
+        rest = b""
+        for n in sizes:
+            _, answer, rest = read_response(c, rest)
+            assert answer == b"got %d" % n
+        rest += recv_exact(c, max(0, len(DENY) - len(rest)))
+        assert rest == DENY
+    assert [d for _, d in backend.requests] == [body(n, n) for n in sizes]
+    # (The first body is spliced; one behind a request still waiting for its answer goes the
+    # Python path, where the proxy holds it back.)
+    assert moved["RequestBodyPump"] > 0
+
+
+def test_a_client_closing_while_the_pump_waits_for_its_next_head_leaves_nothing_open(make, moved):
+    """The pump waits for the next head when the client closes: the session ends, the pump's
+    pipe and dup()s with it, and the upstream connection (at a message boundary) serves the
+    next client from the pool."""
+    backend, proxy = make()
+    c = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    c.sendall(post("/public/up", MIB) + body(MIB))
+    assert read_response(c)[1] == b"got %d" % MIB
+    (session,) = proxy.sessions
+    (pump,) = session.pumps
+    assert pump.waiting_head
+    c.close()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not session.closed:
+        time.sleep(0.02)
+    assert session.closed and pump.splicer.closed
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        c.sendall(post("/public/up", MIB) + body(MIB, 3))
+        assert read_response(c)[1] == b"got %d" % MIB
+    assert len(backend.conns) == 1 and backend.requests[1][1] == body(MIB, 3)
