@@ -1,7 +1,8 @@
 """Kernel datapath numbers (issue 7), measured side by side in one run:
 
 - iperf3 TCP between two endpoints with the programs attached and an allowing policy, against the
-  same stream with no programs: target >= 0.97x.
+  same stream with no programs: target >= 0.97x, on the medians of IPERF_ROUNDS paired streams
+  (the order alternating, iperf3's two ends on one CPU).
 - per-packet program cost from kernel.bpf_stats_enabled (run_time_ns / run_cnt): target <= 150 ns.
   bpf_stats is not free: each run is timed between two clock reads, and in a 10 Gbit/s stream the
   program's first instructions and data come from a cold cache. So every round also times a tc
@@ -16,7 +17,9 @@ only that the measurements are real (traffic flowed, programs ran, the diff was 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import statistics
 import struct
 import subprocess
 import time
@@ -34,11 +37,14 @@ pytestmark = [pytest.mark.bench, pytest.mark.root, pytest.mark.bpf, pytest.mark.
 
 RESULTS = Path(__file__).with_name("results")
 ALLOW = PolicyEntry(False, 0, ("bench",))
+IPERF_ROUNDS = 8
+IPERF_CPU = 1
 NULL_PROGRAM = "int pass(struct __sk_buff *skb) { return 0; }"  # TC_ACT_OK, nothing else
 
 
-def iperf(client, server_pod, seconds: float) -> float:
-    """Gbit/s of one TCP stream from client to server_pod."""
+def iperf(client, server_pod, seconds: float, cpu: int | None = None) -> float:
+    """Gbit/s of one TCP stream from client to server_pod; with `cpu`, iperf3's client and
+    server both run on that CPU (`-A cpu,cpu`)."""
     iperf3 = need_binary("iperf3")
     port = 5201 + int(uuid.uuid4().int % 1000)
     srv = server_pod.popen(
@@ -55,6 +61,7 @@ def iperf(client, server_pod, seconds: float) -> float:
             "-t",
             str(seconds),
             "-J",
+            *(("-A", f"{cpu},{cpu}") if cpu is not None else ()),
             timeout=seconds + 30,
         )
         assert out.returncode == 0, out.stderr
@@ -156,6 +163,7 @@ def test_datapath_numbers():
     from redirect_bpf.datapath import Datapath
 
     seconds = max(3.0, bench_duration() / 2)
+    iperf_seconds = 3.0  # per throughput stream (IPERF_ROUNDS pairs of them)
     pin = f"/sys/fs/bpf/l7proxy/bench-{uuid.uuid4().hex[:8]}"
     o = free_octets(2)
     results: dict = {"seconds_per_run": seconds}
@@ -164,48 +172,68 @@ def test_datapath_numbers():
         null_bpf = None
         try:
             null_bpf, null_fd = null_program()
-            # -- iperf3: interleave without/with, keep each side's best of three (shared machine)
+            # -- iperf3: paired rounds without/with, the order alternating (shared machine)
             bare, prog = [], []
             ns = cnt = 0  # program run time and runs, summed over the "with" runs
             per_round: list[float] = []  # ns per run of each "with" run
             floor_ns = floor_cnt = 0  # the same for NULL_PROGRAM
             floor_round: list[float] = []
+
+            def attach() -> None:
+                dp.attach_endpoint(a.host_if, 1, 7001, a.pod_ip)
+                dp.attach_endpoint(b.host_if, 2, 7002, b.pod_ip)
+                dp.sync_endpoint(
+                    1,
+                    {PolicyKey(7002, 1, 6, 0, 0): ALLOW},
+                    ingress_enforced=True,
+                    egress_enforced=True,
+                )
+                dp.sync_endpoint(
+                    2,
+                    {PolicyKey(7001, INGRESS, 6, 0, 0): ALLOW},
+                    ingress_enforced=True,
+                    egress_enforced=True,
+                )
+
+            def detach() -> None:
+                dp.detach_endpoint(a.host_if)
+                dp.detach_endpoint(b.host_if)
+
+            # Throughput with the programs as a user runs them: bpf_stats off (it adds two
+            # clock reads to every program run). A free-running stream on this 2-vCPU VM swings
+            # by +-20 % from run to run whatever is attached (paired ratios 0.74-1.38 in one
+            # run of 8 pairs), so both ends of iperf3 run on one CPU (the stream is bound by
+            # that CPU, the programs' cost shows in full: ratios 0.93-1.12), IPERF_ROUNDS
+            # pairs, "with" first in every other pair, judged on the ratio of the medians.
+            cpu = IPERF_CPU if IPERF_CPU < (os.cpu_count() or 1) else 0
+            for r in range(IPERF_ROUNDS):
+                for with_programs in (r % 2 == 1, r % 2 == 0):
+                    if with_programs:
+                        attach()
+                        prog.append(iperf(a, b, iperf_seconds, cpu))
+                        detach()
+                    else:
+                        bare.append(iperf(a, b, iperf_seconds, cpu))
+            # Then separate streams measure the per-run cost with the stats on, and the floor
+            # (NULL_PROGRAM) in the same kind of stream.
             old_stats = sysctl("kernel.bpf_stats_enabled")
             try:
                 for _ in range(3):
-                    bare.append(iperf(a, b, seconds))
-                    dp.attach_endpoint(a.host_if, 1, 7001, a.pod_ip)
-                    dp.attach_endpoint(b.host_if, 2, 7002, b.pod_ip)
-                    dp.sync_endpoint(
-                        1,
-                        {PolicyKey(7002, 1, 6, 0, 0): ALLOW},
-                        ingress_enforced=True,
-                        egress_enforced=True,
-                    )
-                    dp.sync_endpoint(
-                        2,
-                        {PolicyKey(7001, INGRESS, 6, 0, 0): ALLOW},
-                        ingress_enforced=True,
-                        egress_enforced=True,
-                    )
-                    # Throughput with the programs as a user runs them: bpf_stats off (it adds
-                    # two clock reads to every program run). Then a separate stream measures the
-                    # per-run cost with the stats on, and one more the floor (NULL_PROGRAM).
-                    prog.append(iperf(a, b, seconds))
+                    attach()
                     fds = dp.prog_fds
                     round_ns, round_cnt = stream_cost(
                         {n: fds[n] for n in ("from_endpoint", "to_endpoint")}, a, b, seconds
                     )
                     ns, cnt = ns + round_ns, cnt + round_cnt
                     per_round.append(round_ns / max(round_cnt, 1))
-                    dp.detach_endpoint(a.host_if)
-                    dp.detach_endpoint(b.host_if)
+                    detach()
                     f_ns, f_cnt = floor_cost(null_fd, a, b, seconds)
                     floor_ns, floor_cnt = floor_ns + f_ns, floor_cnt + f_cnt
                     floor_round.append(f_ns / max(f_cnt, 1))
             finally:
                 sysctl("kernel.bpf_stats_enabled", old_stats)
-            ratio = max(prog) / max(bare)
+            ratio = statistics.median(prog) / statistics.median(bare)
+            paired = statistics.median(p / b for p, b in zip(prog, bare, strict=True))
             assert cnt > 0 and floor_cnt > 0, "the programs never ran"
             per_packet = ns / cnt
             floor = floor_ns / floor_cnt
@@ -213,6 +241,8 @@ def test_datapath_numbers():
                 "iperf3_gbps_without": bare,
                 "iperf3_gbps_with": prog,
                 "iperf3_ratio": ratio,
+                "iperf3_ratio_paired_median": paired,
+                "iperf3_ratio_best_of_each": max(prog) / max(bare),
                 "program_runs": cnt,
                 "ns_per_packet": per_packet,
                 "ns_per_packet_per_run": per_round,
@@ -244,7 +274,7 @@ def test_datapath_numbers():
             dp.destroy()
 
     targets = {
-        "iperf3 with/without >= 0.97": status(ratio >= 0.97),
+        "iperf3 with/without >= 0.97 (ratio of the medians)": status(ratio >= 0.97),
         "program cost <= 150 ns/run, raw bpf_stats": status(per_packet <= 150),
         "program cost <= 150 ns/run, net of the measured floor": status(per_packet - floor <= 150),
         "sync 10,000 entries < 1 s": status(full_s < 1.0),
@@ -254,8 +284,11 @@ def test_datapath_numbers():
     (RESULTS / "datapath.json").write_text(json.dumps(results, indent=2))
     load = open("/proc/loadavg").read().split()[:3]
     print(
-        f"\ndatapath (load average {' '.join(load)}): iperf3 without {max(bare):.2f} Gbit/s, with {max(prog):.2f} Gbit/s "
-        f"(ratio {ratio:.3f}, runs {bare} / {prog})\n"
+        f"\ndatapath (load average {' '.join(load)}): iperf3 median without "
+        f"{statistics.median(bare):.2f} Gbit/s, with {statistics.median(prog):.2f} Gbit/s: ratio "
+        f"{ratio:.3f} (median of the {IPERF_ROUNDS} paired ratios {paired:.3f}, best of each "
+        f"{max(prog) / max(bare):.3f}; runs without {' '.join(f'{x:.1f}' for x in bare)}, with "
+        f"{' '.join(f'{x:.1f}' for x in prog)})\n"
         f"datapath: {per_packet:.1f} ns per program run over {cnt} runs (bpf_stats, on a separate stream; "
         f"per iperf3 run: {', '.join(f'{x:.0f}' for x in per_round)})\n"
         f"datapath: floor (a program that only returns, same stream) {floor:.1f} ns per run "
