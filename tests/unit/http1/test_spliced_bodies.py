@@ -505,3 +505,20 @@ def test_a_client_closing_while_the_pump_waits_for_its_next_head_leaves_nothing_
         c.sendall(post("/public/up", MIB) + body(MIB, 3))
         assert read_response(c)[1] == b"got %d" % MIB
     assert len(backend.conns) == 1 and backend.requests[1][1] == body(MIB, 3)
+
+
+def test_a_next_head_longer_than_the_pumps_read_is_parsed_whole(make, moved):
+    """The pump reads HEAD_READ bytes of the next request: a head longer than that is finished
+    by the transport's reads, judged whole, and its body spliced as ever."""
+    backend, proxy = make()
+    pad = b"X-Pad: " + b"p" * (3 * bodies.HEAD_READ) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        c.sendall(post("/public/up", MIB) + body(MIB))
+        assert read_response(c)[1] == b"got %d" % MIB
+        c.sendall(post("/public/up", MIB, pad) + body(MIB, 5))
+        assert read_response(c)[1] == b"got %d" % MIB
+        c.sendall(b"GET /secret HTTP/1.1\r\nHost: web\r\n" + pad + b"\r\n")
+        assert recv_exact(c, len(DENY)) == DENY
+    assert [d for _, d in backend.requests] == [body(MIB), body(MIB, 5)]
+    assert b"x-pad: " + b"p" * 100 in backend.requests[1][0].lower()
+    assert moved["RequestBodyPump"] > MIB
