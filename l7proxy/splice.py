@@ -168,10 +168,25 @@ class Splicer:
             self.loop.remove_writer(self.dst)
             self.writing = False
 
+    def drop_sink(self) -> None:
+        """Let go of the sink socket between messages (the pipe is empty): the splicer's dup()
+        must not keep a connection open that its owner closes or hands on meanwhile."""
+        if self.writing:
+            self.loop.remove_writer(self.dst)
+            self.writing = False
+        if self.dst >= 0:
+            os.close(self.dst)
+            self.dst = -1
+
+    def set_sink(self, sink_fd: int) -> None:
+        """The sink for the next message (after `drop_sink`). Raises OSError (out of fds)."""
+        self.dst = os.dup(sink_fd)
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         self.unwatch()
         for fd in (self.src, self.dst, self.pr, self.pw):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)

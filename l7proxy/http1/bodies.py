@@ -186,7 +186,10 @@ class RequestBodyPump(_BodyPump):
             self._hand_back(b"")  # not another request now (closing, draining, paused)
             return
         # The next head is read when it comes (not now: a client that pipelines would nest
-        # one call per request; and wrk-like clients send it only after the answer).
+        # one call per request; and wrk-like clients send it only after the answer). The
+        # upstream's dup() goes meanwhile: the connection may close or go back to the pool.
+        self.splicer.drop_sink()
+        self.up = None
         self.waiting_head = True
         self.splicer.wait_for_source()
 
@@ -220,12 +223,14 @@ class RequestBodyPump(_BodyPump):
             if self.idle:  # not taken by the next body
                 self.close()
 
-    def again(self, left: int, keep_alive: bool) -> RequestBodyPump:
-        """This idle pump for the next body on the same connection pair."""
+    def again(self, up, left: int, keep_alive: bool) -> None:
+        """This idle pump (its pipe and the client's dup()) for the next body, to `up`.
+        Raises OSError (out of fds: the Python path carries that body)."""
+        self.splicer.set_sink(_fd(up.transport))
         self.idle = False
+        self.up = up
         self.left = left
         self.keep_alive = keep_alive
-        return self
 
 
 class ResponseBodyPump(_BodyPump):
@@ -289,14 +294,14 @@ class SplicedBodies:
         if up is None or up.closed or up.transport.get_write_buffer_size():
             return
         keep_alive = request_keeps_alive(ex.req.version, ex.req.headers)
-        pump = self._idle_request_pump(up)
-        if pump is not None:
-            pump.again(ex.body_left, keep_alive)
-        else:
-            try:
+        pump = self._idle_request_pump()
+        try:
+            if pump is not None:
+                pump.again(up, ex.body_left, keep_alive)
+            else:
                 pump = RequestBodyPump(self, up, ex.body_left, keep_alive)
-            except OSError:
-                return  # out of fds or pipes: the Python path carries this body
+        except OSError:
+            return  # out of fds or pipes: the Python path carries this body
         ex.body_left = 0
         self._add_pump(pump)
         self.pause_client_reading(PauseReason.SPLICE)
@@ -334,11 +339,10 @@ class SplicedBodies:
         up.transport.pause_reading()
         pump.splice_ready()
 
-    def _idle_request_pump(self, up) -> RequestBodyPump | None:
-        """The request pump of the body before, reading this request's head, if it pumps to
-        the same upstream connection."""
+    def _idle_request_pump(self) -> RequestBodyPump | None:
+        """The request pump of the body before, whose read brought this request's head."""
         for pump in self.pumps or ():
-            if pump.__class__ is RequestBodyPump and pump.idle and pump.up is up:
+            if pump.__class__ is RequestBodyPump and pump.idle:
                 return pump
         return None
 

@@ -522,3 +522,39 @@ def test_a_next_head_longer_than_the_pumps_read_is_parsed_whole(make, moved):
     assert [d for _, d in backend.requests] == [body(MIB), body(MIB, 5)]
     assert b"x-pad: " + b"p" * 100 in backend.requests[1][0].lower()
     assert moved["RequestBodyPump"] > MIB
+
+
+def answers_once_then_closes(backend: Backend, conn: socket.socket) -> None:
+    """Answers one request, closes its sending side and waits (3 s at most) for the proxy's close:
+    `backend.saw_close` records whether it came."""
+    pending = bytearray()
+    got = read_request(conn, pending)
+    if got is None:
+        return
+    backend.requests.append(got)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(3)
+    try:
+        backend.saw_close.append(conn.recv(10) == b"")
+    except TimeoutError:
+        backend.saw_close.append(False)
+
+
+def test_an_upstream_closing_while_the_pump_waits_for_a_head_is_closed_at_once(make, moved):
+    """The pump waiting for the next head holds no dup() of the upstream socket: when the
+    upstream closes its side after the answer, the proxy's close reaches it (a held dup() kept
+    that socket open until the client's next request); the next upload takes a new connection."""
+    backend, proxy = make(serve=answers_once_then_closes)
+    backend.saw_close = []
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        c.sendall(post("/public/up", MIB) + body(MIB))
+        assert read_response(c)[1] == b"ok"
+        deadline = time.monotonic() + 5
+        while not backend.saw_close and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert backend.saw_close == [True]
+        c.sendall(post("/public/up", MIB) + body(MIB, 2))
+        assert read_response(c)[1] == b"ok"
+    assert [d for _, d in backend.requests] == [body(MIB), body(MIB, 2)]
+    assert len(backend.conns) == 2 and moved["RequestBodyPump"] > MIB
