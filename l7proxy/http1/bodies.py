@@ -234,15 +234,44 @@ class RequestBodyPump(_BodyPump):
 
 
 class ResponseBodyPump(_BodyPump):
-    """upstream -> client, the rest of a Content-Length response body."""
+    """upstream -> client, the rest of a Content-Length response body. When it is through, the
+    pump reads the next response's head from the upstream itself (HEAD_READ bytes, when it
+    comes), as the request pump does for the client: the transport's 256 KiB read would carry
+    the first quarter of the next large body through Python. While it waits, the upstream's
+    transport stays paused; whatever ends the wait (the head, the upstream's end, the session
+    closing or parking its upstream) gives reading back to the transport."""
 
-    __slots__ = ("status", "keep_alive")
+    __slots__ = ("status", "keep_alive", "waiting_head", "idle")
 
     def __init__(self, session, up, left: int) -> None:
         super().__init__(session, up, left, up.transport, session.transport)
-        parser = up.parser
+        self.waiting_head = False
+        self.idle = False
+        self._of_response()
+
+    def _of_response(self) -> None:
+        parser = self.up.parser
         self.status = parser.status
         self.keep_alive = not parser.ends_at_close
+
+    def again(self, left: int) -> None:
+        """This idle pump (its pipe and both dup()s) for the next body of the same upstream."""
+        self.idle = False
+        self.left = left
+        self._of_response()
+
+    def splice_ready(self) -> None:
+        if self.waiting_head:
+            self._next_head()
+        elif self.splicer.pump() and not self.broken and not self.splicer.closed:
+            self._through()
+
+    def close(self) -> None:
+        waiting, self.waiting_head = self.waiting_head, False
+        self.idle = False
+        super().close()
+        if waiting and not self.up.closed:
+            self.up.transport.resume_reading()  # the transport reads the upstream again
 
     def source_eof_in_message(self) -> None:
         """The upstream closed in the middle of the body: the client's connection ends too."""
@@ -262,10 +291,44 @@ class ResponseBodyPump(_BodyPump):
 
     def _through(self) -> None:
         up = self.up
+        session = self.session
         up.parser = ResponseParser()  # the old one still waits for the spliced bytes
-        if not up.closed:
-            up.transport.resume_reading()
-        self.session.on_response_end(ResponseEnd(self.status, self.keep_alive))
+        session.on_response_end(ResponseEnd(self.status, self.keep_alive))
+        if (
+            self.splicer.closed
+            or session.closed
+            or up.closed
+            or session.upstream is not up
+            or not self.keep_alive
+        ):
+            self.close()
+            if not up.closed:
+                up.transport.resume_reading()
+            return
+        self.waiting_head = True  # (the upstream's transport stays paused)
+        self.splicer.wait_for_source()
+
+    def _next_head(self) -> None:
+        try:
+            data = self.splicer.read_head(HEAD_READ)
+        except OSError:
+            data = b""  # the transport's read meets the end or the error
+        if data is None:
+            self.splicer.wait_for_source()
+            return
+        up = self.up
+        if not data or up.closed or self.session.closed:
+            self.close()  # (resumes the transport: it reads the end)
+            return
+        self.waiting_head = False
+        self.splicer.unwatch()
+        self.idle = True
+        up.transport.resume_reading()
+        try:
+            up.data_received(data)
+        finally:
+            if self.idle:  # not taken by the next body
+                self.close()
 
 
 class SplicedBodies:
@@ -331,10 +394,14 @@ class SplicedBodies:
         if self.transport.get_write_buffer_size():
             up.body_left = left  # bytes before it still wait: look again after the next read
             return
-        try:
-            pump = ResponseBodyPump(self, up, left)
-        except OSError:
-            return
+        pump = self._idle_response_pump(up)
+        if pump is not None:
+            pump.again(left)
+        else:
+            try:
+                pump = ResponseBodyPump(self, up, left)
+            except OSError:
+                return
         self._add_pump(pump)
         up.transport.pause_reading()
         pump.splice_ready()
@@ -345,6 +412,20 @@ class SplicedBodies:
             if pump.__class__ is RequestBodyPump and pump.idle:
                 return pump
         return None
+
+    def _idle_response_pump(self, up) -> ResponseBodyPump | None:
+        """The response pump of the body before, whose read brought this response's head."""
+        for pump in self.pumps or ():
+            if pump.__class__ is ResponseBodyPump and pump.idle and pump.up is up:
+                return pump
+        return None
+
+    def _stop_response_wait(self) -> None:
+        """A response pump waiting for the next head lets go (the upstream goes back to the
+        pool): the transport reads again."""
+        for pump in list(self.pumps or ()):
+            if pump.__class__ is ResponseBodyPump and pump.waiting_head:
+                pump.close()
 
     def _add_pump(self, pump: _BodyPump) -> None:
         if self.pumps is None:

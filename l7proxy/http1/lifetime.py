@@ -71,6 +71,8 @@ class Lifetime:
             and self.state is not TUNNEL
         ):
             self.upstream = None
+            if self.pumps:
+                self._stop_response_wait()  # (bodies.py) a pooled connection must be read
             self.pool.release(up)
         self.deadline_kind = IDLE
         self.deadline += cfg.idle_timeout - cfg.upstream_park_after

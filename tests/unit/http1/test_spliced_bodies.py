@@ -558,3 +558,64 @@ def test_an_upstream_closing_while_the_pump_waits_for_a_head_is_closed_at_once(m
         assert read_response(c)[1] == b"ok"
     assert [d for _, d in backend.requests] == [body(MIB), body(MIB, 2)]
     assert len(backend.conns) == 2 and moved["RequestBodyPump"] > MIB
+
+
+def test_downloads_one_after_another_take_their_heads_from_the_pump_and_one_pipe(
+    make, moved, splicers
+):
+    """The response side of the same: after the first 1 MiB download the pump reads each next
+    response head from the upstream (HEAD_READ bytes), so all but those bytes of every later
+    body go through the pipe, which is the first one."""
+    backend, proxy = make()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        for _ in range(4):
+            c.sendall(get(f"/public/big/{MIB}"))
+            head, data, rest = read_response(c)
+            assert head.startswith(b"HTTP/1.1 200") and data == body(MIB, 7) and rest == b""
+        c.sendall(get("/secret"))
+        assert recv_exact(c, len(DENY)) == DENY
+        c.sendall(get("/public/big/10"))
+        assert read_response(c)[1] == body(10, 7)
+    assert moved["ResponseBodyPump"] >= 4 * MIB - 256 * 1024 - 3 * bodies.HEAD_READ
+    assert splicers[0] == 1 and len(backend.conns) == 1
+
+
+def test_an_upstream_parked_while_the_pump_waits_serves_the_next_client(make, moved):
+    """The pump waits for the next response head when the session parks its upstream: the
+    wait ends, the pooled connection is read again, and the next client's download over it
+    works; so does the first client's next one."""
+    backend, proxy = make(
+        config=ProxyConfig(sweep_interval=0.05, upstream_park_after=0.2, idle_timeout=10)
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        c.sendall(get(f"/public/big/{MIB}"))
+        assert read_response(c)[1] == body(MIB, 7)
+        time.sleep(0.6)  # parked by now
+        assert proxy.sessions[0].upstream is None and not proxy.sessions[0].pumps
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as d:
+            d.sendall(get(f"/public/big/{MIB}"))
+            assert read_response(d)[1] == body(MIB, 7)
+        c.sendall(get(f"/public/big/{2 * MIB}"))
+        assert read_response(c)[1] == body(2 * MIB, 7)
+    assert moved["ResponseBodyPump"] > 3 * MIB
+
+
+def closes_after_a_response(backend: Backend, conn: socket.socket) -> None:
+    """Answers one request with a 1 MiB body, then closes."""
+    got = read_request(conn, bytearray())
+    if got is not None:
+        backend.requests.append(got)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % MIB + body(MIB, 7))
+        time.sleep(0.2)
+
+
+def test_an_upstream_closing_while_the_pump_waits_for_a_response_head(make, moved):
+    backend, proxy = make(serve=closes_after_a_response)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        c.sendall(get("/public/one"))
+        assert read_response(c)[1] == body(MIB, 7)
+        time.sleep(0.5)  # the upstream closed; its end reached the proxy through the pump
+        c.sendall(get("/public/two"))
+        assert read_response(c)[1] == body(MIB, 7)
+    assert [h.split(b" ")[1] for h, _ in backend.requests] == [b"/public/one", b"/public/two"]
+    assert len(backend.conns) == 2
