@@ -91,9 +91,15 @@ def _fd(transport) -> int:
 
 
 class _BodyPump:
-    """One body on its way through a pipe: a `SpliceOwner` (l7proxy/splice.py)."""
+    """One body on its way through a pipe: a `SpliceOwner` (l7proxy/splice.py). When the body
+    is through, a pump whose connection goes on reads the start of the next message from its
+    source itself (HEAD_READ bytes, when it comes) rather than handing back to the source's
+    transport, whose 256 KiB read would carry the first quarter of the next large body through
+    Python (as Kafka's Produce does, docs/kafka.md); then reading goes back to the transport
+    (`_hand_back`). The subclasses say what the source is (`_source_open`, `_resume_source`,
+    `_receive`) and what ends a body (`_through`)."""
 
-    __slots__ = ("session", "up", "left", "splicer", "broken", "moved")
+    __slots__ = ("session", "up", "left", "splicer", "broken", "moved", "waiting_head", "idle")
 
     def __init__(self, session, up, left: int, source, sink) -> None:
         self.session = session
@@ -101,6 +107,8 @@ class _BodyPump:
         self.left = left
         self.broken = False
         self.moved = 0
+        self.waiting_head = False  # for the next message's start, the source's transport paused
+        self.idle = False  # while the source's side takes what was read of the next message
         self.splicer = splice.Splicer(self, _fd(source), _fd(sink))
 
     def splice_bytes_left(self) -> int:
@@ -111,45 +119,77 @@ class _BodyPump:
         self.moved += n
 
     def splice_ready(self) -> None:
-        if self.splicer.pump() and not self.broken and not self.splicer.closed:
-            self.close()
+        if self.waiting_head:
+            self._next_head()
+        elif self.splicer.pump() and not self.broken and not self.splicer.closed:
             self._through()
 
-    def splice_failed(self, exc: OSError) -> None:
-        self.broken = True
-        self.close()
-        self.session._close()
-
     def close(self) -> None:
+        """The pipe and dup()s go; a pump waiting for the next head gives reading back."""
+        waiting = self.waiting_head
+        self.waiting_head = self.idle = False
         self.splicer.close()
         session = self.session
         if session.pumps is not None:
             session.pumps.discard(self)
+        if waiting:
+            self._resume_source()
+
+    def _wait_for_head(self) -> None:
+        self.waiting_head = True  # (the source's transport stays paused)
+        self.splicer.wait_for_source()
+
+    def _next_head(self) -> None:
+        try:
+            data = self.splicer.read_head(HEAD_READ)
+        except OSError:
+            data = b""  # the transport's read meets the end or the error
+        if data is None:
+            self.splicer.wait_for_source()
+            return
+        self._hand_back(data)
+
+    def _hand_back(self, data: bytes = b"") -> None:
+        """Reading goes back to the source's transport, after the source's side took `data`
+        (the start of the next message, read here). While it takes it the pump stays,
+        unwatched (`idle`): when that message's body is spliced too, its pump is this one
+        (`again`), and the pipe is not made again (`SplicedBodies._idle_pump`)."""
+        self.waiting_head = False
+        if not data or not self._source_open():
+            self.close()
+            self._resume_source()
+            return
+        self.splicer.unwatch()
+        self.idle = True
+        self._resume_source()
+        try:
+            self._receive(data)
+        finally:
+            if self.idle:  # not taken by the next body
+                self.close()
+
+    def _source_open(self) -> bool:
+        raise NotImplementedError
+
+    def _resume_source(self) -> None:
+        raise NotImplementedError
+
+    def _receive(self, data: bytes) -> None:
+        raise NotImplementedError
 
     def _through(self) -> None:
         raise NotImplementedError
 
 
 class RequestBodyPump(_BodyPump):
-    """client -> upstream, the rest of an allowed Content-Length request body. When it is
-    through, the pump reads the next request's head itself (HEAD_READ bytes, waiting for it if
-    the client has not sent it yet) rather than handing back to the transport, whose 256 KiB
-    read would carry the first quarter of the next large body through Python (as for Kafka's
-    Produce, docs/kafka.md)."""
+    """client -> upstream, the rest of an allowed Content-Length request body; then the next
+    request's head (`_BodyPump`)."""
 
-    __slots__ = ("keep_alive", "waiting_head", "idle")
+    __slots__ = ("keep_alive",)
 
     def __init__(self, session, up, left: int, keep_alive: bool) -> None:
         super().__init__(session, up, left, session.transport, up.transport)
         self.keep_alive = keep_alive
-        self.waiting_head = False
-        self.idle = False
-
-    def splice_ready(self) -> None:
-        if self.waiting_head:
-            self._next_head()
-        elif self.splicer.pump() and not self.broken and not self.splicer.closed:
-            self._through()
 
     def spliced(self, n: int) -> None:
         self.left -= n
@@ -183,45 +223,23 @@ class RequestBodyPump(_BodyPump):
         )
         session._on_end(EndOfMessage((), self.keep_alive))
         if session.closed or session.paused != _SPLICE_ONLY or session.state is not OPEN:
-            self._hand_back(b"")  # not another request now (closing, draining, paused)
+            self._hand_back()  # not another request now (closing, draining, paused)
             return
         # The next head is read when it comes (not now: a client that pipelines would nest
         # one call per request; and wrk-like clients send it only after the answer). The
         # upstream's dup() goes meanwhile: the connection may close or go back to the pool.
         self.splicer.drop_sink()
         self.up = None
-        self.waiting_head = True
-        self.splicer.wait_for_source()
+        self._wait_for_head()
 
-    def _next_head(self) -> None:
-        try:
-            data = self.splicer.read_head(HEAD_READ)
-        except OSError:
-            data = b""  # the transport's read meets the end or the error
-        if data is None:
-            self.splicer.wait_for_source()
-            return
-        self._hand_back(data)
+    def _source_open(self) -> bool:
+        return not self.session.closed
 
-    def _hand_back(self, data: bytes) -> None:
-        """Reading goes back to the transport, after the session took `data` (the start of
-        the next request, read here). While the session takes it the pump stays, unwatched
-        (`idle`): when that request's body is spliced too, its pump is this one, and its
-        pipe and dup()s are not made again (`SplicedBodies._splice_request_body`)."""
-        session = self.session
-        self.waiting_head = False
-        if not data or session.closed:
-            self.close()
-            session.resume_client_reading(PauseReason.SPLICE)
-            return
-        self.splicer.unwatch()
-        self.idle = True
-        session.resume_client_reading(PauseReason.SPLICE)
-        try:
-            session.data_received(data)
-        finally:
-            if self.idle:  # not taken by the next body
-                self.close()
+    def _resume_source(self) -> None:
+        self.session.resume_client_reading(PauseReason.SPLICE)
+
+    def _receive(self, data: bytes) -> None:
+        self.session.data_received(data)
 
     def again(self, up, left: int, keep_alive: bool) -> None:
         """This idle pump (its pipe and the client's dup()) for the next body, to `up`.
@@ -234,19 +252,15 @@ class RequestBodyPump(_BodyPump):
 
 
 class ResponseBodyPump(_BodyPump):
-    """upstream -> client, the rest of a Content-Length response body. When it is through, the
-    pump reads the next response's head from the upstream itself (HEAD_READ bytes, when it
-    comes), as the request pump does for the client: the transport's 256 KiB read would carry
-    the first quarter of the next large body through Python. While it waits, the upstream's
-    transport stays paused; whatever ends the wait (the head, the upstream's end, the session
-    closing or parking its upstream) gives reading back to the transport."""
+    """upstream -> client, the rest of a Content-Length response body; then the next
+    response's head (`_BodyPump`). While it waits for that, the upstream's transport stays
+    paused; whatever ends the wait (the head, the upstream's end, the session closing or
+    parking its upstream) gives reading back to the transport."""
 
-    __slots__ = ("status", "keep_alive", "waiting_head", "idle")
+    __slots__ = ("status", "keep_alive")
 
     def __init__(self, session, up, left: int) -> None:
         super().__init__(session, up, left, up.transport, session.transport)
-        self.waiting_head = False
-        self.idle = False
         self._of_response()
 
     def _of_response(self) -> None:
@@ -259,19 +273,6 @@ class ResponseBodyPump(_BodyPump):
         self.idle = False
         self.left = left
         self._of_response()
-
-    def splice_ready(self) -> None:
-        if self.waiting_head:
-            self._next_head()
-        elif self.splicer.pump() and not self.broken and not self.splicer.closed:
-            self._through()
-
-    def close(self) -> None:
-        waiting, self.waiting_head = self.waiting_head, False
-        self.idle = False
-        super().close()
-        if waiting and not self.up.closed:
-            self.up.transport.resume_reading()  # the transport reads the upstream again
 
     def source_eof_in_message(self) -> None:
         """The upstream closed in the middle of the body: the client's connection ends too."""
@@ -301,34 +302,19 @@ class ResponseBodyPump(_BodyPump):
             or session.upstream is not up
             or not self.keep_alive
         ):
-            self.close()
-            if not up.closed:
-                up.transport.resume_reading()
+            self._hand_back()
             return
-        self.waiting_head = True  # (the upstream's transport stays paused)
-        self.splicer.wait_for_source()
+        self._wait_for_head()
 
-    def _next_head(self) -> None:
-        try:
-            data = self.splicer.read_head(HEAD_READ)
-        except OSError:
-            data = b""  # the transport's read meets the end or the error
-        if data is None:
-            self.splicer.wait_for_source()
-            return
-        up = self.up
-        if not data or up.closed or self.session.closed:
-            self.close()  # (resumes the transport: it reads the end)
-            return
-        self.waiting_head = False
-        self.splicer.unwatch()
-        self.idle = True
-        up.transport.resume_reading()
-        try:
-            up.data_received(data)
-        finally:
-            if self.idle:  # not taken by the next body
-                self.close()
+    def _source_open(self) -> bool:
+        return not self.up.closed and not self.session.closed
+
+    def _resume_source(self) -> None:
+        if not self.up.closed:
+            self.up.transport.resume_reading()
+
+    def _receive(self, data: bytes) -> None:
+        self.up.data_received(data)
 
 
 class SplicedBodies:
@@ -357,7 +343,7 @@ class SplicedBodies:
         if up is None or up.closed or up.transport.get_write_buffer_size():
             return
         keep_alive = request_keeps_alive(ex.req.version, ex.req.headers)
-        pump = self._idle_request_pump()
+        pump = self._idle_pump(RequestBodyPump)
         try:
             if pump is not None:
                 pump.again(up, ex.body_left, keep_alive)
@@ -394,7 +380,7 @@ class SplicedBodies:
         if self.transport.get_write_buffer_size():
             up.body_left = left  # bytes before it still wait: look again after the next read
             return
-        pump = self._idle_response_pump(up)
+        pump = self._idle_pump(ResponseBodyPump)
         if pump is not None:
             pump.again(left)
         else:
@@ -406,17 +392,11 @@ class SplicedBodies:
         up.transport.pause_reading()
         pump.splice_ready()
 
-    def _idle_request_pump(self) -> RequestBodyPump | None:
-        """The request pump of the body before, whose read brought this request's head."""
+    def _idle_pump(self, cls: type[_BodyPump]) -> _BodyPump | None:
+        """The pump of this direction whose read brought the message being taken (a pump is
+        idle only while its `_hand_back` runs, so it reads from this message's source)."""
         for pump in self.pumps or ():
-            if pump.__class__ is RequestBodyPump and pump.idle:
-                return pump
-        return None
-
-    def _idle_response_pump(self, up) -> ResponseBodyPump | None:
-        """The response pump of the body before, whose read brought this response's head."""
-        for pump in self.pumps or ():
-            if pump.__class__ is ResponseBodyPump and pump.idle and pump.up is up:
+            if pump.__class__ is cls and pump.idle:
                 return pump
         return None
 
