@@ -18,9 +18,10 @@ verdict, direction, port, method, URL, version, status, logged header names) for
 sent once per channel connection (`{"shapes": [[sid, ref, verdict, direction, dport, method,
 url, version, status, [logged]], ...]}`); a run of HTTP flows is then one flat list of integers,
 `{"http": [t0, sid, time_ns - t0, sport, latency_ns, sid, ...]}`, four per flow. Against one
-row of all thirteen fields per flow this halved the worker's encoding (1.30 -> 0.63 us per flow)
-and the agent's parse and decode (1.37 -> 0.76 us), measured on 300-flow batches; JSON's
-strings and 19-digit integers were most of the agent's time (`perf`). A worker from before
+row of all thirteen fields per flow this halved the worker's encoding (`Uplink.encode`, 1.76 ->
+0.82 us per flow) and the agent's parse, decode and ingest (`WorkerHandle.uplink`, 2.13 -> 1.12
+us), measured on 300-flow batches; JSON's strings and 19-digit integers were most of the agent's
+time (`perf`). A worker from before
 this form sends `["http", ref, time_ns, verdict, direction, sport, dport, method, url, version,
 status, latency_ns, [logged]]` rows in a `flows` line; the agent still reads them.
 """
@@ -158,25 +159,30 @@ class FlowDecoder:
         while len(self._peers) > 2 * MAX_PEERS:
             self._new.discard(self._peers.popitem(last=False)[0])
 
+    def _shape(
+        self, ref, verdict, direction, dport, method, url, version, status, logged
+    ) -> tuple:  # fmt: skip
+        """The table entry of an HTTP shape; ValueError for one that does not fit."""
+        pair = self._peers.get(ref)
+        if pair is None:
+            raise ValueError(f"unknown peers {ref!r}")
+        if not (
+            type(verdict) is str and type(direction) is str and type(dport) is int
+            and type(method) is str and type(url) is str and type(version) is str
+            and type(status) is int and type(logged) is list
+            and all(type(name) is str for name in logged)
+        ):  # fmt: skip
+            raise ValueError("bad http shape")
+        return (ref, pair[0], pair[1], dport, direction, verdict, method, url, version, status,
+                tuple(logged))  # fmt: skip
+
     def shapes(self, items: list) -> None:
         """HTTP shapes (`{"shapes": [...]}`); ValueError for one that does not fit."""
-        table, peers = self._shapes, self._peers
+        table = self._shapes
         for item in items:
-            if type(item) is not list or len(item) != 10:
+            if type(item) is not list or len(item) != 10 or type(item[0]) is not int:
                 raise ValueError("bad http shape")
-            sid, ref, verdict, direction, dport, method, url, version, status, logged = item
-            pair = peers.get(ref)
-            if pair is None:
-                raise ValueError(f"unknown peers {ref!r}")
-            if not (
-                type(sid) is int and type(verdict) is str and type(direction) is str
-                and type(dport) is int and type(method) is str and type(url) is str
-                and type(version) is str and type(status) is int and type(logged) is list
-                and all(type(name) is str for name in logged)
-            ):  # fmt: skip
-                raise ValueError("bad http shape")
-            table[sid] = (ref, pair[0], pair[1], dport, direction, verdict, method, url, version,
-                          status, tuple(logged))  # fmt: skip
+            table[item[0]] = self._shape(*item[1:])
             while len(table) > 2 * MAX_SHAPES:
                 table.popitem(last=False)
 
@@ -203,28 +209,20 @@ class FlowDecoder:
             )  # fmt: skip
 
     def http(self, row: list) -> HttpFlow:
-        """An HTTP/1 row as an `HttpFlow` (built when read; the first of its peer pair is
-        marked `first`, so the agent builds and enriches that one at once). ValueError for a
-        row that does not fit."""
+        """An HTTP/1 row of a worker from before shapes (all its fields) as an `HttpFlow` (the
+        first of its peer pair marked `first`, as from `http_run`). ValueError for a row that
+        does not fit."""
         (_, ref, time_ns, verdict, direction, sport, dport, method, url, version, status,
          latency, logged) = row  # fmt: skip
-        pair = self._peers.get(ref)
-        if pair is None:
-            raise ValueError(f"unknown peers {ref!r}")
-        # (One expression: this runs per request in the agent beside a worker process.)
-        if not (
-            type(time_ns) is int and type(verdict) is str and type(direction) is str
-            and type(sport) is int and type(dport) is int and type(method) is str
-            and type(url) is str and type(version) is str and type(status) is int
-            and type(latency) is int and type(logged) is list
-        ) or (logged and not all(type(name) is str for name in logged)):  # fmt: skip
+        shape = self._shape(ref, verdict, direction, dport, method, url, version, status, logged)
+        if not (type(time_ns) is int and type(sport) is int and type(latency) is int):
             raise ValueError("bad http row")
         first = ref in self._new
         if first:
             self._new.discard(ref)
         return HttpFlow(
-            pair[0], pair[1], sport, dport, direction, verdict, method, url, version, status,
-            latency, tuple(logged), time_ns, first,
+            shape[1], shape[2], sport, shape[3], shape[4], shape[5], shape[6], shape[7],
+            shape[8], shape[9], latency, shape[10], time_ns, first,
         )  # fmt: skip
 
     def flow(self, row: list) -> dict:

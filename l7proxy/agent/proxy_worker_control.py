@@ -131,30 +131,27 @@ class WorkerHandle:
         l7proxy/agent/flow_wire.py; those tables belong to the channel connection, so they live
         in that connection's `args`) or
         whole (`flow`, also what a worker from before the compact form sends)."""
+        decoder = args.get("_flow_decoder")
+        if not isinstance(decoder, FlowDecoder):
+            decoder = None  # (until this connection's first peers: rows naming none are dropped)
         if "http" in item:
-            decoder = args.get("_flow_decoder")
-            if not isinstance(decoder, FlowDecoder):
-                return  # flows naming peers this connection never sent
-            ingest = self.agent.flows.ingest_pending
-            for flow in decoder.http_run(item["http"]):
-                ingest(flow)
+            if decoder is not None:
+                ingest = self.agent.flows.ingest_pending
+                for flow in decoder.http_run(item["http"]):
+                    ingest(flow)
         elif "flows" in item:
-            decoder = args.get("_flow_decoder")
-            if not isinstance(decoder, FlowDecoder):
-                return  # rows naming peers this connection never sent
-            flows = self.agent.flows
-            for row in item["flows"]:
-                if row and row[0] == "http":
-                    flows.ingest_pending(decoder.http(row))
-                else:
-                    flows.ingest(decoder.flow(row))
+            if decoder is not None:
+                flows = self.agent.flows
+                for row in item["flows"]:
+                    if row and row[0] == "http":
+                        flows.ingest_pending(decoder.http(row))
+                    else:
+                        flows.ingest(decoder.flow(row))
         elif "shapes" in item:
-            decoder = args.get("_flow_decoder")
-            if isinstance(decoder, FlowDecoder):
+            if decoder is not None:
                 decoder.shapes(item["shapes"])
         elif "peers" in item:
-            decoder = args.get("_flow_decoder")
-            if not isinstance(decoder, FlowDecoder):
+            if decoder is None:
                 decoder = args["_flow_decoder"] = FlowDecoder()
             decoder.peers(item["peers"])
         elif "flow" in item:

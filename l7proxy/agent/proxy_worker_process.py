@@ -65,8 +65,8 @@ class Uplink:
         self.pending.append({"flow": flow})
         self.wake.set()
 
-    # An HTTP/1 flow not built (HttpFlow) queues the same way; send() turns it into a row of
-    # its fields (flow_wire.py)
+    # An HTTP/1 flow not built (HttpFlow) queues the same way; encode() sends it as its shape
+    # and four numbers (flow_wire.py)
     ingest_pending = ingest
 
     def take(self) -> list[dict]:
