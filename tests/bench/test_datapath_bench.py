@@ -233,7 +233,7 @@ def test_datapath_numbers():
             finally:
                 sysctl("kernel.bpf_stats_enabled", old_stats)
             ratio = statistics.median(prog) / statistics.median(bare)
-            paired = statistics.median(p / b for p, b in zip(prog, bare, strict=True))
+            paired = statistics.median(w / n for w, n in zip(prog, bare, strict=True))
             assert cnt > 0 and floor_cnt > 0, "the programs never ran"
             per_packet = ns / cnt
             floor = floor_ns / floor_cnt
