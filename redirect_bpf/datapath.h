@@ -81,6 +81,7 @@
 #define CT_CLOSING 4
 
 #define CFG_EVENTS_FORWARDED 1  // emit an event for every new forwarded/redirected flow
+#define CFG_HOST_ROUTING 2      // pod to pod on this node: bpf_redirect_neigh, not the host stack
 
 // Policy keys are LPM trie keys: endpoint, identity and direction always match in full,
 // proto 0 is "any" (prefix stops before it), the port (big endian) matches on prefixlen - 80 bits.
@@ -179,6 +180,8 @@ struct ct_entry {
     __u8 direction;        // hook that saw the first packet: DIR_EGRESS (from-endpoint) or DIR_INGRESS
     __u8 pad;
     __u32 refreshed;       // low 32 bits of jiffies when expires_ns was last written
+    __u32 deliver_ifindex; // packets leaving the endpoint go to this local endpoint's veth (0: the stack)
+    __u32 deliver_gen;     // config.ep_gen when deliver_ifindex was looked up
 };
 
 struct dp_config {
@@ -189,7 +192,7 @@ struct dp_config {
     __u32 ct_tcp_close_s;
     __u32 ct_udp_s;
     __u32 ct_other_s;
-    __u32 pad;
+    __u32 ep_gen;          // bumped whenever a local endpoint's address or veth changes
 };
 
 struct counter {

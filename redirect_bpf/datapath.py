@@ -25,7 +25,7 @@ from redirect_bpf.policy_writer import PolicyWriter
 from redirect_bpf.structs import Ct6Key, CtEntry, CtKey, DpConfig, EndpointInfo, Ip6Key
 
 DEFAULT_CONFIG = {
-    "flags": structs.CFG_EVENTS_FORWARDED,
+    "flags": structs.CFG_EVENTS_FORWARDED | structs.CFG_HOST_ROUTING,
     "ct_tcp_syn_s": 60,
     "ct_tcp_established_s": 21600,
     "ct_tcp_close_s": 10,
@@ -126,6 +126,23 @@ class Datapath:
     def _bump_policy_generation(self) -> None:
         self.set_config(policy_gen=(self.config().policy_gen + 1) & 0xFFFFFFFF)
 
+    def set_host_routing(self, on: bool) -> None:
+        """On (the default): the programs deliver pod-to-pod packets of this node to the
+        destination's veth (bpf_redirect_neigh); off: the host's stack forwards them, through
+        its netfilter rules (Cilium's legacy host routing)."""
+        flags = self.config().flags
+        self.set_config(
+            flags=flags | structs.CFG_HOST_ROUTING if on else flags & ~structs.CFG_HOST_ROUTING
+        )
+
+    def host_routing(self) -> bool:
+        return bool(self.config().flags & structs.CFG_HOST_ROUTING)
+
+    def _bump_endpoint_generation(self) -> None:
+        """A local endpoint's address or veth changed: flows look up where host routing
+        delivers their packets again (ct_entry.deliver_ifindex)."""
+        self.set_config(ep_gen=(self.config().ep_gen + 1) & 0xFFFFFFFF)
+
     def counters(self) -> dict[tuple[str, str, str], tuple[int, int]]:
         """(direction, verdict, reason) -> (packets, bytes), summed over CPUs."""
         return counters.read(self.maps["counters"])
@@ -194,6 +211,7 @@ class Datapath:
         if ipv6:
             self.maps["ep_by_ip6"].put(Ip6Key(addr=info.ipv6), info)
             self.ipcache_upsert(f"{ipv6}/128", identity)
+        self._bump_endpoint_generation()
         # A restarted agent finds the pinned programs still attached: leave them alone.
         if not (old and tc.has_filters(ifname)):
             tc.attach(
@@ -218,6 +236,7 @@ class Datapath:
             self.maps["ep_by_ip"].delete(structs.u32(info.ipv4))
         if any(info.ipv6):
             self.maps["ep_by_ip6"].delete(Ip6Key(addr=info.ipv6))
+        self._bump_endpoint_generation()
 
     def forget_endpoint(self, ip: str) -> bool:
         """Remove an endpoint whose veth is already gone (its container's namespace went away
@@ -240,6 +259,7 @@ class Datapath:
             self.maps["ep_by_ip6"].delete(Ip6Key(addr=ipcache.addr6(ip)))
         else:
             self.maps["ep_by_ip"].delete(structs.u32(ipcache.be32(ip)))
+        self._bump_endpoint_generation()
         return found
 
     def attach_cgroup(

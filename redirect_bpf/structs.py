@@ -75,6 +75,7 @@ CT_SEEN_REPLY = 2
 CT_CLOSING = 4
 
 CFG_EVENTS_FORWARDED = 1
+CFG_HOST_ROUTING = 2  # pod to pod on this node by bpf_redirect_neigh
 
 SIDECAR_READ = 1  # sidecar_orig.flags: a proxy's SO_ORIGINAL_DST answered from it
 SIDECAR_CLIENT_CLOSED = 2  # the client's socket closed before any proxy read it
@@ -183,6 +184,8 @@ class CtEntry(ct.Structure):
         ("direction", u8),
         ("pad", u8),
         ("refreshed", u32),  # jiffies (low 32 bits) of the last lifetime write
+        ("deliver_ifindex", u32),  # host routing: the local endpoint's veth (0 = the stack)
+        ("deliver_gen", u32),  # config.ep_gen when deliver_ifindex was looked up
     ]
 
 
@@ -195,7 +198,7 @@ class DpConfig(ct.Structure):
         ("ct_tcp_close_s", u32),
         ("ct_udp_s", u32),
         ("ct_other_s", u32),
-        ("pad", u32),
+        ("ep_gen", u32),  # bumped when a local endpoint's address or veth changes
     ]
 
 

@@ -22,9 +22,10 @@ CT_GC_INTERVAL = 10.0  # seconds; the shortest lifetime, a closing TCP flow's, i
 class BpfDatapath:
     name = "bpf"
 
-    def __init__(self, pin_dir: str | None) -> None:
+    def __init__(self, pin_dir: str | None, host_routing: str = "bpf") -> None:
         self.pin_dir = Path(pin_dir) if pin_dir else pin_dir_for("default")
         self.dp = Datapath(self.pin_dir)
+        self.dp.set_host_routing(host_routing == "bpf")
         self.reader = None
         self.ids: dict[str, int] = {}
         self.labels_of: Callable[[int], list[str]] = lambda identity: []
@@ -80,7 +81,12 @@ class BpfDatapath:
     def status(self) -> dict:
         attached = len(self.dp.endpoints())
         how = "re-opened pins" if self.dp.reused else "loaded"
-        return {"state": "ok", "detail": f"{how} at {self.pin_dir}, {attached} endpoints attached"}
+        routing = "bpf" if self.dp.host_routing() else "legacy"
+        return {
+            "state": "ok",
+            "detail": f"{how} at {self.pin_dir}, {attached} endpoints attached, "
+            f"host routing {routing}",
+        }
 
     def counters(self) -> dict:
         return self.dp.counters()

@@ -55,6 +55,7 @@ class AgentConfig:
     admin: tuple[str, int] | None = None
     bpf: bool = True
     bpf_dir: str | None = None
+    host_routing: str = "bpf"  # "legacy": pod to pod through the host's forwarding path
     flow_capacity: int = 10_000
     proxy_worker: str = "inline"  # or "process": the node proxy outlives agent restarts
     path_escaped_slashes: str = "unescape"  # ProxyConfig.path_escaped_slashes (issue 19)
@@ -100,7 +101,7 @@ class Agent(AgentOps, ContainerOps, ClusterMode, FqdnLearning, ServiceOps):
         self.metrics = AgentMetrics(self)
         self.flows.add_enricher(self._enrich)
         self.flows.add_observer(self.metrics.count_flow, l7=False)  # (L7 counted by the proxy)
-        self.datapath = make_datapath(config.bpf, config.bpf_dir)
+        self.datapath = make_datapath(config.bpf, config.bpf_dir, config.host_routing)
         self.compiled = None
         self.proxy = None  # the node or sidecar proxy workers, once started
         self.timewait: TimeWaitReaper | None = None  # node mode: see agent/timewait.py

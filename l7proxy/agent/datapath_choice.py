@@ -58,7 +58,7 @@ def bpf_problem() -> str | None:
     return None
 
 
-def make_datapath(enabled: bool, pin_dir: str | None):
+def make_datapath(enabled: bool, pin_dir: str | None, host_routing: str = "bpf"):
     if not enabled:
         return NullDatapath("BPF turned off (--no-bpf)")
     problem = bpf_problem()
@@ -68,4 +68,4 @@ def make_datapath(enabled: bool, pin_dir: str | None):
         from l7proxy.agent.bpf_adapter import BpfDatapath
     except ImportError as exc:
         return NullDatapath(f"the BPF datapath is not available: {exc}")
-    return BpfDatapath(pin_dir)
+    return BpfDatapath(pin_dir, host_routing)

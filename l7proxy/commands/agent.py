@@ -58,6 +58,13 @@ def register(sub) -> None:
         help="pin directory on the BPF filesystem (default /sys/fs/bpf/l7proxy/default)",
     )
     p.add_argument(
+        "--host-routing",
+        choices=("bpf", "legacy"),
+        default="bpf",
+        help="pod to pod on this node: delivered by the BPF programs (default), or 'legacy': "
+        "forwarded by the host's stack, through its netfilter rules",
+    )
+    p.add_argument(
         "--sock-lb-cgroup",
         default="/sys/fs/cgroup/unified",
         metavar="PATH",
@@ -287,6 +294,7 @@ def run(args) -> int:
         admin=_hostport(args.admin) if args.admin else None,
         bpf=not args.no_bpf,
         bpf_dir=args.bpf_dir,
+        host_routing=args.host_routing,
         proxy_worker=args.proxy_worker,
         path_escaped_slashes=args.path_escaped_slashes,
         dns_min_ttl=args.dns_min_ttl,
