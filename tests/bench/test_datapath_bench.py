@@ -1,8 +1,11 @@
 """Kernel datapath numbers (issue 7), measured side by side in one run:
 
 - iperf3 TCP between two endpoints with the programs attached and an allowing policy, against the
-  same stream with no programs: target >= 0.97x, on the medians of IPERF_ROUNDS paired streams
-  (the order alternating, iperf3's two ends on one CPU).
+  same stream with no programs: target >= 0.97x, on the medians of IPERF_ROUNDS rounds of
+  streams (the order rotating, iperf3's two ends on one CPU). The programs deliver pod to pod
+  themselves (BPF host routing, the default); a third stream in every round has them forward
+  through the host's stack instead (--host-routing legacy), so the programs' own cost on the
+  stack's path is printed beside it.
 - per-packet program cost from kernel.bpf_stats_enabled (run_time_ns / run_cnt): target <= 150 ns.
   bpf_stats is not free: each run is timed between two clock reads, and in a 10 Gbit/s stream the
   program's first instructions and data come from a cold cache. So every round also times a tc
@@ -173,13 +176,15 @@ def test_datapath_numbers():
         try:
             null_bpf, null_fd = null_program()
             # -- iperf3: paired rounds without/with, the order alternating (shared machine)
-            bare, prog = [], []
+            bare, prog, legacy = [], [], []
             ns = cnt = 0  # program run time and runs, summed over the "with" runs
             per_round: list[float] = []  # ns per run of each "with" run
+            per_round_legacy: list[float] = []  # the same with legacy host routing
             floor_ns = floor_cnt = 0  # the same for NULL_PROGRAM
             floor_round: list[float] = []
 
-            def attach() -> None:
+            def attach(host_routing: bool = True) -> None:
+                dp.set_host_routing(host_routing)
                 dp.attach_endpoint(a.host_if, 1, 7001, a.pod_ip)
                 dp.attach_endpoint(b.host_if, 2, 7002, b.pod_ip)
                 dp.sync_endpoint(
@@ -204,16 +209,18 @@ def test_datapath_numbers():
             # by +-20 % from run to run whatever is attached (paired ratios 0.74-1.38 in one
             # run of 8 pairs), so both ends of iperf3 run on one CPU (the stream is bound by
             # that CPU, the programs' cost shows in full: ratios 0.93-1.12), IPERF_ROUNDS
-            # pairs, "with" first in every other pair, judged on the ratio of the medians.
+            # rounds of the three streams, their order rotating, judged on the ratio of the
+            # medians.
             cpu = IPERF_CPU if IPERF_CPU < (os.cpu_count() or 1) else 0
+            arms = ("without", "with", "legacy")
             for r in range(IPERF_ROUNDS):
-                for with_programs in (r % 2 == 1, r % 2 == 0):
-                    if with_programs:
-                        attach()
-                        prog.append(iperf(a, b, iperf_seconds, cpu))
-                        detach()
-                    else:
+                for arm in arms[r % 3 :] + arms[: r % 3]:
+                    if arm == "without":
                         bare.append(iperf(a, b, iperf_seconds, cpu))
+                        continue
+                    attach(host_routing=arm == "with")
+                    (prog if arm == "with" else legacy).append(iperf(a, b, iperf_seconds, cpu))
+                    detach()
             # Then separate streams measure the per-run cost with the stats on, and the floor
             # (NULL_PROGRAM) in the same kind of stream.
             old_stats = sysctl("kernel.bpf_stats_enabled")
@@ -227,6 +234,12 @@ def test_datapath_numbers():
                     ns, cnt = ns + round_ns, cnt + round_cnt
                     per_round.append(round_ns / max(round_cnt, 1))
                     detach()
+                    attach(host_routing=False)
+                    l_ns, l_cnt = stream_cost(
+                        {n: fds[n] for n in ("from_endpoint", "to_endpoint")}, a, b, seconds
+                    )
+                    per_round_legacy.append(l_ns / max(l_cnt, 1))
+                    detach()
                     f_ns, f_cnt = floor_cost(null_fd, a, b, seconds)
                     floor_ns, floor_cnt = floor_ns + f_ns, floor_cnt + f_cnt
                     floor_round.append(f_ns / max(f_cnt, 1))
@@ -234,6 +247,7 @@ def test_datapath_numbers():
                 sysctl("kernel.bpf_stats_enabled", old_stats)
             ratio = statistics.median(prog) / statistics.median(bare)
             paired = statistics.median(w / n for w, n in zip(prog, bare, strict=True))
+            legacy_ratio = statistics.median(legacy) / statistics.median(bare)
             assert cnt > 0 and floor_cnt > 0, "the programs never ran"
             per_packet = ns / cnt
             floor = floor_ns / floor_cnt
@@ -243,9 +257,12 @@ def test_datapath_numbers():
                 "iperf3_ratio": ratio,
                 "iperf3_ratio_paired_median": paired,
                 "iperf3_ratio_best_of_each": max(prog) / max(bare),
+                "iperf3_gbps_legacy_routing": legacy,
+                "iperf3_ratio_legacy_routing": legacy_ratio,
                 "program_runs": cnt,
                 "ns_per_packet": per_packet,
                 "ns_per_packet_per_run": per_round,
+                "ns_per_packet_per_run_legacy_routing": per_round_legacy,
                 "floor_ns_per_run": floor,
                 "floor_ns_per_run_per_round": floor_round,
                 "ns_per_packet_net": per_packet - floor,
@@ -289,8 +306,12 @@ def test_datapath_numbers():
         f"{ratio:.3f} (median of the {IPERF_ROUNDS} paired ratios {paired:.3f}, best of each "
         f"{max(prog) / max(bare):.3f}; runs without {' '.join(f'{x:.1f}' for x in bare)}, with "
         f"{' '.join(f'{x:.1f}' for x in prog)})\n"
+        f"datapath: the same programs forwarding through the host's stack (--host-routing legacy): "
+        f"median {statistics.median(legacy):.2f} Gbit/s, ratio {legacy_ratio:.3f} (runs "
+        f"{' '.join(f'{x:.1f}' for x in legacy)})\n"
         f"datapath: {per_packet:.1f} ns per program run over {cnt} runs (bpf_stats, on a separate stream; "
-        f"per iperf3 run: {', '.join(f'{x:.0f}' for x in per_round)})\n"
+        f"per iperf3 run: {', '.join(f'{x:.0f}' for x in per_round)}; with legacy host routing: "
+        f"{', '.join(f'{x:.0f}' for x in per_round_legacy)})\n"
         f"datapath: floor (a program that only returns, same stream) {floor:.1f} ns per run "
         f"({', '.join(f'{x:.0f}' for x in floor_round)}): net {per_packet - floor:.1f} ns\n"
         f"datapath: isolated test runs (ns): {results['test_run_ns']}\n"
