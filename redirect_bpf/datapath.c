@@ -603,9 +603,23 @@ static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags
 // counters are those of the forwarded path. The TTL is left alone, as on one L2 segment:
 // writing it (checksum and byte, with helpers) cost ~120 ns per packet in an iperf3 stream,
 // more than the forwarding path it saves; nothing can loop, the next hop is the endpoint.
-static __always_inline int deliver_to(__u32 ifindex)
+static __always_inline int deliver_to(__u32 ifindex, struct tuple *t, const int v6)
 {
-    return ifindex ? redirect_neigh(ifindex, NULL, 0, 0) : TC_ACT_OK;
+    if (!ifindex)
+        return TC_ACT_OK;
+    // The endpoint is the next hop (its veth is a point-to-point link to it): naming it saves
+    // the kernel a route lookup per packet (fib_table_lookup and the policy rules, ~1.2 % of
+    // the CPU of an iperf3 stream); the neighbour lookup is all that is left. One-CPU iperf3,
+    // 6 rounds in turns: 15.1 against 13.2 Gbit/s with the route lookup (NULL params).
+    struct bpf_redir_neigh nh = {};
+    if (v6) {
+        nh.nh_family = AF_INET6;
+        __builtin_memcpy(nh.ipv6_nh, t->daddr6, 16);
+    } else {
+        nh.nh_family = AF_INET;
+        nh.ipv4_nh = t->daddr;
+    }
+    return redirect_neigh(ifindex, &nh, sizeof(nh), 0);
 }
 
 // Where a packet leaving an endpoint goes when the program delivers it: the host-side veth of
@@ -629,7 +643,7 @@ static __always_inline int deliver_tracked(struct __sk_buff *skb, struct dp_conf
         ct->deliver_ifindex = delivery_ifindex(local_endpoint(t, v6));
         ct->deliver_gen = gen;
     }
-    return deliver_to(ct->deliver_ifindex);
+    return deliver_to(ct->deliver_ifindex, t, v6);
 }
 
 // One parsed packet of family v6 (a constant: each family gets its own inlined copy).
@@ -812,7 +826,7 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
     if (verdict == VERDICT_REDIRECTED || (cfg->flags & CFG_EVENTS_FORWARDED))
         emit_family(t, src_id, dst_id, event_ep, dir, verdict, reason, &v, v6);
     if (verdict == VERDICT_FORWARDED && dir == DIR_EGRESS && (cfg->flags & CFG_HOST_ROUTING))
-        return deliver_to(deliver);
+        return deliver_to(deliver, t, v6);
     return TC_ACT_OK;
 }
 
