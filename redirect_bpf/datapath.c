@@ -883,8 +883,8 @@ static __always_inline int proxy_upstream_answer(struct __sk_buff *skb, struct t
 
 // A packet from another node to a local endpoint (v6 a constant: each family gets its own
 // copy, so IPv4 keeps its 32-bit lookups). A flow the endpoint's own hooks track (either
-// direction) goes straight on to to_endpoint: one conntrack lookup is all an established flow
-// costs here. Otherwise: an answer to the proxy's upstream goes to the proxy's socket, and a flow
+// direction) goes straight on to to_endpoint, with host routing delivered to its veth by the
+// program: one conntrack lookup is all an established flow costs here. Otherwise: an answer to the proxy's upstream goes to the proxy's socket, and a flow
 // the endpoint's ingress policy sends to the proxy is assigned here (tc ingress is the only place
 // bpf_sk_assign works); anything else goes on to to_endpoint, which checks the policy with the
 // same identity.
@@ -908,8 +908,15 @@ static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t
         ct6_key_of(t, ep->ifindex, &key6);
     else
         ct_key_of(t, ep->ifindex, &key);
-    if (ct_find(&key, &key6, v6))
+    struct ct_entry *ct = ct_find(&key, &key6, v6);
+    if (ct) {
+        // Host routing: straight to the endpoint's veth (its to_endpoint still runs there).
+        __u32 zero = 0;
+        struct dp_config *cfg = config.lookup(&zero);
+        if (cfg && (cfg->flags & CFG_HOST_ROUTING) && !(ct->flags & CT_REDIRECTED))
+            return deliver_to(ep->ifindex, t, v6);
         return TC_ACT_OK;
+    }
     if (proxy_upstream_answer(skb, t, v6))
         return TC_ACT_OK;
     struct verdict v = {};
