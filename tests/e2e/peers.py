@@ -251,11 +251,9 @@ class Gateway:
         self.proc.send_signal(sig)
 
     def flows(self) -> list[dict]:
-        import json
-
         if not self.flow_log or not Path(self.flow_log).exists():
             return []
-        return [json.loads(line) for line in Path(self.flow_log).read_text().splitlines() if line]
+        return flow_log_lines(Path(self.flow_log))
 
     def wait_flows(self, count: int, timeout: float = 10.0) -> list[dict]:
         """The flows once at least `count` are written (flows are flushed asynchronously)."""
@@ -335,3 +333,12 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0, until_close=True)
         except (TimeoutError, ConnectionResetError):
             pass
         return out
+
+
+def flow_log_lines(path: Path) -> list[dict]:
+    """The flows a `--flow-log` file holds now. The gateway may be half way through writing a
+    line: only whole lines are flows."""
+    import json
+
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line]

@@ -5,7 +5,6 @@ one method denied."""
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.peers import policy_yaml
+from tests.e2e.peers import flow_log_lines, policy_yaml
 from tests.services.backend_server import handler
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -127,7 +126,7 @@ def test_gateway_listens_and_forwards_on_ipv6(backend6, tmp_path):
         assert curl6(f"http://[::1]:{port}/private") == "403"
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            seen = [json.loads(x) for x in flows.read_text().splitlines()] if flows.exists() else []
+            seen = flow_log_lines(flows)
             if len([f for f in seen if f.get("event_type") == "L7"]) >= 2:
                 break
             time.sleep(0.1)
