@@ -5,7 +5,8 @@ GET /public/index.html (wrk keeps its 50 connections for the whole run, so this 
 per-request path; the per-connection one runs 50 times). For the inline node proxy and for the
 proxy worker process (one agent each), rounds that take turns: (inline agent only) BPF attached
 with no policy, an L3/L4 policy (BPF only), then the same policy with an L7 rule (through the node
-proxy). Each row is the median over the rounds; the ratio of each L7 row is to the L3/L4 rounds
+proxy), and the L3/L4 policy once more with `--host-routing legacy` (pod to pod through the
+host's stack, as before host routing). Each row is the median over the rounds; the ratio of each L7 row is to the L3/L4 rounds
 of its own agent, measured between them. `BENCH_ROUNDS` (default 3) and `BENCH_NODE_SECONDS`
 (default 3) per wrk run. Noisy on a shared 2-core machine: read the load average next to it.
 """
@@ -26,6 +27,7 @@ import pytest
 
 from tests.agent_runner import AgentProcess, free_pool
 from tests.conftest import need_binary
+from tests.pinned_config import host_routing
 
 pytestmark = [pytest.mark.bench, pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(300)]
 
@@ -45,6 +47,7 @@ L7_RULES = '          rules: {http: [{method: GET, path: "/public/.*"}]}\n'
 ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "3")))
 SECONDS = max(1, int(os.environ.get("BENCH_NODE_SECONDS", "3")))
 L4, L7 = "L3/L4 policy (BPF only)", "L7 policy, node proxy"
+L4_LEGACY = "L3/L4 policy, --host-routing legacy"
 NONE = "BPF attached, no policy"
 
 
@@ -114,6 +117,9 @@ def _run(worker: str, tmp: Path) -> dict[str, list[tuple[float, int]]]:
                 rows.setdefault(name if doc == "l7" else f"{L4} [{worker} agent]", []).append(
                     _wrk(agent, url)
                 )
+                if worker == "inline" and doc == "l4":  # the same policy, the host's stack
+                    with host_routing(agent.pin_dir, on=False):
+                        rows.setdefault(L4_LEGACY, []).append(_wrk(agent, url))
     return rows
 
 
@@ -184,5 +190,8 @@ def test_node_mode_throughput_through_bpf_and_the_node_proxy():
         ratio = f"{median[name] / base:5.2f}x L3/L4" if base else ""
         if name == f"{L4} [inline agent]":
             ratio = f"{median[name] / median[NONE]:5.2f}x no policy"
+        if name == L4_LEGACY:  # what the L7 rows kept of L3/L4 before host routing
+            ratio = f"L7 inline {median[f'{L7} (inline)'] / median[name]:.2f}x, process "
+            ratio += f"{median[f'{L7} (process)'] / median[name]:.2f}x of this"
         print(f"  {name:36s} {median[name]:8.0f} req/s  {ratio}  non-2xx {errors}  [{rounds}]")
     assert all(rps > 0 and errors == 0 for runs in rows.values() for rps, errors in runs), rows

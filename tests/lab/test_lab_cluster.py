@@ -40,6 +40,7 @@ from tests.lab.conftest import (
     remote_view,
     wait_for,
 )
+from tests.pinned_config import host_routing
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -416,28 +417,6 @@ def node_forward_counter(node: str, src: str, dst: str):
         subprocess.run([*enter, "nft", "delete", "table", "inet", "l7hrlab"], check=False)
 
 
-@contextlib.contextmanager
-def host_routing_off(node: str):
-    """--host-routing legacy on one node, for a while (its pinned config map)."""
-    from l7proxy.lab import state
-    from redirect_bpf import bpfsys, structs
-    from redirect_bpf.maps import BpfMap
-
-    key_type, value_type, percpu = structs.MAPS["config"]
-    fd = bpfsys.obj_get(state.BPF_PIN_ROOT / f"lab-{node}" / "map_config")
-    config = BpfMap("config", fd, key_type, value_type, percpu)
-    cfg = config.get(key_type(0))
-    cfg.flags &= ~structs.CFG_HOST_ROUTING
-    config.put(key_type(0), cfg)
-    try:
-        yield
-    finally:
-        cfg = config.get(key_type(0))
-        cfg.flags |= structs.CFG_HOST_ROUTING
-        config.put(key_type(0), cfg)
-        config.close()
-
-
 def test_tracked_packets_from_another_node_skip_the_destination_node_s_stack(lab):
     """Host routing across nodes: once the destination's hooks track a flow, its packets from
     another node go from the tunnel (or underlay) device straight to the pod's veth; only the
@@ -456,7 +435,13 @@ def test_tracked_packets_from_another_node_skip_the_destination_node_s_stack(lab
     with node_forward_counter("node2", reader, backend) as forwarded:
         assert post() == "201"
         by_bpf = forwarded()
-    with host_routing_off("node2"), node_forward_counter("node2", reader, backend) as forwarded:
+    from l7proxy.lab import state
+
+    node2_pins = state.BPF_PIN_ROOT / "lab-node2"
+    with (
+        host_routing(node2_pins, on=False),
+        node_forward_counter("node2", reader, backend) as forwarded,
+    ):
         assert post() == "201"
         by_stack = forwarded()
     assert by_bpf <= 3 < 10 < by_stack, (by_bpf, by_stack)
