@@ -633,8 +633,8 @@ static __always_inline __u32 delivery_ifindex(struct endpoint_info *dst)
 // destination's veth is remembered in the flow's entry and looked up again only when a local
 // endpoint changed since (config.ep_gen): a lookup in ep_by_ip cost ~55 ns per packet in an
 // iperf3 stream, the entry's line is already in cache.
-static __always_inline int deliver_tracked(struct __sk_buff *skb, struct dp_config *cfg,
-                                           struct ct_entry *ct, struct tuple *t, const int v6)
+static __always_inline int deliver_tracked(struct dp_config *cfg, struct ct_entry *ct,
+                                           struct tuple *t, const int v6)
 {
     if (!(cfg->flags & CFG_HOST_ROUTING) || (ct->flags & CT_REDIRECTED))
         return TC_ACT_OK;
@@ -699,7 +699,7 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
             // A reply: the other direction of a flow this endpoint tracks.
             ct_touch(ct, cfg, t, 1);
             count(dir, VERDICT_FORWARDED, REASON_CT_REPLY, len);
-            return dir == DIR_EGRESS ? deliver_tracked(skb, cfg, ct, t, v6) : TC_ACT_OK;
+            return dir == DIR_EGRESS ? deliver_tracked(cfg, ct, t, v6) : TC_ACT_OK;
         }
     }
     if (ct && (ct->flags & CT_CLOSING) && t->proto == IPPROTO_TCP &&
@@ -751,7 +751,7 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
             return TC_ACT_OK;
         }
         count(dir, VERDICT_FORWARDED, REASON_CT_ESTABLISHED, len);
-        return dir == DIR_EGRESS ? deliver_tracked(skb, cfg, ct, t, v6) : TC_ACT_OK;
+        return dir == DIR_EGRESS ? deliver_tracked(cfg, ct, t, v6) : TC_ACT_OK;
     }
 
     // A new flow: look up the endpoint, the peer's identity and the endpoint's policy.
@@ -884,22 +884,14 @@ static __always_inline int proxy_upstream_answer(struct __sk_buff *skb, struct t
 // A packet from another node to a local endpoint (v6 a constant: each family gets its own
 // copy, so IPv4 keeps its 32-bit lookups). A flow the endpoint's own hooks track (either
 // direction) goes straight on to to_endpoint, with host routing delivered to its veth by the
-// program: one conntrack lookup is all an established flow costs here. Otherwise: an answer to the proxy's upstream goes to the proxy's socket, and a flow
-// the endpoint's ingress policy sends to the proxy is assigned here (tc ingress is the only place
-// bpf_sk_assign works); anything else goes on to to_endpoint, which checks the policy with the
-// same identity.
+// program: one conntrack lookup is all an established flow costs here. Otherwise: an answer to
+// the proxy's upstream goes to the proxy's socket, and a flow the endpoint's ingress policy
+// sends to the proxy is assigned here (tc ingress is the only place bpf_sk_assign works);
+// anything else goes on to to_endpoint, which checks the policy with the same identity.
 static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t, __u32 src_id,
                                           const int v6)
 {
-    struct endpoint_info *ep;
-    if (v6) {
-        struct ip6_key daddr6;
-        __builtin_memcpy(daddr6.addr, t->daddr6, 16);
-        ep = ep_by_ip6.lookup(&daddr6);
-    } else {
-        __be32 daddr = t->daddr;
-        ep = ep_by_ip.lookup(&daddr);
-    }
+    struct endpoint_info *ep = local_endpoint(t, v6);
     if (!ep || ep->sidecar_port)
         return TC_ACT_OK;
     struct ct_key key = {};

@@ -91,6 +91,7 @@ class Datapath:
                 self.maps["ep_by_ifindex"].delete(structs.u32(ifindex))
                 self._forget_addresses(ep)
                 self._policy.forget(ep.endpoint_id)
+                self._bump_endpoint_generation()
         # cgroups attached by an earlier agent are known only by id: find their paths
         known = {os.stat(p).st_ino for p in self._cgroups.sidecar_fds if os.path.exists(p)}
         for cg_id, _ in list(self.maps["ep_by_cgroup"].items()):
@@ -130,10 +131,7 @@ class Datapath:
         """On (the default): the programs deliver pod-to-pod packets of this node to the
         destination's veth (bpf_redirect_neigh); off: the host's stack forwards them, through
         its netfilter rules (Cilium's legacy host routing)."""
-        flags = self.config().flags
-        self.set_config(
-            flags=flags | structs.CFG_HOST_ROUTING if on else flags & ~structs.CFG_HOST_ROUTING
-        )
+        switch_config_flag(self.maps["config"], structs.CFG_HOST_ROUTING, on)
 
     def host_routing(self) -> bool:
         return bool(self.config().flags & structs.CFG_HOST_ROUTING)
@@ -229,6 +227,7 @@ class Datapath:
             self.maps["ep_by_ifindex"].delete(structs.u32(ifindex))
             self._forget_addresses(info)
             self._policy.forget(info.endpoint_id)
+            self._bump_endpoint_generation()
 
     def _forget_addresses(self, info: EndpointInfo) -> None:
         """Remove an endpoint's entries by address (ep_by_ip, ep_by_ip6)."""
@@ -236,7 +235,6 @@ class Datapath:
             self.maps["ep_by_ip"].delete(structs.u32(info.ipv4))
         if any(info.ipv6):
             self.maps["ep_by_ip6"].delete(Ip6Key(addr=info.ipv6))
-        self._bump_endpoint_generation()
 
     def forget_endpoint(self, ip: str) -> bool:
         """Remove an endpoint whose veth is already gone (its container's namespace went away
@@ -357,3 +355,14 @@ class Datapath:
         ).start()
         self._readers.append(reader)
         return reader
+
+
+def switch_config_flag(config_map, flag: int, on: bool) -> bool:
+    """Set or clear one CFG_* flag in a datapath's config map (this process's or a running
+    agent's, opened from its pin); returns whether it was set before."""
+    key = structs.u32(0)
+    cfg = config_map.get(key)
+    before = bool(cfg.flags & flag)
+    cfg.flags = cfg.flags | flag if on else cfg.flags & ~flag
+    config_map.put(key, cfg)
+    return before

@@ -11,23 +11,16 @@ from pathlib import Path
 @contextlib.contextmanager
 def host_routing(pin_dir: Path, on: bool) -> Iterator[None]:
     """BPF host routing on or off for a while; the previous setting afterwards."""
-    from redirect_bpf import bpfsys, structs
-    from redirect_bpf.maps import BpfMap
+    from redirect_bpf import structs
+    from redirect_bpf.datapath import switch_config_flag
+    from redirect_bpf.maps import open_pinned_maps, release
 
-    key_type, value_type, percpu = structs.MAPS["config"]
-    config = BpfMap("config", bpfsys.obj_get(pin_dir / "map_config"), key_type, value_type, percpu)
+    maps = open_pinned_maps(pin_dir, {"config": structs.MAPS["config"]})
     try:
-        cfg = config.get(key_type(0))
-        before = cfg.flags & structs.CFG_HOST_ROUTING
-        cfg.flags = (cfg.flags & ~structs.CFG_HOST_ROUTING) | (
-            structs.CFG_HOST_ROUTING if on else 0
-        )
-        config.put(key_type(0), cfg)
+        before = switch_config_flag(maps["config"], structs.CFG_HOST_ROUTING, on)
         try:
             yield
         finally:
-            cfg = config.get(key_type(0))
-            cfg.flags = (cfg.flags & ~structs.CFG_HOST_ROUTING) | before
-            config.put(key_type(0), cfg)
+            switch_config_flag(maps["config"], structs.CFG_HOST_ROUTING, before)
     finally:
-        config.close()
+        release(maps, (), None)
