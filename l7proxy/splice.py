@@ -88,8 +88,7 @@ class Splicer:
         with bytes left is only a wake-up more: the watchers are level-triggered.)"""
         owner = self.owner
         if self.writing:
-            self.loop.remove_writer(self.dst)
-            self.writing = False
+            self._stop_writing()
         drained = False
         try:
             while True:
@@ -165,15 +164,17 @@ class Splicer:
             self.loop.remove_reader(self.src)
             self.reading = False
         if self.writing:
-            self.loop.remove_writer(self.dst)
-            self.writing = False
+            self._stop_writing()
+
+    def _stop_writing(self) -> None:
+        self.loop.remove_writer(self.dst)
+        self.writing = False
 
     def drop_sink(self) -> None:
         """Let go of the sink socket between messages (the pipe is empty): the splicer's dup()
         must not keep a connection open that its owner closes or hands on meanwhile."""
         if self.writing:
-            self.loop.remove_writer(self.dst)
-            self.writing = False
+            self._stop_writing()
         if self.dst >= 0:
             os.close(self.dst)
             self.dst = -1

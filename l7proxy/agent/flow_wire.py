@@ -21,9 +21,9 @@ url, version, status, [logged]], ...]}`); a run of HTTP flows is then one flat l
 row of all thirteen fields per flow this halved the worker's encoding (`Uplink.encode`, 1.76 ->
 0.82 us per flow) and the agent's parse, decode and ingest (`WorkerHandle.uplink`, 2.13 -> 1.12
 us), measured on 300-flow batches; JSON's strings and 19-digit integers were most of the agent's
-time (`perf`). A worker from before
-this form sends `["http", ref, time_ns, verdict, direction, sport, dport, method, url, version,
-status, latency_ns, [logged]]` rows in a `flows` line; the agent still reads them.
+time (`perf`). A worker from before this form sends `["http", ref, time_ns, verdict, direction,
+sport, dport, method, url, version, status, latency_ns, [logged]]` rows in a `flows` line; the
+agent still reads them.
 """
 
 from __future__ import annotations
