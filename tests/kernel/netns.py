@@ -197,3 +197,27 @@ def udp_ok(
         return False
     finally:
         s.close()
+
+
+@contextlib.contextmanager
+def forward_counter(src: str, dst: str, *, netns: str | None = None, both_ways: bool = True):
+    """A netfilter table of its own counting the packets a namespace's stack forwards from src
+    to dst (and back, with both_ways); the host's namespace unless `netns` is given. Yields a
+    function that reads the count."""
+    enter = ("nsenter", f"--net=/var/run/netns/{netns}", "--") if netns else ()
+    family = "ip6" if ":" in src else "ip"
+    table = f"l7fwd{uuid.uuid4().hex[:6]}"
+    pairs = ((src, dst), (dst, src)) if both_ways else ((src, dst),)
+    rules = "".join(f"  {family} saddr {a} {family} daddr {b} counter\n" for a, b in pairs)
+    chain = " chain passing {\n  type filter hook forward priority 0;\n"
+    subprocess.run([*enter, "nft", "-f", "-"], input=f"table inet {table} {{\n{chain}{rules} }}\n}}\n",
+                   text=True, check=True)  # fmt: skip
+
+    def packets() -> int:
+        out = sh(*enter, "nft", "list", "table", "inet", table).stdout
+        return sum(int(w.split()[0]) for w in out.split("counter packets ")[1:])
+
+    try:
+        yield packets
+    finally:
+        sh(*enter, "nft", "delete", "table", "inet", table, check=False)

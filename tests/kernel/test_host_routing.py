@@ -5,46 +5,28 @@ forwarding path carries) and the datapath's own counters and conntrack entries."
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import subprocess
 import uuid
 
 import pytest
 
 from policies import INGRESS, PolicyEntry, PolicyKey
 from tests.kernel.conftest import drain, fresh_reader
-from tests.kernel.netns import BLOCKED, EchoServer, free_octets, pod, sock_in, tcp_ok, udp_ok
+from tests.kernel.netns import (
+    BLOCKED,
+    EchoServer,
+    forward_counter,
+    free_octets,
+    pod,
+    sock_in,
+    tcp_ok,
+    udp_ok,
+)
 from tests.kernel.netns6 import EchoServer6, free_subnets, pod6, tcp6_ok, udp6_ok
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(90)]
 
 ALLOW = PolicyEntry(False, 0, ("test",))
-
-
-@contextlib.contextmanager
-def forward_counter(src: str, dst: str):
-    """A netfilter table counting the packets the host forwards between src and dst (both
-    ways); yields a function that reads the count."""
-    family = "ip6" if ":" in src else "ip"
-    table = f"l7hr{uuid.uuid4().hex[:6]}"
-    rules = (
-        f"table inet {table} {{\n chain passing {{\n  type filter hook forward priority 0;\n"
-        f"  {family} saddr {src} {family} daddr {dst} counter\n"
-        f"  {family} saddr {dst} {family} daddr {src} counter\n }}\n}}\n"
-    )
-    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
-
-    def packets() -> int:
-        out = subprocess.run(
-            ["nft", "list", "table", "inet", table], capture_output=True, text=True, check=True
-        ).stdout
-        return sum(int(w.split()[0]) for w in out.split("counter packets ")[1:])
-
-    try:
-        yield packets
-    finally:
-        subprocess.run(["nft", "delete", "table", "inet", table], check=False)
 
 
 def forwarded_at(dp, direction: str) -> int:

@@ -14,7 +14,6 @@ frontend and other run on node1, backend on node2, reader on node3 (tests/lab/po
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
@@ -26,6 +25,7 @@ from datetime import UTC, datetime
 import pytest
 
 from redirect_bpf import ipcache
+from tests.kernel.netns import forward_counter
 from tests.lab.conftest import (
     HERE,
     REPO,
@@ -395,28 +395,6 @@ def _link_state(node: str) -> str:
     return _link(node)["state"]
 
 
-@contextlib.contextmanager
-def node_forward_counter(node: str, src: str, dst: str):
-    """A netfilter counter on a node's forward hook for packets src -> dst: what that node's
-    stack forwards. Yields a function that reads it."""
-    enter = ("nsenter", f"--net=/var/run/netns/l7lab-{node}", "--")
-    rules = (
-        "table inet l7hrlab {\n chain passing {\n  type filter hook forward priority 0;\n"
-        f"  ip saddr {src} ip daddr {dst} counter\n }}\n}}\n"
-    )
-    subprocess.run([*enter, "nft", "-f", "-"], input=rules, text=True, check=True)
-
-    def packets() -> int:
-        out = subprocess.run([*enter, "nft", "list", "table", "inet", "l7hrlab"],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
-        return int(out.split("counter packets ")[1].split()[0])
-
-    try:
-        yield packets
-    finally:
-        subprocess.run([*enter, "nft", "delete", "table", "inet", "l7hrlab"], check=False)
-
-
 def test_tracked_packets_from_another_node_skip_the_destination_node_s_stack(lab):
     """Host routing across nodes: once the destination's hooks track a flow, its packets from
     another node go from the tunnel (or underlay) device straight to the pod's veth; only the
@@ -432,7 +410,7 @@ def test_tracked_packets_from_another_node_skip_the_destination_node_s_stack(lab
         )  # fmt: skip
         return out.strip()[-3:]
 
-    with node_forward_counter("node2", reader, backend) as forwarded:
+    with forward_counter(reader, backend, netns="l7lab-node2", both_ways=False) as forwarded:
         assert post() == "201"
         by_bpf = forwarded()
     from l7proxy.lab import state
@@ -440,7 +418,7 @@ def test_tracked_packets_from_another_node_skip_the_destination_node_s_stack(lab
     node2_pins = state.BPF_PIN_ROOT / "lab-node2"
     with (
         host_routing(node2_pins, on=False),
-        node_forward_counter("node2", reader, backend) as forwarded,
+        forward_counter(reader, backend, netns="l7lab-node2", both_ways=False) as forwarded,
     ):
         assert post() == "201"
         by_stack = forwarded()
