@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -51,12 +52,19 @@ def free_octets(n: int) -> list[int]:
     return random.sample(choices, n)
 
 
+def enable_ipv4_forwarding() -> None:
+    """The host routes between the pods' /30s (the agent sets the same). A fresh machine boots
+    with it off: a test that ran before any agent did would see its pods cut off."""
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+
+
 @contextlib.contextmanager
 def pod(subnet_octet: int) -> Iterator[Pod]:
     """A namespace with a /30 veth to the host: host 10.250.N.1, pod 10.250.N.2."""
     tag = uuid.uuid4().hex[:6]
     netns, host_if, peer_if = f"l7t-{tag}", f"l7h{tag}", f"l7p{tag}"
     host_ip, pod_ip = f"10.250.{subnet_octet}.1", f"10.250.{subnet_octet}.2"
+    enable_ipv4_forwarding()
     sh("ip", "netns", "add", netns)
     try:
         sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
