@@ -596,13 +596,14 @@ static __always_inline __u32 peer_identity(struct tuple *t, __u8 dir, const int 
 static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
     (void *)BPF_FUNC_redirect_neigh;
 
-// Pod to pod on this node, allowed: the program hands the packet to the destination's veth
-// itself (bpf_redirect_neigh), as Cilium's BPF host routing does, instead of the host's
-// forwarding path (ip_rcv, netfilter's hooks and conntrack, ip_forward). The destination's
-// to_endpoint still runs on that veth's egress, so its ingress policy, conntrack entry and
-// counters are those of the forwarded path. The TTL is left alone, as on one L2 segment:
-// writing it (checksum and byte, with helpers) cost ~120 ns per packet in an iperf3 stream,
-// more than the forwarding path it saves; nothing can loop, the next hop is the endpoint.
+// A tracked packet from another node to a pod of this one (remote_ingress): the program hands
+// it to the pod's veth itself (bpf_redirect_neigh) instead of the host's forwarding path
+// (ip_rcv, netfilter's hooks and conntrack, ip_forward). The pod's to_endpoint still runs on
+// that veth's egress, so its ingress policy, conntrack entry and counters are those of the
+// forwarded path. (Pod to pod on this node goes further: leave_endpoint.) The TTL is left
+// alone, as on one L2 segment: writing it (checksum and byte, with helpers) cost ~120 ns per
+// packet in an iperf3 stream, more than the forwarding path it saves; nothing can loop, the
+// next hop is the endpoint.
 static __always_inline int deliver_to(__u32 ifindex, struct tuple *t, const int v6)
 {
     if (!ifindex)
@@ -629,29 +630,30 @@ static __always_inline __u32 delivery_ifindex(struct endpoint_info *dst)
     return dst && !dst->sidecar_port ? dst->ifindex : 0;
 }
 
-// A tracked packet leaving its endpoint: delivered by deliver_to when host routing is on. The
-// destination's veth is remembered in the flow's entry and looked up again only when a local
-// endpoint changed since (config.ep_gen): a lookup in ep_by_ip cost ~55 ns per packet in an
-// iperf3 stream, the entry's line is already in cache.
-static __always_inline int deliver_tracked(struct dp_config *cfg, struct ct_entry *ct,
-                                           struct tuple *t, const int v6)
+// Where a tracked packet leaving its endpoint goes with host routing on: the veth of the local
+// endpoint it is addressed to (0: the stack). It is remembered in the flow's entry and looked up
+// again only when a local endpoint changed since (config.ep_gen): a lookup in ep_by_ip cost
+// ~55 ns per packet in an iperf3 stream, the entry's line is already in cache.
+static __always_inline __u32 tracked_delivery(struct dp_config *cfg, struct ct_entry *ct,
+                                              struct tuple *t, const int v6)
 {
     if (!(cfg->flags & CFG_HOST_ROUTING) || (ct->flags & CT_REDIRECTED))
-        return TC_ACT_OK;
+        return 0;
     __u32 gen = cfg->ep_gen;
     if (ct->deliver_gen != gen) {
         ct->deliver_ifindex = delivery_ifindex(local_endpoint(t, v6));
         ct->deliver_gen = gen;
     }
-    return deliver_to(ct->deliver_ifindex, t, v6);
+    return ct->deliver_ifindex;
 }
 
-// One parsed packet of family v6 (a constant: each family gets its own inlined copy).
+// One parsed packet of family v6 (a constant: each family gets its own inlined copy) at the
+// endpoint whose host-side veth is ifindex, in direction dir. A packet leaving it (DIR_EGRESS)
+// that host routing hands to a local endpoint sets *deliver to that endpoint's veth.
 static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct tuple *t,
-                                         const int v6)
+                                         const int v6, __u32 ifindex, __u32 *deliver)
 {
     struct endpoint_info *ep;
-    __u32 ifindex = skb->ifindex;
     struct verdict v = {};
     __u8 verdict, reason;
     __u32 zero = 0;
@@ -699,7 +701,9 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
             // A reply: the other direction of a flow this endpoint tracks.
             ct_touch(ct, cfg, t, 1);
             count(dir, VERDICT_FORWARDED, REASON_CT_REPLY, len);
-            return dir == DIR_EGRESS ? deliver_tracked(cfg, ct, t, v6) : TC_ACT_OK;
+            if (dir == DIR_EGRESS)
+                *deliver = tracked_delivery(cfg, ct, t, v6);
+            return TC_ACT_OK;
         }
     }
     if (ct && (ct->flags & CT_CLOSING) && t->proto == IPPROTO_TCP &&
@@ -751,7 +755,9 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
             return TC_ACT_OK;
         }
         count(dir, VERDICT_FORWARDED, REASON_CT_ESTABLISHED, len);
-        return dir == DIR_EGRESS ? deliver_tracked(cfg, ct, t, v6) : TC_ACT_OK;
+        if (dir == DIR_EGRESS)
+            *deliver = tracked_delivery(cfg, ct, t, v6);
+        return TC_ACT_OK;
     }
 
     // A new flow: look up the endpoint, the peer's identity and the endpoint's policy.
@@ -775,13 +781,13 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
             reason = REASON_NO_PROXY;
         }
     }
-    __u32 deliver = 0;  // a local endpoint's veth, for deliver_to
+    __u32 delivery = 0;  // a local endpoint's veth
     if (verdict == VERDICT_FORWARDED && dir == DIR_EGRESS) {
         struct endpoint_info *dst = local_endpoint(t, v6);
         if (local_ingress_redirect(t, dst, src_id, &v, &event_ep))
             verdict = VERDICT_REDIRECTED;
         else
-            deliver = delivery_ifindex(dst);
+            delivery = delivery_ifindex(dst);
     }
     if (verdict == VERDICT_REDIRECTED &&
         assign_to_proxy_family(skb, t, v.value.proxy_port, v6) < 0) {
@@ -813,7 +819,7 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
         .proxy_port = verdict == VERDICT_REDIRECTED ? v.value.proxy_port : 0,
         .flags = verdict == VERDICT_REDIRECTED ? CT_REDIRECTED : 0,
         .tcp_flags = t->tcp_flags,
-        .deliver_ifindex = deliver,
+        .deliver_ifindex = delivery,
         // An entry made by to_endpoint learns its delivery on the first packet back.
         .deliver_gen = dir == DIR_EGRESS ? cfg->ep_gen : cfg->ep_gen - 1,
     };
@@ -826,31 +832,56 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
     if (verdict == VERDICT_REDIRECTED || (cfg->flags & CFG_EVENTS_FORWARDED))
         emit_family(t, src_id, dst_id, event_ep, dir, verdict, reason, &v, v6);
     if (verdict == VERDICT_FORWARDED && dir == DIR_EGRESS && (cfg->flags & CFG_HOST_ROUTING))
-        return deliver_to(deliver, t, v6);
+        *deliver = delivery;
     return TC_ACT_OK;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
+// A packet leaving its endpoint. With host routing, one addressed to another endpoint of this
+// node is judged here twice, as Cilium's from-container does with the destination's policy
+// program: by the source's egress policy and conntrack entry, then by the destination's ingress
+// policy and entry (keyed by the destination's veth, the entry to_endpoint keeps for packets
+// that come through the stack), and then handed into the destination's namespace with
+// bpf_redirect_peer. The packet skips the host's forwarding path, the destination veth's
+// transmit and tc egress (to_endpoint) and the backlog queue: one program run per packet where
+// bpf_redirect_neigh to the veth took two and a veth transmit.
+static __always_inline int leave_endpoint(struct __sk_buff *skb, struct tuple *t, const int v6)
 {
-    struct tuple t;
-    int parsed = parse(skb, &t);
-    if (parsed == PARSE_IPV6)
-        return handle_family(skb, dir, &t, 1);
-    if (parsed < 0)
-        return TC_ACT_OK;  // not IP (ARP) or truncated
-    return handle_family(skb, dir, &t, 0);
+    __u32 deliver = 0, unused = 0;
+    int rc = handle_family(skb, DIR_EGRESS, t, v6, skb->ifindex, &deliver);
+    if (rc != TC_ACT_OK || !deliver)
+        return rc;
+    rc = handle_family(skb, DIR_INGRESS, t, v6, deliver, &unused);
+    if (rc != TC_ACT_OK)
+        return rc;
+    // The packet keeps the source side's MAC addresses; skb_scrub_packet marks it PACKET_HOST
+    // in the destination's namespace, where nothing looks at them again.
+    return bpf_redirect_peer(deliver, 0);
 }
 
 // tc ingress of the host-side veth: packets leaving the endpoint (its egress policy).
 int from_endpoint(struct __sk_buff *skb)
 {
-    return handle(skb, DIR_EGRESS);
+    struct tuple t;
+    int parsed = parse(skb, &t);
+    if (parsed == PARSE_IPV6)
+        return leave_endpoint(skb, &t, 1);
+    if (parsed < 0)
+        return TC_ACT_OK;  // not IP (ARP) or truncated
+    return leave_endpoint(skb, &t, 0);
 }
 
-// tc egress of the host-side veth: packets entering the endpoint (its ingress policy).
+// tc egress of the host-side veth: packets entering the endpoint (its ingress policy) that came
+// through the stack or from another node.
 int to_endpoint(struct __sk_buff *skb)
 {
-    return handle(skb, DIR_INGRESS);
+    struct tuple t;
+    __u32 unused = 0;
+    int parsed = parse(skb, &t);
+    if (parsed == PARSE_IPV6)
+        return handle_family(skb, DIR_INGRESS, &t, 1, skb->ifindex, &unused);
+    if (parsed < 0)
+        return TC_ACT_OK;  // not IP (ARP) or truncated
+    return handle_family(skb, DIR_INGRESS, &t, 0, skb->ifindex, &unused);
 }
 
 // -- across nodes (redirect_bpf/overlay.py attaches these) ------------------------------------

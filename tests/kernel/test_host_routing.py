@@ -1,12 +1,14 @@
-"""BPF host routing: pod to pod on one node is delivered by from_endpoint (bpf_redirect_neigh)
-to the destination's veth, not forwarded by the host's stack; the destination's to_endpoint
-still enforces. Observed with a netfilter forward-hook counter (it counts what the host's
-forwarding path carries) and the datapath's own counters and conntrack entries."""
+"""BPF host routing: pod to pod on one node is judged by the source's from_endpoint against both
+ends' policies and handed into the destination's namespace (bpf_redirect_peer), not forwarded
+by the host's stack nor sent through the destination's veth. Observed with a netfilter
+forward-hook counter (it counts what the host's forwarding path carries), the host-side veths'
+transmit counters, and the datapath's own counters and conntrack entries."""
 
 from __future__ import annotations
 
 import socket
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +38,10 @@ def forwarded_at(dp, direction: str) -> int:
     )  # fmt: skip
 
 
+def tx_packets(host_if: str) -> int:
+    return int(Path(f"/sys/class/net/{host_if}/statistics/tx_packets").read_text())
+
+
 def test_pod_to_pod_skips_the_host_stack_and_the_destination_still_enforces(clean):
     t = clean
     a, b, c = t.pods
@@ -43,6 +49,7 @@ def test_pod_to_pod_skips_the_host_stack_and_the_destination_still_enforces(clea
     assert t.dp.host_routing()  # the default
     with forward_counter(a.pod_ip, b.pod_ip) as forwarded:
         ingress_before = forwarded_at(t.dp, "INGRESS")
+        sent_before = {p.host_if: tx_packets(p.host_if) for p in (a, b)}
         assert tcp_ok(a.netns, b.pod_ip, port)
         assert udp_ok(a.netns, b.pod_ip, port)
         # A megabyte each way over one connection: every segment and ACK went around the stack.
@@ -57,10 +64,14 @@ def test_pod_to_pod_skips_the_host_stack_and_the_destination_still_enforces(clea
         s.close()
         assert bytes(got) == data
         assert forwarded() == 0
-        # ... and B's to_endpoint counted them (its ingress hook ran on every packet).
+        # ... nor through the veths' host ends (bpf_redirect_peer skips their transmit; a
+        # neighbour probe may pass there) ...
+        for p in (a, b):
+            assert tx_packets(p.host_if) - sent_before[p.host_if] <= 3, p.host_if
+        # ... and B's ingress policy judged every packet (in A's program run).
         assert forwarded_at(t.dp, "INGRESS") - ingress_before > 30
 
-        # B's ingress policy admits only C: A's SYN, delivered by A's hook, dies at B's.
+        # B's ingress policy admits only C: A's SYN, allowed by A's egress, dies at B's ingress.
         t.dp.sync_endpoint(
             t.ids[1],
             {PolicyKey(t.identities[2], INGRESS, 0, 0, 0): ALLOW},
@@ -101,8 +112,8 @@ def test_both_ends_remember_where_their_packets_go(clean):
     assert udp_ok(a.netns, b.pod_ip, t.servers[1].port)
     ifindex = {p.host_if: socket.if_nametoindex(p.host_if) for p in (a, b)}
     entries = {k.ifindex: e for k, e in t.dp.conntrack() if k.ifindex in ifindex.values()}
-    # A's entry (made by A's from_endpoint) sends A's packets to B's veth; B's (made by B's
-    # to_endpoint) learned A's veth from B's answer.
+    # A's entry (its egress step) sends A's packets to B's veth; B's (keyed by B's veth, made
+    # by the ingress step of the same program run) learned A's veth from B's answer.
     assert entries[ifindex[a.host_if]].deliver_ifindex == ifindex[b.host_if]
     assert entries[ifindex[b.host_if]].deliver_ifindex == ifindex[a.host_if]
     gen = t.dp.config().ep_gen
