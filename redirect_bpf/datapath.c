@@ -591,38 +591,6 @@ static __always_inline __u32 peer_identity(struct tuple *t, __u8 dir, const int 
     return identity_of(dir == DIR_INGRESS ? t->saddr : t->daddr);
 }
 
-// bcc's helpers.h declares bpf_redirect_neigh with the three arguments of its first draft; the
-// kernel's takes (ifindex, params, plen, flags).
-static long (*redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
-    (void *)BPF_FUNC_redirect_neigh;
-
-// A tracked packet from another node to a pod of this one (remote_ingress): the program hands
-// it to the pod's veth itself (bpf_redirect_neigh) instead of the host's forwarding path
-// (ip_rcv, netfilter's hooks and conntrack, ip_forward). The pod's to_endpoint still runs on
-// that veth's egress, so its ingress policy, conntrack entry and counters are those of the
-// forwarded path. (Pod to pod on this node goes further: leave_endpoint.) The TTL is left
-// alone, as on one L2 segment: writing it (checksum and byte, with helpers) cost ~120 ns per
-// packet in an iperf3 stream, more than the forwarding path it saves; nothing can loop, the
-// next hop is the endpoint.
-static __always_inline int deliver_to(__u32 ifindex, struct tuple *t, const int v6)
-{
-    if (!ifindex)
-        return TC_ACT_OK;
-    // The endpoint is the next hop (its veth is a point-to-point link to it): naming it saves
-    // the kernel a route lookup per packet (fib_table_lookup and the policy rules, ~1.2 % of
-    // the CPU of an iperf3 stream); the neighbour lookup is all that is left. One-CPU iperf3,
-    // 6 rounds in turns: 15.1 against 13.2 Gbit/s with the route lookup (NULL params).
-    struct bpf_redir_neigh nh = {};
-    if (v6) {
-        nh.nh_family = AF_INET6;
-        __builtin_memcpy(nh.ipv6_nh, t->daddr6, 16);
-    } else {
-        nh.nh_family = AF_INET;
-        nh.ipv4_nh = t->daddr;
-    }
-    return redirect_neigh(ifindex, &nh, sizeof(nh), 0);
-}
-
 // Where a packet leaving an endpoint goes when the program delivers it: the host-side veth of
 // the local endpoint it is addressed to; 0 (the stack) for anything else.
 static __always_inline __u32 delivery_ifindex(struct endpoint_info *dst)
@@ -836,6 +804,17 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
     return TC_ACT_OK;
 }
 
+// Hand a packet its destination endpoint's ingress allowed to the pod side of that endpoint's
+// veth (ifindex: the host side), in the pod's namespace. The packet keeps the MAC addresses it
+// came with; skb_scrub_packet marks it PACKET_HOST there, and nothing looks at them again. A
+// peer redirect scrubs as within one namespace, so the host's mark (the overlay's identity) is
+// cleared here: a mark would steer the pod's own routing rules and fwmark-accepting sockets.
+static __always_inline int enter_endpoint(struct __sk_buff *skb, __u32 ifindex)
+{
+    skb->mark = 0;
+    return bpf_redirect_peer(ifindex, 0);
+}
+
 // A packet leaving its endpoint. With host routing, one addressed to another endpoint of this
 // node is judged here twice, as Cilium's from-container does with the destination's policy
 // program: by the source's egress policy and conntrack entry, then by the destination's ingress
@@ -853,9 +832,7 @@ static __always_inline int leave_endpoint(struct __sk_buff *skb, struct tuple *t
     rc = handle_family(skb, DIR_INGRESS, t, v6, deliver, &unused);
     if (rc != TC_ACT_OK)
         return rc;
-    // The packet keeps the source side's MAC addresses; skb_scrub_packet marks it PACKET_HOST
-    // in the destination's namespace, where nothing looks at them again.
-    return bpf_redirect_peer(deliver, 0);
+    return enter_endpoint(skb, deliver);
 }
 
 // tc ingress of the host-side veth: packets leaving the endpoint (its egress policy).
@@ -914,8 +891,8 @@ static __always_inline int proxy_upstream_answer(struct __sk_buff *skb, struct t
 
 // A packet from another node to a local endpoint (v6 a constant: each family gets its own
 // copy, so IPv4 keeps its 32-bit lookups). A flow the endpoint's own hooks track (either
-// direction) goes straight on to to_endpoint, with host routing delivered to its veth by the
-// program: one conntrack lookup is all an established flow costs here. Otherwise: an answer to
+// direction) goes on to to_endpoint through the stack, or with host routing is judged by the
+// endpoint's ingress here and handed into its namespace (enter_endpoint). Otherwise: an answer to
 // the proxy's upstream goes to the proxy's socket, and a flow the endpoint's ingress policy
 // sends to the proxy is assigned here (tc ingress is the only place bpf_sk_assign works);
 // anything else goes on to to_endpoint, which checks the policy with the same identity.
@@ -933,12 +910,17 @@ static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t
         ct_key_of(t, ep->ifindex, &key);
     struct ct_entry *ct = ct_find(&key, &key6, v6);
     if (ct) {
-        // Host routing: straight to the endpoint's veth (its to_endpoint still runs there).
-        __u32 zero = 0;
+        // Host routing: the endpoint's ingress (what its to_endpoint would do) judges it here,
+        // with the identity from the tunnel (the mark) or the ipcache, then it goes straight
+        // into the pod's namespace.
+        __u32 zero = 0, unused = 0;
         struct dp_config *cfg = config.lookup(&zero);
-        if (cfg && (cfg->flags & CFG_HOST_ROUTING) && !(ct->flags & CT_REDIRECTED))
-            return deliver_to(ep->ifindex, t, v6);
-        return TC_ACT_OK;
+        if (!cfg || !(cfg->flags & CFG_HOST_ROUTING) || (ct->flags & CT_REDIRECTED))
+            return TC_ACT_OK;
+        int rc = handle_family(skb, DIR_INGRESS, t, v6, ep->ifindex, &unused);
+        if (rc != TC_ACT_OK)
+            return rc;
+        return enter_endpoint(skb, ep->ifindex);
     }
     if (proxy_upstream_answer(skb, t, v6))
         return TC_ACT_OK;

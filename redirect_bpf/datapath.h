@@ -81,7 +81,7 @@
 #define CT_CLOSING 4
 
 #define CFG_EVENTS_FORWARDED 1  // emit an event for every new forwarded/redirected flow
-#define CFG_HOST_ROUTING 2      // pod to pod on this node: bpf_redirect_neigh, not the host stack
+#define CFG_HOST_ROUTING 2      // to a pod of this node: bpf_redirect_peer, not the host stack
 
 // Policy keys are LPM trie keys: endpoint, identity and direction always match in full,
 // proto 0 is "any" (prefix stops before it), the port (big endian) matches on prefixlen - 80 bits.

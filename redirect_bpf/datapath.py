@@ -128,9 +128,11 @@ class Datapath:
         self.set_config(policy_gen=(self.config().policy_gen + 1) & 0xFFFFFFFF)
 
     def set_host_routing(self, on: bool) -> None:
-        """On (the default): the programs deliver pod-to-pod packets of this node to the
-        destination's veth (bpf_redirect_neigh); off: the host's stack forwards them, through
-        its netfilter rules (Cilium's legacy host routing)."""
+        """On (the default): the programs judge a pod-to-pod packet of this node at both ends
+        and hand it into the destination pod's namespace (bpf_redirect_peer), as they do for
+        tracked packets from other nodes; off: the host's stack forwards them, through its
+        netfilter rules, and to_endpoint judges them on the destination's veth (Cilium's legacy
+        host routing)."""
         switch_config_flag(self.maps["config"], structs.CFG_HOST_ROUTING, on)
 
     def host_routing(self) -> bool:

@@ -75,7 +75,7 @@ CT_SEEN_REPLY = 2
 CT_CLOSING = 4
 
 CFG_EVENTS_FORWARDED = 1
-CFG_HOST_ROUTING = 2  # pod to pod on this node by bpf_redirect_neigh
+CFG_HOST_ROUTING = 2  # to a pod of this node by bpf_redirect_peer
 
 SIDECAR_READ = 1  # sidecar_orig.flags: a proxy's SO_ORIGINAL_DST answered from it
 SIDECAR_CLIENT_CLOSED = 2  # the client's socket closed before any proxy read it

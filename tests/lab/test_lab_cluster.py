@@ -397,8 +397,9 @@ def _link_state(node: str) -> str:
 
 def test_tracked_packets_from_another_node_skip_the_destination_node_s_stack(lab):
     """Host routing across nodes: once the destination's hooks track a flow, its packets from
-    another node go from the tunnel (or underlay) device straight to the pod's veth; only the
-    SYN goes through node2's stack. With legacy routing all of them do."""
+    another node are judged at the tunnel (or underlay) device and go straight into the pod's
+    namespace; only the SYN goes through node2's stack and the pod's veth. With legacy routing
+    all of them do."""
     reader, backend = lab.ips["reader"], lab.ips["backend"]
 
     def post() -> str:  # two megabytes from reader (node3) to backend:9090 (L3/L4 only)
@@ -410,9 +411,12 @@ def test_tracked_packets_from_another_node_skip_the_destination_node_s_stack(lab
         )  # fmt: skip
         return out.strip()[-3:]
 
+    veth = backend_veth(backend)
     with forward_counter(reader, backend, netns="l7lab-node2", both_ways=False) as forwarded:
+        sent = veth_tx_packets(veth)
         assert post() == "201"
         by_bpf = forwarded()
+        through_veth = veth_tx_packets(veth) - sent
     from l7proxy.lab import state
 
     node2_pins = state.BPF_PIN_ROOT / "lab-node2"
@@ -420,9 +424,31 @@ def test_tracked_packets_from_another_node_skip_the_destination_node_s_stack(lab
         host_routing(node2_pins, on=False),
         forward_counter(reader, backend, netns="l7lab-node2", both_ways=False) as forwarded,
     ):
+        sent = veth_tx_packets(veth)
         assert post() == "201"
         by_stack = forwarded()
+        through_veth_legacy = veth_tx_packets(veth) - sent
     assert by_bpf <= 3 < 10 < by_stack, (by_bpf, by_stack)
+    # The host side of the pod's veth sent a handful (the SYN, a neighbour probe): the rest
+    # entered the pod by the peer redirect; through the stack, all of it went that way.
+    assert through_veth <= 5 < 10 < through_veth_legacy, (through_veth, through_veth_legacy)
+
+
+def backend_veth(ip: str) -> str:
+    """The host-side veth, in node2's namespace, of the pod holding ip (its /32 route)."""
+    out = subprocess.run(
+        ["ip", "-n", "l7lab-node2", "-o", "route", "get", ip],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return out[out.index("dev") + 1]
+
+
+def veth_tx_packets(dev: str) -> int:
+    out = subprocess.run(
+        ["ip", "-n", "l7lab-node2", "-s", "-j", "link", "show", dev],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return json.loads(out)[0]["stats64"]["tx"]["packets"]
 
 
 def test_established_cross_node_flow_survives_agent_restarts(lab):
