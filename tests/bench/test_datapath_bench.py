@@ -92,8 +92,13 @@ def tcp_packet(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
     return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + tcp + payload
 
 
+LOCAL_IFINDEX = 0x7FFF0001  # no device has it: the tracked-to-local-endpoint test run's veth
+TC_ACT_REDIRECT = 7
+
+
 def isolated_costs(dp) -> dict[str, int]:
-    """ns per run of a tracked forward packet, its reply, and a new denied flow."""
+    """ns per run of a tracked forward packet, its reply, a new denied flow, and a tracked
+    packet to a local endpoint (both ends judged in the run)."""
     from redirect_bpf import bpfsys, structs
 
     info = structs.EndpointInfo(endpoint_id=9, identity=7009, ifindex=1, flags=3)
@@ -116,6 +121,29 @@ def isolated_costs(dp) -> dict[str, int]:
             fe, tcp_packet("10.79.0.1", "10.79.0.3", 1001, 80, 0x02), repeat=n // 10
         )[1],
     }
+    # The same packet to a local endpoint with host routing: both ends judged in one run
+    # (egress of 9, ingress of 10 on a made-up veth index), then the peer redirect (which a
+    # test run only records).
+    from redirect_bpf import ipcache
+
+    peer = structs.EndpointInfo(
+        endpoint_id=10, identity=7010, ifindex=LOCAL_IFINDEX, ipv4=ipcache.be32("10.79.0.2"),
+        flags=3,
+    )  # fmt: skip
+    dp.maps["ep_by_ifindex"].put(structs.u32(LOCAL_IFINDEX), peer)
+    dp.maps["ep_by_ip"].put(structs.u32(peer.ipv4), peer)
+    dp.ipcache_upsert("10.79.0.1/32", 7009)  # the source, as 10's ingress sees it
+    dp.sync_endpoint(
+        10, {PolicyKey(7009, INGRESS, 6, 0, 0): ALLOW}, ingress_enforced=True, egress_enforced=True
+    )
+    dp.set_host_routing(True)
+    bpfsys.test_run_skb(fe, tcp_packet("10.79.0.1", "10.79.0.2", 1002, 80, 0x02))
+    rc, out["tracked_to_local_endpoint"] = bpfsys.test_run_skb(
+        fe, tcp_packet("10.79.0.1", "10.79.0.2", 1002, 80, 0x10), repeat=n
+    )
+    assert rc == TC_ACT_REDIRECT, rc
+    dp.maps["ep_by_ip"].delete(structs.u32(peer.ipv4))
+    dp.maps["ep_by_ifindex"].delete(structs.u32(LOCAL_IFINDEX))
     dp.maps["ep_by_ifindex"].delete(structs.u32(1))
     return out
 
