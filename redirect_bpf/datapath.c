@@ -615,11 +615,55 @@ static __always_inline __u32 tracked_delivery(struct dp_config *cfg, struct ct_e
     return ct->deliver_ifindex;
 }
 
+// An entry's endpoint MACs, as its own packets show them at its veth: leaving it (from_endpoint)
+// the source is the pod and the destination the veth's host side; entering it (to_endpoint, on
+// the veth's egress, after the stack's neighbour lookup) the other way round. Written once per
+// entry and endpoint generation; a packet another program hands into the pod carries them.
+static __always_inline void ct_learn_macs(struct __sk_buff *skb, struct ct_entry *ct,
+                                          struct dp_config *cfg, __u8 dir)
+{
+    if ((ct->flags & CT_MACS) && ct->mac_gen == cfg->ep_gen)
+        return;
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return;
+    if (dir == DIR_EGRESS) {
+        __builtin_memcpy(ct->pod_mac, eth->h_source, ETH_ALEN);
+        __builtin_memcpy(ct->host_mac, eth->h_dest, ETH_ALEN);
+    } else {
+        __builtin_memcpy(ct->pod_mac, eth->h_dest, ETH_ALEN);
+        __builtin_memcpy(ct->host_mac, eth->h_source, ETH_ALEN);
+    }
+    ct->mac_gen = cfg->ep_gen;
+    ct->flags |= CT_MACS;
+}
+
+// Address a packet as the destination endpoint's veth would: to the pod's MAC from its host
+// side's. 1 when written.
+static __always_inline __u32 ct_write_macs(struct __sk_buff *skb, struct ct_entry *ct)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return 0;
+    __builtin_memcpy(eth->h_dest, ct->pod_mac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, ct->host_mac, ETH_ALEN);
+    return 1;
+}
+
 // One parsed packet of family v6 (a constant: each family gets its own inlined copy) at the
 // endpoint whose host-side veth is ifindex, in direction dir. A packet leaving it (DIR_EGRESS)
-// that host routing hands to a local endpoint sets *deliver to that endpoint's veth.
+// that host routing hands to a local endpoint sets *deliver to that endpoint's veth. DIR_INGRESS
+// with on_behalf (away from the endpoint's veth: leave_endpoint, remote_ingress) judges on the
+// endpoint's behalf: only a packet of a flow it tracks, not the
+// proxy's, whose MACs its entry knows; then *deliver is set and the packet is addressed to the
+// pod. Anything else returns TC_ACT_OK untouched, for the stack and to_endpoint.
 static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct tuple *t,
-                                         const int v6, __u32 ifindex, __u32 *deliver)
+                                         const int v6, __u32 ifindex, __u32 *deliver,
+                                         const int on_behalf)
 {
     struct endpoint_info *ep;
     struct verdict v = {};
@@ -658,6 +702,11 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
     else
         ct_key_of(t, ifindex, &key);
     struct ct_entry *ct = ct_find(&key, &key6, v6);
+    if (on_behalf &&
+        (!ct || !(ct->flags & CT_MACS) || ct->mac_gen != cfg->ep_gen ||
+         (ct->flags & CT_REDIRECTED) ||
+         (t->proto == IPPROTO_TCP && (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)))
+        return TC_ACT_OK;  // (a SYN may open a flow anew: to_endpoint decides)
     if (ct && ct->direction != dir) {
         if (t->proto == IPPROTO_TCP &&
             (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
@@ -669,6 +718,10 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
             // A reply: the other direction of a flow this endpoint tracks.
             ct_touch(ct, cfg, t, 1);
             count(dir, VERDICT_FORWARDED, REASON_CT_REPLY, len);
+            if (on_behalf)
+                *deliver = ct_write_macs(skb, ct);
+            else
+                ct_learn_macs(skb, ct, cfg, dir);
             if (dir == DIR_EGRESS)
                 *deliver = tracked_delivery(cfg, ct, t, v6);
             return TC_ACT_OK;
@@ -723,6 +776,10 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
             return TC_ACT_OK;
         }
         count(dir, VERDICT_FORWARDED, REASON_CT_ESTABLISHED, len);
+        if (on_behalf)
+            *deliver = ct_write_macs(skb, ct);
+        else
+            ct_learn_macs(skb, ct, cfg, dir);
         if (dir == DIR_EGRESS)
             *deliver = tracked_delivery(cfg, ct, t, v6);
         return TC_ACT_OK;
@@ -795,6 +852,7 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
         entry.flags |= CT_CLOSING;
     entry.expires_ns = bpf_ktime_get_coarse_ns() + ct_lifetime(cfg, t, entry.flags);
     entry.refreshed = (__u32)bpf_jiffies64();
+    ct_learn_macs(skb, &entry, cfg, dir);
     ct_store(&key, &key6, &entry, v6);
     count(dir, verdict, reason, len);
     if (verdict == VERDICT_REDIRECTED || (cfg->flags & CFG_EVENTS_FORWARDED))
@@ -825,13 +883,14 @@ static __always_inline int enter_endpoint(struct __sk_buff *skb, __u32 ifindex)
 // bpf_redirect_neigh to the veth took two and a veth transmit.
 static __always_inline int leave_endpoint(struct __sk_buff *skb, struct tuple *t, const int v6)
 {
-    __u32 deliver = 0, unused = 0;
-    int rc = handle_family(skb, DIR_EGRESS, t, v6, skb->ifindex, &deliver);
+    __u32 deliver = 0;
+    int rc = handle_family(skb, DIR_EGRESS, t, v6, skb->ifindex, &deliver, 0);
     if (rc != TC_ACT_OK || !deliver)
         return rc;
-    rc = handle_family(skb, DIR_INGRESS, t, v6, deliver, &unused);
-    if (rc != TC_ACT_OK)
-        return rc;
+    __u32 ready = 0;
+    rc = handle_family(skb, DIR_INGRESS, t, v6, deliver, &ready, 1);
+    if (rc != TC_ACT_OK || !ready)
+        return rc;  // dropped, or for the stack and to_endpoint (a flow's first packets)
     return enter_endpoint(skb, deliver);
 }
 
@@ -855,10 +914,10 @@ int to_endpoint(struct __sk_buff *skb)
     __u32 unused = 0;
     int parsed = parse(skb, &t);
     if (parsed == PARSE_IPV6)
-        return handle_family(skb, DIR_INGRESS, &t, 1, skb->ifindex, &unused);
+        return handle_family(skb, DIR_INGRESS, &t, 1, skb->ifindex, &unused, 0);
     if (parsed < 0)
         return TC_ACT_OK;  // not IP (ARP) or truncated
-    return handle_family(skb, DIR_INGRESS, &t, 0, skb->ifindex, &unused);
+    return handle_family(skb, DIR_INGRESS, &t, 0, skb->ifindex, &unused, 0);
 }
 
 // -- across nodes (redirect_bpf/overlay.py attaches these) ------------------------------------
@@ -913,12 +972,12 @@ static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t
         // Host routing: the endpoint's ingress (what its to_endpoint would do) judges it here,
         // with the identity from the tunnel (the mark) or the ipcache, then it goes straight
         // into the pod's namespace.
-        __u32 zero = 0, unused = 0;
+        __u32 zero = 0, ready = 0;
         struct dp_config *cfg = config.lookup(&zero);
         if (!cfg || !(cfg->flags & CFG_HOST_ROUTING) || (ct->flags & CT_REDIRECTED))
             return TC_ACT_OK;
-        int rc = handle_family(skb, DIR_INGRESS, t, v6, ep->ifindex, &unused);
-        if (rc != TC_ACT_OK)
+        int rc = handle_family(skb, DIR_INGRESS, t, v6, ep->ifindex, &ready, 1);
+        if (rc != TC_ACT_OK || !ready)
             return rc;
         return enter_endpoint(skb, ep->ifindex);
     }

@@ -79,6 +79,7 @@
 #define CT_REDIRECTED 1
 #define CT_SEEN_REPLY 2
 #define CT_CLOSING 4
+#define CT_MACS 8          // pod_mac/host_mac learned (valid while mac_gen is config.ep_gen)
 
 #define CFG_EVENTS_FORWARDED 1  // emit an event for every new forwarded/redirected flow
 #define CFG_HOST_ROUTING 2      // to a pod of this node: bpf_redirect_peer, not the host stack
@@ -182,6 +183,9 @@ struct ct_entry {
     __u32 refreshed;       // low 32 bits of jiffies when expires_ns was last written
     __u32 deliver_ifindex; // packets leaving the endpoint go to this local endpoint's veth (0: the stack)
     __u32 deliver_gen;     // config.ep_gen when deliver_ifindex was looked up
+    __u32 mac_gen;         // config.ep_gen when the MACs below were learned (CT_MACS)
+    __u8 pod_mac[6];       // the endpoint's MAC (pod side of its veth), from its own packets
+    __u8 host_mac[6];      // the host side of its veth
 };
 
 struct dp_config {

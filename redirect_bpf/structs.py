@@ -73,6 +73,7 @@ EP_EGRESS_ENFORCED = 2
 CT_REDIRECTED = 1
 CT_SEEN_REPLY = 2
 CT_CLOSING = 4
+CT_MACS = 8  # pod_mac/host_mac learned (valid while mac_gen is config.ep_gen)
 
 CFG_EVENTS_FORWARDED = 1
 CFG_HOST_ROUTING = 2  # to a pod of this node by bpf_redirect_peer
@@ -186,6 +187,9 @@ class CtEntry(ct.Structure):
         ("refreshed", u32),  # jiffies (low 32 bits) of the last lifetime write
         ("deliver_ifindex", u32),  # host routing: the local endpoint's veth (0 = the stack)
         ("deliver_gen", u32),  # config.ep_gen when deliver_ifindex was looked up
+        ("mac_gen", u32),  # config.ep_gen when the MACs were learned (CT_MACS)
+        ("pod_mac", ct.c_uint8 * 6),  # the endpoint's MAC, learned from its packets
+        ("host_mac", ct.c_uint8 * 6),  # the host side of its veth
     ]
 
 
