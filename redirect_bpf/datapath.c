@@ -615,6 +615,15 @@ static __always_inline __u32 tracked_delivery(struct dp_config *cfg, struct ct_e
     return ct->deliver_ifindex;
 }
 
+// The packet's Ethernet header, or NULL if it is shorter than one.
+static __always_inline struct ethhdr *eth_header(struct __sk_buff *skb)
+{
+    struct ethhdr *eth = (void *)(long)skb->data;
+    if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+        return 0;
+    return eth;
+}
+
 // An entry's endpoint MACs, as its own packets show them at its veth: leaving it (from_endpoint)
 // the source is the pod and the destination the veth's host side; entering it (to_endpoint, on
 // the veth's egress, after the stack's neighbour lookup) the other way round. Written once per
@@ -624,10 +633,8 @@ static __always_inline void ct_learn_macs(struct __sk_buff *skb, struct ct_entry
 {
     if ((ct->flags & CT_MACS) && ct->mac_gen == cfg->ep_gen)
         return;
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
+    struct ethhdr *eth = eth_header(skb);
+    if (!eth)
         return;
     if (dir == DIR_EGRESS) {
         __builtin_memcpy(ct->pod_mac, eth->h_source, ETH_ALEN);
@@ -644,26 +651,42 @@ static __always_inline void ct_learn_macs(struct __sk_buff *skb, struct ct_entry
 // side's. 1 when written.
 static __always_inline __u32 ct_write_macs(struct __sk_buff *skb, struct ct_entry *ct)
 {
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
+    struct ethhdr *eth = eth_header(skb);
+    if (!eth)
         return 0;
     __builtin_memcpy(eth->h_dest, ct->pod_mac, ETH_ALEN);
     __builtin_memcpy(eth->h_source, ct->host_mac, ETH_ALEN);
     return 1;
 }
 
+// A tracked packet passes (a reply, or its flow's own direction): on the endpoint's behalf it is
+// addressed to the pod (*deliver: ready to hand over); at the endpoint's veth its entry learns
+// the MACs, and one leaving the endpoint gets its delivery (*deliver: the destination's veth).
+static __always_inline int tracked_pass(struct __sk_buff *skb, struct dp_config *cfg,
+                                        struct ct_entry *ct, struct tuple *t, __u8 dir,
+                                        const int v6, __u32 *deliver, const int on_behalf)
+{
+    if (on_behalf) {
+        *deliver = ct_write_macs(skb, ct);
+        return TC_ACT_OK;
+    }
+    ct_learn_macs(skb, ct, cfg, dir);
+    if (dir == DIR_EGRESS)
+        *deliver = tracked_delivery(cfg, ct, t, v6);
+    return TC_ACT_OK;
+}
+
 // One parsed packet of family v6 (a constant: each family gets its own inlined copy) at the
 // endpoint whose host-side veth is ifindex, in direction dir. A packet leaving it (DIR_EGRESS)
 // that host routing hands to a local endpoint sets *deliver to that endpoint's veth. DIR_INGRESS
-// with on_behalf (away from the endpoint's veth: leave_endpoint, remote_ingress) judges on the
-// endpoint's behalf: only a packet of a flow it tracks, not the
-// proxy's, whose MACs its entry knows; then *deliver is set and the packet is addressed to the
-// pod. Anything else returns TC_ACT_OK untouched, for the stack and to_endpoint.
+// with on_behalf (away from the endpoint's veth, with host routing: hand_over) judges on the
+// endpoint's behalf: only a packet of a flow it tracks, not the proxy's, whose MACs its entry
+// knows; then *deliver is set and the packet is addressed to the pod. Anything else returns
+// TC_ACT_OK untouched, for the stack and to_endpoint. known: the flow's entry when the caller
+// has already looked it up (NULL: look it up here).
 static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct tuple *t,
                                          const int v6, __u32 ifindex, __u32 *deliver,
-                                         const int on_behalf)
+                                         const int on_behalf, struct ct_entry *known)
 {
     struct endpoint_info *ep;
     struct verdict v = {};
@@ -701,9 +724,10 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
         ct6_key_of(t, ifindex, &key6);
     else
         ct_key_of(t, ifindex, &key);
-    struct ct_entry *ct = ct_find(&key, &key6, v6);
+    struct ct_entry *ct = known ? known : ct_find(&key, &key6, v6);
     if (on_behalf &&
-        (!ct || !(ct->flags & CT_MACS) || ct->mac_gen != cfg->ep_gen ||
+        (!(cfg->flags & CFG_HOST_ROUTING) || !ct || !(ct->flags & CT_MACS) ||
+         ct->mac_gen != cfg->ep_gen ||
          (ct->flags & CT_REDIRECTED) ||
          (t->proto == IPPROTO_TCP && (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)))
         return TC_ACT_OK;  // (a SYN may open a flow anew: to_endpoint decides)
@@ -718,13 +742,7 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
             // A reply: the other direction of a flow this endpoint tracks.
             ct_touch(ct, cfg, t, 1);
             count(dir, VERDICT_FORWARDED, REASON_CT_REPLY, len);
-            if (on_behalf)
-                *deliver = ct_write_macs(skb, ct);
-            else
-                ct_learn_macs(skb, ct, cfg, dir);
-            if (dir == DIR_EGRESS)
-                *deliver = tracked_delivery(cfg, ct, t, v6);
-            return TC_ACT_OK;
+            return tracked_pass(skb, cfg, ct, t, dir, v6, deliver, on_behalf);
         }
     }
     if (ct && (ct->flags & CT_CLOSING) && t->proto == IPPROTO_TCP &&
@@ -776,13 +794,7 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
             return TC_ACT_OK;
         }
         count(dir, VERDICT_FORWARDED, REASON_CT_ESTABLISHED, len);
-        if (on_behalf)
-            *deliver = ct_write_macs(skb, ct);
-        else
-            ct_learn_macs(skb, ct, cfg, dir);
-        if (dir == DIR_EGRESS)
-            *deliver = tracked_delivery(cfg, ct, t, v6);
-        return TC_ACT_OK;
+        return tracked_pass(skb, cfg, ct, t, dir, v6, deliver, on_behalf);
     }
 
     // A new flow: look up the endpoint, the peer's identity and the endpoint's policy.
@@ -862,13 +874,20 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
     return TC_ACT_OK;
 }
 
-// Hand a packet its destination endpoint's ingress allowed to the pod side of that endpoint's
-// veth (ifindex: the host side), in the pod's namespace. The packet keeps the MAC addresses it
-// came with; skb_scrub_packet marks it PACKET_HOST there, and nothing looks at them again. A
-// peer redirect scrubs as within one namespace, so the host's mark (the overlay's identity) is
-// cleared here: a mark would steer the pod's own routing rules and fwmark-accepting sockets.
-static __always_inline int enter_endpoint(struct __sk_buff *skb, __u32 ifindex)
+// A packet for the local endpoint whose host-side veth is ifindex, away from that veth (from
+// another endpoint's or from another node): judged by the endpoint's ingress on its behalf and,
+// when that takes it, handed to the pod side of the veth in the pod's namespace
+// (bpf_redirect_peer), addressed to the pod's MAC. Otherwise dropped, or left (TC_ACT_OK) to
+// the stack and to_endpoint. A peer redirect scrubs as within one namespace, so the host's mark
+// (the overlay's identity) is cleared here: it would steer the pod's own routing rules and
+// fwmark-accepting sockets. known: the endpoint's entry for the flow, if already looked up.
+static __always_inline int hand_over(struct __sk_buff *skb, struct tuple *t, const int v6,
+                                     __u32 ifindex, struct ct_entry *known)
 {
+    __u32 ready = 0;
+    int rc = handle_family(skb, DIR_INGRESS, t, v6, ifindex, &ready, 1, known);
+    if (rc != TC_ACT_OK || !ready)
+        return rc;
     skb->mark = 0;
     return bpf_redirect_peer(ifindex, 0);
 }
@@ -884,14 +903,10 @@ static __always_inline int enter_endpoint(struct __sk_buff *skb, __u32 ifindex)
 static __always_inline int leave_endpoint(struct __sk_buff *skb, struct tuple *t, const int v6)
 {
     __u32 deliver = 0;
-    int rc = handle_family(skb, DIR_EGRESS, t, v6, skb->ifindex, &deliver, 0);
+    int rc = handle_family(skb, DIR_EGRESS, t, v6, skb->ifindex, &deliver, 0, 0);
     if (rc != TC_ACT_OK || !deliver)
         return rc;
-    __u32 ready = 0;
-    rc = handle_family(skb, DIR_INGRESS, t, v6, deliver, &ready, 1);
-    if (rc != TC_ACT_OK || !ready)
-        return rc;  // dropped, or for the stack and to_endpoint (a flow's first packets)
-    return enter_endpoint(skb, deliver);
+    return hand_over(skb, t, v6, deliver, 0);
 }
 
 // tc ingress of the host-side veth: packets leaving the endpoint (its egress policy).
@@ -914,10 +929,10 @@ int to_endpoint(struct __sk_buff *skb)
     __u32 unused = 0;
     int parsed = parse(skb, &t);
     if (parsed == PARSE_IPV6)
-        return handle_family(skb, DIR_INGRESS, &t, 1, skb->ifindex, &unused, 0);
+        return handle_family(skb, DIR_INGRESS, &t, 1, skb->ifindex, &unused, 0, 0);
     if (parsed < 0)
         return TC_ACT_OK;  // not IP (ARP) or truncated
-    return handle_family(skb, DIR_INGRESS, &t, 0, skb->ifindex, &unused, 0);
+    return handle_family(skb, DIR_INGRESS, &t, 0, skb->ifindex, &unused, 0, 0);
 }
 
 // -- across nodes (redirect_bpf/overlay.py attaches these) ------------------------------------
@@ -951,7 +966,7 @@ static __always_inline int proxy_upstream_answer(struct __sk_buff *skb, struct t
 // A packet from another node to a local endpoint (v6 a constant: each family gets its own
 // copy, so IPv4 keeps its 32-bit lookups). A flow the endpoint's own hooks track (either
 // direction) goes on to to_endpoint through the stack, or with host routing is judged by the
-// endpoint's ingress here and handed into its namespace (enter_endpoint). Otherwise: an answer to
+// endpoint's ingress here and handed into its namespace (hand_over). Otherwise: an answer to
 // the proxy's upstream goes to the proxy's socket, and a flow the endpoint's ingress policy
 // sends to the proxy is assigned here (tc ingress is the only place bpf_sk_assign works);
 // anything else goes on to to_endpoint, which checks the policy with the same identity.
@@ -968,19 +983,8 @@ static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t
     else
         ct_key_of(t, ep->ifindex, &key);
     struct ct_entry *ct = ct_find(&key, &key6, v6);
-    if (ct) {
-        // Host routing: the endpoint's ingress (what its to_endpoint would do) judges it here,
-        // with the identity from the tunnel (the mark) or the ipcache, then it goes straight
-        // into the pod's namespace.
-        __u32 zero = 0, ready = 0;
-        struct dp_config *cfg = config.lookup(&zero);
-        if (!cfg || !(cfg->flags & CFG_HOST_ROUTING) || (ct->flags & CT_REDIRECTED))
-            return TC_ACT_OK;
-        int rc = handle_family(skb, DIR_INGRESS, t, v6, ep->ifindex, &ready, 1);
-        if (rc != TC_ACT_OK || !ready)
-            return rc;
-        return enter_endpoint(skb, ep->ifindex);
-    }
+    if (ct)  // the identity from the tunnel (the mark) or the ipcache, as to_endpoint takes it
+        return hand_over(skb, t, v6, ep->ifindex, ct);
     if (proxy_upstream_answer(skb, t, v6))
         return TC_ACT_OK;
     struct verdict v = {};
