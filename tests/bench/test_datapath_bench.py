@@ -34,7 +34,7 @@ import pytest
 from policies import INGRESS, PolicyEntry, PolicyKey
 from tests.bench.conftest import bench_duration
 from tests.conftest import need_binary
-from tests.kernel.netns import free_octets, pod
+from tests.kernel.netns import free_octets, link, pod
 
 pytestmark = [pytest.mark.bench, pytest.mark.root, pytest.mark.bpf, pytest.mark.timeout(600)]
 
@@ -99,7 +99,7 @@ def isolated_costs(dp, local_ifindex: int) -> dict[str, int]:
     """ns per run of a tracked forward packet, its reply, a new denied flow, and a tracked
     packet to a local endpoint (both ends judged in the run) whose veth is local_ifindex (a
     device that exists: a test run's packet comes from it once)."""
-    from redirect_bpf import bpfsys, structs
+    from redirect_bpf import bpfsys, ipcache, structs
 
     info = structs.EndpointInfo(endpoint_id=9, identity=7009, ifindex=1, flags=3)
     dp.maps["ep_by_ifindex"].put(structs.u32(1), info)  # lo: what test runs see
@@ -125,8 +125,6 @@ def isolated_costs(dp, local_ifindex: int) -> dict[str, int]:
     # (egress of 9, ingress of 10), then the peer redirect (which a test run only records).
     # The flow's first packet goes through the stack, where 10's to_endpoint sees it and its
     # entry learns 10's MACs; from the next one on, packets are handed over.
-    from redirect_bpf import ipcache
-
     peer = structs.EndpointInfo(
         endpoint_id=10, identity=7010, ifindex=local_ifindex, ipv4=ipcache.be32("10.79.0.2"),
         flags=3,
@@ -153,9 +151,7 @@ def isolated_costs(dp, local_ifindex: int) -> dict[str, int]:
 
 def rx_packets(pods) -> int:
     """Packets the pods' host-side veths have received: each is one packet leaving a pod."""
-    return sum(
-        int(Path(f"/sys/class/net/{p.host_if}/statistics/rx_packets").read_text()) for p in pods
-    )
+    return sum(link(p.host_if)["stats64"]["rx"]["packets"] for p in pods)
 
 
 def stream_cost(progs: dict[str, int], a, b, seconds: float) -> tuple[int, int, int]:
@@ -375,13 +371,13 @@ def test_datapath_numbers():
         f"median {statistics.median(legacy):.2f} Gbit/s, ratio {legacy_ratio:.3f} (runs "
         f"{' '.join(f'{x:.1f}' for x in legacy)})\n"
         f"datapath: {per_run:.1f} ns per program run over {cnt} runs (bpf_stats, on a separate stream; "
-        f"per iperf3 run: {', '.join(f'{x:.0f}' for x in per_round)}; with legacy host routing: "
-        f"{', '.join(f'{x:.0f}' for x in per_round_legacy)})\n"
+        f"per iperf3 run: {fmt(per_round)}; with legacy host routing: "
+        f"{fmt(per_round_legacy)})\n"
         f"datapath: program time per pod-to-pod packet: {fmt(per_packet_round)} ns in "
         f"{fmt(runs_per_packet, 2)} runs; with legacy host routing "
         f"{fmt(per_packet_round_legacy)} ns in {fmt(runs_per_packet_legacy, 2)} runs\n"
         f"datapath: floor (a program that only returns, same stream) {floor:.1f} ns per run "
-        f"({', '.join(f'{x:.0f}' for x in floor_round)}): net {per_run - floor:.1f} ns per run\n"
+        f"({fmt(floor_round)}): net {per_run - floor:.1f} ns per run\n"
         f"datapath: per end judged (two per pod-to-pod packet): {per_end:.1f} ns raw, "
         f"{per_end_net:.1f} ns net of the floor\n"
         f"datapath: isolated test runs (ns): {results['test_run_ns']}\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import random
 import socket
 import subprocess
@@ -11,7 +12,8 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+
+from l7proxy.agent.netdev import enable_forwarding
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -52,19 +54,13 @@ def free_octets(n: int) -> list[int]:
     return random.sample(choices, n)
 
 
-def enable_ipv4_forwarding() -> None:
-    """The host routes between the pods' /30s (the agent sets the same). A fresh machine boots
-    with it off: a test that ran before any agent did would see its pods cut off."""
-    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-
-
 @contextlib.contextmanager
 def pod(subnet_octet: int) -> Iterator[Pod]:
     """A namespace with a /30 veth to the host: host 10.250.N.1, pod 10.250.N.2."""
     tag = uuid.uuid4().hex[:6]
     netns, host_if, peer_if = f"l7t-{tag}", f"l7h{tag}", f"l7p{tag}"
     host_ip, pod_ip = f"10.250.{subnet_octet}.1", f"10.250.{subnet_octet}.2"
-    enable_ipv4_forwarding()
+    enable_forwarding()  # the host routes between the pods (a fresh machine boots without)
     sh("ip", "netns", "add", netns)
     try:
         sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
@@ -229,3 +225,9 @@ def forward_counter(src: str, dst: str, *, netns: str | None = None, both_ways: 
         yield packets
     finally:
         sh(*enter, "nft", "delete", "table", "inet", table, check=False)
+
+
+def link(dev: str, netns: str | None = None) -> dict:
+    """`ip -s -j link show dev` (in netns if given): its "address", its "stats64" counters."""
+    where = ("-n", netns) if netns else ()
+    return json.loads(sh("ip", *where, "-s", "-j", "link", "show", dev).stdout)[0]

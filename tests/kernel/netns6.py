@@ -12,8 +12,8 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+from l7proxy.agent.netdev import enable_forwarding
 from tests.kernel.netns import EchoServer, InNetns, sh, sock_in, tcp_ok, udp_ok
 
 # Test pods take /64s of this ULA prefix (fd00:250:<n>::/64): host ::1, pod ::2.
@@ -28,11 +28,6 @@ class Pod6(InNetns):
     host_ip: str | None
     pod_ip6: str
     host_ip6: str
-
-
-def enable_ipv6_forwarding() -> None:
-    """The host routes between the pods' /64s (the agent sets the same)."""
-    Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1\n")
 
 
 def free_subnets(n: int) -> list[int]:
@@ -53,7 +48,7 @@ def pod6(subnet: int, v4_octet: int | None = None) -> Iterator[Pod6]:
     host4 = pod4 = None
     if v4_octet is not None:
         host4, pod4 = f"10.250.{v4_octet}.1", f"10.250.{v4_octet}.2"
-    enable_ipv6_forwarding()
+    enable_forwarding(ipv6=True)  # the host routes between the pods' /64s, as the agent does
     sh("ip", "netns", "add", netns)
     try:
         ns = ("ip", "netns", "exec", netns)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -22,6 +20,7 @@ from tests.kernel.netns import (
     EchoServer,
     forward_counter,
     free_octets,
+    link,
     pod,
     sock_in,
     tcp_ok,
@@ -42,7 +41,7 @@ def forwarded_at(dp, direction: str) -> int:
 
 
 def tx_packets(host_if: str) -> int:
-    return int(Path(f"/sys/class/net/{host_if}/statistics/tx_packets").read_text())
+    return link(host_if)["stats64"]["tx"]["packets"]
 
 
 def test_pod_to_pod_skips_the_host_stack_and_the_destination_still_enforces(clean):
@@ -96,11 +95,7 @@ def test_pod_to_pod_skips_the_host_stack_and_the_destination_still_enforces(clea
 
 
 def mac_of(dev: str, netns: str | None = None) -> bytes:
-    cmd = ["cat", f"/sys/class/net/{dev}/address"]
-    if netns:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return bytes.fromhex(out.strip().replace(":", ""))
+    return bytes.fromhex(link(dev, netns)["address"].replace(":", ""))
 
 
 def test_handed_over_packets_are_addressed_to_the_pod(clean):

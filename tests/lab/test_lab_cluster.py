@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 import pytest
 
 from redirect_bpf import ipcache
-from tests.kernel.netns import forward_counter
+from tests.kernel.netns import forward_counter, link
 from tests.lab.conftest import (
     HERE,
     REPO,
@@ -444,11 +444,7 @@ def backend_veth(ip: str) -> str:
 
 
 def veth_tx_packets(dev: str) -> int:
-    out = subprocess.run(
-        ["ip", "-n", "l7lab-node2", "-s", "-j", "link", "show", dev],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    return json.loads(out)[0]["stats64"]["tx"]["packets"]
+    return link(dev, "l7lab-node2")["stats64"]["tx"]["packets"]
 
 
 def test_established_cross_node_flow_survives_agent_restarts(lab):
