@@ -129,6 +129,8 @@ def test_etcd_outage_keeps_cache_fails_writes_fast_and_heals(etcd):
             web = await a.identity_for(WEB)
             await a.endpoint_added("10.252.0.8", web)
             await until(lambda: "10.252.0.8/32" in b.sink.ipcache)
+            # the identity comes by its own watch, not with the ipcache entry (CI saw it late)
+            await until(lambda: b.identities.by_labels.get(WEB) == web)
             etcd.stop()
             # a write notices at once; the keepalive loop notices within a third of the TTL
             t0 = time.monotonic()

@@ -35,11 +35,30 @@ FAST = 0.05  # seconds: the issue's bound for refusing it
 
 
 def _timed(fn, *args, **kw):
-    start = time.perf_counter()
-    try:
-        return fn(*args, **kw), time.perf_counter() - start
-    except Exception as exc:  # noqa: BLE001 - the caller asserts the type
-        return exc, time.perf_counter() - start
+    """The result and the fastest of three calls: a decoder that loops over a huge count is slow
+    every time, while a pause of the host or the collector (seen in CI: 0.13 s) hits one call."""
+    took = []
+    for _ in range(3):
+        start = time.perf_counter()
+        try:
+            result = fn(*args, **kw)
+        except Exception as exc:  # noqa: BLE001 - the caller asserts the type
+            result = exc
+        took.append(time.perf_counter() - start)
+    return result, min(took)
+
+
+def _timed_layer(rules, raw: bytes):
+    """As _timed for a Kafka layer, which keeps state: a new layer for each of the three calls."""
+    from l7proxy.kafka.layer import KafkaLayer, KafkaSettings
+
+    took = []
+    for _ in range(3):
+        lay = KafkaLayer(lambda: rules, KafkaSettings())
+        start = time.perf_counter()
+        out = lay.client_data(raw)
+        took.append(time.perf_counter() - start)
+    return lay, out, min(took)
 
 
 def test_issue_request_is_what_the_issue_describes():
@@ -185,14 +204,13 @@ def test_tagged_field_counts_are_bounded():
 
 
 def test_issue_request_closes_the_layer_connection_fast():
-    from l7proxy.kafka.layer import Close, KafkaLayer, KafkaSettings
+    from l7proxy.kafka.layer import Close
     from policies.l7 import KafkaRuleSet
     from policies.model import KafkaRule
 
     rules = KafkaRuleSet([KafkaRule(api_keys=(0,), topic="t1")])
     for raw in (ISSUE_REQUEST, _produce_v8(13_369_344, -6)):
-        lay = KafkaLayer(lambda: rules, KafkaSettings())
-        out, took = _timed(lay.client_data, raw)
+        lay, out, took = _timed_layer(rules, raw)
         assert lay.closed and [type(c) for c in out if isinstance(c, Close)] == [Close]
         assert took < FAST
 
@@ -213,13 +231,12 @@ def _metadata_v9(count: int) -> bytes:
 
 
 def test_a_request_of_a_million_tiny_elements_is_refused_fast():
-    from l7proxy.kafka.layer import Close, KafkaLayer, KafkaSettings
+    from l7proxy.kafka.layer import Close
     from policies.l7 import KafkaRuleSet
     from policies.model import KafkaRule
 
     rules = KafkaRuleSet([KafkaRule(api_keys=(0, 3), topic="t1")])
-    lay = KafkaLayer(lambda: rules, KafkaSettings())
-    out, took = _timed(lay.client_data, _metadata_v9(1_000_000))
+    lay, out, took = _timed_layer(rules, _metadata_v9(1_000_000))
     assert lay.closed and [type(c) for c in out if isinstance(c, Close)] == [Close]
     assert took < FAST
 
