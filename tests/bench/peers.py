@@ -236,8 +236,15 @@ def haproxy_maxconn(nofile: int) -> int:
 
 
 def haproxy_cfg(
-    port: int, upstream: int, rules: list[Rule], http2: bool, nofile: int = NOFILE
+    port: int,
+    upstream: int,
+    rules: list[Rule],
+    http2: bool,
+    nofile: int = NOFILE,
+    host: str = "127.0.0.1",
 ) -> str:
+    """HAProxy on host:port in front of the backend at host:upstream, denying what the rules do
+    not allow."""
     acls, condition = _acl_condition(rules)
     proto = " proto h2" if http2 else ""
     acl_lines = "\n".join(acls)
@@ -253,13 +260,13 @@ defaults
     timeout server 60s
     timeout http-keep-alive 600s
 frontend bench
-    bind 127.0.0.1:{port}{proto}
+    bind {host}:{port}{proto}
 {acl_lines}
     http-request deny deny_status 403 unless {condition}
     default_backend nginx
 backend nginx
     http-reuse always
-    server nginx 127.0.0.1:{upstream}{proto}
+    server nginx {host}:{upstream}{proto}
 """
 
 

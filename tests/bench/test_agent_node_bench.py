@@ -19,13 +19,17 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import yaml
 
 from tests.agent_runner import AgentProcess, free_pool
+from tests.bench.peers import PUBLIC_GET, cilium_policy, haproxy_binary, haproxy_cfg
 from tests.conftest import need_binary
 from tests.pinned_config import host_routing
 
@@ -49,6 +53,14 @@ SECONDS = max(1, int(os.environ.get("BENCH_NODE_SECONDS", "3")))
 L4, L7 = "L3/L4 policy (BPF only)", "L7 policy, node proxy"
 L4_LEGACY = "L3/L4 policy, --host-routing legacy"
 NONE = "BPF attached, no policy"
+# The reference: HAProxy (C) with the same L7 rule, in the web endpoint in front of nginx (a
+# sidecar's place: its upstream is loopback), no policy. What a proxy costs on this machine.
+HAPROXY_ROW = "HAProxy in the web pod, no policy"
+HAPROXY_PORT = 8080
+# The same for the project's gateway (the node proxy's session code, without the agent, its
+# flows and the host's namespace): where the node proxy's extra CPU comes from.
+GATEWAY_ROW = "l7proxy gateway in the web pod"
+GATEWAY_PORT = 8081
 
 
 def _wrk(agent: AgentProcess, url: str, seconds: int = SECONDS) -> tuple[float, int]:
@@ -63,13 +75,52 @@ def _wrk(agent: AgentProcess, url: str, seconds: int = SECONDS) -> tuple[float, 
     return (float(rps.group(1)) if rps else 0.0), int(errors.group(1)) if errors else 0
 
 
+class Run(NamedTuple):
+    rps: float
+    errors: int
+    cpu_us: float  # the machine's busy CPU time per request (all CPUs: wrk, nginx, proxy, kernel)
+    idle: float  # share of the machine's CPU time left idle during the run
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, all) clock ticks of all CPUs since boot, from /proc/stat."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def _measured(agent: AgentProcess, url: str) -> Run:
+    """One wrk run, with what it cost the whole machine: when the CPUs are saturated, the ratio
+    of two rows' throughput is the inverse ratio of their CPU per request."""
+    busy0, all0 = _cpu_times()
+    rps, errors = _wrk(agent, url)
+    busy1, all1 = _cpu_times()
+    requests = max(1.0, rps * SECONDS)
+    cpu_us = (busy1 - busy0) / os.sysconf("SC_CLK_TCK") / requests * 1e6
+    return Run(rps, errors, cpu_us, 1 - (busy1 - busy0) / max(1, all1 - all0))
+
+
+def _wait_listening(netns: str, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(
+            ["ip", "netns", "exec", netns, "ss", "-Hltn", f"sport = :{port}"],
+            capture_output=True,
+            text=True,
+        )
+        if r.stdout.strip():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port} in {netns} after {timeout} s")
+
+
 @contextlib.contextmanager
 def _node(worker: str, tmp: Path):
     """An agent (`--proxy-worker worker`) with a client endpoint and nginx in a web endpoint;
     yields the agent and the URL."""
     agent = AgentProcess(pool=free_pool(), bpf=True, extra_args=("--proxy-worker", worker))
     agent.start()
-    nginx = None
+    nginx = haproxy = gateway = None
     try:
         agent.cli("endpoint", "create", "web", "--labels", "app=web", check=True)
         agent.cli("endpoint", "create", "client", "--labels", "app=client", check=True)
@@ -93,33 +144,62 @@ def _node(worker: str, tmp: Path):
             ["ip", "netns", "exec", agent.prefix + "web", need_binary("nginx"), "-c", str(conf)],
             start_new_session=True,  # its workers go with the group
         )
+        if worker == "inline" and haproxy_binary():  # the reference row (_run)
+            (root / "haproxy.cfg").write_text(
+                haproxy_cfg(HAPROXY_PORT, 80, [PUBLIC_GET], False, 4096, host=ips["web"])
+            )
+            haproxy = subprocess.Popen(
+                ["ip", "netns", "exec", agent.prefix + "web", haproxy_binary(), "-db", "-f",
+                 str(root / "haproxy.cfg")],
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        if worker == "inline":
+            (root / "gateway.yaml").write_text(
+                yaml.safe_dump(cilium_policy(GATEWAY_PORT, [PUBLIC_GET]), sort_keys=False)
+            )
+            gateway = subprocess.Popen(
+                ["ip", "netns", "exec", agent.prefix + "web", sys.executable, "-m", "l7proxy",
+                 "gateway", "--listen", f"{ips['web']}:{GATEWAY_PORT}", "--upstream",
+                 f"{ips['web']}:80", "--policy", str(root / "gateway.yaml"), "--labels",
+                 "app=web", "--protocol", "http", "--workers", "1"],
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+            _wait_listening(agent.prefix + "web", GATEWAY_PORT)
         time.sleep(1)
         (tmp / f"l4-{worker}.yaml").write_text(POLICY)
         (tmp / f"l7-{worker}.yaml").write_text(POLICY + L7_RULES)
         yield agent, f"http://{ips['web']}/public/index.html"
     finally:
-        if nginx is not None:
-            os.killpg(nginx.pid, 9)
+        for proc in (nginx, haproxy, gateway):
+            if proc is not None:
+                os.killpg(proc.pid, 9)
         agent.close()
 
 
-def _run(worker: str, tmp: Path) -> dict[str, list[tuple[float, int]]]:
-    rows: dict[str, list[tuple[float, int]]] = {}
+def _run(worker: str, tmp: Path) -> dict[str, list[Run]]:
+    rows: dict[str, list[Run]] = {}
     with _node(worker, tmp) as (agent, url):
         for _ in range(ROUNDS):  # the same policy name: each import replaces the other
             if worker == "inline":  # side by side with the L3/L4 run that follows it
                 agent.cli("policy", "delete", "--all", check=True)
                 time.sleep(0.5)
-                rows.setdefault(NONE, []).append(_wrk(agent, url))
+                rows.setdefault(NONE, []).append(_measured(agent, url))
+                if haproxy_binary():
+                    at = url.replace("/public/", f":{HAPROXY_PORT}/public/")
+                    rows.setdefault(HAPROXY_ROW, []).append(_measured(agent, at))
+                at = url.replace("/public/", f":{GATEWAY_PORT}/public/")
+                rows.setdefault(GATEWAY_ROW, []).append(_measured(agent, at))
             for name, doc in ((L4, "l4"), (f"{L7} ({worker})", "l7")):
                 agent.cli("policy", "import", str(tmp / f"{doc}-{worker}.yaml"), check=True)
                 time.sleep(0.5)
                 rows.setdefault(name if doc == "l7" else f"{L4} [{worker} agent]", []).append(
-                    _wrk(agent, url)
+                    _measured(agent, url)
                 )
                 if worker == "inline" and doc == "l4":  # the same policy, the host's stack
                     with host_routing(agent.pin_dir, on=False):
-                        rows.setdefault(L4_LEGACY, []).append(_wrk(agent, url))
+                        rows.setdefault(L4_LEGACY, []).append(_measured(agent, url))
     return rows
 
 
@@ -181,17 +261,37 @@ def test_node_mode_throughput_through_bpf_and_the_node_proxy():
         f"\nnode mode, wrk -t1 -c50, {ROUNDS} rounds of {SECONDS} s taking turns, keep-alive "
         f"GET /public/index.html (load average {' '.join(load)})"
     )
-    median = {name: statistics.median(rps for rps, _ in runs) for name, runs in rows.items()}
+    median = {name: statistics.median(r.rps for r in runs) for name, runs in rows.items()}
+    cpu = {name: statistics.median(r.cpu_us for r in runs) for name, runs in rows.items()}
     for name, runs in rows.items():
         worker = "inline" if "inline" in name else "process" if "process" in name else ""
         base = median.get(f"{L4} [{worker or 'inline'} agent]")
-        rounds = " ".join(f"{rps:.0f}" for rps, _ in runs)
-        errors = sum(e for _, e in runs)
+        rounds = " ".join(f"{r.rps:.0f}" for r in runs)
+        errors = sum(r.errors for r in runs)
         ratio = f"{median[name] / base:5.2f}x L3/L4" if base else ""
-        if name == f"{L4} [inline agent]":
+        if name in (f"{L4} [inline agent]", HAPROXY_ROW, GATEWAY_ROW):
             ratio = f"{median[name] / median[NONE]:5.2f}x no policy"
         if name == L4_LEGACY:  # what the L7 rows kept of L3/L4 before host routing
             ratio = f"L7 inline {median[f'{L7} (inline)'] / median[name]:.2f}x, process "
             ratio += f"{median[f'{L7} (process)'] / median[name]:.2f}x of this"
-        print(f"  {name:36s} {median[name]:8.0f} req/s  {ratio}  non-2xx {errors}  [{rounds}]")
-    assert all(rps > 0 and errors == 0 for runs in rows.values() for rps, errors in runs), rows
+        idle = statistics.median(r.idle for r in runs)
+        print(
+            f"  {name:36s} {median[name]:8.0f} req/s  {ratio}  non-2xx {errors}  "
+            f"machine CPU {cpu[name]:4.1f} us/request, idle {idle:4.0%}  [{rounds}]"
+        )
+    for row, who in ((HAPROXY_ROW, "HAProxy"), (GATEWAY_ROW, "the gateway")):
+        if row in cpu:
+            print(
+                f"  CPU budget, {who} in the pod: no policy {cpu[NONE]:.1f} us/request, "
+                f"through it {cpu[row]:.1f} (it adds {cpu[row] - cpu[NONE]:.1f})"
+            )
+    # The CPU budget (docs/bench.md, "Node mode: the CPU budget"): with both CPUs busy, an L7
+    # row keeps 0.5x of L3/L4 only if the proxy (its code, its sockets, the extra packet
+    # deliveries) adds no more CPU per request than the whole L3/L4 request costs.
+    for worker in ("inline", "process"):
+        l4, l7 = cpu[f"{L4} [{worker} agent]"], cpu[f"{L7} ({worker})"]
+        print(
+            f"  CPU budget, {worker}: L3/L4 {l4:.1f} us/request, L7 {l7:.1f} (the proxy adds "
+            f"{l7 - l4:.1f}); 0.5x needs it to add at most {l4:.1f}"
+        )
+    assert all(r.rps > 0 and r.errors == 0 for runs in rows.values() for r in runs), rows
