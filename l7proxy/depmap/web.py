@@ -87,6 +87,10 @@ class MapService:
 
     def _wake(self) -> None:
         # Every waiting stream holds the current event; replace it so the next wait is fresh.
+        # With no stream open nobody holds it (a stream compares versions before it waits):
+        # nothing to do, and no new Event per loop turn while the node proxy is busy.
+        if not self.streams:
+            return
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 
@@ -113,13 +117,13 @@ class MapService:
 
     def observe(self, flow: dict) -> None:
         """One flow, in line (FlowLog observer): added now, streams woken at the end of the turn."""
-        if self.map.add(flow) and not self._wake_pending:
+        if self.map.add(flow) and self.streams and not self._wake_pending:
             self._wake_pending = True
             self._loop.call_soon(self._wake_once)
 
     def observe_pending(self, pending) -> None:
         """One node proxy flow not built yet (FlowLog observer): added from its fields."""
-        if self.map.add_pending(pending) and not self._wake_pending:
+        if self.map.add_pending(pending) and self.streams and not self._wake_pending:
             self._wake_pending = True
             self._loop.call_soon(self._wake_once)
 

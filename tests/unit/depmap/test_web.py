@@ -69,22 +69,32 @@ def test_mount_serves_page_json_dot_assets_and_feeds_from_the_sink():
 
 def test_the_agents_flow_log_feeds_the_map_in_line_and_wakes_streams_once_per_turn():
     """On the agent's FlowLog the map is an observer: a flow is counted before ingest returns
-    (no queue, no consumer task), streams are woken once per loop turn, close detaches it."""
+    (no queue, no consumer task), open streams are woken once per loop turn (with none open,
+    nothing is scheduled), close detaches it."""
     from l7proxy.agent.flowlog import FlowLog
 
     async def scenario():
         log = FlowLog()
         service = mount(AdminServer(), log)
+        idle = service._changed
+        log.ingest(http_flow(TIEFIGHTER, DEATHSTAR, sport=9))
+        assert service.map.flows_seen == 1 and not service._wake_pending  # no stream: no wake
+        await asyncio.sleep(0)
+        assert service._changed is idle and not idle.is_set()
+        stream = service.stream(service.map.version)
+        assert await stream.__anext__() == b"retry: 2000\n\n" and service.streams == 1
         woken = service._changed
         for sport in range(3):
             log.ingest(http_flow(TIEFIGHTER, DEATHSTAR, sport=sport))
-        assert service.map.flows_seen == 3  # counted in line
+        assert service.map.flows_seen == 4  # counted in line
         assert not woken.is_set() and service._changed is woken  # the wake waits for the turn
         await asyncio.sleep(0)
         assert woken.is_set() and service._changed is not woken  # one wake for the three
+        await stream.aclose()
+        assert service.streams == 0
         await service.close()
         log.ingest(http_flow(TIEFIGHTER, DEATHSTAR))
-        assert service.map.flows_seen == 3  # detached
+        assert service.map.flows_seen == 4  # detached
 
     asyncio.run(scenario())
 
