@@ -6,7 +6,8 @@ per-request path; the per-connection one runs 50 times). For the inline node pro
 proxy worker process (one agent each), rounds that take turns: (inline agent only) BPF attached
 with no policy, an L3/L4 policy (BPF only), then the same policy with an L7 rule (through the node
 proxy), and the L3/L4 policy once more with `--host-routing legacy` (pod to pod through the
-host's stack, as before host routing). Each row is the median over the rounds; the ratio of each L7 row is to the L3/L4 rounds
+host's stack, as before host routing); "no policy" comes before the L3/L4 policy in even rounds
+and after it in odd ones. Each row is the median over the rounds; the ratio of each L7 row is to the L3/L4 rounds
 of its own agent, measured between them. `BENCH_ROUNDS` (default 3) and `BENCH_NODE_SECONDS`
 (default 3) per wrk run. Noisy on a shared 2-core machine: read the load average next to it.
 """
@@ -164,6 +165,7 @@ def _node(worker: str, tmp: Path):
                  f"{ips['web']}:80", "--policy", str(root / "gateway.yaml"), "--labels",
                  "app=web", "--protocol", "http", "--workers", "1"],
                 stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,  # (a start that fails shows in _wait_listening)
                 start_new_session=True,
             )  # fmt: skip
             _wait_listening(agent.prefix + "web", GATEWAY_PORT)
@@ -179,27 +181,37 @@ def _node(worker: str, tmp: Path):
 
 
 def _run(worker: str, tmp: Path) -> dict[str, list[Run]]:
+    """The rounds of one agent. The inline agent's "no policy" state (with the reference rows)
+    and its L3/L4 policy take turns being first, so neither always follows an L7 run."""
     rows: dict[str, list[Run]] = {}
+
+    def row(name: str, at: str = "") -> None:
+        rows.setdefault(name, []).append(_measured(agent, at or url))
+
+    def no_policy() -> None:
+        agent.cli("policy", "delete", "--all", check=True)
+        time.sleep(0.5)
+        row(NONE)
+        if haproxy_binary():
+            row(HAPROXY_ROW, url.replace("/public/", f":{HAPROXY_PORT}/public/"))
+        row(GATEWAY_ROW, url.replace("/public/", f":{GATEWAY_PORT}/public/"))
+
+    def policy(doc: str, name: str) -> None:  # the same policy name: each import replaces the other
+        agent.cli("policy", "import", str(tmp / f"{doc}-{worker}.yaml"), check=True)
+        time.sleep(0.5)
+        row(name)
+        if worker == "inline" and doc == "l4":  # the same policy, the host's stack
+            with host_routing(agent.pin_dir, on=False):
+                row(L4_LEGACY)
+
     with _node(worker, tmp) as (agent, url):
-        for _ in range(ROUNDS):  # the same policy name: each import replaces the other
-            if worker == "inline":  # side by side with the L3/L4 run that follows it
-                agent.cli("policy", "delete", "--all", check=True)
-                time.sleep(0.5)
-                rows.setdefault(NONE, []).append(_measured(agent, url))
-                if haproxy_binary():
-                    at = url.replace("/public/", f":{HAPROXY_PORT}/public/")
-                    rows.setdefault(HAPROXY_ROW, []).append(_measured(agent, at))
-                at = url.replace("/public/", f":{GATEWAY_PORT}/public/")
-                rows.setdefault(GATEWAY_ROW, []).append(_measured(agent, at))
-            for name, doc in ((L4, "l4"), (f"{L7} ({worker})", "l7")):
-                agent.cli("policy", "import", str(tmp / f"{doc}-{worker}.yaml"), check=True)
-                time.sleep(0.5)
-                rows.setdefault(name if doc == "l7" else f"{L4} [{worker} agent]", []).append(
-                    _measured(agent, url)
-                )
-                if worker == "inline" and doc == "l4":  # the same policy, the host's stack
-                    with host_routing(agent.pin_dir, on=False):
-                        rows.setdefault(L4_LEGACY, []).append(_measured(agent, url))
+        for i in range(ROUNDS):
+            if worker == "inline" and i % 2 == 0:
+                no_policy()
+            policy("l4", f"{L4} [{worker} agent]")
+            if worker == "inline" and i % 2 == 1:
+                no_policy()
+            policy("l7", f"{L7} ({worker})")
     return rows
 
 
