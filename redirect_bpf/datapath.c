@@ -342,6 +342,13 @@ static __always_inline void emit(struct tuple *t, __u32 src_id, __u32 dst_id, __
 }
 
 // The proxy's own address in a socket lookup: 127.0.0.1:port, or [::1]:port for IPv6.
+// A TCP packet that opens a connection: SYN without ACK.
+static __always_inline int tcp_opens(struct tuple *t)
+{
+    return t->proto == IPPROTO_TCP &&
+           (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
 static __always_inline void proxy_dst(struct bpf_sock_tuple *st, __u16 proxy_port, const int v6)
 {
     if (v6) {
@@ -400,7 +407,7 @@ static __always_inline int assign_to_proxy_family(struct __sk_buff *skb, struct 
         return -1;
     packet_tuple(&st, t, v6);
     // A bare SYN opens a new connection: go to the listener (skip TIME_WAIT leftovers).
-    if ((t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
+    if (!tcp_opens(t)) {
         sk = bpf_skc_lookup_tcp(skb, &st, st_size, BPF_F_CURRENT_NETNS, 0);
         if (sk) {
             if (sk->state != BPF_TCP_LISTEN)
@@ -624,6 +631,12 @@ static __always_inline struct ethhdr *eth_header(struct __sk_buff *skb)
     return eth;
 }
 
+// The entry knows its endpoint's MACs, learned since the last endpoint change.
+static __always_inline int ct_macs_known(struct ct_entry *ct, struct dp_config *cfg)
+{
+    return (ct->flags & CT_MACS) && ct->mac_gen == cfg->ep_gen;
+}
+
 // An entry's endpoint MACs, as its own packets show them at its veth: leaving it (from_endpoint)
 // the source is the pod and the destination the veth's host side; entering it (to_endpoint, on
 // the veth's egress, after the stack's neighbour lookup) the other way round. Written once per
@@ -631,7 +644,7 @@ static __always_inline struct ethhdr *eth_header(struct __sk_buff *skb)
 static __always_inline void ct_learn_macs(struct __sk_buff *skb, struct ct_entry *ct,
                                           struct dp_config *cfg, __u8 dir)
 {
-    if ((ct->flags & CT_MACS) && ct->mac_gen == cfg->ep_gen)
+    if (ct_macs_known(ct, cfg))
         return;
     struct ethhdr *eth = eth_header(skb);
     if (!eth)
@@ -725,15 +738,11 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
     else
         ct_key_of(t, ifindex, &key);
     struct ct_entry *ct = known ? known : ct_find(&key, &key6, v6);
-    if (on_behalf &&
-        (!(cfg->flags & CFG_HOST_ROUTING) || !ct || !(ct->flags & CT_MACS) ||
-         ct->mac_gen != cfg->ep_gen ||
-         (ct->flags & CT_REDIRECTED) ||
-         (t->proto == IPPROTO_TCP && (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)))
+    if (on_behalf && (!(cfg->flags & CFG_HOST_ROUTING) || !ct || !ct_macs_known(ct, cfg) ||
+                      (ct->flags & CT_REDIRECTED) || tcp_opens(t)))
         return TC_ACT_OK;  // (a SYN may open a flow anew: to_endpoint decides)
     if (ct && ct->direction != dir) {
-        if (t->proto == IPPROTO_TCP &&
-            (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+        if (tcp_opens(t)) {
             // A new connection on the reversed tuple of an old one (roles swapped): never a
             // reply; forget the old entry and check it as a new flow.
             ct_forget(&key, &key6, v6);
@@ -745,8 +754,7 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
             return tracked_pass(skb, cfg, ct, t, dir, v6, deliver, on_behalf);
         }
     }
-    if (ct && (ct->flags & CT_CLOSING) && t->proto == IPPROTO_TCP &&
-        (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+    if (ct && (ct->flags & CT_CLOSING) && tcp_opens(t)) {
         // A new connection on the tuple of one that closed: it gets its own verdict, from the
         // policy and identities of now (the old one may have been redirected, or its peer's
         // address may belong to another identity since), never the old flow's.
@@ -840,7 +848,7 @@ static __always_inline int handle_family(struct __sk_buff *skb, __u8 dir, struct
     // Only a SYN opens a TCP flow. A mid-stream packet without an entry (a flow cut by a policy
     // change, or one that predates the datapath) is checked packet by packet; creating an entry
     // for it would let the cut flow's other direction pass as "replies".
-    if (t->proto == IPPROTO_TCP && (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
+    if (t->proto == IPPROTO_TCP && !tcp_opens(t)) {
         count(dir, verdict, reason, len);
         return TC_ACT_OK;
     }
@@ -991,7 +999,7 @@ static __always_inline int remote_ingress(struct __sk_buff *skb, struct tuple *t
     policy_lookup(ep->endpoint_id, src_id, DIR_INGRESS, t->proto, t->dport, &v);
     if (!v.found || v.value.deny || !v.value.redirect)
         return TC_ACT_OK;
-    __u8 syn = (t->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+    __u8 syn = tcp_opens(t);
     if (assign_to_proxy_family(skb, t, v.value.proxy_port, v6) < 0) {
         count(DIR_INGRESS, VERDICT_DROPPED, REASON_NO_PROXY, skb->len);
         emit_family(t, src_id, ep->identity, ep->endpoint_id, DIR_INGRESS, VERDICT_DROPPED,
