@@ -117,13 +117,17 @@ class MapService:
 
     def observe(self, flow: dict) -> None:
         """One flow, in line (FlowLog observer): added now, streams woken at the end of the turn."""
-        if self.map.add(flow) and self.streams and not self._wake_pending:
-            self._wake_pending = True
-            self._loop.call_soon(self._wake_once)
+        if self.map.add(flow):
+            self._wake_soon()
 
     def observe_pending(self, pending) -> None:
         """One node proxy flow not built yet (FlowLog observer): added from its fields."""
-        if self.map.add_pending(pending) and self.streams and not self._wake_pending:
+        if self.map.add_pending(pending):
+            self._wake_soon()
+
+    def _wake_soon(self) -> None:
+        """Open streams are woken once at the end of this loop turn (none open: nothing to do)."""
+        if self.streams and not self._wake_pending:
             self._wake_pending = True
             self._loop.call_soon(self._wake_once)
 
