@@ -41,6 +41,7 @@ class Pod(InNetns):
     host_if: str
     pod_ip: str
     host_ip: str
+    pod_if: str  # the veth's end in the pod's namespace
 
 
 def free_octets(n: int) -> list[int]:
@@ -72,7 +73,7 @@ def pod(subnet_octet: int) -> Iterator[Pod]:
         sh(*ns, "ip", "link", "set", peer_if, "up")
         sh(*ns, "ip", "link", "set", "lo", "up")
         sh(*ns, "ip", "route", "add", "default", "via", host_ip)
-        yield Pod(netns, host_if, pod_ip, host_ip)
+        yield Pod(netns, host_if, pod_ip, host_ip, peer_if)
     finally:
         sh("ip", "link", "del", host_if, check=False)
         sh("ip", "netns", "del", netns, check=False)
@@ -231,3 +232,8 @@ def link(dev: str, netns: str | None = None) -> dict:
     """`ip -s -j link show dev` (in netns if given): its "address", its "stats64" counters."""
     where = ("-n", netns) if netns else ()
     return json.loads(sh("ip", *where, "-s", "-j", "link", "show", dev).stdout)[0]
+
+
+def tx_packets(dev: str, netns: str | None = None) -> int:
+    """Packets dev has transmitted (link())."""
+    return link(dev, netns)["stats64"]["tx"]["packets"]

@@ -292,7 +292,7 @@ def test_ipv6_cannot_bypass_an_enforced_ipv4_policy(clean):
     t = clean
     a = t.pods[0]
     sh("ip", "addr", "add", "fd00:250::1/64", "dev", a.host_if, "nodad")
-    a.run("ip", "addr", "add", "fd00:250::2/64", "dev", a.host_if.replace("l7h", "l7p"), "nodad")
+    a.run("ip", "addr", "add", "fd00:250::2/64", "dev", a.pod_if, "nodad")
     server = socket.create_server(("fd00:250::1", 0), family=socket.AF_INET6)
     port = server.getsockname()[1]
 

@@ -24,6 +24,7 @@ from tests.kernel.netns import (
     pod,
     sock_in,
     tcp_ok,
+    tx_packets,
     udp_ok,
 )
 from tests.kernel.netns6 import EchoServer6, free_subnets, pod6, tcp6_ok, udp6_ok
@@ -38,10 +39,6 @@ def forwarded_at(dp, direction: str) -> int:
         p for (d, verdict, _), (p, _b) in dp.counters().items()
         if d == direction and verdict == "FORWARDED"
     )  # fmt: skip
-
-
-def tx_packets(host_if: str) -> int:
-    return link(host_if)["stats64"]["tx"]["packets"]
 
 
 def test_pod_to_pod_skips_the_host_stack_and_the_destination_still_enforces(clean):
@@ -104,10 +101,9 @@ def test_handed_over_packets_are_addressed_to_the_pod(clean):
     not the sender's."""
     t = clean
     a, b, _ = t.pods
-    peer_if = b.host_if.replace("l7h", "l7p", 1)
-    pod_mac, host_mac = mac_of(peer_if, b.netns), mac_of(b.host_if)
+    pod_mac, host_mac = mac_of(b.pod_if, b.netns), mac_of(b.host_if)
     capture = sock_in(b.netns, socket.SOCK_RAW, socket.htons(0x0800), family=socket.AF_PACKET)
-    capture.bind((peer_if, 0))
+    capture.bind((b.pod_if, 0))
     capture.settimeout(0.5)
     try:
         s = sock_in(a.netns, socket.SOCK_DGRAM)

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 import pytest
 
 from redirect_bpf import ipcache
-from tests.kernel.netns import forward_counter, link
+from tests.kernel.netns import forward_counter, tx_packets
 from tests.lab.conftest import (
     HERE,
     REPO,
@@ -413,10 +413,10 @@ def test_tracked_packets_from_another_node_skip_the_destination_node_s_stack(lab
 
     veth = backend_veth(backend)
     with forward_counter(reader, backend, netns="l7lab-node2", both_ways=False) as forwarded:
-        sent = veth_tx_packets(veth)
+        sent = tx_packets(veth, "l7lab-node2")
         assert post() == "201"
         by_bpf = forwarded()
-        through_veth = veth_tx_packets(veth) - sent
+        through_veth = tx_packets(veth, "l7lab-node2") - sent
     from l7proxy.lab import state
 
     node2_pins = state.BPF_PIN_ROOT / "lab-node2"
@@ -424,10 +424,10 @@ def test_tracked_packets_from_another_node_skip_the_destination_node_s_stack(lab
         host_routing(node2_pins, on=False),
         forward_counter(reader, backend, netns="l7lab-node2", both_ways=False) as forwarded,
     ):
-        sent = veth_tx_packets(veth)
+        sent = tx_packets(veth, "l7lab-node2")
         assert post() == "201"
         by_stack = forwarded()
-        through_veth_legacy = veth_tx_packets(veth) - sent
+        through_veth_legacy = tx_packets(veth, "l7lab-node2") - sent
     assert by_bpf <= 3 < 10 < by_stack, (by_bpf, by_stack)
     # The host side of the pod's veth sent a handful (the SYN, a neighbour probe): the rest
     # entered the pod by the peer redirect; through the stack, all of it went that way.
@@ -441,10 +441,6 @@ def backend_veth(ip: str) -> str:
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     return out[out.index("dev") + 1]
-
-
-def veth_tx_packets(dev: str) -> int:
-    return link(dev, "l7lab-node2")["stats64"]["tx"]["packets"]
 
 
 def test_established_cross_node_flow_survives_agent_restarts(lab):
