@@ -559,39 +559,63 @@ class PeerSet:
         ]
 
     def _haproxy(self, port: int) -> list[str] | str:
-        binary = haproxy_binary()
-        if binary is None:
-            return "haproxy is not installed (make setup)"
         conf = self.workdir / f"haproxy-{port}.cfg"
-        conf.write_text(
-            haproxy_cfg(port, self.backend.port, self.rules, self.http2, current_nofile())
-        )
-        return [binary, "-db", "-f", str(conf)]
+        return haproxy_command(conf, port, self.backend.port, self.rules, self.http2)
 
     def _project(self, port: int) -> list[str] | str:
         missing = gateway_missing() or protocol_missing("http2" if self.http2 else "http")
         if missing:
             return missing
         policy = self.workdir / f"policy-{port}.yaml"
-        policy.write_text(yaml.safe_dump(cilium_policy(port, self.rules), sort_keys=False))
-        return [
-            sys.executable,
-            "-m",
-            "l7proxy",
-            "gateway",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--upstream",
-            f"127.0.0.1:{self.backend.port}",
-            "--policy",
-            str(policy),
-            "--labels",
-            "app=web",
-            "--protocol",
-            "http2" if self.http2 else "http",
-            "--workers",
-            "1",
-        ]
+        return gateway_command(policy, port, self.backend.port, self.rules, self.http2)
+
+
+def haproxy_command(
+    conf: Path,
+    port: int,
+    upstream: int,
+    rules: list[Rule],
+    http2: bool,
+    *,
+    host: str = "127.0.0.1",
+    nofile: int | None = None,
+) -> list[str] | str:
+    """HAProxy's command line with its configuration written to conf (haproxy_cfg; nofile: the
+    current limit unless given), or why it cannot run."""
+    binary = haproxy_binary()
+    if binary is None:
+        return "haproxy is not installed (make setup)"
+    conf.write_text(
+        haproxy_cfg(port, upstream, rules, http2, nofile or current_nofile(), host=host)
+    )
+    return [binary, "-db", "-f", str(conf)]
+
+
+def gateway_command(
+    policy: Path, port: int, upstream: int, rules: list[Rule], http2: bool, *,
+    host: str = "127.0.0.1",
+) -> list[str]:  # fmt: skip
+    """The project's gateway (one worker) on host:port in front of host:upstream, with the rules
+    as a CiliumNetworkPolicy written to policy."""
+    policy.write_text(yaml.safe_dump(cilium_policy(port, rules), sort_keys=False))
+    return [
+        sys.executable,
+        "-m",
+        "l7proxy",
+        "gateway",
+        "--listen",
+        f"{host}:{port}",
+        "--upstream",
+        f"{host}:{upstream}",
+        "--policy",
+        str(policy),
+        "--labels",
+        "app=web",
+        "--protocol",
+        "http2" if http2 else "http",
+        "--workers",
+        "1",
+    ]
 
 
 # ---------------------------------------------------------------- probes

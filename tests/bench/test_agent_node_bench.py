@@ -20,17 +20,15 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import yaml
 
 from tests.agent_runner import AgentProcess, free_pool
-from tests.bench.peers import PUBLIC_GET, cilium_policy, haproxy_binary, haproxy_cfg
+from tests.bench.peers import PUBLIC_GET, gateway_command, haproxy_command
 from tests.conftest import need_binary
 from tests.pinned_config import host_routing
 
@@ -116,12 +114,13 @@ def _wait_listening(netns: str, port: int, timeout: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def _node(worker: str, tmp: Path):
+def _node(worker: str, tmp: Path, references: bool = False):
     """An agent (`--proxy-worker worker`) with a client endpoint and nginx in a web endpoint;
-    yields the agent and the URL."""
+    with `references`, also HAProxy (when installed) and the gateway in the web endpoint in front
+    of nginx. Yields the agent, the URL and the reference rows' URLs by row name."""
     agent = AgentProcess(pool=free_pool(), bpf=True, extra_args=("--proxy-worker", worker))
     agent.start()
-    nginx = haproxy = gateway = None
+    procs: list[subprocess.Popen] = []
     try:
         agent.cli("endpoint", "create", "web", "--labels", "app=web", check=True)
         agent.cli("endpoint", "create", "client", "--labels", "app=client", check=True)
@@ -141,42 +140,41 @@ def _node(worker: str, tmp: Path):
             f"http {{ access_log off; keepalive_requests 1000000; "
             f"server {{ listen {ips['web']}:80; root {root}; }} }}\n"
         )
-        nginx = subprocess.Popen(
-            ["ip", "netns", "exec", agent.prefix + "web", need_binary("nginx"), "-c", str(conf)],
-            start_new_session=True,  # its workers go with the group
+        in_web = ("ip", "netns", "exec", agent.prefix + "web")
+        procs.append(
+            subprocess.Popen(
+                [*in_web, need_binary("nginx"), "-c", str(conf)],
+                start_new_session=True,  # its workers go with the group
+            )
         )
-        if worker == "inline" and haproxy_binary():  # the reference row (_run)
-            (root / "haproxy.cfg").write_text(
-                haproxy_cfg(HAPROXY_PORT, 80, [PUBLIC_GET], False, 4096, host=ips["web"])
+        web, refs = ips["web"], {}
+        if references:
+            haproxy = haproxy_command(
+                root / "haproxy.cfg", HAPROXY_PORT, 80, [PUBLIC_GET], False, host=web, nofile=4096
             )
-            haproxy = subprocess.Popen(
-                ["ip", "netns", "exec", agent.prefix + "web", haproxy_binary(), "-db", "-f",
-                 str(root / "haproxy.cfg")],
-                stdout=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
-        if worker == "inline":
-            (root / "gateway.yaml").write_text(
-                yaml.safe_dump(cilium_policy(GATEWAY_PORT, [PUBLIC_GET]), sort_keys=False)
-            )
-            gateway = subprocess.Popen(
-                ["ip", "netns", "exec", agent.prefix + "web", sys.executable, "-m", "l7proxy",
-                 "gateway", "--listen", f"{ips['web']}:{GATEWAY_PORT}", "--upstream",
-                 f"{ips['web']}:80", "--policy", str(root / "gateway.yaml"), "--labels",
-                 "app=web", "--protocol", "http", "--workers", "1"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,  # (a start that fails shows in _wait_listening)
-                start_new_session=True,
-            )  # fmt: skip
-            _wait_listening(agent.prefix + "web", GATEWAY_PORT)
+            gateway = gateway_command(root / "gateway.yaml", GATEWAY_PORT, 80, [PUBLIC_GET], False,
+                                      host=web)  # fmt: skip
+            for row, port, argv in ((HAPROXY_ROW, HAPROXY_PORT, haproxy),
+                                    (GATEWAY_ROW, GATEWAY_PORT, gateway)):  # fmt: skip
+                if isinstance(argv, str):
+                    continue  # not installed: no such row
+                procs.append(
+                    subprocess.Popen(
+                        [*in_web, *argv],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,  # (a start that fails shows below)
+                        start_new_session=True,
+                    )
+                )
+                _wait_listening(agent.prefix + "web", port)
+                refs[row] = f"http://{web}:{port}/public/index.html"
         time.sleep(1)
         (tmp / f"l4-{worker}.yaml").write_text(POLICY)
         (tmp / f"l7-{worker}.yaml").write_text(POLICY + L7_RULES)
-        yield agent, f"http://{ips['web']}/public/index.html"
+        yield agent, f"http://{web}/public/index.html", refs
     finally:
-        for proc in (nginx, haproxy, gateway):
-            if proc is not None:
-                os.killpg(proc.pid, 9)
+        for proc in procs:
+            os.killpg(proc.pid, 9)
         agent.close()
 
 
@@ -192,9 +190,8 @@ def _run(worker: str, tmp: Path) -> dict[str, list[Run]]:
         agent.cli("policy", "delete", "--all", check=True)
         time.sleep(0.5)
         row(NONE)
-        if haproxy_binary():
-            row(HAPROXY_ROW, url.replace("/public/", f":{HAPROXY_PORT}/public/"))
-        row(GATEWAY_ROW, url.replace("/public/", f":{GATEWAY_PORT}/public/"))
+        for name, at in refs.items():
+            row(name, at)
 
     def policy(doc: str, name: str) -> None:  # the same policy name: each import replaces the other
         agent.cli("policy", "import", str(tmp / f"{doc}-{worker}.yaml"), check=True)
@@ -204,7 +201,7 @@ def _run(worker: str, tmp: Path) -> dict[str, list[Run]]:
             with host_routing(agent.pin_dir, on=False):
                 row(L4_LEGACY)
 
-    with _node(worker, tmp) as (agent, url):
+    with _node(worker, tmp, references=worker == "inline") as (agent, url, refs):
         for i in range(ROUNDS):
             if worker == "inline" and i % 2 == 0:
                 no_policy()
@@ -234,7 +231,7 @@ def test_node_mode_short_connections_through_the_node_proxy():
     connections/s through the proxy against 1,700 with it (2026-12-07)."""
     rows: dict[str, list[float]] = {}
     retrans: dict[str, int] = {}
-    with tempfile.TemporaryDirectory() as tmp, _node("inline", Path(tmp)) as (agent, url):
+    with tempfile.TemporaryDirectory() as tmp, _node("inline", Path(tmp)) as (agent, url, _):
         for _ in range(ROUNDS):
             for name, doc in ((L4, "l4"), (f"{L7} (inline)", "l7")):
                 agent.cli("policy", "import", str(Path(tmp) / f"{doc}-inline.yaml"), check=True)
